@@ -1,0 +1,29 @@
+# The two commands of the README. Each sets itself up on a fresh machine.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On these machines a CPU build of torch 2.13.0 is cached; pin it so pip does not pull CUDA wheels.
+TORCH ?= torch==2.13.0
+OUT ?= bench-out
+BENCH_ARGS ?=
+
+.PHONY: bench test setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[bench,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+bench: $(STAMP)
+	$(VENV)/bin/attnzoo bench --out $(OUT) $(BENCH_ARGS)
+
+test: $(STAMP)
+	$(VPY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) $(OUT)
