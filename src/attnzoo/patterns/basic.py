@@ -1,0 +1,397 @@
+"""1-D static patterns with closed-form block classification.
+
+All definitions are on positions: query ``i`` sits at ``p = i + kv_len - q_len``; ``k`` is the key
+index. In ``_classify`` every block is a rectangle of positions ``[p0, p1] x [k0, k1]`` (inclusive),
+and the pairs of a rectangle realise every difference ``p - k`` in ``[p0 - k1, p1 - k0]``, which is
+what makes the closed forms below exact.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .base import Ctx, Pattern, _check_int
+
+
+def _false(ctx: Ctx):
+    return torch.zeros((), dtype=torch.bool, device=ctx.device)
+
+
+def _delta_range(ctx: Ctx):
+    """Smallest and largest p - k inside each block pair, shape (nq, nk)."""
+    p0, p1, k0, k1 = ctx.ranges()
+    return p0 - k1, p1 - k0
+
+
+def _has_multiple(lo, hi, d: int):
+    """Whether [lo, hi] (elementwise, lo <= hi) contains a multiple of d."""
+    return torch.div(hi, d, rounding_mode="floor") * d >= lo
+
+
+@dataclass(frozen=True)
+class Full(Pattern):
+    """Every query sees every key."""
+
+    def _mask_pos(self, p, k, ctx, head):
+        return torch.ones(torch.broadcast_shapes(p.shape, k.shape), dtype=torch.bool, device=p.device)
+
+    def _classify(self, ctx):
+        t = torch.ones((ctx.nq, ctx.nk), dtype=torch.bool, device=ctx.device)
+        return t, t, _false(ctx)
+
+    def count_visible(self, q_len, kv_len, num_heads=None):
+        return q_len * kv_len
+
+    def __repr__(self):
+        return "Full()"
+
+
+@dataclass(frozen=True)
+class Causal(Pattern):
+    """Key ``k`` visible from the query at position ``p`` iff ``k <= p`` (bottom-right aligned)."""
+
+    def _mask_pos(self, p, k, ctx, head):
+        return k <= p
+
+    def _classify(self, ctx):
+        p0, p1, k0, k1 = ctx.ranges()
+        return k0 <= p1, k1 <= p0, _false(ctx)
+
+    def __repr__(self):
+        return "Causal()"
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """Key ``k`` visible iff ``p - left <= k <= p + right`` (FlashAttention's window semantics).
+
+    ``SlidingWindow(1023)`` is a causal window of 1024 keys.
+    """
+    left: int
+    right: int = 0
+
+    def __post_init__(self):
+        _check_int("SlidingWindow left", self.left)
+        _check_int("SlidingWindow right", self.right)
+
+    def _mask_pos(self, p, k, ctx, head):
+        d = p - k
+        return (d <= self.left) & (d >= -self.right)
+
+    def _classify(self, ctx):
+        lo, hi = _delta_range(ctx)
+        any_ = (lo <= self.left) & (hi >= -self.right)
+        all_ = (hi <= self.left) & (lo >= -self.right)
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"SlidingWindow({self.left})" if self.right == 0 else f"SlidingWindow({self.left}, {self.right})"
+
+
+@dataclass(frozen=True)
+class Sinks(Pattern):
+    """The first ``n`` keys, visible to every query at or after them (StreamingLLM's attention sinks)."""
+    n: int
+
+    def __post_init__(self):
+        _check_int("Sinks n", self.n, 1)
+
+    def _mask_pos(self, p, k, ctx, head):
+        return (k < self.n) & (k <= p)
+
+    def _classify(self, ctx):
+        p0, p1, k0, k1 = ctx.ranges()
+        any_ = (k0 < self.n) & (k0 <= p1)
+        all_ = (k1 < self.n) & (k1 <= p0)
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"Sinks({self.n})"
+
+
+@dataclass(frozen=True)
+class Chunked(Pattern):
+    """Block-diagonal: query and key in the same chunk of ``size`` positions (chunk = position // size)."""
+    size: int
+
+    def __post_init__(self):
+        _check_int("Chunked size", self.size, 1)
+
+    def _mask_pos(self, p, k, ctx, head):
+        s = self.size
+        # floor division keeps negative positions (Lq > Lk) out of chunk 0
+        return torch.div(p, s, rounding_mode="floor") == torch.div(k, s, rounding_mode="floor")
+
+    def _classify(self, ctx):
+        p0, p1, k0, k1 = ctx.ranges()
+        s = self.size
+        cp0, cp1 = torch.div(p0, s, rounding_mode="floor"), torch.div(p1, s, rounding_mode="floor")
+        ck0, ck1 = torch.div(k0, s, rounding_mode="floor"), torch.div(k1, s, rounding_mode="floor")
+        any_ = (cp0 <= ck1) & (ck0 <= cp1)
+        all_ = (cp0 == cp1) & (ck0 == ck1) & (cp0 == ck0)
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"Chunked({self.size})"
+
+
+@dataclass(frozen=True)
+class Dilated(Pattern):
+    """A causal dilated window: each query sees ``window`` keys, at distances 0, d, 2d, ..., (window-1)d.
+
+    Key ``k`` visible iff ``0 <= p - k <= (window - 1) * dilation`` and ``(p - k) % dilation == 0``
+    (Longformer's dilated sliding window).
+    """
+    window: int
+    dilation: int = 1
+
+    def __post_init__(self):
+        _check_int("Dilated window", self.window, 1)
+        _check_int("Dilated dilation", self.dilation, 1)
+
+    @property
+    def _span(self):
+        return (self.window - 1) * self.dilation
+
+    def _mask_pos(self, p, k, ctx, head):
+        d = p - k
+        return (d >= 0) & (d <= self._span) & (torch.remainder(d, self.dilation) == 0)
+
+    def _classify(self, ctx):
+        lo, hi = _delta_range(ctx)
+        a, b = torch.clamp(lo, min=0), torch.clamp(hi, max=self._span)
+        any_ = (a <= b) & _has_multiple(a, b, self.dilation)
+        inside = (lo >= 0) & (hi <= self._span)
+        if self.dilation == 1:
+            all_ = inside
+        else:
+            all_ = inside & (lo == hi) & (torch.remainder(lo, self.dilation) == 0)
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"Dilated({self.window}, {self.dilation})"
+
+
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """Sparse Transformer's strided pattern (local and strided heads merged), causal.
+
+    Key ``k`` visible iff ``0 <= p - k < stride`` (the local part) or ``(p - k) % stride == 0`` (the
+    strided part).
+    """
+    stride: int
+
+    def __post_init__(self):
+        _check_int("Strided stride", self.stride, 1)
+
+    def _mask_pos(self, p, k, ctx, head):
+        d = p - k
+        return (d >= 0) & ((d < self.stride) | (torch.remainder(d, self.stride) == 0))
+
+    def _classify(self, ctx):
+        s = self.stride
+        lo, hi = _delta_range(ctx)
+        a = torch.clamp(lo, min=0)
+        nonempty = a <= hi
+        any_ = nonempty & ((a < s) | _has_multiple(a, hi, s))
+        # every difference in [lo, hi] visible: lo >= 0 and the part >= stride is one multiple of s
+        r = torch.clamp(lo, min=s)
+        rest_ok = (r > hi) | ((r == hi) & (torch.remainder(hi, s) == 0))
+        all_ = (lo >= 0) & rest_ok
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"Strided({self.stride})"
+
+
+@dataclass(frozen=True)
+class PrefixLM(Pattern):
+    """Bidirectional over the first ``prefix_len`` keys, causal after: ``k < prefix_len or k <= p``."""
+    prefix_len: int
+
+    def __post_init__(self):
+        _check_int("PrefixLM prefix_len", self.prefix_len, 0)
+
+    def _mask_pos(self, p, k, ctx, head):
+        return (k < self.prefix_len) | (k <= p)
+
+    def _classify(self, ctx):
+        p0, p1, k0, k1 = ctx.ranges()
+        any_ = (k0 < self.prefix_len) | (k0 <= p1)
+        # columns >= prefix_len must all be causal-visible from the first query of the block
+        all_ = (torch.clamp(k0, min=self.prefix_len) > k1) | (k1 <= p0)
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"PrefixLM({self.prefix_len})"
+
+
+@dataclass(frozen=True)
+class Document(Pattern):
+    """Packed variable-length sequences: a token sees only tokens of its own document.
+
+    ``lengths`` are the document lengths, in order; they must sum to the key length. Queries are
+    placed by position (bottom-right), so with ``Lq < Lk`` the queries are the last tokens. Not causal
+    by itself: use ``Document(lengths) & Causal()`` for packed causal LM training.
+    """
+    lengths: tuple
+
+    def __init__(self, lengths):
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.tolist()
+        try:
+            lengths = tuple(lengths)
+        except TypeError:
+            raise TypeError(f"Document lengths must be a sequence of ints, got {type(lengths).__name__}") from None
+        if not lengths:
+            raise ValueError("Document lengths must not be empty")
+        for i, n in enumerate(lengths):
+            _check_int(f"Document lengths[{i}]", n, 1)
+        object.__setattr__(self, "lengths", lengths)
+
+    def check(self, q_len, kv_len, num_heads=None):
+        total = sum(self.lengths)
+        if total != kv_len:
+            raise ValueError(f"pattern: Document lengths sum to {total} but the key length is {kv_len}")
+
+    def _bounds(self, device):
+        return torch.tensor([0, *self.lengths], device=device).cumsum(0)
+
+    def _doc_ids(self, device):
+        return _doc_table(self.lengths, str(torch.device(device)))
+
+    def _doc(self, x, ctx):
+        # index a lookup table (works inside FlexAttention's mask_mod); negative positions -> doc -1
+        ids = self._doc_ids(x.device)
+        return torch.where(x >= 0, ids[x.clamp(0, ctx.kv_len - 1)], -1)
+
+    def _mask_pos(self, p, k, ctx, head):
+        return self._doc(p, ctx) == self._doc(k, ctx)
+
+    def _classify(self, ctx):
+        p0, p1, k0, k1 = ctx.ranges()
+        ends = self._bounds(ctx.device)[1:]
+
+        def doc(x):
+            d = torch.searchsorted(ends, x.clamp(min=0).contiguous(), right=True)
+            return torch.where(x >= 0, d, -1)
+
+        dp0, dp1, dk0, dk1 = doc(p0), doc(p1), doc(k0), doc(k1)
+        # documents are contiguous and non-empty, so a rectangle realises every doc id in its ranges
+        any_ = (torch.maximum(dp0, dk0) <= torch.minimum(dp1, dk1)) & (dp1 >= 0)
+        all_ = (dp0 == dp1) & (dk0 == dk1) & (dp0 == dk0)
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        if len(self.lengths) > 6:
+            head = ", ".join(map(str, self.lengths[:3]))
+            return f"Document([{head}, ... {len(self.lengths)} docs, {sum(self.lengths)} tokens])"
+        return f"Document({list(self.lengths)})"
+
+
+@functools.lru_cache(maxsize=64)
+def _doc_table(lengths: tuple, device: str) -> torch.Tensor:
+    """Document id of every token (a lookup table that FlexAttention's mask_mod can index)."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+
+
+def _is_pow2(x):
+    return (x > 0) & ((x & (x - 1)) == 0)
+
+
+@dataclass(frozen=True)
+class PowerAttention(Pattern):
+    """PowerAttention: a causal local window plus keys at power-of-two distances (1, 2, 4, 8, ...).
+
+    Key ``k`` visible iff ``0 <= p - k <= window`` or ``p - k`` is a power of two, or ``k < sinks``
+    (and ``k <= p``). The receptive field doubles per layer, as in the PowerAttention paper.
+    """
+    window: int
+    sinks: int = 0
+
+    def __post_init__(self):
+        _check_int("PowerAttention window", self.window, 0)
+        _check_int("PowerAttention sinks", self.sinks, 0)
+
+    def _mask_pos(self, p, k, ctx, head):
+        d = p - k
+        m = ((d >= 0) & (d <= self.window)) | _is_pow2(d)
+        if self.sinks:
+            m = m | ((k < self.sinks) & (d >= 0))
+        return m
+
+    def _classify(self, ctx):
+        lo, hi = _delta_range(ctx)
+        w = self.window
+        a = torch.clamp(lo, min=0)
+        in_window = (a <= hi) & (a <= w)
+        # largest power of two <= hi, compared with a (hi >= 1)
+        hi_pos = torch.clamp(hi, min=1)
+        top = torch.pow(2, torch.floor(torch.log2(hi_pos.double()))).long()
+        top = torch.where(top * 2 <= hi_pos, top * 2, top)  # guard against log2 rounding down
+        top = torch.where(top > hi_pos, top // 2, top)
+        has_pow2 = (hi >= 1) & (top >= torch.clamp(a, min=1))
+        any_ = in_window | has_pow2
+        # all: lo >= 0 and every difference above the window is a power of two; at most {1, 2}
+        r = torch.clamp(lo, min=w + 1)
+        rest_ok = (r > hi) | ((r == hi) & _is_pow2(hi)) | ((r + 1 == hi) & _is_pow2(r) & _is_pow2(hi))
+        all_ = (lo >= 0) & rest_ok
+        if self.sinks:
+            p0, p1, k0, k1 = ctx.ranges()
+            s_any = (k0 < self.sinks) & (k0 <= p1)
+            s_all = (k1 < self.sinks) & (k1 <= p0)
+            # union with the sink columns: exact when one side is empty or full, else settle by mask
+            part_a, part_s = any_ & ~all_, s_any & ~s_all
+            any2, all2 = any_ | s_any, all_ | s_all
+            return any2, all2, part_a & part_s & ~all2
+        return any_, all_, _false(ctx)
+
+    def __repr__(self):
+        return f"PowerAttention({self.window})" if not self.sinks else f"PowerAttention({self.window}, sinks={self.sinks})"
+
+
+@dataclass(frozen=True)
+class Mask(Pattern):
+    """Escape hatch: a FlexAttention-style ``fn(b, h, q_idx, kv_idx) -> bool`` on raw indices.
+
+    ``b`` is always 0 (layouts broadcast over the batch). Its block layout is computed by evaluating
+    ``fn`` on every (query, key) pair, in bounded-memory chunks, so it costs O(Lq * Lk): slower than
+    the closed forms of the built-in patterns. Set ``per_head=True`` when ``fn`` depends on ``h``.
+    """
+    fn: Callable
+    per_head: bool = False
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Mask fn must be callable, got {type(self.fn).__name__}")
+
+    @property
+    def head_dependent(self):  # type: ignore[override]
+        return self.per_head
+
+    def _heads(self, num_heads):
+        return num_heads if (self.per_head and num_heads) else 1
+
+    def check(self, q_len, kv_len, num_heads=None):
+        if self.per_head and num_heads is None:
+            raise ValueError("pattern: Mask(per_head=True) needs the number of query heads (num_heads=)")
+
+    def _mask_pos(self, p, k, ctx, head):
+        q_idx = p - ctx.offset
+        zero = torch.zeros((), dtype=torch.int64, device=p.device)
+        h = head if head is not None else zero
+        out = self.fn(zero, h, q_idx, k)
+        return torch.as_tensor(out, device=p.device).to(torch.bool).expand(
+            torch.broadcast_shapes(p.shape, k.shape, h.shape))
+
+    def _classify(self, ctx):
+        h = ctx.num_heads if self.per_head else 1
+        t = torch.ones((h, ctx.nq, ctx.nk), dtype=torch.bool, device=ctx.device)
+        return t, torch.zeros_like(t), t
+
+    def __repr__(self):
+        name = getattr(self.fn, "__name__", "fn")
+        return f"Mask({name}{', per_head=True' if self.per_head else ''})"
