@@ -106,7 +106,23 @@ class Pattern:
         if head is not None:
             head = torch.as_tensor(head, device=q_idx.device)
         ctx = Ctx(q_len, kv_len, 1, 1, None, q_idx.device)
-        return self._mask_pos(q_idx + (kv_len - q_len), kv_idx, ctx, head)
+        return self._bind(ctx)(q_idx + (kv_len - q_len), kv_idx, head)
+
+    def mask_mod(self, q_len: int, kv_len: int, device=None):
+        """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for these lengths; lookup tables (e.g. a
+        Document's ids) are built once, on ``device``, and captured."""
+        ctx = Ctx(q_len, kv_len, 1, 1, None, torch.device(device or "cpu"))
+        f, off, dep = self._bind(ctx), kv_len - q_len, self.head_dependent
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return f(q_idx + off, kv_idx, h if dep else None)
+
+        mask_mod.__name__ = f"attnzoo_{type(self).__name__}"
+        return mask_mod
+
+    def _bind(self, ctx: Ctx):
+        """The mask on positions as a closure ``f(p, k, head)``, with any tables for ctx prebuilt."""
+        return lambda p, k, head: self._mask_pos(p, k, ctx, head)
 
     def block_layout(self, q_len: int, kv_len: int, block_q: int = 128, block_k: int = 128,
                      device=None, num_heads: Optional[int] = None) -> BlockLayout:
@@ -184,13 +200,14 @@ class Pattern:
         ar_k = torch.arange(bk, device=sel.device)
         step = max(1, _EVAL_BUDGET // (bq * bk))
         head_dep = self.head_dependent
+        f = self._bind(ctx)
         for s in range(0, h.numel(), step):
             hh, qq, kk = h[s:s + step], qb[s:s + step], kb[s:s + step]
             qi = qq[:, None, None] * bq + ar_q[None, :, None]
             ki = kk[:, None, None] * bk + ar_k[None, None, :]
             valid = (qi < ctx.q_len) & (ki < ctx.kv_len)
             head = hh[:, None, None] if head_dep else None
-            m = self._mask_pos(qi + ctx.offset, ki, ctx, head) & valid
+            m = f(qi + ctx.offset, ki, head) & valid
             out[s:s + step] = m.sum((1, 2))
         return out
 
@@ -221,8 +238,9 @@ class Union(Pattern):
     def _heads(self, num_heads):
         return max(self.a._heads(num_heads), self.b._heads(num_heads))
 
-    def _mask_pos(self, p, k, ctx, head):
-        return self.a._mask_pos(p, k, ctx, head) | self.b._mask_pos(p, k, ctx, head)
+    def _bind(self, ctx):
+        fa, fb = self.a._bind(ctx), self.b._bind(ctx)
+        return lambda p, k, head: fa(p, k, head) | fb(p, k, head)
 
     def _classify(self, ctx):
         a_any, a_all, a_unc = self.a._classify(ctx)
@@ -253,8 +271,9 @@ class Intersection(Pattern):
     def _heads(self, num_heads):
         return max(self.a._heads(num_heads), self.b._heads(num_heads))
 
-    def _mask_pos(self, p, k, ctx, head):
-        return self.a._mask_pos(p, k, ctx, head) & self.b._mask_pos(p, k, ctx, head)
+    def _bind(self, ctx):
+        fa, fb = self.a._bind(ctx), self.b._bind(ctx)
+        return lambda p, k, head: fa(p, k, head) & fb(p, k, head)
 
     def _classify(self, ctx):
         a_any, a_all, a_unc = self.a._classify(ctx)
@@ -296,14 +315,18 @@ class PerHead(Pattern):
         for p in self.patterns:
             p.check(q_len, kv_len, None)
 
-    def _mask_pos(self, p, k, ctx, head):
-        if head is None:
-            raise ValueError("PerHead.mask needs head=")
-        out = None
-        for i, pat in enumerate(self.patterns):
-            m = pat._mask_pos(p, k, ctx, None) & (head == i)
-            out = m if out is None else (out | m)
-        return out
+    def _bind(self, ctx):
+        fs = [pat._bind(ctx) for pat in self.patterns]
+
+        def f(p, k, head):
+            if head is None:
+                raise ValueError("PerHead.mask needs head=")
+            out = None
+            for i, fi in enumerate(fs):
+                m = fi(p, k, None) & (head == i)
+                out = m if out is None else (out | m)
+            return out
+        return f
 
     def _classify(self, ctx):
         parts = [p._classify3(ctx) for p in self.patterns]

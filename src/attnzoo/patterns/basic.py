@@ -263,13 +263,14 @@ class Document(Pattern):
     def _doc_ids(self, device):
         return _doc_table(self.lengths, str(torch.device(device)))
 
-    def _doc(self, x, ctx):
-        # index a lookup table (works inside FlexAttention's mask_mod); negative positions -> doc -1
-        ids = self._doc_ids(x.device)
-        return torch.where(x >= 0, ids[x.clamp(0, ctx.kv_len - 1)], -1)
+    def _bind(self, ctx):
+        ids = self._doc_ids(ctx.device)  # built once and captured (FlexAttention's mask_mod indexes it)
+        last = ctx.kv_len - 1
 
-    def _mask_pos(self, p, k, ctx, head):
-        return self._doc(p, ctx) == self._doc(k, ctx)
+        def doc(x):  # negative positions (Lq > Lk) are in no document
+            return torch.where(x >= 0, ids[x.clamp(0, last)], -1)
+
+        return lambda p, k, head: doc(p) == doc(k)
 
     def _classify(self, ctx):
         p0, p1, k0, k1 = ctx.ranges()

@@ -1,0 +1,68 @@
+"""Picks a backend for a request and explains why every other one declined."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import Backend, Request
+from .flex import FlexBackend
+from .reference import ReferenceBackend
+from .sdpa import SDPABackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FlexBackend(), ReferenceBackend())}
+
+# Order in which `auto` tries the backends: the fastest exact one that can run and accepts auto.
+AUTO_ORDER = ("sdpa", "flex", "reference")
+
+
+@dataclass
+class Explanation:
+    """Which backend `auto` picks for a request, and why each of the others declined."""
+    backend: str | None
+    request: str
+    reasons: dict = field(default_factory=dict)  # name -> (ok, reason)
+
+    def __str__(self):
+        lines = [f"request: {self.request}", f"auto picks: {self.backend or 'nothing'}"]
+        for name, (ok, why) in self.reasons.items():
+            mark = "picked" if name == self.backend else ("could run" if ok else "declined")
+            lines.append(f"  {name:<10} {mark:<9} {why}")
+        return "\n".join(lines)
+
+
+def explain_request(req: Request) -> Explanation:
+    reasons, chosen = {}, None
+    for name in AUTO_ORDER:
+        b = BACKENDS[name]
+        ok, why = b.can_run(req)
+        if ok:
+            aok, awhy = b.auto_ok(req)
+            if not aok:
+                ok, why = False, awhy
+        if ok and chosen is None:
+            chosen = name
+        reasons[name] = (ok, why)
+    return Explanation(chosen, req.describe(), reasons)
+
+
+def select(req: Request, backend: str) -> Backend:
+    if backend == "auto":
+        ex = explain_request(req)
+        if ex.backend is None:
+            detail = "; ".join(f"{n}: {w}" for n, (_, w) in ex.reasons.items())
+            raise ValueError(f"backend='auto': no backend can run this request ({detail})")
+        return BACKENDS[ex.backend]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; choose from 'auto', "
+                         + ", ".join(repr(n) for n in BACKENDS))
+    b = BACKENDS[backend]
+    ok, why = b.can_run(req)
+    if not ok:
+        raise ValueError(f"backend={backend!r} cannot run this request: {why}")
+    return b
+
+
+def capabilities() -> list[dict]:
+    """One row per backend for `attnzoo list`."""
+    return [dict(backend=b.name, patterns=b.patterns, devices=", ".join(b.devices),
+                 lse="yes" if b.supports_lse else "no", grad="yes", description=b.description)
+            for b in BACKENDS.values()]
