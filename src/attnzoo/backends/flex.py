@@ -9,6 +9,7 @@ Lq x Lk scores; it is allowed only up to a fixed size and `auto` never picks it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -19,6 +20,7 @@ from .base import Backend, Request
 _CPU_SCORE_BYTES = 1 << 30  # eager (unfused) FlexAttention on CPU: largest score matrix allowed
 _CUDA_HEAD_DIMS = (16, 32, 64, 128, 256)
 BLOCK = 128
+_RECOMPILE_LIMIT = 1024  # distinct (pattern, shape) kernels one process may compile
 
 
 def flex_available() -> tuple[bool, str]:
@@ -37,6 +39,21 @@ def _compiled_flex():
 
 
 @functools.lru_cache(maxsize=64)
+def _no_silent_fallback(compiled: bool):
+    """Every (pattern, shape) is its own compiled kernel. Past dynamo's recompile limit (8 by
+    default) torch would quietly run FlexAttention *eagerly* -- the unfused path that materialises
+    the scores and runs out of memory at long lengths. Raise the limit for this call and make
+    hitting it an error instead of a fallback."""
+    if not compiled:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                      accumulated_recompile_limit=max(_RECOMPILE_LIMIT, 4096),
+                                      fail_on_recompile_limit_hit=True)
+
+
+@functools.lru_cache(maxsize=64)
 def block_mask_for(pattern, lq: int, lk: int, num_heads: int, device: str):
     """The FlexAttention BlockMask of a pattern, from its closed-form BlockLayout (cached)."""
     layout = pattern.block_layout(lq, lk, BLOCK, BLOCK, device=device, num_heads=num_heads)
@@ -52,7 +69,7 @@ def run_flex(q, k, v, pattern, scale, *, compiled: bool, return_lse: bool = True
         bm = block_mask_for(pattern, lq, lk, q.shape[1], str(q.device))
     fn = _compiled_flex() if compiled else fa.flex_attention
     kwargs = dict(block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    with warnings.catch_warnings():
+    with _no_silent_fallback(compiled), warnings.catch_warnings():
         # the eager path warns that it is unfused; can_run already bounds its size on CPU
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if hasattr(fa, "AuxRequest"):
