@@ -64,6 +64,8 @@ class Backend:
     devices: tuple = ("cpu", "cuda")
     patterns: str = ""
     supports_lse: bool = True
+    dtypes: str = "fp16, bf16, fp32, fp64"
+    grad: str = "yes"
 
     def can_run(self, req: Request) -> tuple[bool, str]:
         raise NotImplementedError

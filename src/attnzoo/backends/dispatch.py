@@ -64,5 +64,5 @@ def select(req: Request, backend: str) -> Backend:
 def capabilities() -> list[dict]:
     """One row per backend for `attnzoo list`."""
     return [dict(backend=b.name, patterns=b.patterns, devices=", ".join(b.devices),
-                 lse="yes" if b.supports_lse else "no", grad="yes", description=b.description)
+                 dtypes=b.dtypes, lse="yes" if b.supports_lse else "no", grad=b.grad, description=b.description)
             for b in BACKENDS.values()]

@@ -84,6 +84,8 @@ class FlexBackend(Backend):
     name = "flex"
     description = "FlexAttention with attnzoo's closed-form block layout (compiled on CUDA, eager on CPU)"
     patterns = "all"
+    dtypes = "fp16, bf16, fp32 (CUDA); any float (CPU)"
+    grad = "CUDA only"
 
     def can_run(self, req: Request):
         ok, why = flex_available()

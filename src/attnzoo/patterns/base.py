@@ -217,6 +217,15 @@ def _need_pattern(other, op: str) -> None:
         raise TypeError(f"cannot combine a Pattern with {type(other).__name__} using '{op}'")
 
 
+def _check_operands(pat, q_len, kv_len, num_heads):
+    a, b = pat.a, pat.b
+    a.check(q_len, kv_len, num_heads)
+    b.check(q_len, kv_len, num_heads)
+    if a.head_dependent and b.head_dependent and a._heads(num_heads) != b._heads(num_heads):
+        raise ValueError(f"pattern: per-head operands of {pat!r} have different head counts "
+                         f"({a._heads(num_heads)} vs {b._heads(num_heads)})")
+
+
 def _partial(any_, all_):
     return any_ & ~all_
 
@@ -232,8 +241,7 @@ class Union(Pattern):
         return self.a.head_dependent or self.b.head_dependent
 
     def check(self, q_len, kv_len, num_heads=None):
-        self.a.check(q_len, kv_len, num_heads)
-        self.b.check(q_len, kv_len, num_heads)
+        _check_operands(self, q_len, kv_len, num_heads)
 
     def _heads(self, num_heads):
         return max(self.a._heads(num_heads), self.b._heads(num_heads))
@@ -265,8 +273,7 @@ class Intersection(Pattern):
         return self.a.head_dependent or self.b.head_dependent
 
     def check(self, q_len, kv_len, num_heads=None):
-        self.a.check(q_len, kv_len, num_heads)
-        self.b.check(q_len, kv_len, num_heads)
+        _check_operands(self, q_len, kv_len, num_heads)
 
     def _heads(self, num_heads):
         return max(self.a._heads(num_heads), self.b._heads(num_heads))

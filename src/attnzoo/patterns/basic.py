@@ -200,6 +200,8 @@ class Strided(Pattern):
         # every difference in [lo, hi] visible: lo >= 0 and the part >= stride is one multiple of s
         r = torch.clamp(lo, min=s)
         rest_ok = (r > hi) | ((r == hi) & (torch.remainder(hi, s) == 0))
+        if s == 1:  # every distance is a multiple of 1: Strided(1) is Causal()
+            rest_ok = torch.ones_like(rest_ok)
         all_ = (lo >= 0) & rest_ok
         return any_, all_, _false(ctx)
 

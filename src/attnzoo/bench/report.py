@@ -1,0 +1,390 @@
+"""Turn a ``results.jsonl`` into ``report.md`` and PNG plots.
+
+- Per pattern and direction: a table with one row per length and one column per backend (median ms and
+  effective TFLOP/s), and the fraction of ideal of each backend.
+- The best fraction of ideal per pattern and length, and every measurement that did not succeed, with why.
+- Plots (matplotlib, Agg, no pyplot state): time vs length per pattern (log2 length axis, log time axis,
+  p20-p80 bars, the fastest dense time for comparison), and the fraction of ideal per pattern as bars.
+  Without matplotlib the plots are skipped and report.md says so.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from .speed import (DIRECTION_LABELS, RESULTS_FILE, dense_baselines, latest_records, load_records,
+                    with_derived)
+
+_STATUS_SHORT = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
+_BACKEND_ORDER = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa", "flex", "flex-eager",
+                  "reference")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(s)).strip("_").lower() or "x"
+
+
+def _backend_key(b: str):
+    return (_BACKEND_ORDER.index(b) if b in _BACKEND_ORDER else len(_BACKEND_ORDER), b)
+
+
+def _len_label(n: int) -> str:
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+def _ms(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def _tf(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else (f"{x:.1f}" if x >= 1 else f"{x:.3f}")
+
+
+def _md_table(headers, rows, numeric: bool = True) -> str:
+    """A markdown table; with ``numeric`` every column but the first is right-aligned."""
+    def esc(c):
+        return str(c).replace("|", "\\|")
+    out = ["| " + " | ".join(esc(h) for h in headers) + " |",
+           "|" + "|".join("---" if (i == 0 or not numeric) else "---:" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _pattern_order(records) -> list:
+    order = []
+    for r in records:
+        if r["pattern"] not in order:
+            order.append(r["pattern"])
+    # the dense baseline first, causal next, the rest in order of appearance
+    return sorted(order, key=lambda p: (p != "full", p != "causal", order.index(p)))
+
+
+def prepare(records) -> list:
+    """Latest record per case, with flops / tflops / frac_ideal recomputed over the whole file."""
+    latest = latest_records(records)
+    base = dense_baselines(latest)
+    return [with_derived(r, base) for r in latest]
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------------
+def _figure(w=7.5, h=5.0):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h), dpi=120)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _shape_text(r) -> str:
+    return f"{r['dtype']}, B={r['B']}, Hq={r['Hq']}, Hkv={r['Hkv']}, D={r['D']}"
+
+
+def plot_time_vs_length(recs, dense_recs, path: Path, *, pattern: str, direction: str, device: str) -> bool:
+    """Median time per call vs length, one line per backend (log2 x, log y). Returns False if nothing ok."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+    ok = [r for r in recs if r.get("status") == "ok"]
+    if not ok:
+        return False
+    fig, ax = _figure()
+    by_backend = defaultdict(list)
+    for r in ok:
+        by_backend[r["backend"]].append(r)
+    markers = "osD^v<>ph*"
+    for i, b in enumerate(sorted(by_backend, key=_backend_key)):
+        rs = sorted(by_backend[b], key=lambda r: r["Lq"])
+        xs = [r["Lq"] for r in rs]
+        ys = [r["median_ms"] for r in rs]
+        lo = [max(0.0, r["median_ms"] - (r.get("p20_ms") or r["median_ms"])) for r in rs]
+        hi = [max(0.0, (r.get("p80_ms") or r["median_ms"]) - r["median_ms"]) for r in rs]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], linewidth=1.8, markersize=6,
+                    capsize=3, label=b)
+    if pattern != "full":
+        best = {}
+        for r in dense_recs:
+            if r.get("status") == "ok" and (r["Lq"] not in best or r["median_ms"] < best[r["Lq"]][0]):
+                best[r["Lq"]] = (r["median_ms"], r["backend"])
+        lens = sorted(L for L in best if L in {r["Lq"] for r in ok})
+        if lens:
+            ax.plot(lens, [best[L][0] for L in lens], linestyle="--", color="0.45", marker="x", linewidth=1.2,
+                    label="dense (fastest full attention)")
+    lengths = sorted({r["Lq"] for r in ok})
+    if len(lengths) == 1:
+        return _plot_single_length(ok, dense_recs, path, pattern=pattern, direction=direction, device=device)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(lengths))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(lengths, [_len_label(L) for L in lengths])
+    if len(lengths) == 1:
+        ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
+    _decade_ylim(ax)
+    ax.set_xlabel("sequence length L (tokens, log2 scale)")
+    ax.set_ylabel("median time per call (ms, log scale)")
+    ax.set_title(f"{pattern} — {DIRECTION_LABELS.get(direction, direction)}\n{device}; {_shape_text(ok[0])}",
+                 fontsize=10)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", axis="y", alpha=0.12)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def _decade_ylim(ax) -> None:
+    """Extend a log y axis to whole decades, so that it always shows at least two labelled ticks."""
+    import math
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi > 0:
+        ax.set_ylim(10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi)))
+
+
+def _plot_single_length(ok, dense_recs, path: Path, *, pattern: str, direction: str, device: str) -> bool:
+    """A pattern measured at one length (the N-D neighborhoods): one bar per backend, plus the dense time."""
+    L = ok[0]["Lq"]
+    rows = sorted(ok, key=lambda r: _backend_key(r["backend"]))
+    names = [r["backend"] for r in rows]
+    times = [r["median_ms"] for r in rows]
+    colors = [f"C{i}" for i in range(len(rows))]
+    if pattern != "full":
+        dense = [r for r in dense_recs if r.get("status") == "ok" and r["Lq"] == L]
+        if dense:
+            best = min(dense, key=lambda r: r["median_ms"])
+            names.append(f"dense\n({best['backend']})")
+            times.append(best["median_ms"])
+            colors.append("0.6")
+    fig, ax = _figure(max(5.5, 1.1 * len(names) + 2.5), 5.0)
+    bars = ax.bar(range(len(names)), times, color=colors, width=0.6)
+    for bar, t in zip(bars, times):
+        ax.annotate(f"{_ms(t)} ms", (bar.get_x() + bar.get_width() / 2, t), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    _decade_ylim(ax)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel(f"backend (L = {_len_label(L)} tokens, the pattern's fixed size)")
+    ax.set_ylabel("median time per call (ms, log scale)")
+    ax.set_title(f"{pattern} — {DIRECTION_LABELS.get(direction, direction)}\n{device}; {_shape_text(ok[0])}",
+                 fontsize=10)
+    ax.grid(True, axis="y", which="major", alpha=0.35)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def plot_frac_ideal(best: dict, path: Path, *, direction: str, device: str, shape: str) -> bool:
+    """Grouped bars: x = pattern, one bar per length; best backend's fraction of ideal."""
+    patterns = [p for p in best if p != "full" and best[p]]
+    if not patterns:
+        return False
+    lengths = sorted({L for p in patterns for L in best[p]})
+    fig, ax = _figure(max(7.5, 1.3 * len(patterns) + 2), 5.2)
+    n = len(lengths)
+    width = 0.8 / max(n, 1)
+    top = 1.0
+    for j, L in enumerate(lengths):
+        xs, ys, labels = [], [], []
+        for i, p in enumerate(patterns):
+            if L in best[p]:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(best[p][L][0])
+                labels.append(best[p][L][1])
+        if not xs:
+            continue
+        bars = ax.bar(xs, ys, width=width * 0.92, label=f"L={_len_label(L)}")
+        for bar, y, b in zip(bars, ys, labels):
+            ax.annotate(f"{y:.2f} {b}", (bar.get_x() + bar.get_width() / 2, y), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=90)
+        top = max(top, max(ys))
+    ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="ideal (time ∝ FLOPs)")
+    ax.set_xticks(range(len(patterns)), patterns, rotation=25, ha="right")
+    ax.set_ylim(0, top * 1.45)
+    ax.set_xlabel("pattern")
+    ax.set_ylabel("fraction of ideal speed-up\n(dense ms / ms) / (dense FLOPs / FLOPs)")
+    ax.set_title(f"Fraction of ideal (best backend, named on each bar) — {DIRECTION_LABELS.get(direction, direction)}\n"
+                 f"{device}; {shape}", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.35)
+    ax.legend(fontsize=8, loc="upper right", ncol=n + 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+# --------------------------------------------------------------------------------------------------
+def _cell(r) -> str:
+    if r is None:
+        return ""
+    if r.get("status") == "ok":
+        return f"{_ms(r['median_ms'])} ms / {_tf(r.get('tflops'))} TF/s"
+    return _STATUS_SHORT.get(r.get("status"), r.get("status") or "?")
+
+
+def write_report(results_jsonl, out_dir, *, plots: bool = True) -> Path:
+    """Write ``report.md`` (and PNG plots when matplotlib is installed) into ``out_dir``; return its path."""
+    results_jsonl = Path(results_jsonl)
+    if results_jsonl.is_dir():
+        results_jsonl = results_jsonl / RESULTS_FILE
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not results_jsonl.exists():
+        raise FileNotFoundError(f"no results file at {results_jsonl}; run `attnzoo bench --out DIR` first")
+    raw = load_records(results_jsonl)
+    recs = prepare(raw)
+
+    have_mpl, mpl_note = False, ""
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+            have_mpl = True
+        except Exception as e:  # noqa: BLE001
+            mpl_note = (f"Plots skipped: matplotlib is not importable ({type(e).__name__}: {e}). "
+                        "Install it (`pip install 'attnzoo[bench]'`) and run `attnzoo bench report --out DIR`.")
+    else:
+        mpl_note = "Plots not requested."
+
+    lines = ["# attnzoo speed benchmark", ""]
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    lines += [f"Generated {now} from `{results_jsonl.name}` ({len(raw)} records, {len(recs)} cases).", ""]
+    lines += ["How to read: times are medians of the timed calls (compilation excluded); TF/s are *effective* "
+              "TFLOP/s on the pairs each pattern keeps (forward FLOPs = 4·B·Hq·D·visible pairs, fwd+bwd = 3.5× "
+              "forward). *Fraction of ideal* = (dense time / time) / (dense FLOPs / FLOPs), with the dense time "
+              "the fastest full-attention measurement of the same shape and direction: 1.0 means the pattern "
+              "saves time in proportion to the FLOPs it skips. See BENCHMARK_PROTOCOL.md.", ""]
+    if not recs:
+        lines += ["No records yet."]
+    pngs = []
+    devices = list(dict.fromkeys(r.get("device_name", "?") for r in recs))
+    for dev in devices:
+        drecs = [r for r in recs if r.get("device_name", "?") == dev]
+        prefix = "" if len(devices) == 1 else _slug(dev)[:40] + "_"
+        r0 = drecs[0]
+        if len(devices) > 1:
+            lines += [f"## Device: {dev}", ""]
+        env_bits = [f"**device** {dev}", f"torch {r0.get('torch_version')}", f"triton {r0.get('triton_version')}",
+                    f"attnzoo {r0.get('attnzoo_version')}"]
+        if r0.get("cuda_version"):
+            env_bits.append(f"CUDA {r0.get('cuda_version')}")
+        if r0.get("device") == "cpu":
+            env_bits.append(f"{r0.get('cpu_threads')} threads")
+        stamps = sorted(r.get("timestamp", "") for r in drecs if r.get("timestamp"))
+        if stamps:
+            env_bits.append(f"measured {stamps[0]} … {stamps[-1]}")
+        lines += [" · ".join(env_bits), ""]
+        shapes = sorted({_shape_text(r) for r in drecs})
+        lines += ["Shapes: " + "; ".join(shapes), ""]
+        counts = defaultdict(int)
+        for r in drecs:
+            counts[r.get("status", "?")] += 1
+        lines += ["Status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
+
+        # patterns
+        lines += ["### Patterns", ""]
+        seen = {}
+        for r in drecs:
+            seen.setdefault(r["pattern"], r)
+        prow = []
+        for p in _pattern_order(drecs):
+            r = seen[p]
+            dens = sorted({(rr["Lq"], rr.get("density")) for rr in drecs if rr["pattern"] == p and rr.get("density") is not None})
+            dtxt = ", ".join(f"{_len_label(L)}: {d:.4g}" for L, d in dens)
+            prow.append([p, r.get("pattern_description") or "", f"`{r.get('pattern_repr')}`", dtxt])
+        lines += [_md_table(["pattern", "description", "attnzoo pattern", "density by length"], prow,
+                            numeric=False), ""]
+
+        for direction in ("fwd", "fwdbwd"):
+            xrecs = [r for r in drecs if r["direction"] == direction]
+            if not xrecs:
+                continue
+            dlabel = DIRECTION_LABELS.get(direction, direction)
+            lines += [f"## {dlabel}" + (f" — {dev}" if len(devices) > 1 else ""), ""]
+            dense_recs = [r for r in xrecs if r.get("pattern_kind") == "full"]
+            best_frac = {}
+            for p in _pattern_order(xrecs):
+                precs = [r for r in xrecs if r["pattern"] == p]
+                backends = sorted({r["backend"] for r in precs}, key=_backend_key)
+                lengths = sorted({r["Lq"] for r in precs})
+                cell = {(r["Lq"], r["backend"]): r for r in precs}
+                lines += [f"### {p} ({dlabel})", ""]
+                rows = []
+                for L in lengths:
+                    dens = next((r.get("density") for r in precs if r["Lq"] == L and r.get("density") is not None), None)
+                    rows.append([_len_label(L), f"{dens:.4g}" if dens is not None else "-"]
+                                + [_cell(cell.get((L, b))) for b in backends])
+                lines += ["Median ms per call / effective TFLOP/s:", "",
+                          _md_table(["L", "density"] + backends, rows), ""]
+                frows = []
+                for L in lengths:
+                    fr = []
+                    for b in backends:
+                        r = cell.get((L, b))
+                        fr.append(f"{r['frac_ideal']:.2f}" if r and r.get("frac_ideal") is not None else "-")
+                        if r and r.get("frac_ideal") is not None:
+                            cur = best_frac.setdefault(p, {}).get(L)
+                            if cur is None or r["frac_ideal"] > cur[0]:
+                                best_frac[p][L] = (r["frac_ideal"], b)
+                    base = next((r for r in precs if r["Lq"] == L and r.get("dense_backend")), None)
+                    frows.append([_len_label(L)] + fr + [f"{base['dense_backend']} {_ms(base['dense_ms'])} ms" if base else "none measured"])
+                lines += ["Fraction of ideal:", "", _md_table(["L"] + backends + ["dense baseline"], frows), ""]
+                if have_mpl:
+                    name = f"{prefix}time_{_slug(p)}_{direction}.png"
+                    try:
+                        if plot_time_vs_length(precs, dense_recs, out_dir / name, pattern=p, direction=direction,
+                                               device=dev):
+                            lines += [f"![{p}, {dlabel}: time vs length]({name})", ""]
+                            pngs.append(name)
+                    except Exception as e:  # noqa: BLE001 - a broken plot must not lose the tables
+                        lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+
+            # best fraction of ideal per pattern
+            lens_all = sorted({L for p in best_frac for L in best_frac[p]})
+            if best_frac:
+                lines += [f"### Fraction of ideal, best backend ({dlabel})", ""]
+                rows = []
+                for p in _pattern_order(xrecs):
+                    if p == "full" or p not in best_frac:
+                        continue
+                    rows.append([p] + [f"{best_frac[p][L][0]:.2f} ({best_frac[p][L][1]})" if L in best_frac[p] else "-"
+                                       for L in lens_all])
+                if rows:
+                    lines += [_md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_all], rows), ""]
+                if have_mpl:
+                    name = f"{prefix}frac_ideal_{direction}.png"
+                    try:
+                        if plot_frac_ideal(best_frac, out_dir / name, direction=direction, device=dev,
+                                           shape=_shape_text(xrecs[0])):
+                            lines += [f"![fraction of ideal, {dlabel}]({name})", ""]
+                            pngs.append(name)
+                    except Exception as e:  # noqa: BLE001
+                        lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+
+        bad = [r for r in drecs if r.get("status") != "ok"]
+        if bad:
+            lines += ["## Not measured", ""]
+            rows = [[r["pattern"], _len_label(r["Lq"]), DIRECTION_LABELS.get(r["direction"], r["direction"]), r["backend"],
+                     r.get("status"), (r.get("message") or "").replace("\n", " ")[:300]] for r in bad]
+            lines += [_md_table(["pattern", "L", "direction", "backend", "status", "why"], rows, numeric=False), ""]
+        notes = sorted({r.get("note") for r in drecs if r.get("note")})
+        cfg = sorted({r.get("compile_config") for r in drecs if r.get("compile_config")})
+        if notes or cfg:
+            lines += ["## Notes", ""] + [f"- {n}" for n in notes + cfg] + [""]
+
+    if mpl_note:
+        lines += ["## Plots", "", mpl_note, ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,273 @@
+"""The ``attnzoo`` command.
+
+    attnzoo list                                   patterns and backends, and what each backend supports
+    attnzoo bench [--out DIR] [--suite auto|cpu|cuda] [--pattern P] [--backend B] [--lengths 1024,2048]
+                  [--direction fwd|fwdbwd] [--reps N] ...
+                                                   run the speed suite (resumable), then write the report
+    attnzoo bench report --out DIR                 only (re)write DIR/report.md and the plots
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from typing import Optional, Sequence
+
+
+# --------------------------------------------------------------------------------------------------
+# attnzoo list
+# --------------------------------------------------------------------------------------------------
+def _first_line(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+
+
+def pattern_rows() -> list:
+    import attnzoo.patterns as P
+    rows = []
+    skip = {"Pattern", "BlockLayout", "Union", "Intersection", "PerHead"}
+    for name in P.__all__:
+        if name in skip:
+            continue
+        obj = getattr(P, name, None)
+        if isinstance(obj, type):
+            desc = _first_line(obj)
+            if desc.startswith(f"``{name}(") or not desc:  # a signature, not a sentence: use the module's line
+                desc = _first_line(sys.modules.get(obj.__module__)) or desc
+            rows.append([name, desc])
+    algebra = [("a | b", "Union", "visible where either pattern is visible"),
+               ("a & b", "Intersection", "visible where both patterns are visible"),
+               ("PerHead([...])", "PerHead", "one pattern per query head")]
+    for label, name, fallback in algebra:
+        obj = getattr(P, name, None)
+        if obj is not None:
+            rows.append([label, _first_line(obj) or fallback])
+    return rows
+
+
+def backend_rows() -> tuple:
+    """(headers, rows, note): from `attnzoo.backends.capabilities()`, else from what exists."""
+    try:
+        import attnzoo.backends as B
+    except Exception as e:  # noqa: BLE001
+        return ["backend"], [], f"(backends unavailable: {type(e).__name__}: {e})"
+    caps = getattr(B, "capabilities", None)
+    if callable(caps):
+        rows = []
+        for c in caps():
+            rows.append([str(c.get("backend", "?")), str(c.get("patterns", "")), str(c.get("devices", "")),
+                         str(c.get("dtypes", "")) if "dtypes" in c else "",
+                         str(c.get("lse", "")), str(c.get("grad", "")), str(c.get("description", ""))])
+        headers = ["backend", "patterns", "devices", "dtypes", "lse", "grad", "description"]
+        if all(r[3] == "" for r in rows):  # no dtypes column given
+            headers.pop(3)
+            rows = [r[:3] + r[4:] for r in rows]
+        return headers, rows, ""
+    registry = getattr(B, "BACKENDS", {}) or {}
+    rows = [[name, getattr(b, "patterns", "") or "?", ", ".join(getattr(b, "devices", ())) or "?",
+             "yes" if getattr(b, "supports_lse", False) else "?", "?", getattr(b, "description", "")]
+            for name, b in registry.items()]
+    return (["backend", "patterns", "devices", "lse", "grad", "description"], rows,
+            "(attnzoo.backends.capabilities() is missing: listed from BACKENDS)")
+
+
+def cmd_list(args, parser) -> int:
+    from .bench.speed import print_table
+    print_table("Patterns", ["pattern", "description"], pattern_rows())
+    print()
+    headers, rows, note = backend_rows()
+    print_table("Backends", headers, rows)
+    if note:
+        print(note)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# attnzoo bench
+# --------------------------------------------------------------------------------------------------
+def parse_lengths(text: str) -> list:
+    """'1024,2048', '1K,4k', '1K..64K' (powers of two between) -> sorted ints."""
+    def one(tok: str) -> int:
+        t = tok.strip().lower()
+        mult = 1
+        if t.endswith("k"):
+            t, mult = t[:-1], 1024
+        try:
+            n = int(t) * mult
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{tok!r} is not a length; give integers like 1024,2048 or 1K..64K") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"lengths must be positive, got {tok!r}")
+        return n
+    out = set()
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        if ".." in part:
+            a, b = (one(x) for x in part.split("..", 1))
+            if a > b:
+                raise argparse.ArgumentTypeError(f"range {part!r} is empty")
+            n = a
+            while n <= b:
+                out.add(n)
+                n *= 2
+        else:
+            out.add(one(part))
+    if not out:
+        raise argparse.ArgumentTypeError("no length given")
+    return sorted(out)
+
+
+def _positive_int(name):
+    def conv(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        return n
+    return conv
+
+
+def _nonneg_int(name):
+    def conv(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+        return n
+    return conv
+
+
+def _positive_float(name):
+    def conv(text):
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not x > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return x
+    return conv
+
+
+_DIRECTION_CHOICES = {"fwd": ["fwd"], "fwdbwd": ["fwdbwd"], "fwd+bwd": ["fwdbwd"], "both": ["fwd", "fwdbwd"]}
+
+
+def cmd_bench(args, parser) -> int:
+    from pathlib import Path
+
+    from .bench.report import write_report
+    from .bench.speed import (RESULTS_FILE, SUMMARY_COLUMNS, describe_plan, get_suite, plan, print_table,
+                              run_suite, summary_rows)
+
+    out = Path(args.out)
+    if args.action == "report":
+        if not (out / RESULTS_FILE).exists():
+            print(f"attnzoo bench report: error: no {RESULTS_FILE} in {out}; run `attnzoo bench --out {out}` first",
+                  file=sys.stderr)
+            return 1
+        path = write_report(out / RESULTS_FILE, out)
+        print(f"report: {path}")
+        return 0
+
+    try:
+        suite = get_suite(args.suite, full_grid=args.full_grid)
+        directions = _DIRECTION_CHOICES[args.direction] if args.direction else None
+        cases = plan(suite, patterns=args.pattern, backends=args.backend, lengths=args.lengths,
+                     directions=directions, no_skip=args.no_skip, baseline=not args.no_baseline)
+    except ValueError as e:
+        parser.error(str(e))
+    if not cases:
+        parser.error("the filters leave no case to run (check --pattern, --backend, --lengths, --direction; "
+                     "fixed-size patterns run only at their own length)")
+    if args.dry_run:
+        print(f"suite {suite.name} on {suite.device}: {suite.dtype}, B={suite.B}, Hq={suite.Hq}, Hkv={suite.Hkv}, "
+              f"D={suite.D}")
+        print(describe_plan(cases))
+        return 0
+
+    n_run = sum(1 for c in cases if not c.skip)
+    if not args.quiet:
+        print(f"attnzoo bench: suite {suite.name} ({suite.dtype}, B={suite.B}, Hq={suite.Hq}, Hkv={suite.Hkv}, "
+              f"D={suite.D}) -> {out / RESULTS_FILE}; {len(cases)} cases ({n_run} to measure, "
+              f"{len(cases) - n_run} planned skips)", flush=True)
+    try:
+        records = run_suite(cases, out, suite=suite, reps=args.reps, warmup=args.warmup, max_time_s=args.max_time_s,
+                            seed=args.seed, progress=not args.quiet, flush_l2=not args.no_flush)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the measurements so far are in {out / RESULTS_FILE}; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print()
+        print_table("Summary", list(SUMMARY_COLUMNS), summary_rows(records))
+    if not args.no_report:
+        path = write_report(out / RESULTS_FILE, out)
+        print(f"report: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnzoo", description="attnzoo: attention patterns, backends, benchmarks")
+    sub = parser.add_subparsers(dest="command", metavar="{list,bench}")
+
+    p_list = sub.add_parser("list", help="list the patterns and the backends (and what each supports)")
+    p_list.set_defaults(func=cmd_list, subparser=p_list)
+
+    p_bench = sub.add_parser(
+        "bench", help="run the speed suite and write the report (`bench report` only rewrites the report)",
+        description="Run the speed suite (appending to DIR/results.jsonl, skipping cases already recorded ok), "
+                    "then write DIR/report.md and plots. `attnzoo bench report --out DIR` only rewrites the report.")
+    p_bench.add_argument("action", nargs="?", choices=("run", "report"), default="run",
+                         help="run (default): measure then report; report: only rewrite the report")
+    p_bench.add_argument("--out", default="bench-results", metavar="DIR",
+                         help="output folder for results.jsonl, report.md and plots (default: %(default)s)")
+    p_bench.add_argument("--suite", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="cuda when a GPU is available, else cpu (default: %(default)s)")
+    p_bench.add_argument("--pattern", action="append", metavar="P",
+                         help="only these patterns (repeat or comma-separate; wildcards ok). The dense "
+                              "baseline is kept unless --no-baseline")
+    p_bench.add_argument("--backend", action="append", metavar="B",
+                         help="only these backends (repeat or comma-separate; 'sdpa' matches every sdpa-*, "
+                              "'flex' matches flex-eager)")
+    p_bench.add_argument("--lengths", type=parse_lengths, metavar="L,...",
+                         help="sequence lengths, e.g. 1024,2048 or 1K..64K (replaces the suite's lengths)")
+    p_bench.add_argument("--direction", choices=tuple(_DIRECTION_CHOICES), default=None,
+                         help="fwd, fwdbwd (= fwd+bwd) or both (default: the suite's plan)")
+    p_bench.add_argument("--reps", type=_positive_int("--reps"), default=None, metavar="N",
+                         help="timed repetitions per case (default: 5 on cpu, 10 on cuda)")
+    p_bench.add_argument("--warmup", type=_nonneg_int("--warmup"), default=None, metavar="N",
+                         help="untimed calls after the first (compilation) call (default: 0 on cpu, 2 on cuda)")
+    p_bench.add_argument("--max-time-s", type=_positive_float("--max-time-s"), default=None, metavar="S",
+                         help="cap the timed repetitions of one case at about S seconds (at least 3 reps)")
+    p_bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    p_bench.add_argument("--full-grid", action="store_true",
+                         help="cuda suite: every power of two from 1K to 64K instead of 4K, 16K, 64K")
+    p_bench.add_argument("--no-skip", action="store_true", help="also run the cases the suite plans to skip")
+    p_bench.add_argument("--no-baseline", action="store_true",
+                         help="do not add the dense SDPA baseline when filtering by pattern or backend")
+    p_bench.add_argument("--no-flush", action="store_true", help="do not flush the L2 cache between CUDA reps")
+    p_bench.add_argument("--no-report", action="store_true", help="do not write report.md after the run")
+    p_bench.add_argument("--dry-run", action="store_true", help="print the planned cases and exit")
+    p_bench.add_argument("--quiet", action="store_true", help="no progress output and no summary table")
+    p_bench.set_defaults(func=cmd_bench, subparser=p_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    # errors of a subcommand are reported through that subcommand's parser (its usage line is the useful one)
+    return args.func(args, args.subparser)
+
+if __name__ == "__main__":
+    sys.exit(main())
