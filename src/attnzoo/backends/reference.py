@@ -35,24 +35,37 @@ def _tile_mask(pattern, s, e, lq, lk, hkv, g, device):
     return pattern.mask(qi, ki, lq, lk)  # (c, Lk)
 
 
+def _prepare(q, k, v):
+    """Compute-dtype views: q grouped as (B, Hkv, G, Lq, D); k, v as (B, Hkv, 1, Lk, D)."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    cd = _compute_dtype(q.dtype)
+    return q.to(cd).view(b, hkv, hq // hkv, lq, d), k.to(cd).unsqueeze(2), v.to(cd).unsqueeze(2)
+
+
+def _scores(qc, kc, pattern, s, e, scale):
+    """Masked scores of queries s..e-1 against all keys: (B, Hkv, G, e-s, Lk), -inf where hidden."""
+    _, hkv, g, lq, _ = qc.shape
+    lk = kc.shape[3]
+    sc = torch.matmul(qc[:, :, :, s:e], kc.transpose(-1, -2)) * scale
+    m = _tile_mask(pattern, s, e, lq, lk, hkv, g, qc.device)
+    return sc if m is None else sc.masked_fill(~m, float("-inf"))
+
+
 class _ReferenceAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, scale):
         b, hq, lq, d = q.shape
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
         g = hq // hkv
-        cd = _compute_dtype(q.dtype)
-        qc = q.to(cd).view(b, hkv, g, lq, d)
-        kc, vc = k.to(cd).unsqueeze(2), v.to(cd).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
+        qc, kc, vc = _prepare(q, k, v)
+        cd = qc.dtype
         out = torch.empty(b, hkv, g, lq, dv, dtype=cd, device=q.device)
         lse = torch.empty(b, hkv, g, lq, dtype=cd, device=q.device)
         step = _chunk(b, hq, lk)
         for s in range(0, lq, step):
             e = min(lq, s + step)
-            sc = torch.matmul(qc[:, :, :, s:e], kc.transpose(-1, -2)) * scale
-            m = _tile_mask(pattern, s, e, lq, lk, hkv, g, q.device)
-            if m is not None:
-                sc = sc.masked_fill(~m, float("-inf"))
+            sc = _scores(qc, kc, pattern, s, e, scale)
             mx = sc.amax(-1, keepdim=True)
             mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
             p = torch.exp(sc - mx)
@@ -70,9 +83,8 @@ class _ReferenceAttention(torch.autograd.Function):
         b, hq, lq, d = q.shape
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
         g = hq // hkv
-        cd = out.dtype
-        qc = q.to(cd).view(b, hkv, g, lq, d)
-        kc, vc = k.to(cd).unsqueeze(2), v.to(cd).unsqueeze(2)
+        qc, kc, vc = _prepare(q, k, v)
+        cd = qc.dtype
         do = (dout if dout is not None else torch.zeros(b, hq, lq, dv, device=q.device)).to(cd).view(b, hkv, g, lq, dv)
         dl = (dlse if dlse is not None else torch.zeros(b, hq, lq, device=q.device)).to(cd).view(b, hkv, g, lq)
         dl = torch.where(torch.isfinite(lse), dl, torch.zeros_like(dl))
@@ -84,10 +96,7 @@ class _ReferenceAttention(torch.autograd.Function):
         step = _chunk(b, hq, lk)
         for s in range(0, lq, step):
             e = min(lq, s + step)
-            sc = torch.matmul(qc[:, :, :, s:e], kc.transpose(-1, -2)) * scale
-            m = _tile_mask(pattern, s, e, lq, lk, hkv, g, q.device)
-            if m is not None:
-                sc = sc.masked_fill(~m, float("-inf"))
+            sc = _scores(qc, kc, pattern, s, e, scale)
             p = torch.exp(sc - lse_safe[:, :, :, s:e, None])  # masked -> 0; empty rows -> 0
             dot = do[:, :, :, s:e]
             dvv += torch.einsum("bhgqk,bhgqe->bhke", p, dot)

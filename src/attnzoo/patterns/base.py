@@ -217,22 +217,12 @@ def _need_pattern(other, op: str) -> None:
         raise TypeError(f"cannot combine a Pattern with {type(other).__name__} using '{op}'")
 
 
-def _check_operands(pat, q_len, kv_len, num_heads):
-    a, b = pat.a, pat.b
-    a.check(q_len, kv_len, num_heads)
-    b.check(q_len, kv_len, num_heads)
-    if a.head_dependent and b.head_dependent and a._heads(num_heads) != b._heads(num_heads):
-        raise ValueError(f"pattern: per-head operands of {pat!r} have different head counts "
-                         f"({a._heads(num_heads)} vs {b._heads(num_heads)})")
-
-
 def _partial(any_, all_):
     return any_ & ~all_
 
 
-@dataclass(frozen=True)
-class Union(Pattern):
-    """Visible where either operand is visible."""
+class _Binary(Pattern):
+    """What union and intersection share: two operands, validated together."""
     a: Pattern
     b: Pattern
 
@@ -241,54 +231,57 @@ class Union(Pattern):
         return self.a.head_dependent or self.b.head_dependent
 
     def check(self, q_len, kv_len, num_heads=None):
-        _check_operands(self, q_len, kv_len, num_heads)
+        a, b = self.a, self.b
+        a.check(q_len, kv_len, num_heads)
+        b.check(q_len, kv_len, num_heads)
+        if a.head_dependent and b.head_dependent and a._heads(num_heads) != b._heads(num_heads):
+            raise ValueError(f"pattern: per-head operands of {self!r} have different head counts "
+                             f"({a._heads(num_heads)} vs {b._heads(num_heads)})")
 
     def _heads(self, num_heads):
         return max(self.a._heads(num_heads), self.b._heads(num_heads))
+
+    def _operands(self, ctx):
+        """Both classifications, and where both operands are partial (or either is uncertain)."""
+        a_any, a_all, a_unc = self.a._classify(ctx)
+        b_any, b_all, b_unc = self.b._classify(ctx)
+        unsure = a_unc | b_unc | (_partial(a_any, a_all) & _partial(b_any, b_all))
+        return a_any, a_all, a_unc, b_any, b_all, b_unc, unsure
+
+
+@dataclass(frozen=True)
+class Union(_Binary):
+    """Visible where either operand is visible."""
+    a: Pattern
+    b: Pattern
 
     def _bind(self, ctx):
         fa, fb = self.a._bind(ctx), self.b._bind(ctx)
         return lambda p, k, head: fa(p, k, head) | fb(p, k, head)
 
     def _classify(self, ctx):
-        a_any, a_all, a_unc = self.a._classify(ctx)
-        b_any, b_all, b_unc = self.b._classify(ctx)
-        any_ = a_any | b_any
+        a_any, a_all, a_unc, b_any, b_all, b_unc, unsure = self._operands(ctx)
         all_ = (a_all & ~a_unc) | (b_all & ~b_unc)
-        unc = (a_unc | b_unc | (_partial(a_any, a_all) & _partial(b_any, b_all))) & ~all_
-        return any_, all_, unc
+        return a_any | b_any, all_, unsure & ~all_
 
     def __repr__(self):
         return f"({self.a!r} | {self.b!r})"
 
 
 @dataclass(frozen=True)
-class Intersection(Pattern):
+class Intersection(_Binary):
     """Visible where both operands are visible."""
     a: Pattern
     b: Pattern
-
-    @property
-    def head_dependent(self) -> bool:  # type: ignore[override]
-        return self.a.head_dependent or self.b.head_dependent
-
-    def check(self, q_len, kv_len, num_heads=None):
-        _check_operands(self, q_len, kv_len, num_heads)
-
-    def _heads(self, num_heads):
-        return max(self.a._heads(num_heads), self.b._heads(num_heads))
 
     def _bind(self, ctx):
         fa, fb = self.a._bind(ctx), self.b._bind(ctx)
         return lambda p, k, head: fa(p, k, head) & fb(p, k, head)
 
     def _classify(self, ctx):
-        a_any, a_all, a_unc = self.a._classify(ctx)
-        b_any, b_all, b_unc = self.b._classify(ctx)
+        a_any, a_all, a_unc, b_any, b_all, b_unc, unsure = self._operands(ctx)
         any_ = a_any & b_any
-        all_ = a_all & b_all
-        unc = (a_unc | b_unc | (_partial(a_any, a_all) & _partial(b_any, b_all))) & any_
-        return any_, all_, unc
+        return any_, a_all & b_all, unsure & any_
 
     def __repr__(self):
         return f"({self.a!r} & {self.b!r})"
