@@ -7,11 +7,12 @@ from .base import Backend, Request
 from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SDPABackend
+from .triton import TritonBackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FlexBackend(), ReferenceBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FlexBackend(), TritonBackend(), ReferenceBackend())}
 
 # Order in which `auto` tries the backends: the fastest exact one that can run and accepts auto.
-AUTO_ORDER = ("sdpa", "flex", "reference")
+AUTO_ORDER = ("sdpa", "triton", "flex", "reference")
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""attnzoo's own Triton kernels (forward so far; backward and decode are being built)."""
+from __future__ import annotations
+
+import torch
+
+from ..base import Backend, Request
+from .codegen import supports
+
+
+def triton_available() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton is not installed ({type(e).__name__}); pip install 'attnzoo[gpu]'"
+    return True, ""
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "attnzoo's fused Triton kernel over the closed-form block layout (forward only for now)"
+    devices = ("cuda", "cpu (TRITON_INTERPRET=1)")
+    patterns = "all but Mask(fn)"
+    dtypes = "fp16, bf16, fp32"
+    grad = "not yet"
+
+    def can_run(self, req: Request):
+        from .ops import interpreting
+
+        ok, why = triton_available()
+        if not ok:
+            return False, why
+        if req.device.type != "cuda" and not (req.device.type == "cpu" and interpreting()):
+            return False, "Triton kernels need CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        if req.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False, f"the Triton kernel does not take {req.dtype}"
+        if req.needs_grad:
+            return False, "the Triton backward pass is not implemented yet (inputs require grad)"
+        if max(req.D, req.Dv) > 256:
+            return False, f"head dims above 256 are not supported (D={req.D}, Dv={req.Dv})"
+        return supports(req.pattern)
+
+    def auto_ok(self, req: Request):
+        return False, "not picked by auto until it is measured faster than FlexAttention"
+
+    def run(self, req: Request):
+        from .ops import attention_fwd
+
+        out, lse = attention_fwd(req.q, req.k, req.v, req.pattern, req.scale)
+        return out, (lse if req.return_lse else None)

@@ -1,0 +1,172 @@
+"""Pattern -> Triton source for the in-kernel mask of partial blocks.
+
+`generate(pattern, lq, lk)` returns ``(body, aux)``: the statements of a ``@triton.jit`` function
+``_mask(qp, kk, hq, AUX)`` that computes visibility from query positions ``qp`` (BLOCK_M, 1),
+key indices ``kk`` (1, BLOCK_N), the query head ``hq`` (scalar) and an int32 lookup buffer ``AUX``,
+and the contents of that buffer (document ids), or None. Pattern parameters are baked into the
+source as literals, so each pattern is its own specialised kernel (as with FlexAttention). The
+definitions are the same as the patterns' `_mask_pos` (tests compare the kernel with them).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...patterns import (Causal, Chunked, Dilated, Document, Full, Intersection, Neighborhood, Pattern, PerHead,
+                         PowerAttention, PrefixLM, Sinks, SlidingWindow, Strided, Union)
+
+
+class Unsupported(Exception):
+    """The pattern has no in-kernel mask (e.g. `Mask(fn)` with an arbitrary Python function)."""
+
+
+class _Gen:
+    def __init__(self, lq: int, lk: int):
+        self.lq, self.lk = lq, lk
+        self.lines: list[str] = []
+        self.aux: list[torch.Tensor] = []
+        self.aux_len = 0
+        self.n = 0
+
+    def var(self, expr: str) -> str:
+        self.n += 1
+        name = f"m{self.n}"
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def add_aux(self, t: torch.Tensor) -> int:
+        off = self.aux_len
+        self.aux.append(t.to(torch.int32).cpu())
+        self.aux_len += t.numel()
+        return off
+
+    def emit(self, p: Pattern) -> str:
+        fn = _EMIT.get(type(p))
+        if fn is None:
+            raise Unsupported(f"the Triton backend has no in-kernel mask for {p!r}")
+        return fn(self, p)
+
+
+def _full(g, p):
+    return g.var("(kk >= 0) & (qp >= -2147483647)")
+
+
+def _causal(g, p):
+    return g.var("kk <= qp")
+
+
+def _window(g, p):
+    return g.var(f"((qp - kk) <= {p.left}) & ((qp - kk) >= {-p.right})")
+
+
+def _sinks(g, p):
+    return g.var(f"(kk < {p.n}) & (kk <= qp)")
+
+
+def _chunked(g, p):
+    return g.var(f"_fdiv(qp, {p.size}) == _fdiv(kk, {p.size})")
+
+
+def _dilated(g, p):
+    span = (p.window - 1) * p.dilation
+    return g.var(f"((qp - kk) >= 0) & ((qp - kk) <= {span}) & (_fmod(qp - kk, {p.dilation}) == 0)")
+
+
+def _strided(g, p):
+    s = p.stride
+    return g.var(f"((qp - kk) >= 0) & (((qp - kk) < {s}) | (_fmod(qp - kk, {s}) == 0))")
+
+
+def _prefix(g, p):
+    return g.var(f"(kk < {p.prefix_len}) | (kk <= qp)")
+
+
+def _power(g, p):
+    d = g.var("qp - kk")
+    m = g.var(f"(({d} >= 0) & ({d} <= {p.window})) | (({d} > 0) & (({d} & ({d} - 1)) == 0))")
+    if p.sinks:
+        m = g.var(f"{m} | ((kk < {p.sinks}) & ({d} >= 0))")
+    return m
+
+
+def _document(g, p):
+    ids = torch.repeat_interleave(torch.arange(len(p.lengths)), torch.tensor(p.lengths))
+    off = g.add_aux(ids)
+    last = g.lk - 1
+    dq = g.var(f"tl.where(qp >= 0, tl.load(AUX + {off} + tl.minimum(tl.maximum(qp, 0), {last})), -1)")
+    dk = g.var(f"tl.load(AUX + {off} + tl.minimum(tl.maximum(kk, 0), {last}))")
+    return g.var(f"{dq} == {dk}")
+
+
+def _neighborhood(g, p):
+    grid = p.grid if p.grid is not None else (g.lk,)
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    out = None
+    for a in range(len(grid)):
+        L, K, d, s = grid[a], p.kernel_size[a], p.dilation[a], p.stride[a]
+        qc = g.var(f"(qp // {strides[a]}) % {L}")
+        kc = g.var(f"(kk // {strides[a]}) % {L}")
+        grp = g.var(f"{qc} % {d}")
+        i = g.var(f"{qc} // {d}")
+        lg = g.var(f"{L // d} + ({grp} < {L % d}).to(tl.int32)")
+        tile = g.var(f"({i} // {s}) * {s}")
+        kj = g.var(f"{kc} // {d}")
+        same = g.var(f"({kc} % {d}) == {grp}")
+        if p.causal[a]:
+            leader = g.var(f"tl.minimum({tile} + {s - 1}, {lg} - 1)")
+            ma = g.var(f"{same} & ({kj} <= {i}) & ({kj} >= {leader} - {K - 1})")
+        else:
+            left, right = K // 2, (K - 1) // 2
+            leader = g.var(f"tl.minimum({tile} + {s // 2}, {lg} - 1)")
+            center = g.var(f"tl.maximum(tl.minimum({leader}, {lg} - 1 - {right}), {left})")
+            ma = g.var(f"{same} & ({kj} >= {center} - {left}) & ({kj} <= {center} + {right})")
+        out = ma if out is None else g.var(f"{out} & {ma}")
+    return out
+
+
+def _union(g, p):
+    a, b = g.emit(p.a), g.emit(p.b)
+    return g.var(f"{a} | {b}")
+
+
+def _intersection(g, p):
+    a, b = g.emit(p.a), g.emit(p.b)
+    return g.var(f"{a} & {b}")
+
+
+def _perhead(g, p):
+    subs = [g.emit(x) for x in p.patterns]
+    m = subs[-1]
+    for i in range(len(subs) - 2, -1, -1):
+        m = g.var(f"tl.where(hq == {i}, {subs[i]}, {m})")
+    return m
+
+
+_EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Chunked: _chunked,
+         Dilated: _dilated, Strided: _strided, PrefixLM: _prefix, PowerAttention: _power, Document: _document,
+         Neighborhood: _neighborhood, Union: _union, Intersection: _intersection, PerHead: _perhead}
+
+
+def generate(pattern: Pattern, lq: int, lk: int):
+    """-> (list of source lines of the mask body ending in ``return``, aux int32 tensor or None)."""
+    g = _Gen(lq, lk)
+    m = g.emit(pattern if pattern is not None else Full())
+    lines = g.lines + [f"return {m}"]
+    aux = torch.cat(g.aux) if g.aux else None
+    return lines, aux
+
+
+def supports(pattern) -> tuple[bool, str]:
+    """Whether every node of the pattern has an in-kernel mask."""
+    if pattern is None:
+        return True, ""
+    if type(pattern) not in _EMIT:
+        return False, f"the Triton backend has no in-kernel mask for {pattern!r}"
+    kids = ([pattern.a, pattern.b] if isinstance(pattern, (Union, Intersection)) else
+            list(pattern.patterns) if isinstance(pattern, PerHead) else [])
+    for kid in kids:
+        ok, why = supports(kid)
+        if not ok:
+            return ok, why
+    return True, ""
