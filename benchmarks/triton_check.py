@@ -70,7 +70,7 @@ def speed(name, pattern, L, hq=64, hkv=8, d=128, reps=10):
                          message=r.get("message"), median_ms=r["median_ms"], tflops=tf,
                          compile_ms=r["compile_ms"]))
     # layout construction cost (uncached) at this size
-    cfg = config(d, d, torch.device("cuda"))
+    cfg = config(d, d, torch.device("cuda"), pattern)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     (pattern or az.Full()).block_layout(L, L, cfg["BLOCK_M"], cfg["BLOCK_N"], device="cuda", num_heads=hq)

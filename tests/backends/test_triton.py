@@ -35,12 +35,12 @@ PATTERNS = {
 SELF_ONLY = {k for k, p in PATTERNS.items() if "nbhd" in k or k == "perhead" or "document" in k}
 
 
-def _check(pattern, shape, dtype, seed=0):
+def _check(pattern, shape, dtype, seed=0, cfg=None):
     q, k, v = (t.detach() for t in inputs(*shape, seed=seed))
     scale = shape[5] ** -0.5
     ref_o, ref_l = reference_attention(q, k, v, pattern)
     ql, kl, vl = (t.to(dtype) for t in (q, k, v))
-    out, lse = attention_fwd(ql, kl, vl, pattern, scale, poison=True)
+    out, lse = attention_fwd(ql, kl, vl, pattern, scale, poison=True, cfg=cfg)
     base = dense(ql, kl, vl, pattern)[0] if dtype == torch.float16 else None
     check_close("out", out, ref_o, baseline=base)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_l)), "lse: -inf rows differ"
@@ -80,3 +80,11 @@ def test_through_attention_api_and_declines():
     with pytest.raises(ValueError, match="no in-kernel mask"):
         az.attention(q.detach(), k, v, az.Mask(lambda b, h, i, j: i >= j), backend="triton")
     assert az.explain(q.detach(), k, v, az.SlidingWindow(5)).backend == "reference"
+
+
+@pytest.mark.parametrize("bm, bn", [(32, 16), (16, 32), (64, 64)])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "nbhd2d", "perhead"])
+def test_block_shapes(pname, bm, bn):
+    """Rectangular and large tiles (the GPU configs use 128x128, 64x64, 64x32): same results."""
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1)
+    _check(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
