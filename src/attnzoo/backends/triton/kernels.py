@@ -47,6 +47,17 @@ def _step(s, v, m_i, l_i, acc):
 
 
 @triton.jit
+def _block(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Lk, D, DV, qk_scale):
+    """Scaled scores of one kv block (keys past Lk at -inf) and its values."""
+    kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
+                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+    v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, kt) * qk_scale
+    return tl.where(offs_n[None, :] < Lk, s, float("-inf")), v
+
+
+@triton.jit
 def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -75,25 +86,15 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     row = FKVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_full):
         offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, kt) * qk_scale
-        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+        s, v = _block(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Lk, D, DV, qk_scale)
         m_i, l_i, acc = _step(s, v, m_i, l_i, acc)
     # partial blocks: the pattern's mask, computed in-kernel
     n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
     row = KVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_part):
         offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, kt) * qk_scale
-        vis = _mask(qp, offs_n[None, :], h, AUX) & (offs_n[None, :] < Lk)
-        s = tl.where(vis, s, float("-inf"))
+        s, v = _block(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Lk, D, DV, qk_scale)
+        s = tl.where(_mask(qp, offs_n[None, :], h, AUX), s, float("-inf"))
         m_i, l_i, acc = _step(s, v, m_i, l_i, acc)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
