@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 
-_TEMPLATE = '''
+PRELUDE = '''
 import triton
 import triton.language as tl
 
@@ -33,7 +33,9 @@ def _fmod(x, s):
 @triton.jit
 def _mask(qp, kk, hq, AUX):
 {body}
+'''
 
+FWD = '''
 
 @triton.jit
 def _step(s, v, m_i, l_i, acc):
@@ -114,10 +116,11 @@ def _cache_dir() -> str:
     return d
 
 
-def kernel_module(body_lines: list[str]):
-    """Import (once) the kernel module whose ``_mask`` has this body. Triton needs real source files."""
+def kernel_module(body_lines: list[str], *sources: str):
+    """Import (once) the module made of the prelude with this ``_mask`` body followed by the given kernel
+    sources (default: the forward kernel). Triton needs real source files, so it is written to a cache."""
     body = "\n".join("    " + line for line in body_lines)
-    src = _TEMPLATE.format(body=body)
+    src = PRELUDE.format(body=body) + "".join(sources or (FWD,))
     key = hashlib.sha1(src.encode()).hexdigest()[:20]
     with _lock:
         mod = _modules.get(key)
