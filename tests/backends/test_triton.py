@@ -1,7 +1,7 @@
-"""attnzoo's Triton forward kernel against the float64 reference, run by Triton's CPU interpreter
-(TRITON_INTERPRET=1, set in tests/conftest.py) on small shapes: every pattern class, GQA, cross
-attention both ways, odd lengths, padded head dims (Dv != D), fully masked rows; outputs are
-poisoned with NaN before each launch so an unwritten element fails."""
+"""attnzoo's Triton kernels (forward and backward) against the float64 reference, run by Triton's CPU
+interpreter (TRITON_INTERPRET=1, set in tests/conftest.py) on small shapes: every pattern class, GQA,
+cross attention both ways, odd lengths, padded head dims (Dv != D), fully masked rows; outputs and
+gradients are poisoned with NaN before each launch so an unwritten element fails."""
 import pytest
 import torch
 
@@ -9,10 +9,10 @@ import attnzoo as az
 from attnzoo.backends import reference_attention
 from attnzoo.testing import check_close
 
-from common import dense, inputs
+from common import dense, grads, inputs
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package (extra 'gpu')")
-from attnzoo.backends.triton.ops import attention_fwd  # noqa: E402
+from attnzoo.backends.triton.ops import attention_bwd, attention_fwd, triton_attention  # noqa: E402
 
 GRID = (5, 8)
 PATTERNS = {
@@ -75,8 +75,6 @@ def test_through_attention_api_and_declines():
     q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 20, 20, 32, 32))
     out = az.attention(q, k, v, az.SlidingWindow(5), backend="triton")
     torch.testing.assert_close(out, az.attention(q, k, v, az.SlidingWindow(5), backend="reference"))
-    with pytest.raises(ValueError, match="backward pass is not implemented"):
-        az.attention(q.requires_grad_(), k, v, az.Causal(), backend="triton")
     with pytest.raises(ValueError, match="no in-kernel mask"):
         az.attention(q.detach(), k, v, az.Mask(lambda b, h, i, j: i >= j), backend="triton")
     assert az.explain(q.detach(), k, v, az.SlidingWindow(5)).backend == "reference"
@@ -88,3 +86,104 @@ def test_block_shapes(pname, bm, bn):
     """Rectangular and large tiles (the GPU configs use 128x128, 64x64, 64x32): same results."""
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1)
     _check(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
+
+
+# -- backward ----------------------------------------------------------------------------------------
+def _weights(out_shape, lse_shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_shape, generator=gen, dtype=torch.float64),
+            torch.randn(lse_shape, generator=gen, dtype=torch.float64).float().double())
+
+
+def _ref_grads(q, k, v, pattern, w, wl, fn=None):
+    """Gradients of sum(out * w) + sum(finite lse * wl), by autograd through `fn` (default: reference)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = (fn or reference_attention)(q, k, v, pattern)
+    loss = (out * w.to(out.dtype)).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * wl.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+def _check_bwd(pattern, shape, dtype, seed=0, cfg=None, fcfg=None):
+    q, k, v = (t.detach() for t in inputs(*shape, seed=seed))
+    scale = shape[5] ** -0.5
+    b, hq, _, lq, _, _, dv = shape
+    w, wl = _weights((b, hq, lq, dv), (b, hq, lq), seed + 1)
+    ref = _ref_grads(q, k, v, pattern, w, wl)
+    ql, kl, vl = (t.to(dtype) for t in (q, k, v))
+    out, lse = attention_fwd(ql, kl, vl, pattern, scale, cfg=fcfg)
+    got = attention_bwd(w.to(dtype), wl.float(), ql, kl, vl, out, lse, pattern, scale, cfg=cfg, poison=True)
+    base = (_ref_grads(ql, kl, vl, pattern, w, wl, fn=lambda *a: dense(*a)) if dtype == torch.float16
+            else (None, None, None))
+    for name, g, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
+        check_close(name, g, r, baseline=bl)
+    return got
+
+
+@pytest.mark.parametrize("pname", PATTERNS)
+def test_backward_every_pattern_gqa(pname):
+    _check_bwd(PATTERNS[pname], (2, 4, 2, 40, 40, 32, 32), torch.float32)
+
+
+@pytest.mark.parametrize("pname", ["full", "causal", "sinks+window", "prefix", "dilated"])
+@pytest.mark.parametrize("lq, lk", [(13, 45), (45, 19), (1, 37)])
+def test_backward_cross_attention(pname, lq, lk):
+    _check_bwd(PATTERNS[pname], (1, 2, 1, lq, lk, 32, 32), torch.float32, seed=lq)
+
+
+@pytest.mark.parametrize("d, dv", [(64, 64), (48, 24), (32, 64)])
+def test_backward_head_dims_and_fp16(d, dv):
+    _check_bwd(az.SlidingWindow(10) | az.Sinks(2), (1, 2, 2, 33, 33, d, dv), torch.float16)
+
+
+def test_backward_fully_masked_rows():
+    """Rows that see no key (lse -inf) get zero gradient and give none to k, v; nothing is NaN."""
+    dq, dk, dv = _check_bwd(az.Causal(), (1, 2, 1, 30, 12, 32, 32), torch.float32)
+    assert torch.all(dq[:, :, :18] == 0)
+
+
+@pytest.mark.parametrize("bm, bn", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("pname", ["causal", "nbhd2d", "perhead"])
+def test_backward_block_shapes(pname, bm, bn):
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1)
+    _check_bwd(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward passes give bitwise-equal gradients."""
+    q, k, v = (t.detach().float() for t in inputs(1, 4, 1, 37, 37, 32, 32))
+    p = az.SlidingWindow(7) | az.Sinks(2)
+    out, lse = attention_fwd(q, k, v, p, 0.2)
+    do = torch.randn_like(out)
+    a = attention_bwd(do, None, q, k, v, out, lse, p, 0.2)
+    b = attention_bwd(do, None, q, k, v, out, lse, p, 0.2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_autograd_through_attention_api():
+    """backend='triton' is differentiable (custom ops + autograd registration), lse gradient included."""
+    q, k, v = inputs(1, 4, 2, 29, 29, 32, 32)
+    p = az.Chunked(8) & az.Causal()
+    fn = lambda be: (lambda q, k, v: az.attention(q, k, v, p, backend=be, return_lse=True))
+    r = grads(fn("reference"), q, k, v)
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    t = grads(fn("triton"), q2, k2, v2)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), t, r):
+        check_close(name, a, b)
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the torch.library ops."""
+    from attnzoo.backends.triton import ops
+
+    q, k, v = (t.detach().float().requires_grad_() for t in inputs(1, 2, 1, 17, 17, 32, 32))
+    pid = ops.pattern_id(az.SlidingWindow(5))
+    torch.library.opcheck(ops._fwd_op, (q, k, v, pid, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = ops._fwd_op(q.detach(), k.detach(), v.detach(), pid, 0.25)
+    torch.library.opcheck(ops._bwd_op, (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(),
+                                        v.detach(), out, lse, pid, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fq, fk, fv = torch.empty(2, 4, 9, 32), torch.empty(2, 2, 11, 32), torch.empty(2, 2, 11, 16)
+        o, l = ops._fwd_op(fq, fk, fv, pid, 0.25)
+        assert o.shape == (2, 4, 9, 16) and l.shape == (2, 4, 9) and l.dtype == torch.float32

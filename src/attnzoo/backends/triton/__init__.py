@@ -1,4 +1,4 @@
-"""attnzoo's own Triton kernels (forward so far; backward and decode are being built)."""
+"""attnzoo's own Triton kernels: forward and backward over the block layout (decode is being built)."""
 from __future__ import annotations
 
 import torch
@@ -17,11 +17,11 @@ def triton_available() -> tuple[bool, str]:
 
 class TritonBackend(Backend):
     name = "triton"
-    description = "attnzoo's fused Triton kernel over the closed-form block layout (forward only for now)"
+    description = "attnzoo's fused Triton kernels over the closed-form block layout (forward + deterministic backward)"
     devices = ("cuda", "cpu (TRITON_INTERPRET=1)")
     patterns = "all but Mask(fn)"
     dtypes = "fp16, bf16, fp32"
-    grad = "not yet"
+    grad = "yes (deterministic)"
 
     def can_run(self, req: Request):
         from .ops import interpreting
@@ -33,8 +33,6 @@ class TritonBackend(Backend):
             return False, "Triton kernels need CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)"
         if req.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False, f"the Triton kernel does not take {req.dtype}"
-        if req.needs_grad:
-            return False, "the Triton backward pass is not implemented yet (inputs require grad)"
         if max(req.D, req.Dv) > 256:
             return False, f"head dims above 256 are not supported (D={req.D}, Dv={req.Dv})"
         return supports(req.pattern)
@@ -43,7 +41,7 @@ class TritonBackend(Backend):
         return False, "not picked by auto until it is measured faster than FlexAttention"
 
     def run(self, req: Request):
-        from .ops import attention_fwd
+        from .ops import triton_attention
 
-        out, lse = attention_fwd(req.q, req.k, req.v, req.pattern, req.scale)
+        out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)
         return out, (lse if req.return_lse else None)

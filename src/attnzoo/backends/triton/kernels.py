@@ -106,6 +106,173 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
 '''
 
+# Backward: two kernels, no atomics, so gradients are bitwise deterministic. `attn_bwd_dkdv` runs one
+# program per (kv block, batch x kv head) over the transposed layout and loops over the G query heads of
+# the group, accumulating dk and dv in registers (GQA without repeated K/V, no reduction afterwards);
+# `attn_bwd_dq` runs one program per (query block, batch x query head) over the forward layout.
+# DELTA holds rowsum(out * dout) - dlse (the lse's own gradient folds into it).
+BWD = '''
+
+@triton.jit
+def attn_bwd_delta(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                   H, Lq, DV, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    msk = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PREC: tl.constexpr):
+    # probabilities of one tile from the saved lse (base 2); keys past Lk and hidden pairs -> 0
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    keep = kk < Lk
+    if MASK:
+        keep = keep & _mask(qp, kk, h, AUX)
+    return tl.exp2(tl.where(keep, s, float("-inf")) - lse2[:, None])
+
+
+@triton.jit
+def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, dv,
+                 MASK: tl.constexpr, PREC: tl.constexpr):
+    p = _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK, PREC)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+    dp = tl.dot(do, vt, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv, stride_qm, stride_dm, Lq, D, DV):
+    q = tl.load(Q + qoff + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + dooff + offs_m[:, None] * stride_dm + offs_dv[None, :],
+                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    # rows that see nothing (lse -inf) and padding rows get p = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, AUX, QN, QI, FQN, FQI,
+                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
+                  stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                  lay_h, lay_m, idx_h, idx_m,
+                  H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    kt = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+    vt = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                 mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
+    kk = offs_n[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * H + h
+        qoff = b * stride_qb + h * stride_qh
+        dooff = b * stride_db + h * stride_dh
+        n_full = tl.load(FQN + h * lay_h + pid_n * lay_m)
+        row = FQI + h * idx_h + pid_n * idx_m
+        for j in range(0, n_full):
+            offs_m = tl.load(row + j) * BLOCK_M + offs_m0
+            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv,
+                                             stride_qm, stride_dm, Lq, D, DV)
+            dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
+                                  dk, dv, False, PREC)
+        n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
+        row = QI + h * idx_h + pid_n * idx_m
+        for j in range(0, n_part):
+            offs_m = tl.load(row + j) * BLOCK_M + offs_m0
+            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv,
+                                             stride_qm, stride_dm, Lq, D, DV)
+            dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
+                                  dk, dv, True, PREC)
+    dk = dk * sm_scale
+    tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
+    tl.store(DVP + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DVP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
+                Lk, D, DV, qk_scale, dq, MASK: tl.constexpr, PREC: tl.constexpr):
+    k = tl.load(kbase + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+    vt = tl.load(vbase + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                 mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
+    p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC)
+    dp = tl.dot(do, vt, input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, AUX, KVN, KVI, FKVN, FKVI,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
+                stride_dqb, stride_dqh, stride_dqm,
+                lay_h, lay_m, idx_h, idx_m,
+                H, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    qoff = b * stride_qb + h * stride_qh
+    dooff = b * stride_db + h * stride_dh
+    q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, pid_bh, offs_m, offs_d, offs_dv,
+                                     stride_qm, stride_dm, Lq, D, DV)
+    qp = offs_m[:, None] + OFF
+    kbase = K + b * stride_kb + hk * stride_kh
+    vbase = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = tl.load(FKVN + h * lay_h + pid_m * lay_m)
+    row = FKVI + h * idx_h + pid_m * idx_m
+    for j in range(0, n_full):
+        offs_n = tl.load(row + j) * BLOCK_N + offs_n0
+        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h,
+                         AUX, Lk, D, DV, qk_scale, dq, False, PREC)
+    n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
+    row = KVI + h * idx_h + pid_m * idx_m
+    for j in range(0, n_part):
+        offs_n = tl.load(row + j) * BLOCK_N + offs_n0
+        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h,
+                         AUX, Lk, D, DV, qk_scale, dq, True, PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
+'''
+
 _lock = threading.Lock()
 _modules: dict = {}
 

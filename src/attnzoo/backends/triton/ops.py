@@ -1,4 +1,10 @@
-"""Launching the Triton forward kernel: configs, cached layouts and generated kernels."""
+"""Launching the Triton kernels: configs, cached layouts, generated kernels, and the `torch.library` ops.
+
+`attention_fwd` / `attention_bwd` launch the kernels directly. `triton_attention` is the differentiable
+entry point: the custom ops ``attnzoo::triton_attention_fwd`` / ``attnzoo::triton_attention_bwd`` with
+fake (meta) implementations, so `torch.compile` can trace through them, and an autograd registration.
+Custom ops cannot take Python objects, so patterns travel as integer ids of a process-wide registry.
+"""
 from __future__ import annotations
 
 import functools
@@ -8,7 +14,7 @@ import torch
 
 from ...patterns import Causal, Chunked, Document, Full, Intersection, PrefixLM, Union
 from .codegen import generate
-from .kernels import kernel_module
+from .kernels import BWD, FWD, kernel_module
 
 LOG2E = 1.4426950408889634
 
@@ -51,12 +57,48 @@ def _layout(pattern, lq, lk, bm, bn, hq, device: str):
     return (pattern or Full()).block_layout(lq, lk, bm, bn, device=device, num_heads=hq)
 
 
+def bwd_config(d: int, dv: int, device: torch.device, pattern=None) -> dict:
+    """Block sizes of the backward kernels (both use one layout; dk/dv walk its transpose)."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if max(d, dv) <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
 @functools.lru_cache(maxsize=128)
-def _kernel(pattern, lq, lk, device: str):
+def _tlayout(pattern, lq, lk, bm, bn, hq, device: str):
+    """The transposed layout: for each kv block, the query blocks that see it (partial / full)."""
+    from ...patterns import BlockLayout
+
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    part, full = lay.partial_blocks(), lay.full_blocks()
+    t = lambda x: x.transpose(1, 2).contiguous()
+    return BlockLayout.from_bool(t(part | full), t(full), block_q=bn, block_k=bm, q_len=lk, kv_len=lq)
+
+
+@functools.lru_cache(maxsize=128)
+def _module(pattern, lq, lk, device: str):
     lines, aux = generate(pattern, lq, lk)
-    mod = kernel_module(lines)
+    mod = kernel_module(lines, FWD, BWD)
     aux = aux.to(device) if aux is not None else torch.zeros(1, dtype=torch.int32, device=device)
+    return mod, aux
+
+
+def _kernel(pattern, lq, lk, device: str):
+    mod, aux = _module(pattern, lq, lk, device)
     return mod.attn_fwd, aux
+
+
+def _lay_strides(lay):
+    """(head stride or 0 when the layout broadcasts over heads, row stride) of the counts and indices."""
+    kvn, kvi = lay.kv_num_blocks, lay.kv_indices
+    per_head = kvn.shape[1] > 1
+    return (kvn.stride(1) if per_head else 0, kvn.stride(2), kvi.stride(1) if per_head else 0, kvi.stride(2))
+
+
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _pow2(n: int) -> int:
@@ -77,13 +119,120 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
     kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
-    per_head = kvn.shape[1] > 1
     grid = (lay.num_q_blocks, b * hq)
     kern[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-               kvn.stride(1) if per_head else 0, kvn.stride(2), kvi.stride(1) if per_head else 0, kvi.stride(2),
+               *_lay_strides(lay),
                hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E,
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
+
+
+def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dict | None = None,
+                  poison: bool = False):
+    """Gradients (dq, dk, dv) of the loss given dout (and dlse, the lse's gradient, or None)."""
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    cfg = cfg or bwd_config(d, dv, q.device, pattern)
+    bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    dev = str(q.device)
+    lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
+    tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
+    mod, aux = _module(pattern, lq, lk, dev)
+    bd, bdv, prec = _pow2(d), _pow2(dv), _prec(q.dtype)
+    delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dl = dlse.float().contiguous() if has_dlse else delta
+    if has_dlse:  # rows that see nothing have lse = -inf: their gradient is meaningless, drop it
+        dl = torch.where(torch.isfinite(lse), dl, 0.0)
+    dbm = 64 if q.device.type == "cuda" else 16
+    mod.attn_bwd_delta[(triton_cdiv(lq, dbm), b * hq)](
+        out, dout, dl, delta, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), hq, lq, dv,
+        HAS_DLSE=has_dlse, BLOCK_M=dbm, BLOCK_DV=bdv)
+    fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+    dq = fill(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    dk = fill(k.shape, float("nan"), dtype=k.dtype, device=k.device)
+    dvv = fill(v.shape, float("nan"), dtype=v.dtype, device=v.device)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    mod.attn_bwd_dkdv[(tlay.num_q_blocks, b * hkv)](
+        q, k, v, dout, lse, delta, dk, dvv, aux, tlay.kv_num_blocks, tlay.kv_indices,
+        tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
+        dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
+        *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns)
+    mod.attn_bwd_dq[(lay.num_q_blocks, b * hq)](
+        q, k, v, dout, lse, delta, dq, aux, lay.kv_num_blocks, lay.kv_indices,
+        lay.full_kv_num_blocks, lay.full_kv_indices, *common,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns)
+    return dq, dk, dvv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# -- torch.library custom ops ----------------------------------------------------------------------
+_PATTERN_IDS: dict = {}
+_PATTERNS: list = []
+
+
+def pattern_id(pattern) -> int:
+    """A stable integer id for a (hashable, immutable) pattern, so custom ops can carry it."""
+    pid = _PATTERN_IDS.get(pattern)
+    if pid is None:
+        pid = _PATTERN_IDS[pattern] = len(_PATTERNS)
+        _PATTERNS.append(pattern)
+    return pid
+
+
+@torch.library.custom_op("attnzoo::triton_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: int, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, _PATTERNS[pattern], scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, pattern, scale):
+    b, hq, lq, _ = q.shape
+    return q.new_empty((b, hq, lq, v.shape[-1])), q.new_empty((b, hq, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::triton_attention_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, pattern: int, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(dout, dlse, q, k, v, out, lse, _PATTERNS[pattern], scale)
+
+
+@_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, pattern, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pattern, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.pattern, ctx.scale = pattern, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, ctx.pattern, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, pattern, scale: float):
+    """Differentiable attention through the custom ops -> (out, lse)."""
+    return _fwd_op(q, k, v, pattern_id(pattern), float(scale))

@@ -1,0 +1,257 @@
+"""Split-K ("flash decoding") forward for short queries: a few query tokens against a long KV cache.
+
+With Lq <= 16 the ordinary forward grid (query blocks x heads) has too few programs to fill the GPU,
+and each query head would re-read its shared K/V under GQA. Here:
+
+- One program owns a kv head's group of query heads (or a chunk of it when G * Lq is large): its
+  rows are (head in chunk, query) pairs, row r -> head r // Lq, query r % Lq, padded to >= 16 rows
+  for ``tl.dot``. So K/V are read once per kv head, not once per query head.
+- The kv blocks that group visits come from the pattern's `BlockLayout` (one query block covering
+  all Lq queries). They are flattened per (kv head, chunk) into an ascending list whose entries are
+  ``block * 2 + needs_mask``: a block fully visible for every head of the chunk runs without the
+  mask, any other visited block (partial, or visited by only some heads of a per-head pattern)
+  applies the generated ``_mask`` with per-row query heads. The list is cut into ``num_splits``
+  even contiguous pieces, one program each: grid (num_splits, B * Hkv * chunks).
+- Each split writes its normalised partial output and its base-2 lse in fp32 to a workspace; a
+  second small kernel merges the splits of each output row by lse (a split that saw no key has lse
+  -inf and weight 0; a row that saw no key at all gets output 0 and lse -inf). With one split the
+  first kernel writes the result directly.
+
+`attention_decode` has the semantics of `ops.attention_fwd` (patterns, GQA, bottom-right cross
+attention, padded head dims, fully masked rows).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ...patterns import Full
+from .codegen import generate
+from .kernels import kernel_module
+from .ops import LOG2E, _pow2, interpreting
+
+DECODE = '''
+
+@triton.jit
+def attn_decode_split(Q, K, V, O, LSE, WO, WL, AUX, LIST, NUM,
+                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                      list_stride, num_stride, Hq, Hkv, G, NC, HPP, Lq, Lk, OFF, D, DV, qk_scale, S,
+                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr):
+    split = tl.program_id(0)
+    pid = tl.program_id(1)  # (b, kv head, chunk of the group)
+    c = pid % NC
+    hk = (pid // NC) % Hkv
+    b = pid // (NC * Hkv)
+    r = tl.arange(0, ROWS)
+    hg = c * HPP + r // Lq  # head within the group
+    qi = r % Lq
+    valid = (r < HPP * Lq) & (hg < G)
+    h = hk * G + tl.where(valid, hg, 0)  # query head per row
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
+                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    qp = qi[:, None] + OFF
+    hq = h[:, None]
+    kbase = K + b * stride_kb + hk * stride_kh
+    vbase = V + b * stride_vb + hk * stride_vh
+    owner = hk * NC + c
+    n = tl.load(NUM + owner * num_stride)
+    per = tl.cdiv(n, S)
+    start = split * per
+    end = tl.minimum(start + per, n)
+    lst = LIST + owner * list_stride
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    for j in range(start, end):
+        e = tl.load(lst + j)
+        offs_n = (e >> 1) * BLOCK_N + offs_n0
+        in_k = offs_n < Lk
+        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
+        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(in_k[None, :], s, float("-inf"))
+        if (e & 1) != 0:
+            s = tl.where(_mask(qp, offs_n[None, :], hq, AUX), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    if SINGLE:
+        tl.store(O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_dv[None, :],
+                 out.to(O.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE + (b * Hq + h) * Lq + qi, lse2 * 0.6931471805599453, mask=valid)
+    else:
+        row = ((b * Hq + h) * Lq + qi) * S + split  # workspace (B * Hq * Lq, S, [DV])
+        tl.store(WO + row[:, None] * DV + offs_dv[None, :], out,
+                 mask=valid[:, None] & (offs_dv[None, :] < DV))
+        tl.store(WL + row, lse2, mask=valid)
+
+
+@triton.jit
+def attn_decode_merge(WO, WL, O, LSE, stride_ob, stride_oh, stride_om, Hq, Lq, DV, S,
+                      BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    row = tl.program_id(0)  # (b * Hq + h) * Lq + qi
+    qi = row % Lq
+    bh = row // Lq
+    b = bh // Hq
+    h = bh % Hq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    lse = tl.load(WL + row * S + offs_s, mask=offs_s < S, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe) * 0 + 1  # 0 for splits that saw no key
+    total = tl.sum(w, 0)
+    o = tl.load(WO + (row * S + offs_s[:, None]) * DV + offs_dv[None, :],
+                mask=(offs_s[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+    t_safe = tl.where(total > 0, total, 1.0)
+    out = tl.sum(o * (w / t_safe)[:, None], 0)
+    tl.store(O + b * stride_ob + h * stride_oh + qi * stride_om + offs_dv, out.to(O.dtype.element_ty),
+             mask=offs_dv < DV)
+    tl.store(LSE + row, tl.where(total > 0, (m_safe + tl.log2(t_safe)) * 0.6931471805599453, float("-inf")))
+'''
+
+MAX_ROWS = 64  # rows (heads x queries) of one program; larger groups are cut into chunks
+
+
+@dataclass(frozen=True, eq=False)
+class DecodePlan:
+    """The kv blocks each (kv head, chunk) visits, for one (pattern, lq, lk, block_n, hq, hkv)."""
+    entries: torch.Tensor    # (owners, nk) int32: block * 2 + needs_mask, ascending, padded with 0
+    counts: torch.Tensor     # (owners,) int32: valid entries per owner
+    owners: int              # 1 (shared by every kv head and chunk) or hkv * chunks
+    chunks: int              # chunks per group
+    heads_per_chunk: int
+    max_blocks: int          # the longest list
+    keys_read: int           # keys loaded over all (kv head, chunk) programs, for one batch entry
+
+
+@functools.lru_cache(maxsize=128)
+def decode_plan(pattern, lq: int, lk: int, block_n: int, hq: int, hkv: int, device: str,
+                max_rows: int = MAX_ROWS) -> DecodePlan:
+    """Visit lists (cached per shape and pattern), built on the CPU and moved to ``device``. A program
+    takes ``heads_per_chunk`` query heads of a group: as many as fit ``max_rows`` rows."""
+    g = hq // hkv
+    hpp = max(1, min(g, max_rows // lq))
+    nc = -(-g // hpp)
+    lay = (pattern or Full()).block_layout(lq, lk, _pow2(lq), block_n, device="cpu", num_heads=hq)
+    part, full = lay.partial_blocks()[:, 0], lay.full_blocks()[:, 0]  # (1 or Hq, nk) bool
+    nk = part.shape[-1]
+    if part.shape[0] == 1:
+        vis, need = part | full, part
+        owners = 1
+    else:  # per-head layout: the union of the chunk's heads; masked unless full for all of them
+        vis_l, need_l = [], []
+        for hk in range(hkv):
+            for c in range(nc):
+                heads = slice(hk * g + c * hpp, hk * g + min(g, (c + 1) * hpp))
+                v_ = (part[heads] | full[heads]).any(0)
+                vis_l.append(v_)
+                need_l.append(v_ & ~full[heads].all(0))
+        vis, need = torch.stack(vis_l), torch.stack(need_l)
+        owners = hkv * nc
+    blk = torch.arange(nk, dtype=torch.int32).expand(owners, nk)
+    code = torch.where(vis, blk * 2 + need.to(torch.int32), torch.full_like(blk, 2 ** 30))
+    entries = torch.sort(code, dim=-1).values
+    entries = torch.where(entries == 2 ** 30, 0, entries).to(torch.int32).contiguous()
+    counts = vis.sum(-1, dtype=torch.int32)
+    width = torch.clamp(lk - blk * block_n, max=block_n)
+    keys = int((width * vis).sum()) * (hkv * nc if owners == 1 else 1)
+    return DecodePlan(entries.to(device), counts.to(device), owners, nc, hpp, int(counts.max()), keys)
+
+
+@functools.lru_cache(maxsize=128)
+def _kernels(pattern, lq: int, lk: int, device: str):
+    lines, aux = generate(pattern, lq, lk)
+    mod = kernel_module(lines, DECODE)
+    aux = aux.to(device) if aux is not None else torch.zeros(1, dtype=torch.int32, device=device)
+    return mod.attn_decode_split, mod.attn_decode_merge, aux
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: str) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+
+
+def default_block_n(d: int, dv: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 16  # the CPU interpreter: small tiles keep it quick
+    return 64 if max(d, dv) <= 128 else 32
+
+
+def default_num_splits(programs: int, max_blocks: int, device: torch.device, min_blocks: int = 4) -> int:
+    """Enough splits that ``programs * splits`` covers about two waves of the GPU, but no split with
+    fewer than ``min_blocks`` kv blocks (the workspace and merge cost stay small next to K/V)."""
+    if max_blocks <= 0:
+        return 1
+    if device.type != "cuda":
+        return min(2, max_blocks)
+    target = -(-2 * _num_sms(str(device)) // max(programs, 1))
+    return max(1, min(target, max_blocks // min_blocks))
+
+
+def attention_decode(q, k, v, pattern, scale: float, poison: bool = False, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     max_rows: int = MAX_ROWS):
+    """Split-K forward for short queries. -> (out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32).
+
+    Same semantics as `ops.attention_fwd`. ``num_splits``: pieces each (kv head, chunk) list of kv blocks
+    is cut into (default: `default_num_splits`); ``block_n``: keys per block (default 64 on the GPU, 16
+    under the interpreter); ``max_rows``: rows (heads x queries) of one program, a group with more
+    heads is cut into chunks (each chunk reads its K/V again)."""
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if hq % hkv:
+        raise ValueError(f"attention_decode: Hq={hq} is not a multiple of Hkv={hkv}")
+    if lq > max_rows:
+        raise ValueError(f"attention_decode: Lq={lq} is too long for the decode path (at most {max_rows})")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    dev = str(q.device)
+    bn = block_n or default_block_n(d, dv, q.device)
+    plan = decode_plan(pattern, lq, lk, bn, hq, hkv, dev, max_rows)
+    split_k, merge, aux = _kernels(pattern, lq, lk, dev)
+    g = hq // hkv
+    programs = b * hkv * plan.chunks
+    s = num_splits or default_num_splits(programs, plan.max_blocks, q.device)
+    s = max(1, int(s))
+    fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+    out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
+    lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
+    if s > 1:
+        wo = fill((b * hq * lq, s, dv), float("nan"), dtype=torch.float32, device=q.device)
+        wl = fill((b * hq * lq, s), float("nan"), dtype=torch.float32, device=q.device)
+    else:
+        wo = wl = lse  # unused
+    rows = max(16, _pow2(plan.heads_per_chunk * lq))
+    cuda = q.device.type == "cuda"
+    warps = num_warps or (4 if cuda else 1)
+    stages = num_stages or ((3 if max(d, dv) <= 128 else 2) if cuda else 1)
+    prec = "ieee" if q.dtype == torch.float32 else None
+    split_k[(s, programs)](
+        q, k, v, out, lse, wo, wl, aux, plan.entries, plan.counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        plan.entries.stride(0) if plan.owners > 1 else 0, 1 if plan.owners > 1 else 0, hq, hkv, g, plan.chunks, plan.heads_per_chunk,
+        lq, lk, lk - lq, d, dv, scale * LOG2E, s,
+        ROWS=rows, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=bn, PREC=prec, SINGLE=s == 1,
+        num_warps=warps, num_stages=stages)
+    if s > 1:
+        merge[(b * hq * lq,)](wo, wl, out, lse, out.stride(0), out.stride(1), out.stride(2), hq, lq, dv, s,
+                              BLOCK_S=max(2, 1 << (s - 1).bit_length()), BLOCK_DV=_pow2(dv),
+                              num_warps=4 if cuda else 1)
+    return out, lse
