@@ -103,7 +103,7 @@ def _ref_grads(q, k, v, pattern, w, wl, fn=None):
     return torch.autograd.grad(loss, (q, k, v))
 
 
-def _check_bwd(pattern, shape, dtype, seed=0, cfg=None, fcfg=None):
+def _check_bwd(pattern, shape, dtype, seed=0, cfg=None, fcfg=None, split_cap=None):
     q, k, v = (t.detach() for t in inputs(*shape, seed=seed))
     scale = shape[5] ** -0.5
     b, hq, _, lq, _, _, dv = shape
@@ -111,7 +111,8 @@ def _check_bwd(pattern, shape, dtype, seed=0, cfg=None, fcfg=None):
     ref = _ref_grads(q, k, v, pattern, w, wl)
     ql, kl, vl = (t.to(dtype) for t in (q, k, v))
     out, lse = attention_fwd(ql, kl, vl, pattern, scale, cfg=fcfg)
-    got = attention_bwd(w.to(dtype), wl.float(), ql, kl, vl, out, lse, pattern, scale, cfg=cfg, poison=True)
+    got = attention_bwd(w.to(dtype), wl.float(), ql, kl, vl, out, lse, pattern, scale, cfg=cfg, poison=True,
+                        split_cap=split_cap)
     base = (_ref_grads(ql, kl, vl, pattern, w, wl, fn=lambda *a: dense(*a)) if dtype == torch.float16
             else (None, None, None))
     for name, g, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
@@ -146,6 +147,19 @@ def test_backward_fully_masked_rows():
 def test_backward_block_shapes(pname, bm, bn):
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1)
     _check_bwd(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "perhead", "full"])
+def test_backward_split_columns(pname, cap):
+    """Long kv columns split over several work items, partials summed by the reduce kernel."""
+    from attnzoo.backends.triton.ops import _bwd_plan
+    _check_bwd(PATTERNS[pname], (2, 4, 2, 40, 40, 32, 32), torch.float32, seed=cap, split_cap=cap)
+    items, red, nslots = _bwd_plan(PATTERNS[pname], 40, 40, 16, 16, 4, "cpu", cap)
+    assert red.shape[0] > 0 or cap > 1
+    assert nslots >= 2 * red.shape[0]
+    lens = (items[:, 2] - items[:, 1]).tolist()
+    assert max(lens) <= cap and lens == sorted(lens, reverse=True)
 
 
 def test_backward_is_deterministic():

@@ -106,9 +106,12 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
 '''
 
-# Backward: two kernels, no atomics, so gradients are bitwise deterministic. `attn_bwd_dkdv` runs one
-# program per (kv block, batch x kv head) over the transposed layout and loops over the G query heads of
-# the group, accumulating dk and dv in registers (GQA without repeated K/V, no reduction afterwards);
+# Backward: no atomics, so gradients are bitwise deterministic. `attn_bwd_dkdv` runs one program per
+# (work item, batch x kv head) over the transposed layout and loops over the G query heads of the group,
+# accumulating dk and dv in registers (GQA without repeated K/V). A work item is a kv block with a range
+# of the query blocks that see it: long columns (attention sinks, the first blocks under causal masks)
+# are split so no program runs far longer than the rest, their fp32 partials summed in a fixed order
+# by `attn_bwd_reduce`; items are launched longest first;
 # `attn_bwd_dq` runs one program per (query block, batch x query head) over the forward layout.
 # DELTA holds rowsum(out * dout) - dlse (the lse's own gradient folds into it).
 BWD = '''
@@ -166,7 +169,7 @@ def _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv, str
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, AUX, QN, QI, FQN, FQI,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, QI, FQN, FQI,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -174,8 +177,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, AUX, QN, QI, FQN, FQI,
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr):
-    pid_n = tl.program_id(0)
+    # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1)
+    item = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_n = tl.load(ITEMS + item * 4)
+    s0 = tl.load(ITEMS + item * 4 + 1)
+    e0 = tl.load(ITEMS + item * 4 + 2)
+    slot = tl.load(ITEMS + item * 4 + 3)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,9 +202,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, AUX, QN, QI, FQN, FQI,
         bh = b * H + h
         qoff = b * stride_qb + h * stride_qh
         dooff = b * stride_db + h * stride_dh
+        # the item's range runs over the full blocks first, then the partial ones
         n_full = tl.load(FQN + h * lay_h + pid_n * lay_m)
         row = FQI + h * idx_h + pid_n * idx_m
-        for j in range(0, n_full):
+        for j in range(s0, tl.minimum(e0, n_full)):
             offs_m = tl.load(row + j) * BLOCK_M + offs_m0
             q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv,
                                              stride_qm, stride_dm, Lq, D, DV)
@@ -204,15 +213,49 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, AUX, QN, QI, FQN, FQI,
                                   dk, dv, False, PREC)
         n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
         row = QI + h * idx_h + pid_n * idx_m
-        for j in range(0, n_part):
+        for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
             offs_m = tl.load(row + j) * BLOCK_M + offs_m0
             q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv,
                                              stride_qm, stride_dm, Lq, D, DV)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, True, PREC)
-    dk = dk * sm_scale
+    if slot < 0:
+        tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
+        tl.store(DVP + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+                 dv.to(DVP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
+    else:
+        # a long column split over several items: fp32 partials, summed in order by attn_bwd_reduce
+        ws = (slot * (tl.num_programs(1)) + pid_bh) * BLOCK_N
+        r = tl.arange(0, BLOCK_N)
+        tl.store(WSK + (ws + r[:, None]) * BLOCK_D + offs_d[None, :], dk)
+        tl.store(WSV + (ws + r[:, None]) * BLOCK_DV + offs_dv[None, :], dv)
+
+
+@triton.jit
+def attn_bwd_reduce(WSK, WSV, RED, DKP, DVP, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                    HKV, Lk, D, DV, sm_scale,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    nbh = tl.num_programs(1)
+    pid_n = tl.load(RED + i * 3)
+    slot0 = tl.load(RED + i * 3 + 1)
+    cnt = tl.load(RED + i * 3 + 2)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    r = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + r
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for j in range(0, cnt):
+        ws = ((slot0 + j) * nbh + pid_bh) * BLOCK_N
+        dk += tl.load(WSK + (ws + r[:, None]) * BLOCK_D + offs_d[None, :])
+        dv += tl.load(WSV + (ws + r[:, None]) * BLOCK_DV + offs_dv[None, :])
     tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
+             (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
     tl.store(DVP + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
              dv.to(DVP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
 

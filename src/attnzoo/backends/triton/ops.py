@@ -78,6 +78,35 @@ def _tlayout(pattern, lq, lk, bm, bn, hq, device: str):
 
 
 @functools.lru_cache(maxsize=128)
+def _bwd_plan(pattern, lq, lk, bm, bn, hq, device: str, cap: int | None = None):
+    """Work items of the dk/dv kernel, longest first: rows (kv block, start, end, workspace slot or -1) over
+    the kv block's list of visiting query blocks (full then partial), and the reduction table
+    (kv block, first slot, number of slots) of the columns split over several items.
+
+    A column longer than ``cap`` (default: twice the mean column, at least 16) is split evenly."""
+    tlay = _tlayout(pattern, lq, lk, bm, bn, hq, device)
+    cnt = (tlay.kv_num_blocks + tlay.full_kv_num_blocks)[0].amax(0).tolist()  # per kv block, max over heads
+    nk = len(cnt)
+    if cap is None:
+        cap = max(16, 2 * -(-sum(cnt) // max(1, nk)))
+    items, red, slot = [], [], 0
+    for n, c in enumerate(cnt):
+        pieces = max(1, -(-c // cap))
+        if pieces == 1:
+            items.append((n, 0, c, -1))
+            continue
+        per = -(-c // pieces)
+        red.append((n, slot, pieces))
+        for i in range(pieces):
+            items.append((n, i * per, min(c, (i + 1) * per), slot + i))
+        slot += pieces
+    items.sort(key=lambda it: it[1] - it[2])  # longest first (stable: kv order among equals)
+    it = torch.tensor(items, dtype=torch.int32).reshape(-1, 4).to(device)
+    rd = torch.tensor(red, dtype=torch.int32).reshape(-1, 3).to(device)
+    return it, rd, slot
+
+
+@functools.lru_cache(maxsize=128)
 def _module(pattern, lq, lk, device: str):
     lines, aux = generate(pattern, lq, lk)
     mod = kernel_module(lines, FWD, BWD)
@@ -131,7 +160,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
 
 
 def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dict | None = None,
-                  poison: bool = False):
+                  poison: bool = False, split_cap: int | None = None):
     """Gradients (dq, dk, dv) of the loss given dout (and dlse, the lse's gradient, or None)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -160,12 +189,19 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     dvv = fill(v.shape, float("nan"), dtype=v.dtype, device=v.device)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    mod.attn_bwd_dkdv[(tlay.num_q_blocks, b * hkv)](
-        q, k, v, dout, lse, delta, dk, dvv, aux, tlay.kv_num_blocks, tlay.kv_indices,
+    items, red, nslots = _bwd_plan(pattern, lq, lk, bm, bn, hq, dev, split_cap)
+    wsk = torch.empty((max(nslots, 1), b * hkv, bn, bd), dtype=torch.float32, device=q.device)
+    wsv = torch.empty((max(nslots, 1), b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
+    mod.attn_bwd_dkdv[(items.shape[0], b * hkv)](
+        q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
         *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
         BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns)
+    if red.shape[0]:
+        mod.attn_bwd_reduce[(red.shape[0], b * hkv)](
+            wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
+            dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn, num_warps=4)
     mod.attn_bwd_dq[(lay.num_q_blocks, b * hq)](
         q, k, v, dout, lse, delta, dq, aux, lay.kv_num_blocks, lay.kv_indices,
         lay.full_kv_num_blocks, lay.full_kv_indices, *common,
