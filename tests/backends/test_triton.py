@@ -80,6 +80,15 @@ def test_through_attention_api_and_declines():
     assert az.explain(q.detach(), k, v, az.SlidingWindow(5)).backend == "reference"
 
 
+@pytest.mark.parametrize("pname", ["full", "causal", "sinks+window", "document&causal", "dilated"])
+def test_even_shapes_unmasked_loads(pname):
+    """Lengths that are multiples of the block and power-of-two head dims take the unmasked path."""
+    p = PATTERNS[pname]
+    if pname == "document&causal":
+        p = az.Document([7, 20, 37]) & az.Causal()
+    _check(p, (1, 4, 2, 64, 64, 32, 32), torch.float32)
+
+
 @pytest.mark.parametrize("bm, bn", [(32, 16), (16, 32), (64, 64)])
 @pytest.mark.parametrize("pname", ["causal", "sinks+window", "nbhd2d", "perhead"])
 def test_block_shapes(pname, bm, bn):

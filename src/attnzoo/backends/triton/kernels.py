@@ -38,25 +38,35 @@ def _mask(qp, kk, hq, AUX):
 FWD = '''
 
 @triton.jit
-def _step(s, v, m_i, l_i, acc):
+def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
+              m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr):
+    # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2)
+    if EVEN:
+        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :])
+    else:
+        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    if MASK:
+        keep = _mask(qp, offs_n[None, :], h, AUX)
+        if not EVEN:
+            keep = keep & (offs_n[None, :] < Lk)
+        s = tl.where(keep, s, float("-inf"))
+    elif not EVEN:
+        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASK:  # a row may have seen nothing yet
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every row sees a key of a full block (the first key is always in range)
+        m_safe = m_new
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _block(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Lk, D, DV, qk_scale):
-    """Scaled scores of one kv block (keys past Lk at -inf) and its values."""
-    kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-    v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, kt) * qk_scale
-    return tl.where(offs_n[None, :] < Lk, s, float("-inf")), v
 
 
 @triton.jit
@@ -65,7 +75,9 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
              lay_h, lay_m, idx_h, idx_m,
              H, G, Lq, Lk, OFF, D, DV, qk_scale,
-             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             EVEN: tl.constexpr, PREC: tl.constexpr):
+    # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -75,35 +87,41 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    qptr = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    if EVEN:
+        q = tl.load(qptr)
+    else:
+        q = tl.load(qptr, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
     qp = offs_m[:, None] + OFF
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
-    # fully visible blocks: no elementwise mask (only the ragged end of the keys)
+    # fully visible blocks: no elementwise mask
     n_full = tl.load(FKVN + h * lay_h + pid_m * lay_m)
     row = FKVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_full):
         offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        s, v = _block(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Lk, D, DV, qk_scale)
-        m_i, l_i, acc = _step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
+                                  Lk, D, DV, qk_scale, m_i, l_i, acc, False, EVEN, PREC)
     # partial blocks: the pattern's mask, computed in-kernel
     n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
     row = KVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_part):
         offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        s, v = _block(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Lk, D, DV, qk_scale)
-        s = tl.where(_mask(qp, offs_n[None, :], h, AUX), s, float("-inf"))
-        m_i, l_i, acc = _step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
+                                  Lk, D, DV, qk_scale, m_i, l_i, acc, True, EVEN, PREC)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
-             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
-    tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    optr = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    if EVEN:
+        tl.store(optr, out.to(O.dtype.element_ty))
+        tl.store(LSE + pid_bh * Lq + offs_m, lse)
+    else:
+        tl.store(optr, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+        tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
 '''
 
 # Backward: no atomics, so gradients are bitwise deterministic. `attn_bwd_dkdv` runs one program per

@@ -155,6 +155,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
                *_lay_strides(lay),
                hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E,
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
+               EVEN=lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv), PREC=_prec(q.dtype),
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
