@@ -12,8 +12,9 @@ import os
 
 import torch
 
-from ...patterns import Causal, Chunked, Document, Full, Intersection, PrefixLM, Union
+from ...patterns import Full
 from .codegen import generate
+from . import tuning
 from .kernels import BWD, FWD, kernel_module
 
 LOG2E = 1.4426950408889634
@@ -23,33 +24,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Pattern classes whose visited blocks are mostly full (big tiles pay) vs. local ones (small tiles
-# waste less work in partial blocks). Measured on an H100 (benchmarks/triton_tune.py, bf16, D=128,
-# 16K tokens): causal 457 TF/s at 128x128/8 warps vs 412 at 128x64; a 1024 window 376 TF/s at
-# 64x64/4 warps vs 321 at 128x64.
-_DENSE_LIKE = (Full, Causal, PrefixLM, Document, Chunked)
+def config(d: int, dv: int, device: torch.device, pattern=None, kind: str = "fwd", dtype=torch.bfloat16) -> dict:
+    """Block sizes and launch parameters of the forward (or backward) kernel without a search: a cached
+    tuning winner, else the measured table (see `tuning`)."""
+    return tuning.choose(kind, d, dv, dtype, pattern, device)
 
 
-def _dense_like(pattern) -> bool:
-    if pattern is None or isinstance(pattern, _DENSE_LIKE):
-        return True
-    if isinstance(pattern, (Union, Intersection)):
-        return _dense_like(pattern.a) and _dense_like(pattern.b)
-    return False
-
-
-def config(d: int, dv: int, device: torch.device, pattern=None) -> dict:
-    """Block sizes and launch parameters per (head_dim, pattern class), from the measured table."""
-    if device.type != "cuda":  # the CPU interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    dmax = max(d, dv)
-    if dmax <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if dmax <= 128:
-        if _dense_like(pattern):
-            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+def bwd_config(d: int, dv: int, device: torch.device, pattern=None, dtype=torch.bfloat16) -> dict:
+    return config(d, dv, device, pattern, "bwd", dtype)
 
 
 @functools.lru_cache(maxsize=128)
@@ -139,7 +121,9 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    cfg = cfg or config(d, dv, q.device, pattern)
+    if cfg is None:
+        cfg = tuning.choose("fwd", d, dv, q.dtype, pattern, q.device,
+                            run=lambda c: attention_fwd(q, k, v, pattern, scale, cfg=c))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     dev = str(q.device)
     lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
@@ -167,7 +151,10 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
     lse = lse.contiguous()
-    cfg = cfg or bwd_config(d, dv, q.device, pattern)
+    if cfg is None:
+        cfg = tuning.choose("bwd", d, dv, q.dtype, pattern, q.device,
+                            run=lambda c: attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, cfg=c,
+                                                        split_cap=split_cap))
     bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     dev = str(q.device)
     lay = _layout(pattern, lq, lk, bm, bn, hq, dev)

@@ -1,0 +1,195 @@
+"""Block-size tuning for the Triton kernels: a measured default table plus a small online search whose
+winners are cached on disk.
+
+Every launch asks `choose(kind, d, dv, dtype, pattern, device, run)` for its config. The answer is, in
+order: a winner already cached for (device name, Triton version, kernel kind, head dims, dtype, pattern
+class); else, when tuning is on (``ATTNZOO_AUTOTUNE=1`` or `autotuning(True)`), the fastest of the
+kind's few candidates timed on the call's own inputs (CUDA events, 3 repetitions after a warm-up),
+which is then cached; else the default from the table (measured on an H100 with
+benchmarks/triton_tune.py and benchmarks/triton_bwd_check.py).
+
+The cache is a JSON file, ``$ATTNZOO_CACHE/tuning.json`` (by default under the temp directory), read
+once and rewritten atomically after each new winner. `clear()` forgets everything.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+
+import torch
+
+from ...patterns import Causal, Chunked, Document, Full, Intersection, Neighborhood, PrefixLM, Union
+
+_DENSE_LIKE = (Full, Causal, PrefixLM, Document, Chunked)
+_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+
+
+def pattern_class(pattern) -> str:
+    """'dense' (mostly full blocks), 'nbhd' (N-D neighborhoods) or 'local' (windows and the rest)."""
+    if pattern is None or isinstance(pattern, _DENSE_LIKE):
+        return "dense"
+    if isinstance(pattern, (Union, Intersection)):
+        a, b = pattern_class(pattern.a), pattern_class(pattern.b)
+        return a if a == b else "local"
+    if isinstance(pattern, Neighborhood) or type(pattern).__name__ in ("Permuted", "TiledNeighborhood"):
+        return "nbhd"
+    return "local"
+
+
+def _cfg(bm, bn, w, s):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+def default(kind: str, d: int, dv: int, pclass: str) -> dict:
+    """The measured table (H100, bf16). kind: 'fwd' or 'bwd'."""
+    dmax = max(d, dv)
+    if kind == "bwd":
+        # 16K tokens, 64/8 heads, D=128: 64x64/4 warps/2 stages 358 TF/s causal, 311 window 1024; the
+        # next best 128x64/8 warps 331 and 254; three stages lose a quarter.
+        return _cfg(64, 64, 4, 2) if dmax <= 128 else _cfg(32, 32, 4, 1)
+    if dmax <= 64:
+        return _cfg(128, 64, 4, 3)
+    if dmax <= 128:
+        # causal 457 TF/s at 128x128/8 warps vs 412 at 128x64; a 1024 window 376 at 64x64/4 vs 321 at 128x64
+        return _cfg(128, 128, 8, 3) if pclass == "dense" else _cfg(64, 64, 4, 3)
+    return _cfg(64, 32, 4, 2)
+
+
+def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
+    """The small search space around the default."""
+    dmax = max(d, dv)
+    if kind == "bwd":
+        if dmax > 128:
+            return [_cfg(32, 32, 4, 1), _cfg(32, 32, 4, 2), _cfg(64, 32, 4, 1)]
+        return [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1), _cfg(32, 64, 4, 2)]
+    if dmax > 128:
+        return [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 8, 2)]
+    out = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2)]
+    if dmax <= 64:
+        out.append(_cfg(128, 32, 4, 3))
+    return out
+
+
+# -- the on-disk cache ------------------------------------------------------------------------------
+_lock = threading.Lock()
+_cache: dict | None = None
+_enabled: bool | None = None
+
+
+def _path() -> str:
+    from .kernels import _cache_dir
+
+    return os.path.join(_cache_dir(), "tuning.json")
+
+
+def _load() -> dict:
+    global _cache
+    if _cache is None:
+        try:
+            with open(_path()) as f:
+                _cache = json.load(f)
+        except (OSError, ValueError):
+            _cache = {}
+    return _cache
+
+
+def _save() -> None:
+    path = _path()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_cache, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def clear() -> None:
+    """Forget every cached winner (memory and disk)."""
+    global _cache
+    with _lock:
+        _cache = {}
+        with contextlib.suppress(OSError):
+            os.remove(_path())
+
+
+def enabled() -> bool:
+    return _enabled if _enabled is not None else os.environ.get("ATTNZOO_AUTOTUNE") == "1"
+
+
+@contextlib.contextmanager
+def autotuning(on: bool = True):
+    """Turn the online search on (or off) inside a ``with`` block, whatever ATTNZOO_AUTOTUNE says."""
+    global _enabled
+    old, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+def key(kind, d, dv, dtype, pclass, device: torch.device) -> str:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
+    return f"{name}|triton {triton.__version__}|{kind}|d{d}|dv{dv}|{str(dtype).replace('torch.', '')}|{pclass}"
+
+
+def cached(kind, d, dv, dtype, pclass, device) -> dict | None:
+    with _lock:
+        hit = _load().get(key(kind, d, dv, dtype, pclass, device))
+    return dict(hit["config"]) if hit else None
+
+
+def _time(run, cfg, device, reps: int = 3) -> float:
+    if device.type == "cuda":
+        run(cfg)  # compile + warm
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(cfg)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / reps
+    run(cfg)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run(cfg)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def search(kind, d, dv, dtype, pattern, device, run, cands=None) -> dict:
+    """Time every candidate with ``run(cfg)``, cache and return the fastest. A candidate that fails
+    to compile or launch (e.g. out of shared memory) is skipped."""
+    pclass = pattern_class(pattern)
+    cands = cands or candidates(kind, d, dv, pclass)
+    results = []
+    for cfg in cands:
+        try:
+            results.append((_time(run, cfg, device), cfg))
+        except Exception as e:  # noqa: BLE001 - a config that cannot run is just not a winner
+            results.append((float("inf"), dict(cfg, error=f"{type(e).__name__}: {e}"[:200])))
+    ms, best = min(results, key=lambda r: r[0])
+    if ms == float("inf"):
+        raise RuntimeError(f"autotune: no {kind} config ran: " + "; ".join(c.get("error", "") for _, c in results))
+    with _lock:
+        _load()[key(kind, d, dv, dtype, pclass, device)] = dict(
+            config=best, ms=ms, tried=[dict(c, ms=t if t != float("inf") else None) for t, c in results])
+        _save()
+    return dict(best)
+
+
+def choose(kind, d, dv, dtype, pattern, device: torch.device, run=None) -> dict:
+    """The config for one launch (see the module docstring). ``run(cfg)`` launches the kernel; it is
+    needed only when a search may happen."""
+    if device.type != "cuda" and not enabled():
+        return dict(_INTERP)
+    pclass = pattern_class(pattern)
+    hit = cached(kind, d, dv, dtype, pclass, device)
+    if hit is not None:
+        return hit
+    if enabled() and run is not None:
+        return search(kind, d, dv, dtype, pattern, device, run,
+                      cands=None if device.type == "cuda" else [dict(_INTERP), _cfg(32, 32, 1, 1)])
+    return default(kind, d, dv, pclass) if device.type == "cuda" else dict(_INTERP)

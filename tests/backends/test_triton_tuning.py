@@ -1,0 +1,77 @@
+"""The block-size tuner: pattern classes, the online search on the call's inputs, the on-disk cache,
+and candidates that fail being skipped (run under the CPU interpreter)."""
+import json
+import os
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.backends import reference_attention
+from attnzoo.testing import check_close
+
+from common import inputs
+
+pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package (extra 'gpu')")
+from attnzoo.backends.triton import ops, tuning  # noqa: E402
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_cache", None)
+    yield tmp_path
+    monkeypatch.setattr(tuning, "_cache", None)
+
+
+def test_pattern_classes():
+    assert tuning.pattern_class(None) == "dense"
+    assert tuning.pattern_class(az.Causal()) == "dense"
+    assert tuning.pattern_class(az.Document([3, 4]) & az.Causal()) == "dense"
+    assert tuning.pattern_class(az.SlidingWindow(8) | az.Sinks(2)) == "local"
+    assert tuning.pattern_class(az.Neighborhood((3, 3), grid=(4, 4))) == "nbhd"
+
+
+def test_defaults_without_search(fresh_cache):
+    assert tuning.default("fwd", 128, 128, "dense") == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    assert tuning.default("fwd", 128, 128, "local")["BLOCK_M"] == 64
+    assert tuning.default("bwd", 256, 256, "local")["BLOCK_N"] == 32
+    # on CPU without tuning: the interpreter's small tiles; nothing is written
+    assert ops.config(32, 32, torch.device("cpu"), az.Causal())["BLOCK_M"] == 16
+    assert not os.path.exists(tuning._path())
+
+
+def test_online_search_caches_the_winner(fresh_cache, monkeypatch):
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 24, 24, 32, 32))
+    p = az.SlidingWindow(5)
+    with tuning.autotuning(True):
+        out, lse = ops.attention_fwd(q, k, v, p, 32 ** -0.5)
+    check_close("out", out, reference_attention(q, k, v, p)[0])
+    data = json.load(open(tuning._path()))
+    (key, entry), = data.items()
+    assert "|fwd|d32|dv32|float32|local" in key and len(entry["tried"]) == 2
+    assert entry["config"] in [{k: c[k] for k in entry["config"]} for c in entry["tried"]]
+    # a second call (even in a new process: memory cache dropped) reuses the winner without searching
+    monkeypatch.setattr(tuning, "_cache", None)
+    monkeypatch.setattr(tuning, "search", lambda *a, **kw: pytest.fail("searched again"))
+    with tuning.autotuning(True):
+        out2, _ = ops.attention_fwd(q, k, v, p, 32 ** -0.5)
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-6)
+    tuning.clear()
+    assert not os.path.exists(tuning._path())
+
+
+def test_backward_search_and_failing_candidates(fresh_cache):
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 20, 20, 32, 32))
+    p = az.Causal()
+    out, lse = ops.attention_fwd(q, k, v, p, 0.2)
+    do = torch.randn_like(out)
+    run = lambda c: ops.attention_bwd(do, None, q, k, v, out, lse, p, 0.2, cfg=c)
+    bad = dict(BLOCK_M=24, BLOCK_N=16, num_warps=1, num_stages=1)  # not a power of two: fails to compile
+    good = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    best = tuning.search("bwd", 32, 32, torch.float32, p, torch.device("cpu"), run, cands=[bad, good])
+    assert best == good
+    entry = next(iter(json.load(open(tuning._path())).values()))
+    assert entry["tried"][0]["ms"] is None and "error" in entry["tried"][0]
+    with pytest.raises(RuntimeError, match="no bwd config ran"):
+        tuning.search("bwd", 32, 32, torch.float32, p, torch.device("cpu"), run, cands=[bad])
