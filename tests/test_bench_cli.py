@@ -221,6 +221,19 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_report_triton_vs_flex_table(tmp_path):
+    base = dict(pattern_kind="pattern", pattern_repr="SlidingWindow(1023)", pattern_description="window",
+                density=0.1, B=1, Hq=2, Hkv=1, Lk=128, D=16, Dv=16, dtype="bfloat16", direction="fwd",
+                device="cuda", device_name="test-gpu", status="ok", message="", p20_ms=None, p80_ms=None,
+                compile_ms=1.0, reps=3, peak_mem_bytes=None)
+    recs = [dict(base, key=f"k{i}", pattern="sw1024", Lq=L, backend=b, median_ms=ms)
+            for i, (L, b, ms) in enumerate([(128, "flex", 3.0), (128, "triton", 2.0), (256, "flex", 5.0)])]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = report_mod.write_report(tmp_path / "results.jsonl", tmp_path, plots=False).read_text()
+    assert "### attnzoo triton vs compiled FlexAttention (" in text
+    assert "| pattern | L=128 |\n|---|---:|\n| sw1024 | 1.50× |" in text
+
+
 @pytest.mark.parametrize("argv", [
     ["bench", "--lengths", "abc"],
     ["bench", "--reps", "0"],

@@ -20,7 +20,7 @@ from .speed import (DIRECTION_LABELS, RESULTS_FILE, dense_baselines, latest_reco
 
 _STATUS_SHORT = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
 _BACKEND_ORDER = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa", "flex", "flex-eager",
-                  "reference")
+                  "triton", "reference")
 
 
 def _slug(s: str) -> str:
@@ -349,6 +349,23 @@ def write_report(results_jsonl, out_dir, *, plots: bool = True) -> Path:
                             pngs.append(name)
                     except Exception as e:  # noqa: BLE001 - a broken plot must not lose the tables
                         lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+
+            # attnzoo's own kernel against FlexAttention on the same pattern
+            vs = {}
+            for r in xrecs:
+                if r.get("status") == "ok" and r["backend"] in ("triton", "flex"):
+                    vs.setdefault((r["pattern"], r["Lq"]), {})[r["backend"]] = r["median_ms"]
+            pairs = {k: v for k, v in vs.items() if len(v) == 2}
+            if pairs:
+                lens_v = sorted({L for _, L in pairs})
+                rows = []
+                for p in _pattern_order(xrecs):
+                    if any((p, L) in pairs for L in lens_v):
+                        rows.append([p] + [f"{pairs[(p, L)]['flex'] / pairs[(p, L)]['triton']:.2f}×"
+                                           if (p, L) in pairs else "-" for L in lens_v])
+                lines += [f"### attnzoo triton vs compiled FlexAttention ({dlabel})", "",
+                          "Speedup = FlexAttention time / triton time on the same pattern and shape (>1: triton "
+                          "is faster).", "", _md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_v], rows), ""]
 
             # best fraction of ideal per pattern
             lens_all = sorted({L for p in best_frac for L in best_frac[p]})

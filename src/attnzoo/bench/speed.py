@@ -175,7 +175,7 @@ def _specs_cuda() -> list:
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 # bench backend label -> attnzoo backend name
-API_BACKEND = {"reference": "reference", "flex": "flex", "flex-eager": "flex", "sdpa": "sdpa",
+API_BACKEND = {"reference": "reference", "flex": "flex", "flex-eager": "flex", "sdpa": "sdpa", "triton": "triton",
                **{k: "sdpa" for k in SDPA_KERNELS}}
 
 
@@ -243,8 +243,8 @@ def cuda_suite(full_grid: bool = False) -> Suite:
     sdpa = tuple(SDPA_KERNELS)
     return Suite("cuda", "cuda", "bfloat16", B=1, Hq=64, Hkv=8, D=128,
                  lengths=CUDA_FULL_GRID if full_grid else CUDA_LENGTHS,
-                 backends=sdpa + ("flex", "reference"), full_backends=sdpa + ("flex", "reference"),
-                 pattern_backends=("flex", "reference"), specs=tuple(_specs_cuda()),
+                 backends=sdpa + ("flex", "triton", "reference"), full_backends=sdpa + ("flex", "triton", "reference"),
+                 pattern_backends=("flex", "triton", "reference"), specs=tuple(_specs_cuda()),
                  reps=10, warmup=2, max_time_s=2.0, skip_rule=_cuda_skip)
 
 
