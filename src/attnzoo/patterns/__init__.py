@@ -3,8 +3,8 @@ from .base import Intersection, Pattern, PerHead, Union
 from .basic import (Causal, Chunked, Dilated, Document, Full, Mask, PowerAttention, PrefixLM, Sinks,
                     SlidingWindow, Strided)
 from .layout import BlockLayout
-from .neighborhood import Neighborhood
+from .neighborhood import Neighborhood, TiledNeighborhood, neighborhood_tiling
 
 __all__ = ["Pattern", "Union", "Intersection", "PerHead", "BlockLayout", "Full", "Causal", "SlidingWindow",
            "Sinks", "Chunked", "Dilated", "Strided", "PrefixLM", "Document", "Neighborhood",
-           "PowerAttention", "Mask"]
+           "TiledNeighborhood", "neighborhood_tiling", "PowerAttention", "Mask"]

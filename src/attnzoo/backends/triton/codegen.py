@@ -14,7 +14,7 @@ import math
 import torch
 
 from ...patterns import (Causal, Chunked, Dilated, Document, Full, Intersection, Neighborhood, Pattern, PerHead,
-                         PowerAttention, PrefixLM, Sinks, SlidingWindow, Strided, Union)
+                         PowerAttention, PrefixLM, Sinks, SlidingWindow, Strided, TiledNeighborhood, Union)
 
 
 class Unsupported(Exception):
@@ -28,6 +28,9 @@ class _Gen:
         self.aux: list[torch.Tensor] = []
         self.aux_len = 0
         self.n = 0
+        # The names of the query-position and key-index variables the emitters read; an emitter that
+        # maps indices (e.g. TiledNeighborhood's token order) can run another one on its own variables.
+        self.qp, self.kk = "qp", "kk"
 
     def var(self, expr: str) -> str:
         self.n += 1
@@ -49,44 +52,47 @@ class _Gen:
 
 
 def _full(g, p):
-    return g.var("(kk >= 0) & (qp >= -2147483647)")
+    return g.var(f"({g.kk} >= 0) & ({g.qp} >= -2147483647)")
 
 
 def _causal(g, p):
-    return g.var("kk <= qp")
+    return g.var(f"{g.kk} <= {g.qp}")
 
 
 def _window(g, p):
-    return g.var(f"((qp - kk) <= {p.left}) & ((qp - kk) >= {-p.right})")
+    qp, kk = g.qp, g.kk
+    return g.var(f"(({qp} - {kk}) <= {p.left}) & (({qp} - {kk}) >= {-p.right})")
 
 
 def _sinks(g, p):
-    return g.var(f"(kk < {p.n}) & (kk <= qp)")
+    return g.var(f"({g.kk} < {p.n}) & ({g.kk} <= {g.qp})")
 
 
 def _chunked(g, p):
-    return g.var(f"_fdiv(qp, {p.size}) == _fdiv(kk, {p.size})")
+    return g.var(f"_fdiv({g.qp}, {p.size}) == _fdiv({g.kk}, {p.size})")
 
 
 def _dilated(g, p):
     span = (p.window - 1) * p.dilation
-    return g.var(f"((qp - kk) >= 0) & ((qp - kk) <= {span}) & (_fmod(qp - kk, {p.dilation}) == 0)")
+    d = g.var(f"{g.qp} - {g.kk}")
+    return g.var(f"({d} >= 0) & ({d} <= {span}) & (_fmod({d}, {p.dilation}) == 0)")
 
 
 def _strided(g, p):
     s = p.stride
-    return g.var(f"((qp - kk) >= 0) & (((qp - kk) < {s}) | (_fmod(qp - kk, {s}) == 0))")
+    d = g.var(f"{g.qp} - {g.kk}")
+    return g.var(f"({d} >= 0) & (({d} < {s}) | (_fmod({d}, {s}) == 0))")
 
 
 def _prefix(g, p):
-    return g.var(f"(kk < {p.prefix_len}) | (kk <= qp)")
+    return g.var(f"({g.kk} < {p.prefix_len}) | ({g.kk} <= {g.qp})")
 
 
 def _power(g, p):
-    d = g.var("qp - kk")
+    d = g.var(f"{g.qp} - {g.kk}")
     m = g.var(f"(({d} >= 0) & ({d} <= {p.window})) | (({d} > 0) & (({d} & ({d} - 1)) == 0))")
     if p.sinks:
-        m = g.var(f"{m} | ((kk < {p.sinks}) & ({d} >= 0))")
+        m = g.var(f"{m} | (({g.kk} < {p.sinks}) & ({d} >= 0))")
     return m
 
 
@@ -94,35 +100,74 @@ def _document(g, p):
     ids = torch.repeat_interleave(torch.arange(len(p.lengths)), torch.tensor(p.lengths))
     off = g.add_aux(ids)
     last = g.lk - 1
-    dq = g.var(f"tl.where(qp >= 0, tl.load(AUX + {off} + tl.minimum(tl.maximum(qp, 0), {last})), -1)")
-    dk = g.var(f"tl.load(AUX + {off} + tl.minimum(tl.maximum(kk, 0), {last}))")
+    qp, kk = g.qp, g.kk
+    dq = g.var(f"tl.where({qp} >= 0, tl.load(AUX + {off} + tl.minimum(tl.maximum({qp}, 0), {last})), -1)")
+    dk = g.var(f"tl.load(AUX + {off} + tl.minimum(tl.maximum({kk}, 0), {last}))")
     return g.var(f"{dq} == {dk}")
 
 
 def _neighborhood(g, p):
     grid = p.grid if p.grid is not None else (g.lk,)
     strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+    qax, kax = [], []
+    for a in range(len(grid)):
+        d = p.dilation[a]
+        qc = g.var(_digit(g.qp, strides[a], grid[a]))
+        kc = g.var(_digit(g.kk, strides[a], grid[a]))
+        qax.append((g.var(f"{qc} % {d}"), g.var(f"{qc} // {d}")) if d > 1 else (None, qc))
+        kax.append((g.var(f"{kc} % {d}"), g.var(f"{kc} // {d}")) if d > 1 else (None, kc))
+    return _neighborhood_axes(g, p, grid, qax, kax)
+
+
+def _neighborhood_axes(g, p, grid, qax, kax):
+    """The Neighborhood mask from per-axis (dilation group, group coordinate) variable names of the
+    queries (``qax``) and keys (``kax``); the group is None on axes without dilation. Trivial steps are
+    left out: with stride 1 a query is its own stride-tile leader (``i <= Lg - 1`` for every real token)."""
     out = None
     for a in range(len(grid)):
         L, K, d, s = grid[a], p.kernel_size[a], p.dilation[a], p.stride[a]
-        qc = g.var(f"(qp // {strides[a]}) % {L}")
-        kc = g.var(f"(kk // {strides[a]}) % {L}")
-        grp = g.var(f"{qc} % {d}")
-        i = g.var(f"{qc} // {d}")
-        lg = g.var(f"{L // d} + ({grp} < {L % d}).to(tl.int32)")
-        tile = g.var(f"({i} // {s}) * {s}")
-        kj = g.var(f"{kc} // {d}")
-        same = g.var(f"({kc} % {d}) == {grp}")
+        (grp, i), (kgrp, kj) = qax[a], kax[a]
+        if d > 1:
+            lg = g.var(f"{L // d} + ({grp} < {L % d}).to(tl.int32)") if L % d else str(L // d)
+            same = f"({kgrp} == {grp}) & "
+        else:
+            lg, same = str(L), ""
+        tile = i if s == 1 else g.var(f"({i} // {s}) * {s}")
         if p.causal[a]:
-            leader = g.var(f"tl.minimum({tile} + {s - 1}, {lg} - 1)")
-            ma = g.var(f"{same} & ({kj} <= {i}) & ({kj} >= {leader} - {K - 1})")
+            leader = i if s == 1 else g.var(f"tl.minimum({tile} + {s - 1}, {lg} - 1)")
+            ma = g.var(f"{same}({kj} <= {i}) & ({kj} >= {leader} - {K - 1})")
         else:
             left, right = K // 2, (K - 1) // 2
-            leader = g.var(f"tl.minimum({tile} + {s // 2}, {lg} - 1)")
+            leader = i if s == 1 else g.var(f"tl.minimum({tile} + {s // 2}, {lg} - 1)")
             center = g.var(f"tl.maximum(tl.minimum({leader}, {lg} - 1 - {right}), {left})")
-            ma = g.var(f"{same} & ({kj} >= {center} - {left}) & ({kj} <= {center} + {right})")
+            ma = g.var(f"{same}({kj} >= {center} - {left}) & ({kj} <= {center} + {right})")
         out = ma if out is None else g.var(f"{out} & {ma}")
     return out
+
+
+def _digit(x: str, stride: int, radix: int) -> str:
+    """Source of ``(x // stride) % radix`` without the trivial operations."""
+    if radix == 1:
+        return "0"
+    return f"{x} % {radix}" if stride == 1 else f"({x} // {stride}) % {radix}"
+
+
+def _tiled_neighborhood(g, p):
+    """Per-axis dilation groups and group coordinates straight from the tile-major positions, by
+    arithmetic on literals (no table, no loads), then the Neighborhood mask on them. Positions outside
+    [0, N) (the padding of a last block) give some coordinates, whose mask is never used."""
+    geo = p._geometry()
+
+    def axes(x):
+        out = []
+        for a in range(len(geo.grid)):
+            T, d, nt = geo.tile[a], geo.dilation[a], geo.nt[a]
+            r = _digit(x, geo.RS[a], T)
+            i = g.var(f"({_digit(x, geo.TS[a], nt)}) * {T} + ({r})" if nt > 1 else r)
+            out.append((g.var(_digit(x, geo.GS[a], d)) if d > 1 else None, i))
+        return out
+
+    return _neighborhood_axes(g, p.neighborhood, geo.grid, axes(g.qp), axes(g.kk))
 
 
 def _union(g, p):
@@ -145,7 +190,8 @@ def _perhead(g, p):
 
 _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Chunked: _chunked,
          Dilated: _dilated, Strided: _strided, PrefixLM: _prefix, PowerAttention: _power, Document: _document,
-         Neighborhood: _neighborhood, Union: _union, Intersection: _intersection, PerHead: _perhead}
+         Neighborhood: _neighborhood, TiledNeighborhood: _tiled_neighborhood, Union: _union,
+         Intersection: _intersection, PerHead: _perhead}
 
 
 def generate(pattern: Pattern, lq: int, lk: int):

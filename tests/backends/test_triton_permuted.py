@@ -1,0 +1,101 @@
+"""The Triton kernel with `TiledNeighborhood` (tile-major token order, the mask computed from positions by
+arithmetic) against the float64 reference with the plain `Neighborhood` in row-major order: inputs are
+permuted with ``perm``, the kernel's output and lse are put back with ``inv``. Run by Triton's CPU
+interpreter (TRITON_INTERPRET=1, tests/conftest.py); outputs are poisoned with NaN before each launch."""
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.backends import reference_attention
+from attnzoo.testing import check_close
+
+from common import inputs
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package (extra 'gpu')")
+from attnzoo.backends.triton import ops  # noqa: E402
+from attnzoo.backends.triton.codegen import generate, supports  # noqa: E402
+
+CFG16 = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+CASES = {  # neighborhood_tiling(nb, 16) picks the tile noted
+    "2d": az.Neighborhood((5, 5), grid=(12, 32)),                                            # 4x4
+    "2d-rows": az.Neighborhood((3, 5), grid=(8, 32)),                                        # 8x2
+    "2d-dil-causal": az.Neighborhood((3, 3), dilation=(1, 2), causal=(True, False), grid=(8, 32)),  # 1x16 / group
+    "2d-stride": az.Neighborhood((5, 3), stride=(2, 1), grid=(16, 16)),                      # 16x1
+    "3d": az.Neighborhood((3, 3, 3), grid=(4, 8, 8)),                                        # 4x1x4
+    "3d-dil-stride": az.Neighborhood((3, 3, 5), dilation=(1, 2, 1), stride=(1, 1, 2), grid=(4, 8, 16)),  # 4x4x1
+    "3d-causal": az.Neighborhood((2, 3, 3), causal=(True, False, False), grid=(4, 8, 12)),   # 2x8x1
+}
+
+
+def _run(nb, tiled, perm, inv, shape, cfg, seed=0):
+    q, k, v = (t.detach() for t in inputs(*shape, seed=seed))        # float64
+    ref_o, ref_l = reference_attention(q, k, v, nb)
+    qp, kp, vp = (t.float().index_select(2, perm) for t in (q, k, v))
+    out, lse = ops.attention_fwd(qp, kp, vp, tiled, shape[5] ** -0.5, poison=True, cfg=cfg)
+    out, lse = out.index_select(2, inv), lse.index_select(2, inv)
+    check_close("out", out, ref_o)
+    check_close("lse", lse, ref_l)
+    torch.testing.assert_close(lse.double(), ref_l.double(), rtol=1e-5, atol=1e-5)
+    return out, lse
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_tiled_forward_matches_reference(name):
+    nb = CASES[name]
+    tiling = az.neighborhood_tiling(nb, 16)
+    assert tiling is not None
+    perm, inv, tiled = tiling
+    n = perm.numel()
+    _run(nb, tiled, perm, inv, (1, 2, 1, n, n, 32, 32), CFG16, seed=n)
+
+
+@pytest.mark.parametrize("tile, cfg", [
+    ((4, 4), dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)),    # blocks of two tiles / of one
+    ((2, 8), dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)),
+    ((4, 4), dict(BLOCK_M=64, BLOCK_N=64, num_warps=1, num_stages=1)),    # the GPU's tile size
+])
+def test_blocks_other_than_the_tile(tile, cfg):
+    """Blocks that are not the tile: the layout comes from the window enumeration, same results (GQA)."""
+    nb = az.Neighborhood((3, 5), dilation=(2, 1), grid=(16, 16))
+    tiled = az.TiledNeighborhood(nb, tile)
+    perm, inv = tiled.permutation()
+    _run(nb, tiled, perm, inv, (1, 4, 2, 256, 256, 32, 32), cfg, seed=7)
+
+
+def test_generated_mask_has_no_loads_and_is_supported():
+    tiled = az.neighborhood_tiling(CASES["3d-dil-stride"], 16)[2]
+    assert supports(tiled) == (True, "")
+    assert supports(tiled | az.Sinks(2)) == (True, "")
+    lines, aux = generate(tiled, 512, 512)
+    assert aux is None and not any("tl.load" in line for line in lines)
+
+
+def test_through_the_attention_api():
+    nb = CASES["2d"]
+    perm, inv, tiled = az.neighborhood_tiling(nb, 16)
+    n = perm.numel()
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 1, n, n, 32, 32, seed=3))
+    out = az.attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], tiled, backend="triton")[:, :, inv]
+    torch.testing.assert_close(out, az.attention(q, k, v, nb, backend="reference"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(ops, "attention_bwd"), reason="no Triton backward yet")
+def test_tiled_backward_matches_reference():
+    nb = CASES["2d-dil-causal"]
+    perm, inv, tiled = az.neighborhood_tiling(nb, 16)
+    n = perm.numel()
+    q, k, v = (t.detach() for t in inputs(1, 2, 1, n, n, 32, 32, seed=5))
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(1, 2, n, 32, generator=gen, dtype=torch.float64)
+    wl = torch.randn(1, 2, n, generator=gen, dtype=torch.float64).float().double()
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_o, ref_l = reference_attention(qr, kr, vr, nb)
+    loss = (ref_o * w).sum() + (torch.where(torch.isfinite(ref_l), ref_l, 0.0) * wl).sum()
+    ref = torch.autograd.grad(loss, (qr, kr, vr))
+    qp, kp, vp = (t.float().index_select(2, perm) for t in (q, k, v))
+    scale = 32 ** -0.5
+    out, lse = ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=CFG16)
+    got = ops.attention_bwd(w.float().index_select(2, perm), wl.float().index_select(2, perm), qp, kp, vp, out,
+                            lse, tiled, scale, cfg=CFG16)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        check_close(name, g.index_select(2, inv), r)
