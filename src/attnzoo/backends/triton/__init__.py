@@ -41,7 +41,14 @@ class TritonBackend(Backend):
         return False, "not picked by auto until it is measured faster than FlexAttention"
 
     def run(self, req: Request):
-        from .ops import triton_attention
+        from .ops import tiled_neighborhood, triton_attention
 
-        out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)
+        tiling = tiled_neighborhood(req)
+        if tiling is None:
+            out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)
+        else:  # N-D neighborhood: tokens reordered into compact tiles, and back (differentiable gathers)
+            perm, inv, tiled = tiling
+            q, k, v = (t.index_select(2, perm) for t in (req.q, req.k, req.v))
+            out, lse = triton_attention(q, k, v, tiled, req.scale)
+            out, lse = out.index_select(2, inv), lse.index_select(2, inv)
         return out, (lse if req.return_lse else None)

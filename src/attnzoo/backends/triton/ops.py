@@ -257,6 +257,19 @@ def _backward(ctx, dout, dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def tiled_neighborhood(req):
+    """(perm, inv, TiledNeighborhood) when the request is a multi-axis `Neighborhood` whose grid can be
+    cut into tiles of the kernel's block (see `neighborhood_tiling`), else None."""
+    from ...patterns import Neighborhood, neighborhood_tiling
+
+    p = req.pattern
+    if not isinstance(p, Neighborhood) or p.grid is None or len(p.grid) < 2:
+        return None
+    # the layout stays exact for any block size; tile for the forward's query block
+    block = config(req.D, req.Dv, req.device, p, "fwd", req.dtype)["BLOCK_M"]
+    return neighborhood_tiling(p, block, device=req.device)
+
+
 def triton_attention(q, k, v, pattern, scale: float):
     """Differentiable attention through the custom ops -> (out, lse)."""
     return _fwd_op(q, k, v, pattern_id(pattern), float(scale))
