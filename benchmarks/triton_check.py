@@ -45,6 +45,25 @@ def correctness(name, pattern, b, hq, hkv, lq, lk, d, dv, baseline=True):
     return res
 
 
+def api_correctness(name, pattern, b, hq, hkv, L, d):
+    """Through attention(backend="triton"): N-D neighborhoods take the tiled token order."""
+    torch.manual_seed(hash(name) % 2**31)
+    q, k, v = (torch.randn(b, h, L, d, device="cuda", dtype=torch.float64) for h in (hq, hkv, hkv))
+    with torch.no_grad():
+        ro, rl = reference_attention(q, k, v, pattern)
+        ql, kl, vl = (t.to(torch.bfloat16) for t in (q, k, v))
+        out, lse = az.attention(ql, kl, vl, pattern, backend="triton", return_lse=True)
+    res = dict(case=name, kind="correctness")
+    try:
+        check_close("out", out, ro, baseline=dense_math(ql, kl, vl, pattern, d ** -0.5)[0])
+        err = (lse - rl).abs().max().item()
+        assert err < 1e-2, f"lse max err {err}"
+        res.update(status="pass", lse_max_err=err)
+    except AssertionError as e:
+        res.update(status="FAIL", error=str(e))
+    return res
+
+
 def speed(name, pattern, L, hq=64, hkv=8, d=128, reps=10):
     q = torch.randn(1, hq, L, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, hkv, L, d, device="cuda", dtype=torch.bfloat16)
@@ -105,7 +124,17 @@ def main():
         r["seconds"] = round(time.time() - t0, 1)
         results.append(r)
         print(json.dumps(r), flush=True)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    for c in [("api-nbhd2d-13x13-tiled", az.Neighborhood((13, 13), grid=(64, 64)), 1, 8, 2, 4096, 128),
+              ("api-nbhd3d-5x7x7-tiled", az.Neighborhood((5, 7, 7), grid=(8, 16, 32)), 1, 8, 8, 4096, 128),
+              ("api-nbhd2d-dil-causal", az.Neighborhood((7, 7), dilation=(2, 1), causal=(True, False), grid=(64, 64)),
+               1, 8, 8, 4096, 128)]:
+        try:
+            r = api_correctness(*c)
+        except Exception as e:
+            r = dict(case=c[0], kind="correctness", status="ERROR", error=f"{type(e).__name__}: {e}"[:400])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
     for L in lengths:
         for name, p in [("causal", az.Causal()), ("sw1024", az.SlidingWindow(1023)), ("sw4096", az.SlidingWindow(4095)),
                         ("sinks+sw1024", az.Sinks(4) | az.SlidingWindow(1023))]:
