@@ -1,4 +1,4 @@
-"""attnzoo's own Triton kernels: forward and backward over the block layout (decode is being built)."""
+"""attnzoo's own Triton kernels: forward and backward over the block layout, split-K decode for short queries."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +13,11 @@ def triton_available() -> tuple[bool, str]:
     except Exception as e:
         return False, f"triton is not installed ({type(e).__name__}); pip install 'attnzoo[gpu]'"
     return True, ""
+
+
+# Inference calls with at most this many queries (e.g. one new token against a long KV cache) take the
+# split-K decode kernel (`decode.attention_decode`), which spreads the keys over the whole GPU.
+DECODE_MAX_LQ = 16
 
 
 class TritonBackend(Backend):
@@ -43,6 +48,11 @@ class TritonBackend(Backend):
     def run(self, req: Request):
         from .ops import tiled_neighborhood, triton_attention
 
+        if req.Lq <= DECODE_MAX_LQ and not req.needs_grad:
+            from .decode import attention_decode
+
+            out, lse = attention_decode(req.q, req.k, req.v, req.pattern, req.scale)
+            return out, (lse if req.return_lse else None)
         tiling = tiled_neighborhood(req)
         if tiling is None:
             out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)
