@@ -231,3 +231,15 @@ def test_backend_tiles_nd_neighborhoods(pattern):
     t = grads(fn("triton"), q2, k2, v2)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), t, r):
         check_close(name, a, b)
+
+
+def test_auto_prefers_triton_on_cuda_only(monkeypatch):
+    from attnzoo.backends.base import Request
+    from attnzoo.backends.dispatch import BACKENDS
+
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 20, 20, 32, 32))
+    req = Request(q, k, v, az.SlidingWindow(5), 0.2, False)
+    ok, why = BACKENDS["triton"].auto_ok(req)
+    assert not ok and "interpreter" in why
+    monkeypatch.setattr(Request, "device", property(lambda self: torch.device("cuda")))
+    assert BACKENDS["triton"].auto_ok(req) == (True, "")
