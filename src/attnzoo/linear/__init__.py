@@ -1,0 +1,19 @@
+"""Linear and recurrent token mixers: linear attention (feature maps, decay, normalisation), GLA, DeltaNet,
+Gated DeltaNet and KDA.
+
+Every op takes q, k, v as (B, H, T, D), gates in log space, an optional recurrent state (B, H, Dk, Dv) and
+returns ``(o, final_state)``, in three forms that agree: ``mode="chunk"`` (chunked parallel, the default),
+``"recurrent"`` (token loop) and ``"naive"`` (the paper's recurrence written literally, in
+:mod:`attnzoo.linear.naive`). Each op has a ``*_step`` twin for decoding one token with O(1) state.
+Packed variable-length batches use ``cu_seqlens`` (B = 1; one state per sequence). This is the pure-PyTorch
+tier: differentiable by autograd, any float dtype (float32 compute for half precision).
+"""
+from .delta_rule import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, kda, kda_step
+from .feature_maps import FEATURE_MAPS, HedgehogFeatureMap
+from .gla import gla, gla_step
+from .linear_attention import linear_attention, linear_attention_step
+
+__all__ = [
+    "linear_attention", "linear_attention_step", "gla", "gla_step", "delta_rule", "delta_rule_step",
+    "gated_delta_rule", "gated_delta_rule_step", "kda", "kda_step", "HedgehogFeatureMap", "FEATURE_MAPS",
+]

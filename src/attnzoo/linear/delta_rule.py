@@ -1,0 +1,102 @@
+"""The delta-rule family: DeltaNet, Gated DeltaNet and Kimi Delta Attention (KDA).
+
+The state is a fast-weight memory corrected toward each new value (one step of online regression with
+learning rate beta_t in (0, 1)), optionally after a forget gate given in log space::
+
+    DeltaNet        S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t
+    Gated DeltaNet  S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        g: (B, H, T)
+    KDA             S_t = (I - beta_t k_t^T k_t) Diag(exp g_t) S_{t-1} + beta_t k_t^T v_t   g: (B, H, T, Dk)
+
+and o_t = scale * q_t S_t. beta: (B, H, T). The papers L2-normalise the keys (then I - beta k^T k is a
+contraction); that is the caller's job here: nothing is normalised inside the ops.
+
+``mode="chunk"`` uses the WY representation / UT transform: within a chunk the pseudo-values
+u_t = beta_t (v_t - k_t Diag(exp g_t) S_{t-1}) solve a unit lower-triangular system
+(I + A) U = beta (V - (K * Gamma) S_start), A_ij = beta_i sum_d k_id k_jd Gamma_{i,j,d} (j < i), solved with
+``torch.linalg.solve_triangular`` for all chunks at once; then o = (Q * Gamma) S_start + P U and
+S_end = Gamma_end S_start + (K * Gamma_{end,.})^T U, one state update per chunk. Gate factors are exp of
+segment sums (exponents <= 0, no cancellation; per-channel gates via 16-step sub-chunks, see ``_core``).
+"""
+from __future__ import annotations
+
+from . import _core
+from .naive import naive_delta_rule, naive_gated_delta_rule, naive_kda
+
+_SCALAR = "(batch, heads, length)"
+_VECTOR = "(batch, heads, length, key_dim)"
+
+_COMMON_DOC = """
+    Args:
+        q, k: (B, H, T, Dk) (k usually L2-normalised by the caller); v: (B, H, T, Dv).
+        beta: (B, H, T) write strengths, usually in (0, 1).
+        scale: multiplies q; default Dk ** -0.5.
+        initial_state: (B, H, Dk, Dv), or (N, H, Dk, Dv) with ``cu_seqlens``.
+        mode: "chunk" (parallel, default), "recurrent" (token loop) or "naive" (reference).
+        cu_seqlens: int tensor (N + 1,) of boundaries of N sequences packed along T (B must be 1); each
+            sequence restarts from its row of ``initial_state`` (zeros when None).
+        chunk_size: steps per chunk in "chunk" mode (any positive int; need not divide T).
+    Returns ``(o, final_state)``; final_state is None unless ``output_final_state``. Computation is in float32
+    (float64 for float64 inputs); o has q's dtype, the state the compute dtype.
+"""
+
+
+def _check_beta(name, beta, shape, device):
+    _core.check_gate(name, beta, shape, _SCALAR if len(shape) == 3 else "(batch, heads)", device)
+
+
+def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+               cu_seqlens=None, chunk_size=64):
+    _core.check_qkv(q, k, v)
+    _check_beta("beta", beta, q.shape[:3], q.device)
+    return _core.forward("delta", naive_delta_rule, q, k, v, None, beta, scale, initial_state, output_final_state,
+                         mode, cu_seqlens, chunk_size)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+                     cu_seqlens=None, chunk_size=64):
+    _core.check_qkv(q, k, v)
+    _core.check_gate("g", g, q.shape[:3], _SCALAR, q.device)
+    _check_beta("beta", beta, q.shape[:3], q.device)
+    return _core.forward("delta", naive_gated_delta_rule, q, k, v, g, beta, scale, initial_state,
+                         output_final_state, mode, cu_seqlens, chunk_size)
+
+
+def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, mode="chunk",
+        cu_seqlens=None, chunk_size=64):
+    _core.check_qkv(q, k, v)
+    _core.check_gate("g", g, q.shape, _VECTOR, q.device)
+    _check_beta("beta", beta, q.shape[:3], q.device)
+    return _core.forward("delta", naive_kda, q, k, v, g, beta, scale, initial_state, output_final_state, mode,
+                         cu_seqlens, chunk_size)
+
+
+delta_rule.__doc__ = "DeltaNet: S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, o_t = scale q_t S_t.\n" \
+    + _COMMON_DOC
+gated_delta_rule.__doc__ = ("Gated DeltaNet: S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t.\n\n"
+                            "    g: (B, H, T) scalar log forget gate per head and step (<= 0).\n" + _COMMON_DOC)
+kda.__doc__ = ("Kimi Delta Attention: S_t = (I - beta_t k_t^T k_t) Diag(exp g_t) S_{t-1} + beta_t k_t^T v_t.\n\n"
+               "    g: (B, H, T, Dk) per-channel log forget gates (<= 0).\n" + _COMMON_DOC)
+
+
+def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=None):
+    """One decoding step of DeltaNet: q_t, k_t (B, H, Dk), v_t (B, H, Dv), beta_t (B, H); state or None.
+    Returns ``(o_t, new_state)``."""
+    _core.check_qkv(q_t, k_t, v_t, step=True)
+    _check_beta("beta_t", beta_t, q_t.shape[:2], q_t.device)
+    return _core.forward_step("delta", q_t, k_t, v_t, None, beta_t, state, scale)
+
+
+def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
+    """One decoding step of Gated DeltaNet: g_t, beta_t (B, H). Returns ``(o_t, new_state)``."""
+    _core.check_qkv(q_t, k_t, v_t, step=True)
+    _core.check_gate("g_t", g_t, q_t.shape[:2], "(batch, heads)", q_t.device)
+    _check_beta("beta_t", beta_t, q_t.shape[:2], q_t.device)
+    return _core.forward_step("delta", q_t, k_t, v_t, g_t, beta_t, state, scale)
+
+
+def kda_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
+    """One decoding step of KDA: g_t (B, H, Dk), beta_t (B, H). Returns ``(o_t, new_state)``."""
+    _core.check_qkv(q_t, k_t, v_t, step=True)
+    _core.check_gate("g_t", g_t, q_t.shape, "(batch, heads, key_dim)", q_t.device)
+    _check_beta("beta_t", beta_t, q_t.shape[:2], q_t.device)
+    return _core.forward_step("delta", q_t, k_t, v_t, g_t, beta_t, state, scale)

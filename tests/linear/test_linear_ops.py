@@ -1,0 +1,180 @@
+"""GLA, DeltaNet, Gated DeltaNet and KDA: the chunked and recurrent forms against the naive recurrence
+(outputs, final state and every gradient), float32 against float64, packed sequences, decoding."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo.linear as lin
+from attnzoo.linear import naive
+from attnzoo.testing import check_close
+
+from linear_helpers import OPS, cast, make_inputs, outputs_and_grads
+
+NAMES = list(OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name, t, strong=False):
+    args = make_inputs(name, t=t, strong=strong)
+    fn = functools.partial(OPS[name][0], mode="naive", output_final_state=True)
+    return args, outputs_and_grads(fn, args)
+
+
+def _compare(tag, got, want, dtype=torch.float64):
+    assert got.keys() == want.keys()
+    for key in want:
+        check_close(f"{tag}/{key}", got[key], want[key].to(got[key].dtype) if dtype == torch.float64 else want[key])
+
+
+@pytest.mark.parametrize("t, chunk_size", [(37, 8), (37, 16), (37, 64), (37, 5), (32, 8), (32, 16)])
+@pytest.mark.parametrize("name", NAMES)
+def test_chunk_matches_naive_float64(name, t, chunk_size):
+    args, want = _reference(name, t)
+    fn = functools.partial(OPS[name][0], mode="chunk", chunk_size=chunk_size, output_final_state=True)
+    _compare(f"{name}/chunk{chunk_size}/T{t}", outputs_and_grads(fn, cast(args, torch.float64)), want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recurrent_matches_naive_float64(name):
+    args, want = _reference(name, 37)
+    fn = functools.partial(OPS[name][0], mode="recurrent", output_final_state=True)
+    _compare(f"{name}/recurrent", outputs_and_grads(fn, cast(args, torch.float64)), want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_chunk_meets_protocol_with_strong_gates(name):
+    """float32 chunk vs float64 naive, gates down to about -5 per step on some channels."""
+    args, want = _reference(name, 37, strong=True)
+    for cs in (16, 64):
+        fn = functools.partial(OPS[name][0], mode="chunk", chunk_size=cs, output_final_state=True)
+        got = outputs_and_grads(fn, cast(args, torch.float32))
+        assert all(x.dtype == torch.float32 for x in got.values())
+        _compare(f"{name}/fp32/chunk{cs}", got, want, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["gla", "kda", "gated_delta_rule"])
+def test_extreme_gates_stay_finite(name):
+    """Gates of -30 per step (exp(-1900) over a chunk) neither overflow nor give NaN gradients."""
+    args = cast(make_inputs(name, t=70, dk=8, strong=False), torch.float32)
+    with torch.no_grad():
+        args["g"].copy_(-30 * torch.rand_like(args["g"]))
+    ref = OPS[name][0](**cast(args, torch.float64), mode="naive", output_final_state=True)
+    res = outputs_and_grads(functools.partial(OPS[name][0], output_final_state=True), args)
+    check_close(f"{name}/o", res["o"], ref[0])
+    check_close(f"{name}/state", res["state"], ref[1])
+    assert all(torch.isfinite(x).all() for x in res.values())
+
+
+def test_bf16_inputs_compute_in_float32():
+    args = cast(make_inputs("kda", t=20), torch.bfloat16)
+    o, s = lin.kda(**args, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    ref = lin.kda(**cast(args, torch.float64), mode="naive")[0]
+    base = lin.kda(**{k: v.detach() for k, v in args.items()}, mode="recurrent")[0]  # same fp32 math, other order
+    check_close("kda/bf16", o, ref, baseline=base)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent", "naive"])
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_sequences_equal_separate_runs(name, mode):
+    lens = [5, 0, 19, 13]
+    cu = torch.tensor([0, 5, 5, 24, 37], dtype=torch.int32)
+    args = make_inputs(name, b=1, t=37, n_state=len(lens))
+    s0 = args.pop("initial_state")
+    fn = OPS[name][0]
+    o, s = fn(**args, initial_state=s0, cu_seqlens=cu, mode=mode, chunk_size=8, output_final_state=True)
+    assert o.shape == args["v"].shape and s.shape == s0.shape
+    for n in range(len(lens)):
+        a, b = cu[n].item(), cu[n + 1].item()
+        part = {key: x[:, :, a:b] for key, x in args.items()}
+        on, sn = fn(**part, initial_state=s0[n:n + 1], mode="naive", output_final_state=True)
+        check_close(f"{name}/{mode}/seq{n}/state", s[n:n + 1], sn)
+        if b > a:
+            check_close(f"{name}/{mode}/seq{n}/o", o[:, :, a:b], on)
+    # gradients flow through the packed path too
+    o.sum().backward()
+    assert torch.isfinite(s0.grad).all() and torch.isfinite(args["q"].grad).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decoding_token_by_token_equals_parallel(name):
+    """Prefill 20 tokens with the chunked form, then decode 17 with the step function."""
+    args = {key: x.detach() for key, x in make_inputs(name, t=37).items()}
+    op, step, gate, has_beta = OPS[name]
+    full_o, full_s = op(**args, chunk_size=16, output_final_state=True)
+    pre = {key: (x if key == "initial_state" else x[:, :, :20]) for key, x in args.items()}
+    o, s = op(**pre, chunk_size=16, output_final_state=True)
+    outs = [o]
+    for t in range(20, 37):
+        tok = [args["q"][:, :, t], args["k"][:, :, t], args["v"][:, :, t]]
+        if gate:
+            tok.append(args["g"][:, :, t])
+        if has_beta:
+            tok.append(args["beta"][:, :, t])
+        ot, s = step(*tok, s)
+        assert ot.shape == args["v"][:, :, t].shape
+        outs.append(ot.unsqueeze(2))
+    check_close(f"{name}/decode/o", torch.cat(outs, 2), full_o)
+    check_close(f"{name}/decode/state", s, full_s)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_state_means_zero_state_and_scale(name):
+    args = {key: x.detach() for key, x in make_inputs(name, t=11).items()}
+    s0 = args.pop("initial_state")
+    op = OPS[name][0]
+    a, sa = op(**args, output_final_state=True)
+    b, sb = op(**args, initial_state=torch.zeros_like(s0), output_final_state=True)
+    assert op(**args)[1] is None
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(sa, sb)
+    # scale multiplies q
+    c = op(**args, scale=0.7)[0]
+    d = op(**{**args, "q": args["q"] * 0.7}, scale=1.0)[0]
+    torch.testing.assert_close(c, d)
+    e = op(**{**args, "q": args["q"] * args["q"].shape[-1] ** -0.5}, scale=1.0)[0]
+    torch.testing.assert_close(a, e)
+
+
+def test_chunk_gradcheck_kda():
+    args = make_inputs("kda", b=1, h=1, t=7, dk=3, dv=2)
+    keys = list(args)
+
+    def fn(*xs):
+        o, s = lin.kda(**dict(zip(keys, xs)), chunk_size=3, output_final_state=True)
+        return o, s
+
+    assert torch.autograd.gradcheck(fn, tuple(args.values()))
+
+
+# -------- the references against closed forms ------------------------------------------------------------
+
+def test_naive_gla_matches_closed_form():
+    args = {k: x.detach() for k, x in make_inputs("gla", t=13, state=False).items()}
+    q, k, v, g = args["q"], args["k"], args["v"], args["g"]
+    o = naive.naive_gla(q, k, v, g)[0]
+    cg = g.cumsum(2)
+    # o_t = sum_{s <= t} sum_d q_td k_sd exp(G_t - G_s)_d v_s
+    w = torch.einsum("bhtd,bhsd,bhtsd->bhts", q, k, (cg[:, :, :, None] - cg[:, :, None]).exp())
+    w = w * torch.ones(13, 13, dtype=torch.float64).tril()
+    torch.testing.assert_close(o, w @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_naive_delta_rule_overwrites_memory():
+    """beta = 1 with a unit key: writing (k, v1) then (k, v2) leaves S^T k = v2 exactly."""
+    k = F.normalize(torch.randn(1, 1, 1, 5, dtype=torch.float64), dim=-1).expand(1, 1, 2, 5)
+    v = torch.randn(1, 1, 2, 3, dtype=torch.float64)
+    _, s = naive.naive_delta_rule(k, k, v, torch.ones(1, 1, 2, dtype=torch.float64))
+    torch.testing.assert_close((k[:, :, 0].unsqueeze(-2) @ s).squeeze(-2), v[:, :, 1])
+    for mode in ("chunk", "recurrent"):
+        _, s2 = lin.delta_rule(k, k, v, torch.ones(1, 1, 2, dtype=torch.float64), mode=mode, output_final_state=True)
+        torch.testing.assert_close(s2, s)
+
+
+def test_gated_delta_rule_is_kda_with_a_shared_gate():
+    args = {k: x.detach() for k, x in make_inputs("gated_delta_rule", t=21).items()}
+    a = lin.gated_delta_rule(**args, output_final_state=True)
+    b = lin.kda(**{**args, "g": args["g"].unsqueeze(-1).expand_as(args["q"])}, output_final_state=True)
+    torch.testing.assert_close(a, b)
