@@ -337,3 +337,297 @@ def test_long_sequence_layout_is_closed_form(monkeypatch):
     assert elapsed < 5.0, elapsed
     # density counts partial blocks elementwise, O(N * window), still far from N x N
     assert evaluated[0] - evaluated_layout < n * n // 50, evaluated[0]
+
+
+# -- the sort-free CSR and the launch-light layout path -------------------------------------------------
+from attnzoo.patterns import Dilated, PrefixLM  # noqa: E402
+from attnzoo.patterns.base import Ctx  # noqa: E402
+
+def _csr_by_sort(sel: torch.Tensor):
+    """The reference CSR: a stable sort of "not selected" (selected first, then the rest, each ascending)."""
+    num = sel.sum(-1, dtype=torch.int32)
+    order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return num, order
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 40), st.floats(0, 1), st.integers(0, 2**31 - 1))
+def test_csr_matches_stable_sort(h, nq, nk, density, seed):
+    """`_csr` (cumsum + scatter) gives exactly the stable-sort layout, padding tail included: the selected
+    blocks first, ascending, then the unselected ones, ascending (what FlexAttention's own BlockMask holds)."""
+    from attnzoo.patterns.layout import _csr, _csr_from_bool
+
+    g = torch.Generator().manual_seed(seed)
+    sel = torch.rand(h, nq, nk, generator=g) < density
+    sel[0, 0] = True                       # a full row and an empty row, always
+    if nq > 1:
+        sel[0, 1] = False
+    num, idx = _csr(sel)
+    want_num, want_idx = _csr_by_sort(sel)
+    assert num.dtype == idx.dtype == torch.int32
+    assert torch.equal(num, want_num) and torch.equal(idx, want_idx)
+    assert num.is_contiguous() and idx.is_contiguous()
+    num1, idx1 = _csr_from_bool(sel)
+    assert num1.shape == (1, h, nq) and idx1.shape == (1, h, nq, nk)
+    assert torch.equal(num1[0], want_num) and torch.equal(idx1[0], want_idx)
+
+
+def _layout_by_sort(pattern, q_len, kv_len, block_q, block_k, num_heads=None):
+    """The layout's four fields from the naive block counts and the stable-sort CSR (the original path)."""
+    count, area = block_counts(naive_masks(pattern, q_len, kv_len, num_heads), block_q, block_k)
+    full, partial = count == area, (count > 0) & (count < area)
+    return (*_csr_by_sort(partial), *_csr_by_sort(full))
+
+
+def check_same_fields(pattern, q_len, kv_len, block_q, block_k, num_heads=None):
+    lay = pattern.block_layout(q_len, kv_len, block_q, block_k, num_heads=num_heads)
+    want = _layout_by_sort(pattern, q_len, kv_len, block_q, block_k, num_heads)
+    got = (lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices)
+    ctx = f"{pattern!r} Lq={q_len} Lk={kv_len} block=({block_q},{block_k}) H={num_heads}"
+    for name, g, w in zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), got, want):
+        assert g.shape[0] == 1 and g.dtype == torch.int32, ctx
+        assert torch.equal(g[0], w.expand(g.shape[1:])), f"{ctx}: {name} differs from the sort-based layout"
+        assert g.is_contiguous(), f"{ctx}: {name} not contiguous"
+
+
+@settings(max_examples=150, deadline=None)
+@given(qkv_lengths(), blocks, blocks, st.data())
+def test_fields_equal_sort_based_layout(lengths, block_q, block_k, data):
+    """Every field, padding included, equals what the naive block counts give through the stable sort:
+    composites, cross shapes (Lq != Lk) and ragged ends."""
+    q_len, kv_len = lengths
+    check_same_fields(data.draw(composite_patterns(kv_len)), q_len, kv_len, block_q, block_k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(qkv_lengths(max_len=32), blocks, blocks, st.data())
+def test_fields_equal_sort_based_layout_per_head(lengths, block_q, block_k, data):
+    q_len, kv_len = lengths
+    pattern, h = data.draw(head_patterns(kv_len))
+    check_same_fields(pattern, q_len, kv_len, block_q, block_k, h)
+
+
+@pytest.mark.parametrize("q_len, kv_len, block_q, block_k", [(48, 48, 8, 8), (45, 37, 6, 16), (37, 45, 8, 5),
+                                                             (1, 45, 4, 4), (45, 1, 4, 4), (20, 20, 64, 3)])
+def test_fields_equal_sort_based_layout_banded(q_len, kv_len, block_q, block_k):
+    """The banded patterns of long-context training, on exact grids, ragged ends and cross shapes."""
+    doc = Document([kv_len // 3, kv_len - kv_len // 3] if kv_len >= 3 else [kv_len])
+    for pat in (SlidingWindow(7), SlidingWindow(3, 5), SlidingWindow(11) | Sinks(4), Causal(), Sinks(3),
+                Chunked(8), PrefixLM(10), PrefixLM(0), doc, doc & Causal(), (doc & Causal()) | Sinks(2),
+                SlidingWindow(5) & Chunked(16), PerHead([SlidingWindow(3), Causal(), Chunked(5)])):
+        check_same_fields(pat, q_len, kv_len, block_q, block_k, 3 if isinstance(pat, PerHead) else None)
+
+
+class _OpLog:
+    """The non-view ATen ops dispatched inside the block, and those of them that touch ``device`` (on a GPU
+    each of those is a kernel launch or a copy; on the CPU it would be a CPU op)."""
+
+    def __init__(self, device="meta"):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log, dev_log = self.ops, self.device_ops = [], []
+        dev = self.device
+
+        def on_device(x):
+            return isinstance(x, torch.Tensor) and x.device.type == dev.type
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+                    log.append(str(func))
+                    flat = list(args) + list((kwargs or {}).values()) + (list(out) if isinstance(out, (tuple, list))
+                                                                         else [out])
+                    if any(on_device(x) for x in flat):
+                        dev_log.append(str(func))
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+_SYNCING = ("nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal", "unique", "masked_select")
+_BANDED = [Full(), Causal(), SlidingWindow(1023), SlidingWindow(63, 64), Sinks(4), Sinks(300), Chunked(2048),
+           PrefixLM(1000), PrefixLM(0), Document([3000, 5000, 192]), PerHead([Causal(), SlidingWindow(255)]),
+           PerHead([Document([8000, 192]), Chunked(512), Full()])]
+
+
+@pytest.mark.parametrize("pattern", _BANDED, ids=repr)
+@pytest.mark.parametrize("shape", [(8192, 8192, 64, 64), (8192, 8192, 128, 128), (1000, 8192, 128, 48),
+                                   (8192, 1000 + 7192, 100, 64)], ids=str)
+def test_band_path_device_ops(pattern, shape):
+    """Banded patterns (and PerHead of them) take the band path: on the device one host->device copy and
+    three kernels (fill, scatter-add, cumsum), whatever the lengths; no (nq, nk) classification, no sync."""
+    assert pattern._banded
+    q_len, kv_len, bq, bk = shape
+    h = len(pattern.patterns) if isinstance(pattern, PerHead) else 2
+    pattern.block_layout(q_len, kv_len, bq, bk, num_heads=h)       # build any cached lookup table first
+    ctx = Ctx(q_len, kv_len, bq, bk, h, torch.device("meta"))
+    assert pattern._band_layout(ctx) is None                         # off the CPU: the dense path (measured)
+    with _OpLog("meta") as log:
+        lay = pattern._band_layout(ctx, force=True)
+    assert not [op for op in log.ops if any(s in op for s in _SYNCING)], log.ops
+    assert sorted(log.device_ops) == sorted(["aten._to_copy.default", "aten.ones.default",
+                                             "aten.scatter_add_.default", "aten.cumsum_.default"]), log.device_ops
+    assert lay.kv_indices.device.type == "meta"
+    leaves = len(pattern.patterns) if isinstance(pattern, PerHead) else 1
+    assert len(log.ops) <= 30 + 25 * leaves, log.ops  # the CPU side: a few dozen ops on (nq,) tensors
+
+
+@pytest.mark.parametrize("pattern", [Strided(64), Dilated(8, 2), PowerAttention(64),
+                                     PerHead([Causal(), Strided(16)])], ids=repr)
+def test_dense_exact_patterns_never_sync(pattern):
+    """Closed-form patterns without a band form classify every block pair on the device, in a fixed
+    number of ops and without any data-dependent one (a device->host synchronisation on a GPU)."""
+    assert not pattern._banded
+    assert pattern._classify3(Ctx(8192, 8192, 64, 64, 2, torch.device("cpu")))[2] is None
+    counts = []
+    for shape in [(8192, 8192, 64, 64), (8192, 8192, 256, 128)]:
+        with _OpLog("meta") as log:
+            pattern.block_layout(*shape, device="meta", num_heads=2)
+        assert not [op for op in log.ops if any(s in op for s in _SYNCING)], log.ops
+        counts.append(len(log.device_ops))
+    assert counts[0] == counts[1]
+
+
+def test_layout_op_counts():
+    """The common long-context layouts stay launch-light (on a GPU every device op is a kernel launch of
+    ~5-20 us): 4 for the band path; the composite takes the dense path with one sync."""
+    def device_ops(pat, n=65536, force=True):
+        with _OpLog("meta") as log:
+            if force:
+                pat._band_layout(Ctx(n, n, 128, 128, None, torch.device("meta")), force=True)
+            else:
+                pat.block_layout(n, n, 128, 128, device="meta")
+        return log.device_ops
+
+    for pat in (SlidingWindow(1023), SlidingWindow(4095), Causal(), Chunked(2048), Document([4096] * 16)):
+        assert len(device_ops(pat)) == 4
+        assert len(device_ops(pat, force=False)) <= 30     # the dense path, used on GPUs
+    # composites of banded patterns can merge their pieces on the CPU and settle the few blocks partial
+    # in both operands there (the CPU device's path): the same four device ops
+    for pat in (SlidingWindow(1023) | Sinks(4), Document([4096] * 16) & Causal(), Sinks(4) | SlidingWindow(8, 8)):
+        ctx = Ctx(65536, 65536, 128, 128, None, torch.device("meta"))
+        with _OpLog("meta") as log:
+            assert pat._band_layout(ctx, force=True) is not None
+        assert len(log.device_ops) == 4, log.device_ops
+        assert pat._band_layout(ctx) is None     # off the CPU: the dense path (faster there, measured)
+    with _OpLog("cpu") as log:                    # the general path (meta tensors cannot run nonzero())
+        (SlidingWindow(1023) | Sinks(4))._dense_layout(Ctx(65536, 65536, 128, 128, None, torch.device("cpu")))
+    assert sum("nonzero" in op for op in log.ops) == 1
+    assert len(log.ops) <= 60, log.ops
+    with _OpLog("cpu") as log:
+        Strided(64).block_layout(65536, 65536, 128, 128)
+    assert len(log.ops) <= 40, log.ops
+
+
+# -- the band path against the dense classification, at sizes the naive reference cannot reach ---------
+@st.composite
+def banded_patterns(draw, kv_len: int):
+    n = st.integers
+    leaf = st.one_of(st.builds(SlidingWindow, n(0, 300), n(0, 300)), st.builds(Sinks, n(1, 300)), st.just(Causal()),
+                     st.builds(Chunked, n(1, 400)), st.builds(PrefixLM, n(0, 400)), st.just(Full()),
+                     _big_documents(kv_len))
+    if draw(st.booleans()):
+        return draw(leaf), None
+    h = draw(n(1, 3))
+    return PerHead([draw(leaf) for _ in range(h)]), h
+
+
+@st.composite
+def _big_documents(draw, kv_len: int):
+    cuts = draw(st.sets(st.integers(1, kv_len - 1), max_size=12)) if kv_len > 1 else set()
+    bounds = [0, *sorted(cuts), kv_len]
+    return Document([b - a for a, b in zip(bounds, bounds[1:])])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 1500), st.integers(1, 1500), st.integers(1, 130), st.integers(1, 130), st.data())
+def test_band_path_equals_dense_path(q_len, kv_len, block_q, block_k, data):
+    """Every field of the band path equals the dense path's (classification + sort-free CSR), on cross
+    shapes and ragged ends, per-head too."""
+    pattern, h = data.draw(banded_patterns(kv_len))
+    ctx = Ctx(q_len, kv_len, block_q, block_k, h, torch.device("cpu"))
+    band, dense = pattern._band_layout(ctx), pattern._dense_layout(ctx)
+    for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        a, b = getattr(band, f), getattr(dense, f)
+        assert a.dtype == b.dtype == torch.int32 and a.is_contiguous()
+        assert torch.equal(a, b.expand_as(a)), f"{pattern!r} Lq={q_len} Lk={kv_len} block=({block_q},{block_k}): {f}"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 1200), st.integers(1, 1200), st.integers(1, 100), st.integers(1, 100), st.data())
+def test_band_path_equals_dense_path_composites(q_len, kv_len, block_q, block_k, data):
+    """Unions and intersections of banded patterns merge their pieces on the CPU and settle the blocks
+    partial in both operands by evaluating the mask there: the same fields as the dense path."""
+    pa, ha = data.draw(banded_patterns(kv_len))
+    pb, hb = data.draw(banded_patterns(kv_len))
+    if ha is not None and hb is not None and ha != hb:
+        pb, hb = data.draw(banded_patterns(kv_len).filter(lambda t: t[1] is None))
+    pattern = (pa | pb) if data.draw(st.booleans()) else (pa & pb)
+    if data.draw(st.booleans()):
+        pc, hc = data.draw(banded_patterns(kv_len).filter(lambda t: t[1] is None))
+        pattern = (pattern | pc) if data.draw(st.booleans()) else (pattern & pc)
+    h = ha or hb
+    assert pattern._banded and not pattern._band_leaf
+    ctx = Ctx(q_len, kv_len, block_q, block_k, h, torch.device("cpu"))
+    band, dense = pattern._band_layout(ctx), pattern._dense_layout(ctx)
+    if band is None:                               # too many blocks to settle on the CPU: falls back
+        return
+    for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        a, b = getattr(band, f), getattr(dense, f)
+        assert torch.equal(a, b.expand_as(a)), f"{pattern!r} Lq={q_len} Lk={kv_len} block=({block_q},{block_k}): {f}"
+
+
+@settings(max_examples=80, deadline=None)
+@given(qkv_lengths(), blocks, blocks, st.data())
+def test_composite_fallback_to_dense(lengths, block_q, block_k, data):
+    """With no CPU evaluation budget a composite with blocks partial in both operands takes the general
+    path; the fields are the same either way (naive reference)."""
+    import attnzoo.patterns.base as base
+
+    q_len, kv_len = lengths
+    pattern = data.draw(composite_patterns(kv_len))
+    old = base._BAND_EVAL_BUDGET
+    base._BAND_EVAL_BUDGET = 0
+    try:
+        check_same_fields(pattern, q_len, kv_len, block_q, block_k)
+    finally:
+        base._BAND_EVAL_BUDGET = old
+
+
+def test_band_composite_settles_on_cpu():
+    """SlidingWindow | Sinks: the sink column's blocks on the window's edge are settled on the CPU (the
+    union completes some of them: full), with the same result as the naive reference."""
+    for n, bq, bk in [(64, 8, 8), (96, 8, 16), (100, 12, 7)]:
+        for pat in (SlidingWindow(11) | Sinks(4), Sinks(4) | SlidingWindow(11), SlidingWindow(20, 3) | Sinks(9),
+                    (Document([30, n - 30]) & Causal()) | Sinks(2)):
+            assert pat._banded
+            check_same_fields(pat, n, n, bq, bk)
+            check_same_fields(pat, n - 17, n, bq, bk)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 700), st.integers(1, 80), st.integers(1, 80), st.data())
+def test_band_rows_numpy_and_torch_agree(q_len, kv_len, block_q, block_k, data):
+    """The band leaves' row arithmetic gives the same rows on numpy arrays and on CPU tensors (the
+    fallback without numpy), and the CSR built from either is the same."""
+    from attnzoo.patterns.base import Rows
+    from attnzoo.patterns.layout import _band_csr
+
+    pytest.importorskip("numpy")
+    pattern, h = data.draw(banded_patterns(kv_len))
+    ctx = Ctx(q_len, kv_len, block_q, block_k, h, torch.device("cpu"))
+    a = pattern._band_rows(Rows(ctx, use_numpy=True))
+    b = pattern._band_rows(Rows(ctx, use_numpy=False))
+    assert isinstance(b, torch.Tensor) and torch.equal(torch.from_numpy(a), b)
+    nk = ctx.nk
+    for x, y in zip(_band_csr(a, nk, "cpu"), _band_csr(b, nk, "cpu")):
+        assert torch.equal(x, y)

@@ -4,6 +4,12 @@ All definitions are on positions: query ``i`` sits at ``p = i + kv_len - q_len``
 index. In ``_classify`` every block is a rectangle of positions ``[p0, p1] x [k0, k1]`` (inclusive),
 and the pairs of a rectangle realise every difference ``p - k`` in ``[p0 - k1, p1 - k0]``, which is
 what makes the closed forms below exact.
+
+The closed forms return ``None`` as their "uncertain" flag (exact everywhere), and are written for few
+tensor ops: on the GPU every op is a kernel launch, and launches, not elements, dominate the cost of
+a layout. Query ranges are (nq, 1) and key ranges (1, nk), so comparisons between them broadcast to the
+(nq, nk) block grid; when ``lo <= hi`` per axis, ``[a0, a1]`` and ``[b0, b1]`` overlap iff ``a0 <= b1`` and
+``b0 <= a1``, and are one and the same point iff ``a0 == b1`` and ``a1 == b0``.
 """
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ from typing import Callable
 
 import torch
 
-from .base import Ctx, Pattern, _check_int
+from .base import Ctx, Pattern, Rows, _check_int
 
 
 def _false(ctx: Ctx):
-    return torch.zeros((), dtype=torch.bool, device=ctx.device)
+    """The "uncertain" flag of an exact classification: none (see `Pattern._classify`)."""
+    return None
 
 
 def _delta_range(ctx: Ctx):
@@ -39,8 +46,14 @@ class Full(Pattern):
         return torch.ones(torch.broadcast_shapes(p.shape, k.shape), dtype=torch.bool, device=p.device)
 
     def _classify(self, ctx):
-        t = torch.ones((ctx.nq, ctx.nk), dtype=torch.bool, device=ctx.device)
+        t = torch.ones((), dtype=torch.bool, device=ctx.device).expand(ctx.nq, ctx.nk)
         return t, t, _false(ctx)
+
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        z = r.zeros()
+        return z, z + (r.nk - 1), z, z + (r.nk - 1)
 
     def count_visible(self, q_len, kv_len, num_heads=None):
         return q_len * kv_len
@@ -59,6 +72,12 @@ class Causal(Pattern):
     def _classify(self, ctx):
         p0, p1, k0, k1 = ctx.ranges()
         return k0 <= p1, k1 <= p0, _false(ctx)
+
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        z = r.zeros()
+        return z, r.last_k0_le(r.p1), z, r.last_k1_le(r.p0)
 
     def __repr__(self):
         return "Causal()"
@@ -87,6 +106,13 @@ class SlidingWindow(Pattern):
         all_ = (hi <= self.left) & (lo >= -self.right)
         return any_, all_, _false(ctx)
 
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        # any: k1 >= p0 - left and k0 <= p1 + right; all: k0 >= p1 - left and k1 <= p0 + right
+        return (r.first_k1_ge(r.p0 - self.left), r.last_k0_le(r.p1 + self.right),
+                r.first_k0_ge(r.p1 - self.left), r.last_k1_le(r.p0 + self.right))
+
     def __repr__(self):
         return f"SlidingWindow({self.left})" if self.right == 0 else f"SlidingWindow({self.left}, {self.right})"
 
@@ -104,9 +130,16 @@ class Sinks(Pattern):
 
     def _classify(self, ctx):
         p0, p1, k0, k1 = ctx.ranges()
-        any_ = (k0 < self.n) & (k0 <= p1)
-        all_ = (k1 < self.n) & (k1 <= p0)
+        # (k < n) & (k <= p) is k <= min(p, n - 1)
+        any_ = k0 <= torch.clamp(p1, max=self.n - 1)
+        all_ = k1 <= torch.clamp(p0, max=self.n - 1)
         return any_, all_, _false(ctx)
+
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        z = r.zeros()
+        return z, r.last_k0_le(r.minimum(r.p1, self.n - 1)), z, r.last_k1_le(r.minimum(r.p0, self.n - 1))
 
     def __repr__(self):
         return f"Sinks({self.n})"
@@ -130,9 +163,20 @@ class Chunked(Pattern):
         s = self.size
         cp0, cp1 = torch.div(p0, s, rounding_mode="floor"), torch.div(p1, s, rounding_mode="floor")
         ck0, ck1 = torch.div(k0, s, rounding_mode="floor"), torch.div(k1, s, rounding_mode="floor")
+        # chunk ranges [cp0, cp1] and [ck0, ck1]: overlap / both the same single chunk
         any_ = (cp0 <= ck1) & (ck0 <= cp1)
-        all_ = (cp0 == cp1) & (ck0 == ck1) & (cp0 == ck0)
+        all_ = (cp0 == ck1) & (cp1 == ck0)
         return any_, all_, _false(ctx)
+
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        s = self.size
+        c0 = (r.p0 // s) * s              # first position of p0's chunk (floor division, also below 0)
+        c1 = (r.p1 // s) * s
+        # any: key chunks reach p0's chunk and start by p1's; all: one chunk for queries and keys
+        f1 = r.where(c0 == c1, r.last_k1_le(c0 + (s - 1)), -1)
+        return r.first_k1_ge(c0), r.last_k0_le(c1 + (s - 1)), r.first_k0_ge(c0), f1
 
     def __repr__(self):
         return f"Chunked({self.size})"
@@ -222,10 +266,17 @@ class PrefixLM(Pattern):
 
     def _classify(self, ctx):
         p0, p1, k0, k1 = ctx.ranges()
-        any_ = (k0 < self.prefix_len) | (k0 <= p1)
-        # columns >= prefix_len must all be causal-visible from the first query of the block
-        all_ = (torch.clamp(k0, min=self.prefix_len) > k1) | (k1 <= p0)
+        # (k < prefix_len) | (k <= p) is k <= max(p, prefix_len - 1); a block is entirely visible iff
+        # its last key is visible from its first query
+        any_ = k0 <= torch.clamp(p1, min=self.prefix_len - 1)
+        all_ = k1 <= torch.clamp(p0, min=self.prefix_len - 1)
         return any_, all_, _false(ctx)
+
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        z, m = r.zeros(), self.prefix_len - 1
+        return z, r.last_k0_le(r.maximum(r.p1, m)), z, r.last_k1_le(r.maximum(r.p0, m))
 
     def __repr__(self):
         return f"PrefixLM({self.prefix_len})"
@@ -259,8 +310,9 @@ class Document(Pattern):
         if total != kv_len:
             raise ValueError(f"pattern: Document lengths sum to {total} but the key length is {kv_len}")
 
-    def _bounds(self, device):
-        return torch.tensor([0, *self.lengths], device=device).cumsum(0)
+    def _starts(self, device):
+        """First token of every document (int64, cached per device like the id table)."""
+        return _doc_starts(self.lengths, str(torch.device(device)))
 
     def _doc_ids(self, device):
         return _doc_table(self.lengths, str(torch.device(device)))
@@ -276,23 +328,68 @@ class Document(Pattern):
 
     def _classify(self, ctx):
         p0, p1, k0, k1 = ctx.ranges()
-        ends = self._bounds(ctx.device)[1:]
+        if ctx.device.type == "cpu":  # a table lookup (CPU searchsorted threads even for 1K values)
+            ids = _doc_bounds(self.lengths)[0]
 
-        def doc(x):
-            d = torch.searchsorted(ends, x.clamp(min=0).contiguous(), right=True)
-            return torch.where(x >= 0, d, -1)
+            def doc(x):  # document id + 1 (0: x < 0)
+                return ids[(x + 1).clamp_(min=0)]
+        else:
+            starts = self._starts(ctx.device)
+
+            def doc(x):  # document id + 1: the number of documents starting at or before x (0: x < 0)
+                return torch.searchsorted(starts, x.contiguous(), right=True)
 
         dp0, dp1, dk0, dk1 = doc(p0), doc(p1), doc(k0), doc(k1)
-        # documents are contiguous and non-empty, so a rectangle realises every doc id in its ranges
-        any_ = (torch.maximum(dp0, dk0) <= torch.minimum(dp1, dk1)) & (dp1 >= 0)
-        all_ = (dp0 == dp1) & (dk0 == dk1) & (dp0 == dk0)
+        # documents are contiguous and non-empty, so a rectangle realises every doc id in its ranges:
+        # visible iff the id ranges overlap (keys are never at negative positions, so dk0 >= 1 keeps
+        # queries before the first key out), entirely visible iff both are the same single document
+        any_ = (dp0 <= dk1) & (dk0 <= dp1)
+        all_ = (dp0 == dk1) & (dp1 == dk0)
         return any_, all_, _false(ctx)
+
+    _banded = _band_leaf = True
+
+    def _band(self, r: Rows):
+        ids, first, last = (r.array(t) for t in _doc_bounds(self.lengths))
+        # doc id + 1 of each block's first / last query (0: before the first key); first / last hold
+        # each such id's first and last token (-1 for id 0, which no key has). A table lookup, not
+        # searchsorted: on the CPU that one goes multi-threaded even for 1K values (ms of wake-ups).
+        d0 = ids[r.maximum(r.p0 + 1, 0)]
+        d1 = ids[r.maximum(r.p1 + 1, 0)]
+        lo0, hi1 = first[d0], last[d1]
+        f1 = r.where(d0 == d1, r.last_k1_le(last[d0]), -1)
+        return r.first_k1_ge(lo0), r.last_k0_le(hi1), r.first_k0_ge(lo0), f1
 
     def __repr__(self):
         if len(self.lengths) > 6:
             head = ", ".join(map(str, self.lengths[:3]))
             return f"Document([{head}, ... {len(self.lengths)} docs, {sum(self.lengths)} tokens])"
         return f"Document({list(self.lengths)})"
+
+
+@functools.lru_cache(maxsize=16)
+def _doc_bounds(lengths: tuple):
+    """CPU tables for the band path: ``ids[x + 1]`` = doc id + 1 of token x (``ids[0]`` = 0 for positions
+    before the first key, int32), and the first / last token of each doc id + 1 (-1 for id + 1 = 0)."""
+    starts, acc = [], 0
+    for n in lengths:
+        starts.append(acc)
+        acc += n
+    ids = torch.repeat_interleave(torch.arange(len(lengths) + 1, dtype=torch.int32),
+                                  torch.tensor([1, *lengths]))
+    first = torch.tensor([-1] + starts, dtype=torch.int64)
+    last = torch.tensor([-1] + [s - 1 for s in starts[1:]] + [acc - 1], dtype=torch.int64)
+    return ids, first, last
+
+
+@functools.lru_cache(maxsize=64)
+def _doc_starts(lengths: tuple, device: str) -> torch.Tensor:
+    """First token of every document (a sorted table for searchsorted)."""
+    starts, acc = [], 0
+    for n in lengths:
+        starts.append(acc)
+        acc += n
+    return torch.tensor(starts, dtype=torch.int64, device=device)
 
 
 @functools.lru_cache(maxsize=64)
