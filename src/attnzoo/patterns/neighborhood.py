@@ -193,7 +193,7 @@ class Neighborhood(Pattern):
         counts = counts.view(ctx.nq, ctx.nk)
         p0, p1, k0, k1 = ctx.ranges()
         area = (p1 - p0 + 1) * (k1 - k0 + 1)
-        return counts > 0, counts == area, torch.zeros((), dtype=torch.bool, device=dev)
+        return counts > 0, counts == area, None  # exact: never uncertain (no host sync)
 
     def count_visible(self, q_len, kv_len, num_heads=None):
         grid = self._grid(kv_len)
@@ -403,7 +403,7 @@ class TiledNeighborhood(Pattern):
             any_ = aa if any_ is None else any_ & aa
             all_ = fa if all_ is None else all_ & fa
         nq = geo.n // geo.vol
-        return any_.reshape(nq, nq), all_.reshape(nq, nq), torch.zeros((), dtype=torch.bool, device=ctx.device)
+        return any_.reshape(nq, nq), all_.reshape(nq, nq), None  # exact
 
     def count_visible(self, q_len, kv_len, num_heads=None):
         return self.neighborhood.count_visible(q_len, kv_len, num_heads)
