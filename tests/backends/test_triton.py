@@ -243,3 +243,24 @@ def test_auto_prefers_triton_on_cuda_only(monkeypatch):
     assert not ok and "interpreter" in why
     monkeypatch.setattr(Request, "device", property(lambda self: torch.device("cuda")))
     assert BACKENDS["triton"].auto_ok(req) == (True, "")
+
+
+def test_torch_compile_fullgraph_no_recompile():
+    """torch.compile traces attention(backend='triton') into one graph (custom ops with fake impls),
+    gradients flow, and new data of the same shape does not recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    p = az.SlidingWindow(5) | az.Sinks(2)
+    cnt = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda q, k, v: az.attention(q, k, v, p, backend="triton"), backend=cnt, fullgraph=True)
+    for seed in (0, 1):
+        q, k, v = (t.detach().float().requires_grad_() for t in inputs(1, 2, 1, 24, 24, 32, 32, seed=seed))
+        out = f(q, k, v)
+        out.sum().backward()
+        q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+        ref = az.attention(q2, k2, v2, p, backend="triton")
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(q.grad, q2.grad)
+    assert cnt.frame_count == 1

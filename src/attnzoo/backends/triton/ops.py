@@ -208,8 +208,10 @@ _PATTERN_IDS: dict = {}
 _PATTERNS: list = []
 
 
+@torch.compiler.assume_constant_result
 def pattern_id(pattern) -> int:
-    """A stable integer id for a (hashable, immutable) pattern, so custom ops can carry it."""
+    """A stable integer id for a (hashable, immutable) pattern, so custom ops can carry it. Under
+    `torch.compile` it runs at trace time (a constant of the graph), so the registration is real."""
     pid = _PATTERN_IDS.get(pattern)
     if pid is None:
         pid = _PATTERN_IDS[pattern] = len(_PATTERNS)
