@@ -22,10 +22,23 @@ two matmuls in "chunk" and "recurrent" modes alike ("naive" accumulates token by
 ``mode="chunk"`` runs the chunked form of the gated linear recurrence (exact masked products inside a
 chunk, running state between chunks; the constant decay enters as exp of segment sums, exponents <= 0).
 ``mode="recurrent"`` loops with :func:`linear_attention_step`; ``mode="naive"`` is the reference.
+
+``backend`` chooses who runs ``mode="chunk"`` (and the decoding step): "torch" (the PyTorch chunked form),
+"triton" (the kernels of :mod:`attnzoo.linear.triton_kernels`; CUDA, or CPU under ``TRITON_INTERPRET=1``)
+or "auto" (the default): Triton when the inputs are on CUDA and the case is one the kernels cover (an
+elementwise feature map "identity", "elu+1" or "relu"; ``normalize=False``; ``causal=True``; float16,
+bfloat16 or float32; head dims <= 128), else PyTorch. The environment variable ``ATTNZOO_LINEAR_TRITON=0``
+turns "auto" Triton off; ``=1`` also lets "auto" pick Triton on CPU under the interpreter. The Triton path
+chooses its own chunk (64 on GPU, 32 for float32, 16 under the interpreter; ``chunk_size`` is ignored
+there), applies the feature map in float32 and rounds phi(q), phi(k) back to the input dtype, and keeps the
+tensor-core operands in the input dtype (float32 accumulation; see the kernels' module for the precision
+notes). The decoding step uses the step kernel only when no gradient is needed.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from numbers import Real
 
 import torch
@@ -73,8 +86,42 @@ def _features(phi, q, k, scale, cd):
     return fq.to(cd) * scale, fk.to(cd)
 
 
+def _triton_ok(backend, q, v, feature_map, normalize: bool, causal: bool, mode: str = "chunk") -> bool:
+    """Whether this call runs on the Triton kernels (see the module doc); raises for backend="triton" on a
+    case they do not cover."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    reasons = []
+    if not (isinstance(feature_map, str) and feature_map in ("identity", "elu+1", "relu")):
+        reasons.append("the feature map must be 'identity', 'elu+1' or 'relu'")
+    if normalize:
+        reasons.append("normalize=True is not supported")
+    if not causal:
+        reasons.append("causal=False is not supported")
+    if mode != "chunk":
+        reasons.append(f"mode={mode!r}: the kernels implement mode='chunk'")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or (q.device.type == "cpu" and interp)):
+        reasons.append("the inputs must be on CUDA (or on CPU with TRITON_INTERPRET=1)")
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if backend == "triton":
+        if reasons:
+            raise ValueError("backend='triton': " + "; ".join(reasons))
+        return True
+    env = os.environ.get("ATTNZOO_LINEAR_TRITON")
+    if reasons or env == "0" or max(q.shape[-1], v.shape[-1]) > 128:  # auto: the head dims the kernels were sized for
+        return False
+    return q.is_cuda or env == "1"
+
+
 def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=False, scale=None, initial_state=None,
-                     output_final_state=False, mode="chunk", cu_seqlens=None, chunk_size=64, causal=True, eps=1e-6):
+                     output_final_state=False, mode="chunk", cu_seqlens=None, chunk_size=64, causal=True, eps=1e-6,
+                     backend="auto"):
     """Linear attention. Returns ``(o, final_state)``; final_state is None unless ``output_final_state``.
 
     Args:
@@ -90,6 +137,7 @@ def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=Fals
         chunk_size: steps per chunk in "chunk" mode.
         causal: False for the bidirectional form (no decay).
         eps: added to the normaliser.
+        backend: "auto", "torch" or "triton" (who runs ``mode="chunk"``; see the module doc).
     """
     _core.check_qkv(q, k, v)
     for name, val in (("normalize", normalize), ("output_final_state", output_final_state), ("causal", causal)):
@@ -106,6 +154,13 @@ def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=Fals
     if not causal and log_decay is not None:
         raise ValueError("decay needs causal=True: the non-causal form has no order to decay along")
     offsets = _core.check_cu_seqlens(cu_seqlens, b, length, q.device)
+    if _triton_ok(backend, q, v, feature_map, normalize, causal, mode):
+        from .triton_kernels import linear_attention_chunk
+        n = b if offsets is None else len(offsets) - 1
+        if initial_state is not None:
+            _core.check_state("initial_state", initial_state, (n, h, d, dv), q.device)
+        o, s = linear_attention_chunk(q, k, v, feature_map, log_decay, scale, initial_state, offsets)
+        return o, (s if output_final_state else None)
     fq, fk = _features(phi, q, k, scale, cd)
     f = fq.shape[-1]
     n = b if offsets is None else len(offsets) - 1
@@ -138,11 +193,12 @@ def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=Fals
 
 
 def linear_attention_step(q_t, k_t, v_t, state, feature_map="identity", decay=None, normalize=False, scale=None,
-                          eps=1e-6):
+                          eps=1e-6, backend="auto"):
     """One decoding step of (decayed, normalised) linear attention.
 
     q_t, k_t (B, H, D), v_t (B, H, Dv); state (B, H, F, Dv [+1]) or None (zeros). The feature map sees the
-    token as (B, H, 1, D). Returns ``(o_t (B, H, Dv), new_state)``.
+    token as (B, H, 1, D). Returns ``(o_t (B, H, Dv), new_state)``. ``backend`` as for
+    :func:`linear_attention`; the step kernel (out of place) runs only when no input needs a gradient.
     """
     _core.check_qkv(q_t, k_t, v_t, step=True)
     _core.check_bool("normalize", normalize)
@@ -153,6 +209,16 @@ def linear_attention_step(q_t, k_t, v_t, state, feature_map="identity", decay=No
     eps = _check_eps(eps)
     cd = _core.compute_dtype(q_t.dtype)
     log_decay = _check_decay(decay, h, q_t.device, cd)
+    if _triton_ok(backend, q_t, v_t, feature_map, normalize, True):
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (q_t, k_t, v_t, state, decay))
+        if backend == "triton" and needs_grad:
+            raise ValueError("backend='triton': the decoding step kernel is not differentiable")
+        if not needs_grad:
+            from .triton_kernels import linear_attention_step as step
+            if state is not None:
+                _core.check_state("state", state, (b, h, d, dv), q_t.device)
+            return step(q_t, k_t, v_t, feature_map, log_decay, scale, state)
     fq, fk = _features(phi, q_t.unsqueeze(2), k_t.unsqueeze(2), scale, cd)
     fq, fk = fq.squeeze(2), fk.squeeze(2)
     f = fq.shape[-1]

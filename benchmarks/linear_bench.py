@@ -1,0 +1,435 @@
+"""Scalar-gated linear attention ("simple GLA") on the GPU: attnzoo's Triton kernels against the PyTorch
+chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) and dense causal SDPA
+(cuDNN) at the same shape; then the decoding step's bandwidth.
+
+    PYTHONPATH=src python3 benchmarks/linear_bench.py --out DIR [--sweep] [--quick]
+
+1. Correctness at a mid size first (B=2, H=4, T=1000, bf16 / fp16 / fp32, random log-sigmoid gates and
+   no gate, initial state, outputs poisoned with NaN): o, final state, dq, dk, dv, dg, d initial state against
+   the float64 chunked form (itself tested against the recurrence), with the protocol's rule: 16-bit results
+   (and the float32 results of a 16-bit run) within 2x the error of the same chunked computation done by
+   the PyTorch math path in that dtype + 1e-5 and rel RMSE < 5e-3; float32 within rel 1e-4. Also recorded,
+   for information: the error ratio against the PyTorch tier as the library runs it (float32 compute),
+   flash-linear-attention's error at the same inputs, and the step kernel against the recurrence.
+2. Speed: bf16, 16 heads, head dim 128, B*T in {16K, 64K} tokens at several T; forward and forward+backward
+   (random gates, as in training). CUDA events, L2 flushed, median and 20/80th percentiles
+   (attnzoo.bench.timing). Backends: ``triton`` (attnzoo.linear.triton_kernels.simple_gla), ``torch-chunk``
+   (the PyTorch tier's chunked form, float32 compute, chunk 64), ``fla`` (fla.ops.simple_gla.chunk_simple_gla,
+   [B, T, H, D] layout, 'unsupported' when not importable), ``sdpa-cudnn`` and ``sdpa-flash`` (dense causal
+   softmax attention: how linear attention compares with FlashAttention at this length).
+3. Decode: one token against a 128x128 float32 state per head, 16 heads, B in 1..64: the step kernel
+   (in place and out of place) and the PyTorch step, CUDA-graph replay and eager; GB/s = bytes of state read
+   and written (2 x B x H x 128 x 128 x 4) plus the token's q, k, v, o, over the median time; fraction of the
+   H100 SXM peak (3.35 TB/s). flash-linear-attention's fused_recurrent_simple_gla with T=1 when importable.
+``--sweep`` also times block-size variants of the Triton kernels (``tk.config`` keys) at B=8, T=2048.
+
+One JSON line per measurement (every parameter, device, versions, status) in DIR/linear_bench.jsonl.
+"""
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attnzoo.bench.timing import time_fn
+from attnzoo.linear import _core
+from attnzoo.linear import triton_kernels as tk
+from attnzoo.testing import check_close, max_err, rel_rmse
+
+PEAK_BYTES_S = 3.35e12  # H100 SXM HBM3
+H, D = 16, 128
+DEV = "cuda"  # a dry run under the Triton interpreter sets "cpu"
+
+
+def env():
+    import triton
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)"
+    info = dict(device=name, torch=torch.__version__, triton=triton.__version__)
+    try:
+        import fla
+        info["fla"] = getattr(fla, "__version__", "unknown")
+    except Exception:  # noqa: BLE001 - a missing peer library is recorded, never fatal
+        info["fla"] = None
+    return info
+
+
+def fla_chunk():
+    """fla's chunk_simple_gla adapted to (B, H, T, D) inputs, or None when not importable."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # noqa: BLE001
+        return None
+    extra = {"head_first": False} if "head_first" in inspect.signature(chunk_simple_gla).parameters else {}
+
+    def run(q, k, v, g, scale, s0=None, final=False):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731 - (B, H, T, D) -> (B, T, H, D) views
+        o, s = chunk_simple_gla(t(q), t(k), t(v), g=None if g is None else g.transpose(1, 2), scale=scale,
+                                initial_state=s0, output_final_state=final, **extra)
+        return o.transpose(1, 2), s
+    return run
+
+
+def fla_recurrent():
+    try:
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+    except Exception:  # noqa: BLE001
+        return None
+    return fused_recurrent_simple_gla
+
+
+def torch_chunk(q, k, v, g, scale, s0=None, chunk=64):
+    """The PyTorch tier as the library runs it: float32 compute, chunked form."""
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = lambda x: None if x is None else x.to(cd)  # noqa: E731
+    o, s = _core.chunk_gated_linear(c(q) * scale, c(k), c(v), c(g), c(s0), chunk)
+    return o.to(q.dtype), s
+
+
+def math_path(q, k, v, g, scale, s0=None, chunk=64):
+    """The same chunked computation in the inputs' own low precision (the protocol's baseline)."""
+    dt = q.dtype
+    c = lambda x: None if x is None else x.to(dt)  # noqa: E731
+    return _core.chunk_gated_linear(q * scale, k, v, c(g), c(s0), chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# correctness
+# ----------------------------------------------------------------------------------------------------------
+
+def grads_of(fn, inputs, do, ds):
+    leaves = {n: x.detach().clone().requires_grad_() for n, x in inputs.items() if x is not None}
+    o, s = fn(**leaves)
+    loss = (o * do.to(o.dtype)).sum() + (s * ds.to(s.dtype)).sum()
+    gr = torch.autograd.grad(loss, list(leaves.values()))
+    res = {"o": o.detach(), "state": s.detach()}
+    res.update({"d" + n: x for n, x in zip(leaves, gr)})
+    return res
+
+
+def correctness(dtype, gate, b=2, h=4, t=1000, dk=128, dv=128):
+    torch.manual_seed(hash((str(dtype), gate)) % 1000)
+    dev = DEV
+    q, k, v = (torch.randn(b, h, t, d, device=dev).to(dtype) for d in (dk, dk, dv))
+    g = F.logsigmoid(torch.randn(b, h, t, device=dev)) if gate == "random" else None
+    s0 = torch.randn(b, h, dk, dv, device=dev)
+    do = torch.randn(b, h, t, dv, device=dev).to(dtype)
+    ds = torch.randn(b, h, dk, dv, device=dev)
+    scale = dk ** -0.5
+    x = dict(q=q, k=k, v=v, g=g, s0=s0)
+    x64 = {n: (None if a is None else a.double()) for n, a in x.items()}
+    ref = grads_of(lambda q, k, v, s0, g=None: torch_chunk(q, k, v, g, scale, s0), x64, do.double(), ds.double())
+    base = grads_of(lambda q, k, v, s0, g=None: math_path(q, k, v, g, scale, s0), x, do, ds)
+    lib = grads_of(lambda q, k, v, s0, g=None: torch_chunk(q, k, v, g, scale, s0), x, do, ds)
+    rows, got = [], {}
+    row = dict(kind="correctness", dtype=str(dtype).split(".")[-1], gate=gate, B=b, H=h, T=t, dk=dk, dv=dv, **env())
+    try:
+        o, st = tk.fwd(q, k, v, g, s0, scale, poison=True)
+        dq, dk_, dv_, dg, ds0 = tk.bwd(do, ds, q, k, v, g, s0, scale, poison=True)
+        got = dict(o=o, state=st, dq=dq, dk=dk_, dv=dv_, ds0=ds0)
+        if g is not None:
+            got["dg"] = dg
+        ratios, fails = {}, []
+        for n, val in got.items():
+            r, bs = ref[n], base[n]
+            try:
+                if dtype == torch.float32:
+                    check_close(n, val, r)
+                elif val.dtype == dtype:
+                    check_close(n, val, r, baseline=bs)
+                else:  # a float32 result of a 16-bit run: the low-precision rule
+                    err, bound, rr = max_err(val, r), 2 * max_err(bs, r) + 1e-5, rel_rmse(val, r)
+                    if torch.isnan(val).any() or not (err <= bound and rr < 5e-3):
+                        raise AssertionError(f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}")
+            except AssertionError as e:
+                fails.append(str(e))
+            ratios[n] = dict(err=max_err(val, r), rel_rmse=rel_rmse(val, r), math_path_err=max_err(bs, r),
+                             fp32_tier_err=max_err(lib[n], r))
+        rows.append(dict(row, check="triton", status="pass" if not fails else "FAIL", errors=fails, detail=ratios))
+    except Exception as e:  # noqa: BLE001
+        rows.append(dict(row, check="triton", status="error", errors=[f"{type(e).__name__}: {e}"[:500]]))
+    run = fla_chunk()
+    if run is None:
+        rows.append(dict(row, check="fla", status="unsupported", errors=["flash-linear-attention not importable"]))
+    elif dtype != torch.float32:
+        try:
+            o, s = run(q, k, v, g, scale, s0, True)
+            rows.append(dict(row, check="fla", status="info", o_err=max_err(o, ref["o"]),
+                             o_rel_rmse=rel_rmse(o, ref["o"]), state_rel_rmse=rel_rmse(s, ref["state"]),
+                             triton_o_err=max_err(got["o"], ref["o"]) if "o" in got else None))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(row, check="fla", status="error", errors=[f"{type(e).__name__}: {e}"[:500]]))
+    return rows
+
+
+def step_correctness():
+    torch.manual_seed(1)
+    b, h, dk, dv = 3, 4, 128, 128
+    s = torch.randn(b, h, dk, dv, device=DEV)
+    q, k, v = (torch.randn(b, h, dd, device=DEV, dtype=torch.bfloat16) for dd in (dk, dk, dv))
+    g = F.logsigmoid(torch.randn(b, h, device=DEV))
+    want_o, want_s = _core.step_gated_linear(q.double() * 0.1, k.double(), v.double(), g.double(), s.double())
+    o, s_new = tk.step(q, k, v, g, s, 0.1, poison=True)
+    row = dict(kind="correctness", check="step", dtype="bfloat16", B=b, H=h, dk=dk, dv=dv, **env())
+    try:
+        check_close("step/o", o, want_o, baseline=want_o.to(torch.bfloat16))
+        check_close("step/state", s_new, want_s)
+        s2 = s.clone()
+        o2, _ = tk.step(q, k, v, g, s2, 0.1, inplace=True)
+        assert torch.equal(s2, s_new) and torch.equal(o2, o), "in place differs from out of place"
+        return [dict(row, status="pass")]
+    except AssertionError as e:
+        return [dict(row, status="FAIL", errors=[str(e)])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# speed
+# ----------------------------------------------------------------------------------------------------------
+
+def _record(base, backend, direction, r, tokens, **extra):
+    ok = r["status"] == "ok"
+    return dict(base, backend=backend, direction=direction, status=r["status"], message=r["message"],
+                median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"], compile_ms=r["compile_ms"],
+                peak_mem_bytes=r["peak_mem_bytes"], reps=r["reps"],
+                mtok_per_s=tokens / (r["median_ms"] * 1e-3) / 1e6 if ok else None, **extra)
+
+
+def _unsupported(base, backend, direction, msg, tokens):
+    r = dict(status="unsupported", message=msg, median_ms=None, p20_ms=None, p80_ms=None, compile_ms=None,
+             peak_mem_bytes=None, reps=0)
+    return _record(base, backend, direction, r, tokens)
+
+
+def speed(b, t, reps):
+    dev, dt = DEV, torch.bfloat16
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, H, t, D, device=dev, dtype=dt) for _ in range(3))
+    g = F.logsigmoid(torch.randn(b, H, t, device=dev)) / 16  # gates as in GLA-style training
+    do = torch.randn(b, H, t, D, device=dev, dtype=dt)
+    scale = D ** -0.5
+    base = dict(kind="speed", B=b, T=t, H=H, D=D, tokens=b * t, dtype="bfloat16", gate="logsigmoid/16", **env())
+    rows = []
+
+    def bench(name, fwd_fn, fb_fn):
+        for direction, fn in (("fwd", fwd_fn), ("fwd+bwd", fb_fn)):
+            r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=3.0)
+            rows.append(_record(base, name, direction, r, b * t))
+            torch.cuda.empty_cache()
+
+    def fb(call, leaves):
+        def run():
+            o = call(*leaves)
+            torch.autograd.grad(o, leaves, do)
+        return run
+
+    ql, kl, vl, gl = (x.detach().requires_grad_() for x in (q, k, v, g))
+    bench("triton", lambda: tk.simple_gla(q, k, v, g, scale),
+          fb(lambda q, k, v, g: tk.simple_gla(q, k, v, g, scale)[0], [ql, kl, vl, gl]))
+    bench("torch-chunk", lambda: torch_chunk(q, k, v, g, scale),
+          fb(lambda q, k, v, g: torch_chunk(q, k, v, g, scale)[0], [ql, kl, vl, gl]))
+    run = fla_chunk()
+    if run is None:
+        for direction in ("fwd", "fwd+bwd"):
+            rows.append(_unsupported(base, "fla", direction, "flash-linear-attention not importable", b * t))
+    else:
+        # fla reads [B, T, H, D]: give it that layout (contiguous), so it is timed on its native layout
+        qf, kf, vf = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        gf = g.transpose(1, 2).contiguous().transpose(1, 2)
+        lf = [x.detach().requires_grad_() for x in (qf, kf, vf, gf)]
+        bench("fla", lambda: run(qf, kf, vf, gf, scale), fb(lambda q, k, v, g: run(q, k, v, g, scale)[0], lf))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        def sdpa(q, k, v, g=None, backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        bench(name, lambda: sdpa(q, k, v), fb(sdpa, [ql, kl, vl]))
+    return rows
+
+
+def sweep(reps, b=8, t=2048):
+    """Block-size variants of the Triton kernels around tk.config, timed through the launchers."""
+    dev, dt = DEV, torch.bfloat16
+    q, k, v, do = (torch.randn(b, H, t, D, device=dev, dtype=dt) for _ in range(4))
+    g = F.logsigmoid(torch.randn(b, H, t, device=dev)) / 16
+    s0 = None
+    default = tk.config(D, D, dt, torch.device(dev))
+    variants = [("default", {})]
+    for bk, bv, w in ((64, 32, 4), (128, 64, 8), (32, 64, 4), (64, 64, 8), (128, 32, 4)):
+        variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
+    for bv, w in ((64, 4), (64, 8), (128, 4), (32, 4)):
+        variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
+    for bv, w in ((16, 8), (64, 8), (32, 4), (16, 4)):
+        variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))
+    for st in (1, 3):
+        variants.append((f"stages{st}", dict(stages=st)))
+    rows = []
+    base = dict(kind="sweep", B=b, T=t, H=H, D=D, dtype="bfloat16", **env())
+    for name, over in variants:
+        cfg = dict(default, **over)
+        for direction, fn in (("fwd", lambda: tk.fwd(q, k, v, g, s0, D ** -0.5, cfg=cfg)),
+                              ("bwd", lambda: tk.bwd(do, None, q, k, v, g, s0, D ** -0.5, cfg=cfg))):
+            r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=2.0)
+            rows.append(_record(base, "triton", direction, r, b * t, variant=name, cfg=cfg))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------------------
+
+def graphed(fn):
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fn()
+    return gr.replay
+
+
+def decode(b, reps):
+    dev = DEV
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(b, H, D, device=dev, dtype=dt) for _ in range(3))
+    g = F.logsigmoid(torch.randn(b, H, device=dev))
+    s = torch.randn(b, H, D, D, device=dev) * 0.01
+    nbytes = 2 * b * H * D * D * 4 + 4 * b * H * D * 2 + b * H * 4
+    base = dict(kind="decode", B=b, H=H, dk=D, dv=D, dtype="bfloat16", state_dtype="float32", bytes=nbytes, **env())
+    rows = []
+    fns = {
+        "triton-inplace": lambda: tk.step(q, k, v, g, s, 0.1, inplace=True),
+        "triton": lambda: tk.step(q, k, v, g, s, 0.1),
+        "torch": lambda: _core.step_gated_linear(q.float() * 0.1, k.float(), v.float(), g, s),
+    }
+    rec = fla_recurrent()
+    if rec is not None:
+        t1 = lambda x: x.unsqueeze(1)  # noqa: E731 - [B, 1, H, D]
+        fns["fla-fused-recurrent"] = lambda: rec(t1(q), t1(k), t1(v), g=g.unsqueeze(1), scale=0.1, initial_state=s,
+                                                 output_final_state=True)
+    else:
+        rows.append(dict(base, backend="fla-fused-recurrent", mode="-", status="unsupported",
+                         message="flash-linear-attention not importable"))
+    for name, fn in fns.items():
+        for mode in ("graph", "eager"):
+            try:
+                f = graphed(fn) if mode == "graph" else fn
+                r = time_fn(f, device=dev, warmup=3, reps=reps, max_time_s=2.0)
+            except Exception as e:  # noqa: BLE001
+                r = dict(status="error", message=str(e)[:300], median_ms=None, p20_ms=None, p80_ms=None,
+                         compile_ms=None, peak_mem_bytes=None, reps=0)
+            ok = r["status"] == "ok"
+            bw = nbytes / (r["median_ms"] * 1e-3) if ok else None
+            rows.append(dict(base, backend=name, mode=mode, status=r["status"], message=r["message"],
+                             median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"],
+                             gbps=bw / 1e9 if ok else None, frac_peak=bw / PEAK_BYTES_S if ok else None))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="also time block-size variants of the Triton kernels")
+    ap.add_argument("--quick", action="store_true", help="one shape per token count, B in {1, 16, 64} for decode")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("linear_bench.py needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "linear_bench.jsonl")
+    rows = []
+    with open(path, "a") as f:
+        def emit(new):
+            rows.extend(new)
+            for r in new:
+                f.write(json.dumps(r, default=str) + "\n")
+            f.flush()
+
+        t0 = time.time()
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for gate in ("random", "none"):
+                emit(correctness(dtype, gate))
+        emit(correctness(torch.bfloat16, "random", dk=64, dv=128, t=777))
+        emit(step_correctness())
+        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step")]
+        bad = [r for r in checks if r["status"] != "pass"]
+        print(f"correctness: {len(checks) - len(bad)}/{len(checks)} pass ({time.time() - t0:.0f} s)")
+        for r in bad:
+            print("  FAIL", r.get("dtype"), r.get("gate"), r.get("check"), r.get("errors"))
+        for r in rows:
+            if r["kind"] == "correctness" and r.get("check") == "triton" and "detail" in r:
+                print(f"  {r['dtype']:<9}{r['gate']:<7}{r['dk']:>4}x{r['dv']:<4}" + "  ".join(
+                    f"{n} {d['err'] / max(d['fp32_tier_err'], 1e-30):.2f}x" for n, d in r["detail"].items())
+                    + "   (max err / PyTorch float32-compute tier's)")
+            if r.get("check") == "fla" and r["status"] == "info":
+                print(f"  fla {r['dtype']:<9}{r['gate']:<7} o max err {r['o_err']:.3g} "
+                      f"(triton {r['triton_o_err'] or float('nan'):.3g})")
+
+        shapes = []
+        for tokens in (16384, 65536):
+            ts = [2048, tokens] if args.quick else [2048, 8192, tokens]
+            shapes += [(tokens // t, t) for t in dict.fromkeys(ts)]
+        for b, t in shapes:
+            emit(speed(b, t, args.reps))
+            print(f"  done B={b} T={t}", flush=True)
+        if args.sweep:
+            emit(sweep(args.reps))
+        for b in ((1, 16, 64) if args.quick else (1, 2, 4, 8, 16, 32, 64)):
+            emit(decode(b, args.reps))
+    report(rows)
+    print(f"wrote {path}")
+
+
+def report(rows):
+    """The tables: correctness summary lines are printed as they come; speed, sweep, decode here."""
+    print(f"\n{'B':>3}{'T':>7}  {'backend':<13}{'fwd ms':>12}{'f+b ms':>12}{'Mtok/s f+b':>11}"
+          f"  {'vs triton (f / f+b)':>20}")
+    sp = {}
+    for r in rows:
+        if r["kind"] == "speed":
+            sp.setdefault((r["B"], r["T"]), {}).setdefault(r["backend"], {})[r["direction"]] = r
+    for (b, t), by in sp.items():
+        tri = by.get("triton", {})
+        for name, d in by.items():
+            cells = []
+            for direction in ("fwd", "fwd+bwd"):
+                r = d.get(direction)
+                ok = r and r["status"] == "ok"
+                cells.append(f"{r['median_ms']:12.3f}" if ok else f"{(r or {}).get('status', '-')[:11]:>12}")
+            fbr = d.get("fwd+bwd")
+            mt = f"{fbr['mtok_per_s']:11.1f}" if fbr and fbr["status"] == "ok" else f"{'':>11}"
+            rel = []
+            for direction in ("fwd", "fwd+bwd"):
+                a, c = tri.get(direction), d.get(direction)
+                ok = a and c and a["status"] == "ok" and c["status"] == "ok"
+                rel.append(f"{c['median_ms'] / a['median_ms']:.2f}x" if ok else "-")
+            print(f"{b:>3}{t:>7}  {name:<13}{cells[0]}{cells[1]}{mt}  {' / '.join(rel):>20}")
+    if any(r["kind"] == "sweep" for r in rows):
+        print("\nsweep (B=8, T=2048), ms:")
+        sw = {}
+        for r in rows:
+            if r["kind"] == "sweep":
+                sw.setdefault(r["variant"], {})[r["direction"]] = r["median_ms"]
+        for name, d in sw.items():
+            print(f"  {name:<14} fwd {d.get('fwd') or float('nan'):8.3f}  bwd {d.get('bwd') or float('nan'):8.3f}")
+    print(f"\n{'B':>3}  {'backend':<22}{'mode':<7}{'us':>9}{'GB/s':>9}{'peak':>7}")
+    for r in rows:
+        if r["kind"] != "decode":
+            continue
+        if r["status"] != "ok":
+            print(f"{r['B']:>3}  {r['backend']:<22}{r['mode']:<7} {r['status']}: {r.get('message', '')[:60]}")
+            continue
+        print(f"{r['B']:>3}  {r['backend']:<22}{r['mode']:<7}{r['median_ms'] * 1e3:9.1f}{r['gbps']:9.0f}"
+              f"{r['frac_peak']:7.1%}")
+
+
+if __name__ == "__main__":
+    main()
