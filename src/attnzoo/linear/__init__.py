@@ -13,7 +13,23 @@ from .feature_maps import FEATURE_MAPS, HedgehogFeatureMap
 from .gla import gla, gla_step
 from .linear_attention import linear_attention, linear_attention_step
 
+
+def simple_gla(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
+    """Scalar-gated linear attention on the Triton kernels (needs triton; CUDA or TRITON_INTERPRET=1):
+    S_t = exp(g_t) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t, g (B, H, T) in log space or None."""
+    from .triton_kernels import simple_gla as _f
+
+    return _f(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def simple_gla_step(q_t, k_t, v_t, g_t=None, state=None, scale=None, inplace=False):
+    """One decoding token of `simple_gla` on the Triton step kernel -> (o_t, new_state)."""
+    from .triton_kernels import simple_gla_step as _f
+
+    return _f(q_t, k_t, v_t, g_t, state=state, scale=scale, inplace=inplace)
+
 __all__ = [
     "linear_attention", "linear_attention_step", "gla", "gla_step", "delta_rule", "delta_rule_step",
     "gated_delta_rule", "gated_delta_rule_step", "kda", "kda_step", "HedgehogFeatureMap", "FEATURE_MAPS",
+    "simple_gla", "simple_gla_step",
 ]
