@@ -3,9 +3,13 @@
 - Per pattern and direction: a table with one row per length and one column per backend (median ms and
   effective TFLOP/s), and the fraction of ideal of each backend.
 - The best fraction of ideal per pattern and length, and every measurement that did not succeed, with why.
+- Peak memory (CUDA runs): a table per direction (GiB, one column per backend, OOMs marked) and a plot of
+  peak memory vs length per pattern, one line per backend.
 - Plots (matplotlib, Agg, no pyplot state): time vs length per pattern (log2 length axis, log time axis,
-  p20-p80 bars, the fastest dense time for comparison), and the fraction of ideal per pattern as bars.
-  Without matplotlib the plots are skipped and report.md says so.
+  p20-p80 bars, the fastest dense time for comparison), the fraction of ideal per pattern as bars, and peak
+  memory vs length (GiB). Without matplotlib the plots are skipped and report.md says so.
+- Records of several shapes in one file (suites side by side, the FlashAttention grid's head dims 64 and
+  128) get one set of sections per shape group (dtype, heads, head dim); B may vary inside a group.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from .speed import (DIRECTION_LABELS, RESULTS_FILE, dense_baselines, latest_reco
                     with_derived)
 
 _STATUS_SHORT = {"oom": "OOM", "unsupported": "unsupported", "error": "error"}
-_BACKEND_ORDER = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa", "flex", "flex-eager",
-                  "triton", "reference")
+_BACKEND_ORDER = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "sdpa", "flash-attn", "xformers",
+                  "natten", "flex", "flex-eager", "triton", "reference")
 
 
 def _slug(s: str) -> str:
@@ -94,12 +98,14 @@ def _shape_text(r) -> str:
     return f"{r['dtype']}, B={r['B']}, Hq={r['Hq']}, Hkv={r['Hkv']}, D={r['D']}"
 
 
-def plot_time_vs_length(recs, dense_recs, path: Path, *, pattern: str, direction: str, device: str) -> bool:
+def plot_time_vs_length(recs, dense_recs, path: Path, *, pattern: str, direction: str, device: str,
+                        shape: Optional[str] = None) -> bool:
     """Median time per call vs length, one line per backend (log2 x, log y). Returns False if nothing ok."""
     from matplotlib.ticker import FixedLocator, NullLocator
     ok = [r for r in recs if r.get("status") == "ok"]
     if not ok:
         return False
+    shape = shape or _shape_text(ok[0])
     fig, ax = _figure()
     by_backend = defaultdict(list)
     for r in ok:
@@ -124,7 +130,8 @@ def plot_time_vs_length(recs, dense_recs, path: Path, *, pattern: str, direction
                     label="dense (fastest full attention)")
     lengths = sorted({r["Lq"] for r in ok})
     if len(lengths) == 1:
-        return _plot_single_length(ok, dense_recs, path, pattern=pattern, direction=direction, device=device)
+        return _plot_single_length(ok, dense_recs, path, pattern=pattern, direction=direction, device=device,
+                                   shape=shape)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(FixedLocator(lengths))
@@ -135,8 +142,7 @@ def plot_time_vs_length(recs, dense_recs, path: Path, *, pattern: str, direction
     _decade_ylim(ax)
     ax.set_xlabel("sequence length L (tokens, log2 scale)")
     ax.set_ylabel("median time per call (ms, log scale)")
-    ax.set_title(f"{pattern} — {DIRECTION_LABELS.get(direction, direction)}\n{device}; {_shape_text(ok[0])}",
-                 fontsize=10)
+    ax.set_title(f"{pattern} — {DIRECTION_LABELS.get(direction, direction)}\n{device}; {shape}", fontsize=10)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", axis="y", alpha=0.12)
     ax.legend(fontsize=8, loc="best")
@@ -153,9 +159,11 @@ def _decade_ylim(ax) -> None:
         ax.set_ylim(10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi)))
 
 
-def _plot_single_length(ok, dense_recs, path: Path, *, pattern: str, direction: str, device: str) -> bool:
+def _plot_single_length(ok, dense_recs, path: Path, *, pattern: str, direction: str, device: str,
+                        shape: Optional[str] = None) -> bool:
     """A pattern measured at one length (the N-D neighborhoods): one bar per backend, plus the dense time."""
     L = ok[0]["Lq"]
+    shape = shape or _shape_text(ok[0])
     rows = sorted(ok, key=lambda r: _backend_key(r["backend"]))
     names = [r["backend"] for r in rows]
     times = [r["median_ms"] for r in rows]
@@ -177,8 +185,7 @@ def _plot_single_length(ok, dense_recs, path: Path, *, pattern: str, direction: 
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel(f"backend (L = {_len_label(L)} tokens, the pattern's fixed size)")
     ax.set_ylabel("median time per call (ms, log scale)")
-    ax.set_title(f"{pattern} — {DIRECTION_LABELS.get(direction, direction)}\n{device}; {_shape_text(ok[0])}",
-                 fontsize=10)
+    ax.set_title(f"{pattern} — {DIRECTION_LABELS.get(direction, direction)}\n{device}; {shape}", fontsize=10)
     ax.grid(True, axis="y", which="major", alpha=0.35)
     fig.tight_layout()
     fig.savefig(path)
@@ -221,6 +228,256 @@ def plot_frac_ideal(best: dict, path: Path, *, direction: str, device: str, shap
     fig.tight_layout()
     fig.savefig(path)
     return True
+
+
+# --------------------------------------------------------------------------------------------------
+# shape groups (a results file may hold several suites, or head dims, side by side)
+# --------------------------------------------------------------------------------------------------
+def _group_key(r) -> tuple:
+    return (str(r.get("dtype")), r.get("Hq"), r.get("Hkv"), r.get("D"), r.get("Dv"))
+
+
+def _shape_groups(recs) -> list:
+    """[(key, records)] by (dtype, Hq, Hkv, D, Dv), in order of appearance (B may vary inside a group: the
+    FlashAttention grid holds B * L constant)."""
+    out = {}
+    for r in recs:
+        out.setdefault(_group_key(r), []).append(r)
+    return list(out.items())
+
+
+def _batch_text(recs) -> str:
+    bs = sorted({r.get("B") for r in recs})
+    if len(bs) == 1:
+        return f"B={bs[0]}"
+    toks = {r.get("B") * r.get("Lq") for r in recs}
+    if len(toks) == 1:
+        return f"B·L={_len_label(toks.pop())} tokens"
+    return f"B={bs[0]}…{bs[-1]}"
+
+
+def _group_text(recs, short: bool = False) -> str:
+    """The shape of a group of records: ``short`` for headings (D and heads), else every parameter."""
+    r0 = recs[0]
+    dv = f", Dv={r0.get('Dv')}" if r0.get("Dv") not in (None, r0.get("D")) else ""
+    if short:
+        return f"D={r0.get('D')}{dv}, Hq={r0.get('Hq')}, Hkv={r0.get('Hkv')}"
+    return f"{r0.get('dtype')}, {_batch_text(recs)}, Hq={r0.get('Hq')}, Hkv={r0.get('Hkv')}, D={r0.get('D')}{dv}"
+
+
+# --------------------------------------------------------------------------------------------------
+# peak memory
+# --------------------------------------------------------------------------------------------------
+GIB = float(2 ** 30)
+
+
+def _gib(x) -> str:
+    if x is None:
+        return "-"
+    g = x / GIB
+    return f"{g:.0f}" if g >= 100 else (f"{g:.1f}" if g >= 10 else (f"{g:.2f}" if g >= 0.1 else f"{g:.3f}"))
+
+
+def _mem_cell(r) -> str:
+    if r is None:
+        return ""
+    if r.get("status") == "ok":
+        return _gib(r.get("peak_mem_bytes")) if r.get("peak_mem_bytes") is not None else "-"
+    return _STATUS_SHORT.get(r.get("status"), r.get("status") or "?")
+
+
+def memory_section(xrecs, *, head: str) -> list:
+    """Markdown lines: peak memory (GiB) per pattern and length, one column per backend; [] if no record
+    of this direction has a peak (CPU runs)."""
+    if not any(r.get("peak_mem_bytes") is not None for r in xrecs):
+        return []
+    backends = sorted({r["backend"] for r in xrecs}, key=_backend_key)
+    cell = {(r["pattern"], r["Lq"], r["backend"]): r for r in xrecs}
+    rows = []
+    for p in _pattern_order(xrecs):
+        for L in sorted({r["Lq"] for r in xrecs if r["pattern"] == p}):
+            rows.append([p, _len_label(L)] + [_mem_cell(cell.get((p, L, b))) for b in backends])
+    return [f"### Peak memory ({head})", "",
+            "Peak CUDA memory of a steady-state call, in GiB (`torch.cuda.max_memory_allocated` after "
+            "`reset_peak_memory_stats`; the inputs, and for fwd+bwd the gradients, are included); OOM: the "
+            "call ran out of memory.", "",
+            _md_table(["pattern", "L"] + backends, rows), ""]
+
+
+def plot_memory_vs_length(recs, path: Path, *, pattern: str, direction: str, device: str,
+                          shape: Optional[str] = None) -> bool:
+    """Peak memory (GiB) vs length, one line per backend (log2 x; log y when it spans a decade), OOMs
+    marked at the top. A pattern of a single length gets one bar per backend. False if nothing to plot."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+    ok = [r for r in recs if r.get("status") == "ok" and r.get("peak_mem_bytes") is not None]
+    if not ok:
+        return False
+    shape = shape or _shape_text(ok[0])
+    title = f"{pattern} — peak memory, {DIRECTION_LABELS.get(direction, direction)}\n{device}; {shape}"
+    lengths = sorted({r["Lq"] for r in recs if r.get("status") in ("ok", "oom")})
+    by_backend = defaultdict(list)
+    for r in ok:
+        by_backend[r["backend"]].append(r)
+    names = sorted(by_backend, key=_backend_key)
+    if len(lengths) == 1:
+        rows = [min(by_backend[b], key=lambda r: r["peak_mem_bytes"]) for b in names]
+        fig, ax = _figure(max(5.5, 1.1 * len(rows) + 2.5), 5.0)
+        vals = [r["peak_mem_bytes"] / GIB for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))], width=0.6)
+        for bar, v in zip(bars, vals):
+            ax.annotate(f"{_gib(v * GIB)} GiB", (bar.get_x() + bar.get_width() / 2, v), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, fontsize=8)
+        ax.set_xlabel(f"backend (L = {_len_label(lengths[0])} tokens, the pattern's fixed size)")
+        ax.set_ylim(0, max(vals) * 1.2)
+        ax.set_ylabel("peak memory allocated (GiB)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.35)
+        fig.tight_layout()
+        fig.savefig(path)
+        return True
+    fig, ax = _figure()
+    markers = "osD^v<>ph*"
+    lo = min(r["peak_mem_bytes"] for r in ok) / GIB
+    hi = max(r["peak_mem_bytes"] for r in ok) / GIB
+    log_y = lo > 0 and hi / lo > 10
+    ooms = [r for r in recs if r.get("status") == "oom"]
+    for i, b in enumerate(names):
+        rs = sorted(by_backend[b], key=lambda r: r["Lq"])
+        ax.plot([r["Lq"] for r in rs], [r["peak_mem_bytes"] / GIB for r in rs], marker=markers[i % len(markers)],
+                linewidth=1.8, markersize=6, label=b, color=f"C{i}")
+        bo = sorted({r["Lq"] for r in ooms if r["backend"] == b})
+        if bo:
+            ax.plot(bo, [hi * (1.6 if log_y else 1.08)] * len(bo), linestyle="none", marker="X", markersize=9,
+                    color=f"C{i}")
+    gpu = next((r.get("gpu_memory_bytes") for r in recs if r.get("gpu_memory_bytes")), None)
+    if gpu and gpu / GIB <= hi * 4:
+        ax.axhline(gpu / GIB, color="0.3", linestyle="--", linewidth=1, label=f"GPU memory ({gpu / GIB:.0f} GiB)")
+    if ooms:
+        ax.plot([], [], linestyle="none", marker="X", color="0.3", label="out of memory (OOM)")
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+        _decade_ylim(ax)
+    else:
+        ax.set_ylim(0, ax.get_ylim()[1])
+    ax.xaxis.set_major_locator(FixedLocator(lengths))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(lengths, [_len_label(L) for L in lengths])
+    ax.set_xlabel("sequence length L (tokens, log2 scale)")
+    ax.set_ylabel("peak memory allocated (GiB" + (", log scale)" if log_y else ")"))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# one direction of one shape group
+# --------------------------------------------------------------------------------------------------
+def _direction_section(xrecs, out_dir: Path, *, direction: str, dev: str, devices: list, prefix: str, gslug: str,
+                       head: str, have_mpl: bool, shape: str):
+    """Markdown lines and PNG names of the tables and plots of ``xrecs`` (one direction, one shape group)."""
+    lines, pngs = [], []
+    dlabel = head
+    lines += [f"## {dlabel}" + (f" — {dev}" if len(devices) > 1 else ""), ""]
+    dense_recs = [r for r in xrecs if r.get("pattern_kind") == "full"]
+    best_frac = {}
+    for p in _pattern_order(xrecs):
+        precs = [r for r in xrecs if r["pattern"] == p]
+        backends = sorted({r["backend"] for r in precs}, key=_backend_key)
+        lengths = sorted({r["Lq"] for r in precs})
+        cell = {(r["Lq"], r["backend"]): r for r in precs}
+        show_b = len({r.get("B") for r in precs}) > 1
+        lines += [f"### {p} ({dlabel})", ""]
+        rows = []
+        for L in lengths:
+            dens = next((r.get("density") for r in precs if r["Lq"] == L and r.get("density") is not None), None)
+            bcol = [str(next(r.get("B") for r in precs if r["Lq"] == L))] if show_b else []
+            rows.append([_len_label(L)] + bcol + [f"{dens:.4g}" if dens is not None else "-"]
+                        + [_cell(cell.get((L, b))) for b in backends])
+        lines += ["Median ms per call / effective TFLOP/s:", "",
+                  _md_table(["L"] + (["B"] if show_b else []) + ["density"] + backends, rows), ""]
+        frows = []
+        for L in lengths:
+            fr = []
+            for b in backends:
+                r = cell.get((L, b))
+                fr.append(f"{r['frac_ideal']:.2f}" if r and r.get("frac_ideal") is not None else "-")
+                if r and r.get("frac_ideal") is not None:
+                    cur = best_frac.setdefault(p, {}).get(L)
+                    if cur is None or r["frac_ideal"] > cur[0]:
+                        best_frac[p][L] = (r["frac_ideal"], b)
+            base = next((r for r in precs if r["Lq"] == L and r.get("dense_backend")), None)
+            frows.append([_len_label(L)] + fr + [f"{base['dense_backend']} {_ms(base['dense_ms'])} ms" if base
+                                                 else "none measured"])
+        lines += ["Fraction of ideal:", "", _md_table(["L"] + backends + ["dense baseline"], frows), ""]
+        if have_mpl:
+            name = f"{prefix}time_{_slug(p)}{gslug}_{direction}.png"
+            try:
+                if plot_time_vs_length(precs, dense_recs, out_dir / name, pattern=p, direction=direction,
+                                       device=dev, shape=shape):
+                    lines += [f"![{p}, {dlabel}: time vs length]({name})", ""]
+                    pngs.append(name)
+            except Exception as e:  # noqa: BLE001 - a broken plot must not lose the tables
+                lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+
+    # attnzoo's own kernel against FlexAttention on the same pattern
+    vs = {}
+    for r in xrecs:
+        if r.get("status") == "ok" and r["backend"] in ("triton", "flex"):
+            vs.setdefault((r["pattern"], r["Lq"]), {})[r["backend"]] = r["median_ms"]
+    pairs = {k: v for k, v in vs.items() if len(v) == 2}
+    if pairs:
+        lens_v = sorted({L for _, L in pairs})
+        rows = []
+        for p in _pattern_order(xrecs):
+            if any((p, L) in pairs for L in lens_v):
+                rows.append([p] + [f"{pairs[(p, L)]['flex'] / pairs[(p, L)]['triton']:.2f}×"
+                                   if (p, L) in pairs else "-" for L in lens_v])
+        lines += [f"### attnzoo triton vs compiled FlexAttention ({dlabel})", "",
+                  "Speedup = FlexAttention time / triton time on the same pattern and shape (>1: triton "
+                  "is faster).", "", _md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_v], rows), ""]
+
+    # best fraction of ideal per pattern
+    lens_all = sorted({L for p in best_frac for L in best_frac[p]})
+    if best_frac:
+        lines += [f"### Fraction of ideal, best backend ({dlabel})", ""]
+        rows = []
+        for p in _pattern_order(xrecs):
+            if p == "full" or p not in best_frac:
+                continue
+            rows.append([p] + [f"{best_frac[p][L][0]:.2f} ({best_frac[p][L][1]})" if L in best_frac[p] else "-"
+                               for L in lens_all])
+        if rows:
+            lines += [_md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_all], rows), ""]
+        if have_mpl:
+            name = f"{prefix}frac_ideal{gslug}_{direction}.png"
+            try:
+                if plot_frac_ideal(best_frac, out_dir / name, direction=direction, device=dev, shape=shape):
+                    lines += [f"![fraction of ideal, {dlabel}]({name})", ""]
+                    pngs.append(name)
+            except Exception as e:  # noqa: BLE001
+                lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+
+    # peak memory: a table, and a plot per pattern
+    mem = memory_section(xrecs, head=dlabel)
+    if mem:
+        lines += mem
+        if have_mpl:
+            for p in _pattern_order(xrecs):
+                precs = [r for r in xrecs if r["pattern"] == p]
+                name = f"{prefix}mem_{_slug(p)}{gslug}_{direction}.png"
+                try:
+                    if plot_memory_vs_length(precs, out_dir / name, pattern=p, direction=direction, device=dev,
+                                             shape=shape):
+                        lines += [f"![{p}, {dlabel}: peak memory vs length]({name})", ""]
+                        pngs.append(name)
+                except Exception as e:  # noqa: BLE001
+                    lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+    return lines, pngs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,88 +563,20 @@ def write_report(results_jsonl, out_dir, *, plots: bool = True) -> Path:
         lines += [_md_table(["pattern", "description", "attnzoo pattern", "density by length"], prow,
                             numeric=False), ""]
 
+        groups = _shape_groups(drecs)
         for direction in ("fwd", "fwdbwd"):
-            xrecs = [r for r in drecs if r["direction"] == direction]
-            if not xrecs:
-                continue
-            dlabel = DIRECTION_LABELS.get(direction, direction)
-            lines += [f"## {dlabel}" + (f" — {dev}" if len(devices) > 1 else ""), ""]
-            dense_recs = [r for r in xrecs if r.get("pattern_kind") == "full"]
-            best_frac = {}
-            for p in _pattern_order(xrecs):
-                precs = [r for r in xrecs if r["pattern"] == p]
-                backends = sorted({r["backend"] for r in precs}, key=_backend_key)
-                lengths = sorted({r["Lq"] for r in precs})
-                cell = {(r["Lq"], r["backend"]): r for r in precs}
-                lines += [f"### {p} ({dlabel})", ""]
-                rows = []
-                for L in lengths:
-                    dens = next((r.get("density") for r in precs if r["Lq"] == L and r.get("density") is not None), None)
-                    rows.append([_len_label(L), f"{dens:.4g}" if dens is not None else "-"]
-                                + [_cell(cell.get((L, b))) for b in backends])
-                lines += ["Median ms per call / effective TFLOP/s:", "",
-                          _md_table(["L", "density"] + backends, rows), ""]
-                frows = []
-                for L in lengths:
-                    fr = []
-                    for b in backends:
-                        r = cell.get((L, b))
-                        fr.append(f"{r['frac_ideal']:.2f}" if r and r.get("frac_ideal") is not None else "-")
-                        if r and r.get("frac_ideal") is not None:
-                            cur = best_frac.setdefault(p, {}).get(L)
-                            if cur is None or r["frac_ideal"] > cur[0]:
-                                best_frac[p][L] = (r["frac_ideal"], b)
-                    base = next((r for r in precs if r["Lq"] == L and r.get("dense_backend")), None)
-                    frows.append([_len_label(L)] + fr + [f"{base['dense_backend']} {_ms(base['dense_ms'])} ms" if base else "none measured"])
-                lines += ["Fraction of ideal:", "", _md_table(["L"] + backends + ["dense baseline"], frows), ""]
-                if have_mpl:
-                    name = f"{prefix}time_{_slug(p)}_{direction}.png"
-                    try:
-                        if plot_time_vs_length(precs, dense_recs, out_dir / name, pattern=p, direction=direction,
-                                               device=dev):
-                            lines += [f"![{p}, {dlabel}: time vs length]({name})", ""]
-                            pngs.append(name)
-                    except Exception as e:  # noqa: BLE001 - a broken plot must not lose the tables
-                        lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
-
-            # attnzoo's own kernel against FlexAttention on the same pattern
-            vs = {}
-            for r in xrecs:
-                if r.get("status") == "ok" and r["backend"] in ("triton", "flex"):
-                    vs.setdefault((r["pattern"], r["Lq"]), {})[r["backend"]] = r["median_ms"]
-            pairs = {k: v for k, v in vs.items() if len(v) == 2}
-            if pairs:
-                lens_v = sorted({L for _, L in pairs})
-                rows = []
-                for p in _pattern_order(xrecs):
-                    if any((p, L) in pairs for L in lens_v):
-                        rows.append([p] + [f"{pairs[(p, L)]['flex'] / pairs[(p, L)]['triton']:.2f}×"
-                                           if (p, L) in pairs else "-" for L in lens_v])
-                lines += [f"### attnzoo triton vs compiled FlexAttention ({dlabel})", "",
-                          "Speedup = FlexAttention time / triton time on the same pattern and shape (>1: triton "
-                          "is faster).", "", _md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_v], rows), ""]
-
-            # best fraction of ideal per pattern
-            lens_all = sorted({L for p in best_frac for L in best_frac[p]})
-            if best_frac:
-                lines += [f"### Fraction of ideal, best backend ({dlabel})", ""]
-                rows = []
-                for p in _pattern_order(xrecs):
-                    if p == "full" or p not in best_frac:
-                        continue
-                    rows.append([p] + [f"{best_frac[p][L][0]:.2f} ({best_frac[p][L][1]})" if L in best_frac[p] else "-"
-                                       for L in lens_all])
-                if rows:
-                    lines += [_md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_all], rows), ""]
-                if have_mpl:
-                    name = f"{prefix}frac_ideal_{direction}.png"
-                    try:
-                        if plot_frac_ideal(best_frac, out_dir / name, direction=direction, device=dev,
-                                           shape=_shape_text(xrecs[0])):
-                            lines += [f"![fraction of ideal, {dlabel}]({name})", ""]
-                            pngs.append(name)
-                    except Exception as e:  # noqa: BLE001
-                        lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
+            for gkey, grecs in groups:
+                xrecs = [r for r in grecs if r["direction"] == direction]
+                if not xrecs:
+                    continue
+                gtag = _group_text(grecs, short=True) if len(groups) > 1 else ""
+                gslug = ("_" + _slug(gtag)) if gtag else ""
+                head = f"{DIRECTION_LABELS.get(direction, direction)}" + (f", {gtag}" if gtag else "")
+                sec, sec_pngs = _direction_section(xrecs, out_dir, direction=direction, dev=dev, devices=devices,
+                                                   prefix=prefix, gslug=gslug, head=head, have_mpl=have_mpl,
+                                                   shape=_group_text(xrecs))
+                lines += sec
+                pngs += sec_pngs
 
         bad = [r for r in drecs if r.get("status") != "ok"]
         if bad:

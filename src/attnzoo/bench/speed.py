@@ -10,9 +10,16 @@ Measuring rules are those of ``BENCHMARK_PROTOCOL.md``:
   The dense baseline runs with every SDPA kernel (flash, cuDNN, efficient, math on CUDA) and FlexAttention.
 - Timing with `attnzoo.bench.timing.time_fn` (CUDA events, L2 flush, median and 20th/80th percentiles).
 
-Two suites: ``cpu`` (a one-minute smoke run of the whole machinery on a laptop) and ``cuda`` (the standard
-long-context grid of the protocol: bf16, D=128, Hq=64, Hkv=8, B=1). A run appends to ``results.jsonl`` in
-its output folder and skips the cases already recorded there with status ``ok`` (resumable).
+Three suites: ``cpu`` (a one-minute smoke run of the whole machinery on a laptop), ``cuda`` (the standard
+long-context grid of the protocol: bf16, D=128, Hq=64, Hkv=8, B=1, N = 4K, 16K, 64K or with ``full_grid``
+1K...64K; dense, causal, windows, sinks, documents, chunks, N-D neighborhoods and random block-sparse masks)
+and ``flash`` (the FlashAttention grid: bf16, B*N = 16K tokens for N = 512...16K, 16 heads without GQA,
+head dims 64 and 128, full and causal, fwd and fwd+bwd). Besides attnzoo's backends (each SDPA kernel
+separately, compiled FlexAttention, the Triton kernels, the reference) the CUDA suites measure other
+libraries (`attnzoo.bench.peers`: flash-attn, xFormers, NATTEN) on the patterns they support; a peer that
+is not installed is recorded as ``unsupported`` with the reason. Every record carries the peak CUDA memory
+(``peak_mem_bytes``). A run appends to ``results.jsonl`` in its output folder and skips the cases already
+recorded there with status ``ok`` (resumable).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .peers import PEERS
 from .timing import Unsupported, classify_exception, time_fn
 
 RESULTS_FILE = "results.jsonl"
@@ -111,15 +119,24 @@ def document_lengths(total: int, histogram=CUDA_DOC_HISTOGRAM, seed: int = DOC_S
 
 @dataclass(frozen=True)
 class PatternSpec:
-    """A named pattern of a suite. ``make(L)`` builds it for length L; ``length`` pins a fixed length."""
+    """A named pattern of a suite. ``make(L)`` builds it for length L; ``length`` pins a fixed length.
+
+    ``kind`` ("full", "causal" or "pattern") picks attnzoo's backends; ``family`` (default: the kind for full
+    and causal) the peers that run it: "window" (a lone SlidingWindow), "neighborhood" (a lone
+    Neighborhood), ... (see `attnzoo.bench.peers.pattern_family`)."""
     name: str
     description: str
     make: Callable[[int], object] = field(compare=False, repr=False)
     length: Optional[int] = None
     kind: str = "pattern"  # "full", "causal" or "pattern": which backends apply
+    family: Optional[str] = None
 
     def build(self, L: int):
         return self.make(L)
+
+    @property
+    def peer_family(self) -> Optional[str]:
+        return self.family if self.family is not None else (self.kind if self.kind in ("full", "causal") else None)
 
 
 def _az():
@@ -145,15 +162,40 @@ def _specs_cpu() -> list:
     ]
 
 
+# Random block-sparse masks of the long-context grid: blocks of 128, a share of the causal block triangle
+# kept (the diagonal always), causal inside the blocks.
+BLOCKSPARSE_DENSITIES = (0.1, 0.2, 0.3, 0.5)
+BLOCKSPARSE_BLOCK = 128
+BLOCKSPARSE_SEED = 0
+
+
+@functools.lru_cache(maxsize=64)
+def blocksparse_pattern(L: int, density: float, block: int = BLOCKSPARSE_BLOCK, seed: int = BLOCKSPARSE_SEED):
+    """The suite's block-sparse pattern at length L: ``BlockSparse.random(L, L, density, block, causal=True,
+    seed) & Causal()`` (cached: the same object for every case of that length)."""
+    az = _az()
+    return az.BlockSparse.random(L, L, density, block_size=block, causal=True, seed=seed) & az.Causal()
+
+
+def _blocksparse_specs() -> list:
+    return [PatternSpec(f"blocksparse-{d:g}",
+                        f"random block-sparse mask: blocks of {BLOCKSPARSE_BLOCK}, {d:.0%} of the causal block "
+                        f"triangle kept (the diagonal always; seed {BLOCKSPARSE_SEED}), causal inside: "
+                        f"BlockSparse.random(L, L, {d:g}, block_size={BLOCKSPARSE_BLOCK}, causal=True, "
+                        f"seed={BLOCKSPARSE_SEED}) & Causal()",
+                        functools.partial(blocksparse_pattern, density=d), family="blocksparse")
+            for d in BLOCKSPARSE_DENSITIES]
+
+
 def _specs_cuda() -> list:
     az = _az()
     return [
         PatternSpec("full", "dense attention (the baseline)", lambda L: az.Full(), kind="full"),
         PatternSpec("causal", "causal attention", lambda L: az.Causal(), kind="causal"),
         PatternSpec("sw1024", "causal sliding window of 1024 keys: SlidingWindow(1023)",
-                    lambda L: az.SlidingWindow(1023)),
+                    lambda L: az.SlidingWindow(1023), family="window"),
         PatternSpec("sw4096", "causal sliding window of 4096 keys: SlidingWindow(4095)",
-                    lambda L: az.SlidingWindow(4095)),
+                    lambda L: az.SlidingWindow(4095), family="window"),
         PatternSpec("sinks+sw1024", "4 attention sinks + window of 1024: Sinks(4) | SlidingWindow(1023)",
                     lambda L: az.Sinks(4) | az.SlidingWindow(1023)),
         PatternSpec("document", f"packed documents (lengths from a fixed histogram, seed {DOC_SEED}), causal "
@@ -161,11 +203,20 @@ def _specs_cuda() -> list:
                     lambda L: az.Document(document_lengths(L, CUDA_DOC_HISTOGRAM)) & az.Causal()),
         PatternSpec("chunked2048", "block-diagonal chunks of 2048: Chunked(2048)", lambda L: az.Chunked(2048)),
         PatternSpec("nbhd2d-13x13", "2-D neighborhood, 13x13 kernel on 128x128 tokens",
-                    lambda L: az.Neighborhood(13, grid=(128, 128)), length=128 * 128),
+                    lambda L: az.Neighborhood(13, grid=(128, 128)), length=128 * 128, family="neighborhood"),
         PatternSpec("nbhd2d-31x31", "2-D neighborhood, 31x31 kernel on 128x128 tokens",
-                    lambda L: az.Neighborhood(31, grid=(128, 128)), length=128 * 128),
+                    lambda L: az.Neighborhood(31, grid=(128, 128)), length=128 * 128, family="neighborhood"),
         PatternSpec("nbhd3d-5x7x7", "3-D neighborhood, 5x7x7 kernel on 16x32x32 tokens",
-                    lambda L: az.Neighborhood((5, 7, 7), grid=(16, 32, 32)), length=16 * 32 * 32),
+                    lambda L: az.Neighborhood((5, 7, 7), grid=(16, 32, 32)), length=16 * 32 * 32,
+                    family="neighborhood"),
+    ] + _blocksparse_specs()
+
+
+def _specs_flash() -> list:
+    az = _az()
+    return [
+        PatternSpec("full", "dense attention (the baseline)", lambda L: az.Full(), kind="full"),
+        PatternSpec("causal", "causal attention", lambda L: az.Causal(), kind="causal"),
     ]
 
 
@@ -177,6 +228,8 @@ SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"
 # bench backend label -> attnzoo backend name
 API_BACKEND = {"reference": "reference", "flex": "flex", "flex-eager": "flex", "sdpa": "sdpa", "triton": "triton",
                **{k: "sdpa" for k in SDPA_KERNELS}}
+# other libraries' kernels (attnzoo.bench.peers), measured on the pattern families each supports
+CUDA_PEERS = ("flash-attn", "xformers", "natten")
 
 
 @dataclass(frozen=True)
@@ -198,18 +251,37 @@ class Suite:
     max_time_s: float = 2.0
     skip_rule: Optional[Callable] = field(default=None, repr=False, compare=False)
     fwdbwd_max_len: Optional[int] = None  # default fwd+bwd only up to this length (None: all)
+    head_dims: tuple = ()          # head dims of the grid (empty: just D)
+    tokens: Optional[int] = None   # B * L held constant: B = tokens // L (None: B is fixed)
+    peers: tuple = ()              # peer labels (attnzoo.bench.peers), also listed in ``backends``
 
-    def backends_for(self, kind: str) -> tuple:
+    def backends_for(self, kind: str, family: Optional[str] = None) -> tuple:
+        """Backends of a pattern of this kind; with ``family``, plus the peers that run that family."""
         if kind == "full":
-            return self.full_backends
-        if kind == "causal":
-            return tuple(dict.fromkeys(self.full_backends + self.pattern_backends))
-        return self.pattern_backends
+            out = self.full_backends
+        elif kind == "causal":
+            out = tuple(dict.fromkeys(self.full_backends + self.pattern_backends))
+        else:
+            out = self.pattern_backends
+        if family is None and kind in ("full", "causal"):
+            family = kind
+        extra = tuple(p for p in self.peers if p in PEERS and family in PEERS[p].families and p not in out)
+        return out + extra
+
+    def dims(self) -> tuple:
+        return tuple(self.head_dims) or (self.D,)
+
+    def batch(self, L: int) -> int:
+        return max(1, self.tokens // L) if self.tokens else self.B
 
 
 CUDA_LENGTHS = (4096, 16384, 65536)
 CUDA_FULL_GRID = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 CPU_LENGTHS = (1024, 2048, 4096)
+FLASH_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+FLASH_TOKENS = 16384
+FLASH_HEAD_DIMS = (64, 128)
+SUITES = ("cpu", "cuda", "flash")
 
 
 def _cpu_skip(spec: PatternSpec, L: int, direction: str, backend: str) -> Optional[str]:
@@ -240,25 +312,41 @@ def cpu_suite() -> Suite:
 
 
 def cuda_suite(full_grid: bool = False) -> Suite:
+    """The long-context grid: bf16, B=1, Hq=64, Hkv=8, D=128; 4K/16K/64K (``full_grid``: 1K...64K)."""
     sdpa = tuple(SDPA_KERNELS)
+    own = ("flex", "triton", "reference")
     return Suite("cuda", "cuda", "bfloat16", B=1, Hq=64, Hkv=8, D=128,
                  lengths=CUDA_FULL_GRID if full_grid else CUDA_LENGTHS,
-                 backends=sdpa + ("flex", "triton", "reference"), full_backends=sdpa + ("flex", "triton", "reference"),
-                 pattern_backends=("flex", "triton", "reference"), specs=tuple(_specs_cuda()),
-                 reps=10, warmup=2, max_time_s=2.0, skip_rule=_cuda_skip)
+                 backends=sdpa + own + CUDA_PEERS, full_backends=sdpa + own,
+                 pattern_backends=own, specs=tuple(_specs_cuda()),
+                 reps=10, warmup=2, max_time_s=2.0, skip_rule=_cuda_skip, peers=CUDA_PEERS)
 
 
-def get_suite(name: str = "auto", full_grid: bool = False) -> Suite:
+def flash_suite() -> Suite:
+    """The FlashAttention grid: bf16, B*N = 16K tokens (N = 512...16K, B = 16K / N), 16 heads (no GQA), head
+    dims 64 and 128, full and causal, fwd and fwd+bwd."""
+    sdpa = tuple(SDPA_KERNELS)
+    own = ("flex", "triton", "reference")
+    peers = ("flash-attn", "xformers")
+    return Suite("flash", "cuda", "bfloat16", B=1, Hq=16, Hkv=16, D=128, lengths=FLASH_LENGTHS,
+                 backends=sdpa + own + peers, full_backends=sdpa + own, pattern_backends=own,
+                 specs=tuple(_specs_flash()), reps=10, warmup=2, max_time_s=2.0, skip_rule=_cuda_skip,
+                 head_dims=FLASH_HEAD_DIMS, tokens=FLASH_TOKENS, peers=peers)
+
+
+def get_suite(name: str = "auto", full_grid: bool = False, require_device: bool = True) -> Suite:
+    """The suite called ``name`` ('auto': cuda with a GPU, else cpu). ``require_device=False`` builds a CUDA
+    suite without a GPU (to plan it: ``--dry-run``); running it still needs one."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return cpu_suite()
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("suite 'cuda' needs a CUDA device, and torch.cuda.is_available() is False here; "
+    if name in ("cuda", "flash"):
+        if require_device and not torch.cuda.is_available():
+            raise ValueError(f"suite {name!r} needs a CUDA device, and torch.cuda.is_available() is False here; "
                              "use --suite cpu")
-        return cuda_suite(full_grid)
-    raise ValueError(f"suite must be 'auto', 'cpu' or 'cuda', got {name!r}")
+        return cuda_suite(full_grid) if name == "cuda" else flash_suite()
+    raise ValueError(f"suite must be 'auto', 'cpu', 'cuda' or 'flash', got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -285,7 +373,7 @@ class Case:
                 f"Dv{self.D}|{self.dtype}|{self.direction}|{self.backend}|{device_name}")
 
     def label(self) -> str:
-        return f"{self.spec.name} L={self.L} {DIRECTION_LABELS[self.direction]} {self.backend}"
+        return f"{self.spec.name} L={self.L} B={self.B} D={self.D} {DIRECTION_LABELS[self.direction]} {self.backend}"
 
 
 def _split(values) -> list:
@@ -306,7 +394,9 @@ def _match_name(name: str, wanted: Sequence[str]) -> bool:
 
 def plan(suite: Suite, *, patterns=None, backends=None, lengths=None, directions=None, no_skip: bool = False,
          baseline: bool = True) -> list:
-    """The cases of ``suite`` after the command-line filters, dense baselines first in each shape.
+    """The cases of ``suite`` after the command-line filters, dense baselines first in each shape: lengths x
+    head dims (``suite.dims()``) x directions x patterns x their backends (peers on the pattern families
+    they run), with B = ``suite.batch(L)`` (B * L constant in the FlashAttention grid).
 
     ``lengths`` replaces the suite's lengths (fixed-size patterns run at their own length when it is
     among them). With ``baseline`` the dense full-attention baseline of each (length, direction) is kept
@@ -337,24 +427,26 @@ def plan(suite: Suite, *, patterns=None, backends=None, lengths=None, directions
     dirs_explicit = directions is not None
     cases = []
     for L in lens:
-        for direction in DIRECTIONS:
-            if direction not in dirs:
-                continue
-            if (direction == "fwdbwd" and not dirs_explicit and not explicit_lengths
-                    and suite.fwdbwd_max_len is not None and L > suite.fwdbwd_max_len):
-                continue
-            for spec in suite.specs:
-                if spec.length is not None and spec.length != L:
+        B = suite.batch(L)
+        for D in suite.dims():
+            for direction in DIRECTIONS:
+                if direction not in dirs:
                     continue
-                is_baseline = spec.kind == "full"
-                if patterns and not _match_name(spec.name, patterns) and not (baseline and is_baseline):
+                if (direction == "fwdbwd" and not dirs_explicit and not explicit_lengths
+                        and suite.fwdbwd_max_len is not None and L > suite.fwdbwd_max_len):
                     continue
-                for b in suite.backends_for(spec.kind):
-                    if backends and not _match_name(b, backends):
-                        if not (baseline and is_baseline and b.startswith("sdpa")):
-                            continue
-                    skip = None if no_skip or suite.skip_rule is None else suite.skip_rule(spec, L, direction, b)
-                    cases.append(Case(spec, suite.B, suite.Hq, suite.Hkv, L, suite.D, suite.dtype, direction, b, skip))
+                for spec in suite.specs:
+                    if spec.length is not None and spec.length != L:
+                        continue
+                    is_baseline = spec.kind == "full"
+                    if patterns and not _match_name(spec.name, patterns) and not (baseline and is_baseline):
+                        continue
+                    for b in suite.backends_for(spec.kind, spec.peer_family):
+                        if backends and not _match_name(b, backends):
+                            if not (baseline and is_baseline and b.startswith("sdpa")):
+                                continue
+                        skip = None if no_skip or suite.skip_rule is None else suite.skip_rule(spec, L, direction, b)
+                        cases.append(Case(spec, B, suite.Hq, suite.Hkv, L, D, suite.dtype, direction, b, skip))
     return cases
 
 
@@ -465,6 +557,9 @@ class _Runner:
     def __init__(self, case: Case, pattern, device: torch.device, seed: int):
         self.case, self.pattern, self.device = case, pattern, device
         dt = _DTYPES[case.dtype]
+        self.peer = PEERS.get(case.backend)
+        if self.peer is not None:  # a missing package or API, or a case it cannot run: before any allocation
+            self.peer.check(torch.empty(0, dtype=dt, device=device), pattern)
         g = torch.Generator(device=device).manual_seed(seed)
         shape_q = (case.B, case.Hq, case.L, case.D)
         shape_kv = (case.B, case.Hkv, case.L, case.D)
@@ -472,15 +567,24 @@ class _Runner:
         self.q = torch.randn(shape_q, generator=g, device=device, dtype=dt)
         self.k = torch.randn(shape_kv, generator=g, device=device, dtype=dt)
         self.v = torch.randn(shape_kv, generator=g, device=device, dtype=dt)
-        self.dout = torch.randn(shape_q, generator=g, device=device, dtype=dt) if self.grad else None
+        self.dout = (torch.randn(shape_q, generator=g, device=device, dtype=dt) if self.grad and self.peer is None
+                     else None)  # a peer's is made on its first call, shaped like its output
         for t in (self.q, self.k, self.v):
             t.requires_grad_(self.grad)
-        self.api_backend = API_BACKEND[case.backend]
+        self.api_backend = API_BACKEND.get(case.backend)
         self.kernel = SDPA_KERNELS.get(case.backend)
         self.impl = "attnzoo.attention(backend=%r)" % self.api_backend
         self.note = ""
         self._probed = False
         self._direct = None  # (q, k, v) with K/V heads repeated, when an SDPA kernel lacks GQA
+        self._peer_call = None
+        if self.peer is not None:
+            self._peer_call = self.peer.prepare(self.q, self.k, self.v, pattern)
+            self.impl, self.note = self._peer_call.impl, self._peer_call.note
+            self._gen = g
+            self.q = self.k = self.v = None  # the peer holds its own copies: keep the peak memory comparable
+        elif self.api_backend is None:
+            raise Unsupported(f"unknown backend {case.backend!r}")
 
     def _api(self):
         from attnzoo import attention
@@ -539,7 +643,22 @@ class _Runner:
         raise Unsupported(f"torch SDPA {self.kernel} kernel cannot run this (with or without GQA): "
                           f"{why2 or why or 'no reason given'}")
 
+    def _peer(self):
+        try:
+            out = self._peer_call()
+            if not self.grad:
+                return out
+            if self.dout is None:
+                self.dout = torch.randn(out.shape, generator=self._gen, device=out.device, dtype=out.dtype)
+            if not out.requires_grad:
+                raise Unsupported(f"{self.peer.name} returned an output without autograd graph (no backward)")
+            return torch.autograd.grad(out, self._peer_call.inputs, self.dout)
+        except NotImplementedError as e:  # a peer's way of declining a shape, dtype or mask
+            raise Unsupported(f"{self.peer.name} declined: {type(e).__name__}: {e}") from None
+
     def __call__(self):
+        if self._peer_call is not None:
+            return self._peer()
         out = self._forward()
         if not self.grad:
             return out
@@ -597,6 +716,10 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
                impl=None, note="", seed=seed, warmup=warmup, reps_requested=reps, flush_l2=flush_l2 and device.type == "cuda",
                **env, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     rec["key"] = case.key(env["device_name"], _case_signature(case))
+    peer = PEERS.get(case.backend)
+    if peer is not None:
+        rec["peer"] = peer.name
+        rec["peer_version"] = peer.version()
     result = dict(status="unsupported", message=case.skip or "", median_ms=None, p20_ms=None, p80_ms=None,
                   compile_ms=None, peak_mem_bytes=None, reps=0, times_ms=[])
     runner = None
@@ -607,6 +730,8 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
         if case.skip is None:
             runner = _Runner(case, pattern, device, seed)
             rec["impl"] = runner.impl
+            if device.type == "cuda":  # inputs, a peer's copies of them, caches: all part of the peak below
+                rec["allocated_before_bytes"] = int(torch.cuda.memory_allocated(device))
             result = time_fn(runner, device=device, warmup=warmup, reps=reps, flush_l2=flush_l2,
                              max_time_s=max_time_s)
             rec["impl"], rec["note"] = runner.impl, runner.note
@@ -678,7 +803,7 @@ def _fmt(x, spec=".3g", none="-"):
 
 def record_line(rec: dict) -> str:
     """One line about a record, for progress output."""
-    head = f"{rec['pattern']} L={rec['Lq']} {DIRECTION_LABELS.get(rec['direction'], rec['direction'])} {rec['backend']}"
+    head = case_label_of(rec)
     if rec.get("status") == "ok":
         tf = rec.get("tflops")
         return (f"{head}: {rec['median_ms']:.3f} ms [{rec['p20_ms']:.3f}, {rec['p80_ms']:.3f}] x{rec['reps']}, "
@@ -728,17 +853,20 @@ class _Progress:
 
 
 def case_label_of(rec: dict) -> str:
-    return f"{rec['pattern']} L={rec['Lq']} {DIRECTION_LABELS.get(rec['direction'], rec['direction'])} {rec['backend']}"
+    return (f"{rec['pattern']} L={rec['Lq']} B={rec.get('B')} D={rec.get('D')} "
+            f"{DIRECTION_LABELS.get(rec['direction'], rec['direction'])} {rec['backend']}")
 
 
-SUMMARY_COLUMNS = ("pattern", "L", "backend", "direction", "ms", "TFLOP/s", "frac ideal", "peak MB", "status")
+SUMMARY_COLUMNS = ("pattern", "L", "B", "D", "backend", "direction", "ms", "TFLOP/s", "frac ideal", "peak MB",
+                   "status")
 
 
 def summary_rows(records: Iterable[dict]) -> list:
     rows = []
     for r in records:
         ok = r.get("status") == "ok"
-        rows.append([r["pattern"], str(r["Lq"]), r["backend"], DIRECTION_LABELS.get(r["direction"], r["direction"]),
+        rows.append([r["pattern"], str(r["Lq"]), str(r.get("B", "")), str(r.get("D", "")), r["backend"],
+                     DIRECTION_LABELS.get(r["direction"], r["direction"]),
                      _fmt(r.get("median_ms"), ".3f") if ok else "-", _fmt(r.get("tflops"), ".3g") if ok else "-",
                      _fmt(r.get("frac_ideal"), ".2f") if ok else "-",
                      _fmt(r["peak_mem_bytes"] / 2**20, ".0f") if ok and r.get("peak_mem_bytes") else "-",
@@ -833,8 +961,9 @@ def run_suite(cases: Sequence[Case], out_dir, *, suite: Suite, reps: Optional[in
 
 
 def describe_plan(cases: Sequence[Case]) -> str:
-    rows = [[c.pattern, str(c.L), c.backend, DIRECTION_LABELS[c.direction], ("skip: " + c.skip[:60]) if c.skip else "run"]
+    rows = [[c.pattern, str(c.L), str(c.B), str(c.D), c.backend, DIRECTION_LABELS[c.direction],
+             ("skip: " + c.skip[:60]) if c.skip else ("run (peer)" if c.backend in PEERS else "run")]
             for c in cases]
     n_run = sum(1 for c in cases if not c.skip)
-    return format_table(("pattern", "L", "backend", "direction", "plan"), rows) + \
+    return format_table(("pattern", "L", "B", "D", "backend", "direction", "plan"), rows) + \
         f"\n{len(cases)} cases, {n_run} to measure, {len(cases) - n_run} planned skips"

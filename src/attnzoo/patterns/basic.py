@@ -14,12 +14,13 @@ a layout. Query ranges are (nq, 1) and key ranges (1, nk), so comparisons betwee
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .base import Ctx, Pattern, Rows, _check_int
+from .base import Ctx, Pattern, Rows, _check_int, _check_len
 
 
 def _false(ctx: Ctx):
@@ -495,3 +496,303 @@ class Mask(Pattern):
     def __repr__(self):
         name = getattr(self.fn, "__name__", "fn")
         return f"Mask({name}{', per_head=True' if self.per_head else ''})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-sparse attention: an explicit grid of blocks
+# --------------------------------------------------------------------------------------------------
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+
+
+class BlockBits:
+    """An immutable, hashable grid of bits: the block mask of a `BlockSparse`, packed 8 blocks a byte.
+
+    Equal grids are equal values with equal hashes (the hash is computed once), so a pattern holding one
+    is a cheap cache key even for large masks. ``tensor()`` gives the bool grid back (on the CPU)."""
+
+    __slots__ = ("shape", "bits", "_hash", "_digest")
+
+    def __init__(self, shape: tuple, bits: bytes):
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "bits", bytes(bits))
+        object.__setattr__(self, "_hash", hash((self.shape, self.bits)))
+        object.__setattr__(self, "_digest", None)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("BlockBits is immutable")
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "BlockBits":
+        flat = t.detach().reshape(-1).to(device="cpu", dtype=torch.int32)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        packed = (flat.view(-1, 8) * _BIT_WEIGHTS).sum(1).to(torch.uint8)
+        try:
+            data = packed.numpy().tobytes()
+        except Exception:  # noqa: BLE001 - numpy missing: the slow way
+            data = bytes(packed.tolist())
+        return cls(tuple(t.shape), data)
+
+    def tensor(self) -> torch.Tensor:
+        """The grid as a bool tensor of ``shape``, on the CPU (a new tensor each call)."""
+        n = math.prod(self.shape)
+        packed = torch.frombuffer(bytearray(self.bits), dtype=torch.uint8).to(torch.int32)
+        bits = (packed[:, None] & _BIT_WEIGHTS).ne(0).reshape(-1)[:n]
+        return bits.reshape(self.shape)
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            import hashlib
+            object.__setattr__(self, "_digest", hashlib.sha1(repr(self.shape).encode() + self.bits).hexdigest()[:12])
+        return self._digest
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, BlockBits):
+            return NotImplemented
+        return self._hash == other._hash and self.shape == other.shape and self.bits == other.bits
+
+    def __repr__(self):
+        return f"BlockBits(shape={self.shape}, sha1={self.digest})"
+
+    def __reduce__(self):
+        return (BlockBits, (self.shape, self.bits))
+
+
+@functools.lru_cache(maxsize=32)
+def _bs_table(bits: BlockBits, device: str) -> torch.Tensor:
+    """The block mask as (H, nQ, nK) bool on ``device`` (H = 1 for a head-independent mask)."""
+    t = bits.tensor()
+    if t.dim() == 2:
+        t = t[None]
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _bs_sat(bits: BlockBits, device: str) -> torch.Tensor:
+    """Summed-area table of the block mask: (H, nQ + 1, nK + 1), ``S[h, r, c]`` = blocks on in rows < r and
+    columns < c (int32 while the counts fit). Any rectangle of blocks is counted with four lookups."""
+    t = _bs_table(bits, device)
+    dt = torch.int32 if t.shape[1] * t.shape[2] < 2**31 else torch.int64
+    s = t.to(dt).cumsum(1, dtype=dt).cumsum(2, dtype=dt)
+    return torch.nn.functional.pad(s, (1, 0, 1, 0))
+
+
+def _block_size(value) -> tuple:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"BlockSparse block_size must be an int or a pair (block_q, block_k), got {value!r}")
+        bq, bk = value
+    else:
+        bq = bk = value
+    _check_int("BlockSparse block_size (query)", bq, 1)
+    _check_int("BlockSparse block_size (key)", bk, 1)
+    return int(bq), int(bk)
+
+
+@dataclass(frozen=True)
+class BlockSparse(Pattern):
+    """Block-sparse attention: query ``i`` sees key ``j`` iff their block pair is on in ``block_mask``.
+
+    ``block_mask`` is a bool tensor of shape (nq_blocks, nk_blocks), or (H, nq_blocks, nk_blocks) for one
+    mask per query head (then the pattern is head-dependent and needs H query heads); ``block_size`` is
+    an int or ``(block_q, block_k)``. Like every pattern, queries are placed by position (bottom-right
+    aligned): the query at key position ``p`` uses block row ``p // block_q``, key ``j`` block column
+    ``j // block_k``. The mask must cover every key position (``ceil(Lk / block_q)`` rows and
+    ``ceil(Lk / block_k)`` columns; larger masks are fine, their extra blocks unused), else `check`
+    raises. The layout is exact for any kernel block size (a summed-area table of the block mask, no
+    N x N evaluation). ``BlockSparse.random(...)`` draws a seeded random mask.
+
+    The mask is stored packed (`BlockBits`), so patterns are immutable, hashable cache keys.
+    """
+    block_mask: BlockBits
+    block_size: tuple = (128, 128)
+
+    def __init__(self, block_mask, block_size=128):
+        bs = _block_size(block_size)
+        if not isinstance(block_mask, BlockBits):
+            if not isinstance(block_mask, torch.Tensor):
+                try:
+                    block_mask = torch.as_tensor(block_mask)
+                except Exception:  # noqa: BLE001
+                    raise TypeError("BlockSparse block_mask must be a bool tensor of shape (nq_blocks, "
+                                    f"nk_blocks) or (H, nq_blocks, nk_blocks), got {type(block_mask).__name__}"
+                                    ) from None
+            if block_mask.dtype != torch.bool:
+                if block_mask.dtype.is_floating_point or block_mask.dtype.is_complex or not bool(
+                        ((block_mask == 0) | (block_mask == 1)).all()):
+                    raise TypeError(f"BlockSparse block_mask must be a bool tensor (or 0/1 integers), got "
+                                    f"dtype {block_mask.dtype}")
+                block_mask = block_mask != 0
+            if block_mask.dim() not in (2, 3):
+                raise ValueError(f"BlockSparse block_mask must have shape (nq_blocks, nk_blocks) or (H, nq_blocks, "
+                                 f"nk_blocks), got shape {tuple(block_mask.shape)}")
+            if block_mask.numel() == 0:
+                raise ValueError(f"BlockSparse block_mask must not be empty, got shape {tuple(block_mask.shape)}")
+            block_mask = BlockBits.from_tensor(block_mask)
+        object.__setattr__(self, "block_mask", block_mask)
+        object.__setattr__(self, "block_size", bs)
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def random(cls, q_len: int, kv_len: int, density: float, block_size=128, causal: bool = False, seed: int = 0,
+               num_heads=None) -> "BlockSparse":
+        """A seeded random block mask for ``q_len`` queries and ``kv_len`` keys.
+
+        ``density`` is the fraction of the *allowed* block pairs that are kept: every block pair the
+        queries reach, or with ``causal=True`` those on or below the block diagonal (a block is allowed
+        when its first key is at or before its last query position). The diagonal blocks (those holding
+        the key at each query's own position) are always kept, so no query row is empty; the others are
+        drawn uniformly without replacement (``torch.Generator`` seeded with ``seed``) to reach
+        ``round(density * allowed)`` blocks. ``causal`` acts on blocks only: inside a diagonal block
+        queries see later keys; intersect with `Causal` (``BlockSparse.random(...) & Causal()``) for
+        token-level causality. The exact share of visible (query, key) pairs is ``density(q_len, kv_len)``.
+        ``num_heads``: one independent mask per head (a head-dependent pattern).
+        """
+        _check_len("BlockSparse.random q_len", q_len)
+        _check_len("BlockSparse.random kv_len", kv_len)
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ValueError(f"BlockSparse.random density must be a number in (0, 1], got {density!r}")
+        if num_heads is not None:
+            _check_int("BlockSparse.random num_heads", num_heads, 1)
+        _check_int("BlockSparse.random seed", seed, 0)
+        bq, bk = _block_size(block_size)
+        nq, nk = -(-kv_len // bq), -(-kv_len // bk)
+        lo = max(kv_len - q_len, 0)                               # first query position
+        r = torch.arange(nq)[:, None]
+        c = torch.arange(nk)[None, :]
+        row_first = torch.clamp(r * bq, min=lo)                   # positions of each row's queries
+        row_last = torch.clamp((r + 1) * bq, max=kv_len) - 1
+        used = row_last >= lo
+        allowed = used.expand(nq, nk)
+        if causal:
+            allowed = allowed & (c * bk <= row_last)
+        diag = used & (c >= row_first // bk) & (c <= row_last // bk)
+        n_allowed = int(allowed.sum())
+        target = int(round(float(density) * n_allowed))
+        cand = (allowed & ~diag).reshape(-1).nonzero().squeeze(1)
+        n_extra = max(0, min(target - int(diag.sum()), cand.numel()))
+        g = torch.Generator().manual_seed(int(seed))
+        masks = []
+        for _ in range(num_heads or 1):
+            m = diag.reshape(-1).clone()
+            if n_extra:
+                m[cand[torch.randperm(cand.numel(), generator=g)[:n_extra]]] = True
+            masks.append(m.view(nq, nk))
+        block_mask = torch.stack(masks) if num_heads is not None else masks[0]
+        return cls(block_mask, (bq, bk))
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def head_dependent(self):  # type: ignore[override]
+        return len(self.block_mask.shape) == 3
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The block mask as a bool tensor (CPU): (nq_blocks, nk_blocks) or (H, nq_blocks, nk_blocks)."""
+        return self.block_mask.tensor()
+
+    def _grid(self):
+        s = self.block_mask.shape
+        return (1,) + s if len(s) == 2 else s
+
+    def _heads(self, num_heads):
+        return self._grid()[0] if self.head_dependent else 1
+
+    def block_density(self) -> float:
+        """Fraction of the mask's block pairs that are on (over the whole grid, all heads)."""
+        t = self.block_mask.tensor()
+        return float(t.sum()) / t.numel()
+
+    def check(self, q_len, kv_len, num_heads=None):
+        h, nq, nk = self._grid()
+        bq, bk = self.block_size
+        if self.head_dependent and num_heads is not None and num_heads != h:
+            raise ValueError(f"pattern: BlockSparse has a per-head block mask for {h} heads but the query has "
+                             f"{num_heads} heads (Hq)")
+        need_q, need_k = -(-kv_len // bq), -(-kv_len // bk)
+        if need_q > nq or need_k > nk:
+            raise ValueError(
+                f"pattern: BlockSparse block_mask has {nq} x {nk} blocks of {bq} x {bk} (query positions < "
+                f"{nq * bq}, keys < {nk * bk}) but kv_len={kv_len} needs at least {need_q} x {need_k} blocks: "
+                "queries sit at key positions (bottom-right aligned), so the mask must cover every key position "
+                "on both axes")
+
+    # -- mask and layout --------------------------------------------------------------------------
+    def _bind(self, ctx):
+        t = _bs_table(self.block_mask, str(ctx.device))            # (H, nQ, nK), built once and captured
+        h_n, nq, nk = t.shape
+        bq, bk = self.block_size
+        per_head = self.head_dependent
+        t0 = t[0]
+
+        def f(p, k, head):
+            qb = torch.div(p, bq, rounding_mode="floor")
+            kb = torch.div(k, bk, rounding_mode="floor")
+            ok = (p >= 0) & (qb < nq) & (kb < nk) & (k >= 0)
+            qi, ki = qb.clamp(0, nq - 1), kb.clamp(0, nk - 1)
+            if per_head:
+                if head is None:
+                    raise ValueError("BlockSparse with a per-head block mask needs head=")
+                on = t[torch.as_tensor(head, device=t.device).clamp(0, h_n - 1), qi, ki]
+            else:
+                on = t0[qi, ki]
+            return on & ok
+
+        return f
+
+    def _mask_pos(self, p, k, ctx, head):
+        return self._bind(ctx)(p, k, head)
+
+    def _classify(self, ctx):
+        # A kernel block covers positions [p0, p1] and keys [k0, k1]: pattern block rows r0..r1 and columns
+        # c0..c1, each of which it meets in at least one pair, so it is visible somewhere iff one of those
+        # blocks is on, and everywhere iff all are on (and all its positions are real and covered).
+        s = _bs_sat(self.block_mask, str(ctx.device))
+        _, nq, nk = self._grid()
+        bq, bk = self.block_size
+        p0, p1, k0, k1 = ctx.ranges()
+        r1 = torch.div(p1, bq, rounding_mode="floor")
+        c1 = torch.div(k1, bk, rounding_mode="floor")
+        r0 = torch.div(p0.clamp(min=0), bq, rounding_mode="floor").clamp_(max=nq)
+        c0 = torch.div(k0, bk, rounding_mode="floor").clamp_(max=nk)
+        r1c, c1c = r1.clamp(-1, nq - 1), c1.clamp(max=nk - 1)
+        cnt = (s[:, r1c + 1, c1c + 1] - s[:, r0, c1c + 1]) - (s[:, r1c + 1, c0] - s[:, r0, c0])
+        rows = (r1c - r0 + 1).clamp_(min=0)
+        cols = (c1c - c0 + 1).clamp_(min=0)
+        any_ = cnt > 0
+        covered = (p0 >= 0) & (r1 < nq)
+        all_ = (cnt == rows * cols) & covered & (c1 < nk)
+        return any_, all_ & any_, None
+
+    def count_visible(self, q_len, kv_len, num_heads=None):
+        _, nq, nk = self._grid()
+        bq, bk = self.block_size
+        lo = max(kv_len - q_len, 0)
+        r = torch.arange(nq, dtype=torch.int64)
+        c = torch.arange(nk, dtype=torch.int64)
+        rows = (torch.clamp((r + 1) * bq, max=kv_len) - torch.clamp(r * bq, min=lo)).clamp_(min=0)
+        cols = (torch.clamp((c + 1) * bk, max=kv_len) - c * bk).clamp_(min=0)
+        t = _bs_table(self.block_mask, "cpu").to(torch.int64)
+        return int(((t * cols).sum(-1) * rows).sum())
+
+    def density(self, q_len=None, kv_len=None, num_heads=None) -> float:
+        """Exact fraction of visible (query, key) pairs (mean over heads for a per-head mask). Without
+        lengths: self-attention over the whole grid the mask covers, ``min(nq * block_q, nk * block_k)``."""
+        if q_len is None and kv_len is None:
+            _, nq, nk = self._grid()
+            q_len = kv_len = min(nq * self.block_size[0], nk * self.block_size[1])
+        elif q_len is None or kv_len is None:
+            raise ValueError("BlockSparse.density: give both q_len and kv_len, or neither")
+        return super().density(q_len, kv_len, num_heads)
+
+    def __repr__(self):
+        shape = "x".join(map(str, self.block_mask.shape))
+        bq, bk = self.block_size
+        bs = str(bq) if bq == bk else f"({bq}, {bk})"
+        return (f"BlockSparse(<{shape} blocks, {self.block_density():.3g} on, sha1 {self.block_mask.digest}>, "
+                f"block_size={bs})")

@@ -3,7 +3,7 @@
 `generate(pattern, lq, lk)` returns ``(body, aux)``: the statements of a ``@triton.jit`` function
 ``_mask(qp, kk, hq, AUX)`` that computes visibility from query positions ``qp`` (BLOCK_M, 1),
 key indices ``kk`` (1, BLOCK_N), the query head ``hq`` (scalar) and an int32 lookup buffer ``AUX``,
-and the contents of that buffer (document ids), or None. Pattern parameters are baked into the
+and the contents of that buffer (document ids, block-sparse bits), or None. Pattern parameters are baked into the
 source as literals, so each pattern is its own specialised kernel (as with FlexAttention). The
 definitions are the same as the patterns' `_mask_pos` (tests compare the kernel with them).
 """
@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ...patterns import (Causal, Chunked, Dilated, Document, Full, Intersection, Neighborhood, Pattern, PerHead,
-                         PowerAttention, PrefixLM, Sinks, SlidingWindow, Strided, TiledNeighborhood, Union)
+from ...patterns import (BlockSparse, Causal, Chunked, Dilated, Document, Full, Intersection, Neighborhood, Pattern,
+                         PerHead, PowerAttention, PrefixLM, Sinks, SlidingWindow, Strided, TiledNeighborhood, Union)
 
 
 class Unsupported(Exception):
@@ -106,6 +106,22 @@ def _document(g, p):
     return g.var(f"{dq} == {dk}")
 
 
+def _blocksparse(g, p):
+    """The block bits in AUX (one int32 per block, heads then rows then columns), looked up at
+    ``(qp // bq) * nk + kk // bk``; indices are clamped into the table (padding rows and columns of a
+    last block, negative positions when Lq > Lk), and negative positions are masked."""
+    table = p.blocks
+    h, nq, nk = (1,) + tuple(table.shape) if table.dim() == 2 else tuple(table.shape)
+    off = g.add_aux(table.reshape(-1))
+    bq, bk = p.block_size
+    qp, kk = g.qp, g.kk
+    qb = g.var(f"tl.minimum(tl.maximum({qp}, 0) // {bq}, {nq - 1})")
+    kb = g.var(f"tl.minimum(tl.maximum({kk}, 0) // {bk}, {nk - 1})")
+    base = str(off) if h == 1 else f"{off} + tl.minimum(tl.maximum(hq, 0), {h - 1}) * {nq * nk}"
+    bit = g.var(f"tl.load(AUX + {base} + {qb} * {nk} + {kb})")
+    return g.var(f"({bit} != 0) & ({qp} >= 0)")
+
+
 def _neighborhood(g, p):
     grid = p.grid if p.grid is not None else (g.lk,)
     strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
@@ -191,7 +207,7 @@ def _perhead(g, p):
 _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Chunked: _chunked,
          Dilated: _dilated, Strided: _strided, PrefixLM: _prefix, PowerAttention: _power, Document: _document,
          Neighborhood: _neighborhood, TiledNeighborhood: _tiled_neighborhood, Union: _union,
-         Intersection: _intersection, PerHead: _perhead}
+         Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse}
 
 
 def generate(pattern: Pattern, lq: int, lk: int):
