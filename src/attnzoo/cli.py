@@ -5,6 +5,9 @@
                   [--direction fwd|fwdbwd] [--reps N] ...
                                                    run the speed suite (resumable), then write the report
     attnzoo bench report --out DIR                 only (re)write DIR/report.md and the plots
+    attnzoo bench recall [--out DIR] [--grid cpu|full] [--mixer M ...] [--d-model 64,128] [--lr 1e-3,3e-3]
+                         [--tasks 64x4,256x16] [--steps N] [--seed S] ...
+                                                   train TinyLMs on MQAR (resumable), then write the recall report
 """
 from __future__ import annotations
 
@@ -158,8 +161,145 @@ def _positive_float(name):
 _DIRECTION_CHOICES = {"fwd": ["fwd"], "fwdbwd": ["fwdbwd"], "fwd+bwd": ["fwdbwd"], "both": ["fwd", "fwdbwd"]}
 
 
+def _float_list(name):
+    def conv(text):
+        out = []
+        for tok in str(text).split(","):
+            if not tok.strip():
+                continue
+            try:
+                x = float(tok)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{tok!r} is not a number") from None
+            if not x > 0:
+                raise argparse.ArgumentTypeError(f"must be > 0, got {tok!r}")
+            out.append(x)
+        if not out:
+            raise argparse.ArgumentTypeError("no value given")
+        return out
+    return conv
+
+
+def _int_list(name):
+    def conv(text):
+        out = []
+        for tok in str(text).split(","):
+            if not tok.strip():
+                continue
+            try:
+                n = int(tok)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{tok!r} is not an integer") from None
+            if n < 1:
+                raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+            out.append(n)
+        if not out:
+            raise argparse.ArgumentTypeError("no value given")
+        return out
+    return conv
+
+
+def parse_tasks(text: str) -> list:
+    """'64x4,256x16' -> [(64, 4), (256, 16)]: MQAR (sequence length, kv pairs)."""
+    out = []
+    for tok in str(text).split(","):
+        if not tok.strip():
+            continue
+        parts = tok.lower().replace(":", "x").split("x")
+        try:
+            L, K = (int(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{tok!r} is not a task; give LxK pairs like 64x4,256x16") from None
+        if L < 1 or K < 1:
+            raise argparse.ArgumentTypeError(f"task {tok!r}: L and K must be >= 1")
+        out.append((L, K))
+    if not out:
+        raise argparse.ArgumentTypeError("no task given")
+    return out
+
+
+def _split_mixers(values) -> list:
+    """--mixer values: repeatable, comma-separated."""
+    out = []
+    for v in values or []:
+        out += [m.strip() for m in str(v).split(",") if m.strip()]
+    return out
+
+
+_RECALL_ONLY = ("mixer", "grid", "d_model", "lr", "tasks", "steps", "batch_size", "n_train", "n_test", "vocab",
+                "eval_every", "no_early_stop", "device", "report_only", "threads")
+
+
+def cmd_recall(args, parser) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .bench.recall import RESULTS_FILE, SUMMARY_COLUMNS, get_grid, plan_cells, run_grid, summary_rows, \
+        write_recall_report
+    from .bench.speed import print_table
+
+    out = Path(args.out)
+    if args.report_only:
+        if not (out / RESULTS_FILE).exists():
+            print(f"attnzoo bench recall: error: no {RESULTS_FILE} in {out}; run `attnzoo bench recall --out {out}` "
+                  "first", file=sys.stderr)
+            return 1
+        print(f"report: {write_recall_report(out / RESULTS_FILE, out)}")
+        return 0
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = get_grid(args.grid or "cpu")
+    changes = dict(seed=args.seed)
+    if args.mixer:
+        changes["mixers"] = tuple(_split_mixers(args.mixer))
+    for field_name, value in (("d_models", args.d_model), ("lrs", args.lr), ("tasks", args.tasks)):
+        if value:
+            changes[field_name] = tuple(dict.fromkeys(value))
+    for field_name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("n_train", args.n_train),
+                              ("n_test", args.n_test), ("vocab_size", args.vocab), ("eval_every", args.eval_every)):
+        if value is not None:
+            changes[field_name] = value
+    if args.no_early_stop:
+        changes["early_stop_acc"] = None
+    grid = replace(grid, **changes)
+    try:
+        cells = plan_cells(grid)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        print(f"recall grid {grid.name}: V={grid.vocab_size}, {grid.n_layers} layers, {grid.n_train} train / "
+              f"{grid.n_test} test examples, up to {grid.steps} steps")
+        for c in cells:
+            print(f"  {c.label()} batch={grid.batch_for(c.seq_len)}")
+        print(f"{len(cells)} cells")
+        return 0
+    if not args.quiet:
+        print(f"attnzoo bench recall: grid {grid.name} (V={grid.vocab_size}, {grid.n_layers} layers, up to "
+              f"{grid.steps} steps, {torch.get_num_threads()} CPU threads) -> {out / RESULTS_FILE}; {len(cells)} cells",
+              flush=True)
+    try:
+        records = run_grid(grid, out, device=args.device, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the cells so far are in {out / RESULTS_FILE}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print()
+        print_table("Recall summary (best lr per cell group)", list(SUMMARY_COLUMNS), summary_rows(records))
+    if not args.no_report:
+        print(f"report: {write_recall_report(out / RESULTS_FILE, out)}")
+    return 0
+
+
 def cmd_bench(args, parser) -> int:
     from pathlib import Path
+
+    if args.action == "recall":
+        return cmd_recall(args, parser)
+    given = [f"--{n.replace('_', '-')}" for n in _RECALL_ONLY if getattr(args, n, None) not in (None, False)]
+    if given:
+        parser.error(f"{', '.join(given)} only apply to `attnzoo bench recall`")
 
     from .bench.report import write_report
     from .bench.speed import (RESULTS_FILE, SUMMARY_COLUMNS, describe_plan, get_suite, plan, print_table,
@@ -224,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run the speed suite and write the report (`bench report` only rewrites the report)",
         description="Run the speed suite (appending to DIR/results.jsonl, skipping cases already recorded ok), "
                     "then write DIR/report.md and plots. `attnzoo bench report --out DIR` only rewrites the report.")
-    p_bench.add_argument("action", nargs="?", choices=("run", "report"), default="run",
-                         help="run (default): measure then report; report: only rewrite the report")
+    p_bench.add_argument("action", nargs="?", choices=("run", "report", "recall"), default="run",
+                         help="run (default): measure then report; report: only rewrite the report; "
+                              "recall: the MQAR benchmark (train TinyLMs, write report_recall.md)")
     p_bench.add_argument("--out", default="bench-results", metavar="DIR",
                          help="output folder for results.jsonl, report.md and plots (default: %(default)s)")
     p_bench.add_argument("--suite", choices=("auto", "cpu", "cuda"), default="auto",
@@ -256,6 +397,36 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--no-report", action="store_true", help="do not write report.md after the run")
     p_bench.add_argument("--dry-run", action="store_true", help="print the planned cases and exit")
     p_bench.add_argument("--quiet", action="store_true", help="no progress output and no summary table")
+    g = p_bench.add_argument_group(
+        "recall (MQAR) options", "only with `attnzoo bench recall`; --out, --seed, --dry-run, --quiet and --no-report "
+        "apply too. Results go to DIR/results_recall.jsonl (resumable), the report to DIR/report_recall.md")
+    g.add_argument("--grid", choices=("cpu", "full"), default=None,
+                   help="cpu (default): L=64, 4 kv pairs, d_model 64, V=2048, attention vs sliding_window:8, a few "
+                        "minutes; full: the protocol's grid for a GPU (V=8192, 4 tasks x 4 widths x 4 lrs)")
+    g.add_argument("--mixer", action="append", metavar="M",
+                   help="token mixer specs (repeat or comma-separate), e.g. attention, sliding_window:8, "
+                        "attention+sliding_window:32 (a hybrid, one spec per layer)")
+    g.add_argument("--d-model", type=_int_list("--d-model"), metavar="D,...", help="model widths, e.g. 64,128")
+    g.add_argument("--lr", type=_float_list("--lr"), metavar="LR,...", help="learning rates to sweep, e.g. 1e-3,3e-3")
+    g.add_argument("--tasks", type=parse_tasks, metavar="LxK,...",
+                   help="MQAR (sequence length x kv pairs) tasks, e.g. 64x4,256x16")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=None, metavar="N",
+                   help="optimizer steps per cell (the most: training stops early at 0.99 test accuracy)")
+    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None, metavar="N",
+                   help="examples per step (default: 128 on the cpu grid; 256/256/128/64 for L=64/128/256/512 on full)")
+    g.add_argument("--n-train", type=_positive_int("--n-train"), default=None, metavar="N",
+                   help="training examples per task")
+    g.add_argument("--n-test", type=_positive_int("--n-test"), default=None, metavar="N",
+                   help="test examples per task")
+    g.add_argument("--vocab", type=_positive_int("--vocab"), default=None, metavar="V",
+                   help="vocabulary size (the protocol: 8192)")
+    g.add_argument("--eval-every", type=_positive_int("--eval-every"), default=None, metavar="N",
+                   help="evaluate on the test set every N steps")
+    g.add_argument("--no-early-stop", action="store_true", help="train every cell for all its steps")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    g.add_argument("--threads", type=_positive_int("--threads"), default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice); on a busy machine 1 is often faster")
+    g.add_argument("--report-only", action="store_true", help="only rewrite DIR/report_recall.md")
     p_bench.set_defaults(func=cmd_bench, subparser=p_bench)
     return parser
 
