@@ -356,3 +356,13 @@ def test_a_peer_is_timed_forward_and_backward(tmp_path, monkeypatch):
         assert r["status"] == "ok", r
         assert r["impl"].startswith("flash_attn.flash_attn_func") and "window_size=(15, 0)" in r["impl"]
         assert r["median_ms"] > 0 and r["peer"] == "flash-attn"
+
+
+def test_cli_dry_run_plans_gpu_suites_without_a_gpu(capsys):
+    from attnzoo.cli import main
+
+    assert main(["bench", "--suite", "flash", "--dry-run", "--pattern", "causal", "--lengths", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "B·L = 16K tokens" in out and "D=64/128" in out and "causal" in out
+    assert main(["bench", "--suite", "cuda", "--dry-run", "--pattern", "blocksparse-0.1", "--lengths", "4096"]) == 0
+    assert "blocksparse-0.1" in capsys.readouterr().out

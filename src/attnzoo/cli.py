@@ -1,7 +1,7 @@
 """The ``attnzoo`` command.
 
     attnzoo list                                   patterns and backends, and what each backend supports
-    attnzoo bench [--out DIR] [--suite auto|cpu|cuda] [--pattern P] [--backend B] [--lengths 1024,2048]
+    attnzoo bench [--out DIR] [--suite auto|cpu|cuda|flash] [--pattern P] [--backend B] [--lengths 1024,2048]
                   [--direction fwd|fwdbwd] [--reps N] ...
                                                    run the speed suite (resumable), then write the report
     attnzoo bench report --out DIR                 only (re)write DIR/report.md and the plots
@@ -316,7 +316,7 @@ def cmd_bench(args, parser) -> int:
         return 0
 
     try:
-        suite = get_suite(args.suite, full_grid=args.full_grid)
+        suite = get_suite(args.suite, full_grid=args.full_grid, require_device=not args.dry_run)
         directions = _DIRECTION_CHOICES[args.direction] if args.direction else None
         cases = plan(suite, patterns=args.pattern, backends=args.backend, lengths=args.lengths,
                      directions=directions, no_skip=args.no_skip, baseline=not args.no_baseline)
@@ -325,16 +325,16 @@ def cmd_bench(args, parser) -> int:
     if not cases:
         parser.error("the filters leave no case to run (check --pattern, --backend, --lengths, --direction; "
                      "fixed-size patterns run only at their own length)")
+    shape = (f"{suite.dtype}, " + (f"B·L = {suite.tokens // 1024}K tokens" if suite.tokens else f"B={suite.B}")
+             + f", Hq={suite.Hq}, Hkv={suite.Hkv}, D={'/'.join(str(d) for d in suite.dims())}")
     if args.dry_run:
-        print(f"suite {suite.name} on {suite.device}: {suite.dtype}, B={suite.B}, Hq={suite.Hq}, Hkv={suite.Hkv}, "
-              f"D={suite.D}")
+        print(f"suite {suite.name} on {suite.device}: {shape}")
         print(describe_plan(cases))
         return 0
 
     n_run = sum(1 for c in cases if not c.skip)
     if not args.quiet:
-        print(f"attnzoo bench: suite {suite.name} ({suite.dtype}, B={suite.B}, Hq={suite.Hq}, Hkv={suite.Hkv}, "
-              f"D={suite.D}) -> {out / RESULTS_FILE}; {len(cases)} cases ({n_run} to measure, "
+        print(f"attnzoo bench: suite {suite.name} ({shape}) -> {out / RESULTS_FILE}; {len(cases)} cases ({n_run} to measure, "
               f"{len(cases) - n_run} planned skips)", flush=True)
     try:
         records = run_suite(cases, out, suite=suite, reps=args.reps, warmup=args.warmup, max_time_s=args.max_time_s,
@@ -369,14 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "recall: the MQAR benchmark (train TinyLMs, write report_recall.md)")
     p_bench.add_argument("--out", default="bench-results", metavar="DIR",
                          help="output folder for results.jsonl, report.md and plots (default: %(default)s)")
-    p_bench.add_argument("--suite", choices=("auto", "cpu", "cuda"), default="auto",
-                         help="cuda when a GPU is available, else cpu (default: %(default)s)")
+    p_bench.add_argument("--suite", choices=("auto", "cpu", "cuda", "flash"), default="auto",
+                         help="cuda (long-context grid) when a GPU is available, else cpu; flash = the "
+                              "FlashAttention grid, B·L = 16K tokens, 16 heads, D 64/128 (default: %(default)s)")
     p_bench.add_argument("--pattern", action="append", metavar="P",
                          help="only these patterns (repeat or comma-separate; wildcards ok). The dense "
                               "baseline is kept unless --no-baseline")
     p_bench.add_argument("--backend", action="append", metavar="B",
                          help="only these backends (repeat or comma-separate; 'sdpa' matches every sdpa-*, "
-                              "'flex' matches flex-eager)")
+                              "'flex' matches flex-eager; peers: flash-attn, xformers, natten)")
     p_bench.add_argument("--lengths", type=parse_lengths, metavar="L,...",
                          help="sequence lengths, e.g. 1024,2048 or 1K..64K (replaces the suite's lengths)")
     p_bench.add_argument("--direction", choices=tuple(_DIRECTION_CHOICES), default=None,
