@@ -25,6 +25,9 @@ MIXERS = ["attention", "sliding_window:4", "sink_window:2:3", "attention+sliding
           "attention:n_kv_heads=1"]
 if _has_linear():  # a bare attnzoo.linear kernel through the LinearMixer adapter
     MIXERS += ["test_linear_op", "test_linear_op:feature_map=elu+1:normalize=true"]
+    # the registered linear-attention layers, alone and in hybrids with softmax attention
+    MIXERS += ["linear_attention", "lightning", "gla", "deltanet", "gated_deltanet", "kda",
+               "based:feature_dim=4:window=5", "gla+attention", "attention+gated_deltanet"]
 
 
 @pytest.fixture(autouse=True, scope="module")

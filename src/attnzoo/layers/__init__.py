@@ -8,8 +8,17 @@ from .attention import Attention, RotaryEmbedding, kv_cache_len
 from .mixers import (LinearMixer, MixerEntry, MixerSpec, build_mixer, describe_mixers, get_mixer, layers_label,
                      mixer_names, mixer_state_size, parse_layers, parse_mixer, register_mixer, split_layers,
                      unregister_mixer)
+from .linear import GLA, KDA, Based, DeltaNet, GatedDeltaNet, LinearAttention, LinearCache, Lightning, ShortConv
 from .tinylm import IGNORE_INDEX, TinyLM
+
+# the linear-attention layers as token mixers (e.g. TinyLM(..., mixer="gla+attention"))
+for _name, _cls in (("linear_attention", LinearAttention), ("lightning", Lightning), ("gla", GLA),
+                    ("deltanet", DeltaNet), ("gated_deltanet", GatedDeltaNet), ("kda", KDA), ("based", Based)):
+    register_mixer(_name, _cls)
+del _name, _cls
 
 __all__ = ["Attention", "RotaryEmbedding", "kv_cache_len", "LinearMixer", "MixerEntry", "MixerSpec", "split_layers",
            "build_mixer", "describe_mixers", "get_mixer", "layers_label", "mixer_names", "mixer_state_size",
-           "parse_layers", "parse_mixer", "register_mixer", "unregister_mixer", "IGNORE_INDEX", "TinyLM"]
+           "parse_layers", "parse_mixer", "register_mixer", "unregister_mixer", "IGNORE_INDEX", "TinyLM",
+           "LinearAttention", "Lightning", "GLA", "DeltaNet", "GatedDeltaNet", "KDA", "Based", "LinearCache",
+           "ShortConv"]
