@@ -12,8 +12,20 @@ between chunks. The per-channel decays are exp of segment sums of g (never diffe
 computed exactly inside sub-chunks of 16 steps and factored through the sub-chunk boundary between them,
 so every exponent is <= 0: no overflow at any gate strength and no cancellation (see ``_core``).
 ``mode="recurrent"`` loops over time with :func:`gla_step`; ``mode="naive"`` is the literal reference.
+
+``backend`` chooses who runs ``mode="chunk"``: "torch" (the PyTorch chunked form), "triton" (the kernels of
+:mod:`attnzoo.linear.triton_gla`; CUDA, or CPU under ``TRITON_INTERPRET=1``) or "auto" (the default): Triton
+when the inputs are on CUDA and the case is covered (float16, bfloat16 or float32; head dims <= 128), else
+PyTorch. ``ATTNZOO_LINEAR_TRITON=0`` turns "auto" Triton off; ``=1`` also lets "auto" pick Triton on CPU under
+the interpreter (as for :func:`attnzoo.linear.linear_attention`). The Triton path chooses its own chunk
+(``chunk_size`` is ignored there) and keeps the dot operands in the input dtype (float32 accumulation).
 """
 from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
 
 from . import _core
 from .naive import naive_gla
@@ -21,8 +33,37 @@ from .naive import naive_gla
 _GATE = "(batch, heads, length, key_dim)"
 
 
+def _triton_ok(backend, q, v, mode) -> bool:
+    """Whether this call runs on the Triton kernels (see the module doc); raises for backend="triton" on a
+    case they do not cover."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    reasons = []
+    if mode != "chunk":
+        reasons.append(f"mode={mode!r}: the kernels implement mode='chunk'")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if max(q.shape[-1], v.shape[-1]) > 128:
+        reasons.append(f"head dims must be <= 128, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or (q.device.type == "cpu" and interp)):
+        reasons.append("the inputs must be on CUDA (or on CPU with TRITON_INTERPRET=1)")
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if backend == "triton":
+        if reasons:
+            raise ValueError("backend='triton': " + "; ".join(reasons))
+        return True
+    env = os.environ.get("ATTNZOO_LINEAR_TRITON")
+    if reasons or env == "0":
+        return False
+    return q.is_cuda or env == "1"
+
+
 def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, mode="chunk", cu_seqlens=None,
-        chunk_size=64):
+        chunk_size=64, backend="auto"):
     """Gated linear attention. Returns ``(o, final_state)``; final_state is None unless ``output_final_state``.
 
     Args:
@@ -34,10 +75,23 @@ def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, mo
         cu_seqlens: int tensor (N + 1,) of boundaries of N sequences packed along T (B must be 1); each
             sequence restarts its recurrence from its row of ``initial_state`` (zeros when None).
         chunk_size: steps per chunk in "chunk" mode (any positive int; need not divide T).
+        backend: "auto", "torch" or "triton" (who runs ``mode="chunk"``; see the module doc).
     Computation is in float32 (float64 for float64 inputs); o has q's dtype, the state the compute dtype.
     """
     _core.check_qkv(q, k, v)
     _core.check_gate("g", g, q.shape, _GATE, q.device)
+    if _triton_ok(backend, q, v, mode):
+        _core.check_bool("output_final_state", output_final_state)
+        _core.check_chunk_size(chunk_size)
+        b, h, length, dk = q.shape
+        scale = _core.check_scale(scale, dk)
+        offsets = _core.check_cu_seqlens(cu_seqlens, b, length, q.device)
+        n = b if offsets is None else len(offsets) - 1
+        if initial_state is not None:
+            _core.check_state("initial_state", initial_state, (n, h, dk, v.shape[-1]), q.device)
+        from .triton_gla import gla_chunk
+        o, s = gla_chunk(q, k, v, g, scale, initial_state, offsets)
+        return o, (s if output_final_state else None)
     return _core.forward("linear", naive_gla, q, k, v, g, None, scale, initial_state, output_final_state, mode,
                          cu_seqlens, chunk_size)
 

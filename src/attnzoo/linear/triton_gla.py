@@ -1,0 +1,614 @@
+"""Triton kernels for GLA: linear attention with a per-channel (vector) forget gate.
+
+Recurrence per (batch, head), row-vector convention as in :mod:`attnzoo.linear._core`::
+
+    S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
+
+q, k (B, H, T, Dk), v (B, H, T, Dv) in float16 / bfloat16 / float32, g (B, H, T, Dk) float32 log gates
+(<= 0 for the no-overflow guarantee), state (B, H, Dk, Dv) float32, Dk, Dv <= 128 (the key dimension is
+held whole in one block). Accumulation is float32; float32 inputs use IEEE float32 dots (no TF32). The
+structure follows :mod:`attnzoo.linear.triton_kernels` (the scalar-gated kernels); read its docstring first.
+
+Gates
+-----
+Time is cut into chunks of BT steps. ``chunk_cumsum`` (PyTorch, float32) writes G, the chunk-local
+inclusive cumulative sum of g per channel, into a buffer padded with zero gates to a whole number of chunks
+(so every kernel reads G in bounds, and G is non-increasing inside each chunk, padding included: a float32
+running sum of non-positive terms never increases, so G_i - G_j <= 0 exactly for j <= i).
+
+Forward
+-------
+Inside chunk n, with h_n the state before it and G_last the last row of G::
+
+    o_i     = scale * [ (q_i * exp(G_i)) h_n  +  sum_{j <= i} A_ij v_j ]
+    A_ij    = sum_d q_id k_jd exp(G_id - G_jd)                            (j <= i)
+    h_{n+1} = diag(exp G_last) h_n + sum_j (k_j * exp(G_last - G_j))^T v_j
+
+1. ``_fwd_h`` (grid: Dk block, Dv block, batch x head) walks the chunks in order and writes every h_n and
+   the final state (same as the scalar kernel, the decays now per channel: rows of the state tile).
+2. ``_intra_a`` (grid: chunk, sub-chunk p, batch x head) writes the rows of sub-chunk p of scale * A
+   (float32 buffer (B*H, NT*BT, BT)). Sub-chunks of BC steps (16):
+   - key sub-chunks before p: both sides are referenced to r, the step just before sub-chunk p starts:
+     exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with i in p, j <= r, so both factors are exp of
+     a non-positive number (bounded by 1; a far key's factor may underflow to 0, as the true product
+     does). Then the sum over channels is one tensor-core dot (BC, Dk) x (Dk, BT).
+   - the diagonal sub-chunk p itself: exact, a loop over its BC key steps j computing column j of A
+     elementwise, sum_d q_id k_jd exp(G_id - G_jd) with exponent -inf where i < j. Never exp(+G).
+3. ``_fwd_o`` (grid: chunk, Dv block, batch x head): o = scale (q * exp(G)) h_n + A v.
+
+The exponents are differences of chunk-local prefix sums (not exact segment sums as in the PyTorch form):
+absolute error about eps_fp32 * |sum of the gates over a chunk|.
+
+Backward
+--------
+``_bwd_dh`` walks the chunks in reverse and writes dh_{n+1} (gradient of the state after chunk n); what is
+left at the start is d initial_state::
+
+    dh_n = diag(exp G_last) dh_{n+1} + scale (q * exp(G))^T do,          dh_NT = d final_state
+
+With dA_ij = do_i . v_j, ``_bwd_intra`` (grid: chunk, sub-chunk p, batch x head) writes the intra-chunk
+parts of dq and dk for the rows of sub-chunk p (float32 buffers), with the same sub-chunk scheme::
+
+    dq_i <- scale sum_{j <= i} dA_ij k_j * exp(G_i - G_j)
+            (j before p: exp(G_i - G_r) * [dA (k * exp(G_r - G_j))], r = step before p; j in p: a loop)
+    dk_j <- scale sum_{i >= j} dA_ij q_i * exp(G_i - G_j)
+            (i after p: exp(G_e - G_j) * [dA^T (q * exp(G_i - G_e))], e = last step of p; i in p: a loop)
+
+``_bwd_inter`` (grid: chunk, batch x head; whole Dk, a loop over Dv blocks) adds the state parts and
+writes dq, dk, dv, dg::
+
+    dq_i = dq_intra_i + scale exp(G_i) * (do_i h_n^T)
+    dk_j = dk_intra_j + exp(G_last - G_j) * (v_j dh_{n+1}^T)
+    dv_j = (k_j * exp(G_last - G_j)) dh_{n+1} + sum_{i >= j} A_ij do_i
+
+Gradient of the gates (per channel; the derivation of :mod:`triton_kernels` carries over channel by
+channel): with G the global cumulative gate, dL/dG_t = q_t * dq_t - k_t * dk_t (+ the final state term),
+dg_t = sum_{s >= t} dL/dG_s. The reverse sum is cut at the chunk end with the exact closed form of the
+tail, dL/dg at the first step of chunk n+1, which per channel d is <h_{n+1}[d, :], dh_{n+1}[d, :]>::
+
+    dg_t = sum_{t <= u in chunk n} (q_u * dq_u - k_u * dk_u)  +  ip,
+    ip_d = exp(G_last,d) <h_n[d, :], dh_{n+1}[d, :]>  +  sum_j k_jd dk_inter_jd
+
+(h_{n+1} = diag(exp G_last) h_n + sum_j (k_j exp(G_last - G_j))^T v_j expanded; dk_inter is the state part
+of dk above). For the last chunk this is the final state's term. With no initial state chunk 0 sums forward
+instead (dg_t = -sum_{u < t}(...), as <h_0, dh_0> = 0), so dg_0 = 0 exactly. Nothing but the inputs is
+saved for backward (h_n and A are recomputed); no atomics: deterministic.
+
+Public: :func:`gla_triton` (differentiable, through the ``torch.library`` custom ops ``attnzoo::gla_fwd``
+/ ``attnzoo::gla_bwd`` with fake implementations). ``fwd`` / ``bwd`` launch the kernels directly (block
+sizes and NaN poisoning of the outputs for the tests).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _core
+from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels (G: chunk-local cumulative gates, contiguous float32 (B*H, NT*BT, Dk))
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_h(K, V, G, H0, HS, HT,
+           s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+           NH, T, DIMK, DIMV, NT,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           HAS_H0: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    ik = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    m_k = offs_k < DIMK
+    m_v = offs_v < DIMV
+    m_kv = m_k[:, None] & m_v[None, :]
+    st = offs_k[:, None] * DIMV + offs_v[None, :]
+    kbase = K + b * s_kb + h * s_kh
+    vbase = V + b * s_vb + h * s_vh
+    gbase = G + bh * NT * BT * DIMK
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(H0 + bh * DIMK * DIMV + st, mask=m_kv, other=0.0)
+    for n in range(0, NT):
+        tl.store(HS + (bh * NT + n) * DIMK * DIMV + st, state.to(HS.dtype.element_ty), mask=m_kv)
+        offs_t = n * BT + tl.arange(0, BT)
+        m_t = offs_t < T
+        kt = tl.load(kbase + offs_t[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        v = tl.load(vbase + offs_t[:, None] * s_vt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        gt = tl.load(gbase + offs_t[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)  # (BK, BT)
+        glast = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+        state = _split_dot(kt.to(tl.float32) * tl.exp(glast[:, None] - gt), v, state * tl.exp(glast)[:, None],
+                           SPLIT, PREC)
+    tl.store(HT + bh * DIMK * DIMV + st, state, mask=m_kv)
+
+
+@triton.jit
+def _intra_a(Q, K, G, A,
+             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+             NH, T, DIMK, NT, scale,
+             BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)                  # chunk-local step of the keys
+    offs_i = p * BC + tl.arange(0, BC)         # chunk-local step of the queries (sub-chunk p)
+    offs_k = tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    ti = n * BT + offs_i
+    tc = n * BT + offs_c
+    m_ik = (ti < T)[:, None] & m_k[None, :]
+    m_ck = (tc < T)[:, None] & m_k[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    q = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_ck, other=0.0)
+    gc = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    # r = the step before sub-chunk p (G_r = 0 at the chunk start, p = 0, where no key is before)
+    gr = tl.load(gbase + tl.maximum(n * BT + p * BC - 1, 0) * DIMK + offs_k, mask=m_k, other=0.0)
+    gr = tl.where(p > 0, gr, 0.0)
+    qr = (q * tl.exp(gi - gr[None, :])).to(k.dtype)
+    before = offs_c < p * BC
+    kr = (k.to(tl.float32) * tl.exp(tl.where(before[:, None], gr[None, :] - gc, float("-inf")))).to(k.dtype)
+    a = tl.dot(qr, tl.trans(kr), input_precision=PREC)  # (BC, BT): keys of earlier sub-chunks
+    for jj in range(0, BC):  # the diagonal sub-chunk, exact, one key step at a time
+        j = p * BC + jj
+        kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
+                     other=0.0).to(tl.float32)
+        gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
+        dec = tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
+        col = tl.sum(q * kj[None, :] * dec, 1)
+        a += tl.where((offs_c == j)[None, :], col[:, None], 0.0)
+    tl.store(A + (bh * NT * BT + n * BT + offs_i)[:, None] * BT + offs_c[None, :], a * scale)
+
+
+@triton.jit
+def _fwd_o(Q, V, G, HS, A, O,
+           s_qb, s_qh, s_qt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
+           NH, T, DIMK, DIMV, NT, scale,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_t = n * BT + offs_c
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    m_t = offs_t < T
+    m_k = offs_k < DIMK
+    m_v = offs_v < DIMV
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_t[:, None] * s_qt + offs_k[None, :],
+                mask=m_t[:, None] & m_k[None, :], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_t[:, None] * s_vt + offs_v[None, :],
+                mask=m_t[:, None] & m_v[None, :], other=0.0)
+    g = tl.load(G + bh * NT * BT * DIMK + offs_t[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    hs = tl.load(HS + (bh * NT + n) * DIMK * DIMV + offs_k[:, None] * DIMV + offs_v[None, :],
+                 mask=m_k[:, None] & m_v[None, :], other=0.0)
+    a = tl.load(A + (bh * NT * BT + offs_t)[:, None] * BT + offs_c[None, :])
+    o = tl.dot((q.to(tl.float32) * tl.exp(g)).to(hs.dtype), hs, input_precision=PREC) * scale
+    o = tl.dot(a.to(v.dtype), v, o, input_precision=PREC)
+    tl.store(O + b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_v[None, :], o.to(O.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _bwd_dh(Q, DO, G, DHT, DH0, DHS,
+            s_qb, s_qh, s_qt, s_db, s_dh, s_dt,
+            NH, T, DIMK, DIMV, NT, scale,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            HAS_DHT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    ik = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    m_k = offs_k < DIMK
+    m_v = offs_v < DIMV
+    m_kv = m_k[:, None] & m_v[None, :]
+    st = offs_k[:, None] * DIMV + offs_v[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    dbase = DO + b * s_db + h * s_dh
+    gbase = G + bh * NT * BT * DIMK
+    dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dstate += tl.load(DHT + bh * DIMK * DIMV + st, mask=m_kv, other=0.0)
+    for i in range(0, NT):
+        n = NT - 1 - i
+        tl.store(DHS + (bh * NT + n) * DIMK * DIMV + st, dstate.to(DHS.dtype.element_ty), mask=m_kv)
+        offs_t = n * BT + tl.arange(0, BT)
+        m_t = offs_t < T
+        qt = tl.load(qbase + offs_t[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        do = tl.load(dbase + offs_t[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        gt = tl.load(gbase + offs_t[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
+        glast = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+        zero = tl.zeros([BK, BV], dtype=tl.float32)
+        dstate = dstate * tl.exp(glast)[:, None] + scale * _split_dot(qt.to(tl.float32) * tl.exp(gt), do, zero,
+                                                                      SPLIT, PREC)
+    tl.store(DH0 + bh * DIMK * DIMV + st, dstate, mask=m_kv)
+
+
+@triton.jit
+def _bwd_intra(Q, K, V, G, DO, DQI, DKI,
+               s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+               NH, T, DIMK, DIMV, NT, scale,
+               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # DQI, DKI: float32 (B*H, T, Dk) contiguous
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_i = p * BC + tl.arange(0, BC)
+    offs_k = tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    ti = n * BT + offs_i
+    tc = n * BT + offs_c
+    m_i = ti < T
+    m_c = tc < T
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    m_ik = m_i[:, None] & m_k[None, :]
+    m_ck = m_c[:, None] & m_k[None, :]
+    qp = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0)
+    kp = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0)
+    gp = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    qc = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_ck, other=0.0)
+    kc = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_ck, other=0.0)
+    gc = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    # dA rows of p (BC, BT) and columns of p (BT, BC), over all of Dv
+    dar = tl.zeros([BC, BT], dtype=tl.float32)
+    dac = tl.zeros([BT, BC], dtype=tl.float32)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        dop = tl.load(dbase + ti[:, None] * s_dt + offs_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.0)
+        vp = tl.load(vbase + ti[:, None] * s_vt + offs_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.0)
+        doc = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        vc = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        dar = tl.dot(dop, tl.trans(vc), dar, input_precision=PREC)
+        dac = tl.dot(doc, tl.trans(vp), dac, input_precision=PREC)
+    # dq, keys of earlier sub-chunks, referenced to r (the step before p)
+    gr = tl.load(gbase + tl.maximum(n * BT + p * BC - 1, 0) * DIMK + offs_k, mask=m_k, other=0.0)
+    gr = tl.where(p > 0, gr, 0.0)
+    before = offs_c < p * BC
+    kr = kc.to(tl.float32) * tl.exp(tl.where(before[:, None], gr[None, :] - gc, float("-inf")))
+    dq = tl.dot(tl.where(before[None, :], dar, 0.0).to(kc.dtype), kr.to(kc.dtype), input_precision=PREC)
+    dq = dq * tl.exp(gp - gr[None, :])
+    # dk, queries of later sub-chunks, referenced to e (the last step of p)
+    ge = tl.load(gbase + (n * BT + p * BC + BC - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    after = offs_c >= (p + 1) * BC
+    qe = qc.to(tl.float32) * tl.exp(tl.where(after[:, None], gc - ge[None, :], float("-inf")))
+    dk = tl.dot(tl.trans(tl.where(after[:, None], dac, 0.0)).to(qc.dtype), qe.to(qc.dtype), input_precision=PREC)
+    dk = dk * tl.exp(ge[None, :] - gp)
+    # the diagonal sub-chunk, exact, one step at a time
+    qpf = qp.to(tl.float32)
+    kpf = kp.to(tl.float32)
+    for jj in range(0, BC):
+        j = p * BC + jj
+        tj = n * BT + j
+        kj = tl.load(kbase + tj * s_kt + offs_k, mask=m_k & (offs_k * 0 + tj < T), other=0.0).to(tl.float32)
+        qj = tl.load(qbase + tj * s_qt + offs_k, mask=m_k & (offs_k * 0 + tj < T), other=0.0).to(tl.float32)
+        gj = tl.load(gbase + tj * DIMK + offs_k, mask=m_k, other=0.0)
+        # dq_i += dA_ij k_j exp(G_i - G_j) for i >= j (i in p)
+        da_j = tl.sum(tl.where((offs_c == j)[None, :], dar, 0.0), 1)      # (BC,): dA[i, j]
+        dq += da_j[:, None] * kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gp - gj[None, :], float("-inf")))
+        # dk_i' += dA_{j i'} q_j exp(G_j - G_i') for i' <= j (i' in p; here j plays the query)
+        da_r = tl.sum(tl.where((offs_c == j)[:, None], dac, 0.0), 0)      # (BC,): dA[j, i']
+        dk += da_r[:, None] * qj[None, :] * tl.exp(tl.where((offs_i <= j)[:, None], gj[None, :] - gp, float("-inf")))
+    xoff = (bh * T + ti)[:, None] * DIMK + offs_k[None, :]
+    tl.store(DQI + xoff, dq * scale, mask=m_ik)
+    tl.store(DKI + xoff, dk * scale, mask=m_ik)
+
+
+@triton.jit
+def _bwd_inter(Q, K, V, G, DO, HS, DHS, A, DQI, DKI, DQ, DKK, DVV, DG,
+               s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+               s_xb, s_xh, s_xt, s_yb, s_yh, s_yt,
+               NH, T, DIMK, DIMV, NT, scale,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    # s_x*: strides of dq and dk (one shape, both contiguous), s_y*: of dv; DQI, DKI, DG: (B*H, T, Dk) fp32
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_t = n * BT + offs_c
+    offs_k = tl.arange(0, BK)
+    m_t = offs_t < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_t[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + offs_t[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    gbase = G + bh * NT * BT * DIMK
+    g = tl.load(gbase + offs_t[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    glast = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    ek = tl.exp(glast[None, :] - g)
+    ke = k.to(tl.float32) * ek
+    at = tl.trans(tl.load(A + (bh * NT * BT + offs_t)[:, None] * BT + offs_c[None, :]))
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)
+    iph = tl.zeros([BK], dtype=tl.float32)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + offs_t[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        do = tl.load(dbase + offs_t[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+        st = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + st, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + st, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dv = tl.dot(ke.to(dhs.dtype), dhs, input_precision=PREC)
+        dv = tl.dot(at.to(do.dtype), do, dv, input_precision=PREC)
+        tl.store(DVV + b * s_yb + h * s_yh + offs_t[:, None] * s_yt + offs_v[None, :], dv.to(DVV.dtype.element_ty),
+                 mask=m_tv)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+        dkh = tl.dot(v.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        iph += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    xi = (bh * T + offs_t)[:, None] * DIMK + offs_k[None, :]
+    dki = dkh * ek  # the state part of dk
+    dq = tl.load(DQI + xi, mask=m_tk, other=0.0) + dqh * (tl.exp(g) * scale)
+    dk = tl.load(DKI + xi, mask=m_tk, other=0.0) + dki
+    xoff = b * s_xb + h * s_xh + offs_t[:, None] * s_xt + offs_k[None, :]
+    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_tk)
+    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_tk)
+    # dL/dG_t = q_t * dq_t - k_t * dk_t (per channel); the tail <h_{n+1}[d], dh_{n+1}[d]> in closed form
+    dgl = q.to(tl.float32) * dq - k.to(tl.float32) * dk
+    ip = tl.exp(glast) * iph + tl.sum(k.to(tl.float32) * dki, 0)
+    dg = tl.cumsum(dgl, 0, reverse=True) + ip[None, :]
+    if not HAS_H0:
+        if n == 0:  # <h_0, dh_0> = 0: sum forward from the start instead (dg_0 = 0 exactly)
+            dg = dgl - tl.cumsum(dgl, 0)
+    tl.store(DG + xi, dg, mask=m_tk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Chunk and block sizes (no autotuning). BT: chunk; BC: sub-chunk (BC <= BT); BK_H, BV_H: state tile of
+    the two sequential kernels; BV_O: Dv block of the output kernel; BV_B: Dv block of the backward loops.
+    Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
+    first guesses (untimed, not compiled for a GPU yet)."""
+    pk, pv = _pow2(dk), _pow2(dv)
+    if device.type != "cuda":
+        return dict(BT=16, BC=16, BK_H=pk, BV_H=pv, BV_O=pv, BV_B=pv, warps_h=1, warps_o=1, warps_b=1, stages=1)
+    if dtype == torch.float32:
+        return dict(BT=32, BC=16, BK_H=min(64, pk), BV_H=min(32, pv), BV_O=16, BV_B=16, warps_h=8, warps_o=8,
+                    warps_b=8, stages=2)
+    return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=32 if pk <= 64 else 16,
+                warps_h=4, warps_o=4, warps_b=8, stages=2)
+
+
+def _check_cfg(cfg: dict) -> None:
+    for key in ("BT", "BC", "BK_H", "BV_H", "BV_O", "BV_B"):
+        x = cfg[key]
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {x}")
+    if cfg["BC"] > cfg["BT"]:
+        raise ValueError(f"the sub-chunk BC={cfg['BC']} must not exceed the chunk BT={cfg['BT']}")
+
+
+def chunk_cumsum(g: torch.Tensor, bt: int) -> torch.Tensor:
+    """g (B, H, T, Dk) -> chunk-local inclusive cumsum, float32, contiguous (B*H, NT*BT, Dk), zero gates
+    padded past T (so every row a kernel reads exists and G never increases inside a chunk)."""
+    b, h, t, dk = g.shape
+    nt = triton.cdiv(t, bt)
+    g = torch.nn.functional.pad(g.to(torch.float32), (0, 0, 0, nt * bt - t))
+    return g.reshape(b * h, nt, bt, dk).cumsum(2).reshape(b * h, nt * bt, dk).contiguous()
+
+
+def _states(k, v, gc, s0, cfg, poison):
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    bt = cfg["BT"]
+    nt = triton.cdiv(t, bt)
+    hs = _empty(poison, (b * h, nt, dk, dv), k.dtype, k.device)
+    ht = _empty(poison, (b, h, dk, dv), torch.float32, k.device)
+    bk, bv = min(cfg["BK_H"], _pow2(dk)), min(cfg["BV_H"], _pow2(dv))
+    _fwd_h[(triton.cdiv(dk, bk), triton.cdiv(dv, bv), b * h)](
+        k, v, gc, s0 if s0 is not None else ht, hs, ht,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=k.dtype != torch.float32,
+        PREC=_prec(k.dtype), num_warps=cfg["warps_h"], num_stages=cfg["stages"])
+    return hs, ht
+
+
+def _scores(q, k, gc, scale, cfg, poison):
+    """Run ``_intra_a``: scale * A, float32 (B*H, NT*BT, BT)."""
+    b, h, t, dk = q.shape
+    bt, bc = cfg["BT"], cfg["BC"]
+    nt = triton.cdiv(t, bt)
+    a = _empty(poison, (b * h, nt * bt, bt), torch.float32, q.device)
+    _intra_a[(nt, bt // bc, b * h)](
+        q, k, gc, a, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), PREC=_prec(q.dtype), num_warps=cfg["warps_o"],
+        num_stages=cfg["stages"])
+    return a
+
+
+def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+    """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
+    :func:`gla_triton`); g (B, H, T, Dk), s0 (B, H, Dk, Dv) or None."""
+    q, k, v = (_last_unit(x) for x in (q, k, v))
+    s0 = _state_in(s0)
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    if t == 0:
+        o = q.new_empty((b, h, 0, dv))
+        return o, (s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32))
+    cfg = cfg or config(dk, dv, q.dtype, q.device)
+    _check_cfg(cfg)
+    bt = cfg["BT"]
+    nt = triton.cdiv(t, bt)
+    gc = chunk_cumsum(g, bt)
+    hs, ht = _states(k, v, gc, s0, cfg, poison)
+    a = _scores(q, k, gc, scale, cfg, poison)
+    o = _empty(poison, (b, h, t, dv), q.dtype, q.device)
+    bv = min(cfg["BV_O"], _pow2(dv))
+    _fwd_o[(nt, triton.cdiv(dv, bv), b * h)](
+        q, v, gc, hs, a, o, q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv,
+        PREC=_prec(q.dtype), num_warps=cfg["warps_o"], num_stages=cfg["stages"])
+    return o, ht
+
+
+def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+    """Gradients -> (dq, dk, dv, dg (B, H, T, Dk) float32, ds0 (B, H, Dk, Dv) float32).
+
+    ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None."""
+    q, k, v, do = (_last_unit(x) for x in (q, k, v, do))
+    s0, dht = _state_in(s0), _state_in(dht)
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    if t == 0:
+        ds0 = dht.clone() if dht is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                q.new_zeros((b, h, 0, dk), dtype=torch.float32), ds0)
+    cfg = cfg or config(dk, dv, q.dtype, q.device)
+    _check_cfg(cfg)
+    bt, bc = cfg["BT"], cfg["BC"]
+    nt = triton.cdiv(t, bt)
+    gc = chunk_cumsum(g, bt)
+    hs, _ = _states(k, v, gc, s0, cfg, poison)
+    a = _scores(q, k, gc, scale, cfg, poison)
+    dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
+    ds0 = _empty(poison, (b, h, dk, dv), torch.float32, q.device)
+    bk, bvh = min(cfg["BK_H"], _pow2(dk)), min(cfg["BV_H"], _pow2(dv))
+    _bwd_dh[(triton.cdiv(dk, bk), triton.cdiv(dv, bvh), b * h)](
+        q, do, gc, dht if dht is not None else ds0, ds0, dhs,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        h, t, dk, dv, nt, float(scale), BT=bt, BK=bk, BV=bvh, HAS_DHT=dht is not None,
+        SPLIT=q.dtype != torch.float32, PREC=_prec(q.dtype), num_warps=cfg["warps_h"], num_stages=cfg["stages"])
+    bvb = min(cfg["BV_B"], _pow2(dv))
+    dqi = _empty(poison, (b * h, t, dk), torch.float32, q.device)
+    dki = _empty(poison, (b * h, t, dk), torch.float32, q.device)
+    _bwd_intra[(nt, bt // bc, b * h)](
+        q, k, v, gc, do, dqi, dki,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        h, t, dk, dv, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), BV=bvb, PREC=_prec(q.dtype),
+        num_warps=cfg["warps_b"], num_stages=cfg["stages"])
+    dq, dk_, dv_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k, v))
+    dg = _empty(poison, (b, h, t, dk), torch.float32, q.device)
+    _bwd_inter[(nt, b * h)](
+        q, k, v, gc, do, hs, dhs, a, dqi, dki, dq, dk_, dv_, dg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), dv_.stride(0), dv_.stride(1), dv_.stride(2),
+        h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bvb, HAS_H0=s0 is not None,
+        PREC=_prec(q.dtype), num_warps=cfg["warps_b"], num_stages=cfg["stages"])
+    return dq, dk_, dv_, dg, ds0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom ops and autograd
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("attnzoo::gla_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+            initial_state: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return fwd(q, k, v, g, initial_state, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, g, initial_state, scale):
+    b, h, t, dk = q.shape
+    return q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::gla_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            g: torch.Tensor, initial_state: torch.Tensor | None, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return bwd(do, dht, q, k, v, g, initial_state, scale)
+
+
+@_bwd_op.register_fake
+def _(do, dht, q, k, v, g, initial_state, scale):
+    b, h, t, dk = q.shape
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty((b, h, t, dk), dtype=torch.float32), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, s0, scale = inputs
+    ctx.save_for_backward(q, k, v, g, s0)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, s0 = ctx.saved_tensors
+    dq, dk, dv, dg, ds0 = _bwd_op(do, dht, q, k, v, g, s0, ctx.scale)
+    return dq, dk, dv, dg, (ds0 if s0 is not None else None), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------------------------
+
+def gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """GLA with the Triton kernels (differentiable in q, k, v, g, initial_state).
+
+    S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
+
+    Args:
+        q, k: (B, H, T, Dk); v: (B, H, T, Dv); float16, bfloat16 or float32 (one dtype); Dk, Dv <= 128.
+        g: (B, H, T, Dk) log gates (computed in float32; <= 0 for the no-overflow guarantee, not checked).
+        scale: multiplies q; default Dk ** -0.5.
+        initial_state: (B, H, Dk, Dv) (used in float32), or None (zeros).
+        output_final_state: also return the final state (float32).
+    Returns ``(o (B, H, T, Dv) in q's dtype, final_state or None)``. Runs on CUDA, or on CPU under
+    ``TRITON_INTERPRET=1``.
+    """
+    _core.check_qkv(q, k, v)
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the Triton GLA kernels take float16, bfloat16 or float32, got {q.dtype}")
+    _core.check_gate("g", g, q.shape, "(batch, heads, length, key_dim)", q.device)
+    _core.check_bool("output_final_state", output_final_state)
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    if max(dk, dv) > 128:
+        raise ValueError(f"the Triton GLA kernels take head dims <= 128, got Dk={dk}, Dv={dv}")
+    scale = _core.check_scale(scale, dk)
+    if initial_state is not None:
+        _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
+        initial_state = initial_state.to(torch.float32)
+    o, ht = _fwd_op(q, k, v, g.to(torch.float32), initial_state, scale)
+    return o, (ht if output_final_state else None)
+
+
+def gla_chunk(q, k, v, g, scale: float, initial_state, offsets):
+    """:func:`attnzoo.linear.gla` with mode="chunk" on the kernels (arguments already checked), per packed
+    sequence when ``offsets`` is given. -> (o, final state float32)."""
+    s0 = None if initial_state is None else initial_state.to(torch.float32)
+
+    def fn(q, k, v, g, s):
+        return _fwd_op(q, k, v, g, s, scale)
+
+    return _core.run_sequences(fn, [q, k, v, g.to(torch.float32)], s0, offsets)

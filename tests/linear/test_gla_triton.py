@@ -1,0 +1,188 @@
+"""The Triton GLA kernels (attnzoo.linear.triton_gla, per-channel gates) against the float64 recurrence.
+
+On CPU they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with chunks of 16
+(one sub-chunk) by default; ``SUB`` uses chunks of 32 with two sub-chunks of 16, which exercises the
+cross-sub-chunk (boundary-referenced) path. Outputs of the launchers are poisoned with NaN before the kernels
+run, so an element a kernel fails to write fails the check. float32 with IEEE dots: relative error < 1e-4.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import attnzoo.linear as lin  # noqa: E402
+from attnzoo.linear import triton_gla as tg  # noqa: E402
+from attnzoo.linear.naive import naive_gla  # noqa: E402
+from attnzoo.testing import check_close  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+B, H = 2, 2
+# two sub-chunks per chunk and state tiles / Dv blocks smaller than the head dims
+SUB = dict(BT=32, BC=16, BK_H=16, BV_H=16, BV_O=16, BV_B=16, warps_h=1, warps_o=1, warps_b=1, stages=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(t, dk, dv, gate, seed=0):
+    """float32-representable float64 q, k, v, g (B, H, T, Dk), s0 and cotangents do, ds."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = rnd(B, H, t, dk), rnd(B, H, t, dk), rnd(B, H, t, dv)
+    g = F.logsigmoid(rnd(B, H, t, dk))
+    if gate == "paper":
+        g = g / 16
+    else:  # strong: about -5 per step on every third channel (e^-80 over a chunk of 16), mild elsewhere
+        strong = (torch.arange(dk) % 3 == 0).to(torch.float64)
+        g = strong * (-5.0 + 0.5 * torch.rand(B, H, t, dk, generator=gen, dtype=torch.float64)) + (1 - strong) * g
+    x = dict(q=q, k=k, v=v, g=g, s0=rnd(B, H, dk, dv), do=rnd(B, H, t, dv), ds=rnd(B, H, dk, dv))
+    return {n: a.float().double() for n, a in x.items()}
+
+
+def reference(x, init, scale):
+    """o, state and the gradients of <o, do> + <S_T, ds> by autograd through the float64 recurrence."""
+    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "g")]
+    s0 = (x["s0"] if init else torch.zeros_like(x["s0"])).clone().requires_grad_()
+    o, s = naive_gla(leaves[0] * scale, *leaves[1:], state=s0)
+    grads = torch.autograd.grad((o * x["do"]).sum() + (s * x["ds"]).sum(), leaves + [s0])
+    res = dict(o=o.detach(), state=s.detach())
+    res.update(zip(("dq", "dk", "dv", "dg", "ds0"), grads))
+    return res
+
+
+def run_kernels(x, init, scale, cfg=None):
+    f = lambda a: a.float().to(DEV)  # noqa: E731
+    q, k, v, g, do = (f(x[n]) for n in ("q", "k", "v", "g", "do"))
+    s0 = f(x["s0"]) if init else None
+    o, st = tg.fwd(q, k, v, g, s0, scale, cfg=cfg, poison=True)
+    dq, dk, dv, dg, ds0 = tg.bwd(do, f(x["ds"]), q, k, v, g, s0, scale, cfg=cfg, poison=True)
+    return dict(o=o, state=st, dq=dq, dk=dk, dv=dv, dg=dg, ds0=ds0)
+
+
+@pytest.mark.parametrize("gate", ["paper", "strong"])
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("dk,dv", [(32, 32), (16, 32)])
+@pytest.mark.parametrize("t", [1, 19, 40])
+def test_float32_matches_recurrence(t, dk, dv, init, gate):
+    scale = dk ** -0.5
+    x = make(t, dk, dv, gate, seed=t + dk)
+    want = reference(x, init, scale)
+    got = run_kernels(x, init, scale)
+    for n, val in got.items():
+        assert val.dtype == torch.float32
+        assert torch.isfinite(val).all(), f"{n}: non-finite"
+        check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
+    if t == 1 and not init:  # no state before the first token: dg_0 = 0 exactly
+        assert (got["dg"] == 0).all()
+
+
+@pytest.mark.parametrize("init,gate", [(False, "paper"), (True, "strong")])
+def test_subchunks(init, gate):
+    """Chunks of 32 = two sub-chunks: the cross-sub-chunk factorisation, state tiles smaller than Dk x Dv."""
+    t, dk, dv = 40, 32, 48
+    x = make(t, dk, dv, gate, seed=5)
+    want = reference(x, init, 0.3)
+    for n, val in run_kernels(x, init, 0.3, cfg=SUB).items():
+        assert torch.isfinite(val).all(), f"{n}: non-finite"
+        check_close(f"sub/{gate}/init{init}/{n}", val.cpu(), want[n].float())
+
+
+def test_gla_triton_autograd_strided_inputs():
+    """The public function through the custom ops, on non-contiguous (transposed) q, k, v, g."""
+    t, dk, dv = 19, 16, 32
+    x = make(t, dk, dv, "paper", seed=3)
+    want = reference(x, True, 0.25)
+    tr = lambda a: a.float().transpose(1, 2).contiguous().transpose(1, 2).to(DEV).requires_grad_()  # noqa: E731
+    q, k, v, g = (tr(x[n]) for n in ("q", "k", "v", "g"))
+    s0 = x["s0"].float().to(DEV).requires_grad_()
+    o, s = tg.gla_triton(q, k, v, g, scale=0.25, initial_state=s0, output_final_state=True)
+    ((o * x["do"].float().to(DEV)).sum() + (s * x["ds"].float().to(DEV)).sum()).backward()
+    check_close("o", o.detach().cpu(), want["o"].float())
+    check_close("state", s.detach().cpu(), want["state"].float())
+    for n, leaf in zip(("q", "k", "v", "g", "s0"), (q, k, v, g, s0)):
+        check_close("d" + n, leaf.grad.cpu(), want["d" + n].float())
+
+
+def test_custom_ops_opcheck():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, H, 20, 16, generator=gen).to(DEV).requires_grad_() for _ in range(3))
+    g = (F.logsigmoid(torch.randn(1, H, 20, 16, generator=gen)) / 4).to(DEV).requires_grad_()
+    s0 = torch.randn(1, H, 16, 16, generator=gen).to(DEV).requires_grad_()
+    torch.library.opcheck(tg._fwd_op, (q, k, v, g, s0, 0.25))
+    torch.library.opcheck(tg._fwd_op, (q, k, v, g, None, 0.25))
+    do = torch.randn(1, H, 20, 16, generator=gen).to(DEV)
+    torch.library.opcheck(tg._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), g.detach(), None, 0.25))
+
+
+def test_empty_sequence():
+    q = torch.randn(B, H, 0, 16, device=DEV)
+    s0 = torch.randn(B, H, 16, 16, device=DEV)
+    o, s = tg.gla_triton(q, q, q, q, initial_state=s0, output_final_state=True)
+    assert o.shape == (B, H, 0, 16) and torch.equal(s, s0)
+
+
+def test_gla_backend_matches_torch():
+    """gla(backend="triton") against gla(backend="torch"): packed sequences with initial states, autograd."""
+    gen = torch.Generator().manual_seed(7)
+    t, dk, dv = 24, 16, 32
+    args = dict(q=torch.randn(1, H, t, dk, generator=gen), k=torch.randn(1, H, t, dk, generator=gen),
+                v=torch.randn(1, H, t, dv, generator=gen),
+                g=F.logsigmoid(torch.randn(1, H, t, dk, generator=gen)) / 4,
+                initial_state=torch.randn(3, H, dk, dv, generator=gen))
+    args = {n: a.to(DEV) for n, a in args.items()}
+    cu = torch.tensor([0, 7, 7, t], device=DEV)
+    res = {}
+    for backend in ("torch", "triton"):
+        leaves = {n: a.clone().requires_grad_() for n, a in args.items()}
+        o, s = lin.gla(**leaves, cu_seqlens=cu, output_final_state=True, backend=backend, chunk_size=8)
+        (o.square().sum() + s.sum()).backward()
+        res[backend] = [o.detach(), s.detach()] + [leaves[n].grad for n in leaves]
+    for i, (a, b) in enumerate(zip(res["triton"], res["torch"])):
+        check_close(f"gla/{i}", a.cpu(), b.cpu().double())
+
+
+def test_dispatch_rules(monkeypatch):
+    q = torch.randn(1, 1, 5, 16, device=DEV)
+    g = torch.zeros(1, 1, 5, 16, device=DEV)
+    with pytest.raises(ValueError, match="backend must be"):
+        lin.gla(q, q, q, g, backend="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        lin.gla(q.double(), q.double(), q.double(), g, backend="triton")
+    with pytest.raises(ValueError, match="mode='recurrent'"):
+        lin.gla(q, q, q, g, mode="recurrent", backend="triton")
+    big = torch.randn(1, 1, 5, 160, device=DEV)
+    with pytest.raises(ValueError, match="head dims"):
+        lin.gla(big, big, q, torch.zeros_like(big), backend="triton")
+    calls = []
+    real = tg.gla_chunk
+    monkeypatch.setattr(tg, "gla_chunk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("ATTNZOO_LINEAR_TRITON", "0")
+    lin.gla(q, q, q, g)
+    assert calls == []
+    lin.gla(q, q, q, g, backend="triton")  # explicit backend ignores the env switch
+    assert calls == [1]
+    monkeypatch.setenv("ATTNZOO_LINEAR_TRITON", "1")
+    lin.gla(q, q, q, g)
+    assert calls == [1, 1]
+    lin.gla(q, q, q, g, backend="torch")
+    lin.gla(big, big, q, torch.zeros_like(big))  # auto: head dims > 128 stay on PyTorch
+    lin.gla(q, q, q, g, mode="naive")
+    assert calls == [1, 1]
+    if DEV == "cpu":
+        monkeypatch.delenv("ATTNZOO_LINEAR_TRITON")
+        lin.gla(q, q, q, g)  # auto on CPU without the opt-in: PyTorch
+        assert calls == [1, 1]
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="CUDA"):
+            lin.gla(q, q, q, g, backend="triton")
