@@ -240,6 +240,32 @@ def speed(b, t, reps):
         gf = g.transpose(1, 2).contiguous().transpose(1, 2)
         lf = [x.detach().requires_grad_() for x in (qf, kf, vf, gf)]
         bench("fla", lambda: run(qf, kf, vf, gf, scale), fb(lambda q, k, v, g: run(q, k, v, g, scale)[0], lf))
+    # GLA with per-channel gates: attnzoo's Triton kernels vs the PyTorch chunk form vs fla's chunk_gla
+    from attnzoo.linear import gla as gla_op
+    from attnzoo.linear.triton_gla import gla_triton
+    gv = F.logsigmoid(torch.randn(b, H, t, D, device=dev)) / 16
+    gvl = gv.detach().requires_grad_()
+    bench("gla-triton", lambda: gla_triton(q, k, v, gv, scale),
+          fb(lambda q, k, v, g: gla_triton(q, k, v, g, scale)[0], [ql, kl, vl, gvl]))
+    bench("gla-torch-chunk", lambda: gla_op(q, k, v, gv, scale=scale, backend="torch"),
+          fb(lambda q, k, v, g: gla_op(q, k, v, g, scale=scale, backend="torch")[0], [ql, kl, vl, gvl]))
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception as e:  # noqa: BLE001 - a missing peer is recorded, not an error
+        for direction in ("fwd", "fwd+bwd"):
+            rows.append(_unsupported(base, "fla-gla", direction, f"fla.ops.gla not importable: {type(e).__name__}",
+                                     b * t))
+    else:
+        tr = lambda x: x.transpose(1, 2).contiguous()  # fla's [B, T, H, D] layout
+        qf, kf, vf, gf = (tr(x) for x in (q, k, v, gv))
+        lf = [x.detach().requires_grad_() for x in (qf, kf, vf, gf)]
+        dof = tr(do)
+        def fla_gla(q, k, v, g):
+            return chunk_gla(q, k, v, g, scale=scale)[0]
+        def fla_fb():
+            o = fla_gla(*lf)
+            torch.autograd.grad(o, lf, dof)
+        bench("fla-gla", lambda: fla_gla(qf, kf, vf, gf), fla_fb)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         def sdpa(q, k, v, g=None, backend=backend):
