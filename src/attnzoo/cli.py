@@ -8,6 +8,10 @@
     attnzoo bench recall [--out DIR] [--grid cpu|full] [--mixer M ...] [--d-model 64,128] [--lr 1e-3,3e-3]
                          [--tasks 64x4,256x16] [--steps N] [--seed S] ...
                                                    train TinyLMs on MQAR (resumable), then write the recall report
+    attnzoo bench niah [--out DIR] [--grid cpu|full] [--steps N] [--train-len L] [--lengths 256,512]
+                       [--depths 0,0.5,1] [--methods dense,window:64] [--seed S] [--device D] ...
+                                                   needle-in-a-haystack: train one TinyLM, swap sparse patterns in at
+                                                   inference, accuracy per length x depth (resumable), then the report
 """
 from __future__ import annotations
 
@@ -199,6 +203,23 @@ def _int_list(name):
     return conv
 
 
+def _depth_list(text: str) -> list:
+    out = []
+    for tok in str(text).split(","):
+        if not tok.strip():
+            continue
+        try:
+            d = float(tok)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{tok!r} is not a number") from None
+        if not 0.0 <= d <= 1.0:
+            raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {d}")
+        out.append(d)
+    if not out:
+        raise argparse.ArgumentTypeError("no depth given")
+    return out
+
+
 def parse_tasks(text: str) -> list:
     """'64x4,256x16' -> [(64, 4), (256, 16)]: MQAR (sequence length, kv pairs)."""
     out = []
@@ -292,14 +313,99 @@ def cmd_recall(args, parser) -> int:
     return 0
 
 
+_NIAH_ONLY = ("train_len", "depths", "methods", "niah_tasks")
+# recall options that mean nothing to niah
+_NOT_NIAH = ("mixer", "tasks", "lr", "no_early_stop")
+
+
+def _split_list(values) -> list:
+    out = []
+    for v in values or []:
+        out += [m.strip() for m in str(v).split(",") if m.strip()]
+    return out
+
+
+def cmd_niah(args, parser) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .bench.niah import RESULTS_FILE, SUMMARY_COLUMNS, get_grid, plan_cells, run_grid, summary_rows, \
+        write_niah_report
+    from .bench.speed import print_table
+
+    given = [f"--{n.replace('_', '-')}" for n in _NOT_NIAH if getattr(args, n, None) not in (None, False)]
+    if given:
+        parser.error(f"{', '.join(given)} do not apply to `attnzoo bench niah`")
+    out = Path(args.out)
+    if args.report_only:
+        if not (out / RESULTS_FILE).exists():
+            print(f"attnzoo bench niah: error: no {RESULTS_FILE} in {out}; run `attnzoo bench niah --out {out}` "
+                  "first", file=sys.stderr)
+            return 1
+        print(f"report: {write_niah_report(out / RESULTS_FILE, out)}")
+        return 0
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = get_grid(args.grid or "cpu")
+    changes = dict(seed=args.seed)
+    if args.methods:
+        changes["methods"] = tuple(dict.fromkeys(_split_list(args.methods)))
+    if args.niah_tasks:
+        changes["tasks"] = tuple(dict.fromkeys(_split_list(args.niah_tasks)))
+    if args.lengths:
+        changes["lengths"] = tuple(dict.fromkeys(int(x) for x in args.lengths))
+    if args.depths:
+        changes["depths"] = tuple(dict.fromkeys(float(x) for x in args.depths))
+    if args.d_model:
+        changes["d_model"] = args.d_model[0]
+    for field_name, value in (("steps", args.steps), ("train_len", args.train_len), ("batch_size", args.batch_size),
+                              ("n_train", args.n_train), ("n_test", args.n_test), ("vocab_size", args.vocab),
+                              ("eval_every", args.eval_every)):
+        if value is not None:
+            changes[field_name] = value
+    grid = replace(grid, **changes)
+    try:
+        cells = plan_cells(grid)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        print(f"niah grid {grid.name}: train at L={grid.train_len}, V={grid.vocab_size}, d_model {grid.d_model}, "
+              f"{grid.n_layers} layers, up to {grid.steps} steps; {grid.n_test} test examples per cell")
+        for c in cells:
+            print(f"  {c.label()}")
+        print(f"{len(cells)} cells")
+        return 0
+    if not args.quiet:
+        print(f"attnzoo bench niah: grid {grid.name} (train L={grid.train_len}, up to {grid.steps} steps, "
+              f"{torch.get_num_threads()} CPU threads) -> {out / RESULTS_FILE}; {len(cells)} cells", flush=True)
+    try:
+        records = run_grid(grid, out, device=args.device, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the cells so far are in {out / RESULTS_FILE} (and the model, once trained); run the "
+              "same command again to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print()
+        print_table("Needle-in-a-haystack summary", list(SUMMARY_COLUMNS), summary_rows(records))
+    if not args.no_report:
+        print(f"report: {write_niah_report(out / RESULTS_FILE, out)}")
+    return 0
+
+
 def cmd_bench(args, parser) -> int:
     from pathlib import Path
 
     if args.action == "recall":
+        given = [f"--{n.replace('_', '-')}" for n in _NIAH_ONLY if getattr(args, n, None) not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)} only apply to `attnzoo bench niah`")
         return cmd_recall(args, parser)
-    given = [f"--{n.replace('_', '-')}" for n in _RECALL_ONLY if getattr(args, n, None) not in (None, False)]
+    if args.action == "niah":
+        return cmd_niah(args, parser)
+    given = [f"--{n.replace('_', '-')}" for n in _RECALL_ONLY + _NIAH_ONLY if getattr(args, n, None) not in (None, False)]
     if given:
-        parser.error(f"{', '.join(given)} only apply to `attnzoo bench recall`")
+        parser.error(f"{', '.join(given)} only apply to `attnzoo bench recall` or `attnzoo bench niah`")
 
     from .bench.report import write_report
     from .bench.speed import (RESULTS_FILE, SUMMARY_COLUMNS, describe_plan, get_suite, plan, print_table,
@@ -364,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run the speed suite and write the report (`bench report` only rewrites the report)",
         description="Run the speed suite (appending to DIR/results.jsonl, skipping cases already recorded ok), "
                     "then write DIR/report.md and plots. `attnzoo bench report --out DIR` only rewrites the report.")
-    p_bench.add_argument("action", nargs="?", choices=("run", "report", "recall"), default="run",
+    p_bench.add_argument("action", nargs="?", choices=("run", "report", "recall", "niah"), default="run",
                          help="run (default): measure then report; report: only rewrite the report; "
-                              "recall: the MQAR benchmark (train TinyLMs, write report_recall.md)")
+                              "recall: the MQAR benchmark (train TinyLMs, write report_recall.md); "
+                              "niah: needle in a haystack at length with sparse patterns (report_niah.md)")
     p_bench.add_argument("--out", default="bench-results", metavar="DIR",
                          help="output folder for results.jsonl, report.md and plots (default: %(default)s)")
     p_bench.add_argument("--suite", choices=("auto", "cpu", "cuda", "flash"), default="auto",
@@ -427,7 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=_positive_int("--threads"), default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice); on a busy machine 1 is often faster")
-    g.add_argument("--report-only", action="store_true", help="only rewrite DIR/report_recall.md")
+    g.add_argument("--report-only", action="store_true", help="only rewrite DIR/report_recall.md (or report_niah.md)")
+    n = p_bench.add_argument_group(
+        "niah (needle in a haystack) options", "only with `attnzoo bench niah`; also --out, --grid, --steps, --lengths "
+        "(test lengths), --seed, --device, --threads, --d-model, --batch-size, --n-train, --n-test (per cell), --vocab, "
+        "--eval-every, --dry-run, --quiet, --no-report, --report-only. Results go to DIR/results_niah.jsonl "
+        "(resumable; the trained model is DIR/niah_model_<key>.pt), the report to DIR/report_niah.md")
+    n.add_argument("--train-len", type=_positive_int("--train-len"), default=None, metavar="L",
+                   help="training sequence length (cpu: 256, full: 1024)")
+    n.add_argument("--depths", type=_depth_list, default=None, metavar="D,...",
+                   help="needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1")
+    n.add_argument("--methods", action="append", metavar="M",
+                   help="methods (repeat or comma-separate): dense, window:W, streaming:S,W, chunked:C, power:W, "
+                        "dilated:W,D")
+    n.add_argument("--niah-tasks", action="append", metavar="T",
+                   help="single and/or multikey (cpu default: single; full: both)")
     p_bench.set_defaults(func=cmd_bench, subparser=p_bench)
     return parser
 
