@@ -49,7 +49,9 @@ the sum over channels is a matmul. Extra memory: about (SUBCHUNK + C / SUBCHUNK)
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from numbers import Real
 
 import torch
@@ -446,3 +448,36 @@ def forward_step(kind: str, q, k, v, g, beta, state, scale):
     step = _KERNELS[kind][1]
     o, s = step(qc * scale, kc, vc, gc, s) if kind == "linear" else step(qc * scale, kc, vc, gc, bc, s)
     return o.to(q.dtype), s
+
+
+def use_triton(backend, q, v, mode: str, reasons: list, max_head_dim_is_limit: bool = True) -> bool:
+    """Whether a call runs on the Triton kernels: ``backend`` "torch" never, "triton" always (or a ValueError
+    listing why it cannot), "auto" on CUDA when the case is covered (on CPU only with
+    ATTNZOO_LINEAR_TRITON=1 under TRITON_INTERPRET=1; ATTNZOO_LINEAR_TRITON=0 turns it off). ``reasons``
+    are the op's own uncovered cases; head dims above 128 are one too, or (``max_head_dim_is_limit=False``)
+    only keep ``auto`` away."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return False
+    reasons = list(reasons)
+    big = max(q.shape[-1], v.shape[-1]) > 128
+    if mode != "chunk":
+        reasons.append(f"mode={mode!r}: the kernels implement mode='chunk'")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if big and max_head_dim_is_limit:
+        reasons.append(f"head dims must be <= 128, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or (q.device.type == "cpu" and interp)):
+        reasons.append("the inputs must be on CUDA (or on CPU with TRITON_INTERPRET=1)")
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if backend == "triton":
+        if reasons:
+            raise ValueError("backend='triton': " + "; ".join(reasons))
+        return True
+    env = os.environ.get("ATTNZOO_LINEAR_TRITON")
+    if reasons or env == "0" or big:  # auto: the head dims the kernels were sized for
+        return False
+    return q.is_cuda or env == "1"

@@ -22,9 +22,6 @@ the interpreter (as for :func:`attnzoo.linear.linear_attention`). The Triton pat
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from . import _core
@@ -36,30 +33,7 @@ _GATE = "(batch, heads, length, key_dim)"
 def _triton_ok(backend, q, v, mode) -> bool:
     """Whether this call runs on the Triton kernels (see the module doc); raises for backend="triton" on a
     case they do not cover."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch":
-        return False
-    reasons = []
-    if mode != "chunk":
-        reasons.append(f"mode={mode!r}: the kernels implement mode='chunk'")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    if max(q.shape[-1], v.shape[-1]) > 128:
-        reasons.append(f"head dims must be <= 128, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (q.is_cuda or (q.device.type == "cpu" and interp)):
-        reasons.append("the inputs must be on CUDA (or on CPU with TRITON_INTERPRET=1)")
-    if importlib.util.find_spec("triton") is None:
-        reasons.append("triton is not installed")
-    if backend == "triton":
-        if reasons:
-            raise ValueError("backend='triton': " + "; ".join(reasons))
-        return True
-    env = os.environ.get("ATTNZOO_LINEAR_TRITON")
-    if reasons or env == "0":
-        return False
-    return q.is_cuda or env == "1"
+    return _core.use_triton(backend, q, v, mode, [])
 
 
 def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, mode="chunk", cu_seqlens=None,

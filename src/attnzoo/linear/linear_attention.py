@@ -36,9 +36,7 @@ notes). The decoding step uses the step kernel only when no gradient is needed.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from numbers import Real
 
 import torch
@@ -89,10 +87,6 @@ def _features(phi, q, k, scale, cd):
 def _triton_ok(backend, q, v, feature_map, normalize: bool, causal: bool, mode: str = "chunk") -> bool:
     """Whether this call runs on the Triton kernels (see the module doc); raises for backend="triton" on a
     case they do not cover."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch":
-        return False
     reasons = []
     if not (isinstance(feature_map, str) and feature_map in ("identity", "elu+1", "relu")):
         reasons.append("the feature map must be 'identity', 'elu+1' or 'relu'")
@@ -100,23 +94,7 @@ def _triton_ok(backend, q, v, feature_map, normalize: bool, causal: bool, mode: 
         reasons.append("normalize=True is not supported")
     if not causal:
         reasons.append("causal=False is not supported")
-    if mode != "chunk":
-        reasons.append(f"mode={mode!r}: the kernels implement mode='chunk'")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (q.is_cuda or (q.device.type == "cpu" and interp)):
-        reasons.append("the inputs must be on CUDA (or on CPU with TRITON_INTERPRET=1)")
-    if importlib.util.find_spec("triton") is None:
-        reasons.append("triton is not installed")
-    if backend == "triton":
-        if reasons:
-            raise ValueError("backend='triton': " + "; ".join(reasons))
-        return True
-    env = os.environ.get("ATTNZOO_LINEAR_TRITON")
-    if reasons or env == "0" or max(q.shape[-1], v.shape[-1]) > 128:  # auto: the head dims the kernels were sized for
-        return False
-    return q.is_cuda or env == "1"
+    return _core.use_triton(backend, q, v, mode, reasons, max_head_dim_is_limit=False)
 
 
 def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=False, scale=None, initial_state=None,
