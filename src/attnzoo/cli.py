@@ -126,28 +126,24 @@ def parse_lengths(text: str) -> list:
     return sorted(out)
 
 
-def _positive_int(name):
+def _int_at_least(lo: int):
     def conv(text):
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
         return n
     return conv
+
+
+def _positive_int(name):
+    return _int_at_least(1)
 
 
 def _nonneg_int(name):
-    def conv(text):
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-        return n
-    return conv
+    return _int_at_least(0)
 
 
 def _positive_float(name):
