@@ -57,6 +57,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from .speed import _append, latest_records, read_jsonl  # noqa: F401 - shared with niah
+
 RESULTS_FILE = "results_recall.jsonl"
 REPORT_FILE = "report_recall.md"
 SCHEMA_VERSION = 1
@@ -481,35 +483,7 @@ def environment(device) -> dict:
 
 def load_recall_records(path) -> list:
     """Every record of a results_recall.jsonl (a directory means the file in it); bad lines are skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RESULTS_FILE
-    if not path.exists():
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
-def latest_records(records: Iterable[dict]) -> list:
-    """One record per key: the last ok one if any, else the last one; in order of first appearance."""
-    best, order = {}, []
-    for r in records:
-        k = r.get("key")
-        if k not in best:
-            order.append(k)
-            best[k] = r
-        elif r.get("status") == "ok" or best[k].get("status") != "ok":
-            best[k] = r
-    return [best[k] for k in order]
+    return read_jsonl(path, RESULTS_FILE, warn=False)
 
 
 def group_key(r: dict) -> tuple:
@@ -545,13 +519,6 @@ def _write_records(path: Path, records: Sequence[dict]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _append(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------------

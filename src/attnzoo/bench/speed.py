@@ -752,11 +752,12 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
 # --------------------------------------------------------------------------------------------------
 # Records file
 # --------------------------------------------------------------------------------------------------
-def load_records(path) -> list:
-    """Every record of a results.jsonl (lines that do not parse are skipped with a warning)."""
+def read_jsonl(path, filename: str = RESULTS_FILE, warn: bool = True) -> list:
+    """Every record of a JSON-lines results file (a directory means ``filename`` in it); lines that do not
+    parse are skipped, with a warning when ``warn``."""
     path = Path(path)
     if path.is_dir():
-        path = path / RESULTS_FILE
+        path = path / filename
     if not path.exists():
         return []
     out = []
@@ -768,8 +769,14 @@ def load_records(path) -> list:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                warnings.warn(f"{path}:{i}: not a JSON record, skipped")
+                if warn:
+                    warnings.warn(f"{path}:{i}: not a JSON record, skipped")
     return out
+
+
+def load_records(path) -> list:
+    """Every record of a results.jsonl (lines that do not parse are skipped with a warning)."""
+    return read_jsonl(path)
 
 
 def latest_records(records: Iterable[dict]) -> list:
