@@ -22,8 +22,6 @@ the interpreter (as for :func:`attnzoo.linear.linear_attention`). The Triton pat
 """
 from __future__ import annotations
 
-import torch
-
 from . import _core
 from .naive import naive_gla
 

@@ -266,8 +266,6 @@ def _bwd_intra(Q, K, V, G, DO, DQI, DKI,
     gbase = G + bh * NT * BT * DIMK
     m_ik = m_i[:, None] & m_k[None, :]
     m_ck = m_c[:, None] & m_k[None, :]
-    qp = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0)
-    kp = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0)
     gp = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     qc = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_ck, other=0.0)
     kc = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_ck, other=0.0)
@@ -300,8 +298,6 @@ def _bwd_intra(Q, K, V, G, DO, DQI, DKI,
     dk = tl.dot(tl.trans(tl.where(after[:, None], dac, 0.0)).to(qc.dtype), qe.to(qc.dtype), input_precision=PREC)
     dk = dk * tl.exp(ge[None, :] - gp)
     # the diagonal sub-chunk, exact, one step at a time
-    qpf = qp.to(tl.float32)
-    kpf = kp.to(tl.float32)
     for jj in range(0, BC):
         j = p * BC + jj
         tj = n * BT + j

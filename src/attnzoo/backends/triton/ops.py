@@ -39,15 +39,6 @@ def _layout(pattern, lq, lk, bm, bn, hq, device: str):
     return (pattern or Full()).block_layout(lq, lk, bm, bn, device=device, num_heads=hq)
 
 
-def bwd_config(d: int, dv: int, device: torch.device, pattern=None) -> dict:
-    """Block sizes of the backward kernels (both use one layout; dk/dv walk its transpose)."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if max(d, dv) <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-
-
 @functools.lru_cache(maxsize=128)
 def _tlayout(pattern, lq, lk, bm, bn, hq, device: str):
     """The transposed layout: for each kv block, the query blocks that see it (partial / full)."""
