@@ -126,6 +126,22 @@ def parse_lengths(text: str) -> list:
     return sorted(out)
 
 
+def _report_only(action: str, out, results_file: str, write_report) -> int:
+    """`attnzoo bench ACTION --report-only`: rewrite the report from the recorded results."""
+    if not (out / results_file).exists():
+        print(f"attnzoo bench {action}: error: no {results_file} in {out}; run `attnzoo bench {action} --out {out}` "
+              "first", file=sys.stderr)
+        return 1
+    print(f"report: {write_report(out / results_file, out)}")
+    return 0
+
+
+def _set_threads(threads) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def _int_at_least(lo: int):
     def conv(text):
         try:
@@ -257,15 +273,9 @@ def cmd_recall(args, parser) -> int:
 
     out = Path(args.out)
     if args.report_only:
-        if not (out / RESULTS_FILE).exists():
-            print(f"attnzoo bench recall: error: no {RESULTS_FILE} in {out}; run `attnzoo bench recall --out {out}` "
-                  "first", file=sys.stderr)
-            return 1
-        print(f"report: {write_recall_report(out / RESULTS_FILE, out)}")
-        return 0
+        return _report_only("recall", out, RESULTS_FILE, write_recall_report)
     import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     grid = get_grid(args.grid or "cpu")
     changes = dict(seed=args.seed)
     if args.mixer:
@@ -334,15 +344,9 @@ def cmd_niah(args, parser) -> int:
         parser.error(f"{', '.join(given)} do not apply to `attnzoo bench niah`")
     out = Path(args.out)
     if args.report_only:
-        if not (out / RESULTS_FILE).exists():
-            print(f"attnzoo bench niah: error: no {RESULTS_FILE} in {out}; run `attnzoo bench niah --out {out}` "
-                  "first", file=sys.stderr)
-            return 1
-        print(f"report: {write_niah_report(out / RESULTS_FILE, out)}")
-        return 0
+        return _report_only("niah", out, RESULTS_FILE, write_niah_report)
     import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     grid = get_grid(args.grid or "cpu")
     changes = dict(seed=args.seed)
     if args.methods:
