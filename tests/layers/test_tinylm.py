@@ -87,7 +87,7 @@ def test_window_bounds_the_receptive_field():
 
 def test_attention_matches_naive_softmax():
     torch.manual_seed(0)
-    attn = Attention(24, n_heads=3, n_kv_heads=1, pattern=az.SlidingWindow(5), rope=True).double()
+    attn = Attention(24, num_heads=3, num_kv_heads=1, pattern=az.SlidingWindow(5), rope=True).double()
     x = torch.randn(2, 13, 24, dtype=torch.float64)
     b, t, _ = x.shape
     q = attn.q_proj(x).view(b, t, 3, 8).transpose(1, 2)

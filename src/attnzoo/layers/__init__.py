@@ -4,7 +4,7 @@
     model = TinyLM(vocab_size=8192, d_model=64, n_layers=2, mixer="sliding_window:8")
     model.state_size(seq_len=64)     # recurrent-state floats per sequence, all layers
 """
-from .attention import Attention, RotaryEmbedding, kv_cache_len
+from .attention import Attention, KVCache, RotaryEmbedding, kv_cache_len
 from .mixers import (LinearMixer, MixerEntry, MixerSpec, build_mixer, describe_mixers, get_mixer, layers_label,
                      mixer_names, mixer_state_size, parse_layers, parse_mixer, register_mixer, split_layers,
                      unregister_mixer)
@@ -17,7 +17,7 @@ for _name, _cls in (("linear_attention", LinearAttention), ("lightning", Lightni
     register_mixer(_name, _cls)
 del _name, _cls
 
-__all__ = ["Attention", "RotaryEmbedding", "kv_cache_len", "LinearMixer", "MixerEntry", "MixerSpec", "split_layers",
+__all__ = ["Attention", "KVCache", "RotaryEmbedding", "kv_cache_len", "LinearMixer", "MixerEntry", "MixerSpec", "split_layers",
            "build_mixer", "describe_mixers", "get_mixer", "layers_label", "mixer_names", "mixer_state_size",
            "parse_layers", "parse_mixer", "register_mixer", "unregister_mixer", "IGNORE_INDEX", "TinyLM",
            "LinearAttention", "Lightning", "GLA", "DeltaNet", "GatedDeltaNet", "KDA", "Based", "LinearCache",

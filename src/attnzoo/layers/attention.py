@@ -1,9 +1,10 @@
 """Multi-head attention as an ``nn.Module``, restricted by any attnzoo pattern, with rotary positions.
 
-    attn = Attention(d_model=128, n_heads=2, pattern=az.SlidingWindow(31))   # a causal window of 32 keys
-    y = attn(x)                                                              # x, y: (batch, length, d_model)
+    attn = Attention(dim=128, num_heads=2, pattern=az.SlidingWindow(31))   # a causal window of 32 keys
+    y = attn(x)                                                            # x, y: (batch, length, dim)
+    cache = attn.new_cache(); y1 = attn(x[:, :5], cache); y2 = attn(x[:, 5:6], cache)   # generation
 
-The module projects ``x`` to q, k, v (``n_kv_heads < n_heads`` is GQA/MQA), rotates q and k by their
+The module projects ``x`` to q, k, v (``num_kv_heads < num_heads`` is GQA/MQA), rotates q and k by their
 positions (RoPE, Su et al. 2021, "rotate half" layout as in GPT-NeoX/Llama), calls
 ``attnzoo.attention(q, k, v, pattern, backend=...)`` and projects the heads back to ``d_model``.
 """
@@ -80,64 +81,152 @@ def kv_cache_len(pattern: Optional[Pattern], seq_len: int) -> int:
     return max(0, min(seq_len, keys(pattern)))
 
 
-class Attention(nn.Module):
-    """Multi-head (GQA/MQA) attention over ``pattern`` through ``attnzoo.attention``.
+class KVCache:
+    """Keys and values one attention layer has seen, for generation; ``forward(x, cache)`` appends in place.
 
-    Args:
-        d_model: width of the input and output.
-        n_heads: query heads; ``head_dim`` defaults to ``d_model // n_heads``.
-        n_kv_heads: key/value heads (default ``n_heads``); must divide ``n_heads``.
-        pattern: an attnzoo ``Pattern`` (default ``Causal()``); ``SlidingWindow(w - 1)`` is a window of w keys.
-        rope: rotate q and k by position (RoPE); ``rope_base`` is its base.
-        backend: passed to ``attnzoo.attention`` ("auto", "sdpa", "flex", "reference", ...).
-        bias: biases on the four projections.
+    ``k``/``v`` are ``(batch, kv_heads, seen, head_dim)`` after RoPE (None before the first call);
+    ``seen`` counts the tokens, so the next token's position is ``seen``.
     """
 
-    def __init__(self, d_model: int, n_heads: int = 1, n_kv_heads: Optional[int] = None, *,
-                 pattern: Optional[Pattern] = None, rope: bool = True, rope_base: float = 10000.0,
-                 backend: str = "auto", bias: bool = False, head_dim: Optional[int] = None):
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.seen = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Add ``(B, Hkv, T, D)`` keys/values; returns all keys and values so far."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            if k.shape[0] != self.k.shape[0] or k.shape[1] != self.k.shape[1] or k.shape[-1] != self.k.shape[-1]:
+                raise ValueError(f"cache holds keys of shape {tuple(self.k.shape)}; cannot append {tuple(k.shape)} "
+                                 "(another batch size or layer?)")
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.seen += k.shape[2]
+        return self.k, self.v
+
+    def __repr__(self):
+        shape = None if self.k is None else tuple(self.k.shape)
+        return f"KVCache(seen={self.seen}, k={shape})"
+
+
+def check_positive_int(owner: str, name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{owner} {name} must be a positive integer, got {n!r}")
+    return n
+
+
+class Attention(nn.Module):
+    """Multi-head (MHA/GQA/MQA) attention over ``pattern`` through ``attnzoo.attention``.
+
+    Args:
+        dim: width of the input and output.
+        num_heads: query heads; ``head_dim`` defaults to ``dim // num_heads``.
+        num_kv_heads: key/value heads (default ``num_heads``; 1 is MQA); must divide ``num_heads``.
+        head_dim: width of each head.
+        rope: rotate q and k by position (RoPE, "rotate half"); ``rope_base`` is its base.
+        qk_norm: RMS-normalise each query and key head (learnable scale) before RoPE.
+        pattern: an attnzoo ``Pattern`` (default ``Causal()``); ``SlidingWindow(w - 1)`` is a window of w keys.
+        bias: biases on the four projections.
+        backend: passed to ``attnzoo.attention`` ("auto", "sdpa", "flex", "triton", "reference", ...).
+
+    ``forward(x, cache=None)`` maps ``(B, T, dim)`` to ``(B, T, dim)``. With a cache (``new_cache()``) the
+    tokens continue the cached sequence: their positions start at ``cache.seen``, their keys and values are
+    appended to the cache, and the queries attend to every cached key under ``pattern`` aligned bottom-right
+    (the last query is the newest position), so prefill then token-by-token decoding equals one full forward.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 1, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, rope: bool = True, qk_norm: bool = False,
+                 pattern: Optional[Pattern] = None, bias: bool = False, *, rope_base: float = 10000.0,
+                 backend: str = "auto"):
         super().__init__()
-        for name, n in (("d_model", d_model), ("n_heads", n_heads)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"Attention {name} must be a positive integer, got {n!r}")
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        bad_kv = isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1
-        if bad_kv or n_heads % n_kv_heads:
-            raise ValueError(f"Attention n_kv_heads must be a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
+        check_positive_int(type(self).__name__, "dim", dim)
+        check_positive_int(type(self).__name__, "num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        bad_kv = isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1
+        if bad_kv or num_heads % num_kv_heads:
+            raise ValueError(f"{type(self).__name__} num_kv_heads must be a positive divisor of "
+                             f"num_heads={num_heads}, got {num_kv_heads!r}")
         if head_dim is None:
-            if d_model % n_heads:
-                raise ValueError(f"Attention d_model={d_model} is not divisible by n_heads={n_heads}; "
+            if dim % num_heads:
+                raise ValueError(f"{type(self).__name__} dim={dim} is not divisible by num_heads={num_heads}; "
                                  "pass head_dim explicitly")
-            head_dim = d_model // n_heads
+            head_dim = dim // num_heads
+        check_positive_int(type(self).__name__, "head_dim", head_dim)
         pattern = Causal() if pattern is None else pattern
         if not isinstance(pattern, Pattern):
-            raise TypeError(f"Attention pattern must be an attnzoo Pattern, got {type(pattern).__name__}")
+            raise TypeError(f"{type(self).__name__} pattern must be an attnzoo Pattern, got {type(pattern).__name__}")
         if not isinstance(backend, str):
-            raise TypeError(f"Attention backend must be a string, got {type(backend).__name__}")
-        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+            raise TypeError(f"{type(self).__name__} backend must be a string, got {type(backend).__name__}")
+        for name, flag in (("rope", rope), ("qk_norm", qk_norm), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{type(self).__name__} {name} must be True or False, got {flag!r}")
+        self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.pattern, self.backend = pattern, backend
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"Attention input must be (batch, length, {self.d_model}), got {tuple(x.shape)}")
+    # the pieces, so that subclasses (gated, MoH, ...) can reuse them -------------------------------------
+    def check_input(self, x: torch.Tensor, cache) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} input must be (batch, length, {self.dim}), got {got}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"{type(self).__name__} cache must come from new_cache() (a KVCache) or be None, "
+                            f"got {type(cache).__name__}")
+
+    def positions(self, x: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
+        start = 0 if cache is None else cache.seen
+        return torch.arange(start, start + x.shape[1], device=x.device)
+
+    def project_qkv(self, x: torch.Tensor, cache: Optional[KVCache] = None):
+        """q ``(B, H, T, D)`` and k, v ``(B, Hkv, T, D)`` after QK-norm and RoPE (positions from ``cache``)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        o = attention(q, k, v, pattern=self.pattern, backend=self.backend)  # (B, H, T, D)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            pos = self.positions(x, cache)
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[KVCache] = None):
+        """``attention(q, k, v)`` under ``pattern``, with the cached keys in front when ``cache`` is given."""
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return attention(q, k, v, pattern=self.pattern, backend=self.backend)  # (B, H, T, D)
+
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = o.shape
+        return o.transpose(1, 2).reshape(b, t, -1)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        self.check_input(x, cache)
+        q, k, v = self.project_qkv(x, cache)
+        return self.o_proj(self.merge_heads(self.attend(q, k, v, cache)))
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for generation: ``y = layer(x_prefix, cache); y_next = layer(x_next, cache)``."""
+        return KVCache()
+
+    def kv_cache_values_per_token(self) -> int:
+        """Values the cache stores per token for this layer: ``2 * num_kv_heads * head_dim``."""
+        return 2 * self.num_kv_heads * self.head_dim
 
     def state_size(self, seq_len: int) -> int:
-        """Floats of the KV cache per sequence after ``seq_len`` tokens: 2 * n_kv_heads * head_dim * keys kept."""
-        return 2 * self.n_kv_heads * self.head_dim * kv_cache_len(self.pattern, seq_len)
+        """Floats of the KV cache per sequence after ``seq_len`` tokens, counting only the keys ``pattern``
+        still needs (`kv_cache_len`): ``kv_cache_values_per_token() / 2 * 2 * keys kept``."""
+        return self.kv_cache_values_per_token() * kv_cache_len(self.pattern, seq_len)
 
     def extra_repr(self):
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
-                f"head_dim={self.head_dim}, pattern={self.pattern!r}, backend={self.backend!r}")
+        return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, rope={self.rotary is not None}, qk_norm={self.q_norm is not None}, "
+                f"pattern={self.pattern!r}, backend={self.backend!r}")
