@@ -21,6 +21,13 @@ chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) an
    (in place and out of place) and the PyTorch step, CUDA-graph replay and eager; GB/s = bytes of state read
    and written (2 x B x H x 128 x 128 x 4) plus the token's q, k, v, o, over the median time; fraction of the
    H100 SXM peak (3.35 TB/s). flash-linear-attention's fused_recurrent_simple_gla with T=1 when importable.
+4. Gated DeltaNet (S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t): correctness of the
+   Triton kernels (attnzoo.linear.triton_delta) at B=2, H=4, T=1000 against the float64 chunked form, the
+   low-precision baseline being the token recurrence evaluated in that dtype (PyTorch has no 16-bit
+   triangular solve); and in the speed table, at the same shapes (keys L2-normalised, beta = sigmoid,
+   g = logsigmoid / 16): ``gdn-triton``, ``gdn-torch-chunk`` (the PyTorch tier, float32 compute, chunk 64)
+   and ``fla-gdn`` (fla.ops.gated_delta_rule.chunk_gated_delta_rule, [B, T, H, D] layout, 'unsupported'
+   when not importable).
 ``--sweep`` also times block-size variants of the Triton kernels (``tk.config`` keys) at B=8, T=2048.
 
 One JSON line per measurement (every parameter, device, versions, status) in DIR/linear_bench.jsonl.
@@ -42,6 +49,7 @@ from attnzoo.testing import check_close, max_err, rel_rmse
 
 PEAK_BYTES_S = 3.35e12  # H100 SXM HBM3
 H, D = 16, 128
+SKIP_TORCH = False  # --no-torch: leave out the PyTorch chunk-form baselines (slow at 64K tokens)
 DEV = "cuda"  # a dry run under the Triton interpreter sets "cpu"
 
 
@@ -214,6 +222,8 @@ def speed(b, t, reps):
     rows = []
 
     def bench(name, fwd_fn, fb_fn):
+        if SKIP_TORCH and "torch-chunk" in name:
+            return
         for direction, fn in (("fwd", fwd_fn), ("fwd+bwd", fb_fn)):
             r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=3.0)
             rows.append(_record(base, name, direction, r, b * t))
@@ -266,6 +276,7 @@ def speed(b, t, reps):
             o = fla_gla(*lf)
             torch.autograd.grad(o, lf, dof)
         bench("fla-gla", lambda: fla_gla(qf, kf, vf, gf), fla_fb)
+    rows += speed_gdn(b, t, reps, q, k, v, do, base, bench, fb)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         def sdpa(q, k, v, g=None, backend=backend):
@@ -300,6 +311,109 @@ def sweep(reps, b=8, t=2048):
             r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=2.0)
             rows.append(_record(base, "triton", direction, r, b * t, variant=name, cfg=cfg))
     return rows
+
+
+def fla_gdn():
+    """fla's chunk_gated_delta_rule adapted to (B, H, T, D) inputs, or None when not importable."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001 - a missing peer library is recorded, never fatal
+        return None
+    extra = {"head_first": False} if "head_first" in inspect.signature(chunk_gated_delta_rule).parameters else {}
+
+    def run(q, k, v, g, beta, scale, s0=None, final=False):
+        # q, k, v already in [B, T, H, D], g and beta in [B, T, H]
+        return chunk_gated_delta_rule(q, k, v, g=g, beta=beta, scale=scale, initial_state=s0,
+                                      output_final_state=final, **extra)
+    return run
+
+
+def gdn_inputs(b, h, t, dk, dv, dtype, dev=None):
+    """Gated DeltaNet inputs as in training: L2-normalised keys, beta = sigmoid, g = logsigmoid / 16."""
+    dev = dev or DEV
+    q = torch.randn(b, h, t, dk, device=dev).to(dtype)
+    k = F.normalize(torch.randn(b, h, t, dk, device=dev), dim=-1).to(dtype)
+    v = torch.randn(b, h, t, dv, device=dev).to(dtype)
+    g = F.logsigmoid(torch.randn(b, h, t, device=dev)) / 16
+    beta = torch.sigmoid(torch.randn(b, h, t, device=dev))
+    return q, k, v, g, beta
+
+
+def speed_gdn(b, t, reps, q, k, v, do, base, bench, fb):
+    """Gated DeltaNet rows of the speed table (``bench`` / ``fb`` from :func:`speed`, which records them)."""
+    from attnzoo.linear import gated_delta_rule
+    from attnzoo.linear.triton_delta import gated_delta_triton
+    rows = []
+    scale = D ** -0.5
+    kn = F.normalize(k.float(), dim=-1).to(k.dtype)  # the papers' L2-normalised keys
+    g = F.logsigmoid(torch.randn(b, H, t, device=DEV)) / 16
+    beta = torch.sigmoid(torch.randn(b, H, t, device=DEV))
+    ql, kl, vl, gl, bl = (x.detach().requires_grad_() for x in (q, kn, v, g, beta))
+    bench("gdn-triton", lambda: gated_delta_triton(q, kn, v, g, beta, scale),
+          fb(lambda q, k, v, g, beta: gated_delta_triton(q, k, v, g, beta, scale)[0], [ql, kl, vl, gl, bl]))
+    bench("gdn-torch-chunk", lambda: gated_delta_rule(q, kn, v, g, beta, scale=scale, backend="torch"),
+          fb(lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, scale=scale, backend="torch")[0],
+             [ql, kl, vl, gl, bl]))
+    run = fla_gdn()
+    if run is None:
+        for direction in ("fwd", "fwd+bwd"):
+            rows.append(_unsupported(base, "fla-gdn", direction, "fla.ops.gated_delta_rule not importable", b * t))
+        return rows
+    tr = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731 - fla's [B, T, H, ...] layout
+    qf, kf, vf, gf, bf = (tr(x) for x in (q, kn, v, g, beta))
+    lf = [x.detach().requires_grad_() for x in (qf, kf, vf, gf, bf)]
+    dof = tr(do)
+
+    def fla_fb():
+        o = run(*lf, scale)[0]
+        torch.autograd.grad(o, lf, dof)
+    bench("fla-gdn", lambda: run(qf, kf, vf, gf, bf, scale), fla_fb)
+    return rows
+
+
+def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128):
+    """Triton Gated DeltaNet (forward, final state and every gradient) against the float64 chunked form."""
+    from attnzoo.linear import triton_delta as td
+    torch.manual_seed(hash(("gdn", str(dtype))) % 1000)
+    q, k, v, g, beta = gdn_inputs(b, h, t, dk, dv, dtype)
+    s0 = torch.randn(b, h, dk, dv, device=DEV)
+    do = torch.randn(b, h, t, dv, device=DEV).to(dtype)
+    ds = torch.randn(b, h, dk, dv, device=DEV)
+    scale = dk ** -0.5
+    x = dict(q=q, k=k, v=v, g=g, beta=beta, s0=s0)
+
+    def chunk64(q, k, v, g, beta, s0):
+        return _core.chunk_gated_delta(q * scale, k, v, g, beta, s0, 64)
+
+    def recurrence(q, k, v, g, beta, s0):
+        return _core.recurrent(_core.step_gated_delta, q * scale, k, v, g, beta, s0)
+
+    row = dict(kind="correctness", check="gdn-triton", dtype=str(dtype).split(".")[-1], gate="logsigmoid/16", B=b,
+               H=h, T=t, dk=dk, dv=dv, **env())
+    try:
+        ref = grads_of(chunk64, {n: a.double() for n, a in x.items()}, do.double(), ds.double())
+        base = grads_of(recurrence, {n: a.to(dtype) for n, a in x.items()}, do, ds) if dtype != torch.float32 \
+            else None
+        o, st = td.fwd(q, k, v, g, beta, s0, scale, poison=True)
+        dq, dk_, dv_, dg, dbeta, ds0 = td.bwd(do, ds, q, k, v, g, beta, s0, scale, poison=True)
+        got = dict(o=o, state=st, dq=dq, dk=dk_, dv=dv_, dg=dg, dbeta=dbeta, ds0=ds0)
+        fails, detail = [], {}
+        for n, val in got.items():
+            r = ref[n]
+            try:
+                if base is None:
+                    check_close(n, val, r)
+                else:  # the low-precision rule, whatever dtype the kernel returns the result in
+                    err, bound, rr = max_err(val, r), 2 * max_err(base[n], r) + 1e-5, rel_rmse(val, r)
+                    if torch.isnan(val).any() or not (err <= bound and rr < 5e-3):
+                        raise AssertionError(f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}")
+            except AssertionError as e:
+                fails.append(str(e))
+            detail[n] = dict(err=max_err(val, r), rel_rmse=rel_rmse(val, r),
+                             math_path_err=None if base is None else max_err(base[n], r))
+        return [dict(row, status="pass" if not fails else "FAIL", errors=fails, detail=detail)]
+    except Exception as e:  # noqa: BLE001
+        return [dict(row, status="error", errors=[f"{type(e).__name__}: {e}"[:500]])]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +480,12 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also time block-size variants of the Triton kernels")
     ap.add_argument("--quick", action="store_true", help="one shape per token count, B in {1, 16, 64} for decode")
+    ap.add_argument("--check", choices=("full", "quick", "none"), default="full",
+                    help="correctness checks before timing: every dtype (full), bf16 only (quick), or none")
+    ap.add_argument("--no-torch", action="store_true", help="leave out the PyTorch chunk-form baselines")
     args = ap.parse_args()
+    global SKIP_TORCH
+    SKIP_TORCH = args.no_torch
     if not torch.cuda.is_available():
         sys.exit("linear_bench.py needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -380,12 +499,17 @@ def main():
             f.flush()
 
         t0 = time.time()
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for gate in ("random", "none"):
-                emit(correctness(dtype, gate))
-        emit(correctness(torch.bfloat16, "random", dk=64, dv=128, t=777))
-        emit(step_correctness())
-        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step")]
+        full = args.check == "full"
+        if args.check != "none":
+            for dtype in ((torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)):
+                for gate in (("random", "none") if full else ("random",)):
+                    emit(correctness(dtype, gate))
+            if full:
+                emit(correctness(torch.bfloat16, "random", dk=64, dv=128, t=777))
+            emit(step_correctness())
+            for dtype in ((torch.bfloat16, torch.float32) if full else (torch.bfloat16,)):
+                emit(correctness_gdn(dtype))
+        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gdn-triton")]
         bad = [r for r in checks if r["status"] != "pass"]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} pass ({time.time() - t0:.0f} s)")
         for r in bad:
@@ -395,14 +519,17 @@ def main():
                 print(f"  {r['dtype']:<9}{r['gate']:<7}{r['dk']:>4}x{r['dv']:<4}" + "  ".join(
                     f"{n} {d['err'] / max(d['fp32_tier_err'], 1e-30):.2f}x" for n, d in r["detail"].items())
                     + "   (max err / PyTorch float32-compute tier's)")
+            if r.get("check") == "gdn-triton" and "detail" in r:
+                print(f"  gdn {r['dtype']:<9}" + "  ".join(
+                    f"{n} {d['rel_rmse']:.2g}" for n, d in r["detail"].items()) + "   (rel RMSE vs float64)")
             if r.get("check") == "fla" and r["status"] == "info":
                 print(f"  fla {r['dtype']:<9}{r['gate']:<7} o max err {r['o_err']:.3g} "
                       f"(triton {r['triton_o_err'] or float('nan'):.3g})")
 
-        shapes = []
-        for tokens in (16384, 65536):
-            ts = [2048, tokens] if args.quick else [2048, 8192, tokens]
-            shapes += [(tokens // t, t) for t in dict.fromkeys(ts)]
+        # B=1 at T = 8K, 16K, 64K gives the scaling ratio (64K over 8K, ideal 8); B*T = 16K / 64K at T = 2048
+        shapes = [(1, 8192), (8, 2048), (1, 16384), (32, 2048), (1, 65536)]
+        if not args.quick:
+            shapes += [(2, 8192), (8, 8192)]
         for b, t in shapes:
             emit(speed(b, t, args.reps))
             print(f"  done B={b} T={t}", flush=True)

@@ -36,10 +36,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary base must be > 1, got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # float64; .to(dtype) of the module keeps it
 
-    def cos_sin(self, positions: torch.Tensor):
-        ang = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]  # (T, D/2)
+    def _apply(self, fn, *args, **kwargs):  # keep inv_freq in float64 whatever .half()/.float() ask for
+        out = super()._apply(fn, *args, **kwargs)
+        self.inv_freq = self.inv_freq.to(torch.float64)
+        return out
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
+        inv = self.inv_freq.to(device=positions.device, dtype=torch.float64)
+        ang = (positions.to(torch.float64)[:, None] * inv[None, :]).to(dtype)  # (T, D/2)
         ang = torch.cat([ang, ang], dim=-1)  # (T, D)
         return ang.cos(), ang.sin()
 
@@ -47,8 +53,9 @@ class RotaryEmbedding(nn.Module):
         t = x.shape[-2]
         if positions is None:
             positions = torch.arange(t, device=x.device)
-        cos, sin = self.cos_sin(positions)
-        xf = x.float()
+        ct = torch.promote_types(x.dtype, torch.float32)  # float64 inputs rotate in float64
+        cos, sin = self.cos_sin(positions, ct)
+        xf = x.to(ct)
         x1, x2 = xf.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)

@@ -16,6 +16,15 @@ u_t = beta_t (v_t - k_t Diag(exp g_t) S_{t-1}) solve a unit lower-triangular sys
 ``torch.linalg.solve_triangular`` for all chunks at once; then o = (Q * Gamma) S_start + P U and
 S_end = Gamma_end S_start + (K * Gamma_{end,.})^T U, one state update per chunk. Gate factors are exp of
 segment sums (exponents <= 0, no cancellation; per-channel gates via 16-step sub-chunks, see ``_core``).
+
+``backend`` chooses who runs ``mode="chunk"``: "torch" (the PyTorch chunked form above), "triton" (the fused
+kernels of :mod:`attnzoo.linear.triton_delta`; CUDA, or CPU under ``TRITON_INTERPRET=1``) or "auto" (the
+default): Triton when the inputs are on CUDA and the case is covered (float16, bfloat16 or float32; head dims
+<= 128), else PyTorch. ``ATTNZOO_LINEAR_TRITON=0`` turns "auto" Triton off; ``=1`` also lets "auto" pick Triton
+on CPU under the interpreter (as for :func:`attnzoo.linear.gla`). The Triton path covers ``delta_rule`` and
+``gated_delta_rule``; ``kda`` (per-channel gates) has no Triton kernels yet: "auto" keeps it on PyTorch and
+``backend="triton"`` raises a ValueError. The Triton path chooses its own chunk (``chunk_size`` is ignored
+there), keeps the dot operands in the input dtype (float32 accumulation) and returns the final state in float32.
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ _COMMON_DOC = """
         cu_seqlens: int tensor (N + 1,) of boundaries of N sequences packed along T (B must be 1); each
             sequence restarts from its row of ``initial_state`` (zeros when None).
         chunk_size: steps per chunk in "chunk" mode (any positive int; need not divide T).
+        backend: "auto", "torch" or "triton" (who runs ``mode="chunk"``; see the module doc).
     Returns ``(o, final_state)``; final_state is None unless ``output_final_state``. Computation is in float32
     (float64 for float64 inputs); o has q's dtype, the state the compute dtype.
 """
@@ -44,28 +54,60 @@ def _check_beta(name, beta, shape, device):
     _core.check_gate(name, beta, shape, _SCALAR if len(shape) == 3 else "(batch, heads)", device)
 
 
+_KDA_TRITON = "kda (per-channel gates) has no Triton kernels yet: use backend='torch' or 'auto'"
+
+
+def _triton(backend, q, k, v, g, beta, scale, initial_state, output_final_state, mode, cu_seqlens, chunk_size,
+            reasons=()):
+    """Run ``mode="chunk"`` on the Triton kernels when ``backend`` asks for it (see the module doc); returns
+    None when the PyTorch path should run instead (raises for backend="triton" on an uncovered case)."""
+    if not _core.use_triton(backend, q, v, mode, list(reasons)):
+        return None
+    _core.check_bool("output_final_state", output_final_state)
+    _core.check_chunk_size(chunk_size)
+    b, h, length, dk = q.shape
+    scale = _core.check_scale(scale, dk)
+    offsets = _core.check_cu_seqlens(cu_seqlens, b, length, q.device)
+    n = b if offsets is None else len(offsets) - 1
+    if initial_state is not None:
+        _core.check_state("initial_state", initial_state, (n, h, dk, v.shape[-1]), q.device)
+    from .triton_delta import delta_chunk
+    o, s = delta_chunk(q, k, v, g, beta, scale, initial_state, offsets)
+    return o, (s if output_final_state else None)
+
+
 def delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, mode="chunk",
-               cu_seqlens=None, chunk_size=64):
+               cu_seqlens=None, chunk_size=64, backend="auto"):
     _core.check_qkv(q, k, v)
     _check_beta("beta", beta, q.shape[:3], q.device)
+    out = _triton(backend, q, k, v, None, beta, scale, initial_state, output_final_state, mode, cu_seqlens,
+                  chunk_size)
+    if out is not None:
+        return out
     return _core.forward("delta", naive_delta_rule, q, k, v, None, beta, scale, initial_state, output_final_state,
                          mode, cu_seqlens, chunk_size)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, mode="chunk",
-                     cu_seqlens=None, chunk_size=64):
+                     cu_seqlens=None, chunk_size=64, backend="auto"):
     _core.check_qkv(q, k, v)
     _core.check_gate("g", g, q.shape[:3], _SCALAR, q.device)
     _check_beta("beta", beta, q.shape[:3], q.device)
+    out = _triton(backend, q, k, v, g, beta, scale, initial_state, output_final_state, mode, cu_seqlens,
+                  chunk_size)
+    if out is not None:
+        return out
     return _core.forward("delta", naive_gated_delta_rule, q, k, v, g, beta, scale, initial_state,
                          output_final_state, mode, cu_seqlens, chunk_size)
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, mode="chunk",
-        cu_seqlens=None, chunk_size=64):
+        cu_seqlens=None, chunk_size=64, backend="auto"):
     _core.check_qkv(q, k, v)
     _core.check_gate("g", g, q.shape, _VECTOR, q.device)
     _check_beta("beta", beta, q.shape[:3], q.device)
+    # no Triton kernels for per-channel gates: "auto" stays on PyTorch, "triton" raises (naming the reason)
+    _core.use_triton(backend, q, v, mode, [_KDA_TRITON])
     return _core.forward("delta", naive_kda, q, k, v, g, beta, scale, initial_state, output_final_state, mode,
                          cu_seqlens, chunk_size)
 
