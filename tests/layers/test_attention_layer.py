@@ -83,3 +83,20 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="cannot append"):
         layer(torch.randn(3, 1, 32), cache)
     assert cache.seen == 5  # the failed call lost nothing
+
+
+def test_rotary_frequencies_stay_exact_after_dtype_moves():
+    from attnzoo.layers import RotaryEmbedding
+    rope = RotaryEmbedding(32)
+    want = 10000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    for move in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.double(), lambda m: m.float()):
+        rope = move(rope)
+        assert rope.inv_freq.dtype == torch.float64
+        torch.testing.assert_close(rope.inv_freq, want, rtol=0, atol=0)
+    x = torch.randn(1, 1, 5, 32, dtype=torch.float64)
+    y = rope(x)
+    assert y.dtype == torch.float64
+    pos = torch.arange(5, dtype=torch.float64)[:, None] * want[None, :]
+    cos, sin = torch.cat([pos.cos(), pos.sin()], -1).chunk(2, -1)[0].repeat(1, 2), pos.sin().repeat(1, 2)
+    x1, x2 = x.chunk(2, -1)
+    torch.testing.assert_close(y, x * cos + torch.cat([-x2, x1], -1) * sin, rtol=1e-14, atol=1e-14)

@@ -10,10 +10,16 @@ from .mixers import (LinearMixer, MixerEntry, MixerSpec, build_mixer, describe_m
                      unregister_mixer)
 from .linear import GLA, KDA, Based, DeltaNet, GatedDeltaNet, LinearAttention, LinearCache, Lightning, ShortConv
 from .tinylm import IGNORE_INDEX, TinyLM
+from .gated import GatedAttention
+from .moh import MoH
+from .mla import MLA, MLACache, to_mla, to_mla_error_curve
+from .cca import CCA, CCACache, CCGQA
 
 # the linear-attention layers as token mixers (e.g. TinyLM(..., mixer="gla+attention"))
 for _name, _cls in (("linear_attention", LinearAttention), ("lightning", Lightning), ("gla", GLA),
-                    ("deltanet", DeltaNet), ("gated_deltanet", GatedDeltaNet), ("kda", KDA), ("based", Based)):
+                    ("deltanet", DeltaNet), ("gated_deltanet", GatedDeltaNet), ("kda", KDA), ("based", Based),
+                    # latent and head-structured attention (causal, RoPE)
+                    ("mla", MLA), ("cca", CCA), ("ccgqa", CCGQA), ("gated_attention", GatedAttention), ("moh", MoH)):
     register_mixer(_name, _cls)
 del _name, _cls
 
@@ -21,4 +27,5 @@ __all__ = ["Attention", "KVCache", "RotaryEmbedding", "kv_cache_len", "LinearMix
            "build_mixer", "describe_mixers", "get_mixer", "layers_label", "mixer_names", "mixer_state_size",
            "parse_layers", "parse_mixer", "register_mixer", "unregister_mixer", "IGNORE_INDEX", "TinyLM",
            "LinearAttention", "Lightning", "GLA", "DeltaNet", "GatedDeltaNet", "KDA", "Based", "LinearCache",
-           "ShortConv"]
+           "ShortConv", "GatedAttention", "MoH", "MLA", "MLACache", "to_mla", "to_mla_error_curve", "CCA",
+           "CCACache", "CCGQA"]

@@ -38,9 +38,12 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # float64; .to(dtype) of the module keeps it
 
-    def _apply(self, fn, *args, **kwargs):  # keep inv_freq in float64 whatever .half()/.float() ask for
+    def _apply(self, fn, *args, **kwargs):
+        # keep inv_freq exact in float64 whatever .half()/.bfloat16() ask for: recompute it from the base
+        # (a cast back would keep the rounding) on the device the move chose
         out = super()._apply(fn, *args, **kwargs)
-        self.inv_freq = self.inv_freq.to(torch.float64)
+        exact = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        self.inv_freq = exact.to(self.inv_freq.device)
         return out
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
