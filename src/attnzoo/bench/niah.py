@@ -57,7 +57,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -451,50 +450,29 @@ def load_niah_records(path) -> list:
 
 
 class _Progress:
-    """Rich bars (training steps, then cells) on a terminal; plain lines otherwise."""
+    """Bars over the training steps, then the cells (see `progress.Bars`)."""
 
     def __init__(self, enabled: bool = True, stream=None):
-        self.enabled, self.stream, self._rich = enabled, stream or sys.stdout, None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
-            try:
-                from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-                self._rich = Progress(TextColumn("[bold]{task.fields[what]}[/]"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("{task.description}"),
-                                      console=Console(file=self.stream), transient=False)
-                self._rich.start()
-            except Exception:  # noqa: BLE001
-                self._rich = None
-        self._task = None
-
-    def print(self, text: str):
-        if not self.enabled:
-            return
-        if self._rich is not None:
-            self._rich.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=self.stream, flush=True)
+        from .progress import Bars
+        self.bars, self.enabled, self._task = Bars(enabled, stream), enabled, None
+        self.print = self.bars.print
 
     def begin(self, what: str, total: int):
-        if self._rich is not None:
-            self._task = self._rich.add_task("", total=total, what=what)
+        self._task = self.bars.task(what, total)
 
     def train_step(self, step: int, info: dict):
-        if self._rich is not None and self._task is not None and (step % 10 == 0 or info.get("acc") is not None):
-            acc = info.get("acc")
-            self._rich.update(self._task, completed=step, description=f"loss {info['loss']:.3f}" +
-                              (f", val acc {acc:.3f}" if acc is not None else ""))
-        elif self._rich is None and self.enabled and info.get("acc") is not None and step % 200 == 0:
-            print(f"  train step {step}: loss {info['loss']:.3f}, val acc {info['acc']:.3f}", file=self.stream,
-                  flush=True)
+        from .progress import training_description
+        if self.bars.rich and self._task is not None and (step % 10 == 0 or info.get("acc") is not None):
+            self.bars.update(self._task, completed=step, description=training_description(info, "val acc"))
+        elif not self.bars.rich and self.enabled and info.get("acc") is not None and step % 200 == 0:
+            self.bars.print(f"  train step {step}: {training_description(info, 'val acc')}")
 
     def advance(self, description: str = ""):
-        if self._rich is not None and self._task is not None:
-            self._rich.update(self._task, advance=1, description=description)
+        if self._task is not None:
+            self.bars.update(self._task, advance=1, description=description)
 
     def close(self):
-        if self._rich is not None:
-            self._rich.stop()
+        self.bars.close()
 
 
 def run_grid(grid: NiahGrid, out_dir, *, device=None, progress: bool = True, stream=None) -> list:
@@ -533,7 +511,7 @@ def run_grid(grid: NiahGrid, out_dir, *, device=None, progress: bool = True, str
             _append(path, rec)
             existing.append(rec)
             msg = f"{c.label()}: " + (f"acc {rec['acc']:.3f}" if rec["status"] == "ok" else rec["status"])
-            if rec["status"] != "ok" or prog._rich is None:
+            if rec["status"] != "ok" or not prog.bars.rich:
                 prog.print(f"  {msg}" + ("" if rec["status"] == "ok" else f" ({rec['message'][:160]})"))
             prog.advance(msg)
     finally:

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -582,53 +581,28 @@ def default_device() -> torch.device:
 
 
 class _Progress:
-    """Rich bars (cells, steps of the current cell) on a terminal; plain lines otherwise."""
+    """Bars over the cells and the steps of the current cell (see `progress.Bars`)."""
 
     def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled, self.n = total, enabled, 0
-        self.stream = stream or sys.stdout
-        self._rich = None
-        if enabled and total and getattr(self.stream, "isatty", lambda: False)():
-            try:
-                from rich.console import Console
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                           TimeElapsedColumn)
-                self._rich = Progress(TextColumn("[bold]{task.fields[what]}[/]"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("{task.description}"),
-                                      console=Console(file=self.stream), transient=False)
-                self._cells = self._rich.add_task("", total=total, what="recall")
-                self._steps = self._rich.add_task("", total=1, what="  steps", visible=False)
-                self._rich.start()
-            except Exception:  # noqa: BLE001 - rich missing or unusable: plain text
-                self._rich = None
+        from .progress import Bars
+        self.bars = Bars(enabled and total > 0, stream)
+        self._cells = self.bars.task("recall", total)
+        self._steps = self.bars.task("  steps", 1, visible=False)
 
     def start(self, cell: Cell, steps: int):
-        if self._rich is not None:
-            self._rich.update(self._cells, description=cell.label())
-            self._rich.reset(self._steps, total=steps, visible=True, description="")
+        self.bars.update(self._cells, description=cell.label())
+        self.bars.update(self._steps, total=steps, visible=True, description="")
 
     def step(self, step: int, info: dict):
-        if self._rich is not None and (step % 10 == 0 or info.get("acc") is not None):
-            acc = info.get("acc")
-            self._rich.update(self._steps, completed=step,
-                              description=f"loss {info['loss']:.3f}" + (f", test acc {acc:.3f}" if acc is not None
-                                                                        else ""))
+        if step % 10 == 0 or info.get("acc") is not None:
+            from .progress import training_description
+            self.bars.update(self._steps, completed=step, description=training_description(info))
 
     def done(self, rec: dict, resumed: bool = False):
-        self.n += 1
-        if not self.enabled:
-            return
-        line = record_line(rec, resumed)
-        if self._rich is not None:
-            self._rich.console.print(f"  {line}", markup=False, highlight=False)
-            self._rich.advance(self._cells)
-        else:
-            width = len(str(self.total))
-            print(f"[{self.n:>{width}}/{self.total}] {line}", file=self.stream, flush=True)
+        self.bars.item_done(self._cells, record_line(rec, resumed))
 
     def close(self):
-        if self._rich is not None:
-            self._rich.stop()
+        self.bars.close()
 
 
 def record_line(rec: dict, resumed: bool = False) -> str:

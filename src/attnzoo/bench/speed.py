@@ -820,43 +820,22 @@ def record_line(rec: dict) -> str:
 
 
 class _Progress:
+    """One bar over the cases (see `progress.Bars`)."""
+
     def __init__(self, total: int, enabled: bool = True, stream=None):
-        self.total, self.enabled, self.n = total, enabled, 0
-        self.stream = stream or sys.stdout
-        self._rich = None
-        if enabled and total and getattr(self.stream, "isatty", lambda: False)():
-            try:
-                from rich.console import Console
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                           TimeElapsedColumn)
-                self._console = Console(file=self.stream)
-                self._rich = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("{task.description}"),
-                                      console=self._console, transient=False)
-                self._task = self._rich.add_task("", total=total)
-                self._rich.start()
-            except Exception:  # noqa: BLE001 - rich missing or unusable: plain text
-                self._rich = None
+        from .progress import Bars
+        self.bars = Bars(enabled and total > 0, stream)
+        self._task = self.bars.task("bench", total)
 
     def start(self, case: Case):
-        if self._rich is not None:
-            self._rich.update(self._task, description=case.label())
+        self.bars.update(self._task, description=case.label())
 
     def done(self, rec: dict, resumed: bool = False):
-        self.n += 1
-        if not self.enabled:
-            return
         line = ("resumed, already recorded ok: " + case_label_of(rec)) if resumed else record_line(rec)
-        if self._rich is not None:
-            self._rich.console.print(f"  {line}", markup=False, highlight=False)
-            self._rich.advance(self._task)
-        else:
-            width = len(str(self.total))
-            print(f"[{self.n:>{width}}/{self.total}] {line}", file=self.stream, flush=True)
+        self.bars.item_done(self._task, line)
 
     def close(self):
-        if self._rich is not None:
-            self._rich.stop()
+        self.bars.close()
 
 
 def case_label_of(rec: dict) -> str:
