@@ -8,6 +8,7 @@ import torch
 from .backends import Request, explain_request, select
 from .backends.dispatch import Explanation
 from .patterns import Pattern
+from .routing.base import Router
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -40,7 +41,8 @@ def _validate(q, k, v, pattern, scale, return_lse) -> Request:
     if hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA/MQA")
     if pattern is not None and not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be an attnzoo Pattern or None, got {type(pattern).__name__}")
+        raise TypeError(f"pattern must be an attnzoo Pattern, an attnzoo.routing Router or None, got "
+                        f"{type(pattern).__name__}")
     if pattern is not None:
         pattern.check(lq, lk, hq)
     if scale is None:
@@ -60,15 +62,29 @@ def attention(q, k, v, pattern=None, scale=None, backend: str = "auto", return_l
     q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv) with Hq % Hkv == 0 (GQA/MQA).
     ``Lq != Lk`` is cross attention, aligned bottom-right (query i sits at position i + Lk - Lq).
     ``pattern=None`` is full attention; ``scale`` defaults to D ** -0.5. ``backend`` is "auto",
-    "sdpa", "flex" or "reference". Returns ``out`` (B, Hq, Lq, Dv) in the input dtype, and with
-    ``return_lse=True`` also ``lse`` (B, Hq, Lq) float32 (natural log). A query that sees no key
+    "sdpa", "flex", "triton" or "reference". ``pattern`` may also be a router (`attnzoo.routing.Router`):
+    it chooses the key blocks from q and k, and the call runs as the block-sparse pattern it gives, with
+    the batch folded into the heads (see `attnzoo.routing.base`). Returns ``out`` (B, Hq, Lq, Dv) in the
+    input dtype, and with ``return_lse=True`` also ``lse`` (B, Hq, Lq) float32 (natural log). A query that sees no key
     gives 0 and lse = -inf.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    req = _validate(q, k, v, pattern, scale, return_lse)
-    out, lse = select(req, backend).run(req)
+    if isinstance(pattern, Router):
+        req, call = _routed_request(q, k, v, pattern, scale, return_lse)
+        out, lse = select(req, backend).run(req)
+        out, lse = call.unfold(out), call.unfold(lse)
+    else:
+        req = _validate(q, k, v, pattern, scale, return_lse)
+        out, lse = select(req, backend).run(req)
     return (out, lse) if return_lse else out
+
+
+def _routed_request(q, k, v, router, scale, return_lse):
+    """A router as the pattern: check the call, route, fold the batch into the heads (`Router.plan`)."""
+    _validate(q, k, v, None, scale, return_lse)
+    call = router.plan(q, k, v)
+    return _validate(call.q, call.k, call.v, call.pattern, scale, return_lse), call
 
 
 def explain(q, k, v, pattern=None, scale=None, return_lse: bool = False) -> Explanation:
@@ -76,4 +92,6 @@ def explain(q, k, v, pattern=None, scale=None, return_lse: bool = False) -> Expl
 
     ``print(explain(q, k, v, pattern))`` shows a small table.
     """
+    if isinstance(pattern, Router):
+        return explain_request(_routed_request(q, k, v, pattern, scale, return_lse)[0])
     return explain_request(_validate(q, k, v, pattern, scale, return_lse))
