@@ -28,6 +28,10 @@ chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) an
    g = logsigmoid / 16): ``gdn-triton``, ``gdn-torch-chunk`` (the PyTorch tier, float32 compute, chunk 64)
    and ``fla-gdn`` (fla.ops.gated_delta_rule.chunk_gated_delta_rule, [B, T, H, D] layout, 'unsupported'
    when not importable).
+5. KDA (S_t = (I - beta_t k_t^T k_t) Diag(exp g_t) S_{t-1} + beta_t k_t^T v_t, per-channel gates): in the speed
+   table, same shapes and inputs with g (B, H, T, D) = logsigmoid / 16: ``kda-triton``
+   (attnzoo.linear.triton_kda.kda_triton), ``kda-torch-chunk`` (the PyTorch tier) and ``fla-kda``
+   (fla.ops.kda.chunk_kda, [B, T, H, D] layout, 'unsupported' when not importable).
 ``--sweep`` also times block-size variants of the Triton kernels (``tk.config`` keys) at B=8, T=2048.
 
 One JSON line per measurement (every parameter, device, versions, status) in DIR/linear_bench.jsonl.
@@ -277,6 +281,7 @@ def speed(b, t, reps):
             torch.autograd.grad(o, lf, dof)
         bench("fla-gla", lambda: fla_gla(qf, kf, vf, gf), fla_fb)
     rows += speed_gdn(b, t, reps, q, k, v, do, base, bench, fb)
+    rows += speed_kda(b, t, reps, q, k, v, do, base, bench, fb)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         def sdpa(q, k, v, g=None, backend=backend):
@@ -371,11 +376,62 @@ def speed_gdn(b, t, reps, q, k, v, do, base, bench, fb):
     return rows
 
 
-def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128):
-    """Triton Gated DeltaNet (forward, final state and every gradient) against the float64 chunked form."""
-    from attnzoo.linear import triton_delta as td
-    torch.manual_seed(hash(("gdn", str(dtype))) % 1000)
+def fla_kda():
+    """fla's chunk_kda ([B, T, H, D] inputs, g in log space), or None when not importable."""
+    try:
+        from fla.ops.kda import chunk_kda
+    except Exception:  # noqa: BLE001 - a missing peer library is recorded, never fatal
+        return None
+
+    def run(q, k, v, g, beta, scale, s0=None, final=False):
+        return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=s0, output_final_state=final)
+    return run
+
+
+def speed_kda(b, t, reps, q, k, v, do, base, bench, fb):
+    """KDA rows of the speed table (``bench`` / ``fb`` from :func:`speed`, which records them)."""
+    from attnzoo.linear import kda
+    from attnzoo.linear.triton_kda import kda_triton
+    rows = []
+    scale = D ** -0.5
+    kn = F.normalize(k.float(), dim=-1).to(k.dtype)
+    g = F.logsigmoid(torch.randn(b, H, t, D, device=DEV)) / 16
+    beta = torch.sigmoid(torch.randn(b, H, t, device=DEV))
+    ql, kl, vl, gl, bl = (x.detach().requires_grad_() for x in (q, kn, v, g, beta))
+    bench("kda-triton", lambda: kda_triton(q, kn, v, g, beta, scale),
+          fb(lambda q, k, v, g, beta: kda_triton(q, k, v, g, beta, scale)[0], [ql, kl, vl, gl, bl]))
+    bench("kda-torch-chunk", lambda: kda(q, kn, v, g, beta, scale=scale, backend="torch"),
+          fb(lambda q, k, v, g, beta: kda(q, k, v, g, beta, scale=scale, backend="torch")[0],
+             [ql, kl, vl, gl, bl]))
+    run = fla_kda()
+    if run is None:
+        for direction in ("fwd", "fwd+bwd"):
+            rows.append(_unsupported(base, "fla-kda", direction, "fla.ops.kda.chunk_kda not importable", b * t))
+        return rows
+    tr = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731 - fla's [B, T, H, ...] layout
+    qf, kf, vf, gf, bf = (tr(x) for x in (q, kn, v, g, beta))
+    lf = [x.detach().requires_grad_() for x in (qf, kf, vf, gf, bf)]
+    dof = tr(do)
+
+    def fla_fb():
+        o = run(*lf, scale)[0]
+        torch.autograd.grad(o, lf, dof)
+    bench("fla-kda", lambda: run(qf, kf, vf, gf, bf, scale), fla_fb)
+    return rows
+
+
+def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128, kda=False):
+    """Triton Gated DeltaNet, or KDA with ``kda=True`` (per-channel gates), against the float64 chunked form:
+    forward, final state and every gradient."""
+    if kda:
+        from attnzoo.linear import triton_kda as td
+    else:
+        from attnzoo.linear import triton_delta as td
+    name = "kda" if kda else "gdn"
+    torch.manual_seed(hash((name, str(dtype))) % 1000)
     q, k, v, g, beta = gdn_inputs(b, h, t, dk, dv, dtype)
+    if kda:
+        g = F.logsigmoid(torch.randn(b, h, t, dk, device=DEV)) / 16
     s0 = torch.randn(b, h, dk, dv, device=DEV)
     do = torch.randn(b, h, t, dv, device=DEV).to(dtype)
     ds = torch.randn(b, h, dk, dv, device=DEV)
@@ -388,7 +444,7 @@ def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128):
     def recurrence(q, k, v, g, beta, s0):
         return _core.recurrent(_core.step_gated_delta, q * scale, k, v, g, beta, s0)
 
-    row = dict(kind="correctness", check="gdn-triton", dtype=str(dtype).split(".")[-1], gate="logsigmoid/16", B=b,
+    row = dict(kind="correctness", check=f"{name}-triton", dtype=str(dtype).split(".")[-1], gate="logsigmoid/16", B=b,
                H=h, T=t, dk=dk, dv=dv, **env())
     try:
         ref = grads_of(chunk64, {n: a.double() for n, a in x.items()}, do.double(), ds.double())
@@ -509,7 +565,8 @@ def main():
             emit(step_correctness())
             for dtype in ((torch.bfloat16, torch.float32) if full else (torch.bfloat16,)):
                 emit(correctness_gdn(dtype))
-        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gdn-triton")]
+                emit(correctness_gdn(dtype, kda=True))
+        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gdn-triton", "kda-triton")]
         bad = [r for r in checks if r["status"] != "pass"]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} pass ({time.time() - t0:.0f} s)")
         for r in bad:
@@ -519,8 +576,8 @@ def main():
                 print(f"  {r['dtype']:<9}{r['gate']:<7}{r['dk']:>4}x{r['dv']:<4}" + "  ".join(
                     f"{n} {d['err'] / max(d['fp32_tier_err'], 1e-30):.2f}x" for n, d in r["detail"].items())
                     + "   (max err / PyTorch float32-compute tier's)")
-            if r.get("check") == "gdn-triton" and "detail" in r:
-                print(f"  gdn {r['dtype']:<9}" + "  ".join(
+            if r.get("check") in ("gdn-triton", "kda-triton") and "detail" in r:
+                print(f"  {r['check'][:3]} {r['dtype']:<9}" + "  ".join(
                     f"{n} {d['rel_rmse']:.2g}" for n, d in r["detail"].items()) + "   (rel RMSE vs float64)")
             if r.get("check") == "fla" and r["status"] == "info":
                 print(f"  fla {r['dtype']:<9}{r['gate']:<7} o max err {r['o_err']:.3g} "

@@ -18,13 +18,13 @@ S_end = Gamma_end S_start + (K * Gamma_{end,.})^T U, one state update per chunk.
 segment sums (exponents <= 0, no cancellation; per-channel gates via 16-step sub-chunks, see ``_core``).
 
 ``backend`` chooses who runs ``mode="chunk"``: "torch" (the PyTorch chunked form above), "triton" (the fused
-kernels of :mod:`attnzoo.linear.triton_delta`; CUDA, or CPU under ``TRITON_INTERPRET=1``) or "auto" (the
-default): Triton when the inputs are on CUDA and the case is covered (float16, bfloat16 or float32; head dims
-<= 128), else PyTorch. ``ATTNZOO_LINEAR_TRITON=0`` turns "auto" Triton off; ``=1`` also lets "auto" pick Triton
-on CPU under the interpreter (as for :func:`attnzoo.linear.gla`). The Triton path covers ``delta_rule`` and
-``gated_delta_rule``; ``kda`` (per-channel gates) has no Triton kernels yet: "auto" keeps it on PyTorch and
-``backend="triton"`` raises a ValueError. The Triton path chooses its own chunk (``chunk_size`` is ignored
-there), keeps the dot operands in the input dtype (float32 accumulation) and returns the final state in float32.
+kernels of :mod:`attnzoo.linear.triton_delta`, for ``kda`` those of :mod:`attnzoo.linear.triton_kda`; CUDA,
+or CPU under ``TRITON_INTERPRET=1``) or "auto" (the default): Triton when the inputs are on CUDA and the case
+is covered (float16, bfloat16 or float32; head dims <= 128), else PyTorch. ``ATTNZOO_LINEAR_TRITON=0`` turns
+"auto" Triton off; ``=1`` also lets "auto" pick Triton on CPU under the interpreter (as for
+:func:`attnzoo.linear.gla`). The Triton path covers ``delta_rule``, ``gated_delta_rule`` and ``kda`` (forward
+and backward). It chooses its own chunk (``chunk_size`` is ignored there), keeps the dot operands in the input
+dtype (float32 accumulation) and returns the final state in float32.
 """
 from __future__ import annotations
 
@@ -54,11 +54,8 @@ def _check_beta(name, beta, shape, device):
     _core.check_gate(name, beta, shape, _SCALAR if len(shape) == 3 else "(batch, heads)", device)
 
 
-_KDA_TRITON = "kda (per-channel gates) has no Triton kernels yet: use backend='torch' or 'auto'"
-
-
 def _triton(backend, q, k, v, g, beta, scale, initial_state, output_final_state, mode, cu_seqlens, chunk_size,
-            reasons=()):
+            reasons=(), vector=False):
     """Run ``mode="chunk"`` on the Triton kernels when ``backend`` asks for it (see the module doc); returns
     None when the PyTorch path should run instead (raises for backend="triton" on an uncovered case)."""
     if not _core.use_triton(backend, q, v, mode, list(reasons)):
@@ -71,8 +68,12 @@ def _triton(backend, q, k, v, g, beta, scale, initial_state, output_final_state,
     n = b if offsets is None else len(offsets) - 1
     if initial_state is not None:
         _core.check_state("initial_state", initial_state, (n, h, dk, v.shape[-1]), q.device)
-    from .triton_delta import delta_chunk
-    o, s = delta_chunk(q, k, v, g, beta, scale, initial_state, offsets)
+    if vector:
+        from .triton_kda import kda_chunk
+        o, s = kda_chunk(q, k, v, g, beta, scale, initial_state, offsets)
+    else:
+        from .triton_delta import delta_chunk
+        o, s = delta_chunk(q, k, v, g, beta, scale, initial_state, offsets)
     return o, (s if output_final_state else None)
 
 
@@ -106,8 +107,10 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
     _core.check_qkv(q, k, v)
     _core.check_gate("g", g, q.shape, _VECTOR, q.device)
     _check_beta("beta", beta, q.shape[:3], q.device)
-    # no Triton kernels for per-channel gates: "auto" stays on PyTorch, "triton" raises (naming the reason)
-    _core.use_triton(backend, q, v, mode, [_KDA_TRITON])
+    out = _triton(backend, q, k, v, g, beta, scale, initial_state, output_final_state, mode, cu_seqlens,
+                  chunk_size, vector=True)
+    if out is not None:
+        return out
     return _core.forward("delta", naive_kda, q, k, v, g, beta, scale, initial_state, output_final_state, mode,
                          cu_seqlens, chunk_size)
 

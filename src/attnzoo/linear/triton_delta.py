@@ -65,6 +65,8 @@ a chunk|), as in the other Triton kernels.
 
 Nothing but the inputs is saved for backward (T, W, U0, S_n and U are recomputed); no atomics:
 deterministic. Sequential work: ``_fwd_h`` and ``_bwd_dh`` loop over the chunks, (Dv / BV) x B x H programs.
+Both also serve KDA (:mod:`attnzoo.linear.triton_kda`) with ``VEC=True``: G then holds per-channel
+cumulative gates (B*H, NT*BT, Dk) and every exp(b) factor becomes a per-row (key channel) decay of the state.
 
 Public: :func:`gated_delta_triton` (differentiable in q, k, v, g, beta, initial_state, through the
 ``torch.library`` custom ops ``attnzoo::gated_delta_fwd`` / ``attnzoo::gated_delta_bwd`` with fake
@@ -183,7 +185,8 @@ def _fwd_h(K, G, W, U0, H0, HS, U, HT,
            s_kb, s_kh, s_kt,
            NH, T, DIMK, DIMV, NT,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HAS_H0: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+           HAS_H0: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False):
+    # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK) and W already carries exp(b) per channel
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -196,7 +199,10 @@ def _fwd_h(K, G, W, U0, H0, HS, U, HT,
     m_kv = m_k[:, None] & m_v[None, :]
     st = offs_k[:, None] * DIMV + offs_v[None, :]
     kbase = K + b * s_kb + h * s_kh
-    gbase = G + bh * NT * BT
+    if VEC:
+        gbase = G + bh * NT * BT * DIMK
+    else:
+        gbase = G + bh * NT * BT
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(H0 + bh * DIMK * DIMV + st, mask=m_kv, other=0.0)
@@ -210,10 +216,16 @@ def _fwd_h(K, G, W, U0, H0, HS, U, HT,
         u = u - _split_dot_r(w, state, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
         tl.store(U + rowoff * DIMV + offs_v[None, :], u.to(U.dtype.element_ty), mask=m_v[None, :])
         kt = tl.load(kbase + tc[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        gc = tl.load(gbase + tc)
-        glast = tl.load(gbase + n * BT + BT - 1)
-        ke = kt.to(tl.float32) * tl.exp(glast - gc)[None, :]
-        state = _split_dot2(ke, u, state * tl.exp(glast), kt, SPLIT, PREC)
+        if VEC:
+            gt = tl.load(gbase + tc[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)  # (BK, BT)
+            gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+            ke = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
+            state = _split_dot2(ke, u, state * tl.exp(gl)[:, None], kt, SPLIT, PREC)
+        else:
+            gc = tl.load(gbase + tc)
+            glast = tl.load(gbase + n * BT + BT - 1)
+            ke = kt.to(tl.float32) * tl.exp(glast - gc)[None, :]
+            state = _split_dot2(ke, u, state * tl.exp(glast), kt, SPLIT, PREC)
     tl.store(HT + bh * DIMK * DIMV + st, state, mask=m_kv)
 
 
@@ -290,7 +302,8 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
             NH, T, DIMK, DIMV, NT, scale,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            HAS_DHT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+            HAS_DHT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False):
+    # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK)
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -305,7 +318,10 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU,
     qbase = Q + b * s_qb + h * s_qh
     kbase = K + b * s_kb + h * s_kh
     dbase = DO + b * s_db + h * s_dh
-    gbase = G + bh * NT * BT
+    if VEC:
+        gbase = G + bh * NT * BT * DIMK
+    else:
+        gbase = G + bh * NT * BT
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         dstate += tl.load(DHT + bh * DIMK * DIMV + st, mask=m_kv, other=0.0)
@@ -315,18 +331,27 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU,
         tc = n * BT + offs_c
         m_t = tc < T
         rowoff = (bh * NT * BT + tc)[:, None]
-        gc = tl.load(gbase + tc)
-        glast = tl.load(gbase + n * BT + BT - 1)
         k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        ke = k.to(tl.float32) * tl.exp(glast - gc)[:, None]
+        if VEC:
+            gc = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)  # (BT, BK)
+            gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+            ke = k.to(tl.float32) * tl.exp(gl[None, :] - gc)
+        else:
+            gc = tl.load(gbase + tc)
+            glast = tl.load(gbase + n * BT + BT - 1)
+            ke = k.to(tl.float32) * tl.exp(glast - gc)[:, None]
         du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
         du = _split_dot2(ke, dstate, du, k, SPLIT, PREC)           # + exp(b_L - b) K dS'
         tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
         qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
         do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         wt = tl.load(W + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
-        dstate = _split_dot(qt.to(tl.float32) * (tl.exp(gc) * scale)[None, :], do, dstate * tl.exp(glast),
-                            SPLIT, PREC)
+        if VEC:
+            qe = qt.to(tl.float32) * tl.exp(tl.trans(gc)) * scale
+            dstate = _split_dot(qe, do, dstate * tl.exp(gl)[:, None], SPLIT, PREC)
+        else:
+            dstate = _split_dot(qt.to(tl.float32) * (tl.exp(gc) * scale)[None, :], do, dstate * tl.exp(glast),
+                                SPLIT, PREC)
         dstate = dstate - _split_dot_r(wt, du, tl.zeros([BK, BV], dtype=tl.float32), SPLIT, PREC)
     tl.store(DH0 + bh * DIMK * DIMV + st, dstate, mask=m_kv)
 

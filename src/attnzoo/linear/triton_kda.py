@@ -1,0 +1,619 @@
+"""Triton kernels for KDA (Kimi Delta Attention): the delta rule with a per-channel (vector) forget gate.
+
+Recurrence per (batch, head), row-vector convention as in :mod:`attnzoo.linear._core`::
+
+    S_t = (I - beta_t k_t^T k_t) Diag(exp g_t) S_{t-1} + beta_t k_t^T v_t,        o_t = scale * q_t S_t
+
+q, k (B, H, T, Dk), v (B, H, T, Dv) in float16 / bfloat16 / float32, g (B, H, T, Dk) float32 log gates
+(<= 0 for the no-overflow guarantee), beta (B, H, T) float32, state (B, H, Dk, Dv) float32, Dk, Dv <= 128.
+The layout, the chunk sizes (:func:`attnzoo.linear.triton_delta.config`), the hi/lo split dots and the two
+sequential state kernels (``_fwd_h`` / ``_bwd_dh`` with ``VEC=True``: per-row decays of the state) are those
+of :mod:`attnzoo.linear.triton_delta`; read its docstring first. The per-channel gate changes the intra-chunk
+matrices into gate-weighted products, computed as in :mod:`attnzoo.linear.triton_gla`.
+
+Chunked form
+------------
+b: chunk-local inclusive cumsum of g per channel, (B*H, NT*BT, Dk) float32 padded with zero gates
+(``triton_gla.chunk_cumsum``). Inside chunk n, with S the state before it, b_L the chunk's last row::
+
+    M_ij  = sum_d k_id k_jd exp(b_id - b_jd)              (j < i),    A = diag(beta) M,   T = (I + A)^{-1}
+    P_ij  = scale sum_d q_id k_jd exp(b_id - b_jd)        (j <= i)
+    W     = T diag(beta) (K * exp(b)),   U0 = T diag(beta) V,   U = U0 - W S
+    O     = scale (Q * exp(b)) S + P U
+    S'    = Diag(exp b_L) S + (K * exp(b_L - b))^T U
+
+Forward kernels: ``_intra`` (grid: chunk, sub-chunk, batch x head) writes P and M (float32 buffers) with the
+sub-chunk scheme of ``triton_gla._intra_a`` (keys of earlier sub-chunks referenced to the step before the
+sub-chunk, both factors exp of a non-positive number, one dot; the diagonal sub-chunk exact, one key step at
+a time); ``_prep`` builds T (blocked forward substitution on the stored M), W and U0; ``triton_delta._fwd_h``
+(VEC) walks the chunks; ``_fwd_o`` writes O.
+
+Backward
+--------
+Given dO and dS' per chunk (``_bwd_dul``: dU = P^T dO; ``triton_delta._bwd_dh`` (VEC) adds
+(K * exp(b_L - b)) dS', writes every dS' and d initial_state)::
+
+    dW = -dU S^T,   dR = T^T [dU | dW],   dA = -(dR_v U0^T + dR_k W^T) (strict lower),   dM = diag(beta) dA
+    dP = dO U^T (j <= i)
+
+``_bwd_main`` (grid: chunk, batch x head) writes dv, dbeta, dP (scaled), dM and the parts of dq, dk and
+dL/db that do not go through P or M (the state read, R_k = diag(beta)(K * exp b) and the state update:
+dL/db_L += exp(b_L) * <S, dS'>_rows + sum_j f_j, dL/db_j -= f_j, f = K * exp(b_L - b) * (U dS'^T)).
+``_bwd_intra`` (grid: chunk, sub-chunk, batch x head) adds the gate-weighted products through P and M, the
+same sub-chunk scheme on both sides (rows: keys before the sub-chunk; columns: queries / keys after it,
+referenced to the sub-chunk's last step), and their gate terms dL/db_i += q_i dq_i - k_i dk_i (per pair
+side). dg = chunk-local reverse cumsum of dL/db (PyTorch, over the padded chunk so the chunk-end term at
+b_L reaches every step). Nothing but the inputs is saved for backward; no atomics: deterministic.
+
+Public: :func:`kda_triton` (differentiable in q, k, v, g, beta, initial_state through the custom ops
+``attnzoo::kda_fwd`` / ``attnzoo::kda_bwd``) and :func:`kda_chunk` (what :func:`attnzoo.linear.kda` calls
+for ``backend="triton"``). ``fwd`` / ``bwd`` launch the kernels directly (block sizes, NaN poisoning).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _core
+from . import triton_delta as _td
+from .triton_delta import _split_dot2
+from .triton_gla import chunk_cumsum
+from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward kernels (G: float32 (B*H, NT*BT, Dk); BETA float32 (B*H, T); AQK (= P), AKK (= M), TT: float32
+# (B*H, NT*BT, BT); W, U0, U: (B*H, NT*BT, .) contiguous, padded to whole chunks)
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _intra(Q, K, G, AQK, AKK,
+           s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+           NH, T, DIMK, NT, scale,
+           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_i = p * BC + tl.arange(0, BC)
+    offs_k = tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    ti = n * BT + offs_i
+    tc = n * BT + offs_c
+    m_ik = (ti < T)[:, None] & m_k[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    kc = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=(tc < T)[:, None] & m_k[None, :], other=0.0)
+    gc = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    # keys of earlier sub-chunks, referenced to r = the step before sub-chunk p
+    gr = tl.load(gbase + (n * BT + tl.maximum(p * BC - 1, 0)) * DIMK + offs_k, mask=m_k, other=0.0)
+    gr = tl.where(p > 0, gr, 0.0)
+    before = offs_c < p * BC
+    kr = kc.to(tl.float32) * tl.exp(tl.where(before[:, None], gr[None, :] - gc, float("-inf")))
+    ei = tl.exp(gi - gr[None, :])
+    krt = tl.trans(kr)
+    aqk = _split_dot2(qi * ei, krt, tl.zeros([BC, BT], dtype=tl.float32), kc, SPLIT, PREC)
+    akk = _split_dot2(ki * ei, krt, tl.zeros([BC, BT], dtype=tl.float32), kc, SPLIT, PREC)
+    for jj in range(0, BC):  # the diagonal sub-chunk, exact, one key step at a time
+        j = p * BC + jj
+        kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
+                     other=0.0).to(tl.float32)
+        gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
+        kd = kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
+        cq = tl.sum(qi * kd, 1)
+        ck = tl.where(offs_i > j, tl.sum(ki * kd, 1), 0.0)
+        sel = (offs_c == j)[None, :]
+        aqk += tl.where(sel, cq[:, None], 0.0)
+        akk += tl.where(sel, ck[:, None], 0.0)
+    off = (bh * NT * BT + n * BT + offs_i)[:, None] * BT + offs_c[None, :]
+    tl.store(AQK + off, aqk * scale)
+    tl.store(AKK + off, akk)
+
+
+@triton.jit
+def _prep(AKK, K, V, BETA, G, TT, W, U0,
+          s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+          NH, T, DIMK, DIMV, NT,
+          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+          STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_r = tl.arange(0, BC)
+    offs_k = tl.arange(0, BK)
+    tc = n * BT + offs_c
+    m_c = tc < T
+    m_k = offs_k < DIMK
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                other=0.0)
+    beta = tl.load(BETA + bh * T + tc, mask=m_c, other=0.0)
+    gc = tl.load(G + (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    abase = AKK + (bh * NT * BT + n * BT) * BT
+    # T = (I + A)^{-1}, A = diag(beta) M, by row blocks of BC steps (as triton_delta._prep)
+    tinv = tl.zeros([BT, BT], dtype=tl.float32)
+    eye = tl.where(offs_r[:, None] == offs_r[None, :], 1.0, 0.0)
+    for p in range(0, BT // BC):
+        offs_i = p * BC + offs_r
+        bp = tl.load(BETA + bh * T + n * BT + offs_i, mask=n * BT + offs_i < T, other=0.0)
+        ap = tl.load(abase + offs_i[:, None] * BT + offs_c[None, :]) * bp[:, None]
+        app = tl.load(abase + offs_i[:, None] * BT + offs_i[None, :]) * bp[:, None]
+        lin = eye
+        for r in range(1, BC):
+            ar = tl.sum(tl.where(offs_r[:, None] == r, app, 0.0), 0)
+            lin = lin - tl.where(offs_r[:, None] == r, tl.sum(ar[:, None] * lin, 0)[None, :], 0.0)
+        z = tl.where(offs_c[None, :] == offs_i[:, None], 1.0, 0.0) - tl.dot(ap, tinv, input_precision=PREC_T)
+        rows = tl.dot(lin, z, input_precision=PREC_T)
+        place = tl.where(offs_c[:, None] == offs_i[None, :], 1.0, 0.0)
+        tinv += tl.dot(place, rows, input_precision="ieee")
+    if STORE_T:
+        tl.store(TT + (bh * NT * BT + tc)[:, None] * BT + offs_c[None, :], tinv)
+    rowoff = (bh * NT * BT + tc)[:, None]
+    rk = (k.to(tl.float32) * beta[:, None] * tl.exp(gc)).to(k.dtype)
+    w = _split_dot(tinv, rk, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, PREC)
+    tl.store(W + rowoff * DIMK + offs_k[None, :], w.to(W.dtype.element_ty), mask=m_k[None, :])
+    vbase = V + b * s_vb + h * s_vh
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        rv = (v.to(tl.float32) * beta[:, None]).to(v.dtype)
+        u0 = _split_dot(tinv, rv, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
+        tl.store(U0 + rowoff * DIMV + offs_v[None, :], u0.to(U0.dtype.element_ty), mask=m_v[None, :])
+
+
+@triton.jit
+def _fwd_o(Q, G, HS, U, AQK, O,
+           s_qb, s_qh, s_qt, s_ob, s_oh, s_ot,
+           NH, T, DIMK, DIMV, NT, scale,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    n = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    m_t = tc < T
+    m_k = offs_k < DIMK
+    m_v = offs_v < DIMV
+    rowoff = (bh * NT * BT + tc)[:, None]
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                other=0.0)
+    g = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+    hs = tl.load(HS + (bh * NT + n) * DIMK * DIMV + offs_k[:, None] * DIMV + offs_v[None, :],
+                 mask=m_k[:, None] & m_v[None, :], other=0.0)
+    a = tl.load(AQK + rowoff * BT + offs_c[None, :])
+    o = _split_dot(q.to(tl.float32) * tl.exp(g) * scale, hs, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
+    o = _split_dot(a, u, o, SPLIT, PREC)
+    tl.store(O + b * s_ob + h * s_oh + tc[:, None] * s_ot + offs_v[None, :], o.to(O.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_dul(AQK, DO, DU, s_db, s_dh, s_dt, NH, T, DIMV, NT,
+             BT: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # DU <- P^T dO (float32)
+    n = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_v = iv * BV + tl.arange(0, BV)
+    m_v = offs_v < DIMV
+    rowoff = (bh * NT * BT + tc)[:, None]
+    do = tl.load(DO + b * s_db + h * s_dh + tc[:, None] * s_dt + offs_v[None, :],
+                 mask=(tc < T)[:, None] & m_v[None, :], other=0.0)
+    a = tl.load(AQK + rowoff * BT + offs_c[None, :])
+    du = _split_dot(tl.trans(a), do, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
+    tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
+
+
+@triton.jit
+def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB, DAQ, DM, DVV, DBETA,
+              s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_yb, s_yh, s_yt,
+              NH, T, DIMK, DIMV, NT, scale,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # DQP, DKP, DB: float32 (B*H, NT*BT, Dk) partials; DAQ (scale dP), DM: float32 (B*H, NT*BT, BT)
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_k = tl.arange(0, BK)
+    m_t = tc < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    rowoff = (bh * NT * BT + tc)[:, None]
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    gc = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    gl = tl.load(G + (bh * NT * BT + n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
+    ttt = tl.trans(tt)
+    dp = tl.zeros([BT, BT], dtype=tl.float32)    # do_i . u_j
+    da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T
+    dw = tl.zeros([BT, BK], dtype=tl.float32)    # -dU S^T
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    ip = tl.zeros([BK], dtype=tl.float32)        # <S, dS'> per key channel (row of the state)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), k, SPLIT, PREC)  # T^T dU
+        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
+                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
+        dbeta += tl.sum(drv * v.to(tl.float32), 1)
+        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+        ip += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    drk = _split_dot2(ttt, dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
+    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
+    aoff = rowoff * BT + offs_c[None, :]
+    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+    da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
+    mkk = tl.load(AKK + aoff)
+    dbeta += tl.sum(da * mkk, 1)
+    tl.store(DM + aoff, da * beta[:, None])
+    eb = tl.exp(gc)
+    qf = q.to(tl.float32)
+    kf = k.to(tl.float32)
+    # the state read: o += scale (Q * exp b) S
+    dq = dqh * eb * scale
+    db = qf * dq
+    # R_k = diag(beta) (K * exp b)
+    t = drk * kf * eb
+    dk = drk * eb * beta[:, None]
+    dbeta += tl.sum(t, 1)
+    db += t * beta[:, None]
+    # the state update: S' = Diag(exp b_L) S + (K * exp(b_L - b))^T U
+    dks = dkh * tl.exp(gl[None, :] - gc)
+    dk += dks
+    f = kf * dks
+    db += tl.where((offs_c == BT - 1)[:, None], (tl.exp(gl) * ip + tl.sum(f, 0))[None, :], 0.0) - f
+    poff = rowoff * DIMK + offs_k[None, :]
+    tl.store(DQP + poff, dq, mask=m_k[None, :])
+    tl.store(DKP + poff, dk, mask=m_k[None, :])
+    tl.store(DB + poff, db, mask=m_k[None, :])
+    tl.store(DBETA + bh * T + tc, dbeta, mask=m_t)
+
+
+@triton.jit
+def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
+               s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
+               NH, T, DIMK, NT,
+               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # the gate-weighted products through P (DAQ = scale dP) and M (DM = diag(beta) dA) for the rows of
+    # sub-chunk p; adds them to the partials and writes dq, dk (s_x*: their strides) and DB (in place)
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_i = p * BC + tl.arange(0, BC)
+    offs_k = tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    ti = n * BT + offs_i
+    tc = n * BT + offs_c
+    m_ik = (ti < T)[:, None] & m_k[None, :]
+    m_ck = (tc < T)[:, None] & m_k[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    abase = (bh * NT * BT + n * BT) * BT
+    qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    qc = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_ck, other=0.0)
+    kc = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_ck, other=0.0)
+    gc = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    # row side, keys j of earlier sub-chunks (reference r = the step before sub-chunk p)
+    gr = tl.load(gbase + (n * BT + tl.maximum(p * BC - 1, 0)) * DIMK + offs_k, mask=m_k, other=0.0)
+    gr = tl.where(p > 0, gr, 0.0)
+    kr = kc.to(tl.float32) * tl.exp(tl.where((offs_c < p * BC)[:, None], gr[None, :] - gc, float("-inf")))
+    daq_r = tl.load(DAQ + abase + offs_i[:, None] * BT + offs_c[None, :])     # (BC, BT)
+    dm_r = tl.load(DM + abase + offs_i[:, None] * BT + offs_c[None, :])
+    ei = tl.exp(gi - gr[None, :])
+    dqi = _split_dot2(daq_r, kr, tl.zeros([BC, BK], dtype=tl.float32), kc, SPLIT, PREC) * ei
+    dkr = _split_dot2(dm_r, kr, tl.zeros([BC, BK], dtype=tl.float32), kc, SPLIT, PREC) * ei
+    # column side, rows i of later sub-chunks (reference e = the last step of sub-chunk p)
+    ge = tl.load(gbase + (n * BT + p * BC + BC - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    ee = tl.exp(tl.where((offs_c > p * BC + BC - 1)[:, None], gc - ge[None, :], float("-inf")))
+    daq_c = tl.load(DAQ + abase + offs_c[:, None] * BT + offs_i[None, :])     # (BT, BC)
+    dm_c = tl.load(DM + abase + offs_c[:, None] * BT + offs_i[None, :])
+    ej = tl.exp(ge[None, :] - gi)
+    dkp = _split_dot2(tl.trans(daq_c), qc.to(tl.float32) * ee, tl.zeros([BC, BK], dtype=tl.float32), kc,
+                      SPLIT, PREC) * ej
+    dkc = _split_dot2(tl.trans(dm_c), kc.to(tl.float32) * ee, tl.zeros([BC, BK], dtype=tl.float32), kc,
+                      SPLIT, PREC) * ej
+    # the diagonal sub-chunk, exact, one step s at a time (as key on the row side, as query / key on the other)
+    for jj in range(0, BC):
+        s = p * BC + jj
+        m_s = m_k & (offs_k * 0 + n * BT + s < T)
+        ks = tl.load(kbase + (n * BT + s) * s_kt + offs_k, mask=m_s, other=0.0).to(tl.float32)
+        qs = tl.load(qbase + (n * BT + s) * s_qt + offs_k, mask=m_s, other=0.0).to(tl.float32)
+        gs = tl.load(gbase + (n * BT + s) * DIMK + offs_k, mask=m_k, other=0.0)
+        dr = tl.exp(tl.where((offs_i >= s)[:, None], gi - gs[None, :], float("-inf")))   # rows i >= s
+        a_col = tl.load(DAQ + abase + offs_i * BT + s)
+        m_col = tl.load(DM + abase + offs_i * BT + s)
+        dqi += a_col[:, None] * ks[None, :] * dr
+        dkr += m_col[:, None] * ks[None, :] * dr
+        dc = tl.exp(tl.where((offs_i <= s)[:, None], gs[None, :] - gi, float("-inf")))   # columns j <= s
+        a_row = tl.load(DAQ + abase + s * BT + offs_i)
+        m_row = tl.load(DM + abase + s * BT + offs_i)
+        dkp += a_row[:, None] * qs[None, :] * dc
+        dkc += m_row[:, None] * ks[None, :] * dc
+    poff = (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :]
+    dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
+    dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
+    db = tl.load(DB + poff, mask=m_k[None, :], other=0.0) + qi * dqi + ki * (dkr - dkp - dkc)
+    tl.store(DB + poff, db, mask=m_k[None, :])
+    xoff = b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :]
+    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_ik)
+    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_ik)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The chunk and block sizes of :func:`attnzoo.linear.triton_delta.config` (BC: the sub-chunk of the
+    gate-weighted products, 16). GPU values: untimed first guesses."""
+    return _td.config(dk, dv, dtype, device)
+
+
+def _prepare(q, k, v, g, beta, s0, cfg):
+    q, k, v = (_last_unit(x) for x in (q, k, v))
+    b, h, t, dk = q.shape
+    cfg = cfg or config(dk, v.shape[-1], q.dtype, q.device)
+    _td._check_cfg(cfg)
+    gc = chunk_cumsum(g, cfg["BT"])
+    beta = beta.to(torch.float32).reshape(b * h, t).contiguous()
+    return q, k, v, gc, beta, _state_in(s0), cfg
+
+
+def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t):
+    """_intra + _prep + _fwd_h: -> (P, M, T or None, W, U0, U, HS, final state)."""
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    bt, bc = cfg["BT"], cfg["BC"]
+    nt = triton.cdiv(t, bt)
+    hd = k.dtype
+    split = k.dtype != torch.float32 and cfg.get("split", True)
+    prec = _prec(k.dtype)
+    bk = _pow2(dk)
+    f32 = torch.float32
+    aqk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
+    akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
+    _intra[(nt, bt // bc, b * h)](
+        q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec, num_warps=cfg["warps_p"],
+        num_stages=cfg["stages"])
+    tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t else None
+    w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
+    u0 = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
+    _prep[(nt, b * h)](
+        akk, k, v, beta, gc, tt if store_t else w, w, u0,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, t, dk, dv, nt, BT=bt, BC=bc, BK=bk, BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=store_t,
+        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+    hs = _empty(poison, (b * h, nt, dk, dv), hd, k.device)
+    u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
+    ht = _empty(poison, (b, h, dk, dv), f32, k.device)
+    bv = min(cfg["BV_H"], _pow2(dv))
+    _td._fwd_h[(triton.cdiv(dv, bv), b * h)](
+        k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, k.stride(0), k.stride(1), k.stride(2),
+        h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=split, PREC=prec, VEC=True,
+        num_warps=cfg["warps_h"], num_stages=cfg["stages"])
+    return aqk, akk, tt, w, u0, u, hs, ht
+
+
+def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+    """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
+    :func:`kda_triton`); g (B, H, T, Dk), beta (B, H, T), s0 (B, H, Dk, Dv) or None."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    if t == 0:
+        s0 = _state_in(s0)
+        return q.new_empty((b, h, 0, dv)), (s0.clone() if s0 is not None else
+                                            q.new_zeros((b, h, dk, dv), dtype=torch.float32))
+    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg)
+    bt = cfg["BT"]
+    nt = triton.cdiv(t, bt)
+    split = q.dtype != torch.float32 and cfg.get("split", True)
+    aqk, _, _, _, _, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, False)
+    o = _empty(poison, (b, h, t, dv), q.dtype, q.device)
+    bv = min(cfg["BV_O"], _pow2(dv))
+    _fwd_o[(nt, triton.cdiv(dv, bv), b * h)](
+        q, gc, hs, u, aqk, o, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv, SPLIT=split, PREC=_prec(q.dtype),
+        num_warps=cfg["warps_o"], num_stages=cfg["stages"])
+    return o, ht
+
+
+def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+    """Gradients -> (dq, dk, dv, dg (B, H, T, Dk) float32, dbeta (B, H, T) float32, ds0 (B, H, Dk, Dv)
+    float32). ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    dht = _state_in(dht)
+    f32 = torch.float32
+    if t == 0:
+        ds0 = dht.clone() if dht is not None else q.new_zeros((b, h, dk, dv), dtype=f32)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q.new_zeros((b, h, 0, dk), dtype=f32),
+                q.new_zeros((b, h, 0), dtype=f32), ds0)
+    do = _last_unit(do)
+    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg)
+    bt, bc = cfg["BT"], cfg["BC"]
+    nt = triton.cdiv(t, bt)
+    bk = _pow2(dk)
+    split = q.dtype != f32 and cfg.get("split", True)
+    prec = _prec(q.dtype)
+    aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True)
+    du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
+    bvo = min(cfg["BV_O"], _pow2(dv))
+    _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
+        aqk, do, du, do.stride(0), do.stride(1), do.stride(2), h, t, dv, nt, BT=bt, BV=bvo, SPLIT=split,
+        PREC=prec, num_warps=cfg["warps_o"], num_stages=cfg["stages"])
+    dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
+    ds0 = _empty(poison, (b, h, dk, dv), f32, q.device)
+    bvh = min(cfg["BV_H"], _pow2(dv))
+    _td._bwd_dh[(triton.cdiv(dv, bvh), b * h)](
+        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk, BV=bvh,
+        HAS_DHT=dht is not None, SPLIT=split, PREC=prec, VEC=True, num_warps=cfg["warps_h"],
+        num_stages=cfg["stages"])
+    dqp, dkp, db = (_empty(poison, (b * h, nt * bt, dk), f32, q.device) for _ in range(3))
+    daq, dm = (_empty(poison, (b * h, nt * bt, bt), f32, q.device) for _ in range(2))
+    dv_ = _empty(poison, v.shape, v.dtype, v.device)
+    dbeta = _empty(poison, (b, h, t), f32, q.device)
+    _bwd_main[(nt, b * h)](
+        q, k, v, beta, gc, do, tt, w, u0, u, du, hs, dhs, akk, dqp, dkp, db, daq, dm, dv_, dbeta,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk,
+        BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"], num_stages=cfg["stages"])
+    dq, dk_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k))
+    _bwd_intra[(nt, bt // bc, b * h)](
+        q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
+        num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+    # dg = chunk-local reverse cumsum of dL/db over the padded chunk
+    dg = db.view(b * h, nt, bt, dk).flip(2).cumsum(2).flip(2).reshape(b, h, nt * bt, dk)[:, :, :t]
+    return dq, dk_, dv_, dg.contiguous(), dbeta, ds0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom ops and autograd
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("attnzoo::kda_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+            initial_state: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return fwd(q, k, v, g, beta, initial_state, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, g, beta, initial_state, scale):
+    b, h, t, dk = q.shape
+    return q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::kda_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            g: torch.Tensor, beta: torch.Tensor, initial_state: torch.Tensor | None, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return bwd(do, dht, q, k, v, g, beta, initial_state, scale)
+
+
+@_bwd_op.register_fake
+def _(do, dht, q, k, v, g, beta, initial_state, scale):
+    b, h, t, dk = q.shape
+    f32 = torch.float32
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty((b, h, t, dk), dtype=f32),
+            q.new_empty((b, h, t), dtype=f32), q.new_empty((b, h, dk, v.shape[-1]), dtype=f32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, s0, scale = inputs
+    ctx.save_for_backward(q, k, v, g, beta, s0)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, beta, s0 = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, g, beta, s0, ctx.scale)
+    return dq, dk, dv, dg, dbeta, (ds0 if s0 is not None else None), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------------------
+
+def kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """KDA on the Triton kernels (differentiable in q, k, v, g, beta, initial_state).
+
+    S_t = (I - beta_t k_t^T k_t) Diag(exp g_t) S_{t-1} + beta_t k_t^T v_t, o_t = scale * q_t S_t.
+
+    Args:
+        q, k: (B, H, T, Dk); v: (B, H, T, Dv); float16, bfloat16 or float32 (one dtype); Dk, Dv <= 128.
+        g: (B, H, T, Dk) per-channel log gates (computed in float32; <= 0 for the no-overflow guarantee, not
+            checked). beta: (B, H, T) (float32).
+        scale: multiplies q; default Dk ** -0.5.
+        initial_state: (B, H, Dk, Dv) (used in float32), or None (zeros).
+        output_final_state: also return the final state (float32).
+    Returns ``(o (B, H, T, Dv) in q's dtype, final_state or None)``. Runs on CUDA, or on CPU under
+    ``TRITON_INTERPRET=1``.
+    """
+    _core.check_qkv(q, k, v)
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the Triton KDA kernels take float16, bfloat16 or float32, got {q.dtype}")
+    _core.check_gate("g", g, q.shape, "(batch, heads, length, key_dim)", q.device)
+    _core.check_gate("beta", beta, q.shape[:3], "(batch, heads, length)", q.device)
+    _core.check_bool("output_final_state", output_final_state)
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    if max(dk, dv) > 128:
+        raise ValueError(f"the Triton KDA kernels take head dims <= 128, got Dk={dk}, Dv={dv}")
+    scale = _core.check_scale(scale, dk)
+    if initial_state is not None:
+        _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
+        initial_state = initial_state.to(torch.float32)
+    o, ht = _fwd_op(q, k, v, g.to(torch.float32), beta.to(torch.float32), initial_state, scale)
+    return o, (ht if output_final_state else None)
+
+
+def kda_chunk(q, k, v, g, beta, scale: float, initial_state, offsets):
+    """:func:`attnzoo.linear.kda` with mode="chunk" on the kernels (arguments already checked), per packed
+    sequence when ``offsets`` is given. -> (o, final state float32)."""
+    s0 = None if initial_state is None else initial_state.to(torch.float32)
+
+    def fn(q, k, v, g, beta, s):
+        return _fwd_op(q, k, v, g, beta, s, scale)
+
+    return _core.run_sequences(fn, [q, k, v, g.to(torch.float32), beta.to(torch.float32)], s0, offsets)

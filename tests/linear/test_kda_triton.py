@@ -1,0 +1,194 @@
+"""The Triton KDA kernels (attnzoo.linear.triton_kda: the delta rule with per-channel gates) against the float64
+recurrence of attnzoo.linear.naive.
+
+On CPU they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1). Chunks of 16 by default
+(one sub-chunk: only the exact diagonal path of the gate-weighted products); ``SUB32`` / ``SUB64`` use chunks of
+32 / 64 (two / four sub-chunks: the referenced off-diagonal products and the blocked triangular inverse) with Dv
+blocks of 16. Outputs of the launchers are poisoned with NaN. float32 (IEEE dots): relative error < 1e-4 for the
+output, the final state and every gradient. float16: the protocol's low-precision rule against the recurrence
+evaluated in float16 arithmetic.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import attnzoo.linear as lin  # noqa: E402
+from attnzoo.linear import triton_kda as tk  # noqa: E402
+from attnzoo.linear.naive import naive_kda  # noqa: E402
+from attnzoo.testing import check_close, max_err, rel_rmse  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+B, H = 1, 2
+_SMALL = dict(BC=16, BV_P=16, BV_H=16, BV_O=16, BV_B=16, warps_p=1, warps_h=1, warps_o=1, warps_b=1, stages=1,
+              prec_t="ieee")
+SUB32 = dict(_SMALL, BT=32)
+SUB64 = dict(_SMALL, BT=64)
+NAMES = ("q", "k", "v", "g", "beta", "s0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(t, dk, dv, gate, seed=0):
+    """float32-representable float64 inputs: L2-normalised keys, beta = sigmoid, g (B, H, T, Dk): "mild"
+    (logsigmoid / 4), "strong" (uniform in [-5, 0] per step and channel), "extreme" (about -5 everywhere:
+    e^-320 over a chunk of 64); s0 and the cotangents do, ds."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    uni = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = dict(q=rnd(B, H, t, dk), k=F.normalize(rnd(B, H, t, dk), dim=-1), v=rnd(B, H, t, dv),
+             beta=torch.sigmoid(rnd(B, H, t)), s0=rnd(B, H, dk, dv), do=rnd(B, H, t, dv), ds=rnd(B, H, dk, dv))
+    x["g"] = {"mild": lambda: F.logsigmoid(rnd(B, H, t, dk)) / 4, "strong": lambda: -5 * uni(B, H, t, dk),
+              "extreme": lambda: -5 + 0.5 * uni(B, H, t, dk)}[gate]()
+    return {n: a.float().double() for n, a in x.items()}
+
+
+def reference(x, init, scale, dtype=torch.float64):
+    leaves = {n: x[n].to(dtype).clone().requires_grad_() for n in NAMES}
+    if not init:
+        leaves["s0"] = torch.zeros_like(leaves["s0"]).requires_grad_()
+    q, k, v, g, beta, s0 = (leaves[n] for n in NAMES)
+    o, s = naive_kda(q * scale, k, v, g, beta, state=s0)
+    loss = (o * x["do"].to(dtype)).sum() + (s * x["ds"].to(dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    res = {"o": o.detach(), "state": s.detach()}
+    res.update({"d" + n: gr for n, gr in zip(NAMES, grads)})
+    return res
+
+
+def run_kernels(x, init, scale, dtype=torch.float32, cfg=None):
+    c = lambda n, dt=dtype: x[n].to(dt).to(DEV)  # noqa: E731
+    q, k, v, do = c("q"), c("k"), c("v"), c("do")
+    g, beta = c("g", torch.float32), c("beta", torch.float32)
+    s0 = c("s0", torch.float32) if init else None
+    o, st = tk.fwd(q, k, v, g, beta, s0, scale, cfg=cfg, poison=True)
+    dq, dk, dv, dg, dbeta, ds0 = tk.bwd(do, c("ds", torch.float32), q, k, v, g, beta, s0, scale, cfg=cfg,
+                                        poison=True)
+    return dict(o=o, state=st, dq=dq, dk=dk, dv=dv, dg=dg, dbeta=dbeta, ds0=ds0)
+
+
+CASES = [  # t, dk, dv, init, gate, cfg
+    (1, 16, 16, True, "mild", None),  # (without an initial state the true dg is 0 at T = 1: no relative error)
+    (19, 32, 32, True, "strong", None),
+    (40, 32, 48, True, "strong", SUB32),
+    (70, 48, 32, False, "mild", SUB64),
+    (100, 32, 16, True, "extreme", SUB64),
+]
+
+
+@pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
+                         ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
+                              for c in CASES])
+def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
+    x = make(t, dk, dv, gate, seed=t + dk)
+    scale = dk ** -0.5
+    want = reference(x, init, scale)
+    got = run_kernels(x, init, scale, cfg=cfg)
+    for n, val in got.items():
+        assert val.dtype == torch.float32
+        check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
+
+
+def test_float16_protocol_rule():
+    """16-bit operands (hi/lo split dots), chunks of 32, strong gates."""
+    t, dk, dv = 40, 32, 32
+    x = make(t, dk, dv, "strong", seed=11)
+    for n in ("q", "k", "v", "do"):  # what the kernels see
+        x[n] = x[n].half().double()
+    scale = dk ** -0.5
+    want = reference(x, True, scale)
+    base = reference(x, True, scale, dtype=torch.float16)
+    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=SUB32)
+    for n, val in got.items():
+        val = val.cpu()
+        assert not torch.isnan(val).any(), f"{n}: NaN"
+        err, bound, rr = max_err(val, want[n]), 2 * max_err(base[n], want[n]) + 1e-5, rel_rmse(val, want[n])
+        assert err <= bound and rr < 5e-3, f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}"
+
+
+def test_custom_ops_opcheck():
+    gen = torch.Generator().manual_seed(2)
+    t = 10  # one chunk: the interpreter runs the ops many times here
+    q, k, v = (torch.randn(1, 1, t, 16, generator=gen).to(DEV).requires_grad_() for _ in range(3))
+    g = (F.logsigmoid(torch.randn(1, 1, t, 16, generator=gen)) / 4).to(DEV).requires_grad_()
+    beta = torch.rand(1, 1, t, generator=gen).to(DEV).requires_grad_()
+    s0 = torch.randn(1, 1, 16, 16, generator=gen).to(DEV).requires_grad_()
+    torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, s0, 0.25))
+    do = torch.randn(1, 1, t, 16, generator=gen).to(DEV)
+    torch.library.opcheck(tk._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), g.detach(), beta.detach(),
+                                       None, 0.25))
+
+
+def test_empty_sequence():
+    q = torch.randn(B, H, 0, 16, device=DEV)
+    beta = torch.rand(B, H, 0, device=DEV)
+    s0 = torch.randn(B, H, 16, 16, device=DEV)
+    o, s = tk.kda_triton(q, q, q, q, beta, initial_state=s0, output_final_state=True)
+    assert o.shape == (B, H, 0, 16) and torch.equal(s, s0)
+
+
+def test_backend_matches_torch():
+    """kda(backend="triton") against kda(backend="torch"): packed sequences (one empty) with initial states,
+    non-contiguous q, autograd through the public op including the final state."""
+    gen = torch.Generator().manual_seed(7)
+    t, dk, dv = 24, 16, 32
+    args = dict(q=torch.randn(1, t, H, dk, generator=gen).transpose(1, 2),
+                k=F.normalize(torch.randn(1, H, t, dk, generator=gen), dim=-1), v=torch.randn(1, H, t, dv, generator=gen),
+                g=F.logsigmoid(torch.randn(1, H, t, dk, generator=gen)) / 4,
+                beta=torch.sigmoid(torch.randn(1, H, t, generator=gen)),
+                initial_state=torch.randn(3, H, dk, dv, generator=gen))
+    args = {n: a.to(DEV) for n, a in args.items()}
+    cu = torch.tensor([0, 7, 7, t], device=DEV)
+    res = {}
+    for backend in ("torch", "triton"):
+        leaves = {n: a.clone().requires_grad_() for n, a in args.items()}
+        o, s = lin.kda(**leaves, cu_seqlens=cu, output_final_state=True, backend=backend, chunk_size=8)
+        assert s.dtype == torch.float32 and s.shape == (3, H, dk, dv)
+        (o.square().sum() + s.sum()).backward()
+        res[backend] = [o.detach(), s.detach()] + [leaves[n].grad for n in leaves]
+    for i, (a, b) in enumerate(zip(res["triton"], res["torch"])):
+        check_close(f"kda/{i}", a.cpu(), b.cpu().double())
+
+
+def test_dispatch_rules(monkeypatch):
+    q = torch.randn(1, 1, 5, 16, device=DEV)
+    g = -torch.rand(1, 1, 5, 16, device=DEV)
+    beta = torch.full((1, 1, 5), 0.5, device=DEV)
+    calls = []
+    real = tk.kda_chunk
+    monkeypatch.setattr(tk, "kda_chunk", lambda *a: calls.append(1) or real(*a))
+    with pytest.raises(ValueError, match="dtype"):
+        lin.kda(q.double(), q.double(), q.double(), g, beta, backend="triton")
+    big = torch.randn(1, 1, 5, 160, device=DEV)
+    with pytest.raises(ValueError, match="head dims"):
+        lin.kda(big, big, q, -big.abs(), beta, backend="triton")
+    with pytest.raises(ValueError, match="mode='recurrent'"):
+        lin.kda(q, q, q, g, beta, mode="recurrent", backend="triton")
+    monkeypatch.setenv("ATTNZOO_LINEAR_TRITON", "0")
+    lin.kda(q, q, q, g, beta)
+    assert calls == []
+    lin.kda(q, q, q, g, beta, backend="triton")  # explicit backend ignores the env switch
+    assert calls == [1]
+    monkeypatch.setenv("ATTNZOO_LINEAR_TRITON", "1")
+    lin.kda(q, q, q, g, beta)  # auto: Triton (forward and backward are complete)
+    assert calls == [1, 1]
+    lin.kda(q, q, q, g, beta, backend="torch")
+    lin.kda(big, big, q, -big.abs(), beta)  # auto: head dims > 128 stay on PyTorch
+    lin.kda(q, q, q, g, beta, mode="naive")
+    assert calls == [1, 1]
+    if DEV == "cpu":
+        monkeypatch.delenv("ATTNZOO_LINEAR_TRITON")
+        lin.kda(q, q, q, g, beta)  # auto on CPU without the opt-in: PyTorch
+        assert calls == [1, 1]
