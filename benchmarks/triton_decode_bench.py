@@ -1,13 +1,22 @@
 """Decode (one new query token against a long KV cache) on the GPU: attnzoo's split-K Triton kernel
-against FlexAttention (compiled) and SDPA, one process, bf16, B=1, Hq in {64, 32}, Hkv=8, D=128.
+against FlexAttention (compiled) and SDPA, one process, bf16, B=1, Hq in {64, 32}, Hkv=8, D=128; and MLA's
+absorbed decode (32 heads over one 576/512-wide latent head) against SDPA.
 
     PYTHONPATH=src python3 benchmarks/triton_decode_bench.py [--out benchmarks/results/decode.jsonl]
+        [--cases gqa,mla]
 
 First a correctness check at smaller lengths (poisoned outputs, the protocol's rule against the float64
 reference, several split counts and block sizes); then times (CUDA events, L2 flushed, median) for a few
 (num_splits, block_n) choices, keeping the best (by graph time), and the achieved HBM bandwidth: bytes of K
 and V in the kv blocks the kernel actually visits / time, and its fraction of the H100 SXM peak (3.35 TB/s).
 For FlexAttention and SDPA the bytes are those the pattern needs (visible keys only).
+
+MLA width (``--cases mla``): MLA's absorbed decode of one token, as `attnzoo.layers.MLA` calls attention(): 32
+query heads folded into the query axis over one latent kv head with D = kv_rank + rope = 576 and V = its
+first 512 columns (a view of the same cache), 32K and 128K keys, batch 1 and 8, bf16: the wide-head decode
+kernel (`attn_decode_wide`, a few (num_splits, block_n, block_dv) choices, best kept) against SDPA (what `auto`
+ran before, BENCHMARKS.md "MLA decode at 32K context": 99 GB/s); GB/s counts the latent cache read once
+(B x L x 576 x 2 bytes).
 
 Each callable is timed twice: "graph" replays it captured in a CUDA graph (how serving engines run decode
 steps; the GPU time alone), "eager" calls it from Python (includes launch overhead wherever the host is
@@ -21,7 +30,7 @@ import sys
 import torch
 
 import attnzoo as az
-from attnzoo.backends.triton.decode import attention_decode, decode_plan, default_block_n, default_num_splits
+from attnzoo.backends.triton.decode import _launch, attention_decode, decode_plan, default_block_n, default_num_splits
 from attnzoo.bench.timing import time_fn
 from attnzoo.testing import check_close
 
@@ -133,6 +142,132 @@ def speed(pname, pattern, hq, hkv, lk, d=128, reps=30, flex=True):
     return rows
 
 
+MLA_RANK, MLA_ROPE, MLA_HEADS = 512, 64, 32
+MLA_SCALE = (128 + 64) ** -0.5  # DeepSeek-V2/V3: qk_nope 128 + rope 64
+# (num_splits, block_n, block_dv, block_dc, num_warps, num_stages); None = the default (16-key blocks, one
+# 512-wide Dv slice, 64-wide D chunks, 16 warps, 2 stages). Compiled for sm_90 the defaults use 128 registers
+# without spills; (32, 256, 8 warps) uses ~180 (two Dv slices: K read twice, from L2 the second time).
+MLA_CONFIGS = [(None, None, None, None, None, None), (None, 32, None, None, None, None),
+               (None, 32, 256, None, 8, None), (None, 16, 256, None, 8, None), (None, None, 256, None, None, None),
+               (None, None, None, None, None, 3), (None, 64, None, None, None, 1), (8, None, None, None, None, None),
+               (32, None, None, None, None, None), (64, None, None, None, None, None),
+               (128, None, None, None, None, None)]
+
+
+def mla_inputs(b, lk, dtype, seed=0):
+    """MLA's absorbed one-token call: q (B, 1, H, 576) (heads folded into the query axis), the latent cache as
+    one key head (B, 1, L, 576) and V = its first 512 columns (a strided view of the same memory)."""
+    torch.manual_seed(seed)
+    d = MLA_RANK + MLA_ROPE
+    q = torch.randn(b, MLA_HEADS, 1, d, device="cuda", dtype=dtype).transpose(1, 2)
+    latent = torch.randn(b, lk, d, device="cuda", dtype=dtype)
+    return q, latent[:, None], latent[:, None, :, :MLA_RANK]
+
+
+def mla_correctness(b, lk):
+    q, k, v = mla_inputs(b, lk, torch.float64, seed=lk + b)
+    ro, rl = az.attention(q, k, v, None, scale=MLA_SCALE, backend="reference", return_lse=True)
+    ql, kl, vl = (t.to(torch.bfloat16) for t in (q, k, v))
+    vl = kl[..., :MLA_RANK]  # keep V a view of K, as in the layer
+    base = dense_math(ql, kl, vl, None, MLA_SCALE)[0]
+    rows = []
+    for ns, bn, bdv, bdc in ((None, None, None, None), (1, 32, None, None), (7, 32, 128, None), (64, 16, 256, None),
+                             (None, 64, None, 128), (5, 32, 256, 32)):
+        res = dict(kind="correctness", pattern="mla-full", B=b, hq=MLA_HEADS, hkv=1, lq=1, L=lk, num_splits=ns,
+                   block_n=bn, block_dv=bdv, block_dc=bdc)
+        try:
+            out, lse = attention_decode(ql, kl, vl, None, MLA_SCALE, poison=True, num_splits=ns, block_n=bn,
+                                        block_dv=bdv, block_dc=bdc)
+            check_close("out", out, ro, baseline=base)
+            assert not torch.isnan(lse).any(), "NaN in lse"
+            err = (lse.double() - rl).abs().max().item()
+            assert err < 1e-2, f"lse max err {err}"
+            res.update(status="pass", lse_max_err=err)
+        except AssertionError as e:
+            res.update(status="FAIL", error=str(e))
+        rows.append(res)
+    return rows
+
+
+def _timed(base, backend, fn, nbytes, mode, reps, **extra):
+    """One timing record (see `speed`): ``mode`` "graph" replays ``fn`` captured in a CUDA graph."""
+    if mode == "graph":
+        try:
+            fn = graphed(fn)
+        except Exception as e:  # noqa: BLE001 - a backend that cannot be captured is a record
+            return dict(base, backend=backend, mode=mode, status="error", message=f"capture: {e}"[:500],
+                        median_ms=None, kv_bytes=nbytes, gbps=None, frac_peak=None, **extra)
+    r = time_fn(fn, device="cuda", warmup=3, reps=reps, max_time_s=2.0)
+    ok = r["status"] == "ok"
+    bw = nbytes / (r["median_ms"] * 1e-3) if ok else None
+    return dict(base, backend=backend, mode=mode, status=r["status"], message=r["message"],
+                median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"], compile_ms=r["compile_ms"],
+                kv_bytes=nbytes, gbps=bw / 1e9 if ok else None, frac_peak=bw / PEAK_BYTES_S if ok else None, **extra)
+
+
+def mla_speed(b, lk, reps=30):
+    q, k, v = mla_inputs(b, lk, torch.bfloat16)
+    cache = b * lk * (MLA_RANK + MLA_ROPE) * 2  # the latent cache, read once (V is a view of K)
+    base = dict(kind="speed", pattern="mla-full", B=b, hq=MLA_HEADS, hkv=1, lq=1, L=lk, d=MLA_RANK + MLA_ROPE,
+                dv=MLA_RANK, dtype="bfloat16", **env())
+    rows, tried = [], []
+    for i, (ns, bn, bdv, bdc, nw, st) in enumerate(MLA_CONFIGS):
+        fn = lambda: attention_decode(q, k, v, None, MLA_SCALE, num_splits=ns, block_n=bn,  # noqa: E731
+                                      block_dv=bdv, block_dc=bdc, num_warps=nw, num_stages=st)
+        L = _launch(None, b, 1, 1, MLA_HEADS, lk, q.shape[-1], v.shape[-1], q.dtype, q.device, ns, bn, nw, st,
+                    None, None, bdv, bdc)  # the configuration this call resolves to
+        cfg = dict(num_splits=L.splits, block_n=L.meta["BLOCK_N"], block_dv=L.meta["BLOCK_DV"],
+                   block_dc=L.meta["BLOCK_DC"], rows=L.meta["ROWS"], num_warps=L.meta["num_warps"],
+                   num_stages=L.meta["num_stages"], default=i == 0, cfg_id=i)
+        for mode in ("graph", "eager"):
+            row = _timed(base, "triton-decode-cfg", fn, cache, mode, reps, **cfg)
+            rows.append(row)
+            if mode == "graph":
+                tried.append(row)
+    ok = [r for r in tried if r["status"] == "ok"]
+    if ok:
+        best = min(ok, key=lambda r: r["median_ms"])
+        rows += [dict(r, backend="triton-decode") for r in list(rows)
+                 if r["backend"] == "triton-decode-cfg" and r["cfg_id"] == best["cfg_id"]]
+    for mode in ("graph", "eager"):
+        # what backend="auto" ran before (the layer's folded call through SDPA) and what it runs now
+        rows.append(_timed(base, "sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=MLA_SCALE), cache, mode, reps))
+        rows.append(_timed(base, "auto", lambda: az.attention(q, k, v, None, scale=MLA_SCALE), cache, mode, reps))
+    return rows
+
+
+def run_mla(args, emit):
+    corr = []
+    for b in (1, 2):
+        corr += mla_correctness(b, 4133)
+    emit(corr)
+    fails = [r for r in corr if r["status"] != "pass"]
+    print(f"MLA correctness: {len(corr) - len(fails)}/{len(corr)} pass")
+    for r in fails:
+        print("  FAIL", r)
+    rows = []
+    for b in [int(x) for x in args.mla_batches.split(",")]:
+        for lk in [int(x) for x in args.mla_lengths.split(",")]:
+            new = mla_speed(b, lk, reps=args.reps)
+            emit(new)
+            rows += new
+            print(f"  done MLA B={b} L={lk}", flush=True)
+    print(f"\n{'MLA':<8}{'B':>3}{'L':>8}  {'backend':<18}{'mode':<7}{'splits':>7}{'bn':>5}{'bdv':>5}{'bdc':>5}"
+          f"{'nw':>4}{'st':>3}{'us':>9}{'GB/s':>8}{'peak':>7}")
+    for r in rows:
+        if r["backend"] == "triton-decode-cfg" and r["mode"] == "eager":
+            continue
+        tag = "  (cfg)" if r["backend"] == "triton-decode-cfg" else ""
+        head = f"{'':<8}{r['B']:>3}{r['L']:>8}  {r['backend']:<18}{r['mode']:<7}"
+        if r["status"] != "ok":
+            print(f"{head} {r['status']}: {str(r['message'])[:60]}")
+            continue
+        print(f"{head}{str(r.get('num_splits', '')):>7}{str(r.get('block_n', '')):>5}{str(r.get('block_dv', '')):>5}"
+              f"{str(r.get('block_dc', '')):>5}{str(r.get('num_warps', '')):>4}{str(r.get('num_stages', '')):>3}"
+              f"{r['median_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['frac_peak']:>7.1%}{tag}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/decode.jsonl")
@@ -141,7 +276,14 @@ def main():
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--cases", default="gqa,mla", help="gqa: the D=128 GQA/pattern cases; mla: MLA's absorbed "
+                    "decode (32 heads over one 576/512-wide latent head)")
+    ap.add_argument("--mla-lengths", default="32768,131072")
+    ap.add_argument("--mla-batches", default="1,8")
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
+    if not cases <= {"gqa", "mla"}:
+        ap.error(f"--cases: unknown {sorted(cases - {'gqa', 'mla'})}; choose from gqa, mla")
     if not torch.cuda.is_available():
         sys.exit("triton_decode_bench.py needs a CUDA GPU")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -155,40 +297,44 @@ def main():
                 f.write(json.dumps(r) + "\n")
             f.flush()
 
-        for pname, pattern in PATTERNS.items():
-            for hq in heads:
-                for lk in (4133, 8192 + 37):
-                    emit(correctness(pname, pattern, hq, args.hkv, lk))
-        fails = [r for r in rows if r["status"] != "pass"]
-        print(f"correctness: {len(rows) - len(fails)}/{len(rows)} pass")
-        for r in fails:
-            print("  FAIL", r)
-        for pname, pattern in PATTERNS.items():
-            for hq in heads:
-                for lk in lengths:
-                    emit(speed(pname, pattern, hq, args.hkv, lk, reps=args.reps, flex=not args.no_flex))
-                    print(f"  done {pname} Hq={hq} L={lk}", flush=True)
-    print(f"\n{'pattern':<15}{'Hq':>4}{'L':>8}  {'backend':<15}{'mode':<7}{'splits':>7}{'bn':>5}{'us':>9}{'GB/s':>8}"
-          f"{'peak':>7}")
-    for r in rows:
-        if r["kind"] != "speed" or r["backend"] == "triton-decode-cfg":
-            continue
-        if r["status"] != "ok":
-            print(f"{r['pattern']:<15}{r['hq']:>4}{r['L']:>8}  {r['backend']:<15}{r['mode']:<7} {r['status']}: "
-                  f"{r['message'][:60]}")
-            continue
-        print(f"{r['pattern']:<15}{r['hq']:>4}{r['L']:>8}  {r['backend']:<15}{r['mode']:<7}"
-              f"{str(r.get('num_splits', '')):>7}"
-              f"{str(r.get('block_n', '')):>5}{r['median_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['frac_peak']:>7.1%}")
-    print("\nall (num_splits, block_n) tried, us (graph / eager):")
-    cfg = {}
-    for r in rows:
-        if r.get("backend") == "triton-decode-cfg" and r["status"] == "ok":
-            key = (r["pattern"], r["hq"], r["L"], r["num_splits"], r["block_n"], r["default"])
-            cfg.setdefault(key, {})[r["mode"]] = r["median_ms"] * 1e3
-    for (pn, hq, L, ns, bn, dflt), t in cfg.items():
-        print(f"  {pn:<15}{hq:>4}{L:>8}  splits={ns:<4} bn={bn:<4}{'(default) ' if dflt else '          '}"
-              f"{t.get('graph', float('nan')):7.1f} / {t.get('eager', float('nan')):7.1f}")
+        if "gqa" in cases:
+            for pname, pattern in PATTERNS.items():
+                for hq in heads:
+                    for lk in (4133, 8192 + 37):
+                        emit(correctness(pname, pattern, hq, args.hkv, lk))
+            fails = [r for r in rows if r["status"] != "pass"]
+            print(f"correctness: {len(rows) - len(fails)}/{len(rows)} pass")
+            for r in fails:
+                print("  FAIL", r)
+            for pname, pattern in PATTERNS.items():
+                for hq in heads:
+                    for lk in lengths:
+                        emit(speed(pname, pattern, hq, args.hkv, lk, reps=args.reps, flex=not args.no_flex))
+                        print(f"  done {pname} Hq={hq} L={lk}", flush=True)
+        if "mla" in cases:
+            run_mla(args, emit)
+    if "gqa" in cases:
+        print(f"\n{'pattern':<15}{'Hq':>4}{'L':>8}  {'backend':<15}{'mode':<7}{'splits':>7}{'bn':>5}{'us':>9}{'GB/s':>8}"
+              f"{'peak':>7}")
+        for r in rows:
+            if r["kind"] != "speed" or r["backend"] == "triton-decode-cfg" or r["pattern"] == "mla-full":
+                continue
+            if r["status"] != "ok":
+                print(f"{r['pattern']:<15}{r['hq']:>4}{r['L']:>8}  {r['backend']:<15}{r['mode']:<7} {r['status']}: "
+                      f"{r['message'][:60]}")
+                continue
+            print(f"{r['pattern']:<15}{r['hq']:>4}{r['L']:>8}  {r['backend']:<15}{r['mode']:<7}"
+                  f"{str(r.get('num_splits', '')):>7}"
+                  f"{str(r.get('block_n', '')):>5}{r['median_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['frac_peak']:>7.1%}")
+        print("\nall (num_splits, block_n) tried, us (graph / eager):")
+        cfg = {}
+        for r in rows:
+            if r.get("backend") == "triton-decode-cfg" and r["status"] == "ok" and r["pattern"] != "mla-full":
+                key = (r["pattern"], r["hq"], r["L"], r["num_splits"], r["block_n"], r["default"])
+                cfg.setdefault(key, {})[r["mode"]] = r["median_ms"] * 1e3
+        for (pn, hq, L, ns, bn, dflt), t in cfg.items():
+            print(f"  {pn:<15}{hq:>4}{L:>8}  splits={ns:<4} bn={bn:<4}{'(default) ' if dflt else '          '}"
+                  f"{t.get('graph', float('nan')):7.1f} / {t.get('eager', float('nan')):7.1f}")
     print(f"wrote {args.out}")
 
 

@@ -18,6 +18,25 @@ def triton_available() -> tuple[bool, str]:
 # Inference calls with at most this many queries (e.g. one new token against a long KV cache) take the
 # split-K decode kernel (`decode.attention_decode`), which spreads the keys over the whole GPU.
 DECODE_MAX_LQ = 16
+# Head dims: the forward/backward kernels hold a whole q/k/v row per tile (<= 256); the decode kernel also
+# takes wider heads (D chunked for the scores, Dv sliced for the output), e.g. MLA's absorbed decode
+# (one latent head, D = kv_rank + rope_dim = 576, Dv = kv_rank = 512).
+MAX_HEAD_DIM = 256
+DECODE_MAX_HEAD_DIM = 1024
+# Full attention over one wide head with the query heads folded into the query axis (MLA's absorbed decode
+# of one token calls attention(q (B, 1, H, 576), latent (B, 1, S, 576), ...), so Lq = H): the decode kernel
+# takes it with the queries back in the heads, for up to this many (query x group head) rows.
+DECODE_FOLD_MAX_ROWS = 256
+
+
+def decode_route(req: Request) -> bool:
+    """Whether `TritonBackend.run` takes the split-K decode kernel for ``req`` (inference calls only)."""
+    if req.needs_grad:
+        return False
+    if req.Lq <= DECODE_MAX_LQ:
+        return True
+    return (max(req.D, req.Dv) > MAX_HEAD_DIM and req.kind == "full"
+            and req.Lq * (req.Hq // req.Hkv) <= DECODE_FOLD_MAX_ROWS)
 
 
 class TritonBackend(Backend):
@@ -38,8 +57,14 @@ class TritonBackend(Backend):
             return False, "Triton kernels need CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)"
         if req.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return False, f"the Triton kernel does not take {req.dtype}"
-        if max(req.D, req.Dv) > 256:
-            return False, f"head dims above 256 are not supported (D={req.D}, Dv={req.Dv})"
+        wide = max(req.D, req.Dv)
+        if wide > DECODE_MAX_HEAD_DIM:
+            return False, f"head dims above {DECODE_MAX_HEAD_DIM} are not supported (D={req.D}, Dv={req.Dv})"
+        if wide > MAX_HEAD_DIM and not decode_route(req):
+            return False, (f"head dims above {MAX_HEAD_DIM} (D={req.D}, Dv={req.Dv}) run only on the split-K decode "
+                           f"kernel: inference (no grad) with Lq <= {DECODE_MAX_LQ}, or full attention of at most "
+                           f"{DECODE_FOLD_MAX_ROWS} query x group-head rows; this call has Lq={req.Lq}, "
+                           f"G={req.Hq // req.Hkv}, {'grad' if req.needs_grad else 'no grad'}, {req.kind} attention")
         return supports(req.pattern)
 
     def auto_ok(self, req: Request):
@@ -53,7 +78,7 @@ class TritonBackend(Backend):
     def run(self, req: Request):
         from .ops import tiled_neighborhood, triton_attention
 
-        if req.Lq <= DECODE_MAX_LQ and not req.needs_grad:
+        if decode_route(req):
             from .decode import attention_decode
 
             out, lse = attention_decode(req.q, req.k, req.v, req.pattern, req.scale)

@@ -16,6 +16,17 @@ and each query head would re-read its shared K/V under GQA. Here:
   second small kernel merges the splits of each output row by lse (a split that saw no key has lse
   -inf and weight 0; a row that saw no key at all gets output 0 and lse -inf). With one split the
   first kernel writes the result directly.
+- Head dims above 256 (up to 1024; MLA's absorbed decode has one latent kv head with D = 576 = kv_rank +
+  rope_dim and V = its first Dv = 512 columns) take `attn_decode_wide`, FlashMLA-style: the same split-K
+  lists and merge, grid (num_splits, B * Hkv * chunks * Dv slices), but a kv block's scores are summed over D chunks (q chunk . k chunk^T, BLOCK_DC = 64)
+  and each program accumulates one Dv slice of the output (BLOCK_DV, as wide as the register budget
+  allows: all 512 for MLA's 32 rows; a second slice would recompute the scores from K that its sibling
+  program pulls into L2 at the same time, so the cache is still read from HBM about once). Programs have
+  at most `WIDE_MAX_ROWS` = 32 rows, 16-key blocks and 16 warps (no register spills on sm_90, see there).
+  V may alias K (MLA passes ``latent[..., :512]``): its loads then hit in L2 right after K's.
+  Full attention with the query heads folded into the query axis (MLA's one-token call, Lq = heads)
+  is unfolded back into heads when it has more queries than a program has rows. Checked under the CPU
+  interpreter only so far; benchmarks/triton_decode_bench.py --cases mla times it against SDPA.
 
 `attention_decode` has the semantics of `ops.attention_fwd` (patterns, GQA, bottom-right cross
 attention, padded head dims, fully masked rows). Measured on an H100 (benchmarks/triton_decode_bench.py,
@@ -34,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ...patterns import Full
+from . import DECODE_MAX_HEAD_DIM as WIDE_MAX_HEAD_DIM, MAX_HEAD_DIM as NARROW_MAX_HEAD_DIM
 from .codegen import generate
 from .kernels import kernel_module
 from .ops import LOG2E, _pow2
@@ -108,10 +120,87 @@ def attn_decode_split(Q, K, V, O, LSE, W, AUX, LIST,
 
 
 @triton.jit
+def attn_decode_wide(Q, K, V, O, LSE, W, AUX, LIST,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, list_stride, Hkv, Lk, qk_scale, S, wl_off,
+                     G: tl.constexpr, NC: tl.constexpr, NDV: tl.constexpr, HPP: tl.constexpr, LQ: tl.constexpr,
+                     D: tl.constexpr, DV: tl.constexpr, ROWS: tl.constexpr, BLOCK_DC: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr):
+    # As attn_decode_split, for head dims too wide for one tile (e.g. MLA's absorbed decode, D=576, Dv=512):
+    # the scores of a kv block are summed over D chunks of BLOCK_DC (q chunk . k chunk^T), and the program
+    # accumulates only its Dv slice [dvs * BLOCK_DV, (dvs + 1) * BLOCK_DV) of the output.
+    split = tl.program_id(0)
+    pid = tl.program_id(1)  # (b, kv head, chunk of the group, Dv slice); the default split count keeps all
+    dvs = pid % NDV         # programs in one wave, so slices and chunks reading the same keys share them in L2
+    c = (pid // NDV) % NC
+    hk = (pid // (NDV * NC)) % Hkv
+    b = (pid // (NDV * NC * Hkv)).to(tl.int64)
+    r = tl.arange(0, ROWS)
+    hg = c * HPP + r // LQ
+    qi = r % LQ
+    valid = (r < HPP * LQ) & (hg < G)
+    h = hk * G + tl.where(valid, hg, 0)
+    offs_dc = tl.arange(0, BLOCK_DC)
+    offs_dv = dvs * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    qrow = Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm
+    qp = qi[:, None] + (Lk - LQ)
+    hq = h[:, None]
+    kbase = K + b * stride_kb + hk * stride_kh
+    vbase = V + b * stride_vb + hk * stride_vh
+    lst = LIST + (hk * NC + c) * list_stride
+    n = tl.load(lst)
+    per = tl.cdiv(n, S)
+    start = split * per
+    end = tl.minimum(start + per, n)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+    for j in range(start, end):
+        e = tl.load(lst + 1 + j)
+        offs_n = (e >> 1) * BLOCK_N + offs_n0
+        in_k = offs_n < Lk
+        s = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_DC):  # q chunks: loop invariant (Triton's LICM may hoist them)
+            od = d0 + offs_dc
+            qc = tl.load(qrow + od[None, :], mask=valid[:, None] & (od[None, :] < D), other=0.0)
+            kc = tl.load(kbase + offs_n[None, :] * stride_kn + od[:, None],
+                         mask=in_k[None, :] & (od[:, None] < D), other=0.0)
+            s += tl.dot(qc, kc, input_precision=PREC)
+        s = tl.where(in_k[None, :], s * qk_scale, float("-inf"))
+        if (e & 1) != 0:
+            s = tl.where(_mask(qp, offs_n[None, :], hq, AUX), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    orow = (b * (Hkv * G) + h) * LQ + qi
+    in_dv = offs_dv[None, :] < DV
+    if SINGLE:
+        tl.store(O + orow[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=valid[:, None] & in_dv)
+        if dvs == 0:
+            tl.store(LSE + orow, lse2 * 0.6931471805599453, mask=valid)
+    else:
+        row = orow * S + split
+        tl.store(W + row[:, None] * DV + offs_dv[None, :], out, mask=valid[:, None] & in_dv)
+        if dvs == 0:
+            tl.store(W + wl_off + row, lse2, mask=valid)
+
+
+@triton.jit
 def attn_decode_merge(W, O, LSE, S, wl_off, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Lq + qi
+    dvs = tl.program_id(1)  # which BLOCK_DV slice of the output row
     offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = dvs * BLOCK_DV + tl.arange(0, BLOCK_DV)
     lse = tl.load(W + wl_off + row * S + offs_s, mask=offs_s < S, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -122,10 +211,20 @@ def attn_decode_merge(W, O, LSE, S, wl_off, DV: tl.constexpr, BLOCK_S: tl.conste
     t_safe = tl.where(total > 0, total, 1.0)
     out = tl.sum(o * (w / t_safe)[:, None], 0)
     tl.store(O + row * DV + offs_dv, out.to(O.dtype.element_ty), mask=offs_dv < DV)
-    tl.store(LSE + row, tl.where(total > 0, (m_safe + tl.log2(t_safe)) * 0.6931471805599453, float("-inf")))
+    if dvs == 0:
+        tl.store(LSE + row, tl.where(total > 0, (m_safe + tl.log2(t_safe)) * 0.6931471805599453, float("-inf")))
 '''
 
 MAX_ROWS = 64  # rows (heads x queries) of one program; larger groups are cut into chunks
+# attn_decode_split holds whole q/k/v rows in one tile (<= NARROW_MAX_HEAD_DIM); wider heads take attn_decode_wide
+# attn_decode_wide's register budget. Compiled for sm_90 (Triton 3.9, bf16, D=576, Dv=512; registers from
+# cuobjdump): 32 rows x a 512-wide Dv slice with BLOCK_N=16 and 16 warps use 128 registers a thread without
+# spills (also D=1024, and 16 rows x 1024); 64 rows (wgmma) or BLOCK_N=32 spill, and so does 32 x 512 at
+# 8 warps. So a program has at most 32 rows (larger groups are cut into chunks) and its fp32 accumulator
+# (rows x Dv slice) at most WIDE_ACC_BUDGET elements (wider Dv: more slices, each recomputing the scores
+# from K that the sibling programs pull into L2 at the same time: the cache is read from HBM about once).
+WIDE_MAX_ROWS = 32
+WIDE_ACC_BUDGET = 32 * 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,7 +278,7 @@ def _kernels(pattern, lq: int, lk: int, device: str):
     lines, aux = generate(pattern, lq, lk)
     mod = kernel_module(lines, DECODE)
     aux = aux.to(device) if aux is not None else torch.zeros(1, dtype=torch.int32, device=device)
-    return mod.attn_decode_split, mod.attn_decode_merge, aux
+    return mod.attn_decode_split, mod.attn_decode_wide, mod.attn_decode_merge, aux
 
 
 @functools.lru_cache(maxsize=16)
@@ -187,9 +286,20 @@ def _num_sms(device: str) -> int:
     return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
 
 
+def is_wide(d: int, dv: int) -> bool:
+    """Whether (D, Dv) needs the chunked kernel `attn_decode_wide`."""
+    return max(d, dv) > NARROW_MAX_HEAD_DIM
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
 def default_block_n(d: int, dv: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 16  # the CPU interpreter: small tiles keep it quick
+    if is_wide(d, dv):
+        return 16  # see WIDE_MAX_ROWS: with 32 keys a block the accumulator spills
     return 64 if max(d, dv) <= 128 else 32
 
 
@@ -219,47 +329,84 @@ class _Launch:
     list_stride: int
     meta: dict
     merge_meta: dict
+    merge_slices: int  # Dv slices per output row in the merge grid
 
 
 @functools.lru_cache(maxsize=256)
 def _launch(pattern, b, hq, hkv, lq, lk, d, dv, dtype, device, num_splits, block_n, num_warps, num_stages,
-            max_rows) -> _Launch:
+            max_rows, wide, block_dv, block_dc) -> _Launch:
     if hq % hkv:
         raise ValueError(f"attention_decode: Hq={hq} is not a multiple of Hkv={hkv}")
+    wide = is_wide(d, dv) if wide is None else bool(wide)
+    limit = WIDE_MAX_HEAD_DIM if wide else NARROW_MAX_HEAD_DIM
+    if max(d, dv) > limit:
+        raise ValueError(f"attention_decode: head dims D={d}, Dv={dv} are too wide (at most {limit})")
+    if max_rows is None:
+        max_rows = WIDE_MAX_ROWS if wide else MAX_ROWS
     if lq > max_rows:
         raise ValueError(f"attention_decode: Lq={lq} is too long for the decode path (at most {max_rows})")
     dev = str(device)
+    cuda = device.type == "cuda"
     bn = block_n or default_block_n(d, dv, device)
     plan = decode_plan(pattern, lq, lk, bn, hq, hkv, dev, max_rows)
-    split_k, merge, aux = _kernels(pattern, lq, lk, dev)
-    programs = b * hkv * plan.chunks
-    s = max(1, int(num_splits or default_num_splits(programs, plan.max_blocks, device)))
-    cuda = device.type == "cuda"
-    meta = dict(G=hq // hkv, NC=plan.chunks, HPP=plan.heads_per_chunk, LQ=lq, D=d, DV=dv,
-                ROWS=max(16, _pow2(plan.heads_per_chunk * lq)), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_N=bn,
-                PREC="ieee" if dtype == torch.float32 else None, SINGLE=s == 1,
-                num_warps=num_warps or (4 if cuda else 1),
-                num_stages=num_stages or ((3 if max(d, dv) <= 128 else 2) if cuda else 1))
-    merge_meta = dict(DV=dv, BLOCK_S=max(2, 1 << (s - 1).bit_length()), BLOCK_DV=_pow2(dv),
-                      num_warps=4 if cuda else 1)
-    return _Launch(split_k, merge, aux, plan, s, programs, plan.lists.stride(0) if plan.owners > 1 else 0,
-                   meta, merge_meta)
+    narrow_k, wide_k, merge, aux = _kernels(pattern, lq, lk, dev)
+    rows = max(16, _pow2(plan.heads_per_chunk * lq))
+    common = dict(G=hq // hkv, NC=plan.chunks, HPP=plan.heads_per_chunk, LQ=lq, D=d, DV=dv, ROWS=rows,
+                  BLOCK_N=bn, PREC="ieee" if dtype == torch.float32 else None)
+    if wide:
+        bdv = block_dv or min(_pow2(dv), max(16, _pow2_floor(WIDE_ACC_BUDGET // rows)))
+        ndv = -(-dv // bdv)
+        programs = b * hkv * plan.chunks * ndv
+        # each split should read >= 512 keys: its partial output (rows x Dv fp32, written and merged) then
+        # stays small next to the keys it reads (512 x 576 bf16 for MLA)
+        min_blocks = max(4, 512 // bn)
+        meta = dict(common, NDV=ndv, BLOCK_DC=block_dc or min(64, _pow2(d)), BLOCK_DV=bdv,
+                    num_warps=num_warps or (16 if cuda else 1), num_stages=num_stages or (2 if cuda else 1))
+    else:
+        programs = b * hkv * plan.chunks
+        min_blocks = 4
+        meta = dict(common, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+                    num_warps=num_warps or (4 if cuda else 1),
+                    num_stages=num_stages or ((3 if max(d, dv) <= 128 else 2) if cuda else 1))
+    s = max(1, int(num_splits or default_num_splits(programs, plan.max_blocks, device, min_blocks)))
+    meta["SINGLE"] = s == 1
+    block_s = max(2, 1 << (s - 1).bit_length())
+    mdv = _pow2(dv) if not wide else min(_pow2(dv), max(32, _pow2_floor(8192 // block_s)))
+    merge_meta = dict(DV=dv, BLOCK_S=block_s, BLOCK_DV=mdv, num_warps=4 if cuda else 1)
+    return _Launch(wide_k if wide else narrow_k, merge, aux, plan, s, programs,
+                   plan.lists.stride(0) if plan.owners > 1 else 0, meta, merge_meta, -(-dv // mdv))
+
+
+def _is_full(pattern) -> bool:
+    return pattern is None or isinstance(pattern, Full)
 
 
 def attention_decode(q, k, v, pattern, scale: float, poison: bool = False, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                     max_rows: int = MAX_ROWS):
+                     max_rows: int | None = None, wide: bool | None = None, block_dv: int | None = None,
+                     block_dc: int | None = None):
     """Split-K forward for short queries. -> (out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32).
 
     Same semantics as `ops.attention_fwd`. ``num_splits``: pieces each (kv head, chunk) list of kv blocks
     is cut into (default: `default_num_splits`); ``block_n``: keys per block (default 64 on the GPU, 16
     under the interpreter); ``max_rows``: rows (heads x queries) of one program, a group with more
-    heads is cut into chunks (each chunk reads its K/V again). No host synchronisation once a shape has
-    been seen, so a decode step can be captured in a CUDA graph."""
+    heads is cut into chunks (each chunk reads its K/V again; default `MAX_ROWS`, `WIDE_MAX_ROWS` for wide heads).
+    No host synchronisation once a shape has been seen, so a decode step can be captured in a CUDA graph.
+
+    Head dims above 256 (up to `WIDE_MAX_HEAD_DIM`; or any with ``wide=True``) take `attn_decode_wide`:
+    scores summed over D chunks of ``block_dc``, the output accumulated per Dv slice of ``block_dv``
+    (one program per slice; default: as wide as `WIDE_ACC_BUDGET` allows). Full attention with more
+    queries than ``max_rows`` (e.g. MLA's absorbed decode with its heads folded into the query axis) is
+    computed with the queries folded into the heads, as one query per head."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    rows_cap = max_rows or (WIDE_MAX_ROWS if (is_wide(d, dv) if wide is None else wide) else MAX_ROWS)
+    if lq > rows_cap and _is_full(pattern):  # queries of full attention are independent: one per head
+        out, lse = attention_decode(q.reshape(b, hq * lq, 1, d), k, v, None, scale, poison, num_splits, block_n,
+                                    num_warps, num_stages, max_rows, wide, block_dv, block_dc)
+        return out.view(b, hq, lq, dv), lse.view(b, hq, lq)
     L = _launch(pattern, b, hq, hkv, lq, lk, d, dv, q.dtype, q.device, num_splits, block_n, num_warps, num_stages,
-                max_rows)
+                max_rows, wide, block_dv, block_dc)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -278,5 +425,5 @@ def attention_decode(q, k, v, pattern, scale: float, poison: bool = False, num_s
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), L.list_stride, hkv, lk, scale * LOG2E, s, rows * s * dv, **L.meta)
     if s > 1:
-        L.merge[(rows,)](w, out, lse, s, rows * s * dv, **L.merge_meta)
+        L.merge[(rows, L.merge_slices)](w, out, lse, s, rows * s * dv, **L.merge_meta)
     return out, lse
