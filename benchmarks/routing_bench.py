@@ -10,16 +10,22 @@ diagonal. Timed, each with `attnzoo.bench.timing.time_fn` (CUDA events, L2 flush
 
 - ``dense``: causal attention through torch SDPA (``backend="sdpa"``; cuDNN/flash) -- the baseline;
 - ``route``: ``router(q, k)``, the block mask alone;
-- ``attn``: the sparse attention alone (``backend="triton"``), pattern and layout built beforehand (warm caches);
-- ``total``: ``attnzoo.attention(q, k, v, pattern=router, backend="triton")`` end to end with the layout
-  caches of the Triton backend cleared before every call, as in real use where every call routes anew:
-  routing + packing the mask into a `BlockSparse` + building the layout + the kernel.
+- ``layout``: the block layout of the routed pattern (`RoutedBlocks.layouts`, forward only) for the block
+  sizes of the Triton forward kernel, classified on the device (Triton backend only);
+- ``attn``: the sparse attention (``backend="triton"``) on the routed call's pattern, built beforehand. A
+  routed pattern (`RoutedBlocks`) is per call: no backend caches its layout, so ``attn`` includes ``layout``,
+  as in real use;
+- ``total``: ``attnzoo.attention(q, k, v, pattern=router, backend="triton")`` end to end: routing + folding
+  the batch and wrapping the mask (no copy, no host sync) + the layout + the kernel. Nothing is cached per
+  call, so no cache needs clearing between calls (until the routed fast path, this cleared the Triton
+  layout caches, and the mask went to the host and into a `BlockSparse`).
 
 Reported (one JSON line per measurement, then a table): the exact visible pairs of the routed pattern and
 the ideal speedup (dense causal pairs / routed pairs), speedups of ``attn`` and ``total`` over ``dense``
 and their fraction of ideal, the routing share of ``total``, and ``route / attn`` (issue 7 asks for at most
-10 % at 64K) -- BENCHMARK_PROTOCOL.md's definitions. ``build = total - route - attn`` is the host overhead of
-turning the mask into a pattern and layout.
+10 % at 64K) -- BENCHMARK_PROTOCOL.md's definitions. ``build = total - route - attn`` is the overhead of
+turning the mask into a pattern (the layout is inside ``attn``); ``layout / attn`` is the metadata's share of
+the sparse attention (ARCHITECTURE.md's rule: at most 5 %).
 """
 from __future__ import annotations
 
@@ -77,13 +83,17 @@ def visible_pairs(mask: torch.Tensor, length: int, bs: int) -> int:
     return int((mask.to(torch.int64) * pairs.to(torch.int64)).sum())
 
 
-def clear_layout_caches():
-    """Forget the Triton backend's per-pattern layouts and generated kernel tables (not the compiled kernels)."""
-    from attnzoo.backends.triton import ops
-    from attnzoo.patterns import basic
+def layout_fn(call, args, device, dtype):
+    """The forward layout of a routed call for the Triton forward kernel's block sizes, or None when the
+    sparse backend is not Triton (or the pattern is not a `RoutedBlocks`)."""
+    if args.backend != "triton" or not isinstance(call.pattern, az.RoutedBlocks):
+        return None
+    from attnzoo.backends.triton.ops import config
 
-    for f in (ops._layout, ops._tlayout, ops._bwd_plan, ops._module, basic._bs_table, basic._bs_sat):
-        f.cache_clear()
+    cfg = config(args.d, args.d, device, call.pattern, "fwd", dtype)
+    lq, lk, h = call.q.shape[2], call.k.shape[2], call.q.shape[1]
+    return lambda: call.pattern.layouts(lq, lk, cfg["BLOCK_M"], cfg["BLOCK_N"], device=device, num_heads=h,
+                                        transposed=False)
 
 
 def record(out, **kw):
@@ -151,15 +161,13 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         pairs = visible_pairs(mask, L, args.block)
         ideal = dense_pairs / pairs
         route = time_fn(lambda: router(q, k), **timing)
+        lay_f = layout_fn(call, args, q.device, q.dtype)
+        lay = time_fn(lay_f, **timing) if lay_f is not None else None
         attn = time_fn(lambda: az.attention(call.q, call.k, call.v, pattern=call.pattern,
                                             backend=sparse_backend), **timing)
-
-        def total_fn():
-            clear_layout_caches()
-            return az.attention(q, k, v, pattern=router, backend=sparse_backend)
-
-        total = time_fn(total_fn, **timing)
+        total = time_fn(lambda: az.attention(q, k, v, pattern=router, backend=sparse_backend), **timing)
         d_ms, r_ms, a_ms, t_ms = _ms(dense), _ms(route), _ms(attn), _ms(total)
+        l_ms = _ms(lay) if lay is not None else None
         ok = all(x is not None for x in (d_ms, r_ms, a_ms, t_ms))
         status = "ok" if ok else next(t["status"] for t in (dense, route, attn, total) if t["status"] != "ok")
         message = "; ".join(f"{n}: {t['message']}" for n, t in
@@ -169,7 +177,8 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             out, kind="routed", name=name, router=repr(router), status=status, message=message,
             visible_pairs=pairs, density_vs_causal=pairs / dense_pairs,
             block_density=float(mask.float().mean()), ideal_speedup=ideal,
-            dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms,
+            dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms, layout_ms=l_ms,
+            layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None,
             build_ms=(t_ms - r_ms - a_ms) if ok else None,
             route_p20_ms=route["p20_ms"], route_p80_ms=route["p80_ms"], attn_p20_ms=attn["p20_ms"],
             attn_p80_ms=attn["p80_ms"], total_p20_ms=total["p20_ms"], total_p80_ms=total["p80_ms"],
@@ -183,7 +192,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
 
 def table(rows) -> str:
     head = (f"{'L':>7} {'router':<12} {'top_k':>5} {'dens':>6} {'ideal':>6} {'dense':>8} {'route':>8} {'attn':>8} "
-            f"{'total':>8} {'x attn':>7} {'x total':>7} {'f.ideal':>7} {'r.share':>7} {'r/attn':>6}  status")
+            f"{'total':>8} {'x attn':>7} {'x total':>7} {'f.ideal':>7} {'r.share':>7} {'r/attn':>6} {'l/attn':>6}  status")
     lines = [head, "-" * len(head)]
     f = lambda x, w, p=2: f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
@@ -193,9 +202,10 @@ def table(rows) -> str:
                      f"{f(r.get('ideal_speedup'), 6, 1)} {f(r.get('dense_ms'), 8)} {f(r.get('route_ms'), 8)} "
                      f"{f(r.get('attn_ms'), 8)} {f(r.get('total_ms'), 8)} {f(r.get('speedup_attn'), 7)} "
                      f"{f(r.get('speedup_total'), 7)} {f(r.get('fraction_of_ideal_total'), 7)} "
-                     f"{f(r.get('routing_share'), 7)} {f(r.get('route_over_attn'), 6)}  {r['status']}")
+                     f"{f(r.get('routing_share'), 7)} {f(r.get('route_over_attn'), 6)} {f(r.get('layout_over_attn'), 6)}  "
+                     f"{r['status']}")
     lines.append("times in ms (median); x = speedup over dense causal SDPA; f.ideal = fraction of ideal (total); "
-                 "r.share = routing / total")
+                 "r.share = routing / total; l/attn = layout / attn")
     return "\n".join(lines)
 
 

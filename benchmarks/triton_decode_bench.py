@@ -3,7 +3,7 @@ against FlexAttention (compiled) and SDPA, one process, bf16, B=1, Hq in {64, 32
 absorbed decode (32 heads over one 576/512-wide latent head) against SDPA.
 
     PYTHONPATH=src python3 benchmarks/triton_decode_bench.py [--out benchmarks/results/decode.jsonl]
-        [--cases gqa,mla]
+        [--cases gqa,mla,loop]
 
 First a correctness check at smaller lengths (poisoned outputs, the protocol's rule against the float64
 reference, several split counts and block sizes); then times (CUDA events, L2 flushed, median) for a few
@@ -18,6 +18,13 @@ kernel (`attn_decode_wide`, a few (num_splits, block_n, block_dv) choices, best 
 ran before, BENCHMARKS.md "MLA decode at 32K context": 99 GB/s); GB/s counts the latent cache read once
 (B x L x 576 x 2 bytes).
 
+Growing Lk (``--cases loop``): a decode loop as a serving engine runs it, eager: one token a step against a KV
+cache that grows by one key a step (views of a preallocated cache), 100 steps from each of ``--loop-lengths``,
+for the closed-form visit ranges (``visit="range"``, the default for these patterns: nothing is built on the
+host per step) and the visit lists (``visit="list"``: rebuilt on the host every step, as before). Per step: the
+host time of the call, the wall time (host and GPU overlapped, synchronised once after the loop) and GB/s (bytes
+of K and V in the visited blocks / wall time). L2 is not flushed (consecutive steps read the same cache).
+
 Each callable is timed twice: "graph" replays it captured in a CUDA graph (how serving engines run decode
 steps; the GPU time alone), "eager" calls it from Python (includes launch overhead wherever the host is
 slower than the GPU: two Triton launches cost some tens of us of host time here).
@@ -26,10 +33,12 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
 import attnzoo as az
+from attnzoo.backends.triton import decode as dec
 from attnzoo.backends.triton.decode import _launch, attention_decode, decode_plan, default_block_n, default_num_splits
 from attnzoo.bench.timing import time_fn
 from attnzoo.testing import check_close
@@ -214,7 +223,7 @@ def mla_speed(b, lk, reps=30):
     for i, (ns, bn, bdv, bdc, nw, st) in enumerate(MLA_CONFIGS):
         fn = lambda: attention_decode(q, k, v, None, MLA_SCALE, num_splits=ns, block_n=bn,  # noqa: E731
                                       block_dv=bdv, block_dc=bdc, num_warps=nw, num_stages=st)
-        L = _launch(None, b, 1, 1, MLA_HEADS, lk, q.shape[-1], v.shape[-1], q.dtype, q.device, ns, bn, nw, st,
+        L = _launch(None, b, 1, 1, MLA_HEADS, dec.lk_bucket(lk), q.shape[-1], v.shape[-1], q.dtype, q.device, ns, bn, nw, st,
                     None, None, bdv, bdc)  # the configuration this call resolves to
         cfg = dict(num_splits=L.splits, block_n=L.meta["BLOCK_N"], block_dv=L.meta["BLOCK_DV"],
                    block_dc=L.meta["BLOCK_DC"], rows=L.meta["ROWS"], num_warps=L.meta["num_warps"],
@@ -268,6 +277,61 @@ def run_mla(args, emit):
               f"{r['median_ms'] * 1e3:>9.1f}{r['gbps']:>8.0f}{r['frac_peak']:>7.1%}{tag}")
 
 
+def _visited_bytes(pattern, hq, hkv, lk, bn, d, itemsize=2):
+    """Bytes of K and V in the kv blocks one step visits (lq = 1; a program takes a whole group)."""
+    spec = dec.range_spec(pattern)
+    keys = sum(min(bn, lk - blk * bn) for blk, _ in dec.range_blocks(spec, 1, lk, bn))
+    _, chunks = dec._group_chunks(hq, hkv, 1, dec.MAX_ROWS)
+    return keys * hkv * chunks * 2 * d * itemsize
+
+
+def loop_speed(pname, pattern, hq, hkv, lk0, steps=100, d=128, visit="auto"):
+    """``steps`` eager decode steps, Lk = lk0 + 1 .. lk0 + steps (see the module docstring)."""
+    cap = lk0 + steps + 1
+    q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+    attention_decode(q, k[:, :, :lk0], v[:, :, :lk0], pattern, scale, visit=visit)  # compile; the first step
+    torch.cuda.synchronize()
+    bn = default_block_n(d, d, q.device)
+    nbytes = sum(_visited_bytes(pattern, hq, hkv, lk0 + 1 + i, bn, d) for i in range(steps))
+    misses = dec._launch.cache_info().misses
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host = 0.0
+    t0 = time.perf_counter()
+    start.record()
+    for i in range(steps):
+        lk = lk0 + 1 + i
+        h0 = time.perf_counter()
+        attention_decode(q, k[:, :, :lk], v[:, :, :lk], pattern, scale, visit=visit)
+        host += time.perf_counter() - h0
+    end.record()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return dict(kind="loop", pattern=pname, B=1, hq=hq, hkv=hkv, lq=1, L0=lk0, steps=steps, d=d, dtype="bfloat16",
+                visit=visit, host_us=host / steps * 1e6, wall_us=wall / steps * 1e6,
+                stream_us=start.elapsed_time(end) / steps * 1e3, gbps=nbytes / wall / 1e9,
+                frac_peak=nbytes / wall / PEAK_BYTES_S, launch_misses=dec._launch.cache_info().misses - misses,
+                **env())
+
+
+def run_loop(args, emit):
+    rows = []
+    for pname, pattern in PATTERNS.items():
+        for hq in [int(x) for x in args.heads.split(",")]:
+            for lk in [int(x) for x in args.loop_lengths.split(",")]:
+                for visit in ("range", "list"):
+                    new = [loop_speed(pname, pattern, hq, args.hkv, lk, args.loop_steps, visit=visit)]
+                    emit(new)
+                    rows += new
+    print(f"\n{'growing Lk':<15}{'Hq':>4}{'L0':>8}  {'visit':<7}{'host us':>9}{'wall us':>9}{'GB/s':>8}{'peak':>7}"
+          f"{'launches':>9}")
+    for r in rows:
+        print(f"{r['pattern']:<15}{r['hq']:>4}{r['L0']:>8}  {r['visit']:<7}{r['host_us']:>9.1f}{r['wall_us']:>9.1f}"
+              f"{r['gbps']:>8.0f}{r['frac_peak']:>7.1%}{r['launch_misses']:>9}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/decode.jsonl")
@@ -277,13 +341,16 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--cases", default="gqa,mla", help="gqa: the D=128 GQA/pattern cases; mla: MLA's absorbed "
-                    "decode (32 heads over one 576/512-wide latent head)")
+                    "decode (32 heads over one 576/512-wide latent head); loop: a decode loop with growing Lk "
+                    "(host + device time a step, eager), visit ranges vs visit lists")
+    ap.add_argument("--loop-lengths", default="32768,131072", help="--cases loop: the key lengths the loops start at")
+    ap.add_argument("--loop-steps", type=int, default=100)
     ap.add_argument("--mla-lengths", default="32768,131072")
     ap.add_argument("--mla-batches", default="1,8")
     args = ap.parse_args()
     cases = set(args.cases.split(","))
-    if not cases <= {"gqa", "mla"}:
-        ap.error(f"--cases: unknown {sorted(cases - {'gqa', 'mla'})}; choose from gqa, mla")
+    if not cases <= {"gqa", "mla", "loop"}:
+        ap.error(f"--cases: unknown {sorted(cases - {'gqa', 'mla', 'loop'})}; choose from gqa, mla, loop")
     if not torch.cuda.is_available():
         sys.exit("triton_decode_bench.py needs a CUDA GPU")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -313,6 +380,8 @@ def main():
                         print(f"  done {pname} Hq={hq} L={lk}", flush=True)
         if "mla" in cases:
             run_mla(args, emit)
+        if "loop" in cases:
+            run_loop(args, emit)
     if "gqa" in cases:
         print(f"\n{'pattern':<15}{'Hq':>4}{'L':>8}  {'backend':<15}{'mode':<7}{'splits':>7}{'bn':>5}{'us':>9}{'GB/s':>8}"
               f"{'peak':>7}")

@@ -76,6 +76,65 @@ def test_parse_method():
             N.parse_method(bad)
 
 
+def test_parse_router_methods():
+    from attnzoo import routing as R
+    assert N.parse_method("topk:16:3") == R.TopKBlocks(16, top_k=3)
+    assert N.parse_method("longheads:8:2") == R.LongHeads(8, 2)
+    assert N.parse_method("landmark:8:2") == R.Landmark(8, 2)
+    assert N.parse_method("vslash:16:30:50") == R.VerticalSlash(30, 50, block_size=16)
+    assert N.parse_method("flexprefill:32:0.9") == R.FlexPrefill(32, gamma=0.9)
+    assert N.parse_method("FlexPrefill:32:0.8:0.2") == R.FlexPrefill(32, gamma=0.8, tau=0.2)
+    if hasattr(R, "HiP"):
+        assert N.parse_method("hip:8:2") == R.HiP(8, 2)
+    for bad, words in (("topk:16", "expected topk:B:K"), ("topk:16:x", "must be an integer"),
+                       ("topk:16:0", "top_k"), ("flexprefill:16:1.5", "gamma"), ("flexprefill:16", "expected"),
+                       ("vslash:16:3", "expected"), ("landmark:8:2:1", "expected"), ("flexprefill:8:a", "number")):
+        with pytest.raises(ValueError, match=words):
+            N.parse_method(bad)
+    assert "vslash:B:V:S" in N.method_names()
+
+
+def test_router_as_layer_pattern_and_measured_density():
+    """A router set as every Attention layer's pattern runs the model; a full-coverage router equals dense; the
+    measured density counts the visible pairs of every call."""
+    from attnzoo import routing as R
+    g = N.NiahGrid(name="t", vocab_size=96, n_keys=16, n_values=16, d_model=32, n_layers=2)
+    torch.manual_seed(0)
+    model = N.build_model(g).eval()
+    x, _ = N.niah(2, 48, 0.0, 1, V, seed=0)
+    with torch.no_grad():
+        dense = model(x)
+        full = N.MeasuredRouter(R.TopKBlocks(8, top_k=6))
+        with N.use_pattern(model, full):
+            assert torch.allclose(model(x), dense, atol=1e-5)
+        assert full.density == pytest.approx(az.Causal().density(48, 48))
+        sparse = N.MeasuredRouter(N.parse_method("topk:8:1"))
+        assert sparse.density is None
+        with N.use_pattern(model, sparse):
+            out = model(x)
+        assert (out - dense).abs().max() > 1e-4 and 0 < sparse.density < full.density
+        # the count: pairs of each router block mask, as evaluate() measures them
+        q = torch.randn(2, 4, 40, 8)
+        k = torch.randn(2, 2, 48, 8)
+        r = R.TopKBlocks(8, top_k=1)
+        want = R.evaluate(q, k, k, r)["pair_density"].mean().item()
+        assert N._visible_pairs(r(q, k), 40, 48, 8, True) / (2 * 4 * 40 * 48) == pytest.approx(want)
+
+
+def test_router_methods_in_a_tiny_grid(tmp_path):
+    g = N.NiahGrid(name="t", train_len=32, lengths=(32, 64), depths=(0.0,), tasks=("single",),
+                   methods=("dense", "topk:8:1", "vslash:8:2:2", "flexprefill:8:0.9"), vocab_size=96, n_keys=16,
+                   n_values=16, d_model=32, steps=2, n_train=32, n_val=8, eval_every=2, n_test=4, eval_batch_size=4)
+    recs = N.run_grid(g, tmp_path, device="cpu", progress=False)
+    assert len(recs) == 4 * 2 and all(r["status"] == "ok" for r in recs), [r.get("message") for r in recs]
+    for r in recs:
+        causal = az.Causal().density(r["length"], r["length"])
+        assert r["density_source"] == ("static" if r["method"] == "dense" else "measured")
+        assert 0 < r["density"] <= causal + 1e-12
+    assert any(r["density"] < az.Causal().density(64, 64) for r in recs if r["method"] == "topk:8:1")
+    assert "TopKBlocks(block_size=8" in next(r["pattern"] for r in recs if r["method"] == "topk:8:1")
+
+
 def test_pattern_swap_changes_outputs_and_restores():
     g = N.NiahGrid(name="t", vocab_size=96, n_keys=16, n_values=16, d_model=32, n_layers=2)
     torch.manual_seed(0)

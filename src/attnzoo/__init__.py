@@ -11,3 +11,7 @@ from .patterns import __all__ as _patterns_all
 
 __version__ = "0.1.0"
 __all__ = ["attention", "explain", "routing", "TopKBlocks", "LongHeads", "Landmark", *_patterns_all]
+
+from .routing import HiP, KMeansRouting  # noqa: E402
+
+__all__ += ["HiP", "KMeansRouting"]

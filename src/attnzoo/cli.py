@@ -546,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1")
     n.add_argument("--methods", action="append", metavar="M",
                    help="methods (repeat or comma-separate): dense, window:W, streaming:S,W, chunked:C, power:W, "
-                        "dilated:W,D")
+                        "dilated:W,D; routers: topk:B:K, longheads:C:K, landmark:B:K, hip:B:K, vslash:B:V:S "
+                        "(MInference vertical-slash), flexprefill:B:G[:T] (gamma, tau)")
     n.add_argument("--niah-tasks", action="append", metavar="T",
                    help="single and/or multikey (cpu default: single; full: both)")
     p_bench.set_defaults(func=cmd_bench, subparser=p_bench)

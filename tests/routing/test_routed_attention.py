@@ -63,17 +63,18 @@ def test_plan_folds_batch_into_heads():
     call = router.plan(q, k, v)
     assert call.q.shape == (1, 12, 24, 8) and call.k.shape == (1, 6, 24, 8) and call.v.shape == (1, 6, 24, 8)
     assert call.mask.shape == (3, 4, 3, 3)
-    assert isinstance(call.pattern, az.Intersection) and isinstance(call.pattern.a, az.BlockSparse)
-    assert torch.equal(call.pattern.a.blocks, call.mask.reshape(12, 3, 3))
+    assert isinstance(call.pattern, az.RoutedBlocks) and call.pattern.causal
+    assert call.pattern.block_mask.data_ptr() == call.mask.data_ptr()     # the router's mask, not a copy
+    assert torch.equal(call.pattern.block_mask, call.mask.reshape(12, 3, 3)) and call.pattern.block_size == (8, 8)
     assert call.unfold(torch.zeros(1, 12, 24, 5)).shape == (3, 4, 24, 5)
     noncausal = TopKBlocks(8, top_k=1, causal=False).plan(q, k, v)
-    assert isinstance(noncausal.pattern, az.BlockSparse)
+    assert isinstance(noncausal.pattern, az.RoutedBlocks) and not noncausal.pattern.causal
 
 
 def test_explain_routed():
     q, k, v = H.qkv(2, 2, 2, 16, 16, 8, dtype=torch.float32)
     ex = az.explain(q, k, v, pattern=TopKBlocks(8, top_k=1))
-    assert ex.backend is not None and "BlockSparse" in ex.request
+    assert ex.backend is not None and "RoutedBlocks" in ex.request
 
 
 def test_triton_interpreter_tiny():

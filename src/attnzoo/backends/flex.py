@@ -53,11 +53,21 @@ def _no_silent_fallback(compiled: bool):
                                       fail_on_recompile_limit_hit=True)
 
 
-@functools.lru_cache(maxsize=64)
 def block_mask_for(pattern, lq: int, lk: int, num_heads: int, device: str):
-    """The FlexAttention BlockMask of a pattern, from its closed-form BlockLayout (cached)."""
+    """The FlexAttention BlockMask of a pattern, from its closed-form BlockLayout (cached, except for a
+    per-call `RoutedBlocks`, whose identity-based key would only fill the cache)."""
+    from ..patterns import RoutedBlocks
+    if isinstance(pattern, RoutedBlocks):
+        return _block_mask_uncached(pattern, lq, lk, num_heads, device)
+    return _block_mask_cached(pattern, lq, lk, num_heads, device)
+
+
+def _block_mask_uncached(pattern, lq: int, lk: int, num_heads: int, device: str):
     layout = pattern.block_layout(lq, lk, BLOCK, BLOCK, device=device, num_heads=num_heads)
     return layout.to_block_mask(pattern.mask_mod(lq, lk, device))
+
+
+_block_mask_cached = functools.lru_cache(maxsize=64)(_block_mask_uncached)
 
 
 def run_flex(q, k, v, pattern, scale, *, compiled: bool, return_lse: bool = True):

@@ -48,6 +48,22 @@ of the trained model, see `use_pattern`)::
     power:W          PowerAttention(W - 1)                 (window of W keys + power-of-two distances)
     dilated:W,D      Dilated(W, D)                         (W keys, every D-th)
 
+Content-routed methods (`attnzoo.routing` routers: the block mask is chosen per call from q and k; arguments
+separated by ``:`` so that they survive comma-separated method lists)::
+
+    topk:B:K         TopKBlocks(block_size=B, top_k=K)     (pooled q . pooled k, K blocks + sink + local)
+    longheads:C:K    LongHeads(chunk_size=C, top_k=K)
+    landmark:B:K     Landmark(block_size=B, top_k=K)
+    hip:B:K          HiP(block_size=B, top_k=K)            (hierarchical top-k pruning)
+    vslash:B:V:S     VerticalSlash(V, S, block_size=B)     (MInference: V columns, S diagonals, as blocks)
+    flexprefill:B:G[:T]  FlexPrefill(block_size=B, gamma=G, tau=T)  (tau defaults to 0.1)
+
+(`KMeansRouting` is not offered: its centroids are learned per layer, and the model here is trained dense.)
+
+A static pattern's ``density`` is recorded from its closed form; a router's is *measured*: the visible
+(query, key) pairs of every routed call of the cell (all layers, heads and examples) over all pairs
+(``density_source`` says which).
+
 Expected: dense retrieves within the training length; windows fail once the needle is farther from the query
 than the window (two layers reach about 2W back); sinks do not help retrieval.
 """
@@ -65,6 +81,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..routing import Router
 from .recall import (IGNORE_INDEX, TrainConfig, _append, _distinct, _figure, _md_table, _prepare_cuda, _slug,
                      default_device, derive_seed, environment, evaluate, latest_records, train)
 
@@ -185,10 +202,57 @@ def niah_data(split: str, num_examples: int, task: str, seq_len: int, depth: Opt
 # --------------------------------------------------------------------------------------------------
 # Methods (patterns swapped in at inference)
 # --------------------------------------------------------------------------------------------------
+def _router_methods() -> dict:
+    """Router methods: name -> (usage, integer fields, optional float fields, builder from the parsed fields)."""
+    from .. import routing as R
+
+    def opt(a, i, key):
+        return {key: a[i]} if len(a) > i else {}
+    table = {
+        "topk": ("topk:B:K", 2, 0, lambda a: R.TopKBlocks(block_size=a[0], top_k=a[1])),
+        "longheads": ("longheads:C:K", 2, 0, lambda a: R.LongHeads(chunk_size=a[0], top_k=a[1])),
+        "landmark": ("landmark:B:K", 2, 0, lambda a: R.Landmark(block_size=a[0], top_k=a[1])),
+        "vslash": ("vslash:B:V:S", 3, 0, lambda a: R.VerticalSlash(a[1], a[2], block_size=a[0])),
+        "flexprefill": ("flexprefill:B:G[:T]", 1, 2,
+                        lambda a: R.FlexPrefill(block_size=a[0], gamma=a[1], **opt(a, 2, "tau"))),
+    }
+    if hasattr(R, "HiP"):
+        table["hip"] = ("hip:B:K", 2, 0, lambda a: R.HiP(block_size=a[0], top_k=a[1]))
+    return table
+
+
+def _parse_router(name: str, fields: list, spec: str):
+    """``fields``: the ``:``-separated arguments. Integer fields first, then float fields (the first required)."""
+    usage, n_int, n_float, build = _router_methods()[name]
+    n_min = n_int + min(n_float, 1)
+    if not n_min <= len(fields) <= n_int + n_float:
+        raise ValueError(f"method {spec!r}: expected {usage}")
+    args = []
+    for i, f in enumerate(fields):
+        kind = int if i < n_int else float
+        try:
+            args.append(kind(f))
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"method {spec!r}: field {i + 1} ({f!r}) must be {what}; expected {usage}") from None
+    try:
+        return build(args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"method {spec!r}: {e}") from None
+
+
+def method_names() -> str:
+    """The method syntax, for error messages and help."""
+    return ("dense, window:W, streaming:S,W, chunked:C, power:W, dilated:W,D, "
+            + ", ".join(m[0] for m in _router_methods().values()))
+
+
 def parse_method(spec: str):
-    """A method name -> its pattern (see the module docstring)."""
+    """A method name -> its pattern, or its router for the routed methods (see the module docstring)."""
     from ..patterns import Causal, Chunked, Dilated, PowerAttention, Sinks, SlidingWindow
     name, _, arg = str(spec).strip().partition(":")
+    if name.lower() in _router_methods():
+        return _parse_router(name.lower(), arg.split(":") if arg else [], spec)
     try:
         nums = [int(a) for a in arg.split(",")] if arg else []
     except ValueError:
@@ -196,8 +260,7 @@ def parse_method(spec: str):
     name = name.lower()
     want = {"dense": 0, "window": 1, "streaming": 2, "chunked": 1, "power": 1, "dilated": 2}
     if name not in want:
-        raise ValueError(f"unknown niah method {spec!r}; choose from dense, window:W, streaming:S,W, chunked:C, "
-                         "power:W, dilated:W,D")
+        raise ValueError(f"unknown niah method {spec!r}; choose from {method_names()}")
     if len(nums) != want[name] or any(v < 1 for v in nums):
         raise ValueError(f"method {spec!r} takes {want[name]} positive integer argument(s)")
     if name == "dense":
@@ -216,6 +279,47 @@ def parse_method(spec: str):
 def attention_layers(model) -> list:
     from ..layers import Attention
     return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def _visible_pairs(mask: torch.Tensor, q_len: int, kv_len: int, bs: int, causal: bool) -> int:
+    """Visible (query, key) pairs of a router's block mask (B, H, nb, nb), queries bottom-right aligned."""
+    nb = mask.shape[-1]
+    dev = mask.device
+    pos = torch.arange(kv_len - q_len, kv_len, device=dev)                  # query positions
+    k0 = torch.arange(nb, device=dev) * bs                                   # key block c: [k0, k0 + w)
+    w = (k0 + bs).clamp(max=kv_len) - k0
+    keys = ((pos[:, None] + 1 - k0[None, :]).clamp(min=0)).minimum(w) if causal else w.expand(q_len, nb)
+    pairs = torch.zeros(nb, nb, dtype=torch.int64, device=dev).index_add_(0, pos // bs, keys.to(torch.int64))
+    return int((mask.to(torch.int64) * pairs).sum())
+
+
+class MeasuredRouter(Router):
+    """Routes exactly as ``router`` (its ``plan``) and counts the visible pairs of every call: ``density`` is
+    the measured pair density so far (None before the first call)."""
+
+    def __init__(self, router: Router):
+        self.inner, self.block_size, self.causal = router, router.block_size, router.causal
+        self.visible, self.pairs = 0, 0
+
+    def __call__(self, q, k):
+        return self.inner(q, k)
+
+    def pattern(self, mask):
+        return self.inner.pattern(mask)
+
+    def plan(self, q, k, v, mask=None):
+        call = self.inner.plan(q, k, v, mask)
+        b, h, lq, _ = q.shape
+        self.visible += _visible_pairs(call.mask, lq, k.shape[2], self.block_size, self.causal)
+        self.pairs += b * h * lq * k.shape[2]
+        return call
+
+    @property
+    def density(self) -> Optional[float]:
+        return self.visible / self.pairs if self.pairs else None
+
+    def __repr__(self):
+        return repr(self.inner)
 
 
 @contextmanager
@@ -416,11 +520,18 @@ def run_cell(model, grid: NiahGrid, cell: Cell, device, env: dict, model_info: d
     try:
         pattern = parse_method(cell.method)
         rec["pattern"] = repr(pattern)
-        rec["density"] = float(pattern.density(cell.length, cell.length))
+        if isinstance(pattern, Router):   # no closed form: measured on the cell's own calls
+            pattern = MeasuredRouter(pattern)
+            rec["density_source"] = "measured"
+        else:
+            rec["density"] = float(pattern.density(cell.length, cell.length))
+            rec["density_source"] = "static"
         x, y = niah_data("test", grid.n_test, cell.task, cell.length, cell.depth, grid.num_needles, grid.vocab,
                          grid.key_len, grid.value_len, grid.seed)
         with use_pattern(model, pattern):
             res = evaluate(model, x, y, grid.eval_batch_size, device)
+        if rec["density_source"] == "measured":
+            rec["density"] = pattern.density
         rec.update(status="ok", message="", acc=res["acc"], loss=res["loss"], answers=res["count"])
     except Exception as exc:  # noqa: BLE001 - recorded, the grid goes on
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

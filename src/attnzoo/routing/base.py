@@ -13,9 +13,12 @@ False. ``Lq > Lk`` (queries before the first key) is rejected.
 Running a router as a pattern (``attnzoo.attention(q, k, v, pattern=router)``): the api calls
 `Router.plan`, which routes, folds the batch into the heads (q viewed as (1, B*Hq, Lq, D), k and v as
 (1, B*Hkv, Lk, D): query head ``b*Hq + h`` maps to kv head ``(b*Hq + h) // G = b*Hkv + h // G``, so
-GQA stays right) and builds the static pattern ``BlockSparse(mask.reshape(B*Hq, nb, nb), bs)``,
-intersected with `Causal` for a causal router. The api then runs that ordinary pattern on the chosen
-backend and `RoutedCall.unfold` puts the batch back. The routing decision is taken under
+GQA stays right) and wraps the mask, where it is (no copy, no host sync), in the per-call pattern
+``RoutedBlocks(mask.reshape(B*Hq, nb, nb), bs, causal=router.causal)`` (`attnzoo.patterns.routed`: exact
+device-side block layout for any kernel block size, token causality folded in, equality by identity so
+that no backend caches per call). The api then runs that pattern on the chosen backend and
+`RoutedCall.unfold` puts the batch back. (``BlockSparse(mask, bs) & Causal()`` is the same pattern as a
+static value: packed on the host, hashable, cached by every backend; right for a mask fixed once.) The routing decision is taken under
 ``torch.no_grad`` (it is not differentiated); gradients flow to q, k, v through the sparse attention.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ..patterns import BlockSparse, Causal, Pattern
+from ..patterns import Pattern, RoutedBlocks
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -179,7 +182,7 @@ def select_blocks(scores: torch.Tensor, has_q: torch.Tensor, *, causal: bool, si
 # -- the base class and the api glue ----------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class RoutedCall:
-    """One routed attention call, ready for the api: folded tensors, the static pattern, the mask."""
+    """One routed attention call, ready for the api: folded tensors, the per-call pattern, the mask."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -214,9 +217,9 @@ class Router:
         return num_blocks(kv_len, self.block_size)
 
     def pattern(self, mask: torch.Tensor) -> Pattern:
-        """The static pattern of a block mask (H, nb, nb) (batch already folded into heads)."""
-        p = BlockSparse(mask, self.block_size)
-        return p & Causal() if self.causal else p
+        """The per-call pattern of a block mask (H, nb, nb) (batch already folded into heads): a
+        `RoutedBlocks` over the mask as it is, on its device."""
+        return RoutedBlocks(mask, self.block_size, causal=self.causal)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: Optional[torch.Tensor] = None) -> RoutedCall:

@@ -19,7 +19,7 @@ is always the mean of the block's queries (per query head); they differ in how a
   Attention's learned landmark tokens.
 
 Not differentiated: the selection is a discrete decision. SeerAttention's learnable gate (linear maps on the
-pooled q and k distilled from block-pooled true attention) is not here yet.
+pooled q and k distilled from block-pooled true attention) is `attnzoo.routing.seer.SeerRouter`.
 """
 from __future__ import annotations
 

@@ -33,6 +33,9 @@ def decode_route(req: Request) -> bool:
     """Whether `TritonBackend.run` takes the split-K decode kernel for ``req`` (inference calls only)."""
     if req.needs_grad:
         return False
+    from ...patterns import RoutedBlocks
+    if isinstance(req.pattern, RoutedBlocks):  # a per-call device mask: the forward kernel reads it as is,
+        return False                          # the decode kernel's host-built visit lists would copy it
     if req.Lq <= DECODE_MAX_LQ:
         return True
     return (max(req.D, req.Dv) > MAX_HEAD_DIM and req.kind == "full"

@@ -14,7 +14,8 @@ import math
 import torch
 
 from ...patterns import (BlockSparse, Causal, Chunked, Dilated, Document, Full, Intersection, Neighborhood, Pattern,
-                         PerHead, PowerAttention, PrefixLM, Sinks, SlidingWindow, Strided, TiledNeighborhood, Union)
+                         PerHead, PowerAttention, PrefixLM, RoutedBlocks, Sinks, SlidingWindow, Strided,
+                         TiledNeighborhood, Union)
 
 
 class Unsupported(Exception):
@@ -122,6 +123,29 @@ def _blocksparse(g, p):
     return g.var(f"({bit} != 0) & ({qp} >= 0)")
 
 
+def _block_lookup(g, off: int, grid: tuple, block_size: tuple, causal: bool) -> str:
+    """Visibility from a block mask read in-kernel at ``AUX + off`` (one element per block, heads then rows
+    then columns; any integer or bool dtype), as `_blocksparse`, with token causality when ``causal``."""
+    h, nq, nk = grid
+    bq, bk = block_size
+    qp, kk = g.qp, g.kk
+    qb = g.var(f"tl.minimum(tl.maximum({qp}, 0) // {bq}, {nq - 1})")
+    kb = g.var(f"tl.minimum(tl.maximum({kk}, 0) // {bk}, {nk - 1})")
+    if off + h * nq * nk >= 2**31:  # int32 offsets would overflow
+        qb = g.var(f"{qb}.to(tl.int64)")
+    base = str(off) if h == 1 else f"{off} + tl.minimum(tl.maximum(hq, 0), {h - 1}) * {nq * nk}"
+    bit = g.var(f"tl.load(AUX + {base} + {qb} * {nk} + {kb})")
+    m = g.var(f"({bit} != 0) & ({qp} >= 0)")
+    return g.var(f"{m} & ({kk} <= {qp})") if causal else m
+
+
+def _routed(g, p):
+    """A `RoutedBlocks` inside a composite (or for the decode kernel): its mask copied into AUX (a host copy,
+    cached with the kernel). A standalone RoutedBlocks takes `generate_routed` instead (the mask is AUX)."""
+    off = g.add_aux(p.block_mask.reshape(-1))
+    return _block_lookup(g, off, p.grid, p.block_size, p.causal)
+
+
 def _neighborhood(g, p):
     grid = p.grid if p.grid is not None else (g.lk,)
     strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
@@ -207,7 +231,7 @@ def _perhead(g, p):
 _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Chunked: _chunked,
          Dilated: _dilated, Strided: _strided, PrefixLM: _prefix, PowerAttention: _power, Document: _document,
          Neighborhood: _neighborhood, TiledNeighborhood: _tiled_neighborhood, Union: _union,
-         Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse}
+         Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse, RoutedBlocks: _routed}
 
 
 def generate(pattern: Pattern, lq: int, lk: int):
@@ -217,6 +241,22 @@ def generate(pattern: Pattern, lq: int, lk: int):
     lines = g.lines + [f"return {m}"]
     aux = torch.cat(g.aux) if g.aux else None
     return lines, aux
+
+
+def generate_routed(key: tuple, lq: int, lk: int, nested: bool) -> list:
+    """Mask body of a standalone `RoutedBlocks` (``key``: its `static_key`, (name, grid, block_size, causal));
+    ``nested``: `RoutedBlocks.nested` for the kernel's blocks. The kernel reads the mask itself as AUX (the per-call
+    device tensor, one byte per block: nothing is copied or cached per call), and only where partial
+    blocks need it: when every kernel block lies inside one router block (`RoutedBlocks.nested`), a
+    visited block is partial only through causality, so the body is the causal mask (or none), the very
+    source of `Causal` / `Full` (one compiled kernel shared with them)."""
+    _, grid, (bq, bk), causal = key
+    g = _Gen(lq, lk)
+    if nested:
+        m = g.emit(Causal() if causal else Full())
+    else:
+        m = _block_lookup(g, 0, grid, (bq, bk), causal)
+    return g.lines + [f"return {m}"]
 
 
 def supports(pattern) -> tuple[bool, str]:

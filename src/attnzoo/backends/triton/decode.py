@@ -7,7 +7,8 @@ and each query head would re-read its shared K/V under GQA. Here:
   rows are (head in chunk, query) pairs, row r -> head r // Lq, query r % Lq, padded to >= 16 rows
   for ``tl.dot``. So K/V are read once per kv head, not once per query head.
 - The kv blocks that group visits come from the pattern's `BlockLayout` (one query block covering
-  all Lq queries). They are flattened per (kv head, chunk) into an ascending list whose entries are
+  all Lq queries), or for closed-form patterns from Lk in the kernel (see "Visit ranges" below).
+  They are flattened per (kv head, chunk) into an ascending list whose entries are
   ``block * 2 + needs_mask``: a block fully visible for every head of the chunk runs without the
   mask, any other visited block (partial, or visited by only some heads of a per-head pattern)
   applies the generated ``_mask`` with per-row query heads. The list is cut into ``num_splits``
@@ -34,8 +35,25 @@ bf16, one token, Hq=64, Hkv=8, D=128, CUDA-graph replay, L2 flushed): full atten
 195 us = 82% of the HBM peak (SDPA 193 us), 8K in 24 us (SDPA 26 us); SlidingWindow(4095) | Sinks(4)
 in 18 us at any length (FlexAttention 24-157 us).
 
-The visit lists are built on the host (and cached) per (pattern, Lq, Lk): a decode loop whose Lk grows
-every step rebuilds them each step (about 0.5-2 ms of host time here, more than the kernel).
+Visit ranges vs visit lists. A decode loop grows Lk by one key a step, so anything cached per Lk is rebuilt
+every step; visit lists cost 0.4-0.9 ms of host time a step at 32K-128K keys (CPU, measured here), plus
+their host-to-device copy, more than the kernel (the 128K-key kernel takes ~195 us). So for the closed-form
+patterns (`range_spec`: Full, Causal, SlidingWindow, Sinks, Chunked and their simple unions / intersections,
+e.g. ``Sinks(4) | SlidingWindow(4095)``, ``Chunked(n) & Causal()``) the kernels take ``RANGE=True`` and
+compute their blocks from the runtime Lk (`_decode_range`): the sinks' blocks 0 .. na - 1, then the window's
+(or chunk's) blocks, cut into ``num_splits`` even pieces like a list; a block needs the mask unless every
+query sees all its keys (the window's edges, the causal tail, a sink block that is partial). These are the
+very blocks of the list, in the same order (`range_blocks`, the host twin, is tested against the lists), so
+the results are bit for bit those of the list path with the same ``num_splits`` (the default split count
+is chosen at the bucket's length, so it can differ from the list path's). Everything cached on the host for
+them (`range_plan`, `_launch`: the split count, grid, compiled kernels) is keyed on `lk_bucket` (the largest
+power of two <= Lk) and Lk is only a kernel argument (not specialised on): after its first step a loop makes
+no host-to-device copy and no host sync, and meets a new cache entry only when Lk doubles (the cache lookups
+take ~1 us a step; the two launches some tens of us, benchmarks/triton_decode_bench.py --cases loop). A
+CUDA graph still bakes the Lk it was captured with into the launch (replaying it across steps would need Lk
+read from a device tensor).
+Other patterns (per-head, documents, neighborhoods, block-sparse, routed, dilated, ...) keep the lists,
+built on the host (and cached) per (pattern, Lq, Lk); ``visit="list"`` forces them.
 """
 from __future__ import annotations
 
@@ -44,7 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...patterns import Full
+from ...patterns import Causal, Chunked, Full, Intersection, Sinks, SlidingWindow, Union
 from . import DECODE_MAX_HEAD_DIM as WIDE_MAX_HEAD_DIM, MAX_HEAD_DIM as NARROW_MAX_HEAD_DIM
 from .codegen import generate
 from .kernels import kernel_module
@@ -53,12 +71,63 @@ from .ops import LOG2E, _pow2
 DECODE = '''
 
 @triton.jit
+def _decode_range(Lk, LQ: tl.constexpr, BLOCK_N: tl.constexpr, SINKS: tl.constexpr, TAIL: tl.constexpr,
+                  LEFT: tl.constexpr, RIGHT: tl.constexpr):
+    # The kv blocks visited by the LQ queries at positions Lk - LQ .. Lk - 1 of a closed-form pattern (see
+    # `range_spec`): blocks 0 .. na - 1 (the sinks' keys 0 .. SINKS - 1), then blocks b0 .. b0 + n - na - 1
+    # (the tail: TAIL 1 = the window [p - LEFT, p + RIGHT] per query p (LEFT / RIGHT = BIG: unbounded; Full,
+    # Causal), TAIL 2 = the chunk of p (LEFT keys a chunk) up to p + RIGHT), without the sink blocks again.
+    # Keys <= a_full and keys in [f_lo, f_hi] are seen by every query (blocks inside them need no mask).
+    # `range_blocks` is the same on the host.
+    p_lo = Lk - LQ
+    p_hi = Lk - 1
+    if SINKS > 0:
+        a_hi = tl.minimum(p_hi, SINKS - 1)
+        na = tl.where(a_hi >= 0, tl.maximum(a_hi, 0) // BLOCK_N + 1, 0)
+        a_full = tl.minimum(p_lo, SINKS - 1)
+    else:
+        na = p_lo * 0
+        a_full = na - 1
+    if TAIL == 1:
+        b_lo = tl.maximum(p_lo - LEFT, 0)
+        b_hi = p_hi  # RIGHT >= 0
+        f_lo = p_hi - LEFT
+        f_hi = p_lo + RIGHT
+    elif TAIL == 2:
+        c0 = _fdiv(p_lo, LEFT) * LEFT
+        b_lo = tl.maximum(c0, 0)
+        b_hi = p_hi
+        f_lo = tl.where(c0 == _fdiv(p_hi, LEFT) * LEFT, c0, Lk)
+        f_hi = tl.minimum(p_lo + RIGHT, p_hi)
+    else:
+        b_lo = p_lo * 0
+        b_hi = b_lo - 1
+        f_lo = Lk
+        f_hi = b_hi
+    b0 = tl.maximum(b_lo // BLOCK_N, na)
+    nb = tl.where(b_lo <= b_hi, tl.maximum(b_hi, 0) // BLOCK_N - b0 + 1, 0)
+    return na, b0, na + tl.maximum(nb, 0), a_full, f_lo, f_hi
+
+
+@triton.jit
+def _decode_block(j, Lk, na, b0, a_full, f_lo, f_hi, BLOCK_N: tl.constexpr):
+    # the j-th visited block of `_decode_range`, and whether it needs the mask (not seen whole by every query)
+    blk = tl.where(j < na, j, b0 + (j - na))
+    k0 = blk * BLOCK_N
+    k1 = tl.minimum(k0 + BLOCK_N - 1, Lk - 1)
+    full = (k1 <= a_full) | ((k0 >= f_lo) & (k1 <= f_hi))
+    return blk, full == 0
+
+
+@triton.jit(do_not_specialize=["Lk"])
 def attn_decode_split(Q, K, V, O, LSE, W, AUX, LIST,
                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, list_stride, Hkv, Lk, qk_scale, S, wl_off,
                       G: tl.constexpr, NC: tl.constexpr, HPP: tl.constexpr, LQ: tl.constexpr,
                       D: tl.constexpr, DV: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr):
+                      BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
+                      RANGE: tl.constexpr, SINKS: tl.constexpr, TAIL: tl.constexpr, LEFT: tl.constexpr,
+                      RIGHT: tl.constexpr):
     split = tl.program_id(0)
     pid = tl.program_id(1)  # (b, kv head, chunk of the group)
     c = pid % NC
@@ -78,8 +147,11 @@ def attn_decode_split(Q, K, V, O, LSE, W, AUX, LIST,
     hq = h[:, None]
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
-    lst = LIST + (hk * NC + c) * list_stride  # [count, entries...] of this (kv head, chunk)
-    n = tl.load(lst)
+    if RANGE:  # closed form: the visited blocks from Lk, no list
+        na, b0, n, a_full, f_lo, f_hi = _decode_range(Lk, LQ, BLOCK_N, SINKS, TAIL, LEFT, RIGHT)
+    else:
+        lst = LIST + (hk * NC + c) * list_stride  # [count, entries...] of this (kv head, chunk)
+        n = tl.load(lst)
     per = tl.cdiv(n, S)
     start = split * per
     end = tl.minimum(start + per, n)
@@ -87,8 +159,13 @@ def attn_decode_split(Q, K, V, O, LSE, W, AUX, LIST,
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     for j in range(start, end):
-        e = tl.load(lst + 1 + j)
-        offs_n = (e >> 1) * BLOCK_N + offs_n0
+        if RANGE:
+            blk, masked = _decode_block(j, Lk, na, b0, a_full, f_lo, f_hi, BLOCK_N)
+        else:
+            e = tl.load(lst + 1 + j)
+            blk = e >> 1
+            masked = (e & 1) != 0
+        offs_n = blk * BLOCK_N + offs_n0
         in_k = offs_n < Lk
         kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
@@ -96,7 +173,7 @@ def attn_decode_split(Q, K, V, O, LSE, W, AUX, LIST,
                     mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s = tl.dot(q, kt, input_precision=PREC) * qk_scale
         s = tl.where(in_k[None, :], s, float("-inf"))
-        if (e & 1) != 0:
+        if masked:
             s = tl.where(_mask(qp, offs_n[None, :], hq, AUX), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -119,13 +196,15 @@ def attn_decode_split(Q, K, V, O, LSE, W, AUX, LIST,
         tl.store(W + wl_off + row, lse2, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lk"])
 def attn_decode_wide(Q, K, V, O, LSE, W, AUX, LIST,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, list_stride, Hkv, Lk, qk_scale, S, wl_off,
                      G: tl.constexpr, NC: tl.constexpr, NDV: tl.constexpr, HPP: tl.constexpr, LQ: tl.constexpr,
                      D: tl.constexpr, DV: tl.constexpr, ROWS: tl.constexpr, BLOCK_DC: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
+                     RANGE: tl.constexpr, SINKS: tl.constexpr, TAIL: tl.constexpr, LEFT: tl.constexpr,
+                     RIGHT: tl.constexpr):
     # As attn_decode_split, for head dims too wide for one tile (e.g. MLA's absorbed decode, D=576, Dv=512):
     # the scores of a kv block are summed over D chunks of BLOCK_DC (q chunk . k chunk^T), and the program
     # accumulates only its Dv slice [dvs * BLOCK_DV, (dvs + 1) * BLOCK_DV) of the output.
@@ -148,8 +227,11 @@ def attn_decode_wide(Q, K, V, O, LSE, W, AUX, LIST,
     hq = h[:, None]
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
-    lst = LIST + (hk * NC + c) * list_stride
-    n = tl.load(lst)
+    if RANGE:
+        na, b0, n, a_full, f_lo, f_hi = _decode_range(Lk, LQ, BLOCK_N, SINKS, TAIL, LEFT, RIGHT)
+    else:
+        lst = LIST + (hk * NC + c) * list_stride
+        n = tl.load(lst)
     per = tl.cdiv(n, S)
     start = split * per
     end = tl.minimum(start + per, n)
@@ -157,8 +239,13 @@ def attn_decode_wide(Q, K, V, O, LSE, W, AUX, LIST,
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     for j in range(start, end):
-        e = tl.load(lst + 1 + j)
-        offs_n = (e >> 1) * BLOCK_N + offs_n0
+        if RANGE:
+            blk, masked = _decode_block(j, Lk, na, b0, a_full, f_lo, f_hi, BLOCK_N)
+        else:
+            e = tl.load(lst + 1 + j)
+            blk = e >> 1
+            masked = (e & 1) != 0
+        offs_n = blk * BLOCK_N + offs_n0
         in_k = offs_n < Lk
         s = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for d0 in tl.static_range(0, D, BLOCK_DC):  # q chunks: loop invariant (Triton's LICM may hoist them)
@@ -168,7 +255,7 @@ def attn_decode_wide(Q, K, V, O, LSE, W, AUX, LIST,
                          mask=in_k[None, :] & (od[:, None] < D), other=0.0)
             s += tl.dot(qc, kc, input_precision=PREC)
         s = tl.where(in_k[None, :], s * qk_scale, float("-inf"))
-        if (e & 1) != 0:
+        if masked:
             s = tl.where(_mask(qp, offs_n[None, :], hq, AUX), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -244,8 +331,7 @@ def decode_plan(pattern, lq: int, lk: int, block_n: int, hq: int, hkv: int, devi
     """Visit lists (cached per shape and pattern), built on the CPU and moved to ``device``. A program
     takes ``heads_per_chunk`` query heads of a group: as many as fit ``max_rows`` rows."""
     g = hq // hkv
-    hpp = max(1, min(g, max_rows // lq))
-    nc = -(-g // hpp)
+    hpp, nc = _group_chunks(hq, hkv, lq, max_rows)
     lay = (pattern or Full()).block_layout(lq, lk, _pow2(lq), block_n, device="cpu", num_heads=hq)
     part, full = lay.partial_blocks()[:, 0], lay.full_blocks()[:, 0]  # (1 or Hq, nk) bool
     nk = part.shape[-1]
@@ -273,9 +359,124 @@ def decode_plan(pattern, lq: int, lk: int, block_n: int, hq: int, hkv: int, devi
     return DecodePlan(lists.to(device), owners, nc, hpp, int(counts.max()), keys)
 
 
+# -- closed-form visit ranges: no list, nothing on the host that depends on the exact Lk ---------------------
+
+BIG = 1 << 30  # an unbounded window side (keys and positions stay below it)
+
+
+def range_spec(pattern):
+    """``(sinks, tail, left, right)`` when the kv blocks the (<= 16) decode queries visit are a closed form of
+    Lk that the kernel computes itself (`_decode_range`), else None (the pattern takes the visit lists).
+    The keys visible to the query at position p are ``k < sinks`` (and ``k <= p``) plus, with ``tail`` 1,
+    the window ``[p - left, p + right]`` (``BIG``: unbounded) or, with ``tail`` 2, the keys of p's chunk of
+    ``left`` keys up to ``p + right``. Full, Causal, SlidingWindow, Sinks, Chunked; the union of Sinks with one
+    of them (or of two windows), the intersection of two windows, of a chunk and a right-bounded window
+    (``Chunked(n) & Causal()``), of Sinks and Causal; Full is neutral in an intersection."""
+    if pattern is None or isinstance(pattern, Full):
+        return (0, 1, BIG, BIG)
+    t = type(pattern)
+    if t is Causal:
+        return (0, 1, BIG, 0)
+    if t is SlidingWindow:
+        return (0, 1, min(pattern.left, BIG), min(pattern.right, BIG))
+    if t is Sinks:
+        return (min(pattern.n, BIG), 0, 0, 0)
+    if t is Chunked:
+        return (0, 2, pattern.size, BIG) if pattern.size < BIG else (0, 1, BIG, BIG)
+    if t not in (Union, Intersection):
+        return None
+    a, b = range_spec(pattern.a), range_spec(pattern.b)
+    if a is None or b is None:
+        return None
+    full = (0, 1, BIG, BIG)
+    if t is Union:
+        if full in (a, b):
+            return full
+        if a[1] == 0 or b[1] == 0:  # sinks | x: the sinks are keys 0 .. n - 1 below (or in) x's range
+            tail = b if a[1] == 0 else a
+            return (max(a[0], b[0]),) + tail[1:]
+        if a[0] == b[0] == 0 and a[1] == b[1] == 1:  # two windows around p: their hull
+            return (0, 1, max(a[2], b[2]), max(a[3], b[3]))
+        return None
+    if a == full or b == full:
+        return b if a == full else a
+    if a[0] == b[0] == 0 and a[1] == b[1] == 1:  # two windows: their intersection, per query
+        return (0, 1, min(a[2], b[2]), min(a[3], b[3]))
+    if a[0] == b[0] == 0 and {a[1], b[1]} == {1, 2}:  # a chunk and a window unbounded on the left
+        c, w = (a, b) if a[1] == 2 else (b, a)
+        if w[2] == BIG:
+            return (0, 2, c[2], min(c[3], w[3]))
+    if {a[1], b[1]} == {0, 1} and (a if a[1] == 1 else b)[2:] == (BIG, 0):  # sinks & causal: the sinks
+        return a if a[1] == 0 else b
+    return None
+
+
+def _floordiv(x: int, s: int) -> int:
+    return x // s  # Python's floor division, as `_fdiv`
+
+
+def range_blocks(spec, lq: int, lk: int, block_n: int) -> list:
+    """The host twin of `_decode_range` / `_decode_block`: [(block, needs_mask), ...] in visiting order."""
+    sinks, tail, left, right = spec
+    p_lo, p_hi = lk - lq, lk - 1
+    if sinks > 0:
+        a_hi = min(p_hi, sinks - 1)
+        na = a_hi // block_n + 1 if a_hi >= 0 else 0
+        a_full = min(p_lo, sinks - 1)
+    else:
+        na, a_full = 0, -1
+    if tail == 1:
+        b_lo, b_hi = max(p_lo - left, 0), p_hi
+        f_lo, f_hi = p_hi - left, p_lo + right
+    elif tail == 2:
+        c0 = _floordiv(p_lo, left) * left
+        b_lo, b_hi = max(c0, 0), p_hi
+        f_lo, f_hi = (c0 if c0 == _floordiv(p_hi, left) * left else lk), min(p_lo + right, p_hi)
+    else:
+        b_lo, b_hi, f_lo, f_hi = 0, -1, lk, -1
+    b0 = max(b_lo // block_n, na)
+    nb = max(max(b_hi, 0) // block_n - b0 + 1, 0) if b_lo <= b_hi else 0
+    out = []
+    for j in range(na + nb):
+        blk = j if j < na else b0 + (j - na)
+        k0 = blk * block_n
+        k1 = min(k0 + block_n - 1, lk - 1)
+        out.append((blk, not (k1 <= a_full or (k0 >= f_lo and k1 <= f_hi))))
+    return out
+
+
+def lk_bucket(lk: int) -> int:
+    """The key length that host metadata of a range pattern is built for: the largest power of two <= lk
+    (so a decode loop whose Lk grows by one each step meets a new one only when Lk doubles)."""
+    return 1 << (max(int(lk), 1).bit_length() - 1)
+
+
+def _group_chunks(hq: int, hkv: int, lq: int, max_rows: int) -> tuple:
+    """(heads a program takes, programs a group is cut into)."""
+    g = hq // hkv
+    hpp = max(1, min(g, max_rows // lq))
+    return hpp, -(-g // hpp)
+
+
 @functools.lru_cache(maxsize=128)
-def _kernels(pattern, lq: int, lk: int, device: str):
-    lines, aux = generate(pattern, lq, lk)
+def range_plan(spec, lq: int, lk_bucket: int, block_n: int, hq: int, hkv: int, device: str,
+               max_rows: int = MAX_ROWS) -> DecodePlan:
+    """The `DecodePlan` of a range pattern (`range_spec`), for a length bucket (`lk_bucket`): no lists (a
+    one-element dummy, never read), ``max_blocks`` and ``keys_read`` at the bucket's length (they choose the
+    default split count)."""
+    hpp, nc = _group_chunks(hq, hkv, lq, max_rows)
+    blocks = range_blocks(spec, lq, lk_bucket, block_n)
+    keys = sum(min(block_n, lk_bucket - b * block_n) for b, _ in blocks) * hkv * nc
+    dummy = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    return DecodePlan(dummy, 1, nc, hpp, len(blocks), keys)
+
+
+@functools.lru_cache(maxsize=128)
+def _kernels(pattern, lq: int, lk, device: str):
+    # lk None: a range pattern (`range_spec`), whose mask source does not depend on the key length (the
+    # emitters of Full, Causal, SlidingWindow, Sinks, Chunked and their unions / intersections never read
+    # it; only Document's and a 1-D Neighborhood's do): one kernel for every Lk
+    lines, aux = generate(pattern, lq, 1 if lk is None else lk)
     mod = kernel_module(lines, DECODE)
     aux = aux.to(device) if aux is not None else torch.zeros(1, dtype=torch.int32, device=device)
     return mod.attn_decode_split, mod.attn_decode_wide, mod.attn_decode_merge, aux
@@ -334,7 +535,9 @@ class _Launch:
 
 @functools.lru_cache(maxsize=256)
 def _launch(pattern, b, hq, hkv, lq, lk, d, dv, dtype, device, num_splits, block_n, num_warps, num_stages,
-            max_rows, wide, block_dv, block_dc) -> _Launch:
+            max_rows, wide, block_dv, block_dc, visit="auto") -> _Launch:
+    """``lk``: the key length for the visit lists, or any length of the bucket (`lk_bucket`) for a range
+    pattern (`range_spec`, unless ``visit="list"``), whose launches hold nothing that depends on the exact Lk."""
     if hq % hkv:
         raise ValueError(f"attention_decode: Hq={hq} is not a multiple of Hkv={hkv}")
     wide = is_wide(d, dv) if wide is None else bool(wide)
@@ -348,8 +551,13 @@ def _launch(pattern, b, hq, hkv, lq, lk, d, dv, dtype, device, num_splits, block
     dev = str(device)
     cuda = device.type == "cuda"
     bn = block_n or default_block_n(d, dv, device)
-    plan = decode_plan(pattern, lq, lk, bn, hq, hkv, dev, max_rows)
-    narrow_k, wide_k, merge, aux = _kernels(pattern, lq, lk, dev)
+    spec = _visit_spec(pattern, visit)
+    if spec is None:
+        plan = decode_plan(pattern, lq, lk, bn, hq, hkv, dev, max_rows)
+        narrow_k, wide_k, merge, aux = _kernels(pattern, lq, lk, dev)
+    else:
+        plan = range_plan(spec, lq, lk_bucket(lk), bn, hq, hkv, dev, max_rows)
+        narrow_k, wide_k, merge, aux = _kernels(pattern, lq, None, dev)
     rows = max(16, _pow2(plan.heads_per_chunk * lq))
     common = dict(G=hq // hkv, NC=plan.chunks, HPP=plan.heads_per_chunk, LQ=lq, D=d, DV=dv, ROWS=rows,
                   BLOCK_N=bn, PREC="ieee" if dtype == torch.float32 else None)
@@ -370,11 +578,25 @@ def _launch(pattern, b, hq, hkv, lq, lk, d, dv, dtype, device, num_splits, block
                     num_stages=num_stages or ((3 if max(d, dv) <= 128 else 2) if cuda else 1))
     s = max(1, int(num_splits or default_num_splits(programs, plan.max_blocks, device, min_blocks)))
     meta["SINGLE"] = s == 1
+    sinks, tail, left, right = spec if spec is not None else (0, 0, 0, 0)
+    meta.update(RANGE=spec is not None, SINKS=sinks, TAIL=tail, LEFT=left, RIGHT=right)
     block_s = max(2, 1 << (s - 1).bit_length())
     mdv = _pow2(dv) if not wide else min(_pow2(dv), max(32, _pow2_floor(8192 // block_s)))
     merge_meta = dict(DV=dv, BLOCK_S=block_s, BLOCK_DV=mdv, num_warps=4 if cuda else 1)
     return _Launch(wide_k if wide else narrow_k, merge, aux, plan, s, programs,
                    plan.lists.stride(0) if plan.owners > 1 else 0, meta, merge_meta, -(-dv // mdv))
+
+
+def _visit_spec(pattern, visit: str):
+    """The `range_spec` the kernel runs with (None: the visit lists)."""
+    if visit == "list":
+        return None
+    spec = range_spec(pattern)
+    if visit == "range" and spec is None:
+        raise ValueError(f"attention_decode: visit='range' needs a closed-form pattern, not {pattern!r}")
+    if visit not in ("auto", "range"):
+        raise ValueError(f"attention_decode: visit must be 'auto', 'range' or 'list', got {visit!r}")
+    return spec
 
 
 def _is_full(pattern) -> bool:
@@ -384,7 +606,7 @@ def _is_full(pattern) -> bool:
 def attention_decode(q, k, v, pattern, scale: float, poison: bool = False, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      max_rows: int | None = None, wide: bool | None = None, block_dv: int | None = None,
-                     block_dc: int | None = None):
+                     block_dc: int | None = None, visit: str = "auto"):
     """Split-K forward for short queries. -> (out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32).
 
     Same semantics as `ops.attention_fwd`. ``num_splits``: pieces each (kv head, chunk) list of kv blocks
@@ -392,6 +614,10 @@ def attention_decode(q, k, v, pattern, scale: float, poison: bool = False, num_s
     under the interpreter); ``max_rows``: rows (heads x queries) of one program, a group with more
     heads is cut into chunks (each chunk reads its K/V again; default `MAX_ROWS`, `WIDE_MAX_ROWS` for wide heads).
     No host synchronisation once a shape has been seen, so a decode step can be captured in a CUDA graph.
+    ``visit``: how the kernel finds its kv blocks: "auto" (closed-form patterns, `range_spec`, compute them
+    from Lk in the kernel; the others read visit lists built on the host per Lk), "range" (the former, or
+    an error), "list" (always the lists). With ranges nothing cached on the host depends on the exact Lk
+    (only on `lk_bucket`), so a decode loop with growing Lk does no host work beyond the launches.
 
     Head dims above 256 (up to `WIDE_MAX_HEAD_DIM`; or any with ``wide=True``) take `attn_decode_wide`:
     scores summed over D chunks of ``block_dc``, the output accumulated per Dv slice of ``block_dv``
@@ -403,10 +629,12 @@ def attention_decode(q, k, v, pattern, scale: float, poison: bool = False, num_s
     rows_cap = max_rows or (WIDE_MAX_ROWS if (is_wide(d, dv) if wide is None else wide) else MAX_ROWS)
     if lq > rows_cap and _is_full(pattern):  # queries of full attention are independent: one per head
         out, lse = attention_decode(q.reshape(b, hq * lq, 1, d), k, v, None, scale, poison, num_splits, block_n,
-                                    num_warps, num_stages, max_rows, wide, block_dv, block_dc)
+                                    num_warps, num_stages, max_rows, wide, block_dv, block_dc, visit)
         return out.view(b, hq, lq, dv), lse.view(b, hq, lq)
-    L = _launch(pattern, b, hq, hkv, lq, lk, d, dv, q.dtype, q.device, num_splits, block_n, num_warps, num_stages,
-                max_rows, wide, block_dv, block_dc)
+    # range patterns: the launch is cached per length bucket, Lk reaches the kernel as a runtime argument
+    lk_key = lk if _visit_spec(pattern, visit) is None else lk_bucket(lk)
+    L = _launch(pattern, b, hq, hkv, lq, lk_key, d, dv, q.dtype, q.device, num_splits, block_n, num_warps, num_stages,
+                max_rows, wide, block_dv, block_dc, visit)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:

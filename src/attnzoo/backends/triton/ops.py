@@ -4,16 +4,24 @@
 entry point: the custom ops ``attnzoo::triton_attention_fwd`` / ``attnzoo::triton_attention_bwd`` with
 fake (meta) implementations, so `torch.compile` can trace through them, and an autograd registration.
 Custom ops cannot take Python objects, so patterns travel as integer ids of a process-wide registry.
+
+Routed patterns (`RoutedBlocks`, a device block mask made anew by a router at every call) take another
+road, so that nothing grows per call: no cache is keyed by the pattern object. Their layouts are
+classified on the device at every call (no host sync; see `_routed_layouts`), the generated kernel is
+keyed by the pattern's static part (`RoutedBlocks.static_key`: grid shape, block size, causal) and reads
+the mask itself as its AUX tensor, and through the custom ops the registry holds only
+``("RoutedBlocks", block_size, causal)`` while the mask travels as the ops' ``blocks`` tensor input.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
-from ...patterns import Full
-from .codegen import generate
+from ...patterns import Full, RoutedBlocks
+from .codegen import generate, generate_routed
 from . import tuning
 from .kernels import BWD, FWD, kernel_module
 
@@ -92,6 +100,40 @@ def _kernel(pattern, lq, lk, device: str):
     return mod.attn_fwd, aux
 
 
+# -- routed patterns: nothing cached per pattern object -------------------------------------------
+def _routed(pattern) -> bool:
+    return isinstance(pattern, RoutedBlocks)
+
+
+@functools.lru_cache(maxsize=128)
+def _routed_module_cached(key: tuple, lq: int, lk: int, nested: bool):
+    return kernel_module(generate_routed(key, lq, lk, nested), FWD, BWD)
+
+
+def _routed_module(pattern: RoutedBlocks, lq, lk, bm, bn, device: str):
+    """(kernel module, AUX): the module is shared by every call with the same static key and shape; AUX is
+    the call's own block mask, one byte per block, on the device (a view, no copy)."""
+    mod = _routed_module_cached(pattern.static_key(), lq, lk, pattern.nested(lq, lk, bm, bn))
+    aux = pattern._table(device).contiguous().view(-1).view(torch.uint8)
+    return mod, aux
+
+
+def _routed_layouts(pattern: RoutedBlocks, lq, lk, bm, bn, hq, device: str, transposed: bool):
+    """(layout, transposed layout or None), classified on the device for this call (not cached)."""
+    return pattern.layouts(lq, lk, bm, bn, device=device, num_heads=hq, transposed=transposed)
+
+
+@functools.lru_cache(maxsize=64)
+def _routed_items(nk: int, device: str):
+    """dk/dv work items of a routed call: one per kv block over its whole column (end 2**30 runs to the
+    column's end), no split and so no reduction. Building the split plan of `_bwd_plan` would read the
+    column lengths back to the host at every call; kv order launches the long columns of routed masks
+    (sink blocks, the early causal columns) first. Cached per (nk, device): a handful of entries."""
+    n = torch.arange(nk, dtype=torch.int32)
+    items = torch.stack([n, torch.zeros_like(n), torch.full_like(n, 2**30), torch.full_like(n, -1)], 1)
+    return items.to(device), torch.zeros((0, 3), dtype=torch.int32, device=device), 0
+
+
 def _lay_strides(lay):
     """(head stride or 0 when the layout broadcasts over heads, row stride) of the counts and indices."""
     kvn, kvi = lay.kv_num_blocks, lay.kv_indices
@@ -117,8 +159,13 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
                             run=lambda c: attention_fwd(q, k, v, pattern, scale, cfg=c))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     dev = str(q.device)
-    lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
-    kern, aux = _kernel(pattern, lq, lk, dev)
+    if _routed(pattern):
+        lay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=False)[0]
+        mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
+        kern = mod.attn_fwd
+    else:
+        lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
+        kern, aux = _kernel(pattern, lq, lk, dev)
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
@@ -148,9 +195,13 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
                                                         split_cap=split_cap))
     bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     dev = str(q.device)
-    lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
-    tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
-    mod, aux = _module(pattern, lq, lk, dev)
+    if _routed(pattern):
+        lay, tlay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=True)
+        mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
+    else:
+        lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
+        tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
+        mod, aux = _module(pattern, lq, lk, dev)
     bd, bdv, prec = _pow2(d), _pow2(dv), _prec(q.dtype)
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
@@ -168,7 +219,10 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     dvv = fill(v.shape, float("nan"), dtype=v.dtype, device=v.device)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    items, red, nslots = _bwd_plan(pattern, lq, lk, bm, bn, hq, dev, split_cap)
+    if _routed(pattern):
+        items, red, nslots = _routed_items(tlay.num_q_blocks, dev)
+    else:
+        items, red, nslots = _bwd_plan(pattern, lq, lk, bm, bn, hq, dev, split_cap)
     wsk = torch.empty((max(nslots, 1), b * hkv, bn, bd), dtype=torch.float32, device=q.device)
     wsv = torch.empty((max(nslots, 1), b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
     mod.attn_bwd_dkdv[(items.shape[0], b * hkv)](
@@ -202,7 +256,12 @@ _PATTERNS: list = []
 @torch.compiler.assume_constant_result
 def pattern_id(pattern) -> int:
     """A stable integer id for a (hashable, immutable) pattern, so custom ops can carry it. Under
-    `torch.compile` it runs at trace time (a constant of the graph), so the registration is real."""
+    `torch.compile` it runs at trace time (a constant of the graph), so the registration is real.
+    A `RoutedBlocks` is not registered (it is per call): `triton_attention` registers its
+    ``_routed_spec`` and passes the mask as a tensor."""
+    if isinstance(pattern, RoutedBlocks):
+        raise TypeError("pattern_id: a RoutedBlocks is a per-call pattern and is not registered (the registry "
+                        "would grow at every call); register _routed_spec(pattern) and pass its block_mask")
     pid = _PATTERN_IDS.get(pattern)
     if pid is None:
         pid = _PATTERN_IDS[pattern] = len(_PATTERNS)
@@ -210,41 +269,58 @@ def pattern_id(pattern) -> int:
     return pid
 
 
+def _routed_spec(pattern: RoutedBlocks) -> tuple:
+    """What the ops' registry keeps of a routed pattern: the parts its mask tensor does not carry."""
+    return ("RoutedBlocks", pattern.block_size, pattern.causal)
+
+
+def _op_pattern(pattern: int, blocks):
+    """The pattern of an op call: the registered one, or for a routed spec the routed pattern over
+    ``blocks`` (a new object per call, cached nowhere)."""
+    p = _PATTERNS[pattern]
+    if blocks is None:
+        return p
+    if not (isinstance(p, tuple) and p and p[0] == "RoutedBlocks"):
+        raise ValueError(f"blocks given but pattern id {pattern} is not a routed spec: {p!r}")
+    return RoutedBlocks(blocks, p[1], causal=p[2])
+
+
 @torch.library.custom_op("attnzoo::triton_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: int, scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, _PATTERNS[pattern], scale)
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: int, scale: float,
+            blocks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, _op_pattern(pattern, blocks), scale)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pattern, scale):
+def _(q, k, v, pattern, scale, blocks=None):
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v.shape[-1])), q.new_empty((b, hq, lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("attnzoo::triton_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, pattern: int, scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_bwd(dout, dlse, q, k, v, out, lse, _PATTERNS[pattern], scale)
+            out: torch.Tensor, lse: torch.Tensor, pattern: int, scale: float,
+            blocks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(dout, dlse, q, k, v, out, lse, _op_pattern(pattern, blocks), scale)
 
 
 @_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, pattern, scale):
+def _(dout, dlse, q, k, v, out, lse, pattern, scale, blocks=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pattern, scale = inputs
+    q, k, v, pattern, scale = inputs[:5]
+    blocks = inputs[5] if len(inputs) > 5 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, blocks)
     ctx.pattern, ctx.scale = pattern, scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, ctx.pattern, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, blocks = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, ctx.pattern, ctx.scale, blocks)
+    return dq, dk, dv, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -264,5 +340,8 @@ def tiled_neighborhood(req):
 
 
 def triton_attention(q, k, v, pattern, scale: float):
-    """Differentiable attention through the custom ops -> (out, lse)."""
+    """Differentiable attention through the custom ops -> (out, lse). A `RoutedBlocks` goes as its static
+    spec (a registry entry per block size and causality, not per call) plus its mask as a tensor input."""
+    if _routed(pattern):
+        return _fwd_op(q, k, v, pattern_id(_routed_spec(pattern)), float(scale), pattern.block_mask)
     return _fwd_op(q, k, v, pattern_id(pattern), float(scale))
