@@ -195,3 +195,10 @@ def test_cli_rejects_bad_options(tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "--depths", "0.5", "--dry-run"])
     assert main(["bench", "niah", "--dry-run", "--out", str(tmp_path)]) == 0
+
+
+def test_cli_method_lists_keep_numeric_fields_together():
+    from attnzoo.cli import _split_list
+    assert _split_list(["dense,streaming:4,64", "dilated:32,4,window:8"]) == [
+        "dense", "streaming:4,64", "dilated:32,4", "window:8"]
+    assert _split_list(["topk:64:4,flexprefill:128:0.9"]) == ["topk:64:4", "flexprefill:128:0.9"]

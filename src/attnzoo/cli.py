@@ -325,9 +325,17 @@ _NOT_NIAH = ("mixer", "tasks", "lr", "no_early_stop")
 
 
 def _split_list(values) -> list:
+    """Repeated and comma-separated names; a piece that is only a number continues the previous name
+    (``streaming:4,64`` is one method, ``dilated:32,4`` too)."""
     out = []
     for v in values or []:
-        out += [m.strip() for m in str(v).split(",") if m.strip()]
+        for m in (m.strip() for m in str(v).split(",")):
+            if not m:
+                continue
+            if out and m.replace(".", "", 1).isdigit():
+                out[-1] += "," + m
+            else:
+                out.append(m)
     return out
 
 
