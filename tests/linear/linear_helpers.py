@@ -55,3 +55,22 @@ def outputs_and_grads(fn, args, seed=1):
     res = {"o": o.detach(), "state": s.detach()}
     res.update({"d" + key: g.detach() for key, g in zip(leaves, grads)})
     return res
+
+
+# -- the Triton kernel tests ----------------------------------------------------------------------------
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# every Triton test module: runs on CUDA, or on CPU under the interpreter, with one intra-op thread
+TRITON_MARKS = [pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="needs CUDA or TRITON_INTERPRET=1"),
+                pytest.mark.usefixtures("one_thread")]
+# delta-family kernels (triton_delta / triton_kda) at interpreter-sized blocks: sub-chunks of 16, state
+# tiles and Dv blocks smaller than the head dims
+DELTA_SMALL = dict(BC=16, BV_P=16, BV_H=16, BV_O=16, BV_B=16, warps_p=1, warps_h=1, warps_o=1, warps_b=1,
+                   stages=1, prec_t="ieee")
+DELTA_SUB32 = dict(DELTA_SMALL, BT=32)
+DELTA_SUB64 = dict(DELTA_SMALL, BT=64)
+DELTA_NAMES = ("q", "k", "v", "g", "beta", "s0")

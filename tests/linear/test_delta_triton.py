@@ -10,7 +10,6 @@ so an element a kernel fails to write fails the check. float32 with IEEE dots: r
 low-precision rule, the baseline being the recurrence evaluated in float16 arithmetic (PyTorch has no float16
 triangular solve on CPU for the chunked form).
 """
-import os
 
 import pytest
 import torch
@@ -21,27 +20,15 @@ pytest.importorskip("triton")
 import attnzoo.linear as lin  # noqa: E402
 from attnzoo.linear import triton_delta as td  # noqa: E402
 from attnzoo.linear.naive import naive_delta_rule, naive_gated_delta_rule  # noqa: E402
+from linear_helpers import DELTA_NAMES, DELTA_SMALL, DELTA_SUB32, DELTA_SUB64, DEV, TRITON_MARKS  # noqa: E402
 from attnzoo.testing import check_close, max_err, rel_rmse  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = TRITON_MARKS
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, H = 2, 2
-_SMALL = dict(BC=16, BV_P=16, BV_H=16, BV_O=16, BV_B=16, warps_p=1, warps_h=1, warps_o=1, warps_b=1, stages=1,
-              prec_t="ieee")
-SUB32 = dict(_SMALL, BT=32)
-SUB64 = dict(_SMALL, BT=64)
-NAMES = ("q", "k", "v", "g", "beta", "s0")
+_SMALL, SUB32, SUB64, NAMES = DELTA_SMALL, DELTA_SUB32, DELTA_SUB64, DELTA_NAMES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The references are thousands of tiny float64 ops: one intra-op thread runs them far faster on CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(t, dk, dv, gate, seed=0):

@@ -5,7 +5,6 @@ On CPU they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERP
 cross-sub-chunk (boundary-referenced) path. Outputs of the launchers are poisoned with NaN before the kernels
 run, so an element a kernel fails to write fails the check. float32 with IEEE dots: relative error < 1e-4.
 """
-import os
 
 import pytest
 import torch
@@ -16,23 +15,16 @@ pytest.importorskip("triton")
 import attnzoo.linear as lin  # noqa: E402
 from attnzoo.linear import triton_gla as tg  # noqa: E402
 from attnzoo.linear.naive import naive_gla  # noqa: E402
+from linear_helpers import DEV, TRITON_MARKS  # noqa: E402
 from attnzoo.testing import check_close  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = TRITON_MARKS
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, H = 2, 2
 # two sub-chunks per chunk and state tiles / Dv blocks smaller than the head dims
 SUB = dict(BT=32, BC=16, BK_H=16, BV_H=16, BV_O=16, BV_B=16, warps_h=1, warps_o=1, warps_b=1, stages=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(t, dk, dv, gate, seed=0):

@@ -8,7 +8,6 @@ blocks of 16. Outputs of the launchers are poisoned with NaN. float32 (IEEE dots
 output, the final state and every gradient. float16: the protocol's low-precision rule against the recurrence
 evaluated in float16 arithmetic.
 """
-import os
 
 import pytest
 import torch
@@ -19,26 +18,15 @@ pytest.importorskip("triton")
 import attnzoo.linear as lin  # noqa: E402
 from attnzoo.linear import triton_kda as tk  # noqa: E402
 from attnzoo.linear.naive import naive_kda  # noqa: E402
+from linear_helpers import DELTA_NAMES, DELTA_SMALL, DELTA_SUB32, DELTA_SUB64, DEV, TRITON_MARKS  # noqa: E402
 from attnzoo.testing import check_close, max_err, rel_rmse  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = TRITON_MARKS
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, H = 1, 2
-_SMALL = dict(BC=16, BV_P=16, BV_H=16, BV_O=16, BV_B=16, warps_p=1, warps_h=1, warps_o=1, warps_b=1, stages=1,
-              prec_t="ieee")
-SUB32 = dict(_SMALL, BT=32)
-SUB64 = dict(_SMALL, BT=64)
-NAMES = ("q", "k", "v", "g", "beta", "s0")
+_SMALL, SUB32, SUB64, NAMES = DELTA_SMALL, DELTA_SUB32, DELTA_SUB64, DELTA_NAMES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(t, dk, dv, gate, seed=0):

@@ -9,7 +9,6 @@ chunked computation done by the PyTorch math path in that dtype (``_core.chunk_g
 16-bit tensors); results the kernels return in float32 (final state, dg, d initial state) are held to the
 same rule.
 """
-import os
 
 import pytest
 import torch
@@ -20,24 +19,16 @@ pytest.importorskip("triton")
 import attnzoo.linear as lin  # noqa: E402
 from attnzoo.linear import _core  # noqa: E402
 from attnzoo.linear import triton_kernels as tk  # noqa: E402
+from linear_helpers import DEV, TRITON_MARKS  # noqa: E402
 from attnzoo.testing import check_close, max_err, rel_rmse  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = TRITON_MARKS
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, H = 2, 2
 # blocks smaller than the head dims: several state tiles and Dv blocks per (batch, head)
 SPLIT = dict(BT=16, BK_H=16, BV_H=16, BV_O=16, BV_B=16, warps_h=1, warps_o=1, warps_b=1, stages=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The references are thousands of tiny float64 ops: one intra-op thread runs them far faster on CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def recurrence(q, k, v, g, s0, scale):
