@@ -239,3 +239,20 @@ class Router:
             v = v.reshape(1, b * hkv, lk, v.shape[-1])
         return RoutedCall(q, k, v, pattern, mask, b)
 
+
+
+class ParamsRouter(Router):
+    """A router that is a value: ``repr``, equality and hash from its constructor arguments (``_params()``),
+    so equal routers are interchangeable (no learned state)."""
+
+    def _params(self) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._params() == self._params()
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(self._params().items())))

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from .base import Router, acc_dtype, check_fraction, check_int, group_scores, num_blocks, pool, select_blocks
+from .base import ParamsRouter, acc_dtype, check_fraction, check_int, group_scores, num_blocks, pool, select_blocks
 from .vertical_slash import (column_mass, columns_to_blocks, cumulative_set, diagonal_mass, diagonals_to_blocks,
                              forced_blocks, probe_attention)
 
@@ -54,7 +54,7 @@ def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return jsd.clamp(min=0).sqrt()
 
 
-class FlexPrefill(Router):
+class FlexPrefill(ParamsRouter):
     """FlexPrefill: per head, a query-aware or a vertical-slash block pattern (Jensen-Shannon test on the probe
     queries), each with the smallest budget reaching cumulative attention ``gamma`` (see the module docstring).
 
@@ -88,14 +88,6 @@ class FlexPrefill(Router):
         return dict(block_size=self.block_size, gamma=self.gamma, tau=self.tau, min_budget=self.min_budget,
                     max_budget=self.max_budget, sinks=self.sinks, local=self.local)
 
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other._params() == self._params()
-
-    def __hash__(self):
-        return hash((type(self).__name__, tuple(self._params().items())))
 
     # -- the pieces (inputs checked, detached) -------------------------------------------------------
     def _divergence(self, q, k, p):

@@ -41,10 +41,10 @@ import math
 
 import torch
 
-from .base import Router, check_bool, check_choice, check_int, num_blocks, pool
+from .base import ParamsRouter, check_bool, check_choice, check_int, num_blocks, pool
 
 
-class HiP(Router):
+class HiP(ParamsRouter):
     """Hierarchical top-k pruning (HiP): per query block, ``top_k`` key blocks found by repeatedly halving
     groups and keeping the best halves by the score of their centre key, plus the first ``sinks`` blocks and
     the ``local`` blocks at (and left of, when causal) the diagonal. See the module docstring.
@@ -67,15 +67,6 @@ class HiP(Router):
     def _params(self) -> dict:
         return dict(block_size=self.block_size, top_k=self.top_k, representative=self.representative,
                     sinks=self.sinks, local=self.local, causal=self.causal)
-
-    def __repr__(self):
-        return f"HiP({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other._params() == self._params()
-
-    def __hash__(self):
-        return hash(("HiP", tuple(self._params().items())))
 
     # -- per-row candidate numbering ----------------------------------------------------------------
     def _candidates(self, nb: int, first_row: int, device):

@@ -25,27 +25,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Router, acc_dtype, check_bool, check_choice, check_fraction, check_int, group_scores, num_blocks, pool,
-                   blocked, select_blocks)
+from .base import (ParamsRouter, acc_dtype, blocked, check_bool, check_choice, check_fraction, check_int,
+                   group_scores, num_blocks, pool, select_blocks)
 
 
-class _BlockRouter(Router):
+class _BlockRouter(ParamsRouter):
     """Shared by the routers here: mean-pooled queries, a key-block summary (``_key_repr``), selection."""
 
     top_k = None
     threshold = None
 
-    def _params(self) -> dict:
-        raise NotImplementedError
-
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other._params() == self._params()
-
-    def __hash__(self):
-        return hash((type(self).__name__, tuple(self._params().items())))
 
     def _scores(self, q, k, nb):
         """Block scores (B, Hq, nb, nb) float32, scaled by 1/sqrt(D)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Router, acc_dtype, check_int, check_qk, group_scores, num_blocks
+from .base import ParamsRouter, acc_dtype, check_int, check_qk, group_scores, num_blocks
 
 
 # -- token-level estimation -------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def forced_blocks(lq: int, lk: int, bs: int, sinks: int, local: int, device) -> 
 
 
 # -- the router -------------------------------------------------------------------------------------
-class VerticalSlash(Router):
+class VerticalSlash(ParamsRouter):
     """MInference's vertical-slash pattern per head, estimated from the last ``last_q`` queries, executed as a
     block mask at ``block_size`` granularity (see the module docstring: a coarser superset of MInference's
     token pattern; the token-level kernel is not built).
@@ -170,14 +170,6 @@ class VerticalSlash(Router):
         return dict(vertical=self.vertical, slash=self.slash, block_size=self.block_size, last_q=self.last_q,
                     sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
 
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other._params() == self._params()
-
-    def __hash__(self):
-        return hash((type(self).__name__, tuple(self._params().items())))
 
     def indices(self, q: torch.Tensor, k: torch.Tensor):
         """The token-level choice: ``(columns, diagonals)``, each (B, Hq, Lk) bool -- kept key columns, and kept
