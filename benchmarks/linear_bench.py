@@ -46,14 +46,42 @@ import time
 import torch
 import torch.nn.functional as F
 
+from attnzoo.bench.speed import hbm_peak_bytes_s
 from attnzoo.bench.timing import time_fn
 from attnzoo.linear import _core
 from attnzoo.linear import triton_kernels as tk
 from attnzoo.testing import check_close, max_err, rel_rmse
 
-PEAK_BYTES_S = 3.35e12  # H100 SXM HBM3
 H, D = 16, 128
 SKIP_TORCH = False  # --no-torch: leave out the PyTorch chunk-form baselines (slow at 64K tokens)
+OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed table times
+SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
+
+
+def op_of(backend: str) -> str:
+    """The op a speed-table backend name belongs to (for --ops)."""
+    for op in ("gla", "gdn", "kda", "sdpa"):
+        if backend.startswith(op) or backend.startswith("fla-" + op):
+            return op
+    return "simple_gla"
+
+
+class _Live(list):
+    """A row list that hands every row to SINK when it is added, so a time-boxed run keeps what it measured."""
+
+    def append(self, row):
+        if op_of(row["backend"]) not in OPS:
+            return
+        super().append(row)
+        if SINK is not None:
+            SINK(row)
+
+    def extend(self, new):
+        for row in new:
+            self.append(row)
+        return self
+
+    __iadd__ = extend
 DEV = "cuda"  # a dry run under the Triton interpreter sets "cpu"
 
 
@@ -223,15 +251,18 @@ def speed(b, t, reps):
     do = torch.randn(b, H, t, D, device=dev, dtype=dt)
     scale = D ** -0.5
     base = dict(kind="speed", B=b, T=t, H=H, D=D, tokens=b * t, dtype="bfloat16", gate="logsigmoid/16", **env())
-    rows = []
+    rows = _Live()
 
     def bench(name, fwd_fn, fb_fn):
-        if SKIP_TORCH and "torch-chunk" in name:
+        if (SKIP_TORCH and "torch-chunk" in name) or op_of(name) not in OPS:
             return
         for direction, fn in (("fwd", fwd_fn), ("fwd+bwd", fb_fn)):
+            t0 = time.time()
             r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=3.0)
             rows.append(_record(base, name, direction, r, b * t))
             torch.cuda.empty_cache()
+            ms = f"{r['median_ms']:.3f} ms" if r["status"] == "ok" else r["status"]
+            print(f"    B={b} T={t} {name:<16}{direction:<8}{ms:>14}  ({time.time() - t0:.1f} s wall)", flush=True)
 
     def fb(call, leaves):
         def run():
@@ -280,8 +311,10 @@ def speed(b, t, reps):
             o = fla_gla(*lf)
             torch.autograd.grad(o, lf, dof)
         bench("fla-gla", lambda: fla_gla(qf, kf, vf, gf), fla_fb)
-    rows += speed_gdn(b, t, reps, q, k, v, do, base, bench, fb)
-    rows += speed_kda(b, t, reps, q, k, v, do, base, bench, fb)
+    if "gdn" in OPS:
+        rows += speed_gdn(b, t, reps, q, k, v, do, base, bench, fb)
+    if "kda" in OPS:
+        rows += speed_kda(b, t, reps, q, k, v, do, base, bench, fb)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         def sdpa(q, k, v, g=None, backend=backend):
@@ -497,6 +530,7 @@ def decode(b, reps):
     g = F.logsigmoid(torch.randn(b, H, device=dev))
     s = torch.randn(b, H, D, D, device=dev) * 0.01
     nbytes = 2 * b * H * D * D * 4 + 4 * b * H * D * 2 + b * H * 4
+    peak = hbm_peak_bytes_s(torch.cuda.get_device_name()) if dev == "cuda" else None
     base = dict(kind="decode", B=b, H=H, dk=D, dv=D, dtype="bfloat16", state_dtype="float32", bytes=nbytes, **env())
     rows = []
     fns = {
@@ -524,13 +558,15 @@ def decode(b, reps):
             bw = nbytes / (r["median_ms"] * 1e-3) if ok else None
             rows.append(dict(base, backend=name, mode=mode, status=r["status"], message=r["message"],
                              median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"],
-                             gbps=bw / 1e9 if ok else None, frac_peak=bw / PEAK_BYTES_S if ok else None))
+                             gbps=bw / 1e9 if ok else None,
+                             frac_peak=bw / peak if ok and peak else None, peak_bytes_s=peak))
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 def main():
+    global SKIP_TORCH, OPS, SINK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--reps", type=int, default=20)
@@ -539,9 +575,22 @@ def main():
     ap.add_argument("--check", choices=("full", "quick", "none"), default="full",
                     help="correctness checks before timing: every dtype (full), bf16 only (quick), or none")
     ap.add_argument("--no-torch", action="store_true", help="leave out the PyTorch chunk-form baselines")
+    ap.add_argument("--ops", default=",".join(sorted(OPS)),
+                    help=f"comma-separated ops of the speed table (default all: {','.join(sorted(OPS))})")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated BxT speed shapes, e.g. 8x2048,1x8192 (default: the built-in list)")
+    ap.add_argument("--no-decode", action="store_true", help="leave out the decode table")
     args = ap.parse_args()
-    global SKIP_TORCH
     SKIP_TORCH = args.no_torch
+    ops = set(args.ops.split(","))
+    if not ops <= OPS:
+        ap.error(f"--ops: unknown {sorted(ops - OPS)}; choose from {sorted(OPS)}")
+    OPS = ops
+    try:
+        custom = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
+        assert custom is None or all(len(c) == 2 and min(c) > 0 for c in custom)
+    except (ValueError, AssertionError):
+        ap.error(f"--shapes: expected BxT[,BxT...], got {args.shapes!r}")
     if not torch.cuda.is_available():
         sys.exit("linear_bench.py needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
@@ -583,17 +632,22 @@ def main():
                 print(f"  fla {r['dtype']:<9}{r['gate']:<7} o max err {r['o_err']:.3g} "
                       f"(triton {r['triton_o_err'] or float('nan'):.3g})")
 
-        # B=1 at T = 8K, 16K, 64K gives the scaling ratio (64K over 8K, ideal 8); B*T = 16K / 64K at T = 2048
-        shapes = [(1, 8192), (8, 2048), (1, 16384), (32, 2048), (1, 65536)]
+        # decode first (seconds), then the speed shapes, most wanted first, so that a time-boxed run keeps
+        # the comparisons that matter: B*T = 16K at T = 2048 (the issue's shape), then B=1 at T = 8K and 64K
+        # (the scaling ratio, 64K over 8K, ideal 8), then 16K and B*T = 64K
+        if not args.no_decode:
+            for b in ((1, 16, 64) if args.quick else (1, 2, 4, 8, 16, 32, 64)):
+                emit(decode(b, args.reps))
+            print(f"  done decode ({time.time() - t0:.0f} s)", flush=True)
+        shapes = [(8, 2048), (1, 8192), (1, 65536), (1, 16384), (32, 2048)]
         if not args.quick:
             shapes += [(2, 8192), (8, 8192)]
-        for b, t in shapes:
-            emit(speed(b, t, args.reps))
-            print(f"  done B={b} T={t}", flush=True)
+        SINK = lambda row: emit([row])  # noqa: E731
+        for b, t in custom or shapes:
+            speed(b, t, args.reps)  # rows go to the file (and to ``rows``) through SINK as they are measured
+            print(f"  done B={b} T={t} ({time.time() - t0:.0f} s)", flush=True)
         if args.sweep:
             emit(sweep(args.reps))
-        for b in ((1, 16, 64) if args.quick else (1, 2, 4, 8, 16, 32, 64)):
-            emit(decode(b, args.reps))
     report(rows)
     print(f"wrote {path}")
 
@@ -638,7 +692,7 @@ def report(rows):
             print(f"{r['B']:>3}  {r['backend']:<22}{r['mode']:<7} {r['status']}: {r.get('message', '')[:60]}")
             continue
         print(f"{r['B']:>3}  {r['backend']:<22}{r['mode']:<7}{r['median_ms'] * 1e3:9.1f}{r['gbps']:9.0f}"
-              f"{r['frac_peak']:7.1%}")
+              + (f"{r['frac_peak']:7.1%}" if r.get("frac_peak") is not None else f"{'-':>7}"))
 
 
 if __name__ == "__main__":

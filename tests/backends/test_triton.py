@@ -264,3 +264,22 @@ def test_torch_compile_fullgraph_no_recompile():
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(q.grad, q2.grad)
     assert cnt.frame_count == 1
+
+
+def test_float32_precision_follows_torch_switch():
+    """float32 dots run in full precision by default and as TF32 once PyTorch allows it (the switch SDPA and
+    matmul follow); 16-bit inputs are unaffected; the result stays within TF32 error of the reference."""
+    from attnzoo.backends.triton.ops import _prec
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _prec(torch.float32) == "ieee" and _prec(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert _prec(torch.float32) == "tf32"
+        q, k, v = (t.detach() for t in inputs(1, 2, 2, 64, 64, 32, 32, torch.float32))
+        out = attention_fwd(q, k, v, az.Causal(), 32 ** -0.5)[0]
+        ref = reference_attention(q.double(), k.double(), v.double(), az.Causal(), 32 ** -0.5)[0]
+        assert (out.double() - ref).abs().max() < 5e-2
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert _prec(torch.float32) == ("ieee" if before == "highest" else "tf32")

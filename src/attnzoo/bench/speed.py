@@ -476,6 +476,18 @@ def _version(pkg: str) -> Optional[str]:
         return None
 
 
+# HBM bandwidth of the GPUs the project measures on (vendor peak, bytes/s), for "fraction of peak" columns
+HBM_PEAK_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12, "B200": 8.0e12, "A100": 2.0e12}
+
+
+def hbm_peak_bytes_s(device_name: str) -> float | None:
+    """The vendor HBM peak for a device name such as 'NVIDIA H200' (SXM parts), or None when unknown."""
+    for key, peak in HBM_PEAK_BYTES_S.items():
+        if key in device_name:
+            return peak
+    return None
+
+
 def environment(device) -> dict:
     device = torch.device(device)
     import attnzoo

@@ -97,6 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.triton.ops import _pow2, _prec  # noqa: F401 - the launchers here and in triton_*.py
 from . import _core
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -356,14 +357,6 @@ def _step(Q, K, V, G, S, SO, O,
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit operands
-
 
 def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Chunk and block sizes (no autotuning). Under the interpreter: chunks of 16 and whole-dimension blocks

@@ -66,7 +66,7 @@ from ...patterns import Causal, Chunked, Full, Intersection, Sinks, SlidingWindo
 from . import DECODE_MAX_HEAD_DIM as WIDE_MAX_HEAD_DIM, MAX_HEAD_DIM as NARROW_MAX_HEAD_DIM
 from .codegen import generate
 from .kernels import kernel_module
-from .ops import LOG2E, _pow2
+from .ops import LOG2E, _pow2, _prec
 
 DECODE = '''
 
@@ -560,7 +560,7 @@ def _launch(pattern, b, hq, hkv, lq, lk, d, dv, dtype, device, num_splits, block
         narrow_k, wide_k, merge, aux = _kernels(pattern, lq, None, dev)
     rows = max(16, _pow2(plan.heads_per_chunk * lq))
     common = dict(G=hq // hkv, NC=plan.chunks, HPP=plan.heads_per_chunk, LQ=lq, D=d, DV=dv, ROWS=rows,
-                  BLOCK_N=bn, PREC="ieee" if dtype == torch.float32 else None)
+                  BLOCK_N=bn, PREC=_prec(dtype))
     if wide:
         bdv = block_dv or min(_pow2(dv), max(16, _pow2_floor(WIDE_ACC_BUDGET // rows)))
         ndv = -(-dv // bdv)
