@@ -10,8 +10,10 @@ diagonal. Timed, each with `attnzoo.bench.timing.time_fn` (CUDA events, L2 flush
 
 - ``dense``: causal attention through torch SDPA (``backend="sdpa"``; cuDNN/flash) -- the baseline;
 - ``route``: ``router(q, k)``, the block mask alone;
-- ``layout``: the block layout of the routed pattern (`RoutedBlocks.layouts`, forward only) for the block
-  sizes of the Triton forward kernel, classified on the device (Triton backend only);
+- ``layout``: the block layout of the routed pattern (forward only) for the block sizes of the Triton
+  forward kernel, as the backend builds it: one fused Triton kernel (`backends/triton/routed_layout.py`);
+  ``layout_torch``: the same lists by the PyTorch closed form (`RoutedBlocks.layouts`), what the backend ran
+  before 2026-12-03, for comparison (Triton backend only);
 - ``attn``: the sparse attention (``backend="triton"``) on the routed call's pattern, built beforehand. A
   routed pattern (`RoutedBlocks`) is per call: no backend caches its layout, so ``attn`` includes ``layout``,
   as in real use;
@@ -84,16 +86,22 @@ def visible_pairs(mask: torch.Tensor, length: int, bs: int) -> int:
 
 
 def layout_fn(call, args, device, dtype):
-    """The forward layout of a routed call for the Triton forward kernel's block sizes, or None when the
-    sparse backend is not Triton (or the pattern is not a `RoutedBlocks`)."""
+    """The forward layout of a routed call for the Triton forward kernel's block sizes: (the backend's fused
+    Triton layout kernel, the PyTorch closed form `RoutedBlocks.layouts`), or None when the sparse backend
+    is not Triton (or the pattern is not a `RoutedBlocks`)."""
     if args.backend != "triton" or not isinstance(call.pattern, az.RoutedBlocks):
         return None
     from attnzoo.backends.triton.ops import config
 
+    from attnzoo.backends.triton.ops import _routed_layouts
+
     cfg = config(args.d, args.d, device, call.pattern, "fwd", dtype)
     lq, lk, h = call.q.shape[2], call.k.shape[2], call.q.shape[1]
-    return lambda: call.pattern.layouts(lq, lk, cfg["BLOCK_M"], cfg["BLOCK_N"], device=device, num_heads=h,
-                                        transposed=False)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    fused = lambda: _routed_layouts(call.pattern, lq, lk, bm, bn, h, device, transposed=False)  # noqa: E731
+    closed = lambda: call.pattern.layouts(lq, lk, bm, bn, device=device, num_heads=h,  # noqa: E731
+                                          transposed=False)
+    return fused, closed
 
 
 def record(out, **kw):
@@ -161,13 +169,14 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         pairs = visible_pairs(mask, L, args.block)
         ideal = dense_pairs / pairs
         route = time_fn(lambda: router(q, k), **timing)
-        lay_f = layout_fn(call, args, q.device, q.dtype)
-        lay = time_fn(lay_f, **timing) if lay_f is not None else None
+        lay_fs = layout_fn(call, args, q.device, q.dtype)
+        lay, lay_t = (time_fn(f, **timing) for f in lay_fs) if lay_fs is not None else (None, None)
         attn = time_fn(lambda: az.attention(call.q, call.k, call.v, pattern=call.pattern,
                                             backend=sparse_backend), **timing)
         total = time_fn(lambda: az.attention(q, k, v, pattern=router, backend=sparse_backend), **timing)
         d_ms, r_ms, a_ms, t_ms = _ms(dense), _ms(route), _ms(attn), _ms(total)
         l_ms = _ms(lay) if lay is not None else None
+        lt_ms = _ms(lay_t) if lay_t is not None else None
         ok = all(x is not None for x in (d_ms, r_ms, a_ms, t_ms))
         status = "ok" if ok else next(t["status"] for t in (dense, route, attn, total) if t["status"] != "ok")
         message = "; ".join(f"{n}: {t['message']}" for n, t in
@@ -178,7 +187,8 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             visible_pairs=pairs, density_vs_causal=pairs / dense_pairs,
             block_density=float(mask.float().mean()), ideal_speedup=ideal,
             dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms, layout_ms=l_ms,
-            layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None,
+            layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None, layout_torch_ms=lt_ms,
+            layout_torch_over_attn=lt_ms / a_ms if (lt_ms is not None and a_ms) else None,
             build_ms=(t_ms - r_ms - a_ms) if ok else None,
             route_p20_ms=route["p20_ms"], route_p80_ms=route["p80_ms"], attn_p20_ms=attn["p20_ms"],
             attn_p80_ms=attn["p80_ms"], total_p20_ms=total["p20_ms"], total_p80_ms=total["p80_ms"],
@@ -192,7 +202,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
 
 def table(rows) -> str:
     head = (f"{'L':>7} {'router':<12} {'top_k':>5} {'dens':>6} {'ideal':>6} {'dense':>8} {'route':>8} {'attn':>8} "
-            f"{'total':>8} {'x attn':>7} {'x total':>7} {'f.ideal':>7} {'r.share':>7} {'r/attn':>6} {'l/attn':>6}  status")
+            f"{'total':>8} {'x attn':>7} {'x total':>7} {'f.ideal':>7} {'r.share':>7} {'r/attn':>6} {'l/attn':>6} {'lt/at':>6}  status")
     lines = [head, "-" * len(head)]
     f = lambda x, w, p=2: f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
@@ -202,10 +212,12 @@ def table(rows) -> str:
                      f"{f(r.get('ideal_speedup'), 6, 1)} {f(r.get('dense_ms'), 8)} {f(r.get('route_ms'), 8)} "
                      f"{f(r.get('attn_ms'), 8)} {f(r.get('total_ms'), 8)} {f(r.get('speedup_attn'), 7)} "
                      f"{f(r.get('speedup_total'), 7)} {f(r.get('fraction_of_ideal_total'), 7)} "
-                     f"{f(r.get('routing_share'), 7)} {f(r.get('route_over_attn'), 6)} {f(r.get('layout_over_attn'), 6)}  "
+                     f"{f(r.get('routing_share'), 7)} {f(r.get('route_over_attn'), 6)} {f(r.get('layout_over_attn'), 6)} "
+                     f"{f(r.get('layout_torch_over_attn'), 6)}  "
                      f"{r['status']}")
     lines.append("times in ms (median); x = speedup over dense causal SDPA; f.ideal = fraction of ideal (total); "
-                 "r.share = routing / total; l/attn = layout / attn")
+                 "r.share = routing / total; l/attn = layout (fused Triton kernel, what the backend runs) / attn; "
+                 "lt/at = the PyTorch closed-form layout / attn")
     return "\n".join(lines)
 
 

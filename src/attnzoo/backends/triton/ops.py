@@ -119,8 +119,10 @@ def _routed_module(pattern: RoutedBlocks, lq, lk, bm, bn, device: str):
 
 
 def _routed_layouts(pattern: RoutedBlocks, lq, lk, bm, bn, hq, device: str, transposed: bool):
-    """(layout, transposed layout or None), classified on the device for this call (not cached)."""
-    return pattern.layouts(lq, lk, bm, bn, device=device, num_heads=hq, transposed=transposed)
+    """(layout, transposed layout or None), classified on the device for this call (not cached), by the
+    fused Triton kernel of `routed_layout` (the same lists as `RoutedBlocks.layouts`, in one pass)."""
+    from .routed_layout import routed_layouts
+    return routed_layouts(pattern, lq, lk, bm, bn, device, num_heads=hq, transposed=transposed)
 
 
 @functools.lru_cache(maxsize=64)
