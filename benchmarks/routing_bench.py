@@ -171,6 +171,12 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         route = time_fn(lambda: router(q, k), **timing)
         lay_fs = layout_fn(call, args, q.device, q.dtype)
         lay, lay_t = (time_fn(f, **timing) for f in lay_fs) if lay_fs is not None else (None, None)
+        match = None
+        if lay_fs is not None:  # the fused kernel's lists against the closed form's, at this size
+            a, b = lay_fs[0]()[0], lay_fs[1]()[0]
+            match = bool(torch.equal(a.partial_blocks(), b.partial_blocks())
+                         and torch.equal(a.full_blocks(), b.full_blocks()))
+            a = b = None
         attn = time_fn(lambda: az.attention(call.q, call.k, call.v, pattern=call.pattern,
                                             backend=sparse_backend), **timing)
         total = time_fn(lambda: az.attention(q, k, v, pattern=router, backend=sparse_backend), **timing)
@@ -179,6 +185,8 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         lt_ms = _ms(lay_t) if lay_t is not None else None
         ok = all(x is not None for x in (d_ms, r_ms, a_ms, t_ms))
         status = "ok" if ok else next(t["status"] for t in (dense, route, attn, total) if t["status"] != "ok")
+        if match is False:
+            status = "FAIL: fused layout differs from RoutedBlocks.layouts"
         message = "; ".join(f"{n}: {t['message']}" for n, t in
                             (("dense", dense), ("route", route), ("attn", attn), ("total", total))
                             if t["message"])
@@ -188,6 +196,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             block_density=float(mask.float().mean()), ideal_speedup=ideal,
             dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms, layout_ms=l_ms,
             layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None, layout_torch_ms=lt_ms,
+            layout_match=match,
             layout_torch_over_attn=lt_ms / a_ms if (lt_ms is not None and a_ms) else None,
             build_ms=(t_ms - r_ms - a_ms) if ok else None,
             route_p20_ms=route["p20_ms"], route_p80_ms=route["p80_ms"], attn_p20_ms=attn["p20_ms"],
