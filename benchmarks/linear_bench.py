@@ -351,6 +351,75 @@ def sweep(reps, b=8, t=2048):
     return rows
 
 
+def sweep_op(op, reps, b=8, t=2048):
+    """Config variants of the GLA / Gated DeltaNet / KDA Triton kernels (their ``config()`` keys) at B=8,
+    T=2048, forward and backward timed through the launchers; for every variant also the forward's rel
+    RMSE (o and final state, first batch entry) against the float64 chunked form, since ``split`` (the hi/lo 16-bit split of
+    the float32 operands of the delta kernels) trades dots for accuracy. The config functions' GPU values
+    were first guesses; this is the table that replaces them."""
+    from attnzoo.linear import _core as core
+    dev, dt = DEV, torch.bfloat16
+    torch.manual_seed(1)
+    q, k, v, do = (torch.randn(b, H, t, D, device=dev, dtype=dt) for _ in range(4))
+    scale = D ** -0.5
+    if op == "gla":
+        from attnzoo.linear import triton_gla as mod
+        g = F.logsigmoid(torch.randn(b, H, t, D, device=dev)) / 16
+        args = (q, k, v, g, None)
+        ref = lambda: core.chunk_gated_linear(*(x[:1].double() for x in (q * scale, k, v, g)), None, 64)  # noqa: E731
+    else:
+        mod = __import__("attnzoo.linear.triton_" + ("delta" if op == "gdn" else "kda"), fromlist=["fwd"])
+        k = F.normalize(k.float(), dim=-1).to(dt)
+        g = F.logsigmoid(torch.randn(b, H, t, *((D,) if op == "kda" else ()), device=dev)) / 16
+        beta = torch.sigmoid(torch.randn(b, H, t, device=dev))
+        args = (q, k, v, g, beta, None)
+        ref = lambda: core.chunk_gated_delta(*(x[:1].double() for x in (q * scale, k, v, g, beta)), None,  # noqa: E731
+                                             64)
+    default = mod.config(D, D, dt, torch.device(dev))
+    variants = [("default", {})]
+    if op == "gla":
+        for bk, bv, w in ((64, 32, 4), (128, 64, 8), (64, 64, 8), (128, 128, 8)):
+            variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
+        variants += [("bc32", dict(BC=32)), ("bt32", dict(BT=32))]
+    else:
+        variants.append(("nosplit", dict(split=False)))
+        for bv, w in ((16, 4), (64, 4), (64, 8)):
+            variants.append((f"h{bv}w{w}", dict(BV_H=bv, warps_h=w)))
+        variants += [("nosplit-h64w4", dict(split=False, BV_H=64, warps_h=4)), ("bt32", dict(BT=32))]
+    for bv, w in ((32, 4), (128, 8), (64, 8)):
+        variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
+    for bv, w in ((32, 8), (16, 4), (64, 8)):
+        variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))
+    variants += [("stages1", dict(stages=1)), ("stages3", dict(stages=3))]
+    try:
+        r_o, r_s = ref()
+    except Exception as e:  # noqa: BLE001 - the accuracy column is then missing, the timing still runs
+        print(f"  sweep {op}: float64 reference failed: {type(e).__name__}: {e}"[:200])
+        r_o = r_s = None
+    rows = _Live()
+    base = dict(kind="sweep", op=op, B=b, T=t, H=H, D=D, dtype="bfloat16", **env())
+    for name, over in variants:
+        cfg = dict(default, **over)
+        extra = dict(variant=name, cfg=cfg)
+        try:
+            o, st = mod.fwd(*args, scale, cfg=cfg)
+            if r_o is not None:
+                extra.update(o_rel_rmse=rel_rmse(o[:1], r_o), state_rel_rmse=rel_rmse(st[:1], r_s))
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is recorded
+            rows.append(dict(base, backend=op + "-triton", direction="fwd", status="error",
+                             message=f"{type(e).__name__}: {e}"[:300], median_ms=None, **extra))
+            continue
+        for direction, fn in (("fwd", lambda: mod.fwd(*args, scale, cfg=cfg)),
+                              ("bwd", lambda: mod.bwd(do, None, *args, scale, cfg=cfg))):
+            r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=2.0)
+            rows.append(_record(base, op + "-triton", direction, r, b * t, **extra))
+        f, bw = rows[-2], rows[-1]
+        print(f"    sweep {op:<4}{name:<16} fwd {f['median_ms'] or float('nan'):7.3f} bwd "
+              f"{bw['median_ms'] or float('nan'):7.3f} ms  o rel RMSE {extra.get('o_rel_rmse', float('nan')):.2g}",
+              flush=True)
+    return rows
+
+
 def fla_gdn():
     """fla's chunk_gated_delta_rule adapted to (B, H, T, D) inputs, or None when not importable."""
     try:
@@ -580,6 +649,8 @@ def main():
     ap.add_argument("--shapes", default=None,
                     help="comma-separated BxT speed shapes, e.g. 8x2048,1x8192 (default: the built-in list)")
     ap.add_argument("--no-decode", action="store_true", help="leave out the decode table")
+    ap.add_argument("--sweep-ops", default="", help="comma-separated ops (gla, gdn, kda) whose Triton config "
+                    "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
     args = ap.parse_args()
     SKIP_TORCH = args.no_torch
     ops = set(args.ops.split(","))
@@ -643,6 +714,10 @@ def main():
         if not args.quick:
             shapes += [(2, 8192), (8, 8192)]
         SINK = lambda row: emit([row])  # noqa: E731
+        for op in filter(None, args.sweep_ops.split(",")):
+            if op not in ("gla", "gdn", "kda"):
+                ap.error(f"--sweep-ops: unknown op {op!r}; choose from gla, gdn, kda")
+            sweep_op(op, args.reps)
         for b, t in custom or shapes:
             speed(b, t, args.reps)  # rows go to the file (and to ``rows``) through SINK as they are measured
             print(f"  done B={b} T={t} ({time.time() - t0:.0f} s)", flush=True)
