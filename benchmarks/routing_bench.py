@@ -9,7 +9,8 @@ block grid so that the kept blocks (sinks + local + top-k) are that share of the
 diagonal. Timed, each with `attnzoo.bench.timing.time_fn` (CUDA events, L2 flush, median and p20/p80):
 
 - ``dense``: causal attention through torch SDPA (``backend="sdpa"``; cuDNN/flash) -- the baseline;
-- ``route``: ``router(q, k)``, the block mask alone;
+- ``route``: ``router(q, k)``, the block mask alone (on CUDA its top-k selection is one fused Triton kernel,
+  `routing/_triton_select.py`); ``route_torch_select``: the same with the PyTorch selection path;
 - ``layout``: the block layout of the routed pattern (forward only) for the block sizes of the Triton
   forward kernel, as the backend builds it: one fused Triton kernel (`backends/triton/routed_layout.py`);
   ``layout_torch``: the same lists by the PyTorch closed form (`RoutedBlocks.layouts`), what the backend ran
@@ -169,6 +170,12 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         pairs = visible_pairs(mask, L, args.block)
         ideal = dense_pairs / pairs
         route = time_fn(lambda: router(q, k), **timing)
+        from attnzoo.routing import base as rbase
+        rbase.FUSED_SELECT = False  # the PyTorch top-k path, for comparison (what ran before 2026-12-03)
+        try:
+            route_t = time_fn(lambda: router(q, k), **timing)
+        finally:
+            rbase.FUSED_SELECT = True
         lay_fs = layout_fn(call, args, q.device, q.dtype)
         lay, lay_t = (time_fn(f, **timing) for f in lay_fs) if lay_fs is not None else (None, None)
         match = None
@@ -196,7 +203,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             block_density=float(mask.float().mean()), ideal_speedup=ideal,
             dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms, layout_ms=l_ms,
             layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None, layout_torch_ms=lt_ms,
-            layout_match=match,
+            layout_match=match, route_torch_select_ms=_ms(route_t),
             layout_torch_over_attn=lt_ms / a_ms if (lt_ms is not None and a_ms) else None,
             build_ms=(t_ms - r_ms - a_ms) if ok else None,
             route_p20_ms=route["p20_ms"], route_p80_ms=route["p80_ms"], attn_p20_ms=attn["p20_ms"],

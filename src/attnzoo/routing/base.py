@@ -139,6 +139,21 @@ def group_scores(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
     return s.reshape(b, hq, nq, nk)
 
 
+FUSED_SELECT = True  # benchmarks switch it off to time the PyTorch path
+
+
+def _fused_select(scores: torch.Tensor) -> bool:
+    """Whether `select_blocks`' top-k runs as one Triton kernel (`_triton_select`): CUDA float16/32 scores
+    (float64 stays on the exact PyTorch path), Triton importable, rows short enough for registers."""
+    if not FUSED_SELECT or not scores.is_cuda or scores.dtype == torch.float64 or scores.numel() == 0:
+        return False
+    try:
+        from ._triton_select import MAX_BLOCKS
+    except Exception:  # noqa: BLE001 - no triton: the PyTorch path
+        return False
+    return scores.shape[-1] <= MAX_BLOCKS
+
+
 def select_blocks(scores: torch.Tensor, has_q: torch.Tensor, *, causal: bool, sinks: int, local: int,
                   top_k: Optional[int] = None, threshold: Optional[float] = None,
                   scale: float = 1.0) -> torch.Tensor:
@@ -163,6 +178,9 @@ def select_blocks(scores: torch.Tensor, has_q: torch.Tensor, *, causal: bool, si
     forced = allowed & ((c < sinks) | near)
     cand = allowed & ~forced
     neg = float("-inf")
+    if top_k is not None and _fused_select(scores):
+        from ._triton_select import select_topk
+        return select_topk(scores, has_q, causal=causal, sinks=sinks, local=local, top_k=top_k)
     if top_k is not None:
         s = scores.masked_fill(~cand, neg)
         vals, idx = s.topk(min(top_k, nb), dim=-1)
