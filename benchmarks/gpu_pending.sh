@@ -22,7 +22,7 @@ for s in $SECTIONS; do
     small) timeout 90 python3 benchmarks/triton_small_batch_profile.py > "$OUT/small_batch.txt" 2>&1 ;;
     linear) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch > "$OUT/linear_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
-              --sweep-ops gdn,gla,kda --ops sdpa --shapes 8x2048 > "$OUT/linear_sweep_log.txt" 2>&1 ;;
+              --profile-ops gla,gdn,kda --sweep-ops gdn,gla,kda --ops sdpa --shapes 8x2048 > "$OUT/linear_sweep_log.txt" 2>&1 ;;
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
     routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
     grid64) timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \

@@ -420,6 +420,44 @@ def sweep_op(op, reps, b=8, t=2048):
     return rows
 
 
+def profile_ops(ops, b=8, t=2048):
+    """Per-kernel GPU time of one forward+backward of each op (attnzoo's Triton kernels), torch.profiler
+    tables sorted by GPU time: which kernel of the chunked pipeline dominates (the sweep says how much the
+    block sizes move it; this says where to look)."""
+    from torch.profiler import ProfilerActivity, profile
+    from attnzoo.linear import triton_delta, triton_gla, triton_kda
+    dev, dt = DEV, torch.bfloat16
+    torch.manual_seed(2)
+    q, k, v, do = (torch.randn(b, H, t, D, device=dev, dtype=dt) for _ in range(4))
+    kn = F.normalize(k.float(), dim=-1).to(dt)
+    gs = F.logsigmoid(torch.randn(b, H, t, device=dev)) / 16
+    gv = F.logsigmoid(torch.randn(b, H, t, D, device=dev)) / 16
+    beta = torch.sigmoid(torch.randn(b, H, t, device=dev))
+    scale = D ** -0.5
+    calls = {
+        "simple_gla": lambda: (tk.fwd(q, k, v, gs, None, scale), tk.bwd(do, None, q, k, v, gs, None, scale)),
+        "gla": lambda: (triton_gla.fwd(q, k, v, gv, None, scale), triton_gla.bwd(do, None, q, k, v, gv, None, scale)),
+        "gdn": lambda: (triton_delta.fwd(q, kn, v, gs, beta, None, scale),
+                        triton_delta.bwd(do, None, q, kn, v, gs, beta, None, scale)),
+        "kda": lambda: (triton_kda.fwd(q, kn, v, gv, beta, None, scale),
+                        triton_kda.bwd(do, None, q, kn, v, gv, beta, None, scale)),
+    }
+    for op in ops:
+        fn = calls[op]
+        fn()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                fn()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        print(f"\nprofile {op} (B={b}, T={t}, 3 x fwd + bwd):")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total",
+                                        row_limit=14))
+
+
 def fla_gdn():
     """fla's chunk_gated_delta_rule adapted to (B, H, T, D) inputs, or None when not importable."""
     try:
@@ -649,6 +687,8 @@ def main():
     ap.add_argument("--shapes", default=None,
                     help="comma-separated BxT speed shapes, e.g. 8x2048,1x8192 (default: the built-in list)")
     ap.add_argument("--no-decode", action="store_true", help="leave out the decode table")
+    ap.add_argument("--profile-ops", default="", help="comma-separated ops (simple_gla, gla, gdn, kda) to "
+                    "profile per kernel (one fwd+bwd at B=8, T=2048), before everything else")
     ap.add_argument("--sweep-ops", default="", help="comma-separated ops (gla, gdn, kda) whose Triton config "
                     "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
     args = ap.parse_args()
@@ -714,6 +754,12 @@ def main():
         if not args.quick:
             shapes += [(2, 8192), (8, 8192)]
         SINK = lambda row: emit([row])  # noqa: E731
+        prof_ops = list(filter(None, args.profile_ops.split(",")))
+        bad_ops = [op for op in prof_ops if op not in ("simple_gla", "gla", "gdn", "kda")]
+        if bad_ops:
+            ap.error(f"--profile-ops: unknown {bad_ops}; choose from simple_gla, gla, gdn, kda")
+        if prof_ops:
+            profile_ops(prof_ops)
         for op in filter(None, args.sweep_ops.split(",")):
             if op not in ("gla", "gdn", "kda"):
                 ap.error(f"--sweep-ops: unknown op {op!r}; choose from gla, gdn, kda")
