@@ -38,8 +38,8 @@ class _BlockRouter(ParamsRouter):
 
     def _scores(self, q, k, nb):
         """Block scores (B, Hq, nb, nb) float32, scaled by 1/sqrt(D)."""
-        qm = pool(q, self.block_size, nb, k.shape[2] - q.shape[2], "mean")
-        return group_scores(qm, self._key_repr(k, nb)) * q.shape[-1] ** -0.5
+        qm = pool(q, self.block_size, nb, k.shape[2] - q.shape[2], "mean") * q.shape[-1] ** -0.5  # (B, H, nb, D):
+        return group_scores(qm, self._key_repr(k, nb))            # scaled before the product, not the grid after
 
     def _key_repr(self, k, nb):
         raise NotImplementedError
@@ -87,10 +87,10 @@ class TopKBlocks(_BlockRouter):
         if self.pooling == "mean":
             return super()._scores(q, k, nb)
         bs = self.block_size
-        qm = pool(q, bs, nb, k.shape[2] - q.shape[2], "mean")
+        qm = pool(q, bs, nb, k.shape[2] - q.shape[2], "mean") * q.shape[-1] ** -0.5
         kmax, kmin = pool(k, bs, nb, 0, "maxmin")
-        s = group_scores(qm.clamp(min=0), kmax) + group_scores(qm.clamp(max=0), kmin)
-        return s * q.shape[-1] ** -0.5
+        # one product of the concatenations [q+, q-] . [kmax, kmin] instead of two grids and their sum
+        return group_scores(torch.cat([qm.clamp(min=0), qm.clamp(max=0)], -1), torch.cat([kmax, kmin], -1))
 
     def _key_repr(self, k, nb):
         return pool(k, self.block_size, nb, 0, "mean")
