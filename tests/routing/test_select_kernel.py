@@ -16,12 +16,12 @@ if not ops.interpreting() and not torch.cuda.is_available():
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("nb", [1, 5, 16, 37])
+@pytest.mark.parametrize("nb", [1, 5, 16, 21])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("sinks,local,top_k", [(1, 1, 2), (0, 0, 3), (2, 3, 1), (0, 1, 64)])
 def test_matches_pytorch_path(nb, causal, sinks, local, top_k):
     gen = torch.Generator().manual_seed(nb * 31 + sinks * 7 + local + top_k + causal)
-    scores = (torch.randn(2, 3, nb, nb, generator=gen) * 3).to(DEV)
+    scores = (torch.randn(1, 2, nb, nb, generator=gen) * 3).to(DEV)
     has_q = (torch.arange(nb) >= nb // 3).to(DEV)                # cross attention: first rows without queries
     ref = select_blocks(scores, has_q, causal=causal, sinks=sinks, local=local, top_k=top_k)
     got = select_topk(scores, has_q, causal=causal, sinks=sinks, local=local, top_k=top_k)
