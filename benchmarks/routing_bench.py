@@ -174,6 +174,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         rbase.FUSED_SELECT = False  # the PyTorch top-k path, for comparison (what ran before 2026-12-03)
         try:
             route_t = time_fn(lambda: router(q, k), **timing)
+            select_match = bool(torch.equal(router(q, k), mask))  # same blocks as the fused selection
         finally:
             rbase.FUSED_SELECT = True
         lay_fs = layout_fn(call, args, q.device, q.dtype)
@@ -194,6 +195,8 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         status = "ok" if ok else next(t["status"] for t in (dense, route, attn, total) if t["status"] != "ok")
         if match is False:
             status = "FAIL: fused layout differs from RoutedBlocks.layouts"
+        if not select_match:
+            status = "FAIL: fused top-k selection differs from the PyTorch path"
         message = "; ".join(f"{n}: {t['message']}" for n, t in
                             (("dense", dense), ("route", route), ("attn", attn), ("total", total))
                             if t["message"])
@@ -203,7 +206,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             block_density=float(mask.float().mean()), ideal_speedup=ideal,
             dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms, layout_ms=l_ms,
             layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None, layout_torch_ms=lt_ms,
-            layout_match=match, route_torch_select_ms=_ms(route_t),
+            layout_match=match, route_torch_select_ms=_ms(route_t), select_match=select_match,
             layout_torch_over_attn=lt_ms / a_ms if (lt_ms is not None and a_ms) else None,
             build_ms=(t_ms - r_ms - a_ms) if ok else None,
             route_p20_ms=route["p20_ms"], route_p80_ms=route["p80_ms"], attn_p20_ms=attn["p20_ms"],
