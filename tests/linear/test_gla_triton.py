@@ -114,7 +114,25 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(tg._fwd_op, (q, k, v, g, s0, 0.25))
     torch.library.opcheck(tg._fwd_op, (q, k, v, g, None, 0.25))
     do = torch.randn(1, H, 20, 16, generator=gen).to(DEV)
-    torch.library.opcheck(tg._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), g.detach(), None, 0.25))
+    _, _, gc, a = tg._fwd_op(q.detach(), k.detach(), v.detach(), g.detach(), None, 0.25)
+    torch.library.opcheck(tg._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), gc, a, None, 0.25))
+
+
+def test_kept_forward_tensors_match_recomputation():
+    """The backward from the forward's kept (gc, A) equals the backward that recomputes them."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(2, H, 37, 16, generator=gen).to(DEV) for _ in range(4))
+    g = (F.logsigmoid(torch.randn(2, H, 37, 16, generator=gen)) / 4).to(DEV)
+    o, ht, kept = tg.fwd(q, k, v, g, None, 0.25, keep=True)
+    o2, ht2 = tg.fwd(q, k, v, g, None, 0.25)
+    assert torch.equal(o, o2) and torch.equal(ht, ht2)
+    with_kept = tg.bwd(do, None, q, k, v, None, None, 0.25, kept=kept)
+    recomputed = tg.bwd(do, None, q, k, v, g, None, 0.25)
+    for x, y in zip(with_kept, recomputed):
+        assert torch.equal(x, y)
+    cfg = dict(tg.config(16, 16, q.dtype, q.device), BT=32, BC=16)
+    with pytest.raises(ValueError, match="chunk size"):
+        tg.bwd(do, None, q, k, v, None, None, 0.25, cfg=cfg, kept=kept)
 
 
 def test_empty_sequence():

@@ -89,8 +89,10 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
         check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
 
 
-def test_float16_protocol_rule():
-    """16-bit operands (hi/lo split dots), chunks of 32, strong gates."""
+@pytest.mark.parametrize("split", [True, False])
+def test_float16_protocol_rule(split):
+    """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
+    operands (the GPU default is without)."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -98,7 +100,7 @@ def test_float16_protocol_rule():
     scale = dk ** -0.5
     want = reference(x, True, scale)
     base = reference(x, True, scale, dtype=torch.float16)
-    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=SUB32)
+    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=dict(SUB32, split=split))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -115,8 +117,29 @@ def test_custom_ops_opcheck():
     s0 = torch.randn(1, 1, 16, 16, generator=gen).to(DEV).requires_grad_()
     torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, s0, 0.25))
     do = torch.randn(1, 1, t, 16, generator=gen).to(DEV)
-    torch.library.opcheck(tk._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), g.detach(), beta.detach(),
-                                       None, 0.25))
+    q, k, v, g, beta = (x.detach() for x in (q, k, v, g, beta))
+    _, _, gc, p, m = tk._fwd_op(q, k, v, g, beta, None, 0.25)
+    torch.library.opcheck(tk._bwd_op, (do, None, q, k, v, gc, p, m, beta, None, 0.25))
+
+
+def test_kept_forward_tensors_match_recomputation():
+    """The backward from the forward's kept (gc, P, M) equals the backward that recomputes them."""
+    gen = torch.Generator().manual_seed(3)
+    t = 21
+    q, v, do = (torch.randn(1, 2, t, 16, generator=gen).to(DEV) for _ in range(3))
+    k = F.normalize(torch.randn(1, 2, t, 16, generator=gen), dim=-1).to(DEV)
+    g = (F.logsigmoid(torch.randn(1, 2, t, 16, generator=gen)) / 4).to(DEV)
+    beta = torch.rand(1, 2, t, generator=gen).to(DEV)
+    o, ht, kept = tk.fwd(q, k, v, g, beta, None, 0.25, keep=True)
+    o2, ht2 = tk.fwd(q, k, v, g, beta, None, 0.25)
+    assert torch.equal(o, o2) and torch.equal(ht, ht2)
+    with_kept = tk.bwd(do, None, q, k, v, None, beta, None, 0.25, kept=kept)
+    recomputed = tk.bwd(do, None, q, k, v, g, beta, None, 0.25)
+    for x, y in zip(with_kept, recomputed):
+        assert torch.equal(x, y)
+    cfg = dict(tk.config(16, 16, q.dtype, q.device), BT=32)
+    with pytest.raises(ValueError, match="chunk size"):
+        tk.bwd(do, None, q, k, v, None, beta, None, 0.25, cfg=cfg, kept=kept)
 
 
 def test_empty_sequence():

@@ -387,15 +387,18 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Chunk and block sizes (no autotuning). BT: chunk; BC: sub-chunk (BC <= BT); BK_H, BV_H: state tile of
     the two sequential kernels; BV_O: Dv block of the output kernel; BV_B: Dv block of the backward loops.
     Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
-    first guesses (untimed, not compiled for a GPU yet)."""
+    from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
     if device.type != "cuda":
         return dict(BT=16, BC=16, BK_H=pk, BV_H=pv, BV_O=pv, BV_B=pv, warps_h=1, warps_o=1, warps_b=1, stages=1)
     if dtype == torch.float32:
         return dict(BT=32, BC=16, BK_H=min(64, pk), BV_H=min(32, pv), BV_O=16, BV_B=16, warps_h=8, warps_o=8,
                     warps_b=8, stages=2)
-    return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=32 if pk <= 64 else 16,
-                warps_h=4, warps_o=4, warps_b=8, stages=2)
+    # 16-bit: the H200 sweep of 2026-12-04 (benchmarks/results/h200-2026-12-04/linear_sweep.txt, B=8 T=2048
+    # H=16 D=128): 8 warps for the output / score kernels (forward 1.28 -> 1.21 ms) and 64-wide Dv blocks
+    # in the backward loops (backward 4.55 -> 4.08 ms).
+    return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(64, pv),
+                warps_h=4, warps_o=8, warps_b=8, stages=2)
 
 
 def _check_cfg(cfg: dict) -> None:
@@ -445,16 +448,21 @@ def _scores(q, k, gc, scale, cfg, poison):
     return a
 
 
-def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False, keep: bool = False):
     """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
-    :func:`gla_triton`); g (B, H, T, Dk), s0 (B, H, Dk, Dv) or None."""
+    :func:`gla_triton`); g (B, H, T, Dk), s0 (B, H, Dk, Dv) or None. ``keep``: also return ``(gc, A)``, the
+    chunk-local gate cumsum and the intra-chunk scores, which :func:`bwd` takes as ``kept`` instead of
+    recomputing them (``_intra_a`` was about a sixth of a forward+backward on the H200; the cumsum is
+    the size of g, which the backward then need not keep)."""
     q, k, v = (_last_unit(x) for x in (q, k, v))
     s0 = _state_in(s0)
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     if t == 0:
         o = q.new_empty((b, h, 0, dv))
-        return o, (s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32))
+        ht = s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
+        return (o, ht, (q.new_empty((b * h, 0, dk), dtype=torch.float32),
+                        q.new_empty((b * h, 0, 1), dtype=torch.float32))) if keep else (o, ht)
     cfg = cfg or config(dk, dv, q.dtype, q.device)
     _check_cfg(cfg)
     bt = cfg["BT"]
@@ -468,13 +476,14 @@ def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = Fa
         q, v, gc, hs, a, o, q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv,
         PREC=_prec(q.dtype), num_warps=cfg["warps_o"], num_stages=cfg["stages"])
-    return o, ht
+    return (o, ht, (gc, a)) if keep else (o, ht)
 
 
-def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False, kept=None):
     """Gradients -> (dq, dk, dv, dg (B, H, T, Dk) float32, ds0 (B, H, Dk, Dv) float32).
 
-    ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None."""
+    ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None. ``kept``:
+    the ``(gc, A)`` of ``fwd(..., keep=True)`` with the same cfg (g is then not read and may be None)."""
     q, k, v, do = (_last_unit(x) for x in (q, k, v, do))
     s0, dht = _state_in(s0), _state_in(dht)
     b, h, t, dk = q.shape
@@ -487,9 +496,14 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
     _check_cfg(cfg)
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)
-    gc = chunk_cumsum(g, bt)
+    if kept is not None:
+        gc, a = kept
+        if gc.shape != (b * h, nt * bt, dk) or a.shape != (b * h, nt * bt, bt):
+            raise ValueError("kept tensors do not match this cfg's chunk size (pass the cfg of the forward)")
+    else:
+        gc = chunk_cumsum(g, bt)
+        a = _scores(q, k, gc, scale, cfg, poison)
     hs, _ = _states(k, v, gc, s0, cfg, poison)
-    a = _scores(q, k, gc, scale, cfg, poison)
     dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
     ds0 = _empty(poison, (b, h, dk, dv), torch.float32, q.device)
     bk, bvh = min(cfg["BK_H"], _pow2(dk)), min(cfg["BV_H"], _pow2(dv))
@@ -524,26 +538,38 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("attnzoo::gla_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-            initial_state: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return fwd(q, k, v, g, initial_state, scale)
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, initial_state: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (o, final state, gc, A): the last two are kept for the backward (not differentiable)."""
+    o, ht, (gc, a) = fwd(q, k, v, g, initial_state, scale, keep=True)
+    return o, ht, gc, a
+
+
+def _kept_shapes(q, dv):
+    b, h, t, dk = q.shape
+    bt = config(dk, dv, q.dtype, q.device)["BT"] if t else 1
+    tp = triton.cdiv(t, bt) * bt
+    return (b * h, tp, dk), (b * h, tp, bt)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, g, initial_state, scale):
     b, h, t, dk = q.shape
-    return q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32)
+    sg, sa = _kept_shapes(q, v.shape[-1])
+    f32 = torch.float32
+    return (q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=f32),
+            q.new_empty(sg, dtype=f32), q.new_empty(sa, dtype=f32))
 
 
 @torch.library.custom_op("attnzoo::gla_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            g: torch.Tensor, initial_state: torch.Tensor | None, scale: float
+            gc: torch.Tensor, a: torch.Tensor, initial_state: torch.Tensor | None, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bwd(do, dht, q, k, v, g, initial_state, scale)
+    return bwd(do, dht, q, k, v, None, initial_state, scale, kept=(gc, a))
 
 
 @_bwd_op.register_fake
-def _(do, dht, q, k, v, g, initial_state, scale):
+def _(do, dht, q, k, v, gc, a, initial_state, scale):
     b, h, t, dk = q.shape
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty((b, h, t, dk), dtype=torch.float32), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32))
@@ -551,13 +577,15 @@ def _(do, dht, q, k, v, g, initial_state, scale):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, s0, scale = inputs
-    ctx.save_for_backward(q, k, v, g, s0)
+    gc, a = output[2:]
+    ctx.mark_non_differentiable(gc, a)
+    ctx.save_for_backward(q, k, v, gc, a, s0)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, s0 = ctx.saved_tensors
-    dq, dk, dv, dg, ds0 = _bwd_op(do, dht, q, k, v, g, s0, ctx.scale)
+def _backward(ctx, do, dht, _dgc, _da):
+    q, k, v, gc, a, s0 = ctx.saved_tensors
+    dq, dk, dv, dg, ds0 = _bwd_op(do, dht, q, k, v, gc, a, s0, ctx.scale)
     return dq, dk, dv, dg, (ds0 if s0 is not None else None), None
 
 
@@ -595,7 +623,7 @@ def gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
     if initial_state is not None:
         _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
         initial_state = initial_state.to(torch.float32)
-    o, ht = _fwd_op(q, k, v, g.to(torch.float32), initial_state, scale)
+    o, ht = _fwd_op(q, k, v, g.to(torch.float32), initial_state, scale)[:2]
     return o, (ht if output_final_state else None)
 
 
@@ -605,6 +633,6 @@ def gla_chunk(q, k, v, g, scale: float, initial_state, offsets):
     s0 = None if initial_state is None else initial_state.to(torch.float32)
 
     def fn(q, k, v, g, s):
-        return _fwd_op(q, k, v, g, s, scale)
+        return _fwd_op(q, k, v, g, s, scale)[:2]
 
     return _core.run_sequences(fn, [q, k, v, g.to(torch.float32)], s0, offsets)

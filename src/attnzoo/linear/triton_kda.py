@@ -398,22 +398,27 @@ def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
 
 def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The chunk and block sizes of :func:`attnzoo.linear.triton_delta.config` (BC: the sub-chunk of the
-    gate-weighted products, 16). GPU values: untimed first guesses."""
+    gate-weighted products, 16). GPU values: timed on the H200 (the Gated DeltaNet sweep; KDA agreed)."""
     return _td.config(dk, dv, dtype, device)
 
 
-def _prepare(q, k, v, g, beta, s0, cfg):
+def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     q, k, v = (_last_unit(x) for x in (q, k, v))
     b, h, t, dk = q.shape
     cfg = cfg or config(dk, v.shape[-1], q.dtype, q.device)
     _td._check_cfg(cfg)
-    gc = chunk_cumsum(g, cfg["BT"])
+    bt = cfg["BT"]
+    if gc is None:
+        gc = chunk_cumsum(g, bt)
+    elif gc.shape != (b * h, triton.cdiv(t, bt) * bt, dk) or any(x.shape[-1] != bt for x in scores):
+        raise ValueError("kept tensors do not match this cfg's chunk size (pass the cfg of the forward)")
     beta = beta.to(torch.float32).reshape(b * h, t).contiguous()
     return q, k, v, gc, beta, _state_in(s0), cfg
 
 
-def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t):
-    """_intra + _prep + _fwd_h: -> (P, M, T or None, W, U0, U, HS, final state)."""
+def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=None):
+    """_intra + _prep + _fwd_h: -> (P, M, T or None, W, U0, U, HS, final state). ``scores``: (P, M) of an
+    earlier pass (the forward's, kept for the backward); ``_intra`` is then skipped."""
     b, h, t, dk = k.shape
     dv = v.shape[-1]
     bt, bc = cfg["BT"], cfg["BC"]
@@ -423,12 +428,15 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t):
     prec = _prec(k.dtype)
     bk = _pow2(dk)
     f32 = torch.float32
-    aqk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
-    akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
-    _intra[(nt, bt // bc, b * h)](
-        q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec, num_warps=cfg["warps_p"],
-        num_stages=cfg["stages"])
+    if scores is not None:
+        aqk, akk = scores
+    else:
+        aqk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
+        akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
+        _intra[(nt, bt // bc, b * h)](
+            q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec, num_warps=cfg["warps_p"],
+            num_stages=cfg["stages"])
     tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
     u0 = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
@@ -448,32 +456,40 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t):
     return aqk, akk, tt, w, u0, u, hs, ht
 
 
-def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, keep: bool = False):
     """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
-    :func:`kda_triton`); g (B, H, T, Dk), beta (B, H, T), s0 (B, H, Dk, Dv) or None."""
+    :func:`kda_triton`); g (B, H, T, Dk), beta (B, H, T), s0 (B, H, Dk, Dv) or None. ``keep``: also return
+    ``(gc, P, M)``, the chunk-local gate cumsum and the two gate-weighted score blocks, which :func:`bwd`
+    takes as ``kept`` instead of recomputing them (``_intra`` was about a sixth of a forward+backward on
+    the H200; the cumsum replaces g, which the backward then need not keep)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     if t == 0:
         s0 = _state_in(s0)
-        return q.new_empty((b, h, 0, dv)), (s0.clone() if s0 is not None else
-                                            q.new_zeros((b, h, dk, dv), dtype=torch.float32))
+        ht = s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
+        o = q.new_empty((b, h, 0, dv))
+        if keep:
+            e = q.new_empty((b * h, 0, 1), dtype=torch.float32)
+            return o, ht, (q.new_empty((b * h, 0, dk), dtype=torch.float32), e, e.clone())
+        return o, ht
     q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg)
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
     split = q.dtype != torch.float32 and cfg.get("split", True)
-    aqk, _, _, _, _, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, False)
+    aqk, akk, _, _, _, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, False)
     o = _empty(poison, (b, h, t, dv), q.dtype, q.device)
     bv = min(cfg["BV_O"], _pow2(dv))
     _fwd_o[(nt, triton.cdiv(dv, bv), b * h)](
         q, gc, hs, u, aqk, o, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv, SPLIT=split, PREC=_prec(q.dtype),
         num_warps=cfg["warps_o"], num_stages=cfg["stages"])
-    return o, ht
+    return (o, ht, (gc, aqk, akk)) if keep else (o, ht)
 
 
-def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, kept=None):
     """Gradients -> (dq, dk, dv, dg (B, H, T, Dk) float32, dbeta (B, H, T) float32, ds0 (B, H, Dk, Dv)
-    float32). ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None."""
+    float32). ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None.
+    ``kept``: the ``(gc, P, M)`` of ``fwd(..., keep=True)`` with the same cfg (g is then not read)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     dht = _state_in(dht)
@@ -483,13 +499,14 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q.new_zeros((b, h, 0, dk), dtype=f32),
                 q.new_zeros((b, h, 0), dtype=f32), ds0)
     do = _last_unit(do)
-    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg)
+    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg, *((None, ()) if kept is None else (kept[0], kept[1:])))
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)
     bk = _pow2(dk)
     split = q.dtype != f32 and cfg.get("split", True)
     prec = _prec(q.dtype)
-    aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True)
+    aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
+                                                  None if kept is None else kept[1:])
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
     bvo = min(cfg["BV_O"], _pow2(dv))
     _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
@@ -531,25 +548,34 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
 
 @torch.library.custom_op("attnzoo::kda_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-            initial_state: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return fwd(q, k, v, g, beta, initial_state, scale)
+            initial_state: torch.Tensor | None, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (o, final state, gc, P, M): the last three are kept for the backward (not differentiable)."""
+    o, ht, (gc, p, m) = fwd(q, k, v, g, beta, initial_state, scale, keep=True)
+    return o, ht, gc, p, m
 
 
 @_fwd_op.register_fake
 def _(q, k, v, g, beta, initial_state, scale):
     b, h, t, dk = q.shape
-    return q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32)
+    bt = config(dk, v.shape[-1], q.dtype, q.device)["BT"] if t else 1
+    tp = triton.cdiv(t, bt) * bt
+    f32 = torch.float32
+    return (q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=f32),
+            q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=f32),
+            q.new_empty((b * h, tp, bt), dtype=f32))
 
 
 @torch.library.custom_op("attnzoo::kda_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            g: torch.Tensor, beta: torch.Tensor, initial_state: torch.Tensor | None, scale: float
+            gc: torch.Tensor, p: torch.Tensor, m: torch.Tensor, beta: torch.Tensor,
+            initial_state: torch.Tensor | None, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bwd(do, dht, q, k, v, g, beta, initial_state, scale)
+    return bwd(do, dht, q, k, v, None, beta, initial_state, scale, kept=(gc, p, m))
 
 
 @_bwd_op.register_fake
-def _(do, dht, q, k, v, g, beta, initial_state, scale):
+def _(do, dht, q, k, v, gc, p, m, beta, initial_state, scale):
     b, h, t, dk = q.shape
     f32 = torch.float32
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty((b, h, t, dk), dtype=f32),
@@ -558,13 +584,15 @@ def _(do, dht, q, k, v, g, beta, initial_state, scale):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, s0, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, s0)
+    kept = output[2:]
+    ctx.mark_non_differentiable(*kept)
+    ctx.save_for_backward(q, k, v, *kept, beta, s0)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, s0 = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, g, beta, s0, ctx.scale)
+def _backward(ctx, do, dht, *_kept_grads):
+    q, k, v, gc, p, m, beta, s0 = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, gc, p, m, beta, s0, ctx.scale)
     return dq, dk, dv, dg, dbeta, (ds0 if s0 is not None else None), None
 
 
@@ -604,7 +632,7 @@ def kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_st
     if initial_state is not None:
         _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
         initial_state = initial_state.to(torch.float32)
-    o, ht = _fwd_op(q, k, v, g.to(torch.float32), beta.to(torch.float32), initial_state, scale)
+    o, ht = _fwd_op(q, k, v, g.to(torch.float32), beta.to(torch.float32), initial_state, scale)[:2]
     return o, (ht if output_final_state else None)
 
 
@@ -614,6 +642,6 @@ def kda_chunk(q, k, v, g, beta, scale: float, initial_state, offsets):
     s0 = None if initial_state is None else initial_state.to(torch.float32)
 
     def fn(q, k, v, g, beta, s):
-        return _fwd_op(q, k, v, g, beta, s, scale)
+        return _fwd_op(q, k, v, g, beta, s, scale)[:2]
 
     return _core.run_sequences(fn, [q, k, v, g.to(torch.float32), beta.to(torch.float32)], s0, offsets)
