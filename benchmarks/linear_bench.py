@@ -387,6 +387,8 @@ def sweep_op(op, reps, b=8, t=2048):
         for bk, bv, w in ((64, 32, 4), (128, 64, 8), (64, 64, 8), (128, 128, 8)):
             variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
         variants += [("bc32", dict(BC=32)), ("bt32", dict(BT=32))]
+        for bk, w in ((64, 4), (32, 2), (32, 4), (128, 4), (64, 8)):  # the two-kernel intra backward
+            variants.append((f"split-k{bk}w{w}", dict(intra="split", BK_I=bk, warps_i=w)))
     else:
         variants.append(("split", dict(split=True)))
         for bv, w in ((32, 4), (64, 8)):

@@ -54,6 +54,10 @@ parts of dq and dk for the rows of sub-chunk p (float32 buffers), with the same 
     dk_j <- scale sum_{i >= j} dA_ij q_i * exp(G_i - G_j)
             (i after p: exp(G_e - G_j) * [dA^T (q * exp(G_i - G_e))], e = last step of p; i in p: a loop)
 
+With ``intra="split"`` the same sums run in two kernels: ``_bwd_da`` writes scale * dA per chunk once
+(float32, lower triangle), and ``_bwd_intra_split`` (grid: Dk block, chunk x sub-chunk, batch x head) walks
+the earlier / later sub-chunks one (BC, BC) tile of dA at a time, referenced to p's first / last row.
+
 ``_bwd_inter`` (grid: chunk, batch x head; whole Dk, a loop over Dv blocks) adds the state parts and
 writes dq, dk, dv, dg::
 
@@ -316,6 +320,96 @@ def _bwd_intra(Q, K, V, G, DO, DQI, DKI,
 
 
 @triton.jit
+def _bwd_da(V, DO, DA, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, NH, T, DIMV, NT, scale,
+            BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # DA: float32 (B*H, NT*BT, BT), scale * do_i . v_j for j <= i inside each chunk, 0 above the diagonal
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    m_c = tc < T
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_cv = m_c[:, None] & (offs_v < DIMV)[None, :]
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_cv, other=0.0)
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_cv, other=0.0)
+        acc = tl.dot(do, tl.trans(v), acc, input_precision=PREC)
+    acc = tl.where(offs_c[:, None] >= offs_c[None, :], acc * scale, 0.0)
+    tl.store(DA + (bh * NT * BT + tc)[:, None] * BT + offs_c[None, :], acc)
+
+
+@triton.jit
+def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
+                     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                     NH, T, DIMK, NT,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    # the intra-chunk dq, dk of sub-chunk p over one Dk block, from the precomputed DA (see _bwd_da);
+    # grid (Dk block, chunk x sub-chunk, batch x head). DQI, DKI: float32 (B*H, T, Dk) contiguous
+    ik = tl.program_id(0)
+    n = tl.program_id(1) // (BT // BC)
+    p = tl.program_id(1) % (BT // BC)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_s = tl.arange(0, BC)
+    offs_i = p * BC + offs_s
+    ti = n * BT + offs_i
+    m_i = ti < T
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    dabase = DA + (bh * NT * BT + n * BT) * BT
+    gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    # dq_i = sum_{j < p's start} dA_ij k_j exp(G_i - G_j), referenced to gn = G at p's first row
+    gn = tl.load(gbase + (n * BT + p * BC) * DIMK + offs_k, mask=m_k, other=0.0)
+    dq = tl.zeros([BC, BK], dtype=tl.float32)
+    for jc in range(0, p):
+        offs_j = jc * BC + offs_s
+        tj = n * BT + offs_j
+        kj = tl.load(kbase + tj[:, None] * s_kt + offs_k[None, :], mask=(tj < T)[:, None] & m_k[None, :], other=0.0)
+        gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        kg = (kj.to(tl.float32) * tl.exp(gn[None, :] - gj)).to(kj.dtype)
+        da = tl.load(dabase + offs_i[:, None] * BT + offs_j[None, :])
+        dq = tl.dot(da.to(kj.dtype), kg, dq, input_precision=PREC)
+    dq = dq * tl.exp(gi - gn[None, :])
+    # dk_i = sum_{j after p} dA_ji q_j exp(G_j - G_i), referenced to ge = G at p's last row
+    ge = tl.load(gbase + (n * BT + p * BC + BC - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    dk = tl.zeros([BC, BK], dtype=tl.float32)
+    for jc in range(p + 1, BT // BC):
+        offs_j = jc * BC + offs_s
+        tj = n * BT + offs_j
+        qj = tl.load(qbase + tj[:, None] * s_qt + offs_k[None, :], mask=(tj < T)[:, None] & m_k[None, :], other=0.0)
+        gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        qg = (qj.to(tl.float32) * tl.exp(gj - ge[None, :])).to(qj.dtype)
+        da = tl.load(dabase + offs_j[:, None] * BT + offs_i[None, :])  # dA[j, i]
+        dk = tl.dot(tl.trans(da).to(qj.dtype), qg, dk, input_precision=PREC)
+    dk = dk * tl.exp(ge[None, :] - gi)
+    # the diagonal sub-chunk, exact, one step at a time
+    for jj in range(0, BC):
+        j = p * BC + jj
+        tj = n * BT + j
+        m_j = m_k & (offs_k * 0 + tj < T)
+        kj = tl.load(kbase + tj * s_kt + offs_k, mask=m_j, other=0.0).to(tl.float32)
+        qj = tl.load(qbase + tj * s_qt + offs_k, mask=m_j, other=0.0).to(tl.float32)
+        gj = tl.load(gbase + tj * DIMK + offs_k, mask=m_k, other=0.0)
+        da_c = tl.load(dabase + offs_i * BT + j)  # dA[i, j]
+        da_r = tl.load(dabase + j * BT + offs_i)  # dA[j, i]
+        dq += da_c[:, None] * kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
+        dk += da_r[:, None] * qj[None, :] * tl.exp(tl.where((offs_i <= j)[:, None], gj[None, :] - gi, float("-inf")))
+    xoff = (bh * T + ti)[:, None] * DIMK + offs_k[None, :]
+    m_ik = m_i[:, None] & m_k[None, :]
+    tl.store(DQI + xoff, dq, mask=m_ik)
+    tl.store(DKI + xoff, dk, mask=m_ik)
+
+
+@triton.jit
 def _bwd_inter(Q, K, V, G, DO, HS, DHS, A, DQI, DKI, DQ, DKK, DVV, DG,
                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
                s_xb, s_xh, s_xt, s_yb, s_yh, s_yt,
@@ -386,6 +480,10 @@ def _bwd_inter(Q, K, V, G, DO, HS, DHS, A, DQI, DKI, DQ, DKK, DVV, DG,
 def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Chunk and block sizes (no autotuning). BT: chunk; BC: sub-chunk (BC <= BT); BK_H, BV_H: state tile of
     the two sequential kernels; BV_O: Dv block of the output kernel; BV_B: Dv block of the backward loops.
+    intra: "fused" (``_bwd_intra``: one program per sub-chunk over the whole Dk, dA computed in it) or
+    "split" (``_bwd_da`` writes dA per chunk once, then ``_bwd_intra_split`` runs per sub-chunk and Dk
+    block of BK_I channels with warps_i warps: more, smaller programs, the layout of fla's kernels; not yet
+    timed on a GPU, so not the default).
     Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
     from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
@@ -402,7 +500,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def _check_cfg(cfg: dict) -> None:
-    for key in ("BT", "BC", "BK_H", "BV_H", "BV_O", "BV_B"):
+    if cfg.get("intra", "fused") not in ("fused", "split"):
+        raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    for key in ("BT", "BC", "BK_H", "BV_H", "BV_O", "BV_B", "BK_I"):
+        if key not in cfg and key == "BK_I":
+            continue
         x = cfg[key]
         if x < 16 or x & (x - 1):
             raise ValueError(f"{key} must be a power of two >= 16, got {x}")
@@ -515,12 +617,24 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
     bvb = min(cfg["BV_B"], _pow2(dv))
     dqi = _empty(poison, (b * h, t, dk), torch.float32, q.device)
     dki = _empty(poison, (b * h, t, dk), torch.float32, q.device)
-    _bwd_intra[(nt, bt // bc, b * h)](
-        q, k, v, gc, do, dqi, dki,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        h, t, dk, dv, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), BV=bvb, PREC=_prec(q.dtype),
-        num_warps=cfg["warps_b"], num_stages=cfg["stages"])
+    if cfg.get("intra", "fused") == "split":
+        da = _empty(poison, (b * h, nt * bt, bt), torch.float32, q.device)
+        _bwd_da[(nt, b * h)](
+            v, do, da, v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            h, t, dv, nt, float(scale), BT=bt, BV=bvb, PREC=_prec(q.dtype), num_warps=cfg["warps_b"],
+            num_stages=cfg["stages"])
+        bki = min(cfg.get("BK_I", 64), _pow2(dk))
+        _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc), b * h)](
+            q, k, gc, da, dqi, dki, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            h, t, dk, nt, BT=bt, BC=bc, BK=bki, PREC=_prec(q.dtype), num_warps=cfg.get("warps_i", 4),
+            num_stages=cfg["stages"])
+    else:
+        _bwd_intra[(nt, bt // bc, b * h)](
+            q, k, v, gc, do, dqi, dki,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            h, t, dk, dv, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), BV=bvb, PREC=_prec(q.dtype),
+            num_warps=cfg["warps_b"], num_stages=cfg["stages"])
     dq, dk_, dv_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k, v))
     dg = _empty(poison, (b, h, t, dk), torch.float32, q.device)
     _bwd_inter[(nt, b * h)](
