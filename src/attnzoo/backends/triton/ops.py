@@ -349,9 +349,36 @@ def tiled_neighborhood(req):
     return neighborhood_tiling(p, block, device=req.device)
 
 
+class _Eager(torch.autograd.Function):
+    """The eager-mode path: the same launchers as the custom ops, without their dispatch and autograd
+    wrapper, which cost about half of attnzoo's host time per forward+backward (``benchmarks/host_overhead.py
+    --mock``, launches replaced by no-ops, 2-core CPU: 311-326 us through the ops, 157-162 us here) -- what
+    small shapes are bound by. ``torch.compile`` still traces the custom ops (see `triton_attention`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, scale):
+        out, lse = attention_fwd(q, k, v, pattern, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pattern, ctx.scale = pattern, scale
+        ctx.set_materialize_grads(False)  # an unused lse brings no zeros (and no dlse pass in the kernels)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # only the lse was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, ctx.pattern, ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def triton_attention(q, k, v, pattern, scale: float):
-    """Differentiable attention through the custom ops -> (out, lse). A `RoutedBlocks` goes as its static
-    spec (a registry entry per block size and causality, not per call) plus its mask as a tensor input."""
+    """Differentiable attention -> (out, lse). In eager mode through `_Eager` (an autograd.Function over
+    the launchers); under `torch.compile` through the custom ops, whose fake implementations let the
+    compiler trace them. A `RoutedBlocks` goes to the ops as its static spec (a registry entry per block
+    size and causality, not per call) plus its mask as a tensor input."""
+    if not torch.compiler.is_compiling():
+        return _Eager.apply(q, k, v, pattern, float(scale))
     if _routed(pattern):
         return _fwd_op(q, k, v, pattern_id(_routed_spec(pattern)), float(scale), pattern.block_mask)
     return _fwd_op(q, k, v, pattern_id(pattern), float(scale))
