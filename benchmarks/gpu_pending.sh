@@ -2,16 +2,18 @@
 # The GPU measurements still owed by the open issues, in priority order, each time-boxed so that one
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
-# Sections: small (issue 3: the slow small-batch float32 Triton path), linear (issue 5: GLA / Gated
+# Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), small (issue 3:
+# the small-batch Triton path, fp32 and bf16), linear (issue 5: GLA / Gated
 # DeltaNet / KDA / simple GLA vs flash-linear-attention, scaling, decode GB/s), linear-sweep (issue 5: config
 # variants of the GLA / Gated DeltaNet / KDA kernels with their accuracy; fla's autotune makes the linear
 # section slow: 2026-12-03 it spent ~60-140 s per fla op on its first call), decode-wide (issue 6: MLA
 # decode through the wide-head Triton decode kernel), routing (issue 7: routed sparse vs dense SDPA),
-# grid64 (issue 4: 64K forward+backward of the long-context grid), flash (issue 4: FlashAttention grid).
+# grid64 (issue 4: 64K forward+backward of the long-context grid), flash (issue 4: FlashAttention grid;
+# measured in full on 2026-12-04).
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-sweep small linear decode-wide routing grid64 flash}
+SECTIONS=${*:-host linear-sweep small linear decode-wide routing grid64}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT/grid"
 # the 64K run resumes the committed grid (a re-run skips recorded cases)
@@ -19,12 +21,13 @@ mkdir -p "$OUT/grid"
 for s in $SECTIONS; do
   echo "== $s"
   case $s in
+    host) timeout 90 python3 benchmarks/host_overhead.py --out "$OUT/host.jsonl" > "$OUT/host_log.txt" 2>&1 ;;
     small) timeout 90 python3 benchmarks/triton_small_batch_profile.py > "$OUT/small_batch.txt" 2>&1 ;;
     linear) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch > "$OUT/linear_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --profile-ops gla,gdn,kda --sweep-ops gdn,gla,kda --ops sdpa --shapes 8x2048 > "$OUT/linear_sweep_log.txt" 2>&1 ;;
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
-    routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
+    routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --lengths 32768,65536,131072 --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
     grid64) timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \
               --direction fwdbwd --backend triton --backend flex --backend sdpa-cudnn > "$OUT/grid64_log.txt" 2>&1 ;;
     flash) timeout 300 python3 -m attnzoo.cli bench run --suite flash --out "$OUT/flash" --no-report > "$OUT/flash_log.txt" 2>&1 ;;
