@@ -8,12 +8,13 @@
 # variants of the GLA / Gated DeltaNet / KDA kernels with their accuracy; fla's autotune makes the linear
 # section slow: 2026-12-03 it spent ~60-140 s per fla op on its first call), decode-wide (issue 6: MLA
 # decode through the wide-head Triton decode kernel), routing (issue 7: routed sparse vs dense SDPA),
-# grid64 (issue 4: 64K forward+backward of the long-context grid), flash (issue 4: FlashAttention grid;
+# grid64 (issue 4: 64K forward+backward of the long-context grid), niah (issue 4: the needle grid on the GPU,
+# trained at 1K, tested to 8K), recall (issue 4: the MQAR window cell at lr 1e-3 and BASED), flash (issue 4: FlashAttention grid;
 # measured in full on 2026-12-04).
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-host linear-sweep small linear decode-wide routing grid64}
+SECTIONS=${*:-host linear-sweep small routing niah recall linear decode-wide grid64}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT/grid"
 # the 64K run resumes the committed grid (a re-run skips recorded cases)
@@ -30,6 +31,10 @@ for s in $SECTIONS; do
     routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --lengths 32768,65536,131072 --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
     grid64) timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \
               --direction fwdbwd --backend triton --backend flex --backend sdpa-cudnn > "$OUT/grid64_log.txt" 2>&1 ;;
+    niah) timeout ${NIAH_S:-420} python3 -m attnzoo.cli bench niah --grid full --out "$OUT/niah" > "$OUT/niah_log.txt" 2>&1 ;;
+    recall) timeout ${RECALL_S:-300} python3 -m attnzoo.cli bench recall --grid full --mixer sliding_window:32 \
+              --mixer based:feature_dim=16:window=32 --tasks 256x16 --d-model 128 --lr 1e-3 --steps 4000 \
+              --out "$OUT/recall" > "$OUT/recall_log.txt" 2>&1 ;;
     flash) timeout 300 python3 -m attnzoo.cli bench run --suite flash --out "$OUT/flash" --no-report > "$OUT/flash_log.txt" 2>&1 ;;
     *) echo "unknown section $s" ;;
   esac
