@@ -394,6 +394,8 @@ def sweep_op(op, reps, b=8, t=2048):
         for bv, w in ((32, 4), (64, 8)):
             variants.append((f"h{bv}w{w}", dict(BV_H=bv, warps_h=w)))
         variants += [("split-h32w4", dict(split=True, BV_H=32, warps_h=4)), ("bt32", dict(BT=32))]
+        if op == "kda":  # the tiled score kernel
+            variants += [(f"intra-split-w{w}", dict(intra="split", warps_i=w)) for w in (2, 4, 8)]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8)):

@@ -73,12 +73,14 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, True, "strong", SUB32),
     (70, 48, 32, False, "mild", SUB64),
     (100, 32, 16, True, "extreme", SUB64),
+    (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1)),  # the tiled score kernel
+    (40, 32, 48, False, "extreme", dict(SUB32, intra="split", warps_i=1)),
 ]
 
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
-                              for c in CASES])
+                              f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -203,3 +205,19 @@ def test_dispatch_rules(monkeypatch):
         monkeypatch.delenv("ATTNZOO_LINEAR_TRITON")
         lin.kda(q, q, q, g, beta)  # auto on CPU without the opt-in: PyTorch
         assert calls == [1, 1]
+
+
+def test_split_intra_equals_fused():
+    """intra="split" writes the same score blocks as the fused kernel (up to float32 rounding)."""
+    gen = torch.Generator().manual_seed(9)
+    t = 70
+    q, v = (torch.randn(1, 2, t, 32, generator=gen).to(DEV) for _ in range(2))
+    k = F.normalize(torch.randn(1, 2, t, 32, generator=gen), dim=-1).to(DEV)
+    g = (F.logsigmoid(torch.randn(1, 2, t, 32, generator=gen)) / 4).to(DEV)
+    beta = torch.rand(1, 2, t, generator=gen).to(DEV)
+    a = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", warps_i=1), keep=True)[2]
+    b = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=SUB64, keep=True)[2]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="intra"):
+        tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="tiles"))

@@ -120,6 +120,68 @@ def _intra(Q, K, G, AQK, AKK,
 
 
 @triton.jit
+def _intra_split(Q, K, G, AQK, AKK,
+                 s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                 NH, T, DIMK, NT, scale,
+                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _intra by (BC, BC) tiles: the rows of sub-chunk p against each earlier sub-chunk (one dot per tile,
+    # referenced to gn = G at p's first row), the diagonal tile by the exact per-step loop, zero tiles after
+    # it. grid (chunk x sub-chunk, batch x head); same outputs as _intra (cfg intra="split").
+    n = tl.program_id(0) // (BT // BC)
+    p = tl.program_id(0) % (BT // BC)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_s = tl.arange(0, BC)
+    offs_i = p * BC + offs_s
+    offs_k = tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    ti = n * BT + offs_i
+    m_ik = (ti < T)[:, None] & m_k[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0).to(tl.float32)
+    gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    gn = tl.load(gbase + (n * BT + p * BC) * DIMK + offs_k, mask=m_k, other=0.0)
+    ei = tl.exp(gi - gn[None, :])
+    qe = qi * ei
+    ke = ki * ei
+    rows = (bh * NT * BT + ti)[:, None] * BT
+    for jc in range(0, p):
+        offs_j = jc * BC + offs_s
+        tj = n * BT + offs_j
+        kj = tl.load(kbase + tj[:, None] * s_kt + offs_k[None, :], mask=(tj < T)[:, None] & m_k[None, :], other=0.0)
+        gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        krt = tl.trans(kj.to(tl.float32) * tl.exp(gn[None, :] - gj))
+        aq = _split_dot2(qe, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
+        ak = _split_dot2(ke, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
+        tl.store(AQK + rows + offs_j[None, :], aq * scale)
+        tl.store(AKK + rows + offs_j[None, :], ak)
+    aq = tl.zeros([BC, BC], dtype=tl.float32)
+    ak = tl.zeros([BC, BC], dtype=tl.float32)
+    for jj in range(0, BC):  # the diagonal tile, exact, one key step at a time
+        j = p * BC + jj
+        kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
+                     other=0.0).to(tl.float32)
+        gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
+        kd = kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
+        cq = tl.sum(qi * kd, 1)
+        ck = tl.where(offs_i > j, tl.sum(ki * kd, 1), 0.0)
+        sel = (offs_s == jj)[None, :]
+        aq += tl.where(sel, cq[:, None], 0.0)
+        ak += tl.where(sel, ck[:, None], 0.0)
+    tl.store(AQK + rows + offs_i[None, :], aq * scale)
+    tl.store(AKK + rows + offs_i[None, :], ak)
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    for jc in range(p + 1, BT // BC):
+        offs_j = jc * BC + offs_s
+        tl.store(AQK + rows + offs_j[None, :], zero)
+        tl.store(AKK + rows + offs_j[None, :], zero)
+
+
+@triton.jit
 def _prep(AKK, K, V, BETA, G, TT, W, U0,
           s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
           NH, T, DIMK, DIMV, NT,
@@ -398,7 +460,10 @@ def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
 
 def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The chunk and block sizes of :func:`attnzoo.linear.triton_delta.config` (BC: the sub-chunk of the
-    gate-weighted products, 16). GPU values: timed on the H200 (the Gated DeltaNet sweep; KDA agreed)."""
+    gate-weighted products, 16). Optional ``intra``: "fused" (default, ``_intra``: one program per
+    sub-chunk computing its whole (BC, BT) row block) or "split" (``_intra_split``: one (BC, BC) dot per
+    earlier sub-chunk, the exact loop on the diagonal tile only, with ``warps_i`` warps; not yet timed on a
+    GPU). GPU values: timed on the H200 (the Gated DeltaNet sweep; KDA agreed)."""
     return _td.config(dk, dv, dtype, device)
 
 
@@ -407,6 +472,8 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     b, h, t, dk = q.shape
     cfg = cfg or config(dk, v.shape[-1], q.dtype, q.device)
     _td._check_cfg(cfg)
+    if cfg.get("intra", "fused") not in ("fused", "split"):
+        raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
     bt = cfg["BT"]
     if gc is None:
         gc = chunk_cumsum(g, bt)
@@ -433,9 +500,12 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     else:
         aqk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
         akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
-        _intra[(nt, bt // bc, b * h)](
+        split_intra = cfg.get("intra", "fused") == "split"
+        grid = (nt * (bt // bc), b * h) if split_intra else (nt, bt // bc, b * h)
+        (_intra_split if split_intra else _intra)[grid](
             q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec, num_warps=cfg["warps_p"],
+            h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
+            num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
             num_stages=cfg["stages"])
     tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
