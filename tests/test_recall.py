@@ -195,9 +195,12 @@ def test_cli_recall_records_resumes_and_reports(tmp_path, capsys):
     assert "Accuracy per (mixer, L, d_model)" in report and "`sliding_window:2`" in report
     assert "Accuracy per recurrent-state size" in report and "d_model=16" in report
     assert "Accuracy by query-key distance" in report
+    assert "Speed against recall" in report and "Pareto front" in report
+    for r in R.load_recall_records(out / R.RESULTS_FILE):
+        assert r["speed_status"] == "ok" and r["speed_ms"] > 0 and r["speed_len"] == 1024, r
     if _has_matplotlib():
         pngs = sorted(p.name for p in out.glob("*.png"))
-        assert pngs == ["recall_acc_vs_dmodel.png", "recall_acc_vs_state.png"]
+        assert pngs == ["recall_acc_vs_dmodel.png", "recall_acc_vs_state.png", "recall_speed_vs_acc.png"]
         assert all((out / p).stat().st_size > 1000 for p in pngs)
         assert "![recall_acc_vs_dmodel.png]" in report
 
@@ -276,3 +279,19 @@ def test_bad_recall_arguments(argv, match, capsys):
 def test_report_only_without_results(tmp_path, capsys):
     assert main(["bench", "recall", "--report-only", "--out", str(tmp_path / "none")]) == 1
     assert "no results_recall.jsonl" in capsys.readouterr().err
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.2), (2.0, 0.9), (1.5, 0.1), (3.0, 0.9), (4.0, 0.95), (0.5, 0.2)]
+    # (0.5, 0.2) beats (1.0, 0.2) (faster, as accurate); (2.0, 0.9) beats (3.0, 0.9); (1.5, 0.1) is beaten
+    assert R.pareto_front(pts) == [5, 1, 4]
+    assert R.pareto_front([]) == []
+
+
+def test_speed_failure_is_recorded(monkeypatch):
+    """A model that cannot run at the speed length keeps its accuracy; the speed says why."""
+    class Boom(torch.nn.Module):
+        def hidden(self, x):
+            raise RuntimeError("CUDA out of memory. Tried to allocate")
+    out = R.measure_speed(Boom(), 32, 64, "cpu")
+    assert out["speed_status"] == "oom" and out["speed_ms"] is None and "out of memory" in out["speed_message"]

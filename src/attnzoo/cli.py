@@ -260,7 +260,7 @@ def _split_mixers(values) -> list:
 
 
 _RECALL_ONLY = ("mixer", "grid", "d_model", "lr", "tasks", "steps", "batch_size", "n_train", "n_test", "vocab",
-                "eval_every", "no_early_stop", "device", "report_only", "threads")
+                "eval_every", "no_early_stop", "device", "report_only", "threads", "speed_len")
 
 
 def cmd_recall(args, parser) -> int:
@@ -284,7 +284,8 @@ def cmd_recall(args, parser) -> int:
         if value:
             changes[field_name] = tuple(dict.fromkeys(value))
     for field_name, value in (("steps", args.steps), ("batch_size", args.batch_size), ("n_train", args.n_train),
-                              ("n_test", args.n_test), ("vocab_size", args.vocab), ("eval_every", args.eval_every)):
+                              ("n_test", args.n_test), ("vocab_size", args.vocab), ("eval_every", args.eval_every),
+                              ("speed_len", args.speed_len)):
         if value is not None:
             changes[field_name] = value
     if args.no_early_stop:
@@ -321,7 +322,7 @@ def cmd_recall(args, parser) -> int:
 
 _NIAH_ONLY = ("train_len", "depths", "methods", "niah_tasks")
 # recall options that mean nothing to niah
-_NOT_NIAH = ("mixer", "tasks", "lr", "no_early_stop")
+_NOT_NIAH = ("mixer", "tasks", "lr", "no_early_stop", "speed_len")
 
 
 def _split_list(values) -> list:
@@ -539,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=_positive_int("--eval-every"), default=None, metavar="N",
                    help="evaluate on the test set every N steps")
     g.add_argument("--no-early-stop", action="store_true", help="train every cell for all its steps")
+    g.add_argument("--speed-len", type=_nonneg_int("--speed-len"), default=None, metavar="N",
+                   help="also time each trained model's forward+backward on one sequence of N tokens, the speed "
+                        "axis of the speed-vs-recall plot (cpu: 1024, full: 16384; 0: off)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--threads", type=_positive_int("--threads"), default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice); on a busy machine 1 is often faster")

@@ -365,6 +365,7 @@ class Grid:
     weight_decay: float = 0.1
     early_stop_acc: Optional[float] = 0.99
     seed: int = 0
+    speed_len: int = 0                # > 0: also time each trained model's fwd+bwd on 1 x speed_len tokens
 
     def batch_for(self, seq_len: int) -> int:
         if isinstance(self.batch_size, int):
@@ -387,14 +388,14 @@ def cpu_grid() -> Grid:
     learning rates 1e-3 and 3e-3."""
     return Grid(name="cpu", mixers=("attention", "sliding_window:8"), tasks=((64, 4),), d_models=(64,),
                 lrs=(1e-3, 3e-3), vocab_size=2048, n_train=20_000, n_test=1_000, batch_size=128, steps=1_000,
-                eval_every=100)
+                eval_every=100, speed_len=1024)
 
 
 def full_grid() -> Grid:
     """The protocol's grid (for a GPU): 4 tasks x 4 widths x 4 learning rates per mixer, V = 8192, 100K
     training / 3K test examples, Zoology's batch sizes, up to 20K steps (early stop at 0.99)."""
     return Grid(name="full", mixers=("attention", "sliding_window:32"), tasks=PROTOCOL_TASKS,
-                d_models=PROTOCOL_D_MODELS, lrs=PROTOCOL_LRS, batch_size=FULL_BATCH)
+                d_models=PROTOCOL_D_MODELS, lrs=PROTOCOL_LRS, batch_size=FULL_BATCH, speed_len=16384)
 
 
 def get_grid(name: str) -> Grid:
@@ -548,6 +549,8 @@ def run_cell(grid: Grid, cell: Cell, device, env: dict, data: dict, on_step=None
                           early_stop_acc=grid.early_stop_acc, seed=grid.seed)
         res = train(model, train_set, test_set, cfg, device, on_step=on_step)
         rec.update(status="ok", message="", **res)
+        if grid.speed_len > 0:
+            rec.update(measure_speed(model, grid.speed_len, grid.vocab_size, device))
     except Exception as exc:  # noqa: BLE001 - recorded, the grid goes on
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
         rec.update(status="oom" if oom else "error", message=f"{type(exc).__name__}: {exc}"[:2000], acc=None)
@@ -557,6 +560,37 @@ def run_cell(grid: Grid, cell: Cell, device, env: dict, data: dict, on_step=None
             torch.cuda.empty_cache()
     rec["wall_s"] = rec.get("wall_s", time.perf_counter() - t0)
     return rec
+
+
+def measure_speed(model, seq_len: int, vocab_size: int, device) -> dict:
+    """The speed axis of the speed-vs-recall plot: median time of one forward+backward of ``model``'s layer
+    stack (the trained TinyLM without its LM head, whose vocabulary-sized logits would swamp the mixers;
+    each mixer on its default backend) on one sequence of ``seq_len`` random tokens, with the protocol's
+    timer. A failure (e.g. out of memory at that length) is recorded, not raised."""
+    from .timing import time_fn
+
+    gen = torch.Generator().manual_seed(derive_seed("speed", seq_len))
+    x = torch.randint(0, vocab_size, (1, seq_len), generator=gen).to(device)
+    was = model.training
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model.hidden(x).float().square().mean().backward()
+    try:
+        r = time_fn(step, device=device, warmup=1, reps=5, max_time_s=5.0)
+        out = dict(speed_len=seq_len, speed_ms=r["median_ms"], speed_status=r["status"],
+                   speed_peak_mem_bytes=r.get("peak_mem_bytes"))
+        if r["status"] != "ok":
+            out["speed_message"] = str(r.get("message") or "")[:300]
+    except Exception as exc:  # noqa: BLE001 - the cell's accuracy stands without its speed
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        out = dict(speed_len=seq_len, speed_ms=None, speed_status="oom" if oom else "error",
+                   speed_message=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    return out
 
 
 def _prepare_cuda() -> dict:
@@ -790,6 +824,61 @@ def plot_acc_vs_state(best: Sequence[dict], path: Path) -> bool:
     return True
 
 
+def _speed_points(best: Sequence[dict]) -> list:
+    return [r for r in best if r.get("status") == "ok" and r.get("speed_ms") and r.get("acc") is not None]
+
+
+def pareto_front(points: Sequence[tuple]) -> list:
+    """Indices of the (time, accuracy) points no other point beats on both (not slower and not less
+    accurate, better in one), sorted by time."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_acc = [], float("-inf")
+    for i in order:
+        if points[i][1] > best_acc:
+            front.append(i)
+            best_acc = points[i][1]
+    return front
+
+
+def plot_speed_vs_recall(best: Sequence[dict], path: Path) -> bool:
+    """One panel per (L, kv) task: MQAR accuracy (best lr) against the forward+backward time of the same
+    trained model at ``speed_len`` tokens (log x); a colour per mixer, a marker per d_model, the Pareto
+    front (faster and more accurate than every other point) as a dashed step line."""
+    from matplotlib.lines import Line2D
+    ok = _speed_points(best)
+    if not ok:
+        return False
+    tasks = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in ok})
+    mixers = list(dict.fromkeys(r["mixer"] for r in ok))
+    ds = sorted({r["d_model"] for r in ok})
+    markers = "osD^v<>ph*"
+    fig, axes = _figure(w=max(5.5, 4.2 * len(tasks)), h=4.4, ncols=len(tasks))
+    for ax, (L, K) in zip(axes, tasks):
+        rs = [r for r in ok if (r["seq_len"], r["num_kv_pairs"]) == (L, K)]
+        for r in rs:
+            ax.plot([r["speed_ms"]], [r["acc"]], linestyle="", color=f"C{mixers.index(r['mixer']) % 10}",
+                    marker=markers[ds.index(r["d_model"]) % len(markers)], markersize=7, alpha=0.9)
+        front = [rs[i] for i in pareto_front([(r["speed_ms"], r["acc"]) for r in rs])]
+        if len(front) > 1:
+            ax.step([r["speed_ms"] for r in front], [r["acc"] for r in front], where="post", color="0.35",
+                    linestyle="--", linewidth=1.0)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        lens = sorted({r["speed_len"] for r in rs})
+        ax.set_xlabel(f"fwd+bwd of the trained model, ms at {'/'.join(_fmt_int(n) for n in lens)} tokens (log)")
+        ax.set_title(f"MQAR L={L}, {K} kv pairs", fontsize=10)
+        ax.grid(True, alpha=0.35, which="both")
+    axes[0].set_ylabel("MQAR test accuracy (best lr)")
+    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=0, marker="o", label=m) for i, m in enumerate(mixers)]
+    handles += [Line2D([], [], color="0.3", linestyle="", marker=markers[j % len(markers)], label=f"d_model {d}")
+                for j, d in enumerate(ds)]
+    handles.append(Line2D([], [], color="0.35", linestyle="--", label="Pareto front"))
+    axes[-1].legend(handles=handles, fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def report_markdown(records: Sequence[dict], plot_files: Sequence[str] = (), plot_note: str = "") -> str:
     """The MQAR section: settings, accuracy per (mixer, L, d_model), per state size, all cells, failures."""
     flagged = mark_best(records)
@@ -857,6 +946,23 @@ def report_markdown(records: Sequence[dict], plot_files: Sequence[str] = (), plo
                   "(the power law puts most queries close to the prefix).", "",
                   _md_table(["mixer", "L", "kv", "d_model"] + [f"{lo}-{hi - 1}" for lo, hi in buckets], drows), ""]
 
+    # speed against recall
+    sp = _speed_points(best)
+    if sp:
+        on_front = set()
+        for task in dict.fromkeys((r["seq_len"], r["num_kv_pairs"]) for r in sp):
+            rs = [r for r in sp if (r["seq_len"], r["num_kv_pairs"]) == task]
+            on_front |= {id(rs[i]) for i in pareto_front([(r["speed_ms"], r["acc"]) for r in rs])}
+        prow = [[f"`{r['mixer']}`", str(r["seq_len"]), str(r["num_kv_pairs"]), str(r["d_model"]), f"{r['acc']:.3f}",
+                 f"{r['speed_ms']:.3g}", _fmt_int(r["speed_len"]), "yes" if id(r) in on_front else ""]
+                for r in sorted(sp, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["speed_ms"]))]
+        lines += ["### Speed against recall", "",
+                  "Speed = one forward+backward of the trained model's layers (no LM head) on one sequence of "
+                  "the given length, median of the protocol's timer, on the device of the run; the Pareto front "
+                  "holds the cells no other cell of the same task beats in both speed and accuracy.", "",
+                  _md_table(["mixer", "L", "kv", "d_model", "acc", "fwd+bwd ms", "at tokens", "Pareto front"],
+                            prow), ""]
+
     for f in plot_files:
         lines += [f"![{f}]({f})", ""]
     if plot_note:
@@ -895,7 +1001,8 @@ def write_recall_report(results, out_dir, plots: bool = True) -> Path:
             note = f"Plots skipped: matplotlib is not importable ({type(e).__name__}: {e})."
         else:
             for name, fn in (("recall_acc_vs_dmodel.png", plot_acc_vs_dmodel),
-                             ("recall_acc_vs_state.png", plot_acc_vs_state)):
+                             ("recall_acc_vs_state.png", plot_acc_vs_state),
+                             ("recall_speed_vs_acc.png", plot_speed_vs_recall)):
                 if fn(best, out_dir / name):
                     files.append(name)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
