@@ -201,8 +201,7 @@ def test_dispatch_rules(monkeypatch):
 SPLIT_INTRA = dict(SUB, BT=64, BC=16, intra="split", BK_I=16, warps_i=1)
 
 
-@pytest.mark.parametrize("gate", ["paper", "strong"])
-@pytest.mark.parametrize("t", [19, 70])
+@pytest.mark.parametrize("t,gate", [(19, "strong"), (70, "paper")])
 def test_split_intra_backward_matches_recurrence(t, gate):
     """The two-kernel intra-chunk backward (dA once per chunk, Dk blocks of 16, four sub-chunks per chunk)
     against the float64 recurrence, and equal to the fused kernel up to float32 rounding."""
