@@ -569,14 +569,14 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q.new_zeros((b, h, 0, dk), dtype=f32),
                 q.new_zeros((b, h, 0), dtype=f32), ds0)
     do = _last_unit(do)
-    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg, *((None, ()) if kept is None else (kept[0], kept[1:])))
+    gc, scores = (None, ()) if kept is None else (kept[0], tuple(kept[1:]))
+    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg, gc, scores)
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)
     bk = _pow2(dk)
     split = q.dtype != f32 and cfg.get("split", True)
     prec = _prec(q.dtype)
-    aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
-                                                  None if kept is None else kept[1:])
+    aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True, scores or None)
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
     bvo = min(cfg["BV_O"], _pow2(dv))
     _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
