@@ -70,6 +70,16 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _diag_column(qi, ki, gi, kbase, gbase, s_kt, tj, j, offs_i, offs_k, m_k, T, DIMK):
+    """Column j (time tj) of the diagonal sub-chunk's scores, exact: sum_d x_id k_jd exp(G_id - G_jd) for
+    the rows i >= j (q rows) and i > j (k rows), never exp of a positive number."""
+    kj = tl.load(kbase + tj * s_kt + offs_k, mask=m_k & (offs_k * 0 + tj < T), other=0.0).to(tl.float32)
+    gj = tl.load(gbase + tj * DIMK + offs_k, mask=m_k, other=0.0)
+    kd = kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
+    return tl.sum(qi * kd, 1), tl.where(offs_i > j, tl.sum(ki * kd, 1), 0.0)
+
+
+@triton.jit
 def _intra(Q, K, G, AQK, AKK,
            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
            NH, T, DIMK, NT, scale,
@@ -105,12 +115,7 @@ def _intra(Q, K, G, AQK, AKK,
     akk = _split_dot2(ki * ei, krt, tl.zeros([BC, BT], dtype=tl.float32), kc, SPLIT, PREC)
     for jj in range(0, BC):  # the diagonal sub-chunk, exact, one key step at a time
         j = p * BC + jj
-        kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
-                     other=0.0).to(tl.float32)
-        gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
-        kd = kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
-        cq = tl.sum(qi * kd, 1)
-        ck = tl.where(offs_i > j, tl.sum(ki * kd, 1), 0.0)
+        cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
         sel = (offs_c == j)[None, :]
         aqk += tl.where(sel, cq[:, None], 0.0)
         akk += tl.where(sel, ck[:, None], 0.0)
@@ -163,12 +168,7 @@ def _intra_split(Q, K, G, AQK, AKK,
     ak = tl.zeros([BC, BC], dtype=tl.float32)
     for jj in range(0, BC):  # the diagonal tile, exact, one key step at a time
         j = p * BC + jj
-        kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
-                     other=0.0).to(tl.float32)
-        gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
-        kd = kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
-        cq = tl.sum(qi * kd, 1)
-        ck = tl.where(offs_i > j, tl.sum(ki * kd, 1), 0.0)
+        cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
         sel = (offs_s == jj)[None, :]
         aq += tl.where(sel, cq[:, None], 0.0)
         ak += tl.where(sel, ck[:, None], 0.0)
