@@ -2,7 +2,8 @@
 # The GPU measurements still owed by the open issues, in priority order, each time-boxed so that one
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
-# Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), small (issue 3:
+# Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), pack (issue 3:
+# forward/backward config variants -- GQA head packing, folded scale -- on causal and windows vs flex), small (issue 3:
 # the small-batch Triton path, fp32 and bf16), linear (issue 5: GLA / Gated
 # DeltaNet / KDA / simple GLA vs flash-linear-attention, scaling, decode GB/s), linear-sweep (issue 5: config
 # variants of the GLA / Gated DeltaNet / KDA kernels with their accuracy; fla's autotune makes the linear
@@ -14,11 +15,9 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-host linear-sweep small routing niah recall linear decode-wide grid64}
+SECTIONS=${*:-host pack linear-sweep small routing niah recall linear decode-wide grid64}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
-mkdir -p "$OUT/grid"
-# the 64K run resumes the committed grid (a re-run skips recorded cases)
-[ -f "$OUT/grid/results.jsonl" ] || cp benchmarks/results/h100-2026-11-23/grid/results.jsonl "$OUT/grid/"
+mkdir -p "$OUT"
 for s in $SECTIONS; do
   echo "== $s"
   case $s in
@@ -29,7 +28,10 @@ for s in $SECTIONS; do
               --profile-ops gla,gdn,kda --sweep-ops gdn,gla,kda --ops sdpa --shapes 8x2048 > "$OUT/linear_sweep_log.txt" 2>&1 ;;
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
     routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --lengths 32768,65536,131072 --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
-    grid64) timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \
+    pack) timeout ${PACK_S:-420} python3 benchmarks/triton_pack_variants.py --out "$OUT" --quick > "$OUT/pack_log.txt" 2>&1 ;;
+    grid64) mkdir -p "$OUT/grid"  # resumes the committed grid (a re-run skips recorded cases)
+            [ -f "$OUT/grid/results.jsonl" ] || cp benchmarks/results/h100-2026-11-23/grid/results.jsonl "$OUT/grid/"
+            timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \
               --direction fwdbwd --backend triton --backend flex --backend sdpa-cudnn > "$OUT/grid64_log.txt" 2>&1 ;;
     niah) timeout ${NIAH_S:-420} python3 -m attnzoo.cli bench niah --grid full --out "$OUT/niah" > "$OUT/niah_log.txt" 2>&1 ;;
     recall) timeout ${RECALL_S:-300} python3 -m attnzoo.cli bench recall --grid full --mixer sliding_window:32 \

@@ -96,7 +96,9 @@ def main():
         import triton.language as tl
 
         @triton.jit
-        def _empty(*ptrs):  # noqa: ARG001 - only the launch is timed
+        def _empty(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17,  # noqa: ARG001
+                   a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31, a32, a33, a34, a35):
+            # only the launch is timed; Triton kernels take no *args
             pass
 
         nargs = 36

@@ -387,6 +387,7 @@ def sweep_op(op, reps, b=8, t=2048):
         for bk, bv, w in ((64, 32, 4), (128, 64, 8), (64, 64, 8), (128, 128, 8)):
             variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
         variants += [("bc32", dict(BC=32)), ("bt32", dict(BT=32))]
+        variants.append(("intra-fused", dict(intra="fused")))  # the one-kernel intra backward
         for bk, w in ((64, 4), (32, 2), (32, 4), (128, 4), (64, 8)):  # the two-kernel intra backward
             variants.append((f"split-k{bk}w{w}", dict(intra="split", BK_I=bk, warps_i=w)))
     else:
@@ -395,6 +396,7 @@ def sweep_op(op, reps, b=8, t=2048):
             variants.append((f"h{bv}w{w}", dict(BV_H=bv, warps_h=w)))
         variants += [("split-h32w4", dict(split=True, BV_H=32, warps_h=4)), ("bt32", dict(BT=32))]
         if op == "kda":  # the tiled score kernel
+            variants += [("intra-fused", dict(intra="fused"))]
             variants += [(f"intra-split-w{w}", dict(intra="split", warps_i=w)) for w in (2, 4, 8)]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))

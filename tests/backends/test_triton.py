@@ -99,6 +99,37 @@ def test_block_shapes(pname, bm, bn):
     _check(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
 
 
+@pytest.mark.parametrize("pack", [2, 4])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "document&causal", "nbhd2d", "perhead"])
+def test_packed_gqa_heads(pname, pack):
+    """Several query heads of a GQA group in one program (PACK): the same results as one head per program
+    (equal up to the summation order), and against float64; head-dependent masks fall back to PACK 1."""
+    from attnzoo.backends.triton.ops import _module, _pack, _layout
+    shape = (2, 4, 1, 40, 40, 32, 32)  # one group of 4
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, PACK=pack)
+    out, lse = _check(PATTERNS[pname], shape, torch.float32, seed=pack, cfg=cfg)
+    q, k, v = (t.detach().float() for t in inputs(*shape, seed=pack))
+    one = attention_fwd(q, k, v, PATTERNS[pname], 32 ** -0.5, cfg=dict(cfg, PACK=1))
+    torch.testing.assert_close(out, one[0], rtol=1e-5, atol=1e-6)
+    lay = _layout(PATTERNS[pname], 40, 40, 16, 16, 4, "cpu")
+    got = _pack(pack, 4, lay, _module(PATTERNS[pname], 40, 40, "cpu")[0])
+    assert got == (1 if pname == "perhead" else pack)
+    _check_bwd(PATTERNS[pname], shape, torch.float32, seed=pack, cfg=dict(cfg, PACK_DQ=pack), fcfg=cfg)
+
+
+def test_pack_needs_a_dividing_group_and_fold_needs_a_positive_scale():
+    from attnzoo.backends.triton.ops import _module, _pack, _layout
+    lay = _layout(az.Causal(), 40, 40, 16, 16, 6, "cpu")
+    mod = _module(az.Causal(), 40, 40, "cpu")[0]
+    assert [_pack(w, 6, lay, mod) for w in (1, 2, 4, 8)] == [1, 2, 2, 2]
+    assert _pack(4, 3, lay, mod) == 1
+    # a negative scale cannot be folded into the row maxima: the kernel multiplies each score instead
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 24, 24, 32, 32, seed=3))
+    ref = reference_attention(q, k, v, az.Causal(), scale=-0.3)[0]
+    got = attention_fwd(q, k, v, az.Causal(), -0.3, cfg=dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1))[0]
+    check_close("out", got, ref)
+
+
 # -- backward ----------------------------------------------------------------------------------------
 def _weights(out_shape, lse_shape, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -482,8 +482,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     the two sequential kernels; BV_O: Dv block of the output kernel; BV_B: Dv block of the backward loops.
     intra: "fused" (``_bwd_intra``: one program per sub-chunk over the whole Dk, dA computed in it) or
     "split" (``_bwd_da`` writes dA per chunk once, then ``_bwd_intra_split`` runs per sub-chunk and Dk
-    block of BK_I channels with warps_i warps: more, smaller programs, the layout of fla's kernels; not yet
-    timed on a GPU, so not the default).
+    block of BK_I channels with warps_i warps: more, smaller programs, the layout of fla's kernels; the
+    16-bit default since the H200 sweep of the second 2026-12-04 session: backward 3.95 -> 2.83 ms).
     Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
     from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
@@ -495,8 +495,10 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     # 16-bit: the H200 sweep of 2026-12-04 (benchmarks/results/h200-2026-12-04/linear_sweep.txt, B=8 T=2048
     # H=16 D=128): 8 warps for the output / score kernels (forward 1.28 -> 1.21 ms) and 64-wide Dv blocks
     # in the backward loops (backward 4.55 -> 4.08 ms).
+    # The split intra backward, 32-channel blocks, 2 warps (benchmarks/results/h200-2026-12-04-s2/
+    # linear_sweep_log.txt: backward 3.95 -> 2.83 ms; 64-channel / 4 warps 2.85, 8 warps 2.90).
     return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(64, pv),
-                warps_h=4, warps_o=8, warps_b=8, stages=2)
+                warps_h=4, warps_o=8, warps_b=8, stages=2, intra="split", BK_I=min(32, pk), warps_i=2)
 
 
 def _check_cfg(cfg: dict) -> None:

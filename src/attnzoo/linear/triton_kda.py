@@ -462,9 +462,14 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The chunk and block sizes of :func:`attnzoo.linear.triton_delta.config` (BC: the sub-chunk of the
     gate-weighted products, 16). Optional ``intra``: "fused" (default, ``_intra``: one program per
     sub-chunk computing its whole (BC, BT) row block) or "split" (``_intra_split``: one (BC, BC) dot per
-    earlier sub-chunk, the exact loop on the diagonal tile only, with ``warps_i`` warps; not yet timed on a
-    GPU). GPU values: timed on the H200 (the Gated DeltaNet sweep; KDA agreed)."""
-    return _td.config(dk, dv, dtype, device)
+    earlier sub-chunk, the exact loop on the diagonal tile only, with ``warps_i`` warps; the 16-bit GPU
+    default: B=8 T=2048 H16 D128 on the H200, forward 2.07 -> 1.70 ms, backward 6.37 -> 6.01 ms with 2 warps,
+    benchmarks/results/h200-2026-12-04-s2/linear_sweep_log.txt). The other GPU values: the Gated DeltaNet
+    sweep (KDA agreed)."""
+    cfg = _td.config(dk, dv, dtype, device)
+    if device.type == "cuda" and dtype != torch.float32:
+        cfg.update(intra="split", warps_i=2)
+    return cfg
 
 
 def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):

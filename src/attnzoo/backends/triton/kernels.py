@@ -39,8 +39,10 @@ FWD = '''
 
 @triton.jit
 def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
-              m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr):
-    # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2)
+              m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr):
+    # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2).
+    # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
+    # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
     if EVEN:
         kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None])
         v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :])
@@ -49,7 +51,9 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
         v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    s = tl.dot(q, kt, input_precision=PREC)
+    if not FOLD:
+        s = s * qk_scale
     if MASK:
         keep = _mask(qp, offs_n[None, :], h, AUX)
         if not EVEN:
@@ -57,12 +61,18 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
         s = tl.where(keep, s, float("-inf"))
     elif not EVEN:
         s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASK:  # a row may have seen nothing yet
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:  # every row sees a key of a full block (the first key is always in range)
         m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
+    if FOLD:
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
@@ -76,26 +86,37 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              lay_h, lay_m, idx_h, idx_m,
              H, G, Lq, Lk, OFF, D, DV, qk_scale,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             EVEN: tl.constexpr, PREC: tl.constexpr):
-    # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks)
+             EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False):
+    # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
+    # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
+    # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
+    # layout must not depend on the head; the launcher checks). Grid: (query blocks, B * H / PACK).
+    ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    HP = H // PACK
+    b = pid_bh // HP
+    h = (pid_bh % HP) * PACK
     hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, ROWS)
+    if PACK == 1:
+        offs_m = pid_m * BLOCK_M + r
+        hr = h + r * 0
+    else:
+        offs_m = pid_m * BLOCK_M + r % BLOCK_M
+        hr = h + r // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    qptr = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    qptr = Q + b * stride_qb + hr[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     if EVEN:
         q = tl.load(qptr)
     else:
         q = tl.load(qptr, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
     qp = offs_m[:, None] + OFF
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
     # fully visible blocks: no elementwise mask
@@ -104,24 +125,25 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     for j in range(0, n_full):
         offs_n = tl.load(row + j) * BLOCK_N + offs_n0
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                  Lk, D, DV, qk_scale, m_i, l_i, acc, False, EVEN, PREC)
+                                  Lk, D, DV, qk_scale, m_i, l_i, acc, False, EVEN, PREC, FOLD)
     # partial blocks: the pattern's mask, computed in-kernel
     n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
     row = KVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_part):
         offs_n = tl.load(row + j) * BLOCK_N + offs_n0
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                  Lk, D, DV, qk_scale, m_i, l_i, acc, True, EVEN, PREC)
+                                  Lk, D, DV, qk_scale, m_i, l_i, acc, True, EVEN, PREC, FOLD)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    optr = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    optr = O + b * stride_ob + hr[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    lptr = LSE + (b * H + hr) * Lq + offs_m
     if EVEN:
         tl.store(optr, out.to(O.dtype.element_ty))
-        tl.store(LSE + pid_bh * Lq + offs_m, lse)
+        tl.store(lptr, lse)
     else:
         tl.store(optr, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
-        tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
+        tl.store(lptr, lse, mask=offs_m < Lq)
 '''
 
 # Backward: no atomics, so gradients are bitwise deterministic. `attn_bwd_dkdv` runs one program per
@@ -174,15 +196,16 @@ def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, d
 
 
 @triton.jit
-def _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv, stride_qm, stride_dm, Lq, D, DV):
-    q = tl.load(Q + qoff + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + dooff + offs_m[:, None] * stride_dm + offs_dv[None, :],
-                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+def _bwd_load_q(Q, DO, LSE, DELTA, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, DV):
+    # the rows' q, dO, lse (base 2) and delta; qrow / dorow: element offsets of each row's start,
+    # lrow: each row's index into lse and delta
+    rm = offs_m < Lq
+    q = tl.load(Q + qrow[:, None] + offs_d[None, :], mask=rm[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + dorow[:, None] + offs_dv[None, :], mask=rm[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + lrow, mask=rm, other=float("inf"))
     # rows that see nothing (lse -inf) and padding rows get p = 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    delta = tl.load(DELTA + lrow, mask=rm, other=0.0)
     return q, do, lse2, delta
 
 
@@ -225,16 +248,16 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
         row = FQI + h * idx_h + pid_n * idx_m
         for j in range(s0, tl.minimum(e0, n_full)):
             offs_m = tl.load(row + j) * BLOCK_M + offs_m0
-            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv,
-                                             stride_qm, stride_dm, Lq, D, DV)
+            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
+                                             bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, False, PREC)
         n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
         row = QI + h * idx_h + pid_n * idx_m
         for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
             offs_m = tl.load(row + j) * BLOCK_M + offs_m0
-            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, bh, offs_m, offs_d, offs_dv,
-                                             stride_qm, stride_dm, Lq, D, DV)
+            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
+                                             bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, True, PREC)
     if slot < 0:
@@ -299,24 +322,32 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, AUX, KVN, KVI, FKVN, FKVI,
                 lay_h, lay_m, idx_h, idx_m,
                 H, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, PACK: tl.constexpr = 1):
+    # PACK query heads of a GQA group per program, as in attn_fwd
+    ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    HP = H // PACK
+    b = pid_bh // HP
+    h = (pid_bh % HP) * PACK
     hk = h // G
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, ROWS)
+    if PACK == 1:
+        offs_m = pid_m * BLOCK_M + r
+        hr = h + r * 0
+    else:
+        offs_m = pid_m * BLOCK_M + r % BLOCK_M
+        hr = h + r // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    qoff = b * stride_qb + h * stride_qh
-    dooff = b * stride_db + h * stride_dh
-    q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff, dooff, pid_bh, offs_m, offs_d, offs_dv,
-                                     stride_qm, stride_dm, Lq, D, DV)
+    q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, b * stride_qb + hr * stride_qh + offs_m * stride_qm,
+                                     b * stride_db + hr * stride_dh + offs_m * stride_dm, (b * H + hr) * Lq + offs_m,
+                                     offs_m, offs_d, offs_dv, Lq, D, DV)
     qp = offs_m[:, None] + OFF
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n_full = tl.load(FKVN + h * lay_h + pid_m * lay_m)
     row = FKVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_full):
@@ -330,7 +361,7 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, AUX, KVN, KVI, FKVN, FKVI,
         dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h,
                          AUX, Lk, D, DV, qk_scale, dq, True, PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+    tl.store(DQ + b * stride_dqb + hr[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
 '''
 
@@ -365,5 +396,7 @@ def kernel_module(body_lines: list[str], *sources: str):
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
+        # whether the mask reads the query head (PerHead, per-head block masks): packing heads needs it not to
+        mod.uses_head = any("hq" in line for line in body_lines)
         _modules[key] = mod
         return mod

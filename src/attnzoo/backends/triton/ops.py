@@ -95,9 +95,15 @@ def _module(pattern, lq, lk, device: str):
     return mod, aux
 
 
-def _kernel(pattern, lq, lk, device: str):
-    mod, aux = _module(pattern, lq, lk, device)
-    return mod.attn_fwd, aux
+def _pack(want: int, g: int, lay, mod) -> int:
+    """How many query heads of a GQA group one forward program takes: the largest power of two <= ``want``
+    dividing the group size ``g``, and 1 when the layout or the mask depends on the head."""
+    if want <= 1 or mod.uses_head or _lay_strides(lay)[0] or _lay_strides(lay)[2]:
+        return 1
+    p = 1
+    while p * 2 <= want and g % (p * 2) == 0:
+        p *= 2
+    return p
 
 
 # -- routed patterns: nothing cached per pattern object -------------------------------------------
@@ -172,22 +178,23 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     if _routed(pattern):
         lay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=False)[0]
         mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
-        kern = mod.attn_fwd
     else:
         lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
-        kern, aux = _kernel(pattern, lq, lk, dev)
+        mod, aux = _module(pattern, lq, lk, dev)
+    pack = _pack(cfg.get("PACK", 1), hq // hkv, lay, mod)
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
     kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
-    grid = (lay.num_q_blocks, b * hq)
-    kern[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
+    grid = (lay.num_q_blocks, b * hq // pack)
+    mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                *_lay_strides(lay),
                hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E,
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
                EVEN=lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv), PREC=_prec(q.dtype),
+               PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0,
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
@@ -245,12 +252,13 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         mod.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
             dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn, num_warps=4)
-    mod.attn_bwd_dq[(lay.num_q_blocks, b * hq)](
+    pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
+    mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
         q, k, v, dout, lse, delta, dq, aux, lay.kv_num_blocks, lay.kv_indices,
         lay.full_kv_num_blocks, lay.full_kv_indices, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
-        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns)
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, PACK=pack, num_warps=nw, num_stages=ns)
     return dq, dk, dvv
 
 

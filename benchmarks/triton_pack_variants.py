@@ -1,0 +1,162 @@
+"""Forward and backward config variants of the Triton kernels on local patterns, in one process, against
+compiled FlexAttention on the same pattern: GQA head packing (``PACK``: the query heads of a group share
+each K/V tile load) and the folded softmax scale (``FOLD``), on causal, windows and sinks + window
+(bf16, B = 1, 64 query / 8 KV heads, D = 128). Each variant's output is checked against a float64
+reference on a slice first (protocol rule through `check_close`); a variant that fails to compile or
+to match is recorded, not raised. Prints a table last; ``--out`` writes the rows as JSON lines.
+
+    PYTHONPATH=src python3 benchmarks/triton_pack_variants.py --out DIR [--L 16384] [--quick]
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import attnzoo as az
+from attnzoo.backends import reference_attention
+from attnzoo.backends.triton import ops
+from attnzoo.bench.timing import time_fn
+from attnzoo.testing import check_close, rel_rmse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import dense_math  # noqa: E402
+
+PATTERNS = {"causal": az.Causal(), "sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
+            "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4)}
+
+
+def _cfg(bm, bn, w, s, pack=1, fold=True, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, PACK=pack, FOLD=fold, **kw)
+
+
+# name -> forward config; the first local / dense entry is the old default
+FWD = {
+    "64x64 w4 s3 (old)": _cfg(64, 64, 4, 3, fold=False),
+    "64x64 w4 s3 fold": _cfg(64, 64, 4, 3),
+    "64x64 p2 w8 s3": _cfg(64, 64, 8, 3, 2),
+    "64x64 p2 w4 s3": _cfg(64, 64, 4, 3, 2),
+    "64x64 p2 w8 s2": _cfg(64, 64, 8, 2, 2),
+    "64x64 p2 w8 s4": _cfg(64, 64, 8, 4, 2),
+    "64x128 p2 w8 s3": _cfg(64, 128, 8, 3, 2),
+    "32x64 p4 w8 s3": _cfg(32, 64, 8, 3, 4),
+    "64x64 p4 w8 s3": _cfg(64, 64, 8, 3, 4),
+    "128x128 w8 s3 (old dense)": _cfg(128, 128, 8, 3, fold=False),
+    "128x128 w8 s3 fold": _cfg(128, 128, 8, 3),
+    "64x128 p2 w8 s3 fold": _cfg(64, 128, 8, 3, 2),
+}
+DENSE_ONLY = {"128x128 w8 s3 (old dense)", "128x128 w8 s3 fold"}
+BWD = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
+    "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
+    "bwd 64x64 w8 s2 dq-p2": _cfg(64, 64, 8, 2, PACK_DQ=2),
+    "bwd 64x64 w4 s2 dq-p4": _cfg(64, 64, 4, 2, PACK_DQ=4),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--L", type=int, default=16384)
+    ap.add_argument("--patterns", default=",".join(PATTERNS))
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    L, hq, hkv, d = (args.L, 64, 8, 128) if not args.smoke else (64, 8, 2, 32)
+    dt = torch.float32 if args.smoke else torch.bfloat16
+    if args.smoke:
+        for table in (FWD, BWD):
+            for c in table.values():
+                c.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    scale = d ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, hq, L, d, device=dev, dtype=dt, generator=gen)
+    k = torch.randn(1, hkv, L, d, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(1, hkv, L, d, device=dev, dtype=dt, generator=gen)
+    do = torch.randn(1, hq, L, d, device=dev, dtype=dt, generator=gen)
+    # the correctness slice: 16 query heads (two groups), 2048 tokens, against float64
+    cs = min(L, 2048)
+    qs, ks, vs = q[:, :16, :cs], k[:, :2, :cs], v[:, :2, :cs]
+    tmax = 0.6 if args.quick else 1.2
+    rows = []
+    fout = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        fout = open(os.path.join(args.out, "pack_variants.jsonl"), "w")
+
+    def emit(row):
+        rows.append(row)
+        if fout:
+            fout.write(json.dumps(row) + "\n")
+            fout.flush()
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    def timed(fn):
+        r = time_fn(fn, device=dev, warmup=2, reps=20, max_time_s=tmax)
+        return r["median_ms"] if r["status"] == "ok" else None, r
+
+    for pname in args.patterns.split(","):
+        p = PATTERNS[pname]
+        dens = p.density(L, L)
+        fl = 4 * hq * d * dens * L * L
+        ref_o = reference_attention(qs.double(), ks.double(), vs.double(), p, scale)[0]
+        base_o = dense_math(qs, ks, vs, p, scale)[0]
+        # FlexAttention, forward and forward+backward, through attnzoo's flex backend
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        fwd_ms, r = timed(lambda: az.attention(q, k, v, p, backend="flex"))
+        fb_ms, r2 = timed(lambda: torch.autograd.backward(az.attention(qg, kg, vg, p, backend="flex"), do))
+        emit(dict(pattern=pname, L=L, variant="flex", fwd_ms=fwd_ms, fwdbwd_ms=fb_ms,
+                  fwd_tflops=fl / fwd_ms / 1e9 if fwd_ms else None, message=r.get("message") or r2.get("message")))
+        flex_fwd, flex_fb = fwd_ms, fb_ms
+        best = None
+        for name, cfg in FWD.items():
+            if name in DENSE_ONLY and pname != "causal":
+                continue
+            row = dict(pattern=pname, L=L, variant=name, cfg=cfg)
+            try:
+                got = ops.attention_fwd(qs, ks, vs, p, scale, poison=True, cfg=cfg)[0]
+                row["rel_rmse_vs_fp64"] = rel_rmse(got, ref_o)
+                check_close("out", got, ref_o, baseline=base_o if dt != torch.float32 else None)
+                ms, r = timed(lambda: ops.attention_fwd(q, k, v, p, scale, cfg=cfg))
+                row.update(fwd_ms=ms, fwd_tflops=fl / ms / 1e9 if ms else None,
+                           flex_over_triton=flex_fwd / ms if ms and flex_fwd else None,
+                           message=r.get("message"))
+                if ms and (best is None or ms < best[0]):
+                    best = (ms, cfg)
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile or match is recorded
+                row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
+            emit(row)
+        if best is None:
+            continue
+        out, lse = ops.attention_fwd(q, k, v, p, scale, cfg=best[1])
+        outs, lses = ops.attention_fwd(qs, ks, vs, p, scale, cfg=best[1])
+        for name, cfg in BWD.items():
+            row = dict(pattern=pname, L=L, variant=name, cfg=cfg, fwd_cfg=best[1])
+            try:
+                got = ops.attention_bwd(do[:, :16, :cs], None, qs, ks, vs, outs, lses, p, scale, cfg=cfg, poison=True)
+                base = ops.attention_bwd(do[:, :16, :cs], None, qs, ks, vs, outs, lses, p, scale, cfg=BWD["bwd 64x64 w4 s2 (old)"])
+                row["max_rel_rmse_vs_old"] = max(rel_rmse(a, b) for a, b in zip(got, base))
+                ms, r = timed(lambda: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg))
+                fb = best[0] + ms if ms else None
+                row.update(bwd_ms=ms, fwdbwd_ms=fb, flex_over_triton_fwdbwd=flex_fb / fb if fb and flex_fb else None,
+                           message=r.get("message"))
+            except Exception as e:  # noqa: BLE001
+                row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
+            emit(row)
+    if fout:
+        fout.close()
+    print(f"\n{'pattern':14s} {'variant':28s} {'fwd ms':>8s} {'TF/s':>6s} {'flex/tri':>8s} {'bwd ms':>8s} {'fb flex/tri':>11s}  note")
+    for r in rows:
+        f = lambda x, fmt: (fmt % x) if isinstance(x, (int, float)) else "-"
+        note = (r.get("message") or "")[:60] if r.get("status") == "error" else f"err {r['rel_rmse_vs_fp64']:.1e}" \
+            if "rel_rmse_vs_fp64" in r else ""
+        print(f"{r['pattern']:14s} {r['variant']:28s} {f(r.get('fwd_ms'), '%8.3f')} {f(r.get('fwd_tflops'), '%6.0f')} "
+              f"{f(r.get('flex_over_triton'), '%8.2f')} {f(r.get('bwd_ms'), '%8.3f')} "
+              f"{f(r.get('flex_over_triton_fwdbwd'), '%11.2f')}  {note}")
+
+
+if __name__ == "__main__":
+    main()
