@@ -3,7 +3,8 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), pack (issue 3:
-# forward/backward config variants -- GQA head packing, folded scale -- on causal and windows vs flex), small (issue 3:
+# forward/backward config variants -- GQA head packing, folded scale -- on causal and windows vs flex; pack2: round 2
+# around the new default), windows (issue 3: the local patterns through `attnzoo bench`, 16K fwd+bwd, 64K fwd), small (issue 3:
 # the small-batch Triton path, fp32 and bf16), linear (issue 5: GLA / Gated
 # DeltaNet / KDA / simple GLA vs flash-linear-attention, scaling, decode GB/s), linear-sweep (issue 5: config
 # variants of the GLA / Gated DeltaNet / KDA kernels with their accuracy; fla's autotune makes the linear
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 for s in $SECTIONS; do
   echo "== $s"
   case $s in
-    host) timeout 90 python3 benchmarks/host_overhead.py --out "$OUT/host.jsonl" > "$OUT/host_log.txt" 2>&1 ;;
+    host) timeout 90 python3 benchmarks/host_overhead.py --profile --out "$OUT/host.jsonl" > "$OUT/host_log.txt" 2>&1 ;;
     small) timeout 90 python3 benchmarks/triton_small_batch_profile.py > "$OUT/small_batch.txt" 2>&1 ;;
     linear) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch > "$OUT/linear_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
@@ -29,6 +30,13 @@ for s in $SECTIONS; do
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
     routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --lengths 32768,65536,131072 --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
     pack) timeout ${PACK_S:-420} python3 benchmarks/triton_pack_variants.py --out "$OUT" --quick > "$OUT/pack_log.txt" 2>&1 ;;
+    pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
+    windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
+               lens=16384; [ $dir = fwd ] && lens=65536
+               timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \
+                 --lengths $lens --direction $dir --backend triton --backend flex --backend sdpa-cudnn --pattern causal \
+                 --pattern sw1024 --pattern sw4096 --pattern sinks+sw1024 --max-time-s 1.0 >> "$OUT/windows_log.txt" 2>&1
+             done ;;
     grid64) mkdir -p "$OUT/grid"  # resumes the committed grid (a re-run skips recorded cases)
             [ -f "$OUT/grid/results.jsonl" ] || cp benchmarks/results/h100-2026-11-23/grid/results.jsonl "$OUT/grid/"
             timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \

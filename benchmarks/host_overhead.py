@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--n", type=int, default=200, help="calls per measurement")
     ap.add_argument("--shape", default="128x2x256x64", help="BxHxLxD")
     ap.add_argument("--out", default=None, help="append one JSON record per layer")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print cProfile's top functions (own time) of the API's fwd+bwd and of ops.attention_fwd")
     args = ap.parse_args()
     if args.mock:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -117,6 +119,18 @@ def main():
     def step():
         az.attention(ql, kl, vl, pat, backend="triton").backward(do)
     rec("api-fwd+bwd", timed(step, n, sync))
+    if args.profile:
+        import cProfile
+        import pstats
+        for name, fn in (("api-fwd+bwd", step), ("attention_fwd", lambda: ops.attention_fwd(q, k, v, pat, scale))):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n):
+                fn()
+            prof.disable()
+            sync()
+            print(f"-- cProfile of {n} x {name}, by own time")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     if not args.mock:
         def sdpa_step():
             F.scaled_dot_product_attention(ql, kl, vl, is_causal=True).backward(do)

@@ -47,6 +47,27 @@ FWD = {
     "64x128 p2 w8 s3 fold": _cfg(64, 128, 8, 3, 2),
 }
 DENSE_ONLY = {"128x128 w8 s3 (old dense)", "128x128 w8 s3 fold"}
+# round 2 (after round 1 made 64x64 p4 w8 s3 the default): the neighbourhood of the winner, and backward tiles
+FWD2 = {
+    "64x64 w4 s3 (old)": _cfg(64, 64, 4, 3, fold=False),
+    "128x128 w8 s3 (old dense)": _cfg(128, 128, 8, 3, fold=False),
+    "64x64 p4 w8 s3 (default)": _cfg(64, 64, 8, 3, 4),
+    "64x64 p4 w8 s4": _cfg(64, 64, 8, 4, 4),
+    "64x64 p4 w8 s2": _cfg(64, 64, 8, 2, 4),
+    "64x32 p4 w8 s3": _cfg(64, 32, 8, 3, 4),
+    "64x128 p4 w8 s3": _cfg(64, 128, 8, 3, 4),
+    "32x64 p8 w8 s3": _cfg(32, 64, 8, 3, 8),
+    "128x64 p2 w8 s3": _cfg(128, 64, 8, 3, 2),
+    "64x64 p8 w16 s3": _cfg(64, 64, 16, 3, 8),
+    "64x64 p4 w16 s3": _cfg(64, 64, 16, 3, 4),
+}
+BWD2 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
+    "bwd 64x128 w8 s2": _cfg(64, 128, 8, 2),
+    "bwd 64x128 w8 s1": _cfg(64, 128, 8, 1),
+    "bwd 32x128 w4 s2": _cfg(32, 128, 4, 2),
+    "bwd 128x128 w8 s2": _cfg(128, 128, 8, 2),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -61,9 +82,19 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2),
+                    help="1: packing and folding against the old configs; 2: around the new default, backward tiles")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
+    ap.add_argument("--table", metavar="JSONL", help="print the table of an earlier run's records and exit")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print_table([json.loads(line) for line in f if line.strip()])
+        return
+    global FWD, BWD
+    if args.round == 2:
+        FWD, BWD = FWD2, BWD2
     dev = "cpu" if args.smoke else "cuda"
     L, hq, hkv, d = (args.L, 64, 8, 128) if not args.smoke else (64, 8, 2, 32)
     dt = torch.float32 if args.smoke else torch.bfloat16
@@ -85,7 +116,8 @@ def main():
     fout = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        fout = open(os.path.join(args.out, "pack_variants.jsonl"), "w")
+        name = "pack_variants.jsonl" if args.round == 1 else f"pack_variants_r{args.round}.jsonl"
+        fout = open(os.path.join(args.out, name), "w")
 
     def emit(row):
         rows.append(row)
@@ -133,11 +165,23 @@ def main():
             continue
         out, lse = ops.attention_fwd(q, k, v, p, scale, cfg=best[1])
         outs, lses = ops.attention_fwd(qs, ks, vs, p, scale, cfg=best[1])
+        dos = do[:, :16, :cs]
+
+        def grads(fn, *x):
+            x = [t.detach().requires_grad_() for t in x]
+            return torch.autograd.grad(fn(*x), x, dos.to(x[0].dtype))
+
+        ref_g = grads(lambda a, b_, c: reference_attention(a, b_, c, p, scale)[0], qs.double(), ks.double(), vs.double())
+        base_g = grads(lambda a, b_, c: dense_math(a, b_, c, p, scale)[0], qs, ks, vs)
         for name, cfg in BWD.items():
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg, fwd_cfg=best[1])
             try:
-                got = ops.attention_bwd(do[:, :16, :cs], None, qs, ks, vs, outs, lses, p, scale, cfg=cfg, poison=True)
-                base = ops.attention_bwd(do[:, :16, :cs], None, qs, ks, vs, outs, lses, p, scale, cfg=BWD["bwd 64x64 w4 s2 (old)"])
+                got = ops.attention_bwd(dos, None, qs, ks, vs, outs, lses, p, scale, cfg=cfg, poison=True)
+                row["rel_rmse_vs_fp64"] = max(rel_rmse(a, r_) for a, r_ in zip(got, ref_g))
+                for gname, a, r_, bl in zip(("dq", "dk", "dv"), got, ref_g, base_g):
+                    check_close(gname, a, r_, baseline=bl if dt != torch.float32 else None)
+                base = ops.attention_bwd(dos, None, qs, ks, vs, outs, lses, p, scale,
+                                         cfg=BWD["bwd 64x64 w4 s2 (old)"])
                 row["max_rel_rmse_vs_old"] = max(rel_rmse(a, b) for a, b in zip(got, base))
                 ms, r = timed(lambda: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg))
                 fb = best[0] + ms if ms else None
@@ -148,9 +192,13 @@ def main():
             emit(row)
     if fout:
         fout.close()
+    print_table(rows)
+
+
+def print_table(rows):
     print(f"\n{'pattern':14s} {'variant':28s} {'fwd ms':>8s} {'TF/s':>6s} {'flex/tri':>8s} {'bwd ms':>8s} {'fb flex/tri':>11s}  note")
     for r in rows:
-        f = lambda x, fmt: (fmt % x) if isinstance(x, (int, float)) else "-"
+        f = lambda x, fmt: (fmt % x) if isinstance(x, (int, float)) else "-"  # noqa: E731
         note = (r.get("message") or "")[:60] if r.get("status") == "error" else f"err {r['rel_rmse_vs_fp64']:.1e}" \
             if "rel_rmse_vs_fp64" in r else ""
         print(f"{r['pattern']:14s} {r['variant']:28s} {f(r.get('fwd_ms'), '%8.3f')} {f(r.get('fwd_tflops'), '%6.0f')} "

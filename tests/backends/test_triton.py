@@ -130,6 +130,21 @@ def test_pack_needs_a_dividing_group_and_fold_needs_a_positive_scale():
     check_close("out", got, ref)
 
 
+def test_packed_config_falls_back_to_its_unpacked_alternative(monkeypatch):
+    """A packed default on a group that the packing does not divide (here MHA) runs its UNPACKED config."""
+    from attnzoo.backends.triton import ops
+    seen = []
+    real = ops._layout
+    monkeypatch.setattr(ops, "_layout", lambda p, lq, lk, bm, bn, *a: seen.append(bm) or real(p, lq, lk, bm, bn, *a))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, PACK=4,
+               UNPACKED=dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1))
+    _check(az.SlidingWindow(6) | az.Sinks(3), (1, 2, 2, 40, 40, 32, 32), torch.float32, seed=9, cfg=cfg)
+    assert seen == [16, 32]
+    seen.clear()
+    _check(az.SlidingWindow(6) | az.Sinks(3), (1, 4, 1, 40, 40, 32, 32), torch.float32, seed=9, cfg=cfg)
+    assert seen == [16]
+
+
 # -- backward ----------------------------------------------------------------------------------------
 def _weights(out_shape, lse_shape, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -33,8 +33,10 @@ def test_pattern_classes():
 
 
 def test_defaults_without_search(fresh_cache):
-    assert tuning.default("fwd", 128, 128, "dense") == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-    assert tuning.default("fwd", 128, 128, "local")["BLOCK_M"] == 64
+    dense = tuning.default("fwd", 128, 128, "dense")
+    assert dense["PACK"] == 4 and dense["BLOCK_M"] * dense["PACK"] == 256
+    assert dense["UNPACKED"] == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    assert tuning.default("fwd", 128, 128, "local")["UNPACKED"]["BLOCK_M"] == 64
     assert tuning.default("bwd", 256, 256, "local")["BLOCK_N"] == 32
     # on CPU without tuning: the interpreter's small tiles; nothing is written
     assert ops.config(32, 32, torch.device("cpu"), az.Causal())["BLOCK_M"] == 16

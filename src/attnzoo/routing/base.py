@@ -113,28 +113,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-FUSED_POOL = True  # benchmarks switch it off to time the PyTorch path
-
-
-def _fused_pool(x: torch.Tensor) -> bool:
-    """Whether `pool` runs as one Triton kernel (`_triton_pool`): CUDA 16/32-bit inputs, Triton importable
-    (float64 stays on the exact PyTorch path)."""
-    if not FUSED_POOL or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    try:
-        from ._triton_pool import MAX_HEAD_DIM
-    except Exception:  # noqa: BLE001 - no triton: the PyTorch path
-        return False
-    return x.shape[-1] <= MAX_HEAD_DIM
-
-
 def pool(x: torch.Tensor, bs: int, nb: int, offset: int, how: str = "mean"):
     """Per-block pooling in `acc_dtype` of x (B, H, L, D) placed at positions ``offset..``: -> (B, H, nb, D) for
-    ``"mean"``; ``(max, min)`` for ``"maxmin"``. Blocks without tokens pool to 0. On CUDA one fused Triton
-    kernel (`_triton_pool.pool_fused`) does it in a single read of x."""
-    if _fused_pool(x):
-        from ._triton_pool import pool_fused
-        return pool_fused(x, bs, nb, offset, how)
+    ``"mean"``; ``(max, min)`` for ``"maxmin"``. Blocks without tokens pool to 0."""
     if how == "mean":
         xb, valid = blocked(x, bs, nb, offset)
         acc = acc_dtype(x.dtype)

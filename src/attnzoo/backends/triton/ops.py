@@ -173,15 +173,21 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     if cfg is None:
         cfg = tuning.choose("fwd", d, dv, q.dtype, pattern, q.device,
                             run=lambda c: attention_fwd(q, k, v, pattern, scale, cfg=c))
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     dev = str(q.device)
-    if _routed(pattern):
-        lay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=False)[0]
-        mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
-    else:
-        lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
-        mod, aux = _module(pattern, lq, lk, dev)
-    pack = _pack(cfg.get("PACK", 1), hq // hkv, lay, mod)
+    if _routed(pattern) and "UNPACKED" in cfg:  # per-call layouts, per head: build them once, unpacked
+        cfg = cfg["UNPACKED"]
+    while True:
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        if _routed(pattern):
+            lay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=False)[0]
+            mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
+        else:
+            lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
+            mod, aux = _module(pattern, lq, lk, dev)
+        pack = _pack(cfg.get("PACK", 1), hq // hkv, lay, mod)
+        if pack == cfg.get("PACK", 1) or "UNPACKED" not in cfg:
+            break
+        cfg = cfg["UNPACKED"]  # a packed config whose packing does not apply here: its unpacked alternative
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)

@@ -53,8 +53,13 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
     if dmax <= 64:
         return _cfg(128, 64, 4, 3)
     if dmax <= 128:
-        # causal 457 TF/s at 128x128/8 warps vs 412 at 128x64; a 1024 window 376 at 64x64/4 vs 321 at 128x64
-        return _cfg(128, 128, 8, 3) if pclass == "dense" else _cfg(64, 64, 4, 3)
+        # Without packing (H100): causal 457 TF/s at 128x128/8 warps vs 412 at 128x64; a 1024 window 376 at
+        # 64x64/4 vs 321 at 128x64. With four query heads of a GQA group per program (PACK 4: 256 rows of
+        # 64 positions share each K/V tile; H200, 16K, 64/8 heads, benchmarks/triton_pack_variants.py):
+        # causal 459 -> 501 TF/s, window 1024 367 -> 398, window 4096 425 -> 479, sinks + window 352 -> 377.
+        # A group that four heads do not divide (MHA, or 2 query heads per KV head) takes UNPACKED.
+        unpacked = _cfg(128, 128, 8, 3) if pclass == "dense" else _cfg(64, 64, 4, 3)
+        return dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=unpacked)
     return _cfg(64, 32, 4, 2)
 
 
@@ -67,7 +72,8 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
         return [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1), _cfg(32, 64, 4, 2)]
     if dmax > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 8, 2)]
-    out = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2)]
+    out = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2),
+           dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=_cfg(64, 64, 4, 3))]
     if dmax <= 64:
         out.append(_cfg(128, 32, 4, 3))
     return out
