@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), pack (issue 3:
 # forward/backward config variants -- GQA head packing, folded scale -- on causal and windows vs flex; pack2: round 2
-# around the new default), windows (issue 3: the local patterns through `attnzoo bench`, 16K fwd+bwd, 64K fwd), small (issue 3:
+# around the new default), check (issue 3: forward and backward correctness at real sizes, up to 64K, with the
+# current defaults), windows (issue 3: the local patterns through `attnzoo bench`, 16K fwd+bwd, 64K fwd), small (issue 3:
 # the small-batch Triton path, fp32 and bf16), linear (issue 5: GLA / Gated
 # DeltaNet / KDA / simple GLA vs flash-linear-attention, scaling, decode GB/s), linear-sweep (issue 5: config
 # variants of the GLA / Gated DeltaNet / KDA kernels with their accuracy; fla's autotune makes the linear
@@ -30,6 +31,8 @@ for s in $SECTIONS; do
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
     routing) timeout ${ROUTING_S:-180} python3 benchmarks/routing_bench.py --lengths 32768,65536,131072 --out "$OUT/routing.jsonl" > "$OUT/routing_log.txt" 2>&1 ;;
     pack) timeout ${PACK_S:-420} python3 benchmarks/triton_pack_variants.py --out "$OUT" --quick > "$OUT/pack_log.txt" 2>&1 ;;
+    check) timeout ${CHECK_S:-300} python3 benchmarks/triton_check.py --out "$OUT" > "$OUT/check_log.txt" 2>&1
+           timeout ${CHECK_S:-300} python3 benchmarks/triton_bwd_check.py --out "$OUT" >> "$OUT/check_log.txt" 2>&1 ;;
     pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536

@@ -7,7 +7,7 @@ shape this small the GPU keeps up, so the loop measures the host):
 
     launch-empty   an empty Triton kernel with the forward kernel's number of arguments
     attention_fwd  attnzoo.backends.triton.ops.attention_fwd (layout / config lookups + the launch)
-    attention_bwd  ops.attention_bwd (4-5 launches and the allocations)
+    attention_bwd  ops.attention_bwd (2-3 launches and the allocations)
     op-fwd         the torch.library custom op around attention_fwd, no grad
     api-fwd        attnzoo.attention(..., backend="triton"), no grad
     api-fwd+bwd    attnzoo.attention(...).backward(dout) with grad

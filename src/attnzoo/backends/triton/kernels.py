@@ -152,27 +152,10 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
 # of the query blocks that see it: long columns (attention sinks, the first blocks under causal masks)
 # are split so no program runs far longer than the rest, their fp32 partials summed in a fixed order
 # by `attn_bwd_reduce`; items are launched longest first;
-# `attn_bwd_dq` runs one program per (query block, batch x query head) over the forward layout.
-# DELTA holds rowsum(out * dout) - dlse (the lse's own gradient folds into it).
+# `attn_bwd_dq` runs one program per (query block, batch x query head) over the forward layout. It runs
+# first: it computes DELTA = rowsum(out * dout) - dlse for its rows (the lse's own gradient folds into it)
+# and stores it for `attn_bwd_dkdv`, so no separate pass (nor launch) computes it.
 BWD = '''
-
-@triton.jit
-def attn_bwd_delta(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
-                   H, Lq, DV, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    msk = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :], mask=msk, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :], mask=msk, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
-
 
 @triton.jit
 def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PREC: tl.constexpr):
@@ -196,17 +179,17 @@ def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, d
 
 
 @triton.jit
-def _bwd_load_q(Q, DO, LSE, DELTA, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, DV):
-    # the rows' q, dO, lse (base 2) and delta; qrow / dorow: element offsets of each row's start,
-    # lrow: each row's index into lse and delta
+def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, DV):
+    # the rows' q, dO and lse (base 2, and whether the row sees anything); qrow / dorow: element offsets
+    # of each row's start, lrow: each row's index into lse and delta
     rm = offs_m < Lq
     q = tl.load(Q + qrow[:, None] + offs_d[None, :], mask=rm[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + dorow[:, None] + offs_dv[None, :], mask=rm[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + lrow, mask=rm, other=float("inf"))
     # rows that see nothing (lse -inf) and padding rows get p = 0
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + lrow, mask=rm, other=0.0)
-    return q, do, lse2, delta
+    empty = lse == float("-inf")
+    lse2 = tl.where(empty, float("inf"), lse * 1.4426950408889634)
+    return q, do, lse2, empty
 
 
 @triton.jit
@@ -248,16 +231,18 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
         row = FQI + h * idx_h + pid_n * idx_m
         for j in range(s0, tl.minimum(e0, n_full)):
             offs_m = tl.load(row + j) * BLOCK_M + offs_m0
-            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                             bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
+            q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
+                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, False, PREC)
         n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
         row = QI + h * idx_h + pid_n * idx_m
         for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
             offs_m = tl.load(row + j) * BLOCK_M + offs_m0
-            q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                             bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
+            q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
+                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, True, PREC)
     if slot < 0:
@@ -315,14 +300,14 @@ def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, strid
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, AUX, KVN, KVI, FKVN, FKVI,
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
-                stride_dqb, stride_dqh, stride_dqm,
+                stride_dqb, stride_dqh, stride_dqm, stride_ob, stride_oh, stride_om,
                 lay_h, lay_m, idx_h, idx_m,
                 H, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PREC: tl.constexpr, PACK: tl.constexpr = 1):
+                PREC: tl.constexpr, HAS_DLSE: tl.constexpr, PACK: tl.constexpr = 1):
     # PACK query heads of a GQA group per program, as in attn_fwd
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
@@ -341,9 +326,19 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, AUX, KVN, KVI, FKVN, FKVI,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    q, do, lse2, delta = _bwd_load_q(Q, DO, LSE, DELTA, b * stride_qb + hr * stride_qh + offs_m * stride_qm,
-                                     b * stride_db + hr * stride_dh + offs_m * stride_dm, (b * H + hr) * Lq + offs_m,
+    lrow = (b * H + hr) * Lq + offs_m
+    q, do, lse2, empty = _bwd_load_q(Q, DO, LSE, b * stride_qb + hr * stride_qh + offs_m * stride_qm,
+                                     b * stride_db + hr * stride_dh + offs_m * stride_dm, lrow,
                                      offs_m, offs_d, offs_dv, Lq, D, DV)
+    # delta = rowsum(out * dout) - dlse, stored for attn_bwd_dkdv (launched after this kernel); the dlse of
+    # rows that see nothing is dropped (their lse is -inf, its gradient meaningless)
+    rm = offs_m < Lq
+    o = tl.load(O + b * stride_ob + hr[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+                mask=rm[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.where(empty, 0.0, tl.load(DLSE + lrow, mask=rm, other=0.0))
+    tl.store(DELTA + lrow, delta, mask=rm)
     qp = offs_m[:, None] + OFF
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh

@@ -226,16 +226,9 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
         mod, aux = _module(pattern, lq, lk, dev)
     bd, bdv, prec = _pow2(d), _pow2(dv), _prec(q.dtype)
-    delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # written by attn_bwd_dq
     has_dlse = dlse is not None
     dl = dlse.float().contiguous() if has_dlse else delta
-    if has_dlse:  # rows that see nothing have lse = -inf: their gradient is meaningless, drop it
-        dl = torch.where(torch.isfinite(lse), dl, 0.0)
-    dbm = 64 if q.device.type == "cuda" else 16
-    mod.attn_bwd_delta[(triton_cdiv(lq, dbm), b * hq)](
-        out, dout, dl, delta, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), hq, lq, dv,
-        HAS_DLSE=has_dlse, BLOCK_M=dbm, BLOCK_DV=bdv)
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
     dq = fill(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     dk = fill(k.shape, float("nan"), dtype=k.dtype, device=k.device)
@@ -248,6 +241,15 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         items, red, nslots = _bwd_plan(pattern, lq, lk, bm, bn, hq, dev, split_cap)
     wsk = torch.empty((max(nslots, 1), b * hkv, bn, bd), dtype=torch.float32, device=q.device)
     wsv = torch.empty((max(nslots, 1), b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
+    # dq first: it also writes delta, which the dk/dv kernel reads
+    pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
+    mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
+        q, k, v, dout, lse, delta, dq, out, dl, aux, lay.kv_num_blocks, lay.kv_indices,
+        lay.full_kv_num_blocks, lay.full_kv_indices, *common,
+        dq.stride(0), dq.stride(1), dq.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
+        num_warps=nw, num_stages=ns)
     mod.attn_bwd_dkdv[(items.shape[0], b * hkv)](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
@@ -258,18 +260,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         mod.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
             dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn, num_warps=4)
-    pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
-    mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
-        q, k, v, dout, lse, delta, dq, aux, lay.kv_num_blocks, lay.kv_indices,
-        lay.full_kv_num_blocks, lay.full_kv_indices, *common,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
-        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, PACK=pack, num_warps=nw, num_stages=ns)
     return dq, dk, dvv
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # -- torch.library custom ops ----------------------------------------------------------------------
