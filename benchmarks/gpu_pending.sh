@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), pack (issue 3:
 # forward/backward config variants -- GQA head packing, folded scale -- on causal and windows vs flex; pack2: round 2
-# around the new default), check (issue 3: forward and backward correctness at real sizes, up to 64K, with the
+# around the new default; pack3: round 3, the forward's block-index modes), check (issue 3: forward and backward correctness at real sizes, up to 64K, with the
 # current defaults), windows (issue 3: the local patterns through `attnzoo bench`, 16K fwd+bwd, 64K fwd), small (issue 3:
 # the small-batch Triton path, fp32 and bf16), linear (issue 5: GLA / Gated
 # DeltaNet / KDA / simple GLA vs flash-linear-attention, scaling, decode GB/s), linear-sweep (issue 5: config
@@ -17,7 +17,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-host pack linear-sweep small routing niah recall linear decode-wide grid64}
+SECTIONS=${*:-pack3 check routing niah recall linear decode-wide grid64}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -34,6 +34,7 @@ for s in $SECTIONS; do
     check) timeout ${CHECK_S:-300} python3 benchmarks/triton_check.py --out "$OUT" > "$OUT/check_log.txt" 2>&1
            timeout ${CHECK_S:-300} python3 benchmarks/triton_bwd_check.py --out "$OUT" >> "$OUT/check_log.txt" 2>&1 ;;
     pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
+    pack3) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536
                timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

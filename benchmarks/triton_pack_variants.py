@@ -68,6 +68,16 @@ BWD2 = {
     "bwd 32x128 w4 s2": _cfg(32, 128, 4, 2),
     "bwd 128x128 w8 s2": _cfg(128, 128, 8, 2),
 }
+# round 3 (prepared 2026-12-04, not yet run): how the loop finds its kv blocks (IDX, see kernels._fwd_blocks)
+FWD3 = {
+    "64x64 p4 w8 s3 (default)": _cfg(64, 64, 8, 3, 4),
+    "64x64 p4 w8 s3 idx1": _cfg(64, 64, 8, 3, 4, IDX=1),
+    "64x64 p4 w8 s3 idx2": _cfg(64, 64, 8, 3, 4, IDX=2),
+    "64x64 p4 w8 s2 idx2": _cfg(64, 64, 8, 2, 4, IDX=2),
+    "64x64 p4 w8 s4 idx2": _cfg(64, 64, 8, 4, 4, IDX=2),
+    "128x128 w8 s3 idx2": _cfg(128, 128, 8, 3, IDX=2),
+}
+BWD3 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2)}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -82,8 +92,9 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2),
-                    help="1: packing and folding against the old configs; 2: around the new default, backward tiles")
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3),
+                    help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
+                         "3: the block-index modes (IDX)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
     ap.add_argument("--table", metavar="JSONL", help="print the table of an earlier run's records and exit")
@@ -93,8 +104,8 @@ def main():
             print_table([json.loads(line) for line in f if line.strip()])
         return
     global FWD, BWD
-    if args.round == 2:
-        FWD, BWD = FWD2, BWD2
+    if args.round > 1:
+        FWD, BWD = (FWD2, BWD2) if args.round == 2 else (FWD3, BWD3)
     dev = "cpu" if args.smoke else "cuda"
     L, hq, hkv, d = (args.L, 64, 8, 128) if not args.smoke else (64, 8, 2, 32)
     dt = torch.float32 if args.smoke else torch.bfloat16

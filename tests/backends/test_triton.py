@@ -130,6 +130,21 @@ def test_pack_needs_a_dividing_group_and_fold_needs_a_positive_scale():
     check_close("out", got, ref)
 
 
+@pytest.mark.parametrize("idx", [1, 2])
+@pytest.mark.parametrize("pname", ["causal", "window", "sinks+window", "document&causal", "dilated"])
+def test_block_index_modes(pname, idx):
+    """IDX 1 (the next block index loaded a step ahead) and 2 (contiguous full lists computed, not loaded):
+    the same results as loading each index at its step."""
+    from attnzoo.backends.triton.ops import _full_contiguous
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    out, lse = _check(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=idx, cfg=dict(cfg, IDX=idx))
+    q, k, v = (t.detach().float() for t in inputs(1, 4, 2, 40, 40, 32, 32, seed=idx))
+    base = attention_fwd(q, k, v, PATTERNS[pname], 32 ** -0.5, cfg=cfg)
+    assert torch.equal(out, base[0]) and torch.equal(lse, base[1])
+    if pname in ("causal", "window"):
+        assert _full_contiguous(PATTERNS[pname], 40, 40, 16, 16, 4, "cpu")
+
+
 def test_packed_config_falls_back_to_its_unpacked_alternative(monkeypatch):
     """A packed default on a group that the packing does not divide (here MHA) runs its UNPACKED config."""
     from attnzoo.backends.triton import ops

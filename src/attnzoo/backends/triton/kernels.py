@@ -80,13 +80,36 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
 
 
 @triton.jit
+def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV,
+                qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr,
+                PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr):
+    # the n kv blocks listed at row. IDX: how the loop finds each block's index -- 0 loads it at its step
+    # (the tile's addresses wait on that load), 1 loads the next step's index one step ahead, 2 takes
+    # first + j for the full blocks (the launcher checked that every row's full list is contiguous, as for
+    # windows; no loads at all) and 1 for the partial ones
+    nxt = tl.load(row, mask=n > 0, other=0)
+    for j in range(0, n):
+        if IDX == 2 and not MASK:
+            blk = nxt + j
+        elif IDX >= 1:
+            blk = nxt
+            nxt = tl.load(row + j + 1, mask=j + 1 < n, other=0)
+        else:
+            blk = tl.load(row + j)
+        m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                  qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, MASK, EVEN, PREC, FOLD)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
              lay_h, lay_m, idx_h, idx_m,
              H, G, Lq, Lk, OFF, D, DV, qk_scale,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False):
+             EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False,
+             IDX: tl.constexpr = 0):
     # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
     # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
     # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
@@ -120,19 +143,13 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
     # fully visible blocks: no elementwise mask
-    n_full = tl.load(FKVN + h * lay_h + pid_m * lay_m)
-    row = FKVI + h * idx_h + pid_m * idx_m
-    for j in range(0, n_full):
-        offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        m_i, l_i, acc = _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                  Lk, D, DV, qk_scale, m_i, l_i, acc, False, EVEN, PREC, FOLD)
+    m_i, l_i, acc = _fwd_blocks(FKVI + h * idx_h + pid_m * idx_m, tl.load(FKVN + h * lay_h + pid_m * lay_m),
+                                q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
+                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, False, EVEN, PREC, FOLD, IDX)
     # partial blocks: the pattern's mask, computed in-kernel
-    n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
-    row = KVI + h * idx_h + pid_m * idx_m
-    for j in range(0, n_part):
-        offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        m_i, l_i, acc = _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                  Lk, D, DV, qk_scale, m_i, l_i, acc, True, EVEN, PREC, FOLD)
+    m_i, l_i, acc = _fwd_blocks(KVI + h * idx_h + pid_m * idx_m, tl.load(KVN + h * lay_h + pid_m * lay_m),
+                                q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
+                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, True, EVEN, PREC, FOLD, IDX)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))

@@ -48,6 +48,16 @@ def _layout(pattern, lq, lk, bm, bn, hq, device: str):
 
 
 @functools.lru_cache(maxsize=128)
+def _full_contiguous(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
+    """Whether every row's list of full kv blocks in `_layout` is a contiguous run (one host sync, cached):
+    the forward's IDX 2 then computes the blocks instead of loading them."""
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    idx, n = lay.full_kv_indices, lay.full_kv_num_blocks
+    j = torch.arange(idx.shape[-1], device=idx.device)
+    return bool((((idx - idx[..., :1]) == j) | (j >= n[..., None])).all())
+
+
+@functools.lru_cache(maxsize=128)
 def _tlayout(pattern, lq, lk, bm, bn, hq, device: str):
     """The transposed layout: for each kv block, the query blocks that see it (partial / full)."""
     from ...patterns import BlockLayout
@@ -192,6 +202,9 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
     kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
+    idx_mode = int(cfg.get("IDX", 0))
+    if idx_mode == 2 and (_routed(pattern) or not _full_contiguous(pattern, lq, lk, bm, bn, hq, dev)):
+        idx_mode = 1
     grid = (lay.num_q_blocks, b * hq // pack)
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -200,7 +213,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
                hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E,
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
                EVEN=lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv), PREC=_prec(q.dtype),
-               PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0,
+               PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0, IDX=idx_mode,
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
