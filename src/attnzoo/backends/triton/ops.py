@@ -252,8 +252,11 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         items, red, nslots = _routed_items(tlay.num_q_blocks, dev)
     else:
         items, red, nslots = _bwd_plan(pattern, lq, lk, bm, bn, hq, dev, split_cap)
-    wsk = torch.empty((max(nslots, 1), b * hkv, bn, bd), dtype=torch.float32, device=q.device)
-    wsv = torch.empty((max(nslots, 1), b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
+    if nslots:  # fp32 workspaces of the split columns' partials
+        wsk = torch.empty((nslots, b * hkv, bn, bd), dtype=torch.float32, device=q.device)
+        wsv = torch.empty((nslots, b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
+    else:  # no split column: the kernel never touches them (two allocations fewer per call)
+        wsk = wsv = delta
     # dq first: it also writes delta, which the dk/dv kernel reads
     pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
     mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](

@@ -14,6 +14,7 @@ once and rewritten atomically after each new winner. `clear()` forgets everythin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -134,11 +135,19 @@ def autotuning(on: bool = True):
         _enabled = old
 
 
-def key(kind, d, dv, dtype, pclass, device: torch.device) -> str:
+@functools.lru_cache(maxsize=None)
+def _device_tag(dev_type: str, index: int | None) -> str:
+    """"<device name>|triton <version>", once per device: the name lookup cost ~15-20 us per launch on the
+    H200 (cProfile of the small-shape fwd+bwd, benchmarks/host_overhead.py --profile)."""
     import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
-    return f"{name}|triton {triton.__version__}|{kind}|d{d}|dv{dv}|{str(dtype).replace('torch.', '')}|{pclass}"
+    name = torch.cuda.get_device_name(index) if dev_type == "cuda" else "cpu-interpreter"
+    return f"{name}|triton {triton.__version__}"
+
+
+def key(kind, d, dv, dtype, pclass, device: torch.device) -> str:
+    index = device.index if device.type != "cuda" or device.index is not None else torch.cuda.current_device()
+    return f"{_device_tag(device.type, index)}|{kind}|d{d}|dv{dv}|{str(dtype).replace('torch.', '')}|{pclass}"
 
 
 def cached(kind, d, dv, dtype, pclass, device) -> dict | None:
