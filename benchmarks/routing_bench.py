@@ -177,6 +177,14 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             select_match = bool(torch.equal(router(q, k), mask))  # same blocks as the fused selection
         finally:
             rbase.FUSED_SELECT = True
+        rbase.TF32_SCORES = False  # float32 block scores without the tensor cores (what ran before 2026-12-04)
+        try:
+            route_f = time_fn(lambda: router(q, k), **timing)
+            m32 = router(q, k)
+            agree = float((m32 & mask).sum() / m32.sum().clamp(min=1))  # share of its blocks TF32 also picks
+            m32 = None
+        finally:
+            rbase.TF32_SCORES = True
         lay_fs = layout_fn(call, args, q.device, q.dtype)
         lay, lay_t = (time_fn(f, **timing) for f in lay_fs) if lay_fs is not None else (None, None)
         match = None
@@ -207,6 +215,7 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
             dense_ms=d_ms, route_ms=r_ms, attn_ms=a_ms, total_ms=t_ms, layout_ms=l_ms,
             layout_over_attn=l_ms / a_ms if (l_ms is not None and a_ms) else None, layout_torch_ms=lt_ms,
             layout_match=match, route_torch_select_ms=_ms(route_t), select_match=select_match,
+            route_fp32_scores_ms=_ms(route_f), tf32_block_agreement=agree,
             layout_torch_over_attn=lt_ms / a_ms if (lt_ms is not None and a_ms) else None,
             build_ms=(t_ms - r_ms - a_ms) if ok else None,
             route_p20_ms=route["p20_ms"], route_p80_ms=route["p80_ms"], attn_p20_ms=attn["p20_ms"],
@@ -221,7 +230,8 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
 
 def table(rows) -> str:
     head = (f"{'L':>7} {'router':<12} {'top_k':>5} {'dens':>6} {'ideal':>6} {'dense':>8} {'route':>8} {'attn':>8} "
-            f"{'total':>8} {'x attn':>7} {'x total':>7} {'f.ideal':>7} {'r.share':>7} {'r/attn':>6} {'l/attn':>6} {'lt/at':>6}  status")
+            f"{'total':>8} {'x attn':>7} {'x total':>7} {'f.ideal':>7} {'r.share':>7} {'r/attn':>6} {'l/attn':>6} {'lt/at':>6} "
+            f"{'r fp32':>7} {'agree':>6}  status")
     lines = [head, "-" * len(head)]
     f = lambda x, w, p=2: f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
@@ -232,11 +242,12 @@ def table(rows) -> str:
                      f"{f(r.get('attn_ms'), 8)} {f(r.get('total_ms'), 8)} {f(r.get('speedup_attn'), 7)} "
                      f"{f(r.get('speedup_total'), 7)} {f(r.get('fraction_of_ideal_total'), 7)} "
                      f"{f(r.get('routing_share'), 7)} {f(r.get('route_over_attn'), 6)} {f(r.get('layout_over_attn'), 6)} "
-                     f"{f(r.get('layout_torch_over_attn'), 6)}  "
-                     f"{r['status']}")
+                     f"{f(r.get('layout_torch_over_attn'), 6)} {f(r.get('route_fp32_scores_ms'), 7)} "
+                     f"{f(r.get('tf32_block_agreement'), 6, 3)}  {r['status']}")
     lines.append("times in ms (median); x = speedup over dense causal SDPA; f.ideal = fraction of ideal (total); "
                  "r.share = routing / total; l/attn = layout (fused Triton kernel, what the backend runs) / attn; "
-                 "lt/at = the PyTorch closed-form layout / attn")
+                 "lt/at = the PyTorch closed-form layout / attn; r fp32 = route with plain float32 block scores (no "
+                 "TF32); agree = share of those blocks the TF32 scores also pick")
     return "\n".join(lines)
 
 

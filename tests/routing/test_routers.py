@@ -102,3 +102,17 @@ def test_routing_is_not_differentiated():
     q, k, _ = H.qkv(1, 2, 2, 32, 32, 8, grad=True)
     m = TopKBlocks(8, top_k=1)(q, k)
     assert not m.requires_grad and q.grad is None
+
+
+def test_tf32_score_context_restores_the_global_setting():
+    """The routers' TF32 block-score context leaves torch's float32 matmul setting as it found it."""
+    from attnzoo.routing import base
+    m = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
+    before = getattr(m, attr)
+    with base._tf32_matmul():
+        assert getattr(m, attr) in ("tf32", True)
+    assert getattr(m, attr) == before
+    with pytest.raises(RuntimeError), base._tf32_matmul():
+        raise RuntimeError("boom")
+    assert getattr(m, attr) == before
