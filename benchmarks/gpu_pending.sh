@@ -34,7 +34,9 @@ for s in $SECTIONS; do
     check) timeout ${CHECK_S:-300} python3 benchmarks/triton_check.py --out "$OUT" > "$OUT/check_log.txt" 2>&1
            timeout ${CHECK_S:-300} python3 benchmarks/triton_bwd_check.py --out "$OUT" >> "$OUT/check_log.txt" 2>&1 ;;
     pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
-    pack3) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1 ;;
+    pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
+           timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \
+             --quick >> "$OUT/pack3_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536
                timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

@@ -78,6 +78,15 @@ FWD3 = {
     "128x128 w8 s3 idx2": _cfg(128, 128, 8, 3, IDX=2),
 }
 BWD3 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2)}
+# round 3 at head dim 64 (--d 64): the current D <= 64 default against packed tiles
+FWD3_D64 = {
+    "128x64 w4 s3 (default)": _cfg(128, 64, 4, 3),
+    "64x64 p2 w4 s3": _cfg(64, 64, 4, 3, 2),
+    "64x64 p4 w8 s3": _cfg(64, 64, 8, 3, 4),
+    "128x64 p2 w8 s3": _cfg(128, 64, 8, 3, 2),
+    "64x128 p4 w8 s3": _cfg(64, 128, 8, 3, 4),
+    "128x128 p2 w8 s3": _cfg(128, 128, 8, 3, 2),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -97,6 +106,7 @@ def main():
                          "3: the block-index modes (IDX)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
+    ap.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim (round 3 only for 64)")
     ap.add_argument("--table", metavar="JSONL", help="print the table of an earlier run's records and exit")
     args = ap.parse_args()
     if args.table:
@@ -104,10 +114,12 @@ def main():
             print_table([json.loads(line) for line in f if line.strip()])
         return
     global FWD, BWD
+    if args.d == 64 and args.round != 3:
+        ap.error("--d 64 has variants in round 3 only")
     if args.round > 1:
-        FWD, BWD = (FWD2, BWD2) if args.round == 2 else (FWD3, BWD3)
+        FWD, BWD = (FWD2, BWD2) if args.round == 2 else (FWD3_D64 if args.d == 64 else FWD3, BWD3)
     dev = "cpu" if args.smoke else "cuda"
-    L, hq, hkv, d = (args.L, 64, 8, 128) if not args.smoke else (64, 8, 2, 32)
+    L, hq, hkv, d = (args.L, 64, 8, args.d) if not args.smoke else (64, 8, 2, 32)
     dt = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:
         for table in (FWD, BWD):
@@ -127,7 +139,7 @@ def main():
     fout = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = "pack_variants.jsonl" if args.round == 1 else f"pack_variants_r{args.round}.jsonl"
+        name = "pack_variants.jsonl" if args.round == 1 else f"pack_variants_r{args.round}_d{args.d}.jsonl"
         fout = open(os.path.join(args.out, name), "w")
 
     def emit(row):
