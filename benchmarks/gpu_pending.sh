@@ -2,22 +2,25 @@
 # The GPU measurements still owed by the open issues, in priority order, each time-boxed so that one
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
-# Sections: host (issue 3: the host time of one small Triton attention call, layer by layer), pack (issue 3:
-# forward/backward config variants -- GQA head packing, folded scale -- on causal and windows vs flex; pack2: round 2
-# around the new default; pack3: round 3, the forward's block-index modes), check (issue 3: forward and backward correctness at real sizes, up to 64K, with the
-# current defaults), windows (issue 3: the local patterns through `attnzoo bench`, 16K fwd+bwd, 64K fwd), small (issue 3:
-# the small-batch Triton path, fp32 and bf16), linear (issue 5: GLA / Gated
-# DeltaNet / KDA / simple GLA vs flash-linear-attention, scaling, decode GB/s), linear-sweep (issue 5: config
-# variants of the GLA / Gated DeltaNet / KDA kernels with their accuracy; fla's autotune makes the linear
-# section slow: 2026-12-03 it spent ~60-140 s per fla op on its first call), decode-wide (issue 6: MLA
-# decode through the wide-head Triton decode kernel), routing (issue 7: routed sparse vs dense SDPA),
-# grid64 (issue 4: 64K forward+backward of the long-context grid), niah (issue 4: the needle grid on the GPU,
-# trained at 1K, tested to 8K), recall (issue 4: the MQAR window cell at lr 1e-3 and BASED), flash (issue 4: FlashAttention grid;
-# measured in full on 2026-12-04).
+# Sections (the default list, in the order given by SECTIONS below, is what is still owed):
+#   pack3        issue 3: round 3 of the forward variants -- the block-index modes (IDX) at D=128, packing at D=64
+#   check        issue 3: forward and backward correctness at real sizes (up to 64K) with the current defaults
+#   routing      issue 7: routed sparse vs dense SDPA at 32K/64K/128K, TF32 vs float32 block scores
+#   linear-dk    issue 5: Gated DeltaNet and KDA vs flash-linear-attention only (B=8, T=2048)
+#   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
+#   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
+#   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
+#   grid64       issue 4: 64K forward+backward of the long-context grid (resumes the committed records)
+# Measured already, kept to reproduce: host (issue 3: host time of a small call, layer by layer, cProfile),
+#   small (issue 3: the small-batch Triton path), pack / pack2 (issue 3: rounds 1-2 of the forward variants:
+#   GQA head packing, folded scale, backward tiles), windows (issue 3: the local patterns through
+#   `attnzoo bench`, 16K fwd+bwd and 64K fwd), linear (issue 5: every op vs flash-linear-attention, scaling,
+#   decode GB/s; fla's autotuner spends 35-180 s per op on its first call), linear-sweep (issue 5: config
+#   variants with their accuracy), flash (issue 4: the FlashAttention grid).
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-pack3 check routing niah recall linear decode-wide grid64}
+SECTIONS=${*:-pack3 check routing linear-dk niah recall decode-wide grid64}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -26,6 +29,8 @@ for s in $SECTIONS; do
     host) timeout 90 python3 benchmarks/host_overhead.py --profile --out "$OUT/host.jsonl" > "$OUT/host_log.txt" 2>&1 ;;
     small) timeout 90 python3 benchmarks/triton_small_batch_profile.py > "$OUT/small_batch.txt" 2>&1 ;;
     linear) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch > "$OUT/linear_log.txt" 2>&1 ;;
+    linear-dk) timeout ${LINEAR_S:-400} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check none --no-torch \
+              --no-decode --ops gdn,kda,sdpa --shapes 8x2048 > "$OUT/linear_dk_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --profile-ops gla,gdn,kda --sweep-ops gdn,gla,kda --ops sdpa --shapes 8x2048 > "$OUT/linear_sweep_log.txt" 2>&1 ;;
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
