@@ -105,6 +105,22 @@ def layout_fn(call, args, device, dtype):
     return fused, closed
 
 
+def profile_route(router, q, k, label: str, calls: int = 3) -> None:
+    """Print the kernels of ``calls`` routing calls by their own device time (torch.profiler): where the
+    route time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if q.is_cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            router(q, k)
+        if q.is_cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if q.is_cuda else "self_cpu_time_total"
+    print(f"-- profile of {calls} routing calls, {label}", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+
+
 def record(out, **kw):
     line = json.dumps(kw, default=str)
     if out is not None:
@@ -170,6 +186,8 @@ def bench_routers(args, q, k, v, L, base, timing, dense, dense_pairs, flops, out
         pairs = visible_pairs(mask, L, args.block)
         ideal = dense_pairs / pairs
         route = time_fn(lambda: router(q, k), **timing)
+        if args.profile:
+            profile_route(router, q, k, f"{name} at L={L}")
         from attnzoo.routing import base as rbase
         rbase.FUSED_SELECT = False  # the PyTorch top-k path, for comparison (what ran before 2026-12-03)
         try:
@@ -273,6 +291,7 @@ def parse(argv=None):
     p.add_argument("--max-time-s", type=float, default=20.0, help="cap on the timed repetitions per measurement")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run that exercises every code path")
+    p.add_argument("--profile", action="store_true", help="print a kernel profile of the routing calls")
     a = p.parse_args(argv)
     smoke = a.smoke
     a.device = a.device or ("cpu" if smoke else "cuda")
