@@ -37,9 +37,10 @@ def _variant_module(replace):
     return module
 
 
-WS_FULL = [("for j in range(0, n_full):", "for j in tl.range(0, n_full, warp_specialize=True):")]
-WS_BOTH = WS_FULL + [("for j in range(0, n_part):", "for j in tl.range(0, n_part, warp_specialize=True):")]
-VARIANTS = {"base": None, "ws-full": WS_FULL, "ws-both": WS_BOTH}
+# Both block loops of the forward now run in one helper (`_fwd_blocks`), so the full-block-only variant of
+# the 2026-11-23 run (ws-full) is gone; ws-both warp-specializes that helper's loop.
+WS_BOTH = [("for j in range(0, n):", "for j in tl.range(0, n, warp_specialize=True):")]
+VARIANTS = {"base": None, "ws-both": WS_BOTH}
 
 
 def main():

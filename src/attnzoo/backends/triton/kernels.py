@@ -80,6 +80,23 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
 
 
 @triton.jit
+def _packed_rows(pid_m, pid_bh, H, G, BLOCK_M: tl.constexpr, PACK: tl.constexpr):
+    # the rows of a program over query block pid_m and PACK heads of one GQA group (grid axis 1: B * H / PACK):
+    # -> batch, first head, its KV head, each row's position and each row's head
+    HP = H // PACK
+    b = pid_bh // HP
+    h = (pid_bh % HP) * PACK
+    r = tl.arange(0, PACK * BLOCK_M)
+    if PACK == 1:
+        offs_m = pid_m * BLOCK_M + r
+        hr = h + r * 0
+    else:
+        offs_m = pid_m * BLOCK_M + r % BLOCK_M
+        hr = h + r // BLOCK_M
+    return b, h, h // G, offs_m, hr
+
+
+@triton.jit
 def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV,
                 qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr,
                 PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr):
@@ -116,18 +133,7 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     # layout must not depend on the head; the launcher checks). Grid: (query blocks, B * H / PACK).
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    HP = H // PACK
-    b = pid_bh // HP
-    h = (pid_bh % HP) * PACK
-    hk = h // G
-    r = tl.arange(0, ROWS)
-    if PACK == 1:
-        offs_m = pid_m * BLOCK_M + r
-        hr = h + r * 0
-    else:
-        offs_m = pid_m * BLOCK_M + r % BLOCK_M
-        hr = h + r // BLOCK_M
+    b, h, hk, offs_m, hr = _packed_rows(pid_m, tl.program_id(1), H, G, BLOCK_M, PACK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -328,18 +334,7 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
     # PACK query heads of a GQA group per program, as in attn_fwd
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    HP = H // PACK
-    b = pid_bh // HP
-    h = (pid_bh % HP) * PACK
-    hk = h // G
-    r = tl.arange(0, ROWS)
-    if PACK == 1:
-        offs_m = pid_m * BLOCK_M + r
-        hr = h + r * 0
-    else:
-        offs_m = pid_m * BLOCK_M + r % BLOCK_M
-        hr = h + r // BLOCK_M
+    b, h, hk, offs_m, hr = _packed_rows(pid_m, tl.program_id(1), H, G, BLOCK_M, PACK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
