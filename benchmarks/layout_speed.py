@@ -6,6 +6,9 @@
 Every call goes straight to the pattern's ``block_layout`` (no layout cache of any backend in between).
 ``--path dense`` / ``--path band`` time one of the two construction paths directly (private methods:
 ``_dense_layout``, ``_band_layout(force=True)``), to re-check which one a device should take.
+``--path triton`` times the fused layout kernel the Triton backend uses for banded patterns
+(`backends/triton/band_layout.py`, one launch; ``--transposed``: the backward's transposed layout), and
+checks its lists against ``block_layout``'s (column ``same``).
 Columns:
 
 - ``ms``: median wall time of one call (on CUDA: synchronized before and after every call).
@@ -131,8 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--filter", default=None, help="only patterns whose name contains this")
     ap.add_argument("--no-ops", action="store_true", help="skip the op / launch counts")
-    ap.add_argument("--path", choices=["auto", "dense", "band"], default="auto",
-                    help="auto: block_layout as users call it; dense / band: that construction path")
+    ap.add_argument("--path", choices=["auto", "dense", "band", "triton"], default="auto",
+                    help="auto: block_layout as users call it; dense / band: that construction path; "
+                         "triton: the fused layout kernel of the Triton backend")
+    ap.add_argument("--transposed", action="store_true", help="with --path triton: the transposed layout")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
 
@@ -150,6 +155,8 @@ def main(argv=None) -> int:
     if cuda:
         head += f" {'launches':>8} {'syncs':>5}"
     head += f" {'partial':>8} {'full':>8}"
+    if args.path == "triton":
+        head += f" {'same':>5}"
     print(head)
     print("-" * len(head))
     for L in args.lengths:
@@ -161,6 +168,9 @@ def main(argv=None) -> int:
                 def call(pat=pat, L=L, B=B, device=device):
                     if args.path == "auto":
                         return pat.block_layout(L, L, B, B, device=device)
+                    if args.path == "triton":
+                        from attnzoo.backends.triton.band_layout import band_layout
+                        return band_layout(pat, L, L, B, B, device, transposed=args.transposed)
                     from attnzoo.patterns.base import Ctx
                     ctx = Ctx(L, L, B, B, None, torch.device(device))
                     lay = pat._band_layout(ctx, force=True) if args.path == "band" and pat._banded else None
@@ -169,18 +179,38 @@ def main(argv=None) -> int:
                 ms = time_call(call, device, reps, args.warmup)
                 lay = call()
                 ops = launches = syncs = None
-                if not args.no_ops:
+                if not args.no_ops and args.path != "triton":
                     # ops of the same construction, dispatched on the CPU (the device-independent count)
                     ops = count_ops(lambda: call(device="cpu") if args.path != "auto" or not cuda
                                     else _dense_on_cpu(pat, L, B))
-                    if cuda:
-                        launches, syncs = count_launches(call)
+                if not args.no_ops and cuda:
+                    launches, syncs = count_launches(call)
                 row = f"{pname:<30} {L:>6} {B:>5} {ms:>9.3f} {_fmt(ops):>5}"
                 if cuda:
                     row += f" {_fmt(launches):>8} {_fmt(syncs):>5}"
                 row += f" {int(lay.kv_num_blocks.sum()):>8} {int(lay.full_kv_num_blocks.sum()):>8}"
+                if args.path == "triton":
+                    row += f" {str(same_lists(lay, pat.block_layout(L, L, B, B, device=device), args.transposed)):>5}"
                 print(row, flush=True)
     return 0
+
+
+def same_lists(lay, ref, transposed: bool) -> bool:
+    """Whether ``lay`` lists the same blocks as ``ref`` (or its transpose), entries past the counts ignored."""
+    if transposed:
+        from attnzoo.patterns import BlockLayout
+        t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+        part, full = ref.partial_blocks(), ref.full_blocks()
+        ref = BlockLayout.from_bool(t(part | full), t(full), block_q=ref.block_k, block_k=ref.block_q,
+                                    q_len=ref.kv_len, kv_len=ref.q_len)
+    for n, i, rn, ri in ((lay.kv_num_blocks, lay.kv_indices, ref.kv_num_blocks, ref.kv_indices),
+                         (lay.full_kv_num_blocks, lay.full_kv_indices, ref.full_kv_num_blocks, ref.full_kv_indices)):
+        if not torch.equal(n, rn):
+            return False
+        valid = torch.arange(i.shape[-1], device=i.device) < n[..., None]
+        if not torch.equal(torch.where(valid, i, -1), torch.where(valid, ri, -1)):
+            return False
+    return True
 
 
 def _dense_on_cpu(pat, L, B):

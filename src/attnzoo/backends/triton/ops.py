@@ -42,9 +42,22 @@ def bwd_config(d: int, dv: int, device: torch.device, pattern=None, dtype=torch.
     return config(d, dv, device, pattern, "bwd", dtype)
 
 
+def _band_kernel(pattern, device: str) -> bool:
+    """Whether the layouts of ``pattern`` come from the fused layout kernel (`band_layout`): banded patterns,
+    on CUDA or in the interpreter; the others keep `Pattern.block_layout` (PyTorch ops)."""
+    if not (device.startswith("cuda") or interpreting()):
+        return False
+    from .band_layout import supported
+    return supported(pattern)[0]
+
+
 @functools.lru_cache(maxsize=128)
 def _layout(pattern, lq, lk, bm, bn, hq, device: str):
-    return (pattern or Full()).block_layout(lq, lk, bm, bn, device=device, num_heads=hq)
+    pattern = pattern or Full()
+    if _band_kernel(pattern, device):
+        from .band_layout import band_layout
+        return band_layout(pattern, lq, lk, bm, bn, device, num_heads=hq)
+    return pattern.block_layout(lq, lk, bm, bn, device=device, num_heads=hq)
 
 
 @functools.lru_cache(maxsize=128)
@@ -62,6 +75,9 @@ def _tlayout(pattern, lq, lk, bm, bn, hq, device: str):
     """The transposed layout: for each kv block, the query blocks that see it (partial / full)."""
     from ...patterns import BlockLayout
 
+    if _band_kernel(pattern or Full(), device):
+        from .band_layout import band_layout
+        return band_layout(pattern or Full(), lq, lk, bm, bn, device, num_heads=hq, transposed=True)
     lay = _layout(pattern, lq, lk, bm, bn, hq, device)
     part, full = lay.partial_blocks(), lay.full_blocks()
     t = lambda x: x.transpose(1, 2).contiguous()
