@@ -3,6 +3,7 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
+#   layout       issue 3: the fused layout kernel vs the PyTorch layout, as shares of the forward at 16K/64K
 #   pack3        issue 3: round 3 of the forward variants -- the block-index modes (IDX) at D=128, packing at D=64
 #   check        issue 3: forward and backward correctness at real sizes (up to 64K) with the current defaults
 #   routing      issue 7: routed sparse vs dense SDPA at 32K/64K/128K, TF32 vs float32 block scores
@@ -20,7 +21,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-pack3 check routing linear-dk niah recall decode-wide grid64}
+SECTIONS=${*:-layout pack3 check routing linear-dk niah recall decode-wide grid64}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -39,6 +40,8 @@ for s in $SECTIONS; do
     check) timeout ${CHECK_S:-300} python3 benchmarks/triton_check.py --out "$OUT" > "$OUT/check_log.txt" 2>&1
            timeout ${CHECK_S:-300} python3 benchmarks/triton_bwd_check.py --out "$OUT" >> "$OUT/check_log.txt" 2>&1 ;;
     pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
+    layout) timeout ${LAYOUT_S:-240} python3 benchmarks/layout_share.py --out "$OUT/layout_share.jsonl" \
+              > "$OUT/layout_share.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \
              --quick >> "$OUT/pack3_log.txt" 2>&1 ;;
