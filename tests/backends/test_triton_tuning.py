@@ -35,7 +35,8 @@ def test_pattern_classes():
 def test_defaults_without_search(fresh_cache):
     dense = tuning.default("fwd", 128, 128, "dense")
     assert dense["PACK"] == 4 and dense["BLOCK_M"] * dense["PACK"] == 256
-    assert dense["UNPACKED"] == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    assert dense["UNPACKED"] == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, IDX=2) and dense["IDX"] == 2
+    assert tuning.default("fwd", 64, 64, "local")["PACK"] == 2
     assert tuning.default("fwd", 128, 128, "local")["UNPACKED"]["BLOCK_M"] == 64
     assert tuning.default("bwd", 256, 256, "local")["BLOCK_N"] == 32
     # on CPU without tuning: the interpreter's small tiles; nothing is written

@@ -52,15 +52,20 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         # next best 128x64/8 warps 331 and 254; three stages lose a quarter.
         return _cfg(64, 64, 4, 2) if dmax <= 128 else _cfg(32, 32, 4, 1)
     if dmax <= 64:
-        return _cfg(128, 64, 4, 3)
+        # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
+        # program at 64x64/4 warps 328 TF/s on a 1024 window vs 308 for 128x64 unpacked; causal 394 both.
+        return dict(_cfg(64, 64, 4, 3), PACK=2, UNPACKED=_cfg(128, 64, 4, 3))
     if dmax <= 128:
         # Without packing (H100): causal 457 TF/s at 128x128/8 warps vs 412 at 128x64; a 1024 window 376 at
         # 64x64/4 vs 321 at 128x64. With four query heads of a GQA group per program (PACK 4: 256 rows of
         # 64 positions share each K/V tile; H200, 16K, 64/8 heads, benchmarks/triton_pack_variants.py):
         # causal 459 -> 501 TF/s, window 1024 367 -> 398, window 4096 425 -> 479, sinks + window 352 -> 377.
         # A group that four heads do not divide (MHA, or 2 query heads per KV head) takes UNPACKED.
+        # IDX 2 (the full blocks' indices computed when every row's full list is contiguous, else IDX 1:
+        # the next index loaded a step ahead), round 3 at 16K: causal 501 -> 527 TF/s, window 1024 401 ->
+        # 425, window 4096 482 -> 525, sinks + window 377 -> 403.
         unpacked = _cfg(128, 128, 8, 3) if pclass == "dense" else _cfg(64, 64, 4, 3)
-        return dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=unpacked)
+        return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, UNPACKED=dict(unpacked, IDX=2))
     return _cfg(64, 32, 4, 2)
 
 
