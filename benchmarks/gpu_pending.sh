@@ -11,6 +11,8 @@
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
+#   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
+#                records in benchmarks/results/h200-grid-full/ (copy them back there; a re-run skips recorded cases)
 #   grid64       issue 4: 64K forward+backward of the long-context grid (resumes the committed records)
 # Measured already, kept to reproduce: host (issue 3: host time of a small call, layer by layer, cProfile),
 #   small (issue 3: the small-batch Triton path), pack / pack2 (issue 3: rounds 1-2 of the forward variants:
@@ -51,6 +53,10 @@ for s in $SECTIONS; do
                  --lengths $lens --direction $dir --backend triton --backend flex --backend sdpa-cudnn --pattern causal \
                  --pattern sw1024 --pattern sw4096 --pattern sinks+sw1024 --max-time-s 1.0 >> "$OUT/windows_log.txt" 2>&1
              done ;;
+    grid-full) mkdir -p "$OUT/grid-full"
+            [ -f benchmarks/results/h200-grid-full/results.jsonl ] && cp benchmarks/results/h200-grid-full/results.jsonl "$OUT/grid-full/"
+            timeout ${GRID_S:-300} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid-full" --no-report \
+              --lengths ${GRID_LENS:-1024,2048} --max-time-s 0.5 > "$OUT/grid_full_log.txt" 2>&1 ;;
     grid64) mkdir -p "$OUT/grid"  # resumes the committed grid (a re-run skips recorded cases)
             [ -f "$OUT/grid/results.jsonl" ] || cp benchmarks/results/h100-2026-11-23/grid/results.jsonl "$OUT/grid/"
             timeout 300 python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/grid" --no-report --lengths 65536 \
