@@ -221,3 +221,18 @@ def test_bad_intra_choice():
     q = torch.randn(1, 1, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="intra"):
         tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, intra="bogus"))
+
+
+@pytest.mark.parametrize("t,dk,bt", [(40, 24, 16), (64, 8, 32), (5, 130, 16)])
+def test_chunk_cumsum_kernel_is_the_sequential_chunk_scan(t, dk, bt):
+    """The Triton chunk cumsum equals the in-order float32 scan per chunk (zero gates past T), on a strided
+    (transposed) g, and never increases inside a chunk for non-positive gates."""
+    gen = torch.Generator().manual_seed(t + dk)
+    g = F.logsigmoid(torch.randn(B, t, H, dk, generator=gen)).transpose(1, 2).to(DEV)   # (B, H, T, Dk), strided
+    got = tg.chunk_cumsum(g, bt).cpu()
+    nt = -(-t // bt)
+    ref = F.pad(g.cpu().float(), (0, 0, 0, nt * bt - t)).reshape(B * H, nt, bt, dk).cumsum(2)
+    assert got.shape == (B * H, nt * bt, dk)
+    assert torch.allclose(got, ref.reshape(B * H, nt * bt, dk), rtol=1e-6, atol=1e-6)
+    steps = got.reshape(B * H, nt, bt, dk).diff(dim=2)
+    assert bool((steps <= 0).all())

@@ -11,7 +11,7 @@ structure follows :mod:`attnzoo.linear.triton_kernels` (the scalar-gated kernels
 
 Gates
 -----
-Time is cut into chunks of BT steps. ``chunk_cumsum`` (PyTorch, float32) writes G, the chunk-local
+Time is cut into chunks of BT steps. ``chunk_cumsum`` (a Triton kernel, float32) writes G, the chunk-local
 inclusive cumulative sum of g per channel, into a buffer padded with zero gates to a whole number of chunks
 (so every kernel reads G in bounds, and G is non-increasing inside each chunk, padding included: a float32
 running sum of non-positive terms never increases, so G_i - G_j <= 0 exactly for j <= i).
@@ -514,13 +514,41 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"the sub-chunk BC={cfg['BC']} must not exceed the chunk BT={cfg['BT']}")
 
 
+@triton.jit
+def _chunk_cumsum(G, GC, s_b, s_h, s_t, NH, T, DIMK, NT, BT: tl.constexpr, BK: tl.constexpr):
+    # one (chunk, channel block, batch x head): a running sum down the chunk's BT steps, in order (so a
+    # sum of non-positive gates never increases: rounding is monotone), zero gates past T
+    n = tl.program_id(0)
+    ik = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    src = G + b * s_b + h * s_h + offs_k
+    dst = GC + (bh * NT * BT + n * BT) * DIMK + offs_k
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for i in range(0, BT):
+        t = n * BT + i
+        acc += tl.load(src + t * s_t, mask=m_k & (offs_k * 0 + t < T), other=0.0).to(tl.float32)
+        tl.store(dst + i * DIMK, acc, mask=m_k)
+
+
 def chunk_cumsum(g: torch.Tensor, bt: int) -> torch.Tensor:
     """g (B, H, T, Dk) -> chunk-local inclusive cumsum, float32, contiguous (B*H, NT*BT, Dk), zero gates
-    padded past T (so every row a kernel reads exists and G never increases inside a chunk)."""
+    padded past T (so every row a kernel reads exists and G never increases inside a chunk).
+
+    One Triton kernel (it replaced a PyTorch pad + cumsum + copy: three passes over g, ~0.16 ms of a 1.2 ms
+    GLA forward at B 8, T 2048, H 16, Dk 128 on the H200); each program sums one chunk's steps in order,
+    as the sequential scan it replaced."""
     b, h, t, dk = g.shape
     nt = triton.cdiv(t, bt)
-    g = torch.nn.functional.pad(g.to(torch.float32), (0, 0, 0, nt * bt - t))
-    return g.reshape(b * h, nt, bt, dk).cumsum(2).reshape(b * h, nt * bt, dk).contiguous()
+    g = _last_unit(g)
+    gc = torch.empty((b * h, nt * bt, dk), dtype=torch.float32, device=g.device)
+    bk = min(128, _pow2(dk))
+    _chunk_cumsum[(nt, triton.cdiv(dk, bk), b * h)](g, gc, g.stride(0), g.stride(1), g.stride(2), h, t, dk, nt,
+                                                    BT=bt, BK=bk, num_warps=1)
+    return gc
 
 
 def _states(k, v, gc, s0, cfg, poison):
