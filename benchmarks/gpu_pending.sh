@@ -8,6 +8,7 @@
 #   check        issue 3: forward and backward correctness at real sizes (up to 64K) with the current defaults
 #   routing      issue 7: routed sparse vs dense SDPA at 32K/64K/128K, TF32 vs float32 block scores
 #   linear-dk    issue 5: Gated DeltaNet and KDA vs flash-linear-attention only (B=8, T=2048)
+#   linear-gla   issue 5: GLA vs flash-linear-attention only (B=8, T=2048), with its kernel profile and a check
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
@@ -34,6 +35,8 @@ for s in $SECTIONS; do
     linear) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch > "$OUT/linear_log.txt" 2>&1 ;;
     linear-dk) timeout ${LINEAR_S:-400} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check none --no-torch \
               --no-decode --ops gdn,kda,sdpa --shapes 8x2048 > "$OUT/linear_dk_log.txt" 2>&1 ;;
+    linear-gla) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch \
+              --no-decode --ops gla,sdpa --shapes 8x2048 --profile-ops gla > "$OUT/linear_gla_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --profile-ops gla,gdn,kda --sweep-ops gdn,gla,kda --ops sdpa --shapes 8x2048 > "$OUT/linear_sweep_log.txt" 2>&1 ;;
     decode-wide) timeout 120 python3 benchmarks/mla_decode_bench.py --out "$OUT/mla_decode.jsonl" > "$OUT/mla_log.txt" 2>&1 ;;
