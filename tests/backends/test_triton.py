@@ -369,3 +369,42 @@ def test_eager_path_matches_custom_ops(use):
     op = run(lambda q, k, v: ops._fwd_op(q, k, v, ops.pattern_id(p), 0.25))
     for a, b in zip(eager, op):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_forward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch):
+    """When Triton refuses a config for shared memory (a per-element mask gather multi-buffered by the
+    pipeliner), the forward retries with one stage fewer, then unpacked, remembers it, and stays correct."""
+    from attnzoo.backends.triton import ops
+
+    class OutOfResources(Exception):
+        pass
+
+    real = ops._launch_fwd
+    tried = []
+
+    def launch(mod, grid, *args):
+        cfg = args[-1]
+        tried.append((cfg["num_stages"], args[-3]))
+        if cfg["num_stages"] > 1:
+            raise OutOfResources("out of resource: shared memory")
+        return real(mod, grid, *args)
+
+    monkeypatch.setattr(ops, "_launch_fwd", launch)
+    monkeypatch.setattr(ops, "_SHRUNK", {})
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=3, PACK=2, UNPACKED=dict(BLOCK_M=16, BLOCK_N=16,
+                                                                                         num_warps=1, num_stages=1))
+    p = az.SlidingWindow(6) | az.Sinks(3)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 40, 32, generator=gen)
+    k, v = (torch.randn(1, 2, 40, 32, generator=gen) for _ in range(2))
+    out, lse = attention_fwd(q, k, v, p, 32 ** -0.5, cfg=cfg)
+    assert [s for s, _ in tried] == [3, 2, 1]
+    ref = reference_attention(q.double(), k.double(), v.double(), pattern=p)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    check_close("out", out, ref)
+    tried.clear()
+    attention_fwd(q, k, v, p, 32 ** -0.5, cfg=cfg)  # remembered: straight to the config that fit
+    assert [s for s, _ in tried] == [1]
+    monkeypatch.setattr(ops, "_launch_fwd", lambda *a: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="other"):  # other errors are not swallowed
+        attention_fwd(q, k, v, p, 32 ** -0.5, cfg=dict(cfg, num_warps=2))

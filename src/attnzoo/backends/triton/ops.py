@@ -214,14 +214,43 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
         if pack == cfg.get("PACK", 1) or "UNPACKED" not in cfg:
             break
         cfg = cfg["UNPACKED"]  # a packed config whose packing does not apply here: its unpacked alternative
+    smaller = _SHRUNK.get((mod.__name__, repr(cfg)))
+    if smaller is not None:  # this config did not fit this kernel before: go straight to what did
+        return attention_fwd(q, k, v, pattern, scale, poison, cfg=smaller)
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
-    kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
     idx_mode = int(cfg.get("IDX", 0))
     if idx_mode == 2 and (_routed(pattern) or not _full_contiguous(pattern, lq, lk, bm, bn, hq, dev)):
         idx_mode = 1
     grid = (lay.num_q_blocks, b * hq // pack)
+    try:
+        _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg)
+    except Exception as e:  # Triton's OutOfResources: this pattern's mask needs more shared memory (see _shrink)
+        smaller = _shrink(cfg) if type(e).__name__ == "OutOfResources" else None
+        if smaller is None:
+            raise
+        _SHRUNK[(mod.__name__, repr(cfg))] = smaller
+        return attention_fwd(q, k, v, pattern, scale, poison, cfg=smaller)
+    return out, lse
+
+
+# (kernel module, config) -> the smaller config that replaced it after Triton ran out of shared memory
+_SHRUNK: dict = {}
+
+
+def _shrink(cfg: dict) -> dict | None:
+    """The next config to try when ``cfg`` does not fit in shared memory: one pipeline stage fewer, then the
+    unpacked alternative; None when nothing is left. (A mask that gathers per element, e.g. a block-sparse
+    table lookup, is multi-buffered by Triton's pipeliner: 3 stages of a 256 x 64 int32 gather do not fit
+    next to the K/V tiles on an H200.)"""
+    if cfg["num_stages"] > 1:
+        return dict(cfg, num_stages=cfg["num_stages"] - 1)
+    return cfg.get("UNPACKED")
+
+
+def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg):
+    kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -231,7 +260,6 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
                EVEN=lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv), PREC=_prec(q.dtype),
                PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0, IDX=idx_mode,
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, lse
 
 
 def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dict | None = None,
