@@ -449,11 +449,13 @@ def profile_ops(ops, b=8, t=2048):
     scale = D ** -0.5
     calls = {
         "simple_gla": lambda: (tk.fwd(q, k, v, gs, None, scale), tk.bwd(do, None, q, k, v, gs, None, scale)),
-        "gla": lambda: (triton_gla.fwd(q, k, v, gv, None, scale), triton_gla.bwd(do, None, q, k, v, gv, None, scale)),
+        # GLA and KDA as autograd runs them: the backward takes what the forward keeps (gate cumsum, scores)
+        "gla": lambda: triton_gla.bwd(do, None, q, k, v, None, None, scale,
+                                      kept=triton_gla.fwd(q, k, v, gv, None, scale, keep=True)[2]),
         "gdn": lambda: (triton_delta.fwd(q, kn, v, gs, beta, None, scale),
                         triton_delta.bwd(do, None, q, kn, v, gs, beta, None, scale)),
-        "kda": lambda: (triton_kda.fwd(q, kn, v, gv, beta, None, scale),
-                        triton_kda.bwd(do, None, q, kn, v, gv, beta, None, scale)),
+        "kda": lambda: triton_kda.bwd(do, None, q, kn, v, None, beta, None, scale,
+                                      kept=triton_kda.fwd(q, kn, v, gv, beta, None, scale, keep=True)[2]),
     }
     for op in ops:
         fn = calls[op]
