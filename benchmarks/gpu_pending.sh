@@ -3,28 +3,29 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
-#   layout       issue 3: the fused layout kernel vs the PyTorch layout, as shares of the forward at 16K/64K
-#   pack3        issue 3: round 3 of the forward variants -- the block-index modes (IDX) at D=128, packing at D=64
-#   check        issue 3: forward and backward correctness at real sizes (up to 64K) with the current defaults
-#   routing      issue 7: routed sparse vs dense SDPA at 32K/64K/128K, TF32 vs float32 block scores
-#   linear-dk    issue 5: Gated DeltaNet and KDA vs flash-linear-attention only (B=8, T=2048)
+#   gla-diag     issue 5: GLA's broadcast-diagonal variants (diag="bcast", opt-in) against the default, with accuracy
+#   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
+#                records in benchmarks/results/h200-grid-full/ (copy them back there; a re-run skips recorded
+#                cases). 1K is complete, 2K half; then 4K,8K / 16K / 32K / 64K, one device call or so each.
 #   linear-gla   issue 5: GLA vs flash-linear-attention only (B=8, T=2048), with its kernel profile and a check
+#                (fla's first GLA call spends ~90 s in its autotuner; LINEAR_S >= 300 to reach its fwd+bwd)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
-#   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
-#                records in benchmarks/results/h200-grid-full/ (copy them back there; a re-run skips recorded cases)
-#   grid64       issue 4: 64K forward+backward of the long-context grid (resumes the committed records)
 # Measured already, kept to reproduce: host (issue 3: host time of a small call, layer by layer, cProfile),
-#   small (issue 3: the small-batch Triton path), pack / pack2 (issue 3: rounds 1-2 of the forward variants:
-#   GQA head packing, folded scale, backward tiles), windows (issue 3: the local patterns through
-#   `attnzoo bench`, 16K fwd+bwd and 64K fwd), linear (issue 5: every op vs flash-linear-attention, scaling,
-#   decode GB/s; fla's autotuner spends 35-180 s per op on its first call), linear-sweep (issue 5: config
-#   variants with their accuracy), flash (issue 4: the FlashAttention grid).
+#   small (issue 3: the small-batch Triton path), pack / pack2 / pack3 (issue 3: rounds 1-3 of the forward
+#   variants: GQA head packing, folded scale, backward tiles, block-index modes, D=64), check (issue 3:
+#   correctness at real sizes with the current defaults), layout (issue 3: the fused layout kernel vs the
+#   PyTorch layout, as shares of the forward at 16K/64K), windows (issue 3: the local patterns through
+#   `attnzoo bench`, 16K fwd+bwd and 64K fwd), routing (issue 7: routed sparse vs dense SDPA at 32K-128K),
+#   linear (issue 5: every op vs flash-linear-attention, scaling, decode GB/s; fla's autotuner spends 35-180 s
+#   per op on its first call), linear-dk (issue 5: Gated DeltaNet and KDA vs fla), linear-sweep (issue 5:
+#   config variants with their accuracy), flash (issue 4: the FlashAttention grid), grid64 (issue 4: 64K
+#   forward+backward of the long-context grid).
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-layout pack3 check routing linear-dk niah recall decode-wide grid64}
+SECTIONS=${*:-gla-diag grid-full linear-gla niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -35,6 +36,8 @@ for s in $SECTIONS; do
     linear) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch > "$OUT/linear_log.txt" 2>&1 ;;
     linear-dk) timeout ${LINEAR_S:-400} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check none --no-torch \
               --no-decode --ops gdn,kda,sdpa --shapes 8x2048 > "$OUT/linear_dk_log.txt" 2>&1 ;;
+    gla-diag) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
+              --sweep-ops gla --sweep-only bcast --ops sdpa --shapes 8x2048 > "$OUT/gla_diag_log.txt" 2>&1 ;;
     linear-gla) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch \
               --no-decode --ops gla,sdpa --shapes 8x2048 --profile-ops gla > "$OUT/linear_gla_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -357,7 +357,7 @@ def sweep(reps, b=8, t=2048):
     return rows
 
 
-def sweep_op(op, reps, b=8, t=2048):
+def sweep_op(op, reps, b=8, t=2048, only=()):
     """Config variants of the GLA / Gated DeltaNet / KDA Triton kernels (their ``config()`` keys) at B=8,
     T=2048, forward and backward timed through the launchers; for every variant also the forward's rel
     RMSE (o and final state, first batch entry) against the float64 chunked form, since ``split`` (the hi/lo 16-bit split of
@@ -390,6 +390,12 @@ def sweep_op(op, reps, b=8, t=2048):
         variants.append(("intra-fused", dict(intra="fused")))  # the one-kernel intra backward
         for bk, w in ((64, 4), (32, 2), (32, 4), (128, 4), (64, 8)):  # the two-kernel intra backward
             variants.append((f"split-k{bk}w{w}", dict(intra="split", BK_I=bk, warps_i=w)))
+        # the diagonal sub-chunk as one broadcast product (forward: BKD channels at a time; backward: the
+        # Dk block of the split kernel), instead of 16 dependent key steps
+        for bkd, bki, wi, wo in ((32, 32, 2, 8), (16, 32, 2, 8), (32, 32, 4, 8), (32, 16, 2, 8), (64, 32, 4, 8),
+                                 (32, 32, 2, 4)):
+            variants.append((f"bcast-d{bkd}k{bki}w{wi}o{wo}", dict(diag="bcast", BKD=bkd, BK_I=bki, warps_i=wi,
+                                                                  warps_o=wo)))
     else:
         variants.append(("split", dict(split=True)))
         for bv, w in ((32, 4), (64, 8)):
@@ -411,6 +417,8 @@ def sweep_op(op, reps, b=8, t=2048):
         r_o = r_s = None
     rows = _Live(keep_all=True)
     base = dict(kind="sweep", op=op, B=b, T=t, H=H, D=D, dtype="bfloat16", **env())
+    if only:
+        variants = [vr for vr in variants if vr[0] == "default" or any(o in vr[0] for o in only)]
     for name, over in variants:
         cfg = dict(default, **over)
         extra = dict(variant=name, cfg=cfg)
@@ -704,6 +712,8 @@ def main():
     ap.add_argument("--no-decode", action="store_true", help="leave out the decode table")
     ap.add_argument("--profile-ops", default="", help="comma-separated ops (simple_gla, gla, gdn, kda) to "
                     "profile per kernel (one fwd+bwd at B=8, T=2048), before everything else")
+    ap.add_argument("--sweep-only", default="", help="comma-separated substrings: only the sweep variants whose "
+                    "names contain one (and the default)")
     ap.add_argument("--sweep-ops", default="", help="comma-separated ops (gla, gdn, kda) whose Triton config "
                     "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
     args = ap.parse_args()
@@ -778,7 +788,7 @@ def main():
         for op in filter(None, args.sweep_ops.split(",")):
             if op not in ("gla", "gdn", "kda"):
                 ap.error(f"--sweep-ops: unknown op {op!r}; choose from gla, gdn, kda")
-            sweep_op(op, args.reps)
+            sweep_op(op, args.reps, only=tuple(filter(None, args.sweep_only.split(","))))
         for b, t in custom or shapes:
             speed(b, t, args.reps)  # rows go to the file (and to ``rows``) through SINK as they are measured
             print(f"  done B={b} T={t} ({time.time() - t0:.0f} s)", flush=True)

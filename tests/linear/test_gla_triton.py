@@ -217,10 +217,31 @@ def test_split_intra_backward_matches_recurrence(t, gate):
         torch.testing.assert_close(val, fused[n], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("t,gate,dk", [(19, "strong", 32), (70, "paper", 24)])
+def test_broadcast_diagonal_matches_recurrence(t, gate, dk):
+    """``diag="bcast"``: the diagonal sub-chunk of the forward scores (BKD channels at a time) and of the split
+    intra backward as one broadcast product instead of a loop over key steps; against the float64 recurrence
+    and equal to the step loop up to float32 rounding (Dk 24: a padded channel block)."""
+    dv = 16
+    scale = dk ** -0.5
+    x = make(t, dk, dv, gate, seed=t + 11)
+    want = reference(x, True, scale)
+    cfg = dict(SPLIT_INTRA, diag="bcast", BKD=16)
+    got = run_kernels(x, True, scale, cfg=cfg)
+    steps = run_kernels(x, True, scale, cfg=SPLIT_INTRA)
+    for n, val in got.items():
+        check_close(f"T{t}/{gate}/{n}", val.cpu(), want[n].float())
+        torch.testing.assert_close(val, steps[n], rtol=1e-4, atol=1e-4)
+
+
 def test_bad_intra_choice():
     q = torch.randn(1, 1, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="intra"):
         tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, intra="bogus"))
+    with pytest.raises(ValueError, match="diag"):
+        tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, diag="bogus"))
+    with pytest.raises(ValueError, match="BKD"):
+        tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, diag="bcast", BKD=12))
 
 
 @pytest.mark.parametrize("t,dk,bt", [(40, 24, 16), (64, 8, 32), (5, 130, 16)])

@@ -34,6 +34,9 @@ Inside chunk n, with h_n the state before it and G_last the last row of G::
      does). Then the sum over channels is one tensor-core dot (BC, Dk) x (Dk, BT).
    - the diagonal sub-chunk p itself: exact, a loop over its BC key steps j computing column j of A
      elementwise, sum_d q_id k_jd exp(G_id - G_jd) with exponent -inf where i < j. Never exp(+G).
+     With ``diag="bcast"`` (opt-in, not yet timed) the same sums run as one (BC, BC, BKD) broadcast product
+     per BKD channels instead of BC dependent steps (the split backward's diagonal likewise, over its Dk
+     block).
 3. ``_fwd_o`` (grid: chunk, Dv block, batch x head): o = scale (q * exp(G)) h_n + A v.
 
 The exponents are differences of chunk-local prefix sums (not exact segment sums as in the PyTorch form):
@@ -138,7 +141,8 @@ def _fwd_h(K, V, G, H0, HS, HT,
 def _intra_a(Q, K, G, A,
              s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
              NH, T, DIMK, NT, scale,
-             BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+             BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+             BKD: tl.constexpr = 0):
     n = tl.program_id(0)
     p = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -166,15 +170,35 @@ def _intra_a(Q, K, G, A,
     before = offs_c < p * BC
     kr = (k.to(tl.float32) * tl.exp(tl.where(before[:, None], gr[None, :] - gc, float("-inf")))).to(k.dtype)
     a = tl.dot(qr, tl.trans(kr), input_precision=PREC)  # (BC, BT): keys of earlier sub-chunks
-    for jj in range(0, BC):  # the diagonal sub-chunk, exact, one key step at a time
-        j = p * BC + jj
-        kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
-                     other=0.0).to(tl.float32)
-        gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
-        dec = tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
-        col = tl.sum(q * kj[None, :] * dec, 1)
-        a += tl.where((offs_c == j)[None, :], col[:, None], 0.0)
-    tl.store(A + (bh * NT * BT + n * BT + offs_i)[:, None] * BT + offs_c[None, :], a * scale)
+    rows = A + (bh * NT * BT + n * BT + offs_i)[:, None] * BT
+    if BKD > 0:
+        # the diagonal sub-chunk, exact, as one (BC, BC, BKD) product per BKD channels (no step loop): the
+        # off-diagonal columns are stored first, the diagonal tile into its own columns (disjoint stores)
+        offs_s = tl.arange(0, BC)
+        ti_ok = ti < T
+        low = (offs_s[:, None] >= offs_s[None, :])[:, :, None]
+        ad = tl.zeros([BC, BC], dtype=tl.float32)
+        for d0 in range(0, BK, BKD):
+            offs_d = d0 + tl.arange(0, BKD)
+            m_d = (offs_d < DIMK)[None, :]
+            qd = tl.load(qbase + ti[:, None] * s_qt + offs_d[None, :], mask=ti_ok[:, None] & m_d, other=0.0)
+            kd = tl.load(kbase + ti[:, None] * s_kt + offs_d[None, :], mask=ti_ok[:, None] & m_d, other=0.0)
+            gd = tl.load(gbase + ti[:, None] * DIMK + offs_d[None, :], mask=m_d, other=0.0)
+            dec = tl.exp(tl.where(low, gd[:, None, :] - gd[None, :, :], float("-inf")))
+            ad += tl.sum(qd.to(tl.float32)[:, None, :] * kd.to(tl.float32)[None, :, :] * dec, 2)
+        off_diag = (offs_c < p * BC) | (offs_c >= p * BC + BC)
+        tl.store(rows + offs_c[None, :], a * scale, mask=off_diag[None, :])
+        tl.store(rows + (p * BC + offs_s)[None, :], ad * scale)
+    else:
+        for jj in range(0, BC):  # the diagonal sub-chunk, exact, one key step at a time
+            j = p * BC + jj
+            kj = tl.load(kbase + (n * BT + j) * s_kt + offs_k, mask=m_k & (offs_k * 0 + n * BT + j < T),
+                         other=0.0).to(tl.float32)
+            gj = tl.load(gbase + (n * BT + j) * DIMK + offs_k, mask=m_k, other=0.0)
+            dec = tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
+            col = tl.sum(q * kj[None, :] * dec, 1)
+            a += tl.where((offs_c == j)[None, :], col[:, None], 0.0)
+        tl.store(rows + offs_c[None, :], a * scale)
 
 
 @triton.jit
@@ -347,7 +371,8 @@ def _bwd_da(V, DO, DA, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, NH, T, DIMV, NT, scal
 def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                      NH, T, DIMK, NT,
-                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                     DIAG3: tl.constexpr = False):
     # the intra-chunk dq, dk of sub-chunk p over one Dk block, from the precomputed DA (see _bwd_da);
     # grid (Dk block, chunk x sub-chunk, batch x head). DQI, DKI: float32 (B*H, T, Dk) contiguous
     ik = tl.program_id(0)
@@ -391,6 +416,31 @@ def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
         da = tl.load(dabase + offs_j[:, None] * BT + offs_i[None, :])  # dA[j, i]
         dk = tl.dot(tl.trans(da).to(qj.dtype), qg, dk, input_precision=PREC)
     dk = dk * tl.exp(ge[None, :] - gi)
+    if DIAG3:
+        # the diagonal sub-chunk, exact, as (BC, BC, BK) products: i on axis 0, j on axis 1
+        ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_i[:, None] & m_k[None, :],
+                     other=0.0).to(tl.float32)
+        qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_i[:, None] & m_k[None, :],
+                     other=0.0).to(tl.float32)
+        dd = tl.load(dabase + offs_i[:, None] * BT + offs_i[None, :])  # dA[i, j] of the diagonal block
+        ge_ = (offs_s[:, None] >= offs_s[None, :])[:, :, None]        # j <= i
+        le_ = (offs_s[:, None] <= offs_s[None, :])[:, :, None]        # j >= i
+        diff = gi[:, None, :] - gi[None, :, :]                        # G_i - G_j
+        dq += tl.sum(dd[:, :, None] * ki[None, :, :] * tl.exp(tl.where(ge_, diff, float("-inf"))), 1)
+        # dk_i += sum_{j >= i} dA[j, i] q_j exp(G_j - G_i)
+        dk += tl.sum(tl.trans(dd)[:, :, None] * qi[None, :, :] * tl.exp(tl.where(le_, -diff, float("-inf"))), 1)
+    else:
+        dq, dk = _bwd_diag_steps(qbase, kbase, gbase, dabase, gi, dq, dk, s_qt, s_kt, n, p, T, DIMK,
+                                 offs_i, offs_k, m_k, BT, BC)
+    xoff = (bh * T + ti)[:, None] * DIMK + offs_k[None, :]
+    m_ik = m_i[:, None] & m_k[None, :]
+    tl.store(DQI + xoff, dq, mask=m_ik)
+    tl.store(DKI + xoff, dk, mask=m_ik)
+
+
+@triton.jit
+def _bwd_diag_steps(qbase, kbase, gbase, dabase, gi, dq, dk, s_qt, s_kt, n, p, T, DIMK, offs_i, offs_k, m_k,
+                    BT: tl.constexpr, BC: tl.constexpr):
     # the diagonal sub-chunk, exact, one step at a time
     for jj in range(0, BC):
         j = p * BC + jj
@@ -403,10 +453,7 @@ def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
         da_r = tl.load(dabase + j * BT + offs_i)  # dA[j, i]
         dq += da_c[:, None] * kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
         dk += da_r[:, None] * qj[None, :] * tl.exp(tl.where((offs_i <= j)[:, None], gj[None, :] - gi, float("-inf")))
-    xoff = (bh * T + ti)[:, None] * DIMK + offs_k[None, :]
-    m_ik = m_i[:, None] & m_k[None, :]
-    tl.store(DQI + xoff, dq, mask=m_ik)
-    tl.store(DKI + xoff, dk, mask=m_ik)
+    return dq, dk
 
 
 @triton.jit
@@ -504,6 +551,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
 def _check_cfg(cfg: dict) -> None:
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    if cfg.get("diag", "steps") not in ("steps", "bcast"):
+        raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
+    if cfg.get("diag") == "bcast":
+        bkd = cfg.get("BKD", 0)
+        if bkd < 16 or bkd & (bkd - 1):
+            raise ValueError(f"diag='bcast' needs BKD, a power of two >= 16 (channels per diagonal product), got {bkd}")
     for key in ("BT", "BC", "BK_H", "BV_H", "BV_O", "BV_B", "BK_I"):
         if key not in cfg and key == "BK_I":
             continue
@@ -575,7 +628,8 @@ def _scores(q, k, gc, scale, cfg, poison):
     a = _empty(poison, (b * h, nt * bt, bt), torch.float32, q.device)
     _intra_a[(nt, bt // bc, b * h)](
         q, k, gc, a, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), PREC=_prec(q.dtype), num_warps=cfg["warps_o"],
+        h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), PREC=_prec(q.dtype),
+        BKD=min(cfg.get("BKD", 0), _pow2(dk)) if cfg.get("diag") == "bcast" else 0, num_warps=cfg["warps_o"],
         num_stages=cfg["stages"])
     return a
 
@@ -656,8 +710,8 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
         bki = min(cfg.get("BK_I", 64), _pow2(dk))
         _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc), b * h)](
             q, k, gc, da, dqi, dki, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            h, t, dk, nt, BT=bt, BC=bc, BK=bki, PREC=_prec(q.dtype), num_warps=cfg.get("warps_i", 4),
-            num_stages=cfg["stages"])
+            h, t, dk, nt, BT=bt, BC=bc, BK=bki, PREC=_prec(q.dtype), DIAG3=cfg.get("diag") == "bcast",
+            num_warps=cfg.get("warps_i", 4), num_stages=cfg["stages"])
     else:
         _bwd_intra[(nt, bt // bc, b * h)](
             q, k, v, gc, do, dqi, dki,
