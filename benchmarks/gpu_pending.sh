@@ -3,7 +3,8 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
-#   gla-diag     issue 5: GLA's broadcast-diagonal variants (diag="bcast", opt-in) against the default, with accuracy
+#   gla-diag     issue 5: GLA's and KDA's broadcast-diagonal variants (diag="bcast", opt-in) against their
+#                defaults, with accuracy
 #   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
 #                records in benchmarks/results/h200-grid-full/ (copy them back there; a re-run skips recorded
 #                cases). 1K is complete, 2K half; then 4K,8K / 16K / 32K / 64K, one device call or so each.
@@ -37,7 +38,7 @@ for s in $SECTIONS; do
     linear-dk) timeout ${LINEAR_S:-400} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check none --no-torch \
               --no-decode --ops gdn,kda,sdpa --shapes 8x2048 > "$OUT/linear_dk_log.txt" 2>&1 ;;
     gla-diag) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
-              --sweep-ops gla --sweep-only bcast --ops sdpa --shapes 8x2048 > "$OUT/gla_diag_log.txt" 2>&1 ;;
+              --sweep-ops gla,kda --sweep-only bcast --ops sdpa --shapes 8x2048 > "$OUT/gla_diag_log.txt" 2>&1 ;;
     linear-gla) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --quick --check quick --no-torch \
               --no-decode --ops gla,sdpa --shapes 8x2048 --profile-ops gla > "$OUT/linear_gla_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

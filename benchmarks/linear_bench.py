@@ -404,6 +404,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         if op == "kda":  # the tiled score kernel
             variants += [("intra-fused", dict(intra="fused"))]
             variants += [(f"intra-split-w{w}", dict(intra="split", warps_i=w)) for w in (2, 4, 8)]
+            variants += [(f"bcast-d{bkd}w{w}", dict(intra="split", diag="bcast", BKD=bkd, warps_i=w))
+                         for bkd, w in ((32, 2), (16, 2), (32, 4), (64, 4))]  # the diagonal tile broadcast
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8)):

@@ -75,12 +75,15 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (100, 32, 16, True, "extreme", SUB64),
     (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1)),  # the tiled score kernel
     (40, 32, 48, False, "extreme", dict(SUB32, intra="split", warps_i=1)),
+    # the diagonal tile as broadcast products, 16 channels at a time (Dk 48: three of them)
+    (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1, diag="bcast", BKD=16)),
 ]
 
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
-                              f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}" for c in CASES])
+                              f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
+                              f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -219,5 +222,11 @@ def test_split_intra_equals_fused():
     b = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=SUB64, keep=True)[2]
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    c = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", warps_i=1, diag="bcast", BKD=16),
+               keep=True)[2]
+    for x, y in zip(c, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="intra"):
         tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="tiles"))
+    with pytest.raises(ValueError, match="bcast"):
+        tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, diag="bcast", BKD=16))  # needs intra="split"

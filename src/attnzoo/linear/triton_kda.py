@@ -128,7 +128,8 @@ def _intra(Q, K, G, AQK, AKK,
 def _intra_split(Q, K, G, AQK, AKK,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                  NH, T, DIMK, NT, scale,
-                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                 BKD: tl.constexpr = 0):
     # _intra by (BC, BC) tiles: the rows of sub-chunk p against each earlier sub-chunk (one dot per tile,
     # referenced to gn = G at p's first row), the diagonal tile by the exact per-step loop, zero tiles after
     # it. grid (chunk x sub-chunk, batch x head); same outputs as _intra (cfg intra="split").
@@ -166,12 +167,27 @@ def _intra_split(Q, K, G, AQK, AKK,
         tl.store(AKK + rows + offs_j[None, :], ak)
     aq = tl.zeros([BC, BC], dtype=tl.float32)
     ak = tl.zeros([BC, BC], dtype=tl.float32)
-    for jj in range(0, BC):  # the diagonal tile, exact, one key step at a time
-        j = p * BC + jj
-        cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
-        sel = (offs_s == jj)[None, :]
-        aq += tl.where(sel, cq[:, None], 0.0)
-        ak += tl.where(sel, ck[:, None], 0.0)
+    if BKD > 0:
+        # the diagonal tile, exact, as one (BC, BC, BKD) broadcast product per BKD channels (cfg diag="bcast")
+        low = (offs_s[:, None] >= offs_s[None, :])[:, :, None]
+        m_t = (ti < T)[:, None]
+        for d0 in range(0, BK, BKD):
+            offs_d = d0 + tl.arange(0, BKD)
+            m_d = (offs_d < DIMK)[None, :]
+            qd = tl.load(qbase + ti[:, None] * s_qt + offs_d[None, :], mask=m_t & m_d, other=0.0).to(tl.float32)
+            kd = tl.load(kbase + ti[:, None] * s_kt + offs_d[None, :], mask=m_t & m_d, other=0.0).to(tl.float32)
+            gd = tl.load(gbase + ti[:, None] * DIMK + offs_d[None, :], mask=m_d, other=0.0)
+            kdec = kd[None, :, :] * tl.exp(tl.where(low, gd[:, None, :] - gd[None, :, :], float("-inf")))
+            aq += tl.sum(qd[:, None, :] * kdec, 2)
+            ak += tl.sum(kd[:, None, :] * kdec, 2)
+        ak = tl.where(offs_s[:, None] > offs_s[None, :], ak, 0.0)  # strictly below the diagonal
+    else:
+        for jj in range(0, BC):  # the diagonal tile, exact, one key step at a time
+            j = p * BC + jj
+            cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
+            sel = (offs_s == jj)[None, :]
+            aq += tl.where(sel, cq[:, None], 0.0)
+            ak += tl.where(sel, ck[:, None], 0.0)
     tl.store(AQK + rows + offs_i[None, :], aq * scale)
     tl.store(AKK + rows + offs_i[None, :], ak)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
@@ -465,7 +481,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     earlier sub-chunk, the exact loop on the diagonal tile only, with ``warps_i`` warps; the 16-bit GPU
     default: B=8 T=2048 H16 D128 on the H200, forward 2.07 -> 1.70 ms, backward 6.37 -> 6.01 ms with 2 warps,
     benchmarks/results/h200-2026-12-04-s2/linear_sweep_log.txt). The other GPU values: the Gated DeltaNet
-    sweep (KDA agreed)."""
+    sweep (KDA agreed). Opt-in, not yet timed: ``diag="bcast"`` with ``BKD`` (split intra only): the diagonal
+    tile as (BC, BC, BKD) broadcast products instead of BC dependent key steps."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         cfg.update(intra="split", warps_i=2)
@@ -479,6 +496,12 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     _td._check_cfg(cfg)
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    if cfg.get("diag", "steps") not in ("steps", "bcast"):
+        raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
+    if cfg.get("diag") == "bcast" and (cfg.get("intra") != "split" or cfg.get("BKD", 0) < 16
+                                       or cfg["BKD"] & (cfg["BKD"] - 1)):
+        raise ValueError("diag='bcast' needs intra='split' and BKD, a power of two >= 16 (channels per diagonal "
+                         f"product); got intra={cfg.get('intra')!r}, BKD={cfg.get('BKD')!r}")
     bt = cfg["BT"]
     if gc is None:
         gc = chunk_cumsum(g, bt)
@@ -511,7 +534,8 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
             q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
             num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
-            num_stages=cfg["stages"])
+            num_stages=cfg["stages"], **({"BKD": min(cfg["BKD"], bk)} if split_intra and cfg.get("diag") == "bcast"
+                                         else {}))
     tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
     u0 = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
