@@ -3,6 +3,7 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
+#   nbhd         issue 3: forward variants on the N-D neighborhoods (smaller blocks vs visited-pair waste)
 #   gla-diag     issue 5: GLA's and KDA's broadcast-diagonal variants (diag="bcast", opt-in) against their
 #                defaults, with accuracy
 #   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
@@ -26,7 +27,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-gla-diag grid-full linear-gla niah recall decode-wide}
+SECTIONS=${*:-nbhd gla-diag grid-full linear-gla niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -51,6 +52,7 @@ for s in $SECTIONS; do
     pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
     layout) timeout ${LAYOUT_S:-240} python3 benchmarks/layout_share.py --out "$OUT/layout_share.jsonl" \
               > "$OUT/layout_share.txt" 2>&1 ;;
+    nbhd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --out "$OUT" --quick > "$OUT/nbhd_log.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \
              --quick >> "$OUT/pack3_log.txt" 2>&1 ;;

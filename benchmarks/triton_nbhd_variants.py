@@ -1,0 +1,156 @@
+"""Forward config variants of the Triton kernel on the N-D neighborhoods of the long-context grid, against
+compiled FlexAttention (issue 3: the neighborhoods run at 0.06-0.27 of the ideal speedup).
+
+What bounds them: with the tiled token order (`neighborhood_tiling`) a 64-token query tile of a 13x13
+neighborhood visits 3.1x the key pairs it needs (every block partial, so every block evaluates the mask),
+32-token tiles 2.6x; a 5x7x7 kernel visits 4.9x with 64x64 blocks and 3.0x with 32x32 (exact counts from
+the layouts, printed per variant as ``visit``). Smaller blocks cut the waste but run smaller dots; this
+measures the trade. Each variant: the tiling for its query block, q / k / v gathered into that order
+(outside the timing, as a model would keep them), the forward through `ops.attention_fwd` on the tiled
+pattern, its output (back in the original order) checked against float64 on two query heads of one group
+(protocol rule), then timed. Prints a table last; ``--out`` writes JSON lines.
+
+    PYTHONPATH=src python3 benchmarks/triton_nbhd_variants.py --out DIR [--quick]
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/triton_nbhd_variants.py --smoke   # CPU smoke run
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import attnzoo as az
+from attnzoo.backends import reference_attention
+from attnzoo.backends.triton import ops
+from attnzoo.bench.timing import time_fn
+from attnzoo.patterns import neighborhood_tiling
+from attnzoo.testing import check_close, rel_rmse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_check import dense_math  # noqa: E402
+
+PATTERNS = {  # name -> (kernel, grid): the protocol's neighborhoods at 16K tokens
+    "nbhd2d-13x13": ((13, 13), (128, 128)),
+    "nbhd2d-31x31": ((31, 31), (128, 128)),
+    "nbhd3d-5x7x7": ((5, 7, 7), (16, 32, 32)),
+}
+SMOKE = {"nbhd2d-3x5": ((3, 5), (8, 8)), "nbhd3d-3x3x3": ((3, 3, 3), (4, 4, 4))}
+
+
+def _cfg(bm, bn, w, s, pack=1, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, PACK=pack, **kw)
+
+
+VARIANTS = {
+    "64x64 p4 w8 s3 (default)": _cfg(64, 64, 8, 3, 4),
+    "64x64 w4 s3": _cfg(64, 64, 4, 3),
+    "64x32 p4 w8 s3": _cfg(64, 32, 8, 3, 4),
+    "64x32 p4 w4 s3": _cfg(64, 32, 4, 3, 4),
+    "32x32 p4 w4 s3": _cfg(32, 32, 4, 3, 4),
+    "32x32 p8 w8 s3": _cfg(32, 32, 8, 3, 8),
+    "32x32 w4 s3": _cfg(32, 32, 4, 3),
+    "64x16 p4 w8 s3": _cfg(64, 16, 8, 3, 4),
+    "128x64 p2 w8 s3": _cfg(128, 64, 8, 3, 2),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--patterns", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1, float32, tiny grids)")
+    args = ap.parse_args()
+    table = SMOKE if args.smoke else PATTERNS
+    names = args.patterns.split(",") if args.patterns else list(table)
+    dev = "cpu" if args.smoke else "cuda"
+    hq, hkv, d = (8, 2, 32) if args.smoke else (64, 8, 128)
+    dt = torch.float32 if args.smoke else torch.bfloat16
+    variants = {k: dict(v) for k, v in VARIANTS.items()}
+    if args.smoke:  # tiny tiles for the interpreter; keep the packing
+        variants = {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)}
+    scale = d ** -0.5
+    tmax = 0.6 if args.quick else 1.2
+    rows = []
+    fout = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        fout = open(os.path.join(args.out, "nbhd_variants.jsonl"), "w")
+
+    def emit(row):
+        rows.append(row)
+        if fout:
+            fout.write(json.dumps(row) + "\n")
+            fout.flush()
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    def timed(fn):
+        r = time_fn(fn, device=dev, warmup=2, reps=20, max_time_s=tmax)
+        return (r["median_ms"] if r["status"] == "ok" else None), r
+
+    for pname in names:
+        kernel, grid = table[pname]
+        p = az.Neighborhood(kernel, grid=grid)
+        L = 1
+        for g in grid:
+            L *= g
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(1, hq, L, d, device=dev, dtype=dt, generator=gen)
+        k = torch.randn(1, hkv, L, d, device=dev, dtype=dt, generator=gen)
+        v = torch.randn(1, hkv, L, d, device=dev, dtype=dt, generator=gen)
+        visible = p.count_visible(L, L)
+        fl = 4 * hq * d * visible
+        # the check: two query heads of the first group against float64 (and the bf16 math baseline)
+        qs, ks, vs = q[:, :2], k[:, :1], v[:, :1]
+        ref = reference_attention(qs.double(), ks.double(), vs.double(), p, scale)[0]
+        base = dense_math(qs, ks, vs, p, scale)[0] if dt != torch.float32 else None
+        fwd_ms, r = timed(lambda: az.attention(q, k, v, p, backend="flex"))
+        emit(dict(pattern=pname, L=L, variant="flex", fwd_ms=fwd_ms, fwd_tflops=fl / fwd_ms / 1e9 if fwd_ms else None,
+                  message=r.get("message")))
+        for name, cfg in variants.items():
+            row = dict(pattern=pname, L=L, variant=name, cfg=cfg)
+            try:
+                tiling = neighborhood_tiling(p, cfg["BLOCK_M"], device=dev)
+                if tiling is None:
+                    perm = inv = torch.arange(L, device=dev)
+                    tiled = p
+                else:
+                    perm, inv, tiled = tiling
+                lay = tiled.block_layout(L, L, cfg["BLOCK_M"], cfg["BLOCK_N"])
+                visited = int(lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum()) * cfg["BLOCK_M"] * cfg["BLOCK_N"]
+                row.update(visit=visited / visible, partial_share=float(lay.kv_num_blocks.sum())
+                           / max(1.0, float(lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum())))
+                qp, kp, vp = (t.index_select(2, perm).contiguous() for t in (q, k, v))
+                got = ops.attention_fwd(qp[:, :2], kp[:, :1], vp[:, :1], tiled, scale, poison=True, cfg=cfg)[0]
+                got = got.index_select(2, inv)
+                row["rel_rmse_vs_fp64"] = rel_rmse(got, ref)
+                check_close("out", got, ref, baseline=base)
+                ms, r = timed(lambda: ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=cfg))
+                row.update(fwd_ms=ms, fwd_tflops=fl / ms / 1e9 if ms else None,
+                           flex_over_triton=fwd_ms / ms if ms and fwd_ms else None, message=r.get("message"))
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile or match is recorded
+                row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
+            emit(row)
+    if fout:
+        fout.close()
+    print_table(rows)
+
+
+def print_table(rows):
+    print(f"\n{'pattern':<14} {'variant':<26} {'fwd ms':>8} {'TF/s':>6} {'flex/tri':>8} {'visit':>6} {'part':>5}  note")
+    for r in rows:
+        ms = r.get("fwd_ms")
+        ratio = r.get("flex_over_triton")
+        note = r.get("message") or ""
+        if r.get("status") != "error" and "rel_rmse_vs_fp64" in r:
+            note = f"err {r['rel_rmse_vs_fp64']:.1e} {note}".strip()
+        visit = f"{r['visit']:.2f}" if "visit" in r else "-"
+        part = f"{r['partial_share']:.2f}" if "partial_share" in r else "-"
+        print(f"{r['pattern']:<14} {r['variant']:<26} {ms if ms is None else round(ms, 3)!s:>8} "
+              f"{'-' if r.get('fwd_tflops') is None else round(r['fwd_tflops'])!s:>6} "
+              f"{'-' if ratio is None else f'{ratio:.2f}':>8} {visit:>6} {part:>5}  {note[:60]}")
+
+
+if __name__ == "__main__":
+    main()
