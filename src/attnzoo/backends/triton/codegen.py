@@ -221,7 +221,11 @@ def _intersection(g, p):
 
 
 def _perhead(g, p):
-    subs = [g.emit(x) for x in p.patterns]
+    return _by_head(g, [g.emit(x) for x in p.patterns])
+
+
+def _by_head(g, subs: list) -> str:
+    """The variable that is ``subs[hq]`` (one variable per head, the last one for every later head)."""
     m = subs[-1]
     for i in range(len(subs) - 2, -1, -1):
         m = g.var(f"tl.where(hq == {i}, {subs[i]}, {m})")
