@@ -214,7 +214,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
         if pack == cfg.get("PACK", 1) or "UNPACKED" not in cfg:
             break
         cfg = cfg["UNPACKED"]  # a packed config whose packing does not apply here: its unpacked alternative
-    smaller = _SHRUNK.get((mod.__name__, repr(cfg)))
+    smaller = _SHRUNK.get((mod.__name__, repr(cfg))) if _SHRUNK else None
     if smaller is not None:  # this config did not fit this kernel before: go straight to what did
         return attention_fwd(q, k, v, pattern, scale, poison, cfg=smaller)
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
