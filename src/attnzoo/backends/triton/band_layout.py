@@ -172,8 +172,6 @@ class _ClsGen(_Gen):
 
 
 _KERNEL = '''
-from attnzoo.backends.triton._layout_jit import _append, _line_chunk, _line_lists
-
 
 @triton.jit
 def _layout_kernel(NUM, IDX, AUX, H, NL, NO, OFF, LQ, LK, BQ, BK, NK,
@@ -181,11 +179,19 @@ def _layout_kernel(NUM, IDX, AUX, H, NL, NO, OFF, LQ, LK, BQ, BK, NK,
                    TK: tl.constexpr):
     line = tl.program_id(0)
     h = tl.program_id(1)
-    out_p, out_f = _line_lists(IDX, H, NL, NO, line, h)
+    out_p = IDX + (h.to(tl.int64) * NL + line) * NO               # this line's partial list
+    out_f = IDX + ((H + h).to(tl.int64) * NL + line) * NO         # and its full list
     base_p = 0
     base_f = 0
     for o0 in range(0, NO, CH):
-        oo, valid, i, j = _line_chunk(line, o0, NO, CH, TRANS)
+        oo = o0 + tl.arange(0, CH)
+        valid = oo < NO
+        if TRANS:  # a key block's column: the other coordinate runs over query blocks
+            i = oo
+            j = line + 0 * oo
+        else:
+            i = line + 0 * oo
+            j = oo
         code = tl.where(valid, _cls(i, j, h, AUX, OFF, LK, BQ, BK, NK), 0)
         if SETTLE:  # blocks partial in both operands of a composite: count their visible pairs
             u = code == 3
@@ -203,7 +209,14 @@ def _layout_kernel(NUM, IDX, AUX, H, NL, NO, OFF, LQ, LK, BQ, BK, NK,
                 cnt = tl.sum(tl.sum(m.to(tl.int32), 1), 0)
                 area = tl.sum(tl.sum(ok.to(tl.int32), 1), 0)
                 code = tl.where(sel, (cnt > 0).to(tl.int32) + (cnt == area).to(tl.int32), code)
-        base_p, base_f = _append(out_p, out_f, base_p, base_f, oo, code == 1, code == 2)
+        part = code == 1
+        full = code == 2
+        fp = part.to(tl.int32)
+        ff = full.to(tl.int32)
+        tl.store(out_p + base_p + tl.cumsum(fp, 0) - 1, oo, mask=part)
+        tl.store(out_f + base_f + tl.cumsum(ff, 0) - 1, oo, mask=full)
+        base_p += tl.sum(fp, 0)
+        base_f += tl.sum(ff, 0)
     tl.store(NUM + h * NL + line, base_p)
     tl.store(NUM + (H + h) * NL + line, base_f)
 '''

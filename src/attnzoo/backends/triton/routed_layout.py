@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ...patterns import BlockLayout, RoutedBlocks
-from ._layout_jit import _append, _line_chunk, _line_lists
 
 
 @triton.jit
@@ -36,11 +35,19 @@ def _routed_layout_kernel(T, t_h, NQR, NKR, bq, bk, NUM, IDX, H, NL, NO, off, Lk
     line = tl.program_id(0)
     h = tl.program_id(1)
     tb = T + h.to(tl.int64) * t_h
-    out_p, out_f = _line_lists(IDX, H, NL, NO, line, h)
+    out_p = IDX + (h.to(tl.int64) * NL + line) * NO               # this line's partial list
+    out_f = IDX + ((H + h).to(tl.int64) * NL + line) * NO         # and its full list
     base_p = 0
     base_f = 0
     for o0 in range(0, NO, CH):
-        oo, valid, i, j = _line_chunk(line, o0, NO, CH, TRANS)
+        oo = o0 + tl.arange(0, CH)
+        valid = oo < NO
+        if TRANS:  # a key block's column: the other coordinate runs over query blocks
+            i = oo
+            j = line + 0 * oo
+        else:
+            i = line + 0 * oo
+            j = oo
         # the kernel block: positions [p0, p1] (below 0: no query), keys [k0, k1]
         p0 = off + i * BQ
         p1 = tl.minimum(p0 + BQ - 1, Lk - 1)
@@ -75,7 +82,14 @@ def _routed_layout_kernel(T, t_h, NQR, NKR, bq, bk, NUM, IDX, H, NL, NO, off, Lk
         if CAUSAL:
             any_ = any_ & (k0 <= p1)
             all_ = all_ & (k1 <= p0)
-        base_p, base_f = _append(out_p, out_f, base_p, base_f, oo, any_ & (~all_) & valid, all_ & any_ & valid)
+        full = all_ & any_ & valid
+        part = any_ & (~all_) & valid
+        fp = part.to(tl.int32)
+        ff = full.to(tl.int32)
+        tl.store(out_p + base_p + tl.cumsum(fp, 0) - 1, oo, mask=part)
+        tl.store(out_f + base_f + tl.cumsum(ff, 0) - 1, oo, mask=full)
+        base_p += tl.sum(fp, 0)
+        base_f += tl.sum(ff, 0)
     tl.store(NUM + h * NL + line, base_p)
     tl.store(NUM + (H + h) * NL + line, base_f)
 
