@@ -3,8 +3,6 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
-#   smoke        the fused layout kernels (band, routed) and a windowed / routed fwd+bwd on the GPU, < 1 min:
-#                the check to run after any change to the layout kernels
 #   nbhd         issue 3: forward variants on the N-D neighborhoods (smaller blocks vs visited-pair waste)
 #   gla-diag     issue 5: GLA's and KDA's broadcast-diagonal variants (diag="bcast", opt-in) against their
 #                defaults, with accuracy
@@ -16,6 +14,8 @@
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
+# On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
+#   routed fwd+bwd against float64 on the GPU, < 1 min: the check after any change to the layout kernels).
 # Measured already, kept to reproduce: host (issue 3: host time of a small call, layer by layer, cProfile),
 #   small (issue 3: the small-batch Triton path), pack / pack2 / pack3 (issue 3: rounds 1-3 of the forward
 #   variants: GQA head packing, folded scale, backward tiles, block-index modes, D=64), check (issue 3:
