@@ -408,3 +408,43 @@ def test_forward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch)
     monkeypatch.setattr(ops, "_launch_fwd", lambda *a: (_ for _ in ()).throw(ValueError("other")))
     with pytest.raises(ValueError, match="other"):  # other errors are not swallowed
         attention_fwd(q, k, v, p, 32 ** -0.5, cfg=dict(cfg, num_warps=2))
+
+
+def test_backward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch):
+    """The backward steps down one pipeline stage at a time on Triton's OutOfResources, remembers it, and its
+    gradients stay those of the working config; at one stage it raises."""
+    from attnzoo.backends.triton import ops
+
+    class OutOfResources(Exception):
+        pass
+
+    real = ops._launch_bwd
+    tried = []
+
+    def launch(mod, cfg, *args):
+        tried.append(cfg["num_stages"])
+        if cfg["num_stages"] > 1:
+            raise OutOfResources("out of resource: shared memory")
+        return real(mod, cfg, *args)
+
+    monkeypatch.setattr(ops, "_launch_bwd", launch)
+    monkeypatch.setattr(ops, "_SHRUNK", {})
+    p = az.SlidingWindow(6) | az.Sinks(3)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, 40, 32, generator=gen)
+    k, v = (torch.randn(1, 2, 40, 32, generator=gen) for _ in range(2))
+    fcfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    out, lse = attention_fwd(q, k, v, p, 32 ** -0.5, cfg=fcfg)
+    dout = torch.randn_like(out)
+    want = attention_bwd(dout, None, q, k, v, out, lse, p, 32 ** -0.5, cfg=fcfg)
+    tried.clear()
+    got = attention_bwd(dout, None, q, k, v, out, lse, p, 32 ** -0.5, cfg=dict(fcfg, num_stages=3))
+    assert tried == [3, 2, 1]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    tried.clear()
+    attention_bwd(dout, None, q, k, v, out, lse, p, 32 ** -0.5, cfg=dict(fcfg, num_stages=3))
+    assert tried == [1]  # remembered
+    monkeypatch.setattr(ops, "_launch_bwd", lambda mod, cfg, *a: (_ for _ in ()).throw(OutOfResources("smem")))
+    with pytest.raises(OutOfResources):  # nothing smaller than one stage
+        attention_bwd(dout, None, q, k, v, out, lse, p, 32 ** -0.5, cfg=dict(fcfg, num_warps=2))

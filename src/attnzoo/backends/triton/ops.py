@@ -273,7 +273,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         cfg = tuning.choose("bwd", d, dv, q.dtype, pattern, q.device,
                             run=lambda c: attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, cfg=c,
                                                         split_cap=split_cap))
-    bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     dev = str(q.device)
     if _routed(pattern):
         lay, tlay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=True)
@@ -282,6 +282,9 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
         tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
         mod, aux = _module(pattern, lq, lk, dev)
+    smaller = _SHRUNK.get((mod.__name__, "bwd", repr(cfg))) if _SHRUNK else None
+    if smaller is not None:  # this config did not fit these kernels before (see attention_fwd)
+        return attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, smaller, poison, split_cap)
     bd, bdv, prec = _pow2(d), _pow2(dv), _prec(q.dtype)
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # written by attn_bwd_dq
     has_dlse = dlse is not None
@@ -301,6 +304,21 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         wsv = torch.empty((nslots, b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
     else:  # no split column: the kernel never touches them (two allocations fewer per call)
         wsk = wsv = delta
+    try:
+        _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
+                    common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse)
+    except Exception as e:  # Triton's OutOfResources (see attention_fwd): one pipeline stage fewer, remembered
+        if type(e).__name__ != "OutOfResources" or cfg["num_stages"] <= 1:
+            raise
+        smaller = dict(cfg, num_stages=cfg["num_stages"] - 1)
+        _SHRUNK[(mod.__name__, "bwd", repr(cfg))] = smaller
+        return attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, smaller, poison, split_cap)
+    return dq, dk, dvv
+
+
+def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
+                common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse):
+    bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     # dq first: it also writes delta, which the dk/dv kernel reads
     pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
     mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
@@ -320,7 +338,6 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
         mod.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
             dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn, num_warps=4)
-    return dq, dk, dvv
 
 
 # -- torch.library custom ops ----------------------------------------------------------------------
