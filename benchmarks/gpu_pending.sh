@@ -3,6 +3,7 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
+#   pack4        issue 3: round 4 of the forward variants: K / V through TMA descriptors, warp specialisation
 #   nbhd         issue 3: forward variants on the N-D neighborhoods (smaller blocks vs visited-pair waste)
 #   gla-diag     issue 5: GLA's and KDA's broadcast-diagonal variants (diag="bcast", opt-in) against their
 #                defaults, with accuracy
@@ -29,7 +30,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-nbhd gla-diag grid-full linear-gla niah recall decode-wide}
+SECTIONS=${*:-pack4 nbhd gla-diag grid-full linear-gla niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -59,6 +60,7 @@ for s in $SECTIONS; do
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \
              --quick >> "$OUT/pack3_log.txt" 2>&1 ;;
+    pack4) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 4 --out "$OUT" --quick > "$OUT/pack4_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536
                timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

@@ -46,7 +46,8 @@ FWD = {
     "128x128 w8 s3 fold": _cfg(128, 128, 8, 3),
     "64x128 p2 w8 s3 fold": _cfg(64, 128, 8, 3, 2),
 }
-DENSE_ONLY = {"128x128 w8 s3 (old dense)", "128x128 w8 s3 fold"}
+DENSE_ONLY = {"128x128 w8 s3 (old dense)", "128x128 w8 s3 fold", "128x128 w8 s3 idx2 (dense)",
+              "tma 128x128 w8 s3 (dense)"}
 # round 2 (after round 1 made 64x64 p4 w8 s3 the default): the neighbourhood of the winner, and backward tiles
 FWD2 = {
     "64x64 w4 s3 (old)": _cfg(64, 64, 4, 3, fold=False),
@@ -87,6 +88,21 @@ FWD3_D64 = {
     "64x128 p4 w8 s3": _cfg(64, 128, 8, 3, 4),
     "128x128 p2 w8 s3": _cfg(128, 128, 8, 3, 2),
 }
+# round 4 (prepared 2026-12-04 s4): K / V through tensor descriptors (TMA) and Triton's warp specialisation
+FWD4 = {
+    "64x64 p4 w8 s3 (default)": _cfg(64, 64, 8, 3, 4, IDX=2),
+    "tma": _cfg(64, 64, 8, 3, 4, IDX=2, TMA=True),
+    "tma s2": _cfg(64, 64, 8, 2, 4, IDX=2, TMA=True),
+    "tma s4": _cfg(64, 64, 8, 4, 4, IDX=2, TMA=True),
+    "ws": _cfg(64, 64, 8, 3, 4, IDX=2, WS=True),
+    "tma ws": _cfg(64, 64, 8, 3, 4, IDX=2, TMA=True, WS=True),
+    "tma 128x64 p2 w8 s3": _cfg(128, 64, 8, 3, 2, IDX=2, TMA=True),
+    "tma 64x128 p2 w8 s3": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
+    "128x128 w8 s3 idx2 (dense)": _cfg(128, 128, 8, 3, IDX=2),
+    "tma 128x128 w8 s3 (dense)": _cfg(128, 128, 8, 3, IDX=2, TMA=True),
+}
+BWD4 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma": _cfg(64, 64, 4, 2, TMA=True),
+        "bwd tma w8": _cfg(64, 64, 8, 2, TMA=True), "bwd tma s3": _cfg(64, 64, 4, 3, TMA=True)}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -101,9 +117,9 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
-                         "3: the block-index modes (IDX)")
+                         "3: the block-index modes (IDX); 4: TMA loads and warp specialisation")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
     ap.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim (round 3 only for 64)")
@@ -116,7 +132,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round > 1:
+    if args.round == 4:
+        FWD, BWD = FWD4, BWD4
+    elif args.round > 1:
         FWD, BWD = (FWD2, BWD2) if args.round == 2 else (FWD3_D64 if args.d == 64 else FWD3, BWD3)
     dev = "cpu" if args.smoke else "cuda"
     L, hq, hkv, d = (args.L, 64, 8, args.d) if not args.smoke else (64, 8, 2, 32)
@@ -133,7 +151,7 @@ def main():
     do = torch.randn(1, hq, L, d, device=dev, dtype=dt, generator=gen)
     # the correctness slice: 16 query heads (two groups), 2048 tokens, against float64
     cs = min(L, 2048)
-    qs, ks, vs = q[:, :16, :cs], k[:, :2, :cs], v[:, :2, :cs]
+    qs, ks, vs = (t.contiguous() for t in (q[:, :16, :cs], k[:, :2, :cs], v[:, :2, :cs]))  # (TMA needs contiguous)
     tmax = 0.6 if args.quick else 1.2
     rows = []
     fout = None

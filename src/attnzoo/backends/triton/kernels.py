@@ -39,11 +39,16 @@ FWD = '''
 
 @triton.jit
 def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
-              m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr):
+              m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
+              KD=None, VD=None, krow=0, TMA: tl.constexpr = False):
     # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2).
     # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
     # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
-    if EVEN:
+    # TMA (EVEN only): K and V come through tensor descriptors over their (B * Hkv * Lk, D) views, row krow
+    if TMA:
+        kt = tl.trans(KD.load([krow, 0]))
+        v = VD.load([krow, 0])
+    elif EVEN:
         kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None])
         v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :])
     else:
@@ -99,13 +104,14 @@ def _packed_rows(pid_m, pid_bh, H, G, BLOCK_M: tl.constexpr, PACK: tl.constexpr)
 @triton.jit
 def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV,
                 qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr,
-                PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr):
+                PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr, KD=None, VD=None, kvrow=0,
+                TMA: tl.constexpr = False, WS: tl.constexpr = False):
     # the n kv blocks listed at row. IDX: how the loop finds each block's index -- 0 loads it at its step
     # (the tile's addresses wait on that load), 1 loads the next step's index one step ahead, 2 takes
     # first + j for the full blocks (the launcher checked that every row's full list is contiguous, as for
-    # windows; no loads at all) and 1 for the partial ones
+    # windows; no loads at all) and 1 for the partial ones. WS: the loop asks Triton for warp specialisation
     nxt = tl.load(row, mask=n > 0, other=0)
-    for j in range(0, n):
+    for j in tl.range(0, n, warp_specialize=WS):
         if IDX == 2 and not MASK:
             blk = nxt + j
         elif IDX >= 1:
@@ -114,7 +120,8 @@ def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, st
         else:
             blk = tl.load(row + j)
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                                  qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, MASK, EVEN, PREC, FOLD)
+                                  qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, MASK, EVEN, PREC, FOLD,
+                                  KD, VD, kvrow + blk * BLOCK_N, TMA)
     return m_i, l_i, acc
 
 
@@ -126,7 +133,7 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              H, G, Lq, Lk, OFF, D, DV, qk_scale,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False,
-             IDX: tl.constexpr = 0):
+             IDX: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False, WS: tl.constexpr = False):
     # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
     # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
     # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
@@ -148,14 +155,17 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
+    kvrow = (b * (H // G) + hk) * Lk  # this KV head's first row in the descriptors' 2-D views (TMA)
     # fully visible blocks: no elementwise mask
     m_i, l_i, acc = _fwd_blocks(FKVI + h * idx_h + pid_m * idx_m, tl.load(FKVN + h * lay_h + pid_m * lay_m),
                                 q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, False, EVEN, PREC, FOLD, IDX)
+                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, False, EVEN, PREC, FOLD, IDX,
+                                KD, VD, kvrow, TMA, WS)
     # partial blocks: the pattern's mask, computed in-kernel
     m_i, l_i, acc = _fwd_blocks(KVI + h * idx_h + pid_m * idx_m, tl.load(KVN + h * lay_h + pid_m * lay_m),
                                 q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, True, EVEN, PREC, FOLD, IDX)
+                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, True, EVEN, PREC, FOLD, IDX,
+                                KD, VD, kvrow, TMA, WS)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -202,13 +212,21 @@ def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, d
 
 
 @triton.jit
-def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, DV):
+def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, DV,
+                QD=None, DOD=None, trow=0, TMA: tl.constexpr = False):
     # the rows' q, dO and lse (base 2, and whether the row sees anything); qrow / dorow: element offsets
-    # of each row's start, lrow: each row's index into lse and delta
+    # of each row's start, lrow: each row's index into lse and delta. TMA (EVEN only): q and dO through
+    # descriptors over the (B * H * Lq, D) views, from row trow
     rm = offs_m < Lq
-    q = tl.load(Q + qrow[:, None] + offs_d[None, :], mask=rm[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + dorow[:, None] + offs_dv[None, :], mask=rm[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + lrow, mask=rm, other=float("inf"))
+    if TMA:
+        q = QD.load([trow, 0])
+        do = DOD.load([trow, 0])
+        lse = tl.load(LSE + lrow)
+    else:
+        q = tl.load(Q + qrow[:, None] + offs_d[None, :], mask=rm[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + dorow[:, None] + offs_dv[None, :], mask=rm[:, None] & (offs_dv[None, :] < DV),
+                     other=0.0)
+        lse = tl.load(LSE + lrow, mask=rm, other=float("inf"))
     # rows that see nothing (lse -inf) and padding rows get p = 0
     empty = lse == float("-inf")
     lse2 = tl.where(empty, float("inf"), lse * 1.4426950408889634)
@@ -223,7 +241,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                   lay_h, lay_m, idx_h, idx_m,
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False):
     # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1)
     item = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -253,19 +271,29 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
         n_full = tl.load(FQN + h * lay_h + pid_n * lay_m)
         row = FQI + h * idx_h + pid_n * idx_m
         for j in range(s0, tl.minimum(e0, n_full)):
-            offs_m = tl.load(row + j) * BLOCK_M + offs_m0
+            m0 = tl.load(row + j) * BLOCK_M
+            offs_m = m0 + offs_m0
             q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
-            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV,
+                                         QD, DOD, bh * Lq + m0, TMA)
+            if TMA:
+                delta = tl.load(DELTA + bh * Lq + offs_m)
+            else:
+                delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, False, PREC)
         n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
         row = QI + h * idx_h + pid_n * idx_m
         for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
-            offs_m = tl.load(row + j) * BLOCK_M + offs_m0
+            m0 = tl.load(row + j) * BLOCK_M
+            offs_m = m0 + offs_m0
             q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV)
-            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV,
+                                         QD, DOD, bh * Lq + m0, TMA)
+            if TMA:
+                delta = tl.load(DELTA + bh * Lq + offs_m)
+            else:
+                delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
                                   dk, dv, True, PREC)
     if slot < 0:
@@ -311,11 +339,16 @@ def attn_bwd_reduce(WSK, WSV, RED, DKP, DVP, stride_dkb, stride_dkh, stride_dkn,
 
 @triton.jit
 def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                Lk, D, DV, qk_scale, dq, MASK: tl.constexpr, PREC: tl.constexpr):
-    k = tl.load(kbase + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(vbase + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                 mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
+                Lk, D, DV, qk_scale, dq, MASK: tl.constexpr, PREC: tl.constexpr, KD=None, VD=None, krow=0,
+                TMA: tl.constexpr = False):
+    if TMA:  # EVEN only: descriptors over K's and V's (B * Hkv * Lk, D) views
+        k = KD.load([krow, 0])
+        vt = tl.trans(VD.load([krow, 0]))
+    else:
+        k = tl.load(kbase + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(vbase + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
     p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC)
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -330,7 +363,8 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
                 lay_h, lay_m, idx_h, idx_m,
                 H, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PREC: tl.constexpr, HAS_DLSE: tl.constexpr, PACK: tl.constexpr = 1):
+                PREC: tl.constexpr, HAS_DLSE: tl.constexpr, PACK: tl.constexpr = 1, KD=None, VD=None,
+                TMA: tl.constexpr = False):
     # PACK query heads of a GQA group per program, as in attn_fwd
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
@@ -357,16 +391,17 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n_full = tl.load(FKVN + h * lay_h + pid_m * lay_m)
     row = FKVI + h * idx_h + pid_m * idx_m
+    kvrow = (b * (H // G) + hk) * Lk
     for j in range(0, n_full):
-        offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h,
-                         AUX, Lk, D, DV, qk_scale, dq, False, PREC)
+        n0 = tl.load(row + j) * BLOCK_N
+        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
+                         h, AUX, Lk, D, DV, qk_scale, dq, False, PREC, KD, VD, kvrow + n0, TMA)
     n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
     row = KVI + h * idx_h + pid_m * idx_m
     for j in range(0, n_part):
-        offs_n = tl.load(row + j) * BLOCK_N + offs_n0
-        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h,
-                         AUX, Lk, D, DV, qk_scale, dq, True, PREC)
+        n0 = tl.load(row + j) * BLOCK_N
+        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
+                         h, AUX, Lk, D, DV, qk_scale, dq, True, PREC, KD, VD, kvrow + n0, TMA)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + hr[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))

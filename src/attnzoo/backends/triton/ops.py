@@ -249,17 +249,36 @@ def _shrink(cfg: dict) -> dict | None:
     return cfg.get("UNPACKED")
 
 
+def _kv_descriptors(k, v, bn: int, even: bool):
+    """Tensor descriptors (TMA on Hopper) over K's and V's (B * Hkv * Lk, D) views with (bn, D) blocks, or
+    None where they do not apply: lengths not multiples of the block (a block would run into the next
+    head's rows), non-contiguous K / V, or no descriptor support in this Triton. (The backward also takes
+    q and dO through it.)"""
+    if not (even and k.is_contiguous() and v.is_contiguous()):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton before 3.4
+        return None
+    k2, v2 = k.view(-1, k.shape[-1]), v.view(-1, v.shape[-1])
+    return (TensorDescriptor.from_tensor(k2, [bn, k2.shape[1]]), TensorDescriptor.from_tensor(v2, [bn, v2.shape[1]]))
+
+
 def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg):
     kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
+    even = lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv)
+    desc = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") else None
+    extra = dict(KD=desc[0], VD=desc[1], TMA=True) if desc else {}
+    if cfg.get("WS"):
+        extra["WS"] = True
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                *_lay_strides(lay),
                hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E,
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
-               EVEN=lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv), PREC=_prec(q.dtype),
-               PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0, IDX=idx_mode,
-               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+               EVEN=even, PREC=_prec(q.dtype), PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0,
+               IDX=idx_mode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
 
 
 def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dict | None = None,
@@ -319,6 +338,12 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
 def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
                 common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse):
     bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    # TMA (cfg "TMA"): K / V of the dq kernel and q / dO of the dk/dv kernel through tensor descriptors
+    even = lq % bm == 0 and lk % bn == 0 and d == bd and dv == bdv
+    kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") else None
+    qd = _kv_descriptors(q, dout, bm, even) if kvd else None
+    tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd and qd else {}
+    tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if kvd and qd else {}
     # dq first: it also writes delta, which the dk/dv kernel reads
     pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
     mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
@@ -327,13 +352,13 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         dq.stride(0), dq.stride(1), dq.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
         BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=ns, **tma_dq)
     mod.attn_bwd_dkdv[(items.shape[0], b * hkv)](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
         *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
-        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns)
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns, **tma_dkdv)
     if red.shape[0]:
         mod.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
