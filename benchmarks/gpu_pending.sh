@@ -4,9 +4,7 @@
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
 #   pack4        issue 3: round 4 of the forward variants: K / V through TMA descriptors, warp specialisation
-#   nbhd         issue 3: forward variants on the N-D neighborhoods (smaller blocks vs visited-pair waste)
-#   gla-diag     issue 5: GLA's and KDA's broadcast-diagonal variants (diag="bcast", opt-in) against their
-#                defaults, with accuracy
+#   nbhd-bwd     issue 3: backward tiles on the N-D neighborhoods (after the forward's new 32x32 p4 default)
 #   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
 #                records in benchmarks/results/h200-grid-full/ (copy them back there; a re-run skips recorded
 #                cases). 1K is complete, 2K half; then 4K,8K / 16K / 32K / 64K, one device call or so each.
@@ -17,7 +15,8 @@
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
 # On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
 #   routed fwd+bwd against float64 on the GPU, < 1 min: the check after any change to the layout kernels).
-# Measured already, kept to reproduce: host (issue 3: host time of a small call, layer by layer, cProfile),
+# Measured already, kept to reproduce: nbhd (issue 3: forward tiles on the N-D neighborhoods), gla-diag
+#   (issue 5: GLA's / KDA's broadcast diagonal: slower everywhere, stays opt-in), host (issue 3: host time of a small call, layer by layer, cProfile),
 #   small (issue 3: the small-batch Triton path), pack / pack2 / pack3 (issue 3: rounds 1-3 of the forward
 #   variants: GQA head packing, folded scale, backward tiles, block-index modes, D=64), check (issue 3:
 #   correctness at real sizes with the current defaults), layout (issue 3: the fused layout kernel vs the
@@ -30,7 +29,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-pack4 nbhd gla-diag grid-full linear-gla niah recall decode-wide}
+SECTIONS=${*:-pack4 nbhd-bwd grid-full linear-gla niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -56,6 +55,7 @@ for s in $SECTIONS; do
     layout) timeout ${LAYOUT_S:-240} python3 benchmarks/layout_share.py --out "$OUT/layout_share.jsonl" \
               > "$OUT/layout_share.txt" 2>&1 ;;
     smoke) timeout 120 python3 benchmarks/layout_gpu_smoke.py > "$OUT/smoke_log.txt" 2>&1 ;;
+    nbhd-bwd) timeout ${NBHD_S:-200} python3 benchmarks/triton_nbhd_variants.py --bwd --out "$OUT" --quick > "$OUT/nbhd_bwd_log.txt" 2>&1 ;;
     nbhd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --out "$OUT" --quick > "$OUT/nbhd_log.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \

@@ -53,6 +53,17 @@ VARIANTS = {
     "64x16 p4 w8 s3": _cfg(64, 16, 8, 3, 4),
     "128x64 p2 w8 s3": _cfg(128, 64, 8, 3, 2),
 }
+# --bwd (after the forward round made 32x32 p4 w4 s3 the neighborhoods' default): backward tiles, each run
+# after that forward on its tiling, gradients checked against float64 on two query heads of one group
+BWD_FWD = _cfg(32, 32, 4, 3, 4)
+BWD_VARIANTS = {
+    "bwd 64x64 w4 s2 (default)": _cfg(64, 64, 4, 2),
+    "bwd 32x32 w4 s2": _cfg(32, 32, 4, 2),
+    "bwd 32x32 w4 s3": _cfg(32, 32, 4, 3),
+    "bwd 32x64 w4 s2": _cfg(32, 64, 4, 2),
+    "bwd 64x32 w4 s2": _cfg(64, 32, 4, 2),
+    "bwd 32x32 w2 s2": _cfg(32, 32, 2, 2),
+}
 
 
 def main():
@@ -61,22 +72,25 @@ def main():
     ap.add_argument("--patterns", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1, float32, tiny grids)")
+    ap.add_argument("--bwd", action="store_true", help="the backward tiles (BWD_VARIANTS) instead of the forward ones")
     args = ap.parse_args()
     table = SMOKE if args.smoke else PATTERNS
     names = args.patterns.split(",") if args.patterns else list(table)
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d = (8, 2, 32) if args.smoke else (64, 8, 128)
     dt = torch.float32 if args.smoke else torch.bfloat16
-    variants = {k: dict(v) for k, v in VARIANTS.items()}
+    variants = {k: dict(v) for k, v in (BWD_VARIANTS if args.bwd else VARIANTS).items()}
+    fwd_cfg = BWD_FWD
     if args.smoke:  # tiny tiles for the interpreter; keep the packing
         variants = {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)}
+        fwd_cfg = _cfg(16, 16, 1, 1, 4)
     scale = d ** -0.5
     tmax = 0.6 if args.quick else 1.2
     rows = []
     fout = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        fout = open(os.path.join(args.out, "nbhd_variants.jsonl"), "w")
+        fout = open(os.path.join(args.out, "nbhd_bwd_variants.jsonl" if args.bwd else "nbhd_variants.jsonl"), "w")
 
     def emit(row):
         rows.append(row)
@@ -108,6 +122,9 @@ def main():
         fwd_ms, r = timed(lambda: az.attention(q, k, v, p, backend="flex"))
         emit(dict(pattern=pname, L=L, variant="flex", fwd_ms=fwd_ms, fwd_tflops=fl / fwd_ms / 1e9 if fwd_ms else None,
                   message=r.get("message")))
+        if args.bwd:
+            bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt)
+            continue
         for name, cfg in variants.items():
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg)
             try:
@@ -137,8 +154,50 @@ def main():
     print_table(rows)
 
 
+def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt):
+    """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``."""
+    L = q.shape[2]
+    gen = torch.Generator(device=dev).manual_seed(1)
+    do = torch.randn(q.shape, device=dev, dtype=dt, generator=gen)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    fb_ms, r = timed(lambda: torch.autograd.backward(az.attention(qg, kg, vg, p, backend="flex"), do))
+    emit(dict(pattern=pname, L=L, variant="flex fwd+bwd", fwdbwd_ms=fb_ms, message=r.get("message")))
+
+    def grads(fn, *x):
+        x = [t.detach().requires_grad_() for t in x]
+        return torch.autograd.grad(fn(*x), x, do[:, :2].to(x[0].dtype))
+
+    qs, ks, vs = q[:, :2], k[:, :1], v[:, :1]
+    ref = grads(lambda a, b, c: reference_attention(a, b, c, p, scale)[0], qs.double(), ks.double(), vs.double())
+    base = grads(lambda a, b, c: dense_math(a, b, c, p, scale)[0], qs, ks, vs) if dt != torch.float32 else None
+    tiling = neighborhood_tiling(p, fwd_cfg["BLOCK_M"], device=dev)
+    perm, inv, tiled = tiling if tiling is not None else (torch.arange(L, device=dev),) * 2 + (p,)
+    qp, kp, vp, dop = (t.index_select(2, perm).contiguous() for t in (q, k, v, do))
+    fwd_ms, _ = timed(lambda: ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=fwd_cfg))
+    out, lse = ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=fwd_cfg)
+    outs, lses = ops.attention_fwd(qp[:, :2], kp[:, :1], vp[:, :1], tiled, scale, cfg=fwd_cfg)
+    for name, cfg in variants.items():
+        row = dict(pattern=pname, L=L, variant=name, cfg=cfg, fwd_cfg=fwd_cfg, fwd_ms=fwd_ms)
+        try:
+            got = ops.attention_bwd(dop[:, :2], None, qp[:, :2], kp[:, :1], vp[:, :1], outs, lses, tiled, scale,
+                                    cfg=cfg, poison=True)
+            got = [g.index_select(2, inv) for g in got]
+            row["rel_rmse_vs_fp64"] = max(rel_rmse(a, r_) for a, r_ in zip(got, ref))
+            for gname, a, r_, bl in zip(("dq", "dk", "dv"), got, ref, base or (None,) * 3):
+                check_close(gname, a, r_, baseline=bl)
+            ms, r = timed(lambda: ops.attention_bwd(dop, None, qp, kp, vp, out, lse, tiled, scale, cfg=cfg))
+            fb = fwd_ms + ms if ms and fwd_ms else None
+            row.update(bwd_ms=ms, fwdbwd_ms=fb, fwd_tflops=3.5 * fl / fb / 1e9 if fb else None,
+                       flex_over_triton=fb_ms / fb if fb and fb_ms else None, message=r.get("message"))
+        except Exception as e:  # noqa: BLE001
+            row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
+        emit(row)
+
+
 def print_table(rows):
-    print(f"\n{'pattern':<14} {'variant':<26} {'fwd ms':>8} {'TF/s':>6} {'flex/tri':>8} {'visit':>6} {'part':>5}  note")
+    print("(backward rows: TF/s and flex/tri are of the forward+backward, bwd counted as 2.5x the forward's flops)")
+    print(f"\n{'pattern':<14} {'variant':<26} {'fwd ms':>8} {'bwd ms':>8} {'TF/s':>6} {'flex/tri':>8} {'visit':>6} "
+          f"{'part':>5}  note")
     for r in rows:
         ms = r.get("fwd_ms")
         ratio = r.get("flex_over_triton")
@@ -147,7 +206,9 @@ def print_table(rows):
             note = f"err {r['rel_rmse_vs_fp64']:.1e} {note}".strip()
         visit = f"{r['visit']:.2f}" if "visit" in r else "-"
         part = f"{r['partial_share']:.2f}" if "partial_share" in r else "-"
+        bms = r.get("bwd_ms") or r.get("fwdbwd_ms")
         print(f"{r['pattern']:<14} {r['variant']:<26} {ms if ms is None else round(ms, 3)!s:>8} "
+              f"{'-' if bms is None else round(bms, 3)!s:>8} "
               f"{'-' if r.get('fwd_tflops') is None else round(r['fwd_tflops'])!s:>6} "
               f"{'-' if ratio is None else f'{ratio:.2f}':>8} {visit:>6} {part:>5}  {note[:60]}")
 

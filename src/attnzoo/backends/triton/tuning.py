@@ -65,6 +65,12 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         # the next index loaded a step ahead), round 3 at 16K: causal 501 -> 527 TF/s, window 1024 401 ->
         # 425, window 4096 482 -> 525, sinks + window 377 -> 403.
         unpacked = _cfg(128, 128, 8, 3) if pclass == "dense" else _cfg(64, 64, 4, 3)
+        if pclass == "nbhd":
+            # N-D neighborhoods (tiled token order, every block partial for small kernels): smaller tiles waste
+            # fewer pairs. H200, 16K, 64/8 heads (benchmarks/triton_nbhd_variants.py): 32x32 with four heads
+            # per program 0.834 ms vs 1.072 at 64x64 p4 (13x13), 2.002 vs 2.222 (31x31), 1.310 vs 2.064
+            # (5x7x7); unpacked 32x32 loses (1.843 / 5.090 / 2.940), so the unpacked alternative stays 64x64.
+            return dict(_cfg(32, 32, 4, 3), PACK=4, UNPACKED=unpacked)
         return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, UNPACKED=dict(unpacked, IDX=2))
     return _cfg(64, 32, 4, 2)
 
