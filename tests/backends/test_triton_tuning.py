@@ -34,8 +34,14 @@ def test_pattern_classes():
 
 def test_defaults_without_search(fresh_cache):
     dense = tuning.default("fwd", 128, 128, "dense")
-    assert dense["PACK"] == 4 and dense["BLOCK_M"] * dense["PACK"] == 256
-    assert dense["UNPACKED"] == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, IDX=2) and dense["IDX"] == 2
+    assert dense["PACK"] == 2 and dense["BLOCK_M"] * dense["PACK"] == 128 and dense["BLOCK_N"] == 128
+    assert dense["UNPACKED"] == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, IDX=2, TMA=True)
+    assert dense["IDX"] == 2 and dense["TMA"]
+    local = tuning.default("fwd", 128, 128, "local")
+    assert local["PACK"] == 4 and local["BLOCK_M"] * local["PACK"] == 256 and not local.get("TMA")
+    nbhd = tuning.default("fwd", 128, 128, "nbhd")
+    assert (nbhd["BLOCK_M"], nbhd["BLOCK_N"], nbhd["PACK"]) == (32, 32, 4) and nbhd["UNPACKED"]["BLOCK_M"] == 64
+    assert tuning.default("bwd", 128, 128, "local")["TMA"] and "TMA" not in tuning.default("bwd", 256, 256, "local")
     assert tuning.default("fwd", 64, 64, "local")["PACK"] == 2
     assert tuning.default("fwd", 128, 128, "local")["UNPACKED"]["BLOCK_M"] == 64
     assert tuning.default("bwd", 256, 256, "local")["BLOCK_N"] == 32

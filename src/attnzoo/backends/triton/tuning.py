@@ -49,8 +49,11 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
     dmax = max(d, dv)
     if kind == "bwd":
         # 16K tokens, 64/8 heads, D=128: 64x64/4 warps/2 stages 358 TF/s causal, 311 window 1024; the
-        # next best 128x64/8 warps 331 and 254; three stages lose a quarter.
-        return _cfg(64, 64, 4, 2) if dmax <= 128 else _cfg(32, 32, 4, 1)
+        # next best 128x64/8 warps 331 and 254; three stages lose a quarter. TMA (K / V of the dq kernel,
+        # q / dO of the dk/dv kernel through tensor descriptors; lengths that are block multiples only),
+        # H200 16K (benchmarks/triton_pack_variants.py --round 4): backward 30.66 -> 28.26 ms causal,
+        # 4.02 -> 3.74 window 1024, 13.63 -> 12.61 window 4096, 4.71 -> 4.35 sinks + window.
+        return dict(_cfg(64, 64, 4, 2), TMA=True) if dmax <= 128 else _cfg(32, 32, 4, 1)
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
         # program at 64x64/4 warps 328 TF/s on a 1024 window vs 308 for 128x64 unpacked; causal 394 both.
@@ -71,6 +74,12 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # per program 0.834 ms vs 1.072 at 64x64 p4 (13x13), 2.002 vs 2.222 (31x31), 1.310 vs 2.064
             # (5x7x7); unpacked 32x32 loses (1.843 / 5.090 / 2.940), so the unpacked alternative stays 64x64.
             return dict(_cfg(32, 32, 4, 3), PACK=4, UNPACKED=unpacked)
+        if pclass == "dense":
+            # round 4 (H200, 16K, causal): 64x128 tiles with two heads per program and K / V through TMA
+            # 8.41 -> 7.66 ms (523 -> 575 TF/s); unpacked, 128x128 with TMA 8.79 -> 7.82 ms. On windows the
+            # same tiles win only at 4096 (3.74 -> 3.43 ms) and lose at 1024 (1.26 -> 1.31) and on sinks +
+            # window (1.32 -> 1.56); TMA alone is +1% / +4% / -4% there, so the local default stays.
+            return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=dict(unpacked, IDX=2, TMA=True))
         return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, UNPACKED=dict(unpacked, IDX=2))
     return _cfg(64, 32, 4, 2)
 
