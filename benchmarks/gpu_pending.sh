@@ -3,11 +3,12 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
-#   pack4        issue 3: round 4 of the forward variants: K / V through TMA descriptors, warp specialisation
-#   nbhd-bwd     issue 3: backward tiles on the N-D neighborhoods (after the forward's new 32x32 p4 default)
+#   verify       issue 3: the changes of the fourth 2026-12-04 session not yet timed on a GPU: windows of >= 4096
+#                keys on the dense class's tiles (64x128, PACK 2, TMA; +9% in round 4 at 16K) and block-sparse
+#                masks reading one bit per tile (no per-element gather), against flex, 4K / 16K / 64K
 #   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
 #                records in benchmarks/results/h200-grid-full/ (copy them back there; a re-run skips recorded
-#                cases). 1K is complete, 2K half; then 4K,8K / 16K / 32K / 64K, one device call or so each.
+#                cases). Complete since the fourth 2026-12-04 session: re-measures only what is deleted there.
 #   linear-gla   issue 5: GLA vs flash-linear-attention only (B=8, T=2048), with its kernel profile and a check
 #                (fla's first GLA call spends ~90 s in its autotuner; LINEAR_S >= 300 to reach its fwd+bwd)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -15,8 +16,9 @@
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
 # On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
 #   routed fwd+bwd against float64 on the GPU, < 1 min: the check after any change to the layout kernels).
-# Measured already, kept to reproduce: nbhd (issue 3: forward tiles on the N-D neighborhoods), gla-diag
-#   (issue 5: GLA's / KDA's broadcast diagonal: slower everywhere, stays opt-in), host (issue 3: host time of a small call, layer by layer, cProfile),
+# Measured already, kept to reproduce: pack4 (issue 3: round 4, TMA and warp specialisation), nbhd / nbhd-bwd
+#   (issue 3: forward / backward tiles on the N-D neighborhoods), gla-diag (issue 5: GLA's / KDA's broadcast
+#   diagonal: slower everywhere, stays opt-in), host (issue 3: host time of a small call, layer by layer, cProfile),
 #   small (issue 3: the small-batch Triton path), pack / pack2 / pack3 (issue 3: rounds 1-3 of the forward
 #   variants: GQA head packing, folded scale, backward tiles, block-index modes, D=64), check (issue 3:
 #   correctness at real sizes with the current defaults), layout (issue 3: the fused layout kernel vs the
@@ -29,7 +31,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-pack4 nbhd-bwd grid-full linear-gla niah recall decode-wide}
+SECTIONS=${*:-verify linear-gla niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -60,6 +62,9 @@ for s in $SECTIONS; do
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \
              --quick >> "$OUT/pack3_log.txt" 2>&1 ;;
+    verify) timeout ${VERIFY_S:-300} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/verify" --no-report \
+              --lengths 4096,16384,65536 --direction both --backend triton --backend flex --pattern sw4096 \
+              --pattern 'blocksparse-*' --max-time-s 0.5 > "$OUT/verify_log.txt" 2>&1 ;;
     pack4) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 4 --out "$OUT" --quick > "$OUT/pack4_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536

@@ -178,6 +178,28 @@ def test_tma_and_warp_specialised_forward(pname, extra, monkeypatch):
         assert ops._kv_descriptors(kt, v, 16, True) is None
 
 
+@pytest.mark.parametrize("lq, lk", [(64, 64), (48, 80), (80, 48), (40, 56)])
+@pytest.mark.parametrize("combine", ["alone", "&causal", "|window", "perhead"])
+def test_block_sparse_reads_one_bit_per_nested_tile(combine, lq, lk):
+    """Block masks whose blocks hold whole tiles read one bit per tile (the tile's first query and key);
+    where tiles straddle blocks (offset Lk - Lq not a multiple of the tile, blocks smaller than tiles)
+    the per-element lookup stays. Forward, lse and gradients against float64 either way."""
+    from attnzoo.backends.triton.codegen import generate
+    bs = az.BlockSparse.random(lq, lk, 0.5, block_size=16, seed=lq + lk)
+    pat = {"alone": bs, "&causal": bs & az.Causal(), "|window": bs | az.SlidingWindow(5),
+           "perhead": az.PerHead([bs, az.Causal()])}[combine]
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    nested = (lk - lq) % 16 == 0
+    assert ("tl.min(qp)" in "\n".join(generate(pat, lq, lk, (16, 16))[0])) == nested
+    assert "tl.min(qp)" not in "\n".join(generate(pat, lq, lk, (32, 16))[0])  # tiles larger than the blocks
+    assert "tl.min(qp)" not in "\n".join(generate(pat, lq, lk)[0])
+    shape = (1, 2, 1, lq, lk, 32, 32)
+    _check(pat, shape, torch.float32, seed=3, cfg=cfg)
+    _check_bwd(pat, shape, torch.float32, seed=3, cfg=cfg, fcfg=cfg)
+    if combine == "&causal" and lq == lk:  # and the packed GQA config, as on the GPU
+        _check(pat, (1, 4, 1, lq, lk, 32, 32), torch.float32, seed=4, cfg=dict(cfg, PACK=4, IDX=2))
+
+
 def test_packed_config_falls_back_to_its_unpacked_alternative(monkeypatch):
     """A packed default on a group that the packing does not divide (here MHA) runs its UNPACKED config."""
     from attnzoo.backends.triton import ops

@@ -30,6 +30,10 @@ def test_pattern_classes():
     assert tuning.pattern_class(az.Document([3, 4]) & az.Causal()) == "dense"
     assert tuning.pattern_class(az.SlidingWindow(8) | az.Sinks(2)) == "local"
     assert tuning.pattern_class(az.Neighborhood((3, 3), grid=(4, 4))) == "nbhd"
+    assert tuning.pattern_class(az.SlidingWindow(4095)) == "wide"
+    assert tuning.pattern_class(az.SlidingWindow(2047, 2048)) == "wide"
+    assert tuning.pattern_class(az.SlidingWindow(4094)) == "local"
+    assert tuning.pattern_class(az.Sinks(4) | az.SlidingWindow(4095)) == "local"
 
 
 def test_defaults_without_search(fresh_cache):
@@ -39,6 +43,9 @@ def test_defaults_without_search(fresh_cache):
     assert dense["IDX"] == 2 and dense["TMA"]
     local = tuning.default("fwd", 128, 128, "local")
     assert local["PACK"] == 4 and local["BLOCK_M"] * local["PACK"] == 256 and not local.get("TMA")
+    wide = tuning.default("fwd", 128, 128, "wide")
+    assert (wide["BLOCK_N"], wide["PACK"], wide["TMA"]) == (128, 2, True)
+    assert wide["UNPACKED"]["BLOCK_M"] == 64 and not wide["UNPACKED"].get("TMA")
     nbhd = tuning.default("fwd", 128, 128, "nbhd")
     assert (nbhd["BLOCK_M"], nbhd["BLOCK_N"], nbhd["PACK"]) == (32, 32, 4) and nbhd["UNPACKED"]["BLOCK_M"] == 64
     assert tuning.default("bwd", 128, 128, "local")["TMA"] and "TMA" not in tuning.default("bwd", 256, 256, "local")

@@ -23,8 +23,9 @@ class Unsupported(Exception):
 
 
 class _Gen:
-    def __init__(self, lq: int, lk: int):
+    def __init__(self, lq: int, lk: int, tile: tuple | None = None):
         self.lq, self.lk = lq, lk
+        self.tile = tile  # (BLOCK_M, BLOCK_N) of the kernel that runs this mask, or None (any tile)
         self.lines: list[str] = []
         self.aux: list[torch.Tensor] = []
         self.aux_len = 0
@@ -110,17 +111,37 @@ def _document(g, p):
 def _blocksparse(g, p):
     """The block bits in AUX (one int32 per block, heads then rows then columns), looked up at
     ``(qp // bq) * nk + kk // bk``; indices are clamped into the table (padding rows and columns of a
-    last block, negative positions when Lq > Lk), and negative positions are masked."""
+    last block, negative positions when Lq > Lk), and negative positions are masked.
+
+    When every kernel tile lies inside one block (`_nested`), the tile reads one bit, at its first query
+    and key, instead of one per element: no per-element gather, which Triton's pipeliner would also
+    multi-buffer in shared memory."""
     table = p.blocks
     h, nq, nk = (1,) + tuple(table.shape) if table.dim() == 2 else tuple(table.shape)
     off = g.add_aux(table.reshape(-1))
     bq, bk = p.block_size
     qp, kk = g.qp, g.kk
-    qb = g.var(f"tl.minimum(tl.maximum({qp}, 0) // {bq}, {nq - 1})")
-    kb = g.var(f"tl.minimum(tl.maximum({kk}, 0) // {bk}, {nk - 1})")
+    if _nested(g, bq, bk):
+        qp0, kk0 = g.var(f"tl.min({qp})"), g.var(f"tl.min({kk})")
+        qb = g.var(f"tl.minimum(tl.maximum({qp0}, 0) // {bq}, {nq - 1})")
+        kb = g.var(f"tl.minimum(tl.maximum({kk0}, 0) // {bk}, {nk - 1})")
+    else:
+        qb = g.var(f"tl.minimum(tl.maximum({qp}, 0) // {bq}, {nq - 1})")
+        kb = g.var(f"tl.minimum(tl.maximum({kk}, 0) // {bk}, {nk - 1})")
     base = str(off) if h == 1 else f"{off} + tl.minimum(tl.maximum(hq, 0), {h - 1}) * {nq * nk}"
     bit = g.var(f"tl.load(AUX + {base} + {qb} * {nk} + {kb})")
     return g.var(f"({bit} != 0) & ({qp} >= 0)")
+
+
+def _nested(g, bq: int, bk: int) -> bool:
+    """Whether every tile of the kernel (``g.tile``) lies inside one (bq, bk) block of positions: the tile
+    sizes divide the block sizes and the query offset Lk - Lq is a multiple of the query tile (the
+    positions ``qp`` are offset by it; tiles then never straddle a block edge, nor position 0). Only in
+    the kernels' own variables (a mapped order, e.g. a tiled neighborhood's, breaks the tiles)."""
+    if g.tile is None or (g.qp, g.kk) != ("qp", "kk"):
+        return False
+    bm, bn = g.tile
+    return bq % bm == 0 and bk % bn == 0 and (g.lk - g.lq) % bm == 0
 
 
 def _block_lookup(g, off: int, grid: tuple, block_size: tuple, causal: bool) -> str:
@@ -238,9 +259,11 @@ _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Ch
          Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse, RoutedBlocks: _routed}
 
 
-def generate(pattern: Pattern, lq: int, lk: int):
-    """-> (list of source lines of the mask body ending in ``return``, aux int32 tensor or None)."""
-    g = _Gen(lq, lk)
+def generate(pattern: Pattern, lq: int, lk: int, tile: tuple | None = None):
+    """-> (list of source lines of the mask body ending in ``return``, aux int32 tensor or None).
+    ``tile``: (BLOCK_M, BLOCK_N) of the kernel that will run the mask, when it runs only that tile size
+    (lets block masks whose blocks hold whole tiles read one bit per tile); None for any tile."""
+    g = _Gen(lq, lk, tile)
     m = g.emit(pattern if pattern is not None else Full())
     lines = g.lines + [f"return {m}"]
     aux = torch.cat(g.aux) if g.aux else None

@@ -114,8 +114,10 @@ def _bwd_plan(pattern, lq, lk, bm, bn, hq, device: str, cap: int | None = None):
 
 
 @functools.lru_cache(maxsize=128)
-def _module(pattern, lq, lk, device: str):
-    lines, aux = generate(pattern, lq, lk)
+def _module(pattern, lq, lk, device: str, tile: tuple | None = None):
+    """The pattern's kernel module and its AUX buffer; ``tile`` (BLOCK_M, BLOCK_N): the mask may assume
+    those tiles (see `codegen.generate`). Patterns without block masks give the same source either way."""
+    lines, aux = generate(pattern, lq, lk, tile)
     mod = kernel_module(lines, FWD, BWD)
     aux = aux.to(device) if aux is not None else torch.zeros(1, dtype=torch.int32, device=device)
     return mod, aux
@@ -209,7 +211,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
             mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
         else:
             lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
-            mod, aux = _module(pattern, lq, lk, dev)
+            mod, aux = _module(pattern, lq, lk, dev, (bm, bn))
         pack = _pack(cfg.get("PACK", 1), hq // hkv, lay, mod)
         if pack == cfg.get("PACK", 1) or "UNPACKED" not in cfg:
             break
@@ -300,7 +302,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     else:
         lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
         tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
-        mod, aux = _module(pattern, lq, lk, dev)
+        mod, aux = _module(pattern, lq, lk, dev, (bm, bn))
     smaller = _SHRUNK.get((mod.__name__, "bwd", repr(cfg))) if _SHRUNK else None
     if smaller is not None:  # this config did not fit these kernels before (see attention_fwd)
         return attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, smaller, poison, split_cap)

@@ -22,16 +22,23 @@ import time
 
 import torch
 
-from ...patterns import Causal, Chunked, Document, Full, Intersection, Neighborhood, PrefixLM, Union
+from ...patterns import Causal, Chunked, Document, Full, Intersection, Neighborhood, PrefixLM, SlidingWindow, Union
 
 _DENSE_LIKE = (Full, Causal, PrefixLM, Document, Chunked)
 _INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
 
 
+# sliding windows at least this wide (keys per query) run the dense class's forward tiles (class 'wide')
+WIDE_WINDOW = 4096
+
+
 def pattern_class(pattern) -> str:
-    """'dense' (mostly full blocks), 'nbhd' (N-D neighborhoods) or 'local' (windows and the rest)."""
+    """'dense' (mostly full blocks), 'nbhd' (N-D neighborhoods), 'wide' (a sliding window of at least
+    `WIDE_WINDOW` keys: long rows of full blocks, like dense work) or 'local' (shorter windows and the rest)."""
     if pattern is None or isinstance(pattern, _DENSE_LIKE):
         return "dense"
+    if isinstance(pattern, SlidingWindow) and pattern.left + pattern.right + 1 >= WIDE_WINDOW:
+        return "wide"
     if isinstance(pattern, (Union, Intersection)):
         a, b = pattern_class(pattern.a), pattern_class(pattern.b)
         return a if a == b else "local"
@@ -74,12 +81,14 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # per program 0.834 ms vs 1.072 at 64x64 p4 (13x13), 2.002 vs 2.222 (31x31), 1.310 vs 2.064
             # (5x7x7); unpacked 32x32 loses (1.843 / 5.090 / 2.940), so the unpacked alternative stays 64x64.
             return dict(_cfg(32, 32, 4, 3), PACK=4, UNPACKED=unpacked)
-        if pclass == "dense":
+        if pclass in ("dense", "wide"):
             # round 4 (H200, 16K, causal): 64x128 tiles with two heads per program and K / V through TMA
             # 8.41 -> 7.66 ms (523 -> 575 TF/s); unpacked, 128x128 with TMA 8.79 -> 7.82 ms. On windows the
-            # same tiles win only at 4096 (3.74 -> 3.43 ms) and lose at 1024 (1.26 -> 1.31) and on sinks +
-            # window (1.32 -> 1.56); TMA alone is +1% / +4% / -4% there, so the local default stays.
-            return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=dict(unpacked, IDX=2, TMA=True))
+            # same tiles win at 4096 (3.74 -> 3.43 ms: class 'wide', whose unpacked alternative stays the
+            # local 64x64) and lose at 1024 (1.26 -> 1.31) and on sinks + window (1.32 -> 1.56); TMA alone
+            # is +1% / +4% / -4% there, so the local default stays.
+            alt = dict(unpacked, IDX=2, TMA=True) if pclass == "dense" else dict(unpacked, IDX=2)
+            return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=alt)
         return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, UNPACKED=dict(unpacked, IDX=2))
     return _cfg(64, 32, 4, 2)
 
