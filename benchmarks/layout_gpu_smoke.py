@@ -40,18 +40,24 @@ def main() -> int:
     r = same_lists(got, ref, False) and same_lists(tgot, tref, False)
     print(f"routed layout: {'ok' if r else 'DIFFERS'}")
     ok &= r
-    for p in (az.SlidingWindow(255) | az.Sinks(4), rp):
-        q = torch.randn(1, 4, 2048, 64, device=dev, dtype=torch.bfloat16, generator=gen, requires_grad=True)
-        k, v = (torch.randn(1, 2, 2048, 64, device=dev, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    # (pattern, length, query heads, kv heads, head dim): at D 128 the block-sparse mask with one bit per
+    # tile (128-token blocks hold the 64-token tiles) and a 4096-key window on the dense class's tiles
+    bs = az.BlockSparse.random(4096, 4096, 0.3, block_size=128, causal=True, seed=0) & az.Causal()
+    cases = ((az.SlidingWindow(255) | az.Sinks(4), 2048, 4, 2, 64), (rp, 2048, 4, 2, 64),
+             (bs, 4096, 8, 2, 128), (az.SlidingWindow(4095), 8192, 8, 2, 128))
+    for p, L, hq, hkv, d in cases:
+        q = torch.randn(1, hq, L, d, device=dev, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+        k, v = (torch.randn(1, hkv, L, d, device=dev, dtype=torch.bfloat16, generator=gen, requires_grad=True)
                 for _ in range(2))
         out = az.attention(q, k, v, p, backend="triton")
         out.float().square().sum().backward()
         qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-        ro = reference_attention(qd, kd, vd, p, 64 ** -0.5)[0]
+        ro = reference_attention(qd, kd, vd, p, d ** -0.5)[0]
         ro.square().sum().backward()
         errs = [rel_rmse(out, ro)] + [rel_rmse(a.grad, b.grad) for a, b in ((q, qd), (k, kd), (v, vd))]
         r = max(errs) < 2e-2
-        print(f"triton fwd+bwd {type(p).__name__}: max rel RMSE {max(errs):.2e} {'ok' if r else 'TOO LARGE'}")
+        print(f"triton fwd+bwd {type(p).__name__} L={L} D={d}: max rel RMSE {max(errs):.2e} "
+              f"{'ok' if r else 'TOO LARGE'}")
         ok &= r
     print(f"{'all ok' if ok else 'FAILED'} ({time.time() - t0:.1f} s)")
     return 0 if ok else 1
