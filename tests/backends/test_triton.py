@@ -178,6 +178,18 @@ def test_tma_and_warp_specialised_forward(pname, extra, monkeypatch):
         assert ops._kv_descriptors(kt, v, 16, True) is None
 
 
+def test_tma_only_from_hopper_on(monkeypatch):
+    """Descriptors are used on sm_90 and later (and in the interpreter), never on older GPUs."""
+    from attnzoo.backends.triton import ops
+    ops._has_tma.cache_clear()
+    for major, want in ((8, False), (9, True), (10, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, m=major: (m, 0))
+        ops._has_tma.cache_clear()
+        assert ops._has_tma(torch.device("cuda", 0)) is want
+    ops._has_tma.cache_clear()
+    assert ops._has_tma(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("lq, lk", [(64, 64), (48, 80), (80, 48), (40, 56)])
 @pytest.mark.parametrize("combine", ["alone", "&causal", "|window", "perhead"])
 def test_block_sparse_reads_one_bit_per_nested_tile(combine, lq, lk):

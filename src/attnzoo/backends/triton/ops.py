@@ -251,12 +251,18 @@ def _shrink(cfg: dict) -> dict | None:
     return cfg.get("UNPACKED")
 
 
+@functools.lru_cache(maxsize=16)
+def _has_tma(device: torch.device) -> bool:
+    """Tensor-memory accelerator: Hopper (sm_90) and later; the interpreter (CPU tensors) runs descriptors too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _kv_descriptors(k, v, bn: int, even: bool):
     """Tensor descriptors (TMA on Hopper) over K's and V's (B * Hkv * Lk, D) views with (bn, D) blocks, or
     None where they do not apply: lengths not multiples of the block (a block would run into the next
     head's rows), non-contiguous K / V, or no descriptor support in this Triton. (The backward also takes
     q and dO through it.)"""
-    if not (even and k.is_contiguous() and v.is_contiguous()):
+    if not (even and k.is_contiguous() and v.is_contiguous()) or not _has_tma(k.device):
         return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
