@@ -234,6 +234,24 @@ def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, D
 
 
 @triton.jit
+def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV,
+                  kt, vt, OFF, kk, h, AUX, Lk, qk_scale, dk, dv, MASK: tl.constexpr, PREC: tl.constexpr,
+                  QD, DOD, TMA: tl.constexpr):
+    # one query block (rows m0 + offs_m0 of head h, bh = batch * H + h) of the dk/dv kernel: its q, dO, lse
+    # and delta, then the tile's contribution to dk and dv
+    offs_m = m0 + offs_m0
+    q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
+                                 bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV,
+                                 QD, DOD, bh * Lq + m0, TMA)
+    if TMA:
+        delta = tl.load(DELTA + bh * Lq + offs_m)
+    else:
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    return _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk, dv,
+                        MASK, PREC)
+
+
+@triton.jit
 def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, QI, FQN, FQI,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dm,
@@ -271,31 +289,15 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
         n_full = tl.load(FQN + h * lay_h + pid_n * lay_m)
         row = FQI + h * idx_h + pid_n * idx_m
         for j in range(s0, tl.minimum(e0, n_full)):
-            m0 = tl.load(row + j) * BLOCK_M
-            offs_m = m0 + offs_m0
-            q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV,
-                                         QD, DOD, bh * Lq + m0, TMA)
-            if TMA:
-                delta = tl.load(DELTA + bh * Lq + offs_m)
-            else:
-                delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
-                                  dk, dv, False, PREC)
+            dk, dv = _bwd_kv_block(tl.load(row + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
+                                   stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX, Lk,
+                                   qk_scale, dk, dv, False, PREC, QD, DOD, TMA)
         n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
         row = QI + h * idx_h + pid_n * idx_m
         for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
-            m0 = tl.load(row + j) * BLOCK_M
-            offs_m = m0 + offs_m0
-            q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                         bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV,
-                                         QD, DOD, bh * Lq + m0, TMA)
-            if TMA:
-                delta = tl.load(DELTA + bh * Lq + offs_m)
-            else:
-                delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale,
-                                  dk, dv, True, PREC)
+            dk, dv = _bwd_kv_block(tl.load(row + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
+                                   stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX, Lk,
+                                   qk_scale, dk, dv, True, PREC, QD, DOD, TMA)
     if slot < 0:
         tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
