@@ -325,7 +325,9 @@ def _bwd_intra(Q, K, V, G, DO, DQI, DKI,
     qe = qc.to(tl.float32) * tl.exp(tl.where(after[:, None], gc - ge[None, :], float("-inf")))
     dk = tl.dot(tl.trans(tl.where(after[:, None], dac, 0.0)).to(qc.dtype), qe.to(qc.dtype), input_precision=PREC)
     dk = dk * tl.exp(ge[None, :] - gp)
-    # the diagonal sub-chunk, exact, one step at a time
+    # the diagonal sub-chunk, exact, one step at a time. One exp per element serves both sides (dq reads
+    # i >= j, dk i <= j): exp(G_i - G_j) where i >= j, exp(G_j - G_i) where i < j -- the values of two
+    # exps of the masked differences (fl(a - b) = -fl(b - a); both are exp(0) = 1 on the diagonal)
     for jj in range(0, BC):
         j = p * BC + jj
         tj = n * BT + j
@@ -334,10 +336,12 @@ def _bwd_intra(Q, K, V, G, DO, DQI, DKI,
         gj = tl.load(gbase + tj * DIMK + offs_k, mask=m_k, other=0.0)
         # dq_i += dA_ij k_j exp(G_i - G_j) for i >= j (i in p)
         da_j = tl.sum(tl.where((offs_c == j)[None, :], dar, 0.0), 1)      # (BC,): dA[i, j]
-        dq += da_j[:, None] * kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gp - gj[None, :], float("-inf")))
+        x = gp - gj[None, :]
+        e = tl.exp(tl.where((offs_i >= j)[:, None], x, -x))
+        dq += da_j[:, None] * kj[None, :] * tl.where((offs_i >= j)[:, None], e, 0.0)
         # dk_i' += dA_{j i'} q_j exp(G_j - G_i') for i' <= j (i' in p; here j plays the query)
         da_r = tl.sum(tl.where((offs_c == j)[:, None], dac, 0.0), 0)      # (BC,): dA[j, i']
-        dk += da_r[:, None] * qj[None, :] * tl.exp(tl.where((offs_i <= j)[:, None], gj[None, :] - gp, float("-inf")))
+        dk += da_r[:, None] * qj[None, :] * tl.where((offs_i <= j)[:, None], e, 0.0)
     xoff = (bh * T + ti)[:, None] * DIMK + offs_k[None, :]
     tl.store(DQI + xoff, dq * scale, mask=m_ik)
     tl.store(DKI + xoff, dk * scale, mask=m_ik)
@@ -441,7 +445,9 @@ def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
 @triton.jit
 def _bwd_diag_steps(qbase, kbase, gbase, dabase, gi, dq, dk, s_qt, s_kt, n, p, T, DIMK, offs_i, offs_k, m_k,
                     BT: tl.constexpr, BC: tl.constexpr):
-    # the diagonal sub-chunk, exact, one step at a time
+    # the diagonal sub-chunk, exact, one step at a time. One exp per element serves both sides (dq reads
+    # i >= j, dk i <= j): exp(G_i - G_j) where i >= j, exp(G_j - G_i) where i < j -- the values of two
+    # exps of the masked differences (fl(a - b) = -fl(b - a); both are exp(0) = 1 on the diagonal)
     for jj in range(0, BC):
         j = p * BC + jj
         tj = n * BT + j
@@ -451,8 +457,10 @@ def _bwd_diag_steps(qbase, kbase, gbase, dabase, gi, dq, dk, s_qt, s_kt, n, p, T
         gj = tl.load(gbase + tj * DIMK + offs_k, mask=m_k, other=0.0)
         da_c = tl.load(dabase + offs_i * BT + j)  # dA[i, j]
         da_r = tl.load(dabase + j * BT + offs_i)  # dA[j, i]
-        dq += da_c[:, None] * kj[None, :] * tl.exp(tl.where((offs_i >= j)[:, None], gi - gj[None, :], float("-inf")))
-        dk += da_r[:, None] * qj[None, :] * tl.exp(tl.where((offs_i <= j)[:, None], gj[None, :] - gi, float("-inf")))
+        x = gi - gj[None, :]
+        e = tl.exp(tl.where((offs_i >= j)[:, None], x, -x))
+        dq += da_c[:, None] * kj[None, :] * tl.where((offs_i >= j)[:, None], e, 0.0)
+        dk += da_r[:, None] * qj[None, :] * tl.where((offs_i <= j)[:, None], e, 0.0)
     return dq, dk
 
 
