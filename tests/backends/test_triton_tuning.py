@@ -49,6 +49,11 @@ def test_defaults_without_search(fresh_cache):
     nbhd = tuning.default("fwd", 128, 128, "nbhd")
     assert (nbhd["BLOCK_M"], nbhd["BLOCK_N"], nbhd["PACK"]) == (32, 32, 4) and nbhd["UNPACKED"]["BLOCK_M"] == 64
     assert tuning.default("bwd", 128, 128, "local")["TMA"] and "TMA" not in tuning.default("bwd", 256, 256, "local")
+    # float32 calls keep the pointer loads (TMA was measured on 16-bit inputs)
+    plain = tuning.without_tma(dense)
+    assert "TMA" not in plain and "TMA" not in plain["UNPACKED"] and dense["TMA"] and dense["UNPACKED"]["TMA"]
+    assert {k: v for k, v in plain.items() if k != "UNPACKED"} == {k: v for k, v in dense.items()
+                                                                      if k not in ("TMA", "UNPACKED")}
     assert tuning.default("fwd", 64, 64, "local")["PACK"] == 2
     assert tuning.default("fwd", 128, 128, "local")["UNPACKED"]["BLOCK_M"] == 64
     assert tuning.default("bwd", 256, 256, "local")["BLOCK_N"] == 32

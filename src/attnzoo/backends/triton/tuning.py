@@ -236,4 +236,16 @@ def choose(kind, d, dv, dtype, pattern, device: torch.device, run=None) -> dict:
     if enabled() and run is not None:
         return search(kind, d, dv, dtype, pattern, device, run,
                       cands=None if device.type == "cuda" else [dict(_INTERP), _cfg(32, 32, 1, 1)])
-    return default(kind, d, dv, pclass) if device.type == "cuda" else dict(_INTERP)
+    if device.type != "cuda":
+        return dict(_INTERP)
+    out = default(kind, d, dv, pclass)
+    return out if dtype in (torch.float16, torch.bfloat16) else without_tma(out)
+
+
+def without_tma(cfg: dict) -> dict:
+    """``cfg`` without TMA loads (also in its unpacked alternative): the table's TMA entries were measured on
+    16-bit inputs only, so float32 calls keep the pointer loads."""
+    out = {k: v for k, v in cfg.items() if k != "TMA"}
+    if "UNPACKED" in out:
+        out["UNPACKED"] = without_tma(out["UNPACKED"])
+    return out
