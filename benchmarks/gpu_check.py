@@ -34,6 +34,33 @@ def dense_math(q, k, v, pattern, scale):
     return p @ v, torch.where(rows.squeeze(-1), lse, float("-inf"))
 
 
+def row_sink(path=None):
+    """-> (rows, emit, close): ``emit(row)`` appends the row to ``rows``, to the JSON-lines file at ``path``
+    (when given; flushed per row, so a time-boxed run keeps what it measured) and to stderr."""
+    rows = []
+    fout = open(path, "w") if path else None
+
+    def emit(row):
+        rows.append(row)
+        if fout:
+            fout.write(json.dumps(row) + "\n")
+            fout.flush()
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    return rows, emit, (fout.close if fout else (lambda: None))
+
+
+def median_timer(device, max_time_s):
+    """-> ``timed(fn)``: (median ms or None, the `time_fn` record), 2 warm-ups, up to 20 repetitions."""
+    from attnzoo.bench.timing import time_fn
+
+    def timed(fn):
+        r = time_fn(fn, device=device, warmup=2, reps=20, max_time_s=max_time_s)
+        return (r["median_ms"] if r["status"] == "ok" else None), r
+
+    return timed
+
+
 def run_case(name, backend, pattern, b, hq, hkv, lq, lk, d, dv, dtype, with_baseline=True):
     dev = "cuda"
     torch.manual_seed(hash(name) % 2**31)

@@ -14,7 +14,6 @@ pattern, its output (back in the original order) checked against float64 on two 
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/triton_nbhd_variants.py --smoke   # CPU smoke run
 """
 import argparse
-import json
 import os
 import sys
 
@@ -23,12 +22,11 @@ import torch
 import attnzoo as az
 from attnzoo.backends import reference_attention
 from attnzoo.backends.triton import ops
-from attnzoo.bench.timing import time_fn
 from attnzoo.patterns import neighborhood_tiling
 from attnzoo.testing import check_close, rel_rmse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check import dense_math  # noqa: E402
+from gpu_check import dense_math, median_timer, row_sink  # noqa: E402
 
 PATTERNS = {  # name -> (kernel, grid): the protocol's neighborhoods at 16K tokens
     "nbhd2d-13x13": ((13, 13), (128, 128)),
@@ -85,23 +83,11 @@ def main():
         variants = {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)}
         fwd_cfg = _cfg(16, 16, 1, 1, 4)
     scale = d ** -0.5
-    tmax = 0.6 if args.quick else 1.2
-    rows = []
-    fout = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        fout = open(os.path.join(args.out, "nbhd_bwd_variants.jsonl" if args.bwd else "nbhd_variants.jsonl"), "w")
-
-    def emit(row):
-        rows.append(row)
-        if fout:
-            fout.write(json.dumps(row) + "\n")
-            fout.flush()
-        print(json.dumps(row), file=sys.stderr, flush=True)
-
-    def timed(fn):
-        r = time_fn(fn, device=dev, warmup=2, reps=20, max_time_s=tmax)
-        return (r["median_ms"] if r["status"] == "ok" else None), r
+    rows, emit, close = row_sink(os.path.join(args.out, "nbhd_bwd_variants.jsonl" if args.bwd else
+                                              "nbhd_variants.jsonl") if args.out else None)
+    timed = median_timer(dev, 0.6 if args.quick else 1.2)
 
     for pname in names:
         kernel, grid = table[pname]
@@ -149,8 +135,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - a variant that does not compile or match is recorded
                 row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
             emit(row)
-    if fout:
-        fout.close()
+    close()
     print_table(rows)
 
 

@@ -17,11 +17,10 @@ import torch
 import attnzoo as az
 from attnzoo.backends import reference_attention
 from attnzoo.backends.triton import ops
-from attnzoo.bench.timing import time_fn
 from attnzoo.testing import check_close, rel_rmse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_check import dense_math  # noqa: E402
+from gpu_check import dense_math, median_timer, row_sink  # noqa: E402
 
 PATTERNS = {"causal": az.Causal(), "sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
             "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4)}
@@ -152,24 +151,13 @@ def main():
     # the correctness slice: 16 query heads (two groups), 2048 tokens, against float64
     cs = min(L, 2048)
     qs, ks, vs = (t.contiguous() for t in (q[:, :16, :cs], k[:, :2, :cs], v[:, :2, :cs]))  # (TMA needs contiguous)
-    tmax = 0.6 if args.quick else 1.2
-    rows = []
-    fout = None
+    path = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         name = "pack_variants.jsonl" if args.round == 1 else f"pack_variants_r{args.round}_d{args.d}.jsonl"
-        fout = open(os.path.join(args.out, name), "w")
-
-    def emit(row):
-        rows.append(row)
-        if fout:
-            fout.write(json.dumps(row) + "\n")
-            fout.flush()
-        print(json.dumps(row), file=sys.stderr, flush=True)
-
-    def timed(fn):
-        r = time_fn(fn, device=dev, warmup=2, reps=20, max_time_s=tmax)
-        return r["median_ms"] if r["status"] == "ok" else None, r
+        path = os.path.join(args.out, name)
+    rows, emit, close = row_sink(path)
+    timed = median_timer(dev, 0.6 if args.quick else 1.2)
 
     for pname in args.patterns.split(","):
         p = PATTERNS[pname]
@@ -231,8 +219,7 @@ def main():
             except Exception as e:  # noqa: BLE001
                 row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
             emit(row)
-    if fout:
-        fout.close()
+    close()
     print_table(rows)
 
 
