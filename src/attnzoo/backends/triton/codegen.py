@@ -109,28 +109,10 @@ def _document(g, p):
 
 
 def _blocksparse(g, p):
-    """The block bits in AUX (one int32 per block, heads then rows then columns), looked up at
-    ``(qp // bq) * nk + kk // bk``; indices are clamped into the table (padding rows and columns of a
-    last block, negative positions when Lq > Lk), and negative positions are masked.
-
-    When every kernel tile lies inside one block (`_nested`), the tile reads one bit, at its first query
-    and key, instead of one per element: no per-element gather, which Triton's pipeliner would also
-    multi-buffer in shared memory."""
+    """The block bits in AUX (one int32 per block, heads then rows then columns), read by `_block_lookup`."""
     table = p.blocks
     h, nq, nk = (1,) + tuple(table.shape) if table.dim() == 2 else tuple(table.shape)
-    off = g.add_aux(table.reshape(-1))
-    bq, bk = p.block_size
-    qp, kk = g.qp, g.kk
-    if _nested(g, bq, bk):
-        qp0, kk0 = g.var(f"tl.min({qp})"), g.var(f"tl.min({kk})")
-        qb = g.var(f"tl.minimum(tl.maximum({qp0}, 0) // {bq}, {nq - 1})")
-        kb = g.var(f"tl.minimum(tl.maximum({kk0}, 0) // {bk}, {nk - 1})")
-    else:
-        qb = g.var(f"tl.minimum(tl.maximum({qp}, 0) // {bq}, {nq - 1})")
-        kb = g.var(f"tl.minimum(tl.maximum({kk}, 0) // {bk}, {nk - 1})")
-    base = str(off) if h == 1 else f"{off} + tl.minimum(tl.maximum(hq, 0), {h - 1}) * {nq * nk}"
-    bit = g.var(f"tl.load(AUX + {base} + {qb} * {nk} + {kb})")
-    return g.var(f"({bit} != 0) & ({qp} >= 0)")
+    return _block_lookup(g, g.add_aux(table.reshape(-1)), (h, nq, nk), p.block_size, False)
 
 
 def _nested(g, bq: int, bk: int) -> bool:
@@ -146,12 +128,19 @@ def _nested(g, bq: int, bk: int) -> bool:
 
 def _block_lookup(g, off: int, grid: tuple, block_size: tuple, causal: bool) -> str:
     """Visibility from a block mask read in-kernel at ``AUX + off`` (one element per block, heads then rows
-    then columns; any integer or bool dtype), as `_blocksparse`, with token causality when ``causal``."""
+    then columns; any integer or bool dtype), looked up at ``(qp // bq) * nk + kk // bk``, with token
+    causality when ``causal``. Indices are clamped into the table (padding rows and columns of a last
+    block, negative positions when Lq > Lk), and negative positions are masked.
+
+    When every kernel tile lies inside one block (`_nested`), the tile reads one bit, at its first query
+    and key, instead of one per element: no per-element gather, which Triton's pipeliner would also
+    multi-buffer in shared memory."""
     h, nq, nk = grid
     bq, bk = block_size
     qp, kk = g.qp, g.kk
-    qb = g.var(f"tl.minimum(tl.maximum({qp}, 0) // {bq}, {nq - 1})")
-    kb = g.var(f"tl.minimum(tl.maximum({kk}, 0) // {bk}, {nk - 1})")
+    qi, ki = (g.var(f"tl.min({qp})"), g.var(f"tl.min({kk})")) if _nested(g, bq, bk) else (qp, kk)
+    qb = g.var(f"tl.minimum(tl.maximum({qi}, 0) // {bq}, {nq - 1})")
+    kb = g.var(f"tl.minimum(tl.maximum({ki}, 0) // {bk}, {nk - 1})")
     if off + h * nq * nk >= 2**31:  # int32 offsets would overflow
         qb = g.var(f"{qb}.to(tl.int64)")
     base = str(off) if h == 1 else f"{off} + tl.minimum(tl.maximum(hq, 0), {h - 1}) * {nq * nk}"
