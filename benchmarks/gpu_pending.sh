@@ -14,6 +14,8 @@
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
+#   merge        issue 3: the full and partial blocks in one loop (MERGE) on windows, sinks and causal, forward
+#   linear-b1    issue 5: GLA's state-kernel variants (with their GPU check) and every op vs SDPA at B=1, T=8K
 # On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
 #   routed fwd+bwd against float64 on the GPU, < 1 min: the check after any change to the layout kernels).
 # Measured already, kept to reproduce: pack4 (issue 3: round 4, TMA and warp specialisation), nbhd / nbhd-bwd
@@ -65,6 +67,14 @@ for s in $SECTIONS; do
     verify) timeout ${VERIFY_S:-300} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/verify" --no-report \
               --lengths 4096,16384,65536 --direction both --backend triton --backend flex --pattern sw4096 \
               --pattern 'blocksparse-*' --max-time-s 0.5 > "$OUT/verify_log.txt" 2>&1 ;;
+    merge) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --out "$OUT" --quick > "$OUT/merge_log.txt" 2>&1 ;;
+    linear-b1) # GLA's state-kernel variants (nosplit: one rounding as fla; smaller state tiles for B = 1) with their
+               # protocol check, at B=8 T=2048 and B=1 T=8192, then every op against SDPA at B=1 T=8192 (no fla needed)
+              timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \
+                --sweep-ops gla --sweep-only nosplit,h32 --ops sdpa --shapes 8x2048 > "$OUT/linear_b1_log.txt" 2>&1
+              timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
+                --sweep-ops gla --sweep-only nosplit,h32 --sweep-shape 1x8192 --ops simple_gla,gla,gdn,kda,sdpa \
+                --shapes 1x8192 >> "$OUT/linear_b1_log.txt" 2>&1 ;;
     pack4) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 4 --out "$OUT" --quick > "$OUT/pack4_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536

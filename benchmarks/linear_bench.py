@@ -55,6 +55,10 @@ from attnzoo.testing import check_close, max_err, rel_rmse
 H, D = 16, 128
 SKIP_TORCH = False  # --no-torch: leave out the PyTorch chunk-form baselines (slow at 64K tokens)
 OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed table times
+# GLA config variants whose precision differs from the default's: checked by the protocol's rule on the GPU
+# too (with --check), so that a faster variant is only adopted if it passes. nosplit: the state kernels round
+# k (q) times its decay to 16 bits once, as flash-linear-attention does, instead of the two-dot hi/lo split.
+GLA_CHECK_VARIANTS = [("nosplit", dict(split_h=False))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 
 
@@ -386,6 +390,10 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
     if op == "gla":
         for bk, bv, w in ((64, 32, 4), (128, 64, 8), (64, 64, 8), (128, 128, 8)):
             variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
+        # the state kernels: one rounding of k / q times its decay instead of the hi/lo split, and smaller
+        # state tiles (more programs on the sequential walk: B * H programs per tile is few at B = 1)
+        variants += [("nosplit", dict(split_h=False)), ("nosplit-h32x64w4", dict(split_h=False, BK_H=32, BV_H=64)),
+                     ("nosplit-h32x32w4", dict(split_h=False, BK_H=32, BV_H=32)), ("h32x32w4", dict(BK_H=32, BV_H=32))]
         variants += [("bc32", dict(BC=32)), ("bt32", dict(BT=32))]
         variants.append(("intra-fused", dict(intra="fused")))  # the one-kernel intra backward
         for bk, w in ((64, 4), (32, 2), (32, 4), (128, 4), (64, 8)):  # the two-kernel intra backward
@@ -481,6 +489,42 @@ def profile_ops(ops, b=8, t=2048):
         print(f"\nprofile {op} (B={b}, T={t}, 3 x fwd + bwd):")
         print(prof.key_averages().table(sort_by="cuda_time_total" if dev == "cuda" else "cpu_time_total",
                                         row_limit=14))
+
+
+def profile_fla(ops, b=8, t=2048):
+    """The same per-kernel table for flash-linear-attention's chunked op (forward + backward through its
+    autograd, (B, T, H, D) inputs), kernel by kernel against ours. Run after the speed table, whose calls
+    warm fla's autotuner; an op fla lacks or refuses is reported and skipped."""
+    from torch.profiler import ProfilerActivity, profile
+    dev, dt = DEV, torch.bfloat16
+    torch.manual_seed(2)
+    q, k, v, do = (torch.randn(b, t, H, D, device=dev, dtype=dt, requires_grad=True) for _ in range(4))
+    gv = (F.logsigmoid(torch.randn(b, t, H, D, device=dev)) / 16).requires_grad_()
+    for op in ops:
+        try:
+            if op == "gla":
+                from fla.ops.gla import chunk_gla
+                fn = lambda: chunk_gla(q, k, v, gv, scale=D ** -0.5)[0].backward(do)  # noqa: E731
+            elif op == "kda":
+                from fla.ops.kda import chunk_kda
+                beta = torch.sigmoid(torch.randn(b, t, H, device=dev))
+                kn = F.normalize(k.detach().float(), dim=-1).to(dt)
+                fn = lambda: chunk_kda(q.detach(), kn, v.detach(), gv.detach(), beta, scale=D ** -0.5)  # noqa: E731
+            else:
+                print(f"\nprofile fla {op}: not profiled (only gla, kda)")
+                continue
+            fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a missing or refusing peer is reported, never fatal
+            print(f"\nprofile fla {op}: {type(e).__name__}: {e}"[:300])
+            continue
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        what = "fwd + bwd" if op == "gla" else "fwd"
+        print(f"\nprofile fla {op} (B={b}, T={t}, 3 x {what}):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 
 def fla_gdn():
@@ -585,6 +629,27 @@ def speed_kda(b, t, reps, q, k, v, do, base, bench, fb):
     return rows
 
 
+def _judge(row, got, ref, base):
+    """The protocol's rule for every output and gradient in ``got`` against the float64 ``ref``: the
+    low-precision rule against ``base`` (the plain recurrence in the same dtype), or the float32 rule when
+    ``base`` is None -> the correctness row."""
+    fails, detail = [], {}
+    for n, val in got.items():
+        r = ref[n]
+        try:
+            if base is None:
+                check_close(n, val, r)
+            else:  # the low-precision rule, whatever dtype the kernel returns the result in
+                err, bound, rr = max_err(val, r), 2 * max_err(base[n], r) + 1e-5, rel_rmse(val, r)
+                if torch.isnan(val).any() or not (err <= bound and rr < 5e-3):
+                    raise AssertionError(f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}")
+        except AssertionError as e:
+            fails.append(str(e))
+        detail[n] = dict(err=max_err(val, r), rel_rmse=rel_rmse(val, r),
+                         math_path_err=None if base is None else max_err(base[n], r))
+    return dict(row, status="pass" if not fails else "FAIL", errors=fails, detail=detail)
+
+
 def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128, kda=False):
     """Triton Gated DeltaNet, or KDA with ``kda=True`` (per-channel gates), against the float64 chunked form:
     forward, final state and every gradient."""
@@ -618,21 +683,41 @@ def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128, kda=False):
         o, st = td.fwd(q, k, v, g, beta, s0, scale, poison=True)
         dq, dk_, dv_, dg, dbeta, ds0 = td.bwd(do, ds, q, k, v, g, beta, s0, scale, poison=True)
         got = dict(o=o, state=st, dq=dq, dk=dk_, dv=dv_, dg=dg, dbeta=dbeta, ds0=ds0)
-        fails, detail = [], {}
-        for n, val in got.items():
-            r = ref[n]
-            try:
-                if base is None:
-                    check_close(n, val, r)
-                else:  # the low-precision rule, whatever dtype the kernel returns the result in
-                    err, bound, rr = max_err(val, r), 2 * max_err(base[n], r) + 1e-5, rel_rmse(val, r)
-                    if torch.isnan(val).any() or not (err <= bound and rr < 5e-3):
-                        raise AssertionError(f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}")
-            except AssertionError as e:
-                fails.append(str(e))
-            detail[n] = dict(err=max_err(val, r), rel_rmse=rel_rmse(val, r),
-                             math_path_err=None if base is None else max_err(base[n], r))
-        return [dict(row, status="pass" if not fails else "FAIL", errors=fails, detail=detail)]
+        return [_judge(row, got, ref, base)]
+    except Exception as e:  # noqa: BLE001
+        return [dict(row, status="error", errors=[f"{type(e).__name__}: {e}"[:500]])]
+
+
+def correctness_gla(dtype, b=2, h=4, t=1000, dk=128, dv=128, variant="default", over=None):
+    """Triton GLA (per-channel gates, logsigmoid / 16) against the float64 chunked form: forward, final state
+    and every gradient, with the kernels' default config updated by ``over`` (a sweep variant's keys)."""
+    from attnzoo.linear import triton_gla as tg
+    torch.manual_seed(hash(("gla", str(dtype))) % 1000)
+    q, k, v = (torch.randn(b, h, t, d, device=DEV).to(dtype) for d in (dk, dk, dv))
+    g = F.logsigmoid(torch.randn(b, h, t, dk, device=DEV)) / 16
+    s0 = torch.randn(b, h, dk, dv, device=DEV)
+    do = torch.randn(b, h, t, dv, device=DEV).to(dtype)
+    ds = torch.randn(b, h, dk, dv, device=DEV)
+    scale = dk ** -0.5
+    x = dict(q=q, k=k, v=v, g=g, s0=s0)
+
+    def chunk64(q, k, v, g, s0):
+        return _core.chunk_gated_linear(q * scale, k, v, g, s0, 64)
+
+    def recurrence(q, k, v, g, s0):
+        return _core.recurrent(_core.step_gated_linear, q * scale, k, v, g, None, s0)
+
+    row = dict(kind="correctness", check="gla-triton", variant=variant, dtype=str(dtype).split(".")[-1],
+               gate="logsigmoid/16", B=b, H=h, T=t, dk=dk, dv=dv, **env())
+    try:
+        ref = grads_of(chunk64, {n: a.double() for n, a in x.items()}, do.double(), ds.double())
+        base = grads_of(recurrence, {n: a.to(dtype) for n, a in x.items()}, do, ds) if dtype != torch.float32 \
+            else None
+        cfg = dict(tg.config(dk, dv, dtype, q.device), **(over or {}))
+        o, st = tg.fwd(q, k, v, g, s0, scale, cfg=cfg, poison=True)
+        dq, dk_, dv_, dg, ds0 = tg.bwd(do, ds, q, k, v, g, s0, scale, cfg=cfg, poison=True)
+        got = dict(o=o, state=st, dq=dq, dk=dk_, dv=dv_, dg=dg, ds0=ds0)
+        return [_judge(row, got, ref, base)]
     except Exception as e:  # noqa: BLE001
         return [dict(row, status="error", errors=[f"{type(e).__name__}: {e}"[:500]])]
 
@@ -718,8 +803,16 @@ def main():
                     "names contain one (and the default)")
     ap.add_argument("--sweep-ops", default="", help="comma-separated ops (gla, gdn, kda) whose Triton config "
                     "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
+    ap.add_argument("--sweep-shape", default="8x2048", help="BxT of the --sweep-ops variants (default 8x2048)")
+    ap.add_argument("--profile-fla", default="", help="comma-separated ops (gla, kda): flash-linear-attention's "
+                    "per-kernel table at B=8, T=2048, after the speed table (which warms its autotuner)")
     args = ap.parse_args()
     SKIP_TORCH = args.no_torch
+    try:
+        sweep_b, sweep_t = (int(x) for x in args.sweep_shape.split("x"))
+        assert sweep_b > 0 and sweep_t > 0
+    except (ValueError, AssertionError):
+        ap.error(f"--sweep-shape: expected BxT, got {args.sweep_shape!r}")
     ops = set(args.ops.split(","))
     if not ops <= OPS:
         ap.error(f"--ops: unknown {sorted(ops - OPS)}; choose from {sorted(OPS)}")
@@ -753,7 +846,11 @@ def main():
             for dtype in ((torch.bfloat16, torch.float32) if full else (torch.bfloat16,)):
                 emit(correctness_gdn(dtype))
                 emit(correctness_gdn(dtype, kda=True))
-        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gdn-triton", "kda-triton")]
+                emit(correctness_gla(dtype))
+            for name, over in GLA_CHECK_VARIANTS:  # sweep variants that would change GLA's precision
+                emit(correctness_gla(torch.bfloat16, variant=name, over=over))
+        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gdn-triton", "kda-triton",
+                                                                                   "gla-triton")]
         bad = [r for r in checks if r["status"] != "pass"]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} pass ({time.time() - t0:.0f} s)")
         for r in bad:
@@ -763,8 +860,8 @@ def main():
                 print(f"  {r['dtype']:<9}{r['gate']:<7}{r['dk']:>4}x{r['dv']:<4}" + "  ".join(
                     f"{n} {d['err'] / max(d['fp32_tier_err'], 1e-30):.2f}x" for n, d in r["detail"].items())
                     + "   (max err / PyTorch float32-compute tier's)")
-            if r.get("check") in ("gdn-triton", "kda-triton") and "detail" in r:
-                print(f"  {r['check'][:3]} {r['dtype']:<9}" + "  ".join(
+            if r.get("check") in ("gdn-triton", "kda-triton", "gla-triton") and "detail" in r:
+                print(f"  {r['check'][:3]} {r.get('variant', '')} {r['dtype']:<9}" + "  ".join(
                     f"{n} {d['rel_rmse']:.2g}" for n, d in r["detail"].items()) + "   (rel RMSE vs float64)")
             if r.get("check") == "fla" and r["status"] == "info":
                 print(f"  fla {r['dtype']:<9}{r['gate']:<7} o max err {r['o_err']:.3g} "
@@ -790,10 +887,13 @@ def main():
         for op in filter(None, args.sweep_ops.split(",")):
             if op not in ("gla", "gdn", "kda"):
                 ap.error(f"--sweep-ops: unknown op {op!r}; choose from gla, gdn, kda")
-            sweep_op(op, args.reps, only=tuple(filter(None, args.sweep_only.split(","))))
+            sweep_op(op, args.reps, only=tuple(filter(None, args.sweep_only.split(","))), b=sweep_b, t=sweep_t)
         for b, t in custom or shapes:
             speed(b, t, args.reps)  # rows go to the file (and to ``rows``) through SINK as they are measured
             print(f"  done B={b} T={t} ({time.time() - t0:.0f} s)", flush=True)
+        fla_prof = list(filter(None, args.profile_fla.split(",")))
+        if fla_prof:
+            profile_fla(fla_prof)
         if args.sweep:
             emit(sweep(args.reps))
     report(rows)
@@ -825,7 +925,7 @@ def report(rows):
                 rel.append(f"{c['median_ms'] / a['median_ms']:.2f}x" if ok else "-")
             print(f"{b:>3}{t:>7}  {name:<13}{cells[0]}{cells[1]}{mt}  {' / '.join(rel):>20}")
     if any(r["kind"] == "sweep" for r in rows):
-        print("\nsweep (B=8, T=2048), ms:")
+        print("\nsweep, ms:")
         sw = {}
         for r in rows:
             if r["kind"] == "sweep":

@@ -100,6 +100,17 @@ FWD4 = {
     "128x128 w8 s3 idx2 (dense)": _cfg(128, 128, 8, 3, IDX=2),
     "tma 128x128 w8 s3 (dense)": _cfg(128, 128, 8, 3, IDX=2, TMA=True),
 }
+# round 5 (prepared 2026-12-04 s5): the full and partial blocks in one loop (MERGE: one software pipeline, the
+# mask applied past the full blocks) on the local and the dense defaults
+FWD5 = {
+    "64x64 p4 w8 s3 (local default)": _cfg(64, 64, 8, 3, 4, IDX=2),
+    "merge": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True),
+    "merge s4": _cfg(64, 64, 8, 4, 4, IDX=2, MERGE=True),
+    "merge tma": _cfg(64, 64, 8, 3, 4, IDX=2, TMA=True, MERGE=True),
+    "merge 128x64 p2": _cfg(128, 64, 8, 3, 2, IDX=2, MERGE=True),
+    "64x128 p2 tma (dense default)": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
+    "64x128 p2 tma merge": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True, MERGE=True),
+}
 BWD4 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma": _cfg(64, 64, 4, 2, TMA=True),
         "bwd tma w8": _cfg(64, 64, 8, 2, TMA=True), "bwd tma s3": _cfg(64, 64, 4, 3, TMA=True)}
 BWD = {
@@ -116,9 +127,10 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
-                         "3: the block-index modes (IDX); 4: TMA loads and warp specialisation")
+                         "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
+                         "loop over full and partial blocks (forward only)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
     ap.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim (round 3 only for 64)")
@@ -131,7 +143,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 4:
+    if args.round == 5:
+        FWD, BWD = FWD5, {}
+    elif args.round == 4:
         FWD, BWD = FWD4, BWD4
     elif args.round > 1:
         FWD, BWD = (FWD2, BWD2) if args.round == 2 else (FWD3_D64 if args.d == 64 else FWD3, BWD3)
@@ -190,7 +204,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - a variant that does not compile or match is recorded
                 row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
             emit(row)
-        if best is None:
+        if best is None or not BWD:
             continue
         out, lse = ops.attention_fwd(q, k, v, p, scale, cfg=best[1])
         outs, lses = ops.attention_fwd(qs, ks, vs, p, scale, cfg=best[1])

@@ -623,9 +623,16 @@ def _states(k, v, gc, s0, cfg, poison):
     _fwd_h[(triton.cdiv(dk, bk), triton.cdiv(dv, bv), b * h)](
         k, v, gc, s0 if s0 is not None else ht, hs, ht,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=k.dtype != torch.float32,
+        h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=_split_h(k.dtype, cfg),
         PREC=_prec(k.dtype), num_warps=cfg["warps_h"], num_stages=cfg["stages"])
     return hs, ht
+
+
+def _split_h(dtype: torch.dtype, cfg: dict) -> bool:
+    """Whether the two sequential state kernels split their float32 operand (k or q times its decay) into
+    two 16-bit halves (two dots, about twice the mantissa) instead of one rounding: on for 16-bit inputs
+    unless ``cfg["split_h"]`` is False (float32 inputs have nothing to split)."""
+    return dtype != torch.float32 and cfg.get("split_h", True)
 
 
 def _scores(q, k, gc, scale, cfg, poison):
@@ -705,7 +712,7 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
         q, do, gc, dht if dht is not None else ds0, ds0, dhs,
         q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
         h, t, dk, dv, nt, float(scale), BT=bt, BK=bk, BV=bvh, HAS_DHT=dht is not None,
-        SPLIT=q.dtype != torch.float32, PREC=_prec(q.dtype), num_warps=cfg["warps_h"], num_stages=cfg["stages"])
+        SPLIT=_split_h(q.dtype, cfg), PREC=_prec(q.dtype), num_warps=cfg["warps_h"], num_stages=cfg["stages"])
     bvb = min(cfg["BV_B"], _pow2(dv))
     dqi = _empty(poison, (b * h, t, dk), torch.float32, q.device)
     dki = _empty(poison, (b * h, t, dk), torch.float32, q.device)

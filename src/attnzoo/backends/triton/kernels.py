@@ -40,11 +40,12 @@ FWD = '''
 @triton.jit
 def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
               m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
-              KD=None, VD=None, krow=0, TMA: tl.constexpr = False):
+              KD=None, VD=None, krow=0, TMA: tl.constexpr = False, part=False):
     # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2).
     # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
     # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
-    # TMA (EVEN only): K and V come through tensor descriptors over their (B * Hkv * Lk, D) views, row krow
+    # TMA (EVEN only): K and V come through tensor descriptors over their (B * Hkv * Lk, D) views, row krow.
+    # MASK: 0 a full block, 1 a partial block, 2 decided at run time by `part` (the merged loop's blocks)
     if TMA:
         kt = tl.trans(KD.load([krow, 0]))
         v = VD.load([krow, 0])
@@ -59,11 +60,16 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
     s = tl.dot(q, kt, input_precision=PREC)
     if not FOLD:
         s = s * qk_scale
-    if MASK:
+    if MASK == 1:
         keep = _mask(qp, offs_n[None, :], h, AUX)
         if not EVEN:
             keep = keep & (offs_n[None, :] < Lk)
         s = tl.where(keep, s, float("-inf"))
+    elif MASK == 2:
+        if part:
+            s = tl.where(_mask(qp, offs_n[None, :], h, AUX), s, float("-inf"))
+        if not EVEN:
+            s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
     elif not EVEN:
         s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
     if FOLD:
@@ -126,6 +132,31 @@ def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, st
 
 
 @triton.jit
+def _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
+                       h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+                       PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr, KD=None, VD=None, kvrow=0,
+                       TMA: tl.constexpr = False):
+    # MERGE: the nf full blocks, then the npart partial ones, in one loop (one software pipeline instead of
+    # two, so the first partial block's K / V load overlaps the last full block's compute); the mask is
+    # applied on the steps past nf only. Full indices as in _fwd_blocks (IDX 2: first + j); the partial
+    # list's next index is loaded one step ahead.
+    f0 = tl.load(frow, mask=nf > 0, other=0)
+    pn = tl.load(prow, mask=npart > 0, other=0)
+    for j in tl.range(0, nf + npart):
+        part = j >= nf
+        if IDX == 2:
+            bf = f0 + j
+        else:
+            bf = tl.load(frow + j, mask=j < nf, other=0)
+        blk = tl.where(part, pn, bf)
+        pn = tl.where(part, tl.load(prow + (j - nf + 1), mask=part & (j - nf + 1 < npart), other=0), pn)
+        m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                  qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, 2, EVEN, PREC, FOLD,
+                                  KD, VD, kvrow + blk * BLOCK_N, TMA, part)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -133,7 +164,8 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              H, G, Lq, Lk, OFF, D, DV, qk_scale,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False,
-             IDX: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False, WS: tl.constexpr = False):
+             IDX: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False, WS: tl.constexpr = False,
+             MERGE: tl.constexpr = False):
     # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
     # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
     # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
@@ -156,16 +188,21 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     kbase = K + b * stride_kb + hk * stride_kh
     vbase = V + b * stride_vb + hk * stride_vh
     kvrow = (b * (H // G) + hk) * Lk  # this KV head's first row in the descriptors' 2-D views (TMA)
-    # fully visible blocks: no elementwise mask
-    m_i, l_i, acc = _fwd_blocks(FKVI + h * idx_h + pid_m * idx_m, tl.load(FKVN + h * lay_h + pid_m * lay_m),
-                                q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, False, EVEN, PREC, FOLD, IDX,
-                                KD, VD, kvrow, TMA, WS)
-    # partial blocks: the pattern's mask, computed in-kernel
-    m_i, l_i, acc = _fwd_blocks(KVI + h * idx_h + pid_m * idx_m, tl.load(KVN + h * lay_h + pid_m * lay_m),
-                                q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
-                                Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, True, EVEN, PREC, FOLD, IDX,
-                                KD, VD, kvrow, TMA, WS)
+    frow, nf = FKVI + h * idx_h + pid_m * idx_m, tl.load(FKVN + h * lay_h + pid_m * lay_m)
+    prow, npart = KVI + h * idx_h + pid_m * idx_m, tl.load(KVN + h * lay_h + pid_m * lay_m)
+    if MERGE:
+        m_i, l_i, acc = _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv,
+                                           stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc,
+                                           BLOCK_N, EVEN, PREC, FOLD, IDX, KD, VD, kvrow, TMA)
+    else:
+        # fully visible blocks: no elementwise mask
+        m_i, l_i, acc = _fwd_blocks(frow, nf, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
+                                    h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, 0, EVEN, PREC, FOLD, IDX,
+                                    KD, VD, kvrow, TMA, WS)
+        # partial blocks: the pattern's mask, computed in-kernel
+        m_i, l_i, acc = _fwd_blocks(prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                                    qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, 1, EVEN, PREC, FOLD,
+                                    IDX, KD, VD, kvrow, TMA, WS)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))

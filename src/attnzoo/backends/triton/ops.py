@@ -279,6 +279,8 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
     extra = dict(KD=desc[0], VD=desc[1], TMA=True) if desc else {}
     if cfg.get("WS"):
         extra["WS"] = True
+    if cfg.get("MERGE"):  # full and partial blocks in one loop (kernels._fwd_blocks_merged)
+        extra["MERGE"] = True
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
