@@ -15,6 +15,7 @@
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
 #   merge        issue 3: the full and partial blocks in one loop (MERGE) on windows, sinks and causal, forward
+#   gla-inter    issue 5: GLA's inter-chunk backward per Dk block with dv apart (inter="split"), B=8 T=2048
 #   linear-b1    issue 5: GLA's state-kernel variants (with their GPU check) and every op vs SDPA at B=1, T=8K
 # On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
 #   routed fwd+bwd against float64 on the GPU, < 1 min: the check after any change to the layout kernels).
@@ -75,6 +76,9 @@ for s in $SECTIONS; do
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
                 --sweep-ops gla --sweep-only nosplit,h32 --sweep-shape 1x8192 --ops simple_gla,gla,gdn,kda,sdpa \
                 --shapes 1x8192 >> "$OUT/linear_b1_log.txt" 2>&1 ;;
+    gla-inter) # GLA's inter-chunk backward split per Dk block (+ the state-kernel variants), B=8 T=2048, no fla needed
+              timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
+                --sweep-ops gla --sweep-only inter,nosplit --ops sdpa --shapes 8x2048 > "$OUT/gla_inter_log.txt" 2>&1 ;;
     pack4) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 4 --out "$OUT" --quick > "$OUT/pack4_log.txt" 2>&1 ;;
     windows) for dir in both fwd; do  # 16K forward and forward+backward, then 64K forward (issue 3's local patterns)
                lens=16384; [ $dir = fwd ] && lens=65536

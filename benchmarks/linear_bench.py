@@ -394,6 +394,9 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         # state tiles (more programs on the sequential walk: B * H programs per tile is few at B = 1)
         variants += [("nosplit", dict(split_h=False)), ("nosplit-h32x64w4", dict(split_h=False, BK_H=32, BV_H=64)),
                      ("nosplit-h32x32w4", dict(split_h=False, BK_H=32, BV_H=32)), ("h32x32w4", dict(BK_H=32, BV_H=32))]
+        # the inter-chunk backward per Dk block (dq, dk, dg) with dv in its own kernel, as fla splits it
+        for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8)):
+            variants.append((f"inter-split-k{bk}w{w}", dict(inter="split", BK_Q=bk, warps_q=w)))
         variants += [("bc32", dict(BC=32)), ("bt32", dict(BT=32))]
         variants.append(("intra-fused", dict(intra="fused")))  # the one-kernel intra backward
         for bk, w in ((64, 4), (32, 2), (32, 4), (128, 4), (64, 8)):  # the two-kernel intra backward

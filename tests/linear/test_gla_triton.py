@@ -234,12 +234,32 @@ def test_broadcast_diagonal_matches_recurrence(t, gate, dk):
         torch.testing.assert_close(val, steps[n], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("t,gate,dk,dv,h0", [(19, "strong", 32, 32, True), (70, "paper", 24, 48, False)])
+def test_split_inter_backward_matches_recurrence(t, gate, dk, dv, h0):
+    """``inter="split"``: dq / dk / dg per Dk block (``_bwd_dqkg``, blocks of 16) and dv in its own kernel
+    (``_bwd_dv``), against the float64 recurrence and equal to the one-kernel ``_bwd_inter`` up to float32
+    rounding (Dk 24, Dv 48: padded blocks; with and without an initial state, whose dg rule differs)."""
+    scale = dk ** -0.5
+    x = make(t, dk, dv, gate, seed=t + 13)
+    want = reference(x, h0, scale)
+    cfg = dict(SPLIT_INTRA, inter="split", BK_Q=16, BV_D=16, warps_q=1)
+    got = run_kernels(x, h0, scale, cfg=cfg)
+    one = run_kernels(x, h0, scale, cfg=SPLIT_INTRA)
+    for n, val in got.items():
+        check_close(f"T{t}/{gate}/{n}", val.cpu(), want[n].float())
+        torch.testing.assert_close(val, one[n], rtol=1e-4, atol=1e-4)
+
+
 def test_bad_intra_choice():
     q = torch.randn(1, 1, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="intra"):
         tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, intra="bogus"))
     with pytest.raises(ValueError, match="diag"):
         tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, diag="bogus"))
+    with pytest.raises(ValueError, match="inter"):
+        tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, inter="bogus"))
+    with pytest.raises(ValueError, match="BK_Q"):
+        tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, inter="split", BK_Q=24))
     with pytest.raises(ValueError, match="BKD"):
         tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, diag="bcast", BKD=12))
 

@@ -511,6 +511,15 @@ def _bwd_inter(Q, K, V, G, DO, HS, DHS, A, DQI, DKI, DQ, DKK, DVV, DG,
         dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
         dkh = tl.dot(v.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
         iph += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    _inter_finish(q, k, g, glast, ek, dqh, dkh, iph, DQI, DKI, DQ, DKK, DG, b, h, bh, n, offs_t, offs_k, m_tk,
+                  s_xb, s_xh, s_xt, T, DIMK, scale, HAS_H0)
+
+
+@triton.jit
+def _inter_finish(q, k, g, glast, ek, dqh, dkh, iph, DQI, DKI, DQ, DKK, DG, b, h, bh, n, offs_t, offs_k, m_tk,
+                  s_xb, s_xh, s_xt, T, DIMK, scale, HAS_H0: tl.constexpr):
+    # dq, dk (intra parts + state parts) and dg of one chunk over the channels offs_k, from the state
+    # products dqh = do h_n^T, dkh = v dh_{n+1}^T and iph = <h_n[d], dh_{n+1}[d]> (every channel independent)
     xi = (bh * T + offs_t)[:, None] * DIMK + offs_k[None, :]
     dki = dkh * ek  # the state part of dk
     dq = tl.load(DQI + xi, mask=m_tk, other=0.0) + dqh * (tl.exp(g) * scale)
@@ -526,6 +535,85 @@ def _bwd_inter(Q, K, V, G, DO, HS, DHS, A, DQI, DKI, DQ, DKK, DVV, DG,
         if n == 0:  # <h_0, dh_0> = 0: sum forward from the start instead (dg_0 = 0 exactly)
             dg = dgl - tl.cumsum(dgl, 0)
     tl.store(DG + xi, dg, mask=m_tk)
+
+
+@triton.jit
+def _bwd_dv(K, G, DHS, A, DO, DVV, s_kb, s_kh, s_kt, s_db, s_dh, s_dt, s_yb, s_yh, s_yt,
+            NH, T, DIMK, DIMV, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # inter="split": dv_j = (k_j * exp(G_last - G_j)) dh_{n+1} + sum_{i >= j} A_ij do_i for one chunk and Dv
+    # block (grid: chunk, Dv block, batch x head), a loop over Dk blocks
+    n = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_t = n * BT + offs_c
+    offs_v = iv * BV + tl.arange(0, BV)
+    m_t = offs_t < T
+    m_v = offs_v < DIMV
+    m_tv = m_t[:, None] & m_v[None, :]
+    gbase = G + bh * NT * BT * DIMK
+    hbase = (bh * NT + n) * DIMK * DIMV
+    dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(DIMK, BK)):
+        offs_k = ik * BK + tl.arange(0, BK)
+        m_k = offs_k < DIMK
+        k = tl.load(K + b * s_kb + h * s_kh + offs_t[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                    other=0.0)
+        g = tl.load(gbase + offs_t[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        glast = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+        dhs = tl.load(DHS + hbase + offs_k[:, None] * DIMV + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.0)
+        dv = tl.dot((k.to(tl.float32) * tl.exp(glast[None, :] - g)).to(dhs.dtype), dhs, dv, input_precision=PREC)
+    at = tl.trans(tl.load(A + (bh * NT * BT + offs_t)[:, None] * BT + offs_c[None, :]))
+    do = tl.load(DO + b * s_db + h * s_dh + offs_t[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+    dv = tl.dot(at.to(do.dtype), do, dv, input_precision=PREC)
+    tl.store(DVV + b * s_yb + h * s_yh + offs_t[:, None] * s_yt + offs_v[None, :], dv.to(DVV.dtype.element_ty),
+             mask=m_tv)
+
+
+@triton.jit
+def _bwd_dqkg(Q, K, V, G, DO, HS, DHS, DQI, DKI, DQ, DKK, DG,
+              s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_xb, s_xh, s_xt,
+              NH, T, DIMK, DIMV, NT, scale,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    # inter="split": _bwd_inter's dq, dk, dg for one Dk block (grid: Dk block, chunk, batch x head; the
+    # channels are independent), dv left to _bwd_dv
+    ik = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_t = n * BT + tl.arange(0, BT)
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_t = offs_t < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_t[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + offs_t[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    gbase = G + bh * NT * BT * DIMK
+    g = tl.load(gbase + offs_t[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    glast = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    ek = tl.exp(glast[None, :] - g)
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)
+    iph = tl.zeros([BK], dtype=tl.float32)
+    hbase = (bh * NT + n) * DIMK * DIMV
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(V + b * s_vb + h * s_vh + offs_t[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        do = tl.load(DO + b * s_db + h * s_dh + offs_t[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+        st = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + st, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + st, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+        dkh = tl.dot(v.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        iph += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    _inter_finish(q, k, g, glast, ek, dqh, dkh, iph, DQI, DKI, DQ, DKK, DG, b, h, bh, n, offs_t, offs_k, m_tk,
+                  s_xb, s_xh, s_xt, T, DIMK, scale, HAS_H0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,14 +647,16 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
 def _check_cfg(cfg: dict) -> None:
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    if cfg.get("inter", "fused") not in ("fused", "split"):
+        raise ValueError(f"inter must be 'fused' or 'split', got {cfg['inter']!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
     if cfg.get("diag") == "bcast":
         bkd = cfg.get("BKD", 0)
         if bkd < 16 or bkd & (bkd - 1):
             raise ValueError(f"diag='bcast' needs BKD, a power of two >= 16 (channels per diagonal product), got {bkd}")
-    for key in ("BT", "BC", "BK_H", "BV_H", "BV_O", "BV_B", "BK_I"):
-        if key not in cfg and key == "BK_I":
+    for key in ("BT", "BC", "BK_H", "BV_H", "BV_O", "BV_B", "BK_I", "BK_Q", "BV_D"):
+        if key not in cfg and key in ("BK_I", "BK_Q", "BV_D"):
             continue
         x = cfg[key]
         if x < 16 or x & (x - 1):
@@ -736,6 +826,20 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
             num_warps=cfg["warps_b"], num_stages=cfg["stages"])
     dq, dk_, dv_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k, v))
     dg = _empty(poison, (b, h, t, dk), torch.float32, q.device)
+    if cfg.get("inter", "fused") == "split":
+        bkq = min(cfg.get("BK_Q", 64), _pow2(dk))
+        _bwd_dqkg[(triton.cdiv(dk, bkq), nt, b * h)](
+            q, k, v, gc, do, hs, dhs, dqi, dki, dq, dk_, dg,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bkq, BV=bvb,
+            HAS_H0=s0 is not None, PREC=_prec(q.dtype), num_warps=cfg.get("warps_q", 4), num_stages=cfg["stages"])
+        bvd = min(cfg.get("BV_D", 64), _pow2(dv))
+        _bwd_dv[(nt, triton.cdiv(dv, bvd), b * h)](
+            k, gc, dhs, a, do, dv_, k.stride(0), k.stride(1), k.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dk, dv, nt, BT=bt, BK=min(64, _pow2(dk)), BV=bvd,
+            PREC=_prec(q.dtype), num_warps=cfg.get("warps_q", 4), num_stages=cfg["stages"])
+        return dq, dk_, dv_, dg, ds0
     _bwd_inter[(nt, b * h)](
         q, k, v, gc, do, hs, dhs, a, dqi, dki, dq, dk_, dv_, dg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
