@@ -15,6 +15,7 @@
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
 #   merge        issue 3: the full and partial blocks in one loop (MERGE) on windows, sinks and causal, forward
+#   linear-b1b   issue 5: state tiles of GDN / KDA / simple GLA at B=1, checks, every op vs SDPA at B=1 T=8K
 #   gla-inter    issue 5: GLA's inter-chunk backward per Dk block with dv apart (inter="split"), B=8 T=2048
 #   linear-b1    issue 5: GLA's state-kernel variants (with their GPU check) and every op vs SDPA at B=1, T=8K
 # On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
@@ -76,6 +77,11 @@ for s in $SECTIONS; do
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
                 --sweep-ops gla --sweep-only nosplit,h32 --sweep-shape 1x8192 --ops simple_gla,gla,gdn,kda,sdpa \
                 --shapes 1x8192 >> "$OUT/linear_b1_log.txt" 2>&1 ;;
+    linear-b1b) # the state tiles of Gated DeltaNet / KDA / simple GLA at B=1 T=8192 (GLA now fits its tiles to B*H),
+               # the GPU checks (GLA split / inter-split included), then every op against SDPA at B=1 T=8192
+              timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \
+                --sweep-ops gdn,kda --sweep-only h --sweep-shape 1x8192 --sweep --ops simple_gla,gla,gdn,kda,sdpa \
+                --shapes 1x8192 > "$OUT/linear_b1b_log.txt" 2>&1 ;;
     gla-inter) # GLA's inter-chunk backward split per Dk block (+ the state-kernel variants), B=8 T=2048, no fla needed
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
                 --sweep-ops gla --sweep-only inter,nosplit --ops sdpa --shapes 8x2048 > "$OUT/gla_inter_log.txt" 2>&1 ;;

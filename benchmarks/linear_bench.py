@@ -55,10 +55,10 @@ from attnzoo.testing import check_close, max_err, rel_rmse
 H, D = 16, 128
 SKIP_TORCH = False  # --no-torch: leave out the PyTorch chunk-form baselines (slow at 64K tokens)
 OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed table times
-# GLA config variants whose precision differs from the default's: checked by the protocol's rule on the GPU
-# too (with --check), so that a faster variant is only adopted if it passes. nosplit: the state kernels round
-# k (q) times its decay to 16 bits once, as flash-linear-attention does, instead of the two-dot hi/lo split.
-GLA_CHECK_VARIANTS = [("nosplit", dict(split_h=False))]
+# GLA config variants checked by the protocol's rule on the GPU too (with --check), so that a faster variant is
+# only adopted if it passes: "split" (the state kernels' hi/lo split, the default before split_h=False) and the
+# inter-chunk backward per Dk block.
+GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 
 
@@ -342,7 +342,7 @@ def sweep(reps, b=8, t=2048):
     s0 = None
     default = tk.config(D, D, dt, torch.device(dev))
     variants = [("default", {})]
-    for bk, bv, w in ((64, 32, 4), (128, 64, 8), (32, 64, 4), (64, 64, 8), (128, 32, 4)):
+    for bk, bv, w in ((64, 32, 4), (128, 64, 8), (32, 64, 4), (64, 64, 8), (128, 32, 4), (32, 32, 4)):
         variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
     for bv, w in ((64, 4), (64, 8), (128, 4), (32, 4)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
@@ -392,8 +392,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
             variants.append((f"h{bk}x{bv}w{w}", dict(BK_H=bk, BV_H=bv, warps_h=w)))
         # the state kernels: one rounding of k / q times its decay instead of the hi/lo split, and smaller
         # state tiles (more programs on the sequential walk: B * H programs per tile is few at B = 1)
-        variants += [("nosplit", dict(split_h=False)), ("nosplit-h32x64w4", dict(split_h=False, BK_H=32, BV_H=64)),
-                     ("nosplit-h32x32w4", dict(split_h=False, BK_H=32, BV_H=32)), ("h32x32w4", dict(BK_H=32, BV_H=32))]
+        variants += [("split", dict(split_h=True)), ("h32x64w4", dict(BK_H=32, BV_H=64)),
+                     ("h32x32w4", dict(BK_H=32, BV_H=32))]
         # the inter-chunk backward per Dk block (dq, dk, dg) with dv in its own kernel, as fla splits it
         for bk, w in ((64, 4), (32, 4), (64, 8), (32, 2), (128, 8)):
             variants.append((f"inter-split-k{bk}w{w}", dict(inter="split", BK_Q=bk, warps_q=w)))
@@ -409,7 +409,7 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
                                                                   warps_o=wo)))
     else:
         variants.append(("split", dict(split=True)))
-        for bv, w in ((32, 4), (64, 8)):
+        for bv, w in ((32, 4), (64, 8), (16, 4), (32, 2), (16, 2)):
             variants.append((f"h{bv}w{w}", dict(BV_H=bv, warps_h=w)))
         variants += [("split-h32w4", dict(split=True, BV_H=32, warps_h=4)), ("bt32", dict(BT=32))]
         if op == "kda":  # the tiled score kernel
@@ -898,7 +898,7 @@ def main():
         if fla_prof:
             profile_fla(fla_prof)
         if args.sweep:
-            emit(sweep(args.reps))
+            emit(sweep(args.reps, sweep_b, sweep_t))
     report(rows)
     print(f"wrote {path}")
 

@@ -43,6 +43,8 @@ def test_defaults_without_search(fresh_cache):
     assert dense["IDX"] == 2 and dense["TMA"]
     local = tuning.default("fwd", 128, 128, "local")
     assert local["PACK"] == 4 and local["BLOCK_M"] * local["PACK"] == 256 and not local.get("TMA")
+    # one merged loop over full and partial blocks on the local class only (it lost on the dense tiles)
+    assert local["MERGE"] and not dense.get("MERGE") and not local["UNPACKED"].get("MERGE")
     wide = tuning.default("fwd", 128, 128, "wide")
     assert (wide["BLOCK_N"], wide["PACK"], wide["TMA"]) == (128, 2, True)
     assert wide["UNPACKED"]["BLOCK_M"] == 64 and not wide["UNPACKED"].get("TMA")

@@ -289,3 +289,20 @@ def test_dispatch_rules(monkeypatch):
         calls.clear()
         lin.linear_attention(q, q, q)
         assert not calls
+
+
+def test_fit_state_tiles_halves_tiles_for_few_sequences(monkeypatch):
+    """Few sequences (B * H) -> smaller state tiles until two programs per SM (or the floor); many sequences
+    keep the table's tiles; CPU configs are never touched; the input config is not modified."""
+    monkeypatch.setattr(tk, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    base = dict(BK_H=64, BV_H=64, BT=64)
+    dims = dict(BK_H=128, BV_H=128)
+    assert tk.fit_state_tiles(base, 16, dims, cuda) == dict(base, BK_H=32, BV_H=32)  # 64 -> 256 programs
+    assert tk.fit_state_tiles(base, 128, dims, cuda) == base                       # 512 programs already
+    assert tk.fit_state_tiles(base, 1, dims, cuda, floor=16) == dict(base, BK_H=16, BV_H=16)
+    assert tk.fit_state_tiles(base, 1, dict(BV_H=128), cuda) == dict(base, BV_H=32)  # one key only
+    small = tk.fit_state_tiles(base, 16, dict(BK_H=24, BV_H=128), cuda)             # a 24-wide key dim
+    assert small["BK_H"] == 64 and small["BV_H"] == 32  # the key tile is 32 wide already (clipped to Dk)
+    assert tk.fit_state_tiles(base, 1, dims, torch.device("cpu")) is base
+    assert base == dict(BK_H=64, BV_H=64, BT=64)

@@ -92,7 +92,7 @@ import triton
 import triton.language as tl
 
 from . import _core
-from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in
+from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -640,8 +640,13 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     # in the backward loops (backward 4.55 -> 4.08 ms).
     # The split intra backward, 32-channel blocks, 2 warps (benchmarks/results/h200-2026-12-04-s2/
     # linear_sweep_log.txt: backward 3.95 -> 2.83 ms; 64-channel / 4 warps 2.85, 8 warps 2.90).
+    # The state kernels round k (q) times its decay to 16 bits once (split_h=False, as flash-linear-attention
+    # does) instead of the two-dot hi/lo split: B=8 T=2048 forward 1.125 -> 1.050 ms, backward 2.655 -> 2.576;
+    # the GPU protocol check still passes (rel RMSE: final state 2.3e-6 -> 0.0016, d initial state 2.5e-6 ->
+    # 0.0017, the rest unchanged at 0.0022-0.0029; benchmarks/results/h200-2026-12-04-s5/call2/).
     return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(64, pv),
-                warps_h=4, warps_o=8, warps_b=8, stages=2, intra="split", BK_I=min(32, pk), warps_i=2)
+                warps_h=4, warps_o=8, warps_b=8, stages=2, intra="split", BK_I=min(32, pk), warps_i=2,
+                split_h=False)
 
 
 def _check_cfg(cfg: dict) -> None:
@@ -720,8 +725,8 @@ def _states(k, v, gc, s0, cfg, poison):
 
 def _split_h(dtype: torch.dtype, cfg: dict) -> bool:
     """Whether the two sequential state kernels split their float32 operand (k or q times its decay) into
-    two 16-bit halves (two dots, about twice the mantissa) instead of one rounding: on for 16-bit inputs
-    unless ``cfg["split_h"]`` is False (float32 inputs have nothing to split)."""
+    two 16-bit halves (two dots, about twice the mantissa) instead of one rounding: for 16-bit inputs when
+    ``cfg["split_h"]`` is true or absent (the GPU config sets it False; float32 inputs have nothing to split)."""
     return dtype != torch.float32 and cfg.get("split_h", True)
 
 
@@ -754,7 +759,7 @@ def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = Fa
         ht = s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
         return (o, ht, (q.new_empty((b * h, 0, dk), dtype=torch.float32),
                         q.new_empty((b * h, 0, 1), dtype=torch.float32))) if keep else (o, ht)
-    cfg = cfg or config(dk, dv, q.dtype, q.device)
+    cfg = cfg or fit_state_tiles(config(dk, dv, q.dtype, q.device), b * h, dict(BK_H=dk, BV_H=dv), q.device)
     _check_cfg(cfg)
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
@@ -783,7 +788,7 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
         ds0 = dht.clone() if dht is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                 q.new_zeros((b, h, 0, dk), dtype=torch.float32), ds0)
-    cfg = cfg or config(dk, dv, q.dtype, q.device)
+    cfg = cfg or fit_state_tiles(config(dk, dv, q.dtype, q.device), b * h, dict(BK_H=dk, BV_H=dv), q.device)
     _check_cfg(cfg)
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)

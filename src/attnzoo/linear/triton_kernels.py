@@ -93,6 +93,8 @@ outputs for the tests).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -378,6 +380,39 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
                 warps_h=4, warps_o=8 if bvo > 64 else 4, warps_b=8, stages=2)
 
 
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fit_state_tiles(cfg: dict, bh: int, dims: dict, device: torch.device, floor: int = 32) -> dict:
+    """The sequential state kernels run one program per state tile and batch x head; with few sequences
+    (B * H small) that is too few programs to fill the GPU, and each walks every chunk. Halve the largest
+    of the tiles named in ``dims`` ({cfg key: the dimension it tiles}) while the programs number fewer than
+    two per SM and a tile is above ``floor``. On the H200 at B=1, T=8192, H=16, D=128 (GLA): 64 x 64 state
+    tiles (64 programs) fwd 0.743 / bwd 1.669 ms, 32 x 32 (256 programs) 0.711 / 1.603
+    (benchmarks/results/h200-2026-12-04-s5/call2/linear_b1_log.txt); at B=8, T=2048 (512 programs) the
+    64 x 64 tiles stay (32 x 32 there: 1.146 / 2.764 vs 1.050 / 2.576). CUDA only; a copy of cfg."""
+    if device.type != "cuda":
+        return cfg
+    cfg = dict(cfg)
+    want = 2 * _sm_count(device)
+
+    def programs():
+        n = bh
+        for key, dim in dims.items():
+            n *= triton.cdiv(dim, min(cfg[key], _pow2(dim)))
+        return n
+
+    while programs() < want:
+        keys = [key for key, dim in dims.items() if min(cfg[key], _pow2(dim)) > floor]
+        if not keys:
+            break
+        key = max(keys, key=lambda key_: min(cfg[key_], _pow2(dims[key_])))
+        cfg[key] = min(cfg[key], _pow2(dims[key])) // 2
+    return cfg
+
+
 def _check_cfg(cfg: dict) -> None:
     for key in ("BT", "BK_H", "BV_H", "BV_O", "BV_B"):
         x = cfg[key]
@@ -432,7 +467,7 @@ def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = Fa
     if t == 0:
         o = q.new_empty((b, h, 0, dv))
         return o, (s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32))
-    cfg = cfg or config(dk, dv, q.dtype, q.device)
+    cfg = cfg or fit_state_tiles(config(dk, dv, q.dtype, q.device), b * h, dict(BK_H=dk, BV_H=dv), q.device)
     _check_cfg(cfg)
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
@@ -460,7 +495,7 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
         ds0 = dht.clone() if dht is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
         dg = None if g is None else g.new_zeros((b, h, 0), dtype=torch.float32)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dg, ds0
-    cfg = cfg or config(dk, dv, q.dtype, q.device)
+    cfg = cfg or fit_state_tiles(config(dk, dv, q.dtype, q.device), b * h, dict(BK_H=dk, BV_H=dv), q.device)
     _check_cfg(cfg)
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)

@@ -89,7 +89,10 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # is +1% / +4% / -4% there, so the local default stays.
             alt = dict(unpacked, IDX=2, TMA=True) if pclass == "dense" else dict(unpacked, IDX=2)
             return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=alt)
-        return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, UNPACKED=dict(unpacked, IDX=2))
+        # round 5 (H200, 16K): the full and partial blocks in one loop (MERGE, one software pipeline) 1.263 ->
+        # 1.187 ms on window 1024 (flex / triton 1.29 -> 1.38), 1.325 -> 1.264 on sinks + window (1.42 -> 1.49);
+        # on the dense tiles it loses (causal 8.01 -> 8.40, window 4096 3.35 -> 3.78), so only here.
+        return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, MERGE=True, UNPACKED=dict(unpacked, IDX=2))
     return _cfg(64, 32, 4, 2)
 
 
