@@ -17,6 +17,7 @@
 #   merge        issue 3: the full and partial blocks in one loop (MERGE) on windows, sinks and causal, forward
 #   linear-b1b   issue 5: state tiles of GDN / KDA / simple GLA at B=1, checks, every op vs SDPA at B=1 T=8K
 #   gla-inter    issue 5: GLA's inter-chunk backward per Dk block with dv apart (inter="split"), B=8 T=2048
+#   merge-bwd    issue 3: MERGE in the backward kernels (dq and dk/dv), with the forward variants again
 #   linear-b1    issue 5: GLA's state-kernel variants (with their GPU check) and every op vs SDPA at B=1, T=8K
 # On demand: smoke (the fused layout kernels, band and routed, against the PyTorch layouts and a windowed /
 #   routed fwd+bwd against float64 on the GPU, < 1 min: the check after any change to the layout kernels).
@@ -69,7 +70,9 @@ for s in $SECTIONS; do
     verify) timeout ${VERIFY_S:-300} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/verify" --no-report \
               --lengths 4096,16384,65536 --direction both --backend triton --backend flex --pattern sw4096 \
               --pattern 'blocksparse-*' --max-time-s 0.5 > "$OUT/verify_log.txt" 2>&1 ;;
-    merge) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --out "$OUT" --quick > "$OUT/merge_log.txt" 2>&1 ;;
+    merge) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --fwd-only --out "$OUT" --quick > "$OUT/merge_log.txt" 2>&1 ;;
+    merge-bwd) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --patterns sw1024,sinks+sw1024,sw4096,causal \
+              --out "$OUT" --quick > "$OUT/merge_bwd_log.txt" 2>&1 ;;
     linear-b1) # GLA's state-kernel variants (nosplit: one rounding as fla; smaller state tiles for B = 1) with their
                # protocol check, at B=8 T=2048 and B=1 T=8192, then every op against SDPA at B=1 T=8192 (no fla needed)
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \

@@ -111,6 +111,8 @@ FWD5 = {
     "64x128 p2 tma (dense default)": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
     "64x128 p2 tma merge": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True, MERGE=True),
 }
+BWD5 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True),
+        "bwd tma merge": _cfg(64, 64, 4, 2, TMA=True, MERGE=True), "bwd merge": _cfg(64, 64, 4, 2, MERGE=True)}
 BWD4 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma": _cfg(64, 64, 4, 2, TMA=True),
         "bwd tma w8": _cfg(64, 64, 8, 2, TMA=True), "bwd tma s3": _cfg(64, 64, 4, 3, TMA=True)}
 BWD = {
@@ -130,7 +132,8 @@ def main():
     ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
-                         "loop over full and partial blocks (forward only)")
+                         "loop over full and partial blocks")
+    ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
     ap.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim (round 3 only for 64)")
@@ -144,7 +147,7 @@ def main():
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
     if args.round == 5:
-        FWD, BWD = FWD5, {}
+        FWD, BWD = (FWD5, BWD5) if not args.fwd_only else (FWD5, {})
     elif args.round == 4:
         FWD, BWD = FWD4, BWD4
     elif args.round > 1:

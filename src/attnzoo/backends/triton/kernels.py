@@ -228,19 +228,24 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
 BWD = '''
 
 @triton.jit
-def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PREC: tl.constexpr):
-    # probabilities of one tile from the saved lse (base 2); keys past Lk and hidden pairs -> 0
+def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PREC: tl.constexpr, part=False):
+    # probabilities of one tile from the saved lse (base 2); keys past Lk and hidden pairs -> 0. MASK: 0 a
+    # full tile, 1 a partial one, 2 decided at run time by `part` (the merged loops)
     s = tl.dot(q, kt, input_precision=PREC) * qk_scale
     keep = kk < Lk
-    if MASK:
+    if MASK == 1:
         keep = keep & _mask(qp, kk, h, AUX)
-    return tl.exp2(tl.where(keep, s, float("-inf")) - lse2[:, None])
+    s = tl.where(keep, s, float("-inf"))
+    if MASK == 2:
+        if part:
+            s = tl.where(_mask(qp, kk, h, AUX), s, float("-inf"))
+    return tl.exp2(s - lse2[:, None])
 
 
 @triton.jit
 def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, dv,
-                 MASK: tl.constexpr, PREC: tl.constexpr):
-    p = _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK, PREC)
+                 MASK: tl.constexpr, PREC: tl.constexpr, part=False):
+    p = _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK, PREC, part)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -273,7 +278,7 @@ def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, D
 @triton.jit
 def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV,
                   kt, vt, OFF, kk, h, AUX, Lk, qk_scale, dk, dv, MASK: tl.constexpr, PREC: tl.constexpr,
-                  QD, DOD, TMA: tl.constexpr):
+                  QD, DOD, TMA: tl.constexpr, part=False):
     # one query block (rows m0 + offs_m0 of head h, bh = batch * H + h) of the dk/dv kernel: its q, dO, lse
     # and delta, then the tile's contribution to dk and dv
     offs_m = m0 + offs_m0
@@ -285,7 +290,7 @@ def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, st
     else:
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     return _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk, dv,
-                        MASK, PREC)
+                        MASK, PREC, part)
 
 
 @triton.jit
@@ -296,8 +301,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                   lay_h, lay_m, idx_h, idx_m,
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False):
-    # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1)
+                  PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False, MERGE: tl.constexpr = False):
+    # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1). MERGE: the
+    # item's full and partial query blocks of a head in one loop (the mask past the full ones)
     item = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_n = tl.load(ITEMS + item * 4)
@@ -324,17 +330,26 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
         dooff = b * stride_db + h * stride_dh
         # the item's range runs over the full blocks first, then the partial ones
         n_full = tl.load(FQN + h * lay_h + pid_n * lay_m)
-        row = FQI + h * idx_h + pid_n * idx_m
-        for j in range(s0, tl.minimum(e0, n_full)):
-            dk, dv = _bwd_kv_block(tl.load(row + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
-                                   stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX, Lk,
-                                   qk_scale, dk, dv, False, PREC, QD, DOD, TMA)
+        frow = FQI + h * idx_h + pid_n * idx_m
         n_part = tl.load(QN + h * lay_h + pid_n * lay_m)
-        row = QI + h * idx_h + pid_n * idx_m
-        for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
-            dk, dv = _bwd_kv_block(tl.load(row + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
-                                   stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX, Lk,
-                                   qk_scale, dk, dv, True, PREC, QD, DOD, TMA)
+        prow = QI + h * idx_h + pid_n * idx_m
+        if MERGE:
+            for j in range(s0, tl.minimum(e0, n_full + n_part)):
+                part = j >= n_full
+                blk = tl.where(part, tl.load(prow + (j - n_full), mask=part, other=0),
+                               tl.load(frow + j, mask=j < n_full, other=0))
+                dk, dv = _bwd_kv_block(blk * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
+                                       stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
+                                       Lk, qk_scale, dk, dv, 2, PREC, QD, DOD, TMA, part)
+        else:
+            for j in range(s0, tl.minimum(e0, n_full)):
+                dk, dv = _bwd_kv_block(tl.load(frow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
+                                       stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
+                                       Lk, qk_scale, dk, dv, 0, PREC, QD, DOD, TMA)
+            for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
+                dk, dv = _bwd_kv_block(tl.load(prow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
+                                       stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
+                                       Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA)
     if slot < 0:
         tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
@@ -379,7 +394,7 @@ def attn_bwd_reduce(WSK, WSV, RED, DKP, DVP, stride_dkb, stride_dkh, stride_dkn,
 @triton.jit
 def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
                 Lk, D, DV, qk_scale, dq, MASK: tl.constexpr, PREC: tl.constexpr, KD=None, VD=None, krow=0,
-                TMA: tl.constexpr = False):
+                TMA: tl.constexpr = False, part=False):
     if TMA:  # EVEN only: descriptors over K's and V's (B * Hkv * Lk, D) views
         k = KD.load([krow, 0])
         vt = tl.trans(VD.load([krow, 0]))
@@ -388,7 +403,7 @@ def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, strid
                     mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
         vt = tl.load(vbase + offs_n[None, :] * stride_vn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
-    p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC)
+    p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC, part)
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -403,8 +418,9 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
                 H, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, HAS_DLSE: tl.constexpr, PACK: tl.constexpr = 1, KD=None, VD=None,
-                TMA: tl.constexpr = False):
-    # PACK query heads of a GQA group per program, as in attn_fwd
+                TMA: tl.constexpr = False, MERGE: tl.constexpr = False):
+    # PACK query heads of a GQA group per program, as in attn_fwd; MERGE: full and partial kv blocks in one
+    # loop (the mask past the full ones), the next block index loaded a step ahead
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
     b, h, hk, offs_m, hr = _packed_rows(pid_m, tl.program_id(1), H, G, BLOCK_M, PACK)
@@ -429,18 +445,31 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
     vbase = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n_full = tl.load(FKVN + h * lay_h + pid_m * lay_m)
-    row = FKVI + h * idx_h + pid_m * idx_m
-    kvrow = (b * (H // G) + hk) * Lk
-    for j in range(0, n_full):
-        n0 = tl.load(row + j) * BLOCK_N
-        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
-                         h, AUX, Lk, D, DV, qk_scale, dq, False, PREC, KD, VD, kvrow + n0, TMA)
+    frow = FKVI + h * idx_h + pid_m * idx_m
     n_part = tl.load(KVN + h * lay_h + pid_m * lay_m)
-    row = KVI + h * idx_h + pid_m * idx_m
-    for j in range(0, n_part):
-        n0 = tl.load(row + j) * BLOCK_N
-        dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
-                         h, AUX, Lk, D, DV, qk_scale, dq, True, PREC, KD, VD, kvrow + n0, TMA)
+    prow = KVI + h * idx_h + pid_m * idx_m
+    kvrow = (b * (H // G) + hk) * Lk
+    if MERGE:
+        nxt = tl.load(frow, mask=n_full > 0, other=0)
+        if n_full == 0:
+            nxt = tl.load(prow, mask=n_part > 0, other=0)
+        for j in range(0, n_full + n_part):
+            part = j >= n_full
+            n0 = nxt * BLOCK_N
+            jn = j + 1
+            nxt = tl.where(jn < n_full, tl.load(frow + jn, mask=jn < n_full, other=0),
+                           tl.load(prow + (jn - n_full), mask=(jn >= n_full) & (jn < n_full + n_part), other=0))
+            dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 2, PREC, KD, VD, kvrow + n0, TMA, part)
+    else:
+        for j in range(0, n_full):
+            n0 = tl.load(frow + j) * BLOCK_N
+            dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 0, PREC, KD, VD, kvrow + n0, TMA)
+        for j in range(0, n_part):
+            n0 = tl.load(prow + j) * BLOCK_N
+            dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 1, PREC, KD, VD, kvrow + n0, TMA)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + hr[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))

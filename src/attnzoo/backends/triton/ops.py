@@ -354,6 +354,8 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     qd = _kv_descriptors(q, dout, bm, even) if kvd else None
     tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd and qd else {}
     tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if kvd and qd else {}
+    if cfg.get("MERGE"):  # full and partial blocks in one loop in both kernels
+        tma_dq["MERGE"] = tma_dkdv["MERGE"] = True
     # dq first: it also writes delta, which the dk/dv kernel reads
     pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
     mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
