@@ -16,6 +16,7 @@
 #   decode-wide  issue 6: MLA decode through the wide-head Triton decode kernel
 #   merge        issue 3: the full and partial blocks in one loop (MERGE) on windows, sinks and causal, forward
 #   linear-b1b   issue 5: state tiles of GDN / KDA / simple GLA at B=1, checks, every op vs SDPA at B=1 T=8K
+#   linear-b1c   issue 5: every op vs SDPA at B=1, T=8K and 16K (run with fla off the path: no autotuning)
 #   gla-inter    issue 5: GLA's inter-chunk backward per Dk block with dv apart (inter="split"), B=8 T=2048
 #   merge-bwd    issue 3: MERGE in the backward kernels (dq and dk/dv), with the forward variants again
 #   linear-b1    issue 5: GLA's state-kernel variants (with their GPU check) and every op vs SDPA at B=1, T=8K
@@ -71,7 +72,7 @@ for s in $SECTIONS; do
               --lengths 4096,16384,65536 --direction both --backend triton --backend flex --pattern sw4096 \
               --pattern 'blocksparse-*' --max-time-s 0.5 > "$OUT/verify_log.txt" 2>&1 ;;
     merge) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --fwd-only --out "$OUT" --quick > "$OUT/merge_log.txt" 2>&1 ;;
-    merge-bwd) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --patterns sw1024,sinks+sw1024,sw4096,causal \
+    merge-bwd) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 5 --patterns ${MERGE_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} \
               --out "$OUT" --quick > "$OUT/merge_bwd_log.txt" 2>&1 ;;
     linear-b1) # GLA's state-kernel variants (nosplit: one rounding as fla; smaller state tiles for B = 1) with their
                # protocol check, at B=8 T=2048 and B=1 T=8192, then every op against SDPA at B=1 T=8192 (no fla needed)
@@ -85,6 +86,9 @@ for s in $SECTIONS; do
               timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \
                 --sweep-ops gdn,kda --sweep-only h --sweep-shape 1x8192 --sweep --ops simple_gla,gla,gdn,kda,sdpa \
                 --shapes 1x8192 > "$OUT/linear_b1b_log.txt" 2>&1 ;;
+    linear-b1c) # every op against SDPA at B=1 T=8192 and 16384 with the fitted state tiles (run without fla on the path)
+              timeout ${LINEAR_S:-90} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
+                --ops simple_gla,gla,gdn,kda,sdpa --shapes 1x8192,1x16384 > "$OUT/linear_b1c_log.txt" 2>&1 ;;
     gla-inter) # GLA's inter-chunk backward split per Dk block (+ the state-kernel variants), B=8 T=2048, no fla needed
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
                 --sweep-ops gla --sweep-only inter,nosplit --ops sdpa --shapes 8x2048 > "$OUT/gla_inter_log.txt" 2>&1 ;;

@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 
 from . import _core
-from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in
+from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -537,7 +537,8 @@ def _forward_pass(q, k, v, gc, beta, s0, cfg, poison, store_t):
 def _prepare(q, k, v, g, beta, s0, cfg):
     q, k, v = (_last_unit(x) for x in (q, k, v))
     b, h, t, dk = q.shape
-    cfg = cfg or config(dk, v.shape[-1], q.dtype, q.device)
+    cfg = cfg or fit_state_tiles(config(dk, v.shape[-1], q.dtype, q.device), b * h, dict(BV_H=v.shape[-1]),
+                                 q.device, floor=16)
     _check_cfg(cfg)
     gc = chunk_cumsum(g, (b, h, t), cfg["BT"], q.device)
     beta = beta.to(torch.float32).reshape(b * h, t).contiguous()

@@ -644,9 +644,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     # does) instead of the two-dot hi/lo split: B=8 T=2048 forward 1.125 -> 1.050 ms, backward 2.655 -> 2.576;
     # the GPU protocol check still passes (rel RMSE: final state 2.3e-6 -> 0.0016, d initial state 2.5e-6 ->
     # 0.0017, the rest unchanged at 0.0022-0.0029; benchmarks/results/h200-2026-12-04-s5/call2/).
+    # The inter-chunk backward per 64-channel Dk block (dq, dk, dg; 4 warps) with dv in its own kernel:
+    # backward 2.581 -> 2.470 ms (benchmarks/results/h200-2026-12-04-s5/call3/gla_inter_log.txt; 32 channels
+    # 2.489, 8 warps 2.711, whole Dk 2.651).
     return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(64, pv),
                 warps_h=4, warps_o=8, warps_b=8, stages=2, intra="split", BK_I=min(32, pk), warps_i=2,
-                split_h=False)
+                split_h=False, inter="split", BK_Q=min(64, pk), warps_q=4)
 
 
 def _check_cfg(cfg: dict) -> None:

@@ -59,7 +59,7 @@ from . import _core
 from . import triton_delta as _td
 from .triton_delta import _split_dot2
 from .triton_gla import chunk_cumsum
-from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in
+from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -492,7 +492,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
 def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     q, k, v = (_last_unit(x) for x in (q, k, v))
     b, h, t, dk = q.shape
-    cfg = cfg or config(dk, v.shape[-1], q.dtype, q.device)
+    cfg = cfg or fit_state_tiles(config(dk, v.shape[-1], q.dtype, q.device), b * h, dict(BV_H=v.shape[-1]),
+                                 q.device, floor=16)
     _td._check_cfg(cfg)
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")

@@ -389,14 +389,16 @@ def fit_state_tiles(cfg: dict, bh: int, dims: dict, device: torch.device, floor:
     """The sequential state kernels run one program per state tile and batch x head; with few sequences
     (B * H small) that is too few programs to fill the GPU, and each walks every chunk. Halve the largest
     of the tiles named in ``dims`` ({cfg key: the dimension it tiles}) while the programs number fewer than
-    two per SM and a tile is above ``floor``. On the H200 at B=1, T=8192, H=16, D=128 (GLA): 64 x 64 state
-    tiles (64 programs) fwd 0.743 / bwd 1.669 ms, 32 x 32 (256 programs) 0.711 / 1.603
-    (benchmarks/results/h200-2026-12-04-s5/call2/linear_b1_log.txt); at B=8, T=2048 (512 programs) the
-    64 x 64 tiles stay (32 x 32 there: 1.146 / 2.764 vs 1.050 / 2.576). CUDA only; a copy of cfg."""
+    the SMs and a tile is above ``floor``. H200, T=8192, H=16, D=128, B=1 (benchmarks/results/
+    h200-2026-12-04-s5/call2 and call3): GLA 64 x 64 state tiles (64 programs) fwd 0.743 / bwd 1.669 ms,
+    32 x 32 (256 programs) 0.711 / 1.603; Gated DeltaNet (Dv tiles only) 64: 0.578 / 1.889, 32: 0.537 /
+    1.636, 16 (128 programs): 0.520 / 1.605; KDA 64: 1.229 / 4.174, 16: 1.103 / 3.740. At B=8, T=2048 the
+    tables' tiles stay (GLA 32 x 32 there: 1.146 / 2.764 vs 1.050 / 2.576; Gated DeltaNet's 64-wide tiles
+    won its B=8 sweep). CUDA only; a copy of cfg."""
     if device.type != "cuda":
         return cfg
     cfg = dict(cfg)
-    want = 2 * _sm_count(device)
+    want = _sm_count(device)
 
     def programs():
         n = bh
