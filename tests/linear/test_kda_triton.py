@@ -77,13 +77,18 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, False, "extreme", dict(SUB32, intra="split", warps_i=1)),
     # the diagonal tile as broadcast products, 16 channels at a time (Dk 48: three of them)
     (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1, diag="bcast", BKD=16)),
+    # the intra backward by (BC, BC) tiles per 16-channel block (Dk 48: three blocks; Dk 32 and T 40: a
+    # partial last chunk)
+    (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1, intra_b="split", BK_I=16, warps_ib=1)),
+    (40, 32, 48, False, "extreme", dict(SUB32, intra_b="split", BK_I=16, warps_ib=1)),
 ]
 
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
                               f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
-                              f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}" for c in CASES])
+                              f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
+                              f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -94,10 +99,11 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
         check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
 
 
-@pytest.mark.parametrize("split", [True, False])
-def test_float16_protocol_rule(split):
+@pytest.mark.parametrize("split,intra_b", [(True, "fused"), (False, "fused"), (False, "split")])
+def test_float16_protocol_rule(split, intra_b):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
-    operands (the GPU default is without)."""
+    operands (the GPU default is without); the intra backward in one program per sub-chunk or per
+    16-channel block and tile."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -105,7 +111,7 @@ def test_float16_protocol_rule(split):
     scale = dk ** -0.5
     want = reference(x, True, scale)
     base = reference(x, True, scale, dtype=torch.float16)
-    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=dict(SUB32, split=split))
+    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"

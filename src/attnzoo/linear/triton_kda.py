@@ -470,6 +470,122 @@ def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
     tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_ik)
 
 
+@triton.jit
+def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
+                     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
+                     NH, T, DIMK, NT,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _bwd_intra by (BC, BC) tiles over one Dk block (cfg intra_b="split"; grid: Dk block, chunk x sub-chunk,
+    # batch x head): the rows of sub-chunk p against each earlier sub-chunk (referenced to gn = G at p's first
+    # row) and against each later one (referenced to ge = G at p's last row), one dot per tile and matrix
+    # (P and M share the key operand), the diagonal tile exact one step at a time with one exp per element
+    # for both sides; then the partials of _bwd_main, as _bwd_intra
+    ik = tl.program_id(0)
+    n = tl.program_id(1) // (BT // BC)
+    p = tl.program_id(1) % (BT // BC)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_s = tl.arange(0, BC)
+    offs_i = p * BC + offs_s
+    ti = n * BT + offs_i
+    m_i = ti < T
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    m_ik = m_i[:, None] & m_k[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    abase = (bh * NT * BT + n * BT) * BT
+    qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0)
+    ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0)
+    gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    # row side: dq_i, dk_i through P_ij and M_ij for keys j of earlier sub-chunks
+    gn = tl.load(gbase + (n * BT + p * BC) * DIMK + offs_k, mask=m_k, other=0.0)
+    dqi = tl.zeros([BC, BK], dtype=tl.float32)
+    dkr = tl.zeros([BC, BK], dtype=tl.float32)
+    for jc in range(0, p):
+        offs_j = jc * BC + offs_s
+        tj = n * BT + offs_j
+        kj = tl.load(kbase + tj[:, None] * s_kt + offs_k[None, :], mask=(tj < T)[:, None] & m_k[None, :], other=0.0)
+        gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        kg = kj.to(tl.float32) * tl.exp(gn[None, :] - gj)
+        dqi = _split_dot2(tl.load(DAQ + abase + offs_i[:, None] * BT + offs_j[None, :]), kg, dqi, kj, SPLIT, PREC)
+        dkr = _split_dot2(tl.load(DM + abase + offs_i[:, None] * BT + offs_j[None, :]), kg, dkr, kj, SPLIT, PREC)
+    e = tl.exp(gi - gn[None, :])
+    dqi = dqi * e
+    dkr = dkr * e
+    # column side: dk_i through P_ji (queries j) and M_ji (keys j) of later sub-chunks
+    ge = tl.load(gbase + (n * BT + p * BC + BC - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    dkp = tl.zeros([BC, BK], dtype=tl.float32)
+    dkc = tl.zeros([BC, BK], dtype=tl.float32)
+    for jc in range(p + 1, BT // BC):
+        offs_j = jc * BC + offs_s
+        tj = n * BT + offs_j
+        m_jk = (tj < T)[:, None] & m_k[None, :]
+        qj = tl.load(qbase + tj[:, None] * s_qt + offs_k[None, :], mask=m_jk, other=0.0)
+        kj = tl.load(kbase + tj[:, None] * s_kt + offs_k[None, :], mask=m_jk, other=0.0)
+        gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        eg = tl.exp(gj - ge[None, :])
+        daq = tl.load(DAQ + abase + offs_j[:, None] * BT + offs_i[None, :])  # P[j, i]
+        dm = tl.load(DM + abase + offs_j[:, None] * BT + offs_i[None, :])
+        dkp = _split_dot2(tl.trans(daq), qj.to(tl.float32) * eg, dkp, qj, SPLIT, PREC)
+        dkc = _split_dot2(tl.trans(dm), kj.to(tl.float32) * eg, dkc, kj, SPLIT, PREC)
+    e = tl.exp(ge[None, :] - gi)
+    dkp = dkp * e
+    dkc = dkc * e
+    # the diagonal tile, exact, one step s at a time: exp(G_i - G_s) where i >= s, exp(G_s - G_i) where i < s
+    # (one exp per element for both sides, as triton_gla._bwd_diag_steps)
+    for jj in range(0, BC):
+        s = p * BC + jj
+        m_s = m_k & (offs_k * 0 + n * BT + s < T)
+        ks = tl.load(kbase + (n * BT + s) * s_kt + offs_k, mask=m_s, other=0.0).to(tl.float32)
+        qs = tl.load(qbase + (n * BT + s) * s_qt + offs_k, mask=m_s, other=0.0).to(tl.float32)
+        gs = tl.load(gbase + (n * BT + s) * DIMK + offs_k, mask=m_k, other=0.0)
+        x = gi - gs[None, :]
+        lo = (offs_i >= s)[:, None]
+        ex = tl.exp(tl.where(lo, x, -x))
+        el = tl.where(lo, ex, 0.0)
+        eu = tl.where((offs_i <= s)[:, None], ex, 0.0)
+        a_col = tl.load(DAQ + abase + offs_i * BT + s)
+        m_col = tl.load(DM + abase + offs_i * BT + s)
+        a_row = tl.load(DAQ + abase + s * BT + offs_i)
+        m_row = tl.load(DM + abase + s * BT + offs_i)
+        dqi += a_col[:, None] * ks[None, :] * el
+        dkr += m_col[:, None] * ks[None, :] * el
+        dkp += a_row[:, None] * qs[None, :] * eu
+        dkc += m_row[:, None] * ks[None, :] * eu
+    poff = (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :]
+    dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
+    dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
+    db = tl.load(DB + poff, mask=m_k[None, :], other=0.0) + qi.to(tl.float32) * dqi \
+        + ki.to(tl.float32) * (dkr - dkp - dkc)
+    tl.store(DB + poff, db, mask=m_k[None, :])
+    xoff = b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :]
+    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_ik)
+    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_ik)
+
+
+@triton.jit
+def _chunk_rcumsum(DB, DG, NH, T, DIMK, NT, BT: tl.constexpr, BK: tl.constexpr):
+    # dg = chunk-local reverse inclusive cumsum of DB (float32 (B*H, NT*BT, Dk), padded chunks) into
+    # DG (B, H, T, Dk) contiguous: one (chunk, channel block, batch x head) program walks its BT steps
+    # backwards, summing the padded steps too (the chunk-end term at b_L reaches every step)
+    n = tl.program_id(0)
+    ik = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    src = DB + (bh * NT * BT + n * BT) * DIMK + offs_k
+    dst = DG + bh * T * DIMK + offs_k
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for r in range(0, BT):
+        i = BT - 1 - r
+        t = n * BT + i
+        acc += tl.load(src + i * DIMK, mask=m_k, other=0.0)
+        tl.store(dst + t * DIMK, acc, mask=m_k & (offs_k * 0 + t < T))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -497,6 +613,11 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     _td._check_cfg(cfg)
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    if cfg.get("intra_b", "fused") not in ("fused", "split"):
+        raise ValueError(f"intra_b must be 'fused' or 'split', got {cfg['intra_b']!r}")
+    if cfg.get("BK_I", 16) < 16 or cfg.get("BK_I", 16) & (cfg.get("BK_I", 16) - 1):
+        raise ValueError(f"BK_I (channels per intra-backward program) must be a power of two >= 16, "
+                         f"got {cfg['BK_I']!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
     if cfg.get("diag") == "bcast" and (cfg.get("intra") != "split" or cfg.get("BKD", 0) < 16
@@ -632,14 +753,24 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk,
         BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"], num_stages=cfg["stages"])
     dq, dk_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k))
-    _bwd_intra[(nt, bt // bc, b * h)](
-        q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
-        num_warps=cfg["warps_p"], num_stages=cfg["stages"])
-    # dg = chunk-local reverse cumsum of dL/db over the padded chunk
-    dg = db.view(b * h, nt, bt, dk).flip(2).cumsum(2).flip(2).reshape(b, h, nt * bt, dk)[:, :, :t]
-    return dq, dk_, dv_, dg.contiguous(), dbeta, ds0
+    if cfg.get("intra_b", "fused") == "split":
+        bki = min(cfg.get("BK_I", 32), bk)
+        _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc), b * h)](
+            q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bki, SPLIT=split, PREC=prec,
+            num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
+    else:
+        _bwd_intra[(nt, bt // bc, b * h)](
+            q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
+            num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+    # dg = chunk-local reverse cumsum of dL/db over the padded chunk (one Triton pass)
+    dg = _empty(poison, (b, h, t, dk), f32, q.device)
+    bkc = min(128, bk)
+    _chunk_rcumsum[(nt, triton.cdiv(dk, bkc), b * h)](db, dg, h, t, dk, nt, BT=bt, BK=bkc, num_warps=1)
+    return dq, dk_, dv_, dg, dbeta, ds0
 
 
 # ----------------------------------------------------------------------------------------------------------
