@@ -59,8 +59,8 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 # only adopted if it passes: "split" (the state kernels' hi/lo split, the default before split_h=False) and the
 # inter-chunk backward per Dk block.
 GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4))]
-# KDA's intra backward by tiles per Dk block (cfg intra_b="split"), checked the same way
-KDA_CHECK_VARIANTS = [("intra_b-split", dict(intra_b="split", BK_I=32, warps_ib=2))]
+# KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
+KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused"))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
@@ -476,15 +476,17 @@ def profile_ops(ops, b=8, t=2048):
     gv = F.logsigmoid(torch.randn(b, H, t, D, device=dev)) / 16
     beta = torch.sigmoid(torch.randn(b, H, t, device=dev))
     scale = D ** -0.5
+    KEEP = "all" if tk.SAVE_INTERMEDIATES else True  # noqa: N806 - what the autograd path keeps
     calls = {
         "simple_gla": lambda: (tk.fwd(q, k, v, gs, None, scale), tk.bwd(do, None, q, k, v, gs, None, scale)),
-        # GLA and KDA as autograd runs them: the backward takes what the forward keeps (gate cumsum, scores)
+        # GLA, GDN and KDA as autograd runs them: the backward takes what the forward keeps (gate cumsum,
+        # scores, and with triton_kernels.SAVE_INTERMEDIATES the chunk states and the delta rules' T, W, U0, U)
         "gla": lambda: triton_gla.bwd(do, None, q, k, v, None, None, scale,
-                                      kept=triton_gla.fwd(q, k, v, gv, None, scale, keep=True)[2]),
-        "gdn": lambda: (triton_delta.fwd(q, kn, v, gs, beta, None, scale),
-                        triton_delta.bwd(do, None, q, kn, v, gs, beta, None, scale)),
+                                      kept=triton_gla.fwd(q, k, v, gv, None, scale, keep=KEEP)[2]),
+        "gdn": lambda: triton_delta.bwd(do, None, q, kn, v, None, beta, None, scale,
+                                        kept=triton_delta.fwd(q, kn, v, gs, beta, None, scale, keep=True)[2]),
         "kda": lambda: triton_kda.bwd(do, None, q, kn, v, None, beta, None, scale,
-                                      kept=triton_kda.fwd(q, kn, v, gv, beta, None, scale, keep=True)[2]),
+                                      kept=triton_kda.fwd(q, kn, v, gv, beta, None, scale, keep=KEEP)[2]),
     }
     for op in ops:
         fn = calls[op]

@@ -143,11 +143,36 @@ def test_custom_ops_opcheck():
     g = (F.logsigmoid(torch.randn(1, H, 20, generator=gen)) / 4).to(DEV).requires_grad_()
     beta = torch.rand(1, H, 20, generator=gen).to(DEV).requires_grad_()
     s0 = torch.randn(1, H, 16, 16, generator=gen).to(DEV).requires_grad_()
-    torch.library.opcheck(td._fwd_op, (q, k, v, g, beta, s0, 0.25))
-    torch.library.opcheck(td._fwd_op, (q, k, v, None, beta, None, 0.25))
+    torch.library.opcheck(td._fwd_op, (q, k, v, g, beta, s0, 0.25, False))
+    torch.library.opcheck(td._fwd_op, (q, k, v, None, beta, None, 0.25, True))
     do = torch.randn(1, H, 20, 16, generator=gen).to(DEV)
-    torch.library.opcheck(td._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), g.detach(), beta.detach(),
-                                       None, 0.25))
+    x = [t.detach() for t in (q, k, v, g, beta)]
+    torch.library.opcheck(td._bwd_op, (do, None, *x, None, 0.25, []))
+    kept = td._fwd_op(*x, s0.detach(), 0.25, True)[2:]
+    torch.library.opcheck(td._bwd_op, (do, None, *x, s0.detach(), 0.25, kept))
+
+
+def test_kept_forward_tensors_match_recomputation():
+    """The backward from the forward's kept intermediates equals the backward that recomputes them; through
+    autograd, a call that needs no gradient keeps nothing."""
+    gen = torch.Generator().manual_seed(3)
+    t = 37
+    q, v, do = (torch.randn(1, 2, t, 16, generator=gen).to(DEV) for _ in range(3))
+    k = F.normalize(torch.randn(1, 2, t, 16, generator=gen), dim=-1).to(DEV)
+    g = (F.logsigmoid(torch.randn(1, 2, t, generator=gen)) / 4).to(DEV)
+    beta = torch.rand(1, 2, t, generator=gen).to(DEV)
+    s0 = torch.randn(1, 2, 16, 16, generator=gen).to(DEV)
+    cfg = dict(td.config(16, 16, q.dtype, q.device), BT=32)
+    o, ht, kept = td.fwd(q, k, v, g, beta, s0, 0.25, cfg=cfg, keep=True)
+    o2, ht2 = td.fwd(q, k, v, g, beta, s0, 0.25, cfg=cfg)
+    assert torch.equal(o, o2) and torch.equal(ht, ht2)
+    with_kept = td.bwd(do, None, q, k, v, None, beta, s0, 0.25, cfg=cfg, kept=kept)
+    recomputed = td.bwd(do, None, q, k, v, g, beta, s0, 0.25, cfg=cfg)
+    for x, y in zip(with_kept, recomputed):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="chunk size"):
+        td.bwd(do, None, q, k, v, None, beta, s0, 0.25, cfg=dict(cfg, BT=16), kept=kept)
+    assert len(td._fwd_op(q, k, v, g, beta, s0, 0.25, td._keep(q, k, v, g, beta, s0))) == 2
 
 
 def test_empty_sequence():

@@ -111,11 +111,14 @@ def test_custom_ops_opcheck():
     q, k, v = (torch.randn(1, H, 20, 16, generator=gen).to(DEV).requires_grad_() for _ in range(3))
     g = (F.logsigmoid(torch.randn(1, H, 20, 16, generator=gen)) / 4).to(DEV).requires_grad_()
     s0 = torch.randn(1, H, 16, 16, generator=gen).to(DEV).requires_grad_()
-    torch.library.opcheck(tg._fwd_op, (q, k, v, g, s0, 0.25))
-    torch.library.opcheck(tg._fwd_op, (q, k, v, g, None, 0.25))
+    torch.library.opcheck(tg._fwd_op, (q, k, v, g, s0, 0.25, False))
+    torch.library.opcheck(tg._fwd_op, (q, k, v, g, None, 0.25, True))
     do = torch.randn(1, H, 20, 16, generator=gen).to(DEV)
-    _, _, gc, a = tg._fwd_op(q.detach(), k.detach(), v.detach(), g.detach(), None, 0.25)
-    torch.library.opcheck(tg._bwd_op, (do, None, q.detach(), k.detach(), v.detach(), gc, a, None, 0.25))
+    x = [t.detach() for t in (q, k, v, g)]
+    for keep_all in (False, True):
+        kept = tg._fwd_op(*x, None, 0.25, keep_all)[2:]
+        assert len(kept) == (3 if keep_all else 2)
+        torch.library.opcheck(tg._bwd_op, (do, None, *x[:3], None, 0.25, kept))
 
 
 def test_kept_forward_tensors_match_recomputation():
@@ -128,8 +131,11 @@ def test_kept_forward_tensors_match_recomputation():
     assert torch.equal(o, o2) and torch.equal(ht, ht2)
     with_kept = tg.bwd(do, None, q, k, v, None, None, 0.25, kept=kept)
     recomputed = tg.bwd(do, None, q, k, v, g, None, 0.25)
-    for x, y in zip(with_kept, recomputed):
-        assert torch.equal(x, y)
+    o3, _, kept_all = tg.fwd(q, k, v, g, None, 0.25, keep="all")  # the chunk states too
+    assert torch.equal(o, o3) and len(kept_all) == 3
+    with_all = tg.bwd(do, None, q, k, v, None, None, 0.25, kept=kept_all)
+    for x, y, z in zip(with_kept, recomputed, with_all):
+        assert torch.equal(x, y) and torch.equal(x, z)
     cfg = dict(tg.config(16, 16, q.dtype, q.device), BT=32, BC=16)
     with pytest.raises(ValueError, match="chunk size"):
         tg.bwd(do, None, q, k, v, None, None, 0.25, cfg=cfg, kept=kept)

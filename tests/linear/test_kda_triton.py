@@ -111,7 +111,8 @@ def test_float16_protocol_rule(split, intra_b):
     scale = dk ** -0.5
     want = reference(x, True, scale)
     base = reference(x, True, scale, dtype=torch.float16)
-    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1))
+    got = run_kernels(x, True, scale, dtype=torch.float16,
+                      cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -126,11 +127,14 @@ def test_custom_ops_opcheck():
     g = (F.logsigmoid(torch.randn(1, 1, t, 16, generator=gen)) / 4).to(DEV).requires_grad_()
     beta = torch.rand(1, 1, t, generator=gen).to(DEV).requires_grad_()
     s0 = torch.randn(1, 1, 16, 16, generator=gen).to(DEV).requires_grad_()
-    torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, s0, 0.25))
+    torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, s0, 0.25, False))
+    torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, s0, 0.25, True))
     do = torch.randn(1, 1, t, 16, generator=gen).to(DEV)
     q, k, v, g, beta = (x.detach() for x in (q, k, v, g, beta))
-    _, _, gc, p, m = tk._fwd_op(q, k, v, g, beta, None, 0.25)
-    torch.library.opcheck(tk._bwd_op, (do, None, q, k, v, gc, p, m, beta, None, 0.25))
+    for keep_all in (False, True):
+        kept = tk._fwd_op(q, k, v, g, beta, None, 0.25, keep_all)[2:]
+        assert len(kept) == (8 if keep_all else 3)
+        torch.library.opcheck(tk._bwd_op, (do, None, q, k, v, beta, None, 0.25, kept))
 
 
 def test_kept_forward_tensors_match_recomputation():
@@ -146,8 +150,11 @@ def test_kept_forward_tensors_match_recomputation():
     assert torch.equal(o, o2) and torch.equal(ht, ht2)
     with_kept = tk.bwd(do, None, q, k, v, None, beta, None, 0.25, kept=kept)
     recomputed = tk.bwd(do, None, q, k, v, g, beta, None, 0.25)
-    for x, y in zip(with_kept, recomputed):
-        assert torch.equal(x, y)
+    o3, ht3, kept_all = tk.fwd(q, k, v, g, beta, None, 0.25, keep="all")
+    assert torch.equal(o, o3) and torch.equal(ht, ht3) and len(kept_all) == 8
+    with_all = tk.bwd(do, None, q, k, v, None, beta, None, 0.25, kept=kept_all)
+    for x, y, z in zip(with_kept, recomputed, with_all):
+        assert torch.equal(x, y) and torch.equal(x, z)
     cfg = dict(tk.config(16, 16, q.dtype, q.device), BT=32)
     with pytest.raises(ValueError, match="chunk size"):
         tk.bwd(do, None, q, k, v, None, beta, None, 0.25, cfg=cfg, kept=kept)

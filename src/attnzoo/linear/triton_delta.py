@@ -63,8 +63,11 @@ non-positive exponent when g <= 0 (masked pairs get exponent -inf before exp): n
 exponents are differences of chunk-local prefix sums (absolute error about eps_fp32 * |sum of the gates over
 a chunk|), as in the other Triton kernels.
 
-Nothing but the inputs is saved for backward (T, W, U0, S_n and U are recomputed); no atomics:
-deterministic. Sequential work: ``_fwd_h`` and ``_bwd_dh`` loop over the chunks, (Dv / BV) x B x H programs.
+What the backward reads of the forward: with ``triton_kernels.SAVE_INTERMEDIATES`` (the default) the
+autograd path keeps the forward's b, T, W, U0, U and S_n (about 1.5 KB per token and head at Dk = Dv = 128 in
+bfloat16, twice the inputs; the forward then also writes T), so the backward skips ``_prep`` and ``_fwd_h``
+(about a fifth of a forward+backward on the H200); set it False to keep only the inputs and recompute them.
+Only when a gradient is wanted: an inference call keeps nothing. No atomics: deterministic. Sequential work: ``_fwd_h`` and ``_bwd_dh`` loop over the chunks, (Dv / BV) x B x H programs.
 Both also serve KDA (:mod:`attnzoo.linear.triton_kda`) with ``VEC=True``: G then holds per-channel
 cumulative gates (B*H, NT*BT, Dk) and every exp(b) factor becomes a per-row (key channel) decay of the state.
 
@@ -81,7 +84,7 @@ import triton
 import triton.language as tl
 
 from . import _core
-from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
+from .triton_kernels import _empty, _keep, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -545,32 +548,36 @@ def _prepare(q, k, v, g, beta, s0, cfg):
     return q, k, v, gc, beta, _state_in(s0), cfg
 
 
-def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, keep: bool = False):
     """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
-    :func:`gated_delta_triton`); g (B, H, T) or None, beta (B, H, T), s0 (B, H, Dk, Dv) or None."""
+    :func:`gated_delta_triton`); g (B, H, T) or None, beta (B, H, T), s0 (B, H, Dk, Dv) or None. ``keep``: also
+    return ``(gc, T, W, U0, U, HS)``, the forward's chunk intermediates, which :func:`bwd` takes as ``kept``
+    instead of recomputing them (the forward then also writes T)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     if t == 0:
         s0 = _state_in(s0)
-        return q.new_empty((b, h, 0, dv)), (s0.clone() if s0 is not None else
-                                            q.new_zeros((b, h, dk, dv), dtype=torch.float32))
+        ht = s0.clone() if s0 is not None else q.new_zeros((b, h, dk, dv), dtype=torch.float32)
+        return (q.new_empty((b, h, 0, dv)), ht) + ((None,) if keep else ())
     q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg)
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
-    _, _, _, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, cfg, poison, False)
+    tt, w, u0, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, cfg, poison, keep)
     o = _empty(poison, (b, h, t, dv), q.dtype, q.device)
     bv = min(cfg["BV_O"], _pow2(dv))
     _fwd_o[(nt, triton.cdiv(dv, bv), b * h)](
         q, k, gc, hs, u, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(1), o.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv,
         PREC=_prec(q.dtype), num_warps=cfg["warps_o"], num_stages=cfg["stages"])
-    return o, ht
+    return (o, ht, (gc, tt, w, u0, u, hs)) if keep else (o, ht)
 
 
-def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False):
+def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, kept=None):
     """Gradients -> (dq, dk, dv, dg (B, H, T) float32, dbeta (B, H, T) float32, ds0 (B, H, Dk, Dv) float32).
 
-    ``dht``: gradient of the final state, or None. ``dg`` and ``ds0`` are returned even when g / s0 are None."""
+    ``dht``: gradient of the final state, or None. ``dg`` and ``ds0`` are returned even when g / s0 are None.
+    ``kept``: the ``(gc, T, W, U0, U, HS)`` of ``fwd(..., keep=True)`` with the same cfg and initial state
+    (g is then not read)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     dht = _state_in(dht)
@@ -579,12 +586,19 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         z = q.new_zeros((b, h, 0), dtype=torch.float32)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), z, z.clone(), ds0
     do = _last_unit(do)
-    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg)
+    q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g if kept is None else None, beta, s0, cfg)
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
     split = q.dtype != torch.float32 and cfg.get("split", True)
     prec = _prec(q.dtype)
-    tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, cfg, poison, True)
+    if kept is None:
+        tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, cfg, poison, True)
+    else:
+        gc, tt, w, u0, u, hs = kept
+        tp = nt * bt
+        if (tt.shape != (b * h, tp, bt) or w.shape != (b * h, tp, dk) or hs.shape != (b * h, nt, dk, dv)
+                or (gc is not None and gc.shape != (b * h, tp))):
+            raise ValueError("kept tensors do not match this cfg's chunk size (pass the cfg of the forward)")
     du = _empty(poison, (b * h, nt * bt, dv), torch.float32, q.device)
     bvo = min(cfg["BV_O"], _pow2(dv))
     _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
@@ -616,27 +630,49 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
 # custom ops and autograd
 # ----------------------------------------------------------------------------------------------------------
 
+_KEPT = 6  # gc, T, W, U0, U, HS
+
+
+def _kept_shapes(q, dv):
+    """Shapes and dtypes of what ``fwd(..., keep=True)`` keeps (the fake implementation's outputs)."""
+    b, h, t, dk = q.shape
+    bt = config(dk, dv, q.dtype, q.device)["BT"]
+    nt = triton.cdiv(t, bt)
+    tp, f32 = nt * bt, torch.float32
+    return [((b * h, tp), f32), ((b * h, tp, bt), f32), ((b * h, tp, dk), q.dtype), ((b * h, tp, dv), q.dtype),
+            ((b * h, tp, dv), q.dtype), ((b * h, nt, dk, dv), q.dtype)]
+
+
 @torch.library.custom_op("attnzoo::gated_delta_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
-            initial_state: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return fwd(q, k, v, g, beta, initial_state, scale)
+            initial_state: torch.Tensor | None, scale: float, keep: bool) -> list[torch.Tensor]:
+    """-> [o, final state] + (with ``keep``, for the backward, not differentiable) [gc, T, W, U0, U, HS]."""
+    if not keep or q.shape[2] == 0:
+        return list(fwd(q, k, v, g, beta, initial_state, scale)[:2])
+    o, ht, kept = fwd(q, k, v, g, beta, initial_state, scale, keep=True)
+    return [o, ht, *kept]
 
 
 @_fwd_op.register_fake
-def _(q, k, v, g, beta, initial_state, scale):
+def _(q, k, v, g, beta, initial_state, scale, keep):
     b, h, t, dk = q.shape
-    return q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32)
+    out = [q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32)]
+    if keep and t:
+        out += [q.new_empty(shape, dtype=dt) for shape, dt in _kept_shapes(q, v.shape[-1])]
+    return out
 
 
 @torch.library.custom_op("attnzoo::gated_delta_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            g: torch.Tensor | None, beta: torch.Tensor, initial_state: torch.Tensor | None, scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bwd(do, dht, q, k, v, g, beta, initial_state, scale)
+            g: torch.Tensor | None, beta: torch.Tensor, initial_state: torch.Tensor | None, scale: float,
+            kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
+    """``kept``: the forward's [gc, T, W, U0, U, HS] (``_fwd_op(..., keep=True)``), or [] to recompute them."""
+    return bwd(do, dht, q, k, v, g, beta, initial_state, scale, kept=tuple(kept) if kept else None)
 
 
 @_bwd_op.register_fake
-def _(do, dht, q, k, v, g, beta, initial_state, scale):
+def _(do, dht, q, k, v, g, beta, initial_state, scale, kept):
     b, h, t, dk = q.shape
     f32 = torch.float32
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty((b, h, t), dtype=f32),
@@ -644,15 +680,19 @@ def _(do, dht, q, k, v, g, beta, initial_state, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, s0, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, s0)
+    q, k, v, g, beta, s0, scale, _ = inputs
+    kept = output[2:]
+    if kept:
+        ctx.mark_non_differentiable(*kept)
+    ctx.save_for_backward(q, k, v, g, beta, s0, *kept)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, s0 = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, g, beta, s0, ctx.scale)
-    return dq, dk, dv, (dg if g is not None else None), dbeta, (ds0 if s0 is not None else None), None
+def _backward(ctx, grads):
+    do, dht = grads[0], grads[1]
+    q, k, v, g, beta, s0, *kept = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, g, beta, s0, ctx.scale, list(kept))
+    return dq, dk, dv, (dg if g is not None else None), dbeta, (ds0 if s0 is not None else None), None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -693,8 +733,9 @@ def gated_delta_triton(q, k, v, g, beta, scale=None, initial_state=None, output_
     if initial_state is not None:
         _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
         initial_state = initial_state.to(torch.float32)
-    o, ht = _fwd_op(q, k, v, None if g is None else g.to(torch.float32), beta.to(torch.float32), initial_state,
-                    scale)
+    g = None if g is None else g.to(torch.float32)
+    beta = beta.to(torch.float32)
+    o, ht = _fwd_op(q, k, v, g, beta, initial_state, scale, _keep(q, k, v, g, beta, initial_state))[:2]
     return o, (ht if output_final_state else None)
 
 
@@ -704,7 +745,7 @@ def delta_chunk(q, k, v, g, beta, scale: float, initial_state, offsets):
     s0 = None if initial_state is None else initial_state.to(torch.float32)
 
     def fn(q, k, v, g, beta, s):
-        return _fwd_op(q, k, v, g, beta, s, scale)
+        return tuple(_fwd_op(q, k, v, g, beta, s, scale, _keep(q, k, v, g, beta, s))[:2])
 
     return _core.run_sequences(fn, [q, k, v, None if g is None else g.to(torch.float32),
                                     beta.to(torch.float32)], s0, offsets)

@@ -92,7 +92,7 @@ import triton
 import triton.language as tl
 
 from . import _core
-from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
+from .triton_kernels import _empty, _keep, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -747,12 +747,13 @@ def _scores(q, k, gc, scale, cfg, poison):
     return a
 
 
-def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False, keep: bool = False):
+def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False, keep: bool | str = False):
     """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
     :func:`gla_triton`); g (B, H, T, Dk), s0 (B, H, Dk, Dv) or None. ``keep``: also return ``(gc, A)``, the
     chunk-local gate cumsum and the intra-chunk scores, which :func:`bwd` takes as ``kept`` instead of
     recomputing them (``_intra_a`` was about a sixth of a forward+backward on the H200; the cumsum is
-    the size of g, which the backward then need not keep)."""
+    the size of g, which the backward then need not keep); ``keep="all"``: ``(gc, A, HS)``, also the chunk
+    states, so that the backward does not run ``_fwd_h`` again."""
     q, k, v = (_last_unit(x) for x in (q, k, v))
     s0 = _state_in(s0)
     b, h, t, dk = q.shape
@@ -775,7 +776,9 @@ def fwd(q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = Fa
         q, v, gc, hs, a, o, q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv,
         PREC=_prec(q.dtype), num_warps=cfg["warps_o"], num_stages=cfg["stages"])
-    return (o, ht, (gc, a)) if keep else (o, ht)
+    if not keep:
+        return o, ht
+    return o, ht, ((gc, a, hs) if keep == "all" else (gc, a))
 
 
 def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: bool = False, kept=None):
@@ -796,13 +799,14 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)
     if kept is not None:
-        gc, a = kept
-        if gc.shape != (b * h, nt * bt, dk) or a.shape != (b * h, nt * bt, bt):
+        gc, a = kept[:2]
+        if (gc.shape != (b * h, nt * bt, dk) or a.shape != (b * h, nt * bt, bt)
+                or (len(kept) > 2 and kept[2].shape != (b * h, nt, dk, dv))):
             raise ValueError("kept tensors do not match this cfg's chunk size (pass the cfg of the forward)")
     else:
         gc = chunk_cumsum(g, bt)
         a = _scores(q, k, gc, scale, cfg, poison)
-    hs, _ = _states(k, v, gc, s0, cfg, poison)
+    hs = kept[2] if kept is not None and len(kept) > 2 else _states(k, v, gc, s0, cfg, poison)[0]
     dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
     ds0 = _empty(poison, (b, h, dk, dv), torch.float32, q.device)
     bk, bvh = min(cfg["BK_H"], _pow2(dk)), min(cfg["BV_H"], _pow2(dv))
@@ -864,10 +868,11 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
 
 @torch.library.custom_op("attnzoo::gla_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, initial_state: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (o, final state, gc, A): the last two are kept for the backward (not differentiable)."""
-    o, ht, (gc, a) = fwd(q, k, v, g, initial_state, scale, keep=True)
-    return o, ht, gc, a
+            scale: float, keep_all: bool) -> list[torch.Tensor]:
+    """-> [o, final state, gc, A] (+ [HS] with ``keep_all``): what follows the final state is kept for the
+    backward (not differentiable)."""
+    o, ht, kept = fwd(q, k, v, g, initial_state, scale, keep="all" if keep_all and q.shape[2] else True)
+    return [o, ht, *kept]
 
 
 def _kept_shapes(q, dv):
@@ -878,40 +883,46 @@ def _kept_shapes(q, dv):
 
 
 @_fwd_op.register_fake
-def _(q, k, v, g, initial_state, scale):
+def _(q, k, v, g, initial_state, scale, keep_all):
     b, h, t, dk = q.shape
-    sg, sa = _kept_shapes(q, v.shape[-1])
+    dv = v.shape[-1]
+    sg, sa = _kept_shapes(q, dv)
     f32 = torch.float32
-    return (q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=f32),
-            q.new_empty(sg, dtype=f32), q.new_empty(sa, dtype=f32))
+    out = [q.new_empty((b, h, t, dv)), q.new_empty((b, h, dk, dv), dtype=f32), q.new_empty(sg, dtype=f32),
+           q.new_empty(sa, dtype=f32)]
+    if keep_all and t:
+        out.append(q.new_empty((b * h, sa[1] // sa[2], dk, dv)))
+    return out
 
 
 @torch.library.custom_op("attnzoo::gla_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            gc: torch.Tensor, a: torch.Tensor, initial_state: torch.Tensor | None, scale: float
+            initial_state: torch.Tensor | None, scale: float, kept: list[torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bwd(do, dht, q, k, v, None, initial_state, scale, kept=(gc, a))
+    """``kept``: what ``_fwd_op`` returned after the final state ([gc, A] or [gc, A, HS])."""
+    return bwd(do, dht, q, k, v, None, initial_state, scale, kept=tuple(kept))
 
 
 @_bwd_op.register_fake
-def _(do, dht, q, k, v, gc, a, initial_state, scale):
+def _(do, dht, q, k, v, initial_state, scale, kept):
     b, h, t, dk = q.shape
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty((b, h, t, dk), dtype=torch.float32), q.new_empty((b, h, dk, v.shape[-1]), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, s0, scale = inputs
-    gc, a = output[2:]
-    ctx.mark_non_differentiable(gc, a)
-    ctx.save_for_backward(q, k, v, gc, a, s0)
+    q, k, v, g, s0, scale, _ = inputs
+    kept = output[2:]
+    ctx.mark_non_differentiable(*kept)
+    ctx.save_for_backward(q, k, v, s0, *kept)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht, _dgc, _da):
-    q, k, v, gc, a, s0 = ctx.saved_tensors
-    dq, dk, dv, dg, ds0 = _bwd_op(do, dht, q, k, v, gc, a, s0, ctx.scale)
-    return dq, dk, dv, dg, (ds0 if s0 is not None else None), None
+def _backward(ctx, grads):
+    do, dht = grads[0], grads[1]
+    q, k, v, s0, *kept = ctx.saved_tensors
+    dq, dk, dv, dg, ds0 = _bwd_op(do, dht, q, k, v, s0, ctx.scale, kept)
+    return dq, dk, dv, dg, (ds0 if s0 is not None else None), None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -948,7 +959,8 @@ def gla_triton(q, k, v, g, scale=None, initial_state=None, output_final_state=Fa
     if initial_state is not None:
         _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
         initial_state = initial_state.to(torch.float32)
-    o, ht = _fwd_op(q, k, v, g.to(torch.float32), initial_state, scale)[:2]
+    g = g.to(torch.float32)
+    o, ht = _fwd_op(q, k, v, g, initial_state, scale, _keep(q, k, v, g, initial_state))[:2]
     return o, (ht if output_final_state else None)
 
 
@@ -958,6 +970,6 @@ def gla_chunk(q, k, v, g, scale: float, initial_state, offsets):
     s0 = None if initial_state is None else initial_state.to(torch.float32)
 
     def fn(q, k, v, g, s):
-        return _fwd_op(q, k, v, g, s, scale)[:2]
+        return tuple(_fwd_op(q, k, v, g, s, scale, _keep(q, k, v, g, s))[:2])
 
     return _core.run_sequences(fn, [q, k, v, g.to(torch.float32)], s0, offsets)

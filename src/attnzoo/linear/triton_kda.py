@@ -598,10 +598,14 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     default: B=8 T=2048 H16 D128 on the H200, forward 2.07 -> 1.70 ms, backward 6.37 -> 6.01 ms with 2 warps,
     benchmarks/results/h200-2026-12-04-s2/linear_sweep_log.txt). The other GPU values: the Gated DeltaNet
     sweep (KDA agreed). Opt-in, not yet timed: ``diag="bcast"`` with ``BKD`` (split intra only): the diagonal
-    tile as (BC, BC, BKD) broadcast products instead of BC dependent key steps."""
+    tile as (BC, BC, BKD) broadcast products instead of BC dependent key steps. ``intra_b``: "fused"
+    (``_bwd_intra``, one program per sub-chunk over the whole Dk) or "split" (``_bwd_intra_split``: per
+    sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
+    default is split, 32 channels, 4 warps (H200, H16 D128: backward 5.663 -> 5.018 ms at B=8 T=2048,
+    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
-        cfg.update(intra="split", warps_i=2)
+        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
     return cfg
 
 
@@ -677,12 +681,15 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     return aqk, akk, tt, w, u0, u, hs, ht
 
 
-def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, keep: bool = False):
+def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False,
+        keep: bool | str = False):
     """-> (o (B, H, T, Dv) in q's dtype, final state (B, H, Dk, Dv) float32). No argument checks (see
     :func:`kda_triton`); g (B, H, T, Dk), beta (B, H, T), s0 (B, H, Dk, Dv) or None. ``keep``: also return
     ``(gc, P, M)``, the chunk-local gate cumsum and the two gate-weighted score blocks, which :func:`bwd`
     takes as ``kept`` instead of recomputing them (``_intra`` was about a sixth of a forward+backward on
-    the H200; the cumsum replaces g, which the backward then need not keep)."""
+    the H200; the cumsum replaces g, which the backward then need not keep); ``keep="all"``: also
+    ``(T, W, U0, U, HS)``, the rest of the forward pass (the forward then also writes T), so the backward
+    runs no forward kernel at all."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     if t == 0:
@@ -697,20 +704,23 @@ def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: boo
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
     split = q.dtype != torch.float32 and cfg.get("split", True)
-    aqk, akk, _, _, _, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, False)
+    aqk, akk, tt, w, u0, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, keep == "all")
     o = _empty(poison, (b, h, t, dv), q.dtype, q.device)
     bv = min(cfg["BV_O"], _pow2(dv))
     _fwd_o[(nt, triton.cdiv(dv, bv), b * h)](
         q, gc, hs, u, aqk, o, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv, SPLIT=split, PREC=_prec(q.dtype),
         num_warps=cfg["warps_o"], num_stages=cfg["stages"])
-    return (o, ht, (gc, aqk, akk)) if keep else (o, ht)
+    if not keep:
+        return o, ht
+    return o, ht, ((gc, aqk, akk, tt, w, u0, u, hs) if keep == "all" else (gc, aqk, akk))
 
 
 def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, kept=None):
     """Gradients -> (dq, dk, dv, dg (B, H, T, Dk) float32, dbeta (B, H, T) float32, ds0 (B, H, Dk, Dv)
     float32). ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None.
-    ``kept``: the ``(gc, P, M)`` of ``fwd(..., keep=True)`` with the same cfg (g is then not read)."""
+    ``kept``: the ``(gc, P, M)`` of ``fwd(..., keep=True)`` or the eight tensors of ``keep="all"``, with the same
+    cfg and initial state (g is then not read)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     dht = _state_in(dht)
@@ -720,14 +730,21 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), q.new_zeros((b, h, 0, dk), dtype=f32),
                 q.new_zeros((b, h, 0), dtype=f32), ds0)
     do = _last_unit(do)
-    gc, scores = (None, ()) if kept is None else (kept[0], tuple(kept[1:]))
+    gc, scores = (None, ()) if kept is None else (kept[0], tuple(kept[1:3]))
     q, k, v, gc, beta, s0, cfg = _prepare(q, k, v, g, beta, s0, cfg, gc, scores)
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)
     bk = _pow2(dk)
     split = q.dtype != f32 and cfg.get("split", True)
     prec = _prec(q.dtype)
-    aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True, scores or None)
+    if kept is not None and len(kept) == 8:
+        aqk, akk = scores
+        tt, w, u0, u, hs = kept[3:]
+        if tt.shape != (b * h, nt * bt, bt) or hs.shape != (b * h, nt, dk, dv):
+            raise ValueError("kept tensors do not match this cfg's chunk size (pass the cfg of the forward)")
+    else:
+        aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
+                                                      scores or None)
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
     bvo = min(cfg["BV_O"], _pow2(dv))
     _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
@@ -779,34 +796,40 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
 
 @torch.library.custom_op("attnzoo::kda_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-            initial_state: torch.Tensor | None, scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (o, final state, gc, P, M): the last three are kept for the backward (not differentiable)."""
-    o, ht, (gc, p, m) = fwd(q, k, v, g, beta, initial_state, scale, keep=True)
-    return o, ht, gc, p, m
+            initial_state: torch.Tensor | None, scale: float, keep_all: bool) -> list[torch.Tensor]:
+    """-> [o, final state, gc, P, M] (+ [T, W, U0, U, HS] with ``keep_all``): what follows the final state
+    is kept for the backward (not differentiable)."""
+    o, ht, kept = fwd(q, k, v, g, beta, initial_state, scale, keep="all" if keep_all and q.shape[2] else True)
+    return [o, ht, *kept]
 
 
 @_fwd_op.register_fake
-def _(q, k, v, g, beta, initial_state, scale):
+def _(q, k, v, g, beta, initial_state, scale, keep_all):
     b, h, t, dk = q.shape
-    bt = config(dk, v.shape[-1], q.dtype, q.device)["BT"] if t else 1
-    tp = triton.cdiv(t, bt) * bt
+    dv = v.shape[-1]
+    bt = config(dk, dv, q.dtype, q.device)["BT"] if t else 1
+    nt = triton.cdiv(t, bt)
+    tp = nt * bt
     f32 = torch.float32
-    return (q.new_empty((b, h, t, v.shape[-1])), q.new_empty((b, h, dk, v.shape[-1]), dtype=f32),
-            q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=f32),
-            q.new_empty((b * h, tp, bt), dtype=f32))
+    out = [q.new_empty((b, h, t, dv)), q.new_empty((b, h, dk, dv), dtype=f32),
+           q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=f32),
+           q.new_empty((b * h, tp, bt), dtype=f32)]
+    if keep_all and t:
+        out += [q.new_empty((b * h, tp, bt), dtype=f32), q.new_empty((b * h, tp, dk)), q.new_empty((b * h, tp, dv)),
+                q.new_empty((b * h, tp, dv)), q.new_empty((b * h, nt, dk, dv))]
+    return out
 
 
 @torch.library.custom_op("attnzoo::kda_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, dht: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            gc: torch.Tensor, p: torch.Tensor, m: torch.Tensor, beta: torch.Tensor,
-            initial_state: torch.Tensor | None, scale: float
+            beta: torch.Tensor, initial_state: torch.Tensor | None, scale: float, kept: list[torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bwd(do, dht, q, k, v, None, beta, initial_state, scale, kept=(gc, p, m))
+    """``kept``: what ``_fwd_op`` returned after the final state ([gc, P, M] or those and [T, W, U0, U, HS])."""
+    return bwd(do, dht, q, k, v, None, beta, initial_state, scale, kept=tuple(kept))
 
 
 @_bwd_op.register_fake
-def _(do, dht, q, k, v, gc, p, m, beta, initial_state, scale):
+def _(do, dht, q, k, v, beta, initial_state, scale, kept):
     b, h, t, dk = q.shape
     f32 = torch.float32
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty((b, h, t, dk), dtype=f32),
@@ -814,17 +837,18 @@ def _(do, dht, q, k, v, gc, p, m, beta, initial_state, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, s0, scale = inputs
+    q, k, v, g, beta, s0, scale, _ = inputs
     kept = output[2:]
     ctx.mark_non_differentiable(*kept)
-    ctx.save_for_backward(q, k, v, *kept, beta, s0)
+    ctx.save_for_backward(q, k, v, beta, s0, *kept)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht, *_kept_grads):
-    q, k, v, gc, p, m, beta, s0 = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, gc, p, m, beta, s0, ctx.scale)
-    return dq, dk, dv, dg, dbeta, (ds0 if s0 is not None else None), None
+def _backward(ctx, grads):
+    do, dht = grads[0], grads[1]
+    q, k, v, beta, s0, *kept = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, ds0 = _bwd_op(do, dht, q, k, v, beta, s0, ctx.scale, kept)
+    return dq, dk, dv, dg, dbeta, (ds0 if s0 is not None else None), None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -863,7 +887,8 @@ def kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_st
     if initial_state is not None:
         _core.check_state("initial_state", initial_state, (b, h, dk, dv), q.device)
         initial_state = initial_state.to(torch.float32)
-    o, ht = _fwd_op(q, k, v, g.to(torch.float32), beta.to(torch.float32), initial_state, scale)[:2]
+    g, beta = g.to(torch.float32), beta.to(torch.float32)
+    o, ht = _fwd_op(q, k, v, g, beta, initial_state, scale, _td._keep(q, k, v, g, beta, initial_state))[:2]
     return o, (ht if output_final_state else None)
 
 
@@ -873,6 +898,6 @@ def kda_chunk(q, k, v, g, beta, scale: float, initial_state, offsets):
     s0 = None if initial_state is None else initial_state.to(torch.float32)
 
     def fn(q, k, v, g, beta, s):
-        return _fwd_op(q, k, v, g, beta, s, scale)[:2]
+        return tuple(_fwd_op(q, k, v, g, beta, s, scale, _td._keep(q, k, v, g, beta, s))[:2])
 
     return _core.run_sequences(fn, [q, k, v, g.to(torch.float32), beta.to(torch.float32)], s0, offsets)

@@ -103,6 +103,16 @@ from ..backends.triton.ops import _pow2, _prec  # noqa: F401 - the launchers her
 from . import _core
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The autograd paths of GLA, Gated DeltaNet and KDA keep their forward's chunk intermediates (the chunk states,
+# and for the delta rules T, W, U0 and U) for the backward instead of recomputing them, when a gradient will
+# be taken; False trades that speed for activation memory (only the inputs, the gate cumsum and the
+# intra-chunk scores are kept).
+SAVE_INTERMEDIATES = True
+
+
+def _keep(*tensors) -> bool:
+    """Whether a forward keeps its intermediates for the backward: SAVE_INTERMEDIATES and a gradient wanted."""
+    return SAVE_INTERMEDIATES and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
