@@ -15,7 +15,7 @@
 #   linear-fla   issue 5: simple GLA and Gated DeltaNet fwd+bwd vs fla with fla's Hopper guard (#640) bypassed
 #                (--fla-unguarded: timed, and its outputs / gradients compared with ours), B=8 T=2048 (fla carry)
 #   linear-sdpa  issue 5: every op vs SDPA at the issue's token counts from T = 8K on (B*T >= 16K: 2x8192,
-#                1x16384, 4x8192), KDA's kernel profile at 2x8192 (run with fla off the path)
+#                1x16384, 4x8192; then 1x8192 and 8x2048), KDA's kernel profile at 2x8192 (run with fla off the path)
 #   kda-ib       issue 5: KDA's intra backward by tiles per Dk block (intra_b="split") and the Triton reverse
 #                cumsum of dg: GPU checks (KDA variant included), the sweep at 8x2048 and 1x8192 (no fla needed)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, its step, GDN, KDA, GLA and its variants)
@@ -64,7 +64,7 @@ for s in $SECTIONS; do
               --no-decode --fla-unguarded --ops simple_gla,gdn,sdpa --shapes 8x2048 > "$OUT/linear_fla_log.txt" 2>&1 ;;
     linear-sdpa) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/sdpa" --check none --no-decode --no-torch \
               --profile-ops kda,gdn --profile-shape 2x8192 --ops simple_gla,gla,gdn,kda,sdpa \
-              --shapes 2x8192,1x16384,4x8192 > "$OUT/linear_sdpa_log.txt" 2>&1 ;;
+              --shapes 2x8192,1x16384,4x8192,1x8192,8x2048 > "$OUT/linear_sdpa_log.txt" 2>&1 ;;
     kda-ib) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \
               --sweep-ops kda --sweep-only ib --ops sdpa --shapes 8x2048 > "$OUT/kda_ib_log.txt" 2>&1
             timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
