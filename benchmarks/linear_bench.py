@@ -425,6 +425,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
             # the intra backward by (BC, BC) tiles per Dk block
             variants += [(f"ib-k{bk}w{w}", dict(intra_b="split", BK_I=bk, warps_ib=w))
                          for bk, w in ((32, 2), (16, 1), (16, 2), (32, 4), (64, 4), (64, 2))]
+            # the state kernels computing their gate factors themselves (the default before _gate_rows)
+            variants += [("nopre", dict(pre=False))]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8)):

@@ -120,6 +120,17 @@ def test_float16_protocol_rule(split, intra_b):
         assert err <= bound and rr < 5e-3, f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}"
 
 
+@pytest.mark.parametrize("dtype,split", [(torch.float32, False), (torch.float16, True), (torch.float16, False)])
+def test_pregated_rows_match_in_kernel_gates(dtype, split):
+    """cfg pre=True (the state kernels read k * exp(b_L - b) and scale * q * exp(b) from _gate_rows) gives the
+    same bits as pre=False (each state kernel program computes the factors itself)."""
+    x = make(40, 32, 32, "strong", seed=5)
+    cfg = dict(SUB32, split=split, BV_H=16)
+    got = [run_kernels(x, True, 32 ** -0.5, dtype=dtype, cfg=dict(cfg, pre=pre)) for pre in (True, False)]
+    for n in got[0]:
+        assert torch.equal(got[0][n], got[1][n]), n
+
+
 def test_custom_ops_opcheck():
     gen = torch.Generator().manual_seed(2)
     t = 10  # one chunk: the interpreter runs the ops many times here

@@ -184,12 +184,15 @@ def _prep(K, V, BETA, G, TT, W, U0,
 
 
 @triton.jit
-def _fwd_h(K, G, W, U0, H0, HS, U, HT,
+def _fwd_h(K, G, W, U0, H0, HS, U, HT, KE,
            s_kb, s_kh, s_kt,
            NH, T, DIMK, DIMV, NT,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HAS_H0: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False):
-    # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK) and W already carries exp(b) per channel
+           HAS_H0: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False,
+           PRE: tl.constexpr = False):
+    # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK) and W already carries exp(b) per channel.
+    # PRE (with VEC): KE (B*H, NT*BT, DIMK) holds k * exp(b_L - b) (triton_kda._gate_rows), the same values
+    # this kernel would compute, so that its (Dv / BV) programs per head do not each redo the exps
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -218,13 +221,19 @@ def _fwd_h(K, G, W, U0, H0, HS, U, HT,
         u = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         u = u - _split_dot_r(w, state, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
         tl.store(U + rowoff * DIMV + offs_v[None, :], u.to(U.dtype.element_ty), mask=m_v[None, :])
-        kt = tl.load(kbase + tc[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        if VEC:
+        if PRE:
+            gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+            ke = tl.load(KE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None],
+                         other=0.0).to(tl.float32)
+            state = _split_dot2(ke, u, state * tl.exp(gl)[:, None], w, SPLIT, PREC)
+        elif VEC:
+            kt = tl.load(kbase + tc[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
             gt = tl.load(gbase + tc[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)  # (BK, BT)
             gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
             ke = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
             state = _split_dot2(ke, u, state * tl.exp(gl)[:, None], kt, SPLIT, PREC)
         else:
+            kt = tl.load(kbase + tc[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
             gc = tl.load(gbase + tc)
             glast = tl.load(gbase + n * BT + BT - 1)
             ke = kt.to(tl.float32) * tl.exp(glast - gc)[None, :]
@@ -301,12 +310,14 @@ def _bwd_dul(Q, K, G, DO, DU,
 
 
 @triton.jit
-def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU,
+def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
             NH, T, DIMK, DIMV, NT, scale,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            HAS_DHT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False):
-    # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK)
+            HAS_DHT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False,
+            PRE: tl.constexpr = False):
+    # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK). PRE (with VEC): KE holds k * exp(b_L - b) and
+    # QE scale * q * exp(b), (B*H, NT*BT, DIMK) each (triton_kda._gate_rows), read instead of recomputed
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -334,25 +345,35 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU,
         tc = n * BT + offs_c
         m_t = tc < T
         rowoff = (bh * NT * BT + tc)[:, None]
-        k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        if VEC:
+        wt = tl.load(W + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
+        if PRE:
+            gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+            ke = tl.load(KE + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            k = wt  # only its dtype is read below (the dot dtype)
+        elif VEC:
+            k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
             gc = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)  # (BT, BK)
             gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
             ke = k.to(tl.float32) * tl.exp(gl[None, :] - gc)
         else:
+            k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
             gc = tl.load(gbase + tc)
             glast = tl.load(gbase + n * BT + BT - 1)
             ke = k.to(tl.float32) * tl.exp(glast - gc)[:, None]
         du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
         du = _split_dot2(ke, dstate, du, k, SPLIT, PREC)           # + exp(b_L - b) K dS'
         tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
-        qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
         do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        wt = tl.load(W + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
-        if VEC:
+        if PRE:
+            qe = tl.load(QE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None],
+                         other=0.0).to(tl.float32)
+            dstate = _split_dot(qe, do, dstate * tl.exp(gl)[:, None], SPLIT, PREC)
+        elif VEC:
+            qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
             qe = qt.to(tl.float32) * tl.exp(tl.trans(gc)) * scale
             dstate = _split_dot(qe, do, dstate * tl.exp(gl)[:, None], SPLIT, PREC)
         else:
+            qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
             dstate = _split_dot(qt.to(tl.float32) * (tl.exp(gc) * scale)[None, :], do, dstate * tl.exp(glast),
                                 SPLIT, PREC)
         dstate = dstate - _split_dot_r(wt, du, tl.zeros([BK, BV], dtype=tl.float32), SPLIT, PREC)
@@ -531,7 +552,7 @@ def _forward_pass(q, k, v, gc, beta, s0, cfg, poison, store_t):
     ht = _empty(poison, (b, h, dk, dv), torch.float32, k.device)
     bv = min(cfg["BV_H"], _pow2(dv))
     _fwd_h[(triton.cdiv(dv, bv), b * h)](
-        k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, k.stride(0), k.stride(1), k.stride(2),
+        k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, k, k.stride(0), k.stride(1), k.stride(2),
         h, t, dk, dv, nt, BT=bt, BK=_pow2(dk), BV=bv, HAS_H0=s0 is not None, SPLIT=split, PREC=prec,
         num_warps=cfg["warps_h"], num_stages=cfg["stages"])
     return tt, w, u0, u, hs, ht
@@ -609,7 +630,7 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     ds0 = _empty(poison, (b, h, dk, dv), torch.float32, q.device)
     bvh = min(cfg["BV_H"], _pow2(dv))
     _bwd_dh[(triton.cdiv(dv, bvh), b * h)](
-        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du,
+        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du, k, q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bvh,
         HAS_DHT=dht is not None, SPLIT=split, PREC=prec, num_warps=cfg["warps_h"], num_stages=cfg["stages"])

@@ -567,6 +567,50 @@ def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
 
 
 @triton.jit
+def _gate_rows(K, Q, G, KE, QE, s_kb, s_kh, s_kt, s_qb, s_qh, s_qt, NH, T, DIMK, NT, scale,
+               BT: tl.constexpr, BK: tl.constexpr, WITH_Q: tl.constexpr):
+    # KE = k * exp(b_L - b) and (WITH_Q) QE = scale * q * exp(b), (B*H, NT*BT, Dk) in KE's / QE's dtype (the dot
+    # dtype, or float32 for the hi/lo split), zero rows past T: the per-channel gate factors of the two
+    # sequential state kernels (triton_delta._fwd_h / _bwd_dh with PRE), computed once per element by the
+    # same float32 expressions instead of once per Dv block. Grid (chunk, Dk block, batch x head)
+    n = tl.program_id(0)
+    ik = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_k = ik * BK + tl.arange(0, BK)
+    tc = n * BT + offs_c
+    m_k = offs_k < DIMK
+    m_tk = (tc < T)[:, None] & m_k[None, :]
+    rowoff = (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :]
+    gc = tl.load(G + rowoff, mask=m_k[None, :], other=0.0)
+    gl = tl.load(G + (bh * NT * BT + n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    tl.store(KE + rowoff, (k.to(tl.float32) * tl.exp(gl[None, :] - gc)).to(KE.dtype.element_ty), mask=m_k[None, :])
+    if WITH_Q:
+        q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+        tl.store(QE + rowoff, (q.to(tl.float32) * tl.exp(gc) * scale).to(QE.dtype.element_ty), mask=m_k[None, :])
+
+
+def _gated_rows(k, q, gc, scale, bt, split, poison):
+    """Run ``_gate_rows``: -> (KE, QE, or None without q) for the state kernels' PRE mode; float32 when the
+    state kernels split their float32 operands (``split``), else the dot dtype."""
+    b, h, t, dk = k.shape
+    nt = triton.cdiv(t, bt)
+    dt = torch.float32 if split else k.dtype
+    ke = _empty(poison, (b * h, nt * bt, dk), dt, k.device)
+    qe = _empty(poison, (b * h, nt * bt, dk), dt, k.device) if q is not None else None
+    bk = min(64, _pow2(dk))
+    qq = q if q is not None else k
+    _gate_rows[(nt, triton.cdiv(dk, bk), b * h)](
+        k, qq, gc, ke, qe if qe is not None else ke, k.stride(0), k.stride(1), k.stride(2),
+        qq.stride(0), qq.stride(1), qq.stride(2), h, t, dk, nt, float(scale), BT=bt, BK=bk, WITH_Q=q is not None,
+        num_warps=4)
+    return ke, qe
+
+
+@triton.jit
 def _chunk_rcumsum(DB, DG, NH, T, DIMK, NT, BT: tl.constexpr, BK: tl.constexpr):
     # dg = chunk-local reverse inclusive cumsum of DB (float32 (B*H, NT*BT, Dk), padded chunks) into
     # DG (B, H, T, Dk) contiguous: one (chunk, channel block, batch x head) program walks its BT steps
@@ -602,7 +646,9 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     (``_bwd_intra``, one program per sub-chunk over the whole Dk) or "split" (``_bwd_intra_split``: per
     sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
     default is split, 32 channels, 4 warps (H200, H16 D128: backward 5.663 -> 5.018 ms at B=8 T=2048,
-    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt)."""
+    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (default
+    True): the sequential state kernels read the gate factors k * exp(b_L - b), scale * q * exp(b) from
+    ``_gate_rows`` (one parallel pass) instead of every Dv-block program computing them (same bits)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
@@ -674,9 +720,11 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     ht = _empty(poison, (b, h, dk, dv), f32, k.device)
     bv = min(cfg["BV_H"], _pow2(dv))
+    pre = cfg.get("pre", True)
+    ke = _gated_rows(k, None, gc, 1.0, bt, split, poison)[0] if pre else k
     _td._fwd_h[(triton.cdiv(dv, bv), b * h)](
-        k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, k.stride(0), k.stride(1), k.stride(2),
-        h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=split, PREC=prec, VEC=True,
+        k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, ke, k.stride(0), k.stride(1), k.stride(2),
+        h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=split, PREC=prec, VEC=True, PRE=pre,
         num_warps=cfg["warps_h"], num_stages=cfg["stages"])
     return aqk, akk, tt, w, u0, u, hs, ht
 
@@ -753,11 +801,13 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
     ds0 = _empty(poison, (b, h, dk, dv), f32, q.device)
     bvh = min(cfg["BV_H"], _pow2(dv))
+    pre = cfg.get("pre", True)
+    ke, qe = _gated_rows(k, q, gc, scale, bt, split, poison) if pre else (k, q)
     _td._bwd_dh[(triton.cdiv(dv, bvh), b * h)](
-        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du,
+        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du, ke, qe,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk, BV=bvh,
-        HAS_DHT=dht is not None, SPLIT=split, PREC=prec, VEC=True, num_warps=cfg["warps_h"],
+        HAS_DHT=dht is not None, SPLIT=split, PREC=prec, VEC=True, PRE=pre, num_warps=cfg["warps_h"],
         num_stages=cfg["stages"])
     dqp, dkp, db = (_empty(poison, (b * h, nt * bt, dk), f32, q.device) for _ in range(3))
     daq, dm = (_empty(poison, (b * h, nt * bt, bt), f32, q.device) for _ in range(2))
