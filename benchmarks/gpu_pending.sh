@@ -3,7 +3,7 @@
 # device call (10 min) returns partial results. Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_pending.sh OUT_DIR [SECTION ...]
 # Sections (the default list, in the order given by SECTIONS below, is what is still owed):
-#   verify       issue 3: the changes of the fourth 2026-12-04 session not yet timed on a GPU: windows of >= 4096
+#   verify       issue 3 (timed in the sixth 2026-12-04 session): windows of >= 4096
 #                keys on the dense class's tiles (64x128, PACK 2, TMA; +9% in round 4 at 16K) and block-sparse
 #                masks reading one bit per tile (no per-element gather), against flex, 4K / 16K / 64K
 #   grid-full    issue 4: the long-context grid at GRID_LENS (default 1K,2K), appended to the committed H200
@@ -18,6 +18,8 @@
 #                1x16384, 4x8192; then 1x8192 and 8x2048), KDA's kernel profile at 2x8192 (run with fla off the path)
 #   kda-ib       issue 5: KDA's intra backward by tiles per Dk block (intra_b="split") and the Triton reverse
 #                cumsum of dg: GPU checks (KDA variant included), the sweep at 8x2048 and 1x8192 (no fla needed)
+#   kda-pre      issue 5: KDA's state kernels reading precomputed gate factors (cfg pre): the GPU checks, the sweep
+#                at 2x8192 and 1x8192, then every op vs SDPA at 2x8192 / 1x8192 (no fla needed)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, its step, GDN, KDA, GLA and its variants)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
@@ -45,7 +47,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-gla verify niah recall decode-wide}
+SECTIONS=${*:-linear-fla kda-pre niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -69,6 +71,11 @@ for s in $SECTIONS; do
               --sweep-ops kda --sweep-only ib --ops sdpa --shapes 8x2048 > "$OUT/kda_ib_log.txt" 2>&1
             timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --sweep-ops kda --sweep-only ib --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 >> "$OUT/kda_ib_log.txt" 2>&1 ;;
+    kda-pre) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \
+              --sweep-ops kda --sweep-only pre --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/kda_pre_log.txt" 2>&1
+            timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/b1" --check none --no-decode --no-torch \
+              --sweep-ops kda --sweep-only pre --sweep-shape 1x8192 --ops simple_gla,gla,gdn,kda,sdpa \
+              --shapes 1x8192,2x8192 >> "$OUT/kda_pre_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -60,7 +60,7 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 # inter-chunk backward per Dk block.
 GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
-KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused"))]
+KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
@@ -425,8 +425,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
             # the intra backward by (BC, BC) tiles per Dk block
             variants += [(f"ib-k{bk}w{w}", dict(intra_b="split", BK_I=bk, warps_ib=w))
                          for bk, w in ((32, 2), (16, 1), (16, 2), (32, 4), (64, 4), (64, 2))]
-            # the state kernels computing their gate factors themselves (the default before _gate_rows)
-            variants += [("nopre", dict(pre=False))]
+            # the state kernels reading their gate factors from one parallel pass (_gate_rows)
+            variants += [("pre", dict(pre=True)), ("pre-h32", dict(pre=True, BV_H=32))]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8)):

@@ -646,9 +646,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     (``_bwd_intra``, one program per sub-chunk over the whole Dk) or "split" (``_bwd_intra_split``: per
     sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
     default is split, 32 channels, 4 warps (H200, H16 D128: backward 5.663 -> 5.018 ms at B=8 T=2048,
-    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (default
-    True): the sequential state kernels read the gate factors k * exp(b_L - b), scale * q * exp(b) from
-    ``_gate_rows`` (one parallel pass) instead of every Dv-block program computing them (same bits)."""
+    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (opt-in,
+    not yet timed on a GPU): the sequential state kernels read the gate factors k * exp(b_L - b),
+    scale * q * exp(b) from ``_gate_rows`` (one parallel pass) instead of every Dv-block program computing
+    them (same bits; ``_bwd_dh`` with per-channel gates took 1.62 ms against Gated DeltaNet's 0.48 at B=2
+    T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
@@ -720,7 +722,7 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     ht = _empty(poison, (b, h, dk, dv), f32, k.device)
     bv = min(cfg["BV_H"], _pow2(dv))
-    pre = cfg.get("pre", True)
+    pre = cfg.get("pre", False)
     ke = _gated_rows(k, None, gc, 1.0, bt, split, poison)[0] if pre else k
     _td._fwd_h[(triton.cdiv(dv, bv), b * h)](
         k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, ke, k.stride(0), k.stride(1), k.stride(2),
@@ -801,7 +803,7 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
     ds0 = _empty(poison, (b, h, dk, dv), f32, q.device)
     bvh = min(cfg["BV_H"], _pow2(dv))
-    pre = cfg.get("pre", True)
+    pre = cfg.get("pre", False)
     ke, qe = _gated_rows(k, q, gc, scale, bt, split, poison) if pre else (k, q)
     _td._bwd_dh[(triton.cdiv(dv, bvh), b * h)](
         q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du, ke, qe,
