@@ -20,6 +20,8 @@
 #                cumsum of dg: GPU checks (KDA variant included), the sweep at 8x2048 and 1x8192 (no fla needed)
 #   kda-pre      issue 5: KDA's state kernels reading precomputed gate factors (cfg pre): the GPU checks, the sweep
 #                at 2x8192 and 1x8192, then every op vs SDPA at 2x8192 / 1x8192 (no fla needed)
+#   linear-scale issue 5: linear scaling with this session's kernels, every op at B=1 T=8K and 64K (target: 64K / 8K
+#                <= 8.8; last measured 2026-12-03, before the fitted state tiles and the kept intermediates)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, its step, GDN, KDA, GLA and its variants)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
@@ -47,7 +49,7 @@
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-fla kda-pre niah recall decode-wide}
+SECTIONS=${*:-linear-fla kda-pre linear-scale niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -76,6 +78,8 @@ for s in $SECTIONS; do
             timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/b1" --check none --no-decode --no-torch \
               --sweep-ops kda --sweep-only pre --sweep-shape 1x8192 --ops simple_gla,gla,gdn,kda,sdpa \
               --shapes 1x8192,2x8192 >> "$OUT/kda_pre_log.txt" 2>&1 ;;
+    linear-scale) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/scale" --check none --no-decode \
+              --no-torch --ops simple_gla,gla,gdn,kda,sdpa --shapes 1x8192,1x65536 > "$OUT/linear_scale_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
