@@ -46,7 +46,9 @@
 #   per op on its first call), linear-dk (issue 5: Gated DeltaNet and KDA vs fla), linear-sweep (issue 5:
 #   config variants with their accuracy), flash (issue 4: the FlashAttention grid), grid64 (issue 4: 64K
 #   forward+backward of the long-context grid).
-# flash-linear-attention travels as a wheel (fla_core), see the device tool's README.
+# flash-linear-attention travels as a wheel (fla_core), see the device tool's README. Only linear-fla, linear-gla,
+# linear and linear-dk want it on PYTHONPATH; run every other linear section in a call without it (with fla
+# importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 SECTIONS=${*:-linear-fla kda-pre linear-scale niah recall decode-wide}
