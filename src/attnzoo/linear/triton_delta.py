@@ -67,7 +67,8 @@ What the backward reads of the forward: with ``triton_kernels.SAVE_INTERMEDIATES
 autograd path keeps the forward's b, T, W, U0, U and S_n (about 1.5 KB per token and head at Dk = Dv = 128 in
 bfloat16, twice the inputs; the forward then also writes T), so the backward skips ``_prep`` and ``_fwd_h``
 (about a fifth of a forward+backward on the H200); set it False to keep only the inputs and recompute them.
-Only when a gradient is wanted: an inference call keeps nothing. No atomics: deterministic. Sequential work: ``_fwd_h`` and ``_bwd_dh`` loop over the chunks, (Dv / BV) x B x H programs.
+Only when a gradient is wanted: an inference call keeps nothing. No atomics: deterministic. Sequential work:
+``_fwd_h`` and ``_bwd_dh`` loop over the chunks, (Dv / BV) x B x H programs.
 Both also serve KDA (:mod:`attnzoo.linear.triton_kda`) with ``VEC=True``: G then holds per-channel
 cumulative gates (B*H, NT*BT, Dk) and every exp(b) factor becomes a per-row (key channel) decay of the state.
 
@@ -650,9 +651,6 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
 # ----------------------------------------------------------------------------------------------------------
 # custom ops and autograd
 # ----------------------------------------------------------------------------------------------------------
-
-_KEPT = 6  # gc, T, W, U0, U, HS
-
 
 def _kept_shapes(q, dv):
     """Shapes and dtypes of what ``fwd(..., keep=True)`` keeps (the fake implementation's outputs)."""

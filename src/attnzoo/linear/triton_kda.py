@@ -42,8 +42,11 @@ dL/db_L += exp(b_L) * <S, dS'>_rows + sum_j f_j, dL/db_j -= f_j, f = K * exp(b_L
 ``_bwd_intra`` (grid: chunk, sub-chunk, batch x head) adds the gate-weighted products through P and M, the
 same sub-chunk scheme on both sides (rows: keys before the sub-chunk; columns: queries / keys after it,
 referenced to the sub-chunk's last step), and their gate terms dL/db_i += q_i dq_i - k_i dk_i (per pair
-side). dg = chunk-local reverse cumsum of dL/db (PyTorch, over the padded chunk so the chunk-end term at
-b_L reaches every step). Nothing but the inputs is saved for backward; no atomics: deterministic.
+side); with ``intra_b="split"`` (the 16-bit GPU default) ``_bwd_intra_split`` does the same per Dk block and
+(BC, BC) tile. dg = chunk-local reverse cumsum of dL/db (``_chunk_rcumsum``, over the padded chunk so the
+chunk-end term at b_L reaches every step). The forward's gate cumsum and P, M are kept for the backward, and
+with ``triton_kernels.SAVE_INTERMEDIATES`` (when a gradient is wanted) also T, W, U0, U and the chunk states,
+so that the backward runs no forward kernel; no atomics: deterministic.
 
 Public: :func:`kda_triton` (differentiable in q, k, v, g, beta, initial_state through the custom ops
 ``attnzoo::kda_fwd`` / ``attnzoo::kda_bwd``) and :func:`kda_chunk` (what :func:`attnzoo.linear.kda` calls
