@@ -22,6 +22,8 @@
 #                at 2x8192 and 1x8192, then every op vs SDPA at 2x8192 / 1x8192 (no fla needed)
 #   linear-scale issue 5: linear scaling with this session's kernels, every op at B=1 T=8K and 64K (target: 64K / 8K
 #                <= 8.8; last measured 2026-12-03, before the fitted state tiles and the kept intermediates)
+#   gla-fwd      issue 5: GLA's forward scores by (BC, BC) tiles (intra_f="split"): GPU checks, sweep at 8x2048 and
+#                2x8192 (no fla needed)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, its step, GDN, KDA, GLA and its variants)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
 #   recall       issue 4: the MQAR window cell at lr 1e-3 and BASED
@@ -51,7 +53,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-fla kda-pre linear-scale niah recall decode-wide}
+SECTIONS=${*:-linear-fla kda-pre gla-fwd linear-scale niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 for s in $SECTIONS; do
@@ -82,6 +84,10 @@ for s in $SECTIONS; do
               --shapes 1x8192,2x8192 >> "$OUT/kda_pre_log.txt" 2>&1 ;;
     linear-scale) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/scale" --check none --no-decode \
               --no-torch --ops simple_gla,gla,gdn,kda,sdpa --shapes 1x8192,1x65536 > "$OUT/linear_scale_log.txt" 2>&1 ;;
+    gla-fwd) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-decode --no-torch \
+              --sweep-ops gla --sweep-only scores --ops sdpa --shapes 8x2048 > "$OUT/gla_fwd_log.txt" 2>&1
+            timeout ${LINEAR_S:-100} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
+              --sweep-ops gla --sweep-only scores --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 >> "$OUT/gla_fwd_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -58,7 +58,8 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 # GLA config variants checked by the protocol's rule on the GPU too (with --check), so that a faster variant is
 # only adopted if it passes: "split" (the state kernels' hi/lo split, the default before split_h=False) and the
 # inter-chunk backward per Dk block.
-GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4))]
+GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4)),
+                      ("scores-split", dict(intra_f="split", warps_f=4))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
@@ -412,6 +413,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
                                  (32, 32, 2, 4)):
             variants.append((f"bcast-d{bkd}k{bki}w{wi}o{wo}", dict(diag="bcast", BKD=bkd, BK_I=bki, warps_i=wi,
                                                                   warps_o=wo)))
+        # the forward's scores by (BC, BC) tiles (KDA's score kernel without M)
+        variants += [(f"scores-split-w{w}", dict(intra_f="split", warps_f=w)) for w in (2, 4, 8)]
     else:
         variants.append(("split", dict(split=True)))
         for bv, w in ((32, 4), (64, 8), (16, 4), (32, 2), (16, 2)):

@@ -256,12 +256,28 @@ def test_split_inter_backward_matches_recurrence(t, gate, dk, dv, h0):
         torch.testing.assert_close(val, one[n], rtol=1e-4, atol=1e-4)
 
 
+def test_split_scores_match_recurrence():
+    """``intra_f="split"``: the forward's scores by (BC, BC) tiles (KDA's score kernel without M), against the
+    float64 recurrence and equal to ``_intra_a`` up to float32 rounding (T 70: a partial last chunk; Dk 24)."""
+    t, dk, dv = 70, 24, 16
+    scale = dk ** -0.5
+    x = make(t, dk, dv, "paper", seed=17)
+    want = reference(x, True, scale)
+    got = run_kernels(x, True, scale, cfg=dict(SPLIT_INTRA, intra_f="split", warps_f=1))
+    fused = run_kernels(x, True, scale, cfg=SPLIT_INTRA)
+    for n, val in got.items():
+        check_close(f"split scores/{n}", val.cpu(), want[n].float())
+        torch.testing.assert_close(val, fused[n], rtol=1e-4, atol=1e-4)
+
+
 def test_bad_intra_choice():
     q = torch.randn(1, 1, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="intra"):
         tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, intra="bogus"))
     with pytest.raises(ValueError, match="diag"):
         tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, diag="bogus"))
+    with pytest.raises(ValueError, match="intra_f"):
+        tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, intra_f="bogus"))
     with pytest.raises(ValueError, match="inter"):
         tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, inter="bogus"))
     with pytest.raises(ValueError, match="BK_Q"):

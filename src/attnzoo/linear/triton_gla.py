@@ -627,6 +627,10 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     "split" (``_bwd_da`` writes dA per chunk once, then ``_bwd_intra_split`` runs per sub-chunk and Dk
     block of BK_I channels with warps_i warps: more, smaller programs, the layout of fla's kernels; the
     16-bit default since the H200 sweep of the second 2026-12-04 session: backward 3.95 -> 2.83 ms).
+    intra_f: the forward's score kernel, "fused" (``_intra_a``: one program per sub-chunk and its whole
+    (BC, BT) row block) or "split" (``triton_kda._intra_split`` without M: one dot per earlier (BC, BC) tile,
+    the exact per-step loop on the diagonal tile only, warps_f warps; opt-in, not yet timed on a GPU; the
+    same change took KDA's forward from 2.07 to 1.70 ms).
     Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
     from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
@@ -655,6 +659,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
 def _check_cfg(cfg: dict) -> None:
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    if cfg.get("intra_f", "fused") not in ("fused", "split"):
+        raise ValueError(f"intra_f must be 'fused' or 'split', got {cfg['intra_f']!r}")
     if cfg.get("inter", "fused") not in ("fused", "split"):
         raise ValueError(f"inter must be 'fused' or 'split', got {cfg['inter']!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
@@ -739,6 +745,14 @@ def _scores(q, k, gc, scale, cfg, poison):
     bt, bc = cfg["BT"], cfg["BC"]
     nt = triton.cdiv(t, bt)
     a = _empty(poison, (b * h, nt * bt, bt), torch.float32, q.device)
+    if cfg.get("intra_f", "fused") == "split":
+        # (BC, BC) tiles, the exact per-step loop on the diagonal tile only: KDA's score kernel without M
+        from .triton_kda import _intra_split
+        _intra_split[(nt * (bt // bc), b * h)](
+            q, k, gc, a, a, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), SPLIT=False, PREC=_prec(q.dtype),
+            WITH_KK=False, num_warps=cfg.get("warps_f", 4), num_stages=cfg["stages"])
+        return a
     _intra_a[(nt, bt // bc, b * h)](
         q, k, gc, a, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), PREC=_prec(q.dtype),

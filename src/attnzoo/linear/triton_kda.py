@@ -132,10 +132,11 @@ def _intra_split(Q, K, G, AQK, AKK,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                  NH, T, DIMK, NT, scale,
                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                 BKD: tl.constexpr = 0):
+                 BKD: tl.constexpr = 0, WITH_KK: tl.constexpr = True):
     # _intra by (BC, BC) tiles: the rows of sub-chunk p against each earlier sub-chunk (one dot per tile,
     # referenced to gn = G at p's first row), the diagonal tile by the exact per-step loop, zero tiles after
-    # it. grid (chunk x sub-chunk, batch x head); same outputs as _intra (cfg intra="split").
+    # it. grid (chunk x sub-chunk, batch x head); same outputs as _intra (cfg intra="split"). Without WITH_KK
+    # only P (= GLA's scale * A; triton_gla's cfg intra_f="split"), AKK not touched.
     n = tl.program_id(0) // (BT // BC)
     p = tl.program_id(0) % (BT // BC)
     bh = tl.program_id(1).to(tl.int64)
@@ -165,9 +166,10 @@ def _intra_split(Q, K, G, AQK, AKK,
         gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
         krt = tl.trans(kj.to(tl.float32) * tl.exp(gn[None, :] - gj))
         aq = _split_dot2(qe, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
-        ak = _split_dot2(ke, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
         tl.store(AQK + rows + offs_j[None, :], aq * scale)
-        tl.store(AKK + rows + offs_j[None, :], ak)
+        if WITH_KK:
+            ak = _split_dot2(ke, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
+            tl.store(AKK + rows + offs_j[None, :], ak)
     aq = tl.zeros([BC, BC], dtype=tl.float32)
     ak = tl.zeros([BC, BC], dtype=tl.float32)
     if BKD > 0:
@@ -192,12 +194,14 @@ def _intra_split(Q, K, G, AQK, AKK,
             aq += tl.where(sel, cq[:, None], 0.0)
             ak += tl.where(sel, ck[:, None], 0.0)
     tl.store(AQK + rows + offs_i[None, :], aq * scale)
-    tl.store(AKK + rows + offs_i[None, :], ak)
+    if WITH_KK:
+        tl.store(AKK + rows + offs_i[None, :], ak)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     for jc in range(p + 1, BT // BC):
         offs_j = jc * BC + offs_s
         tl.store(AQK + rows + offs_j[None, :], zero)
-        tl.store(AKK + rows + offs_j[None, :], zero)
+        if WITH_KK:
+            tl.store(AKK + rows + offs_j[None, :], zero)
 
 
 @triton.jit
