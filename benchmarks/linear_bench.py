@@ -221,6 +221,37 @@ def correctness(dtype, gate, b=2, h=4, t=1000, dk=128, dv=128):
     return rows
 
 
+def step_correctness_gated():
+    """The fused step of GLA (per-channel decay), Gated DeltaNet and KDA (the delta rule in the kernel): one
+    token, bf16 inputs, float32 state, against the float64 PyTorch step (o by the protocol's low-precision rule,
+    the baseline being the same PyTorch step evaluated in bfloat16; the state as float32)."""
+    torch.manual_seed(5)
+    b, h, dk, dv = 3, 4, 128, 128
+    rows = []
+    for op, kind, vec, delta in (("gla", "linear", True, False), ("gdn", "delta", False, True),
+                                 ("kda", "delta", True, True)):
+        s = torch.randn(b, h, dk, dv, device=DEV)
+        q, k, v = (torch.randn(b, h, dd, device=DEV, dtype=torch.bfloat16) for dd in (dk, dk, dv))
+        if delta:
+            k = F.normalize(k.float(), dim=-1).to(torch.bfloat16)
+        g = F.logsigmoid(torch.randn(b, h, *((dk,) if vec else ()), device=DEV)) / 4
+        beta = torch.sigmoid(torch.randn(b, h, device=DEV)) if delta else None
+        d = lambda x: None if x is None else x.double()  # noqa: E731
+        want_o, want_s = _core.forward_step(kind, d(q), d(k), d(v), d(g), d(beta), s.double(), 0.1, backend="torch")
+        lo = lambda x: None if x is None else x.to(torch.bfloat16)  # noqa: E731
+        step_lo = _core.step_gated_delta if delta else _core.step_gated_linear
+        base_o = step_lo(*(lo(x) for x in (q * 0.1, k, v, g) + ((beta,) if delta else ())), lo(s))[0]
+        row = dict(kind="correctness", check=f"{op}-step", dtype="bfloat16", B=b, H=h, dk=dk, dv=dv, **env())
+        try:
+            o, s_new = tk.step(q, k, v, g, s, 0.1, poison=True, beta=beta)
+            check_close(f"{op}-step/o", o, want_o, baseline=base_o)
+            check_close(f"{op}-step/state", s_new, want_s)
+            rows.append(dict(row, status="pass"))
+        except AssertionError as e:
+            rows.append(dict(row, status="FAIL", errors=[str(e)]))
+    return rows
+
+
 def step_correctness():
     torch.manual_seed(1)
     b, h, dk, dv = 3, 4, 128, 128
@@ -839,7 +870,22 @@ def decode(b, reps):
     else:
         rows.append(dict(base, backend="fla-fused-recurrent", mode="-", status="unsupported",
                          message="flash-linear-attention not importable"))
-    for name, fn in fns.items():
+    # the fused step of the other ops (triton_kernels.step with a per-channel gate and / or the delta rule)
+    # against their PyTorch step; bytes: the state read and written, q, k, v, o, the gate and beta
+    gv = F.logsigmoid(torch.randn(b, H, D, device=dev)) / 16
+    beta = torch.sigmoid(torch.randn(b, H, device=dev))
+    kn = F.normalize(k.float(), dim=-1).to(dt)
+    extra = {}
+    for op, kind, gate, bt in (("gla", "linear", gv, None), ("gdn", "delta", g, beta), ("kda", "delta", gv, beta)):
+        more = gate.numel() * 4 + (0 if bt is None else bt.numel() * 4)
+        kk = k if bt is None else kn
+        extra[op + "-step"] = (lambda kind=kind, kk=kk, gate=gate, bt=bt: tk.step(q, kk, v, gate, s, 0.1, beta=bt),
+                               nbytes - b * H * 4 + more)
+        extra[op + "-step-torch"] = (lambda kind=kind, kk=kk, gate=gate, bt=bt: _core.forward_step(
+            kind, q, kk, v, gate, bt, s, 0.1, backend="torch"), nbytes - b * H * 4 + more)
+    fns = {name: (fn, nbytes) for name, fn in fns.items()}
+    fns.update(extra)
+    for name, (fn, nb) in fns.items():
         for mode in ("graph", "eager"):
             try:
                 f = graphed(fn) if mode == "graph" else fn
@@ -848,8 +894,8 @@ def decode(b, reps):
                 r = dict(status="error", message=str(e)[:300], median_ms=None, p20_ms=None, p80_ms=None,
                          compile_ms=None, peak_mem_bytes=None, reps=0)
             ok = r["status"] == "ok"
-            bw = nbytes / (r["median_ms"] * 1e-3) if ok else None
-            rows.append(dict(base, backend=name, mode=mode, status=r["status"], message=r["message"],
+            bw = nb / (r["median_ms"] * 1e-3) if ok else None
+            rows.append(dict(base, backend=name, mode=mode, bytes=nb, status=r["status"], message=r["message"],
                              median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"],
                              gbps=bw / 1e9 if ok else None,
                              frac_peak=bw / peak if ok and peak else None, peak_bytes_s=peak))
@@ -927,6 +973,7 @@ def main():
             if full:
                 emit(correctness(torch.bfloat16, "random", dk=64, dv=128, t=777))
             emit(step_correctness())
+            emit(step_correctness_gated())
             for dtype in ((torch.bfloat16, torch.float32) if full else (torch.bfloat16,)):
                 emit(correctness_gdn(dtype))
                 emit(correctness_gdn(dtype, kda=True))
@@ -935,7 +982,7 @@ def main():
                 emit(correctness_gla(torch.bfloat16, variant=name, over=over))
             for name, over in KDA_CHECK_VARIANTS:
                 emit(correctness_gdn(torch.bfloat16, kda=True, variant=name, over=over))
-        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gdn-triton", "kda-triton",
+        checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gla-step", "gdn-step", "kda-step", "gdn-triton", "kda-triton",
                                                                                    "gla-triton")]
         bad = [r for r in checks if r["status"] != "pass"]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} pass ({time.time() - t0:.0f} s)")

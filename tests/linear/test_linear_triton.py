@@ -306,3 +306,35 @@ def test_fit_state_tiles_halves_tiles_for_few_sequences(monkeypatch):
     assert small["BK_H"] == 64 and small["BV_H"] == 32  # the key tile is 32 wide already (clipped to Dk)
     assert tk.fit_state_tiles(base, 1, dims, torch.device("cpu")) is base
     assert base == dict(BK_H=64, BV_H=64, BT=64)
+
+
+@pytest.mark.parametrize("name", ["gla", "delta_rule", "gated_delta_rule", "kda"])
+def test_gated_step_kernel_equals_recurrence(name):
+    """The fused step kernel for GLA (per-channel decay), DeltaNet, Gated DeltaNet and KDA (the delta rule's
+    update in the program): decoding a sequence token by token through ``<op>_step(backend="triton")`` (Dv
+    blocks of the kernel) reproduces the float64 recurrence and its state in float32; "auto" picks the kernel
+    only when no gradient is wanted, and "triton" refuses inputs that require grad."""
+    from linear_helpers import OPS, make_inputs
+    _, step_fn, _, has_beta = OPS[name]
+    x = make_inputs(name, b=2, h=3, t=6, dk=32, dv=40, seed=4, strong=True)
+    ref_kind = "delta" if has_beta else "linear"
+    want_s = x["initial_state"].detach()
+    s = want_s.float().to(DEV)
+    for i in range(6):
+        tok = {n: x[n].detach()[:, :, i] for n in x if n != "initial_state"}
+        want_o, want_s = _core.forward_step(ref_kind, tok["q"], tok["k"], tok["v"], tok.get("g"), tok.get("beta"),
+                                            want_s, 0.3, backend="torch")
+        args = [tok["q"].float().to(DEV), tok["k"].float().to(DEV), tok["v"].float().to(DEV)]
+        if "g" in tok:
+            args.append(tok["g"].float().to(DEV))
+        if has_beta:
+            args.append(tok["beta"].float().to(DEV))
+        o, s = step_fn(*args, s, scale=0.3, backend="triton")
+        assert s.dtype == torch.float32
+        check_close(f"{name}/step{i}/o", o.cpu(), want_o.float())
+    check_close(f"{name}/state", s.cpu(), want_s.float())
+    leaf = args[0].clone().requires_grad_()
+    with pytest.raises(ValueError, match="not differentiable"):
+        step_fn(leaf, *args[1:], s, scale=0.3, backend="triton")
+    o_auto, _ = step_fn(leaf, *args[1:], s, scale=0.3)  # auto: PyTorch, differentiable
+    assert o_auto.requires_grad

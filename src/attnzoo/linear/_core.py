@@ -434,13 +434,23 @@ def forward(kind: str, naive, q, k, v, g, beta, scale, initial_state, output_fin
     return o.to(q.dtype), (s if output_final_state else None)
 
 
-def forward_step(kind: str, q, k, v, g, beta, state, scale):
+def forward_step(kind: str, q, k, v, g, beta, state, scale, backend: str = "auto"):
     """One decoding token for every op: q, k (B, H, Dk), v (B, H, Dv); state (B, H, Dk, Dv) or None (zeros).
-    Returns (o (B, H, Dv) in q's dtype, new state in the compute dtype)."""
+    Returns (o (B, H, Dv) in q's dtype, new state in the compute dtype).
+
+    ``backend``: "auto" (the default) runs the fused Triton step kernel (``triton_kernels.step``: the state read
+    and written once, float32) where the chunked kernels would run and no gradient is wanted, else PyTorch;
+    "torch" always PyTorch; "triton" the kernel or a ValueError saying why not."""
     b, h, dk = q.shape
     scale = check_scale(scale, dk)
     if state is not None:
         check_state("state", state, (b, h, dk, v.shape[-1]), q.device)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, state))
+    if use_triton(backend, q, v, "chunk", ["the step kernel is not differentiable (inputs require grad)"] if grad
+                  else []):
+        from .triton_kernels import step as triton_step
+        f32 = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
+        return triton_step(q, k, v, f32(g), state, scale, beta=f32(beta))
     cd = compute_dtype(q.dtype)
     cast = lambda t: None if t is None else t.to(cd)  # noqa: E731
     qc, kc, vc, gc, bc = (cast(t) for t in (q, k, v, g, beta))

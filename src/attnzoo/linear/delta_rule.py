@@ -123,25 +123,26 @@ kda.__doc__ = ("Kimi Delta Attention: S_t = (I - beta_t k_t^T k_t) Diag(exp g_t)
                "    g: (B, H, T, Dk) per-channel log forget gates (<= 0).\n" + _COMMON_DOC)
 
 
-def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=None):
+def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=None, backend="auto"):
     """One decoding step of DeltaNet: q_t, k_t (B, H, Dk), v_t (B, H, Dv), beta_t (B, H); state or None.
-    Returns ``(o_t, new_state)``."""
+    Returns ``(o_t, new_state)``. ``backend``: "auto" (the fused Triton step kernel on CUDA when no gradient is
+    wanted, else PyTorch), "torch" or "triton" (see :func:`attnzoo.linear._core.forward_step`)."""
     _core.check_qkv(q_t, k_t, v_t, step=True)
     _check_beta("beta_t", beta_t, q_t.shape[:2], q_t.device)
-    return _core.forward_step("delta", q_t, k_t, v_t, None, beta_t, state, scale)
+    return _core.forward_step("delta", q_t, k_t, v_t, None, beta_t, state, scale, backend)
 
 
-def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
+def gated_delta_rule_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None, backend="auto"):
     """One decoding step of Gated DeltaNet: g_t, beta_t (B, H). Returns ``(o_t, new_state)``."""
     _core.check_qkv(q_t, k_t, v_t, step=True)
     _core.check_gate("g_t", g_t, q_t.shape[:2], "(batch, heads)", q_t.device)
     _check_beta("beta_t", beta_t, q_t.shape[:2], q_t.device)
-    return _core.forward_step("delta", q_t, k_t, v_t, g_t, beta_t, state, scale)
+    return _core.forward_step("delta", q_t, k_t, v_t, g_t, beta_t, state, scale, backend)
 
 
-def kda_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None):
+def kda_step(q_t, k_t, v_t, g_t, beta_t, state, scale=None, backend="auto"):
     """One decoding step of KDA: g_t (B, H, Dk), beta_t (B, H). Returns ``(o_t, new_state)``."""
     _core.check_qkv(q_t, k_t, v_t, step=True)
     _core.check_gate("g_t", g_t, q_t.shape, "(batch, heads, key_dim)", q_t.device)
     _check_beta("beta_t", beta_t, q_t.shape[:2], q_t.device)
-    return _core.forward_step("delta", q_t, k_t, v_t, g_t, beta_t, state, scale)
+    return _core.forward_step("delta", q_t, k_t, v_t, g_t, beta_t, state, scale, backend)

@@ -68,11 +68,12 @@ def gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, mo
                          cu_seqlens, chunk_size)
 
 
-def gla_step(q_t, k_t, v_t, g_t, state, scale=None):
+def gla_step(q_t, k_t, v_t, g_t, state, scale=None, backend="auto"):
     """One decoding step of GLA: q_t, k_t, g_t (B, H, Dk), v_t (B, H, Dv), state (B, H, Dk, Dv) or None.
 
-    Returns ``(o_t (B, H, Dv), new_state)``.
+    Returns ``(o_t (B, H, Dv), new_state)``. ``backend``: "auto" (the fused Triton step kernel on CUDA when no
+    gradient is wanted, else PyTorch), "torch" or "triton" (see :func:`attnzoo.linear._core.forward_step`).
     """
     _core.check_qkv(q_t, k_t, v_t, step=True)
     _core.check_gate("g_t", g_t, q_t.shape, "(batch, heads, key_dim)", q_t.device)
-    return _core.forward_step("linear", q_t, k_t, v_t, g_t, None, state, scale)
+    return _core.forward_step("linear", q_t, k_t, v_t, g_t, None, state, scale, backend)

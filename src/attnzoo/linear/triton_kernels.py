@@ -340,10 +340,14 @@ def _bwd_dqkv(Q, K, V, G, DO, HS, DHS, DQ, DKK, DVV, DG,
 
 
 @triton.jit
-def _step(Q, K, V, G, S, SO, O,
-          s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_gb, s_gh, s_ob, s_oh,
+def _step(Q, K, V, G, S, SO, O, BETA,
+          s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_gb, s_gh, s_ob, s_oh, s_bb, s_bh,
           NH, DIMK, DIMV, scale,
-          BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
+          BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, VEC_G: tl.constexpr = False,
+          DELTA: tl.constexpr = False):
+    # one token of every recurrence on a (Dk, BV) state tile, float32: decay by exp(g) (a scalar per head, or
+    # VEC_G a vector over Dk: GLA / KDA), then S += k^T v, or DELTA: S += beta k^T (v - k S) (the delta rule:
+    # the reduction over Dk stays in the program); o = scale q S
     bh = tl.program_id(0).to(tl.int64)
     iv = tl.program_id(1)
     b = bh // NH
@@ -359,8 +363,16 @@ def _step(Q, K, V, G, S, SO, O,
     st = bh * DIMK * DIMV + offs_k[:, None] * DIMV + offs_v[None, :]
     s = tl.load(S + st, mask=m_kv, other=0.0)
     if HAS_G:
-        s = s * tl.exp(tl.load(G + b * s_gb + h * s_gh).to(tl.float32))
-    s = s + k[:, None] * v[None, :]
+        if VEC_G:
+            gk = tl.load(G + b * s_gb + h * s_gh + offs_k, mask=m_k, other=0.0).to(tl.float32)
+            s = s * tl.exp(gk)[:, None]
+        else:
+            s = s * tl.exp(tl.load(G + b * s_gb + h * s_gh).to(tl.float32))
+    if DELTA:
+        beta = tl.load(BETA + b * s_bb + h * s_bh).to(tl.float32)
+        s = s + k[:, None] * (beta * (v - tl.sum(k[:, None] * s, 0)))[None, :]
+    else:
+        s = s + k[:, None] * v[None, :]
     o = tl.sum(q[:, None] * s, 0) * scale
     tl.store(SO + st, s, mask=m_kv)
     tl.store(O + b * s_ob + h * s_oh + offs_v, o.to(O.dtype.element_ty), mask=m_v)
@@ -533,8 +545,11 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
     return dq, dk_, dv_, dgl, ds0
 
 
-def step(q, k, v, g, state, scale: float, inplace: bool = False, poison: bool = False, block_v: int | None = None):
-    """One token: q, k (B, H, Dk), v (B, H, Dv), g (B, H) or None, state (B, H, Dk, Dv) or None (zeros).
+def step(q, k, v, g, state, scale: float, inplace: bool = False, poison: bool = False, block_v: int | None = None,
+         beta=None):
+    """One token: q, k (B, H, Dk), v (B, H, Dv), g (B, H) (a decay per head), (B, H, Dk) (per channel: GLA,
+    KDA) or None, state (B, H, Dk, Dv) or None (zeros); ``beta`` (B, H): the delta rule's update (DeltaNet,
+    Gated DeltaNet, KDA) instead of S += k^T v.
 
     -> (o (B, H, Dv) in q's dtype, new state float32). ``inplace`` writes the new state into ``state``
     (which must then be float32 and contiguous) and returns it."""
@@ -557,11 +572,16 @@ def step(q, k, v, g, state, scale: float, inplace: bool = False, poison: bool = 
     pk, pv = _pow2(dk), _pow2(dv)
     if block_v is None:
         block_v = pv if q.device.type != "cuda" else min(pv, 32 if b * h * triton.cdiv(dv, 32) >= 264 else 16)
+    vec = g is not None and g.dim() == 3
+    if vec and g.stride(-1) != 1:
+        g = g.contiguous()
     gs = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
+    bs = (beta.stride(0), beta.stride(1)) if beta is not None else (0, 0)
     _step[(b * h, triton.cdiv(dv, block_v))](
-        q, k, v, g if g is not None else q, state, out_state, o,
+        q, k, v, g if g is not None else q, state, out_state, o, beta if beta is not None else q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *gs, o.stride(0), o.stride(1),
-        h, dk, dv, float(scale), BK=pk, BV=block_v, HAS_G=g is not None, num_warps=4 if pk * block_v >= 4096 else 2)
+        *bs, h, dk, dv, float(scale), BK=pk, BV=block_v, HAS_G=g is not None, VEC_G=vec, DELTA=beta is not None,
+        num_warps=4 if pk * block_v >= 4096 else 2)
     return o, out_state
 
 
