@@ -463,8 +463,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
             variants += [("pre", dict(pre=True)), ("pre-h32", dict(pre=True, BV_H=32))]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
-    for bv, w in ((32, 8), (16, 4), (64, 8)):
-        variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))
+    for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five
+        variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))      # (64 x 64 / 128) float32 accumulators
     if op == "gla":  # 2026-12-04: a stages variant of the Gated DeltaNet kernels hit an illegal address
         variants += [("stages1", dict(stages=1)), ("stages3", dict(stages=3))]
     try:
