@@ -94,7 +94,7 @@ for s in $SECTIONS; do
             timeout ${LINEAR_S:-100} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --sweep-ops gla --sweep-only scores --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 >> "$OUT/gla_fwd_log.txt" 2>&1 ;;
     delta-bwd) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/dbwd" --check none --no-decode --no-torch \
-              --sweep-ops gdn,kda --sweep-only b --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
+              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
