@@ -61,6 +61,11 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 SECTIONS=${*:-linear-fla linear-check kda-pre gla-fwd delta-bwd linear-decode linear-scale niah recall decode-wide}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+# Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
+# they are packed into $OUT/triton_autotune.tgz at the end. Unpacked into .triton_cache/ and carried to the next
+# run (carry [".whl", ".triton_cache"]), fla's first calls load them instead of autotuning for minutes.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
+mkdir -p "$TRITON_CACHE_DIR"
 for s in $SECTIONS; do
   echo "== $s"
   case $s in
@@ -163,3 +168,5 @@ for s in $SECTIONS; do
   esac
   rc=$?; log=$(ls -t "$OUT"/*.txt | head -1); echo "   rc=$rc, last lines of $log:"; tail -25 "$log"
 done
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -) 2>/dev/null \
+  && echo "autotune choices: $(tar tzf "$OUT/triton_autotune.tgz" | wc -l) files in $OUT/triton_autotune.tgz"
