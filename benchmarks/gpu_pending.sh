@@ -24,8 +24,8 @@
 #                <= 8.8; last measured 2026-12-03, before the fitted state tiles and the kept intermediates)
 #   gla-fwd      issue 5: GLA's forward scores by (BC, BC) tiles (intra_f="split"): GPU checks, sweep at 8x2048 and
 #                2x8192 (no fla needed)
-#   delta-bwd    issue 5: the main backward kernel of Gated DeltaNet / KDA with 16 warps (b32w16, b64w16) and the
-#                other Dv blocks, at 2x8192 and 1x8192 (no fla needed)
+#   delta-bwd    issue 5: the main backward kernel of Gated DeltaNet / KDA with 16 warps (b32w16, b64w16), the other
+#                Dv blocks, and Gated DeltaNet's main backward in two kernels (main="split"), at 2x8192 (no fla)
 #   linear-decode issue 5: the fused step kernels of GLA / Gated DeltaNet / KDA (and simple GLA) at B in {1, 16, 64},
 #                GB/s against the H200's peak, against their PyTorch steps (run linear-check for their GPU check)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
@@ -99,7 +99,7 @@ for s in $SECTIONS; do
             timeout ${LINEAR_S:-100} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --sweep-ops gla --sweep-only scores --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 >> "$OUT/gla_fwd_log.txt" 2>&1 ;;
     delta-bwd) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/dbwd" --check none --no-decode --no-torch \
-              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
+              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \

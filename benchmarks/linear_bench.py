@@ -62,6 +62,8 @@ GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter=
                       ("scores-split", dict(intra_f="split", warps_f=4))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True))]
+# Gated DeltaNet's main backward in two kernels (cfg main="split")
+GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
@@ -465,6 +467,11 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five
         variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))      # (64 x 64 / 128) float32 accumulators
+    if op == "gdn":  # the main backward in two kernels (no register spills at these sizes, ptxas sm_90)
+        for bk, bkv, bv, wk, wv in ((64, 32, 32, 8, 8), (32, 32, 32, 8, 8), (64, 32, 16, 8, 8), (64, 64, 32, 8, 8),
+                                    (64, 32, 32, 4, 8)):
+            variants.append((f"main-split-k{bk}v{bkv}b{bv}w{wk}{wv}",
+                             dict(main="split", BK_M=bk, BK_MV=bkv, BV_M=bv, warps_mk=wk, warps_mv=wv)))
     if op == "gla":  # 2026-12-04: a stages variant of the Gated DeltaNet kernels hit an illegal address
         variants += [("stages1", dict(stages=1)), ("stages3", dict(stages=3))]
     try:
@@ -982,6 +989,8 @@ def main():
                 emit(correctness_gla(torch.bfloat16, variant=name, over=over))
             for name, over in KDA_CHECK_VARIANTS:
                 emit(correctness_gdn(torch.bfloat16, kda=True, variant=name, over=over))
+            for name, over in GDN_CHECK_VARIANTS:
+                emit(correctness_gdn(torch.bfloat16, variant=name, over=over))
         checks = [r for r in rows if r["kind"] == "correctness" and r.get("check") in ("triton", "step", "gla-step", "gdn-step", "kda-step", "gdn-triton", "kda-triton",
                                                                                    "gla-triton")]
         bad = [r for r in checks if r["status"] != "pass"]

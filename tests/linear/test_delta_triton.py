@@ -87,12 +87,15 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (100, 48, 32, True, "paper", SUB32),
     (70, 16, 16, True, None, SUB64),
     (100, 32, 16, False, "strong", SUB64),
+    # the main backward in two kernels: Dk blocks of 16 (Dk 48: three shares of dA), then of 32 / 16
+    (70, 48, 32, True, "strong", dict(SUB64, main="split", BK_M=16, BK_MV=32, BV_M=16, warps_mk=1, warps_mv=1)),
+    (40, 32, 48, False, "paper", dict(SUB32, main="split", BK_M=16, BV_M=16, warps_mk=1, warps_mv=1)),
 ]
 
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
-                              for c in CASES])
+                              f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -103,9 +106,10 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
         check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
 
 
-@pytest.mark.parametrize("split", [True, False])
-def test_float16_protocol_rule(split):
-    """16-bit operands, chunks of 32; with and without the hi/lo split of the float32 dot operands."""
+@pytest.mark.parametrize("split,main", [(True, "fused"), (False, "fused"), (False, "split")])
+def test_float16_protocol_rule(split, main):
+    """16-bit operands, chunks of 32; with and without the hi/lo split of the float32 dot operands; the main
+    backward fused or in two kernels."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "paper", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -113,7 +117,8 @@ def test_float16_protocol_rule(split):
     scale = dk ** -0.5
     want = reference(x, True, scale)
     base = reference(x, True, scale, dtype=torch.float16)
-    got = run_kernels(x, True, scale, dtype=torch.float16, cfg=dict(SUB32, split=split))
+    got = run_kernels(x, True, scale, dtype=torch.float16,
+                      cfg=dict(SUB32, split=split, main=main, BK_M=16, BV_M=16, warps_mk=1, warps_mv=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"

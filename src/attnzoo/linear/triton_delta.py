@@ -224,8 +224,9 @@ def _fwd_h(K, G, W, U0, H0, HS, U, HT, KE,
         tl.store(U + rowoff * DIMV + offs_v[None, :], u.to(U.dtype.element_ty), mask=m_v[None, :])
         if PRE:
             gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
-            ke = tl.load(KE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None],
-                         other=0.0).to(tl.float32)
+            ke = tl.load(KE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
+            if SPLIT:  # float32 factors; else already in the dot dtype
+                ke = ke.to(tl.float32)
             state = _split_dot2(ke, u, state * tl.exp(gl)[:, None], w, SPLIT, PREC)
         elif VEC:
             kt = tl.load(kbase + tc[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
@@ -349,7 +350,9 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
         wt = tl.load(W + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
         if PRE:
             gl = tl.load(gbase + (n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
-            ke = tl.load(KE + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            ke = tl.load(KE + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+            if SPLIT:  # float32 factors; else already in the dot dtype
+                ke = ke.to(tl.float32)
             k = wt  # only its dtype is read below (the dot dtype)
         elif VEC:
             k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
@@ -366,8 +369,9 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
         tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
         do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         if PRE:
-            qe = tl.load(QE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None],
-                         other=0.0).to(tl.float32)
+            qe = tl.load(QE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
+            if SPLIT:
+                qe = qe.to(tl.float32)
             dstate = _split_dot(qe, do, dstate * tl.exp(gl)[:, None], SPLIT, PREC)
         elif VEC:
             qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
@@ -483,6 +487,172 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV, DBE
     tl.store(DG + bh * T + tc, dg, mask=m_t)
 
 
+@triton.jit
+def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DAK, RP, IPB,
+                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
+                NH, T, DIMK, DIMV, NT, scale,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _bwd_main's state-side half for one Dk block (cfg main="split"; grid: chunk, Dk block, batch x head): the
+    # three (BT, BK) accumulators do S^T, u dS'^T, -dU S^T over a loop on Dv, then per channel the parts of dq
+    # and dk that need no dA (DQP, DKP: float32 (B*H, NT*BT, Dk)), this block's share of dA (DAK: float32
+    # (NK, B*H, NT*BT, BT)) and of three row sums (RP: float32 (NK, 3, B*H*NT*BT): q.dqh, drk.k, k.dks) and of
+    # <S, dS'> (IPB: float32 (NK, B*H*NT)); _bwd_main_v finishes. Same math as _bwd_main, fewer registers.
+    n = tl.program_id(0)
+    ik = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_t = tc < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    rowoff = (bh * NT * BT + tc)[:, None]
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    gc = tl.load(G + bh * NT * BT + tc)
+    glast = tl.load(G + bh * NT * BT + n * BT + BT - 1)
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)
+    dw = tl.zeros([BT, BK], dtype=tl.float32)
+    ip = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
+        ip += tl.sum(tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1), 0)
+    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
+    drk = _split_dot2(tl.trans(tt), dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)   # T^T dW
+    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    dak = _split_dot(-drk, tl.trans(w), tl.zeros([BT, BT], dtype=tl.float32), SPLIT, PREC)
+    rows = tl.num_programs(2) * NT * BT  # B*H*NT*BT: the rows of one Dk block's share
+    tl.store(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :], dak)
+    eb = tl.exp(gc)
+    kf = k.to(tl.float32)
+    dks = dkh * tl.exp(glast - gc)[:, None]
+    poff = rowoff * DIMK + offs_k[None, :]
+    tl.store(DQP + poff, dqh * (eb * scale)[:, None], mask=m_k[None, :])
+    tl.store(DKP + poff, drk * (beta * eb)[:, None] + dks, mask=m_k[None, :])
+    rbase = RP + ik * 3 * rows + bh * NT * BT + tc
+    tl.store(rbase, tl.sum(q.to(tl.float32) * dqh, 1))
+    tl.store(rbase + rows, tl.sum(drk * kf, 1))
+    tl.store(rbase + 2 * rows, tl.sum(kf * dks, 1))
+    tl.store(IPB + ik * tl.num_programs(2) * NT + bh * NT + n, ip)
+
+
+@triton.jit
+def _bwd_main_v(Q, K, V, BETA, G, DO, TT, U0, U, DU, DQP, DKP, DAK, RP, IPB, DQ, DKK, DVV, DBETA, DG,
+                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+                s_xb, s_xh, s_xt, s_yb, s_yh, s_yt,
+                NH, T, DIMK, DIMV, NT, NK, scale,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # the rest of _bwd_main (cfg main="split"; grid: chunk, batch x head): the Dv loop for dP, dv, dbeta and
+    # dA's value side, dA completed with the Dk blocks' shares, then P, K K^T, dbeta, dg, and dq, dk per Dk
+    # block (BK channels) from the partials of _bwd_main_k
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    m_t = tc < T
+    rowoff = (bh * NT * BT + tc)[:, None]
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    gc = tl.load(G + bh * NT * BT + tc)
+    glast = tl.load(G + bh * NT * BT + n * BT + BT - 1)
+    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
+    ttt = tl.trans(tt)
+    dp = tl.zeros([BT, BT], dtype=tl.float32)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
+        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
+                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
+        dbeta += tl.sum(drv * v.to(tl.float32), 1)
+        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    rows = tl.num_programs(1) * NT * BT
+    r_qdq = tl.zeros([BT], dtype=tl.float32)
+    r_trk = tl.zeros([BT], dtype=tl.float32)
+    r_f = tl.zeros([BT], dtype=tl.float32)
+    ip = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
+    for ik in range(0, NK):
+        da += tl.load(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :])
+        rbase = RP + ik * 3 * rows + bh * NT * BT + tc
+        r_qdq += tl.load(rbase)
+        r_trk += tl.load(rbase + rows)
+        r_f += tl.load(rbase + 2 * rows)
+        ip += tl.load(IPB + ik * tl.num_programs(1) * NT + bh * NT + n)
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    pk = tl.zeros([BT, BT], dtype=tl.float32)
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, DIMK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (offs_k < DIMK)[None, :]
+        q = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+        k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+        pk = tl.dot(q, tl.trans(k), pk, input_precision=PREC)
+        kk = tl.dot(k, tl.trans(k), kk, input_precision=PREC)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    strict = offs_c[:, None] > offs_c[None, :]
+    dec = tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
+    sdec = tl.where(strict, dec, 0.0)
+    eb = tl.exp(gc)
+    ds = dp * dec * scale
+    m = dp * (pk * dec * scale)
+    db = tl.sum(m, 1) - tl.sum(m, 0) + eb * scale * r_qdq
+    da = tl.where(strict, da, 0.0)
+    dbeta += tl.sum(da * kk * sdec, 1)
+    e = da * sdec * beta[:, None]
+    m = e * kk
+    db += tl.sum(m, 1) - tl.sum(m, 0)
+    dbeta += eb * r_trk
+    db += beta * eb * r_trk
+    db += tl.where(offs_c == BT - 1, tl.exp(glast) * ip + tl.sum(r_f, 0), 0.0) - r_f
+    dg = tl.cumsum(db, 0, reverse=True)
+    tl.store(DBETA + bh * T + tc, dbeta, mask=m_t)
+    tl.store(DG + bh * T + tc, dg, mask=m_t)
+    for k0 in range(0, DIMK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        m_k = offs_k < DIMK
+        m_tk = m_t[:, None] & m_k[None, :]
+        q = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+        k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+        poff = rowoff * DIMK + offs_k[None, :]
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) + tl.load(DQP + poff, mask=m_k[None, :], other=0.0)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        dk = _split_dot(e, k, dk, SPLIT, PREC)
+        dk = _split_dot(tl.trans(e), k, dk, SPLIT, PREC)
+        dk += tl.load(DKP + poff, mask=m_k[None, :], other=0.0)
+        xoff = b * s_xb + h * s_xh + tc[:, None] * s_xt + offs_k[None, :]
+        tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_tk)
+        tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_tk)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -494,8 +664,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     input precision of the float32 dots building T ("ieee" for float32 inputs; "tf32" for 16-bit inputs,
     whose W and U0 round T to 16 bits anyway). split: 16-bit inputs only, the hi/lo split of the float32
     operands (state, pseudo-values, T, gradients) into two 16-bit parts in the dots that carry them (about
-    float32 accuracy for the state; False: one rounding to 16 bits, fewer dots). Under the interpreter: chunks of 16 and whole-dimension
-    blocks. GPU values: from the H200 sweep below."""
+    float32 accuracy for the state; False: one rounding to 16 bits, fewer dots). main: "fused" (``_bwd_main``,
+    one program per chunk holding five (BT, BT | Dk) float32 accumulators: about 2 KB of register spills per
+    thread at the GPU values, ptxas sm_90 with Triton 3.9) or "split" (``_bwd_main_k`` per BK_M-channel Dk
+    block, then ``_bwd_main_v`` with Dk blocks of BK_MV; Dv blocks BV_M; warps_mk / warps_mv warps: no
+    spills at 64 / 32 / 32 and 8 warps; opt-in, not yet timed on a GPU). Under the interpreter: chunks of 16
+    and whole-dimension blocks. GPU values: from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
     if device.type != "cuda":
         return dict(BT=16, BC=16, BV_P=pv, BV_H=pv, BV_O=pv, BV_B=pv, warps_p=1, warps_h=1, warps_o=1,
@@ -518,6 +692,12 @@ def _check_cfg(cfg: dict) -> None:
             raise ValueError(f"{key} must be a power of two >= 16, got {x}")
     if cfg["BC"] > cfg["BT"]:
         raise ValueError(f"the row block BC={cfg['BC']} must not exceed the chunk BT={cfg['BT']}")
+    if cfg.get("main", "fused") not in ("fused", "split"):
+        raise ValueError(f"main must be 'fused' or 'split', got {cfg['main']!r}")
+    for key in ("BK_M", "BK_MV", "BV_M"):
+        x = cfg.get(key, 16)
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {x}")
 
 
 def chunk_cumsum(g: torch.Tensor | None, shape: tuple, bt: int, device) -> torch.Tensor:
@@ -638,6 +818,29 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     dq, dk_, dv_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k, v))
     dbeta = _empty(poison, (b, h, t), torch.float32, q.device)
     dg = _empty(poison, (b, h, t), torch.float32, q.device)
+    if cfg.get("main", "fused") == "split":
+        bkm = min(cfg.get("BK_M", 64), _pow2(dk))
+        nk = triton.cdiv(dk, bkm)
+        f32 = torch.float32
+        rows = b * h * nt * bt
+        dqp, dkp = (_empty(poison, (b * h, nt * bt, dk), f32, q.device) for _ in range(2))
+        dak = _empty(poison, (nk, rows, bt), f32, q.device)
+        rp = _empty(poison, (nk, 3, rows), f32, q.device)
+        ipb = _empty(poison, (nk, b * h * nt), f32, q.device)
+        bvm = min(cfg.get("BV_M", cfg["BV_B"]), _pow2(dv))
+        _bwd_main_k[(nt, nk, b * h)](
+            q, k, beta, gc, do, tt, w, u, du, hs, dhs, dqp, dkp, dak, rp, ipb,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bkm, BV=bvm,
+            SPLIT=split, PREC=prec, num_warps=cfg.get("warps_mk", 4), num_stages=cfg["stages"])
+        _bwd_main_v[(nt, b * h)](
+            q, k, v, beta, gc, do, tt, u0, u, du, dqp, dkp, dak, rp, ipb, dq, dk_, dv_, dbeta, dg,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dv_.stride(0), dv_.stride(1), dv_.stride(2),
+            h, t, dk, dv, nt, nk, float(scale), BT=bt, BK=min(cfg.get("BK_MV", bkm), _pow2(dk)), BV=bvm,
+            SPLIT=split, PREC=prec, num_warps=cfg.get("warps_mv", 4), num_stages=cfg["stages"])
+        return dq, dk_, dv_, dg, dbeta, ds0
     _bwd_main[(nt, b * h)](
         q, k, v, beta, gc, do, tt, w, u0, u, du, hs, dhs, dq, dk_, dv_, dbeta, dg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
