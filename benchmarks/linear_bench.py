@@ -61,7 +61,8 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4)),
                       ("scores-split", dict(intra_f="split", warps_f=4))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
-KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True))]
+KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True)),
+                      ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
@@ -467,6 +468,10 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five
         variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))      # (64 x 64 / 128) float32 accumulators
+    if op == "kda":  # the main backward in two kernels (no register spills at 32 / 32 / 8 / 8, ptxas sm_90)
+        for bk, bv, wk, wv in ((32, 32, 8, 8), (64, 32, 8, 8), (32, 16, 8, 4), (64, 16, 8, 8)):
+            variants.append((f"main-split-k{bk}b{bv}w{wk}{wv}",
+                             dict(main="split", BK_M=bk, BV_M=bv, warps_mk=wk, warps_mv=wv)))
     if op == "gdn":  # the main backward in two kernels (no register spills at these sizes, ptxas sm_90)
         for bk, bkv, bv, wk, wv in ((64, 32, 32, 8, 8), (32, 32, 32, 8, 8), (64, 32, 16, 8, 8), (64, 64, 32, 8, 8),
                                     (64, 32, 32, 4, 8)):

@@ -81,6 +81,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
     # partial last chunk)
     (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1, intra_b="split", BK_I=16, warps_ib=1)),
     (40, 32, 48, False, "extreme", dict(SUB32, intra_b="split", BK_I=16, warps_ib=1)),
+    # the main backward in two kernels, Dk blocks of 16 (Dk 48: three shares of dA and dbeta)
+    (70, 48, 32, True, "strong", dict(SUB64, main="split", BK_M=16, BV_M=16, warps_mk=1, warps_mv=1)),
 ]
 
 
@@ -88,7 +90,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
                               f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
                               f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
-                              f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}" for c in CASES])
+                              f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}"
+                              f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -99,8 +102,9 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
         check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
 
 
-@pytest.mark.parametrize("split,intra_b", [(True, "fused"), (False, "fused"), (False, "split")])
-def test_float16_protocol_rule(split, intra_b):
+@pytest.mark.parametrize("split,intra_b,main", [(True, "fused", "fused"), (False, "fused", "fused"),
+                                                (False, "split", "split")])
+def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk or per
     16-channel block and tile."""
@@ -112,7 +116,8 @@ def test_float16_protocol_rule(split, intra_b):
     want = reference(x, True, scale)
     base = reference(x, True, scale, dtype=torch.float16)
     got = run_kernels(x, True, scale, dtype=torch.float16,
-                      cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1))
+                      cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1, main=main, BK_M=16,
+                               BV_M=16, warps_mk=1, warps_mv=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"

@@ -402,6 +402,124 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
 
 
 @triton.jit
+def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DB, DAK, RP,
+                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
+                NH, T, DIMK, DIMV, NT, scale,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _bwd_main's per-channel half for one Dk block (cfg main="split"; grid: chunk, Dk block, batch x head): the
+    # (BT, BK) accumulators over a Dv loop, then every per-channel partial (DQP, DKP, DB, as _bwd_main writes
+    # them), this block's share of dA (DAK: float32 (NK, B*H*NT*BT, BT)) and of dbeta (RP: float32
+    # (NK, B*H*NT*BT)); _bwd_main_v does the rest
+    n = tl.program_id(0)
+    ik = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_t = tc < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    rowoff = (bh * NT * BT + tc)[:, None]
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T
+    dw = tl.zeros([BT, BK], dtype=tl.float32)    # -dU S^T
+    ip = tl.zeros([BK], dtype=tl.float32)        # <S, dS'> per key channel
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
+        ip += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
+    drk = _split_dot2(tl.trans(tt), dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
+    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    rows = tl.num_programs(2) * NT * BT
+    tl.store(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :],
+             _split_dot(-drk, tl.trans(w), tl.zeros([BT, BT], dtype=tl.float32), SPLIT, PREC))
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    gc = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    gl = tl.load(G + (bh * NT * BT + n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    eb = tl.exp(gc)
+    kf = k.to(tl.float32)
+    dq = dqh * eb * scale
+    db = q.to(tl.float32) * dq
+    t = drk * kf * eb
+    dk = drk * eb * beta[:, None]
+    tl.store(RP + ik * rows + bh * NT * BT + tc, tl.sum(t, 1))
+    db += t * beta[:, None]
+    dks = dkh * tl.exp(gl[None, :] - gc)
+    dk += dks
+    f = kf * dks
+    db += tl.where((offs_c == BT - 1)[:, None], (tl.exp(gl) * ip + tl.sum(f, 0))[None, :], 0.0) - f
+    poff = rowoff * DIMK + offs_k[None, :]
+    tl.store(DQP + poff, dq, mask=m_k[None, :])
+    tl.store(DKP + poff, dk, mask=m_k[None, :])
+    tl.store(DB + poff, db, mask=m_k[None, :])
+
+
+@triton.jit
+def _bwd_main_v(V, BETA, DO, TT, U0, U, DU, AKK, DAK, RP, DAQ, DM, DVV, DBETA,
+                s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_yb, s_yh, s_yt,
+                NH, T, DIMV, NT, NK, scale,
+                BT: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # the rest of _bwd_main (cfg main="split"; grid: chunk, batch x head): dv, dbeta, DAQ (scale dP) and DM
+    # (diag(beta) dA), dA completed with the Dk blocks' shares of _bwd_main_k
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    m_t = tc < T
+    rowoff = (bh * NT * BT + tc)[:, None]
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    ttt = tl.trans(tl.load(TT + rowoff * BT + offs_c[None, :]))
+    dp = tl.zeros([BT, BT], dtype=tl.float32)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
+        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
+                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
+        dbeta += tl.sum(drv * v.to(tl.float32), 1)
+        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    rows = tl.num_programs(1) * NT * BT
+    for ik in range(0, NK):
+        da += tl.load(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :])
+        dbeta += tl.load(RP + ik * rows + bh * NT * BT + tc)
+    aoff = rowoff * BT + offs_c[None, :]
+    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+    da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
+    dbeta += tl.sum(da * tl.load(AKK + aoff), 1)
+    tl.store(DM + aoff, da * beta[:, None])
+    tl.store(DBETA + bh * T + tc, dbeta, mask=m_t)
+
+
+@triton.jit
 def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
                NH, T, DIMK, NT,
@@ -657,7 +775,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     not yet timed on a GPU): the sequential state kernels read the gate factors k * exp(b_L - b),
     scale * q * exp(b) from ``_gate_rows`` (one parallel pass) instead of every Dv-block program computing
     them (same bits; ``_bwd_dh`` with per-channel gates took 1.62 ms against Gated DeltaNet's 0.48 at B=2
-    T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt)."""
+    T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt). ``main`` (opt-in, not
+    yet timed): "split" runs ``_bwd_main`` as ``_bwd_main_k`` (per BK_M-channel Dk block: the per-channel
+    partials and the block's shares of dA and dbeta) and ``_bwd_main_v`` (dv, dbeta, dP, dA), Dv blocks BV_M,
+    warps_mk / warps_mv warps: no register spills at 32 / 32 / 8 / 8 against about 2.2 KB per thread for the
+    fused kernel (ptxas sm_90, Triton 3.9)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
@@ -822,12 +944,30 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     daq, dm = (_empty(poison, (b * h, nt * bt, bt), f32, q.device) for _ in range(2))
     dv_ = _empty(poison, v.shape, v.dtype, v.device)
     dbeta = _empty(poison, (b, h, t), f32, q.device)
-    _bwd_main[(nt, b * h)](
-        q, k, v, beta, gc, do, tt, w, u0, u, du, hs, dhs, akk, dqp, dkp, db, daq, dm, dv_, dbeta,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk,
-        BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"], num_stages=cfg["stages"])
+    if cfg.get("main", "fused") == "split":
+        bkm = min(cfg.get("BK_M", 64), bk)
+        nk = triton.cdiv(dk, bkm)
+        bvm = min(cfg.get("BV_M", cfg["BV_B"]), _pow2(dv))
+        dak = _empty(poison, (nk, b * h * nt * bt, bt), f32, q.device)
+        rp = _empty(poison, (nk, b * h * nt * bt), f32, q.device)
+        _bwd_main_k[(nt, nk, b * h)](
+            q, k, beta, gc, do, tt, w, u, du, hs, dhs, dqp, dkp, db, dak, rp,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bkm, BV=bvm,
+            SPLIT=split, PREC=prec, num_warps=cfg.get("warps_mk", 4), num_stages=cfg["stages"])
+        _bwd_main_v[(nt, b * h)](
+            v, beta, do, tt, u0, u, du, akk, dak, rp, daq, dm, dv_, dbeta,
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dv, nt, nk, float(scale), BT=bt, BV=bvm,
+            SPLIT=split, PREC=prec, num_warps=cfg.get("warps_mv", 4), num_stages=cfg["stages"])
+    else:
+        _bwd_main[(nt, b * h)](
+            q, k, v, beta, gc, do, tt, w, u0, u, du, hs, dhs, akk, dqp, dkp, db, daq, dm, dv_, dbeta,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk,
+            BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"],
+            num_stages=cfg["stages"])
     dq, dk_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k))
     if cfg.get("intra_b", "fused") == "split":
         bki = min(cfg.get("BK_I", 32), bk)
