@@ -1,0 +1,25 @@
+"""benchmarks/kernel_spills.py: a linear kernel compiled for sm_90 on the CPU reports its registers and stack
+(in a subprocess: this process runs Triton's interpreter, which cannot compile for a GPU target)."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TOOL = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@pytest.mark.skipif(not os.path.exists(TOOL), reason="Triton's bundled cuobjdump is not there")
+def test_kernel_spills_reports_registers_and_stack():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_spills.py"), "--filter", "gla _bwd_dv"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-500:] + out.stderr[-1500:]
+    m = re.search(r"gla _bwd_dv\s+4 warps\s+(\d+) regs\s+(\d+) B stack", out.stdout)
+    assert m and 0 < int(m.group(1)) <= 255, out.stdout
