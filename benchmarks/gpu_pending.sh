@@ -58,7 +58,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-fla linear-check kda-pre gla-fwd delta-bwd linear-decode linear-scale niah recall decode-wide}
+SECTIONS=${*:-linear-fla linear-check kda-pre gla-fwd delta-bwd linear-decode linear-scale}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
