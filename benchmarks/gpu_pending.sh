@@ -27,7 +27,8 @@
 #   delta-bwd    issue 5: the main backward kernel of Gated DeltaNet / KDA with 16 warps (b32w16, b64w16), the other
 #                Dv blocks, and Gated DeltaNet's main backward in two kernels (main="split"), at 2x8192 (no fla)
 #   linear-decode issue 5: the fused step kernels of GLA / Gated DeltaNet / KDA (and simple GLA) at B in {1, 16, 64},
-#                GB/s against the H200's peak, against their PyTorch steps (run linear-check for their GPU check)
+#                GB/s against the H200's peak, against their PyTorch steps and, with fla on the path, fla's fused
+#                recurrent kernels (run linear-check for their GPU check)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -54,7 +55,7 @@
 #   config variants with their accuracy), flash (issue 4: the FlashAttention grid), grid64 (issue 4: 64K
 #   forward+backward of the long-context grid).
 # flash-linear-attention travels as a wheel (fla_core), see the device tool's README. Only linear-fla, linear-gla,
-# linear and linear-dk want it on PYTHONPATH; run every other linear section in a call without it (with fla
+# linear, linear-dk (and linear-decode, for fla's rows) want it on PYTHONPATH; run every other linear section in a call without it (with fla
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift

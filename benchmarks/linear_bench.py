@@ -895,6 +895,25 @@ def decode(b, reps):
                                nbytes - b * H * 4 + more)
         extra[op + "-step-torch"] = (lambda kind=kind, kk=kk, gate=gate, bt=bt: _core.forward_step(
             kind, q, kk, v, gate, bt, s, 0.1, backend="torch"), nbytes - b * H * 4 + more)
+    # fla's fused recurrent kernels on one token ([B, 1, H, ...] layout, same state layout), when importable
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec_gdn
+        from fla.ops.gla import fused_recurrent_gla as fla_rec_gla
+    except Exception as e:  # noqa: BLE001 - a missing peer library is recorded, never fatal
+        for op in ("gla", "gdn", "kda"):
+            rows.append(dict(base, backend=f"fla-{op}-step", mode="-", status="unsupported",
+                             message=f"fla fused_recurrent not importable: {type(e).__name__}"))
+    else:
+        t1 = lambda x: x.unsqueeze(1)  # noqa: E731
+        more_v, more_s = gv.numel() * 4, g.numel() * 4
+        extra["fla-gla-step"] = (lambda: fla_rec_gla(t1(q), t1(k), t1(v), gk=t1(gv), scale=0.1, initial_state=s,
+                                                     output_final_state=True), nbytes - b * H * 4 + more_v)
+        extra["fla-gdn-step"] = (lambda: fla_rec_gdn(t1(q), t1(kn), t1(v), g=t1(g), beta=t1(beta), scale=0.1,
+                                                     initial_state=s, output_final_state=True),
+                                 nbytes - b * H * 4 + more_s + beta.numel() * 4)
+        extra["fla-kda-step"] = (lambda: fla_rec_gdn(t1(q), t1(kn), t1(v), gk=t1(gv), beta=t1(beta), scale=0.1,
+                                                     initial_state=s, output_final_state=True),
+                                 nbytes - b * H * 4 + more_v + beta.numel() * 4)
     fns = {name: (fn, nbytes) for name, fn in fns.items()}
     fns.update(extra)
     for name, (fn, nb) in fns.items():
