@@ -21,6 +21,8 @@ chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) an
    (in place and out of place) and the PyTorch step, CUDA-graph replay and eager; GB/s = bytes of state read
    and written (2 x B x H x 128 x 128 x 4) plus the token's q, k, v, o, over the median time; fraction of the
    H100 SXM peak (3.35 TB/s). flash-linear-attention's fused_recurrent_simple_gla with T=1 when importable.
+   Then the fused step of GLA (per-channel decay), Gated DeltaNet and KDA (the delta rule in the kernel,
+   ``triton_kernels.step(..., beta=)``) against their PyTorch step and fla's fused recurrent kernels.
 4. Gated DeltaNet (S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t): correctness of the
    Triton kernels (attnzoo.linear.triton_delta) at B=2, H=4, T=1000 against the float64 chunked form, the
    low-precision baseline being the token recurrence evaluated in that dtype (PyTorch has no 16-bit
@@ -33,6 +35,8 @@ chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) an
    (attnzoo.linear.triton_kda.kda_triton), ``kda-torch-chunk`` (the PyTorch tier) and ``fla-kda``
    (fla.ops.kda.chunk_kda, [B, T, H, D] layout, 'unsupported' when not importable).
 ``--sweep`` also times block-size variants of the Triton kernels (``tk.config`` keys) at B=8, T=2048.
+``--fla-unguarded`` times fla's gated chunk backward on Hopper although fla 0.6.0 refuses it there with Triton
+< 3.7.1 (#640), and records how far fla's outputs and gradients are from ours (rows of kind "fla-agreement").
 
 One JSON line per measurement (every parameter, device, versions, status) in DIR/linear_bench.jsonl.
 """
