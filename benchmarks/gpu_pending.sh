@@ -25,7 +25,8 @@
 #   gla-fwd      issue 5: GLA's forward scores by (BC, BC) tiles (intra_f="split"): GPU checks, sweep at 8x2048 and
 #                2x8192 (no fla needed)
 #   delta-bwd    issue 5: the main backward kernel of Gated DeltaNet / KDA with 16 warps (b32w16, b64w16), the other
-#                Dv blocks, and Gated DeltaNet's main backward in two kernels (main="split"), at 2x8192 (no fla)
+#                Dv blocks, the main backward in two kernels (main="split") and _prep with 8 warps, at 2x8192
+#                (no fla needed)
 #   linear-decode issue 5: the fused step kernels of GLA / Gated DeltaNet / KDA (and simple GLA) at B in {1, 16, 64},
 #                GB/s against the H200's peak, against their PyTorch steps and, with fla on the path, fla's fused
 #                recurrent kernels (run linear-check for their GPU check)
@@ -100,7 +101,7 @@ for s in $SECTIONS; do
             timeout ${LINEAR_S:-100} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --sweep-ops gla --sweep-only scores --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 >> "$OUT/gla_fwd_log.txt" 2>&1 ;;
     delta-bwd) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/dbwd" --check none --no-decode --no-torch \
-              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
+              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8 --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \

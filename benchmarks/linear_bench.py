@@ -472,6 +472,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five
         variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))      # (64 x 64 / 128) float32 accumulators
+    if op in ("gdn", "kda"):  # _prep (T, W, U0) with 8 warps: no / few register spills (ptxas sm_90)
+        variants += [(f"p{bv}w8", dict(BV_P=bv, warps_p=8)) for bv in (64, 32)]
     if op == "kda":  # the main backward in two kernels (no register spills at 32 / 32 / 8 / 8, ptxas sm_90)
         for bk, bv, wk, wv in ((32, 32, 8, 8), (64, 32, 8, 8), (32, 16, 8, 4), (64, 16, 8, 8)):
             variants.append((f"main-split-k{bk}b{bv}w{wk}{wv}",
