@@ -553,6 +553,35 @@ def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DAK, RP, IPB
 
 
 @triton.jit
+def _value_side(V, DO, U, U0, DU, DVV, b, h, tc, m_t, rowoff, ttt, beta, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+                s_yb, s_yh, s_yt, DIMV, BT: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
+                PREC: tl.constexpr):
+    # the Dv loop of the split main backward (Gated DeltaNet's and KDA's _bwd_main_v): stores dv = beta T^T dU,
+    # -> (dP = dO U^T, dA's value share -(T^T dU) U0^T, dbeta's value share sum_v (T^T dU) v)
+    dp = tl.zeros([BT, BT], dtype=tl.float32)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
+        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
+                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
+        dbeta += tl.sum(drv * v.to(tl.float32), 1)
+        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    return dp, da, dbeta
+
+
+@triton.jit
 def _bwd_main_v(Q, K, V, BETA, G, DO, TT, U0, U, DU, DQP, DKP, DAK, RP, IPB, DQ, DKK, DVV, DBETA, DG,
                 s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
                 s_xb, s_xh, s_xt, s_yb, s_yh, s_yt,
@@ -574,26 +603,8 @@ def _bwd_main_v(Q, K, V, BETA, G, DO, TT, U0, U, DU, DQP, DKP, DAK, RP, IPB, DQ,
     glast = tl.load(G + bh * NT * BT + n * BT + BT - 1)
     tt = tl.load(TT + rowoff * BT + offs_c[None, :])
     ttt = tl.trans(tt)
-    dp = tl.zeros([BT, BT], dtype=tl.float32)
-    da = tl.zeros([BT, BT], dtype=tl.float32)
-    dbeta = tl.zeros([BT], dtype=tl.float32)
-    vbase = V + b * s_vb + h * s_vh
-    dbase = DO + b * s_db + h * s_dh
-    for iv in range(0, tl.cdiv(DIMV, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        m_v = offs_v < DIMV
-        m_tv = m_t[:, None] & m_v[None, :]
-        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
-        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
-        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
-        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
-        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
-                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
-        dbeta += tl.sum(drv * v.to(tl.float32), 1)
-        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    dp, da, dbeta = _value_side(V, DO, U, U0, DU, DVV, b, h, tc, m_t, rowoff, ttt, beta, s_vb, s_vh, s_vt,
+                                s_db, s_dh, s_dt, s_yb, s_yh, s_yt, DIMV, BT, BV, SPLIT, PREC)
     rows = tl.num_programs(1) * NT * BT
     r_qdq = tl.zeros([BT], dtype=tl.float32)
     r_trk = tl.zeros([BT], dtype=tl.float32)

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from . import _core
 from . import triton_delta as _td
-from .triton_delta import _split_dot2
+from .triton_delta import _split_dot2, _value_side
 from .triton_gla import chunk_cumsum
 from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
@@ -487,26 +487,8 @@ def _bwd_main_v(V, BETA, DO, TT, U0, U, DU, AKK, DAK, RP, DAQ, DM, DVV, DBETA,
     rowoff = (bh * NT * BT + tc)[:, None]
     beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
     ttt = tl.trans(tl.load(TT + rowoff * BT + offs_c[None, :]))
-    dp = tl.zeros([BT, BT], dtype=tl.float32)
-    da = tl.zeros([BT, BT], dtype=tl.float32)
-    dbeta = tl.zeros([BT], dtype=tl.float32)
-    vbase = V + b * s_vb + h * s_vh
-    dbase = DO + b * s_db + h * s_dh
-    for iv in range(0, tl.cdiv(DIMV, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        m_v = offs_v < DIMV
-        m_tv = m_t[:, None] & m_v[None, :]
-        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
-        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_tv, other=0.0)
-        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
-        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
-        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
-                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
-        dbeta += tl.sum(drv * v.to(tl.float32), 1)
-        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    dp, da, dbeta = _value_side(V, DO, U, U0, DU, DVV, b, h, tc, m_t, rowoff, ttt, beta, s_vb, s_vh, s_vt,
+                                s_db, s_dh, s_dt, s_yb, s_yh, s_yt, DIMV, BT, BV, SPLIT, PREC)
     rows = tl.num_programs(1) * NT * BT
     for ik in range(0, NK):
         da += tl.load(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :])
