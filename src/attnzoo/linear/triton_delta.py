@@ -488,6 +488,41 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV, DBE
 
 
 @triton.jit
+def _state_side(DO, U, DU, HS, DHS, TT, W, DAK, b, h, bh, n, ik, tc, m_t, rowoff, offs_c, offs_k, m_k, k,
+                s_db, s_dh, s_dt, NT, DIMK, DIMV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # the Dv loop of the split main backward's Dk-block kernel (Gated DeltaNet's and KDA's _bwd_main_k): the
+    # (BT, BK) accumulators do S^T and u dS'^T, drk = T^T dW with dW = -dU S^T, and <S, dS'> per key channel;
+    # stores the block's share of dA, -drk W^T, into DAK (NK, B*H*NT*BT, BT). -> (dqh, dkh, drk, ip)
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)
+    dw = tl.zeros([BT, BK], dtype=tl.float32)
+    ip = tl.zeros([BK], dtype=tl.float32)
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
+        ip += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
+    drk = _split_dot2(tl.trans(tt), dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)   # T^T dW
+    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    rows = tl.num_programs(2) * NT * BT  # B*H*NT*BT: the rows of one Dk block's share
+    tl.store(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :],
+             _split_dot(-drk, tl.trans(w), tl.zeros([BT, BT], dtype=tl.float32), SPLIT, PREC))
+    return dqh, dkh, drk, ip
+
+
+@triton.jit
 def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DAK, RP, IPB,
                 s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
                 NH, T, DIMK, DIMV, NT, scale,
@@ -514,31 +549,10 @@ def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DAK, RP, IPB
     beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
     gc = tl.load(G + bh * NT * BT + tc)
     glast = tl.load(G + bh * NT * BT + n * BT + BT - 1)
-    dqh = tl.zeros([BT, BK], dtype=tl.float32)
-    dkh = tl.zeros([BT, BK], dtype=tl.float32)
-    dw = tl.zeros([BT, BK], dtype=tl.float32)
-    ip = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
-    dbase = DO + b * s_db + h * s_dh
-    hbase = (bh * NT + n) * DIMK * DIMV
-    for iv in range(0, tl.cdiv(DIMV, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        m_v = offs_v < DIMV
-        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
-        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
-        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
-        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
-        ip += tl.sum(tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1), 0)
-    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
-    drk = _split_dot2(tl.trans(tt), dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)   # T^T dW
-    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
-    dak = _split_dot(-drk, tl.trans(w), tl.zeros([BT, BT], dtype=tl.float32), SPLIT, PREC)
+    dqh, dkh, drk, ipk = _state_side(DO, U, DU, HS, DHS, TT, W, DAK, b, h, bh, n, ik, tc, m_t, rowoff, offs_c, offs_k,
+                                     m_k, k, s_db, s_dh, s_dt, NT, DIMK, DIMV, BT, BK, BV, SPLIT, PREC)
+    ip = tl.sum(ipk, 0)
     rows = tl.num_programs(2) * NT * BT  # B*H*NT*BT: the rows of one Dk block's share
-    tl.store(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :], dak)
     eb = tl.exp(gc)
     kf = k.to(tl.float32)
     dks = dkh * tl.exp(glast - gc)[:, None]

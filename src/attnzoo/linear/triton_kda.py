@@ -60,7 +60,7 @@ import triton.language as tl
 
 from . import _core
 from . import triton_delta as _td
-from .triton_delta import _split_dot2, _value_side
+from .triton_delta import _split_dot2, _state_side, _value_side
 from .triton_gla import chunk_cumsum
 from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
@@ -422,32 +422,10 @@ def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DB, DAK, RP,
     m_k = offs_k < DIMK
     m_tk = m_t[:, None] & m_k[None, :]
     rowoff = (bh * NT * BT + tc)[:, None]
-    dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T
-    dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T
-    dw = tl.zeros([BT, BK], dtype=tl.float32)    # -dU S^T
-    ip = tl.zeros([BK], dtype=tl.float32)        # <S, dS'> per key channel
-    dbase = DO + b * s_db + h * s_dh
-    hbase = (bh * NT + n) * DIMK * DIMV
-    for iv in range(0, tl.cdiv(DIMV, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        m_v = offs_v < DIMV
-        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
-        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
-        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
-        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
-        ip += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
     k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
-    tt = tl.load(TT + rowoff * BT + offs_c[None, :])
-    drk = _split_dot2(tl.trans(tt), dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
-    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    dqh, dkh, drk, ip = _state_side(DO, U, DU, HS, DHS, TT, W, DAK, b, h, bh, n, ik, tc, m_t, rowoff, offs_c, offs_k,
+                                    m_k, k, s_db, s_dh, s_dt, NT, DIMK, DIMV, BT, BK, BV, SPLIT, PREC)
     rows = tl.num_programs(2) * NT * BT
-    tl.store(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :],
-             _split_dot(-drk, tl.trans(w), tl.zeros([BT, BT], dtype=tl.float32), SPLIT, PREC))
     q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
     beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
     gc = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
