@@ -1,5 +1,7 @@
 """Every backend against the float64 reference, and the reference against a dense, obviously
 correct implementation written here (forward, lse, and the gradients of q, k, v)."""
+import zlib
+
 import pytest
 import torch
 
@@ -81,7 +83,7 @@ BACKEND_CASES = [(b, p) for b in ("sdpa", "flex")
 @pytest.mark.parametrize("backend, pname", BACKEND_CASES)
 def test_backend_matches_reference(backend, pname, shape, dtype):
     pattern = PATTERNS[pname]
-    q, k, v = inputs(*SHAPES[shape], seed=hash((pname, shape)) % 1000)
+    q, k, v = inputs(*SHAPES[shape], seed=zlib.crc32(f"{pname}/{shape}".encode()) % 1000)  # hash() is salted per process
     use_lse = backend != "sdpa"
     bwd = backend != "flex"  # FlexAttention has no CPU backward; its gradients are checked on the GPU
     ref = grads(lambda q, k, v: reference_attention(q, k, v, pattern), q, k, v, use_lse=use_lse, backward=bwd)
