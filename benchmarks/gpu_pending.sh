@@ -30,6 +30,10 @@
 #   linear-decode issue 5: the fused step kernels of GLA / Gated DeltaNet / KDA (and simple GLA) at B in {1, 16, 64},
 #                GB/s against the H200's peak, against their PyTorch steps and, with fla on the path, fla's fused
 #                recurrent kernels (run linear-check for their GPU check)
+#   gdn-sweep    issue 5: Gated DeltaNet's config sweep and kernel profile at B=8 T=2048, the shape of the fla comparison
+#                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed)
+#   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
+#                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps), 16K, vs flex
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -104,6 +108,10 @@ for s in $SECTIONS; do
               --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8 --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
+    gdn-sweep) timeout ${LINEAR_S:-170} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
+              --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn --ops sdpa --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
+    bwd-kt) timeout ${PACK_S:-150} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
+              --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

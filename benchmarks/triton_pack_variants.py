@@ -115,6 +115,26 @@ BWD5 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma (default)": _cfg(6
         "bwd tma merge": _cfg(64, 64, 4, 2, TMA=True, MERGE=True), "bwd merge": _cfg(64, 64, 4, 2, MERGE=True)}
 BWD4 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma": _cfg(64, 64, 4, 2, TMA=True),
         "bwd tma w8": _cfg(64, 64, 8, 2, TMA=True), "bwd tma s3": _cfg(64, 64, 4, 3, TMA=True)}
+# round 6 (prepared 2026-12-04 s7): the backward alone, after the forward's default. KT: the dk/dv kernel's tiles
+# keys by queries (S^T = K Q^T: P^T and dS^T are the left operands of the dv / dk dots as they come out of their
+# own dots, no transpose of a computed tile); BM_KV / BN_KV / WARPS_KV / STAGES_KV: the dk/dv kernel's own tiles,
+# warps and stages (FA2 / FA3 take 128 keys per program there, 64 or 128 query rows in the dq kernel). Static
+# check for sm_90 (benchmarks/bwd_static.py): at 64x64 / 4 warps both kernels sit at 255 registers and the dk/dv
+# kernel spills ~470 B; the dq kernel at 128x64 / 8 warps takes 216 registers and no stack.
+FWD6 = {"forward default": None}
+BWD6 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
+    "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True),
+    "kt": _cfg(64, 64, 4, 2, TMA=True, KT=True),
+    "kt kv64x128 w8": _cfg(64, 64, 4, 2, TMA=True, KT=True, BM_KV=64, BN_KV=128, WARPS_KV=8),
+    "kt kv32x128 w8": _cfg(64, 64, 4, 2, TMA=True, KT=True, BM_KV=32, BN_KV=128, WARPS_KV=8),
+    "kt kv64x128 w8 s1": _cfg(64, 64, 4, 2, TMA=True, KT=True, BM_KV=64, BN_KV=128, WARPS_KV=8, STAGES_KV=1),
+    "kv32x64": _cfg(64, 64, 4, 2, TMA=True, BM_KV=32),
+    "dq w8": _cfg(64, 64, 8, 2, TMA=True, WARPS_KV=4),
+    "dq128x64 w8": _cfg(128, 64, 8, 2, TMA=True, BM_KV=64, BN_KV=64, WARPS_KV=4),
+    "dq128x64 w8 + kt kv64x128 w8": _cfg(128, 64, 8, 2, TMA=True, KT=True, BM_KV=64, BN_KV=128),
+    "dq128x64 w8 + kt kv32x128 w8": _cfg(128, 64, 8, 2, TMA=True, KT=True, BM_KV=32, BN_KV=128),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -129,10 +149,11 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
-                         "loop over full and partial blocks")
+                         "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
+                         "tiles and warps) after the default forward")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -146,7 +167,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 5:
+    if args.round == 6:
+        FWD, BWD = FWD6, BWD6
+    elif args.round == 5:
         FWD, BWD = (FWD5, BWD5) if not args.fwd_only else (FWD5, {})
     elif args.round == 4:
         FWD, BWD = FWD4, BWD4
@@ -158,7 +181,11 @@ def main():
     if args.smoke:
         for table in (FWD, BWD):
             for c in table.values():
+                if c is None:
+                    continue
                 c.update(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+                c.update({key: 16 for key in ("BM_KV", "BN_KV") if key in c})
+                c.update({key: 1 for key in ("WARPS_KV", "STAGES_KV") if key in c})
     scale = d ** -0.5
     gen = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(1, hq, L, d, device=dev, dtype=dt, generator=gen)

@@ -174,6 +174,37 @@ def test_merged_block_loop_backward(pname, extra):
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("extra", [{}, dict(MERGE=True, TMA=True), dict(WARPS_KV=2, STAGES_KV=2)])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "dilated", "full"])
+def test_keys_by_queries_backward(pname, extra):
+    """KT (the dk/dv kernel's tiles computed keys by queries, S^T = K Q^T): gradients against float64 on
+    lengths that are and are not block multiples, split columns included (small split cap), GQA; equal to
+    the queries-by-keys backward up to rounding."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, **extra)
+    for shape, seed, cap in (((1, 4, 2, 48, 48, 32, 32), 11, None), ((2, 2, 1, 40, 37, 32, 16), 12, 1)):
+        got = _check_bwd(PATTERNS[pname], shape, torch.float32, seed=seed, cfg=dict(cfg, KT=True), split_cap=cap)
+        base = _check_bwd(PATTERNS[pname], shape, torch.float32, seed=seed, cfg=cfg, split_cap=cap)
+        for a, r in zip(got, base):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [dict(BM_KV=16, BN_KV=32), dict(BM_KV=32, BN_KV=16, KT=True, TMA=True),
+                                   dict(BM_KV=32, BN_KV=32, KT=True, MERGE=True)])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "nbhd2d"])
+def test_dkdv_kernel_own_tiles(pname, extra):
+    """BM_KV / BN_KV: the dk/dv kernel on its own tiles (its own transposed layout, plan and module), the dq
+    kernel on (BLOCK_M, BLOCK_N): gradients against float64, split columns included, equal to the shared
+    tiles' backward up to rounding."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    for shape, seed, cap in (((1, 4, 2, 64, 64, 32, 32), 13, None), ((1, 2, 1, 40, 40, 32, 32), 14, 1)):
+        if pname == "nbhd2d" and shape[3] != GRID[0] * GRID[1]:
+            continue
+        got = _check_bwd(PATTERNS[pname], shape, torch.float32, seed=seed, cfg=dict(cfg, **extra), split_cap=cap)
+        base = _check_bwd(PATTERNS[pname], shape, torch.float32, seed=seed, cfg=cfg, split_cap=cap)
+        for a, r in zip(got, base):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra", [dict(TMA=True), dict(WS=True), dict(TMA=True, WS=True, PACK=2)])
 @pytest.mark.parametrize("pname", ["causal", "sinks+window", "dilated"])
 def test_tma_and_warp_specialised_forward(pname, extra, monkeypatch):

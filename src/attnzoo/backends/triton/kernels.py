@@ -232,6 +232,13 @@ def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PR
     # probabilities of one tile from the saved lse (base 2); keys past Lk and hidden pairs -> 0. MASK: 0 a
     # full tile, 1 a partial one, 2 decided at run time by `part` (the merged loops)
     s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    return _probs_of(s, qp, kk, h, AUX, Lk, lse2[:, None], MASK, part)
+
+
+@triton.jit
+def _probs_of(s, qp, kk, h, AUX, Lk, lse2b, MASK: tl.constexpr, part=False):
+    # scores s (scaled, base 2) -> probabilities; qp / kk / lse2b broadcast against s in either orientation
+    # (queries by keys, or keys by queries in the dk/dv kernel's KT form)
     keep = kk < Lk
     if MASK == 1:
         keep = keep & _mask(qp, kk, h, AUX)
@@ -239,7 +246,7 @@ def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PR
     if MASK == 2:
         if part:
             s = tl.where(_mask(qp, kk, h, AUX), s, float("-inf"))
-    return tl.exp2(s - lse2[:, None])
+    return tl.exp2(s - lse2b)
 
 
 @triton.jit
@@ -250,6 +257,21 @@ def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, d
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_tile_t(q, do, lse2, delta, k, v, qp, kk, h, AUX, Lk, qk_scale, dk, dv,
+                   MASK: tl.constexpr, PREC: tl.constexpr, part=False):
+    # the same tile computed keys by queries (KT): S^T = K Q^T, so P^T and dS^T come out of their dots in
+    # the layout the dv and dk dots take as their left operand (no transpose of a computed tile); q and dO
+    # are read transposed from shared memory instead. qp (1, M), kk (N, 1); k (N, D), v (N, DV)
+    pt = _probs_of(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale, qp, kk, h, AUX, Lk, lse2[None, :],
+                   MASK, part)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     return dk, dv
 
 
@@ -278,7 +300,7 @@ def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, D
 @triton.jit
 def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV,
                   kt, vt, OFF, kk, h, AUX, Lk, qk_scale, dk, dv, MASK: tl.constexpr, PREC: tl.constexpr,
-                  QD, DOD, TMA: tl.constexpr, part=False):
+                  QD, DOD, TMA: tl.constexpr, part=False, KT: tl.constexpr = False):
     # one query block (rows m0 + offs_m0 of head h, bh = batch * H + h) of the dk/dv kernel: its q, dO, lse
     # and delta, then the tile's contribution to dk and dv
     offs_m = m0 + offs_m0
@@ -289,8 +311,13 @@ def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, st
         delta = tl.load(DELTA + bh * Lq + offs_m)
     else:
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    return _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk, dv,
-                        MASK, PREC, part)
+    if KT:  # kt, vt hold K and V untransposed, (N, D) / (N, DV)
+        dk, dv = _bwd_kv_tile_t(q, do, lse2, delta, kt, vt, offs_m[None, :] + OFF, kk, h, AUX, Lk, qk_scale, dk,
+                                dv, MASK, PREC, part)
+    else:
+        dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk, dv,
+                              MASK, PREC, part)
+    return dk, dv
 
 
 @triton.jit
@@ -301,9 +328,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                   lay_h, lay_m, idx_h, idx_m,
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False, MERGE: tl.constexpr = False):
+                  PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False, MERGE: tl.constexpr = False,
+                  KT: tl.constexpr = False):
     # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1). MERGE: the
-    # item's full and partial query blocks of a head in one loop (the mask past the full ones)
+    # item's full and partial query blocks of a head in one loop (the mask past the full ones). KT: each tile
+    # keys by queries (_bwd_kv_tile_t)
     item = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_n = tl.load(ITEMS + item * 4)
@@ -316,11 +345,18 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_m0 = tl.arange(0, BLOCK_M)
-    kt = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-    vt = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                 mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
-    kk = offs_n[None, :]
+    if KT:
+        kt = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                     mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
+        kk = offs_n[:, None]
+    else:
+        kt = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
+        kk = offs_n[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, G):
@@ -340,16 +376,16 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                                tl.load(frow + j, mask=j < n_full, other=0))
                 dk, dv = _bwd_kv_block(blk * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
-                                       Lk, qk_scale, dk, dv, 2, PREC, QD, DOD, TMA, part)
+                                       Lk, qk_scale, dk, dv, 2, PREC, QD, DOD, TMA, part, KT)
         else:
             for j in range(s0, tl.minimum(e0, n_full)):
                 dk, dv = _bwd_kv_block(tl.load(frow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
-                                       Lk, qk_scale, dk, dv, 0, PREC, QD, DOD, TMA)
+                                       Lk, qk_scale, dk, dv, 0, PREC, QD, DOD, TMA, False, KT)
             for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
                 dk, dv = _bwd_kv_block(tl.load(prow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
-                                       Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA)
+                                       Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA, False, KT)
     if slot < 0:
         tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))

@@ -303,14 +303,19 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
                             run=lambda c: attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, cfg=c,
                                                         split_cap=split_cap))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    # the dk/dv kernel's own tiles (BM_KV query rows per step, BN_KV keys per program), else the dq kernel's
+    bm2, bn2 = cfg.get("BM_KV", bm), cfg.get("BN_KV", bn)
     dev = str(q.device)
-    if _routed(pattern):
+    if _routed(pattern):  # one classification for both kernels: the dq kernel's tiles
+        bm2, bn2 = bm, bn
         lay, tlay = _routed_layouts(pattern, lq, lk, bm, bn, hq, dev, transposed=True)
         mod, aux = _routed_module(pattern, lq, lk, bm, bn, dev)
+        mod_kv, aux_kv = mod, aux
     else:
         lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
-        tlay = _tlayout(pattern, lq, lk, bm, bn, hq, dev)
+        tlay = _tlayout(pattern, lq, lk, bm2, bn2, hq, dev)
         mod, aux = _module(pattern, lq, lk, dev, (bm, bn))
+        mod_kv, aux_kv = (mod, aux) if (bm2, bn2) == (bm, bn) else _module(pattern, lq, lk, dev, (bm2, bn2))
     smaller = _SHRUNK.get((mod.__name__, "bwd", repr(cfg))) if _SHRUNK else None
     if smaller is not None:  # this config did not fit these kernels before (see attention_fwd)
         return attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, smaller, poison, split_cap)
@@ -327,35 +332,43 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     if _routed(pattern):
         items, red, nslots = _routed_items(tlay.num_q_blocks, dev)
     else:
-        items, red, nslots = _bwd_plan(pattern, lq, lk, bm, bn, hq, dev, split_cap)
+        items, red, nslots = _bwd_plan(pattern, lq, lk, bm2, bn2, hq, dev, split_cap)
     if nslots:  # fp32 workspaces of the split columns' partials
-        wsk = torch.empty((nslots, b * hkv, bn, bd), dtype=torch.float32, device=q.device)
-        wsv = torch.empty((nslots, b * hkv, bn, bdv), dtype=torch.float32, device=q.device)
+        wsk = torch.empty((nslots, b * hkv, bn2, bd), dtype=torch.float32, device=q.device)
+        wsv = torch.empty((nslots, b * hkv, bn2, bdv), dtype=torch.float32, device=q.device)
     else:  # no split column: the kernel never touches them (two allocations fewer per call)
         wsk = wsv = delta
     try:
         _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
-                    common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse)
+                    common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse,
+                    kv=(mod_kv, aux_kv, bm2, bn2))
     except Exception as e:  # Triton's OutOfResources (see attention_fwd): one pipeline stage fewer, remembered
         if type(e).__name__ != "OutOfResources" or cfg["num_stages"] <= 1:
             raise
         smaller = dict(cfg, num_stages=cfg["num_stages"] - 1)
+        if cfg.get("STAGES_KV", 1) > 1:
+            smaller["STAGES_KV"] = cfg["STAGES_KV"] - 1
         _SHRUNK[(mod.__name__, "bwd", repr(cfg))] = smaller
         return attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, smaller, poison, split_cap)
     return dq, dk, dvv
 
 
 def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
-                common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse):
+                common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse, kv=None):
     bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+    mod_kv, aux_kv, bm2, bn2 = kv if kv is not None else (mod, aux, bm, bn)
     # TMA (cfg "TMA"): K / V of the dq kernel and q / dO of the dk/dv kernel through tensor descriptors
-    even = lq % bm == 0 and lk % bn == 0 and d == bd and dv == bdv
+    even = (lq % bm == 0 and lk % bn == 0 and lq % bm2 == 0 and lk % bn2 == 0 and d == bd and dv == bdv)
     kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") else None
-    qd = _kv_descriptors(q, dout, bm, even) if kvd else None
+    qd = _kv_descriptors(q, dout, bm2, even) if kvd else None
     tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd and qd else {}
     tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if kvd and qd else {}
     if cfg.get("MERGE"):  # full and partial blocks in one loop in both kernels
         tma_dq["MERGE"] = tma_dkdv["MERGE"] = True
+    if cfg.get("KT"):  # the dk/dv kernel's tiles keys by queries (no transpose of P or dS)
+        tma_dkdv["KT"] = True
+    # the dk/dv kernel's own warps and stages (WARPS_KV / STAGES_KV), else the config's
+    nw_kv, ns_kv = cfg.get("WARPS_KV", nw), cfg.get("STAGES_KV", ns)
     # dq first: it also writes delta, which the dk/dv kernel reads
     pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
     mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
@@ -365,16 +378,17 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
         BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
         num_warps=nw, num_stages=ns, **tma_dq)
-    mod.attn_bwd_dkdv[(items.shape[0], b * hkv)](
-        q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
+    mod_kv.attn_bwd_dkdv[(items.shape[0], b * hkv)](
+        q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
         *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
-        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=nw, num_stages=ns, **tma_dkdv)
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm2, BLOCK_N=bn2, PREC=prec, num_warps=nw_kv, num_stages=ns_kv,
+        **tma_dkdv)
     if red.shape[0]:
-        mod.attn_bwd_reduce[(red.shape[0], b * hkv)](
+        mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
-            dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn, num_warps=4)
+            dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn2, num_warps=4)
 
 
 # -- torch.library custom ops ----------------------------------------------------------------------
