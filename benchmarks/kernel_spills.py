@@ -1,7 +1,7 @@
 """Registers and local-memory (spill) bytes per thread of the linear-attention Triton kernels, compiled for sm_90
 (Hopper) without a GPU: Triton's compiler with an explicit target and the cuobjdump bundled with Triton.
 
-    PYTHONPATH=src python3 benchmarks/kernel_spills.py [--filter SUBSTRING]
+    PYTHONPATH=src python3 benchmarks/kernel_spills.py [--filter SUBSTRING] [--attn]
 
 A CPU-only machine can rank config variants by spills before a GPU session times them (a kernel at 255 registers
 with a stack of a few KB spills its accumulators to local memory in its inner loop). The numbers come from the
@@ -28,10 +28,10 @@ F32 = {"BETA", "G", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", 
        "A", "DA", "DQI", "DKI", "DAK", "RP", "IPB"}
 
 
-def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16") -> dict:
+def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16", types: dict | None = None) -> dict:
     """Compile ``fn`` for sm_90 with ``consts`` (and the kernel's constexpr defaults): -> registers and stack
-    bytes per thread. Pointer arguments are float32 when named in F32, else ``dtype``; other scalars int32,
-    ``scale`` float32."""
+    bytes per thread. ``types`` (name -> Triton type string) decides where given; else pointer arguments are
+    float32 when named in F32, else ``dtype``; other scalars int32, ``scale`` float32."""
     params = inspect.signature(fn.fn).parameters
     consts = dict(consts)
     for name, par in params.items():
@@ -42,6 +42,8 @@ def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16"
     for name in names:
         if name in consts:
             sig[name] = "constexpr"
+        elif types is not None:
+            sig[name] = types.get(name, "i32")
         elif name == "scale":
             sig[name] = "fp32"
         elif name.isupper() and name not in ("NH", "T", "NT", "NK", "DIMK", "DIMV"):
@@ -91,17 +93,47 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
 ]
 
 
+# the attention backward's kernels (issue 3), generated for causal attention at 16K: pointer types by name
+_ATTN_TYPES = dict({n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ", "O", "DKP", "DVP")},
+                   **{n: "*fp32" for n in ("LSE", "DELTA", "DLSE", "WSK", "WSV")},
+                   **{n: "*i32" for n in ("ITEMS", "AUX", "QN", "QI", "FQN", "FQI", "KVN", "KVI", "FKVN", "FKVI")},
+                   qk_scale="fp32", sm_scale="fp32")
+
+
+def attention_cases():
+    """(name, kernel, constexprs, warps, stages, types): the dq kernel and the dk/dv kernel (queries by keys, and
+    keys by queries: KT) at the tiles of triton_pack_variants.py --round 6; D = 128, bf16, pointer loads."""
+    import attnzoo as az
+    from attnzoo.backends.triton import ops
+    out = []
+    base = dict(BLOCK_D=128, BLOCK_DV=128, PREC="tf32", TMA=False, MERGE=False)
+    for bm, bn, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8)):
+        mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
+        out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,
+                                                               KD=None, VD=None), w, 2, _ATTN_TYPES))
+    for bm, bn, w, st in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1)):
+        mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
+        for kt in (False, True):
+            out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}", mod.attn_bwd_dkdv,
+                        dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None), w, st, _ATTN_TYPES))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--filter", default="", help="only the cases whose name contains this")
+    ap.add_argument("--attn", action="store_true", help="also the attention backward's kernels (issue 3)")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90; registers / stack bytes per thread")
     bad = 0
-    for name, fn, consts, warps in CASES:
+    cases = [(name, fn, consts, warps, 2, None) for name, fn, consts, warps in CASES]
+    if args.attn:
+        cases += attention_cases()
+    for name, fn, consts, warps, stages, types in cases:
         if args.filter not in name:
             continue
         try:
-            r = resources(fn, consts, warps)
+            r = resources(fn, consts, warps, stages, types=types)
             print(f"  {name:<42} {warps:>2} warps  {r['registers']:>4} regs  {r['stack_bytes']:>5} B stack", flush=True)
         except Exception as e:  # noqa: BLE001 - one case that does not compile is reported, the rest still run
             bad += 1

@@ -119,7 +119,7 @@ BWD4 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma": _cfg(64, 64, 4, 
 # keys by queries (S^T = K Q^T: P^T and dS^T are the left operands of the dv / dk dots as they come out of their
 # own dots, no transpose of a computed tile); BM_KV / BN_KV / WARPS_KV / STAGES_KV: the dk/dv kernel's own tiles,
 # warps and stages (FA2 / FA3 take 128 keys per program there, 64 or 128 query rows in the dq kernel). Static
-# check for sm_90 (benchmarks/bwd_static.py): at 64x64 / 4 warps both kernels sit at 255 registers and the dk/dv
+# check for sm_90 (benchmarks/kernel_spills.py --attn): at 64x64 / 4 warps both kernels sit at 255 registers and the dk/dv
 # kernel spills ~470 B; the dq kernel at 128x64 / 8 warps takes 216 registers and no stack.
 FWD6 = {"forward default": None}
 BWD6 = {

@@ -15,11 +15,13 @@ TOOL = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 @pytest.mark.skipif(not os.path.exists(TOOL), reason="Triton's bundled cuobjdump is not there")
-def test_kernel_spills_reports_registers_and_stack():
+@pytest.mark.parametrize("args, line", [(["--filter", "gla _bwd_dv"], r"gla _bwd_dv\s+4 warps"),
+                                        (["--attn", "--filter", "attn dq 128x64"], r"attn dq 128x64\s+8 warps")])
+def test_kernel_spills_reports_registers_and_stack(args, line):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_spills.py"), "--filter", "gla _bwd_dv"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_spills.py"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-500:] + out.stderr[-1500:]
-    m = re.search(r"gla _bwd_dv\s+4 warps\s+(\d+) regs\s+(\d+) B stack", out.stdout)
+    m = re.search(line + r"\s+(\d+) regs\s+(\d+) B stack", out.stdout)
     assert m and 0 < int(m.group(1)) <= 255, out.stdout
