@@ -109,7 +109,8 @@ for s in $SECTIONS; do
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     gdn-sweep) timeout ${LINEAR_S:-170} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
-              --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn --ops sdpa --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
+              --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn ${GDN_ONLY:+--sweep-only $GDN_ONLY} --ops sdpa \
+              --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-150} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
