@@ -548,11 +548,11 @@ def test_backward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch
     real = ops._launch_bwd
     tried = []
 
-    def launch(mod, cfg, *args):
+    def launch(mod, cfg, *args, **kw):
         tried.append(cfg["num_stages"])
         if cfg["num_stages"] > 1:
             raise OutOfResources("out of resource: shared memory")
-        return real(mod, cfg, *args)
+        return real(mod, cfg, *args, **kw)
 
     monkeypatch.setattr(ops, "_launch_bwd", launch)
     monkeypatch.setattr(ops, "_SHRUNK", {})
@@ -572,6 +572,6 @@ def test_backward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch
     tried.clear()
     attention_bwd(dout, None, q, k, v, out, lse, p, 32 ** -0.5, cfg=dict(fcfg, num_stages=3))
     assert tried == [1]  # remembered
-    monkeypatch.setattr(ops, "_launch_bwd", lambda mod, cfg, *a: (_ for _ in ()).throw(OutOfResources("smem")))
+    monkeypatch.setattr(ops, "_launch_bwd", lambda mod, cfg, *a, **kw: (_ for _ in ()).throw(OutOfResources("smem")))
     with pytest.raises(OutOfResources):  # nothing smaller than one stage
         attention_bwd(dout, None, q, k, v, out, lse, p, 32 ** -0.5, cfg=dict(fcfg, num_warps=2))
