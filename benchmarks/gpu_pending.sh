@@ -13,7 +13,8 @@
 #                (fla's first GLA calls spend ~95 s (fwd) and ~160 s (fwd+bwd) in its autotuner: LINEAR_S >= 300;
 #                the fifth 2026-12-04 session's run with the check in front ended before fla's fwd+bwd)
 #   linear-fla   issue 5: simple GLA and Gated DeltaNet fwd+bwd vs fla with fla's Hopper guard (#640) bypassed
-#                (--fla-unguarded: timed, and its outputs / gradients compared with ours), B=8 T=2048 (fla carry)
+#                (--fla-unguarded: timed, and its outputs / gradients compared with ours), B=8 T=2048 (fla carry;
+#                timed in the seventh 2026-12-04 session: simple GLA 1.161 vs fla 1.933 ms, GDN 2.626 vs 1.900)
 #   linear-sdpa  issue 5: every op vs SDPA at the issue's token counts from T = 8K on (B*T >= 16K: 2x8192,
 #                1x16384, 4x8192; then 1x8192 and 8x2048), KDA's kernel profile at 2x8192 (run with fla off the path)
 #   kda-ib       issue 5: KDA's intra backward by tiles per Dk block (intra_b="split") and the Triton reverse
@@ -64,7 +65,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-fla linear-check kda-pre gla-fwd delta-bwd linear-decode linear-scale}
+SECTIONS=${*:-linear-check gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -105,7 +106,7 @@ for s in $SECTIONS; do
             timeout ${LINEAR_S:-100} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
               --sweep-ops gla --sweep-only scores --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 >> "$OUT/gla_fwd_log.txt" 2>&1 ;;
     delta-bwd) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/dbwd" --check none --no-decode --no-torch \
-              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8 --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
+              --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8,inv-dbl --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     gdn-sweep) timeout ${LINEAR_S:-170} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \

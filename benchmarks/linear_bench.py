@@ -66,9 +66,11 @@ GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter=
                       ("scores-split", dict(intra_f="split", warps_f=4))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True)),
-                      ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8))]
-# Gated DeltaNet's main backward in two kernels (cfg main="split")
-GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8))]
+                      ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
+                      ("inv-dbl", dict(inv="dbl"))]
+# Gated DeltaNet's main backward in two kernels (cfg main="split"); T by block doubling (inv="dbl")
+GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
+                      ("inv-dbl", dict(inv="dbl"))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
@@ -474,6 +476,8 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         variants.append((f"b{bv}w{w}", dict(BV_B=bv, warps_b=w)))      # (64 x 64 / 128) float32 accumulators
     if op in ("gdn", "kda"):  # _prep (T, W, U0) with 8 warps: no / few register spills (ptxas sm_90)
         variants += [(f"p{bv}w8", dict(BV_P=bv, warps_p=8)) for bv in (64, 32)]
+        # T by block doubling (log2(BT) - 1 levels of two dots) instead of 4 x 15 dependent row steps
+        variants += [(f"inv-dbl-w{w}", dict(inv="dbl", warps_p=w)) for w in (4, 8)]
     if op == "kda":  # the main backward in two kernels (no register spills at 32 / 32 / 8 / 8, ptxas sm_90)
         for bk, bv, wk, wv in ((32, 32, 8, 8), (64, 32, 8, 8), (32, 16, 8, 4), (64, 16, 8, 8)):
             variants.append((f"main-split-k{bk}b{bv}w{wk}{wv}",

@@ -83,6 +83,9 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, False, "extreme", dict(SUB32, intra_b="split", BK_I=16, warps_ib=1)),
     # the main backward in two kernels, Dk blocks of 16 (Dk 48: three shares of dA and dbeta)
     (70, 48, 32, True, "strong", dict(SUB64, main="split", BK_M=16, BV_M=16, warps_mk=1, warps_mv=1)),
+    # T by block doubling (inv="dbl"): chunks of 32 and 64
+    (70, 48, 32, True, "strong", dict(SUB64, inv="dbl")),
+    (40, 32, 48, True, "extreme", dict(SUB32, inv="dbl")),
 ]
 
 
@@ -91,7 +94,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
                               f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
                               f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}"
-                              f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}" for c in CASES])
+                              f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}"
+                              f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5

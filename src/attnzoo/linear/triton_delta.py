@@ -116,6 +116,23 @@ def _split_dot2(x, y, acc, ref, SPLIT: tl.constexpr, PREC: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _tri_inv(a, offs_c, BT: tl.constexpr, PREC_T: tl.constexpr):
+    # (I + A)^{-1} for A (BT, BT) strictly lower triangular, by block doubling: D_1 = I - (A's entries inside
+    # the 2 x 2 diagonal blocks) is the inverse of its 2 x 2 blocks; then for s = 2, 4, .., BT / 2,
+    # D_2s = D_s - D_s C_s D_s, where C_s keeps A's entries whose row lies in the lower and whose column in the
+    # upper half of one 2s-block ([[X, 0], [C, Y]]^{-1} = [[X^-1, 0], [-Y^-1 C X^-1, Y^-1]]). log2(BT) - 1
+    # levels of two (BT, BT) dots, no dependent chain of single-row steps
+    # with A strictly lower, "row in the lower, column in the upper half of one 2s-block" is (i ^ j) >> log2(s) == 1
+    x = offs_c[:, None] ^ offs_c[None, :]
+    d = tl.where(x == 0, 1.0, 0.0) - tl.where(x == 1, a, 0.0)
+    for lvl in tl.static_range(1, 8):
+        if (1 << lvl) < BT:
+            c = tl.where((x >> lvl) == 1, a, 0.0)
+            d = d - tl.dot(tl.dot(d, c, input_precision=PREC_T), d, input_precision=PREC_T)
+    return d
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forward kernels (G: chunk-local cumulative gates, float32 (B*H, NT*BT); BETA: float32 (B*H, T);
 # TT, W, U0, U, DU: (B*H, NT*BT, .) contiguous, padded to whole chunks)
@@ -126,7 +143,9 @@ def _prep(K, V, BETA, G, TT, W, U0,
           s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
           NH, T, DIMK, DIMV, NT,
           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-          STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+          STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
+          INV: tl.constexpr = False):
+    # INV: T by block doubling (_tri_inv) from the whole A of one dot, instead of row blocks of BC steps
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -145,7 +164,11 @@ def _prep(K, V, BETA, G, TT, W, U0,
     # T = (I + A)^{-1}, one row block of BC steps at a time (rows above p already final, rows below zero)
     tinv = tl.zeros([BT, BT], dtype=tl.float32)
     eye = tl.where(offs_r[:, None] == offs_r[None, :], 1.0, 0.0)
-    for p in range(0, BT // BC):
+    if INV:
+        a = tl.dot(k, tl.trans(k), input_precision=PREC) * beta[:, None]
+        a = a * tl.exp(tl.where(offs_c[:, None] > offs_c[None, :], gc[:, None] - gc[None, :], float("-inf")))
+        tinv = _tri_inv(a, offs_c, BT, PREC_T)
+    for p in range(0, 0 if INV else BT // BC):
         offs_i = p * BC + offs_r
         ti = n * BT + offs_i
         m_i = ti < T
@@ -693,7 +716,10 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     one program per chunk holding five (BT, BT | Dk) float32 accumulators: about 2 KB of register spills per
     thread at the GPU values, ptxas sm_90 with Triton 3.9) or "split" (``_bwd_main_k`` per BK_M-channel Dk
     block, then ``_bwd_main_v`` with Dk blocks of BK_MV; Dv blocks BV_M; warps_mk / warps_mv warps: no
-    spills at 64 / 32 / 32 and 8 warps; opt-in, not yet timed on a GPU). Under the interpreter: chunks of 16
+    spills at 64 / 32 / 32 and 8 warps; opt-in, not yet timed on a GPU). inv: how ``_prep`` builds T, "sub"
+    (row blocks of BC steps, each block's inverse by BC - 1 dependent single-row steps) or "dbl" (block
+    doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots; opt-in, not yet timed on
+    a GPU; KDA's ``_prep`` takes it too). Under the interpreter: chunks of 16
     and whole-dimension blocks. GPU values: from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
     if device.type != "cuda":
@@ -719,6 +745,8 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"the row block BC={cfg['BC']} must not exceed the chunk BT={cfg['BT']}")
     if cfg.get("main", "fused") not in ("fused", "split"):
         raise ValueError(f"main must be 'fused' or 'split', got {cfg['main']!r}")
+    if cfg.get("inv", "sub") not in ("sub", "dbl"):
+        raise ValueError(f"inv must be 'sub' (row-block substitution) or 'dbl' (block doubling), got {cfg['inv']!r}")
     for key in ("BK_M", "BK_MV", "BV_M"):
         x = cfg.get(key, 16)
         if x < 16 or x & (x - 1):
@@ -752,7 +780,8 @@ def _forward_pass(q, k, v, gc, beta, s0, cfg, poison, store_t):
         k, v, beta, gc, tt if store_t else w, w, u0,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, t, dk, dv, nt, BT=bt, BC=cfg["BC"], BK=_pow2(dk), BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=store_t,
-        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], INV=cfg.get("inv", "sub") == "dbl", num_warps=cfg["warps_p"],
+        num_stages=cfg["stages"])
     hs = _empty(poison, (b * h, nt, dk, dv), hd, k.device)
     u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     ht = _empty(poison, (b, h, dk, dv), torch.float32, k.device)

@@ -209,7 +209,9 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
           s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
           NH, T, DIMK, DIMV, NT,
           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-          STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+          STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
+          INV: tl.constexpr = False):
+    # INV: T by block doubling (triton_delta._tri_inv) from the whole of A, instead of row blocks of BC steps
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -228,7 +230,10 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
     # T = (I + A)^{-1}, A = diag(beta) M, by row blocks of BC steps (as triton_delta._prep)
     tinv = tl.zeros([BT, BT], dtype=tl.float32)
     eye = tl.where(offs_r[:, None] == offs_r[None, :], 1.0, 0.0)
-    for p in range(0, BT // BC):
+    if INV:  # A = diag(beta) M, its strictly lower part
+        a = tl.load(abase + offs_c[:, None] * BT + offs_c[None, :]) * beta[:, None]
+        tinv = _td._tri_inv(tl.where(offs_c[:, None] > offs_c[None, :], a, 0.0), offs_c, BT, PREC_T)
+    for p in range(0, 0 if INV else BT // BC):
         offs_i = p * BC + offs_r
         bp = tl.load(BETA + bh * T + n * BT + offs_i, mask=n * BT + offs_i < T, other=0.0)
         ap = tl.load(abase + offs_i[:, None] * BT + offs_c[None, :]) * bp[:, None]
@@ -806,7 +811,8 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
         akk, k, v, beta, gc, tt if store_t else w, w, u0,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, t, dk, dv, nt, BT=bt, BC=bc, BK=bk, BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=store_t,
-        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], INV=cfg.get("inv", "sub") == "dbl", num_warps=cfg["warps_p"],
+        num_stages=cfg["stages"])
     hs = _empty(poison, (b * h, nt, dk, dv), hd, k.device)
     u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     ht = _empty(poison, (b, h, dk, dv), f32, k.device)
