@@ -293,7 +293,12 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
 
 def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dict | None = None,
                   poison: bool = False, split_cap: int | None = None):
-    """Gradients (dq, dk, dv) of the loss given dout (and dlse, the lse's gradient, or None)."""
+    """Gradients (dq, dk, dv) of the loss given dout (and dlse, the lse's gradient, or None).
+
+    ``cfg`` (default: `tuning.choose`): BLOCK_M / BLOCK_N / num_warps / num_stages of both kernels; optional
+    keys: TMA, MERGE, PACK_DQ, and for the dk/dv kernel alone KT (its tiles keys by queries), BM_KV / BN_KV
+    (its own tiles: query rows per step, keys per program; its own transposed layout, plan and module),
+    WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
