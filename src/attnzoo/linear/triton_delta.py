@@ -124,12 +124,14 @@ def _tri_inv(a, offs_c, BT: tl.constexpr, PREC_T: tl.constexpr):
     # upper half of one 2s-block ([[X, 0], [C, Y]]^{-1} = [[X^-1, 0], [-Y^-1 C X^-1, Y^-1]]). log2(BT) - 1
     # levels of two (BT, BT) dots, no dependent chain of single-row steps
     # with A strictly lower, "row in the lower, column in the upper half of one 2s-block" is (i ^ j) >> log2(s) == 1
-    x = offs_c[:, None] ^ offs_c[None, :]
-    d = tl.where(x == 0, 1.0, 0.0) - tl.where(x == 1, a, 0.0)
+    # D_s being block diagonal, D_s C_s D_s is D_s A D_s on those positions: one A for every level, the mask
+    # applied to the product (no masked copy of A per level for the compiler to hoist and hold)
+    d = tl.where((offs_c[:, None] ^ offs_c[None, :]) == 0, 1.0, 0.0)
+    d -= tl.where((offs_c[:, None] ^ offs_c[None, :]) == 1, a, 0.0)
     for lvl in tl.static_range(1, 8):
         if (1 << lvl) < BT:
-            c = tl.where((x >> lvl) == 1, a, 0.0)
-            d = d - tl.dot(tl.dot(d, c, input_precision=PREC_T), d, input_precision=PREC_T)
+            x = tl.dot(tl.dot(d, a, input_precision=PREC_T), d, input_precision=PREC_T)
+            d -= tl.where(((offs_c[:, None] ^ offs_c[None, :]) >> lvl) == 1, x, 0.0)
     return d
 
 
@@ -168,6 +170,8 @@ def _prep(K, V, BETA, G, TT, W, U0,
         a = tl.dot(k, tl.trans(k), input_precision=PREC) * beta[:, None]
         a = a * tl.exp(tl.where(offs_c[:, None] > offs_c[None, :], gc[:, None] - gc[None, :], float("-inf")))
         tinv = _tri_inv(a, offs_c, BT, PREC_T)
+        # read K again for R below rather than hold it in registers through the inverse's dots
+        k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
     for p in range(0, 0 if INV else BT // BC):
         offs_i = p * BC + offs_r
         ti = n * BT + offs_i
@@ -718,7 +722,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     block, then ``_bwd_main_v`` with Dk blocks of BK_MV; Dv blocks BV_M; warps_mk / warps_mv warps: no
     spills at 64 / 32 / 32 and 8 warps; opt-in, not yet timed on a GPU). inv: how ``_prep`` builds T, "sub"
     (row blocks of BC steps, each block's inverse by BC - 1 dependent single-row steps) or "dbl" (block
-    doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots; opt-in, not yet timed on
+    doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots, meant for 16-bit inputs
+    whose prec_t is TF32: with IEEE float32 dots they run on the FMA units and spill; opt-in, not yet timed on
     a GPU; KDA's ``_prep`` takes it too). Under the interpreter: chunks of 16
     and whole-dimension blocks. GPU values: from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)

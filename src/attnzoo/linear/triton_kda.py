@@ -222,10 +222,7 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
     tc = n * BT + offs_c
     m_c = tc < T
     m_k = offs_k < DIMK
-    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :],
-                other=0.0)
     beta = tl.load(BETA + bh * T + tc, mask=m_c, other=0.0)
-    gc = tl.load(G + (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     abase = AKK + (bh * NT * BT + n * BT) * BT
     # T = (I + A)^{-1}, A = diag(beta) M, by row blocks of BC steps (as triton_delta._prep)
     tinv = tl.zeros([BT, BT], dtype=tl.float32)
@@ -249,6 +246,10 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
     if STORE_T:
         tl.store(TT + (bh * NT * BT + tc)[:, None] * BT + offs_c[None, :], tinv)
     rowoff = (bh * NT * BT + tc)[:, None]
+    # K and the gates only now (not held through the inverse)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                other=0.0)
+    gc = tl.load(G + (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     rk = (k.to(tl.float32) * beta[:, None] * tl.exp(gc)).to(k.dtype)
     w = _split_dot(tinv, rk, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, PREC)
     tl.store(W + rowoff * DIMK + offs_k[None, :], w.to(W.dtype.element_ty), mask=m_k[None, :])
