@@ -102,7 +102,10 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
     if kind == "bwd":
         if dmax > 128:
             return [_cfg(32, 32, 4, 1), _cfg(32, 32, 4, 2), _cfg(64, 32, 4, 1)]
-        return [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1), _cfg(32, 64, 4, 2)]
+        # the default (TMA), its neighbours, and the dk/dv kernel keys by queries (KT) on its own tiles
+        return [dict(_cfg(64, 64, 4, 2), TMA=True), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1),
+                _cfg(32, 64, 4, 2), dict(_cfg(64, 64, 4, 2), TMA=True, KT=True),
+                dict(_cfg(128, 64, 8, 2), TMA=True, KT=True, BM_KV=64, BN_KV=128)]
     if dmax > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 8, 2)]
     out = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2),
