@@ -34,7 +34,8 @@
 #   gdn-sweep    issue 5: Gated DeltaNet's config sweep and kernel profile at B=8 T=2048, the shape of the fla comparison
 #                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed)
 #   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
-#                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps), 16K, vs flex
+#                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps, dq by float32 atomics
+#                from the dk/dv kernel (ATOMIC_DQ: 5 products per tile instead of 7)), 16K, vs flex
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -112,7 +113,7 @@ for s in $SECTIONS; do
     gdn-sweep) timeout ${LINEAR_S:-170} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
               --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn ${GDN_ONLY:+--sweep-only $GDN_ONLY} --ops sdpa \
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
-    bwd-kt) timeout ${PACK_S:-150} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
+    bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;

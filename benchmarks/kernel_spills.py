@@ -35,7 +35,8 @@ def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16"
     params = inspect.signature(fn.fn).parameters
     consts = dict(consts)
     for name, par in params.items():
-        if name not in consts and par.default is not inspect.Parameter.empty:
+        # a name that ``types`` gives is a run-time argument even where the kernel has a default for it
+        if name not in consts and par.default is not inspect.Parameter.empty and (types is None or name not in types):
             consts[name] = par.default
     names = list(params)
     sig = {}
@@ -103,7 +104,7 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
 
 # the attention backward's kernels (issue 3), generated for causal attention at 16K: pointer types by name
 _ATTN_TYPES = dict({n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ", "O", "DKP", "DVP")},
-                   **{n: "*fp32" for n in ("LSE", "DELTA", "DLSE", "WSK", "WSV")},
+                   **{n: "*fp32" for n in ("LSE", "DELTA", "DLSE", "WSK", "WSV", "DQA")},
                    **{n: "*i32" for n in ("ITEMS", "AUX", "QN", "QI", "FQN", "FQI", "KVN", "KVI", "FKVN", "FKVI")},
                    qk_scale="fp32", sm_scale="fp32")
 
@@ -124,6 +125,10 @@ def attention_cases():
         for kt in (False, True):
             out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}", mod.attn_bwd_dkdv,
                         dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None), w, st, _ATTN_TYPES))
+    for bm, bn, w, kt in ((64, 64, 4, False), (64, 128, 8, True), (64, 64, 4, True)):  # dq by atomics (ATOMIC_DQ)
+        mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
+        out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} atomic dq", mod.attn_bwd_dkdv,
+                    dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, ATOMIC=True), w, 2, _ATTN_TYPES))
     return out
 
 

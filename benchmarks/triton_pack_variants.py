@@ -134,6 +134,14 @@ BWD6 = {
     "dq128x64 w8": _cfg(128, 64, 8, 2, TMA=True, BM_KV=64, BN_KV=64, WARPS_KV=4),
     "dq128x64 w8 + kt kv64x128 w8": _cfg(128, 64, 8, 2, TMA=True, KT=True, BM_KV=64, BN_KV=128),
     "dq128x64 w8 + kt kv32x128 w8": _cfg(128, 64, 8, 2, TMA=True, KT=True, BM_KV=32, BN_KV=128),
+    # ATOMIC_DQ: no dq kernel; the dk/dv kernel adds each tile's dS K to a float32 dq accumulator by atomics (five
+    # products per tile instead of seven; not bitwise deterministic, so never a silent default)
+    "atomic dq": _cfg(64, 64, 4, 2, TMA=True, ATOMIC_DQ=True),
+    "atomic dq kt kv64x128 w8": _cfg(64, 64, 4, 2, TMA=True, ATOMIC_DQ=True, KT=True, BM_KV=64, BN_KV=128,
+                                     WARPS_KV=8),
+    "atomic dq kv64x128 w8": _cfg(64, 64, 4, 2, TMA=True, ATOMIC_DQ=True, BM_KV=64, BN_KV=128, WARPS_KV=8),
+    "atomic dq kt kv128x128 w8": _cfg(64, 64, 4, 2, TMA=True, ATOMIC_DQ=True, KT=True, BM_KV=128, BN_KV=128,
+                                      WARPS_KV=8),
 }
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),

@@ -188,6 +188,21 @@ def test_keys_by_queries_backward(pname, extra):
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("extra", [{}, dict(KT=True, MERGE=True), dict(BM_KV=16, BN_KV=32, KT=True)])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "full"])
+def test_atomic_dq_backward(pname, extra):
+    """ATOMIC_DQ: no dq kernel, dq summed from the dk/dv kernel's tiles by float32 atomics (delta from its own
+    kernel; the lse's gradient included, rows that see nothing in the cross shape): gradients against float64,
+    split columns included, equal to the two-kernel backward up to rounding."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, **extra)
+    for shape, seed, cap in (((1, 4, 2, 48, 48, 32, 32), 15, None), ((2, 2, 1, 40, 37, 32, 16), 16, 1)):
+        got = _check_bwd(PATTERNS[pname], shape, torch.float32, seed=seed, cfg=dict(cfg, ATOMIC_DQ=True),
+                         split_cap=cap)
+        base = _check_bwd(PATTERNS[pname], shape, torch.float32, seed=seed, cfg=cfg, split_cap=cap)
+        for a, r in zip(got, base):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra", [dict(BM_KV=16, BN_KV=32), dict(BM_KV=32, BN_KV=16, KT=True, TMA=True),
                                    dict(BM_KV=32, BN_KV=32, KT=True, MERGE=True)])
 @pytest.mark.parametrize("pname", ["causal", "sinks+window", "nbhd2d"])

@@ -257,7 +257,7 @@ def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, d
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
-    return dk, dv
+    return dk, dv, ds
 
 
 @triton.jit
@@ -272,7 +272,7 @@ def _bwd_kv_tile_t(q, do, lse2, delta, k, v, qp, kk, h, AUX, Lk, qk_scale, dk, d
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     dst = pt * (dpt - delta[None, :])
     dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    return dk, dv
+    return dk, dv, dst
 
 
 @triton.jit
@@ -300,7 +300,8 @@ def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, D
 @triton.jit
 def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV,
                   kt, vt, OFF, kk, h, AUX, Lk, qk_scale, dk, dv, MASK: tl.constexpr, PREC: tl.constexpr,
-                  QD, DOD, TMA: tl.constexpr, part=False, KT: tl.constexpr = False):
+                  QD, DOD, TMA: tl.constexpr, part=False, KT: tl.constexpr = False, DQA=None,
+                  ATOMIC: tl.constexpr = False, BLOCK_D: tl.constexpr = 16):
     # one query block (rows m0 + offs_m0 of head h, bh = batch * H + h) of the dk/dv kernel: its q, dO, lse
     # and delta, then the tile's contribution to dk and dv
     offs_m = m0 + offs_m0
@@ -312,11 +313,18 @@ def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, st
     else:
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     if KT:  # kt, vt hold K and V untransposed, (N, D) / (N, DV)
-        dk, dv = _bwd_kv_tile_t(q, do, lse2, delta, kt, vt, offs_m[None, :] + OFF, kk, h, AUX, Lk, qk_scale, dk,
-                                dv, MASK, PREC, part)
+        dk, dv, ds = _bwd_kv_tile_t(q, do, lse2, delta, kt, vt, offs_m[None, :] + OFF, kk, h, AUX, Lk, qk_scale, dk,
+                                    dv, MASK, PREC, part)
     else:
-        dk, dv = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk, dv,
-                              MASK, PREC, part)
+        dk, dv, ds = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk,
+                                  dv, MASK, PREC, part)
+    if ATOMIC:  # this tile's share of dq, added in float32 to the rows' accumulator (B * H * Lq, BLOCK_D)
+        if KT:
+            dqp = tl.dot(tl.trans(ds).to(q.dtype), kt, input_precision=PREC)
+        else:
+            dqp = tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PREC)
+        tl.atomic_add(DQA + (bh * Lq + offs_m)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], dqp,
+                      mask=(offs_m < Lq)[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -329,7 +337,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False, MERGE: tl.constexpr = False,
-                  KT: tl.constexpr = False):
+                  KT: tl.constexpr = False, DQA=None, ATOMIC: tl.constexpr = False):
     # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1). MERGE: the
     # item's full and partial query blocks of a head in one loop (the mask past the full ones). KT: each tile
     # keys by queries (_bwd_kv_tile_t)
@@ -376,16 +384,19 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                                tl.load(frow + j, mask=j < n_full, other=0))
                 dk, dv = _bwd_kv_block(blk * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
-                                       Lk, qk_scale, dk, dv, 2, PREC, QD, DOD, TMA, part, KT)
+                                       Lk, qk_scale, dk, dv, 2, PREC, QD, DOD, TMA, part, KT, DQA, ATOMIC,
+                                       BLOCK_D)
         else:
             for j in range(s0, tl.minimum(e0, n_full)):
                 dk, dv = _bwd_kv_block(tl.load(frow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
-                                       Lk, qk_scale, dk, dv, 0, PREC, QD, DOD, TMA, False, KT)
+                                       Lk, qk_scale, dk, dv, 0, PREC, QD, DOD, TMA, False, KT, DQA, ATOMIC,
+                                       BLOCK_D)
             for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
                 dk, dv = _bwd_kv_block(tl.load(prow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
-                                       Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA, False, KT)
+                                       Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA, False, KT, DQA, ATOMIC,
+                                       BLOCK_D)
     if slot < 0:
         tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
@@ -397,6 +408,30 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
         r = tl.arange(0, BLOCK_N)
         tl.store(WSK + (ws + r[:, None]) * BLOCK_D + offs_d[None, :], dk)
         tl.store(WSV + (ws + r[:, None]) * BLOCK_DV + offs_dv[None, :], dv)
+
+
+@triton.jit
+def attn_bwd_delta(O, DO, LSE, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                   H, Lq, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
+    # delta = rowsum(out * dout) - dlse (rows that see nothing drop their dlse), as attn_bwd_dq computes it;
+    # for the backward whose dq comes from the dk/dv kernel (ATOMIC_DQ), which then runs no dq kernel
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rm = offs_m < Lq
+    msk = rm[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :], mask=msk,
+                other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :], mask=msk,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        lse = tl.load(LSE + pid_bh * Lq + offs_m, mask=rm, other=0.0)
+        delta -= tl.where(lse == float("-inf"), 0.0, tl.load(DLSE + pid_bh * Lq + offs_m, mask=rm, other=0.0))
+    tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=rm)
 
 
 @triton.jit

@@ -298,7 +298,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     ``cfg`` (default: `tuning.choose`): BLOCK_M / BLOCK_N / num_warps / num_stages of both kernels; optional
     keys: TMA, MERGE, PACK_DQ, and for the dk/dv kernel alone KT (its tiles keys by queries), BM_KV / BN_KV
     (its own tiles: query rows per step, keys per program; its own transposed layout, plan and module),
-    WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels."""
+    WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels. ATOMIC_DQ: no dq kernel; the dk/dv
+    kernel adds each tile's dS K to a float32 accumulator by atomics (not bitwise deterministic)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
@@ -374,15 +375,25 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         tma_dkdv["KT"] = True
     # the dk/dv kernel's own warps and stages (WARPS_KV / STAGES_KV), else the config's
     nw_kv, ns_kv = cfg.get("WARPS_KV", nw), cfg.get("STAGES_KV", ns)
-    # dq first: it also writes delta, which the dk/dv kernel reads
-    pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
-    mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
-        q, k, v, dout, lse, delta, dq, out, dl, aux, lay.kv_num_blocks, lay.kv_indices,
-        lay.full_kv_num_blocks, lay.full_kv_indices, *common,
-        dq.stride(0), dq.stride(1), dq.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
-        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
-        num_warps=nw, num_stages=ns, **tma_dq)
+    dqa = None
+    if cfg.get("ATOMIC_DQ"):
+        # dq from the dk/dv kernel (each tile's dS K added in float32 to a row accumulator: five products per
+        # tile instead of seven over the two kernels, not bitwise deterministic); delta by its own small kernel
+        mod_kv.attn_bwd_delta[(-(-lq // 64), b * hq)](
+            out, dout, lse, dl, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), hq, lq, dv, BLOCK_M=64, BLOCK_DV=bdv, HAS_DLSE=has_dlse, num_warps=4)
+        dqa = torch.zeros((b * hq * lq, bd), dtype=torch.float32, device=q.device)
+        tma_dkdv.update(DQA=dqa, ATOMIC=True)
+    else:
+        # dq first: it also writes delta, which the dk/dv kernel reads
+        pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
+        mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
+            q, k, v, dout, lse, delta, dq, out, dl, aux, lay.kv_num_blocks, lay.kv_indices,
+            lay.full_kv_num_blocks, lay.full_kv_indices, *common,
+            dq.stride(0), dq.stride(1), dq.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
+            BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
+            num_warps=nw, num_stages=ns, **tma_dq)
     mod_kv.attn_bwd_dkdv[(items.shape[0], b * hkv)](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
@@ -394,6 +405,8 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
             dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn2, num_warps=4)
+    if dqa is not None:
+        dq.copy_(dqa.view(b, hq, lq, bd)[..., :d].mul_(scale))
 
 
 # -- torch.library custom ops ----------------------------------------------------------------------
