@@ -72,8 +72,13 @@ mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
 # they are packed into $OUT/triton_autotune.tgz at the end. Unpacked into .triton_cache/ and carried to the next
 # run (carry [".whl", ".triton_cache"]), fla's first calls load them instead of autotuning for minutes.
+# AUTOTUNE_TGZ: such a pack committed with an earlier run's results (it travels with the working tree, no carry
+# needed), unpacked here first; fla's autotuner then finds its choices for the same kernels and shapes
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 mkdir -p "$TRITON_CACHE_DIR"
+if [ -n "${AUTOTUNE_TGZ:-}" ]; then
+  tar xzf "$AUTOTUNE_TGZ" -C "$TRITON_CACHE_DIR" && echo "autotune choices unpacked from $AUTOTUNE_TGZ"
+fi
 for s in $SECTIONS; do
   echo "== $s"
   case $s in
