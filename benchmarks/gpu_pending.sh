@@ -115,7 +115,7 @@ for s in $SECTIONS; do
               --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8,inv-dbl --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
-    gdn-sweep) timeout ${LINEAR_S:-170} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
+    gdn-sweep) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
               --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn ${GDN_ONLY:+--sweep-only $GDN_ONLY} --ops sdpa \
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
