@@ -224,7 +224,9 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
 # by `attn_bwd_reduce`; items are launched longest first;
 # `attn_bwd_dq` runs one program per (query block, batch x query head) over the forward layout. It runs
 # first: it computes DELTA = rowsum(out * dout) - dlse for its rows (the lse's own gradient folds into it)
-# and stores it for `attn_bwd_dkdv`, so no separate pass (nor launch) computes it.
+# and stores it for `attn_bwd_dkdv`, so no separate pass (nor launch) computes it. The opt-in ATOMIC
+# variant (ops' cfg ATOMIC_DQ) is the one exception to determinism: no dq kernel, `attn_bwd_delta` computes
+# DELTA, and the dk/dv kernel adds each tile's dS K to a float32 dq accumulator with atomics.
 BWD = '''
 
 @triton.jit
