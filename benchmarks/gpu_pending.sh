@@ -32,7 +32,9 @@
 #                GB/s against the H200's peak, against their PyTorch steps and, with fla on the path, fla's fused
 #                recurrent kernels (run linear-check for their GPU check)
 #   gdn-sweep    issue 5: Gated DeltaNet's config sweep and kernel profile at B=8 T=2048, the shape of the fla comparison
-#                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed)
+#                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed); GDN_ONLY: the
+#                variants (substrings), by default the state tiles, the split main backward, _prep at 8 warps, T by
+#                doubling and T apart from W / U0 (prep-split)
 #   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
 #                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps, dq by float32 atomics
 #                from the dk/dv kernel (ATOMIC_DQ: 5 products per tile instead of 7)), 16K, vs flex
@@ -116,7 +118,7 @@ for s in $SECTIONS; do
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     gdn-sweep) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
-              --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn ${GDN_ONLY:+--sweep-only $GDN_ONLY} --ops sdpa \
+              --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn --sweep-only ${GDN_ONLY:-h32w8,h64w8,h32w4,main-split,p64w8,inv-dbl,prep-split,b32w8} --ops sdpa \
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;

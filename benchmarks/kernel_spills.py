@@ -28,10 +28,12 @@ F32 = {"BETA", "G", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", 
        "A", "DA", "DQI", "DKI", "DAK", "RP", "IPB"}
 
 
-def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16", types: dict | None = None) -> dict:
+def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16", types: dict | None = None,
+              sass: bool = False) -> dict:
     """Compile ``fn`` for sm_90 with ``consts`` (and the kernel's constexpr defaults): -> registers and stack
-    bytes per thread. ``types`` (name -> Triton type string) decides where given; else pointer arguments are
-    float32 when named in F32, else ``dtype``; other scalars int32, ``scale`` float32."""
+    bytes per thread; with ``sass`` also the instruction mix of its machine code (`sass_mix`). ``types``
+    (name -> Triton type string) decides where given; else pointer arguments are float32 when named in F32,
+    else ``dtype``; other scalars int32, ``scale`` float32."""
     params = inspect.signature(fn.fn).parameters
     consts = dict(consts)
     for name, par in params.items():
@@ -47,23 +49,83 @@ def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16"
             sig[name] = types.get(name, "i32")
         elif name == "scale":
             sig[name] = "fp32"
-        elif name.isupper() and name not in ("NH", "T", "NT", "NK", "DIMK", "DIMV"):
+        elif name.isupper() and name not in ("NH", "T", "NT", "NK", "NKB", "DIMK", "DIMV"):
             sig[name] = "*" + ("fp32" if name in F32 else dtype)
         else:
             sig[name] = "i32"
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    # what a real launch at the benchmark shapes tells the compiler: Triton marks every argument divisible by 16
+    # (tensor pointers, whose storage is 16-byte aligned, and there every stride and length), so its loads are
+    # vectorised; without the marks every K / V element is a separate 2-byte load
+    div16 = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if sig[name].startswith("*") or (sig[name] == "i32" and _DIV16.match(name))}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     try:
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+        mix = sass_mix(subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout) \
+            if sass else None
     finally:
         os.unlink(f.name)
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
     if not m:
         raise RuntimeError(f"no resource line in cuobjdump's output: {out[-300:]!r}")
-    return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)))
+    return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)), **({"sass": mix} if sass else {}))
+
+
+# integer arguments that are multiples of 16 at the benchmark shapes (D = 128, lengths of whole chunks / blocks,
+# 16 or 64 heads): strides and lengths, not group sizes or offsets
+_DIV16 = re.compile(r"^(s_|stride_)|^(D|DV|DIMK|DIMV|Lq|Lk|T|NH|H|NT)$")
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+# opcode groups of the instruction mix: Hopper's warpgroup MMA (wgmma), the older warp-level MMA (mma.sync: a
+# dot Triton could not put on wgmma, e.g. fewer than 64 rows per warpgroup), local-memory loads / stores (the
+# spill traffic) and the exp2 / rcp unit
+SASS_GROUPS = {"wgmma": ("HGMMA",), "mma": ("HMMA",), "spill_ld": ("LDL",), "spill_st": ("STL",), "mufu": ("MUFU",)}
+
+
+def sass_mix(listing: str) -> dict:
+    """Static counts of opcode groups (SASS_GROUPS) and of all instructions in an ``nvdisasm -c`` listing, and
+    per innermost loop (a backward branch whose range holds no other loop) its instructions, wgmma and spill
+    loads + stores: what one iteration of a kernel's main loop issues. Static: an instruction counts once."""
+    counts = {g: 0 for g in SASS_GROUPS}
+    ops = {op: g for g, names in SASS_GROUPS.items() for op in names}
+    labels, code, label = {}, [], None
+    for line in listing.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([^;]*)", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        if label:
+            labels[label], label = addr, None
+        code.append((addr, m.group(2), m.group(3)))
+        g = ops.get(m.group(2))
+        if g:
+            counts[g] += 1
+    counts["instructions"] = len(code)
+    loops = []
+    for addr, op, rest in code:
+        t = re.search(r"`\((\.L_x_\d+)\)", rest)
+        if op == "BRA" and t and labels.get(t.group(1), addr + 1) < addr:
+            loops.append((labels[t.group(1)], addr))
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    per = []
+    for lo, hi in inner:
+        body = [op for a, op, _ in code if lo <= a <= hi]
+        if len(body) > 1:
+            per.append(f"{len(body)}/{body.count('HGMMA')}/{body.count('LDL') + body.count('STL')}")
+    counts["loops"] = ",".join(per) or "-"
+    return counts
 
 
 B16 = dict(SPLIT=False, PREC="tf32")
@@ -78,6 +140,12 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
      4),
     ("gdn _prep (inv dbl)", td._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", INV=True, **B16),
      8),
+    ("gdn _prep (T only)", td._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", WU=False, **B16),
+     4),
+    ("gdn _prep (T only, inv dbl)", td._prep,
+     dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", INV=True, WU=False, **B16), 4),
+    ("gdn _wu (BN 64)", td._wu, dict(BT=64, BN=64, **B16), 4),
+    ("kda _wu (BN 64)", td._wu, dict(BT=64, BN=64, VEC=True, **B16), 4),
     ("gdn _fwd_h (BV 64)", td._fwd_h, dict(BT=64, BK=128, BV=64, HAS_H0=False, **B16), 4),
     ("gdn _bwd_dh (BV 64)", td._bwd_dh, dict(BT=64, BK=128, BV=64, HAS_DHT=False, **B16), 4),
     ("gdn _bwd_dh (BV 64)", td._bwd_dh, dict(BT=64, BK=128, BV=64, HAS_DHT=False, **B16), 8),
@@ -113,12 +181,21 @@ _ATTN_TYPES = dict({n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ", "O", "DKP", 
 
 
 def attention_cases():
-    """(name, kernel, constexprs, warps, stages, types): the dq kernel and the dk/dv kernel (queries by keys, and
-    keys by queries: KT) at the tiles of triton_pack_variants.py --round 6; D = 128, bf16, pointer loads."""
+    """(name, kernel, constexprs, warps, stages, types): the forward at its two 16-bit defaults, the dq kernel and
+    the dk/dv kernel (queries by keys, and keys by queries: KT) at the tiles of triton_pack_variants.py --round 6;
+    D = 128, bf16, pointer loads."""
     import attnzoo as az
     from attnzoo.backends.triton import ops
     out = []
     base = dict(BLOCK_D=128, BLOCK_DV=128, PREC="tf32", TMA=False, MERGE=False)
+    # the forward at the local class's default (a 1024-key window: PACK 4, 64 x 64, 8 warps, 3 stages, IDX 2,
+    # MERGE) and the dense class's tiles (causal: PACK 2, 64 x 128; pointer loads here, TMA on the GPU)
+    for name, pat, bm, bn, pack, merge in (("sw1024", az.SlidingWindow(1023), 64, 64, 4, True),
+                                            ("causal", az.Causal(), 64, 128, 2, False)):
+        mod = ops._module(pat, 16384, 16384, "cpu", (bm, bn))[0]
+        out.append((f"attn fwd {name} {bm}x{bn} p{pack}", mod.attn_fwd,
+                    dict(base, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=merge, KD=None,
+                         VD=None, WS=False), 8, 3, _ATTN_TYPES))
     for bm, bn, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,
@@ -139,6 +216,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--filter", default="", help="only the cases whose name contains this")
     ap.add_argument("--attn", action="store_true", help="also the attention backward's kernels (issue 3)")
+    ap.add_argument("--sass", action="store_true",
+                    help="also the machine code's static instruction mix: wgmma / mma.sync dots, spill loads / "
+                         "stores (LDL / STL), MUFU, all instructions, and per innermost loop "
+                         "instructions / wgmma / spill loads+stores of one iteration")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90; registers / stack bytes per thread")
     bad = 0
@@ -149,8 +230,10 @@ def main():
         if args.filter not in name:
             continue
         try:
-            r = resources(fn, consts, warps, stages, types=types)
-            print(f"  {name:<42} {warps:>2} warps  {r['registers']:>4} regs  {r['stack_bytes']:>5} B stack", flush=True)
+            r = resources(fn, consts, warps, stages, types=types, sass=args.sass)
+            mix = "  " + "  ".join(f"{k} {v}" for k, v in r["sass"].items()) if args.sass else ""
+            print(f"  {name:<42} {warps:>2} warps  {r['registers']:>4} regs  {r['stack_bytes']:>5} B stack{mix}",
+                  flush=True)
         except Exception as e:  # noqa: BLE001 - one case that does not compile is reported, the rest still run
             bad += 1
             print(f"  {name:<42} {warps:>2} warps  error: {type(e).__name__}: {str(e)[-200:]}", flush=True)

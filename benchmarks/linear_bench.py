@@ -67,10 +67,11 @@ GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter=
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
-                      ("inv-dbl", dict(inv="dbl"))]
-# Gated DeltaNet's main backward in two kernels (cfg main="split"); T by block doubling (inv="dbl")
+                      ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl"))]
+# Gated DeltaNet's main backward in two kernels (cfg main="split"); T by block doubling (inv="dbl"); T apart from
+# W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
-                      ("inv-dbl", dict(inv="dbl"))]
+                      ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl"))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
@@ -478,6 +479,11 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
         variants += [(f"p{bv}w8", dict(BV_P=bv, warps_p=8)) for bv in (64, 32)]
         # T by block doubling (log2(BT) - 1 levels of two dots) instead of 4 x 15 dependent row steps
         variants += [(f"inv-dbl-w{w}", dict(inv="dbl", warps_p=w)) for w in (4, 8)]
+        # T alone (162 / 158 registers at 4 warps, no spills: three programs per SM), then W and U0 by _wu in
+        # BN_WU-wide column blocks (88 registers), ptxas sm_90
+        variants += [("prep-split", dict(prep="split")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
+                     ("prep-split-dbl-n32", dict(prep="split", inv="dbl", BN_WU=32)),
+                     ("prep-split-dbl-w8", dict(prep="split", inv="dbl", warps_p=8))]
     if op == "kda":  # the main backward in two kernels (no register spills at 32 / 32 / 8 / 8, ptxas sm_90)
         for bk, bv, wk, wv in ((32, 32, 8, 8), (64, 32, 8, 8), (32, 16, 8, 4), (64, 16, 8, 8)):
             variants.append((f"main-split-k{bk}b{bv}w{wk}{wv}",

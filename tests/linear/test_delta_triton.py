@@ -91,16 +91,20 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (70, 48, 32, True, "strong", dict(SUB64, main="split", BK_M=16, BK_MV=32, BV_M=16, warps_mk=1, warps_mv=1)),
     (40, 32, 48, False, "paper", dict(SUB32, main="split", BK_M=16, BV_M=16, warps_mk=1, warps_mv=1)),
     # T by block doubling (inv="dbl"): chunks of 16 (one level), 32 and 64 (up to four)
-    (40, 16, 32, True, "strong", dict(DELTA_SMALL, BT=16, inv="dbl")),
+    # (the first also with prep="split": T alone, then W and U0 by _wu in column blocks)
+    (40, 16, 32, True, "strong", dict(DELTA_SMALL, BT=16, inv="dbl", prep="split")),
     (70, 32, 16, True, "paper", dict(SUB64, inv="dbl")),
     (100, 48, 32, False, "strong", dict(SUB32, inv="dbl")),
+    # prep="split" after the row-block substitution: Dk 48 in three 16-wide blocks of W, Dv 32 in two of U0
+    (70, 48, 32, True, "strong", dict(SUB64, prep="split", BN_WU=16, warps_wu=1)),
 ]
 
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
                               f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}"
-                              f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}" for c in CASES])
+                              f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
+                              f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -111,11 +115,11 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
         check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
 
 
-@pytest.mark.parametrize("split,main,inv", [(True, "fused", "sub"), (False, "fused", "sub"), (False, "split", "sub"),
-                                            (False, "fused", "dbl")])
-def test_float16_protocol_rule(split, main, inv):
+@pytest.mark.parametrize("split,main,inv,prep", [(True, "fused", "sub", "fused"), (False, "fused", "sub", "fused"),
+                                                 (False, "split", "sub", "split"), (False, "fused", "dbl", "fused")])
+def test_float16_protocol_rule(split, main, inv, prep):
     """16-bit operands, chunks of 32; with and without the hi/lo split of the float32 dot operands; the main
-    backward fused or in two kernels; T by row-block substitution or block doubling."""
+    backward fused or in two kernels; T by row-block substitution or block doubling; W and U0 with T or apart."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "paper", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -124,7 +128,8 @@ def test_float16_protocol_rule(split, main, inv):
     want = reference(x, True, scale)
     base = reference(x, True, scale, dtype=torch.float16)
     got = run_kernels(x, True, scale, dtype=torch.float16,
-                      cfg=dict(SUB32, split=split, main=main, BK_M=16, BV_M=16, warps_mk=1, warps_mv=1, inv=inv))
+                      cfg=dict(SUB32, split=split, main=main, BK_M=16, BV_M=16, warps_mk=1, warps_mv=1, inv=inv,
+                               prep=prep, BN_WU=16, warps_wu=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -264,6 +269,7 @@ def test_dispatch_rules(monkeypatch):
 
 
 @pytest.mark.parametrize("bad, match", [(dict(main="both"), "main must be"), (dict(inv="lu"), "inv must be"),
+                                        (dict(prep="apart"), "prep must be"),
                                         (dict(BK_M=24), "BK_M must be a power of two")])
 def test_config_errors_name_the_key(bad, match):
     """A config with an unknown kernel choice or a block that is not a power of two is refused before any launch."""

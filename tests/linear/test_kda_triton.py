@@ -86,6 +86,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
     # T by block doubling (inv="dbl"): chunks of 32 and 64
     (70, 48, 32, True, "strong", dict(SUB64, inv="dbl")),
     (40, 32, 48, True, "extreme", dict(SUB32, inv="dbl")),
+    # T alone, then W and U0 by triton_delta._wu (VEC: per-channel gates) in 16-wide column blocks
+    (70, 48, 32, True, "strong", dict(SUB64, prep="split", BN_WU=16, warps_wu=1)),
 ]
 
 
@@ -95,7 +97,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
                               f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}"
                               f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}"
-                              f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}" for c in CASES])
+                              f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
+                              f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -111,7 +114,7 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk or per
-    16-channel block and tile."""
+    16-channel block and tile; the main backward and _prep fused or split (prep="split": W, U0 by _wu)."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -121,7 +124,7 @@ def test_float16_protocol_rule(split, intra_b, main):
     base = reference(x, True, scale, dtype=torch.float16)
     got = run_kernels(x, True, scale, dtype=torch.float16,
                       cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1, main=main, BK_M=16,
-                               BV_M=16, warps_mk=1, warps_mv=1))
+                               BV_M=16, warps_mk=1, warps_mv=1, prep=main, BN_WU=16, warps_wu=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"

@@ -117,6 +117,28 @@ def _split_dot2(x, y, acc, ref, SPLIT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _store_w(k, eb, beta, tinv, W, rowoff, offs_k, m_k, DIMK, BT: tl.constexpr, BK: tl.constexpr,
+             SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # W[:, offs_k] = T diag(beta) (K * eb) for a (BT, BK) block of K; eb: exp(b) per row (BT, 1) or per element
+    rk = (k.to(tl.float32) * beta[:, None] * eb).to(k.dtype)
+    w = _split_dot(tinv, rk, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, PREC)
+    tl.store(W + rowoff * DIMK + offs_k[None, :], w.to(W.dtype.element_ty), mask=m_k[None, :])
+
+
+@triton.jit
+def _store_u0(vbase, U0, tc, m_c, rowoff, s_vt, beta, tinv, c0, nb, DIMV, BT: tl.constexpr, BV: tl.constexpr,
+              SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # U0[:, c0 : c0 + nb BV] = T diag(beta) V, BV columns at a time
+    for iv in range(0, nb):
+        offs_v = c0 + iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
+        rv = (v.to(tl.float32) * beta[:, None]).to(v.dtype)
+        u0 = _split_dot(tinv, rv, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
+        tl.store(U0 + rowoff * DIMV + offs_v[None, :], u0.to(U0.dtype.element_ty), mask=m_v[None, :])
+
+
+@triton.jit
 def _tri_inv(a, offs_c, BT: tl.constexpr, PREC_T: tl.constexpr):
     # (I + A)^{-1} for A (BT, BT) strictly lower triangular, by block doubling: D_1 = I - (A's entries inside
     # the 2 x 2 diagonal blocks) is the inverse of its 2 x 2 blocks; then for s = 2, 4, .., BT / 2,
@@ -146,8 +168,9 @@ def _prep(K, V, BETA, G, TT, W, U0,
           NH, T, DIMK, DIMV, NT,
           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
-          INV: tl.constexpr = False):
-    # INV: T by block doubling (_tri_inv) from the whole A of one dot, instead of row blocks of BC steps
+          INV: tl.constexpr = False, WU: tl.constexpr = True):
+    # INV: T by block doubling (_tri_inv) from the whole A of one dot, instead of row blocks of BC steps.
+    # WU=False (cfg prep="split"): T only (STORE_T), W and U0 left to _wu
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -170,8 +193,8 @@ def _prep(K, V, BETA, G, TT, W, U0,
         a = tl.dot(k, tl.trans(k), input_precision=PREC) * beta[:, None]
         a = a * tl.exp(tl.where(offs_c[:, None] > offs_c[None, :], gc[:, None] - gc[None, :], float("-inf")))
         tinv = _tri_inv(a, offs_c, BT, PREC_T)
-        # read K again for R below rather than hold it in registers through the inverse's dots
-        k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
+        if WU:  # read K again for R below rather than hold it in registers through the inverse's dots
+            k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0.0)
     for p in range(0, 0 if INV else BT // BC):
         offs_i = p * BC + offs_r
         ti = n * BT + offs_i
@@ -197,18 +220,45 @@ def _prep(K, V, BETA, G, TT, W, U0,
         tinv += tl.dot(place, rows, input_precision="ieee")
     if STORE_T:
         tl.store(TT + (bh * NT * BT + tc)[:, None] * BT + offs_c[None, :], tinv)
+    if WU:
+        rowoff = (bh * NT * BT + tc)[:, None]
+        _store_w(k, tl.exp(gc)[:, None], beta, tinv, W, rowoff, offs_k, m_k, DIMK, BT, BK, SPLIT, PREC)
+        _store_u0(V + b * s_vb + h * s_vh, U0, tc, m_c, rowoff, s_vt, beta, tinv, 0, tl.cdiv(DIMV, BV), DIMV, BT, BV,
+                  SPLIT, PREC)
+
+
+@triton.jit
+def _wu(K, V, BETA, G, TT, W, U0,
+        s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+        NH, T, DIMK, DIMV, NT, NKB,
+        BT: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False):
+    # cfg prep="split", after _prep(WU=False) stored T (grid: chunk, column block, batch x head): one BN-wide
+    # column block of W = T diag(beta exp(b)) K (blocks j < NKB) or of U0 = T diag(beta) V (the rest), the same
+    # products as _prep's. VEC (KDA): G holds per-channel cumulative gates (B*H, NT*BT, Dk), exp(b) per element
+    n = tl.program_id(0)
+    j = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    m_c = tc < T
     rowoff = (bh * NT * BT + tc)[:, None]
-    rk = (k.to(tl.float32) * (beta * tl.exp(gc))[:, None]).to(k.dtype)
-    w = _split_dot(tinv, rk, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, PREC)
-    tl.store(W + rowoff * DIMK + offs_k[None, :], w.to(W.dtype.element_ty), mask=m_k[None, :])
-    vbase = V + b * s_vb + h * s_vh
-    for iv in range(0, tl.cdiv(DIMV, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        m_v = offs_v < DIMV
-        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
-        rv = (v.to(tl.float32) * beta[:, None]).to(v.dtype)
-        u0 = _split_dot(tinv, rv, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
-        tl.store(U0 + rowoff * DIMV + offs_v[None, :], u0.to(U0.dtype.element_ty), mask=m_v[None, :])
+    beta = tl.load(BETA + bh * T + tc, mask=m_c, other=0.0)
+    tinv = tl.load(TT + rowoff * BT + offs_c[None, :])
+    if j < NKB:
+        offs_k = j * BN + tl.arange(0, BN)
+        m_k = offs_k < DIMK
+        k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :],
+                    other=0.0)
+        if VEC:
+            eb = tl.exp(tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0))
+        else:
+            eb = tl.exp(tl.load(G + bh * NT * BT + tc))[:, None]
+        _store_w(k, eb, beta, tinv, W, rowoff, offs_k, m_k, DIMK, BT, BN, SPLIT, PREC)
+    else:
+        _store_u0(V + b * s_vb + h * s_vh, U0, tc, m_c, rowoff, s_vt, beta, tinv, (j - NKB) * BN, 1, DIMV, BT, BN,
+                  SPLIT, PREC)
 
 
 @triton.jit
@@ -717,15 +767,20 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     whose W and U0 round T to 16 bits anyway). split: 16-bit inputs only, the hi/lo split of the float32
     operands (state, pseudo-values, T, gradients) into two 16-bit parts in the dots that carry them (about
     float32 accuracy for the state; False: one rounding to 16 bits, fewer dots). main: "fused" (``_bwd_main``,
-    one program per chunk holding five (BT, BT | Dk) float32 accumulators: about 2 KB of register spills per
-    thread at the GPU values, ptxas sm_90 with Triton 3.9) or "split" (``_bwd_main_k`` per BK_M-channel Dk
-    block, then ``_bwd_main_v`` with Dk blocks of BK_MV; Dv blocks BV_M; warps_mk / warps_mv warps: no
-    spills at 64 / 32 / 32 and 8 warps; opt-in, not yet timed on a GPU). inv: how ``_prep`` builds T, "sub"
+    one program per chunk holding five (BT, BT | Dk) float32 accumulators: about 1 KB of register spills
+    per thread at the GPU values, ptxas sm_90 with Triton 3.9, arguments marked divisible by 16 as a launch
+    marks them) or "split" (``_bwd_main_k`` per BK_M-channel Dk block, then ``_bwd_main_v`` with Dk blocks of
+    BK_MV; Dv blocks BV_M; warps_mk / warps_mv warps: no spills at 64 / 32 / 32 and 8 warps; opt-in, not yet
+    timed on a GPU). inv: how ``_prep`` builds T, "sub"
     (row blocks of BC steps, each block's inverse by BC - 1 dependent single-row steps) or "dbl" (block
     doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots, meant for 16-bit inputs
     whose prec_t is TF32: with IEEE float32 dots they run on the FMA units and spill; opt-in, not yet timed on
-    a GPU; KDA's ``_prep`` takes it too). Under the interpreter: chunks of 16
-    and whole-dimension blocks. GPU values: from the H200 sweep below."""
+    a GPU; KDA's ``_prep`` takes it too). prep: "fused" (``_prep`` builds T and then W and U0 in one program
+    per chunk) or "split" (``_prep`` builds and stores T only, then ``_wu`` forms W and U0 in BN_WU-wide column
+    blocks, one program each, warps_wu warps: the inverse's program holds no K/V tiles for the products, and
+    the products run (Dk + Dv) / BN_WU times as many programs; KDA takes it too; opt-in, not yet timed on a
+    GPU). Under the interpreter: chunks of 16 and whole-dimension blocks. GPU values: from the H200 sweep
+    below."""
     pk, pv = _pow2(dk), _pow2(dv)
     if device.type != "cuda":
         return dict(BT=16, BC=16, BV_P=pv, BV_H=pv, BV_O=pv, BV_B=pv, warps_p=1, warps_h=1, warps_o=1,
@@ -752,7 +807,9 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"main must be 'fused' or 'split', got {cfg['main']!r}")
     if cfg.get("inv", "sub") not in ("sub", "dbl"):
         raise ValueError(f"inv must be 'sub' (row-block substitution) or 'dbl' (block doubling), got {cfg['inv']!r}")
-    for key in ("BK_M", "BK_MV", "BV_M"):
+    if cfg.get("prep", "fused") not in ("fused", "split"):
+        raise ValueError(f"prep must be 'fused' or 'split', got {cfg['prep']!r}")
+    for key in ("BK_M", "BK_MV", "BV_M", "BN_WU"):
         x = cfg.get(key, 16)
         if x < 16 or x & (x - 1):
             raise ValueError(f"{key} must be a power of two >= 16, got {x}")
@@ -778,15 +835,18 @@ def _forward_pass(q, k, v, gc, beta, s0, cfg, poison, store_t):
     hd = k.dtype  # the dot dtype of the stored intermediates
     split = k.dtype != torch.float32 and cfg.get("split", True)
     prec = _prec(k.dtype)
-    tt = _empty(poison, (b * h, nt * bt, bt), torch.float32, k.device) if store_t else None
+    wu = cfg.get("prep", "fused") == "fused"
+    tt = _empty(poison, (b * h, nt * bt, bt), torch.float32, k.device) if store_t or not wu else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
     u0 = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     _prep[(nt, b * h)](
-        k, v, beta, gc, tt if store_t else w, w, u0,
+        k, v, beta, gc, tt if tt is not None else w, w, u0,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, t, dk, dv, nt, BT=bt, BC=cfg["BC"], BK=_pow2(dk), BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=store_t,
-        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], INV=cfg.get("inv", "sub") == "dbl", num_warps=cfg["warps_p"],
-        num_stages=cfg["stages"])
+        h, t, dk, dv, nt, BT=bt, BC=cfg["BC"], BK=_pow2(dk), BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=tt is not None,
+        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], INV=cfg.get("inv", "sub") == "dbl", WU=wu,
+        num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+    if not wu:
+        launch_wu(k, v, beta, gc, tt, w, u0, cfg, split, prec, vec=False)
     hs = _empty(poison, (b * h, nt, dk, dv), hd, k.device)
     u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     ht = _empty(poison, (b, h, dk, dv), torch.float32, k.device)
@@ -796,6 +856,21 @@ def _forward_pass(q, k, v, gc, beta, s0, cfg, poison, store_t):
         h, t, dk, dv, nt, BT=bt, BK=_pow2(dk), BV=bv, HAS_H0=s0 is not None, SPLIT=split, PREC=prec,
         num_warps=cfg["warps_h"], num_stages=cfg["stages"])
     return tt, w, u0, u, hs, ht
+
+
+def launch_wu(k, v, beta, gc, tt, w, u0, cfg, split, prec, vec: bool):
+    """cfg prep="split": W and U0 from the stored T by ``_wu``, BN_WU-wide column blocks (Gated DeltaNet, and
+    KDA with ``vec``), warps_wu warps."""
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    bt = cfg["BT"]
+    nt = triton.cdiv(t, bt)
+    bn = min(cfg.get("BN_WU", 64), _pow2(max(dk, dv)))
+    nkb = triton.cdiv(dk, bn)
+    _wu[(nt, nkb + triton.cdiv(dv, bn), b * h)](
+        k, v, beta, gc, tt, w, u0, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, t, dk, dv, nt, nkb, BT=bt, BN=bn, SPLIT=split, PREC=prec, VEC=vec, num_warps=cfg.get("warps_wu", 4),
+        num_stages=cfg["stages"])
 
 
 def _prepare(q, k, v, g, beta, s0, cfg):

@@ -210,8 +210,9 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
           NH, T, DIMK, DIMV, NT,
           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
           STORE_T: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
-          INV: tl.constexpr = False):
-    # INV: T by block doubling (triton_delta._tri_inv) from the whole of A, instead of row blocks of BC steps
+          INV: tl.constexpr = False, WU: tl.constexpr = True):
+    # INV: T by block doubling (triton_delta._tri_inv) from the whole of A, instead of row blocks of BC steps.
+    # WU=False (cfg prep="split"): T only (STORE_T), W and U0 left to triton_delta._wu (VEC)
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -245,22 +246,15 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
         tinv += tl.dot(place, rows, input_precision="ieee")
     if STORE_T:
         tl.store(TT + (bh * NT * BT + tc)[:, None] * BT + offs_c[None, :], tinv)
-    rowoff = (bh * NT * BT + tc)[:, None]
-    # K and the gates only now (not held through the inverse)
-    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_c[:, None] & m_k[None, :],
-                other=0.0)
-    gc = tl.load(G + (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
-    rk = (k.to(tl.float32) * beta[:, None] * tl.exp(gc)).to(k.dtype)
-    w = _split_dot(tinv, rk, tl.zeros([BT, BK], dtype=tl.float32), SPLIT, PREC)
-    tl.store(W + rowoff * DIMK + offs_k[None, :], w.to(W.dtype.element_ty), mask=m_k[None, :])
-    vbase = V + b * s_vb + h * s_vh
-    for iv in range(0, tl.cdiv(DIMV, BV)):
-        offs_v = iv * BV + tl.arange(0, BV)
-        m_v = offs_v < DIMV
-        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_c[:, None] & m_v[None, :], other=0.0)
-        rv = (v.to(tl.float32) * beta[:, None]).to(v.dtype)
-        u0 = _split_dot(tinv, rv, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
-        tl.store(U0 + rowoff * DIMV + offs_v[None, :], u0.to(U0.dtype.element_ty), mask=m_v[None, :])
+    if WU:
+        rowoff = (bh * NT * BT + tc)[:, None]
+        # K and the gates only now (not held through the inverse)
+        k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :],
+                    mask=m_c[:, None] & m_k[None, :], other=0.0)
+        gc = tl.load(G + (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        _td._store_w(k, tl.exp(gc), beta, tinv, W, rowoff, offs_k, m_k, DIMK, BT, BK, SPLIT, PREC)
+        _td._store_u0(V + b * s_vb + h * s_vh, U0, tc, m_c, rowoff, s_vt, beta, tinv, 0, tl.cdiv(DIMV, BV), DIMV, BT,
+                      BV, SPLIT, PREC)
 
 
 @triton.jit
@@ -744,8 +738,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt). ``main`` (opt-in, not
     yet timed): "split" runs ``_bwd_main`` as ``_bwd_main_k`` (per BK_M-channel Dk block: the per-channel
     partials and the block's shares of dA and dbeta) and ``_bwd_main_v`` (dv, dbeta, dP, dA), Dv blocks BV_M,
-    warps_mk / warps_mv warps: no register spills at 32 / 32 / 8 / 8 against about 2.2 KB per thread for the
-    fused kernel (ptxas sm_90, Triton 3.9)."""
+    warps_mk / warps_mv warps: no register spills at 32 / 32 / 8 / 8 against about 1.2 KB per thread for the
+    fused kernel (ptxas sm_90, Triton 3.9, arguments marked divisible by 16 as a launch does)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
@@ -805,15 +799,18 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
             num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
             num_stages=cfg["stages"], **({"BKD": min(cfg["BKD"], bk)} if split_intra and cfg.get("diag") == "bcast"
                                          else {}))
-    tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t else None
+    wu = cfg.get("prep", "fused") == "fused"
+    tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t or not wu else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
     u0 = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     _prep[(nt, b * h)](
-        akk, k, v, beta, gc, tt if store_t else w, w, u0,
+        akk, k, v, beta, gc, tt if tt is not None else w, w, u0,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, t, dk, dv, nt, BT=bt, BC=bc, BK=bk, BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=store_t,
-        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], INV=cfg.get("inv", "sub") == "dbl", num_warps=cfg["warps_p"],
-        num_stages=cfg["stages"])
+        h, t, dk, dv, nt, BT=bt, BC=bc, BK=bk, BV=min(cfg["BV_P"], _pow2(dv)), STORE_T=tt is not None,
+        SPLIT=split, PREC=prec, PREC_T=cfg["prec_t"], INV=cfg.get("inv", "sub") == "dbl", WU=wu,
+        num_warps=cfg["warps_p"], num_stages=cfg["stages"])
+    if not wu:
+        _td.launch_wu(k, v, beta, gc, tt, w, u0, cfg, split, prec, vec=True)
     hs = _empty(poison, (b * h, nt, dk, dv), hd, k.device)
     u = _empty(poison, (b * h, nt * bt, dv), hd, k.device)
     ht = _empty(poison, (b, h, dk, dv), f32, k.device)
