@@ -35,6 +35,10 @@
 #                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed); GDN_ONLY: the
 #                variants (substrings), by default the state tiles, the split main backward, _prep at 8 warps, T by
 #                doubling and T apart from W / U0 (prep-split)
+#   gdn-fla      issue 5: gdn-sweep's variants and fla's Gated DeltaNet in one run (carry the fla wheel, PYTHONPATH=/tmp/site;
+#                AUTOTUNE_TGZ=benchmarks/results/h200-2026-12-04-s7/call1/triton_autotune.tgz skips fla's autotuning):
+#                each variant's ratio to fla from the same process, so the winner's comparison needs no second call;
+#                GDN_VARIANTS: sweep variants ('+' combines) also timed through autograd in the speed table
 #   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
 #                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps, dq by float32 atomics
 #                from the dk/dv kernel (ATOMIC_DQ: 5 products per tile instead of 7)), 16K, vs flex
@@ -117,6 +121,10 @@ for s in $SECTIONS; do
               --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8,inv-dbl --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
+    gdn-fla) timeout ${LINEAR_S:-420} python3 benchmarks/linear_bench.py --out "$OUT/gdnfla" --quick --check none --no-torch \
+              --no-decode --sweep-ops gdn --sweep-only ${GDN_ONLY:-h32w8,h64w8,h32w4,main-split,p64w8,inv-dbl,prep-split,b32w8} \
+              --gdn-variants ${GDN_VARIANTS:-prep-split-dbl,main-split-k64v32b32w88,h32w8,prep-split-dbl+main-split-k64v32b32w88+h32w8,inv-dbl-w4+main-split-k64v32b32w88+h32w8} \
+              --fla-unguarded --ops gdn,sdpa --shapes 8x2048 > "$OUT/gdn_fla_log.txt" 2>&1 ;;
     gdn-sweep) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
               --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn --sweep-only ${GDN_ONLY:-h32w8,h64w8,h32w4,main-split,p64w8,inv-dbl,prep-split,b32w8} --ops sdpa \
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;

@@ -41,6 +41,7 @@ chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) an
 One JSON line per measurement (every parameter, device, versions, status) in DIR/linear_bench.jsonl.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -73,6 +74,7 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
                       ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl"))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
+GDN_SPEED_VARIANTS = []  # --gdn-variants: Gated DeltaNet sweep variants ("+"-joined names) timed in the speed table too
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
 
@@ -408,31 +410,8 @@ def sweep(reps, b=8, t=2048):
     return rows
 
 
-def sweep_op(op, reps, b=8, t=2048, only=()):
-    """Config variants of the GLA / Gated DeltaNet / KDA Triton kernels (their ``config()`` keys) at B=8,
-    T=2048, forward and backward timed through the launchers; for every variant also the forward's rel
-    RMSE (o and final state, first batch entry) against the float64 chunked form, since ``split`` (the hi/lo 16-bit split of
-    the float32 operands of the delta kernels) trades dots for accuracy. The config functions' GPU values
-    were first guesses; this is the table that replaces them."""
-    from attnzoo.linear import _core as core
-    dev, dt = DEV, torch.bfloat16
-    torch.manual_seed(1)
-    q, k, v, do = (torch.randn(b, H, t, D, device=dev, dtype=dt) for _ in range(4))
-    scale = D ** -0.5
-    if op == "gla":
-        from attnzoo.linear import triton_gla as mod
-        g = F.logsigmoid(torch.randn(b, H, t, D, device=dev)) / 16
-        args = (q, k, v, g, None)
-        ref = lambda: core.chunk_gated_linear(*(x[:1].double() for x in (q * scale, k, v, g)), None, 64)  # noqa: E731
-    else:
-        mod = __import__("attnzoo.linear.triton_" + ("delta" if op == "gdn" else "kda"), fromlist=["fwd"])
-        k = F.normalize(k.float(), dim=-1).to(dt)
-        g = F.logsigmoid(torch.randn(b, H, t, *((D,) if op == "kda" else ()), device=dev)) / 16
-        beta = torch.sigmoid(torch.randn(b, H, t, device=dev))
-        args = (q, k, v, g, beta, None)
-        ref = lambda: core.chunk_gated_delta(*(x[:1].double() for x in (q * scale, k, v, g, beta)), None,  # noqa: E731
-                                             64)
-    default = mod.config(D, D, dt, torch.device(dev))
+def sweep_variants(op: str) -> list:
+    """[(name, config overrides)] of ``op``'s sweep (gla, gdn, kda), "default" first."""
     variants = [("default", {})]
     if op == "gla":
         for bk, bv, w in ((64, 32, 4), (128, 64, 8), (64, 64, 8), (128, 128, 8)):
@@ -495,6 +474,35 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
                              dict(main="split", BK_M=bk, BK_MV=bkv, BV_M=bv, warps_mk=wk, warps_mv=wv)))
     if op == "gla":  # 2026-12-04: a stages variant of the Gated DeltaNet kernels hit an illegal address
         variants += [("stages1", dict(stages=1)), ("stages3", dict(stages=3))]
+    return variants
+
+
+def sweep_op(op, reps, b=8, t=2048, only=()):
+    """Config variants of the GLA / Gated DeltaNet / KDA Triton kernels (their ``config()`` keys) at B=8,
+    T=2048, forward and backward timed through the launchers; for every variant also the forward's rel
+    RMSE (o and final state, first batch entry) against the float64 chunked form, since ``split`` (the hi/lo 16-bit split of
+    the float32 operands of the delta kernels) trades dots for accuracy. The config functions' GPU values
+    were first guesses; this is the table that replaces them."""
+    from attnzoo.linear import _core as core
+    dev, dt = DEV, torch.bfloat16
+    torch.manual_seed(1)
+    q, k, v, do = (torch.randn(b, H, t, D, device=dev, dtype=dt) for _ in range(4))
+    scale = D ** -0.5
+    if op == "gla":
+        from attnzoo.linear import triton_gla as mod
+        g = F.logsigmoid(torch.randn(b, H, t, D, device=dev)) / 16
+        args = (q, k, v, g, None)
+        ref = lambda: core.chunk_gated_linear(*(x[:1].double() for x in (q * scale, k, v, g)), None, 64)  # noqa: E731
+    else:
+        mod = __import__("attnzoo.linear.triton_" + ("delta" if op == "gdn" else "kda"), fromlist=["fwd"])
+        k = F.normalize(k.float(), dim=-1).to(dt)
+        g = F.logsigmoid(torch.randn(b, H, t, *((D,) if op == "kda" else ()), device=dev)) / 16
+        beta = torch.sigmoid(torch.randn(b, H, t, device=dev))
+        args = (q, k, v, g, beta, None)
+        ref = lambda: core.chunk_gated_delta(*(x[:1].double() for x in (q * scale, k, v, g, beta)), None,  # noqa: E731
+                                             64)
+    default = mod.config(D, D, dt, torch.device(dev))
+    variants = sweep_variants(op)
     try:
         r_o, r_s = ref()
     except Exception as e:  # noqa: BLE001 - the accuracy column is then missing, the timing still runs
@@ -687,6 +695,34 @@ def gdn_inputs(b, h, t, dk, dv, dtype, dev=None):
     return q, k, v, g, beta
 
 
+def variant_overrides(op: str, spec: str) -> dict:
+    """The config overrides of sweep variants named in ``spec``, joined by "+" (later names win on a shared key)."""
+    known = dict(sweep_variants(op))
+    out = {}
+    for name in filter(None, spec.split("+")):
+        if name not in known:
+            raise SystemExit(f"--gdn-variants: {op} has no sweep variant {name!r}; known: {', '.join(known)}")
+        out.update(known[name])
+    return out
+
+
+@contextlib.contextmanager
+def config_override(kind: str, over: dict):
+    """Inside the block, ``attnzoo.linear.triton_<kind>.config`` returns its 16-bit GPU config updated with ``over``
+    (what the autograd path's launches read when no config is passed)."""
+    mod = __import__(f"attnzoo.linear.triton_{kind}", fromlist=["config"])
+    orig = mod.config
+
+    def patched(dk, dv, dtype, device):
+        cfg = orig(dk, dv, dtype, device)
+        return dict(cfg, **over) if device.type == "cuda" and dtype != torch.float32 else cfg
+    mod.config = patched
+    try:
+        yield
+    finally:
+        mod.config = orig
+
+
 def speed_gdn(b, t, reps, q, k, v, do, base, bench, fb):
     """Gated DeltaNet rows of the speed table (``bench`` / ``fb`` from :func:`speed`, which records them)."""
     from attnzoo.linear import gated_delta_rule
@@ -699,6 +735,10 @@ def speed_gdn(b, t, reps, q, k, v, do, base, bench, fb):
     ql, kl, vl, gl, bl = (x.detach().requires_grad_() for x in (q, kn, v, g, beta))
     bench("gdn-triton", lambda: gated_delta_triton(q, kn, v, g, beta, scale),
           fb(lambda q, k, v, g, beta: gated_delta_triton(q, k, v, g, beta, scale)[0], [ql, kl, vl, gl, bl]))
+    for name in GDN_SPEED_VARIANTS:  # --gdn-variants: the same autograd path on a sweep variant's config
+        with config_override("delta", variant_overrides("gdn", name)):
+            bench(f"gdn-triton[{name}]", lambda: gated_delta_triton(q, kn, v, g, beta, scale),
+                  fb(lambda q, k, v, g, beta: gated_delta_triton(q, k, v, g, beta, scale)[0], [ql, kl, vl, gl, bl]))
     bench("gdn-torch-chunk", lambda: gated_delta_rule(q, kn, v, g, beta, scale=scale, backend="torch"),
           fb(lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, scale=scale, backend="torch")[0],
              [ql, kl, vl, gl, bl]))
@@ -973,12 +1013,17 @@ def main():
     ap.add_argument("--sweep-ops", default="", help="comma-separated ops (gla, gdn, kda) whose Triton config "
                     "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
     ap.add_argument("--sweep-shape", default="8x2048", help="BxT of the --sweep-ops variants (default 8x2048)")
+    ap.add_argument("--gdn-variants", default="", help="comma-separated Gated DeltaNet sweep variants (names joined "
+                    "by '+' combine) timed in the speed table through autograd as gdn-triton[NAME], next to fla")
     ap.add_argument("--fla-unguarded", action="store_true", help="time fla's gated backward on Hopper although "
                     "fla refuses it there with Triton < 3.7.1 (#640), and compare its gradients with ours")
     ap.add_argument("--profile-shape", default="8x2048", help="BxT of --profile-ops (default 8x2048)")
     ap.add_argument("--profile-fla", default="", help="comma-separated ops (gla, kda): flash-linear-attention's "
                     "per-kernel table at B=8, T=2048, after the speed table (which warms its autotuner)")
     args = ap.parse_args()
+    GDN_SPEED_VARIANTS[:] = list(filter(None, args.gdn_variants.split(",")))
+    for spec in GDN_SPEED_VARIANTS:
+        variant_overrides("gdn", spec)  # an unknown name stops here, before any timing
     SKIP_TORCH = args.no_torch
     try:
         prof_b, prof_t = (int(x) for x in args.profile_shape.split("x"))

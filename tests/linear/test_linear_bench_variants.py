@@ -1,0 +1,39 @@
+"""benchmarks/linear_bench.py's named config variants: the sweep's list, '+'-joined combinations for the speed
+table (--gdn-variants), and the override the autograd path then reads (no GPU needed: only the config)."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def lb():
+    spec = importlib.util.spec_from_file_location("linear_bench", ROOT / "benchmarks" / "linear_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variants_combine_and_unknown_names_stop(lb):
+    names = [n for n, _ in lb.sweep_variants("gdn")]
+    assert names[0] == "default" and len(names) == len(set(names))
+    assert {"prep-split-dbl", "inv-dbl-w4", "h32w8", "main-split-k64v32b32w88"} <= set(names)
+    over = lb.variant_overrides("gdn", "prep-split-dbl+main-split-k64v32b32w88+h32w8")
+    assert over["prep"] == "split" and over["inv"] == "dbl" and over["main"] == "split" and over["BV_H"] == 32
+    with pytest.raises(SystemExit, match="no sweep variant 'prep-apart'"):
+        lb.variant_overrides("gdn", "h32w8+prep-apart")
+
+
+def test_config_override_reaches_the_16_bit_cuda_config_only(lb):
+    from attnzoo.linear import triton_delta as td
+    cuda = torch.device("cuda")
+    before = td.config(128, 128, torch.bfloat16, cuda)
+    with lb.config_override("delta", {"prep": "split", "BV_H": 32}):
+        got = td.config(128, 128, torch.bfloat16, cuda)
+        assert got == dict(before, prep="split", BV_H=32)
+        assert "prep" not in td.config(128, 128, torch.float32, cuda)           # float32 keeps its config
+        assert "prep" not in td.config(32, 32, torch.float32, torch.device("cpu"))
+    assert td.config(128, 128, torch.bfloat16, cuda) == before                  # restored after the block
