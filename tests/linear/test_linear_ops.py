@@ -98,6 +98,55 @@ def test_packed_sequences_equal_separate_runs(name, mode):
     assert torch.isfinite(s0.grad).all() and torch.isfinite(args["q"].grad).all()
 
 
+def test_length_buckets_bound_the_padding():
+    from attnzoo.linear._core import length_buckets
+    lens = [5, 0, 19, 13, 2, 40, 40, 39, 1, 0, 7]
+    groups = length_buckets(lens)
+    assert sorted(n for g in groups for n in g) == list(range(len(lens)))   # each sequence once
+    for g in groups:
+        real = [lens[n] for n in g if lens[n]]
+        assert len(real) * max(real) <= 1.25 * sum(real)                  # the waste bound (empties aside)
+    assert groups[0][:3] == [5, 6, 7]                                     # longest first, alike together
+    assert length_buckets([64] * 100) == [list(range(100))]               # equal lengths: one batch
+
+
+def test_packed_sequences_run_as_few_padded_batches():
+    """run_sequences calls the chunked form once per length group (not once per sequence), on inputs padded
+    at each sequence's end, and gives what the per-sequence loop gives: outputs, final states, gradients."""
+    from attnzoo.linear import _core
+    lens = [9, 0, 30, 28, 3, 4, 4]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    gen = torch.Generator().manual_seed(3)
+    h, dk, dv, t = 2, 8, 6, cu[-1]
+    base = [torch.randn(1, h, t, dk, generator=gen, dtype=torch.float64), None,
+            torch.randn(1, h, t, dv, generator=gen, dtype=torch.float64),
+            F.logsigmoid(torch.randn(1, h, t, generator=gen, dtype=torch.float64)),
+            torch.sigmoid(torch.randn(1, h, t, generator=gen, dtype=torch.float64))]
+    base[1] = F.normalize(torch.randn(1, h, t, dk, generator=gen, dtype=torch.float64), dim=-1)
+    s0 = torch.randn(len(lens), h, dk, dv, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def fn(q, k, v, g, beta, s):
+        calls.append(q.shape[0])
+        return _core.chunk_gated_delta(q, k, v, g, beta, s, 8)
+
+    res = {}
+    for batched in (True, False):
+        calls.clear()
+        leaves = [x.clone().requires_grad_() for x in base + [s0]]
+        o, s = _core.run_sequences(fn, leaves[:5], leaves[5], cu, batched=batched)
+        (o.square().sum() + (s * s.detach().cos()).sum()).backward()
+        res[batched] = [o, s] + [x.grad for x in leaves]
+        assert o.shape == (1, h, t, dv) and s.shape == (len(lens), h, dk, dv)
+        assert len(calls) == (len(_core.length_buckets(lens)) if batched else len(lens))
+    assert len(_core.length_buckets(lens)) < len(lens)
+    for i, (a, b) in enumerate(zip(res[True], res[False])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"entry {i}")
+
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_decoding_token_by_token_equals_parallel(name):
     """Prefill 20 tokens with the chunked form, then decode 17 with the step function."""

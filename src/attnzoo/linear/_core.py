@@ -163,23 +163,75 @@ def check_state(name: str, s, shape: tuple, device) -> None:
 # packed sequences
 # ----------------------------------------------------------------------------------------------------------
 
-def run_sequences(fn, tensors: list, state, offsets: list[int] | None):
-    """Run ``fn(*tensors, state) -> (o, final_state)`` once, or once per packed sequence.
+def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: bool = True):
+    """Run ``fn(*tensors, state) -> (o, final_state)`` once, or for each packed sequence.
 
     ``tensors`` hold time in dim 2 (None entries pass through). With ``offsets`` (B = 1) each sequence
     [offsets[n], offsets[n+1]) starts from ``state[n]`` (zeros when None) and its final state is row n of
-    the returned (N, H, Dk, Dv) state. The pure-PyTorch path loops over the sequences.
-    """
+    the returned (N, H, Dk, Dv) state. ``batched`` (the Triton kernels; the chunked and recurrent PyTorch
+    forms on CUDA): sequences of similar length run as one batch, each padded at its end with zero steps
+    (k = v = 0, log gate 0, beta 0: every recurrence here leaves its state unchanged on such a step, and the
+    padded outputs are dropped), so N sequences cost a few calls (`length_buckets`) instead of N launches of
+    every kernel; else (the naive reference, and PyTorch on the CPU, where padding costs more than the loop
+    saves) one call per sequence."""
     if offsets is None:
         return fn(*tensors, state)
-    outs, finals = [], []
-    for n in range(len(offsets) - 1):
-        a, b = offsets[n], offsets[n + 1]
-        s0 = None if state is None else state[n:n + 1]
-        o, s = fn(*[None if t is None else t[:, :, a:b] for t in tensors], s0)
-        outs.append(o)
-        finals.append(s)
-    return torch.cat(outs, 2), torch.cat(finals, 0)
+    if not batched:
+        outs, finals = [], []
+        for n in range(len(offsets) - 1):
+            a, b = offsets[n], offsets[n + 1]
+            s0 = None if state is None else state[n:n + 1]
+            o, s = fn(*[None if t is None else t[:, :, a:b] for t in tensors], s0)
+            outs.append(o)
+            finals.append(s)
+        return torch.cat(outs, 2), torch.cat(finals, 0)
+    lens = [offsets[n + 1] - offsets[n] for n in range(len(offsets) - 1)]
+    total = offsets[-1]
+    ref = next(t for t in tensors if t is not None)
+    dev = ref.device
+    outs, finals, order, rows, row = [], {}, [], [], 0
+    for bucket in length_buckets(lens):
+        tm = max(1, max(lens[n] for n in bucket))  # a group of empty sequences runs one zero step
+        # packed position of (sequence, step), past a sequence's end the appended zero step at `total` (built on
+        # the host in one piece, one copy to the device)
+        steps = torch.arange(tm)[None, :]
+        blen = torch.tensor([lens[n] for n in bucket])[:, None]
+        idx = torch.where(steps < blen, steps + torch.tensor([offsets[n] for n in bucket])[:, None], total).to(dev)
+        padded = [None if t is None else torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0][:, idx]
+                  .movedim(1, 0).contiguous() for t in tensors]
+        s0 = None if state is None else state[torch.tensor(bucket, device=state.device)]
+        o, s = fn(*padded, s0)
+        for i, n in enumerate(bucket):
+            finals[n] = s[i:i + 1]
+            order.append(n)
+            rows.append(row + i * tm)
+        outs.append(o.movedim(0, 1).reshape(o.shape[1], -1, *o.shape[3:]))   # (H, sequences x tm, ...)
+        row += len(bucket) * tm
+    # each packed position's row in the concatenated outputs
+    start = dict(zip(order, rows))
+    src = torch.cat([torch.arange(lens[n]) + start[n] for n in range(len(lens))]).to(dev)
+    o = torch.cat(outs, 1)[:, src].unsqueeze(0)
+    return o, torch.cat([finals[n] for n in range(len(lens))], 0)
+
+
+def length_buckets(lens: list[int], waste: float = 1.25) -> list[list[int]]:
+    """Sequence indices grouped for padded batches: longest first, a sequence joins the current group while the
+    group's padded size (count x its longest) stays within ``waste`` x its real tokens. Empty sequences join the
+    last group (padded, they leave their state unchanged)."""
+    order = sorted(range(len(lens)), key=lambda n: -lens[n])
+    groups, cur, real = [], [], 0
+    for n in order:
+        if lens[n] == 0 and cur:
+            cur.append(n)
+            continue
+        if cur and (len(cur) + 1) * lens[cur[0]] > waste * (real + lens[n]):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(n)
+        real += lens[n]
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def zeros_state(q, v, state):
@@ -430,7 +482,8 @@ def forward(kind: str, naive, q, k, v, g, beta, scale, initial_state, output_fin
     else:
         def fn(q, k, v, g, beta, s):
             return recurrent(step, q, k, v, g, beta, s)
-    o, s = run_sequences(fn, [qc, kc, vc, gc, bc], s0, offsets)
+    # padded batches pay off where launches cost (CUDA); on the CPU the padding costs more than the loop saves
+    o, s = run_sequences(fn, [qc, kc, vc, gc, bc], s0, offsets, batched=mode != "naive" and q.is_cuda)
     return o.to(q.dtype), (s if output_final_state else None)
 
 

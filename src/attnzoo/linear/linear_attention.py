@@ -151,7 +151,7 @@ def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=Fals
     if mode == "naive":
         def fn(q, k, v, s):
             return naive_linear_attention(q, k, v, log_decay, normalize, eps, s, causal)
-        o, s = _core.run_sequences(fn, [fq, fk, vc], s0, offsets)
+        o, s = _core.run_sequences(fn, [fq, fk, vc], s0, offsets, batched=False)
     else:
         if normalize:  # carry the key sum as an extra value column of ones
             vc = torch.cat([vc, torch.ones_like(vc[..., :1])], -1)
@@ -164,7 +164,7 @@ def linear_attention(q, k, v, feature_map="identity", decay=None, normalize=Fals
         else:
             def fn(q, k, v, g, s):
                 return _core.recurrent(_core.step_gated_linear, q, k, v, g, None, s)
-        o, s = _core.run_sequences(fn, [fq, fk, vc, g], s0, offsets)
+        o, s = _core.run_sequences(fn, [fq, fk, vc, g], s0, offsets, batched=q.is_cuda)
         if normalize:
             o = o[..., :dv] / (o[..., dv:] + eps)
     return o.to(q.dtype), (s if output_final_state else None)

@@ -1097,7 +1097,8 @@ def gated_delta_triton(q, k, v, g, beta, scale=None, initial_state=None, output_
 
 def delta_chunk(q, k, v, g, beta, scale: float, initial_state, offsets):
     """:func:`attnzoo.linear.delta_rule` / ``gated_delta_rule`` with mode="chunk" on the kernels (arguments
-    already checked), per packed sequence when ``offsets`` is given. -> (o, final state float32)."""
+    already checked); with ``offsets``, the packed sequences in padded batches of similar lengths
+    (`_core.run_sequences`). -> (o, final state float32)."""
     s0 = None if initial_state is None else initial_state.to(torch.float32)
 
     def fn(q, k, v, g, beta, s):
