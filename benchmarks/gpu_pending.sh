@@ -35,6 +35,8 @@
 #                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed); GDN_ONLY: the
 #                variants (substrings), by default the state tiles, the split main backward, _prep at 8 warps, T by
 #                doubling and T apart from W / U0 (prep-split)
+#   linear-packed issue 5: packed variable-length input (cu_seqlens), Gated DeltaNet fwd / fwd+bwd on 64 sequences of
+#                64-512 tokens: the padded batches of similar lengths against one call per sequence
 #   gdn-fla      issue 5: gdn-sweep's variants and fla's Gated DeltaNet in one run (carry the fla wheel, PYTHONPATH=/tmp/site;
 #                AUTOTUNE_TGZ=benchmarks/results/h200-2026-12-04-s7/call1/triton_autotune.tgz skips fla's autotuning):
 #                each variant's ratio to fla from the same process, so the winner's comparison needs no second call;
@@ -72,7 +74,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-check gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
+SECTIONS=${*:-linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -121,6 +123,8 @@ for s in $SECTIONS; do
               --sweep-ops gdn,kda --sweep-only b16w,b32w,b64w,main-split,p64w8,p32w8,inv-dbl --sweep-shape 2x8192 --ops sdpa --shapes 2x8192 > "$OUT/delta_bwd_log.txt" 2>&1 ;;
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
+    linear-packed) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/packed" --check none --no-decode \
+              --no-torch --packed --ops sdpa --shapes 1x1024 > "$OUT/linear_packed_log.txt" 2>&1 ;;
     gdn-fla) timeout ${LINEAR_S:-420} python3 benchmarks/linear_bench.py --out "$OUT/gdnfla" --quick --check none --no-torch \
               --no-decode --sweep-ops gdn --sweep-only ${GDN_ONLY:-h32w8,h64w8,h32w4,main-split,p64w8,inv-dbl,prep-split,b32w8} \
               --gdn-variants ${GDN_VARIANTS:-prep-split-dbl,main-split-k64v32b32w88,h32w8,prep-split-dbl+main-split-k64v32b32w88+h32w8,inv-dbl-w4+main-split-k64v32b32w88+h32w8} \

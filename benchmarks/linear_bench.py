@@ -915,6 +915,47 @@ def graphed(fn):
     return gr.replay
 
 
+def packed(reps, nseq=64, lo=64, hi=512):
+    """Packed variable-length input (cu_seqlens, B = 1): ``nseq`` sequences of uniform random lengths in [lo, hi],
+    Gated DeltaNet on the Triton kernels, fwd and fwd+bwd through the public op: the padded batches of similar
+    lengths (`_core.run_sequences`, the default) against one call per sequence (batched=False), same inputs."""
+    from attnzoo.linear import _core, gated_delta_rule
+    dev, dt = DEV, torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    lens = torch.randint(lo, hi + 1, (nseq,), generator=gen).tolist()
+    cu = torch.tensor([0] + lens, device=dev).cumsum(0)
+    t = int(cu[-1])
+    q, k, v, do = (torch.randn(1, H, t, D, device=dev, dtype=dt) for _ in range(4))
+    k = F.normalize(k.float(), dim=-1).to(dt)
+    g = F.logsigmoid(torch.randn(1, H, t, device=dev)) / 16
+    beta = torch.sigmoid(torch.randn(1, H, t, device=dev))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    groups = len(_core.length_buckets(lens))
+    base = dict(kind="packed", op="gdn", sequences=nseq, lengths=f"{lo}-{hi}", tokens=t, groups=groups, H=H, D=D,
+                dtype="bfloat16", **env())
+    orig = _core.run_sequences
+    rows = []
+    for mode in ("batched", "per-sequence"):
+        def run_seq(*a, batched=True, _mode=mode, **kw):
+            return orig(*a, batched=batched and _mode == "batched", **kw)
+        _core.run_sequences = run_seq
+        try:
+            def fwd():
+                return gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, backend="triton")
+
+            def fb():
+                o = gated_delta_rule(*leaves, cu_seqlens=cu, backend="triton")[0]
+                torch.autograd.grad(o, leaves, do)
+            for direction, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+                r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=3.0)
+                rows.append(_record(base, "gdn-triton-" + mode, direction, r, t))
+                print(f"  packed {nseq} seqs ({t} tokens, {groups} groups) {mode:<13}{direction:<8}"
+                      f"{r['median_ms'] or float('nan'):9.3f} ms", flush=True)
+        finally:
+            _core.run_sequences = orig
+    return rows
+
+
 def decode(b, reps):
     dev = DEV
     dt = torch.bfloat16
@@ -1013,6 +1054,8 @@ def main():
     ap.add_argument("--sweep-ops", default="", help="comma-separated ops (gla, gdn, kda) whose Triton config "
                     "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
     ap.add_argument("--sweep-shape", default="8x2048", help="BxT of the --sweep-ops variants (default 8x2048)")
+    ap.add_argument("--packed", action="store_true", help="also time packed variable-length input (cu_seqlens): "
+                    "Gated DeltaNet on 64 sequences of 64-512 tokens, padded batches vs one call per sequence")
     ap.add_argument("--gdn-variants", default="", help="comma-separated Gated DeltaNet sweep variants (names joined "
                     "by '+' combine) timed in the speed table through autograd as gdn-triton[NAME], next to fla")
     ap.add_argument("--fla-unguarded", action="store_true", help="time fla's gated backward on Hopper although "
@@ -1126,6 +1169,8 @@ def main():
         fla_prof = list(filter(None, args.profile_fla.split(",")))
         if fla_prof:
             profile_fla(fla_prof)
+        if args.packed:
+            emit(packed(args.reps))
         if args.sweep:
             emit(sweep(args.reps, sweep_b, sweep_t))
     report(rows)
