@@ -199,16 +199,17 @@ def attention_cases():
     for bm, bn, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,
-                                                               KD=None, VD=None), w, 2, _ATTN_TYPES))
+                                                               KD=None, VD=None, EVEN_N=True), w, 2, _ATTN_TYPES))
     for bm, bn, w, st in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         for kt in (False, True):
             out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}", mod.attn_bwd_dkdv,
-                        dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None), w, st, _ATTN_TYPES))
+                        dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, EVEN_N=True), w, st, _ATTN_TYPES))
     for bm, bn, w, kt in ((64, 64, 4, False), (64, 128, 8, True), (64, 64, 4, True)):  # dq by atomics (ATOMIC_DQ)
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} atomic dq", mod.attn_bwd_dkdv,
-                    dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, ATOMIC=True), w, 2, _ATTN_TYPES))
+                    dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, ATOMIC=True, EVEN_N=True), w, 2,
+                    _ATTN_TYPES))
     return out
 
 

@@ -230,31 +230,35 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
 BWD = '''
 
 @triton.jit
-def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PREC: tl.constexpr, part=False):
+def _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK: tl.constexpr, PREC: tl.constexpr, part=False,
+               EVEN_N: tl.constexpr = False):
     # probabilities of one tile from the saved lse (base 2); keys past Lk and hidden pairs -> 0. MASK: 0 a
     # full tile, 1 a partial one, 2 decided at run time by `part` (the merged loops)
-    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-    return _probs_of(s, qp, kk, h, AUX, Lk, lse2[:, None], MASK, part)
+    return _probs_of(tl.dot(q, kt, input_precision=PREC), qk_scale, qp, kk, h, AUX, Lk, lse2[:, None], MASK, part,
+                     EVEN_N)
 
 
 @triton.jit
-def _probs_of(s, qp, kk, h, AUX, Lk, lse2b, MASK: tl.constexpr, part=False):
-    # scores s (scaled, base 2) -> probabilities; qp / kk / lse2b broadcast against s in either orientation
-    # (queries by keys, or keys by queries in the dk/dv kernel's KT form)
-    keep = kk < Lk
+def _probs_of(raw, qk_scale, qp, kk, h, AUX, Lk, lse2b, MASK: tl.constexpr, part=False, EVEN_N: tl.constexpr = False):
+    # raw scores -> probabilities exp2(raw * qk_scale - lse2) (one FMA and one exp2 an element), then zero where
+    # hidden; qp / kk / lse2b broadcast against raw in either orientation (queries by keys, or keys by queries in
+    # the dk/dv kernel's KT form). EVEN_N: Lk is a multiple of the key tile, so no key is out of range and full
+    # tiles select nothing (the mask after the exp2 also lets the scale and the lse fuse into one FMA)
+    p = tl.exp2(raw * qk_scale - lse2b)
+    if not EVEN_N:
+        p = tl.where(kk < Lk, p, 0.0)
     if MASK == 1:
-        keep = keep & _mask(qp, kk, h, AUX)
-    s = tl.where(keep, s, float("-inf"))
-    if MASK == 2:
+        p = tl.where(_mask(qp, kk, h, AUX), p, 0.0)
+    elif MASK == 2:
         if part:
-            s = tl.where(_mask(qp, kk, h, AUX), s, float("-inf"))
-    return tl.exp2(s - lse2b)
+            p = tl.where(_mask(qp, kk, h, AUX), p, 0.0)
+    return p
 
 
 @triton.jit
 def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, dv,
-                 MASK: tl.constexpr, PREC: tl.constexpr, part=False):
-    p = _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK, PREC, part)
+                 MASK: tl.constexpr, PREC: tl.constexpr, part=False, EVEN_N: tl.constexpr = False):
+    p = _bwd_probs(q, kt, qp, kk, h, AUX, Lk, qk_scale, lse2, MASK, PREC, part, EVEN_N)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -264,12 +268,12 @@ def _bwd_kv_tile(q, do, lse2, delta, kt, vt, qp, kk, h, AUX, Lk, qk_scale, dk, d
 
 @triton.jit
 def _bwd_kv_tile_t(q, do, lse2, delta, k, v, qp, kk, h, AUX, Lk, qk_scale, dk, dv,
-                   MASK: tl.constexpr, PREC: tl.constexpr, part=False):
+                   MASK: tl.constexpr, PREC: tl.constexpr, part=False, EVEN_N: tl.constexpr = False):
     # the same tile computed keys by queries (KT): S^T = K Q^T, so P^T and dS^T come out of their dots in
     # the layout the dv and dk dots take as their left operand (no transpose of a computed tile); q and dO
     # are read transposed from shared memory instead. qp (1, M), kk (N, 1); k (N, D), v (N, DV)
-    pt = _probs_of(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale, qp, kk, h, AUX, Lk, lse2[None, :],
-                   MASK, part)
+    pt = _probs_of(tl.dot(k, tl.trans(q), input_precision=PREC), qk_scale, qp, kk, h, AUX, Lk, lse2[None, :],
+                   MASK, part, EVEN_N)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     dst = pt * (dpt - delta[None, :])
@@ -303,7 +307,7 @@ def _bwd_load_q(Q, DO, LSE, qrow, dorow, lrow, offs_m, offs_d, offs_dv, Lq, D, D
 def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV,
                   kt, vt, OFF, kk, h, AUX, Lk, qk_scale, dk, dv, MASK: tl.constexpr, PREC: tl.constexpr,
                   QD, DOD, TMA: tl.constexpr, part=False, KT: tl.constexpr = False, DQA=None,
-                  ATOMIC: tl.constexpr = False, BLOCK_D: tl.constexpr = 16):
+                  ATOMIC: tl.constexpr = False, BLOCK_D: tl.constexpr = 16, EVEN_N: tl.constexpr = False):
     # one query block (rows m0 + offs_m0 of head h, bh = batch * H + h) of the dk/dv kernel: its q, dO, lse
     # and delta, then the tile's contribution to dk and dv
     offs_m = m0 + offs_m0
@@ -316,10 +320,10 @@ def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, st
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     if KT:  # kt, vt hold K and V untransposed, (N, D) / (N, DV)
         dk, dv, ds = _bwd_kv_tile_t(q, do, lse2, delta, kt, vt, offs_m[None, :] + OFF, kk, h, AUX, Lk, qk_scale, dk,
-                                    dv, MASK, PREC, part)
+                                    dv, MASK, PREC, part, EVEN_N)
     else:
         dk, dv, ds = _bwd_kv_tile(q, do, lse2, delta, kt, vt, offs_m[:, None] + OFF, kk, h, AUX, Lk, qk_scale, dk,
-                                  dv, MASK, PREC, part)
+                                  dv, MASK, PREC, part, EVEN_N)
     if ATOMIC:  # this tile's share of dq, added in float32 to the rows' accumulator (B * H * Lq, BLOCK_D)
         if KT:
             dqp = tl.dot(tl.trans(ds).to(q.dtype), kt, input_precision=PREC)
@@ -339,10 +343,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False, MERGE: tl.constexpr = False,
-                  KT: tl.constexpr = False, DQA=None, ATOMIC: tl.constexpr = False):
+                  KT: tl.constexpr = False, DQA=None, ATOMIC: tl.constexpr = False, EVEN_N: tl.constexpr = False):
     # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1). MERGE: the
     # item's full and partial query blocks of a head in one loop (the mask past the full ones). KT: each tile
-    # keys by queries (_bwd_kv_tile_t)
+    # keys by queries (_bwd_kv_tile_t). EVEN_N: Lk % BLOCK_N == 0 (no key out of range)
     item = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_n = tl.load(ITEMS + item * 4)
@@ -387,18 +391,18 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                 dk, dv = _bwd_kv_block(blk * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
                                        Lk, qk_scale, dk, dv, 2, PREC, QD, DOD, TMA, part, KT, DQA, ATOMIC,
-                                       BLOCK_D)
+                                       BLOCK_D, EVEN_N)
         else:
             for j in range(s0, tl.minimum(e0, n_full)):
                 dk, dv = _bwd_kv_block(tl.load(frow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
                                        Lk, qk_scale, dk, dv, 0, PREC, QD, DOD, TMA, False, KT, DQA, ATOMIC,
-                                       BLOCK_D)
+                                       BLOCK_D, EVEN_N)
             for j in range(tl.maximum(s0 - n_full, 0), tl.minimum(e0 - n_full, n_part)):
                 dk, dv = _bwd_kv_block(tl.load(prow + j) * BLOCK_M, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh,
                                        stride_qm, stride_dm, offs_d, offs_dv, Lq, D, DV, kt, vt, OFF, kk, h, AUX,
                                        Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA, False, KT, DQA, ATOMIC,
-                                       BLOCK_D)
+                                       BLOCK_D, EVEN_N)
     if slot < 0:
         tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
@@ -467,7 +471,7 @@ def attn_bwd_reduce(WSK, WSV, RED, DKP, DVP, stride_dkb, stride_dkh, stride_dkn,
 @triton.jit
 def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
                 Lk, D, DV, qk_scale, dq, MASK: tl.constexpr, PREC: tl.constexpr, KD=None, VD=None, krow=0,
-                TMA: tl.constexpr = False, part=False):
+                TMA: tl.constexpr = False, part=False, EVEN_N: tl.constexpr = False):
     if TMA:  # EVEN only: descriptors over K's and V's (B * Hkv * Lk, D) views
         k = KD.load([krow, 0])
         vt = tl.trans(VD.load([krow, 0]))
@@ -476,7 +480,7 @@ def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, strid
                     mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
         vt = tl.load(vbase + offs_n[None, :] * stride_vn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
-    p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC, part)
+    p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC, part, EVEN_N)
     dp = tl.dot(do, vt, input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -491,9 +495,9 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
                 H, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, HAS_DLSE: tl.constexpr, PACK: tl.constexpr = 1, KD=None, VD=None,
-                TMA: tl.constexpr = False, MERGE: tl.constexpr = False):
+                TMA: tl.constexpr = False, MERGE: tl.constexpr = False, EVEN_N: tl.constexpr = False):
     # PACK query heads of a GQA group per program, as in attn_fwd; MERGE: full and partial kv blocks in one
-    # loop (the mask past the full ones), the next block index loaded a step ahead
+    # loop (the mask past the full ones), the next block index loaded a step ahead; EVEN_N: Lk % BLOCK_N == 0
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
     b, h, hk, offs_m, hr = _packed_rows(pid_m, tl.program_id(1), H, G, BLOCK_M, PACK)
@@ -533,16 +537,16 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
             nxt = tl.where(jn < n_full, tl.load(frow + jn, mask=jn < n_full, other=0),
                            tl.load(prow + (jn - n_full), mask=(jn >= n_full) & (jn < n_full + n_part), other=0))
             dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 2, PREC, KD, VD, kvrow + n0, TMA, part)
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 2, PREC, KD, VD, kvrow + n0, TMA, part, EVEN_N)
     else:
         for j in range(0, n_full):
             n0 = tl.load(frow + j) * BLOCK_N
             dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 0, PREC, KD, VD, kvrow + n0, TMA)
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 0, PREC, KD, VD, kvrow + n0, TMA, False, EVEN_N)
         for j in range(0, n_part):
             n0 = tl.load(prow + j) * BLOCK_N
             dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 1, PREC, KD, VD, kvrow + n0, TMA)
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 1, PREC, KD, VD, kvrow + n0, TMA, False, EVEN_N)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + hr[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))

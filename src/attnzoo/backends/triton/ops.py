@@ -393,14 +393,14 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
             dq.stride(0), dq.stride(1), dq.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
             BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
-            num_warps=nw, num_stages=ns, **tma_dq)
+            EVEN_N=lk % bn == 0, num_warps=nw, num_stages=ns, **tma_dq)
     mod_kv.attn_bwd_dkdv[(items.shape[0], b * hkv)](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
         *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
-        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm2, BLOCK_N=bn2, PREC=prec, num_warps=nw_kv, num_stages=ns_kv,
-        **tma_dkdv)
+        BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm2, BLOCK_N=bn2, PREC=prec, EVEN_N=lk % bn2 == 0, num_warps=nw_kv,
+        num_stages=ns_kv, **tma_dkdv)
     if red.shape[0]:
         mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
