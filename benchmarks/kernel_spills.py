@@ -193,9 +193,10 @@ def attention_cases():
     for name, pat, bm, bn, pack, merge in (("sw1024", az.SlidingWindow(1023), 64, 64, 4, True),
                                             ("causal", az.Causal(), 64, 128, 2, False)):
         mod = ops._module(pat, 16384, 16384, "cpu", (bm, bn))[0]
-        out.append((f"attn fwd {name} {bm}x{bn} p{pack}", mod.attn_fwd,
-                    dict(base, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=merge, KD=None,
-                         VD=None, WS=False), 8, 3, _ATTN_TYPES))
+        for lazy in (False, True):  # LAZY: acc rescaled only when a row's maximum grew past the threshold
+            out.append((f"attn fwd {name} {bm}x{bn} p{pack}{' lazy' if lazy else ''}", mod.attn_fwd,
+                        dict(base, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=merge,
+                             KD=None, VD=None, WS=False, LAZY=lazy), 8, 3, _ATTN_TYPES))
     for bm, bn, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,

@@ -143,6 +143,19 @@ BWD6 = {
     "atomic dq kt kv128x128 w8": _cfg(64, 64, 4, 2, TMA=True, ATOMIC_DQ=True, KT=True, BM_KV=128, BN_KV=128,
                                       WARPS_KV=8),
 }
+# round 7 (prepared 2026-12-04 s8): the forward's LAZY rescaling (acc and l rescaled only when some row's maximum
+# grew past kernels.LAZY_TAU; FlashAttention-4's conditional rescaling): on sm_90 the window default's full-block
+# iteration issues about 557 instead of 661 instructions when no row grows (the 256 x 128 acc multiply skipped,
+# one block-wide reduction added); and the backward after its FMA change (exp2(raw * scale - lse), the mask after)
+FWD7 = {
+    "local default (merge)": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True),
+    "local lazy": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, LAZY=True),
+    "local lazy s4": _cfg(64, 64, 8, 4, 4, IDX=2, MERGE=True, LAZY=True),
+    "local lazy 64x128 p2": _cfg(64, 128, 8, 3, 2, IDX=2, MERGE=True, LAZY=True),
+    "dense default": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
+    "dense lazy": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True, LAZY=True),
+}
+BWD7 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True)}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -157,11 +170,12 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
-                         "tiles and warps) after the default forward")
+                         "tiles and warps) after the default forward; 7: the forward's LAZY rescaling, and the "
+                         "backward default")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -175,7 +189,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 6:
+    if args.round == 7:
+        FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
+    elif args.round == 6:
         FWD, BWD = FWD6, BWD6
     elif args.round == 5:
         FWD, BWD = (FWD5, BWD5) if not args.fwd_only else (FWD5, {})

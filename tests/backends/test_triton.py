@@ -160,6 +160,29 @@ def test_merged_block_loop(pname, extra):
         torch.testing.assert_close(lse, base[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra", [{}, dict(MERGE=True, IDX=2), dict(PACK=2, FOLD=False)])
+@pytest.mark.parametrize("pname", ["causal", "sinks+window", "document&causal", "dilated"])
+def test_lazy_rescaling(pname, extra):
+    """LAZY (the running maxima move only past a threshold): correct against float64, also where a row's
+    maximum jumps far beyond the threshold mid-row (scaled-up keys at the end), and equal to the eager forward
+    up to rounding; the backward reads its lse."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, **extra)
+    shape = (1, 4, 2, 40, 40, 32, 32)
+    out, lse = _check(PATTERNS[pname], shape, torch.float32, seed=11, cfg=dict(cfg, LAZY=True))
+    q, k, v = (t.detach().float() for t in inputs(*shape, seed=11))
+    base = attention_fwd(q, k, v, PATTERNS[pname], 32 ** -0.5, cfg=cfg)
+    torch.testing.assert_close(out, base[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, base[1], rtol=1e-5, atol=1e-6)
+    k2 = k.clone()
+    k2[:, :, 24:] *= 40  # later blocks' scores far above the first ones': the rescale branch runs
+    ref, ref_lse = reference_attention(q.double(), k2.double(), v.double(), PATTERNS[pname], scale=32 ** -0.5)[:2]
+    got, got_lse = attention_fwd(q, k2, v, PATTERNS[pname], 32 ** -0.5, cfg=dict(cfg, LAZY=True))
+    check_close("out", got, ref.float())
+    vis = torch.isfinite(ref_lse)
+    torch.testing.assert_close(got_lse[vis], ref_lse[vis].float(), rtol=1e-5, atol=1e-4)
+    _check_bwd(PATTERNS[pname], shape, torch.float32, seed=11, fcfg=dict(cfg, LAZY=True))
+
+
 def _bwd_variant_matches(pname, cfg, variant, cases):
     """The backward with ``variant`` added to ``cfg``: gradients against float64 (`_check_bwd`) and equal to
     ``cfg``'s own backward up to rounding, for each (shape, seed, split cap) of ``cases``."""

@@ -19,6 +19,9 @@ PRELUDE = '''
 import triton
 import triton.language as tl
 
+# the forward's LAZY rescaling: how far (log2 units) a row's block maximum may exceed its stale running maximum
+LAZY_TAU = tl.constexpr(8.0)
+
 
 @triton.jit
 def _fdiv(x, s):
@@ -40,12 +43,16 @@ FWD = '''
 @triton.jit
 def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
               m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
-              KD=None, VD=None, krow=0, TMA: tl.constexpr = False, part=False):
+              KD=None, VD=None, krow=0, TMA: tl.constexpr = False, part=False, LAZY: tl.constexpr = False):
     # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2).
     # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
     # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
     # TMA (EVEN only): K and V come through tensor descriptors over their (B * Hkv * Lk, D) views, row krow.
     # MASK: 0 a full block, 1 a partial block, 2 decided at run time by `part` (the merged loop's blocks)
+    # LAZY: the running maxima (and the rescale of acc and l) move only when some row's block maximum exceeds
+    # its running maximum by more than LAZY_TAU (log2 units): otherwise the probabilities are taken against the
+    # stale maxima (each at most 2**LAZY_TAU) and the tile skips the (rows x Dv) multiply of acc -- one
+    # block-wide reduction and a branch instead (FlashAttention-4's conditional rescaling)
     if TMA:
         kt = tl.trans(KD.load([krow, 0]))
         v = VD.load([krow, 0])
@@ -76,18 +83,31 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASK:  # a row may have seen nothing yet
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:  # every row sees a key of a full block (the first key is always in range)
-        m_safe = m_new
+    if LAZY:
+        if tl.max(tl.where(m_new > m_i + LAZY_TAU, 1, 0), 0) > 0:
+            m_up = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_up)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        m_out = m_i
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # rows that have seen nothing: s is -inf, p 0
+    else:
+        m_out = m_new
+        if MASK:  # a row may have seen nothing yet
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every row sees a key of a full block (the first key is always in range)
+            m_safe = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
     if FOLD:
         p = tl.exp2(s * qk_scale - m_safe[:, None])
     else:
         p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-    return m_new, l_i, acc
+    l_i = l_i + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return m_out, l_i, acc
 
 
 @triton.jit
@@ -111,7 +131,7 @@ def _packed_rows(pid_m, pid_bh, H, G, BLOCK_M: tl.constexpr, PACK: tl.constexpr)
 def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV,
                 qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EVEN: tl.constexpr,
                 PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr, KD=None, VD=None, kvrow=0,
-                TMA: tl.constexpr = False, WS: tl.constexpr = False):
+                TMA: tl.constexpr = False, WS: tl.constexpr = False, LAZY: tl.constexpr = False):
     # the n kv blocks listed at row. IDX: how the loop finds each block's index -- 0 loads it at its step
     # (the tile's addresses wait on that load), 1 loads the next step's index one step ahead, 2 takes
     # first + j for the full blocks (the launcher checked that every row's full list is contiguous, as for
@@ -127,7 +147,7 @@ def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, st
             blk = tl.load(row + j)
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
                                   qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, MASK, EVEN, PREC, FOLD,
-                                  KD, VD, kvrow + blk * BLOCK_N, TMA)
+                                  KD, VD, kvrow + blk * BLOCK_N, TMA, False, LAZY)
     return m_i, l_i, acc
 
 
@@ -135,7 +155,7 @@ def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, st
 def _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
                        h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
                        PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr, KD=None, VD=None, kvrow=0,
-                       TMA: tl.constexpr = False):
+                       TMA: tl.constexpr = False, LAZY: tl.constexpr = False):
     # MERGE: the nf full blocks, then the npart partial ones, in one loop (one software pipeline instead of
     # two, so the first partial block's K / V load overlaps the last full block's compute); the mask is
     # applied on the steps past nf only. Full indices as in _fwd_blocks (IDX 2: first + j); the partial
@@ -152,7 +172,7 @@ def _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, 
         pn = tl.where(part, tl.load(prow + (j - nf + 1), mask=part & (j - nf + 1 < npart), other=0), pn)
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
                                   qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, 2, EVEN, PREC, FOLD,
-                                  KD, VD, kvrow + blk * BLOCK_N, TMA, part)
+                                  KD, VD, kvrow + blk * BLOCK_N, TMA, part, LAZY)
     return m_i, l_i, acc
 
 
@@ -165,7 +185,7 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False,
              IDX: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-             MERGE: tl.constexpr = False):
+             MERGE: tl.constexpr = False, LAZY: tl.constexpr = False):
     # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
     # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
     # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
@@ -193,16 +213,16 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     if MERGE:
         m_i, l_i, acc = _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv,
                                            stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc,
-                                           BLOCK_N, EVEN, PREC, FOLD, IDX, KD, VD, kvrow, TMA)
+                                           BLOCK_N, EVEN, PREC, FOLD, IDX, KD, VD, kvrow, TMA, LAZY)
     else:
         # fully visible blocks: no elementwise mask
         m_i, l_i, acc = _fwd_blocks(frow, nf, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
                                     h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, 0, EVEN, PREC, FOLD, IDX,
-                                    KD, VD, kvrow, TMA, WS)
+                                    KD, VD, kvrow, TMA, WS, LAZY)
         # partial blocks: the pattern's mask, computed in-kernel
         m_i, l_i, acc = _fwd_blocks(prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
                                     qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N, 1, EVEN, PREC, FOLD,
-                                    IDX, KD, VD, kvrow, TMA, WS)
+                                    IDX, KD, VD, kvrow, TMA, WS, LAZY)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))

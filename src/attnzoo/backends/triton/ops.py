@@ -281,6 +281,8 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
         extra["WS"] = True
     if cfg.get("MERGE"):  # full and partial blocks in one loop (kernels._fwd_blocks_merged)
         extra["MERGE"] = True
+    if cfg.get("LAZY"):  # rescale acc only when a row's maximum grew by more than kernels' LAZY_TAU
+        extra["LAZY"] = True
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
