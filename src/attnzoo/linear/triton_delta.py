@@ -312,11 +312,12 @@ def _fwd_h(K, G, W, U0, H0, HS, U, HT, KE,
             ke = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
             state = _split_dot2(ke, u, state * tl.exp(gl)[:, None], kt, SPLIT, PREC)
         else:
+            # a scalar gate per step: the decay exp(b_L - b) scales the rows of u (BT x BV) rather than the
+            # columns of K^T (BK x BT), so K^T reaches the dot as loaded
             kt = tl.load(kbase + tc[None, :] * s_kt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
             gc = tl.load(gbase + tc)
             glast = tl.load(gbase + n * BT + BT - 1)
-            ke = kt.to(tl.float32) * tl.exp(glast - gc)[None, :]
-            state = _split_dot2(ke, u, state * tl.exp(glast), kt, SPLIT, PREC)
+            state = _split_dot_r(kt, u * tl.exp(glast - gc)[:, None], state * tl.exp(glast), SPLIT, PREC)
     tl.store(HT + bh * DIMK * DIMV + st, state, mask=m_kv)
 
 
@@ -440,9 +441,12 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
             k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
             gc = tl.load(gbase + tc)
             glast = tl.load(gbase + n * BT + BT - 1)
-            ke = k.to(tl.float32) * tl.exp(glast - gc)[:, None]
         du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
-        du = _split_dot2(ke, dstate, du, k, SPLIT, PREC)           # + exp(b_L - b) K dS'
+        if PRE or VEC:
+            du = _split_dot2(ke, dstate, du, k, SPLIT, PREC)           # + exp(b_L - b) K dS'
+        else:  # a scalar gate per step: the rows of K dS' (BT x BV) scaled, K reaches the dot as loaded
+            du += _split_dot_r(k, dstate, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC) * \
+                tl.exp(glast - gc)[:, None]
         tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
         do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         if PRE:
@@ -454,10 +458,10 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
             qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
             qe = qt.to(tl.float32) * tl.exp(tl.trans(gc)) * scale
             dstate = _split_dot(qe, do, dstate * tl.exp(gl)[:, None], SPLIT, PREC)
-        else:
+        else:  # the rows of dO (BT x BV) scaled rather than the columns of Q^T (BK x BT)
             qt = tl.load(qbase + tc[None, :] * s_qt + offs_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-            dstate = _split_dot(qt.to(tl.float32) * (tl.exp(gc) * scale)[None, :], do, dstate * tl.exp(glast),
-                                SPLIT, PREC)
+            dstate = _split_dot_r(qt, do.to(tl.float32) * (tl.exp(gc) * scale)[:, None], dstate * tl.exp(glast),
+                                  SPLIT, PREC)
         dstate = dstate - _split_dot_r(wt, du, tl.zeros([BK, BV], dtype=tl.float32), SPLIT, PREC)
     tl.store(DH0 + bh * DIMK * DIMV + st, dstate, mask=m_kv)
 
