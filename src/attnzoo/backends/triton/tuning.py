@@ -108,8 +108,10 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
                 dict(_cfg(128, 64, 8, 2), TMA=True, KT=True, BM_KV=64, BN_KV=128)]
     if dmax > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 8, 2)]
-    out = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2),
-           dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=_cfg(64, 64, 4, 3))]
+    # the class's measured default and the same with LAZY rescaling (kernels' LAZY_TAU), then older neighbours
+    best = default(kind, d, dv, pclass)
+    out = [best, dict(best, LAZY=True), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3),
+           _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2), dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=_cfg(64, 64, 4, 3))]
     if dmax <= 64:
         out.append(_cfg(128, 32, 4, 3))
     return out
