@@ -187,28 +187,25 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
         return torch.cat(outs, 2), torch.cat(finals, 0)
     lens = [offsets[n + 1] - offsets[n] for n in range(len(offsets) - 1)]
     total = offsets[-1]
-    ref = next(t for t in tensors if t is not None)
-    dev = ref.device
-    outs, finals, order, rows, row = [], {}, [], [], 0
+    dev = next(t for t in tensors if t is not None).device
+    # each input with one zero step appended at position `total`, where the padding reads (B = 1 dropped)
+    ext = [None if t is None else torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0]
+           for t in tensors]
+    outs, finals, start, row = [], {}, {}, 0
     for bucket in length_buckets(lens):
         tm = max(1, max(lens[n] for n in bucket))  # a group of empty sequences runs one zero step
-        # packed position of (sequence, step), past a sequence's end the appended zero step at `total` (built on
-        # the host in one piece, one copy to the device)
+        # packed position of (sequence, step), past a sequence's end the zero step (built on the host in one
+        # piece, one copy to the device)
         steps = torch.arange(tm)[None, :]
         blen = torch.tensor([lens[n] for n in bucket])[:, None]
         idx = torch.where(steps < blen, steps + torch.tensor([offsets[n] for n in bucket])[:, None], total).to(dev)
-        padded = [None if t is None else torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0][:, idx]
-                  .movedim(1, 0).contiguous() for t in tensors]
-        s0 = None if state is None else state[torch.tensor(bucket, device=state.device)]
-        o, s = fn(*padded, s0)
+        o, s = fn(*[None if t is None else t[:, idx].movedim(1, 0).contiguous() for t in ext],
+                  None if state is None else state[torch.tensor(bucket, device=state.device)])
         for i, n in enumerate(bucket):
             finals[n] = s[i:i + 1]
-            order.append(n)
-            rows.append(row + i * tm)
+            start[n] = row + i * tm  # sequence n's first row in the concatenated outputs
         outs.append(o.movedim(0, 1).reshape(o.shape[1], -1, *o.shape[3:]))   # (H, sequences x tm, ...)
         row += len(bucket) * tm
-    # each packed position's row in the concatenated outputs
-    start = dict(zip(order, rows))
     src = torch.cat([torch.arange(lens[n]) + start[n] for n in range(len(lens))]).to(dev)
     o = torch.cat(outs, 1)[:, src].unsqueeze(0)
     return o, torch.cat([finals[n] for n in range(len(lens))], 0)
