@@ -46,6 +46,10 @@
 #   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
 #                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps, dq by float32 atomics
 #                from the dk/dv kernel (ATOMIC_DQ: 5 products per tile instead of 7)), 16K, vs flex
+#   nbhd-orders  issue 3: the N-D neighborhoods through attention() (fwd, fwd+bwd, vs flex, 16K) with the tile order run
+#                in place by the kernels' row maps (the new default: no gathers of q / k / v / out, no scatters of
+#                the gradients), with only the query side mapped, and with the old gathers (triton_nbhd_variants.py
+#                --orders; each order's outputs and gradients checked against float64 before it is timed)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -76,7 +80,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
+SECTIONS=${*:-nbhd-orders linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -152,6 +156,8 @@ for s in $SECTIONS; do
               > "$OUT/layout_share.txt" 2>&1 ;;
     smoke) timeout 120 python3 benchmarks/layout_gpu_smoke.py > "$OUT/smoke_log.txt" 2>&1 ;;
     nbhd-bwd) timeout ${NBHD_S:-200} python3 benchmarks/triton_nbhd_variants.py --bwd --out "$OUT" --quick > "$OUT/nbhd_bwd_log.txt" 2>&1 ;;
+    nbhd-orders) timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --orders --out "$OUT" --quick \
+              > "$OUT/nbhd_orders_log.txt" 2>&1 ;;
     nbhd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --out "$OUT" --quick > "$OUT/nbhd_log.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \

@@ -206,6 +206,23 @@ def attention_cases():
         for kt in (False, True):
             out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}", mod.attn_bwd_dkdv,
                         dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, EVEN_N=True), w, st, _ATTN_TYPES))
+    # a 2-D neighborhood (13 x 13 on 128 x 128) in tile order: over gathered tensors (TiledNeighborhood) and over
+    # the tensors in place (InPlaceTiled: each row's address through the generated row maps), at the nbhd
+    # class's forward default (32 x 32, PACK 4, 4 warps) and the backward's 64 x 64 tiles
+    from attnzoo.backends.triton.codegen import InPlaceTiled
+    nb = az.Neighborhood((13, 13), grid=(128, 128))
+    tiled = az.neighborhood_tiling(nb, 32)[2]
+    for name, pat in (("tiled", tiled), ("in-place", InPlaceTiled(tiled))):
+        mod = ops._module(pat, 16384, 16384, "cpu", (32, 32))[0]
+        out.append((f"attn fwd nbhd13 {name} 32x32 p4", mod.attn_fwd,
+                    dict(base, BLOCK_M=32, BLOCK_N=32, EVEN=True, PACK=4, FOLD=True, IDX=0, KD=None, VD=None,
+                         WS=False, LAZY=False), 4, 3, _ATTN_TYPES))
+        mod = ops._module(pat, 16384, 16384, "cpu", (64, 64))[0]
+        out.append((f"attn dq nbhd13 {name} 64x64", mod.attn_bwd_dq,
+                    dict(base, BLOCK_M=64, BLOCK_N=64, HAS_DLSE=False, PACK=1, KD=None, VD=None, EVEN_N=True), 4, 2,
+                    _ATTN_TYPES))
+        out.append((f"attn dkdv nbhd13 {name} 64x64", mod.attn_bwd_dkdv,
+                    dict(base, BLOCK_M=64, BLOCK_N=64, KT=False, QD=None, DOD=None, EVEN_N=True), 4, 2, _ATTN_TYPES))
     for bm, bn, w, kt in ((64, 64, 4, False), (64, 128, 8, True), (64, 64, 4, True)):  # dq by atomics (ATOMIC_DQ)
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} atomic dq", mod.attn_bwd_dkdv,

@@ -11,6 +11,12 @@ pattern, its output (back in the original order) checked against float64 on two 
 (protocol rule), then timed. Prints a table last; ``--out`` writes JSON lines.
 
     PYTHONPATH=src python3 benchmarks/triton_nbhd_variants.py --out DIR [--quick]
+    PYTHONPATH=src python3 benchmarks/triton_nbhd_variants.py --orders --out DIR   # through attention()
+
+``--orders``: the whole call, ``attention(q, k, v, Neighborhood, backend="triton")`` in row-major order, forward
+and forward+backward, for each way the backend runs the tile order (``NBHD_ORDERS``: the kernels' row maps
+in place, the query side mapped with K / V gathered, or every tensor gathered and the output put back), next
+to compiled FlexAttention on the same call.
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/triton_nbhd_variants.py --smoke   # CPU smoke run
 """
 import argparse
@@ -71,6 +77,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1, float32, tiny grids)")
     ap.add_argument("--bwd", action="store_true", help="the backward tiles (BWD_VARIANTS) instead of the forward ones")
+    ap.add_argument("--orders", action="store_true",
+                    help="through attention(): each of the backend's NBHD_ORDERS, forward and forward+backward")
     args = ap.parse_args()
     table = SMOKE if args.smoke else PATTERNS
     names = args.patterns.split(",") if args.patterns else list(table)
@@ -85,8 +93,8 @@ def main():
     scale = d ** -0.5
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    rows, emit, close = row_sink(os.path.join(args.out, "nbhd_bwd_variants.jsonl" if args.bwd else
-                                              "nbhd_variants.jsonl") if args.out else None)
+    fname = "nbhd_orders.jsonl" if args.orders else "nbhd_bwd_variants.jsonl" if args.bwd else "nbhd_variants.jsonl"
+    rows, emit, close = row_sink(os.path.join(args.out, fname) if args.out else None)
     timed = median_timer(dev, 0.6 if args.quick else 1.2)
 
     for pname in names:
@@ -108,6 +116,9 @@ def main():
         fwd_ms, r = timed(lambda: az.attention(q, k, v, p, backend="flex"))
         emit(dict(pattern=pname, L=L, variant="flex", fwd_ms=fwd_ms, fwd_tflops=fl / fwd_ms / 1e9 if fwd_ms else None,
                   message=r.get("message")))
+        if args.orders:
+            orders(pname, p, q, k, v, scale, fl, fwd_ms, timed, emit, dev, dt)
+            continue
         if args.bwd:
             bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt)
             continue
@@ -139,8 +150,10 @@ def main():
     print_table(rows)
 
 
-def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt):
-    """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``."""
+def _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, with_out):
+    """dO, q / k / v leaves, flex's fwd+bwd time (emitted), and a ``grads(fn, q, k, v)`` -> (out if ``with_out``,)
+    dq, dk, dv under dO's first two heads, with the float64 reference and the 16-bit math baseline of two query
+    heads of one group: (do, (qg, kg, vg), fb_ms, grads, ref, base)."""
     L = q.shape[2]
     gen = torch.Generator(device=dev).manual_seed(1)
     do = torch.randn(q.shape, device=dev, dtype=dt, generator=gen)
@@ -150,11 +163,20 @@ def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, d
 
     def grads(fn, *x):
         x = [t.detach().requires_grad_() for t in x]
-        return torch.autograd.grad(fn(*x), x, do[:, :2].to(x[0].dtype))
+        o = fn(*x)
+        g = torch.autograd.grad(o, x, do[:, :2].to(x[0].dtype))
+        return ((o.detach(),) + g) if with_out else g
 
     qs, ks, vs = q[:, :2], k[:, :1], v[:, :1]
     ref = grads(lambda a, b, c: reference_attention(a, b, c, p, scale)[0], qs.double(), ks.double(), vs.double())
     base = grads(lambda a, b, c: dense_math(a, b, c, p, scale)[0], qs, ks, vs) if dt != torch.float32 else None
+    return do, (qg, kg, vg), fb_ms, grads, ref, base
+
+
+def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt):
+    """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``."""
+    L = q.shape[2]
+    do, _, fb_ms, _, ref, base = _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, False)
     tiling = neighborhood_tiling(p, fwd_cfg["BLOCK_M"], device=dev)
     perm, inv, tiled = tiling if tiling is not None else (torch.arange(L, device=dev),) * 2 + (p,)
     qp, kp, vp, dop = (t.index_select(2, perm).contiguous() for t in (q, k, v, do))
@@ -179,6 +201,39 @@ def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, d
         emit(row)
 
 
+def orders(pname, p, q, k, v, scale, fl, flex_fwd_ms, timed, emit, dev, dt):
+    """attention(backend='triton') on one neighborhood, each NBHD_ORDER: forward, forward+backward (flex's in
+    the same run), outputs and gradients of two query heads of one group checked against float64 first."""
+    from attnzoo.backends import triton as tb
+
+    L = q.shape[2]
+    do, (qg, kg, vg), fb_ms, grads, ref, base = _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, True)
+    qs, ks, vs = q[:, :2], k[:, :1], v[:, :1]
+    saved = tb.NBHD_ORDER
+    try:
+        for order in tb.NBHD_ORDERS:
+            tb.NBHD_ORDER = order
+            row = dict(pattern=pname, L=L, variant=f"attention() {order}")
+            try:
+                got = grads(lambda a, b, c: az.attention(a, b, c, p, backend="triton", scale=scale), qs, ks, vs)
+                row["rel_rmse_vs_fp64"] = max(rel_rmse(a, r_) for a, r_ in zip(got, ref))
+                for gname, a, r_, bl in zip(("out", "dq", "dk", "dv"), got, ref, base or (None,) * 4):
+                    check_close(gname, a, r_, baseline=bl)
+                ms, r = timed(lambda: az.attention(q, k, v, p, backend="triton", scale=scale))
+                fb, r2 = timed(lambda: torch.autograd.backward(
+                    az.attention(qg, kg, vg, p, backend="triton", scale=scale), do))
+                row.update(fwd_ms=ms, fwdbwd_ms=fb, fwd_tflops=fl / ms / 1e9 if ms else None,
+                           fwdbwd_tflops=3.5 * fl / fb / 1e9 if fb else None,
+                           flex_over_triton=flex_fwd_ms / ms if ms and flex_fwd_ms else None,
+                           fwdbwd_flex_over_triton=fb_ms / fb if fb and fb_ms else None,
+                           message=r.get("message") or r2.get("message"))
+            except Exception as e:  # noqa: BLE001
+                row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
+            emit(row)
+    finally:
+        tb.NBHD_ORDER = saved
+
+
 def print_table(rows):
     print("(backward rows: TF/s and flex/tri are of the forward+backward, bwd counted as 2.5x the forward's flops)")
     print(f"\n{'pattern':<14} {'variant':<26} {'fwd ms':>8} {'bwd ms':>8} {'TF/s':>6} {'flex/tri':>8} {'visit':>6} "
@@ -192,6 +247,8 @@ def print_table(rows):
         visit = f"{r['visit']:.2f}" if "visit" in r else "-"
         part = f"{r['partial_share']:.2f}" if "partial_share" in r else "-"
         bms = r.get("bwd_ms") or r.get("fwdbwd_ms")
+        if r.get("fwdbwd_flex_over_triton"):
+            note = f"fwd+bwd flex/tri {r['fwdbwd_flex_over_triton']:.2f} {note}"
         print(f"{r['pattern']:<14} {r['variant']:<26} {ms if ms is None else round(ms, 3)!s:>8} "
               f"{'-' if bms is None else round(bms, 3)!s:>8} "
               f"{'-' if r.get('fwd_tflops') is None else round(r['fwd_tflops'])!s:>6} "

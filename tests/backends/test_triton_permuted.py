@@ -2,6 +2,8 @@
 arithmetic) against the float64 reference with the plain `Neighborhood` in row-major order: inputs are
 permuted with ``perm``, the kernel's output and lse are put back with ``inv``. Run by Triton's CPU
 interpreter (TRITON_INTERPRET=1, tests/conftest.py); outputs are poisoned with NaN before each launch."""
+import math
+
 import pytest
 import torch
 
@@ -99,3 +101,108 @@ def test_tiled_backward_matches_reference():
                             lse, tiled, scale, cfg=CFG16)
     for name, g, r in zip(("dq", "dk", "dv"), got, ref):
         check_close(name, g.index_select(2, inv), r)
+
+
+def _request(nb, n):
+    from attnzoo.backends.base import Request
+
+    q = torch.zeros(1, 2, n, 32)
+    return Request(q, q, q, nb, 32 ** -0.5, False)
+
+
+def _grads_vs_reference(nb, fn, shape, seed):
+    """fn(q, k, v) -> (out, lse) in row-major order; checks out, lse and dq/dk/dv (the loss reads the lse too)
+    against the float64 reference with ``nb``."""
+    q, k, v = (t.detach() for t in inputs(*shape, seed=seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(*shape[:2], shape[3], shape[6], generator=gen, dtype=torch.float64)
+    wl = torch.randn(*shape[:2], shape[3], generator=gen, dtype=torch.float64)
+
+    def loss_of(o, l):
+        return (o.double() * w).sum() + (torch.where(torch.isfinite(l), l, 0.0).double() * wl).sum()
+
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_o, ref_l = reference_attention(qr, kr, vr, nb)
+    ref = torch.autograd.grad(loss_of(ref_o, ref_l), (qr, kr, vr))
+    qt, kt, vt = (t.float().requires_grad_() for t in (q, k, v))
+    out, lse = fn(qt, kt, vt)
+    got = torch.autograd.grad(loss_of(out, lse), (qt, kt, vt))
+    check_close("out", out, ref_o)
+    check_close("lse", lse, ref_l)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        check_close(name, g, r)
+
+
+SMALL_3D = az.Neighborhood((3, 3, 3), dilation=(1, 1, 2), stride=(1, 2, 1), grid=(4, 4, 8))
+
+
+@pytest.mark.parametrize("order, name", [("in-place", "2d-dil-causal"), ("in-place-q", "2d-dil-causal"),
+                                         ("gather", "2d-dil-causal"), ("in-place", "3d-small"),
+                                         ("in-place-q", "3d-small")])
+def test_every_tile_order_through_the_api(order, name, monkeypatch):
+    """attention(backend='triton') on an N-D neighborhood, each way of running it in tile order (the row maps
+    of `InPlaceTiled`, K / V gathered with the query side mapped, or every tensor gathered): outputs, lse and
+    gradients against the float64 reference in row-major order (GQA, 2 query heads per KV head)."""
+    from attnzoo.backends import triton as tb
+
+    monkeypatch.setattr(tb, "NBHD_ORDER", order)
+    monkeypatch.delenv("ATTNZOO_NBHD_ORDER", raising=False)
+    nb = SMALL_3D if name == "3d-small" else CASES[name]
+    n = math.prod(nb.grid)
+    assert ops.tiled_neighborhood(_request(nb, n)) is not None
+    _grads_vs_reference(nb, lambda q, k, v: az.attention(q, k, v, nb, backend="triton", return_lse=True),
+                        (1, 4, 2, n, n, 32, 32), seed=n)
+
+
+@pytest.mark.parametrize("kv, cfg", [
+    (True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)),                        # blocks of 2 / 1 tiles
+    (True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, MERGE=True, KT=True)),  # merged loops, KT
+    (True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, ATOMIC_DQ=True, TMA=True)),
+    (False, dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1, TMA=True)),            # K / V descriptors
+])
+def test_in_place_kernels_every_variant(kv, cfg):
+    """`InPlaceTiled` straight through the launchers, on the kernels' other paths: blocks that are not the
+    tile, merged loops, the dk/dv kernel keys by queries, dq by atomics, and with ``kv=False`` K / V in
+    tile order read through tensor descriptors while q / dO rows are mapped (their descriptors are off)."""
+    from attnzoo.backends.triton.codegen import InPlaceTiled
+
+    nb = az.Neighborhood((3, 5), dilation=(2, 1), grid=(8, 16))
+    tiled = az.TiledNeighborhood(nb, (4, 4))
+    perm, _ = tiled.permutation()
+    pat = InPlaceTiled(tiled, kv=kv)
+    scale = 32 ** -0.5
+    kv_in = (lambda t: t) if kv else (lambda t: t.index_select(2, perm))
+
+    class F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = ops.attention_fwd(q, kv_in(k), kv_in(v), pat, scale, poison=True, cfg=cfg)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, dout, dlse):
+            q, k, v, out, lse = ctx.saved_tensors
+            dq, dk, dv = ops.attention_bwd(dout, dlse, q, kv_in(k), kv_in(v), out, lse, pat, scale, cfg=cfg,
+                                           poison=True)
+            if not kv:  # back from tile order
+                dk, dv = (torch.zeros_like(t).index_copy_(2, perm, g) for t, g in ((k, dk), (v, dv)))
+            return dq, dk, dv
+
+    _grads_vs_reference(nb, F.apply, (1, 4, 2, 128, 128, 32, 32), seed=11)
+
+
+def test_in_place_pattern_is_its_own_kernel():
+    """The in-place pattern differs from its tiled twin as a cache key and in its row maps (one per side)."""
+    from attnzoo.backends.triton.codegen import InPlaceTiled, row_maps
+
+    tiled = az.neighborhood_tiling(CASES["3d-dil-stride"], 16)[2]
+    a, b = InPlaceTiled(tiled), InPlaceTiled(tiled, kv=False)
+    assert a != tiled and a != b and a == InPlaceTiled(tiled) and hash(a) == hash(InPlaceTiled(tiled))
+    assert row_maps(tiled) is None and row_maps(b)[1] is None and row_maps(a)[0] == row_maps(a)[1]
+    perm, _ = tiled.permutation()
+    ns = {}
+    exec("def f(x):\n" + "\n".join("    " + line for line in row_maps(a)[0]), ns)
+    assert torch.equal(ns["f"](torch.arange(perm.numel())), perm)
+    with pytest.raises(TypeError, match="TiledNeighborhood"):
+        InPlaceTiled(CASES["2d"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..base import Backend, Request
-from .codegen import supports
+from .codegen import InPlaceTiled, supports
 
 
 def triton_available() -> tuple[bool, str]:
@@ -27,6 +27,24 @@ DECODE_MAX_HEAD_DIM = 1024
 # of one token calls attention(q (B, 1, H, 576), latent (B, 1, S, 576), ...), so Lq = H): the decode kernel
 # takes it with the queries back in the heads, for up to this many (query x group head) rows.
 DECODE_FOLD_MAX_ROWS = 256
+
+
+# How `TritonBackend.run` runs an N-D neighborhood in tile order (`ops.tiled_neighborhood`): "in-place" (the
+# kernels map every row to its place, no copies; `codegen.InPlaceTiled`), "in-place-q" (only the query side is
+# mapped; K and V are gathered into tile order, and their gradients scattered back, so their row blocks stay
+# contiguous for tensor descriptors) or "gather" (q, k, v gathered into tile order, out and lse back: two
+# copies of each, four of the gradients). Environment: ATTNZOO_NBHD_ORDER.
+NBHD_ORDERS = ("in-place", "in-place-q", "gather")
+NBHD_ORDER = "in-place"
+
+
+def nbhd_order() -> str:
+    import os
+
+    order = os.environ.get("ATTNZOO_NBHD_ORDER") or NBHD_ORDER
+    if order not in NBHD_ORDERS:
+        raise ValueError(f"ATTNZOO_NBHD_ORDER / NBHD_ORDER must be one of {NBHD_ORDERS}, got {order!r}")
+    return order
 
 
 def decode_route(req: Request) -> bool:
@@ -87,9 +105,16 @@ class TritonBackend(Backend):
             out, lse = attention_decode(req.q, req.k, req.v, req.pattern, req.scale)
             return out, (lse if req.return_lse else None)
         tiling = tiled_neighborhood(req)
+        order = nbhd_order() if tiling is not None else None
         if tiling is None:
             out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)
-        else:  # N-D neighborhood: tokens reordered into compact tiles, and back (differentiable gathers)
+        elif order == "in-place":  # N-D neighborhood walked in tile order over the tensors as they are
+            out, lse = triton_attention(req.q, req.k, req.v, InPlaceTiled(tiling[2]), req.scale)
+        elif order == "in-place-q":  # K / V gathered into tile order (differentiable), the query side mapped
+            perm, _, tiled = tiling
+            k, v = (t.index_select(2, perm) for t in (req.k, req.v))
+            out, lse = triton_attention(req.q, k, v, InPlaceTiled(tiled, kv=False), req.scale)
+        else:  # tokens gathered into compact tiles, and back (differentiable gathers)
             perm, inv, tiled = tiling
             q, k, v = (t.index_select(2, perm) for t in (req.q, req.k, req.v))
             out, lse = triton_attention(q, k, v, tiled, req.scale)

@@ -10,6 +10,7 @@ definitions are the same as the patterns' `_mask_pos` (tests compare the kernel 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -220,6 +221,80 @@ def _tiled_neighborhood(g, p):
     return _neighborhood_axes(g, p.neighborhood, geo.grid, axes(g.qp), axes(g.kk))
 
 
+@dataclass(frozen=True, init=False)
+class InPlaceTiled(TiledNeighborhood):
+    """A tiled N-D neighborhood run over tensors kept in their original row-major token order.
+
+    The kernels walk the tokens in `TiledNeighborhood`'s tile-major order -- its block layout and its
+    in-kernel mask are over those positions -- and map each position to its tensor row by arithmetic
+    (`row_maps`): ``out[perm[i]]`` is computed from the keys ``perm[j]`` that the tiled mask shows position
+    ``i``, which is the `Neighborhood` itself in row-major order. No gathers of q, k, v and out into tile order
+    and back (nor their scatters in the backward). ``kv=False`` maps the query side only (q, out, lse, dO, dq),
+    for tensors whose K / V rows the caller gathered into tile order (then K / V keep contiguous row blocks, so
+    tensor descriptors apply to them). Internal to the Triton backend: as a `Pattern` its mask is the tiled
+    one, over iteration positions."""
+    kv: bool = True
+
+    def __init__(self, tiled: TiledNeighborhood, kv: bool = True):
+        if not isinstance(tiled, TiledNeighborhood):
+            raise TypeError(f"InPlaceTiled needs a TiledNeighborhood, got {type(tiled).__name__}: {tiled!r}")
+        super().__init__(tiled.neighborhood, tiled.tile)
+        object.__setattr__(self, "kv", bool(kv))
+
+    def tiled(self) -> TiledNeighborhood:
+        return TiledNeighborhood(self.neighborhood, self.tile)
+
+    def __repr__(self):
+        return f"InPlaceTiled({self.neighborhood!r}, tile={self.tile}, kv={self.kv})"
+
+
+def _to_original(geo, block: int | None) -> list:
+    """Lines of the body of a ``@triton.jit`` row map ``(x0, x)``: tile-major positions ``x`` (a block of
+    ``block`` positions from ``x0``, a multiple of ``block``; None: any positions) -> row-major token indices.
+
+    A position is a tile number ``x // vol`` (its digits: dilation groups and tile coordinates) and an offset
+    ``x % vol`` in the tile (the in-tile coordinates), so the index is ``F(x // vol) + G(x % vol)`` by
+    arithmetic on literals (`_TileGeometry.coords`). When the block is the tile, ``F`` takes the scalar ``x0``
+    and ``G`` the offsets ``x - x0``, the same for every block (the compiler hoists it out of the loops): the
+    map costs a few scalar operations and one add a row. Blocks of several tiles compute ``F`` per row, blocks
+    inside a tile ``G``."""
+    vol = geo.vol
+    n = len(geo.grid)
+    strides = [math.prod(geo.grid[a + 1:]) for a in range(n)]
+    if block is not None and block == vol:
+        lines, t, w = [], "(x0 // {})".format(vol), "(x - x0)"
+    elif block is not None and block % vol == 0:
+        lines, t, w = ["r = x - x0"], f"(x0 // {vol} + r // {vol})", f"(r % {vol})"
+    elif block is not None and vol % block == 0:
+        lines, t, w = [], f"(x0 // {vol})", f"(x0 % {vol} + (x - x0))"
+    else:
+        lines, t, w = [], f"(x // {vol})", f"(x % {vol})"
+    lines += [f"t = {t}", f"w = {w}"]
+    outer, inner = [], []
+    for a in range(n):
+        T, d, nt = geo.tile[a], geo.dilation[a], geo.nt[a]
+        st = strides[a]
+        if nt > 1:  # tile coordinate * T, in dilation-group coordinates
+            outer.append(f"({_digit('t', geo.TS[a] // vol, nt)}) * {T * d * st}")
+        if d > 1:
+            outer.append(f"({_digit('t', geo.GS[a] // vol, d)}) * {st}")
+        if T > 1:
+            inner.append(f"({_digit('w', geo.RS[a], T)})" + (f" * {d * st}" if d * st > 1 else ""))
+    lines.append(f"return ({' + '.join(outer) or '0'}) + ({' + '.join(inner) or 'w * 0'})")
+    return lines
+
+
+def row_maps(pattern, tile: tuple | None = None) -> tuple | None:
+    """The bodies of the kernels' row maps ``_qrows`` / ``_krows`` for ``pattern`` (lists of source lines, None
+    for the identity), or None when both are the identity (every pattern but `InPlaceTiled`). ``tile``: the
+    kernel's (query block, key block), when it runs only those (see `_to_original`)."""
+    if not isinstance(pattern, InPlaceTiled):
+        return None
+    geo = pattern._geometry()
+    bm, bn = tile if tile is not None else (None, None)
+    return _to_original(geo, bm), (_to_original(geo, bn) if pattern.kv else None)
+
+
 def _union(g, p):
     a, b = g.emit(p.a), g.emit(p.b)
     return g.var(f"{a} | {b}")
@@ -244,8 +319,8 @@ def _by_head(g, subs: list) -> str:
 
 _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Chunked: _chunked,
          Dilated: _dilated, Strided: _strided, PrefixLM: _prefix, PowerAttention: _power, Document: _document,
-         Neighborhood: _neighborhood, TiledNeighborhood: _tiled_neighborhood, Union: _union,
-         Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse, RoutedBlocks: _routed}
+         Neighborhood: _neighborhood, TiledNeighborhood: _tiled_neighborhood, InPlaceTiled: _tiled_neighborhood,
+         Union: _union, Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse, RoutedBlocks: _routed}
 
 
 def generate(pattern: Pattern, lq: int, lk: int, tile: tuple | None = None):

@@ -36,6 +36,20 @@ def _fmod(x, s):
 @triton.jit
 def _mask(qp, kk, hq, AUX):
 {body}
+
+
+# Row maps: the tensor rows that hold the tokens at iteration positions x (a block's positions, x0 its first:
+# a multiple of the block size, scalar), for the query side (q, out, lse, dO, delta, dq) and the key side (k, v,
+# dk, dv). The identity except for patterns whose kernel walks the tokens in another order than the tensors
+# hold them (a tiled N-D neighborhood over tensors kept in row-major order: codegen.row_maps).
+@triton.jit
+def _qrows(x0, x):
+{qrows}
+
+
+@triton.jit
+def _krows(x0, x):
+{krows}
 '''
 
 FWD = '''
@@ -43,11 +57,12 @@ FWD = '''
 @triton.jit
 def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
               m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
-              KD=None, VD=None, krow=0, TMA: tl.constexpr = False, part=False, LAZY: tl.constexpr = False):
+              KD=None, VD=None, krow=0, TMA: tl.constexpr = False, part=False, LAZY: tl.constexpr = False, n0=0):
     # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2).
     # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
     # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
     # TMA (EVEN only): K and V come through tensor descriptors over their (B * Hkv * Lk, D) views, row krow.
+    # n0: the block's first key position (offs_n = n0 + arange), for the row map
     # MASK: 0 a full block, 1 a partial block, 2 decided at run time by `part` (the merged loop's blocks)
     # LAZY: the running maxima (and the rescale of acc and l) move only when some row's block maximum exceeds
     # its running maximum by more than LAZY_TAU (log2 units): otherwise the probabilities are taken against the
@@ -57,12 +72,14 @@ def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp
         kt = tl.trans(KD.load([krow, 0]))
         v = VD.load([krow, 0])
     elif EVEN:
-        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :])
+        kr = _krows(n0, offs_n)
+        kt = tl.load(kbase + kr[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(vbase + kr[:, None] * stride_vn + offs_dv[None, :])
     else:
-        kt = tl.load(kbase + offs_n[None, :] * stride_kn + offs_d[:, None],
+        kr = _krows(n0, offs_n)
+        kt = tl.load(kbase + kr[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        v = tl.load(vbase + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        v = tl.load(vbase + kr[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
     s = tl.dot(q, kt, input_precision=PREC)
     if not FOLD:
@@ -147,7 +164,7 @@ def _fwd_blocks(row, n, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, st
             blk = tl.load(row + j)
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
                                   qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, MASK, EVEN, PREC, FOLD,
-                                  KD, VD, kvrow + blk * BLOCK_N, TMA, False, LAZY)
+                                  KD, VD, kvrow + blk * BLOCK_N, TMA, False, LAZY, blk * BLOCK_N)
     return m_i, l_i, acc
 
 
@@ -172,7 +189,7 @@ def _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, 
         pn = tl.where(part, tl.load(prow + (j - nf + 1), mask=part & (j - nf + 1 < npart), other=0), pn)
         m_i, l_i, acc = _fwd_tile(q, kbase, vbase, blk * BLOCK_N + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
                                   qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, 2, EVEN, PREC, FOLD,
-                                  KD, VD, kvrow + blk * BLOCK_N, TMA, part, LAZY)
+                                  KD, VD, kvrow + blk * BLOCK_N, TMA, part, LAZY, blk * BLOCK_N)
     return m_i, l_i, acc
 
 
@@ -196,7 +213,8 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    qptr = Q + b * stride_qb + hr[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    qr = _qrows(pid_m * BLOCK_M, offs_m)
+    qptr = Q + b * stride_qb + hr[:, None] * stride_qh + qr[:, None] * stride_qm + offs_d[None, :]
     if EVEN:
         q = tl.load(qptr)
     else:
@@ -226,8 +244,8 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    optr = O + b * stride_ob + hr[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
-    lptr = LSE + (b * H + hr) * Lq + offs_m
+    optr = O + b * stride_ob + hr[:, None] * stride_oh + qr[:, None] * stride_om + offs_dv[None, :]
+    lptr = LSE + (b * H + hr) * Lq + qr
     if EVEN:
         tl.store(optr, out.to(O.dtype.element_ty))
         tl.store(lptr, lse)
@@ -331,13 +349,14 @@ def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, st
     # one query block (rows m0 + offs_m0 of head h, bh = batch * H + h) of the dk/dv kernel: its q, dO, lse
     # and delta, then the tile's contribution to dk and dv
     offs_m = m0 + offs_m0
-    q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + offs_m * stride_qm, dooff + offs_m * stride_dm,
-                                 bh * Lq + offs_m, offs_m, offs_d, offs_dv, Lq, D, DV,
+    qr = _qrows(m0, offs_m)
+    q, do, lse2, _ = _bwd_load_q(Q, DO, LSE, qoff + qr * stride_qm, dooff + qr * stride_dm,
+                                 bh * Lq + qr, offs_m, offs_d, offs_dv, Lq, D, DV,
                                  QD, DOD, bh * Lq + m0, TMA)
     if TMA:
-        delta = tl.load(DELTA + bh * Lq + offs_m)
+        delta = tl.load(DELTA + bh * Lq + qr)
     else:
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        delta = tl.load(DELTA + bh * Lq + qr, mask=offs_m < Lq, other=0.0)
     if KT:  # kt, vt hold K and V untransposed, (N, D) / (N, DV)
         dk, dv, ds = _bwd_kv_tile_t(q, do, lse2, delta, kt, vt, offs_m[None, :] + OFF, kk, h, AUX, Lk, qk_scale, dk,
                                     dv, MASK, PREC, part, EVEN_N)
@@ -349,7 +368,7 @@ def _bwd_kv_block(m0, offs_m0, Q, DO, LSE, DELTA, qoff, dooff, bh, stride_qm, st
             dqp = tl.dot(tl.trans(ds).to(q.dtype), kt, input_precision=PREC)
         else:
             dqp = tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PREC)
-        tl.atomic_add(DQA + (bh * Lq + offs_m)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], dqp,
+        tl.atomic_add(DQA + (bh * Lq + qr)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], dqp,
                       mask=(offs_m < Lq)[:, None], sem="relaxed")
     return dk, dv
 
@@ -379,16 +398,17 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_m0 = tl.arange(0, BLOCK_M)
+    kr = _krows(pid_n * BLOCK_N, offs_n)
     if KT:
-        kt = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        kt = tl.load(K + b * stride_kb + hk * stride_kh + kr[:, None] * stride_kn + offs_d[None, :],
                      mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-        vt = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        vt = tl.load(V + b * stride_vb + hk * stride_vh + kr[:, None] * stride_vn + offs_dv[None, :],
                      mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
         kk = offs_n[:, None]
     else:
-        kt = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+        kt = tl.load(K + b * stride_kb + hk * stride_kh + kr[None, :] * stride_kn + offs_d[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None],
+        vt = tl.load(V + b * stride_vb + hk * stride_vh + kr[None, :] * stride_vn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
         kk = offs_n[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -424,9 +444,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                                        Lk, qk_scale, dk, dv, 1, PREC, QD, DOD, TMA, False, KT, DQA, ATOMIC,
                                        BLOCK_D, EVEN_N)
     if slot < 0:
-        tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        tl.store(DKP + b * stride_dkb + hk * stride_dkh + kr[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
-        tl.store(DVP + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+        tl.store(DVP + b * stride_dvb + hk * stride_dvh + kr[:, None] * stride_dvn + offs_dv[None, :],
                  dv.to(DVP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
     else:
         # a long column split over several items: fp32 partials, summed in order by attn_bwd_reduce
@@ -482,23 +502,26 @@ def attn_bwd_reduce(WSK, WSV, RED, DKP, DVP, stride_dkb, stride_dkh, stride_dkn,
         ws = ((slot0 + j) * nbh + pid_bh) * BLOCK_N
         dk += tl.load(WSK + (ws + r[:, None]) * BLOCK_D + offs_d[None, :])
         dv += tl.load(WSV + (ws + r[:, None]) * BLOCK_DV + offs_dv[None, :])
-    tl.store(DKP + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    kr = _krows(pid_n * BLOCK_N, offs_n)
+    tl.store(DKP + b * stride_dkb + hk * stride_dkh + kr[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DKP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
-    tl.store(DVP + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+    tl.store(DVP + b * stride_dvb + hk * stride_dvh + kr[:, None] * stride_dvn + offs_dv[None, :],
              dv.to(DVP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
 
 
 @triton.jit
 def _bwd_q_tile(q, do, lse2, delta, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX,
                 Lk, D, DV, qk_scale, dq, MASK: tl.constexpr, PREC: tl.constexpr, KD=None, VD=None, krow=0,
-                TMA: tl.constexpr = False, part=False, EVEN_N: tl.constexpr = False):
+                TMA: tl.constexpr = False, part=False, EVEN_N: tl.constexpr = False, n0=0):
+    # n0: the block's first key position (offs_n = n0 + arange), for the row map
     if TMA:  # EVEN only: descriptors over K's and V's (B * Hkv * Lk, D) views
         k = KD.load([krow, 0])
         vt = tl.trans(VD.load([krow, 0]))
     else:
-        k = tl.load(kbase + offs_n[:, None] * stride_kn + offs_d[None, :],
+        kr = _krows(n0, offs_n)
+        k = tl.load(kbase + kr[:, None] * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-        vt = tl.load(vbase + offs_n[None, :] * stride_vn + offs_dv[:, None],
+        vt = tl.load(vbase + kr[None, :] * stride_vn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
     p = _bwd_probs(q, tl.trans(k), qp, offs_n[None, :], h, AUX, Lk, qk_scale, lse2, MASK, PREC, part, EVEN_N)
     dp = tl.dot(do, vt, input_precision=PREC)
@@ -524,14 +547,15 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
-    lrow = (b * H + hr) * Lq + offs_m
-    q, do, lse2, empty = _bwd_load_q(Q, DO, LSE, b * stride_qb + hr * stride_qh + offs_m * stride_qm,
-                                     b * stride_db + hr * stride_dh + offs_m * stride_dm, lrow,
+    qr = _qrows(pid_m * BLOCK_M, offs_m)
+    lrow = (b * H + hr) * Lq + qr
+    q, do, lse2, empty = _bwd_load_q(Q, DO, LSE, b * stride_qb + hr * stride_qh + qr * stride_qm,
+                                     b * stride_db + hr * stride_dh + qr * stride_dm, lrow,
                                      offs_m, offs_d, offs_dv, Lq, D, DV)
     # delta = rowsum(out * dout) - dlse, stored for attn_bwd_dkdv (launched after this kernel); the dlse of
     # rows that see nothing is dropped (their lse is -inf, its gradient meaningless)
     rm = offs_m < Lq
-    o = tl.load(O + b * stride_ob + hr[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+    o = tl.load(O + b * stride_ob + hr[:, None] * stride_oh + qr[:, None] * stride_om + offs_dv[None, :],
                 mask=rm[:, None] & (offs_dv[None, :] < DV), other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
@@ -557,18 +581,18 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, O, DLSE, AUX, KVN, KVI, FKVN, FKVI,
             nxt = tl.where(jn < n_full, tl.load(frow + jn, mask=jn < n_full, other=0),
                            tl.load(prow + (jn - n_full), mask=(jn >= n_full) & (jn < n_full + n_part), other=0))
             dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 2, PREC, KD, VD, kvrow + n0, TMA, part, EVEN_N)
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 2, PREC, KD, VD, kvrow + n0, TMA, part, EVEN_N, n0)
     else:
         for j in range(0, n_full):
             n0 = tl.load(frow + j) * BLOCK_N
             dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 0, PREC, KD, VD, kvrow + n0, TMA, False, EVEN_N)
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 0, PREC, KD, VD, kvrow + n0, TMA, False, EVEN_N, n0)
         for j in range(0, n_part):
             n0 = tl.load(prow + j) * BLOCK_N
             dq = _bwd_q_tile(q, do, lse2, delta, kbase, vbase, n0 + offs_n0, offs_d, offs_dv, stride_kn, stride_vn,
-                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 1, PREC, KD, VD, kvrow + n0, TMA, False, EVEN_N)
+                             qp, h, AUX, Lk, D, DV, qk_scale, dq, 1, PREC, KD, VD, kvrow + n0, TMA, False, EVEN_N, n0)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + hr[:, None] * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+    tl.store(DQ + b * stride_dqb + hr[:, None] * stride_dqh + qr[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
 '''
 
@@ -582,11 +606,15 @@ def _cache_dir() -> str:
     return d
 
 
-def kernel_module(body_lines: list[str], *sources: str):
+def kernel_module(body_lines: list[str], *sources: str, rows: tuple | None = None):
     """Import (once) the module made of the prelude with this ``_mask`` body followed by the given kernel
-    sources (default: the forward kernel). Triton needs real source files, so it is written to a cache."""
-    body = "\n".join("    " + line for line in body_lines)
-    src = PRELUDE.format(body=body) + "".join(sources or (FWD,))
+    sources (default: the forward kernel). ``rows``: the bodies (lists of lines, or None for the identity) of
+    the row maps ``_qrows`` / ``_krows`` (see PRELUDE). Triton needs real source files, so it is written to a
+    cache."""
+    indent = lambda lines: "\n".join("    " + line for line in lines)
+    qrows, krows = rows or (None, None)
+    src = PRELUDE.format(body=indent(body_lines), qrows=indent(qrows or ["return x"]),
+                         krows=indent(krows or ["return x"])) + "".join(sources or (FWD,))
     key = hashlib.sha1(src.encode()).hexdigest()[:20]
     with _lock:
         mod = _modules.get(key)
@@ -605,5 +633,7 @@ def kernel_module(body_lines: list[str], *sources: str):
         spec.loader.exec_module(mod)
         # whether the mask reads the query head (PerHead, per-head block masks): packing heads needs it not to
         mod.uses_head = any("hq" in line for line in body_lines)
+        # whether the query / key rows are mapped (no contiguous row blocks: no tensor descriptors on that side)
+        mod.maps_q, mod.maps_k = qrows is not None, krows is not None
         _modules[key] = mod
         return mod

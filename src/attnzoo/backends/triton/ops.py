@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ...patterns import Full, RoutedBlocks
-from .codegen import generate, generate_routed
+from .codegen import InPlaceTiled, generate, generate_routed, row_maps
 from . import tuning
 from .kernels import BWD, FWD, kernel_module
 
@@ -118,7 +118,7 @@ def _module(pattern, lq, lk, device: str, tile: tuple | None = None):
     """The pattern's kernel module and its AUX buffer; ``tile`` (BLOCK_M, BLOCK_N): the mask may assume
     those tiles (see `codegen.generate`). Patterns without block masks give the same source either way."""
     lines, aux = generate(pattern, lq, lk, tile)
-    mod = kernel_module(lines, FWD, BWD)
+    mod = kernel_module(lines, FWD, BWD, rows=row_maps(pattern, tile))
     aux = aux.to(device) if aux is not None else torch.zeros(1, dtype=torch.int32, device=device)
     return mod, aux
 
@@ -275,7 +275,7 @@ def _kv_descriptors(k, v, bn: int, even: bool):
 def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg):
     kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
     even = lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv)
-    desc = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") else None
+    desc = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") and not mod.maps_k else None
     extra = dict(KD=desc[0], VD=desc[1], TMA=True) if desc else {}
     if cfg.get("WS"):
         extra["WS"] = True
@@ -367,10 +367,11 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     mod_kv, aux_kv, bm2, bn2 = kv if kv is not None else (mod, aux, bm, bn)
     # TMA (cfg "TMA"): K / V of the dq kernel and q / dO of the dk/dv kernel through tensor descriptors
     even = (lq % bm == 0 and lk % bn == 0 and lq % bm2 == 0 and lk % bn2 == 0 and d == bd and dv == bdv)
-    kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") else None
-    qd = _kv_descriptors(q, dout, bm2, even) if kvd else None
-    tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd and qd else {}
-    tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if kvd and qd else {}
+    # (only over rows that are not mapped: see InPlaceTiled)
+    kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") and not mod.maps_k else None
+    qd = _kv_descriptors(q, dout, bm2, even) if cfg.get("TMA") and not mod_kv.maps_q else None
+    tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd else {}
+    tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if qd else {}
     if cfg.get("MERGE"):  # full and partial blocks in one loop in both kernels
         tma_dq["MERGE"] = tma_dkdv["MERGE"] = True
     if cfg.get("KT"):  # the dk/dv kernel's tiles keys by queries (no transpose of P or dS)

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from ...patterns import Causal, Chunked, Document, Full, Intersection, Neighborhood, PrefixLM, SlidingWindow, Union
+from ...patterns import (Causal, Chunked, Document, Full, Intersection, Neighborhood, PrefixLM, SlidingWindow,
+                         TiledNeighborhood, Union)
 
 _DENSE_LIKE = (Full, Causal, PrefixLM, Document, Chunked)
 _INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -42,7 +43,7 @@ def pattern_class(pattern) -> str:
     if isinstance(pattern, (Union, Intersection)):
         a, b = pattern_class(pattern.a), pattern_class(pattern.b)
         return a if a == b else "local"
-    if isinstance(pattern, Neighborhood) or type(pattern).__name__ in ("Permuted", "TiledNeighborhood"):
+    if isinstance(pattern, (Neighborhood, TiledNeighborhood)):
         return "nbhd"
     return "local"
 
