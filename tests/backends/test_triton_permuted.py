@@ -206,3 +206,16 @@ def test_in_place_pattern_is_its_own_kernel():
     assert torch.equal(ns["f"](torch.arange(perm.numel())), perm)
     with pytest.raises(TypeError, match="TiledNeighborhood"):
         InPlaceTiled(CASES["2d"])
+
+
+def test_in_place_batch_and_strided_inputs():
+    """The in-place order on a batch of two with q / k / v as transposed views of (B, T, H, D) tensors (row
+    strides that are not D): the row maps multiply the tensors' own strides."""
+    nb = az.Neighborhood((3, 3), grid=(8, 16))
+    assert ops.tiled_neighborhood(_request(nb, 128)) is not None
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 128, h, 32, generator=gen, dtype=torch.float64).transpose(1, 2) for h in (4, 2, 2))
+    assert not q.is_contiguous()
+    ref = reference_attention(q, k, v, nb)[0]
+    out = az.attention(q.float(), k.float(), v.float(), nb, backend="triton")
+    check_close("out", out, ref)
