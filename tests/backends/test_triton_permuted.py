@@ -219,3 +219,14 @@ def test_in_place_batch_and_strided_inputs():
     ref = reference_attention(q, k, v, nb)[0]
     out = az.attention(q.float(), k.float(), v.float(), nb, backend="triton")
     check_close("out", out, ref)
+
+
+def test_in_place_under_torch_compile():
+    """torch.compile(fullgraph=True) traces attention(backend='triton') on an N-D neighborhood: the tiling is
+    chosen once at trace time (no graph break in its search) and the kernels run in place through the custom
+    ops; outputs and gradients against float64."""
+    torch._dynamo.reset()
+    nb = az.Neighborhood((3, 3), grid=(8, 16))
+    f = torch.compile(lambda q, k, v: az.attention(q, k, v, nb, backend="triton", return_lse=True),
+                      backend="aot_eager", fullgraph=True)
+    _grads_vs_reference(nb, f, (1, 2, 1, 128, 128, 32, 32), seed=31)

@@ -33,7 +33,7 @@ DECODE_FOLD_MAX_ROWS = 256
 # kernels map every row to its place, no copies; `codegen.InPlaceTiled`), "in-place-q" (only the query side is
 # mapped; K and V are gathered into tile order, and their gradients scattered back, so their row blocks stay
 # contiguous for tensor descriptors) or "gather" (q, k, v gathered into tile order, out and lse back: two
-# copies of each, four of the gradients). Environment: ATTNZOO_NBHD_ORDER.
+# copies of each, four of the gradients). Environment: ATTNZOO_NBHD_ORDER. Under torch.compile always "in-place".
 NBHD_ORDERS = ("in-place", "in-place-q", "gather")
 NBHD_ORDER = "in-place"
 
@@ -104,7 +104,14 @@ class TritonBackend(Backend):
 
             out, lse = attention_decode(req.q, req.k, req.v, req.pattern, req.scale)
             return out, (lse if req.return_lse else None)
-        tiling = tiled_neighborhood(req)
+        if torch.compiler.is_compiling():  # traced: the custom ops; N-D neighborhoods always in place
+            from .ops import _fwd_op, in_place_pattern_id
+
+            pid = in_place_pattern_id(req.pattern, req.D, req.Dv, str(req.device), req.dtype)
+            if pid >= 0:
+                out, lse = _fwd_op(req.q, req.k, req.v, pid, float(req.scale))
+                return out, (lse if req.return_lse else None)
+        tiling = None if torch.compiler.is_compiling() else tiled_neighborhood(req)
         order = nbhd_order() if tiling is not None else None
         if tiling is None:
             out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)

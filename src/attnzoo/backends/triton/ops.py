@@ -503,6 +503,20 @@ def tiled_neighborhood(req):
     return neighborhood_tiling(p, block, device=req.device)
 
 
+@torch.compiler.assume_constant_result
+def in_place_pattern_id(pattern, d: int, dv: int, device: str, dtype) -> int:
+    """Under `torch.compile`: the registered id (`pattern_id`) of the `InPlaceTiled` that runs this N-D
+    neighborhood in tile order over the tensors as they are, or -1 when it is not tiled (see
+    `tiled_neighborhood`). Evaluated once at trace time, so the tiling search never enters the graph."""
+    from ...patterns import Neighborhood, neighborhood_tiling
+
+    if not isinstance(pattern, Neighborhood) or pattern.grid is None or len(pattern.grid) < 2:
+        return -1
+    dev = torch.device(device)
+    tiling = neighborhood_tiling(pattern, config(d, dv, dev, pattern, "fwd", dtype)["BLOCK_M"], device=dev)
+    return -1 if tiling is None else pattern_id(InPlaceTiled(tiling[2]))
+
+
 class _Eager(torch.autograd.Function):
     """The eager-mode path: the same launchers as the custom ops, without their dispatch and autograd
     wrapper, which cost about half of attnzoo's host time per forward+backward (``benchmarks/host_overhead.py
