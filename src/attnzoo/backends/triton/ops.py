@@ -493,14 +493,16 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def tiled_neighborhood(req):
     """(perm, inv, TiledNeighborhood) when the request is a multi-axis `Neighborhood` whose grid can be
     cut into tiles of the kernel's block (see `neighborhood_tiling`), else None."""
+    return _nbhd_tiling(req.pattern, req.D, req.Dv, req.device, req.dtype)
+
+
+def _nbhd_tiling(p, d: int, dv: int, device: torch.device, dtype):
     from ...patterns import Neighborhood, neighborhood_tiling
 
-    p = req.pattern
     if not isinstance(p, Neighborhood) or p.grid is None or len(p.grid) < 2:
         return None
     # the layout stays exact for any block size; tile for the forward's query block
-    block = config(req.D, req.Dv, req.device, p, "fwd", req.dtype)["BLOCK_M"]
-    return neighborhood_tiling(p, block, device=req.device)
+    return neighborhood_tiling(p, config(d, dv, device, p, "fwd", dtype)["BLOCK_M"], device=device)
 
 
 @torch.compiler.assume_constant_result
@@ -508,12 +510,7 @@ def in_place_pattern_id(pattern, d: int, dv: int, device: str, dtype) -> int:
     """Under `torch.compile`: the registered id (`pattern_id`) of the `InPlaceTiled` that runs this N-D
     neighborhood in tile order over the tensors as they are, or -1 when it is not tiled (see
     `tiled_neighborhood`). Evaluated once at trace time, so the tiling search never enters the graph."""
-    from ...patterns import Neighborhood, neighborhood_tiling
-
-    if not isinstance(pattern, Neighborhood) or pattern.grid is None or len(pattern.grid) < 2:
-        return -1
-    dev = torch.device(device)
-    tiling = neighborhood_tiling(pattern, config(d, dv, dev, pattern, "fwd", dtype)["BLOCK_M"], device=dev)
+    tiling = _nbhd_tiling(pattern, d, dv, torch.device(device), dtype)
     return -1 if tiling is None else pattern_id(InPlaceTiled(tiling[2]))
 
 
