@@ -155,15 +155,16 @@ def test_every_tile_order_through_the_api(order, name, monkeypatch):
 
 
 @pytest.mark.parametrize("kv, cfg", [
-    (True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1)),                        # blocks of 2 / 1 tiles
+    (True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1, PACK=2, PACK_DQ=2)),    # 2 / 1 tiles, packed
     (True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, MERGE=True, KT=True)),  # merged loops, KT
     (True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, ATOMIC_DQ=True, TMA=True)),
     (False, dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1, TMA=True)),            # K / V descriptors
 ])
 def test_in_place_kernels_every_variant(kv, cfg):
     """`InPlaceTiled` straight through the launchers, on the kernels' other paths: blocks that are not the
-    tile, merged loops, the dk/dv kernel keys by queries, dq by atomics, and with ``kv=False`` K / V in
-    tile order read through tensor descriptors while q / dO rows are mapped (their descriptors are off)."""
+    tile with two query heads per program, merged loops, the dk/dv kernel keys by queries, dq by atomics,
+    and with ``kv=False`` K / V in tile order read through tensor descriptors while q / dO rows are mapped
+    (their descriptors are off)."""
     from attnzoo.backends.triton.codegen import InPlaceTiled
 
     nb = az.Neighborhood((3, 5), dilation=(2, 1), grid=(8, 16))
