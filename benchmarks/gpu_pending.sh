@@ -49,7 +49,9 @@
 #   nbhd-orders  issue 3: the N-D neighborhoods through attention() (fwd, fwd+bwd, vs flex, 16K) with the tile order run
 #                in place by the kernels' row maps (the new default: no gathers of q / k / v / out, no scatters of
 #                the gradients), with only the query side mapped, and with the old gathers (triton_nbhd_variants.py
-#                --orders; each order's outputs and gradients checked against float64 before it is timed)
+#                --orders; each order's outputs and gradients checked against float64 before it is timed), then
+#                the backward's tiles on the in-place order (--bwd --in-place: no TMA there; dq by atomics evaluates
+#                each tile's mask once instead of twice, KT)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -157,7 +159,9 @@ for s in $SECTIONS; do
     smoke) timeout 120 python3 benchmarks/layout_gpu_smoke.py > "$OUT/smoke_log.txt" 2>&1 ;;
     nbhd-bwd) timeout ${NBHD_S:-200} python3 benchmarks/triton_nbhd_variants.py --bwd --out "$OUT" --quick > "$OUT/nbhd_bwd_log.txt" 2>&1 ;;
     nbhd-orders) timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --orders --out "$OUT" --quick \
-              > "$OUT/nbhd_orders_log.txt" 2>&1 ;;
+              > "$OUT/nbhd_orders_log.txt" 2>&1
+                 timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --bwd --in-place --out "$OUT" --quick \
+              > "$OUT/nbhd_bwd_in_place_log.txt" 2>&1 ;;
     nbhd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --out "$OUT" --quick > "$OUT/nbhd_log.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \

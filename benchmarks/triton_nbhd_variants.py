@@ -61,13 +61,21 @@ VARIANTS = {
 # after that forward on its tiling, gradients checked against float64 on two query heads of one group
 BWD_FWD = _cfg(32, 32, 4, 3, 4)
 BWD_VARIANTS = {
-    "bwd 64x64 w4 s2 (default)": _cfg(64, 64, 4, 2),
+    "bwd 64x64 w4 s2 TMA (default)": _cfg(64, 64, 4, 2, TMA=True),
+    # the in-place order maps q / k rows, so no descriptors there: the default without TMA is its baseline
+    "bwd 64x64 w4 s2": _cfg(64, 64, 4, 2),
+    # every tile of a small neighborhood is partial: dq by atomics evaluates each tile's mask once, not twice
+    "bwd 64x64 w4 s2 atomic-dq": _cfg(64, 64, 4, 2, ATOMIC_DQ=True),
+    "bwd 64x64 w4 s2 KT": _cfg(64, 64, 4, 2, KT=True),
+    "bwd 64x64 w4 s2 KT atomic-dq": _cfg(64, 64, 4, 2, KT=True, ATOMIC_DQ=True),
+    "bwd 32x32 w2 s2 atomic-dq": _cfg(32, 32, 2, 2, ATOMIC_DQ=True),
     "bwd 32x32 w4 s2": _cfg(32, 32, 4, 2),
     "bwd 32x32 w4 s3": _cfg(32, 32, 4, 3),
     "bwd 32x64 w4 s2": _cfg(32, 64, 4, 2),
     "bwd 64x32 w4 s2": _cfg(64, 32, 4, 2),
     "bwd 32x32 w2 s2": _cfg(32, 32, 2, 2),
 }
+# --bwd --in-place: the same variants on the in-place order (InPlaceTiled: tensors in row-major order, rows mapped)
 
 
 def main():
@@ -77,6 +85,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1, float32, tiny grids)")
     ap.add_argument("--bwd", action="store_true", help="the backward tiles (BWD_VARIANTS) instead of the forward ones")
+    ap.add_argument("--in-place", action="store_true",
+                    help="with --bwd: the kernels on InPlaceTiled over row-major tensors (no gathers)")
     ap.add_argument("--orders", action="store_true",
                     help="through attention(): each of the backend's NBHD_ORDERS, forward and forward+backward")
     args = ap.parse_args()
@@ -88,12 +98,15 @@ def main():
     variants = {k: dict(v) for k, v in (BWD_VARIANTS if args.bwd else VARIANTS).items()}
     fwd_cfg = BWD_FWD
     if args.smoke:  # tiny tiles for the interpreter; keep the packing
-        variants = {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)}
+        variants = ({"16x16": _cfg(16, 16, 1, 1), "16x16 atomic-dq": _cfg(16, 16, 1, 1, ATOMIC_DQ=True),
+                     "16x16 KT": _cfg(16, 16, 1, 1, KT=True)} if args.bwd else
+                    {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)})
         fwd_cfg = _cfg(16, 16, 1, 1, 4)
     scale = d ** -0.5
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    fname = "nbhd_orders.jsonl" if args.orders else "nbhd_bwd_variants.jsonl" if args.bwd else "nbhd_variants.jsonl"
+    fname = ("nbhd_orders.jsonl" if args.orders else f"nbhd_bwd_variants{'_in_place' if args.in_place else ''}.jsonl"
+             if args.bwd else "nbhd_variants.jsonl")
     rows, emit, close = row_sink(os.path.join(args.out, fname) if args.out else None)
     timed = median_timer(dev, 0.6 if args.quick else 1.2)
 
@@ -120,7 +133,7 @@ def main():
             orders(pname, p, q, k, v, scale, fl, fwd_ms, timed, emit, dev, dt)
             continue
         if args.bwd:
-            bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt)
+            bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt, args.in_place)
             continue
         for name, cfg in variants.items():
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg)
@@ -173,12 +186,19 @@ def _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, with_out):
     return do, (qg, kg, vg), fb_ms, grads, ref, base
 
 
-def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt):
-    """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``."""
+def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt, in_place=False):
+    """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``.
+    ``in_place``: the kernels on `InPlaceTiled` over the tensors in row-major order (no gathers), else on the
+    `TiledNeighborhood` over tensors gathered into tile order (outside the timing)."""
+    from attnzoo.backends.triton.codegen import InPlaceTiled
+
     L = q.shape[2]
     do, _, fb_ms, _, ref, base = _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, False)
     tiling = neighborhood_tiling(p, fwd_cfg["BLOCK_M"], device=dev)
     perm, inv, tiled = tiling if tiling is not None else (torch.arange(L, device=dev),) * 2 + (p,)
+    if in_place and tiling is not None:
+        perm = inv = torch.arange(L, device=dev)
+        tiled = InPlaceTiled(tiled)
     qp, kp, vp, dop = (t.index_select(2, perm).contiguous() for t in (q, k, v, do))
     fwd_ms, _ = timed(lambda: ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=fwd_cfg))
     out, lse = ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=fwd_cfg)
