@@ -158,7 +158,7 @@ for s in $SECTIONS; do
               > "$OUT/layout_share.txt" 2>&1 ;;
     smoke) timeout 120 python3 benchmarks/layout_gpu_smoke.py > "$OUT/smoke_log.txt" 2>&1 ;;
     nbhd-bwd) timeout ${NBHD_S:-200} python3 benchmarks/triton_nbhd_variants.py --bwd --out "$OUT" --quick > "$OUT/nbhd_bwd_log.txt" 2>&1 ;;
-    nbhd-orders) timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --orders --out "$OUT" --quick \
+    nbhd-orders) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --orders --out "$OUT" --quick \
               > "$OUT/nbhd_orders_log.txt" 2>&1
                  timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --bwd --in-place --out "$OUT" --quick \
               > "$OUT/nbhd_bwd_in_place_log.txt" 2>&1 ;;
