@@ -256,13 +256,22 @@ def _to_original(geo, block: int | None) -> list:
     ``x % vol`` in the tile (the in-tile coordinates), so the index is ``F(x // vol) + G(x % vol)`` by
     arithmetic on literals (`_TileGeometry.coords`). When the block is the tile, ``F`` takes the scalar ``x0``
     and ``G`` the offsets ``x - x0``, the same for every block (the compiler hoists it out of the loops): the
-    map costs a few scalar operations and one add a row. Blocks of several tiles compute ``F`` per row, blocks
-    inside a tile ``G``."""
+    map costs a few scalar operations and one add a row. So do blocks of several tiles that differ only in
+    the tile number's innermost digit; other blocks of several tiles compute ``F`` per row, blocks inside a
+    tile ``G``."""
     vol = geo.vol
     n = len(geo.grid)
     strides = [math.prod(geo.grid[a + 1:]) for a in range(n)]
+    # the innermost digit of the tile number: the last axis cut into more than one tile
+    last = max((a for a in range(n) if geo.nt[a] > 1), default=None)
+    step = ""
     if block is not None and block == vol:
         lines, t, w = [], "(x0 // {})".format(vol), "(x - x0)"
+    elif (block is not None and block % vol == 0 and last is not None and geo.nt[last] % (block // vol) == 0):
+        # the block's tiles differ in that digit alone (x0 // vol is a multiple of block // vol, which divides
+        # the digit's radix): F(x0 // vol + j) = F(x0 // vol) + j * (one tile along that axis), scalar + offsets
+        lines, t, w = ["r = x - x0"], f"(x0 // {vol})", f"(r % {vol})"
+        step = f" + (r // {vol}) * {geo.tile[last] * geo.dilation[last] * strides[last]}"
     elif block is not None and block % vol == 0:
         lines, t, w = ["r = x - x0"], f"(x0 // {vol} + r // {vol})", f"(r % {vol})"
     elif block is not None and vol % block == 0:
@@ -280,7 +289,7 @@ def _to_original(geo, block: int | None) -> list:
             outer.append(f"({_digit('t', geo.GS[a] // vol, d)}) * {st}")
         if T > 1:
             inner.append(f"({_digit('w', geo.RS[a], T)})" + (f" * {d * st}" if d * st > 1 else ""))
-    lines.append(f"return ({' + '.join(outer) or '0'}) + ({' + '.join(inner) or 'w * 0'})")
+    lines.append(f"return ({' + '.join(outer) or '0'}) + ({' + '.join(inner) or 'w * 0'}){step}")
     return lines
 
 
