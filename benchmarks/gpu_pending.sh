@@ -52,6 +52,8 @@
 #                --orders; each order's outputs and gradients checked against float64 before it is timed), then
 #                the backward's tiles on the in-place order (--bwd --in-place: no TMA there; dq by atomics evaluates
 #                each tile's mask once instead of twice, KT)
+#   nbhd-fwd     issue 3: the neighborhoods' forward on the in-place order: block index a step ahead (IDX 1), MERGE,
+#                LAZY, 2 stages, 2 heads per program (triton_nbhd_variants.py --fwd-next --in-place), 16K, vs flex
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -82,7 +84,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-nbhd-orders linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
+SECTIONS=${*:-nbhd-orders nbhd-fwd linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -162,6 +164,8 @@ for s in $SECTIONS; do
               > "$OUT/nbhd_orders_log.txt" 2>&1
                  timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --bwd --in-place --out "$OUT" --quick \
               > "$OUT/nbhd_bwd_in_place_log.txt" 2>&1 ;;
+    nbhd-fwd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --fwd-next --in-place --out "$OUT" --quick \
+              > "$OUT/nbhd_fwd_next_log.txt" 2>&1 ;;
     nbhd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --out "$OUT" --quick > "$OUT/nbhd_log.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
            timeout 120 python3 benchmarks/triton_pack_variants.py --round 3 --d 64 --patterns causal,sw1024 --out "$OUT" \

@@ -28,6 +28,7 @@ import torch
 import attnzoo as az
 from attnzoo.backends import reference_attention
 from attnzoo.backends.triton import ops
+from attnzoo.backends.triton.codegen import InPlaceTiled
 from attnzoo.patterns import neighborhood_tiling
 from attnzoo.testing import check_close, rel_rmse
 
@@ -56,6 +57,17 @@ VARIANTS = {
     "32x32 w4 s3": _cfg(32, 32, 4, 3),
     "64x16 p4 w8 s3": _cfg(64, 16, 8, 3, 4),
     "128x64 p2 w8 s3": _cfg(128, 64, 8, 3, 2),
+}
+# --fwd-next (the forward after round 4 made 32x32 p4 w4 s3 the default; the in-place order with --in-place): the
+# block index loaded a step ahead (IDX 1), full and partial blocks in one loop (MERGE), LAZY rescaling, 2 stages
+FWD_NEXT = {
+    "32x32 p4 w4 s3 (default)": _cfg(32, 32, 4, 3, 4),
+    "32x32 p4 w4 s3 IDX1": _cfg(32, 32, 4, 3, 4, IDX=1),
+    "32x32 p4 w4 s3 IDX1 MERGE": _cfg(32, 32, 4, 3, 4, IDX=1, MERGE=True),
+    "32x32 p4 w4 s3 LAZY": _cfg(32, 32, 4, 3, 4, LAZY=True),
+    "32x32 p4 w4 s3 IDX1 LAZY": _cfg(32, 32, 4, 3, 4, IDX=1, LAZY=True),
+    "32x32 p4 w4 s2 IDX1": _cfg(32, 32, 4, 2, 4, IDX=1),
+    "32x32 p2 w4 s3 IDX1": _cfg(32, 32, 4, 3, 2, IDX=1),
 }
 # --bwd (after the forward round made 32x32 p4 w4 s3 the neighborhoods' default): backward tiles, each run
 # after that forward on its tiling, gradients checked against float64 on two query heads of one group
@@ -86,7 +98,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1, float32, tiny grids)")
     ap.add_argument("--bwd", action="store_true", help="the backward tiles (BWD_VARIANTS) instead of the forward ones")
     ap.add_argument("--in-place", action="store_true",
-                    help="with --bwd: the kernels on InPlaceTiled over row-major tensors (no gathers)")
+                    help="the kernels on InPlaceTiled over row-major tensors (no gathers), not TiledNeighborhood over "
+                         "tensors gathered into tile order")
+    ap.add_argument("--fwd-next", action="store_true", help="the forward variants FWD_NEXT instead of VARIANTS")
     ap.add_argument("--orders", action="store_true",
                     help="through attention(): each of the backend's NBHD_ORDERS, forward and forward+backward")
     args = ap.parse_args()
@@ -95,18 +109,22 @@ def main():
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d = (8, 2, 32) if args.smoke else (64, 8, 128)
     dt = torch.float32 if args.smoke else torch.bfloat16
-    variants = {k: dict(v) for k, v in (BWD_VARIANTS if args.bwd else VARIANTS).items()}
+    variants = {k: dict(v) for k, v in (BWD_VARIANTS if args.bwd else FWD_NEXT if args.fwd_next else VARIANTS).items()}
     fwd_cfg = BWD_FWD
     if args.smoke:  # tiny tiles for the interpreter; keep the packing
         variants = ({"16x16": _cfg(16, 16, 1, 1), "16x16 atomic-dq": _cfg(16, 16, 1, 1, ATOMIC_DQ=True),
                      "16x16 KT": _cfg(16, 16, 1, 1, KT=True)} if args.bwd else
+                    {"16x16 p4 IDX1": _cfg(16, 16, 1, 1, 4, IDX=1),
+                     "16x16 p4 IDX1 MERGE": _cfg(16, 16, 1, 1, 4, IDX=1, MERGE=True),
+                     "16x16 p4 LAZY": _cfg(16, 16, 1, 1, 4, LAZY=True)} if args.fwd_next else
                     {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)})
         fwd_cfg = _cfg(16, 16, 1, 1, 4)
     scale = d ** -0.5
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    fname = ("nbhd_orders.jsonl" if args.orders else f"nbhd_bwd_variants{'_in_place' if args.in_place else ''}.jsonl"
-             if args.bwd else "nbhd_variants.jsonl")
+    tag = "_in_place" if args.in_place else ""
+    fname = ("nbhd_orders.jsonl" if args.orders else f"nbhd_bwd_variants{tag}.jsonl" if args.bwd else
+             f"nbhd_fwd_next{tag}.jsonl" if args.fwd_next else f"nbhd_variants{tag}.jsonl")
     rows, emit, close = row_sink(os.path.join(args.out, fname) if args.out else None)
     timed = median_timer(dev, 0.6 if args.quick else 1.2)
 
@@ -144,6 +162,9 @@ def main():
                     tiled = p
                 else:
                     perm, inv, tiled = tiling
+                    if args.in_place:  # the tensors stay in row-major order, the kernels map the rows
+                        perm = inv = torch.arange(L, device=dev)
+                        tiled = InPlaceTiled(tiled)
                 lay = tiled.block_layout(L, L, cfg["BLOCK_M"], cfg["BLOCK_N"])
                 visited = int(lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum()) * cfg["BLOCK_M"] * cfg["BLOCK_N"]
                 row.update(visit=visited / visible, partial_share=float(lay.kv_num_blocks.sum())
@@ -190,8 +211,6 @@ def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, d
     """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``.
     ``in_place``: the kernels on `InPlaceTiled` over the tensors in row-major order (no gathers), else on the
     `TiledNeighborhood` over tensors gathered into tile order (outside the timing)."""
-    from attnzoo.backends.triton.codegen import InPlaceTiled
-
     L = q.shape[2]
     do, _, fb_ms, _, ref, base = _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, False)
     tiling = neighborhood_tiling(p, fwd_cfg["BLOCK_M"], device=dev)
