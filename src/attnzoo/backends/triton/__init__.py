@@ -104,6 +104,7 @@ class TritonBackend(Backend):
 
             out, lse = attention_decode(req.q, req.k, req.v, req.pattern, req.scale)
             return out, (lse if req.return_lse else None)
+        tiling = None
         if torch.compiler.is_compiling():  # traced: the custom ops; N-D neighborhoods always in place
             from .ops import _fwd_op, in_place_pattern_id
 
@@ -111,18 +112,19 @@ class TritonBackend(Backend):
             if pid >= 0:
                 out, lse = _fwd_op(req.q, req.k, req.v, pid, float(req.scale))
                 return out, (lse if req.return_lse else None)
-        tiling = None if torch.compiler.is_compiling() else tiled_neighborhood(req)
-        order = nbhd_order() if tiling is not None else None
+        else:
+            tiling = tiled_neighborhood(req)
         if tiling is None:
             out, lse = triton_attention(req.q, req.k, req.v, req.pattern, req.scale)
-        elif order == "in-place":  # N-D neighborhood walked in tile order over the tensors as they are
-            out, lse = triton_attention(req.q, req.k, req.v, InPlaceTiled(tiling[2]), req.scale)
+            return out, (lse if req.return_lse else None)
+        perm, inv, tiled = tiling
+        order = nbhd_order()
+        if order == "in-place":  # N-D neighborhood walked in tile order over the tensors as they are
+            out, lse = triton_attention(req.q, req.k, req.v, InPlaceTiled(tiled), req.scale)
         elif order == "in-place-q":  # K / V gathered into tile order (differentiable), the query side mapped
-            perm, _, tiled = tiling
             k, v = (t.index_select(2, perm) for t in (req.k, req.v))
             out, lse = triton_attention(req.q, k, v, InPlaceTiled(tiled, kv=False), req.scale)
         else:  # tokens gathered into compact tiles, and back (differentiable gathers)
-            perm, inv, tiled = tiling
             q, k, v = (t.index_select(2, perm) for t in (req.q, req.k, req.v))
             out, lse = triton_attention(q, k, v, tiled, req.scale)
             out, lse = out.index_select(2, inv), lse.index_select(2, inv)
