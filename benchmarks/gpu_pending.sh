@@ -42,7 +42,8 @@
 #                each variant's ratio to fla from the same process, so the winner's comparison needs no second call;
 #                GDN_VARIANTS: sweep variants ('+' combines) also timed through autograd in the speed table
 #   fwd-lazy     issue 3: the forward's LAZY rescaling on the local and dense defaults (triton_pack_variants.py --round
-#                7), and the backward default after its FMA change, 16K, vs flex
+#                7), PIPE (the next block's q K^T in flight during the softmax) on windows, and the backward default
+#                after its FMA change, 16K, vs flex
 #   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
 #                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps, dq by float32 atomics
 #                from the dk/dv kernel (ATOMIC_DQ: 5 products per tile instead of 7)), 16K, vs flex
@@ -142,7 +143,7 @@ for s in $SECTIONS; do
     gdn-sweep) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/gdn" --check none --no-decode --no-torch \
               --profile-ops gdn --profile-shape 8x2048 --sweep-ops gdn --sweep-only ${GDN_ONLY:-h32w8,h64w8,h32w4,main-split,p64w8,inv-dbl,prep-split,b32w8} --ops sdpa \
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
-    fwd-lazy) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 7 \
+    fwd-lazy) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 7 \
               --patterns ${LAZY_PATTERNS:-causal,sw1024,sw4096,sinks+sw1024} --out "$OUT" --quick > "$OUT/fwd_lazy_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;

@@ -197,6 +197,15 @@ def attention_cases():
             out.append((f"attn fwd {name} {bm}x{bn} p{pack}{' lazy' if lazy else ''}", mod.attn_fwd,
                         dict(base, BLOCK_M=bm, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=merge,
                              KD=None, VD=None, WS=False, LAZY=lazy), 8, 3, _ATTN_TYPES))
+    # PIPE: the merged loop with each step's next scores issued before its softmax (one more score tile in
+    # registers: the window's PACK 4 tile at 64 and at 32 keys, PACK 2, and the unpacked 64 x 64 at 4 warps)
+    mod = ops._module(az.SlidingWindow(1023), 16384, 16384, "cpu", (64, 64))[0]
+    mod32 = ops._module(az.SlidingWindow(1023), 16384, 16384, "cpu", (64, 32))[0]
+    for m, bn, pack, w in ((mod, 64, 4, 8), (mod32, 32, 4, 8), (mod, 64, 2, 8), (mod, 64, 1, 4)):
+        for pipe in (False, True):
+            out.append((f"attn fwd sw1024 64x{bn} p{pack} merge{' pipe' if pipe else ''}", m.attn_fwd,
+                        dict(base, BLOCK_M=64, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=True,
+                             KD=None, VD=None, WS=False, LAZY=False, PIPE=pipe), w, 3, _ATTN_TYPES))
     for bm, bn, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,

@@ -154,6 +154,16 @@ FWD7 = {
     "local lazy 64x128 p2": _cfg(64, 128, 8, 3, 2, IDX=2, MERGE=True, LAZY=True),
     "dense default": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
     "dense lazy": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True, LAZY=True),
+    # PIPE (2026-12-05 s9): the merged loop with each step's next scores issued before its softmax, so the next
+    # q K^T wgmma runs during this step's exp2s (FlashAttention-3's intra-warpgroup overlap; on sm_90 the compiled
+    # loop interleaves them). One more score tile in registers: at the local default's PACK 4 x 64 x 64 it spills
+    # 680 B, so the variants take fewer rows or keys (PACK 2: 193 registers, unpacked at 4 warps: 191, PACK 4 at 32
+    # keys: 72 B of spills)
+    "local pipe p2": _cfg(64, 64, 8, 3, 2, IDX=2, MERGE=True, PIPE=True),
+    "local merge p2": _cfg(64, 64, 8, 3, 2, IDX=2, MERGE=True),
+    "local pipe p1 w4": _cfg(64, 64, 4, 3, 1, IDX=2, MERGE=True, PIPE=True),
+    "local pipe p4 64x32": _cfg(64, 32, 8, 3, 4, IDX=2, MERGE=True, PIPE=True),
+    "local pipe lazy p2": _cfg(64, 64, 8, 3, 2, IDX=2, MERGE=True, PIPE=True, LAZY=True),
 }
 BWD7 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True)}
 BWD = {
@@ -175,7 +185,7 @@ def main():
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
                          "tiles and warps) after the default forward; 7: the forward's LAZY rescaling, and the "
-                         "backward default")
+                         "backward default, and PIPE (the next scores in flight during the softmax)")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")

@@ -58,30 +58,47 @@ FWD = '''
 def _fwd_tile(q, kbase, vbase, offs_n, offs_d, offs_dv, stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale,
               m_i, l_i, acc, MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr,
               KD=None, VD=None, krow=0, TMA: tl.constexpr = False, part=False, LAZY: tl.constexpr = False, n0=0):
-    # one kv block: scores, the pattern's mask on partial blocks, online softmax update (base 2).
-    # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
-    # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
+    # one kv block: scores (_fwd_scores), then the mask and the online softmax update (_fwd_update)
+    s = _fwd_scores(q, kbase, offs_n, offs_d, stride_kn, Lk, D, EVEN, PREC, KD, krow, TMA, n0)
+    return _fwd_update(s, vbase, offs_n, offs_dv, stride_vn, qp, h, AUX, Lk, DV, qk_scale, m_i, l_i, acc, MASK, EVEN,
+                       PREC, FOLD, VD, krow, TMA, part, LAZY, n0)
+
+
+@triton.jit
+def _fwd_scores(q, kbase, offs_n, offs_d, stride_kn, Lk, D, EVEN: tl.constexpr, PREC: tl.constexpr, KD=None, krow=0,
+                TMA: tl.constexpr = False, n0=0):
+    # the raw scores q K^T of one kv block.
     # TMA (EVEN only): K and V come through tensor descriptors over their (B * Hkv * Lk, D) views, row krow.
     # n0: the block's first key position (offs_n = n0 + arange), for the row map
+    if TMA:
+        kt = tl.trans(KD.load([krow, 0]))
+    elif EVEN:
+        kt = tl.load(kbase + _krows(n0, offs_n)[None, :] * stride_kn + offs_d[:, None])
+    else:
+        kt = tl.load(kbase + _krows(n0, offs_n)[None, :] * stride_kn + offs_d[:, None],
+                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+    return tl.dot(q, kt, input_precision=PREC)
+
+
+@triton.jit
+def _fwd_update(s, vbase, offs_n, offs_dv, stride_vn, qp, h, AUX, Lk, DV, qk_scale, m_i, l_i, acc,
+                MASK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr, VD=None, krow=0,
+                TMA: tl.constexpr = False, part=False, LAZY: tl.constexpr = False, n0=0):
+    # one kv block's raw scores s: the pattern's mask on partial blocks, online softmax update (base 2), P V.
+    # FOLD (qk_scale > 0): the scale is applied inside the exponent's argument, one FMA per score,
+    # and to the row maxima (max(s) * c == max(s * c) for c > 0) instead of a multiply per score.
     # MASK: 0 a full block, 1 a partial block, 2 decided at run time by `part` (the merged loop's blocks)
     # LAZY: the running maxima (and the rescale of acc and l) move only when some row's block maximum exceeds
     # its running maximum by more than LAZY_TAU (log2 units): otherwise the probabilities are taken against the
     # stale maxima (each at most 2**LAZY_TAU) and the tile skips the (rows x Dv) multiply of acc -- one
     # block-wide reduction and a branch instead (FlashAttention-4's conditional rescaling)
     if TMA:
-        kt = tl.trans(KD.load([krow, 0]))
         v = VD.load([krow, 0])
     elif EVEN:
-        kr = _krows(n0, offs_n)
-        kt = tl.load(kbase + kr[None, :] * stride_kn + offs_d[:, None])
-        v = tl.load(vbase + kr[:, None] * stride_vn + offs_dv[None, :])
+        v = tl.load(vbase + _krows(n0, offs_n)[:, None] * stride_vn + offs_dv[None, :])
     else:
-        kr = _krows(n0, offs_n)
-        kt = tl.load(kbase + kr[None, :] * stride_kn + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        v = tl.load(vbase + kr[:, None] * stride_vn + offs_dv[None, :],
+        v = tl.load(vbase + _krows(n0, offs_n)[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
-    s = tl.dot(q, kt, input_precision=PREC)
     if not FOLD:
         s = s * qk_scale
     if MASK == 1:
@@ -194,6 +211,43 @@ def _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, 
 
 
 @triton.jit
+def _merged_blk(j, nf, npart, f0, frow, prow, IDX: tl.constexpr):
+    # the kv block of step j of a merged loop: the nf full blocks (first + j under IDX 2), then the partial ones
+    if IDX == 2:
+        bf = f0 + j
+    else:
+        bf = tl.load(frow + j, mask=j < nf, other=0)
+    bp = tl.load(prow + (j - nf), mask=(j >= nf) & (j - nf < npart), other=0)
+    return tl.where(j >= nf, bp, bf)
+
+
+@triton.jit
+def _fwd_blocks_pipe(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv, stride_kn, stride_vn, qp,
+                     h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+                     PREC: tl.constexpr, FOLD: tl.constexpr, IDX: tl.constexpr, KD=None, VD=None, kvrow=0,
+                     TMA: tl.constexpr = False, LAZY: tl.constexpr = False):
+    # PIPE: the merged loop (full blocks, then partial ones) with each step's next scores q K^T issued before
+    # this step's softmax, so the tensor cores work on them while the exp2s run (FlashAttention-3's intra-warpgroup
+    # overlap; the compiled loop interleaves the next block's wgmma with this block's MUFU instructions). One
+    # more score tile lives in registers. The last step recomputes its own block's scores (discarded).
+    n = nf + npart
+    f0 = tl.load(frow, mask=nf > 0, other=0)
+    blk = _merged_blk(0, nf, npart, f0, frow, prow, IDX)
+    s = _fwd_scores(q, kbase, blk * BLOCK_N + offs_n0, offs_d, stride_kn, Lk, D, EVEN, PREC, KD, kvrow + blk * BLOCK_N,
+                    TMA, blk * BLOCK_N)
+    for j in tl.range(0, n):
+        nxt = _merged_blk(tl.minimum(j + 1, n - 1), nf, npart, f0, frow, prow, IDX)
+        s_next = _fwd_scores(q, kbase, nxt * BLOCK_N + offs_n0, offs_d, stride_kn, Lk, D, EVEN, PREC, KD,
+                             kvrow + nxt * BLOCK_N, TMA, nxt * BLOCK_N)
+        m_i, l_i, acc = _fwd_update(s, vbase, blk * BLOCK_N + offs_n0, offs_dv, stride_vn, qp, h, AUX, Lk, DV, qk_scale,
+                                    m_i, l_i, acc, 2, EVEN, PREC, FOLD, VD, kvrow + blk * BLOCK_N, TMA, j >= nf, LAZY,
+                                    blk * BLOCK_N)
+        s = s_next
+        blk = nxt
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -202,7 +256,7 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False,
              IDX: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-             MERGE: tl.constexpr = False, LAZY: tl.constexpr = False):
+             MERGE: tl.constexpr = False, LAZY: tl.constexpr = False, PIPE: tl.constexpr = False):
     # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
     # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
     # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
@@ -228,7 +282,11 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     kvrow = (b * (H // G) + hk) * Lk  # this KV head's first row in the descriptors' 2-D views (TMA)
     frow, nf = FKVI + h * idx_h + pid_m * idx_m, tl.load(FKVN + h * lay_h + pid_m * lay_m)
     prow, npart = KVI + h * idx_h + pid_m * idx_m, tl.load(KVN + h * lay_h + pid_m * lay_m)
-    if MERGE:
+    if PIPE:  # the merged loop, each step's next scores issued before its softmax
+        m_i, l_i, acc = _fwd_blocks_pipe(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv,
+                                         stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc,
+                                         BLOCK_N, EVEN, PREC, FOLD, IDX, KD, VD, kvrow, TMA, LAZY)
+    elif MERGE:
         m_i, l_i, acc = _fwd_blocks_merged(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv,
                                            stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc,
                                            BLOCK_N, EVEN, PREC, FOLD, IDX, KD, VD, kvrow, TMA, LAZY)

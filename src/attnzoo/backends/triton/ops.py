@@ -283,6 +283,8 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
         extra["MERGE"] = True
     if cfg.get("LAZY"):  # rescale acc only when a row's maximum grew by more than kernels' LAZY_TAU
         extra["LAZY"] = True
+    if cfg.get("PIPE"):  # the merged loop with the next block's scores in flight during the softmax
+        extra["PIPE"] = True
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -113,6 +113,9 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
     best = default(kind, d, dv, pclass)
     out = [best, dict(best, LAZY=True), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3),
            _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2), dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=_cfg(64, 64, 4, 3))]
+    if pclass in ("local", "wide", "nbhd"):  # the next scores in flight during the softmax (kernels' PIPE)
+        pipe = dict(IDX=2, MERGE=True, PIPE=True)
+        out.append(dict(_cfg(64, 64, 8, 3), PACK=2, UNPACKED=dict(_cfg(64, 64, 4, 3), **pipe), **pipe))
     if dmax <= 64:
         out.append(_cfg(128, 32, 4, 3))
     return out
