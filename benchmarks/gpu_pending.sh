@@ -54,7 +54,7 @@
 #                the backward's tiles on the in-place order (--bwd --in-place: no TMA there; dq by atomics evaluates
 #                each tile's mask once instead of twice, KT)
 #   nbhd-fwd     issue 3: the neighborhoods' forward on the in-place order: block index a step ahead (IDX 1), MERGE,
-#                LAZY, 2 stages, 2 heads per program (triton_nbhd_variants.py --fwd-next --in-place), 16K, vs flex
+#                LAZY, PIPE, 2 stages, 2 heads per program (triton_nbhd_variants.py --fwd-next --in-place), 16K, vs flex
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)

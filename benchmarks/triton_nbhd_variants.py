@@ -68,6 +68,11 @@ FWD_NEXT = {
     "32x32 p4 w4 s3 IDX1 LAZY": _cfg(32, 32, 4, 3, 4, IDX=1, LAZY=True),
     "32x32 p4 w4 s2 IDX1": _cfg(32, 32, 4, 2, 4, IDX=1),
     "32x32 p2 w4 s3 IDX1": _cfg(32, 32, 4, 3, 2, IDX=1),
+    # PIPE (the next block's scores in flight during the softmax): sm_90 registers / stack in place, 13 x 13:
+    # p4 w4 255 / 88 B, p4 w8 152 / 0, p2 w4 156 / 0 (the default: 252 / 0)
+    "32x32 p4 w8 s3 PIPE": _cfg(32, 32, 8, 3, 4, IDX=1, MERGE=True, PIPE=True),
+    "32x32 p4 w4 s3 PIPE": _cfg(32, 32, 4, 3, 4, IDX=1, MERGE=True, PIPE=True),
+    "32x32 p2 w4 s3 PIPE": _cfg(32, 32, 4, 3, 2, IDX=1, MERGE=True, PIPE=True),
 }
 # --bwd (after the forward round made 32x32 p4 w4 s3 the neighborhoods' default): backward tiles, each run
 # after that forward on its tiling, gradients checked against float64 on two query heads of one group
@@ -116,7 +121,8 @@ def main():
                      "16x16 KT": _cfg(16, 16, 1, 1, KT=True)} if args.bwd else
                     {"16x16 p4 IDX1": _cfg(16, 16, 1, 1, 4, IDX=1),
                      "16x16 p4 IDX1 MERGE": _cfg(16, 16, 1, 1, 4, IDX=1, MERGE=True),
-                     "16x16 p4 LAZY": _cfg(16, 16, 1, 1, 4, LAZY=True)} if args.fwd_next else
+                     "16x16 p4 LAZY": _cfg(16, 16, 1, 1, 4, LAZY=True),
+                     "16x16 p4 PIPE": _cfg(16, 16, 1, 1, 4, IDX=1, MERGE=True, PIPE=True)} if args.fwd_next else
                     {"16x16 p4": _cfg(16, 16, 1, 1, 4), "16x8 p2": _cfg(16, 8, 1, 1, 2), "8x8": _cfg(8, 8, 1, 1)})
         fwd_cfg = _cfg(16, 16, 1, 1, 4)
     scale = d ** -0.5
