@@ -165,7 +165,7 @@ for s in $SECTIONS; do
               > "$OUT/nbhd_orders_log.txt" 2>&1
                  timeout ${NBHD_S:-300} python3 benchmarks/triton_nbhd_variants.py --bwd --in-place --out "$OUT" --quick \
               > "$OUT/nbhd_bwd_in_place_log.txt" 2>&1 ;;
-    nbhd-fwd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --fwd-next --in-place --out "$OUT" --quick \
+    nbhd-fwd) timeout ${NBHD_S:-420} python3 benchmarks/triton_nbhd_variants.py --fwd-next --in-place --out "$OUT" --quick \
               > "$OUT/nbhd_fwd_next_log.txt" 2>&1 ;;
     nbhd) timeout ${NBHD_S:-240} python3 benchmarks/triton_nbhd_variants.py --out "$OUT" --quick > "$OUT/nbhd_log.txt" 2>&1 ;;
     pack3) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 3 --out "$OUT" --quick > "$OUT/pack3_log.txt" 2>&1
