@@ -159,15 +159,18 @@ def test_every_tile_order_through_the_api(order, name, monkeypatch):
     (True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, MERGE=True, KT=True)),  # merged loops, KT
     (True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, ATOMIC_DQ=True, TMA=True)),
     (False, dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1, TMA=True)),            # K / V descriptors
+    (True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=1, num_stages=1, GRID=(8, 12))),         # 96 tokens: ragged blocks
 ])
 def test_in_place_kernels_every_variant(kv, cfg):
     """`InPlaceTiled` straight through the launchers, on the kernels' other paths: blocks that are not the
-    tile with two query heads per program, merged loops, the dk/dv kernel keys by queries, dq by atomics,
-    and with ``kv=False`` K / V in tile order read through tensor descriptors while q / dO rows are mapped
+    tile with two query heads per program, lengths that are not block multiples, merged loops, the dk/dv
+    kernel keys by queries, dq by atomics, and with ``kv=False`` K / V in tile order read through tensor descriptors while q / dO rows are mapped
     (their descriptors are off)."""
     from attnzoo.backends.triton.codegen import InPlaceTiled
 
-    nb = az.Neighborhood((3, 5), dilation=(2, 1), grid=(8, 16))
+    cfg = dict(cfg)
+    nb = az.Neighborhood((3, 5), dilation=(2, 1), grid=cfg.pop("GRID", (8, 16)))
+    n = math.prod(nb.grid)
     tiled = az.TiledNeighborhood(nb, (4, 4))
     perm, _ = tiled.permutation()
     pat = InPlaceTiled(tiled, kv=kv)
@@ -190,7 +193,7 @@ def test_in_place_kernels_every_variant(kv, cfg):
                 dk, dv = (torch.zeros_like(t).index_copy_(2, perm, g) for t, g in ((k, dk), (v, dv)))
             return dq, dk, dv
 
-    _grads_vs_reference(nb, F.apply, (1, 4, 2, 128, 128, 32, 32), seed=11)
+    _grads_vs_reference(nb, F.apply, (1, 4, 2, n, n, 32, 32), seed=11)
 
 
 def test_in_place_pattern_is_its_own_kernel():
