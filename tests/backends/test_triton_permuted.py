@@ -164,8 +164,8 @@ def test_every_tile_order_through_the_api(order, name, monkeypatch):
 def test_in_place_kernels_every_variant(kv, cfg):
     """`InPlaceTiled` straight through the launchers, on the kernels' other paths: blocks that are not the
     tile with two query heads per program, lengths that are not block multiples, merged loops, the dk/dv
-    kernel keys by queries, dq by atomics, and with ``kv=False`` K / V in tile order read through tensor descriptors while q / dO rows are mapped
-    (their descriptors are off)."""
+    kernel keys by queries, dq by atomics, and with ``kv=False`` K / V in tile order read through tensor
+    descriptors while q / dO rows are mapped (their descriptors are off)."""
     from attnzoo.backends.triton.codegen import InPlaceTiled
 
     cfg = dict(cfg)
