@@ -329,7 +329,8 @@ def _by_head(g, subs: list) -> str:
 _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Chunked: _chunked,
          Dilated: _dilated, Strided: _strided, PrefixLM: _prefix, PowerAttention: _power, Document: _document,
          Neighborhood: _neighborhood, TiledNeighborhood: _tiled_neighborhood, InPlaceTiled: _tiled_neighborhood,
-         Union: _union, Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse, RoutedBlocks: _routed}
+         Union: _union, Intersection: _intersection, PerHead: _perhead, BlockSparse: _blocksparse,
+         RoutedBlocks: _routed}
 
 
 def generate(pattern: Pattern, lq: int, lk: int, tile: tuple | None = None):
