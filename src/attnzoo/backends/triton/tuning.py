@@ -109,13 +109,12 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
                 dict(_cfg(128, 64, 8, 2), TMA=True, KT=True, BM_KV=64, BN_KV=128)]
     if dmax > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 8, 2)]
-    # the class's measured default and the same with LAZY rescaling (kernels' LAZY_TAU), then older neighbours
+    # the class's measured default, then older neighbours. LAZY rescaling and PIPE (the next scores during the
+    # softmax) are left out: on the H200 (2026-12-05, triton_pack_variants.py --round 7, 16K) both lost on every
+    # pattern (LAZY 1.08-1.13x slower than the default, PIPE at PACK 2 1.06-1.08x slower than the same tiles merged)
     best = default(kind, d, dv, pclass)
-    out = [best, dict(best, LAZY=True), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3),
+    out = [best, _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3),
            _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2), dict(_cfg(64, 64, 8, 3), PACK=4, UNPACKED=_cfg(64, 64, 4, 3))]
-    if pclass in ("local", "wide", "nbhd"):  # the next scores in flight during the softmax (kernels' PIPE)
-        pipe = dict(IDX=2, MERGE=True, PIPE=True)
-        out.append(dict(_cfg(64, 64, 8, 3), PACK=2, UNPACKED=dict(_cfg(64, 64, 4, 3), **pipe), **pipe))
     if dmax <= 64:
         out.append(_cfg(128, 32, 4, 3))
     return out
