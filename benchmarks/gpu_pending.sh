@@ -47,7 +47,7 @@
 #   bwd-kt       issue 3: the attention backward's tiles (triton_pack_variants.py --round 6: the dk/dv kernel keys by
 #                queries (KT) and on its own tiles / warps, the dq kernel at 128x64 / 8 warps, dq by float32 atomics
 #                from the dk/dv kernel (ATOMIC_DQ: 5 products per tile instead of 7)), 16K, vs flex
-#   nbhd-orders  issue 3: the N-D neighborhoods through attention() (fwd, fwd+bwd, vs flex, 16K) with the tile order run
+#   nbhd-orders  issue 3 (timed in the ninth session, 2026-12-05: in place 3.76-4.42x flex forward): the N-D neighborhoods through attention() (fwd, fwd+bwd, vs flex, 16K) with the tile order run
 #                in place by the kernels' row maps (the new default: no gathers of q / k / v / out, no scatters of
 #                the gradients), with only the query side mapped, and with the old gathers (triton_nbhd_variants.py
 #                --orders; each order's outputs and gradients checked against float64 before it is timed), then
@@ -85,7 +85,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-nbhd-orders nbhd-fwd linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
+SECTIONS=${*:-nbhd-fwd linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
