@@ -162,15 +162,7 @@ def main():
         for name, cfg in variants.items():
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg)
             try:
-                tiling = neighborhood_tiling(p, cfg["BLOCK_M"], device=dev)
-                if tiling is None:
-                    perm = inv = torch.arange(L, device=dev)
-                    tiled = p
-                else:
-                    perm, inv, tiled = tiling
-                    if args.in_place:  # the tensors stay in row-major order, the kernels map the rows
-                        perm = inv = torch.arange(L, device=dev)
-                        tiled = InPlaceTiled(tiled)
+                perm, inv, tiled = _tile_order(p, cfg["BLOCK_M"], L, dev, args.in_place)
                 lay = tiled.block_layout(L, L, cfg["BLOCK_M"], cfg["BLOCK_N"])
                 visited = int(lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum()) * cfg["BLOCK_M"] * cfg["BLOCK_N"]
                 row.update(visit=visited / visible, partial_share=float(lay.kv_num_blocks.sum())
@@ -213,17 +205,24 @@ def _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, with_out):
     return do, (qg, kg, vg), fb_ms, grads, ref, base
 
 
+def _tile_order(p, block, L, dev, in_place):
+    """(perm, inv, kernel pattern) for a kernel block of ``block`` query tokens: the `TiledNeighborhood` over
+    tensors gathered with ``perm`` (back with ``inv``), or with ``in_place`` the `InPlaceTiled` over the tensors in
+    row-major order (identity perm / inv: the kernels map the rows); the pattern itself when nothing tiles."""
+    tiling = neighborhood_tiling(p, block, device=dev)
+    if tiling is None or in_place:
+        ident = torch.arange(L, device=dev)
+        return ident, ident, (p if tiling is None else InPlaceTiled(tiling[2]))
+    return tiling
+
+
 def bwd_variants(pname, p, q, k, v, scale, fl, fwd_cfg, variants, timed, emit, dev, dt, in_place=False):
     """Backward tiles on one neighborhood: flex's fwd+bwd, then each variant after the forward ``fwd_cfg``.
     ``in_place``: the kernels on `InPlaceTiled` over the tensors in row-major order (no gathers), else on the
     `TiledNeighborhood` over tensors gathered into tile order (outside the timing)."""
     L = q.shape[2]
     do, _, fb_ms, _, ref, base = _flex_fwdbwd(pname, p, q, k, v, scale, timed, emit, dev, dt, False)
-    tiling = neighborhood_tiling(p, fwd_cfg["BLOCK_M"], device=dev)
-    perm, inv, tiled = tiling if tiling is not None else (torch.arange(L, device=dev),) * 2 + (p,)
-    if in_place and tiling is not None:
-        perm = inv = torch.arange(L, device=dev)
-        tiled = InPlaceTiled(tiled)
+    perm, inv, tiled = _tile_order(p, fwd_cfg["BLOCK_M"], L, dev, in_place)
     qp, kp, vp, dop = (t.index_select(2, perm).contiguous() for t in (q, k, v, do))
     fwd_ms, _ = timed(lambda: ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=fwd_cfg))
     out, lse = ops.attention_fwd(qp, kp, vp, tiled, scale, cfg=fwd_cfg)
