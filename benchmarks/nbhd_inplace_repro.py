@@ -1,9 +1,10 @@
 """Repro of the in-place dk/dv bug (issue 3, ninth session): on the H200 the dk/dv kernel over mapped rows
 (`InPlaceTiled`) with 32 query rows per step and 64 keys per program gave a wrong dk, while the same tiles on the
 gathered order and in the interpreter were right. `ops.attention_bwd` therefore forces square tiles there
-(`ops.SQUARE_IN_PLACE_KV`); this script turns that off and runs the dk/dv kernel's tiles, stages, warps and
+(`ops.SQUARE_KV`); this script turns that off and runs the dk/dv kernel's tiles, stages, warps and
 options on both orders, each against float64 (protocol rule) with NaN-poisoned outputs, and prints which fail
-and by how much (max abs error of dq / dk / dv over the rule's bound).
+and by how much (max abs error of dq / dk / dv over the rule's bound). ``--guarded``: with the guard on (what
+users run).
 
     PYTHONPATH=src python3 benchmarks/nbhd_inplace_repro.py [--out DIR]
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/nbhd_inplace_repro.py --smoke   # CPU, float32
@@ -58,12 +59,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--guarded", action="store_true", help="keep attention_bwd's guard (square dk/dv tiles, or KT)")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     dt = torch.float32 if args.smoke else torch.bfloat16
     pats = SMOKE if args.smoke else PATTERNS
     variants = VARIANTS[:2] if args.smoke else VARIANTS
-    ops.SQUARE_IN_PLACE_KV = False
+    ops.SQUARE_KV = args.guarded
     rows = []
     for pname, (kernel, grid) in pats.items():
         p = Neighborhood(kernel, grid=grid)
@@ -105,7 +107,8 @@ def main():
                 print(json.dumps(row), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "nbhd_inplace_repro.jsonl"), "w") as f:
+        name = "nbhd_inplace_repro" + ("_guarded" if args.guarded else "") + ".jsonl"
+        with open(os.path.join(args.out, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"\n{'pattern':14s} {'order':9s} {'variant':22s} {'dq/bound':>9s} {'dk/bound':>9s} {'dv/bound':>9s}")
     for r in rows:

@@ -778,8 +778,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     timed on a GPU). inv: how ``_prep`` builds T, "sub"
     (row blocks of BC steps, each block's inverse by BC - 1 dependent single-row steps) or "dbl" (block
     doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots, meant for 16-bit inputs
-    whose prec_t is TF32: with IEEE float32 dots they run on the FMA units and spill; opt-in, not yet timed on
-    a GPU; KDA's ``_prep`` takes it too). prep: "fused" (``_prep`` builds T and then W and U0 in one program
+    whose prec_t is TF32: with IEEE float32 dots they run on the FMA units and spill; the 16-bit GPU default
+    since the H200 run of 2026-12-05; KDA's ``_prep`` takes it too, opt-in there). prep: "fused" (``_prep`` builds T and then W and U0 in one program
     per chunk) or "split" (``_prep`` builds and stores T only, then ``_wu`` forms W and U0 in BN_WU-wide column
     blocks, one program each, warps_wu warps: the inverse's program holds no K/V tiles for the products, and
     the products run (Dk + Dv) / BN_WU times as many programs; KDA takes it too; opt-in, not yet timed on a
@@ -796,8 +796,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     # Gated DeltaNet B=8 T=2048 H=16 D=128): split=False with 64-wide state tiles took the forward from
     # 0.85 to 0.69 ms and the backward from 3.47 to 2.67 ms at the same output error (rel RMSE 0.0042 vs
     # 0.0041 against float64); 32-wide Dv blocks in the backward's main loop: 2.63 -> 2.37 ms (KDA: same).
+    # inv="dbl" (T by block doubling): H200, 2026-12-05 (benchmarks/results/h200-2026-12-05-s10/call1/
+    # gdn_fla_log.txt), the same shape: forward 0.668 -> 0.441 ms, backward 2.202 -> 1.979 ms (the backward
+    # runs _prep again), same error against float64 (linear_check_log.txt)
     return dict(BT=64, BC=16, BV_P=min(64, pv), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(32, pv),
-                warps_p=4, warps_h=4, warps_o=4, warps_b=8, stages=2, prec_t="tf32", split=False)
+                warps_p=4, warps_h=4, warps_o=4, warps_b=8, stages=2, prec_t="tf32", split=False, inv="dbl")
 
 
 def _check_cfg(cfg: dict) -> None:

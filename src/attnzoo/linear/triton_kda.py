@@ -742,7 +742,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     fused kernel (ptxas sm_90, Triton 3.9, arguments marked divisible by 16 as a launch does)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
-        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
+        # T by row-block substitution until block doubling (Gated DeltaNet's default) is timed on KDA
+        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4, inv="sub")
     return cfg
 
 
