@@ -779,7 +779,7 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     (row blocks of BC steps, each block's inverse by BC - 1 dependent single-row steps) or "dbl" (block
     doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots, meant for 16-bit inputs
     whose prec_t is TF32: with IEEE float32 dots they run on the FMA units and spill; the 16-bit GPU default
-    since the H200 run of 2026-12-05; KDA's ``_prep`` takes it too, opt-in there). prep: "fused" (``_prep`` builds T and then W and U0 in one program
+    since the H200 run of 2026-12-05, KDA's too). prep: "fused" (``_prep`` builds T and then W and U0 in one program
     per chunk) or "split" (``_prep`` builds and stores T only, then ``_wu`` forms W and U0 in BN_WU-wide column
     blocks, one program each, warps_wu warps: the inverse's program holds no K/V tiles for the products, and
     the products run (Dk + Dv) / BN_WU times as many programs; KDA takes it too; opt-in, not yet timed on a

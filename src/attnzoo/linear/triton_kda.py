@@ -742,8 +742,10 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     fused kernel (ptxas sm_90, Triton 3.9, arguments marked divisible by 16 as a launch does)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
-        # T by row-block substitution until block doubling (Gated DeltaNet's default) is timed on KDA
-        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4, inv="sub")
+        # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
+        # forward 1.628 -> 1.360 ms, backward 5.011 -> 4.750 (benchmarks/results/h200-2026-12-05-s10/call2/
+        # kda_inv_log.txt)
+        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
     return cfg
 
 
