@@ -234,3 +234,22 @@ def test_in_place_under_torch_compile():
     f = torch.compile(lambda q, k, v: az.attention(q, k, v, nb, backend="triton", return_lse=True),
                       backend="aot_eager", fullgraph=True)
     _grads_vs_reference(nb, f, (1, 2, 1, 128, 128, 32, 32), seed=31)
+
+
+def test_kv_tiles_never_fewer_query_rows_than_keys_on_gpu():
+    """The dk/dv kernel's tiles: on the GPU, fewer query rows per step than keys per program (which raced on
+    the H200) become square tiles, or KT for routed patterns whose two kernels share one tile; KT configs and
+    the interpreter keep what they ask."""
+    from attnzoo.backends.triton.codegen import InPlaceTiled
+
+    tiled = InPlaceTiled(az.neighborhood_tiling(CASES["2d"], 16)[2])
+    routed = az.RoutedBlocks(torch.ones(2, 2, dtype=torch.bool), 32)
+    rect = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, BM_KV=32, BN_KV=64)
+    for pat in (az.SlidingWindow(16), tiled):
+        cfg, bm2, bn2 = ops.kv_tiles(rect, pat, gpu=True)
+        assert (bm2, bn2) == (64, 64) and not cfg.get("KT")
+        assert ops.kv_tiles(rect, pat, gpu=False)[1:] == (32, 64)
+        assert ops.kv_tiles(dict(rect, KT=True), pat, gpu=True)[1:] == (32, 64)
+        assert ops.kv_tiles(dict(rect, BM_KV=64, BN_KV=32), pat, gpu=True)[1:] == (64, 32)
+    cfg, bm2, bn2 = ops.kv_tiles(dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2), routed, gpu=True)
+    assert cfg["KT"] and (bm2, bn2) == (32, 64)

@@ -300,6 +300,22 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
                IDX=idx_mode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
 
 
+def kv_tiles(cfg: dict, pattern, gpu: bool) -> tuple:
+    """(cfg, BM_KV, BN_KV): the dk/dv kernel's tiles, its own (BM_KV query rows per step, BN_KV keys per
+    program) or the dq kernel's. On the GPU it never takes fewer query rows per step than keys per program
+    without KT: on the H200 (2026-12-05, benchmarks/nbhd_inplace_repro.py) 32 x 64 and 16 x 64 (P and dS
+    transposed) gave a wrong dk on scattered rows, now and then (2 to 5 of 12 tile / warps / stages / MERGE
+    variants per run, on the in-place and the gathered order; dv, dq, square tiles, 64 x 32, 32 x 128 and KT
+    right in every run, and all of them in the interpreter): a race the kernel's source does not show. Square
+    tiles instead (BM_KV = BN_KV), or KT where both kernels share one tile (routed patterns)."""
+    bm2, bn2 = cfg.get("BM_KV", cfg["BLOCK_M"]), cfg.get("BN_KV", cfg["BLOCK_N"])
+    if bm2 < bn2 and not cfg.get("KT") and SQUARE_KV and gpu:
+        if _routed(pattern):
+            return dict(cfg, KT=True), bm2, bn2
+        return cfg, bn2, bn2
+    return cfg, bm2, bn2
+
+
 def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dict | None = None,
                   poison: bool = False, split_cap: int | None = None):
     """Gradients (dq, dk, dv) of the loss given dout (and dlse, the lse's gradient, or None).
@@ -318,18 +334,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
                             run=lambda c: attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, cfg=c,
                                                         split_cap=split_cap))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    # the dk/dv kernel's own tiles (BM_KV query rows per step, BN_KV keys per program), else the dq kernel's
-    bm2, bn2 = cfg.get("BM_KV", bm), cfg.get("BN_KV", bn)
-    if bm2 < bn2 and not cfg.get("KT") and SQUARE_KV and q.is_cuda:
-        # On the H200 (2026-12-05, benchmarks/nbhd_inplace_repro.py) the dk/dv kernel with fewer query rows per
-        # step than keys per program (32 x 64, 16 x 64; P and dS transposed) gave a wrong dk on scattered rows,
-        # now and then (2 of 4 warps / stages / MERGE variants per pattern, on the gathered order too; dv,
-        # dq, square tiles, 64 x 32, 32 x 128 and KT right in every run; the interpreter right): a race
-        # the kernel's source does not show. Square tiles instead, or KT where both kernels share one tile.
-        if _routed(pattern):
-            cfg = dict(cfg, KT=True)
-        else:
-            bm2 = bn2
+    cfg, bm2, bn2 = kv_tiles(cfg, pattern, q.is_cuda)
     dev = str(q.device)
     if _routed(pattern):  # one classification for both kernels: the dq kernel's tiles
         bm2, bn2 = bm, bn
