@@ -38,7 +38,8 @@
 #   linear-packed issue 5: packed variable-length input (cu_seqlens), Gated DeltaNet fwd / fwd+bwd on 64 sequences of
 #                64-512 tokens: the padded batches of similar lengths against one call per sequence
 #   gdn-fla      issue 5: gdn-sweep's variants and fla's Gated DeltaNet in one run (carry the fla wheel, PYTHONPATH=/tmp/site;
-#                AUTOTUNE_TGZ=benchmarks/results/h200-2026-12-04-s7/call1/triton_autotune.tgz skips fla's autotuning):
+#                AUTOTUNE_TGZ=benchmarks/results/h200-2026-12-04-s7/call1/triton_autotune.tgz skips fla's autotuning,
+#                but fla ran 2.708 ms with those picks against 2.075 autotuned afresh (tenth session): time fla without it):
 #                each variant's ratio to fla from the same process, so the winner's comparison needs no second call;
 #                GDN_VARIANTS: sweep variants ('+' combines) also timed through autograd in the speed table
 #   fwd-lazy     issue 3: the forward's LAZY rescaling on the local and dense defaults (triton_pack_variants.py --round
@@ -92,7 +93,8 @@ mkdir -p "$OUT"
 # they are packed into $OUT/triton_autotune.tgz at the end. Unpacked into .triton_cache/ and carried to the next
 # run (carry [".whl", ".triton_cache"]), fla's first calls load them instead of autotuning for minutes.
 # AUTOTUNE_TGZ: such a pack committed with an earlier run's results (it travels with the working tree, no carry
-# needed), unpacked here first; fla's autotuner then finds its choices for the same kernels and shapes
+# needed), unpacked here first; fla's autotuner then finds its choices for the same kernels and shapes. For smoke runs
+# only: on 2026-12-05 fla's Gated DeltaNet took 2.708 ms fwd+bwd with the seventh session's picks, 2.075 autotuned
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 mkdir -p "$TRITON_CACHE_DIR"
 if [ -n "${AUTOTUNE_TGZ:-}" ]; then
