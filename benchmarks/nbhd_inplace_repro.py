@@ -19,6 +19,7 @@ import torch
 from attnzoo.backends import reference_attention
 from attnzoo.backends.triton import ops
 from attnzoo.patterns import Neighborhood
+from attnzoo.testing import max_err
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check import dense_math  # noqa: E402
@@ -49,10 +50,12 @@ SMOKE = {"nbhd2d-5x5": ((5, 5), (16, 16))}
 
 
 def _bound(ref, base, dt):
-    """The protocol's bound on max |got - ref| for one tensor: 2x the 16-bit math baseline's error plus a floor."""
-    eps = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[dt]
-    err = (base.double() - ref).abs().max().item() if base is not None else 0.0
-    return 2 * err + eps * max(1.0, ref.abs().max().item())
+    """The protocol's bound on max |got - ref| for one tensor (`attnzoo.testing.check_close`'s rule): twice the
+    16-bit math baseline's max error plus 1e-5; float32 (the interpreter's smoke run) 1e-4 relative to max |ref|.
+    (The tenth session's GPU logs used a looser bound, this one plus 0.8 % of max |ref|.)"""
+    if base is None:
+        return 1e-4 * max(1.0, ref.abs().max().item())
+    return 2 * max_err(base, ref) + 1e-5
 
 
 def main():
