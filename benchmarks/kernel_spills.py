@@ -132,6 +132,9 @@ B16 = dict(SPLIT=False, PREC="tf32")
 CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their variants)
     ("gdn _bwd_main (fused, BV 32)", td._bwd_main, dict(BT=64, BK=128, BV=32, **B16), 8),
     ("gdn _bwd_main (fused, BV 32)", td._bwd_main, dict(BT=64, BK=128, BV=32, **B16), 16),
+    ("gdn _bwd_main_seq (three passes, BV 32)", td._bwd_main_seq, dict(BT=64, BK=128, BV=32, **B16), 8),
+    ("gdn _bwd_main_seq (three passes, BV 64)", td._bwd_main_seq, dict(BT=64, BK=128, BV=64, **B16), 8),
+    ("gdn _bwd_main_seq (three passes, BV 32)", td._bwd_main_seq, dict(BT=64, BK=128, BV=32, **B16), 4),
     ("gdn _bwd_main_k (split, BK 64, BV 32)", td._bwd_main_k, dict(BT=64, BK=64, BV=32, **B16), 8),
     ("gdn _bwd_main_v (split, BK 32, BV 32)", td._bwd_main_v, dict(BT=64, BK=32, BV=32, **B16), 8),
     ("gdn _prep", td._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", **B16), 4),
@@ -152,6 +155,8 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     ("gdn _bwd_dh (BV 32)", td._bwd_dh, dict(BT=64, BK=128, BV=32, HAS_DHT=False, **B16), 8),
     ("gdn _fwd_h (BV 32)", td._fwd_h, dict(BT=64, BK=128, BV=32, HAS_H0=False, **B16), 8),
     ("kda _bwd_main (fused, BV 32)", tk._bwd_main, dict(BT=64, BK=128, BV=32, **B16), 8),
+    ("kda _bwd_main_seq (three passes, BV 32)", tk._bwd_main_seq, dict(BT=64, BK=128, BV=32, **B16), 8),
+    ("kda _bwd_main_seq (three passes, BV 64)", tk._bwd_main_seq, dict(BT=64, BK=128, BV=64, **B16), 8),
     ("kda _bwd_main_k (split, BK 32, BV 32)", tk._bwd_main_k, dict(BT=64, BK=32, BV=32, **B16), 8),
     ("kda _bwd_main_v (split, BV 32)", tk._bwd_main_v, dict(BT=64, BV=32, **B16), 8),
     ("kda _bwd_dh (VEC, BV 16)", td._bwd_dh, dict(BT=64, BK=128, BV=16, HAS_DHT=False, VEC=True, **B16), 4),

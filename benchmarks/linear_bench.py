@@ -68,11 +68,13 @@ GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter=
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
-                      ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl"))]
+                      ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
+                      ("main-seq", dict(main="seq"))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split"); T by block doubling (inv="dbl"); T apart from
 # W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
-                      ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl"))]
+                      ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
+                      ("main-seq", dict(main="seq")), ("main-seq-b64", dict(main="seq", BV_B=64))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 GDN_SPEED_VARIANTS = []  # --gdn-variants: Gated DeltaNet sweep variants ("+"-joined names) timed in the speed table too
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
@@ -463,6 +465,9 @@ def sweep_variants(op: str) -> list:
         variants += [("prep-split", dict(prep="split")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
                      ("prep-split-dbl-n32", dict(prep="split", inv="dbl", BN_WU=32)),
                      ("prep-split-dbl-w8", dict(prep="split", inv="dbl", warps_p=8))]
+    if op in ("gdn", "kda"):  # the main backward in three passes over Dv (no spills in its loops at 8 warps)
+        variants += [(f"main-seq-b{bv}w{w}", dict(main="seq", BV_B=bv, warps_b=w))
+                     for bv, w in ((32, 8), (64, 8), (16, 8), (32, 4), (64, 4))]
     if op == "kda":  # the main backward in two kernels (no register spills at 32 / 32 / 8 / 8, ptxas sm_90)
         for bk, bv, wk, wv in ((32, 32, 8, 8), (64, 32, 8, 8), (32, 16, 8, 4), (64, 16, 8, 8)):
             variants.append((f"main-split-k{bk}b{bv}w{wk}{wv}",

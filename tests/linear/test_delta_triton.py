@@ -90,6 +90,9 @@ CASES = [  # t, dk, dv, init, gate, cfg
     # the main backward in two kernels: Dk blocks of 16 (Dk 48: three shares of dA), then of 32 / 16
     (70, 48, 32, True, "strong", dict(SUB64, main="split", BK_M=16, BK_MV=32, BV_M=16, warps_mk=1, warps_mv=1)),
     (40, 32, 48, False, "paper", dict(SUB32, main="split", BK_M=16, BV_M=16, warps_mk=1, warps_mv=1)),
+    # the main backward in three passes over Dv (main="seq"): Dv 48 in three 16-wide blocks, Dk 48 padded to 64
+    (70, 48, 48, True, "strong", dict(SUB64, main="seq", BV_B=16)),
+    (40, 32, 16, False, None, dict(SUB32, main="seq")),
     # T by block doubling (inv="dbl"): chunks of 16 (one level), 32 and 64 (up to four)
     # (the first also with prep="split": T alone, then W and U0 by _wu in column blocks)
     (40, 16, 32, True, "strong", dict(DELTA_SMALL, BT=16, inv="dbl", prep="split")),
@@ -102,7 +105,7 @@ CASES = [  # t, dk, dv, init, gate, cfg
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
-                              f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}"
+                              f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
                               f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
                               f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
@@ -116,10 +119,12 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
 
 
 @pytest.mark.parametrize("split,main,inv,prep", [(True, "fused", "sub", "fused"), (False, "fused", "sub", "fused"),
-                                                 (False, "split", "sub", "split"), (False, "fused", "dbl", "fused")])
+                                                 (False, "split", "sub", "split"), (False, "fused", "dbl", "fused"),
+                                                 (False, "seq", "dbl", "fused"), (True, "seq", "sub", "fused")])
 def test_float16_protocol_rule(split, main, inv, prep):
     """16-bit operands, chunks of 32; with and without the hi/lo split of the float32 dot operands; the main
-    backward fused or in two kernels; T by row-block substitution or block doubling; W and U0 with T or apart."""
+    backward fused, in two kernels or in three passes (seq); T by row-block substitution or block doubling; W and
+    U0 with T or apart."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "paper", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see

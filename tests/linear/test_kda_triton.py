@@ -83,6 +83,9 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, False, "extreme", dict(SUB32, intra_b="split", BK_I=16, warps_ib=1)),
     # the main backward in two kernels, Dk blocks of 16 (Dk 48: three shares of dA and dbeta)
     (70, 48, 32, True, "strong", dict(SUB64, main="split", BK_M=16, BV_M=16, warps_mk=1, warps_mv=1)),
+    # the main backward in three passes over Dv (main="seq"): Dv 48 in three 16-wide blocks
+    (70, 32, 48, True, "strong", dict(SUB64, main="seq", BV_B=16)),
+    (40, 48, 16, False, "extreme", dict(SUB32, main="seq")),
     # T by block doubling (inv="dbl"): chunks of 32 and 64
     (70, 48, 32, True, "strong", dict(SUB64, inv="dbl")),
     (40, 32, 48, True, "extreme", dict(SUB32, inv="dbl")),
@@ -96,7 +99,7 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
                               f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
                               f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}"
-                              f"{'-mainsplit' if (c[5] or {}).get('main') == 'split' else ''}"
+                              f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
                               f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
                               f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
@@ -110,11 +113,13 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
 
 
 @pytest.mark.parametrize("split,intra_b,main", [(True, "fused", "fused"), (False, "fused", "fused"),
-                                                (False, "split", "split")])
+                                                (False, "split", "split"), (False, "fused", "seq"),
+                                                (True, "fused", "seq")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk or per
-    16-channel block and tile; the main backward and _prep fused or split (prep="split": W, U0 by _wu)."""
+    16-channel block and tile; the main backward fused, split (with prep="split": W, U0 by _wu) or in three
+    passes (seq)."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -124,7 +129,7 @@ def test_float16_protocol_rule(split, intra_b, main):
     base = reference(x, True, scale, dtype=torch.float16)
     got = run_kernels(x, True, scale, dtype=torch.float16,
                       cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1, main=main, BK_M=16,
-                               BV_M=16, warps_mk=1, warps_mv=1, prep=main, BN_WU=16, warps_wu=1))
+                               BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16, warps_wu=1))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"

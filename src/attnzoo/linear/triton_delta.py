@@ -569,6 +569,122 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV, DBE
 
 
 @triton.jit
+def _bwd_main_seq(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV, DBETA, DG,
+                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt,
+                  s_xb, s_xh, s_xt, s_yb, s_yh, s_yt,
+                  NH, T, DIMK, DIMV, NT, scale,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _bwd_main's math in three passes over the Dv blocks (cfg main="seq"), each finishing what it can before
+    # the next starts, so fewer of the (BT, BT | Dk) float32 accumulators live at once (no spills in the loops,
+    # against 36 spill instructions per step of the fused loop at 8 warps on sm_90):
+    # 1. dW = -dU S^T and T^T dU -> dv (stored), dA -> dk's and dbeta's triangular-system and R parts;
+    # 2. dP = dO U^T and dO S^T -> dq (stored), dk's P part dS^T Q;
+    # 3. U dS'^T -> dk's state-update part (dk stored), <S, dS'>, dg.
+    # S and U are read twice. Same signature and results as _bwd_main (up to rounding order).
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_k = tl.arange(0, BK)
+    m_t = tc < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    rowoff = (bh * NT * BT + tc)[:, None]
+    kbase = K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :]
+    k = tl.load(kbase, mask=m_tk, other=0.0)
+    gbase = G + bh * NT * BT
+    gc = tl.load(gbase + tc)
+    glast = tl.load(gbase + n * BT + BT - 1)
+    eb = tl.exp(gc)
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    # pass 1: the triangular system A_ij = beta_i D_ij k_i . k_j (j < i) and R = [diag(beta exp(b)) K | diag(beta) V]
+    ttt = tl.trans(tl.load(TT + rowoff * BT + offs_c[None, :]))
+    if not SPLIT:  # rounded once, not in every Dv step
+        ttt = ttt.to(k.dtype)
+    dw = tl.zeros([BT, BK], dtype=tl.float32)    # dL/dW = -dU S^T
+    da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        hs = tl.load(HS + hbase + offs_k[:, None] * DIMV + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                     other=0.0)
+        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), k, SPLIT, PREC)  # T^T dU
+        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
+                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
+        dbeta += tl.sum(drv * v.to(tl.float32), 1)
+        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    drk = _split_dot2(ttt, dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
+    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
+    trk = tl.sum(drk * k.to(tl.float32), 1)
+    dk = drk * (beta * eb)[:, None]
+    dbeta += eb * trk
+    db = beta * eb * trk
+    strict = offs_c[:, None] > offs_c[None, :]
+    sdec = tl.exp(tl.where(strict, gc[:, None] - gc[None, :], float("-inf")))
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    da = tl.where(strict, da, 0.0)
+    dbeta += tl.sum(da * kk * sdec, 1)
+    tl.store(DBETA + bh * T + tc, dbeta, mask=m_t)
+    e = da * sdec * beta[:, None]
+    dk = _split_dot(e, k, dk, SPLIT, PREC)
+    dk = _split_dot(tl.trans(e), k, dk, SPLIT, PREC)
+    m = e * kk
+    db += tl.sum(m, 1) - tl.sum(m, 0)
+    # pass 2: the output o = scale [exp(b) Q S + P U]
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    dp = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dP_ij = do_i . u_j
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T (the state read)
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        hs = tl.load(HS + hbase + offs_k[:, None] * DIMV + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                     other=0.0)
+        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+    dec = tl.exp(tl.where(offs_c[:, None] >= offs_c[None, :], gc[:, None] - gc[None, :], float("-inf")))
+    ds = dp * dec * scale
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) + dqh * (eb * scale)[:, None]
+    xoff = b * s_xb + h * s_xh + tc[:, None] * s_xt + offs_k[None, :]
+    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_tk)
+    db += eb * scale * tl.sum(q.to(tl.float32) * dqh, 1)
+    m = dp * (tl.dot(q, tl.trans(k), input_precision=PREC) * dec * scale)
+    db += tl.sum(m, 1) - tl.sum(m, 0)
+    dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=PREC)
+    # pass 3: the state update S' = exp(b_L) S + sum_j exp(b_L - b_j) k_j^T u_j
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T
+    ip = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)  # <S, dS'>
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        ip += tl.sum(tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1), 0)
+    dks = dkh * tl.exp(glast - gc)[:, None]
+    dk += dks
+    f = tl.sum(k.to(tl.float32) * dks, 1)
+    db += tl.where(offs_c == BT - 1, tl.exp(glast) * ip + tl.sum(f, 0), 0.0) - f
+    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_tk)
+    tl.store(DG + bh * T + tc, tl.cumsum(db, 0, reverse=True), mask=m_t)
+
+
+@triton.jit
 def _state_side(DO, U, DU, HS, DHS, TT, W, DAK, b, h, bh, n, ik, tc, m_t, rowoff, offs_c, offs_k, m_k, k,
                 s_db, s_dh, s_dt, NT, DIMK, DIMV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr):
@@ -810,8 +926,8 @@ def _check_cfg(cfg: dict) -> None:
             raise ValueError(f"{key} must be a power of two >= 16, got {x}")
     if cfg["BC"] > cfg["BT"]:
         raise ValueError(f"the row block BC={cfg['BC']} must not exceed the chunk BT={cfg['BT']}")
-    if cfg.get("main", "fused") not in ("fused", "split"):
-        raise ValueError(f"main must be 'fused' or 'split', got {cfg['main']!r}")
+    if cfg.get("main", "fused") not in ("fused", "split", "seq"):
+        raise ValueError(f"main must be 'fused', 'split' or 'seq', got {cfg['main']!r}")
     if cfg.get("inv", "sub") not in ("sub", "dbl"):
         raise ValueError(f"inv must be 'sub' (row-block substitution) or 'dbl' (block doubling), got {cfg['inv']!r}")
     if cfg.get("prep", "fused") not in ("fused", "split"):
@@ -982,7 +1098,8 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             h, t, dk, dv, nt, nk, float(scale), BT=bt, BK=min(cfg.get("BK_MV", bkm), _pow2(dk)), BV=bvm,
             SPLIT=split, PREC=prec, num_warps=cfg.get("warps_mv", 4), num_stages=cfg["stages"])
         return dq, dk_, dv_, dg, dbeta, ds0
-    _bwd_main[(nt, b * h)](
+    kern = _bwd_main_seq if cfg.get("main", "fused") == "seq" else _bwd_main
+    kern[(nt, b * h)](
         q, k, v, beta, gc, do, tt, w, u0, u, du, hs, dhs, dq, dk_, dv_, dbeta, dg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),

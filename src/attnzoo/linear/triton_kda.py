@@ -402,6 +402,104 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
 
 
 @triton.jit
+def _bwd_main_seq(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB, DAQ, DM, DVV, DBETA,
+                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_yb, s_yh, s_yt,
+                  NH, T, DIMK, DIMV, NT, scale,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _bwd_main's math in three passes over the Dv blocks (cfg main="seq"; as Gated DeltaNet's): 1. dW, T^T dU
+    # -> dv, DM, dbeta and the R part of dk and db; 2. dP, dO S^T -> DAQ, DQP and the read's part of db;
+    # 3. U dS'^T -> the state update's part of dk and db (DKP, DB stored). Same signature and outputs.
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    tc = n * BT + offs_c
+    offs_k = tl.arange(0, BK)
+    m_t = tc < T
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    rowoff = (bh * NT * BT + tc)[:, None]
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
+    goff = rowoff * DIMK + offs_k[None, :]
+    vbase = V + b * s_vb + h * s_vh
+    dbase = DO + b * s_db + h * s_dh
+    hbase = (bh * NT + n) * DIMK * DIMV
+    aoff = rowoff * BT + offs_c[None, :]
+    # pass 1: the triangular system and R = [diag(beta) (K * exp b) | diag(beta) V]
+    ttt = tl.trans(tl.load(TT + aoff))
+    if not SPLIT:  # rounded once, not in every Dv step
+        ttt = ttt.to(k.dtype)
+    da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
+    dw = tl.zeros([BT, BK], dtype=tl.float32)    # -dU S^T
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        m_tv = m_t[:, None] & m_v[None, :]
+        v = tl.load(vbase + tc[:, None] * s_vt + offs_v[None, :], mask=m_tv, other=0.0)
+        u0 = tl.load(U0 + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        hs = tl.load(HS + hbase + offs_k[:, None] * DIMV + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                     other=0.0)
+        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), k, SPLIT, PREC)  # T^T dU
+        tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
+                 (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
+        dbeta += tl.sum(drv * v.to(tl.float32), 1)
+        da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
+    drk = _split_dot2(ttt, dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
+    w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
+    da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
+    dbeta += tl.sum(da * tl.load(AKK + aoff), 1)
+    tl.store(DM + aoff, da * beta[:, None])
+    eb = tl.exp(tl.load(G + goff, mask=m_k[None, :], other=0.0))
+    t = drk * k.to(tl.float32) * eb
+    dk = drk * eb * beta[:, None]
+    tl.store(DBETA + bh * T + tc, dbeta + tl.sum(t, 1), mask=m_t)
+    db = t * beta[:, None]
+    # pass 2: the state read, o += scale (Q * exp b) S, and dP for the intra-chunk kernel
+    dp = tl.zeros([BT, BT], dtype=tl.float32)    # do_i . u_j
+    dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        hs = tl.load(HS + hbase + offs_k[:, None] * DIMV + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                     other=0.0)
+        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
+    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+    eb = tl.exp(tl.load(G + goff, mask=m_k[None, :], other=0.0))
+    dq = dqh * eb * scale
+    tl.store(DQP + goff, dq, mask=m_k[None, :])
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    db += q.to(tl.float32) * dq
+    # pass 3: the state update, S' = Diag(exp b_L) S + (K * exp(b_L - b))^T U
+    dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T
+    ip = tl.zeros([BK], dtype=tl.float32)        # <S, dS'> per key channel (row of the state)
+    for iv in range(0, tl.cdiv(DIMV, BV)):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+        sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
+        hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
+        ip += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
+    gl = tl.load(G + (bh * NT * BT + n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+    dks = dkh * tl.exp(gl[None, :] - tl.load(G + goff, mask=m_k[None, :], other=0.0))
+    dk += dks
+    f = k.to(tl.float32) * dks
+    db += tl.where((offs_c == BT - 1)[:, None], (tl.exp(gl) * ip + tl.sum(f, 0))[None, :], 0.0) - f
+    tl.store(DKP + goff, dk, mask=m_k[None, :])
+    tl.store(DB + goff, db, mask=m_k[None, :])
+
+
+@triton.jit
 def _bwd_main_k(Q, K, BETA, G, DO, TT, W, U, DU, HS, DHS, DQP, DKP, DB, DAK, RP,
                 s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
                 NH, T, DIMK, DIMV, NT, scale,
@@ -928,7 +1026,8 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dv, nt, nk, float(scale), BT=bt, BV=bvm,
             SPLIT=split, PREC=prec, num_warps=cfg.get("warps_mv", 4), num_stages=cfg["stages"])
     else:
-        _bwd_main[(nt, b * h)](
+        kern = _bwd_main_seq if cfg.get("main", "fused") == "seq" else _bwd_main
+        kern[(nt, b * h)](
             q, k, v, beta, gc, do, tt, w, u0, u, du, hs, dhs, akk, dqp, dkp, db, daq, dm, dv_, dbeta,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
