@@ -22,7 +22,8 @@ chunked form, flash-linear-attention's ``chunk_simple_gla`` (when importable) an
    and written (2 x B x H x 128 x 128 x 4) plus the token's q, k, v, o, over the median time; fraction of the
    H100 SXM peak (3.35 TB/s). flash-linear-attention's fused_recurrent_simple_gla with T=1 when importable.
    Then the fused step of GLA (per-channel decay), Gated DeltaNet and KDA (the delta rule in the kernel,
-   ``triton_kernels.step(..., beta=)``) against their PyTorch step and fla's fused recurrent kernels.
+   ``triton_kernels.step(..., beta=)``) against their PyTorch step and fla's fused recurrent kernels; and
+   ``copy-roof``, a plain device copy of the state (read and written once): the bandwidth a step can reach.
 4. Gated DeltaNet (S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t): correctness of the
    Triton kernels (attnzoo.linear.triton_delta) at B=2, H=4, T=1000 against the float64 chunked form, the
    low-precision baseline being the token recurrence evaluated in that dtype (PyTorch has no 16-bit
@@ -1018,6 +1019,9 @@ def decode(b, reps):
                                  nbytes - b * H * 4 + more_v + beta.numel() * 4)
     fns = {name: (fn, nbytes) for name, fn in fns.items()}
     fns.update(extra)
+    # the reachable roof: a plain device copy of the state (its bytes read and written once, as a step does)
+    dst = torch.empty_like(s)
+    fns["copy-roof"] = (lambda: dst.copy_(s), 2 * s.numel() * 4)
     for name, (fn, nb) in fns.items():
         for mode in ("graph", "eager"):
             try:
