@@ -49,7 +49,8 @@ state) is::
 then the chain through A, R, P and the state update to q, k, v, beta and b.
 
 4. ``_bwd_dul`` (grid: chunk, Dv block, batch x head): P^T dO into a float32 buffer (parallel).
-5. ``_bwd_dh`` (grid: Dv block, batch x head) walks the chunks in reverse: completes dU in place, writes
+5. ``_bwd_dh`` (grid: Dv block, batch x head) walks the chunks in reverse: completes dU (in place, or into a
+   16-bit copy when the main backward rounds it to 16 bits anyway), writes
    dS' for every chunk (dot dtype) and d initial_state (float32); d final_state enters at the end.
 6. ``_bwd_main`` (grid: chunk, batch x head; whole Dk, a loop over Dv blocks) everything else: dq, dk, dv,
    dbeta and dg.
@@ -390,12 +391,14 @@ def _bwd_dul(Q, K, G, DO, DU,
 
 
 @triton.jit
-def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
+def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, DUO, KE, QE,
             s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_db, s_dh, s_dt,
             NH, T, DIMK, DIMV, NT, scale,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             HAS_DHT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, VEC: tl.constexpr = False,
             PRE: tl.constexpr = False):
+    # DU: P^T dO (float32, _bwd_dul); the complete dU goes to DUO: DU itself (in place) or, when the main
+    # backward rounds it to 16 bits anyway (SPLIT False), a 16-bit copy (half the bytes it then reads).
     # VEC (KDA): G holds per-channel gates (B*H, NT*BT, DIMK). PRE (with VEC): KE holds k * exp(b_L - b) and
     # QE scale * q * exp(b), (B*H, NT*BT, DIMK) each (triton_kda._gate_rows), read instead of recomputed
     iv = tl.program_id(0)
@@ -447,7 +450,7 @@ def _bwd_dh(Q, K, G, W, DO, DHT, DH0, DHS, DU, KE, QE,
         else:  # a scalar gate per step: the rows of K dS' (BT x BV) scaled, K reaches the dot as loaded
             du += _split_dot_r(k, dstate, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC) * \
                 tl.exp(glast - gc)[:, None]
-        tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
+        tl.store(DUO + rowoff * DIMV + offs_v[None, :], du.to(DUO.dtype.element_ty), mask=m_v[None, :])
         do = tl.load(dbase + tc[:, None] * s_dt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         if PRE:
             qe = tl.load(QE + (bh * NT * BT + tc)[None, :] * DIMK + offs_k[:, None], mask=m_k[:, None], other=0.0)
@@ -996,6 +999,15 @@ def launch_wu(k, v, beta, gc, tt, w, u0, cfg, split, prec, vec: bool):
         num_stages=cfg["stages"])
 
 
+def _du_out(du: torch.Tensor, split: bool, dtype: torch.dtype, poison: bool) -> torch.Tensor:
+    """Where ``_bwd_dh`` writes the complete dU: ``du`` itself (float32, in place) when the main backward splits
+    its operands (``split``), else a new tensor in the 16-bit dot dtype, to which the main backward rounds dU
+    anyway (the same results, half the bytes read)."""
+    if split or dtype == torch.float32:
+        return du
+    return _empty(poison, du.shape, dtype, du.device)
+
+
 def _prepare(q, k, v, g, beta, s0, cfg):
     q, k, v = (_last_unit(x) for x in (q, k, v))
     b, h, t, dk = q.shape
@@ -1067,8 +1079,9 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
     ds0 = _empty(poison, (b, h, dk, dv), torch.float32, q.device)
     bvh = min(cfg["BV_H"], _pow2(dv))
+    du, dul = _du_out(du, split, q.dtype, poison), du
     _bwd_dh[(triton.cdiv(dv, bvh), b * h)](
-        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du, k, q,
+        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, dul, du, k, q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bvh,
         HAS_DHT=dht is not None, SPLIT=split, PREC=prec, num_warps=cfg["warps_h"], num_stages=cfg["stages"])

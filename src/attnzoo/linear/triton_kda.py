@@ -999,8 +999,9 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     bvh = min(cfg["BV_H"], _pow2(dv))
     pre = cfg.get("pre", False)
     ke, qe = _gated_rows(k, q, gc, scale, bt, split, poison) if pre else (k, q)
+    du, dul = _td._du_out(du, split, q.dtype, poison), du
     _td._bwd_dh[(triton.cdiv(dv, bvh), b * h)](
-        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, du, ke, qe,
+        q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, dul, du, ke, qe,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk, BV=bvh,
         HAS_DHT=dht is not None, SPLIT=split, PREC=prec, VEC=True, PRE=pre, num_warps=cfg["warps_h"],
