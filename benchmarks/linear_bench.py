@@ -67,15 +67,15 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4)),
                       ("scores-split", dict(intra_f="split", warps_f=4))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
-KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("pre", dict(pre=True)),
+KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(pre=False)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
                       ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
                       ("main-seq", dict(main="seq"))]
-# Gated DeltaNet's main backward in two kernels (cfg main="split"); T by block doubling (inv="dbl"); T apart from
-# W and U0 (prep="split")
+# Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
+# default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
                       ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
-                      ("main-seq", dict(main="seq")), ("main-seq-b64", dict(main="seq", BV_B=64))]
+                      ("main-fused", dict(main="fused", BV_B=32)), ("main-seq-b32", dict(main="seq", BV_B=32))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 GDN_SPEED_VARIANTS = []  # --gdn-variants: Gated DeltaNet sweep variants ("+"-joined names) timed in the speed table too
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
@@ -452,7 +452,7 @@ def sweep_variants(op: str) -> list:
             variants += [(f"ib-k{bk}w{w}", dict(intra_b="split", BK_I=bk, warps_ib=w))
                          for bk, w in ((32, 2), (16, 1), (16, 2), (32, 4), (64, 4), (64, 2))]
             # the state kernels reading their gate factors from one parallel pass (_gate_rows)
-            variants += [("pre", dict(pre=True)), ("pre-h32", dict(pre=True, BV_H=32))]
+            variants += [("no-pre", dict(pre=False)), ("pre-h32", dict(pre=True, BV_H=32))]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five
@@ -469,6 +469,7 @@ def sweep_variants(op: str) -> list:
     if op in ("gdn", "kda"):  # the main backward in three passes over Dv (no spills in its loops at 8 warps)
         variants += [(f"main-seq-b{bv}w{w}", dict(main="seq", BV_B=bv, warps_b=w))
                      for bv, w in ((32, 8), (64, 8), (16, 8), (32, 4), (64, 4))]
+        variants.append(("main-fused-b32w8", dict(main="fused", BV_B=32, warps_b=8)))
     if op == "kda":  # the main backward in two kernels (no register spills at 32 / 32 / 8 / 8, ptxas sm_90)
         for bk, bv, wk, wv in ((32, 32, 8, 8), (64, 32, 8, 8), (32, 16, 8, 4), (64, 16, 8, 8)):
             variants.append((f"main-split-k{bk}b{bv}w{wk}{wv}",

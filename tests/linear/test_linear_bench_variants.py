@@ -37,3 +37,19 @@ def test_config_override_reaches_the_16_bit_cuda_config_only(lb):
         assert "prep" not in td.config(128, 128, torch.float32, cuda)           # float32 keeps its config
         assert "prep" not in td.config(32, 32, torch.float32, torch.device("cpu"))
     assert td.config(128, 128, torch.bfloat16, cuda) == before                  # restored after the block
+
+
+def test_16_bit_cuda_defaults_are_valid_and_kda_keeps_its_own_main_backward():
+    # Gated DeltaNet's default main backward is the three-pass one; KDA inherits the rest of that config but not
+    # this choice (its fused main backward was faster on the H100) and reads its gate factors from one pass
+    from attnzoo.linear import triton_delta as td
+    from attnzoo.linear import triton_kda as tk
+    cuda = torch.device("cuda")
+    g = td.config(128, 128, torch.bfloat16, cuda)
+    k = tk.config(128, 128, torch.bfloat16, cuda)
+    for cfg in (g, k, td.config(64, 64, torch.float16, cuda), tk.config(64, 32, torch.float16, cuda)):
+        td._check_cfg(cfg)
+    assert (g["main"], g["BV_B"]) == ("seq", 64)
+    assert (k["main"], k["BV_B"], k["pre"]) == ("fused", 32, True)
+    assert td.config(64, 32, torch.bfloat16, cuda)["BV_B"] == 32                # never wider than Dv
+    assert "main" not in td.config(128, 128, torch.float32, cuda)

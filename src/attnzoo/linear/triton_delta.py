@@ -892,9 +892,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     float32 accuracy for the state; False: one rounding to 16 bits, fewer dots). main: "fused" (``_bwd_main``,
     one program per chunk holding five (BT, BT | Dk) float32 accumulators: about 1 KB of register spills
     per thread at the GPU values, ptxas sm_90 with Triton 3.9, arguments marked divisible by 16 as a launch
-    marks them) or "split" (``_bwd_main_k`` per BK_M-channel Dk block, then ``_bwd_main_v`` with Dk blocks of
+    marks them), "split" (``_bwd_main_k`` per BK_M-channel Dk block, then ``_bwd_main_v`` with Dk blocks of
     BK_MV; Dv blocks BV_M; warps_mk / warps_mv warps: no spills at 64 / 32 / 32 and 8 warps; opt-in, not yet
-    timed on a GPU). inv: how ``_prep`` builds T, "sub"
+    timed on a GPU) or "seq" (``_bwd_main_seq``: the same program per chunk in three passes over BV_B-wide Dv
+    blocks, each finishing what it can, so no more than two (BT, BT | Dk) accumulators live at once: no spills
+    in its loops at 8 warps; the 16-bit GPU default for Gated DeltaNet and DeltaNet with BV_B=64, KDA keeps
+    "fused", see its config). inv: how ``_prep`` builds T, "sub"
     (row blocks of BC steps, each block's inverse by BC - 1 dependent single-row steps) or "dbl" (block
     doubling from the whole A, `_tri_inv`: log2(BT) - 1 levels of two (BT, BT) dots, meant for 16-bit inputs
     whose prec_t is TF32: with IEEE float32 dots they run on the FMA units and spill; the 16-bit GPU default
@@ -918,8 +921,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     # inv="dbl" (T by block doubling): H200, 2026-12-05 (benchmarks/results/h200-2026-12-05-s10/call1/
     # gdn_fla_log.txt), the same shape: forward 0.668 -> 0.441 ms, backward 2.202 -> 1.979 ms (the backward
     # runs _prep again), same error against float64 (linear_check_log.txt)
-    return dict(BT=64, BC=16, BV_P=min(64, pv), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(32, pv),
-                warps_p=4, warps_h=4, warps_o=4, warps_b=8, stages=2, prec_t="tf32", split=False, inv="dbl")
+    # main="seq" with 64-wide Dv blocks: H100, 2026-12-05, the same shape, backward 2.145 -> 1.609 ms (32-wide:
+    # 1.773, 16-wide: 1.971; 4 warps: 1.975 / 1.902); fwd+bwd through autograd 2.520 -> 1.978 ms against fla's
+    # 2.270 (benchmarks/results/h100-2026-12-05-s11/call1/gdn_fla_log.txt)
+    return dict(BT=64, BC=16, BV_P=min(64, pv), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(64, pv),
+                warps_p=4, warps_h=4, warps_o=4, warps_b=8, stages=2, prec_t="tf32", split=False, inv="dbl",
+                main="seq")
 
 
 def _check_cfg(cfg: dict) -> None:

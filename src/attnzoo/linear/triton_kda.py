@@ -829,8 +829,8 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     (``_bwd_intra``, one program per sub-chunk over the whole Dk) or "split" (``_bwd_intra_split``: per
     sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
     default is split, 32 channels, 4 warps (H200, H16 D128: backward 5.663 -> 5.018 ms at B=8 T=2048,
-    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (opt-in,
-    not yet timed on a GPU): the sequential state kernels read the gate factors k * exp(b_L - b),
+    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (the
+    16-bit GPU default since the H100 run of 2026-12-05): the sequential state kernels read the gate factors k * exp(b_L - b),
     scale * q * exp(b) from ``_gate_rows`` (one parallel pass) instead of every Dv-block program computing
     them (same bits; ``_bwd_dh`` with per-channel gates took 1.62 ms against Gated DeltaNet's 0.48 at B=2
     T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt). ``main`` (opt-in, not
@@ -843,7 +843,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
         # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
         # forward 1.628 -> 1.360 ms, backward 5.011 -> 4.750 (benchmarks/results/h200-2026-12-05-s10/call2/
         # kda_inv_log.txt)
-        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4)
+        # main="fused" with 32-wide Dv blocks: its three-pass form (Gated DeltaNet's default) lost here, H100
+        # 2026-12-05, B=2 T=8192 H16 D128, backward 5.702 -> 5.92..6.69 ms over BV_B 16/32/64 and 4/8 warps;
+        # pre=True: 5.702 -> 5.119 ms, forward 1.754 -> 1.669 (benchmarks/results/h100-2026-12-05-s11/call1/
+        # kda_seq_log.txt)
+        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4, main="fused",
+                   BV_B=min(32, cfg["BV_B"]), pre=True)
     return cfg
 
 
