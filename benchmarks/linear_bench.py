@@ -70,7 +70,8 @@ GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter=
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(pre=False)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
                       ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
-                      ("main-seq", dict(main="seq"))]
+                      ("main-seq", dict(main="seq")), ("unroll4", dict(unroll_i=4, unroll_ib=4)),
+                      ("unroll16", dict(unroll_i=16, unroll_ib=16))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -453,6 +454,9 @@ def sweep_variants(op: str) -> list:
                          for bk, w in ((32, 2), (16, 1), (16, 2), (32, 4), (64, 4), (64, 2))]
             # the state kernels reading their gate factors from one parallel pass (_gate_rows)
             variants += [("no-pre", dict(pre=False)), ("pre-h32", dict(pre=True, BV_H=32))]
+            # the diagonal tiles' step loops unrolled, u steps per iteration: intra backward, forward scores
+            variants += [(f"unroll-ib{u}", dict(unroll_ib=u)) for u in (2, 4, 16)]
+            variants += [(f"unroll-i{u}w{w}", dict(unroll_i=u, warps_i=w)) for u, w in ((2, 2), (4, 2), (4, 4), (16, 4))]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five

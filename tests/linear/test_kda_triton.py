@@ -91,6 +91,11 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, True, "extreme", dict(SUB32, inv="dbl")),
     # T alone, then W and U0 by triton_delta._wu (VEC: per-channel gates) in 16-wide column blocks
     (70, 48, 32, True, "strong", dict(SUB64, prep="split", BN_WU=16, warps_wu=1)),
+    # the diagonal tiles' step loops unrolled (forward scores and intra backward; T 70: a partial last chunk)
+    (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1, unroll_i=4, intra_b="split", BK_I=16,
+                                      warps_ib=1, unroll_ib=2)),
+    (40, 32, 48, False, "extreme", dict(SUB32, intra="split", unroll_i=16, intra_b="split", BK_I=32,
+                                        unroll_ib=16)),
 ]
 
 
@@ -101,7 +106,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}"
                               f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
                               f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
-                              f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}" for c in CASES])
+                              f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
+                              f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -271,3 +277,9 @@ def test_split_intra_equals_fused():
         tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="tiles"))
     with pytest.raises(ValueError, match="bcast"):
         tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, diag="bcast", BKD=16))  # needs intra="split"
+    d = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", warps_i=1, unroll_i=8), keep=True)[2]
+    for x, y in zip(d, b):  # the unrolled diagonal loop: the same sums in the same order
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for u in (3, 32, 0):
+        with pytest.raises(ValueError, match="unroll_i"):
+            tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", unroll_i=u))

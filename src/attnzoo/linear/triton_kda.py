@@ -83,6 +83,15 @@ def _diag_column(qi, ki, gi, kbase, gbase, s_kt, tj, j, offs_i, offs_k, m_k, T, 
 
 
 @triton.jit
+def _diag_acc(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, jj, BT, BC, offs_i, offs_s, offs_k, m_k, T, DIMK):
+    """Adds column jj of the diagonal (BC, BC) tile of sub-chunk p (`_diag_column`) to aq / ak."""
+    j = p * BC + jj
+    cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
+    sel = (offs_s == jj)[None, :]
+    return aq + tl.where(sel, cq[:, None], 0.0), ak + tl.where(sel, ck[:, None], 0.0)
+
+
+@triton.jit
 def _intra(Q, K, G, AQK, AKK,
            s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
            NH, T, DIMK, NT, scale,
@@ -132,7 +141,7 @@ def _intra_split(Q, K, G, AQK, AKK,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                  NH, T, DIMK, NT, scale,
                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                 BKD: tl.constexpr = 0, WITH_KK: tl.constexpr = True):
+                 BKD: tl.constexpr = 0, WITH_KK: tl.constexpr = True, UNROLL: tl.constexpr = 1):
     # _intra by (BC, BC) tiles: the rows of sub-chunk p against each earlier sub-chunk (one dot per tile,
     # referenced to gn = G at p's first row), the diagonal tile by the exact per-step loop, zero tiles after
     # it. grid (chunk x sub-chunk, batch x head); same outputs as _intra (cfg intra="split"). Without WITH_KK
@@ -186,13 +195,11 @@ def _intra_split(Q, K, G, AQK, AKK,
             aq += tl.sum(qd[:, None, :] * kdec, 2)
             ak += tl.sum(kd[:, None, :] * kdec, 2)
         ak = tl.where(offs_s[:, None] > offs_s[None, :], ak, 0.0)  # strictly below the diagonal
-    else:
-        for jj in range(0, BC):  # the diagonal tile, exact, one key step at a time
-            j = p * BC + jj
-            cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
-            sel = (offs_s == jj)[None, :]
-            aq += tl.where(sel, cq[:, None], 0.0)
-            ak += tl.where(sel, ck[:, None], 0.0)
+    else:  # the diagonal tile, exact, one key step at a time, UNROLL steps unrolled per loop iteration
+        for j0 in range(0, BC, UNROLL):
+            for u in tl.static_range(UNROLL):
+                aq, ak = _diag_acc(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, j0 + u, BT, BC, offs_i, offs_s,
+                                   offs_k, m_k, T, DIMK)
     tl.store(AQK + rows + offs_i[None, :], aq * scale)
     if WITH_KK:
         tl.store(AKK + rows + offs_i[None, :], ak)
@@ -654,10 +661,33 @@ def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
 
 
 @triton.jit
+def _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt, gi, n, s, BT, offs_i,
+                   offs_k, m_k, T, DIMK):
+    """Step s of `_bwd_intra_split`'s diagonal tile: exp(G_i - G_s) where i >= s, exp(G_s - G_i) where i < s
+    (one exp per element for both sides, as triton_gla._bwd_diag_steps)."""
+    m_s = m_k & (offs_k * 0 + n * BT + s < T)
+    ks = tl.load(kbase + (n * BT + s) * s_kt + offs_k, mask=m_s, other=0.0).to(tl.float32)
+    qs = tl.load(qbase + (n * BT + s) * s_qt + offs_k, mask=m_s, other=0.0).to(tl.float32)
+    gs = tl.load(gbase + (n * BT + s) * DIMK + offs_k, mask=m_k, other=0.0)
+    x = gi - gs[None, :]
+    lo = (offs_i >= s)[:, None]
+    ex = tl.exp(tl.where(lo, x, -x))
+    el = tl.where(lo, ex, 0.0)
+    eu = tl.where((offs_i <= s)[:, None], ex, 0.0)
+    a_col = tl.load(DAQ + abase + offs_i * BT + s)
+    m_col = tl.load(DM + abase + offs_i * BT + s)
+    a_row = tl.load(DAQ + abase + s * BT + offs_i)
+    m_row = tl.load(DM + abase + s * BT + offs_i)
+    return (dqi + a_col[:, None] * ks[None, :] * el, dkr + m_col[:, None] * ks[None, :] * el,
+            dkp + a_row[:, None] * qs[None, :] * eu, dkc + m_row[:, None] * ks[None, :] * eu)
+
+
+@triton.jit
 def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
                      NH, T, DIMK, NT,
-                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                     UNROLL: tl.constexpr = 1):
     # _bwd_intra by (BC, BC) tiles over one Dk block (cfg intra_b="split"; grid: Dk block, chunk x sub-chunk,
     # batch x head): the rows of sub-chunk p against each earlier sub-chunk (referenced to gn = G at p's first
     # row) and against each later one (referenced to ge = G at p's last row), one dot per tile and matrix
@@ -717,27 +747,12 @@ def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
     e = tl.exp(ge[None, :] - gi)
     dkp = dkp * e
     dkc = dkc * e
-    # the diagonal tile, exact, one step s at a time: exp(G_i - G_s) where i >= s, exp(G_s - G_i) where i < s
-    # (one exp per element for both sides, as triton_gla._bwd_diag_steps)
-    for jj in range(0, BC):
-        s = p * BC + jj
-        m_s = m_k & (offs_k * 0 + n * BT + s < T)
-        ks = tl.load(kbase + (n * BT + s) * s_kt + offs_k, mask=m_s, other=0.0).to(tl.float32)
-        qs = tl.load(qbase + (n * BT + s) * s_qt + offs_k, mask=m_s, other=0.0).to(tl.float32)
-        gs = tl.load(gbase + (n * BT + s) * DIMK + offs_k, mask=m_k, other=0.0)
-        x = gi - gs[None, :]
-        lo = (offs_i >= s)[:, None]
-        ex = tl.exp(tl.where(lo, x, -x))
-        el = tl.where(lo, ex, 0.0)
-        eu = tl.where((offs_i <= s)[:, None], ex, 0.0)
-        a_col = tl.load(DAQ + abase + offs_i * BT + s)
-        m_col = tl.load(DM + abase + offs_i * BT + s)
-        a_row = tl.load(DAQ + abase + s * BT + offs_i)
-        m_row = tl.load(DM + abase + s * BT + offs_i)
-        dqi += a_col[:, None] * ks[None, :] * el
-        dkr += m_col[:, None] * ks[None, :] * el
-        dkp += a_row[:, None] * qs[None, :] * eu
-        dkc += m_row[:, None] * ks[None, :] * eu
+    # the diagonal tile, exact, one step s at a time, UNROLL steps unrolled per loop iteration (so that their
+    # loads, rows of q, k, G and of the two dA tiles, need not wait for the step before)
+    for j0 in range(0, BC, UNROLL):
+        for u in tl.static_range(UNROLL):
+            dqi, dkr, dkp, dkc = _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt,
+                                                gi, n, p * BC + j0 + u, BT, offs_i, offs_k, m_k, T, DIMK)
     poff = (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :]
     dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
     dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
@@ -837,7 +852,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     yet timed): "split" runs ``_bwd_main`` as ``_bwd_main_k`` (per BK_M-channel Dk block: the per-channel
     partials and the block's shares of dA and dbeta) and ``_bwd_main_v`` (dv, dbeta, dP, dA), Dv blocks BV_M,
     warps_mk / warps_mv warps: no register spills at 32 / 32 / 8 / 8 against about 1.2 KB per thread for the
-    fused kernel (ptxas sm_90, Triton 3.9, arguments marked divisible by 16 as a launch does)."""
+    fused kernel (ptxas sm_90, Triton 3.9, arguments marked divisible by 16 as a launch does). ``unroll_i`` /
+    ``unroll_ib`` (split kernels only; 1 by default, a power of two <= BC): the diagonal tile's BC dependent key
+    steps unrolled that many per loop iteration in ``_intra_split`` / ``_bwd_intra_split``, so that the steps'
+    row loads are in flight together (the profile at B=2 T=8192 puts 2.26 of 5.2 ms fwd+bwd in the two kernels;
+    ptxas sm_90: 96 -> 185 registers for the backward fully unrolled, 96 at 2 or 4)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
@@ -865,6 +884,11 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     if cfg.get("BK_I", 16) < 16 or cfg.get("BK_I", 16) & (cfg.get("BK_I", 16) - 1):
         raise ValueError(f"BK_I (channels per intra-backward program) must be a power of two >= 16, "
                          f"got {cfg['BK_I']!r}")
+    for key in ("unroll_i", "unroll_ib"):
+        u = cfg.get(key, 1)
+        if not isinstance(u, int) or u < 1 or u & (u - 1) or u > cfg["BC"]:
+            raise ValueError(f"{key} (diagonal steps unrolled per loop iteration) must be a power of two "
+                             f"<= BC={cfg['BC']}, got {u!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
     if cfg.get("diag") == "bcast" and (cfg.get("intra") != "split" or cfg.get("BKD", 0) < 16
@@ -904,7 +928,7 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
             h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
             num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
             num_stages=cfg["stages"], **({"BKD": min(cfg["BKD"], bk)} if split_intra and cfg.get("diag") == "bcast"
-                                         else {}))
+                                         else {}), **({"UNROLL": cfg["unroll_i"]} if split_intra and "unroll_i" in cfg else {}))
     wu = cfg.get("prep", "fused") == "fused"
     tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t or not wu else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
@@ -1047,7 +1071,7 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bki, SPLIT=split, PREC=prec,
-            num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
+            UNROLL=cfg.get("unroll_ib", 1), num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
     else:
         _bwd_intra[(nt, bt // bc, b * h)](
             q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,

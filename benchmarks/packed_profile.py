@@ -1,0 +1,72 @@
+"""Where the time of packed variable-length input goes: Gated DeltaNet through the public op with cu_seqlens
+(the padded batches of similar lengths, `_core.run_sequences`), fwd+bwd under torch.profiler, the same input as
+`linear_bench.py --packed` (64 sequences of 64-512 tokens, H 16, D 128, bf16). Prints the top operators by
+device time and by host time, and the wall time per call against the device time, so that host overhead
+(launches, index building, syncs) and device work (kernels, gathers, scatters) can be told apart.
+
+    PYTHONPATH=src python3 benchmarks/packed_profile.py [--seqs 64] [--reps 5] [--out FILE]
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqs", type=int, default=64)
+    ap.add_argument("--lo", type=int, default=64)
+    ap.add_argument("--hi", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=18, help="operators listed per table")
+    ap.add_argument("--out", help="also write the tables to this file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("packed_profile.py times the Triton kernels and needs a CUDA device")
+    from attnzoo.linear import gated_delta_rule
+    from attnzoo.linear._core import length_buckets
+    dev, dt, h, d = "cuda", torch.bfloat16, 16, 128
+    gen = torch.Generator().manual_seed(5)
+    lens = torch.randint(args.lo, args.hi + 1, (args.seqs,), generator=gen).tolist()
+    cu = torch.tensor([0] + lens, device=dev).cumsum(0)
+    t = int(cu[-1])
+    q, k, v, do = (torch.randn(1, h, t, d, device=dev, dtype=dt) for _ in range(4))
+    k = F.normalize(k.float(), dim=-1).to(dt)
+    g = F.logsigmoid(torch.randn(1, h, t, device=dev)) / 16
+    beta = torch.sigmoid(torch.randn(1, h, t, device=dev))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+
+    def step():
+        o = gated_delta_rule(*leaves, cu_seqlens=cu, backend="triton")[0]
+        torch.autograd.grad(o, leaves, do)
+
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.reps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.reps * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.reps):
+            step()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    dev_us = sum(e.self_device_time_total for e in ka) / args.reps
+    head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {len(length_buckets(lens))} groups; "
+            f"wall {wall:.3f} ms per call, device busy {dev_us / 1e3:.3f} ms per call ({args.reps} calls profiled)")
+    lines = [head, "", "by device time:",
+             ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=50),
+             "by host time:", ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50)]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
