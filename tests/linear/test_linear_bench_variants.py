@@ -50,6 +50,6 @@ def test_16_bit_cuda_defaults_are_valid_and_kda_keeps_its_own_main_backward():
     for cfg in (g, k, td.config(64, 64, torch.float16, cuda), tk.config(64, 32, torch.float16, cuda)):
         td._check_cfg(cfg)
     assert (g["main"], g["BV_B"]) == ("seq", 64)
-    assert (k["main"], k["BV_B"], k["pre"]) == ("fused", 32, True)
+    assert (k["main"], k["BV_B"], k["pre"], k["unroll_i"]) == ("fused", 32, True, 2)
     assert td.config(64, 32, torch.bfloat16, cuda)["BV_B"] == 32                # never wider than Dv
     assert "main" not in td.config(128, 128, torch.float32, cuda)

@@ -866,8 +866,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
         # 2026-12-05, B=2 T=8192 H16 D128, backward 5.702 -> 5.92..6.69 ms over BV_B 16/32/64 and 4/8 warps;
         # pre=True: 5.702 -> 5.119 ms, forward 1.754 -> 1.669 (benchmarks/results/h100-2026-12-05-s11/call1/
         # kda_seq_log.txt)
+        # unroll_i=2 (the forward scores' diagonal steps two per iteration): H100 2026-12-05, B=2 T=8192,
+        # forward 1.668 -> 1.558 ms, backward 5.156 -> 5.018 (benchmarks/results/h100-2026-12-05-s12/call4/
+        # kda_unroll_log.txt). (32-wide state tiles were 1-2 % faster in that sweep, whose cfg skips
+        # fit_state_tiles; through the op at B*H=32 the fitting narrows the tiles to 16 anyway.)
         cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4, main="fused",
-                   BV_B=min(32, cfg["BV_B"]), pre=True)
+                   BV_B=min(32, cfg["BV_B"]), pre=True, unroll_i=2)
     return cfg
 
 
