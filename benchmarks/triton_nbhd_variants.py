@@ -61,7 +61,7 @@ VARIANTS = {
 # --fwd-next (the forward after round 4 made 32x32 p4 w4 s3 the default; the in-place order with --in-place): the
 # block index loaded a step ahead (IDX 1), full and partial blocks in one loop (MERGE), LAZY rescaling, 2 stages
 FWD_NEXT = {
-    "32x32 p4 w4 s3 (default)": _cfg(32, 32, 4, 3, 4),
+    "32x32 p4 w4 s3 (IDX 0)": _cfg(32, 32, 4, 3, 4),  # the default before IDX 1 + MERGE (H100, 2026-12-05)
     "32x32 p4 w4 s3 IDX1": _cfg(32, 32, 4, 3, 4, IDX=1),
     "32x32 p4 w4 s3 IDX1 MERGE": _cfg(32, 32, 4, 3, 4, IDX=1, MERGE=True),
     "32x32 p4 w4 s3 LAZY": _cfg(32, 32, 4, 3, 4, LAZY=True),

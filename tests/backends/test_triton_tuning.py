@@ -50,6 +50,7 @@ def test_defaults_without_search(fresh_cache):
     assert wide["UNPACKED"]["BLOCK_M"] == 64 and not wide["UNPACKED"].get("TMA")
     nbhd = tuning.default("fwd", 128, 128, "nbhd")
     assert (nbhd["BLOCK_M"], nbhd["BLOCK_N"], nbhd["PACK"]) == (32, 32, 4) and nbhd["UNPACKED"]["BLOCK_M"] == 64
+    assert (nbhd["IDX"], nbhd["MERGE"]) == (1, True) and not nbhd["UNPACKED"].get("MERGE")
     assert tuning.default("bwd", 128, 128, "local")["TMA"] and "TMA" not in tuning.default("bwd", 256, 256, "local")
     # float32 calls keep the pointer loads (TMA was measured on 16-bit inputs)
     plain = tuning.without_tma(dense)

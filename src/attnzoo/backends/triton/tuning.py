@@ -81,7 +81,10 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # fewer pairs. H200, 16K, 64/8 heads (benchmarks/triton_nbhd_variants.py): 32x32 with four heads
             # per program 0.834 ms vs 1.072 at 64x64 p4 (13x13), 2.002 vs 2.222 (31x31), 1.310 vs 2.064
             # (5x7x7); unpacked 32x32 loses (1.843 / 5.090 / 2.940), so the unpacked alternative stays 64x64.
-            return dict(_cfg(32, 32, 4, 3), PACK=4, UNPACKED=unpacked)
+            # The next block's index loaded a step ahead (IDX 1) and full and partial blocks in one loop (MERGE),
+            # on the in-place order, H100 2026-12-05 (benchmarks/results/h100-2026-12-05-s12/call3/
+            # nbhd_fwd_next_log.txt): 0.845 -> 0.800 ms (13x13), 2.012 -> 1.883 (31x31), 1.296 -> 1.310 (5x7x7)
+            return dict(_cfg(32, 32, 4, 3), PACK=4, IDX=1, MERGE=True, UNPACKED=unpacked)
         if pclass in ("dense", "wide"):
             # round 4 (H200, 16K, causal): 64x128 tiles with two heads per program and K / V through TMA
             # 8.41 -> 7.66 ms (523 -> 575 TF/s); unpacked, 128x128 with TMA 8.79 -> 7.82 ms. On windows the
