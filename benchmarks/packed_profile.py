@@ -55,7 +55,8 @@ def main():
             step()
         torch.cuda.synchronize()
     ka = prof.key_averages()
-    dev_us = sum(e.self_device_time_total for e in ka) / args.reps
+    # kernels only (an operator's own row repeats its kernels' time)
+    dev_us = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / args.reps
     head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {len(length_buckets(lens))} groups; "
             f"wall {wall:.3f} ms per call, device busy {dev_us / 1e3:.3f} ms per call ({args.reps} calls profiled)")
     lines = [head, "", "by device time:",

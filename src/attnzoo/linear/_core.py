@@ -205,24 +205,50 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
         row += len(bucket) * tm
     parts.append(torch.cat([torch.arange(lens[n]) + start[n] for n in range(len(lens))]))
     parts += [torch.tensor(bucket) for bucket in buckets]
-    sizes = [len(x) for x in parts]
-    pieces = torch.cat(parts).to(dev, non_blocking=True).split(sizes)
-    src, members = pieces[len(buckets)], pieces[len(buckets) + 1:]
-    # each input with one zero step appended at position `total`, where the padding reads (B = 1 dropped); the
-    # gathers are index_select (its backward: index_add, no sort, where indexing with a repeated index would
-    # accumulate through a sort-based index_put: 67 % of the device time of a packed fwd+bwd on the H100)
-    ext = [None if t is None else torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0]
-           for t in tensors]
+    allp = torch.cat(parts).to(dev, non_blocking=True)
+    idx = allp[:row]  # the groups' gathers, one after the other
+    src = allp[row:row + total]
+    members = allp[row + total:].split([len(bucket) for bucket in buckets])
+    # each input with one zero step appended at position `total`, where the padding reads (B = 1 dropped),
+    # gathered for every group at once and split into the groups (`_gather`: its backward writes each row once,
+    # where indexing with a repeated index accumulates through a sort-based index_put, 67 % of the device time
+    # of a packed fwd+bwd on the H100, and index_select's backward adds through atomics)
+    sizes = [nb * tm for nb, tm in shapes]
+    split = [None if t is None else
+             _gather(torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0], idx, total + 1).split(sizes, 1)
+             for t in tensors]
     outs, finals = [], [None] * len(lens)
-    for bucket, idx, (nb, tm), mem in zip(buckets, pieces, shapes, members):
-        o, s = fn(*[None if t is None else t.index_select(1, idx).unflatten(1, (nb, tm)).movedim(1, 0).contiguous()
-                    for t in ext],
+    for gi, (bucket, (nb, tm), mem) in enumerate(zip(buckets, shapes, members)):
+        o, s = fn(*[None if x is None else x[gi].unflatten(1, (nb, tm)).movedim(1, 0).contiguous() for x in split],
                   None if state is None else state.index_select(0, mem.to(state.device)))
         for i, n in enumerate(bucket):
             finals[n] = s[i:i + 1]
         outs.append(o.movedim(0, 1).reshape(o.shape[1], -1, *o.shape[3:]))   # (H, sequences x tm, ...)
-    o = torch.cat(outs, 1).index_select(1, src).unsqueeze(0)
+    o = _gather(torch.cat(outs, 1), src, row).unsqueeze(0)
     return o, torch.cat(finals, 0)
+
+
+class _Gather(torch.autograd.Function):
+    """x.index_select(1, idx) for an idx whose entries are distinct except for rows whose gradient is never
+    used (the zero padding step): the backward writes each gradient row once (index_copy, no atomics, no sort;
+    which duplicate lands on a repeated row is unspecified, and that row is dropped by the caller)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, n):
+        ctx.save_for_backward(idx)
+        ctx.n = n
+        return x.index_select(1, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        out = grad.new_zeros(grad.shape[:1] + (ctx.n,) + grad.shape[2:])
+        return out.index_copy_(1, idx, grad), None, None
+
+
+def _gather(x, idx, n):
+    """See `_Gather` (n: x.shape[1], the rows of the gradient)."""
+    return _Gather.apply(x, idx, n) if torch.is_grad_enabled() and x.requires_grad else x.index_select(1, idx)
 
 
 def length_buckets(lens: list[int], waste: float = 1.25) -> list[list[int]]:
