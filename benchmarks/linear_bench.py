@@ -942,15 +942,20 @@ def packed(reps, nseq=64, lo=64, hi=512):
     g = F.logsigmoid(torch.randn(1, H, t, device=dev)) / 16
     beta = torch.sigmoid(torch.randn(1, H, t, device=dev))
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
-    groups = len(_core.length_buckets(lens))
-    base = dict(kind="packed", op="gdn", sequences=nseq, lengths=f"{lo}-{hi}", tokens=t, groups=groups, H=H, D=D,
-                dtype="bfloat16", **env())
-    orig = _core.run_sequences
+    orig, orig_waste = _core.run_sequences, _core.PACK_WASTE
     rows = []
-    for mode in ("batched", "per-sequence"):
+    # the padded groups at the default waste bound and at looser ones (fewer groups, more padding), then one call
+    # per sequence
+    for mode, waste in (("batched", orig_waste), ("batched-w2", 2.0), ("batched-w8", 8.0), ("per-sequence", None)):
+        buckets = _core.length_buckets(lens, waste) if waste else [[n] for n in range(nseq)]
+        groups, padded = len(buckets), sum(len(b) * max(lens[n] for n in b) for b in buckets)
+        base = dict(kind="packed", op="gdn", sequences=nseq, lengths=f"{lo}-{hi}", tokens=t, groups=groups, H=H,
+                    D=D, dtype="bfloat16", waste=waste, padded_tokens=padded, **env())
+
         def run_seq(*a, batched=True, _mode=mode, **kw):
-            return orig(*a, batched=batched and _mode == "batched", **kw)
+            return orig(*a, batched=batched and _mode != "per-sequence", **kw)
         _core.run_sequences = run_seq
+        _core.PACK_WASTE = waste or orig_waste
         try:
             def fwd():
                 return gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, backend="triton")
@@ -961,10 +966,10 @@ def packed(reps, nseq=64, lo=64, hi=512):
             for direction, fn in (("fwd", fwd), ("fwd+bwd", fb)):
                 r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=3.0)
                 rows.append(_record(base, "gdn-triton-" + mode, direction, r, t))
-                print(f"  packed {nseq} seqs ({t} tokens, {groups} groups) {mode:<13}{direction:<8}"
+                print(f"  packed {nseq} seqs ({t} tokens, {groups} groups, {padded} padded) {mode:<13}{direction:<8}"
                       f"{r['median_ms'] or float('nan'):9.3f} ms", flush=True)
         finally:
-            _core.run_sequences = orig
+            _core.run_sequences, _core.PACK_WASTE = orig, orig_waste
     return rows
 
 

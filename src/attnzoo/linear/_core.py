@@ -188,7 +188,7 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
     lens = [offsets[n + 1] - offsets[n] for n in range(len(offsets) - 1)]
     total = offsets[-1]
     dev = next(t for t in tensors if t is not None).device
-    buckets = length_buckets(lens)
+    buckets = length_buckets(lens, PACK_WASTE)
     # every index the call needs, built on the host in one piece and copied to the device once: per group the
     # packed position of (sequence, step), past a sequence's end the zero step at `total`; then each
     # sequence's rows in the concatenated group outputs; then the groups' sequence numbers (initial states)
@@ -249,6 +249,11 @@ class _Gather(torch.autograd.Function):
 def _gather(x, idx, n):
     """See `_Gather` (n: x.shape[1], the rows of the gradient)."""
     return _Gather.apply(x, idx, n) if torch.is_grad_enabled() and x.requires_grad else x.index_select(1, idx)
+
+
+# How much padding a group of packed sequences may carry (padded tokens / real tokens) in `run_sequences`: each
+# group is one call of the op (its launches and autograd nodes on the host), each padded token costs device time
+PACK_WASTE = 1.25
 
 
 def length_buckets(lens: list[int], waste: float = 1.25) -> list[list[int]]:
