@@ -36,7 +36,8 @@
 #                variants (substrings), by default the state tiles, the split main backward, _prep at 8 warps, T by
 #                doubling and T apart from W / U0 (prep-split)
 #   linear-packed issue 5: packed variable-length input (cu_seqlens), Gated DeltaNet fwd / fwd+bwd on 64 sequences of
-#                64-512 tokens: the padded batches of similar lengths against one call per sequence
+#                64-512 tokens: the padded batches of similar lengths (waste bound 1.25, and 2 / 8: fewer groups,
+#                more padding; the path was host-bound at 1.25 on the H100, 2026-12-05) against one call per sequence
 #   gdn-fla      issue 5: gdn-sweep's variants and fla's Gated DeltaNet in one run (carry the fla wheel, PYTHONPATH=/tmp/site;
 #                AUTOTUNE_TGZ=benchmarks/results/h200-2026-12-04-s7/call1/triton_autotune.tgz skips fla's autotuning,
 #                but fla ran 2.708 ms with those picks against 2.075 autotuned afresh (tenth session): time fla without it):
