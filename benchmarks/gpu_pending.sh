@@ -55,7 +55,7 @@
 #                --orders; each order's outputs and gradients checked against float64 before it is timed), then
 #                the backward's tiles on the in-place order (--bwd --in-place: no TMA there; dq by atomics evaluates
 #                each tile's mask once instead of twice, KT)
-#   nbhd-fwd     issue 3: the neighborhoods' forward on the in-place order: block index a step ahead (IDX 1), MERGE,
+#   nbhd-fwd     issue 3 (timed 2026-12-05 on an H100: IDX 1 + MERGE the new default): the neighborhoods' forward on the in-place order: block index a step ahead (IDX 1), MERGE,
 #                LAZY, PIPE, 2 stages, 2 heads per program (triton_nbhd_variants.py --fwd-next --in-place), 16K, vs flex
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
@@ -87,7 +87,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-SECTIONS=${*:-nbhd-fwd linear-check linear-packed gdn-sweep bwd-kt kda-pre delta-bwd gla-fwd linear-decode linear-scale}
+# still owed after the twelfth session (2026-12-05, H100): the packed waste bounds, GLA vs fla on an H100 (carry the
+# fla wheel for linear-gla), the checks first; nbhd-fwd, kda-pre, linear-scale, linear-decode, gdn-fla ran there
+SECTIONS=${*:-linear-check linear-packed linear-gla}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
