@@ -204,11 +204,14 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
             start[n] = row + i * tm  # sequence n's first row in the concatenated outputs
         row += len(bucket) * tm
     parts.append(torch.cat([torch.arange(lens[n]) + start[n] for n in range(len(lens))]))
-    parts += [torch.tensor(bucket) for bucket in buckets]
+    order = torch.tensor([n for bucket in buckets for n in bucket])  # the sequences, group after group
+    parts += [order, torch.argsort(order)]
     allp = torch.cat(parts).to(dev, non_blocking=True)
     idx = allp[:row]  # the groups' gathers, one after the other
     src = allp[row:row + total]
-    members = allp[row + total:].split([len(bucket) for bucket in buckets])
+    nseq = len(lens)
+    order, back = allp[row + total:row + total + nseq], allp[row + total + nseq:]
+    gsz = [len(bucket) for bucket in buckets]
     # each input with one zero step appended at position `total`, where the padding reads (B = 1 dropped),
     # gathered for every group at once and split into the groups (`_gather`: its backward writes each row once,
     # where indexing with a repeated index accumulates through a sort-based index_put, 67 % of the device time
@@ -217,38 +220,43 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
     split = [None if t is None else
              _gather(torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0], idx, total + 1).split(sizes, 1)
              for t in tensors]
-    outs, finals = [], [None] * len(lens)
-    for gi, (bucket, (nb, tm), mem) in enumerate(zip(buckets, shapes, members)):
+    # the initial states in group order (one gather, split), the final states back in sequence order (one gather)
+    states = [None] * len(buckets) if state is None else _gather(state, order.to(state.device), nseq, 0).split(gsz)
+    outs, finals = [], []
+    for gi, (nb, tm) in enumerate(shapes):
         o, s = fn(*[None if x is None else x[gi].unflatten(1, (nb, tm)).movedim(1, 0).contiguous() for x in split],
-                  None if state is None else state.index_select(0, mem.to(state.device)))
-        for i, n in enumerate(bucket):
-            finals[n] = s[i:i + 1]
+                  states[gi])
+        finals.append(s)
         outs.append(o.movedim(0, 1).reshape(o.shape[1], -1, *o.shape[3:]))   # (H, sequences x tm, ...)
     o = _gather(torch.cat(outs, 1), src, row).unsqueeze(0)
-    return o, torch.cat(finals, 0)
+    s = torch.cat(finals, 0)
+    return o, _gather(s, back.to(s.device), nseq, 0)
 
 
 class _Gather(torch.autograd.Function):
-    """x.index_select(1, idx) for an idx whose entries are distinct except for rows whose gradient is never
+    """x.index_select(dim, idx) for an idx whose entries are distinct except for rows whose gradient is never
     used (the zero padding step): the backward writes each gradient row once (index_copy, no atomics, no sort;
     which duplicate lands on a repeated row is unspecified, and that row is dropped by the caller)."""
 
     @staticmethod
-    def forward(ctx, x, idx, n):
+    def forward(ctx, x, idx, n, dim):
         ctx.save_for_backward(idx)
-        ctx.n = n
-        return x.index_select(1, idx)
+        ctx.n, ctx.dim = n, dim
+        return x.index_select(dim, idx)
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        out = grad.new_zeros(grad.shape[:1] + (ctx.n,) + grad.shape[2:])
-        return out.index_copy_(1, idx, grad), None, None
+        d = ctx.dim
+        out = grad.new_zeros(grad.shape[:d] + (ctx.n,) + grad.shape[d + 1:])
+        return out.index_copy_(d, idx, grad), None, None, None
 
 
-def _gather(x, idx, n):
-    """See `_Gather` (n: x.shape[1], the rows of the gradient)."""
-    return _Gather.apply(x, idx, n) if torch.is_grad_enabled() and x.requires_grad else x.index_select(1, idx)
+def _gather(x, idx, n, dim=1):
+    """See `_Gather` (n: x.shape[dim], the rows of the gradient)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Gather.apply(x, idx, n, dim)
+    return x.index_select(dim, idx)
 
 
 # How much padding a group of packed sequences may carry (padded tokens / real tokens) in `run_sequences`: each
