@@ -927,20 +927,30 @@ def graphed(fn):
     return gr.replay
 
 
+def packed_inputs(nseq, lo, hi, dev, h=None, d=None):
+    """``nseq`` sequence lengths uniform in [lo, hi] (seed 5), their cu_seqlens and packed Gated DeltaNet inputs
+    (B = 1, bf16 q / k / v / dO, keys L2-normalised, float32 gates logsigmoid / 16 and beta):
+    -> (lens, cu_seqlens, (q, k, v, g, beta), dO)."""
+    h, d, dt = h or H, d or D, torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    lens = torch.randint(lo, hi + 1, (nseq,), generator=gen).tolist()
+    cu = torch.tensor([0] + lens, device=dev).cumsum(0)
+    t = int(cu[-1])
+    q, k, v, do = (torch.randn(1, h, t, d, device=dev, dtype=dt) for _ in range(4))
+    k = F.normalize(k.float(), dim=-1).to(dt)
+    g = F.logsigmoid(torch.randn(1, h, t, device=dev)) / 16
+    beta = torch.sigmoid(torch.randn(1, h, t, device=dev))
+    return lens, cu, (q, k, v, g, beta), do
+
+
 def packed(reps, nseq=64, lo=64, hi=512):
     """Packed variable-length input (cu_seqlens, B = 1): ``nseq`` sequences of uniform random lengths in [lo, hi],
     Gated DeltaNet on the Triton kernels, fwd and fwd+bwd through the public op: the padded batches of similar
     lengths (`_core.run_sequences`, the default) against one call per sequence (batched=False), same inputs."""
     from attnzoo.linear import _core, gated_delta_rule
-    dev, dt = DEV, torch.bfloat16
-    gen = torch.Generator().manual_seed(5)
-    lens = torch.randint(lo, hi + 1, (nseq,), generator=gen).tolist()
-    cu = torch.tensor([0] + lens, device=dev).cumsum(0)
+    dev = DEV
+    lens, cu, (q, k, v, g, beta), do = packed_inputs(nseq, lo, hi, dev)
     t = int(cu[-1])
-    q, k, v, do = (torch.randn(1, H, t, D, device=dev, dtype=dt) for _ in range(4))
-    k = F.normalize(k.float(), dim=-1).to(dt)
-    g = F.logsigmoid(torch.randn(1, H, t, device=dev)) / 16
-    beta = torch.sigmoid(torch.randn(1, H, t, device=dev))
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     orig, orig_waste = _core.run_sequences, _core.PACK_WASTE
     rows = []

@@ -7,10 +7,13 @@ device time and by host time, and the wall time per call against the device time
     PYTHONPATH=src python3 benchmarks/packed_profile.py [--seqs 64] [--reps 5] [--out FILE]
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -25,17 +28,11 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("packed_profile.py times the Triton kernels and needs a CUDA device")
     from attnzoo.linear import gated_delta_rule
-    from attnzoo.linear._core import length_buckets
-    dev, dt, h, d = "cuda", torch.bfloat16, 16, 128
-    gen = torch.Generator().manual_seed(5)
-    lens = torch.randint(args.lo, args.hi + 1, (args.seqs,), generator=gen).tolist()
-    cu = torch.tensor([0] + lens, device=dev).cumsum(0)
+    from attnzoo.linear._core import PACK_WASTE, length_buckets
+    from linear_bench import packed_inputs  # the inputs of linear_bench.py --packed
+    lens, cu, inputs, do = packed_inputs(args.seqs, args.lo, args.hi, "cuda")
     t = int(cu[-1])
-    q, k, v, do = (torch.randn(1, h, t, d, device=dev, dtype=dt) for _ in range(4))
-    k = F.normalize(k.float(), dim=-1).to(dt)
-    g = F.logsigmoid(torch.randn(1, h, t, device=dev)) / 16
-    beta = torch.sigmoid(torch.randn(1, h, t, device=dev))
-    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    leaves = [x.detach().requires_grad_() for x in inputs]
 
     def step():
         o = gated_delta_rule(*leaves, cu_seqlens=cu, backend="triton")[0]
@@ -57,7 +54,7 @@ def main():
     ka = prof.key_averages()
     # kernels only (an operator's own row repeats its kernels' time)
     dev_us = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / args.reps
-    head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {len(length_buckets(lens))} groups; "
+    head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {len(length_buckets(lens, PACK_WASTE))} groups; "
             f"wall {wall:.3f} ms per call, device busy {dev_us / 1e3:.3f} ms per call ({args.reps} calls profiled)")
     lines = [head, "", "by device time:",
              ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=50),

@@ -14,9 +14,10 @@ Needs matplotlib (the ``bench`` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from attnzoo.bench.speed import read_jsonl
 
 # the order of the bars and lines; backends not listed follow alphabetically
 ORDER = ("triton", "gla-triton", "gdn-triton", "kda-triton", "fla", "fla-gla", "fla-gdn", "fla-kda", "sdpa-cudnn",
@@ -29,19 +30,12 @@ DECODE_LABELS = {"triton": "linear", "gla-step": "GLA", "gdn-step": "Gated Delta
 
 
 def load(paths: list[str]) -> list[dict]:
+    """The records of every file, in order (lines that do not parse are skipped with a warning)."""
     rows = []
     for path in paths:
         if not os.path.isfile(path):
             raise SystemExit(f"plot_linear.py: no such file: {path}")
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"plot_linear.py: {path}:{i} is not a JSON record ({e.msg})") from None
+        rows += read_jsonl(path)
     return rows
 
 

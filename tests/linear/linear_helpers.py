@@ -1,4 +1,7 @@
 """Inputs and gradient plumbing shared by the linear-family tests."""
+import importlib.util
+import pathlib
+
 import torch
 import torch.nn.functional as F
 
@@ -74,3 +77,12 @@ DELTA_SMALL = dict(BC=16, BV_P=16, BV_H=16, BV_O=16, BV_B=16, warps_p=1, warps_h
 DELTA_SUB32 = dict(DELTA_SMALL, BT=32)
 DELTA_SUB64 = dict(DELTA_SMALL, BT=64)
 DELTA_NAMES = ("q", "k", "v", "g", "beta", "s0")
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,20 +1,14 @@
 """benchmarks/linear_bench.py's named config variants: the sweep's list, '+'-joined combinations for the speed
 table (--gdn-variants), and the override the autograd path then reads (no GPU needed: only the config)."""
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from linear_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def lb():
-    spec = importlib.util.spec_from_file_location("linear_bench", ROOT / "benchmarks" / "linear_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("linear_bench")
 
 
 def test_variants_combine_and_unknown_names_stop(lb):

@@ -1,21 +1,19 @@
 """benchmarks/plot_linear.py: PNGs from linear_bench records (synthetic here), the last record of a shape wins,
-SDPA-only shapes are left out, and bad input stops with a message instead of a traceback."""
-import importlib.util
+SDPA-only shapes are left out, lines that do not parse are skipped with a warning (as every results reader
+here), and bad input stops with a message instead of a traceback."""
 import json
 import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from linear_helpers import load_benchmark
+
 pytest.importorskip("matplotlib")
 
 
 @pytest.fixture(scope="module")
 def pl():
-    spec = importlib.util.spec_from_file_location("plot_linear", ROOT / "benchmarks" / "plot_linear.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("plot_linear")
 
 
 def _speed(b, t, backend, direction, ms, status="ok"):
@@ -49,7 +47,8 @@ def test_bad_input_stops_with_a_message(pl, tmp_path):
         pl.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "speed"}\nnot json\n')
-    with pytest.raises(SystemExit, match="bad.jsonl:2 is not a JSON record"):
+    with pytest.warns(UserWarning, match="bad.jsonl:2: not a JSON record"), \
+            pytest.raises(SystemExit, match="no successful speed or decode records"):
         pl.main([str(bad), "--out", str(tmp_path)])
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps(_speed(1, 8192, "gdn-triton", "fwd", None, status="error")) + "\n")
