@@ -456,7 +456,8 @@ def sweep_variants(op: str) -> list:
             variants += [("no-pre", dict(pre=False)), ("pre-h32", dict(pre=True, BV_H=32))]
             # the diagonal tiles' step loops unrolled, u steps per iteration: intra backward, forward scores
             variants += [(f"unroll-ib{u}", dict(unroll_ib=u)) for u in (2, 4, 16)]
-            variants += [(f"unroll-i{u}w{w}", dict(unroll_i=u, warps_i=w)) for u, w in ((2, 2), (4, 2), (4, 4), (16, 4))]
+            variants += [(f"unroll-i{u}w{w}", dict(unroll_i=u, warps_i=w))
+                         for u, w in ((2, 2), (4, 2), (4, 4), (16, 4))]
             variants += [("unroll-i1", dict(unroll_i=1))]  # the default before unroll_i=2
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))

@@ -54,7 +54,8 @@ def main():
     ka = prof.key_averages()
     # kernels only (an operator's own row repeats its kernels' time)
     dev_us = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / args.reps
-    head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {len(length_buckets(lens, PACK_WASTE))} groups; "
+    groups = len(length_buckets(lens, PACK_WASTE))
+    head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {groups} groups; "
             f"wall {wall:.3f} ms per call, device busy {dev_us / 1e3:.3f} ms per call ({args.reps} calls profiled)")
     lines = [head, "", "by device time:",
              ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=50),

@@ -191,7 +191,7 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
     buckets = length_buckets(lens, PACK_WASTE)
     # every index the call needs, built on the host in one piece and copied to the device once: per group the
     # packed position of (sequence, step), past a sequence's end the zero step at `total`; then each
-    # sequence's rows in the concatenated group outputs; then the groups' sequence numbers (initial states)
+    # sequence's rows in the concatenated group outputs; then the sequences in group order, and its inverse
     parts, start, row, shapes = [], {}, 0, []
     for bucket in buckets:
         tm = max(1, max(lens[n] for n in bucket))  # a group of empty sequences runs one zero step
@@ -218,19 +218,19 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
     # of a packed fwd+bwd on the H100, and index_select's backward adds through atomics)
     sizes = [nb * tm for nb, tm in shapes]
     split = [None if t is None else
-             _gather(torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0], idx, total + 1).split(sizes, 1)
+             _gather(torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0], idx).split(sizes, 1)
              for t in tensors]
     # the initial states in group order (one gather, split), the final states back in sequence order (one gather)
-    states = [None] * len(buckets) if state is None else _gather(state, order.to(state.device), nseq, 0).split(gsz)
+    states = [None] * len(buckets) if state is None else _gather(state, order.to(state.device), 0).split(gsz)
     outs, finals = [], []
     for gi, (nb, tm) in enumerate(shapes):
         o, s = fn(*[None if x is None else x[gi].unflatten(1, (nb, tm)).movedim(1, 0).contiguous() for x in split],
                   states[gi])
         finals.append(s)
         outs.append(o.movedim(0, 1).reshape(o.shape[1], -1, *o.shape[3:]))   # (H, sequences x tm, ...)
-    o = _gather(torch.cat(outs, 1), src, row).unsqueeze(0)
+    o = _gather(torch.cat(outs, 1), src).unsqueeze(0)
     s = torch.cat(finals, 0)
-    return o, _gather(s, back.to(s.device), nseq, 0)
+    return o, _gather(s, back.to(s.device), 0)
 
 
 class _Gather(torch.autograd.Function):
@@ -239,9 +239,9 @@ class _Gather(torch.autograd.Function):
     which duplicate lands on a repeated row is unspecified, and that row is dropped by the caller)."""
 
     @staticmethod
-    def forward(ctx, x, idx, n, dim):
+    def forward(ctx, x, idx, dim):
         ctx.save_for_backward(idx)
-        ctx.n, ctx.dim = n, dim
+        ctx.n, ctx.dim = x.shape[dim], dim
         return x.index_select(dim, idx)
 
     @staticmethod
@@ -249,13 +249,13 @@ class _Gather(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         d = ctx.dim
         out = grad.new_zeros(grad.shape[:d] + (ctx.n,) + grad.shape[d + 1:])
-        return out.index_copy_(d, idx, grad), None, None, None
+        return out.index_copy_(d, idx, grad), None, None
 
 
-def _gather(x, idx, n, dim=1):
-    """See `_Gather` (n: x.shape[dim], the rows of the gradient)."""
+def _gather(x, idx, dim=1):
+    """x.index_select(dim, idx), through `_Gather` when a gradient is wanted."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Gather.apply(x, idx, n, dim)
+        return _Gather.apply(x, idx, dim)
     return x.index_select(dim, idx)
 
 

@@ -845,18 +845,20 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
     default is split, 32 channels, 4 warps (H200, H16 D128: backward 5.663 -> 5.018 ms at B=8 T=2048,
     6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (the
-    16-bit GPU default since the H100 run of 2026-12-05): the sequential state kernels read the gate factors k * exp(b_L - b),
-    scale * q * exp(b) from ``_gate_rows`` (one parallel pass) instead of every Dv-block program computing
-    them (same bits; ``_bwd_dh`` with per-channel gates took 1.62 ms against Gated DeltaNet's 0.48 at B=2
-    T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt). ``main`` (opt-in, not
-    yet timed): "split" runs ``_bwd_main`` as ``_bwd_main_k`` (per BK_M-channel Dk block: the per-channel
-    partials and the block's shares of dA and dbeta) and ``_bwd_main_v`` (dv, dbeta, dP, dA), Dv blocks BV_M,
-    warps_mk / warps_mv warps: no register spills at 32 / 32 / 8 / 8 against about 1.2 KB per thread for the
-    fused kernel (ptxas sm_90, Triton 3.9, arguments marked divisible by 16 as a launch does). ``unroll_i`` /
+    16-bit GPU default since the H100 run of 2026-12-05): the sequential state kernels read the gate factors
+    k * exp(b_L - b), scale * q * exp(b) from ``_gate_rows`` (one parallel pass) instead of every Dv-block
+    program computing them (same bits; ``_bwd_dh`` with per-channel gates took 1.62 ms against Gated
+    DeltaNet's 0.48 at B=2 T=8192 H16 D128, benchmarks/results/h200-2026-12-04-s6/call3/linear_sdpa_log.txt).
+    ``main`` (opt-in; "fused" by default, see below): "split" runs ``_bwd_main`` as ``_bwd_main_k`` (per
+    BK_M-channel Dk block: the per-channel partials and the block's shares of dA and dbeta) and
+    ``_bwd_main_v`` (dv, dbeta, dP, dA), Dv blocks BV_M, warps_mk / warps_mv warps: no register spills at 32 /
+    32 / 8 / 8 against about 1.2 KB per thread for the fused kernel (ptxas sm_90, Triton 3.9, arguments marked
+    divisible by 16 as a launch does); "seq" as Gated DeltaNet's, slower here. ``unroll_i`` /
     ``unroll_ib`` (split kernels only; 1 by default, a power of two <= BC): the diagonal tile's BC dependent key
     steps unrolled that many per loop iteration in ``_intra_split`` / ``_bwd_intra_split``, so that the steps'
     row loads are in flight together (the profile at B=2 T=8192 puts 2.26 of 5.2 ms fwd+bwd in the two kernels;
-    ptxas sm_90: 96 -> 185 registers for the backward fully unrolled, 96 at 2 or 4)."""
+    ptxas sm_90: 96 -> 185 registers for the backward fully unrolled, 96 at 2 or 4). H100, B=2 T=8192: unroll_i=2
+    (the 16-bit GPU default) forward 1.668 -> 1.558 ms; unroll_ib gains < 1 % at 2 / 4 and loses 22 % at 16."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
@@ -932,7 +934,8 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
             h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
             num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
             num_stages=cfg["stages"], **({"BKD": min(cfg["BKD"], bk)} if split_intra and cfg.get("diag") == "bcast"
-                                         else {}), **({"UNROLL": cfg["unroll_i"]} if split_intra and "unroll_i" in cfg else {}))
+                                         else {}),
+            **({"UNROLL": cfg["unroll_i"]} if split_intra and "unroll_i" in cfg else {}))
     wu = cfg.get("prep", "fused") == "fused"
     tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t or not wu else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
