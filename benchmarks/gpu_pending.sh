@@ -57,6 +57,9 @@
 #                each tile's mask once instead of twice, KT)
 #   nbhd-fwd     issue 3 (timed 2026-12-05 on an H100: IDX 1 + MERGE the new default): the neighborhoods' forward on the in-place order: block index a step ahead (IDX 1), MERGE,
 #                LAZY, PIPE, 2 stages, 2 heads per program (triton_nbhd_variants.py --fwd-next --in-place), 16K, vs flex
+#   kda-chunk    issue 5: KDA's intra backward per chunk and channel block (intra_b="chunk", all sub-chunks in one
+#                (BT, BK) tile; no spills at 32 channels / 8 warps, ptxas sm_90): GPU checks, the sweep at 2x8192
+#                against the split default (1.57 ms of KDA's 5.2 there), every op vs SDPA at 2x8192 (no fla needed)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -87,9 +90,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twelfth session (2026-12-05, H100): the packed waste bounds, GLA vs fla on an H100 (carry the
-# fla wheel for linear-gla), the checks first; nbhd-fwd, kda-pre, linear-scale, linear-decode, gdn-fla ran there
-SECTIONS=${*:-linear-check linear-packed linear-gla}
+# still owed after the twelfth session (2026-12-05, H100): KDA's per-chunk intra backward (with the GPU checks), the
+# packed waste bounds, GLA vs fla on an H100 (carry the fla wheel for linear-gla); nbhd-fwd, kda-pre, linear-scale,
+# linear-decode, gdn-fla ran there
+SECTIONS=${*:-kda-chunk linear-packed linear-gla}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -152,6 +156,9 @@ for s in $SECTIONS; do
               --patterns ${LAZY_PATTERNS:-causal,sw1024,sw4096,sinks+sw1024} --out "$OUT" --quick > "$OUT/fwd_lazy_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;
+    kda-chunk) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdachunk" --check quick --no-decode \
+              --no-torch --sweep-ops kda --sweep-only ib-chunk --sweep-shape 2x8192 --profile-ops kda \
+              --profile-shape 2x8192 --ops kda,gdn,sdpa --shapes 2x8192 > "$OUT/kda_chunk_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -91,6 +91,11 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, True, "extreme", dict(SUB32, inv="dbl")),
     # T alone, then W and U0 by triton_delta._wu (VEC: per-channel gates) in 16-wide column blocks
     (70, 48, 32, True, "strong", dict(SUB64, prep="split", BN_WU=16, warps_wu=1)),
+    # the intra backward per chunk and 16-channel block, every sub-chunk at once (Dk 48: three blocks; T 70 and
+    # 40: partial last chunks; chunks of 64 and 32, i.e. four and two sub-chunks)
+    (70, 48, 32, True, "strong", dict(SUB64, intra_b="chunk", BK_I=16, warps_ib=1)),
+    (40, 32, 48, False, "extreme", dict(SUB32, intra_b="chunk", BK_I=32, warps_ib=1)),
+    (100, 32, 16, True, "extreme", dict(SUB64, intra="split", warps_i=1, intra_b="chunk", BK_I=16, warps_ib=1)),
     # the diagonal tiles' step loops unrolled (forward scores and intra backward; T 70: a partial last chunk)
     (70, 48, 32, True, "strong", dict(SUB64, intra="split", warps_i=1, unroll_i=4, intra_b="split", BK_I=16,
                                       warps_ib=1, unroll_ib=2)),
@@ -103,7 +108,7 @@ CASES = [  # t, dk, dv, init, gate, cfg
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
                               f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
                               f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
-                              f"{'-ibsplit' if (c[5] or {}).get('intra_b') == 'split' else ''}"
+                              f"{'-ib' + (c[5] or {}).get('intra_b', '') if (c[5] or {}).get('intra_b') else ''}"
                               f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
                               f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
                               f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
@@ -119,13 +124,14 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
 
 
 @pytest.mark.parametrize("split,intra_b,main", [(True, "fused", "fused"), (False, "fused", "fused"),
+                                                (False, "chunk", "fused"), (True, "chunk", "fused"),
                                                 (False, "split", "split"), (False, "fused", "seq"),
                                                 (True, "fused", "seq")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
-    operands (the GPU default is without); the intra backward in one program per sub-chunk or per
-    16-channel block and tile; the main backward fused, split (with prep="split": W, U0 by _wu) or in three
-    passes (seq)."""
+    operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and
+    16-channel block (split) or per chunk and 16-channel block (chunk); the main backward fused, split (with
+    prep="split": W, U0 by _wu) or in three passes (seq)."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -283,3 +289,18 @@ def test_split_intra_equals_fused():
     for u in (3, 32, 0):
         with pytest.raises(ValueError, match="unroll_i"):
             tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", unroll_i=u))
+
+
+def test_chunk_intra_backward_equals_split():
+    """intra_b="chunk" (one program per chunk and channel block) gives the gradients of intra_b="split" up to
+    float32 rounding (the same sums, grouped at other reference rows), strong gates, a partial last chunk."""
+    x = make(70, 32, 16, "extreme", seed=21)
+    grads = {}
+    for ib in ("split", "chunk"):
+        got = run_kernels(x, True, 32 ** -0.5, cfg=dict(SUB64, intra_b=ib, BK_I=16, warps_ib=1))
+        grads[ib] = got
+    for n in grads["split"]:
+        torch.testing.assert_close(grads["chunk"][n], grads["split"][n], rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="intra_b must be"):
+        run_kernels(x, True, 32 ** -0.5, cfg=dict(SUB64, intra_b="tiles"))
+

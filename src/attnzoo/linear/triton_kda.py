@@ -585,6 +585,19 @@ def _bwd_main_v(V, BETA, DO, TT, U0, U, DU, AKK, DAK, RP, DAQ, DM, DVV, DBETA,
 
 
 @triton.jit
+def _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, poff, xoff, m_k, m_out, q, k, dqi, dkr, dkp, dkc):
+    """The intra backward kernels' end: dq = DQP + dqi, dk = DKP + dkp + dkr + dkc (written in DQ's / DKK's
+    dtype where m_out), DB += q dqi + k (dkr - dkp - dkc) in place (float32 partials at poff)."""
+    dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
+    dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
+    db = tl.load(DB + poff, mask=m_k[None, :], other=0.0) + q.to(tl.float32) * dqi \
+        + k.to(tl.float32) * (dkr - dkp - dkc)
+    tl.store(DB + poff, db, mask=m_k[None, :])
+    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_out)
+    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
 def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
                s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
                NH, T, DIMK, NT,
@@ -650,14 +663,9 @@ def _bwd_intra(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
         m_row = tl.load(DM + abase + s * BT + offs_i)
         dkp += a_row[:, None] * qs[None, :] * dc
         dkc += m_row[:, None] * ks[None, :] * dc
-    poff = (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :]
-    dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
-    dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
-    db = tl.load(DB + poff, mask=m_k[None, :], other=0.0) + qi * dqi + ki * (dkr - dkp - dkc)
-    tl.store(DB + poff, db, mask=m_k[None, :])
-    xoff = b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :]
-    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_ik)
-    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_ik)
+    _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :],
+                      b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :], m_k, m_ik, qi, ki, dqi, dkr, dkp,
+                      dkc)
 
 
 @triton.jit
@@ -669,7 +677,15 @@ def _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt
     ks = tl.load(kbase + (n * BT + s) * s_kt + offs_k, mask=m_s, other=0.0).to(tl.float32)
     qs = tl.load(qbase + (n * BT + s) * s_qt + offs_k, mask=m_s, other=0.0).to(tl.float32)
     gs = tl.load(gbase + (n * BT + s) * DIMK + offs_k, mask=m_k, other=0.0)
-    x = gi - gs[None, :]
+    return _diag_update(dqi, dkr, dkp, dkc, ks[None, :], qs[None, :], gs[None, :], gi, DAQ, DM, abase, offs_i, s,
+                        BT)
+
+
+@triton.jit
+def _diag_update(dqi, dkr, dkp, dkc, ks, qs, gs, gi, DAQ, DM, abase, offs_i, s, BT):
+    """One diagonal step of the intra backward for rows offs_i against step rows s (a scalar, or one per row):
+    ks, qs, gs the step rows' k, q, G ((1, BK) or one row per row), gi the rows' G."""
+    x = gi - gs
     lo = (offs_i >= s)[:, None]
     ex = tl.exp(tl.where(lo, x, -x))
     el = tl.where(lo, ex, 0.0)
@@ -678,8 +694,8 @@ def _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt
     m_col = tl.load(DM + abase + offs_i * BT + s)
     a_row = tl.load(DAQ + abase + s * BT + offs_i)
     m_row = tl.load(DM + abase + s * BT + offs_i)
-    return (dqi + a_col[:, None] * ks[None, :] * el, dkr + m_col[:, None] * ks[None, :] * el,
-            dkp + a_row[:, None] * qs[None, :] * eu, dkc + m_row[:, None] * ks[None, :] * eu)
+    return (dqi + a_col[:, None] * ks * el, dkr + m_col[:, None] * ks * el,
+            dkp + a_row[:, None] * qs * eu, dkc + m_row[:, None] * ks * eu)
 
 
 @triton.jit
@@ -753,15 +769,85 @@ def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
         for u in tl.static_range(UNROLL):
             dqi, dkr, dkp, dkc = _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt,
                                                 gi, n, p * BC + j0 + u, BT, offs_i, offs_k, m_k, T, DIMK)
-    poff = (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :]
-    dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
-    dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
-    db = tl.load(DB + poff, mask=m_k[None, :], other=0.0) + qi.to(tl.float32) * dqi \
-        + ki.to(tl.float32) * (dkr - dkp - dkc)
-    tl.store(DB + poff, db, mask=m_k[None, :])
-    xoff = b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :]
-    tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_ik)
-    tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_ik)
+    _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :],
+                      b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :], m_k, m_ik, qi, ki, dqi, dkr, dkp,
+                      dkc)
+
+
+@triton.jit
+def _bwd_intra_chunk(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
+                     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
+                     NH, T, DIMK, NT,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _bwd_intra_split's sums with one program per chunk and BK-channel block (cfg intra_b="chunk"; grid: Dk
+    # block, chunk, batch x head): the whole chunk's BT rows at once, (BT, BK) tiles instead of (BC, BK) ones.
+    # Across sub-chunks the gate factor exp(G_i - G_j) splits at a row between them: for keys of sub-chunk c
+    # (row side) at c's last row e, exp(G_i - G_e) * exp(G_e - G_j); for queries / keys of sub-chunk p (column
+    # side) at p's first row r, exp(G_i - G_r) * exp(G_r - G_j); every exponent <= 0. The diagonal tiles run
+    # their BC steps for all sub-chunks together: step jj reads, for each row, the row jj of its own sub-chunk.
+    ik = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_s = tl.arange(0, BC)
+    tc = n * BT + offs_c
+    m_t = tc < T
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_k = offs_k < DIMK
+    m_tk = m_t[:, None] & m_k[None, :]
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    abase = (bh * NT * BT + n * BT) * BT
+    q = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    g = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    sub = offs_c // BC  # each row's sub-chunk
+    dqi = tl.zeros([BT, BK], dtype=tl.float32)
+    dkr = tl.zeros([BT, BK], dtype=tl.float32)
+    dkp = tl.zeros([BT, BK], dtype=tl.float32)
+    dkc = tl.zeros([BT, BK], dtype=tl.float32)
+    for c in range(0, BT // BC - 1):
+        # row side: dq_i, dk_i through P_ij and M_ij for the keys j of sub-chunk c and the rows i after it
+        tj = n * BT + c * BC + offs_s
+        kj = tl.load(kbase + tj[:, None] * s_kt + offs_k[None, :], mask=(tj < T)[:, None] & m_k[None, :], other=0.0)
+        gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        ge = tl.load(gbase + (n * BT + c * BC + BC - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+        kg = kj.to(tl.float32) * tl.exp(ge[None, :] - gj)
+        fr = tl.exp(tl.where((sub > c)[:, None], g - ge[None, :], float("-inf")))
+        cols = abase + offs_c[:, None] * BT + (c * BC + offs_s)[None, :]           # P[i, j], (BT, BC)
+        zero = tl.zeros([BT, BK], dtype=tl.float32)
+        dqi += _split_dot2(tl.load(DAQ + cols), kg, zero, kj, SPLIT, PREC) * fr
+        dkr += _split_dot2(tl.load(DM + cols), kg, zero, kj, SPLIT, PREC) * fr
+    for p in range(1, BT // BC):
+        # column side: dk_j through P_ij (queries i) and M_ij (keys i) of sub-chunk p, for the keys j before it
+        ti = n * BT + p * BC + offs_s
+        m_ik = (ti < T)[:, None] & m_k[None, :]
+        qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0)
+        ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0)
+        gi = tl.load(gbase + ti[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        gr = tl.load(gbase + (n * BT + p * BC) * DIMK + offs_k, mask=m_k, other=0.0)
+        ei = tl.exp(gi - gr[None, :])
+        fc = tl.exp(tl.where((sub < p)[:, None], gr[None, :] - g, float("-inf")))
+        rows = abase + (p * BC + offs_s)[:, None] * BT + offs_c[None, :]            # P[i, j], (BC, BT)
+        zero = tl.zeros([BT, BK], dtype=tl.float32)
+        dkp += _split_dot2(tl.trans(tl.load(DAQ + rows)), qi.to(tl.float32) * ei, zero, qi, SPLIT, PREC) * fc
+        dkc += _split_dot2(tl.trans(tl.load(DM + rows)), ki.to(tl.float32) * ei, zero, ki, SPLIT, PREC) * fc
+    # the diagonal tiles, exact, every sub-chunk's step jj at once: row i against s = its sub-chunk's row jj,
+    # exp(G_i - G_s) where i >= s, exp(G_s - G_i) where i < s (one exp per element for both sides)
+    for jj in range(0, BC):
+        s = sub * BC + jj
+        ts = n * BT + s
+        m_s = (ts < T)[:, None] & m_k[None, :]
+        ks = tl.load(kbase + ts[:, None] * s_kt + offs_k[None, :], mask=m_s, other=0.0).to(tl.float32)
+        qs = tl.load(qbase + ts[:, None] * s_qt + offs_k[None, :], mask=m_s, other=0.0).to(tl.float32)
+        gs = tl.load(gbase + ts[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        dqi, dkr, dkp, dkc = _diag_update(dqi, dkr, dkp, dkc, ks, qs, gs, g, DAQ, DM, abase, offs_c, s, BT)
+    _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, (bh * NT * BT + tc)[:, None] * DIMK + offs_k[None, :],
+                      b * s_xb + h * s_xh + tc[:, None] * s_xt + offs_k[None, :], m_k, m_tk, q, k, dqi, dkr, dkp,
+                      dkc)
 
 
 @triton.jit
@@ -844,7 +930,10 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     (``_bwd_intra``, one program per sub-chunk over the whole Dk) or "split" (``_bwd_intra_split``: per
     sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
     default is split, 32 channels, 4 warps (H200, H16 D128: backward 5.663 -> 5.018 ms at B=8 T=2048,
-    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt). ``pre`` (the
+    6.520 -> 5.862 at B=2 T=8192; benchmarks/results/h200-2026-12-04-s6/call2/kda_ib_log.txt), or "chunk"
+    (``_bwd_intra_chunk``: per chunk and BK_I-channel block, all sub-chunks at once in (BT, BK_I) tiles, four
+    times the work per program; no spills at 32 / 8 warps, 138 registers, ptxas sm_90; opt-in, not yet timed on
+    a GPU). ``pre`` (the
     16-bit GPU default since the H100 run of 2026-12-05): the sequential state kernels read the gate factors
     k * exp(b_L - b), scale * q * exp(b) from ``_gate_rows`` (one parallel pass) instead of every Dv-block
     program computing them (same bits; ``_bwd_dh`` with per-channel gates took 1.62 ms against Gated
@@ -885,8 +974,8 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     _td._check_cfg(cfg)
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
-    if cfg.get("intra_b", "fused") not in ("fused", "split"):
-        raise ValueError(f"intra_b must be 'fused' or 'split', got {cfg['intra_b']!r}")
+    if cfg.get("intra_b", "fused") not in ("fused", "split", "chunk"):
+        raise ValueError(f"intra_b must be 'fused', 'split' or 'chunk', got {cfg['intra_b']!r}")
     if cfg.get("BK_I", 16) < 16 or cfg.get("BK_I", 16) & (cfg.get("BK_I", 16) - 1):
         raise ValueError(f"BK_I (channels per intra-backward program) must be a power of two >= 16, "
                          f"got {cfg['BK_I']!r}")
@@ -1072,7 +1161,14 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"],
             num_stages=cfg["stages"])
     dq, dk_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k))
-    if cfg.get("intra_b", "fused") == "split":
+    if cfg.get("intra_b", "fused") == "chunk":
+        bki = min(cfg.get("BK_I", 32), bk)
+        _bwd_intra_chunk[(triton.cdiv(dk, bki), nt, b * h)](
+            q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bki, SPLIT=split, PREC=prec,
+            num_warps=cfg.get("warps_ib", 4), num_stages=cfg["stages"])
+    elif cfg.get("intra_b", "fused") == "split":
         bki = min(cfg.get("BK_I", 32), bk)
         _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc), b * h)](
             q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
