@@ -94,6 +94,7 @@ CASES = [  # t, dk, dv, init, gate, cfg
     # the intra backward per chunk and 16-channel block, every sub-chunk at once (Dk 48: three blocks; T 70 and
     # 40: partial last chunks; chunks of 64 and 32, i.e. four and two sub-chunks)
     (70, 48, 32, True, "strong", dict(SUB64, intra_b="chunk", BK_I=16, warps_ib=1)),
+    (70, 48, 32, False, "strong", dict(SUB64, intra_b="chunk", BK_I=32, warps_ib=2)),  # a partial channel block
     (40, 32, 48, False, "extreme", dict(SUB32, intra_b="chunk", BK_I=32, warps_ib=1)),
     (100, 32, 16, True, "extreme", dict(SUB64, intra="split", warps_i=1, intra_b="chunk", BK_I=16, warps_ib=1)),
     # the diagonal tiles' step loops unrolled (forward scores and intra backward; T 70: a partial last chunk)
