@@ -57,9 +57,10 @@
 #                each tile's mask once instead of twice, KT)
 #   nbhd-fwd     issue 3 (timed 2026-12-05 on an H100: IDX 1 + MERGE the new default): the neighborhoods' forward on the in-place order: block index a step ahead (IDX 1), MERGE,
 #                LAZY, PIPE, 2 stages, 2 heads per program (triton_nbhd_variants.py --fwd-next --in-place), 16K, vs flex
-#   kda-chunk    issue 5: KDA's intra backward per chunk and channel block (intra_b="chunk", all sub-chunks in one
-#                (BT, BK) tile; no spills at 32 channels / 8 warps, ptxas sm_90): GPU checks, the sweep at 2x8192
-#                against the split default (1.57 ms of KDA's 5.2 there), every op vs SDPA at 2x8192 (no fla needed)
+#   kda-chunk    issue 5: KDA's intra kernels per chunk (intra_b="chunk": the backward per chunk and channel block,
+#                all sub-chunks in one (BT, BK) tile; intra="chunk": the forward scores per chunk over channel
+#                blocks; no spills at 32 / 8 warps and 64 / 8 warps, ptxas sm_90): GPU checks, the sweep at 2x8192
+#                against the split defaults (1.57 + 0.58 ms of KDA's 5.2 there), every op vs SDPA at 2x8192
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -157,7 +158,7 @@ for s in $SECTIONS; do
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;
     kda-chunk) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdachunk" --check quick --no-decode \
-              --no-torch --sweep-ops kda --sweep-only ib-chunk --sweep-shape 2x8192 --profile-ops kda \
+              --no-torch --sweep-ops kda --sweep-only chunk --sweep-shape 2x8192 --profile-ops kda \
               --profile-shape 2x8192 --ops kda,gdn,sdpa --shapes 2x8192 > "$OUT/kda_chunk_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;

@@ -163,6 +163,8 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     ("kda _bwd_dh (PRE, BV 16)", td._bwd_dh, dict(BT=64, BK=128, BV=16, HAS_DHT=False, VEC=True, PRE=True, **B16), 4),
     ("kda _bwd_intra_split (BK 32)", tk._bwd_intra_split, dict(BT=64, BC=16, BK=32, **B16), 4),
     ("kda _intra_split", tk._intra_split, dict(BT=64, BC=16, BK=128, **B16), 2),
+    *((f"kda _intra_chunk (BK {bk})", tk._intra_chunk, dict(BT=64, BC=16, BK=bk, **B16), w)
+      for bk, w in ((64, 4), (64, 8), (32, 4), (128, 8))),
     *((f"kda _bwd_intra_chunk (BK {bk})", tk._bwd_intra_chunk, dict(BT=64, BC=16, BK=bk, **B16), w)
       for bk, w in ((32, 4), (32, 8), (16, 4), (64, 8))),
     *((f"kda _bwd_intra_split (BK 32) unroll {u}", tk._bwd_intra_split, dict(BT=64, BC=16, BK=32, UNROLL=u, **B16), 4)

@@ -72,7 +72,8 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(
                       ("inv-dbl", dict(inv="dbl")), ("prep-split-dbl", dict(prep="split", inv="dbl")),
                       ("main-seq", dict(main="seq")), ("unroll4", dict(unroll_i=4, unroll_ib=4)),
                       ("unroll16", dict(unroll_i=16, unroll_ib=16)),
-                      ("ib-chunk", dict(intra_b="chunk", BK_I=32, warps_ib=8))]
+                      ("ib-chunk", dict(intra_b="chunk", BK_I=32, warps_ib=8)),
+                      ("chunk", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -463,6 +464,10 @@ def sweep_variants(op: str) -> list:
             # the intra backward per chunk and BK_I-channel block, all sub-chunks at once ((BT, BK) tiles)
             variants += [(f"ib-chunk-k{bk}w{w}", dict(intra_b="chunk", BK_I=bk, warps_ib=w))
                          for bk, w in ((32, 8), (16, 4), (32, 4), (64, 8), (16, 2))]
+            # the forward scores per chunk over BK_F-channel blocks (no spills at 64 / 8 and 32 / 4, ptxas sm_90)
+            variants += [(f"i-chunk-k{bk}w{w}", dict(intra="chunk", BK_F=bk, warps_i=w))
+                         for bk, w in ((64, 8), (32, 4), (32, 8), (16, 4))]
+            variants += [("chunk-both", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8))]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five

@@ -91,6 +91,10 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (40, 32, 48, True, "extreme", dict(SUB32, inv="dbl")),
     # T alone, then W and U0 by triton_delta._wu (VEC: per-channel gates) in 16-wide column blocks
     (70, 48, 32, True, "strong", dict(SUB64, prep="split", BN_WU=16, warps_wu=1)),
+    # the forward scores per chunk over 16-channel blocks (Dk 48: three; 32: two), with either intra backward
+    (70, 48, 32, True, "strong", dict(SUB64, intra="chunk", BK_F=16, warps_i=1)),
+    (40, 32, 48, False, "extreme", dict(SUB32, intra="chunk", BK_F=16, warps_i=1, intra_b="chunk", BK_I=16,
+                                        warps_ib=1)),
     # the intra backward per chunk and 16-channel block, every sub-chunk at once (Dk 48: three blocks; T 70 and
     # 40: partial last chunks; chunks of 64 and 32, i.e. four and two sub-chunks)
     (70, 48, 32, True, "strong", dict(SUB64, intra_b="chunk", BK_I=16, warps_ib=1)),
@@ -107,7 +111,7 @@ CASES = [  # t, dk, dv, init, gate, cfg
 
 @pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
                          ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
-                              f"{'-split' if (c[5] or {}).get('intra') == 'split' else ''}"
+                              f"{'-' + (c[5] or {}).get('intra', '') if (c[5] or {}).get('intra') else ''}"
                               f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
                               f"{'-ib' + (c[5] or {}).get('intra_b', '') if (c[5] or {}).get('intra_b') else ''}"
                               f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
@@ -265,7 +269,8 @@ def test_dispatch_rules(monkeypatch):
 
 
 def test_split_intra_equals_fused():
-    """intra="split" writes the same score blocks as the fused kernel (up to float32 rounding)."""
+    """intra="split" and intra="chunk" write the same score blocks as the fused kernel (up to float32
+    rounding)."""
     gen = torch.Generator().manual_seed(9)
     t = 70
     q, v = (torch.randn(1, 2, t, 32, generator=gen).to(DEV) for _ in range(2))
@@ -284,6 +289,9 @@ def test_split_intra_equals_fused():
         tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="tiles"))
     with pytest.raises(ValueError, match="bcast"):
         tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, diag="bcast", BKD=16))  # needs intra="split"
+    e = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="chunk", BK_F=16, warps_i=1), keep=True)[2]
+    for x, y in zip(e, b):  # per chunk over channel blocks: the same scores up to float32 rounding
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     d = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", warps_i=1, unroll_i=8), keep=True)[2]
     for x, y in zip(d, b):  # the unrolled diagonal loop: the same sums in the same order
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

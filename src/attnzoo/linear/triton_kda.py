@@ -212,6 +212,65 @@ def _intra_split(Q, K, G, AQK, AKK,
 
 
 @triton.jit
+def _intra_chunk(Q, K, G, AQK, AKK,
+                 s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                 NH, T, DIMK, NT, scale,
+                 BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # _intra_split's scores with one program per chunk (cfg intra="chunk"; grid: chunk, batch x head) over
+    # BK-channel blocks: below the diagonal blocks, per key sub-chunk c one (BT, BK) x (BK, BT) product with
+    # the gate factor split at c's last row e (q_i exp(G_i - G_e) for the rows after c, k_j exp(G_e - G_j) for
+    # the keys of c, zero elsewhere); the diagonal blocks' BC exact steps for all sub-chunks together into a
+    # (BT, BC) tile stored at the columns (sub-chunk, step); zeros above the diagonal blocks.
+    n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // NH
+    h = bh % NH
+    offs_c = tl.arange(0, BT)
+    offs_s = tl.arange(0, BC)
+    tc = n * BT + offs_c
+    m_t = tc < T
+    sub = offs_c // BC  # each row's sub-chunk
+    qbase = Q + b * s_qb + h * s_qh
+    kbase = K + b * s_kb + h * s_kh
+    gbase = G + bh * NT * BT * DIMK
+    aq = tl.zeros([BT, BT], dtype=tl.float32)
+    ak = tl.zeros([BT, BT], dtype=tl.float32)
+    dgq = tl.zeros([BT, BC], dtype=tl.float32)  # the diagonal blocks: row i, step jj of its sub-chunk
+    dgk = tl.zeros([BT, BC], dtype=tl.float32)
+    for d0 in range(0, DIMK, BK):
+        offs_k = d0 + tl.arange(0, BK)
+        m_k = offs_k < DIMK
+        m_tk = m_t[:, None] & m_k[None, :]
+        kraw = tl.load(kbase + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+        q = tl.load(qbase + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        k = kraw.to(tl.float32)
+        g = tl.load(gbase + tc[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        for c in range(0, BT // BC - 1):
+            ge = tl.load(gbase + (n * BT + c * BC + BC - 1) * DIMK + offs_k, mask=m_k, other=0.0)
+            f = tl.exp(tl.where((sub > c)[:, None], g - ge[None, :], float("-inf")))
+            kct = tl.trans(k * tl.exp(tl.where((sub == c)[:, None], ge[None, :] - g, float("-inf"))))
+            aq = _split_dot2(q * f, kct, aq, kraw, SPLIT, PREC)
+            ak = _split_dot2(k * f, kct, ak, kraw, SPLIT, PREC)
+        for jj in range(0, BC):
+            s = sub * BC + jj
+            ts = n * BT + s
+            ks = tl.load(kbase + ts[:, None] * s_kt + offs_k[None, :], mask=(ts < T)[:, None] & m_k[None, :],
+                         other=0.0).to(tl.float32)
+            gs = tl.load(gbase + ts[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+            kd = ks * tl.exp(tl.where((offs_c >= s)[:, None], g - gs, float("-inf")))
+            sel = (offs_s == jj)[None, :]
+            dgq += tl.where(sel, tl.sum(q * kd, 1)[:, None], 0.0)
+            dgk += tl.where(sel, tl.where(offs_c > s, tl.sum(k * kd, 1), 0.0)[:, None], 0.0)
+    rows = (bh * NT * BT + tc)[:, None] * BT
+    off_diag = (offs_c[None, :] // BC) != sub[:, None]  # two stores, no element written twice
+    tl.store(AQK + rows + offs_c[None, :], aq * scale, mask=off_diag)
+    tl.store(AKK + rows + offs_c[None, :], ak, mask=off_diag)
+    cols = rows + sub[:, None] * BC + offs_s[None, :]
+    tl.store(AQK + cols, dgq * scale)
+    tl.store(AKK + cols, dgk)
+
+
+@triton.jit
 def _prep(AKK, K, V, BETA, G, TT, W, U0,
           s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
           NH, T, DIMK, DIMV, NT,
@@ -925,7 +984,9 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     earlier sub-chunk, the exact loop on the diagonal tile only, with ``warps_i`` warps; the 16-bit GPU
     default: B=8 T=2048 H16 D128 on the H200, forward 2.07 -> 1.70 ms, backward 6.37 -> 6.01 ms with 2 warps,
     benchmarks/results/h200-2026-12-04-s2/linear_sweep_log.txt). The other GPU values: the Gated DeltaNet
-    sweep (KDA agreed). Opt-in, not yet timed: ``diag="bcast"`` with ``BKD`` (split intra only): the diagonal
+    sweep (KDA agreed). "chunk" (``_intra_chunk``, opt-in, not yet timed on a GPU): one program per chunk over
+    BK_F-channel blocks, warps_i warps, every sub-chunk at once (no spills at 64 / 8 warps, ptxas sm_90).
+    Opt-in, not yet timed: ``diag="bcast"`` with ``BKD`` (split intra only): the diagonal
     tile as (BC, BC, BKD) broadcast products instead of BC dependent key steps. ``intra_b``: "fused"
     (``_bwd_intra``, one program per sub-chunk over the whole Dk) or "split" (``_bwd_intra_split``: per
     sub-chunk and ``BK_I``-channel block, one dot per (BC, BC) tile, ``warps_ib`` warps); the 16-bit GPU
@@ -972,8 +1033,8 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
     cfg = cfg or fit_state_tiles(config(dk, v.shape[-1], q.dtype, q.device), b * h, dict(BV_H=v.shape[-1]),
                                  q.device, floor=16)
     _td._check_cfg(cfg)
-    if cfg.get("intra", "fused") not in ("fused", "split"):
-        raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
+    if cfg.get("intra", "fused") not in ("fused", "split", "chunk"):
+        raise ValueError(f"intra must be 'fused', 'split' or 'chunk', got {cfg['intra']!r}")
     if cfg.get("intra_b", "fused") not in ("fused", "split", "chunk"):
         raise ValueError(f"intra_b must be 'fused', 'split' or 'chunk', got {cfg['intra_b']!r}")
     if cfg.get("BK_I", 16) < 16 or cfg.get("BK_I", 16) & (cfg.get("BK_I", 16) - 1):
@@ -1018,13 +1079,22 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
         akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
         split_intra = cfg.get("intra", "fused") == "split"
         grid = (nt * (bt // bc), b * h) if split_intra else (nt, bt // bc, b * h)
-        (_intra_split if split_intra else _intra)[grid](
-            q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
-            num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
-            num_stages=cfg["stages"], **({"BKD": min(cfg["BKD"], bk)} if split_intra and cfg.get("diag") == "bcast"
-                                         else {}),
-            **({"UNROLL": cfg["unroll_i"]} if split_intra and "unroll_i" in cfg else {}))
+        if cfg.get("intra", "fused") == "chunk":
+            _intra_chunk[(nt, b * h)](
+                q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=min(cfg.get("BK_F", 64), bk), SPLIT=split, PREC=prec,
+                num_warps=cfg.get("warps_i", 4), num_stages=cfg["stages"])
+        else:
+            extra = {}
+            if split_intra and cfg.get("diag") == "bcast":
+                extra["BKD"] = min(cfg["BKD"], bk)
+            if split_intra and "unroll_i" in cfg:
+                extra["UNROLL"] = cfg["unroll_i"]
+            (_intra_split if split_intra else _intra)[grid](
+                q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
+                num_warps=cfg.get("warps_i", cfg["warps_p"]) if split_intra else cfg["warps_p"],
+                num_stages=cfg["stages"], **extra)
     wu = cfg.get("prep", "fused") == "fused"
     tt = _empty(poison, (b * h, nt * bt, bt), f32, k.device) if store_t or not wu else None
     w = _empty(poison, (b * h, nt * bt, dk), hd, k.device)
