@@ -135,8 +135,8 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and
-    16-channel block (split) or per chunk and 16-channel block (chunk); the main backward fused, split (with
-    prep="split": W, U0 by _wu) or in three passes (seq)."""
+    16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
+    the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq)."""
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -146,6 +146,8 @@ def test_float16_protocol_rule(split, intra_b, main):
     base = reference(x, True, scale, dtype=torch.float16)
     got = run_kernels(x, True, scale, dtype=torch.float16,
                       cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1, main=main, BK_M=16,
+                               # the chunk intra backward with the chunk forward scores
+                               intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16, warps_wu=1))
     for n, val in got.items():
         val = val.cpu()
