@@ -956,7 +956,8 @@ def packed_inputs(nseq, lo, hi, dev, h=None, d=None):
 def packed(reps, nseq=64, lo=64, hi=512):
     """Packed variable-length input (cu_seqlens, B = 1): ``nseq`` sequences of uniform random lengths in [lo, hi],
     Gated DeltaNet on the Triton kernels, fwd and fwd+bwd through the public op: the padded batches of similar
-    lengths (`_core.run_sequences`, the default) against one call per sequence (batched=False), same inputs."""
+    lengths (`_core.run_sequences`) at the default waste bound (`_core.PACK_WASTE`) and at 2 and 8 (fewer groups,
+    more padding), against one call per sequence (batched=False), same inputs."""
     from attnzoo.linear import _core, gated_delta_rule
     dev = DEV
     lens, cu, (q, k, v, g, beta), do = packed_inputs(nseq, lo, hi, dev)
