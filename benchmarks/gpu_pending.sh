@@ -35,9 +35,10 @@
 #                (fwd+bwd 2.626 ms vs fla's 1.900 in the seventh 2026-12-04 session; no fla needed); GDN_ONLY: the
 #                variants (substrings), by default the state tiles, the split main backward, _prep at 8 warps, T by
 #                doubling and T apart from W / U0 (prep-split)
-#   linear-packed issue 5: packed variable-length input (cu_seqlens), Gated DeltaNet fwd / fwd+bwd on 64 sequences of
-#                64-512 tokens: the padded batches of similar lengths (waste bound 1.25, and 2 / 8: fewer groups,
-#                more padding; the path was host-bound at 1.25 on the H100, 2026-12-05) against one call per sequence
+#   linear-packed issue 5: packed variable-length input (cu_seqlens), Gated DeltaNet fwd / fwd+bwd on PACKED_SETS
+#                (default 64 sequences of 64-512 tokens, 128 of 128-2048, 512 of 16-128): the padded batches by the
+#                cost model (padded tokens + a cost per group; thirteenth session), by cheaper / dearer groups, by the
+#                greedy waste bound 1.25 (the rule before), against one call per sequence
 #   gdn-fla      issue 5: gdn-sweep's variants and fla's Gated DeltaNet in one run (carry the fla wheel, PYTHONPATH=/tmp/site;
 #                AUTOTUNE_TGZ=benchmarks/results/h200-2026-12-04-s7/call1/triton_autotune.tgz skips fla's autotuning,
 #                but fla ran 2.708 ms with those picks against 2.075 autotuned afresh (tenth session): time fla without it):
@@ -145,7 +146,8 @@ for s in $SECTIONS; do
     linear-decode) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/decode" --check none --quick \
               --no-torch --ops sdpa --shapes 1x1024 > "$OUT/linear_decode_log.txt" 2>&1 ;;
     linear-packed) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/packed" --check none --no-decode \
-              --no-torch --packed --ops sdpa --shapes 1x1024 > "$OUT/linear_packed_log.txt" 2>&1 ;;
+              --no-torch --packed --packed-sets ${PACKED_SETS:-64x64-512,128x128-2048,512x16-128} --ops sdpa --shapes 1x1024 \
+              > "$OUT/linear_packed_log.txt" 2>&1 ;;
     gdn-fla) timeout ${LINEAR_S:-420} python3 benchmarks/linear_bench.py --out "$OUT/gdnfla" --quick --check none --no-torch \
               --no-decode --sweep-ops gdn --sweep-only ${GDN_ONLY:-h32w8,h64w8,h32w4,main-split,p64w8,inv-dbl,prep-split,b32w8} \
               --gdn-variants ${GDN_VARIANTS:-prep-split-dbl,main-split-k64v32b32w88,h32w8,prep-split-dbl+main-split-k64v32b32w88+h32w8,inv-dbl-w4+main-split-k64v32b32w88+h32w8} \

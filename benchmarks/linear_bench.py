@@ -937,6 +937,21 @@ def graphed(fn):
     return gr.replay
 
 
+def _packed_sets(text):
+    """'64x64-512,128x128-2048' -> [(64, 64, 512), (128, 128, 2048)] (argparse type)."""
+    out = []
+    for part in text.split(","):
+        try:
+            n, rng = part.strip().split("x")
+            lo, hi = rng.split("-")
+            out.append((int(n), int(lo), int(hi)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad packed set {part!r}: expected NSEQxLO-HI, e.g. 64x64-512") from None
+        if not (out[-1][0] >= 1 and 1 <= out[-1][1] <= out[-1][2]):
+            raise argparse.ArgumentTypeError(f"bad packed set {part!r}: need NSEQ >= 1 and 1 <= LO <= HI")
+    return out
+
+
 def packed_inputs(nseq, lo, hi, dev, h=None, d=None):
     """``nseq`` sequence lengths uniform in [lo, hi] (seed 5), their cu_seqlens and packed Gated DeltaNet inputs
     (B = 1, bf16 q / k / v / dO, keys L2-normalised, float32 gates logsigmoid / 16 and beta):
@@ -955,28 +970,35 @@ def packed_inputs(nseq, lo, hi, dev, h=None, d=None):
 
 def packed(reps, nseq=64, lo=64, hi=512):
     """Packed variable-length input (cu_seqlens, B = 1): ``nseq`` sequences of uniform random lengths in [lo, hi],
-    Gated DeltaNet on the Triton kernels, fwd and fwd+bwd through the public op: the padded batches of similar
-    lengths (`_core.run_sequences`) at the default waste bound (`_core.PACK_WASTE`) and at 2 and 8 (fewer groups,
-    more padding), against one call per sequence (batched=False), same inputs."""
+    Gated DeltaNet on the Triton kernels, fwd and fwd+bwd through the public op, the sequences grouped into padded
+    batches (`_core.run_sequences`) by the default cost model (`_core.length_buckets`: padded tokens + a cost per
+    group), by cheaper and dearer groups (2048 and 32768 tokens a group: more groups, less padding, and the
+    reverse) and by the greedy waste bound 1.25 (the rule before the cost model), each in two rounds (the second in
+    reverse order), then one call per sequence, same inputs."""
     from attnzoo.linear import _core, gated_delta_rule
     dev = DEV
     lens, cu, (q, k, v, g, beta), do = packed_inputs(nseq, lo, hi, dev)
     t = int(cu[-1])
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
-    orig, orig_waste = _core.run_sequences, _core.PACK_WASTE
+    orig_run, orig_buckets = _core.run_sequences, _core.length_buckets
+    default_cost = _core.group_tokens(H, D, D)
+    modes = [("cost", dict(group_cost=default_cost)), ("cost-2k", dict(group_cost=2048)),
+             ("cost-32k", dict(group_cost=32768)), ("greedy-1.25", dict(waste=1.25))]
+    # two rounds, the second in reverse order (a mode timed first also pays the allocator's growth and any late
+    # compilation: the first H100 run of 2026-12-05 put the first mode's p20 and p80 2x apart), then one call per
+    # sequence once
+    plan = [(1, m) for m in modes] + [(2, m) for m in modes[::-1]] + [(1, ("per-sequence", None))]
     rows = []
-    # the padded groups at the default waste bound and at looser ones (fewer groups, more padding), then one call
-    # per sequence
-    for mode, waste in (("batched", orig_waste), ("batched-w2", 2.0), ("batched-w8", 8.0), ("per-sequence", None)):
-        buckets = _core.length_buckets(lens, waste) if waste else [[n] for n in range(nseq)]
+    for rnd, (mode, kw) in plan:
+        buckets = orig_buckets(lens, **kw) if kw else [[n] for n in range(nseq)]
         groups, padded = len(buckets), sum(len(b) * max(lens[n] for n in b) for b in buckets)
         base = dict(kind="packed", op="gdn", sequences=nseq, lengths=f"{lo}-{hi}", tokens=t, groups=groups, H=H,
-                    D=D, dtype="bfloat16", waste=waste, padded_tokens=padded, **env())
+                    D=D, dtype="bfloat16", grouping=mode, round=rnd, padded_tokens=padded, **env())
 
-        def run_seq(*a, batched=True, _mode=mode, **kw):
-            return orig(*a, batched=batched and _mode != "per-sequence", **kw)
+        def run_seq(*a, batched=True, _mode=mode, **kw2):
+            return orig_run(*a, batched=batched and _mode != "per-sequence", **kw2)
         _core.run_sequences = run_seq
-        _core.PACK_WASTE = waste or orig_waste
+        _core.length_buckets = lambda *a, _b=buckets, **k2: _b
         try:
             def fwd():
                 return gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, backend="triton")
@@ -985,12 +1007,13 @@ def packed(reps, nseq=64, lo=64, hi=512):
                 o = gated_delta_rule(*leaves, cu_seqlens=cu, backend="triton")[0]
                 torch.autograd.grad(o, leaves, do)
             for direction, fn in (("fwd", fwd), ("fwd+bwd", fb)):
-                r = time_fn(fn, device=dev, warmup=2, reps=reps, max_time_s=3.0)
+                r = time_fn(fn, device=dev, warmup=5, reps=reps, max_time_s=3.0)
                 rows.append(_record(base, "gdn-triton-" + mode, direction, r, t))
-                print(f"  packed {nseq} seqs ({t} tokens, {groups} groups, {padded} padded) {mode:<13}{direction:<8}"
-                      f"{r['median_ms'] or float('nan'):9.3f} ms", flush=True)
+                print(f"  packed {nseq} seqs of {lo}-{hi} ({t} tokens, {groups} groups, {padded} padded) {mode:<13}"
+                      f"{direction:<8} round {rnd}{r['median_ms'] or float('nan'):9.3f} ms (p20 "
+                      f"{r['p20_ms'] or float('nan'):.3f}, p80 {r['p80_ms'] or float('nan'):.3f})", flush=True)
         finally:
-            _core.run_sequences, _core.PACK_WASTE = orig, orig_waste
+            _core.run_sequences, _core.length_buckets = orig_run, orig_buckets
     return rows
 
 
@@ -1096,7 +1119,9 @@ def main():
                     "variants to time at B=8, T=2048 (with the forward's accuracy), before the speed table")
     ap.add_argument("--sweep-shape", default="8x2048", help="BxT of the --sweep-ops variants (default 8x2048)")
     ap.add_argument("--packed", action="store_true", help="also time packed variable-length input (cu_seqlens): "
-                    "Gated DeltaNet on 64 sequences of 64-512 tokens, padded batches vs one call per sequence")
+                    "Gated DeltaNet on --packed-sets, the padded batches by each grouping vs one call per sequence")
+    ap.add_argument("--packed-sets", type=_packed_sets, default=[(64, 64, 512)],
+                    help="packed sets as NSEQxLO-HI, comma-separated (default 64x64-512)")
     ap.add_argument("--gdn-variants", default="", help="comma-separated Gated DeltaNet sweep variants (names joined "
                     "by '+' combine) timed in the speed table through autograd as gdn-triton[NAME], next to fla")
     ap.add_argument("--fla-unguarded", action="store_true", help="time fla's gated backward on Hopper although "
@@ -1211,7 +1236,8 @@ def main():
         if fla_prof:
             profile_fla(fla_prof)
         if args.packed:
-            emit(packed(args.reps))
+            for nseq, lo, hi in args.packed_sets:
+                emit(packed(args.reps, nseq, lo, hi))
         if args.sweep:
             emit(sweep(args.reps, sweep_b, sweep_t))
     report(rows)

@@ -28,7 +28,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("packed_profile.py times the Triton kernels and needs a CUDA device")
     from attnzoo.linear import gated_delta_rule
-    from attnzoo.linear._core import PACK_WASTE, length_buckets
+    from attnzoo.linear._core import group_tokens, length_buckets
     from linear_bench import packed_inputs  # the inputs of linear_bench.py --packed
     lens, cu, inputs, do = packed_inputs(args.seqs, args.lo, args.hi, "cuda")
     t = int(cu[-1])
@@ -54,7 +54,8 @@ def main():
     ka = prof.key_averages()
     # kernels only (an operator's own row repeats its kernels' time)
     dev_us = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / args.reps
-    groups = len(length_buckets(lens, PACK_WASTE))
+    groups = len(length_buckets(lens, group_cost=group_tokens(inputs[0].shape[1], inputs[0].shape[-1],
+                                                              inputs[2].shape[-1])))
     head = (f"packed Gated DeltaNet fwd+bwd: {args.seqs} sequences, {t} tokens, {groups} groups; "
             f"wall {wall:.3f} ms per call, device busy {dev_us / 1e3:.3f} ms per call ({args.reps} calls profiled)")
     lines = [head, "", "by device time:",

@@ -98,22 +98,71 @@ def test_packed_sequences_equal_separate_runs(name, mode):
     assert torch.isfinite(s0.grad).all() and torch.isfinite(args["q"].grad).all()
 
 
-def test_length_buckets_bound_the_padding():
+def test_length_buckets_greedy_waste_bound():
     from attnzoo.linear._core import length_buckets
     lens = [5, 0, 19, 13, 2, 40, 40, 39, 1, 0, 7]
-    groups = length_buckets(lens)
+    groups = length_buckets(lens, waste=1.25)
     assert sorted(n for g in groups for n in g) == list(range(len(lens)))   # each sequence once
     for g in groups:
         real = [lens[n] for n in g if lens[n]]
         assert len(real) * max(real) <= 1.25 * sum(real)                  # the waste bound (empties aside)
     assert groups[0][:3] == [5, 6, 7]                                     # longest first, alike together
-    assert length_buckets([64] * 100) == [list(range(100))]               # equal lengths: one batch
+    assert length_buckets([64] * 100, waste=1.25) == [list(range(100))]   # equal lengths: one batch
 
 
-def test_packed_sequences_run_as_few_padded_batches():
+def _grouping_cost(lens, groups, cost):
+    return sum(len(g) * max(lens[n] for n in g) for g in groups) + cost * len(groups)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_length_buckets_cost_model_is_optimal(seed):
+    """The default grouping minimises padded tokens + cost x groups over every split of the sorted lengths
+    (checked against an O(n^2) search), keeps each sequence once, empties in the last group."""
+    import random
+    from attnzoo.linear._core import length_buckets
+    rng = random.Random(seed)
+    for _ in range(60):
+        lens = [rng.choice([0, rng.randint(1, 9), rng.randint(1, 900)]) for _ in range(rng.randint(1, 25))]
+        cost = rng.choice([0, 1, 7, 100, 5000, 10 ** 7])
+        groups = length_buckets(lens, group_cost=cost)
+        assert sorted(n for g in groups for n in g) == list(range(len(lens)))
+        full = sorted((x for x in lens if x), reverse=True)
+        best = [0] + [None] * len(full)          # the O(n^2) search over the sorted non-empty lengths
+        for j in range(1, len(full) + 1):
+            best[j] = min(best[i] + cost + (j - i) * full[i] for i in range(j))
+        got = _grouping_cost(lens, [[n for n in g if lens[n]] for g in groups if any(lens[n] for n in g)], cost)
+        assert got == best[-1], (lens, cost, groups)
+        if any(x == 0 for x in lens) and full:
+            assert all(lens[n] for g in groups[:-1] for n in g)       # empties only in the last group
+    assert length_buckets([64] * 100, group_cost=0) == [list(range(100))]   # equal lengths: one batch at any cost
+    assert len(length_buckets([512, 256, 64], group_cost=0)) == 3            # free groups: no padding
+    assert len(length_buckets([512, 256, 64], group_cost=10 ** 6)) == 1      # dear groups: one batch
+    assert length_buckets([]) == [] and length_buckets([0, 0]) == [[0, 1]]
+
+
+def test_length_buckets_reject_bad_arguments():
+    from attnzoo.linear._core import length_buckets
+    for kw in (dict(waste=0.5), dict(waste=float("nan")), dict(group_cost=-1), dict(group_cost=1.5),
+               dict(group_cost=True)):
+        with pytest.raises(ValueError):
+            length_buckets([3, 2], **kw)
+
+
+def test_group_tokens_scale_with_the_state():
+    from attnzoo.linear._core import PACK_GROUP_WORK, group_tokens
+    assert group_tokens(16, 128, 128) == PACK_GROUP_WORK // (16 * 128 * 128)
+    assert group_tokens(4, 64, 64) == 16 * group_tokens(16, 128, 128)   # a 16x smaller state: 16x the tokens
+    assert group_tokens(10 ** 9, 10 ** 3, 10 ** 3) == 1
+
+
+@pytest.mark.parametrize("work", [None, 400, 1])
+def test_packed_sequences_run_as_few_padded_batches(work, monkeypatch):
     """run_sequences calls the chunked form once per length group (not once per sequence), on inputs padded
-    at each sequence's end, and gives what the per-sequence loop gives: outputs, final states, gradients."""
+    at each sequence's end, and gives what the per-sequence loop gives: outputs, final states, gradients.
+    ``work``: the cost of a group (PACK_GROUP_WORK; the default here makes one group, 1 makes one per length)."""
     from attnzoo.linear import _core
+    if work is not None:
+        monkeypatch.setattr(_core, "PACK_GROUP_WORK", work)
     lens = [9, 0, 30, 28, 3, 4, 4]
     cu = [0]
     for n in lens:
@@ -140,8 +189,10 @@ def test_packed_sequences_run_as_few_padded_batches():
         (o.square().sum() + (s * s.detach().cos()).sum()).backward()
         res[batched] = [o, s] + [x.grad for x in leaves]
         assert o.shape == (1, h, t, dv) and s.shape == (len(lens), h, dk, dv)
-        assert len(calls) == (len(_core.length_buckets(lens)) if batched else len(lens))
-    assert len(_core.length_buckets(lens)) < len(lens)
+        want = _core.length_buckets(lens, group_cost=_core.group_tokens(h, dk, dv))
+        assert len(calls) == (len(want) if batched else len(lens))
+    assert len(want) < len(lens)
+    assert len(want) == {None: 1, 400: 3, 1: 5}[work]
     for i, (a, b) in enumerate(zip(res[True], res[False])):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"entry {i}")
 
@@ -227,3 +278,22 @@ def test_gated_delta_rule_is_kda_with_a_shared_gate():
     a = lin.gated_delta_rule(**args, output_final_state=True)
     b = lin.kda(**{**args, "g": args["g"].unsqueeze(-1).expand_as(args["q"])}, output_final_state=True)
     torch.testing.assert_close(a, b)
+
+
+def test_packed_gather_backward_is_the_adjoint_gather():
+    """`_core._gather` (index_select forward, the inverse index_select backward, zero rows for padding) against
+    autograd's own gradient of the same gather, both directions (into padded groups and back)."""
+    from attnzoo.linear import _core
+    gen = torch.Generator().manual_seed(0)
+    # 5 packed rows into 7 padded positions (two read the zero row 5), and each row's position
+    idx = torch.tensor([3, 0, 5, 4, 1, 2, 5])
+    src = torch.tensor([1, 4, 5, 0, 3])
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: _core._gather(t, idx, src, 1, pad_fwd=True), (x,))
+    ref = torch.cat([x, x.new_zeros(2, 1, 3)], 1).index_select(1, idx)
+    torch.testing.assert_close(_core._gather(x, idx, src, 1, pad_fwd=True), ref, rtol=0, atol=0)
+    y = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: _core._gather(t, src, idx, 1, pad_bwd=True), (y,))
+    perm = torch.tensor([2, 0, 1])
+    s = torch.randn(3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: _core._gather(t, perm, torch.argsort(perm), 0), (s,))

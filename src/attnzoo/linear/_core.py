@@ -188,7 +188,8 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
     lens = [offsets[n + 1] - offsets[n] for n in range(len(offsets) - 1)]
     total = offsets[-1]
     dev = next(t for t in tensors if t is not None).device
-    buckets = length_buckets(lens, PACK_WASTE)
+    v = tensors[2] if tensors[2] is not None else tensors[0]
+    buckets = length_buckets(lens, group_cost=group_tokens(tensors[0].shape[1], tensors[0].shape[-1], v.shape[-1]))
     # every index the call needs, built on the host in one piece and copied to the device once: per group the
     # packed position of (sequence, step), past a sequence's end the zero step at `total`; then each
     # sequence's rows in the concatenated group outputs; then the sequences in group order, and its inverse
@@ -213,75 +214,165 @@ def run_sequences(fn, tensors: list, state, offsets: list[int] | None, batched: 
     order, back = allp[row + total:row + total + nseq], allp[row + total + nseq:]
     gsz = [len(bucket) for bucket in buckets]
     # each input with one zero step appended at position `total`, where the padding reads (B = 1 dropped),
-    # gathered for every group at once and split into the groups (`_gather`: its backward writes each row once,
-    # where indexing with a repeated index accumulates through a sort-based index_put, 67 % of the device time
-    # of a packed fwd+bwd on the H100, and index_select's backward adds through atomics)
+    # gathered for every group at once and split into the groups (`_gather`: its backward is the inverse gather by
+    # `src`, where indexing with a repeated index accumulates through a sort-based index_put, 67 % of the device
+    # time of a packed fwd+bwd on the H100, and index_select's own backward adds through atomics)
     sizes = [nb * tm for nb, tm in shapes]
-    split = [None if t is None else
-             _gather(torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)[0], idx).split(sizes, 1)
-             for t in tensors]
+    split = [None if t is None else _gather(t[0], idx, src, 1, pad_fwd=True).split(sizes, 1) for t in tensors]
     # the initial states in group order (one gather, split), the final states back in sequence order (one gather)
-    states = [None] * len(buckets) if state is None else _gather(state, order.to(state.device), 0).split(gsz)
+    states = [None] * len(buckets) if state is None else \
+        _gather(state, order.to(state.device), back.to(state.device), 0).split(gsz)
     outs, finals = [], []
     for gi, (nb, tm) in enumerate(shapes):
-        o, s = fn(*[None if x is None else x[gi].unflatten(1, (nb, tm)).movedim(1, 0).contiguous() for x in split],
-                  states[gi])
+        # (H, nb tm, ...) -> (nb, H, tm, ...): q, k, v as strided views (the kernels take their strides, no
+        # copy), the gates and beta copied contiguous (some kernels index them as (B H, T))
+        o, s = fn(*[None if x is None else _group_view(x[gi], nb, tm) for x in split], states[gi])
         finals.append(s)
         outs.append(o.movedim(0, 1).reshape(o.shape[1], -1, *o.shape[3:]))   # (H, sequences x tm, ...)
-    o = _gather(torch.cat(outs, 1), src).unsqueeze(0)
+    o = _gather(torch.cat(outs, 1), src, idx, 1, pad_bwd=True).unsqueeze(0)
     s = torch.cat(finals, 0)
-    return o, _gather(s, back.to(s.device), 0)
+    return o, _gather(s, back.to(s.device), order.to(s.device), 0)
 
 
-class _Gather(torch.autograd.Function):
-    """x.index_select(dim, idx) for an idx whose entries are distinct except for rows whose gradient is never
-    used (the zero padding step): the backward writes each gradient row once (index_copy, no atomics, no sort;
-    which duplicate lands on a repeated row is unspecified, and that row is dropped by the caller)."""
-
-    @staticmethod
-    def forward(ctx, x, idx, dim):
-        ctx.save_for_backward(idx)
-        ctx.n, ctx.dim = x.shape[dim], dim
-        return x.index_select(dim, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        d = ctx.dim
-        out = grad.new_zeros(grad.shape[:d] + (ctx.n,) + grad.shape[d + 1:])
-        return out.index_copy_(d, idx, grad), None, None
+def _group_view(x, nb, tm):
+    """A group's rows (H, nb tm, ...) as (nb, H, tm, ...): a strided view for 4-D inputs (q, k, v) whose last
+    dimension stays contiguous, a contiguous copy otherwise."""
+    y = x.unflatten(1, (nb, tm)).movedim(1, 0)
+    return y if y.dim() == 4 and y.stride(-1) == 1 else y.contiguous()
 
 
-def _gather(x, idx, dim=1):
-    """x.index_select(dim, idx), through `_Gather` when a gradient is wanted."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Gather.apply(x, idx, dim)
+def _pad_select(x, dim, idx, pad):
+    """x.index_select(dim, idx), with one zero row appended along dim first when ``pad`` (index x.shape[dim])."""
+    if pad:
+        x = torch.cat([x, x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])], dim)
     return x.index_select(dim, idx)
 
 
-# How much padding a group of packed sequences may carry (padded tokens / real tokens) in `run_sequences`: each
-# group is one call of the op (its launches and autograd nodes on the host), each padded token costs device time
+class _Gather(torch.autograd.Function):
+    """y = x.index_select(dim, idx) where every row of x lands in y exactly once, at position inv[row] (a
+    permutation, or the packed rows into padded groups), with ``pad`` rows of y past x's end reading a zero row
+    (``pad_fwd``). Its backward is the adjoint gather, grad.index_select(dim, inv), where padded positions of y
+    read a zero row too when ``pad_bwd`` (inv then points past grad's end for them): both directions are plain
+    row gathers (no index_copy / index_put: on the H100 index_copy_ along dim 1 took 3.4 of 15.6 ms device time
+    of a packed fwd+bwd of 512 sequences, benchmarks/results/h100-2026-12-05-s13/call4/packed_profile_512.txt)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv, dim, pad_fwd, pad_bwd):
+        ctx.save_for_backward(inv)
+        ctx.dim, ctx.pad_bwd = dim, pad_bwd
+        return _pad_select(x, dim, idx, pad_fwd)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return _pad_select(grad, ctx.dim, inv, ctx.pad_bwd), None, None, None, None, None
+
+
+def _gather(x, idx, inv, dim=1, pad_fwd=False, pad_bwd=False):
+    """`_Gather` (x.index_select(dim, idx), backward by the inverse gather ``inv``) when a gradient is wanted."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Gather.apply(x, idx, inv, dim, pad_fwd, pad_bwd)
+    return _pad_select(x, dim, idx, pad_fwd)
+
+
+# How packed sequences are grouped in `run_sequences`. Each group is one call of the op: its launches and autograd
+# nodes cost host time (about 1.6 ms per group for Gated DeltaNet's fwd+bwd on the H100, where the packed path is
+# host-bound), while each padded token costs device time in proportion to H x Dk x Dv. The groups minimise
+# padded tokens + groups x PACK_GROUP_WORK / (H Dk Dv): one group is worth 4096 padded tokens at H = 16,
+# Dk = Dv = 128. H100, 2026-12-05, fwd+bwd, two runs of two rounds each (benchmarks/results/h100-2026-12-05-s13/
+# call4, call5): 64 sequences of 64-512 tokens, 2 groups (what 4096 and 8192 pick) 8.5-11.4 ms against 3 groups
+# 9.0-11.0, 1 group 8.9-12.1 and the old greedy bound (4 groups) 12.7-13.8; 128 sequences of 128-2048 tokens,
+# 7 groups (2048) 43.2-46.6 ms against 4 groups (8192) 45.4-50.1, 2 groups 50.8-60.8, greedy (6) 49.7-52.9;
+# 4096 picks 6 groups there, 3 % more padding than 7. When the device is the bottleneck, extra groups' host time
+# hides under it, so a cost per group overstates them there; the sum is the simple, safe side of that.
+PACK_GROUP_WORK = 4096 * 16 * 128 * 128
+# the waste bound of the greedy grouping (`length_buckets(lens, waste=...)`, the rule before the cost model)
 PACK_WASTE = 1.25
 
 
-def length_buckets(lens: list[int], waste: float = 1.25) -> list[list[int]]:
-    """Sequence indices grouped for padded batches: longest first, a sequence joins the current group while the
-    group's padded size (count x its longest) stays within ``waste`` x its real tokens. Empty sequences join the
-    last group (padded, they leave their state unchanged)."""
+def group_tokens(h: int, dk: int, dv: int) -> int:
+    """The padded tokens one more group is worth (`PACK_GROUP_WORK` / (h dk dv), at least 1)."""
+    return max(1, PACK_GROUP_WORK // max(1, h * dk * dv))
+
+
+def length_buckets(lens: list[int], waste: float | None = None, group_cost: int | None = None) -> list[list[int]]:
+    """Sequence indices grouped for padded batches, longest first (each group runs as count x its longest).
+
+    By default (``waste`` None) the grouping of the length-sorted sequences into runs that minimises padded
+    tokens + ``group_cost`` x groups (``group_cost`` defaults to `group_tokens` (16, 128, 128)), exactly, by a
+    dynamic programme over split points with a monotone convex hull (O(n log n) for the sort, O(n) after). With
+    ``waste``, the greedy rule: a sequence joins the current group while its padded size stays within ``waste``
+    x its real tokens. Empty sequences join the last group (padded, they leave their state unchanged)."""
+    if waste is not None and not waste >= 1.0:
+        raise ValueError(f"length_buckets: waste must be >= 1, got {waste!r}")
+    if group_cost is not None and (isinstance(group_cost, bool) or not isinstance(group_cost, int) or group_cost < 0):
+        raise ValueError(f"length_buckets: group_cost must be an int >= 0, got {group_cost!r}")
     order = sorted(range(len(lens)), key=lambda n: -lens[n])
-    groups, cur, real = [], [], 0
-    for n in order:
-        if lens[n] == 0 and cur:
+    full = [n for n in order if lens[n] > 0]
+    empty = order[len(full):]
+    if waste is not None:
+        groups, cur, real = [], [], 0
+        for n in full:
+            if cur and (len(cur) + 1) * lens[cur[0]] > waste * (real + lens[n]):
+                groups.append(cur)
+                cur, real = [], 0
             cur.append(n)
-            continue
-        if cur and (len(cur) + 1) * lens[cur[0]] > waste * (real + lens[n]):
+            real += lens[n]
+        if cur:
             groups.append(cur)
-            cur, real = [], 0
-        cur.append(n)
-        real += lens[n]
-    if cur:
-        groups.append(cur)
+    else:
+        groups = [[full[i] for i in range(a, b)] for a, b in _cheapest_runs([lens[n] for n in full],
+                                                                              group_tokens(16, 128, 128)
+                                                                              if group_cost is None else group_cost)]
+    if empty:
+        if groups:
+            groups[-1] += empty
+        else:
+            groups = [empty]
     return groups
+
+
+def _cheapest_runs(desc: list[int], cost: int) -> list[tuple[int, int]]:
+    """Split lengths sorted in descending order into runs [a, b) minimising sum((b - a) desc[a]) + cost x runs.
+
+    f[j] = min_i f[i] + cost + (j - i) desc[i]: each i is a line of slope desc[i] (falling with i) and intercept
+    f[i] - i desc[i], queried at x = j (rising), so the best line only moves forward (a monotone hull; exact,
+    integers throughout)."""
+    n = len(desc)
+    f = [0] * (n + 1)
+    arg = [0] * (n + 1)
+    hull = []                              # indices i whose lines form the lower envelope, slopes decreasing
+    head = 0
+
+    def icpt(i):
+        return f[i] - i * desc[i]
+
+    def useless(a, b, c):                  # line b never below both a and c (slopes a > b > c, or equal)
+        # b is dominated where (icpt_c - icpt_a)(s_a - s_b) <= (icpt_b - icpt_a)(s_a - s_c)
+        return (icpt(c) - icpt(a)) * (desc[a] - desc[b]) <= (icpt(b) - icpt(a)) * (desc[a] - desc[c])
+
+    for j in range(1, n + 1):
+        i = j - 1                          # the line for runs starting at i, available from x = j on
+        while len(hull) > head and desc[hull[-1]] == desc[i]:
+            if icpt(hull[-1]) <= icpt(i):
+                break
+            hull.pop()
+        else:
+            while len(hull) - head >= 2 and useless(hull[-2], hull[-1], i):
+                hull.pop()
+            hull.append(i)
+        head = min(head, len(hull) - 1)
+        while len(hull) - head >= 2 and icpt(hull[head + 1]) + j * desc[hull[head + 1]] <= \
+                icpt(hull[head]) + j * desc[hull[head]]:
+            head += 1
+        best = hull[head]
+        f[j] = icpt(best) + j * desc[best] + cost
+        arg[j] = best
+    runs, j = [], n
+    while j > 0:
+        runs.append((arg[j], j))
+        j = arg[j]
+    return runs[::-1]
 
 
 def zeros_state(q, v, state):
