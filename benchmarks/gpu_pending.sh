@@ -62,6 +62,9 @@
 #                all sub-chunks in one (BT, BK) tile; intra="chunk": the forward scores per chunk over channel
 #                blocks; no spills at 32 / 8 warps and 64 / 8 warps, ptxas sm_90): GPU checks, the sweep at 2x8192
 #                against the split defaults (1.57 + 0.58 ms of KDA's 5.2 there), every op vs SDPA at 2x8192
+#   kda-dot      issue 5: KDA's diagonal tiles as dots where a sub-chunk's gates span at most diag_lim nats (cfg
+#                diag_lim / diag_lim_b, thirteenth session, opt-in): GPU checks (variant diag-dot included), the sweep
+#                at 2x8192 (dot-f*, dot-b*, dot-fb*), KDA's profile, every op vs SDPA at 2x8192 (no fla needed)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -92,10 +95,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twelfth session (2026-12-05, H100): KDA's per-chunk intra backward (with the GPU checks), the
-# packed waste bounds, GLA vs fla on an H100 (carry the fla wheel for linear-gla); nbhd-fwd, kda-pre, linear-scale,
-# linear-decode, gdn-fla ran there
-SECTIONS=${*:-kda-chunk linear-packed linear-gla}
+# still owed after the thirteenth session (2026-12-05, H100): KDA's diagonal tiles as dots (kda-dot, with the GPU
+# checks), the packed groupings again with the strided group views (linear-packed); kda-chunk, linear-gla, windows and
+# linear-packed ran there
+SECTIONS=${*:-kda-dot linear-packed}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -162,6 +165,9 @@ for s in $SECTIONS; do
     kda-chunk) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdachunk" --check quick --no-decode \
               --no-torch --sweep-ops kda --sweep-only chunk --sweep-shape 2x8192 --profile-ops kda \
               --profile-shape 2x8192 --ops kda,gdn,sdpa --shapes 2x8192 > "$OUT/kda_chunk_log.txt" 2>&1 ;;
+    kda-dot) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdadot" --check quick --no-decode \
+              --no-torch --sweep-ops kda --sweep-only dot,unroll-i1 --sweep-shape 2x8192 --profile-ops kda \
+              --profile-shape 2x8192 --ops kda,gdn,sdpa --shapes 2x8192 > "$OUT/kda_dot_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -171,6 +171,11 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
       for u in (2, 4, 16)),
     *((f"kda _intra_split unroll {u}", tk._intra_split, dict(BT=64, BC=16, BK=128, UNROLL=u, **B16), w)
       for u, w in ((2, 2), (4, 2), (16, 2), (4, 4))),
+    # the diagonal tiles as dots where the gates span at most DIAG_LIM nats (cfg diag_lim / diag_lim_b)
+    *((f"kda _bwd_intra_split (BK {bk}) dot", tk._bwd_intra_split, dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, **B16), w)
+      for bk, w in ((32, 4), (16, 2), (64, 4))),
+    *((f"kda _intra_split dot unroll {u}", tk._intra_split, dict(BT=64, BC=16, BK=128, UNROLL=u, DIAG_LIM=20.0, **B16),
+       w) for u, w in ((2, 2), (1, 2), (2, 4))),
     ("kda _prep", tk._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", **B16), 4),
     ("kda _prep", tk._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", **B16), 8),
     ("kda _prep (inv dbl)", tk._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", INV=True, **B16),

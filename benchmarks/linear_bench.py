@@ -73,7 +73,8 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(
                       ("main-seq", dict(main="seq")), ("unroll4", dict(unroll_i=4, unroll_ib=4)),
                       ("unroll16", dict(unroll_i=16, unroll_ib=16)),
                       ("ib-chunk", dict(intra_b="chunk", BK_I=32, warps_ib=8)),
-                      ("chunk", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8))]
+                      ("chunk", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8)),
+                      ("diag-dot", dict(diag_lim=60, diag_lim_b=60))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -468,6 +469,19 @@ def sweep_variants(op: str) -> list:
             variants += [(f"i-chunk-k{bk}w{w}", dict(intra="chunk", BK_F=bk, warps_i=w))
                          for bk, w in ((64, 8), (32, 4), (32, 8), (16, 4))]
             variants += [("chunk-both", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8))]
+            # the diagonal tiles as dots where the sub-chunk's gates span at most L nats (forward, backward, both)
+            variants += [(f"dot-{side}{lim}", dict(over, diag_lim=lim) if side == "f" else
+                          dict(over, diag_lim_b=lim) if side == "b" else dict(over, diag_lim=lim, diag_lim_b=lim))
+                         for lim in (20, 60) for side, over in (("f", {}), ("b", {}), ("fb", {}))]
+            # (the forward with both diagonal paths spills 152 B at 2 warps and none at 4, ptxas sm_90)
+            variants += [("dot-f20w4", dict(diag_lim=20, warps_i=4)), ("dot-fb20w4", dict(diag_lim=20, diag_lim_b=20,
+                                                                                         warps_i=4)),
+                         ("dot-fb20-ib-k16w2", dict(diag_lim=20, diag_lim_b=20, BK_I=16, warps_ib=2)),
+                         ("dot-fb20-ib-k64w4", dict(diag_lim=20, diag_lim_b=20, BK_I=64, warps_ib=4))]
+            # with the main backward in three passes (lost to the fused one in the eleventh session, 5.92-6.69 ms
+            # against 5.70, before the precomputed gate factors and the dots)
+            variants += [(f"dot-fb20-main-seq-b{bv}w8", dict(diag_lim=20, diag_lim_b=20, main="seq", BV_B=bv, warps_b=8))
+                         for bv in (32, 64)]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five

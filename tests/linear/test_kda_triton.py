@@ -106,6 +106,15 @@ CASES = [  # t, dk, dv, init, gate, cfg
                                       warps_ib=1, unroll_ib=2)),
     (40, 32, 48, False, "extreme", dict(SUB32, intra="split", unroll_i=16, intra_b="split", BK_I=32,
                                         unroll_ib=16)),
+    # the diagonal tiles as dots where the sub-chunk's gates span at most diag_lim nats: mild gates (every tile
+    # by dots), strong gates (spans of about 20-60 over 16 steps: some tiles by dots with factors up to e^40, the
+    # rest by steps), extreme gates (spans of about 80: every tile by steps); T 70 / 40: partial last chunks
+    (70, 48, 32, True, "mild", dict(SUB64, intra="split", warps_i=1, diag_lim=20, intra_b="split", BK_I=16,
+                                    warps_ib=1, diag_lim_b=20)),
+    (70, 48, 32, False, "strong", dict(SUB64, intra="split", warps_i=1, diag_lim=40, unroll_i=2, intra_b="split",
+                                       BK_I=32, warps_ib=1, diag_lim_b=40)),
+    (40, 32, 48, True, "extreme", dict(SUB32, intra="split", diag_lim=60, intra_b="split", BK_I=16,
+                                       diag_lim_b=60)),
 ]
 
 
@@ -117,7 +126,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
                               f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
                               f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
-                              f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}" for c in CASES])
+                              f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}"
+                              f"{'-dot' if (c[5] or {}).get('diag_lim') else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -315,3 +325,48 @@ def test_chunk_intra_backward_equals_split():
     with pytest.raises(ValueError, match="intra_b must be"):
         run_kernels(x, True, 32 ** -0.5, cfg=dict(SUB64, intra_b="tiles"))
 
+
+
+def test_diagonal_dots_engage_by_gate_span():
+    """diag_lim / diag_lim_b: with mild gates (spans of a few nats) the diagonal tiles run as dots (results differ
+    from the steps in the last float32 bits, and agree to rounding); with extreme gates (spans of ~80 nats > 60)
+    every full sub-chunk keeps the exact steps (bit-identical); bad limits raise."""
+    dot = dict(SUB64, intra="split", warps_i=1, intra_b="split", BK_I=16, warps_ib=1)
+    for gate, same, t in (("mild", False, 70), ("extreme", True, 64)):  # (70 would end in a 6-step sub-chunk,
+        x = make(t, 32, 16, gate, seed=23)                                 # whose span of ~25 nats takes the dots)
+        steps = run_kernels(x, True, 32 ** -0.5, cfg=dot)
+        dots = run_kernels(x, True, 32 ** -0.5, cfg=dict(dot, diag_lim=tk.DIAG_LIM_MAX, diag_lim_b=tk.DIAG_LIM_MAX))
+        for n in steps:
+            if same:
+                assert torch.equal(dots[n], steps[n]), n
+            else:
+                torch.testing.assert_close(dots[n], steps[n], rtol=1e-4, atol=1e-5, msg=n)
+        if not same:
+            assert any(not torch.equal(dots[n], steps[n]) for n in ("o", "dq", "dk")), "the dot path never ran"
+    for bad in (dict(dot, diag_lim=-1), dict(dot, diag_lim=61), dict(dot, diag_lim_b=True),
+                dict(dot, diag_lim="20"), dict(SUB64, diag_lim=20), dict(SUB64, diag_lim_b=20),
+                dict(dot, diag="bcast", BKD=16, diag_lim=20)):
+        with pytest.raises(ValueError, match="diag"):
+            run_kernels(x, True, 32 ** -0.5, cfg=bad)
+
+
+def test_float16_diagonal_dots_protocol_rule():
+    """The diagonal dots with 16-bit operands (hi/lo split off, the GPU default, and on), mild gates with the
+    limit at 60 (every tile by dots): the protocol rule against float64."""
+    t, dk, dv = 70, 32, 32
+    x = make(t, dk, dv, "mild", seed=12)
+    for n in ("q", "k", "v", "do"):
+        x[n] = x[n].half().double()
+    scale = dk ** -0.5
+    want = reference(x, True, scale)
+    base = reference(x, True, scale, dtype=torch.float16)
+    for split in (False, True):
+        got = run_kernels(x, True, scale, dtype=torch.float16,
+                          cfg=dict(SUB64, split=split, intra="split", warps_i=1, diag_lim=tk.DIAG_LIM_MAX, intra_b="split",
+                                   BK_I=16, warps_ib=1, diag_lim_b=tk.DIAG_LIM_MAX))
+        for n, val in got.items():
+            val = val.cpu()
+            assert not torch.isnan(val).any(), f"{n}: NaN"
+            err, bound, rr = max_err(val, want[n]), 2 * max_err(base[n], want[n]) + 1e-5, rel_rmse(val, want[n])
+            assert err <= bound and rr < 5e-3, f"{n} (split {split}): max err {err:.3g} (bound {bound:.3g}), " \
+                                               f"rel RMSE {rr:.3g}"

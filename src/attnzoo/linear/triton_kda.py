@@ -65,6 +65,9 @@ from .triton_gla import chunk_cumsum
 from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the largest gate span (nats) a diagonal tile may run as dots with (cfg diag_lim / diag_lim_b): its factors reach
+# exp(span) = 1e26 at 60, far from float32's (and bfloat16's) 3e38 for any sane |k|
+DIAG_LIM_MAX = 60.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +92,25 @@ def _diag_acc(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, jj, BT, BC, offs_i, 
     cq, ck = _diag_column(qi, ki, gi, kbase, gbase, s_kt, n * BT + j, j, offs_i, offs_k, m_k, T, DIMK)
     sel = (offs_s == jj)[None, :]
     return aq + tl.where(sel, cq[:, None], 0.0), ak + tl.where(sel, ck[:, None], 0.0)
+
+
+@triton.jit
+def _diag_steps(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, BT, BC, offs_i, offs_s, offs_k, m_k, T, DIMK,
+                UNROLL: tl.constexpr):
+    """The diagonal (BC, BC) tile of sub-chunk p, exact, one key step at a time (`_diag_acc`), UNROLL steps
+    unrolled per loop iteration."""
+    for j0 in range(0, BC, UNROLL):
+        for u in tl.static_range(UNROLL):
+            aq, ak = _diag_acc(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, j0 + u, BT, BC, offs_i, offs_s, offs_k,
+                               m_k, T, DIMK)
+    return aq, ak
+
+
+@triton.jit
+def _gate_span(x, mask):
+    """The largest entry of x where mask (0 elsewhere): the largest exponent a factored diagonal tile needs. NaN
+    and +inf compare false against any limit, so such tiles take the exact steps."""
+    return tl.max(tl.max(tl.where(mask, x, 0.0), 1), 0)
 
 
 @triton.jit
@@ -141,7 +163,8 @@ def _intra_split(Q, K, G, AQK, AKK,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                  NH, T, DIMK, NT, scale,
                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                 BKD: tl.constexpr = 0, WITH_KK: tl.constexpr = True, UNROLL: tl.constexpr = 1):
+                 BKD: tl.constexpr = 0, WITH_KK: tl.constexpr = True, UNROLL: tl.constexpr = 1,
+                 DIAG_LIM: tl.constexpr = 0.0):
     # _intra by (BC, BC) tiles: the rows of sub-chunk p against each earlier sub-chunk (one dot per tile,
     # referenced to gn = G at p's first row), the diagonal tile by the exact per-step loop, zero tiles after
     # it. grid (chunk x sub-chunk, batch x head); same outputs as _intra (cfg intra="split"). Without WITH_KK
@@ -195,11 +218,22 @@ def _intra_split(Q, K, G, AQK, AKK,
             aq += tl.sum(qd[:, None, :] * kdec, 2)
             ak += tl.sum(kd[:, None, :] * kdec, 2)
         ak = tl.where(offs_s[:, None] > offs_s[None, :], ak, 0.0)  # strictly below the diagonal
+    elif DIAG_LIM > 0:
+        # the diagonal tile as one dot per matrix, referenced to gn like the earlier sub-chunks, when the
+        # sub-chunk's gates span at most DIAG_LIM (every factor exp(G_n - G_j) <= exp(DIAG_LIM), cfg diag_lim);
+        # else the exact steps
+        if _gate_span(gn[None, :] - gi, m_ik) <= DIAG_LIM:
+            kft = tl.trans(tl.where(m_ik, ki * tl.exp(gn[None, :] - gi), 0.0))
+            ref = tl.zeros([BC, BK], dtype=K.dtype.element_ty)
+            low = offs_s[:, None] >= offs_s[None, :]
+            aq = tl.where(low, _split_dot2(qe, kft, aq, ref, SPLIT, PREC), 0.0)
+            ak = tl.where(offs_s[:, None] > offs_s[None, :], _split_dot2(ke, kft, ak, ref, SPLIT, PREC), 0.0)
+        else:
+            aq, ak = _diag_steps(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, BT, BC, offs_i, offs_s, offs_k, m_k,
+                                 T, DIMK, UNROLL)
     else:  # the diagonal tile, exact, one key step at a time, UNROLL steps unrolled per loop iteration
-        for j0 in range(0, BC, UNROLL):
-            for u in tl.static_range(UNROLL):
-                aq, ak = _diag_acc(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, j0 + u, BT, BC, offs_i, offs_s,
-                                   offs_k, m_k, T, DIMK)
+        aq, ak = _diag_steps(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, BT, BC, offs_i, offs_s, offs_k, m_k, T,
+                             DIMK, UNROLL)
     tl.store(AQK + rows + offs_i[None, :], aq * scale)
     if WITH_KK:
         tl.store(AKK + rows + offs_i[None, :], ak)
@@ -758,11 +792,47 @@ def _diag_update(dqi, dkr, dkp, dkc, ks, qs, gs, gi, DAQ, DM, abase, offs_i, s, 
 
 
 @triton.jit
+def _bwd_diag_steps(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt, gi, n, p, BT, BC, offs_i,
+                    offs_k, m_k, T, DIMK, UNROLL: tl.constexpr):
+    """`_bwd_intra_split`'s diagonal tile, exact, one step s at a time, UNROLL steps unrolled per loop iteration
+    (so that their loads, rows of q, k, G and of the two dA tiles, need not wait for the step before)."""
+    for j0 in range(0, BC, UNROLL):
+        for u in tl.static_range(UNROLL):
+            dqi, dkr, dkp, dkc = _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt,
+                                                gi, n, p * BC + j0 + u, BT, offs_i, offs_k, m_k, T, DIMK)
+    return dqi, dkr, dkp, dkc
+
+
+@triton.jit
+def _bwd_diag_dot(dqi, dkr, dkp, dkc, qi, ki, gi, gn, ge, er, ec, DAQ, DM, abase, offs_i, offs_s, m_i, m_ik,
+                  BT, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """`_bwd_intra_split`'s diagonal tile by four dots: row side sum_{j <= i} dA_ij k_j exp(G_n - G_j), scaled by
+    er = exp(G_i - G_n); column side sum_{s >= i} dA_si x_s exp(G_s - G_e), scaled by ec = exp(G_e - G_i) (every
+    exponent <= the sub-chunk's gate span). The (BC, BC) dA tiles are read once, lower triangle, valid rows and
+    columns only."""
+    keep = (offs_s[:, None] >= offs_s[None, :]) & m_i[:, None] & m_i[None, :]
+    tile = abase + offs_i[:, None] * BT + offs_i[None, :]
+    daq = tl.where(keep, tl.load(DAQ + tile), 0.0)
+    dm = tl.where(keep, tl.load(DM + tile), 0.0)
+    qf = qi.to(tl.float32)
+    kf = ki.to(tl.float32)
+    ref = tl.zeros([BC, BK], dtype=ki.dtype)
+    kn = tl.where(m_ik, kf * tl.exp(gn[None, :] - gi), 0.0)
+    eg = tl.where(m_ik, tl.exp(gi - ge[None, :]), 0.0)
+    z = tl.zeros([BC, BK], dtype=tl.float32)
+    dqi += er * _split_dot2(daq, kn, z, ref, SPLIT, PREC)
+    dkr += er * _split_dot2(dm, kn, z, ref, SPLIT, PREC)
+    dkp += ec * _split_dot2(tl.trans(daq), qf * eg, z, ref, SPLIT, PREC)
+    dkc += ec * _split_dot2(tl.trans(dm), kf * eg, z, ref, SPLIT, PREC)
+    return dqi, dkr, dkp, dkc
+
+
+@triton.jit
 def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
                      NH, T, DIMK, NT,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                     UNROLL: tl.constexpr = 1):
+                     UNROLL: tl.constexpr = 1, DIAG_LIM: tl.constexpr = 0.0):
     # _bwd_intra by (BC, BC) tiles over one Dk block (cfg intra_b="split"; grid: Dk block, chunk x sub-chunk,
     # batch x head): the rows of sub-chunk p against each earlier sub-chunk (referenced to gn = G at p's first
     # row) and against each later one (referenced to ge = G at p's last row), one dot per tile and matrix
@@ -819,15 +889,22 @@ def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
         dm = tl.load(DM + abase + offs_j[:, None] * BT + offs_i[None, :])
         dkp = _split_dot2(tl.trans(daq), qj.to(tl.float32) * eg, dkp, qj, SPLIT, PREC)
         dkc = _split_dot2(tl.trans(dm), kj.to(tl.float32) * eg, dkc, kj, SPLIT, PREC)
-    e = tl.exp(ge[None, :] - gi)
-    dkp = dkp * e
-    dkc = dkc * e
-    # the diagonal tile, exact, one step s at a time, UNROLL steps unrolled per loop iteration (so that their
-    # loads, rows of q, k, G and of the two dA tiles, need not wait for the step before)
-    for j0 in range(0, BC, UNROLL):
-        for u in tl.static_range(UNROLL):
-            dqi, dkr, dkp, dkc = _bwd_diag_step(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt,
-                                                gi, n, p * BC + j0 + u, BT, offs_i, offs_k, m_k, T, DIMK)
+    ec = tl.exp(ge[None, :] - gi)
+    dkp = dkp * ec
+    dkc = dkc * ec
+    if DIAG_LIM > 0:
+        # the diagonal tile as dots (cfg diag_lim_b), row side referenced to gn, column side to ge, as the tiles
+        # before and after it, when the sub-chunk's gates span at most DIAG_LIM; else the exact steps
+        span = tl.maximum(_gate_span(gn[None, :] - gi, m_ik), _gate_span(gi - ge[None, :], m_ik))
+        if span <= DIAG_LIM:
+            dqi, dkr, dkp, dkc = _bwd_diag_dot(dqi, dkr, dkp, dkc, qi, ki, gi, gn, ge, e, ec, DAQ, DM, abase, offs_i,
+                                               offs_s, m_i, m_ik, BT, BC, BK, SPLIT, PREC)
+        else:
+            dqi, dkr, dkp, dkc = _bwd_diag_steps(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt,
+                                                 gi, n, p, BT, BC, offs_i, offs_k, m_k, T, DIMK, UNROLL)
+    else:
+        dqi, dkr, dkp, dkc = _bwd_diag_steps(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt, gi,
+                                             n, p, BT, BC, offs_i, offs_k, m_k, T, DIMK, UNROLL)
     _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :],
                       b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :], m_k, m_ik, qi, ki, dqi, dkr, dkp,
                       dkc)
@@ -1008,7 +1085,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     steps unrolled that many per loop iteration in ``_intra_split`` / ``_bwd_intra_split``, so that the steps'
     row loads are in flight together (the profile at B=2 T=8192 puts 2.26 of 5.2 ms fwd+bwd in the two kernels;
     ptxas sm_90: 96 -> 185 registers for the backward fully unrolled, 96 at 2 or 4). H100, B=2 T=8192: unroll_i=2
-    (the 16-bit GPU default) forward 1.668 -> 1.558 ms; unroll_ib gains < 1 % at 2 / 4 and loses 22 % at 16."""
+    (the 16-bit GPU default) forward 1.668 -> 1.558 ms; unroll_ib gains < 1 % at 2 / 4 and loses 22 % at 16.
+    ``diag_lim`` / ``diag_lim_b`` (split kernels; 0, off, by default; opt-in, not yet timed on a GPU): a sub-chunk
+    whose gates span at most that many nats (the largest G_first - G_row over its channels and rows, at most
+    DIAG_LIM_MAX) runs its diagonal tile as dots, factored at the sub-chunk's first / last row as the tiles off the
+    diagonal are (one dot per matrix forward, four backward), instead of BC dependent steps; wider spans (strong
+    gates) keep the exact steps."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
@@ -1045,6 +1127,16 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
         if not isinstance(u, int) or u < 1 or u & (u - 1) or u > cfg["BC"]:
             raise ValueError(f"{key} (diagonal steps unrolled per loop iteration) must be a power of two "
                              f"<= BC={cfg['BC']}, got {u!r}")
+    for key in ("diag_lim", "diag_lim_b"):
+        lim = cfg.get(key, 0.0)
+        if isinstance(lim, bool) or not isinstance(lim, (int, float)) or not 0 <= lim <= DIAG_LIM_MAX:
+            raise ValueError(f"{key} (the gate span up to which the diagonal tile runs as dots; 0: never) must be a "
+                             f"number in [0, {DIAG_LIM_MAX}], got {lim!r}")
+    if cfg.get("diag_lim", 0) > 0 and (cfg.get("intra") != "split" or cfg.get("diag") == "bcast"):
+        raise ValueError("diag_lim needs intra='split' with the step diagonal (diag='steps'); got "
+                         f"intra={cfg.get('intra')!r}, diag={cfg.get('diag', 'steps')!r}")
+    if cfg.get("diag_lim_b", 0) > 0 and cfg.get("intra_b") != "split":
+        raise ValueError(f"diag_lim_b needs intra_b='split', got intra_b={cfg.get('intra_b')!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
     if cfg.get("diag") == "bcast" and (cfg.get("intra") != "split" or cfg.get("BKD", 0) < 16
@@ -1090,6 +1182,8 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
                 extra["BKD"] = min(cfg["BKD"], bk)
             if split_intra and "unroll_i" in cfg:
                 extra["UNROLL"] = cfg["unroll_i"]
+            if split_intra and cfg.get("diag_lim", 0) > 0:
+                extra["DIAG_LIM"] = float(cfg["diag_lim"])
             (_intra_split if split_intra else _intra)[grid](
                 q, k, gc, aqk, akk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
@@ -1244,7 +1338,8 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bki, SPLIT=split, PREC=prec,
-            UNROLL=cfg.get("unroll_ib", 1), num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
+            UNROLL=cfg.get("unroll_ib", 1), DIAG_LIM=float(cfg.get("diag_lim_b", 0.0)),
+            num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
     else:
         _bwd_intra[(nt, bt // bc, b * h)](
             q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
