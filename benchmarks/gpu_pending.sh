@@ -62,9 +62,9 @@
 #                all sub-chunks in one (BT, BK) tile; intra="chunk": the forward scores per chunk over channel
 #                blocks; no spills at 32 / 8 warps and 64 / 8 warps, ptxas sm_90): GPU checks, the sweep at 2x8192
 #                against the split defaults (1.57 + 0.58 ms of KDA's 5.2 there), every op vs SDPA at 2x8192
-#   kda-dot      issue 5: KDA's diagonal tiles as dots where a sub-chunk's gates span at most diag_lim nats (cfg
-#                diag_lim / diag_lim_b, thirteenth session, opt-in): GPU checks (variant diag-dot included), the sweep
-#                at 2x8192 (dot-f*, dot-b*, dot-fb*), KDA's profile, every op vs SDPA at 2x8192 (no fla needed)
+#   kda-dot      issue 5: KDA's and GLA's diagonal tiles as dots where a sub-chunk's gates span at most diag_lim nats
+#                (cfg diag_lim / diag_lim_b, thirteenth session, opt-in): GPU checks (variants diag-dot included), the
+#                sweeps at 2x8192 (dot-*), both profiles, every op vs SDPA at 2x8192 (no fla needed; LINEAR_S=400)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -166,8 +166,9 @@ for s in $SECTIONS; do
               --no-torch --sweep-ops kda --sweep-only chunk --sweep-shape 2x8192 --profile-ops kda \
               --profile-shape 2x8192 --ops kda,gdn,sdpa --shapes 2x8192 > "$OUT/kda_chunk_log.txt" 2>&1 ;;
     kda-dot) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdadot" --check quick --no-decode \
-              --no-torch --sweep-ops kda --sweep-only dot,unroll-i1 --sweep-shape 2x8192 --profile-ops kda \
-              --profile-shape 2x8192 --ops kda,gdn,sdpa --shapes 2x8192 > "$OUT/kda_dot_log.txt" 2>&1 ;;
+              --no-torch --sweep-ops kda,gla --sweep-only dot,unroll-i1,scores-split --sweep-shape 2x8192 \
+              --profile-ops kda,gla --profile-shape 2x8192 --ops kda,gla,gdn,sdpa --shapes 2x8192 \
+              > "$OUT/kda_dot_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

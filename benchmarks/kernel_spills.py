@@ -185,6 +185,7 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     ("gla _intra_a", tg._intra_a, dict(BT=64, BC=16, BK=128, PREC="tf32"), 8),
     ("gla _fwd_o", tg._fwd_o, dict(BT=64, BK=128, BV=64, PREC="tf32"), 8),
     ("gla _bwd_intra_split (BK 32)", tg._bwd_intra_split, dict(BT=64, BC=16, BK=32, PREC="tf32"), 2),
+    ("gla _bwd_intra_split (BK 32) dot", tg._bwd_intra_split, dict(BT=64, BC=16, BK=32, PREC="tf32", DIAG_LIM=20.0), 2),
     ("gla _bwd_dqkg (BK 64)", tg._bwd_dqkg, dict(BT=64, BK=64, BV=64, HAS_H0=False, PREC="tf32"), 4),
     ("gla _bwd_dqkg (BK 64)", tg._bwd_dqkg, dict(BT=64, BK=64, BV=64, HAS_H0=False, PREC="tf32"), 8),
     ("gla _bwd_dv", tg._bwd_dv, dict(BT=64, BK=64, BV=64, PREC="tf32"), 4),

@@ -65,7 +65,8 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 # only adopted if it passes: "split" (the state kernels' hi/lo split, the default before split_h=False) and the
 # inter-chunk backward per Dk block.
 GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4)),
-                      ("scores-split", dict(intra_f="split", warps_f=4))]
+                      ("scores-split", dict(intra_f="split", warps_f=4)),
+                      ("diag-dot", dict(intra_f="split", warps_f=4, diag_lim=60, diag_lim_b=60))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(pre=False)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -442,6 +443,12 @@ def sweep_variants(op: str) -> list:
                                                                   warps_o=wo)))
         # the forward's scores by (BC, BC) tiles (KDA's score kernel without M)
         variants += [(f"scores-split-w{w}", dict(intra_f="split", warps_f=w)) for w in (2, 4, 8)]
+        # the diagonal tiles as dots where the sub-chunk's gates span at most 20 nats: intra backward, split
+        # scores, both
+        variants += [("dot-b20", dict(diag_lim_b=20)),
+                     ("dot-f20-w4", dict(intra_f="split", warps_f=4, diag_lim=20)),
+                     ("dot-fb20-w4", dict(intra_f="split", warps_f=4, diag_lim=20, diag_lim_b=20)),
+                     ("dot-fb20-w8", dict(intra_f="split", warps_f=8, diag_lim=20, diag_lim_b=20))]
     else:
         variants.append(("split", dict(split=True)))
         for bv, w in ((32, 4), (64, 8), (16, 4), (32, 2), (16, 2), (32, 8)):  # 32 x 8: no spills (ptxas sm_90)

@@ -270,6 +270,30 @@ def test_split_scores_match_recurrence():
         torch.testing.assert_close(val, fused[n], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("t,gate,dk", [(70, "paper", 24), (19, "strong", 32), (64, "strong", 32)])
+def test_diagonal_dots_match_recurrence(t, gate, dk):
+    """``diag_lim`` / ``diag_lim_b``: the diagonal tiles of the split scores and of the split intra backward as
+    dots where the sub-chunk's gates span at most the limit: "paper" gates (spans of ~1 nat: every tile by dots,
+    so the results differ from the steps in the last bits), "strong" ones (every third channel ~-5 a step: full
+    sub-chunks keep the steps, bit-identical at T 64; T 19 ends in a 3-step sub-chunk that takes the dots);
+    against the float64 recurrence and the steps (Dk 24: a padded channel block)."""
+    dv = 16
+    scale = dk ** -0.5
+    x = make(t, dk, dv, gate, seed=t + 19)
+    want = reference(x, True, scale)
+    steps_cfg = dict(SPLIT_INTRA, intra_f="split", warps_f=1)
+    got = run_kernels(x, True, scale, cfg=dict(steps_cfg, diag_lim=tg.DIAG_LIM_MAX, diag_lim_b=tg.DIAG_LIM_MAX))
+    steps = run_kernels(x, True, scale, cfg=steps_cfg)
+    for n, val in got.items():
+        check_close(f"dots T{t}/{gate}/{n}", val.cpu(), want[n].float())
+        torch.testing.assert_close(val, steps[n], rtol=1e-4, atol=1e-4)
+    differ = [n for n in got if not torch.equal(got[n], steps[n])]
+    if gate == "paper":
+        assert {"o", "dq", "dk"} & set(differ), "the dot paths never ran"
+    elif t == 64:
+        assert not differ, differ
+
+
 def test_bad_intra_choice():
     q = torch.randn(1, 1, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="intra"):
@@ -284,6 +308,11 @@ def test_bad_intra_choice():
         tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=dict(SUB, inter="split", BK_Q=24))
     with pytest.raises(ValueError, match="BKD"):
         tg.fwd(q, q, q, q, None, 0.25, cfg=dict(SUB, diag="bcast", BKD=12))
+    for bad in (dict(SUB, intra_f="split", diag_lim=-1.0), dict(SUB, intra_f="split", diag_lim=61),
+                dict(SUB, intra_f="split", diag_lim=True), dict(SUB, diag_lim=20),
+                dict(SUB, diag_lim_b=20), dict(SUB, intra="split", diag="bcast", BKD=16, diag_lim_b=20)):
+        with pytest.raises(ValueError, match="diag_lim"):
+            tg.bwd(q, None, q, q, q, q, None, 0.25, cfg=bad)
 
 
 @pytest.mark.parametrize("t,dk,bt", [(40, 24, 16), (64, 8, 32), (5, 130, 16)])

@@ -95,6 +95,9 @@ from . import _core
 from .triton_kernels import _empty, _keep, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the largest gate span (nats) a diagonal tile may run as dots with (cfg diag_lim / diag_lim_b of GLA and KDA): its
+# factors reach exp(span) = 1e26 at 60, far from float32's (and bfloat16's) 3e38 for any sane |k|
+DIAG_LIM_MAX = 60.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,11 +375,18 @@ def _bwd_da(V, DO, DA, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, NH, T, DIMV, NT, scal
 
 
 @triton.jit
+def _gate_span(x, mask):
+    """The largest entry of x where mask (0 elsewhere): the largest exponent a factored diagonal tile needs. NaN
+    and +inf compare false against any limit, so such tiles take the exact steps."""
+    return tl.max(tl.max(tl.where(mask, x, 0.0), 1), 0)
+
+
+@triton.jit
 def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                      NH, T, DIMK, NT,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                     DIAG3: tl.constexpr = False):
+                     DIAG3: tl.constexpr = False, DIAG_LIM: tl.constexpr = 0.0):
     # the intra-chunk dq, dk of sub-chunk p over one Dk block, from the precomputed DA (see _bwd_da);
     # grid (Dk block, chunk x sub-chunk, batch x head). DQI, DKI: float32 (B*H, T, Dk) contiguous
     ik = tl.program_id(0)
@@ -419,8 +429,26 @@ def _bwd_intra_split(Q, K, G, DA, DQI, DKI,
         qg = (qj.to(tl.float32) * tl.exp(gj - ge[None, :])).to(qj.dtype)
         da = tl.load(dabase + offs_j[:, None] * BT + offs_i[None, :])  # dA[j, i]
         dk = tl.dot(tl.trans(da).to(qj.dtype), qg, dk, input_precision=PREC)
-    dk = dk * tl.exp(ge[None, :] - gi)
-    if DIAG3:
+    ec = tl.exp(ge[None, :] - gi)
+    dk = dk * ec
+    if DIAG_LIM > 0:
+        # the diagonal tile as two dots, factored at gn (rows) and ge (columns) as the tiles off it, when the
+        # sub-chunk's gates span at most DIAG_LIM nats (cfg diag_lim_b); else the exact steps
+        m_ik = m_i[:, None] & m_k[None, :]
+        if tl.maximum(_gate_span(gn[None, :] - gi, m_ik), _gate_span(gi - ge[None, :], m_ik)) <= DIAG_LIM:
+            ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_ik, other=0.0)
+            qi = tl.load(qbase + ti[:, None] * s_qt + offs_k[None, :], mask=m_ik, other=0.0)
+            keep = (offs_s[:, None] >= offs_s[None, :]) & m_i[:, None] & m_i[None, :]
+            dd = tl.where(keep, tl.load(dabase + offs_i[:, None] * BT + offs_i[None, :]), 0.0).to(ki.dtype)
+            kn = tl.where(m_ik, ki.to(tl.float32) * tl.exp(gn[None, :] - gi), 0.0).to(ki.dtype)
+            qe = tl.where(m_ik, qi.to(tl.float32) * tl.exp(gi - ge[None, :]), 0.0).to(qi.dtype)
+            z = tl.zeros([BC, BK], dtype=tl.float32)
+            dq += tl.exp(gi - gn[None, :]) * tl.dot(dd, kn, z, input_precision=PREC)
+            dk += ec * tl.dot(tl.trans(dd), qe, z, input_precision=PREC)
+        else:
+            dq, dk = _bwd_diag_steps(qbase, kbase, gbase, dabase, gi, dq, dk, s_qt, s_kt, n, p, T, DIMK,
+                                     offs_i, offs_k, m_k, BT, BC)
+    elif DIAG3:
         # the diagonal sub-chunk, exact, as (BC, BC, BK) products: i on axis 0, j on axis 1
         ki = tl.load(kbase + ti[:, None] * s_kt + offs_k[None, :], mask=m_i[:, None] & m_k[None, :],
                      other=0.0).to(tl.float32)
@@ -631,6 +659,9 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     (BC, BT) row block) or "split" (``triton_kda._intra_split`` without M: one dot per earlier (BC, BC) tile,
     the exact per-step loop on the diagonal tile only, warps_f warps; opt-in, not yet timed on a GPU; the
     same change took KDA's forward from 2.07 to 1.70 ms).
+    diag_lim / diag_lim_b (with intra_f="split" / intra="split"; 0, off, by default; opt-in, not yet timed on a
+    GPU): as KDA's, the diagonal (BC, BC) tile of the scores / of the intra backward as dots where the sub-chunk's
+    gates span at most that many nats (<= DIAG_LIM_MAX), the exact steps elsewhere.
     Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
     from the H200 sweep below."""
     pk, pv = _pow2(dk), _pow2(dv)
@@ -656,6 +687,15 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
                 split_h=False, inter="split", BK_Q=min(64, pk), warps_q=4)
 
 
+def check_diag_lim(cfg: dict, keys) -> None:
+    """Each of ``keys`` in cfg (default 0): a number in [0, DIAG_LIM_MAX], else ValueError."""
+    for key in keys:
+        lim = cfg.get(key, 0.0)
+        if isinstance(lim, bool) or not isinstance(lim, (int, float)) or not 0 <= lim <= DIAG_LIM_MAX:
+            raise ValueError(f"{key} (the gate span up to which the diagonal tile runs as dots; 0: never) must be a "
+                             f"number in [0, {DIAG_LIM_MAX}], got {lim!r}")
+
+
 def _check_cfg(cfg: dict) -> None:
     if cfg.get("intra", "fused") not in ("fused", "split"):
         raise ValueError(f"intra must be 'fused' or 'split', got {cfg['intra']!r}")
@@ -665,6 +705,12 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"inter must be 'fused' or 'split', got {cfg['inter']!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
+    check_diag_lim(cfg, ("diag_lim", "diag_lim_b"))
+    if cfg.get("diag_lim", 0) > 0 and cfg.get("intra_f") != "split":
+        raise ValueError(f"diag_lim needs intra_f='split', got intra_f={cfg.get('intra_f')!r}")
+    if cfg.get("diag_lim_b", 0) > 0 and (cfg.get("intra") != "split" or cfg.get("diag") == "bcast"):
+        raise ValueError("diag_lim_b needs intra='split' with the step diagonal (diag='steps'); got "
+                         f"intra={cfg.get('intra')!r}, diag={cfg.get('diag', 'steps')!r}")
     if cfg.get("diag") == "bcast":
         bkd = cfg.get("BKD", 0)
         if bkd < 16 or bkd & (bkd - 1):
@@ -751,7 +797,8 @@ def _scores(q, k, gc, scale, cfg, poison):
         _intra_split[(nt * (bt // bc), b * h)](
             q, k, gc, a, a, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, t, dk, nt, float(scale), BT=bt, BC=bc, BK=_pow2(dk), SPLIT=False, PREC=_prec(q.dtype),
-            WITH_KK=False, num_warps=cfg.get("warps_f", 4), num_stages=cfg["stages"])
+            WITH_KK=False, DIAG_LIM=float(cfg.get("diag_lim", 0.0)), num_warps=cfg.get("warps_f", 4),
+            num_stages=cfg["stages"])
         return a
     _intra_a[(nt, bt // bc, b * h)](
         q, k, gc, a, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -842,7 +889,7 @@ def bwd(do, dht, q, k, v, g, s0, scale: float, cfg: dict | None = None, poison: 
         _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc), b * h)](
             q, k, gc, da, dqi, dki, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, t, dk, nt, BT=bt, BC=bc, BK=bki, PREC=_prec(q.dtype), DIAG3=cfg.get("diag") == "bcast",
-            num_warps=cfg.get("warps_i", 4), num_stages=cfg["stages"])
+            DIAG_LIM=float(cfg.get("diag_lim_b", 0.0)), num_warps=cfg.get("warps_i", 4), num_stages=cfg["stages"])
     else:
         _bwd_intra[(nt, bt // bc, b * h)](
             q, k, v, gc, do, dqi, dki,

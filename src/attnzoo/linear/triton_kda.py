@@ -61,13 +61,10 @@ import triton.language as tl
 from . import _core
 from . import triton_delta as _td
 from .triton_delta import _split_dot2, _state_side, _value_side
-from .triton_gla import chunk_cumsum
+from .triton_gla import DIAG_LIM_MAX, _gate_span, chunk_cumsum, check_diag_lim
 from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# the largest gate span (nats) a diagonal tile may run as dots with (cfg diag_lim / diag_lim_b): its factors reach
-# exp(span) = 1e26 at 60, far from float32's (and bfloat16's) 3e38 for any sane |k|
-DIAG_LIM_MAX = 60.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,13 +101,6 @@ def _diag_steps(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, BT, BC, offs_i, of
             aq, ak = _diag_acc(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, j0 + u, BT, BC, offs_i, offs_s, offs_k,
                                m_k, T, DIMK)
     return aq, ak
-
-
-@triton.jit
-def _gate_span(x, mask):
-    """The largest entry of x where mask (0 elsewhere): the largest exponent a factored diagonal tile needs. NaN
-    and +inf compare false against any limit, so such tiles take the exact steps."""
-    return tl.max(tl.max(tl.where(mask, x, 0.0), 1), 0)
 
 
 @triton.jit
@@ -1127,11 +1117,7 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
         if not isinstance(u, int) or u < 1 or u & (u - 1) or u > cfg["BC"]:
             raise ValueError(f"{key} (diagonal steps unrolled per loop iteration) must be a power of two "
                              f"<= BC={cfg['BC']}, got {u!r}")
-    for key in ("diag_lim", "diag_lim_b"):
-        lim = cfg.get(key, 0.0)
-        if isinstance(lim, bool) or not isinstance(lim, (int, float)) or not 0 <= lim <= DIAG_LIM_MAX:
-            raise ValueError(f"{key} (the gate span up to which the diagonal tile runs as dots; 0: never) must be a "
-                             f"number in [0, {DIAG_LIM_MAX}], got {lim!r}")
+    check_diag_lim(cfg, ("diag_lim", "diag_lim_b"))
     if cfg.get("diag_lim", 0) > 0 and (cfg.get("intra") != "split" or cfg.get("diag") == "bcast"):
         raise ValueError("diag_lim needs intra='split' with the step diagonal (diag='steps'); got "
                          f"intra={cfg.get('intra')!r}, diag={cfg.get('diag', 'steps')!r}")
