@@ -477,9 +477,9 @@ def sweep_variants(op: str) -> list:
                          for bk, w in ((64, 8), (32, 4), (32, 8), (16, 4))]
             variants += [("chunk-both", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8))]
             # the diagonal tiles as dots where the sub-chunk's gates span at most L nats (forward, backward, both)
-            variants += [(f"dot-{side}{lim}", dict(over, diag_lim=lim) if side == "f" else
-                          dict(over, diag_lim_b=lim) if side == "b" else dict(over, diag_lim=lim, diag_lim_b=lim))
-                         for lim in (20, 60) for side, over in (("f", {}), ("b", {}), ("fb", {}))]
+            for lim in (20, 60):
+                variants += [(f"dot-f{lim}", dict(diag_lim=lim)), (f"dot-b{lim}", dict(diag_lim_b=lim)),
+                             (f"dot-fb{lim}", dict(diag_lim=lim, diag_lim_b=lim))]
             # (the forward with both diagonal paths spills 152 B at 2 warps and none at 4, ptxas sm_90)
             variants += [("dot-f20w4", dict(diag_lim=20, warps_i=4)), ("dot-fb20w4", dict(diag_lim=20, diag_lim_b=20,
                                                                                          warps_i=4)),

@@ -286,8 +286,6 @@ def _gather(x, idx, inv, dim=1, pad_fwd=False, pad_bwd=False):
 # 4096 picks 6 groups there, 3 % more padding than 7. When the device is the bottleneck, extra groups' host time
 # hides under it, so a cost per group overstates them there; the sum is the simple, safe side of that.
 PACK_GROUP_WORK = 4096 * 16 * 128 * 128
-# the waste bound of the greedy grouping (`length_buckets(lens, waste=...)`, the rule before the cost model)
-PACK_WASTE = 1.25
 
 
 def group_tokens(h: int, dk: int, dv: int) -> int:
