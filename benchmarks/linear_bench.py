@@ -487,8 +487,8 @@ def sweep_variants(op: str) -> list:
                          ("dot-fb20-ib-k64w4", dict(diag_lim=20, diag_lim_b=20, BK_I=64, warps_ib=4))]
             # with the main backward in three passes (lost to the fused one in the eleventh session, 5.92-6.69 ms
             # against 5.70, before the precomputed gate factors and the dots)
-            variants += [(f"dot-fb20-main-seq-b{bv}w8", dict(diag_lim=20, diag_lim_b=20, main="seq", BV_B=bv, warps_b=8))
-                         for bv in (32, 64)]
+            variants += [(f"dot-fb20-main-seq-b{bv}w8",
+                          dict(diag_lim=20, diag_lim_b=20, main="seq", BV_B=bv, warps_b=8)) for bv in (32, 64)]
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five

@@ -332,8 +332,9 @@ def test_diagonal_dots_engage_by_gate_span():
     from the steps in the last float32 bits, and agree to rounding); with extreme gates (spans of ~80 nats > 60)
     every full sub-chunk keeps the exact steps (bit-identical); bad limits raise."""
     dot = dict(SUB64, intra="split", warps_i=1, intra_b="split", BK_I=16, warps_ib=1)
-    for gate, same, t in (("mild", False, 70), ("extreme", True, 64)):  # (70 would end in a 6-step sub-chunk,
-        x = make(t, 32, 16, gate, seed=23)                                 # whose span of ~25 nats takes the dots)
+    # extreme gates at T 64: T 70 would end in a 6-step sub-chunk, whose span of ~25 nats takes the dots
+    for gate, same, t in (("mild", False, 70), ("extreme", True, 64)):
+        x = make(t, 32, 16, gate, seed=23)
         steps = run_kernels(x, True, 32 ** -0.5, cfg=dot)
         dots = run_kernels(x, True, 32 ** -0.5, cfg=dict(dot, diag_lim=tk.DIAG_LIM_MAX, diag_lim_b=tk.DIAG_LIM_MAX))
         for n in steps:
@@ -362,8 +363,8 @@ def test_float16_diagonal_dots_protocol_rule():
     base = reference(x, True, scale, dtype=torch.float16)
     for split in (False, True):
         got = run_kernels(x, True, scale, dtype=torch.float16,
-                          cfg=dict(SUB64, split=split, intra="split", warps_i=1, diag_lim=tk.DIAG_LIM_MAX, intra_b="split",
-                                   BK_I=16, warps_ib=1, diag_lim_b=tk.DIAG_LIM_MAX))
+                          cfg=dict(SUB64, split=split, intra="split", warps_i=1, diag_lim=tk.DIAG_LIM_MAX,
+                                   intra_b="split", BK_I=16, warps_ib=1, diag_lim_b=tk.DIAG_LIM_MAX))
         for n, val in got.items():
             val = val.cpu()
             assert not torch.isnan(val).any(), f"{n}: NaN"

@@ -7,8 +7,8 @@ returns ``(o, final_state)``, in three forms that agree: ``mode="chunk"`` (chunk
 :mod:`attnzoo.linear.naive`). Each op has a ``*_step`` twin for decoding one token with O(1) state.
 Packed variable-length batches use ``cu_seqlens`` (B = 1; one state per sequence); on the Triton kernels (and
 on CUDA generally) sequences of similar length run as one zero-padded batch (`_core.length_buckets`: the
-grouping that minimises padded tokens plus a cost per group), not one launch of every kernel per sequence. This is the pure-PyTorch tier:
-differentiable by autograd, any float dtype (float32 compute for half precision).
+grouping that minimises padded tokens plus a cost per group), not one launch of every kernel per sequence. This
+is the pure-PyTorch tier: differentiable by autograd, any float dtype (float32 compute for half precision).
 """
 from .delta_rule import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, kda, kda_step
 from .feature_maps import FEATURE_MAPS, HedgehogFeatureMap

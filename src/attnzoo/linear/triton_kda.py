@@ -61,7 +61,7 @@ import triton.language as tl
 from . import _core
 from . import triton_delta as _td
 from .triton_delta import _split_dot2, _state_side, _value_side
-from .triton_gla import DIAG_LIM_MAX, _gate_span, chunk_cumsum, check_diag_lim  # noqa: F401 (DIAG_LIM_MAX: re-exported)
+from .triton_gla import DIAG_LIM_MAX, _gate_span, chunk_cumsum, check_diag_lim  # noqa: F401
 from .triton_kernels import _empty, _last_unit, _pow2, _prec, _split_dot, _state_in, fit_state_tiles
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
