@@ -65,6 +65,9 @@
 #   kda-dot      issue 5: KDA's and GLA's diagonal tiles as dots where a sub-chunk's gates span at most diag_lim nats
 #                (cfg diag_lim / diag_lim_b, thirteenth session, opt-in): GPU checks (variants diag-dot included), the
 #                sweeps at 2x8192 (dot-*), both profiles, every op vs SDPA at 2x8192 (no fla needed; LINEAR_S=400)
+#   dots-on      issue 5: the dots as KDA's and GLA's 16-bit GPU default (fourteenth session): GPU checks (no-dot
+#                variants included), the sweep's no-dot / limit-60 / 32-channel rows at 2x8192, both profiles, every
+#                op vs SDPA at 2x8192, 8x2048, 4x8192 (no fla needed; LINEAR_S=300)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -98,7 +101,7 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # still owed after the thirteenth session (2026-12-05, H100): KDA's diagonal tiles as dots (kda-dot, with the GPU
 # checks), the packed groupings again with the strided group views (linear-packed); kda-chunk, linear-gla, windows and
 # linear-packed ran there
-SECTIONS=${*:-kda-dot linear-packed}
+SECTIONS=${*:-dots-on linear-packed}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -169,6 +172,10 @@ for s in $SECTIONS; do
               --no-torch --sweep-ops kda,gla --sweep-only dot,unroll-i1,scores-split --sweep-shape 2x8192 \
               --profile-ops kda,gla --profile-shape 2x8192 --ops kda,gla,gdn,sdpa --shapes 2x8192 \
               > "$OUT/kda_dot_log.txt" 2>&1 ;;
+    dots-on) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/dotson" --check quick --no-decode \
+              --no-torch --sweep-ops kda,gla --sweep-only no-dot,dot-fb60,ib-k32w4 --sweep-shape 2x8192 \
+              --profile-ops kda,gla --profile-shape 2x8192 --ops simple_gla,gla,gdn,kda,sdpa \
+              --shapes 2x8192,8x2048,4x8192 > "$OUT/dots_on_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -66,7 +66,8 @@ OPS = {"simple_gla", "gla", "gdn", "kda", "sdpa"}  # --ops: which ops the speed 
 # inter-chunk backward per Dk block.
 GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter="split", BK_Q=64, warps_q=4)),
                       ("scores-split", dict(intra_f="split", warps_f=4)),
-                      ("diag-dot", dict(intra_f="split", warps_f=4, diag_lim=60, diag_lim_b=60))]
+                      ("diag-dot", dict(intra_f="split", warps_f=4, diag_lim=60, diag_lim_b=60)),
+                      ("no-dot", dict(intra_f="fused", diag_lim=0, diag_lim_b=0))]
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(pre=False)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -75,7 +76,7 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(
                       ("unroll16", dict(unroll_i=16, unroll_ib=16)),
                       ("ib-chunk", dict(intra_b="chunk", BK_I=32, warps_ib=8)),
                       ("chunk", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8)),
-                      ("diag-dot", dict(diag_lim=60, diag_lim_b=60))]
+                      ("diag-dot", dict(diag_lim=60, diag_lim_b=60)), ("no-dot", dict(diag_lim=0, diag_lim_b=0))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -418,6 +419,25 @@ def sweep(reps, b=8, t=2048):
     return rows
 
 
+def variant_cfg(op: str, default: dict, over: dict) -> dict:
+    """``default`` updated with a variant's ``over``. The diagonal dots (diag_lim / diag_lim_b, on in the 16-bit GPU
+    defaults of KDA and GLA) run only in the split intra kernels with the step diagonal: a variant that picks
+    another intra path, and does not name the limit itself, runs without them, as it did before they were on."""
+    cfg = dict(default, **over)
+    if op == "kda":
+        fwd_ok = cfg.get("intra") == "split" and cfg.get("diag", "steps") == "steps"
+        bwd_ok = cfg.get("intra_b") == "split"
+    elif op == "gla":
+        fwd_ok = cfg.get("intra_f") == "split"
+        bwd_ok = cfg.get("intra") == "split" and cfg.get("diag", "steps") == "steps"
+    else:
+        return cfg
+    for key, ok in (("diag_lim", fwd_ok), ("diag_lim_b", bwd_ok)):
+        if not ok and key not in over:
+            cfg[key] = 0.0
+    return cfg
+
+
 def sweep_variants(op: str) -> list:
     """[(name, config overrides)] of ``op``'s sweep (gla, gdn, kda), "default" first."""
     variants = [("default", {})]
@@ -489,6 +509,9 @@ def sweep_variants(op: str) -> list:
             # against 5.70, before the precomputed gate factors and the dots)
             variants += [(f"dot-fb20-main-seq-b{bv}w8",
                           dict(diag_lim=20, diag_lim_b=20, main="seq", BV_B=bv, warps_b=8)) for bv in (32, 64)]
+    if op in ("gla", "kda"):  # the default before the diagonal dots (exact steps on every diagonal tile)
+        variants.append(("no-dot", dict(diag_lim=0, diag_lim_b=0, **(dict(intra_f="fused") if op == "gla" else
+                                                                     dict(BK_I=32)))))
     for bv, w in ((32, 4), (128, 8), (64, 8)):
         variants.append((f"o{bv}w{w}", dict(BV_O=bv, warps_o=w)))
     for bv, w in ((32, 8), (16, 4), (64, 8), (32, 16), (64, 16)):  # 16 warps: the main backward's five
@@ -556,7 +579,7 @@ def sweep_op(op, reps, b=8, t=2048, only=()):
     if only:
         variants = [vr for vr in variants if vr[0] == "default" or any(o in vr[0] for o in only)]
     for name, over in variants:
-        cfg = dict(default, **over)
+        cfg = variant_cfg(op, default, over)
         extra = dict(variant=name, cfg=cfg)
         try:
             o, st = mod.fwd(*args, scale, cfg=cfg)
@@ -758,7 +781,7 @@ def config_override(kind: str, over: dict):
 
     def patched(dk, dv, dtype, device):
         cfg = orig(dk, dv, dtype, device)
-        return dict(cfg, **over) if device.type == "cuda" and dtype != torch.float32 else cfg
+        return variant_cfg(kind, cfg, over) if device.type == "cuda" and dtype != torch.float32 else cfg
     mod.config = patched
     try:
         yield
@@ -897,7 +920,7 @@ def correctness_gdn(dtype, b=2, h=4, t=1000, dk=128, dv=128, kda=False, variant=
         ref = grads_of(chunk64, {n: a.double() for n, a in x.items()}, do.double(), ds.double())
         base = grads_of(recurrence, {n: a.to(dtype) for n, a in x.items()}, do, ds) if dtype != torch.float32 \
             else None
-        cfg = dict(td.config(dk, dv, dtype, q.device), **over) if over else None
+        cfg = variant_cfg("kda" if kda else "gdn", td.config(dk, dv, dtype, q.device), over) if over else None
         o, st = td.fwd(q, k, v, g, beta, s0, scale, cfg=cfg, poison=True)
         dq, dk_, dv_, dg, dbeta, ds0 = td.bwd(do, ds, q, k, v, g, beta, s0, scale, cfg=cfg, poison=True)
         got = dict(o=o, state=st, dq=dq, dk=dk_, dv=dv_, dg=dg, dbeta=dbeta, ds0=ds0)
@@ -931,7 +954,7 @@ def correctness_gla(dtype, b=2, h=4, t=1000, dk=128, dv=128, variant="default", 
         ref = grads_of(chunk64, {n: a.double() for n, a in x.items()}, do.double(), ds.double())
         base = grads_of(recurrence, {n: a.to(dtype) for n, a in x.items()}, do, ds) if dtype != torch.float32 \
             else None
-        cfg = dict(tg.config(dk, dv, dtype, q.device), **(over or {}))
+        cfg = variant_cfg("gla", tg.config(dk, dv, dtype, q.device), over or {})
         o, st = tg.fwd(q, k, v, g, s0, scale, cfg=cfg, poison=True)
         dq, dk_, dv_, dg, ds0 = tg.bwd(do, ds, q, k, v, g, s0, scale, cfg=cfg, poison=True)
         got = dict(o=o, state=st, dq=dq, dk=dk_, dv=dv_, dg=dg, ds0=ds0)

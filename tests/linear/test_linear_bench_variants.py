@@ -45,5 +45,34 @@ def test_16_bit_cuda_defaults_are_valid_and_kda_keeps_its_own_main_backward():
         td._check_cfg(cfg)
     assert (g["main"], g["BV_B"]) == ("seq", 64)
     assert (k["main"], k["BV_B"], k["pre"], k["unroll_i"]) == ("fused", 32, True, 2)
+    assert (k["diag_lim"], k["diag_lim_b"], k["BK_I"]) == (20.0, 20.0, 64)        # the diagonal tiles as dots
+    assert tk.config(32, 32, torch.bfloat16, cuda)["BK_I"] == 32
+    assert "diag_lim" not in tk.config(128, 128, torch.float32, cuda)
     assert td.config(64, 32, torch.bfloat16, cuda)["BV_B"] == 32                # never wider than Dv
     assert "main" not in td.config(128, 128, torch.float32, cuda)
+
+
+def test_every_sweep_variant_gives_a_valid_config_with_the_dots_on_by_default(lb):
+    # the dots need the split intra kernels: a variant that picks another path runs without them (else the sweep
+    # would record it as an error), one that names the limit keeps it
+    from attnzoo.linear import triton_gla as tg
+    from attnzoo.linear import triton_kda as tk
+    cuda = torch.device("cuda")
+    for op, mod in (("kda", tk), ("gla", tg)):
+        default = mod.config(128, 128, torch.bfloat16, cuda)
+        assert default["diag_lim"] > 0 and default["diag_lim_b"] > 0
+        for name, over in lb.sweep_variants(op):
+            mod._check_cfg(lb.variant_cfg(op, default, over))
+        for name, over in (lb.KDA_CHECK_VARIANTS if op == "kda" else lb.GLA_CHECK_VARIANTS):
+            cfg = lb.variant_cfg(op, default, over)
+            assert cfg["diag_lim"] == over.get("diag_lim", cfg["diag_lim"])
+    kda = tk.config(128, 128, torch.bfloat16, cuda)
+    fused = lb.variant_cfg("kda", kda, dict(intra_b="fused"))
+    assert (fused["diag_lim"], fused["diag_lim_b"]) == (20.0, 0.0)
+    bcast = lb.variant_cfg("kda", kda, dict(diag="bcast", BKD=32))
+    assert (bcast["diag_lim"], bcast["diag_lim_b"]) == (0.0, 20.0)
+    assert lb.variant_cfg("kda", kda, dict(BK_I=16)) == dict(kda, BK_I=16)      # split kept: dots kept
+    gla = tg.config(128, 128, torch.bfloat16, cuda)
+    assert lb.variant_cfg("gla", gla, dict(intra="fused"))["diag_lim_b"] == 0.0
+    assert lb.variant_cfg("gla", gla, dict(intra_f="fused"))["diag_lim"] == 0.0
+    assert lb.variant_cfg("gdn", {"BT": 64}, {"BT": 32}) == {"BT": 32}

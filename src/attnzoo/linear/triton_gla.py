@@ -657,10 +657,9 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     16-bit default since the H200 sweep of the second 2026-12-04 session: backward 3.95 -> 2.83 ms).
     intra_f: the forward's score kernel, "fused" (``_intra_a``: one program per sub-chunk and its whole
     (BC, BT) row block) or "split" (``triton_kda._intra_split`` without M: one dot per earlier (BC, BC) tile,
-    the exact per-step loop on the diagonal tile only, warps_f warps; opt-in, not yet timed on a GPU; the
-    same change took KDA's forward from 2.07 to 1.70 ms).
-    diag_lim / diag_lim_b (with intra_f="split" / intra="split"; 0, off, by default; opt-in, not yet timed on a
-    GPU): as KDA's, the diagonal (BC, BC) tile of the scores / of the intra backward as dots where the sub-chunk's
+    the exact per-step loop on the diagonal tile only, warps_f warps; the 16-bit GPU default).
+    diag_lim / diag_lim_b (with intra_f="split" / intra="split"; 20 in the 16-bit GPU default, else 0: off): as
+    KDA's, the diagonal (BC, BC) tile of the scores / of the intra backward as dots where the sub-chunk's
     gates span at most that many nats (<= DIAG_LIM_MAX), the exact steps elsewhere.
     Under the interpreter: chunks of 16 (one sub-chunk) and whole-dimension blocks. The GPU values are
     from the H200 sweep below."""
@@ -682,9 +681,13 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     # The inter-chunk backward per 64-channel Dk block (dq, dk, dg; 4 warps) with dv in its own kernel:
     # backward 2.581 -> 2.470 ms (benchmarks/results/h200-2026-12-04-s5/call3/gla_inter_log.txt; 32 channels
     # 2.489, 8 warps 2.711, whole Dk 2.651).
+    # The split scores (4 warps) and both diagonal tiles as dots where a sub-chunk's gates span <= 20 nats: H200
+    # 2026-12-05, B=2 T=8192, forward 1.210 -> 0.794 ms, backward 2.744 -> 1.791 (8 warps 1.004 / 2.001;
+    # benchmarks/results/h200-2026-12-05-s14/call1/kda_dot_log.txt).
     return dict(BT=64, BC=16, BK_H=min(64, pk), BV_H=min(64, pv), BV_O=min(64, pv), BV_B=min(64, pv),
                 warps_h=4, warps_o=8, warps_b=8, stages=2, intra="split", BK_I=min(32, pk), warps_i=2,
-                split_h=False, inter="split", BK_Q=min(64, pk), warps_q=4)
+                split_h=False, inter="split", BK_Q=min(64, pk), warps_q=4, intra_f="split", warps_f=4, diag_lim=20.0,
+                diag_lim_b=20.0)
 
 
 def check_diag_lim(cfg: dict, keys) -> None:

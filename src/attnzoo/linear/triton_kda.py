@@ -1076,7 +1076,7 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     row loads are in flight together (the profile at B=2 T=8192 puts 2.26 of 5.2 ms fwd+bwd in the two kernels;
     ptxas sm_90: 96 -> 185 registers for the backward fully unrolled, 96 at 2 or 4). H100, B=2 T=8192: unroll_i=2
     (the 16-bit GPU default) forward 1.668 -> 1.558 ms; unroll_ib gains < 1 % at 2 / 4 and loses 22 % at 16.
-    ``diag_lim`` / ``diag_lim_b`` (split kernels; 0, off, by default; opt-in, not yet timed on a GPU): a sub-chunk
+    ``diag_lim`` / ``diag_lim_b`` (split kernels; 20 in the 16-bit GPU default, 0 (off) elsewhere): a sub-chunk
     whose gates span at most that many nats (the largest G_first - G_row over its channels and rows, at most
     DIAG_LIM_MAX) runs its diagonal tile as dots, factored at the sub-chunk's first / last row as the tiles off the
     diagonal are (one dot per matrix forward, four backward), instead of BC dependent steps; wider spans (strong
@@ -1094,16 +1094,17 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
         # forward 1.668 -> 1.558 ms, backward 5.156 -> 5.018 (benchmarks/results/h100-2026-12-05-s12/call4/
         # kda_unroll_log.txt). (32-wide state tiles were 1-2 % faster in that sweep, whose cfg skips
         # fit_state_tiles; through the op at B*H=32 the fitting narrows the tiles to 16 anyway.)
-        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=32, warps_ib=4, main="fused",
-                   BV_B=min(32, cfg["BV_B"]), pre=True, unroll_i=2)
+        # diag_lim = diag_lim_b = 20 (the diagonal tiles as dots where a sub-chunk's gates span <= 20 nats) with
+        # 64-channel intra-backward blocks: H200 2026-12-05, B=2 T=8192 H16 D128, forward 1.459 -> 1.120 ms,
+        # backward 4.613 -> 3.428 (32-channel blocks 3.516, limit 60 the same as 20; the GPU check 28/28;
+        # benchmarks/results/h200-2026-12-05-s14/call1/kda_dot_log.txt)
+        cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=64 if dk >= 64 else 32, warps_ib=4,
+                   main="fused", BV_B=min(32, cfg["BV_B"]), pre=True, unroll_i=2, diag_lim=20.0, diag_lim_b=20.0)
     return cfg
 
 
-def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
-    q, k, v = (_last_unit(x) for x in (q, k, v))
-    b, h, t, dk = q.shape
-    cfg = cfg or fit_state_tiles(config(dk, v.shape[-1], q.dtype, q.device), b * h, dict(BV_H=v.shape[-1]),
-                                 q.device, floor=16)
+def _check_cfg(cfg: dict) -> None:
+    """Gated DeltaNet's checks and KDA's own keys (intra paths, BK_I, unrolling, diagonal modes): ValueError."""
     _td._check_cfg(cfg)
     if cfg.get("intra", "fused") not in ("fused", "split", "chunk"):
         raise ValueError(f"intra must be 'fused', 'split' or 'chunk', got {cfg['intra']!r}")
@@ -1129,6 +1130,14 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
                                        or cfg["BKD"] & (cfg["BKD"] - 1)):
         raise ValueError("diag='bcast' needs intra='split' and BKD, a power of two >= 16 (channels per diagonal "
                          f"product); got intra={cfg.get('intra')!r}, BKD={cfg.get('BKD')!r}")
+
+
+def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
+    q, k, v = (_last_unit(x) for x in (q, k, v))
+    b, h, t, dk = q.shape
+    cfg = cfg or fit_state_tiles(config(dk, v.shape[-1], q.dtype, q.device), b * h, dict(BV_H=v.shape[-1]),
+                                 q.device, floor=16)
+    _check_cfg(cfg)
     bt = cfg["BT"]
     if gc is None:
         gc = chunk_cumsum(g, bt)
