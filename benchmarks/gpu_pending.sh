@@ -68,6 +68,8 @@
 #   dots-on      issue 5: the dots as KDA's and GLA's 16-bit GPU default (fourteenth session): GPU checks (no-dot
 #                variants included), the sweep's no-dot / limit-60 / 32-channel rows at 2x8192, both profiles, every
 #                op vs SDPA at 2x8192, 8x2048, 4x8192 (no fla needed; LINEAR_S=300)
+#   kda-main     issue 5: KDA's main backward (1.32 of 3.9 ms device time at 2x8192 on the H100 with the dots):
+#                the two-kernel form, 16 warps, other Dv blocks (KDA_ONLY: sweep substrings)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -176,6 +178,9 @@ for s in $SECTIONS; do
               --no-torch --sweep-ops kda,gla --sweep-only no-dot,dot-fb60,ib-k32w4 --sweep-shape 2x8192 \
               --profile-ops kda,gla --profile-shape 2x8192 --ops simple_gla,gla,gdn,kda,sdpa \
               --shapes 2x8192,8x2048,4x8192 > "$OUT/dots_on_log.txt" 2>&1 ;;
+    kda-main) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/kdamain" --check none --no-decode \
+              --no-torch --sweep-ops kda --sweep-only ${KDA_ONLY:-main-split,main-fused,w16,b64w8,b16w4} \
+              --sweep-shape 2x8192 --ops sdpa --shapes 1x1024 > "$OUT/kda_main_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \
