@@ -70,6 +70,9 @@
 #                op vs SDPA at 2x8192, 8x2048, 4x8192 (no fla needed; LINEAR_S=300)
 #   kda-main     issue 5: KDA's main backward (1.32 of 3.9 ms device time at 2x8192 on the H100 with the dots):
 #                the two-kernel form, 16 warps, other Dv blocks (KDA_ONLY: sweep substrings)
+#   main-regs    issue 5: the fused main backward of KDA / Gated DeltaNet with q, k, g read after its Dv loop and
+#                T^T dW accumulated per Dv block (stack 1160 -> 248 / 1024 -> 584 B, ptxas sm_90): GPU checks, both
+#                sweeps' main-backward variants at 2x8192, profiles, ops vs SDPA at 2x8192 and 4x8192
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -103,7 +106,7 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # still owed after the thirteenth session (2026-12-05, H100): KDA's diagonal tiles as dots (kda-dot, with the GPU
 # checks), the packed groupings again with the strided group views (linear-packed); kda-chunk, linear-gla, windows and
 # linear-packed ran there
-SECTIONS=${*:-dots-on linear-packed}
+SECTIONS=${*:-main-regs}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -181,6 +184,10 @@ for s in $SECTIONS; do
     kda-main) timeout ${LINEAR_S:-200} python3 benchmarks/linear_bench.py --out "$OUT/kdamain" --check none --no-decode \
               --no-torch --sweep-ops kda --sweep-only ${KDA_ONLY:-main-split,main-fused,w16,b64w8,b16w4} \
               --sweep-shape 2x8192 --ops sdpa --shapes 1x1024 > "$OUT/kda_main_log.txt" 2>&1 ;;
+    main-regs) timeout ${LINEAR_S:-330} python3 benchmarks/linear_bench.py --out "$OUT/mainregs" --check quick --no-decode \
+              --no-torch --sweep-ops kda,gdn --sweep-only ${MAIN_ONLY:-main-,b64w8,b16w4,b32w16} --sweep-shape 2x8192 \
+              --profile-ops kda,gdn --profile-shape 2x8192 --ops gla,gdn,kda,sdpa --shapes 2x8192,4x8192 \
+              > "$OUT/main_regs_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

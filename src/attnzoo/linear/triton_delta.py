@@ -487,19 +487,20 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV, DBE
     m_k = offs_k < DIMK
     m_tk = m_t[:, None] & m_k[None, :]
     rowoff = (bh * NT * BT + tc)[:, None]
-    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
-    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
     beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
     gbase = G + bh * NT * BT
     gc = tl.load(gbase + tc)
     glast = tl.load(gbase + n * BT + BT - 1)
     tt = tl.load(TT + rowoff * BT + offs_c[None, :])
     ttt = tl.trans(tt)
+    if not SPLIT:  # rounded once to the dot dtype (U's, the input dtype) instead of in every Dv block
+        ttt = ttt.to(U.dtype.element_ty)
+    # q and k are read after the Dv loop (live through it they took registers from the accumulators)
     dp = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dP_ij = do_i . u_j
     da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
     dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T (the state read)
     dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T (the state update)
-    dw = tl.zeros([BT, BK], dtype=tl.float32)    # dL/dW = -dU S^T
+    drk = tl.zeros([BT, BK], dtype=tl.float32)   # T^T dW = -(T^T dU) S^T (dW = -dU S^T), by Dv block
     dbeta = tl.zeros([BT], dtype=tl.float32)
     ip = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)  # <S, dS'>
     vbase = V + b * s_vb + h * s_vh
@@ -520,14 +521,15 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV, DBE
         dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
         dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
         dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
-        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
-        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), k, SPLIT, PREC)  # T^T dU
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
+        drk = _split_dot(-drv, tl.trans(hs), drk, SPLIT, PREC)
         tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
                  (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
         dbeta += tl.sum(drv * v.to(tl.float32), 1)
         da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
         ip += tl.sum(tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1), 0)
-    drk = _split_dot2(ttt, dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
     w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
     causal = offs_c[:, None] >= offs_c[None, :]

@@ -420,18 +420,18 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
     m_k = offs_k < DIMK
     m_tk = m_t[:, None] & m_k[None, :]
     rowoff = (bh * NT * BT + tc)[:, None]
-    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
-    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
     beta = tl.load(BETA + bh * T + tc, mask=m_t, other=0.0)
-    gc = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
-    gl = tl.load(G + (bh * NT * BT + n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
     tt = tl.load(TT + rowoff * BT + offs_c[None, :])
     ttt = tl.trans(tt)
+    if not SPLIT:  # rounded once to the dot dtype (U's, the input dtype) instead of in every Dv block
+        ttt = ttt.to(U.dtype.element_ty)
+    # q, k and the gate cumsum are read after the Dv loop, where they are used: live through the loop they took
+    # registers from its five accumulators (1160 -> ... B of stack per thread, ptxas sm_90)
     dp = tl.zeros([BT, BT], dtype=tl.float32)    # do_i . u_j
     da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
     dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T
     dkh = tl.zeros([BT, BK], dtype=tl.float32)   # u dS'^T
-    dw = tl.zeros([BT, BK], dtype=tl.float32)    # -dU S^T
+    drk = tl.zeros([BT, BK], dtype=tl.float32)   # T^T dW = -(T^T dU) S^T, by Dv block
     dbeta = tl.zeros([BT], dtype=tl.float32)
     ip = tl.zeros([BK], dtype=tl.float32)        # <S, dS'> per key channel (row of the state)
     vbase = V + b * s_vb + h * s_vh
@@ -452,14 +452,17 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
         dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
         dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
         dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
-        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
-        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), k, SPLIT, PREC)  # T^T dU
+        drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
+        drk = _split_dot(-drv, tl.trans(hs), drk, SPLIT, PREC)
         tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
                  (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
         dbeta += tl.sum(drv * v.to(tl.float32), 1)
         da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
         ip += tl.sum(hs.to(tl.float32) * dhs.to(tl.float32), 1)
-    drk = _split_dot2(ttt, dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
+    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + tc[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
+    gc = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    gl = tl.load(G + (bh * NT * BT + n * BT + BT - 1) * DIMK + offs_k, mask=m_k, other=0.0)
     w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
     aoff = rowoff * BT + offs_c[None, :]
