@@ -73,6 +73,9 @@
 #   main-regs    issue 5: the fused main backward of KDA / Gated DeltaNet with q, k, g read after its Dv loop and
 #                T^T dW accumulated per Dv block (stack 1160 -> 248 / 1024 -> 584 B, ptxas sm_90): GPU checks, both
 #                sweeps' main-backward variants at 2x8192, profiles, ops vs SDPA at 2x8192 and 4x8192
+#   kda-rows     issue 5: KDA's gate factors (KE, QE) kept by the forward for the backward, QE read by _fwd_o
+#                (fourteenth session): GPU checks, profile, every op vs SDPA at 2x8192, 1x16384, 4x8192, then
+#                KDA and SDPA again in a second process (and at 1x32768)
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -106,7 +109,7 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # still owed after the thirteenth session (2026-12-05, H100): KDA's diagonal tiles as dots (kda-dot, with the GPU
 # checks), the packed groupings again with the strided group views (linear-packed); kda-chunk, linear-gla, windows and
 # linear-packed ran there
-SECTIONS=${*:-main-regs}
+SECTIONS=${*:-kda-rows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -188,6 +191,11 @@ for s in $SECTIONS; do
               --no-torch --sweep-ops kda,gdn --sweep-only ${MAIN_ONLY:-main-,b64w8,b16w4,b32w16} --sweep-shape 2x8192 \
               --profile-ops kda,gdn --profile-shape 2x8192 --ops gla,gdn,kda,sdpa --shapes 2x8192,4x8192 \
               > "$OUT/main_regs_log.txt" 2>&1 ;;
+    kda-rows) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows" --check quick --no-decode \
+              --no-torch --profile-ops kda --profile-shape 2x8192 --ops simple_gla,gla,gdn,kda,sdpa \
+              --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
+              timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
+              --no-torch --ops kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_rows_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -194,6 +194,23 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(tk._bwd_op, (do, None, q, k, v, beta, None, 0.25, kept))
 
 
+def test_custom_ops_opcheck_with_kept_gate_factors(monkeypatch):
+    # cfg pre (the 16-bit GPU default): the forward keeps KE and QE too; the fake implementation must say so
+    orig = tk.config
+    monkeypatch.setattr(tk, "config", lambda *a: dict(orig(*a), pre=True))
+    gen = torch.Generator().manual_seed(4)
+    t = 10
+    q, k, v = (torch.randn(1, 1, t, 16, generator=gen).to(DEV).requires_grad_() for _ in range(3))
+    g = (F.logsigmoid(torch.randn(1, 1, t, 16, generator=gen)) / 4).to(DEV).requires_grad_()
+    beta = torch.rand(1, 1, t, generator=gen).to(DEV).requires_grad_()
+    torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, None, 0.25, True))
+    kept = tk._fwd_op(*(x.detach() for x in (q, k, v, g, beta)), None, 0.25, True)[2:]
+    assert len(kept) == 10
+    o, _ = tk.kda_triton(q, k, v, g, beta, scale=0.25)
+    o.square().sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v, g, beta))
+
+
 def test_kept_forward_tensors_match_recomputation():
     """The backward from the forward's kept (gc, P, M) equals the backward that recomputes them."""
     gen = torch.Generator().manual_seed(3)
@@ -212,6 +229,18 @@ def test_kept_forward_tensors_match_recomputation():
     with_all = tk.bwd(do, None, q, k, v, None, beta, None, 0.25, kept=kept_all)
     for x, y, z in zip(with_kept, recomputed, with_all):
         assert torch.equal(x, y) and torch.equal(x, z)
+    # with the state kernels' gate factors from one pass (cfg pre, the 16-bit GPU default) the forward keeps them
+    # too (ten tensors) and the backward reads them instead of forming them again
+    pre = dict(tk.config(16, 16, q.dtype, q.device), pre=True)
+    o4, ht4, kept_pre = tk.fwd(q, k, v, g, beta, None, 0.25, cfg=pre, keep="all")
+    assert torch.equal(o, o4) and torch.equal(ht, ht4) and len(kept_pre) == 10
+    with_rows = tk.bwd(do, None, q, k, v, None, beta, None, 0.25, cfg=pre, kept=kept_pre)
+    for x, y in zip(with_rows, tk.bwd(do, None, q, k, v, g, beta, None, 0.25, cfg=pre)):
+        assert torch.equal(x, y)
+    for x, y in zip(with_rows, recomputed):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="gate factors"):
+        tk.bwd(do, None, q, k, v, None, beta, None, 0.25, kept=kept_pre)  # cfg without pre
     cfg = dict(tk.config(16, 16, q.dtype, q.device), BT=32)
     with pytest.raises(ValueError, match="chunk size"):
         tk.bwd(do, None, q, k, v, None, beta, None, 0.25, cfg=cfg, kept=kept)

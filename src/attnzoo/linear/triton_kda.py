@@ -348,10 +348,13 @@ def _prep(AKK, K, V, BETA, G, TT, W, U0,
 
 
 @triton.jit
-def _fwd_o(Q, G, HS, U, AQK, O,
+def _fwd_o(Q, G, HS, U, AQK, O, QE,
            s_qb, s_qh, s_qt, s_ob, s_oh, s_ot,
            NH, T, DIMK, DIMV, NT, scale,
-           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+           PRE: tl.constexpr = False):
+    # PRE: the state read's rows scale * q * exp(b) from _gate_rows (QE, (B*H, NT*BT, Dk), the same float32
+    # expression rounded to QE's dtype) instead of q and the gate cumsum, which every Dv block read again
     n = tl.program_id(0)
     iv = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -365,14 +368,18 @@ def _fwd_o(Q, G, HS, U, AQK, O,
     m_k = offs_k < DIMK
     m_v = offs_v < DIMV
     rowoff = (bh * NT * BT + tc)[:, None]
-    q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                other=0.0)
-    g = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    if PRE:
+        qg = tl.load(QE + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+    else:
+        q = tl.load(Q + b * s_qb + h * s_qh + tc[:, None] * s_qt + offs_k[None, :],
+                    mask=m_t[:, None] & m_k[None, :], other=0.0)
+        g = tl.load(G + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
+        qg = q.to(tl.float32) * tl.exp(g) * scale
     u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
     hs = tl.load(HS + (bh * NT + n) * DIMK * DIMV + offs_k[:, None] * DIMV + offs_v[None, :],
                  mask=m_k[:, None] & m_v[None, :], other=0.0)
     a = tl.load(AQK + rowoff * BT + offs_c[None, :])
-    o = _split_dot(q.to(tl.float32) * tl.exp(g) * scale, hs, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
+    o = _split_dot(qg, hs, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
     o = _split_dot(a, u, o, SPLIT, PREC)
     tl.store(O + b * s_ob + h * s_oh + tc[:, None] * s_ot + offs_v[None, :], o.to(O.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
@@ -1151,8 +1158,10 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=()):
 
 
 def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=None):
-    """_intra + _prep + _fwd_h: -> (P, M, T or None, W, U0, U, HS, final state). ``scores``: (P, M) of an
-    earlier pass (the forward's, kept for the backward); ``_intra`` is then skipped."""
+    """_intra + _prep + _fwd_h: -> (P, M, T or None, W, U0, U, HS, final state, rows). ``scores``: (P, M) of an
+    earlier pass (the forward's, kept for the backward); ``_intra`` is then skipped. ``rows``: with cfg ``pre``
+    the gate factors (KE, QE) of ``_gate_rows``: the state kernels' and ``_fwd_o``'s (QE), kept by a forward that
+    keeps all for the backward, so that it does not form them again; else None."""
     b, h, t, dk = k.shape
     dv = v.shape[-1]
     bt, bc = cfg["BT"], cfg["BC"]
@@ -1204,12 +1213,13 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     ht = _empty(poison, (b, h, dk, dv), f32, k.device)
     bv = min(cfg["BV_H"], _pow2(dv))
     pre = cfg.get("pre", False)
-    ke = _gated_rows(k, None, gc, 1.0, bt, split, poison)[0] if pre else k
+    rows = _gated_rows(k, q, gc, scale, bt, split, poison) if pre else (k, None)
+    ke = rows[0]
     _td._fwd_h[(triton.cdiv(dv, bv), b * h)](
         k, gc, w, u0, s0 if s0 is not None else ht, hs, u, ht, ke, k.stride(0), k.stride(1), k.stride(2),
         h, t, dk, dv, nt, BT=bt, BK=bk, BV=bv, HAS_H0=s0 is not None, SPLIT=split, PREC=prec, VEC=True, PRE=pre,
         num_warps=cfg["warps_h"], num_stages=cfg["stages"])
-    return aqk, akk, tt, w, u0, u, hs, ht
+    return aqk, akk, tt, w, u0, u, hs, ht, (rows if pre else None)
 
 
 def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False,
@@ -1220,7 +1230,9 @@ def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: boo
     takes as ``kept`` instead of recomputing them (``_intra`` was about a sixth of a forward+backward on
     the H200; the cumsum replaces g, which the backward then need not keep); ``keep="all"``: also
     ``(T, W, U0, U, HS)``, the rest of the forward pass (the forward then also writes T), so the backward
-    runs no forward kernel at all."""
+    runs no forward kernel at all, and with cfg ``pre`` (the 16-bit GPU default) ``(KE, QE)``, the state kernels'
+    gate factors (2 x Dk 16-bit values per token and head more kept; the backward's ``_gate_rows`` took 0.11 of
+    3.4 ms of device time at B=2 T=8192 H16 D128 on the H100)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     if t == 0:
@@ -1235,23 +1247,26 @@ def fwd(q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: boo
     bt = cfg["BT"]
     nt = triton.cdiv(t, bt)
     split = q.dtype != torch.float32 and cfg.get("split", True)
-    aqk, akk, tt, w, u0, u, hs, ht = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, keep == "all")
+    aqk, akk, tt, w, u0, u, hs, ht, rows = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison,
+                                                         keep == "all")
     o = _empty(poison, (b, h, t, dv), q.dtype, q.device)
     bv = min(cfg["BV_O"], _pow2(dv))
     _fwd_o[(nt, triton.cdiv(dv, bv), b * h)](
-        q, gc, hs, u, aqk, o, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv, SPLIT=split, PREC=_prec(q.dtype),
-        num_warps=cfg["warps_o"], num_stages=cfg["stages"])
+        q, gc, hs, u, aqk, o, rows[1] if rows is not None else q, q.stride(0), q.stride(1), q.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=_pow2(dk), BV=bv,
+        SPLIT=split, PREC=_prec(q.dtype), PRE=rows is not None, num_warps=cfg["warps_o"], num_stages=cfg["stages"])
     if not keep:
         return o, ht
-    return o, ht, ((gc, aqk, akk, tt, w, u0, u, hs) if keep == "all" else (gc, aqk, akk))
+    if keep != "all":
+        return o, ht, (gc, aqk, akk)
+    return o, ht, (gc, aqk, akk, tt, w, u0, u, hs) + (tuple(rows) if rows is not None else ())
 
 
 def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, poison: bool = False, kept=None):
     """Gradients -> (dq, dk, dv, dg (B, H, T, Dk) float32, dbeta (B, H, T) float32, ds0 (B, H, Dk, Dv)
     float32). ``dht``: gradient of the final state, or None. ``ds0`` is returned even when s0 is None.
-    ``kept``: the ``(gc, P, M)`` of ``fwd(..., keep=True)`` or the eight tensors of ``keep="all"``, with the same
-    cfg and initial state (g is then not read)."""
+    ``kept``: the ``(gc, P, M)`` of ``fwd(..., keep=True)`` or the eight (ten with cfg ``pre``) tensors of
+    ``keep="all"``, with the same cfg and initial state (g is then not read)."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     dht = _state_in(dht)
@@ -1268,14 +1283,20 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     bk = _pow2(dk)
     split = q.dtype != f32 and cfg.get("split", True)
     prec = _prec(q.dtype)
-    if kept is not None and len(kept) == 8:
+    rows = None
+    if kept is not None and len(kept) in (8, 10):
         aqk, akk = scores
-        tt, w, u0, u, hs = kept[3:]
+        tt, w, u0, u, hs = kept[3:8]
+        if len(kept) == 10:
+            rows = tuple(kept[8:])
+            if not cfg.get("pre", False) or rows[0].shape != (b * h, nt * bt, dk):
+                raise ValueError("kept gate factors (KE, QE) need cfg pre and this cfg's chunk size (pass the cfg "
+                                 "of the forward)")
         if tt.shape != (b * h, nt * bt, bt) or hs.shape != (b * h, nt, dk, dv):
             raise ValueError("kept tensors do not match this cfg's chunk size (pass the cfg of the forward)")
     else:
-        aqk, akk, tt, w, u0, u, hs, _ = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
-                                                      scores or None)
+        aqk, akk, tt, w, u0, u, hs, _, rows = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
+                                                            scores or None)
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
     bvo = min(cfg["BV_O"], _pow2(dv))
     _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
@@ -1285,7 +1306,10 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     ds0 = _empty(poison, (b, h, dk, dv), f32, q.device)
     bvh = min(cfg["BV_H"], _pow2(dv))
     pre = cfg.get("pre", False)
-    ke, qe = _gated_rows(k, q, gc, scale, bt, split, poison) if pre else (k, q)
+    if pre:
+        ke, qe = rows if rows is not None else _gated_rows(k, q, gc, scale, bt, split, poison)
+    else:
+        ke, qe = k, q
     du, dul = _td._du_out(du, split, q.dtype, poison), du
     _td._bwd_dh[(triton.cdiv(dv, bvh), b * h)](
         q, k, gc, w, do, dht if dht is not None else ds0, ds0, dhs, dul, du, ke, qe,
@@ -1358,7 +1382,8 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
 @torch.library.custom_op("attnzoo::kda_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
             initial_state: torch.Tensor | None, scale: float, keep_all: bool) -> list[torch.Tensor]:
-    """-> [o, final state, gc, P, M] (+ [T, W, U0, U, HS] with ``keep_all``): what follows the final state
+    """-> [o, final state, gc, P, M] (+ [T, W, U0, U, HS] with ``keep_all``, + [KE, QE] with cfg ``pre`` too): what
+    follows the final state
     is kept for the backward (not differentiable)."""
     o, ht, kept = fwd(q, k, v, g, beta, initial_state, scale, keep="all" if keep_all and q.shape[2] else True)
     return [o, ht, *kept]
@@ -1368,7 +1393,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
 def _(q, k, v, g, beta, initial_state, scale, keep_all):
     b, h, t, dk = q.shape
     dv = v.shape[-1]
-    bt = config(dk, dv, q.dtype, q.device)["BT"] if t else 1
+    cfg = config(dk, dv, q.dtype, q.device)
+    bt = cfg["BT"] if t else 1
     nt = triton.cdiv(t, bt)
     tp = nt * bt
     f32 = torch.float32
@@ -1378,6 +1404,9 @@ def _(q, k, v, g, beta, initial_state, scale, keep_all):
     if keep_all and t:
         out += [q.new_empty((b * h, tp, bt), dtype=f32), q.new_empty((b * h, tp, dk)), q.new_empty((b * h, tp, dv)),
                 q.new_empty((b * h, tp, dv)), q.new_empty((b * h, nt, dk, dv))]
+        if cfg.get("pre", False):  # KE, QE: float32 where the state kernels split their operands
+            dt = f32 if q.dtype != f32 and cfg.get("split", True) else q.dtype
+            out += [q.new_empty((b * h, tp, dk), dtype=dt), q.new_empty((b * h, tp, dk), dtype=dt)]
     return out
 
 
