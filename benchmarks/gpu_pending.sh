@@ -76,6 +76,8 @@
 #   kda-rows     issue 5: KDA's gate factors (KE, QE) kept by the forward for the backward, QE read by _fwd_o
 #                (fourteenth session): GPU checks, profile, every op vs SDPA at 2x8192, 1x16384, 4x8192, then
 #                KDA and SDPA again in a second process (and at 1x32768)
+#   kda-final    issue 5: kda-rows in short (a device budget of five minutes): GDN / KDA / SDPA at 2x8192 and 4x8192
+#                first, then the GPU checks
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
 #                config variants of GLA and KDA)
 #   niah         issue 4: the needle grid on the GPU (trained at 1K, tested to 8K)
@@ -196,6 +198,10 @@ for s in $SECTIONS; do
               --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
               timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_rows_log.txt" 2>&1 ;;
+    kda-final) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check none --no-decode \
+              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 > "$OUT/kda_final_log.txt" 2>&1
+              timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check quick --no-decode \
+              --no-torch --ops sdpa --shapes 1x1024 >> "$OUT/kda_final_log.txt" 2>&1 ;;
     linear-check) timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT" --check quick --no-torch \
               --no-decode --ops sdpa --shapes 8x2048 > "$OUT/linear_check_log.txt" 2>&1 ;;
     linear-sweep) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT" --check none --no-decode --no-torch \

@@ -611,7 +611,7 @@ def _bwd_main_seq(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV,
     ttt = tl.trans(tl.load(TT + rowoff * BT + offs_c[None, :]))
     if not SPLIT:  # rounded once, not in every Dv step
         ttt = ttt.to(k.dtype)
-    dw = tl.zeros([BT, BK], dtype=tl.float32)    # dL/dW = -dU S^T
+    drk = tl.zeros([BT, BK], dtype=tl.float32)   # T^T dW = -(T^T dU) S^T (dW = -dU S^T), by Dv block
     da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
     dbeta = tl.zeros([BT], dtype=tl.float32)
     for iv in range(0, tl.cdiv(DIMV, BV)):
@@ -623,13 +623,12 @@ def _bwd_main_seq(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, DQ, DKK, DVV,
         du = tl.load(DU + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
         hs = tl.load(HS + hbase + offs_k[:, None] * DIMV + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
                      other=0.0)
-        dw = _split_dot(-du, tl.trans(hs), dw, SPLIT, PREC)
         drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), k, SPLIT, PREC)  # T^T dU
+        drk = _split_dot(-drv, tl.trans(hs), drk, SPLIT, PREC)
         tl.store(DVV + b * s_yb + h * s_yh + tc[:, None] * s_yt + offs_v[None, :],
                  (drv * beta[:, None]).to(DVV.dtype.element_ty), mask=m_tv)
         dbeta += tl.sum(drv * v.to(tl.float32), 1)
         da = _split_dot(-drv, tl.trans(u0), da, SPLIT, PREC)
-    drk = _split_dot2(ttt, dw, tl.zeros([BT, BK], dtype=tl.float32), k, SPLIT, PREC)     # T^T dW
     w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
     trk = tl.sum(drk * k.to(tl.float32), 1)
