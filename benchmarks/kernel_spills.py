@@ -155,6 +155,8 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     ("gdn _bwd_dh (BV 32)", td._bwd_dh, dict(BT=64, BK=128, BV=32, HAS_DHT=False, **B16), 8),
     ("gdn _fwd_h (BV 32)", td._fwd_h, dict(BT=64, BK=128, BV=32, HAS_H0=False, **B16), 8),
     ("kda _bwd_main (fused, BV 32)", tk._bwd_main, dict(BT=64, BK=128, BV=32, **B16), 8),
+    ("kda _bwd_main (fused, BV 32, dP in _bwd_dul)", tk._bwd_main, dict(BT=64, BK=128, BV=32, DP=False, **B16), 8),
+    ("kda _bwd_dul (with dP, BV 64)", tk._bwd_dul, dict(BT=64, BV=64, DP=True, **B16), 4),
     ("kda _bwd_main_seq (three passes, BV 32)", tk._bwd_main_seq, dict(BT=64, BK=128, BV=32, **B16), 8),
     ("kda _bwd_main_seq (three passes, BV 64)", tk._bwd_main_seq, dict(BT=64, BK=128, BV=64, **B16), 8),
     ("kda _bwd_main_k (split, BK 32, BV 32)", tk._bwd_main_k, dict(BT=64, BK=32, BV=32, **B16), 8),

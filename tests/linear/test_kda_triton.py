@@ -141,12 +141,15 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
 @pytest.mark.parametrize("split,intra_b,main", [(True, "fused", "fused"), (False, "fused", "fused"),
                                                 (False, "chunk", "fused"), (True, "chunk", "fused"),
                                                 (False, "split", "split"), (False, "fused", "seq"),
-                                                (True, "fused", "seq")])
+                                                (True, "fused", "seq"), (False, "split", "fused+dul"),
+                                                (True, "fused", "fused+dul")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
-    the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq)."""
+    the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
+    by _bwd_dul (cfg dp="dul") instead of the main backward."""
+    main, _, dp = main.partition("+")
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -158,7 +161,8 @@ def test_float16_protocol_rule(split, intra_b, main):
                       cfg=dict(SUB32, split=split, intra_b=intra_b, BK_I=16, warps_ib=1, main=main, BK_M=16,
                                # the chunk intra backward with the chunk forward scores
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
-                               BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16, warps_wu=1))
+                               BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
+                               warps_wu=1, dp=dp or "main", BV_O=16))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -400,3 +404,13 @@ def test_float16_diagonal_dots_protocol_rule():
             err, bound, rr = max_err(val, want[n]), 2 * max_err(base[n], want[n]) + 1e-5, rel_rmse(val, want[n])
             assert err <= bound and rr < 5e-3, f"{n} (split {split}): max err {err:.3g} (bound {bound:.3g}), " \
                                                f"rel RMSE {rr:.3g}"
+
+
+@pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main")])
+def test_dp_config_errors(bad, match):
+    q = torch.randn(1, 1, 8, 16, device=DEV)
+    g = torch.zeros(1, 1, 8, 16, device=DEV)
+    beta = torch.rand(1, 1, 8, device=DEV)
+    cfg = dict(tk.config(16, 16, q.dtype, q.device), **bad)
+    with pytest.raises(ValueError, match=match):
+        tk.bwd(q, None, q, q, q, g, beta, None, 0.25, cfg=cfg)

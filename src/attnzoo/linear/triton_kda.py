@@ -390,32 +390,46 @@ def _fwd_o(Q, G, HS, U, AQK, O, QE,
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_dul(AQK, DO, DU, s_db, s_dh, s_dt, NH, T, DIMV, NT,
-             BT: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    # DU <- P^T dO (float32)
+def _bwd_dul(AQK, DO, DU, U, DAQ, s_db, s_dh, s_dt, NH, T, DIMV, NT, scale,
+             BT: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, DP: tl.constexpr = False):
+    # DU <- P^T dO (float32), one Dv block per program; DP (cfg dp="dul"): every Dv block in one program per
+    # chunk, which also forms dP = dO U^T and stores DAQ = scale dP (causal), _bwd_main's otherwise
     n = tl.program_id(0)
-    iv = tl.program_id(1)
+    iv0 = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b = bh // NH
     h = bh % NH
     offs_c = tl.arange(0, BT)
     tc = n * BT + offs_c
-    offs_v = iv * BV + tl.arange(0, BV)
-    m_v = offs_v < DIMV
     rowoff = (bh * NT * BT + tc)[:, None]
-    do = tl.load(DO + b * s_db + h * s_dh + tc[:, None] * s_dt + offs_v[None, :],
-                 mask=(tc < T)[:, None] & m_v[None, :], other=0.0)
-    a = tl.load(AQK + rowoff * BT + offs_c[None, :])
-    du = _split_dot(tl.trans(a), do, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
-    tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
+    at = tl.trans(tl.load(AQK + rowoff * BT + offs_c[None, :]))
+    dp = tl.zeros([BT, BT], dtype=tl.float32)
+    if DP:
+        hi = tl.cdiv(DIMV, BV)
+    else:
+        hi = iv0 + 1
+    for iv in range(iv0, hi):
+        offs_v = iv * BV + tl.arange(0, BV)
+        m_v = offs_v < DIMV
+        do = tl.load(DO + b * s_db + h * s_dh + tc[:, None] * s_dt + offs_v[None, :],
+                     mask=(tc < T)[:, None] & m_v[None, :], other=0.0)
+        du = _split_dot(at, do, tl.zeros([BT, BV], dtype=tl.float32), SPLIT, PREC)
+        tl.store(DU + rowoff * DIMV + offs_v[None, :], du, mask=m_v[None, :])
+        if DP:
+            u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
+            dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+    if DP:
+        tl.store(DAQ + rowoff * BT + offs_c[None, :], tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
 
 
 @triton.jit
 def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB, DAQ, DM, DVV, DBETA,
               s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_yb, s_yh, s_yt,
               NH, T, DIMK, DIMV, NT, scale,
-              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    # DQP, DKP, DB: float32 (B*H, NT*BT, Dk) partials; DAQ (scale dP), DM: float32 (B*H, NT*BT, BT)
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+              DP: tl.constexpr = True):
+    # DQP, DKP, DB: float32 (B*H, NT*BT, Dk) partials; DAQ (scale dP), DM: float32 (B*H, NT*BT, BT); without DP
+    # (cfg dp="dul") dP and DAQ are _bwd_dul's
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // NH
@@ -456,7 +470,8 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
         sk = hbase + offs_k[:, None] * DIMV + offs_v[None, :]
         hs = tl.load(HS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
         dhs = tl.load(DHS + sk, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
+        if DP:
+            dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
         dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
         dkh = tl.dot(u.to(dhs.dtype), tl.trans(dhs), dkh, input_precision=PREC)
         drv = _split_dot2(ttt, du, tl.zeros([BT, BV], dtype=tl.float32), u, SPLIT, PREC)  # T^T dU
@@ -473,7 +488,8 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
     w = tl.load(W + rowoff * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
     da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
     aoff = rowoff * BT + offs_c[None, :]
-    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+    if DP:
+        tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
     da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
     mkk = tl.load(AKK + aoff)
     dbeta += tl.sum(da * mkk, 1)
@@ -1136,6 +1152,10 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"diag_lim_b needs intra_b='split', got intra_b={cfg.get('intra_b')!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
+    if cfg.get("dp", "main") not in ("main", "dul"):
+        raise ValueError(f"dp must be 'main' or 'dul', got {cfg['dp']!r}")
+    if cfg.get("dp", "main") == "dul" and cfg.get("main", "fused") != "fused":
+        raise ValueError(f"dp='dul' needs the fused main backward (main='fused'), got main={cfg.get('main')!r}")
     if cfg.get("diag") == "bcast" and (cfg.get("intra") != "split" or cfg.get("BKD", 0) < 16
                                        or cfg["BKD"] & (cfg["BKD"] - 1)):
         raise ValueError("diag='bcast' needs intra='split' and BKD, a power of two >= 16 (channels per diagonal "
@@ -1298,10 +1318,12 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         aqk, akk, tt, w, u0, u, hs, _, rows = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
                                                             scores or None)
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
+    daq, dm = (_empty(poison, (b * h, nt * bt, bt), f32, q.device) for _ in range(2))
     bvo = min(cfg["BV_O"], _pow2(dv))
-    _bwd_dul[(nt, triton.cdiv(dv, bvo), b * h)](
-        aqk, do, du, do.stride(0), do.stride(1), do.stride(2), h, t, dv, nt, BT=bt, BV=bvo, SPLIT=split,
-        PREC=prec, num_warps=cfg["warps_o"], num_stages=cfg["stages"])
+    dp_dul = cfg.get("dp", "main") == "dul"
+    _bwd_dul[(nt, 1 if dp_dul else triton.cdiv(dv, bvo), b * h)](
+        aqk, do, du, u, daq, do.stride(0), do.stride(1), do.stride(2), h, t, dv, nt, float(scale), BT=bt, BV=bvo,
+        SPLIT=split, PREC=prec, DP=dp_dul, num_warps=cfg["warps_o"], num_stages=cfg["stages"])
     dhs = _empty(poison, (b * h, nt, dk, dv), hs.dtype, q.device)
     ds0 = _empty(poison, (b, h, dk, dv), f32, q.device)
     bvh = min(cfg["BV_H"], _pow2(dv))
@@ -1318,7 +1340,6 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         HAS_DHT=dht is not None, SPLIT=split, PREC=prec, VEC=True, PRE=pre, num_warps=cfg["warps_h"],
         num_stages=cfg["stages"])
     dqp, dkp, db = (_empty(poison, (b * h, nt * bt, dk), f32, q.device) for _ in range(3))
-    daq, dm = (_empty(poison, (b * h, nt * bt, bt), f32, q.device) for _ in range(2))
     dv_ = _empty(poison, v.shape, v.dtype, v.device)
     dbeta = _empty(poison, (b, h, t), f32, q.device)
     if cfg.get("main", "fused") == "split":
@@ -1345,7 +1366,7 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dv_.stride(0), dv_.stride(1), dv_.stride(2), h, t, dk, dv, nt, float(scale), BT=bt, BK=bk,
             BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"],
-            num_stages=cfg["stages"])
+            num_stages=cfg["stages"], **({} if kern is _bwd_main_seq else dict(DP=not dp_dul)))
     dq, dk_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k))
     if cfg.get("intra_b", "fused") == "chunk":
         bki = min(cfg.get("BK_I", 32), bk)
