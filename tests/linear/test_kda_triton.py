@@ -142,14 +142,15 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
                                                 (False, "chunk", "fused"), (True, "chunk", "fused"),
                                                 (False, "split", "split"), (False, "fused", "seq"),
                                                 (True, "fused", "seq"), (False, "split", "fused+dul"),
-                                                (True, "fused", "fused+dul")])
+                                                (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
+                                                (False, "split", "fused+dul+da16"), (False, "split", "split+da16")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
     the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
-    by _bwd_dul (cfg dp="dul") instead of the main backward."""
-    main, _, dp = main.partition("+")
+    by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16)."""
+    main, *flags = main.split("+")
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
     for n in ("q", "k", "v", "do"):  # what the kernels see
@@ -162,7 +163,8 @@ def test_float16_protocol_rule(split, intra_b, main):
                                # the chunk intra backward with the chunk forward scores
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
-                               warps_wu=1, dp=dp or "main", BV_O=16))
+                               warps_wu=1, dp="dul" if "dul" in flags else "main", BV_O=16,
+                               da16="da16" in flags))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -406,7 +408,8 @@ def test_float16_diagonal_dots_protocol_rule():
                                                f"rel RMSE {rr:.3g}"
 
 
-@pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main")])
+@pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main"),
+                                       (dict(da16=True, intra_b="fused"), "da16 needs")])
 def test_dp_config_errors(bad, match):
     q = torch.randn(1, 1, 8, 16, device=DEV)
     g = torch.zeros(1, 1, 8, 16, device=DEV)

@@ -419,7 +419,8 @@ def _bwd_dul(AQK, DO, DU, U, DAQ, s_db, s_dh, s_dt, NH, T, DIMV, NT, scale,
             u = tl.load(U + rowoff * DIMV + offs_v[None, :], mask=m_v[None, :], other=0.0)
             dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
     if DP:
-        tl.store(DAQ + rowoff * BT + offs_c[None, :], tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+        tl.store(DAQ + rowoff * BT + offs_c[None, :],
+                 tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0).to(DAQ.dtype.element_ty))
 
 
 @triton.jit
@@ -489,11 +490,11 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
     da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
     aoff = rowoff * BT + offs_c[None, :]
     if DP:
-        tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+        tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0).to(DAQ.dtype.element_ty))
     da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
     mkk = tl.load(AKK + aoff)
     dbeta += tl.sum(da * mkk, 1)
-    tl.store(DM + aoff, da * beta[:, None])
+    tl.store(DM + aoff, (da * beta[:, None]).to(DM.dtype.element_ty))
     eb = tl.exp(gc)
     qf = q.to(tl.float32)
     kf = k.to(tl.float32)
@@ -570,7 +571,7 @@ def _bwd_main_seq(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP
     da = _split_dot(-drk, tl.trans(w), da, SPLIT, PREC)
     da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
     dbeta += tl.sum(da * tl.load(AKK + aoff), 1)
-    tl.store(DM + aoff, da * beta[:, None])
+    tl.store(DM + aoff, (da * beta[:, None]).to(DM.dtype.element_ty))
     eb = tl.exp(tl.load(G + goff, mask=m_k[None, :], other=0.0))
     t = drk * k.to(tl.float32) * eb
     dk = drk * eb * beta[:, None]
@@ -588,7 +589,7 @@ def _bwd_main_seq(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP
                      other=0.0)
         dp = tl.dot(do.to(u.dtype), tl.trans(u), dp, input_precision=PREC)
         dqh = tl.dot(do.to(hs.dtype), tl.trans(hs), dqh, input_precision=PREC)
-    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0).to(DAQ.dtype.element_ty))
     eb = tl.exp(tl.load(G + goff, mask=m_k[None, :], other=0.0))
     dq = dqh * eb * scale
     tl.store(DQP + goff, dq, mask=m_k[None, :])
@@ -686,10 +687,10 @@ def _bwd_main_v(V, BETA, DO, TT, U0, U, DU, AKK, DAK, RP, DAQ, DM, DVV, DBETA,
         da += tl.load(DAK + ik * rows * BT + rowoff * BT + offs_c[None, :])
         dbeta += tl.load(RP + ik * rows + bh * NT * BT + tc)
     aoff = rowoff * BT + offs_c[None, :]
-    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0))
+    tl.store(DAQ + aoff, tl.where(offs_c[:, None] >= offs_c[None, :], dp * scale, 0.0).to(DAQ.dtype.element_ty))
     da = tl.where(offs_c[:, None] > offs_c[None, :], da, 0.0)
     dbeta += tl.sum(da * tl.load(AKK + aoff), 1)
-    tl.store(DM + aoff, da * beta[:, None])
+    tl.store(DM + aoff, (da * beta[:, None]).to(DM.dtype.element_ty))
     tl.store(DBETA + bh * T + tc, dbeta, mask=m_t)
 
 
@@ -1152,6 +1153,8 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"diag_lim_b needs intra_b='split', got intra_b={cfg.get('intra_b')!r}")
     if cfg.get("diag", "steps") not in ("steps", "bcast"):
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
+    if cfg.get("da16", False) and cfg.get("intra_b", "fused") != "split":
+        raise ValueError(f"da16 needs the split intra backward (intra_b='split'), got intra_b={cfg.get('intra_b')!r}")
     if cfg.get("dp", "main") not in ("main", "dul"):
         raise ValueError(f"dp must be 'main' or 'dul', got {cfg['dp']!r}")
     if cfg.get("dp", "main") == "dul" and cfg.get("main", "fused") != "fused":
@@ -1318,7 +1321,10 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
         aqk, akk, tt, w, u0, u, hs, _, rows = _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, True,
                                                             scores or None)
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
-    daq, dm = (_empty(poison, (b * h, nt * bt, bt), f32, q.device) for _ in range(2))
+    # DAQ, DM in the 16-bit dot dtype with cfg da16 (every dot that reads them rounds them to it anyway; the exact
+    # diagonal steps then read the rounded values): half their bytes written and read
+    da_dt = q.dtype if cfg.get("da16", False) and q.dtype != f32 and not split else f32
+    daq, dm = (_empty(poison, (b * h, nt * bt, bt), da_dt, q.device) for _ in range(2))
     bvo = min(cfg["BV_O"], _pow2(dv))
     dp_dul = cfg.get("dp", "main") == "dul"
     _bwd_dul[(nt, 1 if dp_dul else triton.cdiv(dv, bvo), b * h)](
