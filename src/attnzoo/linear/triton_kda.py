@@ -1107,7 +1107,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     whose gates span at most that many nats (the largest G_first - G_row over its channels and rows, at most
     DIAG_LIM_MAX) runs its diagonal tile as dots, factored at the sub-chunk's first / last row as the tiles off the
     diagonal are (one dot per matrix forward, four backward), instead of BC dependent steps; wider spans (strong
-    gates) keep the exact steps."""
+    gates) keep the exact steps. H200, B=2 T=8192: forward 1.459 -> 1.120 ms, backward 4.613 -> 3.428 with BK_I 64.
+    Opt-in, not yet timed on a GPU: ``dp`` ("main" by default; "dul": dP = dO U^T formed by ``_bwd_dul``, one program
+    per chunk over every Dv block, instead of the fused main backward, whose stack then drops from 248 to 88 B per
+    thread, ptxas sm_90) and ``da16`` (False by default; True: DAQ and DM, dP and dA, stored in the 16-bit input
+    dtype, which every dot reading them rounds them to anyway; split intra backward only)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
