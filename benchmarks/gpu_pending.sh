@@ -109,9 +109,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the thirteenth session (2026-12-05, H100): KDA's diagonal tiles as dots (kda-dot, with the GPU
-# checks), the packed groupings again with the strided group views (linear-packed); kda-chunk, linear-gla, windows and
-# linear-packed ran there
+# still owed after the fourteenth session (2026-12-05; kda-dot on the H200, dots-on, kda-main, linear-packed and
+# main-regs on the H100): KDA with its gate factors kept and QE in _fwd_o, against SDPA in two processes, on an
+# H100, with the GPU checks and the opt-in dp="dul" / da16 rows (kda-rows; kda-final is the same in short)
 SECTIONS=${*:-kda-rows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
