@@ -448,7 +448,7 @@ def _bwd_main(Q, K, V, BETA, G, DO, TT, W, U0, U, DU, HS, DHS, AKK, DQP, DKP, DB
     if not SPLIT:  # rounded once to the dot dtype (U's, the input dtype) instead of in every Dv block
         ttt = ttt.to(U.dtype.element_ty)
     # q, k and the gate cumsum are read after the Dv loop, where they are used: live through the loop they took
-    # registers from its five accumulators (1160 -> ... B of stack per thread, ptxas sm_90)
+    # registers from its accumulators (with T^T dW below: 1160 -> 248 B of stack per thread, ptxas sm_90)
     dp = tl.zeros([BT, BT], dtype=tl.float32)    # do_i . u_j
     da = tl.zeros([BT, BT], dtype=tl.float32)    # dL/dA (before the strict-lower mask)
     dqh = tl.zeros([BT, BK], dtype=tl.float32)   # do S^T
