@@ -75,7 +75,8 @@
 #                sweeps' main-backward variants at 2x8192, profiles, ops vs SDPA at 2x8192 and 4x8192
 #   kda-rows     issue 5: KDA's gate factors (KE, QE) kept by the forward for the backward, QE read by _fwd_o
 #                (fourteenth session): GPU checks (dp-dul, da16 among them), profile, the sweep's dp-dul / da16 rows
-#                (dP in _bwd_dul; dA, dP stored in 16 bits; both opt-in), every op vs SDPA at 2x8192, 1x16384, 4x8192, then
+#                (dP in _bwd_dul; dA, dP stored in 16 bits; both opt-in) and rc rows (fifteenth session: dg written by
+#                the intra backward, one program per chunk), every op vs SDPA at 2x8192, 1x16384, 4x8192, then
 #                KDA and SDPA again in a second process (and at 1x32768)
 #   kda-final    issue 5: kda-rows in short (a device budget of five minutes): GDN / KDA / SDPA at 2x8192 and 4x8192
 #                first, then the GPU checks
@@ -195,13 +196,13 @@ for s in $SECTIONS; do
               --profile-ops kda,gdn --profile-shape 2x8192 --ops gla,gdn,kda,sdpa --shapes 2x8192,4x8192 \
               > "$OUT/main_regs_log.txt" 2>&1 ;;
     kda-rows) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows" --check quick --no-decode \
-              --no-torch --profile-ops kda --profile-shape 2x8192 --sweep-ops kda --sweep-only dp-dul,da16 --sweep-shape 2x8192 \
+              --no-torch --profile-ops kda --profile-shape 2x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc --sweep-shape 2x8192 \
               --ops simple_gla,gla,gdn,kda,sdpa \
               --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
               timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_rows_log.txt" 2>&1 ;;
     kda-final) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check none --no-decode \
-              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16 \
+              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc \
               --sweep-shape 2x8192 > "$OUT/kda_final_log.txt" 2>&1
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check quick --no-decode \
               --no-torch --ops sdpa --shapes 1x1024 >> "$OUT/kda_final_log.txt" 2>&1 ;;

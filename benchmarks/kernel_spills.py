@@ -176,6 +176,9 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     # the diagonal tiles as dots where the gates span at most DIAG_LIM nats (cfg diag_lim / diag_lim_b)
     *((f"kda _bwd_intra_split (BK {bk}) dot", tk._bwd_intra_split, dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, **B16), w)
       for bk, w in ((32, 4), (16, 2), (64, 4))),
+    # dg from the intra backward (cfg rc): one program per chunk walking its sub-chunks
+    *((f"kda _bwd_intra_split (BK {bk}) dot rc", tk._bwd_intra_split,
+       dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, RC=True, **B16), w) for bk, w in ((64, 4), (32, 4), (64, 8))),
     *((f"kda _intra_split dot unroll {u}", tk._intra_split, dict(BT=64, BC=16, BK=128, UNROLL=u, DIAG_LIM=20.0, **B16),
        w) for u, w in ((2, 2), (1, 2), (2, 4))),
     ("kda _prep", tk._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", **B16), 4),

@@ -115,6 +115,10 @@ CASES = [  # t, dk, dv, init, gate, cfg
                                        BK_I=32, warps_ib=1, diag_lim_b=40)),
     (40, 32, 48, True, "extreme", dict(SUB32, intra="split", diag_lim=60, intra_b="split", BK_I=16,
                                        diag_lim_b=60)),
+    # dg written by the intra backward (cfg rc), one program per chunk: partial last chunks, with and without dots
+    (70, 48, 32, True, "strong", dict(SUB64, intra_b="split", BK_I=32, warps_ib=1, rc=True)),
+    (40, 32, 48, False, "mild", dict(SUB32, intra="split", diag_lim=20, intra_b="split", BK_I=16, diag_lim_b=20,
+                                     rc=True)),
 ]
 
 
@@ -127,7 +131,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
                               f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
                               f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}"
-                              f"{'-dot' if (c[5] or {}).get('diag_lim') else ''}" for c in CASES])
+                              f"{'-dot' if (c[5] or {}).get('diag_lim') else ''}"
+                              f"{'-rc' if (c[5] or {}).get('rc') else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -143,13 +148,15 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
                                                 (False, "split", "split"), (False, "fused", "seq"),
                                                 (True, "fused", "seq"), (False, "split", "fused+dul"),
                                                 (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
-                                                (False, "split", "fused+dul+da16"), (False, "split", "split+da16")])
+                                                (False, "split", "fused+dul+da16"), (False, "split", "split+da16"),
+                                                (False, "split", "fused+rc"), (True, "split", "fused+da16+rc")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
     the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
-    by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16)."""
+    by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16);
+    "+rc": dg written by the intra backward (cfg rc)."""
     main, *flags = main.split("+")
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
@@ -164,7 +171,7 @@ def test_float16_protocol_rule(split, intra_b, main):
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
                                warps_wu=1, dp="dul" if "dul" in flags else "main", BV_O=16,
-                               da16="da16" in flags))
+                               da16="da16" in flags, rc="rc" in flags))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -181,6 +188,21 @@ def test_pregated_rows_match_in_kernel_gates(dtype, split):
     got = [run_kernels(x, True, 32 ** -0.5, dtype=dtype, cfg=dict(cfg, pre=pre)) for pre in (True, False)]
     for n in got[0]:
         assert torch.equal(got[0][n], got[1][n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_intra_dg_matches_separate_cumsum(dtype):
+    """cfg rc=True (the intra backward writes dg itself, one program per chunk) gives the same bits as the
+    separate reverse cumsum for everything but dg, and dg within float32 rounding of a different summation
+    order (T 70 with chunks of 32: a partial last chunk, whose padded rows count too)."""
+    x = make(70, 48, 32, "strong", seed=9)
+    cfg = dict(SUB32, intra_b="split", BK_I=32, warps_ib=1)
+    got = [run_kernels(x, True, 48 ** -0.5, dtype=dtype, cfg=dict(cfg, rc=rc)) for rc in (True, False)]
+    for n in got[0]:
+        if n == "dg":
+            torch.testing.assert_close(got[0][n], got[1][n], rtol=1e-5, atol=1e-5 * got[1][n].abs().max().item())
+        else:
+            assert torch.equal(got[0][n], got[1][n]), n
 
 
 def test_custom_ops_opcheck():
@@ -409,7 +431,8 @@ def test_float16_diagonal_dots_protocol_rule():
 
 
 @pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main"),
-                                       (dict(da16=True, intra_b="fused"), "da16 needs")])
+                                       (dict(da16=True, intra_b="fused"), "da16 needs"),
+                                       (dict(rc=True, intra_b="chunk"), "rc .dg from the intra backward. needs")])
 def test_dp_config_errors(bad, match):
     q = torch.randn(1, 1, 8, 16, device=DEV)
     g = torch.zeros(1, 1, 8, 16, device=DEV)

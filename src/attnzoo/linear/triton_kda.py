@@ -695,16 +695,23 @@ def _bwd_main_v(V, BETA, DO, TT, U0, U, DU, AKK, DAK, RP, DAQ, DM, DVV, DBETA,
 
 
 @triton.jit
-def _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, poff, xoff, m_k, m_out, q, k, dqi, dkr, dkp, dkc):
+def _bwd_intra_out(DQP, DKP, DB, DQ, DKK, poff, xoff, m_k, m_out, q, k, dqi, dkr, dkp, dkc):
     """The intra backward kernels' end: dq = DQP + dqi, dk = DKP + dkp + dkr + dkc (written in DQ's / DKK's
-    dtype where m_out), DB += q dqi + k (dkr - dkp - dkc) in place (float32 partials at poff)."""
+    dtype where m_out); returns dL/db = DB + q dqi + k (dkr - dkp - dkc) (float32 partials at poff)."""
     dq = tl.load(DQP + poff, mask=m_k[None, :], other=0.0) + dqi
     dk = tl.load(DKP + poff, mask=m_k[None, :], other=0.0) + dkp + dkr + dkc
     db = tl.load(DB + poff, mask=m_k[None, :], other=0.0) + q.to(tl.float32) * dqi \
         + k.to(tl.float32) * (dkr - dkp - dkc)
-    tl.store(DB + poff, db, mask=m_k[None, :])
     tl.store(DQ + xoff, dq.to(DQ.dtype.element_ty), mask=m_out)
     tl.store(DKK + xoff, dk.to(DKK.dtype.element_ty), mask=m_out)
+    return db
+
+
+@triton.jit
+def _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, poff, xoff, m_k, m_out, q, k, dqi, dkr, dkp, dkc):
+    """`_bwd_intra_out`, dL/db written back to DB in place."""
+    db = _bwd_intra_out(DQP, DKP, DB, DQ, DKK, poff, xoff, m_k, m_out, q, k, dqi, dkr, dkp, dkc)
+    tl.store(DB + poff, db, mask=m_k[None, :])
 
 
 @triton.jit
@@ -845,20 +852,12 @@ def _bwd_diag_dot(dqi, dkr, dkp, dkc, qi, ki, gi, gn, ge, er, ec, DAQ, DM, abase
 
 
 @triton.jit
-def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
-                     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
-                     NH, T, DIMK, NT,
-                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                     UNROLL: tl.constexpr = 1, DIAG_LIM: tl.constexpr = 0.0):
-    # _bwd_intra by (BC, BC) tiles over one Dk block (cfg intra_b="split"; grid: Dk block, chunk x sub-chunk,
-    # batch x head): the rows of sub-chunk p against each earlier sub-chunk (referenced to gn = G at p's first
-    # row) and against each later one (referenced to ge = G at p's last row), one dot per tile and matrix
-    # (P and M share the key operand), the diagonal tile exact one step at a time with one exp per element
-    # for both sides; then the partials of _bwd_main, as _bwd_intra
-    ik = tl.program_id(0)
-    n = tl.program_id(1) // (BT // BC)
-    p = tl.program_id(1) % (BT // BC)
-    bh = tl.program_id(2).to(tl.int64)
+def _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
+                   NH, T, DIMK, NT, ik, n, p, bh,
+                   BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                   UNROLL: tl.constexpr, DIAG_LIM: tl.constexpr):
+    """`_bwd_intra_split` for sub-chunk p of chunk n, Dk block ik: writes dq, dk of its BC rows and returns
+    their dL/db, a (BC, BK) float32 tile."""
     b = bh // NH
     h = bh % NH
     offs_s = tl.arange(0, BC)
@@ -922,9 +921,49 @@ def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK,
     else:
         dqi, dkr, dkp, dkc = _bwd_diag_steps(dqi, dkr, dkp, dkc, qbase, kbase, gbase, DAQ, DM, abase, s_qt, s_kt, gi,
                                              n, p, BT, BC, offs_i, offs_k, m_k, T, DIMK, UNROLL)
-    _bwd_intra_finish(DQP, DKP, DB, DQ, DKK, (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :],
-                      b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :], m_k, m_ik, qi, ki, dqi, dkr, dkp,
-                      dkc)
+    return _bwd_intra_out(DQP, DKP, DB, DQ, DKK, (bh * NT * BT + ti)[:, None] * DIMK + offs_k[None, :],
+                          b * s_xb + h * s_xh + ti[:, None] * s_xt + offs_k[None, :], m_k, m_ik, qi, ki, dqi, dkr,
+                          dkp, dkc)
+
+@triton.jit
+def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, DG,
+                     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
+                     NH, T, DIMK, NT,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                     UNROLL: tl.constexpr = 1, DIAG_LIM: tl.constexpr = 0.0, RC: tl.constexpr = False):
+    # _bwd_intra by (BC, BC) tiles over one Dk block (cfg intra_b="split"; grid: Dk block, chunk x sub-chunk,
+    # batch x head): the rows of sub-chunk p against each earlier sub-chunk (referenced to gn = G at p's first
+    # row) and against each later one (referenced to ge = G at p's last row), one dot per tile and matrix
+    # (P and M share the key operand), the diagonal tile exact one step at a time with one exp per element
+    # for both sides; then the partials of _bwd_main, as _bwd_intra, dL/db back to DB.
+    # RC (cfg rc; grid: Dk block, chunk, batch x head): one program walks the chunk's sub-chunks from the last
+    # to the first and writes dg, the chunk-local reverse cumsum of dL/db (the padded rows included, as
+    # _chunk_rcumsum), to DG (B, H, T, Dk) itself: DB is read once and neither written back nor read again
+    ik = tl.program_id(0)
+    bh = tl.program_id(2).to(tl.int64)
+    if RC:
+        n = tl.program_id(1)
+        offs_s = tl.arange(0, BC)
+        offs_k = ik * BK + tl.arange(0, BK)
+        m_k = offs_k < DIMK
+        carry = tl.zeros([BK], dtype=tl.float32)
+        for r in tl.range(0, BT // BC, loop_unroll_factor=1):
+            p = BT // BC - 1 - r
+            db = _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                                s_xb, s_xh, s_xt, NH, T, DIMK, NT, ik, n, p, bh, BT, BC, BK, SPLIT, PREC, UNROLL,
+                                DIAG_LIM)
+            dg = tl.cumsum(db, 0, reverse=True) + carry[None, :]
+            carry += tl.sum(db, 0)
+            t = n * BT + p * BC + offs_s
+            tl.store(DG + (bh * T + t)[:, None] * DIMK + offs_k[None, :], dg, mask=(t < T)[:, None] & m_k[None, :])
+    else:
+        n = tl.program_id(1) // (BT // BC)
+        p = tl.program_id(1) % (BT // BC)
+        db = _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                            s_xb, s_xh, s_xt, NH, T, DIMK, NT, ik, n, p, bh, BT, BC, BK, SPLIT, PREC, UNROLL, DIAG_LIM)
+        offs_k = ik * BK + tl.arange(0, BK)
+        rows = bh * NT * BT + n * BT + p * BC + tl.arange(0, BC)
+        tl.store(DB + rows[:, None] * DIMK + offs_k[None, :], db, mask=(offs_k < DIMK)[None, :])
 
 
 @triton.jit
@@ -1111,7 +1150,11 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     Opt-in, not yet timed on a GPU: ``dp`` ("main" by default; "dul": dP = dO U^T formed by ``_bwd_dul``, one program
     per chunk over every Dv block, instead of the fused main backward, whose stack then drops from 248 to 88 B per
     thread, ptxas sm_90) and ``da16`` (False by default; True: DAQ and DM, dP and dA, stored in the 16-bit input
-    dtype, which every dot reading them rounds them to anyway; split intra backward only)."""
+    dtype, which every dot reading them rounds them to anyway; split intra backward only) and ``rc`` (False by
+    default; True: the split intra backward runs one program per chunk and BK_I-channel block, walks the chunk's
+    sub-chunks from the last to the first and writes dg itself, the reverse cumsum carried across sub-chunks:
+    dL/db is neither written back nor read again by ``_chunk_rcumsum``, about 64 KB of float32 traffic per chunk
+    and head saved at Dk 128; ptxas sm_90 252 registers at BK_I 64 / 4 warps against 130 without, no spills)."""
     cfg = _td.config(dk, dv, dtype, device)
     if device.type == "cuda" and dtype != torch.float32:
         # T by block doubling (inv="dbl", from Gated DeltaNet's config): H200 2026-12-05, B=8 T=2048 H16 D128,
@@ -1159,6 +1202,8 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
     if cfg.get("da16", False) and cfg.get("intra_b", "fused") != "split":
         raise ValueError(f"da16 needs the split intra backward (intra_b='split'), got intra_b={cfg.get('intra_b')!r}")
+    if cfg.get("rc", False) and cfg.get("intra_b", "fused") != "split":
+        raise ValueError(f"rc (dg from the intra backward) needs intra_b='split', got intra_b={cfg.get('intra_b')!r}")
     if cfg.get("dp", "main") not in ("main", "dul"):
         raise ValueError(f"dp must be 'main' or 'dul', got {cfg['dp']!r}")
     if cfg.get("dp", "main") == "dul" and cfg.get("main", "fused") != "fused":
@@ -1378,6 +1423,7 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             BV=min(cfg["BV_B"], _pow2(dv)), SPLIT=split, PREC=prec, num_warps=cfg["warps_b"],
             num_stages=cfg["stages"], **({} if kern is _bwd_main_seq else dict(DP=not dp_dul)))
     dq, dk_ = (_empty(poison, x.shape, x.dtype, x.device) for x in (q, k))
+    dg = _empty(poison, (b, h, t, dk), f32, q.device)
     if cfg.get("intra_b", "fused") == "chunk":
         bki = min(cfg.get("BK_I", 32), bk)
         _bwd_intra_chunk[(triton.cdiv(dk, bki), nt, b * h)](
@@ -1387,12 +1433,15 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             num_warps=cfg.get("warps_ib", 4), num_stages=cfg["stages"])
     elif cfg.get("intra_b", "fused") == "split":
         bki = min(cfg.get("BK_I", 32), bk)
-        _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc), b * h)](
-            q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
+        rc = bool(cfg.get("rc", False))
+        _bwd_intra_split[(triton.cdiv(dk, bki), nt * (1 if rc else bt // bc), b * h)](
+            q, k, gc, daq, dm, dqp, dkp, db, dq, dk_, dg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bki, SPLIT=split, PREC=prec,
-            UNROLL=cfg.get("unroll_ib", 1), DIAG_LIM=float(cfg.get("diag_lim_b", 0.0)),
+            UNROLL=cfg.get("unroll_ib", 1), DIAG_LIM=float(cfg.get("diag_lim_b", 0.0)), RC=rc,
             num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
+        if rc:  # dg written by the intra backward
+            return dq, dk_, dv_, dg, dbeta, ds0
     else:
         _bwd_intra[(nt, bt // bc, b * h)](
             q, k, gc, daq, dm, dqp, dkp, db, dq, dk_,
@@ -1400,7 +1449,6 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bk, SPLIT=split, PREC=prec,
             num_warps=cfg["warps_p"], num_stages=cfg["stages"])
     # dg = chunk-local reverse cumsum of dL/db over the padded chunk (one Triton pass)
-    dg = _empty(poison, (b, h, t, dk), f32, q.device)
     bkc = min(128, bk)
     _chunk_rcumsum[(nt, triton.cdiv(dk, bkc), b * h)](db, dg, h, t, dk, nt, BT=bt, BK=bkc, num_warps=1)
     return dq, dk_, dv_, dg, dbeta, ds0
