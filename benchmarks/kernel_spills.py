@@ -24,7 +24,7 @@ from attnzoo.linear import triton_delta as td
 from attnzoo.linear import triton_gla as tg
 from attnzoo.linear import triton_kda as tk
 
-F32 = {"BETA", "G", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", "DM", "DQP", "DKP", "DB", "DHT", "DH0",
+F32 = {"BETA", "G", "GIN", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", "DM", "DQP", "DKP", "DB", "DHT", "DH0",
        "A", "DA", "DQI", "DKI", "DAK", "RP", "IPB"}
 
 
@@ -176,6 +176,9 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     # the diagonal tiles as dots where the gates span at most DIAG_LIM nats (cfg diag_lim / diag_lim_b)
     *((f"kda _bwd_intra_split (BK {bk}) dot", tk._bwd_intra_split, dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, **B16), w)
       for bk, w in ((32, 4), (16, 2), (64, 4))),
+    # the gate factors KE, QE (cfg pre), and with the chunk cumsum of the gates formed there too (cfg gc="rows")
+    *((f"kda _gate_rows{' cumsum' if c else ''}", tk._gate_rows, dict(BT=64, BK=64, WITH_Q=True, CUMSUM=c), 8)
+      for c in (False, True)),
     # dg from the intra backward (cfg rc): one program per chunk walking its sub-chunks
     *((f"kda _bwd_intra_split (BK {bk}) dot rc", tk._bwd_intra_split,
        dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, RC=True, **B16), w) for bk, w in ((64, 4), (32, 4), (64, 8))),

@@ -119,6 +119,10 @@ CASES = [  # t, dk, dv, init, gate, cfg
     (70, 48, 32, True, "strong", dict(SUB64, intra_b="split", BK_I=32, warps_ib=1, rc=True)),
     (40, 32, 48, False, "mild", dict(SUB32, intra="split", diag_lim=20, intra_b="split", BK_I=16, diag_lim_b=20,
                                      rc=True)),
+    # the gate cumsum formed by _gate_rows with the gate factors (cfg gc="rows", needs pre): Dk 48 (a partial
+    # 64-channel block), T 70 / 40 (partial last chunks)
+    (70, 48, 32, True, "strong", dict(SUB64, pre=True, gc="rows")),
+    (40, 32, 48, False, "extreme", dict(SUB32, pre=True, gc="rows", intra_b="split", BK_I=16, rc=True)),
 ]
 
 
@@ -132,7 +136,8 @@ CASES = [  # t, dk, dv, init, gate, cfg
                               f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
                               f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}"
                               f"{'-dot' if (c[5] or {}).get('diag_lim') else ''}"
-                              f"{'-rc' if (c[5] or {}).get('rc') else ''}" for c in CASES])
+                              f"{'-rc' if (c[5] or {}).get('rc') else ''}"
+                              f"{'-gcrows' if (c[5] or {}).get('gc') else ''}" for c in CASES])
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -149,14 +154,15 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
                                                 (True, "fused", "seq"), (False, "split", "fused+dul"),
                                                 (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
                                                 (False, "split", "fused+dul+da16"), (False, "split", "split+da16"),
-                                                (False, "split", "fused+rc"), (True, "split", "fused+da16+rc")])
+                                                (False, "split", "fused+rc"), (True, "split", "fused+da16+rc"),
+                                                (False, "split", "fused+rc+gcrows")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
     the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
     by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16);
-    "+rc": dg written by the intra backward (cfg rc)."""
+    "+rc": dg written by the intra backward (cfg rc); "+gcrows": the gate cumsum by _gate_rows (cfg gc="rows")."""
     main, *flags = main.split("+")
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
@@ -171,7 +177,8 @@ def test_float16_protocol_rule(split, intra_b, main):
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
                                warps_wu=1, dp="dul" if "dul" in flags else "main", BV_O=16,
-                               da16="da16" in flags, rc="rc" in flags))
+                               da16="da16" in flags, rc="rc" in flags,
+                               **(dict(pre=True, gc="rows") if "gcrows" in flags else {})))
     for n, val in got.items():
         val = val.cpu()
         assert not torch.isnan(val).any(), f"{n}: NaN"
@@ -203,6 +210,21 @@ def test_intra_dg_matches_separate_cumsum(dtype):
             torch.testing.assert_close(got[0][n], got[1][n], rtol=1e-5, atol=1e-5 * got[1][n].abs().max().item())
         else:
             assert torch.equal(got[0][n], got[1][n]), n
+
+
+@pytest.mark.parametrize("dtype,split", [(torch.float32, False), (torch.float16, True), (torch.float16, False)])
+def test_gate_rows_form_the_cumsum(dtype, split):
+    """_gated_rows with the log gates (cfg gc="rows"): the chunk cumsum within float32 rounding of
+    chunk_cumsum's (another summation order; rows past T continue the last sum), and the gate factors it forms
+    from it the same bits as _gated_rows reading that cumsum back; a strided g (a view) reads right."""
+    x = make(70, 48, 32, "strong", seed=4)
+    k, q = (x[n].to(dtype).to(DEV) for n in ("k", "q"))
+    g = torch.cat([x["g"], x["g"]], dim=-1).float().to(DEV)[..., :48]  # a view: stride 96 along T
+    gc, (ke, qe) = tk._gated_rows(k, q, None, 0.3, 32, split, True, g=g)
+    want = tk.chunk_cumsum(g, 32)
+    torch.testing.assert_close(gc, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    ke2, qe2 = tk._gated_rows(k, q, gc, 0.3, 32, split, True)
+    assert torch.equal(ke, ke2) and torch.equal(qe, qe2)
 
 
 def test_custom_ops_opcheck():
@@ -432,7 +454,9 @@ def test_float16_diagonal_dots_protocol_rule():
 
 @pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main"),
                                        (dict(da16=True, intra_b="fused"), "da16 needs"),
-                                       (dict(rc=True, intra_b="chunk"), "rc .dg from the intra backward. needs")])
+                                       (dict(rc=True, intra_b="chunk"), "rc .dg from the intra backward. needs"),
+                                       (dict(gc="rows", pre=False), "gc='rows' .* needs cfg pre"),
+                                       (dict(gc="kernel"), "gc must be")])
 def test_dp_config_errors(bad, match):
     q = torch.randn(1, 1, 8, 16, device=DEV)
     g = torch.zeros(1, 1, 8, 16, device=DEV)
