@@ -24,7 +24,7 @@ from attnzoo.linear import triton_delta as td
 from attnzoo.linear import triton_gla as tg
 from attnzoo.linear import triton_kda as tk
 
-F32 = {"BETA", "G", "GIN", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", "DM", "DQP", "DKP", "DB", "DHT", "DH0",
+F32 = {"BETA", "G", "GIN", "CARRY", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", "DM", "DQP", "DKP", "DB", "DHT", "DH0",
        "A", "DA", "DQI", "DKI", "DAK", "RP", "IPB"}
 
 
@@ -49,7 +49,7 @@ def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16"
             sig[name] = types.get(name, "i32")
         elif name == "scale":
             sig[name] = "fp32"
-        elif name.isupper() and name not in ("NH", "T", "NT", "NK", "NKB", "DIMK", "DIMV"):
+        elif name.isupper() and name not in ("NH", "T", "NT", "NK", "NKB", "DIMK", "DIMV", "P_RC"):
             sig[name] = "*" + ("fp32" if name in F32 else dtype)
         else:
             sig[name] = "i32"
@@ -179,9 +179,11 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
     # the gate factors KE, QE (cfg pre), and with the chunk cumsum of the gates formed there too (cfg gc="rows")
     *((f"kda _gate_rows{' cumsum' if c else ''}", tk._gate_rows, dict(BT=64, BK=64, WITH_Q=True, CUMSUM=c), 8)
       for c in (False, True)),
-    # dg from the intra backward (cfg rc): one program per chunk walking its sub-chunks
-    *((f"kda _bwd_intra_split (BK {bk}) dot rc", tk._bwd_intra_split,
-       dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, RC=True, **B16), w) for bk, w in ((64, 4), (32, 4), (64, 8))),
+    # dg from the intra backward (cfg rc): one program per chunk walking its sub-chunks (RC 1, "loop") or one
+    # launch per sub-chunk (RC 2, "launches")
+    *((f"kda _bwd_intra_split (BK {bk}) dot rc {'loop' if rc == 1 else 'launches'}", tk._bwd_intra_split,
+       dict(BT=64, BC=16, BK=bk, DIAG_LIM=20.0, RC=rc, **B16), w)
+      for bk, w, rc in ((64, 4, 1), (32, 4, 1), (64, 8, 1), (64, 4, 2))),
     *((f"kda _intra_split dot unroll {u}", tk._intra_split, dict(BT=64, BC=16, BK=128, UNROLL=u, DIAG_LIM=20.0, **B16),
        w) for u, w in ((2, 2), (1, 2), (2, 4))),
     ("kda _prep", tk._prep, dict(BT=64, BC=16, BK=128, BV=64, STORE_T=True, PREC_T="tf32", **B16), 4),

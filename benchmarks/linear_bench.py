@@ -78,7 +78,8 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(
                       ("chunk", dict(intra="chunk", BK_F=64, warps_i=8, intra_b="chunk", BK_I=32, warps_ib=8)),
                       ("diag-dot", dict(diag_lim=60, diag_lim_b=60)), ("no-dot", dict(diag_lim=0, diag_lim_b=0)),
                       ("dp-dul", dict(dp="dul")), ("da16", dict(da16=True)), ("dp-dul-da16", dict(dp="dul", da16=True)),
-                      ("rc", dict(rc=True)), ("rc-k32", dict(rc=True, BK_I=32)), ("gc-rows-rc", dict(gc="rows", rc=True))]
+                      ("rc", dict(rc="loop")), ("rc-k32", dict(rc="loop", BK_I=32)), ("rc-launches", dict(rc="launches")),
+                      ("gc-rows-rc", dict(gc="rows", rc="launches"))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -518,13 +519,15 @@ def sweep_variants(op: str) -> list:
             # dA and dP stored in 16 bits (what every dot reading them rounds them to): half the bytes of the two
             # (64, 64)-per-chunk float32 tensors the main backward writes and the intra backward reads four times
             variants += [("da16", dict(da16=True)), ("da16-dp-dul", dict(da16=True, dp="dul"))]
-            # dg written by the intra backward, one program per chunk walking its sub-chunks backwards (no DB
-            # write-back, no _chunk_rcumsum pass): ptxas sm_90 252 / 168 / 202 registers at BK_I 64 w4 / 32 w4 / 64 w8
-            # (130 / 96 without rc), no spills
-            variants += [("rc", dict(rc=True)), ("rc-k32", dict(rc=True, BK_I=32)), ("rc-w8", dict(rc=True, warps_ib=8)),
-                         ("rc-da16", dict(rc=True, da16=True))]
+            # dg written by the intra backward (no DB write-back, no _chunk_rcumsum pass): one program per chunk
+            # walking its sub-chunks backwards (rc="loop": ptxas sm_90 252 / 168 / 202 registers at BK_I 64 w4 /
+            # 32 w4 / 64 w8, 130 / 96 without, no spills) or one launch per sub-chunk, last to first, the column
+            # sums carried between launches (rc="launches": the registers of the kernel without rc)
+            variants += [("rc", dict(rc="loop")), ("rc-k32", dict(rc="loop", BK_I=32)),
+                         ("rc-w8", dict(rc="loop", warps_ib=8)), ("rc-launches", dict(rc="launches")),
+                         ("rc-launches-da16", dict(rc="launches", da16=True))]
             # the gate cumsum formed by _gate_rows (one pass over the float32 gates fewer; with pre only)
-            variants += [("gc-rows", dict(gc="rows")), ("gc-rows-rc", dict(gc="rows", rc=True))]
+            variants += [("gc-rows", dict(gc="rows")), ("gc-rows-rc-launches", dict(gc="rows", rc="launches"))]
     if op in ("gla", "kda"):  # the default before the diagonal dots (exact steps on every diagonal tile)
         variants.append(("no-dot", dict(diag_lim=0, diag_lim_b=0, **(dict(intra_f="fused") if op == "gla" else
                                                                      dict(BK_I=32)))))

@@ -115,14 +115,15 @@ CASES = [  # t, dk, dv, init, gate, cfg
                                        BK_I=32, warps_ib=1, diag_lim_b=40)),
     (40, 32, 48, True, "extreme", dict(SUB32, intra="split", diag_lim=60, intra_b="split", BK_I=16,
                                        diag_lim_b=60)),
-    # dg written by the intra backward (cfg rc), one program per chunk: partial last chunks, with and without dots
-    (70, 48, 32, True, "strong", dict(SUB64, intra_b="split", BK_I=32, warps_ib=1, rc=True)),
+    # dg written by the intra backward (cfg rc: one program per chunk, or one launch per sub-chunk): partial last
+    # chunks, with and without dots
+    (70, 48, 32, True, "strong", dict(SUB64, intra_b="split", BK_I=32, warps_ib=1, rc="loop")),
     (40, 32, 48, False, "mild", dict(SUB32, intra="split", diag_lim=20, intra_b="split", BK_I=16, diag_lim_b=20,
-                                     rc=True)),
+                                     rc="launches")),
     # the gate cumsum formed by _gate_rows with the gate factors (cfg gc="rows", needs pre): Dk 48 (a partial
     # 64-channel block), T 70 / 40 (partial last chunks)
     (70, 48, 32, True, "strong", dict(SUB64, pre=True, gc="rows")),
-    (40, 32, 48, False, "extreme", dict(SUB32, pre=True, gc="rows", intra_b="split", BK_I=16, rc=True)),
+    (40, 32, 48, False, "extreme", dict(SUB32, pre=True, gc="rows", intra_b="split", BK_I=16, rc="launches")),
 ]
 
 
@@ -155,6 +156,7 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
                                                 (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
                                                 (False, "split", "fused+dul+da16"), (False, "split", "split+da16"),
                                                 (False, "split", "fused+rc"), (True, "split", "fused+da16+rc"),
+                                                (False, "split", "fused+rcloop"),
                                                 (False, "split", "fused+rc+gcrows")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
@@ -162,7 +164,7 @@ def test_float16_protocol_rule(split, intra_b, main):
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
     the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
     by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16);
-    "+rc": dg written by the intra backward (cfg rc); "+gcrows": the gate cumsum by _gate_rows (cfg gc="rows")."""
+    "+rc" / "+rcloop": dg written by the intra backward (cfg rc "launches" / "loop"); "+gcrows": the gate cumsum by _gate_rows (cfg gc="rows")."""
     main, *flags = main.split("+")
     t, dk, dv = 40, 32, 32
     x = make(t, dk, dv, "strong", seed=11)
@@ -177,7 +179,8 @@ def test_float16_protocol_rule(split, intra_b, main):
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
                                warps_wu=1, dp="dul" if "dul" in flags else "main", BV_O=16,
-                               da16="da16" in flags, rc="rc" in flags,
+                               da16="da16" in flags,
+                               rc="loop" if "rcloop" in flags else "launches" if "rc" in flags else False,
                                **(dict(pre=True, gc="rows") if "gcrows" in flags else {})))
     for n, val in got.items():
         val = val.cpu()
@@ -197,14 +200,16 @@ def test_pregated_rows_match_in_kernel_gates(dtype, split):
         assert torch.equal(got[0][n], got[1][n]), n
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_intra_dg_matches_separate_cumsum(dtype):
-    """cfg rc=True (the intra backward writes dg itself, one program per chunk) gives the same bits as the
-    separate reverse cumsum for everything but dg, and dg within float32 rounding of a different summation
-    order (T 70 with chunks of 32: a partial last chunk, whose padded rows count too)."""
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "loop"), (torch.float16, "loop"),
+                                        (torch.float32, "launches"), (torch.float16, "launches")])
+def test_intra_dg_matches_separate_cumsum(dtype, mode):
+    """cfg rc (the intra backward writes dg itself: one program per chunk, or one launch per sub-chunk with
+    the column sums carried between launches) gives the same bits as the separate reverse cumsum for
+    everything but dg, and dg within float32 rounding of a different summation order (T 70 with chunks of 32:
+    a partial last chunk, whose padded rows count too)."""
     x = make(70, 48, 32, "strong", seed=9)
     cfg = dict(SUB32, intra_b="split", BK_I=32, warps_ib=1)
-    got = [run_kernels(x, True, 48 ** -0.5, dtype=dtype, cfg=dict(cfg, rc=rc)) for rc in (True, False)]
+    got = [run_kernels(x, True, 48 ** -0.5, dtype=dtype, cfg=dict(cfg, rc=rc)) for rc in (mode, False)]
     for n in got[0]:
         if n == "dg":
             torch.testing.assert_close(got[0][n], got[1][n], rtol=1e-5, atol=1e-5 * got[1][n].abs().max().item())
@@ -454,7 +459,8 @@ def test_float16_diagonal_dots_protocol_rule():
 
 @pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main"),
                                        (dict(da16=True, intra_b="fused"), "da16 needs"),
-                                       (dict(rc=True, intra_b="chunk"), "rc .dg from the intra backward. needs"),
+                                       (dict(rc="loop", intra_b="chunk"), "rc .dg from the intra backward. needs"),
+                                       (dict(rc=True), "rc must be"),
                                        (dict(gc="rows", pre=False), "gc='rows' .* needs cfg pre"),
                                        (dict(gc="kernel"), "gc must be")])
 def test_dp_config_errors(bad, match):

@@ -926,22 +926,37 @@ def _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_
                           dkp, dkc)
 
 @triton.jit
-def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, DG,
+def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, DG, CARRY,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
-                     NH, T, DIMK, NT,
+                     NH, T, DIMK, NT, P_RC,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                     UNROLL: tl.constexpr = 1, DIAG_LIM: tl.constexpr = 0.0, RC: tl.constexpr = False):
+                     UNROLL: tl.constexpr = 1, DIAG_LIM: tl.constexpr = 0.0, RC: tl.constexpr = 0):
     # _bwd_intra by (BC, BC) tiles over one Dk block (cfg intra_b="split"; grid: Dk block, chunk x sub-chunk,
     # batch x head): the rows of sub-chunk p against each earlier sub-chunk (referenced to gn = G at p's first
     # row) and against each later one (referenced to ge = G at p's last row), one dot per tile and matrix
     # (P and M share the key operand), the diagonal tile exact one step at a time with one exp per element
     # for both sides; then the partials of _bwd_main, as _bwd_intra, dL/db back to DB.
-    # RC (cfg rc; grid: Dk block, chunk, batch x head): one program walks the chunk's sub-chunks from the last
-    # to the first and writes dg, the chunk-local reverse cumsum of dL/db (the padded rows included, as
-    # _chunk_rcumsum), to DG (B, H, T, Dk) itself: DB is read once and neither written back nor read again
+    # RC (cfg rc; grid: Dk block, chunk, batch x head): dg, the chunk-local reverse cumsum of dL/db (the padded
+    # rows included, as _chunk_rcumsum), written to DG (B, H, T, Dk) here: DB is read once and neither written
+    # back nor read again. RC 1 (rc="loop"): one program walks the chunk's sub-chunks from the last to the
+    # first. RC 2 (rc="launches"): one launch per sub-chunk P_RC, last to first, the column sums of the
+    # sub-chunks after it carried in CARRY (float32 (B*H, NT, Dk), read and written back by the same program)
     ik = tl.program_id(0)
     bh = tl.program_id(2).to(tl.int64)
-    if RC:
+    if RC == 2:
+        n = tl.program_id(1)
+        p = P_RC
+        db = _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
+                            s_xb, s_xh, s_xt, NH, T, DIMK, NT, ik, n, p, bh, BT, BC, BK, SPLIT, PREC, UNROLL, DIAG_LIM)
+        offs_k = ik * BK + tl.arange(0, BK)
+        m_k = offs_k < DIMK
+        cptr = CARRY + (bh * NT + n) * DIMK + offs_k
+        carry = tl.load(cptr, mask=m_k & (offs_k * 0 + P_RC < BT // BC - 1), other=0.0)
+        tl.store(cptr, carry + tl.sum(db, 0), mask=m_k)
+        t = n * BT + p * BC + tl.arange(0, BC)
+        tl.store(DG + (bh * T + t)[:, None] * DIMK + offs_k[None, :], tl.cumsum(db, 0, reverse=True) + carry[None, :],
+                 mask=(t < T)[:, None] & m_k[None, :])
+    elif RC == 1:
         n = tl.program_id(1)
         offs_s = tl.arange(0, BC)
         offs_k = ik * BK + tl.arange(0, BK)
@@ -1167,10 +1182,12 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     per chunk over every Dv block, instead of the fused main backward, whose stack then drops from 248 to 88 B per
     thread, ptxas sm_90) and ``da16`` (False by default; True: DAQ and DM, dP and dA, stored in the 16-bit input
     dtype, which every dot reading them rounds them to anyway; split intra backward only) and ``rc`` (False by
-    default; True: the split intra backward runs one program per chunk and BK_I-channel block, walks the chunk's
-    sub-chunks from the last to the first and writes dg itself, the reverse cumsum carried across sub-chunks:
-    dL/db is neither written back nor read again by ``_chunk_rcumsum``, about 64 KB of float32 traffic per chunk
-    and head saved at Dk 128; ptxas sm_90 252 registers at BK_I 64 / 4 warps against 130 without, no spills) and
+    default): the split intra backward writes dg itself, the reverse cumsum carried across the chunk's sub-chunks
+    from the last to the first, so dL/db is neither written back nor read again by ``_chunk_rcumsum`` (about 64 KB
+    of float32 traffic per chunk and head saved at Dk 128). "loop": one program per chunk and BK_I-channel block
+    walks the sub-chunks (ptxas sm_90 252 registers at BK_I 64 / 4 warps against 130 without, no spills);
+    "launches": one launch per sub-chunk, the column sums carried between launches in a (B*H, NT, Dk) float32
+    buffer (158 registers). And
     ``gc`` ("cumsum" by default; "rows", with ``pre`` only: the chunk-local gate cumsum formed by ``_gate_rows``
     from the log gates while it forms the gate factors, instead of by ``chunk_cumsum`` before it, which then
     reads it back: one float32 pass over the gates fewer per forward, about 0.13 GB at B=2 T=8192 H16 Dk 128)."""
@@ -1225,6 +1242,8 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"gc must be 'cumsum' or 'rows', got {cfg['gc']!r}")
     if cfg.get("gc", "cumsum") == "rows" and not cfg.get("pre", False):
         raise ValueError("gc='rows' (the gate cumsum formed by _gate_rows) needs cfg pre=True")
+    if cfg.get("rc", False) not in (False, "loop", "launches"):
+        raise ValueError(f"rc must be False, 'loop' or 'launches', got {cfg['rc']!r}")
     if cfg.get("rc", False) and cfg.get("intra_b", "fused") != "split":
         raise ValueError(f"rc (dg from the intra backward) needs intra_b='split', got intra_b={cfg.get('intra_b')!r}")
     if cfg.get("dp", "main") not in ("main", "dul"):
@@ -1464,13 +1483,15 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
             num_warps=cfg.get("warps_ib", 4), num_stages=cfg["stages"])
     elif cfg.get("intra_b", "fused") == "split":
         bki = min(cfg.get("BK_I", 32), bk)
-        rc = bool(cfg.get("rc", False))
-        _bwd_intra_split[(triton.cdiv(dk, bki), nt * (1 if rc else bt // bc), b * h)](
-            q, k, gc, daq, dm, dqp, dkp, db, dq, dk_, dg,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, BT=bt, BC=bc, BK=bki, SPLIT=split, PREC=prec,
-            UNROLL=cfg.get("unroll_ib", 1), DIAG_LIM=float(cfg.get("diag_lim_b", 0.0)), RC=rc,
-            num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
+        rc = {False: 0, "loop": 1, "launches": 2}[cfg.get("rc", False)]
+        carry = _empty(poison, (b * h, nt, dk), f32, q.device) if rc == 2 else db
+        for p_rc in (range(bt // bc - 1, -1, -1) if rc == 2 else (0,)):
+            _bwd_intra_split[(triton.cdiv(dk, bki), nt * (bt // bc if rc == 0 else 1), b * h)](
+                q, k, gc, daq, dm, dqp, dkp, db, dq, dk_, dg, carry,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2), h, t, dk, nt, p_rc, BT=bt, BC=bc, BK=bki, SPLIT=split,
+                PREC=prec, UNROLL=cfg.get("unroll_ib", 1), DIAG_LIM=float(cfg.get("diag_lim_b", 0.0)), RC=rc,
+                num_warps=cfg.get("warps_ib", 2), num_stages=cfg["stages"])
         if rc:  # dg written by the intra backward
             return dq, dk_, dv_, dg, dbeta, ds0
     else:
