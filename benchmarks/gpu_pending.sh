@@ -196,13 +196,13 @@ for s in $SECTIONS; do
               --profile-ops kda,gdn --profile-shape 2x8192 --ops gla,gdn,kda,sdpa --shapes 2x8192,4x8192 \
               > "$OUT/main_regs_log.txt" 2>&1 ;;
     kda-rows) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows" --check quick --no-decode \
-              --no-torch --profile-ops kda --profile-shape 2x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows --sweep-shape 2x8192 \
+              --no-torch --profile-ops kda --profile-shape 2x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,all-opt-in --sweep-shape 2x8192 \
               --ops simple_gla,gla,gdn,kda,sdpa \
               --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
               timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_rows_log.txt" 2>&1 ;;
     kda-final) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check none --no-decode \
-              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows \
+              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,all-opt-in \
               --sweep-shape 2x8192 > "$OUT/kda_final_log.txt" 2>&1
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check quick --no-decode \
               --no-torch --ops sdpa --shapes 1x1024 >> "$OUT/kda_final_log.txt" 2>&1 ;;

@@ -156,7 +156,9 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
                                                 (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
                                                 (False, "split", "fused+dul+da16"), (False, "split", "split+da16"),
                                                 (False, "split", "fused+rc"), (True, "split", "fused+da16+rc"),
-                                                (False, "split", "fused+rcloop"),
+                                                (False, "split", "fused+rcloop"), (False, "split", "fused+p16"),
+                                                (False, "fused", "seq+p16"), (False, "split", "split+p16"),
+                                                (False, "split", "fused+p16+da16+rc+gcrows+dul"),
                                                 (False, "split", "fused+rc+gcrows")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
@@ -164,6 +166,7 @@ def test_float16_protocol_rule(split, intra_b, main):
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
     the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
     by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16);
+    "+p16": the main backward's shares of dq, dk stored in 16 bits (cfg p16);
     "+rc" / "+rcloop": dg written by the intra backward (cfg rc "launches" / "loop"); "+gcrows": the gate cumsum by _gate_rows (cfg gc="rows")."""
     main, *flags = main.split("+")
     t, dk, dv = 40, 32, 32
@@ -179,7 +182,7 @@ def test_float16_protocol_rule(split, intra_b, main):
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
                                warps_wu=1, dp="dul" if "dul" in flags else "main", BV_O=16,
-                               da16="da16" in flags,
+                               da16="da16" in flags, p16="p16" in flags,
                                rc="loop" if "rcloop" in flags else "launches" if "rc" in flags else False,
                                **(dict(pre=True, gc="rows") if "gcrows" in flags else {})))
     for n, val in got.items():
@@ -230,6 +233,20 @@ def test_gate_rows_form_the_cumsum(dtype, split):
     torch.testing.assert_close(gc, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
     ke2, qe2 = tk._gated_rows(k, q, gc, 0.3, 32, split, True)
     assert torch.equal(ke, ke2) and torch.equal(qe, qe2)
+
+
+def test_p16_rounds_only_the_shares_of_dq_dk():
+    """cfg p16 (DQP, DKP stored in the 16-bit input dtype): dv, dg, dbeta, ds0 and the forward the same bits as
+    without; dq, dk within a few 16-bit roundings of them."""
+    x = make(70, 48, 32, "strong", seed=12)
+    cfg = dict(SUB32, intra_b="split", BK_I=32, warps_ib=1, split=False)
+    got = [run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, p16=p)) for p in (True, False)]
+    for n in got[0]:
+        if n in ("dq", "dk"):
+            ref = got[1][n].float()
+            torch.testing.assert_close(got[0][n].float(), ref, rtol=4e-3, atol=4e-3 * ref.abs().max().item())
+        else:
+            assert torch.equal(got[0][n], got[1][n]), n
 
 
 def test_custom_ops_opcheck():
@@ -460,7 +477,7 @@ def test_float16_diagonal_dots_protocol_rule():
 @pytest.mark.parametrize("bad,match", [(dict(dp="kernel"), "dp must be"), (dict(dp="dul", main="seq"), "fused main"),
                                        (dict(da16=True, intra_b="fused"), "da16 needs"),
                                        (dict(rc="loop", intra_b="chunk"), "rc .dg from the intra backward. needs"),
-                                       (dict(rc=True), "rc must be"),
+                                       (dict(rc=True), "rc must be"), (dict(p16=1), "p16 must be a bool"),
                                        (dict(gc="rows", pre=False), "gc='rows' .* needs cfg pre"),
                                        (dict(gc="kernel"), "gc must be")])
 def test_dp_config_errors(bad, match):
