@@ -78,6 +78,11 @@
 #                (dP in _bwd_dul; dA, dP stored in 16 bits; both opt-in) and rc rows (fifteenth session: dg written by
 #                the intra backward, one program per chunk), every op vs SDPA at 2x8192, 1x16384, 4x8192, then
 #                KDA and SDPA again in a second process (and at 1x32768)
+#   kda-opt      issue 5 (fifteenth session): KDA and SDPA at 2x8192 / 4x8192 with the defaults first, then the
+#                sweep of every opt-in KDA row at 2x8192 (dp-dul, da16, rc loop / launches, gc-rows, p16, all-opt-in;
+#                KDA_ONLY: other substrings). About 5 min; follow with kda-check
+#   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
+#                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process
 #   kda-final    issue 5: kda-rows in short (a device budget of five minutes): GDN / KDA / SDPA at 2x8192 and 4x8192
 #                first, then the GPU checks
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
@@ -110,10 +115,11 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the fourteenth session (2026-12-05; kda-dot on the H200, dots-on, kda-main, linear-packed and
-# main-regs on the H100): KDA with its gate factors kept and QE in _fwd_o, against SDPA in two processes, on an
-# H100, with the GPU checks and the opt-in dp="dul" / da16 rows (kda-rows; kda-final is the same in short)
-SECTIONS=${*:-kda-rows}
+# still owed after the fifteenth session (2026-12-05, CPU only, no device lent): KDA with its gate factors kept and
+# QE in _fwd_o (fourteenth session) against SDPA, and the opt-in rows dp="dul", da16 (fourteenth), rc, gc="rows",
+# p16 (fifteenth), on an H100: kda-opt (one call, ~5 min), then kda-check (the GPU checks and the second process,
+# ~6 min). kda-rows is the older one-call form
+SECTIONS=${*:-kda-opt}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -201,6 +207,15 @@ for s in $SECTIONS; do
               --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
               timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_rows_log.txt" 2>&1 ;;
+    kda-opt) timeout ${LINEAR_S:-90} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
+              --no-torch --ops kda,sdpa --shapes 2x8192,4x8192 > "$OUT/kda_opt_log.txt" 2>&1
+              timeout ${SWEEP_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
+              --no-torch --sweep-ops kda --sweep-only "${KDA_ONLY:-dp-dul,da16,rc,gc-rows,p16,all-opt-in}" \
+              --sweep-shape 2x8192 --ops sdpa --shapes 1x1024 >> "$OUT/kda_opt_log.txt" 2>&1 ;;
+    kda-check) timeout ${CHECK_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck" --check quick --no-decode \
+              --no-torch --profile-ops kda --profile-shape 2x8192 --ops sdpa --shapes 1x1024 > "$OUT/kda_check_log.txt" 2>&1
+              timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck2" --check none --no-decode \
+              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_check_log.txt" 2>&1 ;;
     kda-final) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check none --no-decode \
               --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,all-opt-in \
               --sweep-shape 2x8192 > "$OUT/kda_final_log.txt" 2>&1
