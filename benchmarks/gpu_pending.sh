@@ -79,7 +79,7 @@
 #                the intra backward, one program per chunk), every op vs SDPA at 2x8192, 1x16384, 4x8192, then
 #                KDA and SDPA again in a second process (and at 1x32768)
 #   kda-opt      issue 5 (fifteenth session): KDA and SDPA at 2x8192 / 4x8192 with the defaults first, then the
-#                sweep of every opt-in KDA row at 2x8192 (dp-dul, da16, rc loop / launches, gc-rows, p16, all-opt-in;
+#                sweep of every opt-in KDA row at 2x8192 (dp-dul, da16, rc loop / launches, gc-rows, p16, a16, all-opt-in;
 #                KDA_ONLY: other substrings). About 5 min; follow with kda-check
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
 #                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process
@@ -202,7 +202,7 @@ for s in $SECTIONS; do
               --profile-ops kda,gdn --profile-shape 2x8192 --ops gla,gdn,kda,sdpa --shapes 2x8192,4x8192 \
               > "$OUT/main_regs_log.txt" 2>&1 ;;
     kda-rows) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows" --check quick --no-decode \
-              --no-torch --profile-ops kda --profile-shape 2x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,all-opt-in --sweep-shape 2x8192 \
+              --no-torch --profile-ops kda --profile-shape 2x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,a16,all-opt-in --sweep-shape 2x8192 \
               --ops simple_gla,gla,gdn,kda,sdpa \
               --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
               timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
@@ -210,14 +210,14 @@ for s in $SECTIONS; do
     kda-opt) timeout ${LINEAR_S:-90} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,4x8192 > "$OUT/kda_opt_log.txt" 2>&1
               timeout ${SWEEP_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
-              --no-torch --sweep-ops kda --sweep-only "${KDA_ONLY:-dp-dul,da16,rc,gc-rows,p16,all-opt-in}" \
+              --no-torch --sweep-ops kda --sweep-only "${KDA_ONLY:-dp-dul,da16,rc,gc-rows,p16,a16,all-opt-in}" \
               --sweep-shape 2x8192 --ops sdpa --shapes 1x1024 >> "$OUT/kda_opt_log.txt" 2>&1 ;;
     kda-check) timeout ${CHECK_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck" --check quick --no-decode \
               --no-torch --profile-ops kda --profile-shape 2x8192 --ops sdpa --shapes 1x1024 > "$OUT/kda_check_log.txt" 2>&1
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck2" --check none --no-decode \
               --no-torch --ops gdn,kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_check_log.txt" 2>&1 ;;
     kda-final) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check none --no-decode \
-              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,all-opt-in \
+              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,a16,all-opt-in \
               --sweep-shape 2x8192 > "$OUT/kda_final_log.txt" 2>&1
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check quick --no-decode \
               --no-torch --ops sdpa --shapes 1x1024 >> "$OUT/kda_final_log.txt" 2>&1 ;;

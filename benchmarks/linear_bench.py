@@ -80,7 +80,7 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(
                       ("dp-dul", dict(dp="dul")), ("da16", dict(da16=True)), ("dp-dul-da16", dict(dp="dul", da16=True)),
                       ("rc", dict(rc="loop")), ("rc-k32", dict(rc="loop", BK_I=32)), ("rc-launches", dict(rc="launches")),
                       ("gc-rows-rc", dict(gc="rows", rc="launches")), ("p16", dict(p16=True)),
-                      ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul"))]
+                      ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul", a16=True))]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -532,7 +532,10 @@ def sweep_variants(op: str) -> list:
             # the main backward's shares of dq, dk (DQP, DKP) stored in 16 bits: half of their 0.54 GB per fwd+bwd
             variants += [("p16", dict(p16=True)), ("p16-da16", dict(p16=True, da16=True)),
                          ("p16-da16-rc-launches-gc-rows", dict(p16=True, da16=True, rc="launches", gc="rows")),
-                         ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul"))]
+                         ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul", a16=True))]
+            # P stored in 16 bits (its readers round it to 16 bits for their dots: the same bits)
+            variants += [("a16", dict(a16=True)), ("a16-p16-da16-rc-launches-gc-rows",
+                                                   dict(a16=True, p16=True, da16=True, rc="launches", gc="rows"))]
     if op in ("gla", "kda"):  # the default before the diagonal dots (exact steps on every diagonal tile)
         variants.append(("no-dot", dict(diag_lim=0, diag_lim_b=0, **(dict(intra_f="fused") if op == "gla" else
                                                                      dict(BK_I=32)))))

@@ -158,7 +158,7 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
                                                 (False, "split", "fused+rc"), (True, "split", "fused+da16+rc"),
                                                 (False, "split", "fused+rcloop"), (False, "split", "fused+p16"),
                                                 (False, "fused", "seq+p16"), (False, "split", "split+p16"),
-                                                (False, "split", "fused+p16+da16+rc+gcrows+dul"),
+                                                (False, "split", "fused+p16+da16+rc+gcrows+dul+a16"),
                                                 (False, "split", "fused+rc+gcrows")])
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
@@ -166,7 +166,7 @@ def test_float16_protocol_rule(split, intra_b, main):
     16-channel block (split) or per chunk and 16-channel block (chunk, with the forward scores per chunk too);
     the main backward fused, split (with prep="split": W, U0 by _wu) or in three passes (seq); "+dul": dP formed
     by _bwd_dul (cfg dp="dul") instead of the main backward; "+da16": dA and dP stored in 16 bits (cfg da16);
-    "+p16": the main backward's shares of dq, dk stored in 16 bits (cfg p16);
+    "+p16": the main backward's shares of dq, dk stored in 16 bits (cfg p16); "+a16": P in 16 bits (cfg a16);
     "+rc" / "+rcloop": dg written by the intra backward (cfg rc "launches" / "loop"); "+gcrows": the gate cumsum by _gate_rows (cfg gc="rows")."""
     main, *flags = main.split("+")
     t, dk, dv = 40, 32, 32
@@ -182,7 +182,7 @@ def test_float16_protocol_rule(split, intra_b, main):
                                intra="chunk" if intra_b == "chunk" else "fused", BK_F=16, warps_i=1,
                                BV_M=16, warps_mk=1, warps_mv=1, prep="split" if main == "split" else "fused", BN_WU=16,
                                warps_wu=1, dp="dul" if "dul" in flags else "main", BV_O=16,
-                               da16="da16" in flags, p16="p16" in flags,
+                               da16="da16" in flags, p16="p16" in flags, a16="a16" in flags,
                                rc="loop" if "rcloop" in flags else "launches" if "rc" in flags else False,
                                **(dict(pre=True, gc="rows") if "gcrows" in flags else {})))
     for n, val in got.items():
@@ -281,6 +281,40 @@ def test_custom_ops_opcheck_with_kept_gate_factors(monkeypatch):
     o, _ = tk.kda_triton(q, k, v, g, beta, scale=0.25)
     o.square().sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v, g, beta))
+
+
+def test_custom_ops_opcheck_with_every_opt_in(monkeypatch):
+    # float16 with every opt-in storage change (P and dP / dA in 16 bits, 16-bit shares of dq / dk, dg from the
+    # intra backward, the gate cumsum from _gate_rows): the fake implementation gives P's 16-bit dtype
+    orig = tk.config
+    monkeypatch.setattr(tk, "config", lambda *a: dict(orig(*a), pre=True, split=False, a16=True, da16=True, p16=True,
+                                                      intra_b="split", BK_I=16, rc="launches", gc="rows"))
+    gen = torch.Generator().manual_seed(6)
+    t = 10
+    q, k, v = (torch.randn(1, 1, t, 16, generator=gen).half().to(DEV).requires_grad_() for _ in range(3))
+    g = (F.logsigmoid(torch.randn(1, 1, t, 16, generator=gen)) / 4).to(DEV).requires_grad_()
+    beta = torch.rand(1, 1, t, generator=gen).to(DEV).requires_grad_()
+    torch.library.opcheck(tk._fwd_op, (q, k, v, g, beta, None, 0.25, True))
+    kept = tk._fwd_op(*(x.detach() for x in (q, k, v, g, beta)), None, 0.25, True)[2:]
+    assert kept[1].dtype == torch.float16 and kept[2].dtype == torch.float32  # P in 16 bits, M float32
+    o, _ = tk.kda_triton(q, k, v, g, beta, scale=0.25)
+    o.float().square().sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v, g, beta))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a16_gives_the_same_bits(split):
+    """cfg a16 (P stored in the 16-bit input dtype, split=False): every output the same bits as with P in float32,
+    its readers rounding it to that dtype anyway; with the hi/lo split it is refused."""
+    x = make(70, 48, 32, "strong", seed=13)
+    cfg = dict(SUB32, intra="split", warps_i=1, split=split)
+    if split:
+        with pytest.raises(ValueError, match="a16 .* needs split=False"):
+            run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=True))
+        return
+    got = [run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=a)) for a in (True, False)]
+    for n in got[0]:
+        assert torch.equal(got[0][n], got[1][n]), n
 
 
 def test_kept_forward_tensors_match_recomputation():

@@ -144,7 +144,7 @@ def _intra(Q, K, G, AQK, AKK,
         aqk += tl.where(sel, cq[:, None], 0.0)
         akk += tl.where(sel, ck[:, None], 0.0)
     off = (bh * NT * BT + n * BT + offs_i)[:, None] * BT + offs_c[None, :]
-    tl.store(AQK + off, aqk * scale)
+    tl.store(AQK + off, (aqk * scale).to(AQK.dtype.element_ty))
     tl.store(AKK + off, akk)
 
 
@@ -188,7 +188,7 @@ def _intra_split(Q, K, G, AQK, AKK,
         gj = tl.load(gbase + tj[:, None] * DIMK + offs_k[None, :], mask=m_k[None, :], other=0.0)
         krt = tl.trans(kj.to(tl.float32) * tl.exp(gn[None, :] - gj))
         aq = _split_dot2(qe, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
-        tl.store(AQK + rows + offs_j[None, :], aq * scale)
+        tl.store(AQK + rows + offs_j[None, :], (aq * scale).to(AQK.dtype.element_ty))
         if WITH_KK:
             ak = _split_dot2(ke, krt, tl.zeros([BC, BC], dtype=tl.float32), kj, SPLIT, PREC)
             tl.store(AKK + rows + offs_j[None, :], ak)
@@ -224,13 +224,13 @@ def _intra_split(Q, K, G, AQK, AKK,
     else:  # the diagonal tile, exact, one key step at a time, UNROLL steps unrolled per loop iteration
         aq, ak = _diag_steps(aq, ak, qi, ki, gi, kbase, gbase, s_kt, n, p, BT, BC, offs_i, offs_s, offs_k, m_k, T,
                              DIMK, UNROLL)
-    tl.store(AQK + rows + offs_i[None, :], aq * scale)
+    tl.store(AQK + rows + offs_i[None, :], (aq * scale).to(AQK.dtype.element_ty))
     if WITH_KK:
         tl.store(AKK + rows + offs_i[None, :], ak)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     for jc in range(p + 1, BT // BC):
         offs_j = jc * BC + offs_s
-        tl.store(AQK + rows + offs_j[None, :], zero)
+        tl.store(AQK + rows + offs_j[None, :], zero.to(AQK.dtype.element_ty))
         if WITH_KK:
             tl.store(AKK + rows + offs_j[None, :], zero)
 
@@ -287,10 +287,10 @@ def _intra_chunk(Q, K, G, AQK, AKK,
             dgk += tl.where(sel, tl.where(offs_c > s, tl.sum(k * kd, 1), 0.0)[:, None], 0.0)
     rows = (bh * NT * BT + tc)[:, None] * BT
     off_diag = (offs_c[None, :] // BC) != sub[:, None]  # two stores, no element written twice
-    tl.store(AQK + rows + offs_c[None, :], aq * scale, mask=off_diag)
+    tl.store(AQK + rows + offs_c[None, :], (aq * scale).to(AQK.dtype.element_ty), mask=off_diag)
     tl.store(AKK + rows + offs_c[None, :], ak, mask=off_diag)
     cols = rows + sub[:, None] * BC + offs_s[None, :]
-    tl.store(AQK + cols, dgq * scale)
+    tl.store(AQK + cols, (dgq * scale).to(AQK.dtype.element_ty))
     tl.store(AKK + cols, dgk)
 
 
@@ -1189,7 +1189,10 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     "launches": one launch per sub-chunk, the column sums carried between launches in a (B*H, NT, Dk) float32
     buffer (158 registers). ``p16`` (False by default; True: DQP and DKP, the main backward's shares of dq and
     dk, stored in the input dtype, 16-bit inputs only: a rounding more before the intra backward adds its share,
-    half their bytes written and read: about 0.27 GB less traffic per fwd+bwd at B=2 T=8192 H16 Dk 128). And
+    half their bytes written and read: about 0.27 GB less traffic per fwd+bwd at B=2 T=8192 H16 Dk 128). ``a16``
+    (False by default; True, with split=False only: P (AQK) stored in the input dtype, which ``_fwd_o`` and
+    ``_bwd_dul`` round it to for their dots anyway: the same bits, a quarter of the float32 tensor's three passes
+    saved, about 0.1 GB per fwd+bwd at that shape). And
     ``gc`` ("cumsum" by default; "rows", with ``pre`` only: the chunk-local gate cumsum formed by ``_gate_rows``
     from the log gates while it forms the gate factors, instead of by ``chunk_cumsum`` before it, which then
     reads it back: one float32 pass over the gates fewer per forward, about 0.13 GB at B=2 T=8192 H16 Dk 128)."""
@@ -1244,8 +1247,11 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"gc must be 'cumsum' or 'rows', got {cfg['gc']!r}")
     if cfg.get("gc", "cumsum") == "rows" and not cfg.get("pre", False):
         raise ValueError("gc='rows' (the gate cumsum formed by _gate_rows) needs cfg pre=True")
-    if not isinstance(cfg.get("p16", False), bool):
-        raise ValueError(f"p16 must be a bool, got {cfg['p16']!r}")
+    for key in ("p16", "a16"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{key} must be a bool, got {cfg[key]!r}")
+    if cfg.get("a16", False) and cfg.get("split", True):
+        raise ValueError("a16 (P stored in 16 bits) needs split=False: the hi/lo split reads P in float32")
     if cfg.get("rc", False) not in (False, "loop", "launches"):
         raise ValueError(f"rc must be False, 'loop' or 'launches', got {cfg['rc']!r}")
     if cfg.get("rc", False) and cfg.get("intra_b", "fused") != "split":
@@ -1258,6 +1264,14 @@ def _check_cfg(cfg: dict) -> None:
                                        or cfg["BKD"] & (cfg["BKD"] - 1)):
         raise ValueError("diag='bcast' needs intra='split' and BKD, a power of two >= 16 (channels per diagonal "
                          f"product); got intra={cfg.get('intra')!r}, BKD={cfg.get('BKD')!r}")
+
+
+def _aqk_dtype(cfg: dict, dtype: torch.dtype) -> torch.dtype:
+    """P's (AQK's) storage dtype: the 16-bit input dtype with cfg a16 (its two readers, ``_fwd_o`` and
+    ``_bwd_dul``, round it to that dtype for their dots unless they split float32 operands; same bits), else
+    float32."""
+    split = dtype != torch.float32 and cfg.get("split", True)
+    return dtype if cfg.get("a16", False) and not split else torch.float32
 
 
 def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=(), scale=None, poison=False):
@@ -1300,7 +1314,7 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     if scores is not None:
         aqk, akk = scores
     else:
-        aqk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
+        aqk = _empty(poison, (b * h, nt * bt, bt), _aqk_dtype(cfg, k.dtype), k.device)
         akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
         split_intra = cfg.get("intra", "fused") == "split"
         grid = (nt * (bt // bc), b * h) if split_intra else (nt, bt // bc, b * h)
@@ -1538,7 +1552,7 @@ def _(q, k, v, g, beta, initial_state, scale, keep_all):
     tp = nt * bt
     f32 = torch.float32
     out = [q.new_empty((b, h, t, dv)), q.new_empty((b, h, dk, dv), dtype=f32),
-           q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=f32),
+           q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=_aqk_dtype(cfg, q.dtype)),
            q.new_empty((b * h, tp, bt), dtype=f32)]
     if keep_all and t:
         out += [q.new_empty((b * h, tp, bt), dtype=f32), q.new_empty((b * h, tp, dk)), q.new_empty((b * h, tp, dv)),
