@@ -83,6 +83,9 @@
 #                KDA_ONLY: other substrings). About 5 min; follow with kda-check
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
 #                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process
+#   narrow       issue 3 (fifteenth session): NARROW, block 0 as a 16- / 32-key tile on the query blocks that see only
+#                the sinks in it, on sinks + window 1024 (and window 1024, where it must change nothing) at 16K, then
+#                sinks + window at 64K, against flex in the same run (triton_pack_variants.py --round 8, ~4 min)
 #   kda-final    issue 5: kda-rows in short (a device budget of five minutes): GDN / KDA / SDPA at 2x8192 and 4x8192
 #                first, then the GPU checks
 #   linear-check issue 5: the GPU correctness checks alone (simple GLA, the step kernels, GDN, KDA, GLA and the
@@ -230,6 +233,10 @@ for s in $SECTIONS; do
     pack) timeout ${PACK_S:-420} python3 benchmarks/triton_pack_variants.py --out "$OUT" --quick > "$OUT/pack_log.txt" 2>&1 ;;
     check) timeout ${CHECK_S:-300} python3 benchmarks/triton_check.py --out "$OUT" > "$OUT/check_log.txt" 2>&1
            timeout ${CHECK_S:-300} python3 benchmarks/triton_bwd_check.py --out "$OUT" >> "$OUT/check_log.txt" 2>&1 ;;
+    narrow) timeout ${NARROW_S:-200} python3 benchmarks/triton_pack_variants.py --round 8 --patterns sinks+sw1024,sw1024 \
+              --out "$OUT/narrow16k" --quick > "$OUT/narrow_log.txt" 2>&1
+            timeout ${NARROW_S:-200} python3 benchmarks/triton_pack_variants.py --round 8 --patterns sinks+sw1024 \
+              --L 65536 --out "$OUT/narrow64k" --quick >> "$OUT/narrow_log.txt" 2>&1 ;;
     pack2) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 2 --out "$OUT" --quick > "$OUT/pack2_log.txt" 2>&1 ;;
     layout) timeout ${LAYOUT_S:-240} python3 benchmarks/layout_share.py --out "$OUT/layout_share.jsonl" \
               > "$OUT/layout_share.txt" 2>&1 ;;

@@ -205,7 +205,8 @@ CASES = [  # name, kernel, constexprs, warps (the 16-bit GPU configs and their v
 # the attention backward's kernels (issue 3), generated for causal attention at 16K: pointer types by name
 _ATTN_TYPES = dict({n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ", "O", "DKP", "DVP")},
                    **{n: "*fp32" for n in ("LSE", "DELTA", "DLSE", "WSK", "WSV", "DQA")},
-                   **{n: "*i32" for n in ("ITEMS", "AUX", "QN", "QI", "FQN", "FQI", "KVN", "KVI", "FKVN", "FKVI")},
+                   **{n: "*i32" for n in ("ITEMS", "AUX", "QN", "QI", "FQN", "FQI", "KVN", "KVI", "FKVN", "FKVI",
+                                          "NROW")},
                    qk_scale="fp32", sm_scale="fp32")
 
 
@@ -235,6 +236,17 @@ def attention_cases():
             out.append((f"attn fwd sw1024 64x{bn} p{pack} merge{' pipe' if pipe else ''}", m.attn_fwd,
                         dict(base, BLOCK_M=64, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=True,
                              KD=None, VD=None, WS=False, LAZY=False, PIPE=pipe), w, 3, _ATTN_TYPES))
+    # NARROW (block 0 as a 16-key tile where a query block sees only the sinks in it): sinks + window 1024 at the
+    # local default (64 x 64, PACK 4, MERGE) and on the wide tiles (64 x 128, PACK 2)
+    sinks = ops._module(az.SlidingWindow(1023) | az.Sinks(4), 16384, 16384, "cpu", (64, 64))[0]
+    sinks128 = ops._module(az.SlidingWindow(1023) | az.Sinks(4), 16384, 16384, "cpu", (64, 128))[0]
+    for m, bn, pack, merge in ((sinks, 64, 4, True), (sinks128, 128, 2, False)):
+        for narrow in (0, 16):
+            out.append((f"attn fwd sinks+sw1024 64x{bn} p{pack}{' merge' if merge else ''}"
+                        f"{' narrow16' if narrow else ''}", m.attn_fwd,
+                        dict(base, BLOCK_M=64, BLOCK_N=bn, EVEN=True, PACK=pack, FOLD=True, IDX=2, MERGE=merge,
+                             KD=None, VD=None, WS=False, LAZY=False, PIPE=False, NARROW=narrow,
+                             **({} if narrow else dict(NROW=None))), 8, 3, _ATTN_TYPES))
     for bm, bn, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,

@@ -166,6 +166,19 @@ FWD7 = {
     "local pipe lazy p2": _cfg(64, 64, 8, 3, 2, IDX=2, MERGE=True, PIPE=True, LAZY=True),
 }
 BWD7 = {"bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2), "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True)}
+# round 8 (prepared 2026-12-05 s15, CPU only): NARROW -- on the query blocks past the window's reach of block 0,
+# block 0 (where such a block sees only the attention sinks) runs as a 16- or 32-key tile instead of a 64- or
+# 128-key one: about 1/18 of the sinks + window-1024 forward's tiles at 64 x 64, 1/10 at 64 x 128 (where the
+# wide tiles lost on sinks + window, 1.32 -> 1.56 ms on the H200, round 4)
+FWD8 = {
+    "local default (merge)": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True),
+    "local narrow16": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "local narrow32": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=32),
+    "local narrow16 tma": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, TMA=True, NARROW=16),
+    "wide 64x128 p2 tma": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
+    "wide 64x128 p2 tma narrow16": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True, NARROW=16),
+    "wide 64x128 p2 merge narrow16": _cfg(64, 128, 8, 3, 2, IDX=2, MERGE=True, NARROW=16),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -180,12 +193,14 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
                          "tiles and warps) after the default forward; 7: the forward's LAZY rescaling, and the "
-                         "backward default, and PIPE (the next scores in flight during the softmax)")
+                         "backward default, and PIPE (the next scores in flight during the softmax); 8: NARROW "
+                         "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
+                         "forward only")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -199,7 +214,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 7:
+    if args.round == 8:
+        FWD, BWD = FWD8, {}
+    elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:
         FWD, BWD = FWD6, BWD6

@@ -199,6 +199,33 @@ def test_pipelined_scores(pname, extra):
         torch.testing.assert_close(lse, base[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra", [{}, dict(MERGE=True, IDX=2, TMA=True), dict(MERGE=True, PIPE=True),
+                                   dict(PACK=2, LAZY=True)])
+def test_narrow_sink_tile(extra):
+    """NARROW (block 0 as a 16-key tile on the query blocks that see only attention sinks in it): correct
+    against float64 on block-multiple and odd lengths and a cross shape, equal to the forward without it up to
+    rounding; the rows it applies to are the ones past the window's reach of block 0, and a pattern with no
+    such row (or sinks wider than the tile) runs the plain forward."""
+    from attnzoo.backends.triton.ops import _narrow_rows
+    pat = az.Sinks(4) | az.SlidingWindow(40)
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1, **extra)
+    for shape, seed in (((1, 4, 2, 128, 128, 32, 32), 21), ((1, 4, 2, 100, 100, 32, 32), 22),
+                        ((1, 4, 2, 40, 130, 32, 32), 23)):
+        lq, lk = shape[3], shape[4]
+        rows = _narrow_rows(pat, lq, lk, 32, 32, 4, "cpu", 16)
+        # query block i's window starts at key 32 * i + (lk - lq) - 40: block 0's keys >= 16 are out of reach
+        want = [int(32 * i + (lk - lq) - 40 >= 32) for i in range(-(-lq // 32))]
+        assert rows is not None and rows.tolist() == want
+        out, lse = _check(pat, shape, torch.float32, seed=seed, cfg=dict(cfg, NARROW=16))
+        q, k, v = (t.detach().float() for t in inputs(*shape, seed=seed))
+        base = attention_fwd(q, k, v, pat, 32 ** -0.5, cfg=cfg)
+        torch.testing.assert_close(out, base[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, base[1], rtol=1e-5, atol=1e-6)
+    assert _narrow_rows(az.Sinks(20) | az.SlidingWindow(40), 128, 128, 32, 32, 4, "cpu", 16) is None
+    assert _narrow_rows(az.Causal(), 128, 128, 32, 32, 4, "cpu", 16) is None
+    _check(az.Sinks(20) | az.SlidingWindow(40), (1, 4, 2, 128, 128, 32, 32), torch.float32, cfg=dict(cfg, NARROW=16))
+
+
 def _bwd_variant_matches(pname, cfg, variant, cases):
     """The backward with ``variant`` added to ``cfg``: gradients against float64 (`_check_bwd`) and equal to
     ``cfg``'s own backward up to rounding, for each (shape, seed, split cap) of ``cases``."""
@@ -556,12 +583,12 @@ def test_forward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch)
     real = ops._launch_fwd
     tried = []
 
-    def launch(mod, grid, *args):
+    def launch(mod, grid, *args, **kw):
         cfg = args[-1]
         tried.append((cfg["num_stages"], args[-3]))
         if cfg["num_stages"] > 1:
             raise OutOfResources("out of resource: shared memory")
-        return real(mod, grid, *args)
+        return real(mod, grid, *args, **kw)
 
     monkeypatch.setattr(ops, "_launch_fwd", launch)
     monkeypatch.setattr(ops, "_SHRUNK", {})
@@ -579,7 +606,7 @@ def test_forward_falls_back_when_a_config_runs_out_of_shared_memory(monkeypatch)
     tried.clear()
     attention_fwd(q, k, v, p, 32 ** -0.5, cfg=cfg)  # remembered: straight to the config that fit
     assert [s for s, _ in tried] == [1]
-    monkeypatch.setattr(ops, "_launch_fwd", lambda *a: (_ for _ in ()).throw(ValueError("other")))
+    monkeypatch.setattr(ops, "_launch_fwd", lambda *a, **kw: (_ for _ in ()).throw(ValueError("other")))
     with pytest.raises(ValueError, match="other"):  # other errors are not swallowed
         attention_fwd(q, k, v, p, 32 ** -0.5, cfg=dict(cfg, num_warps=2))
 

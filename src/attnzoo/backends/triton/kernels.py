@@ -256,11 +256,16 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              EVEN: tl.constexpr, PREC: tl.constexpr, PACK: tl.constexpr = 1, FOLD: tl.constexpr = False,
              IDX: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False, WS: tl.constexpr = False,
-             MERGE: tl.constexpr = False, LAZY: tl.constexpr = False, PIPE: tl.constexpr = False):
+             MERGE: tl.constexpr = False, LAZY: tl.constexpr = False, PIPE: tl.constexpr = False,
+             NROW=None, NARROW: tl.constexpr = 0):
     # EVEN: the lengths are multiples of the blocks and the head dims powers of two (no bounds checks).
     # PACK query heads of one GQA group share a program: its tile stacks their BLOCK_M rows of the same
     # positions (PACK * BLOCK_M rows), so each K/V tile is loaded once for all of them (the mask and the
     # layout must not depend on the head; the launcher checks). Grid: (query blocks, B * H / PACK).
+    # NARROW (cfg NARROW, e.g. 16): on the query blocks that NROW flags (ops._narrow_rows: the first partial
+    # kv block is block 0 and no query of the block sees a key of it at or past NARROW -- attention sinks
+    # far behind a window), block 0 runs as a tile of its first NARROW keys, before the other blocks, instead
+    # of a BLOCK_N-wide one.
     ROWS: tl.constexpr = PACK * BLOCK_M
     pid_m = tl.program_id(0)
     b, h, hk, offs_m, hr = _packed_rows(pid_m, tl.program_id(1), H, G, BLOCK_M, PACK)
@@ -282,6 +287,13 @@ def attn_fwd(Q, K, V, O, LSE, AUX, KVN, KVI, FKVN, FKVI,
     kvrow = (b * (H // G) + hk) * Lk  # this KV head's first row in the descriptors' 2-D views (TMA)
     frow, nf = FKVI + h * idx_h + pid_m * idx_m, tl.load(FKVN + h * lay_h + pid_m * lay_m)
     prow, npart = KVI + h * idx_h + pid_m * idx_m, tl.load(KVN + h * lay_h + pid_m * lay_m)
+    if NARROW > 0:
+        if tl.load(NROW + pid_m) != 0:
+            m_i, l_i, acc = _fwd_tile(q, kbase, vbase, tl.arange(0, NARROW), offs_d, offs_dv, stride_kn, stride_vn,
+                                      qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc, 1, EVEN, PREC, FOLD,
+                                      None, None, 0, False, False, LAZY, 0)
+            prow += 1
+            npart -= 1
     if PIPE:  # the merged loop, each step's next scores issued before its softmax
         m_i, l_i, acc = _fwd_blocks_pipe(frow, nf, prow, npart, q, kbase, vbase, offs_n0, offs_d, offs_dv,
                                          stride_kn, stride_vn, qp, h, AUX, Lk, D, DV, qk_scale, m_i, l_i, acc,

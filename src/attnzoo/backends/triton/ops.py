@@ -71,6 +71,32 @@ def _full_contiguous(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
+def _narrow_rows(pattern, lq, lk, bm, bn, hq, device: str, sn: int):
+    """The forward's NARROW rows (cfg NARROW = sn): an int32 flag per query block, 1 where block 0 is the
+    first of the block's partial kv blocks (for every head) and none of its queries sees a key of block 0 at
+    or past ``sn`` -- block 0 then holds only keys below sn that it sees (attention sinks behind a window),
+    and the kernel runs it as an sn-wide tile. None where no block qualifies, sn does not fit in a kv block,
+    or the pattern depends on the head or has no elementwise mask here (one host sync, cached)."""
+    pattern = pattern or Full()
+    if not 16 <= sn < bn or sn & (sn - 1) or lk < bn or getattr(pattern, "head_dependent", True) \
+            or isinstance(pattern, InPlaceTiled):
+        return None
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    nq = lay.num_q_blocks
+    kvn = lay.kv_num_blocks.reshape(-1, nq)
+    first = lay.kv_indices[..., 0].reshape(-1, nq)
+    first0 = ((kvn > 0) & (first == 0)).all(0)
+    dev = first.device
+    seen = pattern.mask(torch.arange(lq, device=dev)[:, None], torch.arange(sn, bn, device=dev)[None, :],
+                        lq, lk).any(1)
+    seen = torch.nn.functional.pad(seen, (0, nq * bm - lq)).reshape(nq, bm).any(1)
+    flags = first0 & ~seen
+    if not bool(flags.any()):
+        return None
+    return flags.to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=128)
 def _tlayout(pattern, lq, lk, bm, bn, hq, device: str):
     """The transposed layout: for each kv block, the query blocks that see it (partial / full)."""
     from ...patterns import BlockLayout
@@ -232,7 +258,10 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
         idx_mode = 1
     grid = (lay.num_q_blocks, b * hq // pack)
     try:
-        _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg)
+        nrow = _narrow_rows(pattern, lq, lk, bm, bn, hq, dev, int(cfg["NARROW"])) \
+            if cfg.get("NARROW") and not _routed(pattern) else None
+        _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg,
+                    nrow=nrow)
     except Exception as e:  # Triton's OutOfResources: this pattern's mask needs more shared memory (see _shrink)
         smaller = _shrink(cfg) if type(e).__name__ == "OutOfResources" else None
         if smaller is None:
@@ -277,7 +306,8 @@ def _kv_descriptors(k, v, bn: int, even: bool):
     return (TensorDescriptor.from_tensor(k2, [bn, k2.shape[1]]), TensorDescriptor.from_tensor(v2, [bn, v2.shape[1]]))
 
 
-def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg):
+def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, scale, bm, bn, pack, idx_mode, cfg,
+                nrow=None):
     kvn, kvi, fkvn, fkvi = lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices
     even = lq % bm == 0 and lk % bn == 0 and d == _pow2(d) and dv == _pow2(dv)
     desc = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") and not mod.maps_k else None
@@ -290,6 +320,8 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
         extra["LAZY"] = True
     if cfg.get("PIPE"):  # the merged loop with the next block's scores in flight during the softmax
         extra["PIPE"] = True
+    if nrow is not None:  # block 0 as a NARROW-key tile on the rows that see only sinks in it
+        extra.update(NROW=nrow, NARROW=int(cfg["NARROW"]))
     mod.attn_fwd[grid](q, k, v, out, lse, aux, kvn, kvi, fkvn, fkvi,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
