@@ -78,9 +78,10 @@
 #                (dP in _bwd_dul; dA, dP stored in 16 bits; both opt-in) and rc rows (fifteenth session: dg written by
 #                the intra backward, one program per chunk), every op vs SDPA at 2x8192, 1x16384, 4x8192, then
 #                KDA and SDPA again in a second process (and at 1x32768)
-#   kda-opt      issue 5 (fifteenth session): KDA and SDPA at 2x8192 / 4x8192 with the defaults first, then the
+#   kda-opt      issue 5 (fifteenth session): KDA through its autograd op, the default and the opt-in configs
+#                (KDA_VARIANTS: sweep variant names, '+' combines), and SDPA at 2x8192 / 4x8192, then the
 #                sweep of every opt-in KDA row at 2x8192 (dp-dul, da16, rc loop / launches, gc-rows, p16, a16, all-opt-in;
-#                KDA_ONLY: other substrings). About 5 min; follow with kda-check
+#                KDA_ONLY: other substrings). About 8 min; follow with kda-check
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
 #                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process
 #   narrow       issue 3 (fifteenth session): NARROW, block 0 as a 16- / 32-key tile on the query blocks that see only
@@ -210,8 +211,9 @@ for s in $SECTIONS; do
               --shapes 2x8192,1x16384,4x8192 > "$OUT/kda_rows_log.txt" 2>&1
               timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdarows2" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_rows_log.txt" 2>&1 ;;
-    kda-opt) timeout ${LINEAR_S:-90} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
-              --no-torch --ops kda,sdpa --shapes 2x8192,4x8192 > "$OUT/kda_opt_log.txt" 2>&1
+    kda-opt) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
+              --no-torch --ops kda,sdpa --shapes 2x8192,4x8192 --kda-variants "${KDA_VARIANTS:-all-opt-in,fit32,fit32+all-opt-in,a16-p16-da16-rc-launches-gc-rows,rc-launches,p16,da16,a16,gc-rows,dp-dul}" \
+              > "$OUT/kda_opt_log.txt" 2>&1
               timeout ${SWEEP_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
               --no-torch --sweep-ops kda --sweep-only "${KDA_ONLY:-dp-dul,da16,rc,gc-rows,p16,a16,all-opt-in}" \
               --sweep-shape 2x8192 --ops sdpa --shapes 1x1024 >> "$OUT/kda_opt_log.txt" 2>&1 ;;

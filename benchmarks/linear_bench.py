@@ -88,6 +88,7 @@ GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=
                       ("main-fused", dict(main="fused", BV_B=32)), ("main-seq-b32", dict(main="seq", BV_B=32))]
 SINK = None  # main() sets it: each speed row is written (and printed) as soon as it is measured
 GDN_SPEED_VARIANTS = []  # --gdn-variants: Gated DeltaNet sweep variants ("+"-joined names) timed in the speed table too
+KDA_SPEED_VARIANTS = []  # --kda-variants: the same for KDA (through the autograd op, as the SDPA comparison runs it)
 FLA_UNGUARDED = False  # --fla-unguarded: fla's Hopper guard on its gated backward (#640) bypassed, for timing
 
 
@@ -533,6 +534,10 @@ def sweep_variants(op: str) -> list:
             variants += [("p16", dict(p16=True)), ("p16-da16", dict(p16=True, da16=True)),
                          ("p16-da16-rc-launches-gc-rows", dict(p16=True, da16=True, rc="launches", gc="rows")),
                          ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul", a16=True))]
+            # the state kernels' Dv tiles narrowed by fit_state_tiles to 32, not 16, at B * H = 32 (128 programs
+            # instead of 256; the sweep passes its cfg directly and never fits, so this row means something only
+            # through the op: --kda-variants fit32)
+            variants += [("fit32", dict(fit_floor=32))]
             # P stored in 16 bits (its readers round it to 16 bits for their dots: the same bits)
             variants += [("a16", dict(a16=True)), ("a16-p16-da16-rc-launches-gc-rows",
                                                    dict(a16=True, p16=True, da16=True, rc="launches", gc="rows"))]
@@ -794,7 +799,7 @@ def variant_overrides(op: str, spec: str) -> dict:
     out = {}
     for name in filter(None, spec.split("+")):
         if name not in known:
-            raise SystemExit(f"--gdn-variants: {op} has no sweep variant {name!r}; known: {', '.join(known)}")
+            raise SystemExit(f"--{op}-variants: {op} has no sweep variant {name!r}; known: {', '.join(known)}")
         out.update(known[name])
     return out
 
@@ -876,6 +881,10 @@ def speed_kda(b, t, reps, q, k, v, do, base, bench, fb):
     ql, kl, vl, gl, bl = (x.detach().requires_grad_() for x in (q, kn, v, g, beta))
     bench("kda-triton", lambda: kda_triton(q, kn, v, g, beta, scale),
           fb(lambda q, k, v, g, beta: kda_triton(q, k, v, g, beta, scale)[0], [ql, kl, vl, gl, bl]))
+    for name in KDA_SPEED_VARIANTS:  # --kda-variants: the same autograd path on a sweep variant's config
+        with config_override("kda", variant_overrides("kda", name)):
+            bench(f"kda-triton[{name}]", lambda: kda_triton(q, kn, v, g, beta, scale),
+                  fb(lambda q, k, v, g, beta: kda_triton(q, k, v, g, beta, scale)[0], [ql, kl, vl, gl, bl]))
     bench("kda-torch-chunk", lambda: kda(q, kn, v, g, beta, scale=scale, backend="torch"),
           fb(lambda q, k, v, g, beta: kda(q, k, v, g, beta, scale=scale, backend="torch")[0],
              [ql, kl, vl, gl, bl]))
@@ -1195,6 +1204,8 @@ def main():
                     help="packed sets as NSEQxLO-HI, comma-separated (default 64x64-512)")
     ap.add_argument("--gdn-variants", default="", help="comma-separated Gated DeltaNet sweep variants (names joined "
                     "by '+' combine) timed in the speed table through autograd as gdn-triton[NAME], next to fla")
+    ap.add_argument("--kda-variants", default="", help="comma-separated KDA sweep variants (names joined by '+' "
+                    "combine) timed in the speed table through autograd as kda-triton[NAME], next to SDPA")
     ap.add_argument("--fla-unguarded", action="store_true", help="time fla's gated backward on Hopper although "
                     "fla refuses it there with Triton < 3.7.1 (#640), and compare its gradients with ours")
     ap.add_argument("--profile-shape", default="8x2048", help="BxT of --profile-ops (default 8x2048)")
@@ -1204,6 +1215,9 @@ def main():
     GDN_SPEED_VARIANTS[:] = list(filter(None, args.gdn_variants.split(",")))
     for spec in GDN_SPEED_VARIANTS:
         variant_overrides("gdn", spec)  # an unknown name stops here, before any timing
+    KDA_SPEED_VARIANTS[:] = list(filter(None, args.kda_variants.split(",")))
+    for spec in KDA_SPEED_VARIANTS:
+        variant_overrides("kda", spec)
     SKIP_TORCH = args.no_torch
     try:
         prof_b, prof_t = (int(x) for x in args.profile_shape.split("x"))

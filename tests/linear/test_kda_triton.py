@@ -512,6 +512,7 @@ def test_float16_diagonal_dots_protocol_rule():
                                        (dict(da16=True, intra_b="fused"), "da16 needs"),
                                        (dict(rc="loop", intra_b="chunk"), "rc .dg from the intra backward. needs"),
                                        (dict(rc=True), "rc must be"), (dict(p16=1), "p16 must be a bool"),
+                                       (dict(fit_floor=24), "fit_floor"),
                                        (dict(gc="rows", pre=False), "gc='rows' .* needs cfg pre"),
                                        (dict(gc="kernel"), "gc must be")])
 def test_dp_config_errors(bad, match):

@@ -1243,6 +1243,9 @@ def _check_cfg(cfg: dict) -> None:
         raise ValueError(f"diag must be 'steps' or 'bcast', got {cfg['diag']!r}")
     if cfg.get("da16", False) and cfg.get("intra_b", "fused") != "split":
         raise ValueError(f"da16 needs the split intra backward (intra_b='split'), got intra_b={cfg.get('intra_b')!r}")
+    if cfg.get("fit_floor", 16) not in (16, 32, 64, 128):
+        raise ValueError(f"fit_floor (the narrowest state tile fit_state_tiles picks) must be 16, 32, 64 or 128, "
+                         f"got {cfg['fit_floor']!r}")
     if cfg.get("gc", "cumsum") not in ("cumsum", "rows"):
         raise ValueError(f"gc must be 'cumsum' or 'rows', got {cfg['gc']!r}")
     if cfg.get("gc", "cumsum") == "rows" and not cfg.get("pre", False):
@@ -1280,8 +1283,9 @@ def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=(), scale=None, poison=F
     else None."""
     q, k, v = (_last_unit(x) for x in (q, k, v))
     b, h, t, dk = q.shape
-    cfg = cfg or fit_state_tiles(config(dk, v.shape[-1], q.dtype, q.device), b * h, dict(BV_H=v.shape[-1]),
-                                 q.device, floor=16)
+    if cfg is None:  # the state kernels' Dv tiles narrowed while B * H * tiles < SMs, down to cfg fit_floor (16)
+        base = config(dk, v.shape[-1], q.dtype, q.device)
+        cfg = fit_state_tiles(base, b * h, dict(BV_H=v.shape[-1]), q.device, floor=base.get("fit_floor", 16))
     _check_cfg(cfg)
     bt = cfg["BT"]
     rows = None
