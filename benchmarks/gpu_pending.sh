@@ -214,7 +214,7 @@ for s in $SECTIONS; do
     kda-opt) timeout ${LINEAR_S:-300} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
               --no-torch --ops kda,sdpa --shapes 2x8192,4x8192 --kda-variants "${KDA_VARIANTS:-all-opt-in,fit32,fit32+all-opt-in,a16-p16-da16-rc-launches-gc-rows,rc-launches,p16,da16,a16,gc-rows,dp-dul}" \
               > "$OUT/kda_opt_log.txt" 2>&1
-              timeout ${SWEEP_S:-270} python3 benchmarks/linear_bench.py --out "$OUT/kdaopt" --check none --no-decode \
+              timeout ${SWEEP_S:-270} python3 benchmarks/linear_bench.py --out "$OUT/kdasweep" --check none --no-decode \
               --no-torch --sweep-ops kda --sweep-only "${KDA_ONLY:-dp-dul,da16,rc,gc-rows,p16,a16,all-opt-in}" \
               --sweep-shape 2x8192 --ops sdpa --shapes 1x1024 >> "$OUT/kda_opt_log.txt" 2>&1 ;;
     kda-check) timeout ${CHECK_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck" --check quick --no-decode \
