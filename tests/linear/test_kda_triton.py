@@ -302,12 +302,12 @@ def test_custom_ops_opcheck_with_every_opt_in(monkeypatch):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v, g, beta))
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_a16_gives_the_same_bits(split):
+@pytest.mark.parametrize("split,intra", [(False, "split"), (False, "chunk"), (False, "fused"), (True, "split")])
+def test_a16_gives_the_same_bits(split, intra):
     """cfg a16 (P stored in the 16-bit input dtype, split=False): every output the same bits as with P in float32,
-    its readers rounding it to that dtype anyway; with the hi/lo split it is refused."""
+    its readers rounding it to that dtype anyway, whichever kernel forms P; with the hi/lo split it is refused."""
     x = make(70, 48, 32, "strong", seed=13)
-    cfg = dict(SUB32, intra="split", warps_i=1, split=split)
+    cfg = dict(SUB32, intra=intra, warps_i=1, BK_F=16, split=split)
     if split:
         with pytest.raises(ValueError, match="a16 .* needs split=False"):
             run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=True))
