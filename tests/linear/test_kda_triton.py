@@ -203,8 +203,7 @@ def test_pregated_rows_match_in_kernel_gates(dtype, split):
         assert torch.equal(got[0][n], got[1][n]), n
 
 
-@pytest.mark.parametrize("dtype,mode", [(torch.float32, "loop"), (torch.float16, "loop"),
-                                        (torch.float32, "launches"), (torch.float16, "launches")])
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "loop"), (torch.float16, "launches")])
 def test_intra_dg_matches_separate_cumsum(dtype, mode):
     """cfg rc (the intra backward writes dg itself: one program per chunk, or one launch per sub-chunk with
     the column sums carried between launches) gives the same bits as the separate reverse cumsum for
@@ -238,7 +237,7 @@ def test_gate_rows_form_the_cumsum(dtype, split):
 def test_p16_rounds_only_the_shares_of_dq_dk():
     """cfg p16 (DQP, DKP stored in the 16-bit input dtype): dv, dg, dbeta, ds0 and the forward the same bits as
     without; dq, dk within a few 16-bit roundings of them."""
-    x = make(70, 48, 32, "strong", seed=12)
+    x = make(40, 48, 32, "strong", seed=12)
     cfg = dict(SUB32, intra_b="split", BK_I=32, warps_ib=1, split=False)
     got = [run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, p16=p)) for p in (True, False)]
     for n in got[0]:
@@ -306,13 +305,13 @@ def test_custom_ops_opcheck_with_every_opt_in(monkeypatch):
 def test_a16_gives_the_same_bits(split, intra):
     """cfg a16 (P stored in the 16-bit input dtype, split=False): every output the same bits as with P in float32,
     its readers rounding it to that dtype anyway, whichever kernel forms P; with the hi/lo split it is refused."""
-    x = make(70, 48, 32, "strong", seed=13)
+    x = make(40, 32, 32, "strong", seed=13)
     cfg = dict(SUB32, intra=intra, warps_i=1, BK_F=16, split=split)
     if split:
         with pytest.raises(ValueError, match="a16 .* needs split=False"):
-            run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=True))
+            run_kernels(x, True, 32 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=True))
         return
-    got = [run_kernels(x, True, 48 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=a)) for a in (True, False)]
+    got = [run_kernels(x, True, 32 ** -0.5, dtype=torch.float16, cfg=dict(cfg, a16=a)) for a in (True, False)]
     for n in got[0]:
         assert torch.equal(got[0][n], got[1][n]), n
 
