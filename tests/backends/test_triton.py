@@ -224,6 +224,10 @@ def test_narrow_sink_tile(extra):
     assert _narrow_rows(az.Sinks(20) | az.SlidingWindow(40), 128, 128, 32, 32, 4, "cpu", 16) is None
     assert _narrow_rows(az.Causal(), 128, 128, 32, 32, 4, "cpu", 16) is None
     _check(az.Sinks(20) | az.SlidingWindow(40), (1, 4, 2, 128, 128, 32, 32), torch.float32, cfg=dict(cfg, NARROW=16))
+    q, k, v = (t.detach().float() for t in inputs(1, 4, 2, 64, 64, 32, 32))
+    for bad in (8, 24, True, "16"):
+        with pytest.raises(ValueError, match="NARROW"):
+            attention_fwd(q, k, v, pat, 32 ** -0.5, cfg=dict(cfg, NARROW=bad))
 
 
 def _bwd_variant_matches(pname, cfg, variant, cases):

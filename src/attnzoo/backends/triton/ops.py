@@ -233,6 +233,9 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
         cfg = tuning.choose("fwd", d, dv, q.dtype, pattern, q.device,
                             run=lambda c: attention_fwd(q, k, v, pattern, scale, cfg=c))
     dev = str(q.device)
+    sn = cfg.get("NARROW") or 0
+    if isinstance(sn, bool) or not isinstance(sn, int) or (sn and (sn < 16 or sn & (sn - 1))):
+        raise ValueError(f"cfg NARROW (keys of the narrow sink tile) must be 0 or a power of two >= 16, got {sn!r}")
     if _routed(pattern) and "UNPACKED" in cfg:  # per-call layouts, per head: build them once, unpacked
         cfg = cfg["UNPACKED"]
     while True:
