@@ -24,8 +24,8 @@ from attnzoo.linear import triton_delta as td
 from attnzoo.linear import triton_gla as tg
 from attnzoo.linear import triton_kda as tk
 
-F32 = {"BETA", "G", "GIN", "CARRY", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", "DM", "DQP", "DKP", "DB", "DHT", "DH0",
-       "A", "DA", "DQI", "DKI", "DAK", "RP", "IPB"}
+F32 = {"BETA", "G", "GIN", "CARRY", "TT", "DU", "DBETA", "DG", "H0", "HT", "AQK", "AKK", "DAQ", "DM", "DQP", "DKP", "DB",
+       "DHT", "DH0", "A", "DA", "DQI", "DKI", "DAK", "RP", "IPB"}
 
 
 def resources(fn, consts: dict, warps: int, stages: int = 2, dtype: str = "bf16", types: dict | None = None,

@@ -68,6 +68,9 @@ GLA_CHECK_VARIANTS = [("split", dict(split_h=True)), ("inter-split", dict(inter=
                       ("scores-split", dict(intra_f="split", warps_f=4)),
                       ("diag-dot", dict(intra_f="split", warps_f=4, diag_lim=60, diag_lim_b=60)),
                       ("no-dot", dict(intra_f="fused", diag_lim=0, diag_lim_b=0))]
+# every opt-in storage change of KDA's kernels at once (fifteenth session): P, dP / dA and the main backward's
+# shares of dq / dk in 16 bits, dg from the intra backward, the gate cumsum from _gate_rows, dP in _bwd_dul
+KDA_ALL_OPT_IN = dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul", a16=True)
 # KDA's intra backward in one program per sub-chunk (cfg intra_b="fused", the default before the tiled one)
 KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(pre=False)),
                       ("main-split", dict(main="split", BK_M=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -80,7 +83,7 @@ KDA_CHECK_VARIANTS = [("intra_b-fused", dict(intra_b="fused")), ("no-pre", dict(
                       ("dp-dul", dict(dp="dul")), ("da16", dict(da16=True)), ("dp-dul-da16", dict(dp="dul", da16=True)),
                       ("rc", dict(rc="loop")), ("rc-k32", dict(rc="loop", BK_I=32)), ("rc-launches", dict(rc="launches")),
                       ("gc-rows-rc", dict(gc="rows", rc="launches")), ("p16", dict(p16=True)),
-                      ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul", a16=True))]
+                      ("all-opt-in", KDA_ALL_OPT_IN)]
 # Gated DeltaNet's main backward in two kernels (cfg main="split") or in one fused program (main="fused", the
 # default before the three-pass one); T by block doubling (inv="dbl"); T apart from W and U0 (prep="split")
 GDN_CHECK_VARIANTS = [("main-split", dict(main="split", BK_M=64, BK_MV=32, BV_M=32, warps_mk=8, warps_mv=8)),
@@ -533,7 +536,7 @@ def sweep_variants(op: str) -> list:
             # the main backward's shares of dq, dk (DQP, DKP) stored in 16 bits: half of their 0.54 GB per fwd+bwd
             variants += [("p16", dict(p16=True)), ("p16-da16", dict(p16=True, da16=True)),
                          ("p16-da16-rc-launches-gc-rows", dict(p16=True, da16=True, rc="launches", gc="rows")),
-                         ("all-opt-in", dict(p16=True, da16=True, rc="launches", gc="rows", dp="dul", a16=True))]
+                         ("all-opt-in", KDA_ALL_OPT_IN)]
             # the state kernels' Dv tiles narrowed by fit_state_tiles to 32, not 16, at B * H = 32 (128 programs
             # instead of 256; the sweep passes its cfg directly and never fits, so this row means something only
             # through the op: --kda-variants fit32)

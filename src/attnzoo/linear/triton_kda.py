@@ -926,6 +926,16 @@ def _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_
                           dkp, dkc)
 
 @triton.jit
+def _dg_rows(DG, db, carry, bh, T, DIMK, t0, offs_k, m_k, BC: tl.constexpr):
+    """dg of the BC rows from t0 (cfg rc): the reverse cumsum of their dL/db tile plus ``carry``, the column sums
+    of the rows after them in the chunk, stored where t < T; -> the carry for the rows before them."""
+    t = t0 + tl.arange(0, BC)
+    tl.store(DG + (bh * T + t)[:, None] * DIMK + offs_k[None, :], tl.cumsum(db, 0, reverse=True) + carry[None, :],
+             mask=(t < T)[:, None] & m_k[None, :])
+    return carry + tl.sum(db, 0)
+
+
+@triton.jit
 def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, DG, CARRY,
                      s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_xb, s_xh, s_xt,
                      NH, T, DIMK, NT, P_RC,
@@ -943,42 +953,32 @@ def _bwd_intra_split(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, DG, CARRY,
     # sub-chunks after it carried in CARRY (float32 (B*H, NT, Dk), read and written back by the same program)
     ik = tl.program_id(0)
     bh = tl.program_id(2).to(tl.int64)
+    offs_k = ik * BK + tl.arange(0, BK)
+    m_k = offs_k < DIMK
     if RC == 2:
         n = tl.program_id(1)
         p = P_RC
         db = _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                             s_xb, s_xh, s_xt, NH, T, DIMK, NT, ik, n, p, bh, BT, BC, BK, SPLIT, PREC, UNROLL, DIAG_LIM)
-        offs_k = ik * BK + tl.arange(0, BK)
-        m_k = offs_k < DIMK
         cptr = CARRY + (bh * NT + n) * DIMK + offs_k
         carry = tl.load(cptr, mask=m_k & (offs_k * 0 + P_RC < BT // BC - 1), other=0.0)
-        tl.store(cptr, carry + tl.sum(db, 0), mask=m_k)
-        t = n * BT + p * BC + tl.arange(0, BC)
-        tl.store(DG + (bh * T + t)[:, None] * DIMK + offs_k[None, :], tl.cumsum(db, 0, reverse=True) + carry[None, :],
-                 mask=(t < T)[:, None] & m_k[None, :])
+        tl.store(cptr, _dg_rows(DG, db, carry, bh, T, DIMK, n * BT + p * BC, offs_k, m_k, BC), mask=m_k)
     elif RC == 1:
         n = tl.program_id(1)
-        offs_s = tl.arange(0, BC)
-        offs_k = ik * BK + tl.arange(0, BK)
-        m_k = offs_k < DIMK
         carry = tl.zeros([BK], dtype=tl.float32)
         for r in tl.range(0, BT // BC, loop_unroll_factor=1):
             p = BT // BC - 1 - r
             db = _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                                 s_xb, s_xh, s_xt, NH, T, DIMK, NT, ik, n, p, bh, BT, BC, BK, SPLIT, PREC, UNROLL,
                                 DIAG_LIM)
-            dg = tl.cumsum(db, 0, reverse=True) + carry[None, :]
-            carry += tl.sum(db, 0)
-            t = n * BT + p * BC + offs_s
-            tl.store(DG + (bh * T + t)[:, None] * DIMK + offs_k[None, :], dg, mask=(t < T)[:, None] & m_k[None, :])
+            carry = _dg_rows(DG, db, carry, bh, T, DIMK, n * BT + p * BC, offs_k, m_k, BC)
     else:
         n = tl.program_id(1) // (BT // BC)
         p = tl.program_id(1) % (BT // BC)
         db = _bwd_intra_sub(Q, K, G, DAQ, DM, DQP, DKP, DB, DQ, DKK, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt,
                             s_xb, s_xh, s_xt, NH, T, DIMK, NT, ik, n, p, bh, BT, BC, BK, SPLIT, PREC, UNROLL, DIAG_LIM)
-        offs_k = ik * BK + tl.arange(0, BK)
         rows = bh * NT * BT + n * BT + p * BC + tl.arange(0, BC)
-        tl.store(DB + rows[:, None] * DIMK + offs_k[None, :], db, mask=(offs_k < DIMK)[None, :])
+        tl.store(DB + rows[:, None] * DIMK + offs_k[None, :], db, mask=m_k[None, :])
 
 
 @triton.jit
