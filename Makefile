@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(VENV)/bin/attnzoo bench --out $(OUT) $(BENCH_ARGS)
 
 test: $(STAMP)
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest tests --durations=20
 
 clean:
 	rm -rf $(VENV) $(OUT)
