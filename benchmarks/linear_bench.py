@@ -443,6 +443,11 @@ def variant_cfg(op: str, default: dict, over: dict) -> dict:
     for key, ok in (("diag_lim", fwd_ok), ("diag_lim_b", bwd_ok)):
         if not ok and key not in over:
             cfg[key] = 0.0
+    if op == "kda":  # the 16-bit dA / dP need the split intra backward, the gate cumsum by _gate_rows needs pre
+        if not bwd_ok and "da16" not in over:
+            cfg["da16"] = False
+        if not cfg.get("pre", False) and "gc" not in over:
+            cfg["gc"] = "cumsum"
     return cfg
 
 
