@@ -123,7 +123,7 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # QE in _fwd_o (fourteenth session) against SDPA, and the opt-in rows dp="dul", da16 (fourteenth), rc, gc="rows",
 # p16 (fifteenth), on an H100: kda-opt (one call, ~5 min), then kda-check (the GPU checks and the second process,
 # ~6 min). kda-rows is the older one-call form
-SECTIONS=${*:-kda-opt}
+SECTIONS=${*:-kda-check}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
