@@ -83,7 +83,8 @@
 #                sweep of every opt-in KDA row at 2x8192 (dp-dul, da16, rc loop / launches, gc-rows, p16, a16, all-opt-in;
 #                KDA_ONLY: other substrings). About 8 min; follow with kda-check
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
-#                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process
+#                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process, with the default's
+#                ablations through the op (KDA_VARIANTS; default: each of da16 / gc="rows" / a16 off, all three off)
 #   narrow       issue 3 (fifteenth session): NARROW, block 0 as a 16- / 32-key tile on the query blocks that see only
 #                the sinks in it, on sinks + window 1024 (and window 1024, where it must change nothing) at 16K, then
 #                sinks + window at 64K, against flex in the same run (triton_pack_variants.py --round 8, ~4 min)
@@ -220,7 +221,8 @@ for s in $SECTIONS; do
     kda-check) timeout ${CHECK_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck" --check quick --no-decode \
               --no-torch --profile-ops kda --profile-shape 2x8192 --ops sdpa --shapes 1x1024 > "$OUT/kda_check_log.txt" 2>&1
               timeout ${LINEAR_S:-150} python3 benchmarks/linear_bench.py --out "$OUT/kdacheck2" --check none --no-decode \
-              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 >> "$OUT/kda_check_log.txt" 2>&1 ;;
+              --no-torch --ops gdn,kda,sdpa --shapes 2x8192,1x16384,4x8192,1x32768 \
+              --kda-variants "${KDA_VARIANTS:-s14-default,no-da16,no-gc-rows,no-a16}" >> "$OUT/kda_check_log.txt" 2>&1 ;;
     kda-final) timeout ${LINEAR_S:-120} python3 benchmarks/linear_bench.py --out "$OUT/kdafinal" --check none --no-decode \
               --no-torch --ops gdn,kda,sdpa --shapes 2x8192,4x8192 --sweep-ops kda --sweep-only dp-dul,da16,rc,gc-rows,p16,a16,all-opt-in \
               --sweep-shape 2x8192 > "$OUT/kda_final_log.txt" 2>&1

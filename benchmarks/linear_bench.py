@@ -549,6 +549,10 @@ def sweep_variants(op: str) -> list:
             # P stored in 16 bits (its readers round it to 16 bits for their dots: the same bits)
             variants += [("a16", dict(a16=True)), ("a16-p16-da16-rc-launches-gc-rows",
                                                    dict(a16=True, p16=True, da16=True, rc="launches", gc="rows"))]
+            # the sixteenth session's ablations of the default (da16, gc="rows", a16 on since the fifteenth): each
+            # one off, and all three off (the fourteenth session's default), timed through the op by --kda-variants
+            variants += [("no-da16", dict(da16=False)), ("no-gc-rows", dict(gc="cumsum")), ("no-a16", dict(a16=False)),
+                         ("s14-default", dict(da16=False, gc="cumsum", a16=False))]
     if op in ("gla", "kda"):  # the default before the diagonal dots (exact steps on every diagonal tile)
         variants.append(("no-dot", dict(diag_lim=0, diag_lim_b=0, **(dict(intra_f="fused") if op == "gla" else
                                                                      dict(BK_I=32)))))
