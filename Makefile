@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 OUT ?= bench-out
 BENCH_ARGS ?=
+# pytest-xdist workers (the interpreter tests of the Triton kernels are CPU-bound: 2 workers on the 2-core CI
+# machine ran the suite in 11:52 against 17:44 in one process, 2026-12-06)
+TEST_WORKERS ?= auto
 
 .PHONY: bench test setup clean
 
@@ -23,7 +26,7 @@ bench: $(STAMP)
 	$(VENV)/bin/attnzoo bench --out $(OUT) $(BENCH_ARGS)
 
 test: $(STAMP)
-	$(VPY) -m pytest tests --durations=20
+	$(VPY) -m pytest tests -n $(TEST_WORKERS) --durations=20
 
 clean:
 	rm -rf $(VENV) $(OUT)

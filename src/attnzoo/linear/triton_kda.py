@@ -1273,12 +1273,12 @@ def _check_cfg(cfg: dict) -> None:
                          f"product); got intra={cfg.get('intra')!r}, BKD={cfg.get('BKD')!r}")
 
 
-def _aqk_dtype(cfg: dict, dtype: torch.dtype) -> torch.dtype:
-    """P's (AQK's) storage dtype: the 16-bit input dtype with cfg a16 (its two readers, ``_fwd_o`` and
-    ``_bwd_dul``, round it to that dtype for their dots unless they split float32 operands; same bits), else
-    float32."""
+def _store_dtype(cfg: dict, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of an intermediate that cfg ``key`` (a16: P, AQK; da16: dA, dP) may keep in 16 bits: the
+    16-bit input ``dtype`` when the key is on and the kernels do not split float32 operands into hi / lo halves
+    (every dot reading it then rounds it to that dtype anyway: the same bits), else float32."""
     split = dtype != torch.float32 and cfg.get("split", True)
-    return dtype if cfg.get("a16", False) and not split else torch.float32
+    return dtype if cfg.get(key, False) and dtype != torch.float32 and not split else torch.float32
 
 
 def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=(), scale=None, poison=False):
@@ -1322,7 +1322,7 @@ def _forward_pass(q, k, v, gc, beta, s0, scale, cfg, poison, store_t, scores=Non
     if scores is not None:
         aqk, akk = scores
     else:
-        aqk = _empty(poison, (b * h, nt * bt, bt), _aqk_dtype(cfg, k.dtype), k.device)
+        aqk = _empty(poison, (b * h, nt * bt, bt), _store_dtype(cfg, "a16", k.dtype), k.device)
         akk = _empty(poison, (b * h, nt * bt, bt), f32, k.device)
         split_intra = cfg.get("intra", "fused") == "split"
         grid = (nt * (bt // bc), b * h) if split_intra else (nt, bt // bc, b * h)
@@ -1448,7 +1448,7 @@ def bwd(do, dht, q, k, v, g, beta, s0, scale: float, cfg: dict | None = None, po
     du = _empty(poison, (b * h, nt * bt, dv), f32, q.device)
     # DAQ, DM in the 16-bit dot dtype with cfg da16 (every dot that reads them rounds them to it anyway; the exact
     # diagonal steps then read the rounded values): half their bytes written and read
-    da_dt = q.dtype if cfg.get("da16", False) and q.dtype != f32 and not split else f32
+    da_dt = _store_dtype(cfg, "da16", q.dtype)
     daq, dm = (_empty(poison, (b * h, nt * bt, bt), da_dt, q.device) for _ in range(2))
     bvo = min(cfg["BV_O"], _pow2(dv))
     dp_dul = cfg.get("dp", "main") == "dul"
@@ -1560,7 +1560,7 @@ def _(q, k, v, g, beta, initial_state, scale, keep_all):
     tp = nt * bt
     f32 = torch.float32
     out = [q.new_empty((b, h, t, dv)), q.new_empty((b, h, dk, dv), dtype=f32),
-           q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=_aqk_dtype(cfg, q.dtype)),
+           q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=_store_dtype(cfg, "a16", q.dtype)),
            q.new_empty((b * h, tp, bt), dtype=f32)]
     if keep_all and t:
         out += [q.new_empty((b * h, tp, bt), dtype=f32), q.new_empty((b * h, tp, dk)), q.new_empty((b * h, tp, dv)),
