@@ -45,6 +45,8 @@ def test_defaults_without_search(fresh_cache):
     assert local["PACK"] == 4 and local["BLOCK_M"] * local["PACK"] == 256 and not local.get("TMA")
     # one merged loop over full and partial blocks on the local class only (it lost on the dense tiles)
     assert local["MERGE"] and not dense.get("MERGE") and not local["UNPACKED"].get("MERGE")
+    # block 0 as a 16-key tile where it holds only sinks (H100, sinks + window 1.48 -> 1.50x flex at 64K)
+    assert local["NARROW"] == 16 and not dense.get("NARROW") and not local["UNPACKED"].get("NARROW")
     wide = tuning.default("fwd", 128, 128, "wide")
     assert (wide["BLOCK_N"], wide["PACK"], wide["TMA"]) == (128, 2, True)
     assert wide["UNPACKED"]["BLOCK_M"] == 64 and not wide["UNPACKED"].get("TMA")

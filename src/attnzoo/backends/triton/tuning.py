@@ -96,7 +96,10 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         # round 5 (H200, 16K): the full and partial blocks in one loop (MERGE, one software pipeline) 1.263 ->
         # 1.187 ms on window 1024 (flex / triton 1.29 -> 1.38), 1.325 -> 1.264 on sinks + window (1.42 -> 1.49);
         # on the dense tiles it loses (causal 8.01 -> 8.40, window 4096 3.35 -> 3.78), so only here.
-        return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, MERGE=True, UNPACKED=dict(unpacked, IDX=2))
+        # NARROW 16 (block 0 as a 16-key tile on the query blocks that see only sinks in it; nothing changes on
+        # patterns without such blocks), H100 2026-12-06 (triton_pack_variants.py --round 8): sinks + window 1024
+        # 1.276 -> 1.262 ms at 16K, 5.107 -> 5.031 at 64K (flex / triton 1.48 -> 1.50); window 1024 1.206 -> 1.205
+        return dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, MERGE=True, NARROW=16, UNPACKED=dict(unpacked, IDX=2))
     return _cfg(64, 32, 4, 2)
 
 
