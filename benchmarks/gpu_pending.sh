@@ -85,6 +85,9 @@
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
 #                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process, with the default's
 #                ablations through the op (KDA_VARIANTS; default: each of da16 / gc="rows" / a16 off, all three off)
+#   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
+#                spills, ptxas sm_90), 1 / 3 stages, MERGE, and both kernels at 8 warps (triton_pack_variants.py
+#                --round 9), 16K, after the default forward, vs flex (~4 min)
 #   narrow       issue 3 (fifteenth session): NARROW, block 0 as a 16- / 32-key tile on the query blocks that see only
 #                the sinks in it, on sinks + window 1024 (and window 1024, where it must change nothing) at 16K, then
 #                sinks + window at 64K, against flex in the same run (triton_pack_variants.py --round 8, ~4 min)
@@ -186,6 +189,8 @@ for s in $SECTIONS; do
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
     fwd-lazy) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 7 \
               --patterns ${LAZY_PATTERNS:-causal,sw1024,sw4096,sinks+sw1024} --out "$OUT" --quick > "$OUT/fwd_lazy_log.txt" 2>&1 ;;
+    bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
+              --patterns ${W8_PATTERNS:-sw1024,sinks+sw1024,causal} --out "$OUT/bwdw8" --quick > "$OUT/bwd_w8_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \
               --out "$OUT" --quick > "$OUT/bwd_kt_log.txt" 2>&1 ;;
     kda-chunk) timeout ${LINEAR_S:-240} python3 benchmarks/linear_bench.py --out "$OUT/kdachunk" --check quick --no-decode \

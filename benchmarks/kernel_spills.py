@@ -251,10 +251,12 @@ def attention_cases():
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         out.append((f"attn dq {bm}x{bn}", mod.attn_bwd_dq, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_DLSE=False, PACK=1,
                                                                KD=None, VD=None, EVEN_N=True), w, 2, _ATTN_TYPES))
-    for bm, bn, w, st in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1)):
+    # (64 x 64 at 8 warps: two warpgroups split the 64 x 128 dk / dv accumulators by columns; sixteenth session)
+    for bm, bn, w, st in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1),
+                          (64, 64, 8, 2)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         for kt in (False, True):
-            out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}", mod.attn_bwd_dkdv,
+            out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}{f' w{w}' if w != 4 else ''}", mod.attn_bwd_dkdv,
                         dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, EVEN_N=True), w, st, _ATTN_TYPES))
     # a 2-D neighborhood (13 x 13 on 128 x 128) in tile order: over gathered tensors (TiledNeighborhood) and over
     # the tensors in place (InPlaceTiled: each row's address through the generated row maps), at the nbhd

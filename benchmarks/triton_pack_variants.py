@@ -179,6 +179,22 @@ FWD8 = {
     "wide 64x128 p2 tma narrow16": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True, NARROW=16),
     "wide 64x128 p2 merge narrow16": _cfg(64, 128, 8, 3, 2, IDX=2, MERGE=True, NARROW=16),
 }
+# round 9 (sixteenth session, 2026-12-06): the dk/dv kernel at 8 warps on the default 64 x 64 tiles (two warpgroups
+# split the 64 x 128 dk / dv accumulators by columns). ptxas sm_90 (kernel_spills.py --attn --sass --filter "dkdv 64
+# keys x 64"): at 4 warps 255 registers and 184 B of spills (9 spill loads / stores per iteration of the partial
+# loop), at 8 warps 255 and 168 B, with KT at 8 warps 249 registers and no spills; the dq kernel at 8 warps 167
+# registers (163 at 4). After the default forward, vs flex
+FWD9 = {"forward default": None}
+BWD9 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),  # (the reference every variant's gradients are compared with)
+    "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True),
+    "kv w8": _cfg(64, 64, 4, 2, TMA=True, WARPS_KV=8),
+    "kt kv w8": _cfg(64, 64, 4, 2, TMA=True, KT=True, WARPS_KV=8),
+    "kt kv w8 s1": _cfg(64, 64, 4, 2, TMA=True, KT=True, WARPS_KV=8, STAGES_KV=1),
+    "kt kv w8 s3": _cfg(64, 64, 4, 2, TMA=True, KT=True, WARPS_KV=8, STAGES_KV=3),
+    "kt w8 (both kernels)": _cfg(64, 64, 8, 2, TMA=True, KT=True),
+    "kt kv w8 merge": _cfg(64, 64, 4, 2, TMA=True, KT=True, WARPS_KV=8, MERGE=True),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -193,14 +209,14 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
                          "tiles and warps) after the default forward; 7: the forward's LAZY rescaling, and the "
                          "backward default, and PIPE (the next scores in flight during the softmax); 8: NARROW "
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
-                         "forward only")
+                         "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -214,7 +230,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 8:
+    if args.round == 9:
+        FWD, BWD = FWD9, BWD9
+    elif args.round == 8:
         FWD, BWD = FWD8, {}
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
