@@ -256,7 +256,8 @@ def attention_cases():
                           (64, 64, 8, 2)):
         mod = ops._module(az.Causal(), 16384, 16384, "cpu", (bm, bn))[0]
         for kt in (False, True):
-            out.append((f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}{f' w{w}' if w != 4 else ''}", mod.attn_bwd_dkdv,
+            name = f"attn dkdv {bn} keys x {bm} rows{' KT' if kt else ''} s{st}{f' w{w}' if w != 4 else ''}"
+            out.append((name, mod.attn_bwd_dkdv,
                         dict(base, BLOCK_M=bm, BLOCK_N=bn, KT=kt, QD=None, DOD=None, EVEN_N=True), w, st, _ATTN_TYPES))
     # a 2-D neighborhood (13 x 13 on 128 x 128) in tile order: over gathered tensors (TiledNeighborhood) and over
     # the tensors in place (InPlaceTiled: each row's address through the generated row maps), at the nbhd

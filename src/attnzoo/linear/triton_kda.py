@@ -1178,22 +1178,22 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
     DIAG_LIM_MAX) runs its diagonal tile as dots, factored at the sub-chunk's first / last row as the tiles off the
     diagonal are (one dot per matrix forward, four backward), instead of BC dependent steps; wider spans (strong
     gates) keep the exact steps. H200, B=2 T=8192: forward 1.459 -> 1.120 ms, backward 4.613 -> 3.428 with BK_I 64.
-    Opt-in, not yet timed on a GPU: ``dp`` ("main" by default; "dul": dP = dO U^T formed by ``_bwd_dul``, one program
-    per chunk over every Dv block, instead of the fused main backward, whose stack then drops from 248 to 88 B per
-    thread, ptxas sm_90) and ``da16`` (True in the 16-bit GPU default, else False; True: DAQ and DM, dP and dA,
-    stored in the 16-bit input dtype, which every dot reading them rounds them to anyway; split intra backward only)
-    and ``rc`` (False by default): the split intra backward writes dg itself, the reverse cumsum carried across the
-    chunk's sub-chunks from the last to the first, so dL/db is neither written back nor read again by
-    ``_chunk_rcumsum`` (about 64 KB of float32 traffic per chunk and head saved at Dk 128). "loop": one program
-    per chunk and BK_I-channel block
-    walks the sub-chunks (ptxas sm_90 252 registers at BK_I 64 / 4 warps against 130 without, no spills);
-    "launches": one launch per sub-chunk, the column sums carried between launches in a (B*H, NT, Dk) float32
-    buffer (158 registers). ``p16`` (False by default; True: DQP and DKP, the main backward's shares of dq and
-    dk, stored in the input dtype, 16-bit inputs only: a rounding more before the intra backward adds its share,
-    half their bytes written and read: about 0.27 GB less traffic per fwd+bwd at B=2 T=8192 H16 Dk 128). ``a16``
-    (True in the 16-bit GPU default; no effect under split=True: P (AQK) stored in the input dtype, which ``_fwd_o`` and
-    ``_bwd_dul`` round it to for their dots anyway: the same bits, a quarter of the float32 tensor's three passes
-    saved, about 0.1 GB per fwd+bwd at that shape). And
+    Storage options, timed on the H100 (2026-12-05 / 06; ``da16``, ``a16`` and ``gc`` won and are on in the 16-bit
+    GPU default, ``dp``, ``rc`` and ``p16`` lost and stay off): ``dp`` ("main" by default; "dul": dP = dO U^T formed
+    by ``_bwd_dul``, one program per chunk over every Dv block, instead of the fused main backward, whose stack then
+    drops from 248 to 88 B per thread, ptxas sm_90) and ``da16`` (True in the 16-bit GPU default, else False;
+    True: DAQ and DM, dP and dA, stored in the 16-bit input dtype, which every dot reading them rounds them to
+    anyway; split intra backward only) and ``rc`` (False by default): the split intra backward writes dg itself,
+    the reverse cumsum carried across the chunk's sub-chunks from the last to the first, so dL/db is neither
+    written back nor read again by ``_chunk_rcumsum`` (about 64 KB of float32 traffic per chunk and head saved at
+    Dk 128). "loop": one program per chunk and BK_I-channel block walks the sub-chunks (ptxas sm_90 252 registers
+    at BK_I 64 / 4 warps against 130 without, no spills); "launches": one launch per sub-chunk, the column sums
+    carried between launches in a (B*H, NT, Dk) float32 buffer (158 registers). ``p16`` (False by default; True:
+    DQP and DKP, the main backward's shares of dq and dk, stored in the input dtype, 16-bit inputs only: a rounding
+    more before the intra backward adds its share, half their bytes written and read: about 0.27 GB less traffic
+    per fwd+bwd at B=2 T=8192 H16 Dk 128). ``a16`` (True in the 16-bit GPU default; no effect under split=True: P
+    (AQK) stored in the input dtype, which ``_fwd_o`` and ``_bwd_dul`` round it to for their dots anyway: the same
+    bits, a quarter of the float32 tensor's three passes saved, about 0.1 GB per fwd+bwd at that shape). And
     ``gc`` ("rows" in the 16-bit GPU default, else "cumsum"; "rows", with ``pre``: the chunk-local gate cumsum formed
     by ``_gate_rows`` from the log gates while it forms the gate factors, instead of by ``chunk_cumsum`` before
     it, which then reads it back: one float32 pass over the gates fewer per forward, about 0.13 GB at B=2 T=8192
@@ -1217,7 +1217,9 @@ def config(dk: int, dv: int, dtype: torch.dtype, device: torch.device) -> dict:
         # benchmarks/results/h200-2026-12-05-s14/call1/kda_dot_log.txt)
         # da16 (dP, dA in 16 bits), gc="rows" (the gate cumsum by _gate_rows), a16 (P in 16 bits): H100
         # 2026-12-05, B=2 T=8192 H16 D128, fwd+bwd through the op 3.546 -> 3.352 / 3.478 / 3.491 ms each (SDPA
-        # cuDNN 3.482); rc and p16 lost (benchmarks/results/h100-2026-12-05-s15/call1/kda_opt_log.txt)
+        # cuDNN 3.482); rc and p16 lost (benchmarks/results/h100-2026-12-05-s15/call1/kda_opt_log.txt). The three
+        # together, H100 2026-12-06: 3.266 ms (SDPA cuDNN 3.606), each one off 3.463 / 3.287 / 3.300, the GPU
+        # check 39/39 (benchmarks/results/h100-2026-12-06-s16/call1/kda_check_log.txt)
         cfg.update(intra="split", warps_i=2, intra_b="split", BK_I=64 if dk >= 64 else 32, warps_ib=4,
                    main="fused", BV_B=min(32, cfg["BV_B"]), pre=True, unroll_i=2, diag_lim=20.0, diag_lim_b=20.0,
                    da16=True, gc="rows", a16=True)
@@ -1560,7 +1562,8 @@ def _(q, k, v, g, beta, initial_state, scale, keep_all):
     tp = nt * bt
     f32 = torch.float32
     out = [q.new_empty((b, h, t, dv)), q.new_empty((b, h, dk, dv), dtype=f32),
-           q.new_empty((b * h, tp, dk), dtype=f32), q.new_empty((b * h, tp, bt), dtype=_store_dtype(cfg, "a16", q.dtype)),
+           q.new_empty((b * h, tp, dk), dtype=f32),
+           q.new_empty((b * h, tp, bt), dtype=_store_dtype(cfg, "a16", q.dtype)),
            q.new_empty((b * h, tp, bt), dtype=f32)]
     if keep_all and t:
         out += [q.new_empty((b * h, tp, bt), dtype=f32), q.new_empty((b * h, tp, dk)), q.new_empty((b * h, tp, dv)),
