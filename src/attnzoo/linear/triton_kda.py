@@ -1280,7 +1280,7 @@ def _store_dtype(cfg: dict, key: str, dtype: torch.dtype) -> torch.dtype:
     16-bit input ``dtype`` when the key is on and the kernels do not split float32 operands into hi / lo halves
     (every dot reading it then rounds it to that dtype anyway: the same bits), else float32."""
     split = dtype != torch.float32 and cfg.get("split", True)
-    return dtype if cfg.get(key, False) and dtype != torch.float32 and not split else torch.float32
+    return dtype if cfg.get(key, False) and not split else torch.float32  # (float32 inputs: float32 either way)
 
 
 def _prepare(q, k, v, g, beta, s0, cfg, gc=None, scores=(), scale=None, poison=False):
