@@ -85,6 +85,9 @@
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
 #                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process, with the default's
 #                ablations through the op (KDA_VARIANTS; default: each of da16 / gc="rows" / a16 off, all three off)
+#   gluon        issue 3 (seventeenth session): the Gluon forward (cfg GLUON; TMA ring, async warpgroup MMAs, the
+#                softmax overlapping the previous P V): its GPU tests, then round 10 of triton_pack_variants.py against
+#                the Triton defaults and flex at 16K (four local patterns) and 64K (window 1024, sinks + window)
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
 #                spills, ptxas sm_90), 1 / 3 stages, MERGE, and both kernels at 8 warps (triton_pack_variants.py
 #                --round 9), 16K, after the default forward, vs flex (~4 min)
@@ -189,6 +192,12 @@ for s in $SECTIONS; do
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
     fwd-lazy) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 7 \
               --patterns ${LAZY_PATTERNS:-causal,sw1024,sw4096,sinks+sw1024} --out "$OUT" --quick > "$OUT/fwd_lazy_log.txt" 2>&1 ;;
+    gluon) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
+              > "$OUT/gluon_log.txt" 2>&1
+           timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 10 \
+              --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluon16k" --quick >> "$OUT/gluon_log.txt" 2>&1
+           timeout ${GLUON64_S:-120} python3 benchmarks/triton_pack_variants.py --round 10 --patterns sw1024,sinks+sw1024 \
+              --L 65536 --out "$OUT/gluon64k" --quick >> "$OUT/gluon_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
               --patterns ${W8_PATTERNS:-sw1024,sinks+sw1024,causal} --out "$OUT/bwdw8" --quick > "$OUT/bwd_w8_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \

@@ -195,6 +195,19 @@ BWD9 = {
     "kt w8 (both kernels)": _cfg(64, 64, 8, 2, TMA=True, KT=True),
     "kt kv w8 merge": _cfg(64, 64, 4, 2, TMA=True, KT=True, WARPS_KV=8, MERGE=True),
 }
+# round 10 (seventeenth session): the Gluon forward (backends/triton/gluon_fwd.py: TMA ring, async warpgroup MMAs,
+# the softmax of step j while P V of step j - 1 runs), 2 heads x 64 rows a program, against the Triton defaults.
+# num_stages is its ring's depth. A GLUON row whose shape the kernel does not take would time the Triton
+# fallback: the script records that as an error (ops.GLUON_LAUNCHES did not move)
+FWD10 = {
+    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "wide default (64x128 p2)": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
+    "gluon 64x64 s2": _cfg(64, 64, 8, 2, 2, IDX=2, GLUON=True),
+    "gluon 64x64 s3": _cfg(64, 64, 8, 3, 2, IDX=2, GLUON=True),
+    "gluon 64x64 s4": _cfg(64, 64, 8, 4, 2, IDX=2, GLUON=True),
+    "gluon 64x128 s2": _cfg(64, 128, 8, 2, 2, IDX=2, GLUON=True),
+    "gluon 64x128 s3": _cfg(64, 128, 8, 3, 2, IDX=2, GLUON=True),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -209,14 +222,15 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
                          "tiles and warps) after the default forward; 7: the forward's LAZY rescaling, and the "
                          "backward default, and PIPE (the next scores in flight during the softmax); 8: NARROW "
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
-                         "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles")
+                         "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
+                         "forward (Hopper only), forward only")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -230,7 +244,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 9:
+    if args.round == 10:
+        FWD, BWD = FWD10, {}
+    elif args.round == 9:
         FWD, BWD = FWD9, BWD9
     elif args.round == 8:
         FWD, BWD = FWD8, {}
@@ -291,7 +307,10 @@ def main():
                 continue
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg)
             try:
+                launches = ops.GLUON_LAUNCHES
                 got = ops.attention_fwd(qs, ks, vs, p, scale, poison=True, cfg=cfg)[0]
+                if cfg and cfg.get("GLUON") and ops.GLUON_LAUNCHES == launches:
+                    raise RuntimeError("the Gluon kernel did not run (the Triton fallback did)")
                 row["rel_rmse_vs_fp64"] = rel_rmse(got, ref_o)
                 check_close("out", got, ref_o, baseline=base_o if dt != torch.float32 else None)
                 ms, r = timed(lambda: ops.attention_fwd(q, k, v, p, scale, cfg=cfg))

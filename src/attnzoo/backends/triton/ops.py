@@ -260,6 +260,9 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     if idx_mode == 2 and (_routed(pattern) or not _full_contiguous(pattern, lq, lk, bm, bn, hq, dev)):
         idx_mode = 1
     grid = (lay.num_q_blocks, b * hq // pack)
+    if cfg.get("GLUON") and gluon_plan(q, k, v, pattern, cfg, pack, mod, idx_mode == 2)[0]:
+        _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg)
+        return out, lse
     try:
         nrow = _narrow_rows(pattern, lq, lk, bm, bn, hq, dev, int(cfg["NARROW"])) \
             if cfg.get("NARROW") and not _routed(pattern) else None
@@ -333,6 +336,61 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
                EVEN=even, PREC=_prec(q.dtype), PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0,
                IDX=idx_mode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+
+
+def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
+    """Whether the forward can run the Gluon kernel (`gluon_fwd`, cfg GLUON) here -> (ok, why not)."""
+    from . import gluon_fwd
+    b, hq, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[3]
+    why = None
+    if q.device.type != "cuda" or interpreting():
+        why = "Gluon kernels run on CUDA only (not in the interpreter)"
+    elif torch.cuda.get_device_capability(q.device)[0] != 9:
+        why = "the Gluon kernel is written for Hopper (sm_90: warpgroup MMA)"
+    elif not gluon_fwd.available():
+        why = "this Triton has no Gluon Hopper API"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        why = "float16 / bfloat16 only"
+    elif d != dv or d not in (64, 128):
+        why = "head dims 64 or 128 with Dv = D only"
+    elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
+        why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
+    elif pack != 2:
+        why = "two query heads per program (an even GQA group; a head-independent mask and layout)"
+    elif mod.maps_q or mod.maps_k or _routed(pattern):
+        why = "no row maps (tiled neighborhoods) or routed patterns"
+    elif not contiguous_full:
+        why = "each query block's full kv blocks must form one contiguous run"
+    elif not all(t.is_contiguous() for t in (q, k, v)):
+        why = "contiguous q, k, v"
+    elif not gluon_fwd.plain_mask(pattern, lq, lk, (cfg["BLOCK_M"], cfg["BLOCK_N"])):
+        why = "a mask without lookup tables"
+    return why is None, why or ""
+
+
+# launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback)
+GLUON_LAUNCHES = 0
+
+
+def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg):
+    global GLUON_LAUNCHES
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    from . import gluon_fwd
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    gmod = gluon_fwd.gluon_module(generate(pattern, lq, lk, (bm, bn))[0])
+    glay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+    k2, v2 = k.view(-1, d), v.view(-1, d)
+    kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
+    vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
+    gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // 2)](
+        q, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices,
+        *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
+        D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=2, STAGES=int(cfg["num_stages"]), num_warps=8)
+    GLUON_LAUNCHES += 1
 
 
 def kv_tiles(cfg: dict, pattern, gpu: bool) -> tuple:

@@ -1,0 +1,83 @@
+"""Compile the Gluon forward kernel (`backends/triton/gluon_fwd.py`) for sm_90 without a GPU: registers, stack
+(spill) bytes and the instruction mix, per config. Gluon changes between Triton releases, so run it with the
+GPU machine's Triton (3.6 there) where it differs from the local one, e.g.
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36:src python3 benchmarks/gluon_compile.py [--pattern sw1024] [--stages 2 3]
+
+A compile error here is a compile error on the GPU machine; the numbers guide which variants to time, never
+replace the timing.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from attnzoo import patterns as P  # noqa: E402
+from attnzoo.backends.triton import gluon_fwd  # noqa: E402
+from attnzoo.backends.triton.codegen import generate  # noqa: E402
+from kernel_spills import _tool, sass_mix  # noqa: E402
+
+PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Causal(),
+            "sinks+sw1024": lambda: P.Union(P.Sinks(4), P.SlidingWindow(1023, 0))}
+
+
+def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
+                dtype: str = "bf16", lq: int = 16384):
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon import language as gl
+    lines, _aux = generate(pattern, lq, lq, (bm, bn))
+    mod = gluon_fwd.gluon_module(lines)
+    fn = mod.gluon_attn_fwd
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
+    desc = f"tensordesc<{dtype}[{bn}, {d}],{lay!r}>"
+    sig = dict(Q=f"*{dtype}", kd=desc, vd=desc, O=f"*{dtype}", LSE="*fp32", AUX="*i32", KVN="*i32", KVI="*i32",
+               FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", G="i32",
+               Lq="i32", Lk="i32", OFF="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
+               BLOCK_N="constexpr", PACK="constexpr", STAGES="constexpr", num_warps="constexpr")
+    names = list(sig)
+    consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=pack, STAGES=stages, num_warps=warps)
+    div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk")}
+    src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
+        mix = sass_mix(subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout)
+    finally:
+        os.unlink(f.name)
+    import re
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", res.stdout)
+    return dict(registers=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)), sass=mix), kernel
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pattern", action="append", choices=sorted(PATTERNS))
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--bn", type=int, nargs="+", default=[64])
+    ap.add_argument("--d", type=int, nargs="+", default=[128])
+    ap.add_argument("--ptx", help="write the last kernel's PTX here")
+    a = ap.parse_args(argv)
+    print(f"triton {triton.__version__}")
+    for name in a.pattern or ["sw1024"]:
+        for d in a.d:
+            for bn in a.bn:
+                for st in a.stages:
+                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st)
+                    print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
+                          f"shared {r['shared']} B, {r['sass']}")
+                    if a.ptx:
+                        open(a.ptx, "w").write(k.asm["ptx"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""A Hopper (sm_90) forward kernel written in Gluon, Triton's lower-level language, over the same `BlockLayout`.
+
+Opt-in (cfg ``GLUON``) and GPU-only: Gluon kernels do not run in Triton's interpreter. What Triton's own schedule
+does not do for the local patterns, this kernel does by hand (FlashAttention-3's intra-warpgroup overlap):
+
+- K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with its own mbarrier, issued
+  ``STAGES`` steps ahead; a slot is refilled once both warpgroups are past it (one CTA barrier per step).
+- Step j issues the scores ``S_j = Q K_j^T`` and the previous step's ``acc += P_{j-1} V_{j-1}`` as asynchronous
+  warpgroup MMAs, waits for ``S_j`` only, and runs the mask and the softmax of step j while ``P_{j-1} V_{j-1}``
+  is still on the tensor cores; then it waits for it and rescales ``acc``.
+- One program: ``PACK`` (2) query heads of one GQA group at the same 64 positions, one warpgroup (4 warps) per head,
+  so each K / V tile is loaded once for both; Q is staged in shared memory (the left operand of ``Q K^T``); P stays
+  in registers as the left operand of ``P V``.
+
+Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
+tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
+head-independent layout whose full blocks form one contiguous run per query block (windows, sinks + window,
+causal). `supported` says why not elsewhere; `ops.attention_fwd` falls back to the Triton kernel then.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+
+from .kernels import _cache_dir
+
+PRELUDE = '''
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, fence_async_shared, warpgroup_mma, \\
+    warpgroup_mma_wait
+
+
+@gluon.jit
+def _fdiv(x, s):
+    return gl.where(x >= 0, x // s, -((s - 1 - x) // s))
+
+
+@gluon.jit
+def _fmod(x, s):
+    return x - _fdiv(x, s) * s
+
+
+@gluon.jit
+def _mask(qp, kk, hq, AUX):
+{body}
+'''
+
+KERNEL = '''
+
+@gluon.jit
+def _blk(j, nf, f0, prow, n):
+    # the kv block of step j: the nf full blocks f0, f0 + 1, ... then the partial list (prow); 0 past the end
+    return gl.where(j < nf, f0 + j, gl.load(prow + (j - nf), mask=(j >= nf) & (j < n), other=0))
+
+
+@gluon.jit
+def _issue(kd, vd, k_smem, v_smem, kbar, vbar, slot, row, KV: gl.constexpr, pred):
+    # TMA loads of one step's K (KV 1), V (KV 2) or both (KV 3) tiles into ring slot `slot`
+    if KV % 2 == 1:
+        mbarrier.expect(kbar.index(slot), kd.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(kd, [row, 0], kbar.index(slot), k_smem.index(slot), pred=pred)
+    if KV >= 2:
+        mbarrier.expect(vbar.index(slot), vd.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(vd, [row, 0], vbar.index(slot), v_smem.index(slot), pred=pred)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qp, kpos, h, AUX, qk_scale, part, dtype: gl.constexpr, p_layout: gl.constexpr):
+    # one step's raw scores s: the pattern's mask where the block is partial, then the online softmax update in
+    # base 2 with the scale folded into the exponent -> the new maxima and sums, P (the left operand of P V, in
+    # registers) and each row's factor for acc
+    if part:
+        s = gl.where(_mask(qp, gl.expand_dims(kpos, 0), h, AUX), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+    alpha = gl.exp2(m_i - m_safe)
+    pf = gl.exp2(s * qk_scale - gl.expand_dims(m_safe, 1))
+    l_i = l_i * alpha + gl.sum(pf, 1)
+    return m_new, l_i, gl.convert_layout(pf.to(dtype), p_layout), alpha
+
+
+@gluon.jit
+def gluon_attn_fwd(Q, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
+                   H, G, Lq, Lk, OFF, qk_scale,
+                   D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PACK: gl.constexpr,
+                   STAGES: gl.constexpr, num_warps: gl.constexpr):
+    ROWS: gl.constexpr = PACK * BLOCK_M
+    dtype: gl.constexpr = kd.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+    orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ocol: gl.constexpr = gl.SliceLayout(0, o_layout)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [num_warps, 1], [1, 0])
+
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    HP = H // PACK
+    b = pid_bh // HP
+    h = (pid_bh % HP) * PACK
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+
+    # Q: PACK heads' BLOCK_M rows each, through registers into shared memory (the left operand of Q K^T)
+    lr = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+    lc = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    qrow = ((b * H + h + lr // BLOCK_M) * Lq + m0 + lr % BLOCK_M).to(gl.int64)
+    q = gl.load(Q + qrow[:, None] * D + lc[None, :])
+    q_smem = gl.allocate_shared_memory(dtype, [ROWS, D], gl.NVMMASharedLayout.get_default_for([ROWS, D], dtype))
+    q_smem.store(q)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
+    kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kbar.index(i), count=1)
+        mbarrier.init(vbar.index(i), count=1)
+
+    nf = gl.load(FKVN + h * lay_h + pid_m * lay_m)
+    npart = gl.load(KVN + h * lay_h + pid_m * lay_m)
+    frow = FKVI + h * idx_h + pid_m * idx_m
+    prow = KVI + h * idx_h + pid_m * idx_m
+    n = nf + npart
+    f0 = gl.load(frow, mask=nf > 0, other=0)
+    kvrow = (b * (H // G) + hk) * Lk
+    for i in gl.static_range(STAGES):
+        _issue(kd, vd, k_smem, v_smem, kbar, vbar, i, kvrow + _blk(i, nf, f0, prow, n) * BLOCK_N, 3, i < n)
+
+    rows = gl.arange(0, ROWS, layout=srow)
+    qp = gl.expand_dims(m0 + rows % BLOCK_M + OFF, 1)
+    cols = gl.arange(0, BLOCK_N, layout=scol)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=srow)
+    l_i = gl.zeros([ROWS], gl.float32, layout=srow)
+    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    p = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
+    if n > 0:
+        # step 0: its scores alone (nothing to multiply yet)
+        blk = _blk(0, nf, f0, prow, n)
+        mbarrier.wait(kbar.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h, AUX, qk_scale, 0 >= nf, dtype,
+                                      p_layout)
+        gl.thread_barrier()
+        _issue(kd, vd, k_smem, v_smem, kbar, vbar, 0, kvrow + _blk(STAGES, nf, f0, prow, n) * BLOCK_N, 1, STAGES < n)
+    for j in range(1, n):
+        slot = j % STAGES
+        blk = _blk(j, nf, f0, prow, n)
+        mbarrier.wait(kbar.index(slot), (j // STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        pslot = (j + STAGES - 1) % STAGES
+        mbarrier.wait(vbar.index(pslot), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        # the softmax of step j while P_{j-1} V_{j-1} runs
+        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h, AUX, qk_scale, j >= nf, dtype,
+                                      p_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+        # both warpgroups are past step j's K tile and step j - 1's V tile: refill their slots
+        gl.thread_barrier()
+        nk = j + STAGES
+        _issue(kd, vd, k_smem, v_smem, kbar, vbar, slot, kvrow + _blk(nk, nf, f0, prow, n) * BLOCK_N, 1, nk < n)
+        nv = j - 1 + STAGES
+        _issue(kd, vd, k_smem, v_smem, kbar, vbar, pslot, kvrow + _blk(nv, nf, f0, prow, n) * BLOCK_N, 2, nv < n)
+    if n > 0:
+        lslot = (n - 1) % STAGES
+        mbarrier.wait(vbar.index(lslot), ((n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(kbar.index(i))
+        mbarrier.invalidate(vbar.index(i))
+
+    l_o = gl.convert_layout(l_i, orow)
+    l_safe = gl.where(l_o > 0, l_o, 1.0)
+    out = acc / gl.expand_dims(l_safe, 1)
+    orows = gl.arange(0, ROWS, layout=orow)
+    ocols = gl.arange(0, D, layout=ocol)
+    orow_g = ((b * H + h + orows // BLOCK_M) * Lq + m0 + orows % BLOCK_M).to(gl.int64)
+    gl.store(O + orow_g[:, None] * D + ocols[None, :], out.to(dtype))
+    m_o = gl.convert_layout(m_i, orow)
+    lse = gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    gl.store(LSE + orow_g, lse)
+'''
+
+_lock = threading.Lock()
+_modules: dict = {}
+
+
+def available() -> bool:
+    """Whether this Triton has Gluon's Hopper API."""
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def plain_mask(pattern, lq: int, lk: int, tile: tuple) -> bool:
+    """Whether the pattern's generated mask is plain arithmetic (no table lookups, reductions or Triton calls),
+    the body this module takes."""
+    from .codegen import Unsupported, generate
+    try:
+        lines = generate(pattern, lq, lk, tile)[0]
+    except Unsupported:
+        return False
+    return not any("tl." in line or "AUX" in line for line in lines)
+
+
+def gluon_module(body_lines: list[str]):
+    """Import (once) the Gluon module with this ``_mask`` body (the lines `codegen.generate` gives)."""
+    src = PRELUDE.format(body="\n".join("    " + line for line in body_lines)) + KERNEL
+    key = hashlib.sha1(src.encode()).hexdigest()[:20]
+    with _lock:
+        mod = _modules.get(key)
+        if mod is not None:
+            return mod
+        path = os.path.join(_cache_dir(), f"attnzoo_gluon_{key}.py")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(src)
+            os.replace(tmp, path)
+        name = f"attnzoo_gluon_fwd_{key}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _modules[key] = mod
+        return mod

@@ -1,0 +1,84 @@
+"""The Gluon forward (cfg GLUON, `backends/triton/gluon_fwd.py`): Hopper only, so these run on the GPU machine
+(`pytest tests/backends/test_gluon_fwd.py` there); on CPU only the fallback rules are tested (Gluon kernels do not
+run in Triton's interpreter). Against the float64 reference with the protocol's rule, NaN-poisoned outputs."""
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.backends import reference_attention
+from attnzoo.backends.triton import ops
+from attnzoo.testing import check_close
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+gpu = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on Hopper GPUs only")
+
+GCFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, PACK=2, IDX=2, GLUON=True)
+PATTERNS = {"window": az.SlidingWindow(200), "causal": az.Causal(), "sinks+window": az.SlidingWindow(100) | az.Sinks(4),
+            "full": None, "chunked": az.Chunked(192), "window-both": az.SlidingWindow(100, 37)}
+
+
+def _inputs(b, hq, hkv, lq, lk, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk))]
+
+
+def _baseline(q, k, v, pattern, scale):
+    # the plain math path in the inputs' precision (the protocol's baseline): repeated K / V, the whole score matrix
+    lq, lk = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    if pattern is not None:
+        qi, ki = torch.arange(lq, device=q.device)[:, None], torch.arange(lk, device=q.device)[None, :]
+        s = s.masked_fill(~pattern.mask(qi, ki, lq, lk), float("-inf"))
+    rows = torch.isfinite(s).any(-1, keepdim=True)
+    s = torch.where(rows, s, 0.0)
+    lse = torch.logsumexp(s.float(), -1, keepdim=True)
+    p = (torch.exp(s.float() - lse) * rows).to(q.dtype)
+    return p @ v.repeat_interleave(g, 1), torch.where(rows, lse, float("-inf")).squeeze(-1)
+
+
+def _check(q, k, v, pattern, cfg):
+    scale = q.shape[-1] ** -0.5
+    before = ops.GLUON_LAUNCHES
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale, poison=True, cfg=cfg)
+    ran = ops.GLUON_LAUNCHES > before
+    ro, rl = reference_attention(q.double(), k.double(), v.double(), pattern, scale)
+    bo, bl = _baseline(q, k, v, pattern, scale)
+    check_close("out", out, ro, baseline=bo)
+    check_close("lse", lse, rl, baseline=bl)
+    return ran
+
+
+@gpu
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,bn,stages", [(128, 64, 2), (64, 64, 3), (128, 128, 2)])
+def test_gluon_matches_reference(name, dtype, d, bn, stages):
+    q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
+    assert _check(q, k, v, PATTERNS[name], dict(GCFG, BLOCK_N=bn, num_stages=stages)), "the Gluon kernel did not run"
+
+
+@gpu
+def test_gluon_cross_bottom_right():
+    # fewer queries than keys, bottom-right aligned (OFF = Lk - Lq), and a longer band than one ring of slots
+    q, k, v = _inputs(1, 4, 2, 256, 1024, 128, torch.bfloat16, seed=1)
+    assert _check(q, k, v, az.SlidingWindow(300), GCFG)
+    assert _check(q, k, v, az.Causal(), GCFG)
+
+
+@gpu
+def test_gluon_falls_back_where_it_does_not_apply():
+    # an odd length, an odd GQA group (no head pair) and a lookup mask run the Triton kernel, still correct
+    q, k, v = _inputs(1, 4, 2, 200, 200, 128, torch.bfloat16, seed=2)
+    assert not _check(q, k, v, az.Causal(), GCFG)
+    q, k, v = _inputs(1, 3, 1, 256, 256, 128, torch.bfloat16, seed=3)
+    assert not _check(q, k, v, az.Causal(), GCFG)
+    q, k, v = _inputs(1, 4, 2, 256, 256, 128, torch.bfloat16, seed=4)
+    doc = az.Document([100, 156])
+    assert not _check(q, k, v, doc, GCFG)
+
+
+def test_gluon_plan_says_why_not_on_cpu():
+    q = torch.zeros(1, 2, 64, 64)
+    ok, why = ops.gluon_plan(q, q[:, :1], q[:, :1], None, GCFG, 2, None, True)
+    assert not ok and "CUDA" in why
