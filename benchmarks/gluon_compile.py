@@ -65,15 +65,17 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--bn", type=int, nargs="+", default=[64])
     ap.add_argument("--d", type=int, nargs="+", default=[128])
+    ap.add_argument("--warps-pack", nargs="+", default=["8x2"], help="num_warps x PACK, e.g. 8x2 4x1 4x2")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
     for name in a.pattern or ["sw1024"]:
         for d in a.d:
             for bn in a.bn:
-                for st in a.stages:
-                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st)
-                    print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
+                for st, wp in ((st, wp) for st in a.stages for wp in a.warps_pack):
+                    w, pk = map(int, wp.split("x"))
+                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk)
+                    print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
                     if a.ptx:
                         open(a.ptx, "w").write(k.asm["ptx"])

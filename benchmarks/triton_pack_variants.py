@@ -208,6 +208,18 @@ FWD10 = {
     "gluon 64x128 s2": _cfg(64, 128, 8, 2, 2, IDX=2, GLUON=True),
     "gluon 64x128 s3": _cfg(64, 128, 8, 3, 2, IDX=2, GLUON=True),
 }
+# round 11 (seventeenth session, after round 10: every 8-warp Gluon variant lost, 0.84-0.92x the Triton default; its
+# one CTA barrier per step holds the two warpgroups in lockstep): one warpgroup per program (4 warps, one head, 64
+# rows; ptxas sm_90 138 registers, no spills), so two or three programs share an SM and one's softmax can overlap
+# another's products; and the window 4096 question (the local default against the wide class's old tiles)
+FWD11 = {
+    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "wide default (64x128 p2)": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
+    "gluon w4 p1 s2": _cfg(64, 64, 4, 2, 1, IDX=2, GLUON=True),
+    "gluon w4 p1 s3": _cfg(64, 64, 4, 3, 1, IDX=2, GLUON=True),
+    "gluon 64x128 w4 p1 s2": _cfg(64, 128, 4, 2, 1, IDX=2, GLUON=True),
+    "gluon w4 p2 s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON=True),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -222,7 +234,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -230,7 +242,7 @@ def main():
                          "backward default, and PIPE (the next scores in flight during the softmax); 8: NARROW "
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
-                         "forward (Hopper only), forward only")
+                         "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -244,7 +256,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 10:
+    if args.round == 11:
+        FWD, BWD = FWD11, {}
+    elif args.round == 10:
         FWD, BWD = FWD10, {}
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9

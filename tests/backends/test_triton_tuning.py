@@ -47,9 +47,8 @@ def test_defaults_without_search(fresh_cache):
     assert local["MERGE"] and not dense.get("MERGE") and not local["UNPACKED"].get("MERGE")
     # block 0 as a 16-key tile where it holds only sinks (H100, sinks + window 1.48 -> 1.50x flex at 64K)
     assert local["NARROW"] == 16 and not dense.get("NARROW") and not local["UNPACKED"].get("NARROW")
-    wide = tuning.default("fwd", 128, 128, "wide")
-    assert (wide["BLOCK_N"], wide["PACK"], wide["TMA"]) == (128, 2, True)
-    assert wide["UNPACKED"]["BLOCK_M"] == 64 and not wide["UNPACKED"].get("TMA")
+    # windows of >= 4096 keys take the local default since it merged its loops (H100: 3.850 -> 3.650 ms at 16K)
+    assert tuning.default("fwd", 128, 128, "wide") == local
     nbhd = tuning.default("fwd", 128, 128, "nbhd")
     assert (nbhd["BLOCK_M"], nbhd["BLOCK_N"], nbhd["PACK"]) == (32, 32, 4) and nbhd["UNPACKED"]["BLOCK_M"] == 64
     assert (nbhd["IDX"], nbhd["MERGE"]) == (1, True) and not nbhd["UNPACKED"].get("MERGE")

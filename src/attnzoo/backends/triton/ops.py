@@ -261,7 +261,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
         idx_mode = 1
     grid = (lay.num_q_blocks, b * hq // pack)
     if cfg.get("GLUON") and gluon_plan(q, k, v, pattern, cfg, pack, mod, idx_mode == 2)[0]:
-        _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg)
+        _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack)
         return out, lse
     try:
         nrow = _narrow_rows(pattern, lq, lk, bm, bn, hq, dev, int(cfg["NARROW"])) \
@@ -356,8 +356,10 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
         why = "head dims 64 or 128 with Dv = D only"
     elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
         why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
-    elif pack != 2:
-        why = "two query heads per program (an even GQA group; a head-independent mask and layout)"
+    elif pack != cfg.get("PACK", 1) or pack not in (1, 2) or cfg["num_warps"] not in (4, 8) \
+            or cfg["num_warps"] * 16 > pack * 64:
+        why = ("PACK 1 or 2 query heads per program (a GQA group it divides; a head-independent mask and layout), "
+               "4 or 8 warps, at most one warp per 16 rows")
     elif mod.maps_q or mod.maps_k or _routed(pattern):
         why = "no row maps (tiled neighborhoods) or routed patterns"
     elif not contiguous_full:
@@ -373,7 +375,7 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
 GLUON_LAUNCHES = 0
 
 
-def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg):
+def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack):
     global GLUON_LAUNCHES
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
@@ -386,10 +388,10 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg):
     k2, v2 = k.view(-1, d), v.view(-1, d)
     kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
     vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
-    gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // 2)](
+    gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // pack)](
         q, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices,
         *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=2, STAGES=int(cfg["num_stages"]), num_warps=8)
+        D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=pack, STAGES=int(cfg["num_stages"]), num_warps=cfg["num_warps"])
     GLUON_LAUNCHES += 1
 
 

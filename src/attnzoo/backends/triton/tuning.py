@@ -85,14 +85,14 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # on the in-place order, H100 2026-12-05 (benchmarks/results/h100-2026-12-05-s12/call3/
             # nbhd_fwd_next_log.txt): 0.845 -> 0.800 ms (13x13), 2.012 -> 1.883 (31x31), 1.296 -> 1.310 (5x7x7)
             return dict(_cfg(32, 32, 4, 3), PACK=4, IDX=1, MERGE=True, UNPACKED=unpacked)
-        if pclass in ("dense", "wide"):
+        if pclass == "dense":
             # round 4 (H200, 16K, causal): 64x128 tiles with two heads per program and K / V through TMA
             # 8.41 -> 7.66 ms (523 -> 575 TF/s); unpacked, 128x128 with TMA 8.79 -> 7.82 ms. On windows the
-            # same tiles win at 4096 (3.74 -> 3.43 ms: class 'wide', whose unpacked alternative stays the
-            # local 64x64) and lose at 1024 (1.26 -> 1.31) and on sinks + window (1.32 -> 1.56); TMA alone
-            # is +1% / +4% / -4% there, so the local default stays.
-            alt = dict(unpacked, IDX=2, TMA=True) if pclass == "dense" else dict(unpacked, IDX=2)
-            return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=alt)
+            # same tiles won at 4096 then (3.74 -> 3.43 ms, H200) and lost at 1024 (1.26 -> 1.31) and on sinks +
+            # window (1.32 -> 1.56). Since the local default took MERGE and NARROW, on the H100 (seventeenth
+            # session, triton_pack_variants.py --round 10, 16K) window 4096 runs 3.650 ms on the local default
+            # against 3.850 on these tiles, so class 'wide' now takes the local default (below).
+            return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=dict(unpacked, IDX=2, TMA=True))
         # round 5 (H200, 16K): the full and partial blocks in one loop (MERGE, one software pipeline) 1.263 ->
         # 1.187 ms on window 1024 (flex / triton 1.29 -> 1.38), 1.325 -> 1.264 on sinks + window (1.42 -> 1.49);
         # on the dense tiles it loses (causal 8.01 -> 8.40, window 4096 3.35 -> 3.78), so only here.
