@@ -75,8 +75,8 @@ def main(argv=None):
                 for st, wp in ((st, wp) for st in a.stages for wp in a.warps_pack):
                     w, pk = map(int, wp.split("x"))
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk)
-                    print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, stack {r['stack']} B, "
-                          f"shared {r['shared']} B, {r['sass']}")
+                    print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
+                          f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:
                         open(a.ptx, "w").write(k.asm["ptx"])
 

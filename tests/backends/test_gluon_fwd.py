@@ -19,7 +19,8 @@ PATTERNS = {"window": az.SlidingWindow(200), "causal": az.Causal(), "sinks+windo
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk))]
+    shapes = ((hq, lq), (hkv, lk), (hkv, lk))
+    return [torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g) for h, n in shapes]
 
 
 def _baseline(q, k, v, pattern, scale):

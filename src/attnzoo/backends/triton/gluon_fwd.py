@@ -3,19 +3,24 @@
 Opt-in (cfg ``GLUON``) and GPU-only: Gluon kernels do not run in Triton's interpreter. What Triton's own schedule
 does not do for the local patterns, this kernel does by hand (FlashAttention-3's intra-warpgroup overlap):
 
-- K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with its own mbarrier, issued
-  ``STAGES`` steps ahead; a slot is refilled once both warpgroups are past it (one CTA barrier per step).
+- K and V tiles arrive by TMA into a ring of ``STAGES`` (cfg num_stages) shared-memory slots, each with its own
+  mbarrier, issued ``STAGES`` steps ahead; a slot is refilled once every warp is past it (one CTA barrier a step).
 - Step j issues the scores ``S_j = Q K_j^T`` and the previous step's ``acc += P_{j-1} V_{j-1}`` as asynchronous
   warpgroup MMAs, waits for ``S_j`` only, and runs the mask and the softmax of step j while ``P_{j-1} V_{j-1}``
   is still on the tensor cores; then it waits for it and rescales ``acc``.
-- One program: ``PACK`` (2) query heads of one GQA group at the same 64 positions, one warpgroup (4 warps) per head,
-  so each K / V tile is loaded once for both; Q is staged in shared memory (the left operand of ``Q K^T``); P stays
-  in registers as the left operand of ``P V``.
+- One program: ``PACK`` (1 or 2) query heads of one GQA group at the same 64 positions (4 or 8 warps, at least 16
+  rows a warp), so each K / V tile is loaded once for them; Q is staged in shared memory (the left operand of
+  ``Q K^T``); P stays in registers as the left operand of ``P V``.
+
+Measured (H100, 16K, 64 / 8 heads, D = 128, BENCHMARKS.md "A Gluon forward"): correct, but slower than the Triton
+kernel's defaults -- 0.76-0.92x with two warpgroups per program (the per-step CTA barrier keeps them in lockstep),
+0.92-0.94x with one (4 warps, PACK 1). So it is opt-in and not among the tuning candidates; it is the base for a
+warp-specialised (producer warp + two ping-ponging consumer warpgroups) version.
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
 head-independent layout whose full blocks form one contiguous run per query block (windows, sinks + window,
-causal). `supported` says why not elsewhere; `ops.attention_fwd` falls back to the Triton kernel then.
+causal). `ops.gluon_plan` says why not elsewhere; `ops.attention_fwd` falls back to the Triton kernel then.
 """
 from __future__ import annotations
 
