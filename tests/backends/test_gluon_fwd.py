@@ -83,3 +83,12 @@ def test_gluon_plan_says_why_not_on_cpu():
     q = torch.zeros(1, 2, 64, 64)
     ok, why = ops.gluon_plan(q, q[:, :1], q[:, :1], None, GCFG, 2, None, True)
     assert not ok and "CUDA" in why
+
+
+def test_gluon_module_takes_plain_masks_only():
+    # the generated Gluon module (source written and imported; compiling needs a GPU) for an arithmetic mask, and
+    # None for a mask that reads a lookup table (documents)
+    mod = ops._gluon_module(az.SlidingWindow(100) | az.Sinks(4), 256, 256, (64, 64))
+    assert mod is not None and hasattr(mod, "gluon_attn_fwd") and hasattr(mod, "_mask")
+    assert ops._gluon_module(az.SlidingWindow(100) | az.Sinks(4), 256, 256, (64, 64)) is mod
+    assert ops._gluon_module(az.Document([100, 156]), 256, 256, (64, 64)) is None

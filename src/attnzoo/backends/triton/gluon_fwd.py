@@ -24,13 +24,7 @@ causal). `ops.gluon_plan` says why not elsewhere; `ops.attention_fwd` falls back
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-import threading
-
-from .kernels import _cache_dir
+from .kernels import import_source
 
 PRELUDE = '''
 from triton.experimental import gluon
@@ -201,9 +195,6 @@ def gluon_attn_fwd(Q, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, i
     gl.store(LSE + orow_g, lse)
 '''
 
-_lock = threading.Lock()
-_modules: dict = {}
-
 
 def available() -> bool:
     """Whether this Triton has Gluon's Hopper API."""
@@ -215,35 +206,13 @@ def available() -> bool:
     return True
 
 
-def plain_mask(pattern, lq: int, lk: int, tile: tuple) -> bool:
-    """Whether the pattern's generated mask is plain arithmetic (no table lookups, reductions or Triton calls),
-    the body this module takes."""
-    from .codegen import Unsupported, generate
-    try:
-        lines = generate(pattern, lq, lk, tile)[0]
-    except Unsupported:
-        return False
-    return not any("tl." in line or "AUX" in line for line in lines)
+def plain_mask(body_lines: list[str]) -> bool:
+    """Whether a generated mask body (`codegen.generate`'s lines) is plain arithmetic -- no table lookups,
+    reductions or Triton calls -- the body this module takes."""
+    return not any("tl." in line or "AUX" in line for line in body_lines)
 
 
 def gluon_module(body_lines: list[str]):
     """Import (once) the Gluon module with this ``_mask`` body (the lines `codegen.generate` gives)."""
     src = PRELUDE.format(body="\n".join("    " + line for line in body_lines)) + KERNEL
-    key = hashlib.sha1(src.encode()).hexdigest()[:20]
-    with _lock:
-        mod = _modules.get(key)
-        if mod is not None:
-            return mod
-        path = os.path.join(_cache_dir(), f"attnzoo_gluon_{key}.py")
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(src)
-            os.replace(tmp, path)
-        name = f"attnzoo_gluon_fwd_{key}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        _modules[key] = mod
-        return mod
+    return import_source(src, "attnzoo_gluon", "attnzoo_gluon_fwd")

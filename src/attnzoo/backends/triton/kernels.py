@@ -685,25 +685,36 @@ def kernel_module(body_lines: list[str], *sources: str, rows: tuple | None = Non
     qrows, krows = rows or (None, None)
     src = PRELUDE.format(body=indent(body_lines), qrows=indent(qrows or ["return x"]),
                          krows=indent(krows or ["return x"])) + "".join(sources or (FWD,))
+    return import_source(src, "attnzoo_fwd", "attnzoo_triton_fwd", lambda mod: _mark(mod, body_lines, qrows, krows))
+
+
+def _mark(mod, body_lines, qrows, krows):
+    # whether the mask reads the query head (PerHead, per-head block masks): packing heads needs it not to
+    mod.uses_head = any("hq" in line for line in body_lines)
+    # whether the query / key rows are mapped (no contiguous row blocks: no tensor descriptors on that side)
+    mod.maps_q, mod.maps_k = qrows is not None, krows is not None
+
+
+def import_source(src: str, file_prefix: str, module_prefix: str, init=None):
+    """Import (once per process, keyed by the source's hash) the module with source ``src``, written first to the
+    cache (Triton and Gluon need real source files); ``init(mod)`` runs once on a newly imported module."""
     key = hashlib.sha1(src.encode()).hexdigest()[:20]
     with _lock:
         mod = _modules.get(key)
         if mod is not None:
             return mod
-        path = os.path.join(_cache_dir(), f"attnzoo_fwd_{key}.py")
+        path = os.path.join(_cache_dir(), f"{file_prefix}_{key}.py")
         if not os.path.exists(path):
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 f.write(src)
             os.replace(tmp, path)
-        name = f"attnzoo_triton_fwd_{key}"
+        name = f"{module_prefix}_{key}"
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
-        # whether the mask reads the query head (PerHead, per-head block masks): packing heads needs it not to
-        mod.uses_head = any("hq" in line for line in body_lines)
-        # whether the query / key rows are mapped (no contiguous row blocks: no tensor descriptors on that side)
-        mod.maps_q, mod.maps_k = qrows is not None, krows is not None
+        if init is not None:
+            init(mod)
         _modules[key] = mod
         return mod

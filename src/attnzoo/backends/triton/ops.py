@@ -366,9 +366,17 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
         why = "each query block's full kv blocks must form one contiguous run"
     elif not all(t.is_contiguous() for t in (q, k, v)):
         why = "contiguous q, k, v"
-    elif not gluon_fwd.plain_mask(pattern, lq, lk, (cfg["BLOCK_M"], cfg["BLOCK_N"])):
+    elif _gluon_module(pattern, lq, lk, (cfg["BLOCK_M"], cfg["BLOCK_N"])) is None:
         why = "a mask without lookup tables"
     return why is None, why or ""
+
+
+@functools.lru_cache(maxsize=128)
+def _gluon_module(pattern, lq, lk, tile: tuple):
+    """The Gluon forward's module with the pattern's mask, or None where that mask is not plain arithmetic."""
+    from . import gluon_fwd
+    lines = generate(pattern, lq, lk, tile)[0]
+    return gluon_fwd.gluon_module(lines) if gluon_fwd.plain_mask(lines) else None
 
 
 # launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback)
@@ -379,11 +387,10 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     global GLUON_LAUNCHES
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    from . import gluon_fwd
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    gmod = gluon_fwd.gluon_module(generate(pattern, lq, lk, (bm, bn))[0])
+    gmod = _gluon_module(pattern, lq, lk, (bm, bn))
     glay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
     k2, v2 = k.view(-1, d), v.view(-1, d)
     kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
