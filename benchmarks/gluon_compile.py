@@ -29,12 +29,12 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 
 
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
-                dtype: str = "bf16", lq: int = 16384):
+                dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
     mod = gluon_fwd.gluon_module(lines)
-    fn = mod.gluon_attn_fwd
+    fn = mod.gluon_attn_fwd_ws if ws else mod.gluon_attn_fwd
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
     desc = f"tensordesc<{dtype}[{bn}, {d}],{lay!r}>"
@@ -42,11 +42,19 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2
                FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", G="i32",
                Lq="i32", Lk="i32", OFF="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
                BLOCK_N="constexpr", PACK="constexpr", STAGES="constexpr", num_warps="constexpr")
-    names = list(sig)
     consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=pack, STAGES=stages, num_warps=warps)
-    div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk")}
+    options = dict(num_warps=warps)
+    if ws:  # the warp-specialised kernel: Q by TMA too, PACK 2 and one warpgroup per consumer fixed
+        qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
+        sig = dict(qd=f"tensordesc<{dtype}[{bm}, {d}],{qlay!r}>", **{k: v for k, v in sig.items() if k != "Q"})
+        del sig["PACK"], sig["num_warps"]
+        sig.update(PINGPONG="constexpr", CONSUMER_REGS="constexpr")
+        consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs)
+        options = dict(num_warps=4, maxnreg=regs)
+    names = list(sig)
+    div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     try:
@@ -66,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--bn", type=int, nargs="+", default=[64])
     ap.add_argument("--d", type=int, nargs="+", default=[128])
     ap.add_argument("--warps-pack", nargs="+", default=["8x2"], help="num_warps x PACK, e.g. 8x2 4x1 4x2")
+    ap.add_argument("--ws", action="store_true", help="the warp-specialised kernel (gluon_attn_fwd_ws)")
+    ap.add_argument("--pingpong", action="store_true", help="with --ws: the turn barriers (PINGPONG)")
+    ap.add_argument("--regs", type=int, default=168, help="with --ws: maxnreg and the consumer's registers")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
@@ -74,7 +85,8 @@ def main(argv=None):
             for bn in a.bn:
                 for st, wp in ((st, wp) for st in a.stages for wp in a.warps_pack):
                     w, pk = map(int, wp.split("x"))
-                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk)
+                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk, ws=a.ws,
+                                       pingpong=a.pingpong, regs=a.regs)
                     print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

@@ -90,6 +90,8 @@
 #                the Triton defaults and flex at 16K (four local patterns) and 64K (window 1024, sinks + window)
 #   gluon-w4     issue 3 (seventeenth session): round 11, the Gluon forward at one warpgroup per program, and window
 #                4096 on the local default against the wide class's old 64 x 128 tiles (16K, then 64K)
+#   gluon-ws     issue 3 (seventeenth session): the warp-specialised Gluon forward (GLUON="ws", PINGPONG): its GPU
+#                tests, then round 12 against the Triton default and flex at 16K and 64K
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
 #                spills, ptxas sm_90), 1 / 3 stages, MERGE, and both kernels at 8 warps (triton_pack_variants.py
 #                --round 9), 16K, after the default forward, vs flex (~4 min)
@@ -204,6 +206,12 @@ for s in $SECTIONS; do
               --patterns ${GLUON_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonw4" --quick > "$OUT/gluon_w4_log.txt" 2>&1
            timeout ${GLUON64_S:-90} python3 benchmarks/triton_pack_variants.py --round 11 --patterns sw4096 \
               --L 65536 --out "$OUT/gluonw4_64k" --quick >> "$OUT/gluon_w4_log.txt" 2>&1 ;;
+    gluon-ws) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
+              > "$OUT/gluon_ws_log.txt" 2>&1
+           timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 12 \
+              --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonws" --quick >> "$OUT/gluon_ws_log.txt" 2>&1
+           timeout ${GLUON64_S:-100} python3 benchmarks/triton_pack_variants.py --round 12 --patterns sw1024,sinks+sw1024 \
+              --L 65536 --out "$OUT/gluonws_64k" --quick >> "$OUT/gluon_ws_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
               --patterns ${W8_PATTERNS:-sw1024,sinks+sw1024,causal} --out "$OUT/bwdw8" --quick > "$OUT/bwd_w8_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \

@@ -220,6 +220,18 @@ FWD11 = {
     "gluon 64x128 w4 p1 s2": _cfg(64, 128, 4, 2, 1, IDX=2, GLUON=True),
     "gluon w4 p2 s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON=True),
 }
+# round 12 (seventeenth session): the warp-specialised Gluon forward (GLUON="ws": a producer warp for the TMA loads,
+# two consumer warpgroups, one per head of the pair, slots freed by count-2 mbarriers instead of a CTA barrier;
+# PINGPONG: the two warpgroups take turns issuing their score MMAs). ptxas sm_90: 168 registers, no spills
+FWD12 = {
+    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "gluon w4 p1 s3": _cfg(64, 64, 4, 3, 1, IDX=2, GLUON=True),
+    "gluon ws s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON="ws"),
+    "gluon ws s3": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="ws"),
+    "gluon ws s4": _cfg(64, 64, 4, 4, 2, IDX=2, GLUON="ws"),
+    "gluon ws pingpong s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON="ws", PINGPONG=True),
+    "gluon ws pingpong s3": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="ws", PINGPONG=True),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -234,7 +246,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -242,7 +254,8 @@ def main():
                          "backward default, and PIPE (the next scores in flight during the softmax); 8: NARROW "
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
-                         "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program")
+                         "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program; "
+                         "12: the warp-specialised Gluon forward")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -256,7 +269,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 11:
+    if args.round == 12:
+        FWD, BWD = FWD12, {}
+    elif args.round == 11:
         FWD, BWD = FWD11, {}
     elif args.round == 10:
         FWD, BWD = FWD10, {}

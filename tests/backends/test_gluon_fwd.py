@@ -53,18 +53,23 @@ def _check(q, k, v, pattern, cfg):
 @gpu
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,bn,stages", [(128, 64, 2), (64, 64, 3), (128, 128, 2)])
-def test_gluon_matches_reference(name, dtype, d, bn, stages):
+@pytest.mark.parametrize("d,bn,stages,extra", [(128, 64, 2, {}), (64, 64, 3, {}), (128, 128, 2, {}),
+                                               (128, 64, 2, dict(num_warps=4, PACK=1)),
+                                               (128, 64, 2, dict(GLUON="ws")), (64, 64, 3, dict(GLUON="ws")),
+                                               (128, 64, 3, dict(GLUON="ws", PINGPONG=True))])
+def test_gluon_matches_reference(name, dtype, d, bn, stages, extra):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
-    assert _check(q, k, v, PATTERNS[name], dict(GCFG, BLOCK_N=bn, num_stages=stages)), "the Gluon kernel did not run"
+    cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
+    assert _check(q, k, v, PATTERNS[name], cfg), "the Gluon kernel did not run"
 
 
 @gpu
 def test_gluon_cross_bottom_right():
     # fewer queries than keys, bottom-right aligned (OFF = Lk - Lq), and a longer band than one ring of slots
     q, k, v = _inputs(1, 4, 2, 256, 1024, 128, torch.bfloat16, seed=1)
-    assert _check(q, k, v, az.SlidingWindow(300), GCFG)
-    assert _check(q, k, v, az.Causal(), GCFG)
+    for cfg in (GCFG, dict(GCFG, GLUON="ws"), dict(GCFG, GLUON="ws", PINGPONG=True)):
+        assert _check(q, k, v, az.SlidingWindow(300), cfg)
+        assert _check(q, k, v, az.Causal(), cfg)
 
 
 @gpu

@@ -193,6 +193,153 @@ def gluon_attn_fwd(Q, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, i
     m_o = gl.convert_layout(m_i, orow)
     lse = gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     gl.store(LSE + orow_g, lse)
+
+# The warp-specialised form (cfg GLUON="ws"): a producer warp issues the TMA loads (Q once, then K and V into the
+# ring), and two consumer warpgroups, one per query head of the program (PACK 2), each run the loop of
+# gluon_attn_fwd on their own 64 rows. No CTA barrier: a ring slot is refilled once both consumers have arrived on
+# its "empty" barrier (count 2), so each warpgroup runs at its own pace and one's softmax can overlap the other's
+# MMAs (FlashAttention-3's inter-warpgroup overlap, left to the warp schedulers; PINGPONG orders the two
+# warpgroups' score MMAs explicitly through a pair of turn barriers).
+
+@gluon.jit
+def _ws_producer(qd, kd, vd, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty,
+                 qrow0, Lq, kvrow, nf, f0, prow, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    mbarrier.expect(qbar, 2 * qd.block_type.nbytes)
+    tma.async_copy_global_to_shared(qd, [qrow0, 0], qbar, q_smem.index(0))
+    tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qbar, q_smem.index(1))
+    for j in range(0, n):
+        slot = j % STAGES
+        ph = (j // STAGES) & 1
+        row = kvrow + _blk(j, nf, f0, prow, n) * BLOCK_N
+        mbarrier.wait(kempty.index(slot), ph ^ 1)
+        mbarrier.expect(kready.index(slot), kd.block_type.nbytes)
+        tma.async_copy_global_to_shared(kd, [row, 0], kready.index(slot), k_smem.index(slot))
+        mbarrier.wait(vempty.index(slot), ph ^ 1)
+        mbarrier.expect(vready.index(slot), vd.block_type.nbytes)
+        tma.async_copy_global_to_shared(vd, [row, 0], vready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, turn,
+                 O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale,
+                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    # consumer C (0 or 1): query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D) views
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+    qs = q_smem.index(C)
+    rows = gl.arange(0, BLOCK_M, layout=srow)
+    qp = gl.expand_dims(m0 + rows + OFF, 1)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=srow)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
+    mbarrier.wait(qbar, 0)
+    if n > 0:
+        blk = _blk(0, nf, f0, prow, n)
+        mbarrier.wait(kready.index(0), 0)
+        if PINGPONG:
+            mbarrier.wait(turn.index(C), 0)
+        s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - C), count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(kempty.index(0), count=1)
+        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, 0 >= nf, dtype,
+                                      p_layout)
+    for j in range(1, n):
+        slot = j % STAGES
+        pslot = (j + STAGES - 1) % STAGES
+        blk = _blk(j, nf, f0, prow, n)
+        mbarrier.wait(kready.index(slot), (j // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn.index(C), j & 1)
+        s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(vready.index(pslot), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - C), count=1)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        mbarrier.arrive(kempty.index(slot), count=1)
+        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, j >= nf, dtype,
+                                      p_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(vempty.index(pslot), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+    if n > 0:
+        lslot = (n - 1) % STAGES
+        mbarrier.wait(vready.index(lslot), ((n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(vempty.index(lslot), count=1)
+    l_o = gl.convert_layout(l_i, orow)
+    l_safe = gl.where(l_o > 0, l_o, 1.0)
+    out = acc / gl.expand_dims(l_safe, 1)
+    orows = gl.arange(0, BLOCK_M, layout=orow)
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
+    gl.store(O + orow_g[:, None] * D + ocols[None, :], out.to(dtype))
+    m_o = gl.convert_layout(m_i, orow)
+    gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+
+
+@gluon.jit
+def gluon_attn_fwd_ws(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
+                      H, G, Lq, Lk, OFF, qk_scale,
+                      D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    # PACK 2 only: two query heads of one GQA group, one consumer warpgroup each (kernel num_warps = 4)
+    dtype: gl.constexpr = kd.dtype
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    HP = H // 2
+    b = pid_bh // HP
+    h = (pid_bh % HP) * 2
+    m0 = pid_m * BLOCK_M
+    qrow0 = (b * H + h) * Lq + m0
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], qd.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
+    qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qbar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kready.index(i), count=1)
+        mbarrier.init(vready.index(i), count=1)
+        mbarrier.init(kempty.index(i), count=2)
+        mbarrier.init(vempty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
+    nf = gl.load(FKVN + h * lay_h + pid_m * lay_m)
+    npart = gl.load(KVN + h * lay_h + pid_m * lay_m)
+    frow = FKVI + h * idx_h + pid_m * idx_m
+    prow = KVI + h * idx_h + pid_m * idx_m
+    n = nf + npart
+    f0 = gl.load(frow, mask=nf > 0, other=0)
+    kvrow = (b * (H // G) + h // G) * Lk
+    gl.warp_specialize([
+        (_ws_consumer, (0, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h, qrow0,
+                        Lq, m0, OFF, nf, f0, prow, n, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
+        (_ws_consumer, (1, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h, qrow0,
+                        Lq, m0, OFF, nf, f0, prow, n, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
+        (_ws_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, qrow0, Lq, kvrow,
+                        nf, f0, prow, n, STAGES, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
 '''
 
 

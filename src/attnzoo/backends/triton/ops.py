@@ -356,6 +356,8 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
         why = "head dims 64 or 128 with Dv = D only"
     elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
         why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
+    elif cfg["GLUON"] == "ws" and (pack != 2 or cfg["BLOCK_N"] != 64):
+        why = "the warp-specialised form takes PACK 2 (two consumer warpgroups) and 64-key blocks"
     elif pack != cfg.get("PACK", 1) or pack not in (1, 2) or cfg["num_warps"] not in (4, 8) \
             or cfg["num_warps"] * 16 > pack * 64:
         why = ("PACK 1 or 2 query heads per program (a GQA group it divides; a head-independent mask and layout), "
@@ -395,6 +397,17 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     k2, v2 = k.view(-1, d), v.view(-1, d)
     kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
     vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
+    if cfg["GLUON"] == "ws":  # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws)
+        q2 = q.view(-1, d)
+        qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], glay)  # (bm = bn = 64 here)
+        regs = int(cfg.get("REGS", 168))
+        gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](
+            qd, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+            lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
+            D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
+            CONSUMER_REGS=regs, num_warps=4, maxnreg=regs)
+        GLUON_LAUNCHES += 1
+        return
     gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // pack)](
         q, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices,
         *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
