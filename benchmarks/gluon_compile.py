@@ -29,7 +29,8 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 
 
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
-                dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168):
+                dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168,
+                maxnreg: int | None = None):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
@@ -50,7 +51,7 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2
         del sig["PACK"], sig["num_warps"]
         sig.update(PINGPONG="constexpr", CONSUMER_REGS="constexpr")
         consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs)
-        options = dict(num_warps=4, maxnreg=regs)
+        options = dict(num_warps=4, maxnreg=maxnreg or regs)
     names = list(sig)
     div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
@@ -76,7 +77,8 @@ def main(argv=None):
     ap.add_argument("--warps-pack", nargs="+", default=["8x2"], help="num_warps x PACK, e.g. 8x2 4x1 4x2")
     ap.add_argument("--ws", action="store_true", help="the warp-specialised kernel (gluon_attn_fwd_ws)")
     ap.add_argument("--pingpong", action="store_true", help="with --ws: the turn barriers (PINGPONG)")
-    ap.add_argument("--regs", type=int, default=168, help="with --ws: maxnreg and the consumer's registers")
+    ap.add_argument("--regs", type=int, default=168, help="with --ws: the consumer worker's registers")
+    ap.add_argument("--maxnreg", type=int, help="with --ws: the kernel's maxnreg (default --regs)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
@@ -86,7 +88,7 @@ def main(argv=None):
                 for st, wp in ((st, wp) for st in a.stages for wp in a.warps_pack):
                     w, pk = map(int, wp.split("x"))
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk, ws=a.ws,
-                                       pingpong=a.pingpong, regs=a.regs)
+                                       pingpong=a.pingpong, regs=a.regs, maxnreg=a.maxnreg)
                     print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

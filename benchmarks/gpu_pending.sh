@@ -92,6 +92,8 @@
 #                4096 on the local default against the wide class's old 64 x 128 tiles (16K, then 64K)
 #   gluon-ws     issue 3 (seventeenth session): the warp-specialised Gluon forward (GLUON="ws", PINGPONG): its GPU
 #                tests, then round 12 against the Triton default and flex at 16K and 64K
+#   gluon-ws128  issue 3 (seventeenth session): round 13, the warp-specialised Gluon forward on 128-key tiles (GPU
+#                tests of that tile first)
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
 #                spills, ptxas sm_90), 1 / 3 stages, MERGE, and both kernels at 8 warps (triton_pack_variants.py
 #                --round 9), 16K, after the default forward, vs flex (~4 min)
@@ -212,6 +214,10 @@ for s in $SECTIONS; do
               --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonws" --quick >> "$OUT/gluon_ws_log.txt" 2>&1
            timeout ${GLUON64_S:-100} python3 benchmarks/triton_pack_variants.py --round 12 --patterns sw1024,sinks+sw1024 \
               --L 65536 --out "$OUT/gluonws_64k" --quick >> "$OUT/gluon_ws_log.txt" 2>&1 ;;
+    gluon-ws128) timeout ${GLUON_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py -k "128-128" \
+              > "$OUT/gluon_ws128_log.txt" 2>&1
+           timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 13 \
+              --patterns ${GLUON_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonws128" --quick >> "$OUT/gluon_ws128_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
               --patterns ${W8_PATTERNS:-sw1024,sinks+sw1024,causal} --out "$OUT/bwdw8" --quick > "$OUT/bwd_w8_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \

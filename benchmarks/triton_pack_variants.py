@@ -232,6 +232,17 @@ FWD12 = {
     "gluon ws pingpong s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON="ws", PINGPONG=True),
     "gluon ws pingpong s3": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="ws", PINGPONG=True),
 }
+# round 13 (seventeenth session, after round 12: the warp-specialised form level with the Triton default on causal,
+# 0.96-0.97x on the 1024-windows): its 128-key tiles (the consumers at 232 registers through setmaxnreg, the launch
+# at maxnreg 168; no spills at ptxas sm_90) and the 64-key ones at 232
+FWD13 = {
+    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "gluon ws s3": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="ws"),
+    "gluon ws s3 r232": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="ws", REGS=232),
+    "gluon ws 64x128 s2": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="ws"),
+    "gluon ws 64x128 s3": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="ws"),
+    "gluon ws 64x128 pingpong s2": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="ws", PINGPONG=True),
+}
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -246,7 +257,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12),
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -255,7 +266,7 @@ def main():
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
                          "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program; "
-                         "12: the warp-specialised Gluon forward")
+                         "12: the warp-specialised Gluon forward; 13: its 128-key tiles")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -269,7 +280,9 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 12:
+    if args.round == 13:
+        FWD, BWD = FWD13, {}
+    elif args.round == 12:
         FWD, BWD = FWD12, {}
     elif args.round == 11:
         FWD, BWD = FWD11, {}

@@ -56,7 +56,8 @@ def _check(q, k, v, pattern, cfg):
 @pytest.mark.parametrize("d,bn,stages,extra", [(128, 64, 2, {}), (64, 64, 3, {}), (128, 128, 2, {}),
                                                (128, 64, 2, dict(num_warps=4, PACK=1)),
                                                (128, 64, 2, dict(GLUON="ws")), (64, 64, 3, dict(GLUON="ws")),
-                                               (128, 64, 3, dict(GLUON="ws", PINGPONG=True))])
+                                               (128, 64, 3, dict(GLUON="ws", PINGPONG=True)),
+                                               (128, 128, 2, dict(GLUON="ws"))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)

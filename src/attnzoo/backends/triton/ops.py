@@ -356,8 +356,8 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
         why = "head dims 64 or 128 with Dv = D only"
     elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
         why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
-    elif cfg["GLUON"] == "ws" and (pack != 2 or cfg["BLOCK_N"] != 64):
-        why = "the warp-specialised form takes PACK 2 (two consumer warpgroups) and 64-key blocks"
+    elif cfg["GLUON"] == "ws" and (pack != 2 or cfg.get("PACK") != 2):
+        why = "the warp-specialised form takes PACK 2 (two consumer warpgroups)"
     elif pack != cfg.get("PACK", 1) or pack not in (1, 2) or cfg["num_warps"] not in (4, 8) \
             or cfg["num_warps"] * 16 > pack * 64:
         why = ("PACK 1 or 2 query heads per program (a GQA group it divides; a head-independent mask and layout), "
@@ -399,13 +399,18 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
     if cfg["GLUON"] == "ws":  # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws)
         q2 = q.view(-1, d)
-        qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], glay)  # (bm = bn = 64 here)
-        regs = int(cfg.get("REGS", 168))
+        qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+        qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], qlay)
+        # registers: the launch reserves MAXNREG for each of the 12 warps (3 warpgroups, the producer's rounded up);
+        # the producer gives its own back (24) and the consumers take REGS. 64-key tiles fit in 168 (no spills at
+        # ptxas sm_90), 128-key tiles need 232 (44 spill loads / stores a step at 168)
+        regs = int(cfg.get("REGS", 168 if bn == 64 else 232))
+        maxnreg = int(cfg.get("MAXNREG", 168))
         gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](
             qd, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
             lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
             D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-            CONSUMER_REGS=regs, num_warps=4, maxnreg=regs)
+            CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg)
         GLUON_LAUNCHES += 1
         return
     gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // pack)](
