@@ -94,6 +94,8 @@
 #                tests, then round 12 against the Triton default and flex at 16K and 64K
 #   gluon-ws128  issue 3 (seventeenth session): round 13, the warp-specialised Gluon forward on 128-key tiles (GPU
 #                tests of that tile first)
+#   gluon-default issue 3 (seventeenth session): the Gluon GPU tests with the dense / wide classes' new default (the
+#                warp-specialised Gluon forward on 64 x 128 tiles); run `windows` after it for attnzoo bench
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
 #                spills, ptxas sm_90), 1 / 3 stages, MERGE, and both kernels at 8 warps (triton_pack_variants.py
 #                --round 9), 16K, after the default forward, vs flex (~4 min)
@@ -218,6 +220,8 @@ for s in $SECTIONS; do
               > "$OUT/gluon_ws128_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 13 \
               --patterns ${GLUON_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonws128" --quick >> "$OUT/gluon_ws128_log.txt" 2>&1 ;;
+    gluon-default) timeout ${GLUON_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
+              > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
               --patterns ${W8_PATTERNS:-sw1024,sinks+sw1024,causal} --out "$OUT/bwdw8" --quick > "$OUT/bwd_w8_log.txt" 2>&1 ;;
     bwd-kt) timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 6 --patterns ${KT_PATTERNS:-causal,sw1024} \

@@ -233,6 +233,13 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
         cfg = tuning.choose("fwd", d, dv, q.dtype, pattern, q.device,
                             run=lambda c: attention_fwd(q, k, v, pattern, scale, cfg=c))
     dev = str(q.device)
+    for gcfg in (cfg.get("GLUON_CFG"), cfg if cfg.get("GLUON") else None):
+        # the Gluon forward (Hopper) where it applies: the class default's GLUON_CFG, or a config asking for it;
+        # elsewhere the Triton kernel below runs (with the class's own Triton config, or the asked-for tiles)
+        got = _gluon_fwd(q, k, v, pattern, scale, poison, gcfg) if gcfg else None
+        if got is not None:
+            return got
+    cfg = {key: val for key, val in cfg.items() if key != "GLUON_CFG"}
     sn = cfg.get("NARROW") or 0
     if isinstance(sn, bool) or not isinstance(sn, int) or (sn and (sn < 16 or sn & (sn - 1))):
         raise ValueError(f"cfg NARROW (keys of the narrow sink tile) must be 0 or a power of two >= 16, got {sn!r}")
@@ -260,9 +267,6 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     if idx_mode == 2 and (_routed(pattern) or not _full_contiguous(pattern, lq, lk, bm, bn, hq, dev)):
         idx_mode = 1
     grid = (lay.num_q_blocks, b * hq // pack)
-    if cfg.get("GLUON") and gluon_plan(q, k, v, pattern, cfg, pack, mod, idx_mode == 2)[0]:
-        _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack)
-        return out, lse
     try:
         nrow = _narrow_rows(pattern, lq, lk, bm, bn, hq, dev, int(cfg["NARROW"])) \
             if cfg.get("NARROW") and not _routed(pattern) else None
@@ -336,6 +340,28 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn,
                EVEN=even, PREC=_prec(q.dtype), PACK=pack, FOLD=bool(cfg.get("FOLD", True)) and scale > 0,
                IDX=idx_mode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+
+
+def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
+    """The forward through the Gluon kernel with config ``gcfg`` -> (out, lse), or None where it does not apply
+    (`gluon_plan`; the cheap checks first, so other devices and shapes build no layout for it)."""
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
+    if q.device.type != "cuda" or _routed(pattern) or lq % bm or lk % bn or q.dtype not in (torch.float16,
+                                                                                          torch.bfloat16):
+        return None
+    dev = str(q.device)
+    lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
+    mod, aux = _module(pattern, lq, lk, dev, (bm, bn))
+    pack = _pack(gcfg.get("PACK", 1), hq // hkv, lay, mod)
+    if not gluon_plan(q, k, v, pattern, gcfg, pack, mod, _full_contiguous(pattern, lq, lk, bm, bn, hq, dev))[0]:
+        return None
+    fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+    out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
+    lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
+    _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, gcfg, pack)
+    return out, lse
 
 
 def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
