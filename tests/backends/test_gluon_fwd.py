@@ -123,3 +123,20 @@ def test_default_forward_runs_gluon_and_backward_matches(pattern):
     check_close("out", out, ro, baseline=bo)
     for name, a, r, bl in zip(("dq", "dk", "dv"), grads, rg, bg):
         check_close(name, a, r, baseline=bl)
+
+
+@gpu
+def test_a_gluon_kernel_that_fails_to_build_falls_back(monkeypatch):
+    # a first launch that raises (a Triton whose Gluon differs): a warning, the Triton kernel's result, no retry
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no such Gluon builtin")
+
+    monkeypatch.setattr(ops, "_launch_gluon", broken)
+    monkeypatch.setattr(ops, "_GLUON_FAILED", {})
+    q, k, v = _inputs(1, 4, 2, 256, 256, 128, torch.bfloat16, seed=6)
+    with pytest.warns(RuntimeWarning, match="Gluon forward failed"):
+        assert not _check(q, k, v, az.Causal(), GCFG)
+    assert not _check(q, k, v, az.Causal(), GCFG) and len(calls) == 1

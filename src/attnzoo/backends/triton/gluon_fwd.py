@@ -12,10 +12,13 @@ does not do for the local patterns, this kernel does by hand (FlashAttention-3's
   rows a warp), so each K / V tile is loaded once for them; Q is staged in shared memory (the left operand of
   ``Q K^T``); P stays in registers as the left operand of ``P V``.
 
-Measured (H100, 16K, 64 / 8 heads, D = 128, BENCHMARKS.md "A Gluon forward"): correct, but slower than the Triton
-kernel's defaults -- 0.76-0.92x with two warpgroups per program (the per-step CTA barrier keeps them in lockstep),
-0.92-0.94x with one (4 warps, PACK 1). So it is opt-in and not among the tuning candidates; it is the base for a
-warp-specialised (producer warp + two ping-ponging consumer warpgroups) version.
+Two forms. ``gluon_attn_fwd`` (cfg GLUON=True) is the above in one partition of 4 or 8 warps. ``gluon_attn_fwd_ws``
+(GLUON="ws") is warp-specialised: a producer warp issues every TMA load, and two consumer warpgroups (one per head
+of a GQA pair) free ring slots through count-2 mbarriers instead of a CTA barrier, so one's softmax overlaps the
+other's MMAs. Measured on the H100 (16K, 64 / 8 heads, D = 128; BENCHMARKS.md): the single-partition form
+0.76-0.94x the Triton kernel's defaults; the warp-specialised one on 64 x 128 tiles 643 TF/s on causal (1.22x the
+Triton default, 1.48x flex) and 1.53x flex on window 4096 -- the default forward of the dense class and of windows
+of >= 4096 keys on Hopper (`tuning._gluon`, run by `ops._gluon_fwd`).
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
@@ -23,6 +26,8 @@ head-independent layout whose full blocks form one contiguous run per query bloc
 causal). `ops.gluon_plan` says why not elsewhere; `ops.attention_fwd` falls back to the Triton kernel then.
 """
 from __future__ import annotations
+
+import functools
 
 from .kernels import import_source
 
@@ -343,6 +348,7 @@ def gluon_attn_fwd_ws(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_
 '''
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether this Triton has Gluon's Hopper API."""
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -296,6 +297,11 @@ def _shrink(cfg: dict) -> dict | None:
 
 
 @functools.lru_cache(maxsize=16)
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+@functools.lru_cache(maxsize=16)
 def _has_tma(device: torch.device) -> bool:
     """Tensor-memory accelerator: Hopper (sm_90) and later; the interpreter (CPU tensors) runs descriptors too."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
@@ -357,11 +363,30 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     pack = _pack(gcfg.get("PACK", 1), hq // hkv, lay, mod)
     if not gluon_plan(q, k, v, pattern, gcfg, pack, mod, _full_contiguous(pattern, lq, lk, bm, bn, hq, dev))[0]:
         return None
+    key = (_gluon_module(pattern, lq, lk, (bm, bn)).__name__, repr(sorted(gcfg.items())), pack, q.dtype, d)
+    if key in _GLUON_FAILED:
+        return None
     fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
     out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
     lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
-    _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, gcfg, pack)
+    try:
+        _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, gcfg, pack)
+    except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
+        if key in _GLUON_RAN:
+            raise
+        _GLUON_FAILED[key] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"attnzoo: the Gluon forward failed to build here ({_GLUON_FAILED[key][:300]}); the Triton "
+                      "kernel runs instead", RuntimeWarning, stacklevel=2)
+        return None
+    _GLUON_RAN.add(key)
     return out, lse
+
+
+# Gluon is experimental and changes between Triton releases: a Gluon kernel that fails on its first launch here (a
+# compile error on this Triton, resources) is recorded, with a warning, and the Triton kernel runs in its place from
+# then on. A kernel that has run before re-raises (that is a real error).
+_GLUON_FAILED: dict = {}
+_GLUON_RAN: set = set()
 
 
 def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
@@ -372,7 +397,7 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
     why = None
     if q.device.type != "cuda" or interpreting():
         why = "Gluon kernels run on CUDA only (not in the interpreter)"
-    elif torch.cuda.get_device_capability(q.device)[0] != 9:
+    elif not _is_hopper(q.device):
         why = "the Gluon kernel is written for Hopper (sm_90: warpgroup MMA)"
     elif not gluon_fwd.available():
         why = "this Triton has no Gluon Hopper API"
