@@ -136,6 +136,7 @@ def test_a_gluon_kernel_that_fails_to_build_falls_back(monkeypatch):
 
     monkeypatch.setattr(ops, "_launch_gluon", broken)
     monkeypatch.setattr(ops, "_GLUON_FAILED", {})
+    monkeypatch.setattr(ops, "_GLUON_RAN", set())
     q, k, v = _inputs(1, 4, 2, 256, 256, 128, torch.bfloat16, seed=6)
     with pytest.warns(RuntimeWarning, match="Gluon forward failed"):
         assert not _check(q, k, v, az.Causal(), GCFG)
