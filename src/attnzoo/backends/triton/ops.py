@@ -354,8 +354,8 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
-    if q.device.type != "cuda" or _routed(pattern) or lq % bm or lk % bn or q.dtype not in (torch.float16,
-                                                                                          torch.bfloat16):
+    if q.device.type != "cuda" or _routed(pattern) or lq % bm or lk % bn or (hq // hkv) % gcfg.get("PACK", 1) \
+            or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     dev = str(q.device)
     lay = _layout(pattern, lq, lk, bm, bn, hq, dev)
