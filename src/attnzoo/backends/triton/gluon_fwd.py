@@ -56,6 +56,16 @@ def _mask(qp, kk, hq, AUX):
 KERNEL = '''
 
 @gluon.jit
+def _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m):
+    # query block pid_m's kv blocks in the layout: nf full ones from f0 on (one contiguous run), then the partial
+    # list at prow; n in all
+    nf = gl.load(FKVN + h * lay_h + pid_m * lay_m)
+    n = nf + gl.load(KVN + h * lay_h + pid_m * lay_m)
+    f0 = gl.load(FKVI + h * idx_h + pid_m * idx_m, mask=nf > 0, other=0)
+    return nf, f0, KVI + h * idx_h + pid_m * idx_m, n
+
+
+@gluon.jit
 def _blk(j, nf, f0, prow, n):
     # the kv block of step j: the nf full blocks f0, f0 + 1, ... then the partial list (prow); 0 past the end
     return gl.where(j < nf, f0 + j, gl.load(prow + (j - nf), mask=(j >= nf) & (j < n), other=0))
@@ -131,12 +141,7 @@ def gluon_attn_fwd(Q, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, i
         mbarrier.init(kbar.index(i), count=1)
         mbarrier.init(vbar.index(i), count=1)
 
-    nf = gl.load(FKVN + h * lay_h + pid_m * lay_m)
-    npart = gl.load(KVN + h * lay_h + pid_m * lay_m)
-    frow = FKVI + h * idx_h + pid_m * idx_m
-    prow = KVI + h * idx_h + pid_m * idx_m
-    n = nf + npart
-    f0 = gl.load(frow, mask=nf > 0, other=0)
+    nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     kvrow = (b * (H // G) + hk) * Lk
     for i in gl.static_range(STAGES):
         _issue(kd, vd, k_smem, v_smem, kbar, vbar, i, kvrow + _blk(i, nf, f0, prow, n) * BLOCK_N, 3, i < n)
@@ -329,12 +334,7 @@ def gluon_attn_fwd_ws(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_
         mbarrier.init(turn.index(i), count=1)
     if PINGPONG:
         mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
-    nf = gl.load(FKVN + h * lay_h + pid_m * lay_m)
-    npart = gl.load(KVN + h * lay_h + pid_m * lay_m)
-    frow = FKVI + h * idx_h + pid_m * idx_m
-    prow = KVI + h * idx_h + pid_m * idx_m
-    n = nf + npart
-    f0 = gl.load(frow, mask=nf > 0, other=0)
+    nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     kvrow = (b * (H // G) + h // G) * Lk
     gl.warp_specialize([
         (_ws_consumer, (0, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h, qrow0,
