@@ -30,12 +30,12 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
                 dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168,
-                maxnreg: int | None = None):
+                maxnreg: int | None = None, persistent: bool = False, qbuf: int = 2):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
     mod = gluon_fwd.gluon_module(lines)
-    fn = mod.gluon_attn_fwd_ws if ws else mod.gluon_attn_fwd
+    fn = mod.gluon_attn_fwd_wsp if persistent else mod.gluon_attn_fwd_ws if ws else mod.gluon_attn_fwd
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
     desc = f"tensordesc<{dtype}[{bn}, {d}],{lay!r}>"
@@ -52,6 +52,13 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2
         sig.update(PINGPONG="constexpr", CONSUMER_REGS="constexpr")
         consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs)
         options = dict(num_warps=4, maxnreg=maxnreg or regs)
+        if persistent:  # + the work-item count and the query blocks per head, and the Q buffers
+            sig = {k: v for k, v in sig.items() if k not in ("qk_scale", "D", "BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG",
+                                                             "CONSUMER_REGS")}
+            sig.update(NQB="i32", n_items="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
+                       BLOCK_N="constexpr", STAGES="constexpr", PINGPONG="constexpr", CONSUMER_REGS="constexpr",
+                       QBUF="constexpr")
+            consts["QBUF"] = qbuf
     names = list(sig)
     div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
@@ -79,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--pingpong", action="store_true", help="with --ws: the turn barriers (PINGPONG)")
     ap.add_argument("--regs", type=int, default=168, help="with --ws: the consumer worker's registers")
     ap.add_argument("--maxnreg", type=int, help="with --ws: the kernel's maxnreg (default --regs)")
+    ap.add_argument("--persistent", action="store_true", help="with --ws: the persistent kernel (gluon_attn_fwd_wsp)")
+    ap.add_argument("--qbuf", type=int, default=2, help="with --persistent: Q buffers (1 or 2)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
@@ -88,7 +97,8 @@ def main(argv=None):
                 for st, wp in ((st, wp) for st in a.stages for wp in a.warps_pack):
                     w, pk = map(int, wp.split("x"))
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk, ws=a.ws,
-                                       pingpong=a.pingpong, regs=a.regs, maxnreg=a.maxnreg)
+                                       pingpong=a.pingpong, regs=a.regs, maxnreg=a.maxnreg,
+                                       persistent=a.persistent, qbuf=a.qbuf)
                     print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

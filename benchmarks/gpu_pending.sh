@@ -94,6 +94,8 @@
 #                tests, then round 12 against the Triton default and flex at 16K and 64K
 #   gluon-ws128  issue 3 (seventeenth session): round 13, the warp-specialised Gluon forward on 128-key tiles (GPU
 #                tests of that tile first)
+#   gluon-wsp    issue 3 (written in the seventeenth session, NOT YET RUN; first in the queue): the persistent
+#                warp-specialised Gluon forward (GLUON="wsp"): its GPU tests, then round 14 at 16K and window 1024 at 64K
 #   gluon-default issue 3 (seventeenth session): the Gluon GPU tests with the dense / wide classes' new default (the
 #                warp-specialised Gluon forward on 64 x 128 tiles); run `windows` after it for attnzoo bench
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
@@ -134,11 +136,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the fifteenth session (2026-12-05, CPU only, no device lent): KDA with its gate factors kept and
-# QE in _fwd_o (fourteenth session) against SDPA, and the opt-in rows dp="dul", da16 (fourteenth), rc, gc="rows",
-# p16 (fifteenth), on an H100: kda-opt (one call, ~5 min), then kda-check (the GPU checks and the second process,
-# ~6 min). kda-rows is the older one-call form
-SECTIONS=${*:-kda-check}
+# still owed after the seventeenth session (2026-12-06): the persistent Gluon forward's first GPU run (gluon-wsp,
+# ~5 min), then the attnzoo bench table with the Gluon default at 16K and 64K (windows, ~4 min)
+SECTIONS=${*:-gluon-wsp windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -220,6 +220,12 @@ for s in $SECTIONS; do
               > "$OUT/gluon_ws128_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 13 \
               --patterns ${GLUON_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonws128" --quick >> "$OUT/gluon_ws128_log.txt" 2>&1 ;;
+    gluon-wsp) timeout ${GLUON_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py -k "wsp or persistent" \
+              > "$OUT/gluon_wsp_log.txt" 2>&1
+           timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 14 \
+              --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonwsp" --quick >> "$OUT/gluon_wsp_log.txt" 2>&1
+           timeout ${GLUON64_S:-90} python3 benchmarks/triton_pack_variants.py --round 14 --patterns sw1024 \
+              --L 65536 --out "$OUT/gluonwsp_64k" --quick >> "$OUT/gluon_wsp_log.txt" 2>&1 ;;
     gluon-default) timeout ${GLUON_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \

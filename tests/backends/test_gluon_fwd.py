@@ -57,7 +57,9 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 64, 2, dict(num_warps=4, PACK=1)),
                                                (128, 64, 2, dict(GLUON="ws")), (64, 64, 3, dict(GLUON="ws")),
                                                (128, 64, 3, dict(GLUON="ws", PINGPONG=True)),
-                                               (128, 128, 2, dict(GLUON="ws"))])
+                                               (128, 128, 2, dict(GLUON="ws")),
+                                               (128, 128, 3, dict(GLUON="wsp", QBUF=1)),
+                                               (128, 64, 2, dict(GLUON="wsp", QBUF=2, PINGPONG=True))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
@@ -68,7 +70,7 @@ def test_gluon_matches_reference(name, dtype, d, bn, stages, extra):
 def test_gluon_cross_bottom_right():
     # fewer queries than keys, bottom-right aligned (OFF = Lk - Lq), and a longer band than one ring of slots
     q, k, v = _inputs(1, 4, 2, 256, 1024, 128, torch.bfloat16, seed=1)
-    for cfg in (GCFG, dict(GCFG, GLUON="ws"), dict(GCFG, GLUON="ws", PINGPONG=True)):
+    for cfg in (GCFG, dict(GCFG, GLUON="ws"), dict(GCFG, GLUON="ws", PINGPONG=True), dict(GCFG, GLUON="wsp", QBUF=2)):
         assert _check(q, k, v, az.SlidingWindow(300), cfg)
         assert _check(q, k, v, az.Causal(), cfg)
 
@@ -141,3 +143,23 @@ def test_a_gluon_kernel_that_fails_to_build_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="Gluon forward failed"):
         assert not _check(q, k, v, az.Causal(), GCFG)
     assert not _check(q, k, v, az.Causal(), GCFG) and len(calls) == 1
+
+
+@gpu
+def test_persistent_gluon_walks_more_items_than_programs():
+    # more work items than SMs (every program takes several, the ring's phases running on across them), items of
+    # different lengths (causal), and a Q buffer per item or two
+    q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=7)
+    for qbuf, stages in ((1, 3), (2, 2)):
+        cfg = dict(GCFG, BLOCK_N=128, num_stages=stages, GLUON="wsp", QBUF=qbuf)
+        assert _check(q, k, v, az.Causal(), cfg) and _check(q, k, v, az.SlidingWindow(300) | az.Sinks(4), cfg)
+
+
+def test_gluon_ws_shared_memory_rule():
+    # both heads' Q x buffers + K and V x ring, against the H100's 227 KB per block: the default (64 x 128 tiles,
+    # ring 3, one Q buffer) fits with 3 KB to spare; two Q buffers need the ring at 2
+    ws = dict(GCFG, BLOCK_N=128, num_stages=3, GLUON="ws")
+    assert ops.gluon_ws_smem(ws, 128, 2) == 2 * 2 * 128 * (64 + 3 * 128) == 224 * 1024
+    assert ops.gluon_ws_smem(dict(ws, GLUON="wsp", QBUF=2), 128, 2) == 256 * 1024 > 227 * 1024
+    assert ops.gluon_ws_smem(dict(ws, GLUON="wsp", QBUF=2, num_stages=2), 128, 2) == 192 * 1024
+    assert ops.gluon_ws_smem(dict(ws, QBUF=2), 128, 2) == 224 * 1024  # QBUF counts in the persistent form only

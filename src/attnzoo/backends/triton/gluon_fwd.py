@@ -18,7 +18,8 @@ of a GQA pair) free ring slots through count-2 mbarriers instead of a CTA barrie
 other's MMAs. Measured on the H100 (16K, 64 / 8 heads, D = 128; BENCHMARKS.md): the single-partition form
 0.76-0.94x the Triton kernel's defaults; the warp-specialised one on 64 x 128 tiles 643 TF/s on causal (1.22x the
 Triton default, 1.48x flex) and 1.53x flex on window 4096 -- the default forward of the dense class and of windows
-of >= 4096 keys on Hopper (`tuning._gluon`, run by `ops._gluon_fwd`).
+of >= 4096 keys on Hopper (`tuning._gluon`, run by `ops._gluon_fwd`). ``gluon_attn_fwd_wsp`` (GLUON="wsp") is its
+persistent form, opt-in and not yet run on a GPU (see there).
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
@@ -212,14 +213,35 @@ def gluon_attn_fwd(Q, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, i
 # warpgroups' score MMAs explicitly through a pair of turn barriers).
 
 @gluon.jit
-def _ws_producer(qd, kd, vd, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty,
-                 qrow0, Lq, kvrow, nf, f0, prow, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    mbarrier.expect(qbar, 2 * qd.block_type.nbytes)
-    tma.async_copy_global_to_shared(qd, [qrow0, 0], qbar, q_smem.index(0))
-    tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qbar, q_smem.index(1))
+def _ring_barriers(STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    # the K / V ring's mbarriers: ready (the producer's TMA bytes) and empty (both consumers' arrivals) per slot,
+    # and the two consumers' turn barriers (PINGPONG: consumer 0 issues first)
+    kready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kready.index(i), count=1)
+        mbarrier.init(vready.index(i), count=1)
+        mbarrier.init(kempty.index(i), count=2)
+        mbarrier.init(vempty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0), count=1)
+    return kready, vready, kempty, vempty, turn
+
+
+@gluon.jit
+def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    # the producer's K / V loads of one work item's n steps, ring steps it0 .. it0 + n - 1 (slot and phase run on
+    # across work items in the persistent kernel)
     for j in range(0, n):
-        slot = j % STAGES
-        ph = (j // STAGES) & 1
+        it = it0 + j
+        slot = it % STAGES
+        ph = (it // STAGES) & 1
         row = kvrow + _blk(j, nf, f0, prow, n) * BLOCK_N
         mbarrier.wait(kempty.index(slot), ph ^ 1)
         mbarrier.expect(kready.index(slot), kd.block_type.nbytes)
@@ -230,11 +252,22 @@ def _ws_producer(qd, kd, vd, q_smem, k_smem, v_smem, qbar, kready, vready, kempt
 
 
 @gluon.jit
-def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, turn,
-                 O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale,
-                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr):
-    # consumer C (0 or 1): query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D) views
+def _ws_producer(qd, kd, vd, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty,
+                 qrow0, Lq, kvrow, nf, f0, prow, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    mbarrier.expect(qbar, 2 * qd.block_type.nbytes)
+    tma.async_copy_global_to_shared(qd, [qrow0, 0], qbar, q_smem.index(0))
+    tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qbar, q_smem.index(1))
+    _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, STAGES, BLOCK_N)
+
+
+@gluon.jit
+def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kready, vready, kempty, vempty, turn, qempty,
+             O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale,
+             D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr):
+    # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
+    # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
+    # its last score MMA is done (the persistent kernel's Q buffer is then free)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -243,7 +276,6 @@ def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, 
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     srow: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow: gl.constexpr = gl.SliceLayout(1, o_layout)
-    qs = q_smem.index(C)
     rows = gl.arange(0, BLOCK_M, layout=srow)
     qp = gl.expand_dims(m0 + rows + OFF, 1)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -252,28 +284,29 @@ def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, 
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-    mbarrier.wait(qbar, 0)
     if n > 0:
         blk = _blk(0, nf, f0, prow, n)
-        mbarrier.wait(kready.index(0), 0)
+        slot0 = it0 % STAGES
+        mbarrier.wait(kready.index(slot0), (it0 // STAGES) & 1)
         if PINGPONG:
-            mbarrier.wait(turn.index(C), 0)
-        s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(turn.index(C), it0 & 1)
+        s = warpgroup_mma(qs, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - C), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        mbarrier.arrive(kempty.index(0), count=1)
+        mbarrier.arrive(kempty.index(slot0), count=1)
         m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, 0 >= nf, dtype,
                                       p_layout)
     for j in range(1, n):
-        slot = j % STAGES
-        pslot = (j + STAGES - 1) % STAGES
+        it = it0 + j
+        slot = it % STAGES
+        pslot = (it + STAGES - 1) % STAGES
         blk = _blk(j, nf, f0, prow, n)
-        mbarrier.wait(kready.index(slot), (j // STAGES) & 1)
+        mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
         if PINGPONG:
-            mbarrier.wait(turn.index(C), j & 1)
+            mbarrier.wait(turn.index(C), it & 1)
         s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(vready.index(pslot), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(vready.index(pslot), ((it - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - C), count=1)
@@ -284,9 +317,11 @@ def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, 
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(pslot), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+    if QEMPTY:
+        mbarrier.arrive(qempty, count=1)
     if n > 0:
-        lslot = (n - 1) % STAGES
-        mbarrier.wait(vready.index(lslot), ((n - 1) // STAGES) & 1)
+        lslot = (it0 + n - 1) % STAGES
+        mbarrier.wait(vready.index(lslot), ((it0 + n - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(lslot), count=1)
@@ -299,6 +334,16 @@ def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, 
     gl.store(O + orow_g[:, None] * D + ocols[None, :], out.to(dtype))
     m_o = gl.convert_layout(m_i, orow)
     gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+
+
+@gluon.jit
+def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, turn,
+                 O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale,
+                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    mbarrier.wait(qbar, 0)
+    _ws_item(C, q_smem.index(C), k_smem, v_smem, kready, vready, kempty, vempty, turn, qbar, O, LSE, AUX, h, qrow0, Lq,
+             m0, OFF, nf, f0, prow, n, 0, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, False)
 
 
 @gluon.jit
@@ -319,21 +364,8 @@ def gluon_attn_fwd_ws(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
     qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    vready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    vempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(qbar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kready.index(i), count=1)
-        mbarrier.init(vready.index(i), count=1)
-        mbarrier.init(kempty.index(i), count=2)
-        mbarrier.init(vempty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-    if PINGPONG:
-        mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
+    kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     kvrow = (b * (H // G) + h // G) * Lk
     gl.warp_specialize([
@@ -345,6 +377,94 @@ def gluon_attn_fwd_ws(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_
                         nf, f0, prow, n, STAGES, BLOCK_N)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
+
+
+# The persistent form (cfg GLUON="wsp"; written in the seventeenth session, compiled for sm_90 but NOT yet run on a
+# GPU -- the session's device time was spent): a grid of at most one program per SM, each taking work items (query
+# block, head pair) p, p + P, ... in turn, so the producer loads the next item's Q and first K / V tiles while the
+# consumers finish the current one (its last P V and its stores) -- the per-item prologue that short windows (window
+# 1024: 9 steps of 128 keys an item) pay in full when every item is its own program. The ring's slots and phases run
+# on across items (each partition counts the steps it0 itself); QBUF Q buffers, each freed by both consumers
+# (count-2 mbarrier) once their last score MMA of the item is done.
+
+@gluon.jit
+def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr):
+    # work item t -> (its first head h, batch b, first query row of head h in the (B * H * Lq, D) view, m0, its
+    # KV head's first row)
+    pid_m = t % NQB
+    pid_bh = t // NQB
+    HP = H // 2
+    b = pid_bh // HP
+    h = (pid_bh % HP) * 2
+    m0 = pid_m * BLOCK_M
+    return pid_m, h, (b * H + h) * Lq + m0, m0, (b * (H // G) + h // G) * Lk
+
+
+@gluon.jit
+def _wsp_producer(qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty,
+                  KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr):
+    it0 = 0
+    i = 0
+    for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M)
+        nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        qb = i % QBUF
+        mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
+        mbarrier.expect(qready.index(qb), 2 * qd.block_type.nbytes)
+        tma.async_copy_global_to_shared(qd, [qrow0, 0], qready.index(qb), q_smem.index(2 * qb))
+        tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qready.index(qb), q_smem.index(2 * qb + 1))
+        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, STAGES,
+                       BLOCK_N)
+        it0 += n
+        i += 1
+
+
+@gluon.jit
+def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, turn,
+                  O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
+                  qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  PINGPONG: gl.constexpr, QBUF: gl.constexpr):
+    it0 = 0
+    i = 0
+    for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M)
+        nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        qb = i % QBUF
+        mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
+        _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kready, vready, kempty, vempty, turn, qempty.index(qb),
+                 O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, D, BLOCK_M, BLOCK_N, STAGES,
+                 PINGPONG, True)
+        it0 += n
+        i += 1
+
+
+@gluon.jit
+def gluon_attn_fwd_wsp(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
+                       H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
+                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr):
+    dtype: gl.constexpr = kd.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
+    qready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    qempty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(QBUF):
+        mbarrier.init(qready.index(i), count=1)
+        mbarrier.init(qempty.index(i), count=2)
+    kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
+    gl.warp_specialize([
+        (_wsp_consumer, (0, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, turn, O, LSE, AUX,
+                         KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
+                         D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF)),
+        (_wsp_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, turn, O, LSE, AUX,
+                         KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
+                         D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF)),
+        (_wsp_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty,
+                         KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES,
+                         BLOCK_M, BLOCK_N, QBUF)),
+    ], [4, 1], [CONSUMER_REGS, 24])
 '''
 
 

@@ -297,6 +297,11 @@ def _shrink(cfg: dict) -> dict | None:
 
 
 @functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=16)
 def _is_hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
@@ -389,6 +394,13 @@ _GLUON_FAILED: dict = {}
 _GLUON_RAN: set = set()
 
 
+def gluon_ws_smem(cfg: dict, d: int, esize: int) -> int:
+    """Shared memory (bytes) of the warp-specialised Gluon forward: both heads' Q tiles (QBUF buffers in the
+    persistent form, one otherwise) and the K and V ring."""
+    qbuf = int(cfg.get("QBUF", 1)) if cfg.get("GLUON") == "wsp" else 1
+    return 2 * esize * d * (cfg["BLOCK_M"] * qbuf + cfg["num_stages"] * cfg["BLOCK_N"])
+
+
 def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
     """Whether the forward can run the Gluon kernel (`gluon_fwd`, cfg GLUON) here -> (ok, why not)."""
     from . import gluon_fwd
@@ -407,8 +419,10 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
         why = "head dims 64 or 128 with Dv = D only"
     elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
         why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
-    elif cfg["GLUON"] == "ws" and (pack != 2 or cfg.get("PACK") != 2):
+    elif cfg["GLUON"] in ("ws", "wsp") and (pack != 2 or cfg.get("PACK") != 2):
         why = "the warp-specialised form takes PACK 2 (two consumer warpgroups)"
+    elif cfg["GLUON"] in ("ws", "wsp") and gluon_ws_smem(cfg, d, q.element_size()) > 227 * 1024:
+        why = "Q buffers and the K / V ring must fit in 227 KB of shared memory"
     elif pack != cfg.get("PACK", 1) or pack not in (1, 2) or cfg["num_warps"] not in (4, 8) \
             or cfg["num_warps"] * 16 > pack * 64:
         why = ("PACK 1 or 2 query heads per program (a GQA group it divides; a head-independent mask and layout), "
@@ -448,7 +462,7 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     k2, v2 = k.view(-1, d), v.view(-1, d)
     kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
     vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
-    if cfg["GLUON"] == "ws":  # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws)
+    if cfg["GLUON"] in ("ws", "wsp"):  # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws)
         q2 = q.view(-1, d)
         qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
         qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], qlay)
@@ -457,11 +471,17 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         # ptxas sm_90), 128-key tiles need 232 (44 spill loads / stores a step at 168)
         regs = int(cfg.get("REGS", 168 if bn == 64 else 232))
         maxnreg = int(cfg.get("MAXNREG", 168))
-        gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](
-            qd, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
-            lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
-            D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-            CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg)
+        args = (qd, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+                lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
+        meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
+                    CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg)
+        if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
+            items = lay.num_q_blocks * b * hq // 2
+            grid = (min(items, _sm_count(q.device)),)
+            gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
+                                          QBUF=int(cfg.get("QBUF", 1)), **meta)
+        else:
+            gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](*args, scale * LOG2E, **meta)
         GLUON_LAUNCHES += 1
         return
     gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // pack)](
