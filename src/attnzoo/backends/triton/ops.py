@@ -261,9 +261,7 @@ def attention_fwd(q, k, v, pattern, scale: float, poison: bool = False, cfg: dic
     smaller = _SHRUNK.get((mod.__name__, repr(cfg))) if _SHRUNK else None
     if smaller is not None:  # this config did not fit this kernel before: go straight to what did
         return attention_fwd(q, k, v, pattern, scale, poison, cfg=smaller)
-    fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
-    out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
-    lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
+    out, lse = _fwd_outputs(q, dv, poison)
     idx_mode = int(cfg.get("IDX", 0))
     if idx_mode == 2 and (_routed(pattern) or not _full_contiguous(pattern, lq, lk, bm, bn, hq, dev)):
         idx_mode = 1
@@ -353,6 +351,14 @@ def _launch_fwd(mod, grid, q, k, v, out, lse, aux, lay, hq, hkv, lq, lk, d, dv, 
                IDX=idx_mode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
 
 
+def _fwd_outputs(q, dv: int, poison: bool):
+    """The forward's (out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32), NaN-filled with ``poison``."""
+    b, hq, lq, _ = q.shape
+    fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+    return (fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device),
+            fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device))
+
+
 def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     """The forward through the Gluon kernel with config ``gcfg`` -> (out, lse), or None where it does not apply
     (`gluon_plan`; the cheap checks first, so other devices and shapes build no layout for it)."""
@@ -371,9 +377,7 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     key = (_gluon_module(pattern, lq, lk, (bm, bn)).__name__, repr(sorted(gcfg.items())), pack, q.dtype, d)
     if key in _GLUON_FAILED:
         return None
-    fill = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
-    out = fill((b, hq, lq, dv), float("nan"), dtype=q.dtype, device=q.device)
-    lse = fill((b, hq, lq), float("nan"), dtype=torch.float32, device=q.device)
+    out, lse = _fwd_outputs(q, dv, poison)
     try:
         _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, gcfg, pack)
     except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
