@@ -30,7 +30,8 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
                 dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168,
-                maxnreg: int | None = None, persistent: bool = False, qbuf: int = 2):
+                maxnreg: int | None = None, persistent: bool = False, qbuf: int = 2,
+                order: int = 1):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
@@ -57,8 +58,8 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2
                                                              "CONSUMER_REGS")}
             sig.update(NQB="i32", n_items="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
                        BLOCK_N="constexpr", STAGES="constexpr", PINGPONG="constexpr", CONSUMER_REGS="constexpr",
-                       QBUF="constexpr")
-            consts["QBUF"] = qbuf
+                       QBUF="constexpr", ORDER="constexpr")
+            consts.update(QBUF=qbuf, ORDER=order)
     names = list(sig)
     div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
@@ -88,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--maxnreg", type=int, help="with --ws: the kernel's maxnreg (default --regs)")
     ap.add_argument("--persistent", action="store_true", help="with --ws: the persistent kernel (gluon_attn_fwd_wsp)")
     ap.add_argument("--qbuf", type=int, default=2, help="with --persistent: Q buffers (1 or 2)")
+    ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
@@ -98,7 +100,7 @@ def main(argv=None):
                     w, pk = map(int, wp.split("x"))
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk, ws=a.ws,
                                        pingpong=a.pingpong, regs=a.regs, maxnreg=a.maxnreg,
-                                       persistent=a.persistent, qbuf=a.qbuf)
+                                       persistent=a.persistent, qbuf=a.qbuf, order=a.order)
                     print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

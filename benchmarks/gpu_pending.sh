@@ -96,6 +96,8 @@
 #                tests of that tile first)
 #   gluon-wsp    issue 3 (written in the seventeenth session, NOT YET RUN; first in the queue): the persistent
 #                warp-specialised Gluon forward (GLUON="wsp"): its GPU tests, then round 14 at 16K and window 1024 at 64K
+#   gluon-order  issue 3 (eighteenth session): round 15, the persistent form's work-item order (a KV head's head pairs
+#                innermost, ORDER 1, against ORDER 0) at 16K and 64K, after its GPU tests
 #   gluon-default issue 3 (seventeenth session): the Gluon GPU tests with the dense / wide classes' new default (the
 #                warp-specialised Gluon forward on 64 x 128 tiles); run `windows` after it for attnzoo bench
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
@@ -226,6 +228,12 @@ for s in $SECTIONS; do
               --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonwsp" --quick >> "$OUT/gluon_wsp_log.txt" 2>&1
            timeout ${GLUON64_S:-90} python3 benchmarks/triton_pack_variants.py --round 14 --patterns sw1024 \
               --L 65536 --out "$OUT/gluonwsp_64k" --quick >> "$OUT/gluon_wsp_log.txt" 2>&1 ;;
+    gluon-order) timeout ${GLUON_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py -k "persistent" \
+              > "$OUT/gluon_order_log.txt" 2>&1
+           timeout ${PACK_S:-220} python3 benchmarks/triton_pack_variants.py --round 15 \
+              --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonorder" --quick >> "$OUT/gluon_order_log.txt" 2>&1
+           timeout ${GLUON64_S:-200} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw1024,sinks+sw1024,sw4096 \
+              --L 65536 --out "$OUT/gluonorder_64k" --quick >> "$OUT/gluon_order_log.txt" 2>&1 ;;
     gluon-default) timeout ${GLUON_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \

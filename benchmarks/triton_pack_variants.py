@@ -254,6 +254,16 @@ FWD14 = {
     "gluon wsp 64x64 s3 q2": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=2),
     "gluon wsp 64x64 s4 q2": _cfg(64, 64, 4, 4, 2, IDX=2, GLUON="wsp", QBUF=2),
 }
+FWD15 = {  # the persistent form's work-item order (ORDER 0: head pair outer; 1: a KV head's pairs innermost)
+    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "gluon ws 64x128 s3 (dense default)": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="ws"),
+    "gluon wsp 64x128 s2 q2 o0": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0),
+    "gluon wsp 64x128 s2 q2 o1": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1),
+    "gluon wsp 64x128 s3 q1 o0": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=0),
+    "gluon wsp 64x128 s3 q1 o1": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1),
+    "gluon wsp 64x128 s2 q1 o1": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1),
+}
+FWD_ONLY = {8: FWD8, 10: FWD10, 11: FWD11, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -268,7 +278,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14),
+    ap.add_argument("--round", type=int, default=1, choices=range(1, 16),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -277,7 +287,8 @@ def main():
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
                          "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program; "
-                         "12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form")
+                         "12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
+                         "15: the persistent form's work-item order")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -291,20 +302,10 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 14:
-        FWD, BWD = FWD14, {}
-    elif args.round == 13:
-        FWD, BWD = FWD13, {}
-    elif args.round == 12:
-        FWD, BWD = FWD12, {}
-    elif args.round == 11:
-        FWD, BWD = FWD11, {}
-    elif args.round == 10:
-        FWD, BWD = FWD10, {}
+    if args.round in FWD_ONLY:
+        FWD, BWD = FWD_ONLY[args.round], {}
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
-    elif args.round == 8:
-        FWD, BWD = FWD8, {}
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:

@@ -148,11 +148,14 @@ def test_a_gluon_kernel_that_fails_to_build_falls_back(monkeypatch):
 @gpu
 def test_persistent_gluon_walks_more_items_than_programs():
     # more work items than SMs (every program takes several, the ring's phases running on across them), items of
-    # different lengths (causal), and a Q buffer per item or two
+    # different lengths (causal), a Q buffer per item or two, both work-item orders (ORDER 1: a KV head's head pairs
+    # innermost), at GQA groups of 4 (two pairs a KV head) and 2 (one)
     q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=7)
-    for qbuf, stages in ((1, 3), (2, 2)):
-        cfg = dict(GCFG, BLOCK_N=128, num_stages=stages, GLUON="wsp", QBUF=qbuf)
+    for qbuf, stages, order in ((1, 3, 1), (2, 2, 0), (2, 2, 1)):
+        cfg = dict(GCFG, BLOCK_N=128, num_stages=stages, GLUON="wsp", QBUF=qbuf, ORDER=order)
         assert _check(q, k, v, az.Causal(), cfg) and _check(q, k, v, az.SlidingWindow(300) | az.Sinks(4), cfg)
+    q, k, v = _inputs(1, 8, 4, 1024, 1024, 128, torch.float16, seed=8)
+    assert _check(q, k, v, az.SlidingWindow(200), dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2))
 
 
 def test_gluon_ws_shared_memory_rule():

@@ -388,14 +388,26 @@ def gluon_attn_fwd_ws(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_
 # (count-2 mbarrier) once their last score MMA of the item is done.
 
 @gluon.jit
-def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr):
-    # work item t -> (its first head h, batch b, first query row of head h in the (B * H * Lq, D) view, m0, its
-    # KV head's first row)
-    pid_m = t % NQB
-    pid_bh = t // NQB
-    HP = H // 2
-    b = pid_bh // HP
-    h = (pid_bh % HP) * 2
+def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
+    # work item t -> (its query block, its first head h, first query row of head h in the (B * H * Lq, D) view, m0,
+    # its KV head's first row). ORDER 0: head pair outer, query block inner (the ws kernel's grid order). ORDER 1: the
+    # G / 2 head pairs of one KV head innermost, then the query block: the programs at work at one time read the same
+    # K / V tiles, so the rows they span in L2 shrink by G / 2 -- the programs of a persistent grid drift apart over
+    # their items, and at 64K tokens that spread outgrew L2 in order 0
+    if ORDER == 0:
+        pid_m = t % NQB
+        pid_bh = t // NQB
+        HP = H // 2
+        b = pid_bh // HP
+        h = (pid_bh % HP) * 2
+    else:
+        P = G // 2
+        r = t // P
+        pid_m = r % NQB
+        bk = r // NQB  # b * HKV + the KV head
+        HKV = H // G
+        b = bk // HKV
+        h = (bk % HKV) * G + (t % P) * 2
     m0 = pid_m * BLOCK_M
     return pid_m, h, (b * H + h) * Lq + m0, m0, (b * (H // G) + h // G) * Lk
 
@@ -403,11 +415,12 @@ def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr):
 @gluon.jit
 def _wsp_producer(qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty,
                   KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
-                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr):
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
+                  ORDER: gl.constexpr):
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M)
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
@@ -424,11 +437,11 @@ def _wsp_producer(qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vr
 def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, turn,
                   O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
                   qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr, QBUF: gl.constexpr):
+                  PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr):
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M)
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         qb = i % QBUF
         mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
@@ -443,7 +456,8 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kread
 def gluon_attn_fwd_wsp(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
                        H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr):
+                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
+                       ORDER: gl.constexpr):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -457,13 +471,13 @@ def gluon_attn_fwd_wsp(qd, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, turn, O, LSE, AUX,
                          KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
-                         D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF)),
+                         D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER)),
         (_wsp_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, turn, O, LSE, AUX,
                          KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
-                         D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF)),
+                         D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER)),
         (_wsp_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty,
                          KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES,
-                         BLOCK_M, BLOCK_N, QBUF)),
+                         BLOCK_M, BLOCK_N, QBUF, ORDER)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 

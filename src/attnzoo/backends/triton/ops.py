@@ -483,7 +483,7 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
             items = lay.num_q_blocks * b * hq // 2
             grid = (min(items, _sm_count(q.device)),)
             gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
-                                          QBUF=int(cfg.get("QBUF", 1)), **meta)
+                                          QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
         else:
             gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](*args, scale * LOG2E, **meta)
         GLUON_LAUNCHES += 1
