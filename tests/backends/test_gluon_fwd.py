@@ -14,7 +14,8 @@ gpu = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on Hopper GP
 
 GCFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, PACK=2, IDX=2, GLUON=True)
 PATTERNS = {"window": az.SlidingWindow(200), "causal": az.Causal(), "sinks+window": az.SlidingWindow(100) | az.Sinks(4),
-            "full": None, "chunked": az.Chunked(192), "window-both": az.SlidingWindow(100, 37)}
+            "full": None, "chunked": az.Chunked(192), "window-both": az.SlidingWindow(100, 37),
+            "dilated": az.Dilated(96, 3), "prefix-lm": az.PrefixLM(100)}
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype, seed=0):

@@ -52,17 +52,26 @@ def _cfg(bm, bn, w, s):
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
-def _gluon(d: int, dv: int) -> dict:
-    """The Gluon forward's config where it is the default -- ``{"GLUON_CFG": ...}``, else ``{}``: the warp-specialised
-    kernel (a producer warp, two consumer warpgroups) on 64 x 128 tiles, two heads of a GQA group per program,
+def _gluon(d: int, dv: int, pclass: str) -> dict:
+    """The Gluon forward's config where it is the default -- ``{"GLUON_CFG": ...}``, else ``{}``: warp-specialised
+    kernels (a producer warp, two consumer warpgroups) on 64 x 128 tiles, two heads of a GQA group per program,
     D = Dv = 128. The forward runs it where `ops.gluon_plan` allows (Hopper, 16-bit, block-multiple lengths, an
-    even group, a plain mask) and the class's Triton config elsewhere. H100, 16K, 64 / 8 heads (seventeenth
-    session, triton_pack_variants.py --round 13): causal 8.353 -> 6.845 ms (527 -> 643 TF/s, cuDNN's dense rate
-    is ~620), window 4096 3.726 -> 3.059. Window 1024 gains 2 % (1.197 -> 1.170) and sinks + window was not
-    timed on it (the kernel has no NARROW), so the local class keeps the Triton kernel."""
-    if d != 128 or dv != 128:
-        return {}
-    return {"GLUON_CFG": dict(_cfg(64, 128, 4, 3), PACK=2, IDX=2, GLUON="ws")}
+    even group, a plain mask) and the class's Triton config elsewhere.
+
+    Dense class: one program per work item (GLUON "ws"), ring 3. H100, 16K, 64 / 8 heads (seventeenth session,
+    triton_pack_variants.py --round 13): causal 8.353 -> 6.845 ms (527 -> 643 TF/s; cuDNN's dense rate is ~620).
+    Local and wide classes: the persistent form (GLUON "wsp": one program per SM walking the items, the next item's
+    Q and K / V loading while the current one finishes), ring 2, two Q buffers, a KV head's head pairs innermost
+    (ORDER 1). Eighteenth session, rounds 14 and 15 (benchmarks/results/h100-2026-12-06-s18/call1, call2), ms
+    against the Triton local default: window 1024 1.188 -> 1.024 at 16K, 4.885 -> 4.507 at 64K; sinks + window
+    1.264 -> 1.218 at 16K (5.082 -> 5.413 at 64K: the Triton kernel's NARROW and four heads a program win there);
+    window 4096 3.580 -> 2.960 at 16K, 16.41 -> 13.71-16.33 at 64K. On causal the persistent form is level with
+    "ws" (6.99 vs 6.90)."""
+    if d != 128 or dv != 128 or pclass not in ("dense", "local", "wide"):
+        return {}  # N-D neighborhoods keep their 32 x 32 tiles (every block partial on small kernels)
+    if pclass == "dense":
+        return {"GLUON_CFG": dict(_cfg(64, 128, 4, 3), PACK=2, IDX=2, GLUON="ws")}
+    return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1)}
 
 
 def default(kind: str, d: int, dv: int, pclass: str) -> dict:
@@ -106,7 +115,7 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # session, triton_pack_variants.py --round 10, 16K) window 4096 runs 3.650 ms on the local default
             # against 3.850 on these tiles, so class 'wide' now takes the local default (below).
             return dict(_cfg(64, 128, 8, 3), PACK=2, IDX=2, TMA=True, UNPACKED=dict(unpacked, IDX=2, TMA=True),
-                        **_gluon(d, dv))
+                        **_gluon(d, dv, pclass))
         # round 5 (H200, 16K): the full and partial blocks in one loop (MERGE, one software pipeline) 1.263 ->
         # 1.187 ms on window 1024 (flex / triton 1.29 -> 1.38), 1.325 -> 1.264 on sinks + window (1.42 -> 1.49);
         # on the dense tiles it loses (causal 8.01 -> 8.40, window 4096 3.35 -> 3.78), so only here.
@@ -114,7 +123,7 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         # patterns without such blocks), H100 2026-12-06 (triton_pack_variants.py --round 8): sinks + window 1024
         # 1.276 -> 1.262 ms at 16K, 5.107 -> 5.031 at 64K (flex / triton 1.48 -> 1.50); window 1024 1.206 -> 1.205
         local = dict(_cfg(64, 64, 8, 3), PACK=4, IDX=2, MERGE=True, NARROW=16, UNPACKED=dict(unpacked, IDX=2))
-        return dict(local, **_gluon(d, dv)) if pclass == "wide" else local
+        return dict(local, **_gluon(d, dv, pclass))
     return _cfg(64, 32, 4, 2)
 
 
