@@ -31,7 +31,7 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
                 dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168,
                 maxnreg: int | None = None, persistent: bool = False, qbuf: int = 2,
-                order: int = 1):
+                order: int = 1, narrow: int = 0):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
@@ -46,19 +46,25 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2
                BLOCK_N="constexpr", PACK="constexpr", STAGES="constexpr", num_warps="constexpr")
     consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=pack, STAGES=stages, num_warps=warps)
     options = dict(num_warps=warps)
-    if ws:  # the warp-specialised kernel: Q by TMA too, PACK 2 and one warpgroup per consumer fixed
+    if ws:  # the warp-specialised kernel: Q by TMA too, PACK 2 and one warpgroup per consumer fixed; the narrow
+        # tile's descriptors (kdn, vdn: NARROW x D) and flags (NROW)
         qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
-        sig = dict(qd=f"tensordesc<{dtype}[{bm}, {d}],{qlay!r}>", **{k: v for k, v in sig.items() if k != "Q"})
+        sn = narrow or bn
+        ndesc = f"tensordesc<{dtype}[{sn}, {d}],{gl.NVMMASharedLayout.get_default_for([sn, d], gdt)!r}>"
+        rest = {k: v for k, v in sig.items() if k not in ("Q", "kd", "vd", "O", "LSE", "AUX")}
+        sig = dict(qd=f"tensordesc<{dtype}[{bm}, {d}],{qlay!r}>", kd=desc, vd=desc, kdn=ndesc, vdn=ndesc,
+                   O=f"*{dtype}", LSE="*fp32", AUX="*i32", NROW="*i32", **rest)
         del sig["PACK"], sig["num_warps"]
-        sig.update(PINGPONG="constexpr", CONSUMER_REGS="constexpr")
-        consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs)
+        sig.update(PINGPONG="constexpr", CONSUMER_REGS="constexpr", NARROW="constexpr")
+        consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs,
+                      NARROW=narrow)
         options = dict(num_warps=4, maxnreg=maxnreg or regs)
         if persistent:  # + the work-item count and the query blocks per head, and the Q buffers
             sig = {k: v for k, v in sig.items() if k not in ("qk_scale", "D", "BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG",
-                                                             "CONSUMER_REGS")}
+                                                             "CONSUMER_REGS", "NARROW")}
             sig.update(NQB="i32", n_items="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
                        BLOCK_N="constexpr", STAGES="constexpr", PINGPONG="constexpr", CONSUMER_REGS="constexpr",
-                       QBUF="constexpr", ORDER="constexpr")
+                       QBUF="constexpr", ORDER="constexpr", NARROW="constexpr")
             consts.update(QBUF=qbuf, ORDER=order)
     names = list(sig)
     div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
@@ -89,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--maxnreg", type=int, help="with --ws: the kernel's maxnreg (default --regs)")
     ap.add_argument("--persistent", action="store_true", help="with --ws: the persistent kernel (gluon_attn_fwd_wsp)")
     ap.add_argument("--qbuf", type=int, default=2, help="with --persistent: Q buffers (1 or 2)")
+    ap.add_argument("--narrow", type=int, default=0, help="with --ws: NARROW keys of block 0's sink tile (0: none)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
@@ -100,7 +107,8 @@ def main(argv=None):
                     w, pk = map(int, wp.split("x"))
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk, ws=a.ws,
                                        pingpong=a.pingpong, regs=a.regs, maxnreg=a.maxnreg,
-                                       persistent=a.persistent, qbuf=a.qbuf, order=a.order)
+                                       persistent=a.persistent, qbuf=a.qbuf, order=a.order,
+                                       narrow=a.narrow)
                     print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

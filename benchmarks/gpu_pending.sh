@@ -98,6 +98,9 @@
 #                warp-specialised Gluon forward (GLUON="wsp"): its GPU tests, then round 14 at 16K and window 1024 at 64K
 #   gluon-order  issue 3 (eighteenth session): round 15, the persistent form's work-item order (a KV head's head pairs
 #                innermost, ORDER 1, against ORDER 0) at 16K and 64K, after its GPU tests
+#   gluon-narrow issue 3 (eighteenth session): the narrow sink tile in the persistent Gluon forward (NARROW, REGS 240):
+#                its GPU tests, then round 16 on sinks + window and window 1024 at 16K and 64K
+#   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
 #   gluon-default issue 3 (seventeenth session): the Gluon GPU tests with the dense / wide classes' new default (the
 #                warp-specialised Gluon forward on 64 x 128 tiles); run `windows` after it for attnzoo bench
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
@@ -234,6 +237,18 @@ for s in $SECTIONS; do
               --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonorder" --quick >> "$OUT/gluon_order_log.txt" 2>&1
            timeout ${GLUON64_S:-200} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw1024,sinks+sw1024,sw4096 \
               --L 65536 --out "$OUT/gluonorder_64k" --quick >> "$OUT/gluon_order_log.txt" 2>&1 ;;
+    gluon-narrow) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
+              -k "narrow or persistent or cross or falls or NARROW" > "$OUT/gluon_narrow_log.txt" 2>&1
+           timeout ${PACK_S:-120} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
+              --out "$OUT/gluonnarrow" --quick >> "$OUT/gluon_narrow_log.txt" 2>&1
+           timeout ${GLUON64_S:-120} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
+              --L 65536 --out "$OUT/gluonnarrow_64k" --quick >> "$OUT/gluon_narrow_log.txt" 2>&1 ;;
+    sinks-bench) for dir in both fwd; do  # attnzoo bench on sinks + window (and window 1024): 16K fwd and fwd+bwd, 64K fwd
+               lens=16384; [ $dir = fwd ] && lens=65536
+               timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/sinks" --no-report \
+                 --lengths $lens --direction $dir --backend triton --backend flex --pattern sw1024 --pattern sinks+sw1024 \
+                 --max-time-s 1.0 >> "$OUT/sinks_log.txt" 2>&1
+             done ;;
     gluon-default) timeout ${GLUON_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \

@@ -263,7 +263,15 @@ FWD15 = {  # the persistent form's work-item order (ORDER 0: head pair outer; 1:
     "gluon wsp 64x128 s3 q1 o1": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1),
     "gluon wsp 64x128 s2 q1 o1": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1),
 }
-FWD_ONLY = {8: FWD8, 10: FWD10, 11: FWD11, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15}  # rounds with no backward
+FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consumers at 240 registers (REGS)
+    "local default (Triton)": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
+    "gluon wsp o1 r232": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1),
+    "gluon wsp o1 r240": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240),
+    "gluon wsp o1 r240 n16 (default)": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+                                            NARROW=16),
+    "gluon wsp o0 r240 n16": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16),
+}
+FWD_ONLY = {8: FWD8, 10: FWD10, 11: FWD11, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -278,7 +286,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=range(1, 16),
+    ap.add_argument("--round", type=int, default=1, choices=range(1, 17),
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -288,7 +296,7 @@ def main():
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
                          "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program; "
                          "12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
-                         "15: the persistent form's work-item order")
+                         "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")

@@ -60,7 +60,9 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 64, 3, dict(GLUON="ws", PINGPONG=True)),
                                                (128, 128, 2, dict(GLUON="ws")),
                                                (128, 128, 3, dict(GLUON="wsp", QBUF=1)),
-                                               (128, 64, 2, dict(GLUON="wsp", QBUF=2, PINGPONG=True))])
+                                               (128, 64, 2, dict(GLUON="wsp", QBUF=2, PINGPONG=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16)),
+                                               (64, 128, 2, dict(GLUON="ws", NARROW=16))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
@@ -159,6 +161,21 @@ def test_persistent_gluon_walks_more_items_than_programs():
     assert _check(q, k, v, az.SlidingWindow(200), dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2))
 
 
+@gpu
+@pytest.mark.parametrize("form", ["ws", "wsp"])
+def test_gluon_narrow_sink_tile(form):
+    # NARROW: block 0 as a 16-key tile on the query blocks that see only sinks in it -- mixed with blocks that see
+    # more of block 0 (the first ones), sinks of 4 and of 16 keys, a persistent grid walking several narrow items
+    # (the narrow buffer's phases) and a cross shape
+    cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON=form, QBUF=2, REGS=240, NARROW=16)
+    q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=9)
+    assert ops._narrow_rows(az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 64, 128, 16, str(q.device), 16) is not None
+    for pattern in (az.SlidingWindow(300) | az.Sinks(4), az.SlidingWindow(129) | az.Sinks(16), az.Sinks(4)):
+        assert _check(q, k, v, pattern, cfg)
+    q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=10)
+    assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
+
+
 def test_gluon_ws_shared_memory_rule():
     # both heads' Q x buffers + K and V x ring, against the H100's 227 KB per block: the default (64 x 128 tiles,
     # ring 3, one Q buffer) fits with 3 KB to spare; two Q buffers need the ring at 2
@@ -167,3 +184,5 @@ def test_gluon_ws_shared_memory_rule():
     assert ops.gluon_ws_smem(dict(ws, GLUON="wsp", QBUF=2), 128, 2) == 256 * 1024 > 227 * 1024
     assert ops.gluon_ws_smem(dict(ws, GLUON="wsp", QBUF=2, num_stages=2), 128, 2) == 192 * 1024
     assert ops.gluon_ws_smem(dict(ws, QBUF=2), 128, 2) == 224 * 1024  # QBUF counts in the persistent form only
+    # the narrow sink tile's K and V (NARROW keys): the local default (ring 2, two Q buffers) keeps 27 KB to spare
+    assert ops.gluon_ws_smem(dict(ws, GLUON="wsp", QBUF=2, num_stages=2, NARROW=16), 128, 2) == 200 * 1024

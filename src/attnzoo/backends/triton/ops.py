@@ -400,9 +400,9 @@ _GLUON_RAN: set = set()
 
 def gluon_ws_smem(cfg: dict, d: int, esize: int) -> int:
     """Shared memory (bytes) of the warp-specialised Gluon forward: both heads' Q tiles (QBUF buffers in the
-    persistent form, one otherwise) and the K and V ring."""
+    persistent form, one otherwise), the K and V ring, and the narrow K and V tile (cfg NARROW keys)."""
     qbuf = int(cfg.get("QBUF", 1)) if cfg.get("GLUON") == "wsp" else 1
-    return 2 * esize * d * (cfg["BLOCK_M"] * qbuf + cfg["num_stages"] * cfg["BLOCK_N"])
+    return 2 * esize * d * (cfg["BLOCK_M"] * qbuf + cfg["num_stages"] * cfg["BLOCK_N"] + int(cfg.get("NARROW") or 0))
 
 
 def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
@@ -462,23 +462,33 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     hkv = k.shape[1]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     gmod = _gluon_module(pattern, lq, lk, (bm, bn))
-    glay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+    gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    glay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
     k2, v2 = k.view(-1, d), v.view(-1, d)
     kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
     vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
     if cfg["GLUON"] in ("ws", "wsp"):  # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws)
         q2 = q.view(-1, d)
-        qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+        qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
         qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], qlay)
         # registers: the launch reserves MAXNREG for each of the 12 warps (3 warpgroups, the producer's rounded up);
         # the producer gives its own back (24) and the consumers take REGS. 64-key tiles fit in 168 (no spills at
         # ptxas sm_90), 128-key tiles need 232 (44 spill loads / stores a step at 168)
         regs = int(cfg.get("REGS", 168 if bn == 64 else 232))
         maxnreg = int(cfg.get("MAXNREG", 168))
-        args = (qd, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+        # NARROW: block 0 as a NARROW-key tile on the query blocks _narrow_rows flags (its own descriptors)
+        sn = int(cfg.get("NARROW") or 0)
+        nrow = _narrow_rows(pattern, lq, lk, bm, bn, hq, str(q.device), sn) if sn else None
+        if nrow is None:
+            sn, kdn, vdn, nrow = 0, kd, vd, lay.kv_num_blocks
+        else:
+            nlay = gl.NVMMASharedLayout.get_default_for([sn, d], gdt)
+            kdn = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [sn, d], nlay)
+            vdn = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [sn, d], nlay)
+        args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
                 lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
         meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-                    CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg)
+                    CONSUMER_REGS=regs, NARROW=sn, num_warps=4, maxnreg=maxnreg)
         if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
             items = lay.num_q_blocks * b * hq // 2
             grid = (min(items, _sm_count(q.device)),)

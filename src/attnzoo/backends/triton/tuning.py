@@ -71,7 +71,10 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
         return {}  # N-D neighborhoods keep their 32 x 32 tiles (every block partial on small kernels)
     if pclass == "dense":
         return {"GLUON_CFG": dict(_cfg(64, 128, 4, 3), PACK=2, IDX=2, GLUON="ws")}
-    return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1)}
+    # REGS 240 (the most three warpgroups leave: 24 for the producer's, 2 x 240 x 128 + 24 x 128 = 168 x 384): no
+    # spills in the main loop with sinks (at 232, 10 spill loads there in ORDER 1). NARROW 16: block 0 as a 16-key
+    # tile where it holds only sinks
+    return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16)}
 
 
 def default(kind: str, d: int, dv: int, pclass: str) -> dict:
