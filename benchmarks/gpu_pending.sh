@@ -246,7 +246,7 @@ for s in $SECTIONS; do
     sinks-bench) for dir in both fwd; do  # attnzoo bench on sinks + window (and window 1024): 16K fwd and fwd+bwd, 64K fwd
                lens=16384; [ $dir = fwd ] && lens=65536
                timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/sinks" --no-report \
-                 --lengths $lens --direction $dir --backend triton --backend flex --pattern sw1024 --pattern sinks+sw1024 \
+                 --lengths $lens --direction $dir --backend triton --backend flex --backend sdpa-cudnn --pattern sw1024 --pattern sinks+sw1024 \
                  --max-time-s 1.0 >> "$OUT/sinks_log.txt" 2>&1
              done ;;
     gluon-default) timeout ${GLUON_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
