@@ -30,7 +30,10 @@ run({args})
 
 if __name__ == "__main__":
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    only = sys.argv[1:]  # case names to run (all by default)
     for name, args in CASES.items():
+        if only and name not in only:
+            continue
         r = subprocess.run([sys.executable, "-c", CHILD.format(args=args)], capture_output=True, text=True, env=env,
                            timeout=120)
         last = (r.stdout.strip().splitlines() or [""])[-1]

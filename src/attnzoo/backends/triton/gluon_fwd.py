@@ -264,79 +264,74 @@ def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr):
 
 
 @gluon.jit
-def _narrow_load(kdn, vdn, nbuf, kvrow, ni):
-    # the producer's load of a work item's narrow tile: K and V rows kvrow .. kvrow + NARROW into the narrow buffers,
-    # once both consumers are done with the previous one (ni: narrow tiles loaded before)
-    kn_smem, vn_smem, nready, nempty = nbuf
-    mbarrier.wait(nempty.index(0), (ni & 1) ^ 1)
-    mbarrier.expect(nready.index(0), kdn.block_type.nbytes + vdn.block_type.nbytes)
-    tma.async_copy_global_to_shared(kdn, [kvrow, 0], nready.index(0), kn_smem)
-    tma.async_copy_global_to_shared(vdn, [kvrow, 0], nready.index(0), vn_smem)
+def _q_load(qd, kdn, vdn, q_smem, nbuf, bar, qb, qrow0, Lq, kvrow, nw, NARROW: gl.constexpr):
+    # a work item's Q tiles (both heads) into Q buffer qb, and with them, where nw, its narrow K / V tile (rows
+    # kvrow .. kvrow + NARROW) into the narrow buffer qb -- one mbarrier for all, so the narrow tile is ready with Q
+    # and free with it (the consumers' narrow step is done before they free Q)
+    if NARROW > 0:
+        kn_smem, vn_smem = nbuf
+        mbarrier.expect(bar, 2 * qd.block_type.nbytes + kdn.block_type.nbytes + vdn.block_type.nbytes, pred=nw != 0)
+        mbarrier.expect(bar, 2 * qd.block_type.nbytes, pred=nw == 0)
+    else:
+        mbarrier.expect(bar, 2 * qd.block_type.nbytes)
+    tma.async_copy_global_to_shared(qd, [qrow0, 0], bar, q_smem.index(2 * qb))
+    tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], bar, q_smem.index(2 * qb + 1))
+    if NARROW > 0:
+        tma.async_copy_global_to_shared(kdn, [kvrow, 0], bar, kn_smem.index(qb), pred=nw != 0)
+        tma.async_copy_global_to_shared(vdn, [kvrow, 0], bar, vn_smem.index(qb), pred=nw != 0)
 
 
 @gluon.jit
-def _narrow_step(qs, nbuf, ni, m0, OFF, hc, AUX, qk_scale, srow: gl.constexpr, o_layout: gl.constexpr,
+def _narrow_step(qs, kn_smem, vn_smem, m0, OFF, hc, AUX, qk_scale, srow: gl.constexpr, o_layout: gl.constexpr,
                  p_layout: gl.constexpr, BLOCK_M: gl.constexpr, NARROW: gl.constexpr, D: gl.constexpr):
-    # a consumer's first step on a narrow work item: scores against the NARROW-key tile (masked), the softmax from
-    # scratch and acc = P V -> (m_i, l_i, acc), then the narrow buffers are freed
-    kn_smem, vn_smem, nready, nempty = nbuf
+    # a consumer's first step on a narrow work item (its narrow tile loaded with Q): scores against the NARROW-key
+    # tile (masked), the softmax from scratch and acc = P V -> (m_i, l_i, acc)
     dtype: gl.constexpr = kn_smem.dtype
     sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, NARROW, 16])
     snrow: gl.constexpr = gl.SliceLayout(1, sn_layout)
     qp = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=snrow) + OFF, 1)
     kpos = gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout))
-    mbarrier.wait(nready.index(0), ni & 1)
     s = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32, layout=sn_layout),
                       use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     m_i, l_i, p, alpha = _softmax(s, gl.full([BLOCK_M], float("-inf"), gl.float32, layout=snrow),
                                   gl.zeros([BLOCK_M], gl.float32, layout=snrow), qp, kpos, hc, AUX, qk_scale, True,
                                   dtype, p_layout)
-    acc = warpgroup_mma(p, vn_smem, gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout),
-                        use_acc=False, is_async=True)
+    acc = warpgroup_mma(p, vn_smem, gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout), use_acc=False,
+                        is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(nempty.index(0), count=1)
     return gl.convert_layout(m_i, srow), gl.convert_layout(l_i, srow), acc
 
 
 @gluon.jit
-def _narrow_buffers(kdn, vdn, k_smem, v_smem, kready, kempty, D: gl.constexpr, NARROW: gl.constexpr):
-    # the narrow tile's K / V buffers and its ready / empty mbarriers (aliases of the ring's, unused, without NARROW)
+def _narrow_buffers(kdn, vdn, k_smem, v_smem, D: gl.constexpr, NARROW: gl.constexpr, NBUF: gl.constexpr):
+    # the narrow tile's K / V buffers, one per Q buffer (the ring's, unused, without NARROW)
     if NARROW > 0:
-        kn_smem = gl.allocate_shared_memory(kdn.dtype, [NARROW, D], kdn.layout)
-        vn_smem = gl.allocate_shared_memory(vdn.dtype, [NARROW, D], vdn.layout)
-        nready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        nempty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(nready.index(0), count=1)
-        mbarrier.init(nempty.index(0), count=2)
-        return kn_smem, vn_smem, nready, nempty
+        kn_smem = gl.allocate_shared_memory(kdn.dtype, [NBUF, NARROW, D], kdn.layout)
+        vn_smem = gl.allocate_shared_memory(vdn.dtype, [NBUF, NARROW, D], vdn.layout)
+        return kn_smem, vn_smem
     else:
-        return k_smem.index(0), v_smem.index(0), kready, kempty
+        return k_smem, v_smem
 
 
 @gluon.jit
 def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
                  qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                  NARROW: gl.constexpr):
-    mbarrier.expect(qbar, 2 * qd.block_type.nbytes)
-    tma.async_copy_global_to_shared(qd, [qrow0, 0], qbar, q_smem.index(0))
-    tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qbar, q_smem.index(1))
-    if NARROW > 0:
-        if nw != 0:
-            _narrow_load(kdn, vdn, nbuf, kvrow, 0)
+    _q_load(qd, kdn, vdn, q_smem, nbuf, qbar, 0, qrow0, Lq, kvrow, nw, NARROW)
     _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, STAGES, BLOCK_N)
 
 
 @gluon.jit
-def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, nbuf, kready, vready, kempty, vempty, turn, qempty,
-             O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, ni, qk_scale,
+def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, turn, qempty,
+             O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
-    # narrow tile (nbuf, the ni-th one loaded), so acc, m_i and l_i start from that step
+    # narrow tile (kn_smem, vn_smem, loaded with Q), so acc, m_i and l_i start from that step
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -355,8 +350,8 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, nbuf, kready, vready, kempty, 
     p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
     if NARROW > 0:
         if nw != 0:
-            m_i, l_i, acc = _narrow_step(qs, nbuf, ni, m0, OFF, h + C, AUX, qk_scale, srow, o_layout, p_layout,
-                                         BLOCK_M, NARROW, D)
+            m_i, l_i, acc = _narrow_step(qs, kn_smem, vn_smem, m0, OFF, h + C, AUX, qk_scale, srow, o_layout,
+                                         p_layout, BLOCK_M, NARROW, D)
     if n > 0:
         blk = _blk(0, nf, f0, prow, n)
         slot0 = it0 % STAGES
@@ -417,9 +412,10 @@ def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qbar, kready, vr
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  PINGPONG: gl.constexpr, NARROW: gl.constexpr):
     mbarrier.wait(qbar, 0)
-    _ws_item(C, q_smem.index(C), k_smem, v_smem, nbuf, kready, vready, kempty, vempty, turn, qbar, O, LSE, AUX, h,
-             qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, 0, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, False,
-             NARROW)
+    kn_smem, vn_smem = nbuf
+    _ws_item(C, q_smem.index(C), k_smem, v_smem, kn_smem.index(0), vn_smem.index(0), kready, vready, kempty, vempty,
+             turn, qbar, O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, qk_scale, D, BLOCK_M, BLOCK_N,
+             STAGES, PINGPONG, False, NARROW)
 
 
 @gluon.jit
@@ -442,7 +438,7 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
     qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qbar, count=1)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
-    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, kready, kempty, D, NARROW)
+    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, 1)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
     kvrow = (b * (H // G) + h // G) * Lk
@@ -499,20 +495,13 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
                   ORDER: gl.constexpr, NARROW: gl.constexpr):
     it0 = 0
     i = 0
-    ni = 0  # narrow tiles loaded so far
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
         pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
-        mbarrier.expect(qready.index(qb), 2 * qd.block_type.nbytes)
-        tma.async_copy_global_to_shared(qd, [qrow0, 0], qready.index(qb), q_smem.index(2 * qb))
-        tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qready.index(qb), q_smem.index(2 * qb + 1))
-        if NARROW > 0:
-            if nw != 0:
-                _narrow_load(kdn, vdn, nbuf, kvrow, ni)
-            ni += nw
+        _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
         _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, STAGES,
                        BLOCK_N)
         it0 += n
@@ -527,18 +516,17 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
                   NARROW: gl.constexpr):
     it0 = 0
     i = 0
-    ni = 0
+    kn_smem, vn_smem = nbuf
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
         pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         qb = i % QBUF
         mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
-        _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, nbuf, kready, vready, kempty, vempty, turn,
-                 qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, ni, qk_scale, D,
-                 BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW)
+        _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
+                 kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
+                 qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW)
         it0 += n
-        ni += nw
         i += 1
 
 
@@ -558,7 +546,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
         mbarrier.init(qready.index(i), count=1)
         mbarrier.init(qempty.index(i), count=2)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
-    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, kready, kempty, D, NARROW)
+    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,

@@ -400,9 +400,10 @@ _GLUON_RAN: set = set()
 
 def gluon_ws_smem(cfg: dict, d: int, esize: int) -> int:
     """Shared memory (bytes) of the warp-specialised Gluon forward: both heads' Q tiles (QBUF buffers in the
-    persistent form, one otherwise), the K and V ring, and the narrow K and V tile (cfg NARROW keys)."""
+    persistent form, one otherwise), the K and V ring, and a narrow K and V tile (cfg NARROW keys) per Q buffer."""
     qbuf = int(cfg.get("QBUF", 1)) if cfg.get("GLUON") == "wsp" else 1
-    return 2 * esize * d * (cfg["BLOCK_M"] * qbuf + cfg["num_stages"] * cfg["BLOCK_N"] + int(cfg.get("NARROW") or 0))
+    narrow = int(cfg.get("NARROW") or 0)
+    return 2 * esize * d * ((cfg["BLOCK_M"] + narrow) * qbuf + cfg["num_stages"] * cfg["BLOCK_N"])
 
 
 def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
