@@ -63,7 +63,8 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 64, 2, dict(GLUON="wsp", QBUF=2, PINGPONG=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16)),
                                                (64, 128, 2, dict(GLUON="ws", NARROW=16))])
-def test_gluon_matches_reference(name, dtype, d, bn, stages, extra):
+def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
+    monkeypatch.setattr(ops, "GLUON_NARROW", True)  # the configs with NARROW run it (off by default, see ops)
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
     assert _check(q, k, v, PATTERNS[name], cfg), "the Gluon kernel did not run"
@@ -163,10 +164,11 @@ def test_persistent_gluon_walks_more_items_than_programs():
 
 @gpu
 @pytest.mark.parametrize("form", ["ws", "wsp"])
-def test_gluon_narrow_sink_tile(form):
+def test_gluon_narrow_sink_tile(form, monkeypatch):
     # NARROW: block 0 as a 16-key tile on the query blocks that see only sinks in it -- mixed with blocks that see
     # more of block 0 (the first ones), sinks of 4 and of 16 keys, a persistent grid walking several narrow items
     # (the narrow buffer's phases) and a cross shape
+    monkeypatch.setattr(ops, "GLUON_NARROW", True)
     cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON=form, QBUF=2, REGS=240, NARROW=16)
     q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=9)
     assert ops._narrow_rows(az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 64, 128, 16, str(q.device), 16) is not None
@@ -174,6 +176,20 @@ def test_gluon_narrow_sink_tile(form):
         assert _check(q, k, v, pattern, cfg)
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=10)
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
+
+
+def test_gluon_narrow_is_off_until_checked_on_the_gpu(monkeypatch):
+    # NARROW in a Gluon config runs only with ops.GLUON_NARROW on (it faulted on the H100 in its first form); then on
+    # the query blocks whose block 0 holds only sinks, none on a plain window
+    cfg = dict(GCFG, BLOCK_N=128, GLUON="wsp", NARROW=16)
+    sinks = az.SlidingWindow(300) | az.Sinks(4)
+    assert not ops.GLUON_NARROW and ops.gluon_narrow(cfg, sinks, 2048, 2048, 8, "cpu") == (0, None)
+    monkeypatch.setattr(ops, "GLUON_NARROW", True)
+    sn, flags = ops.gluon_narrow(cfg, sinks, 2048, 2048, 8, "cpu")
+    # query block m (64 rows) sees keys >= 16 of block 0 (128 keys) while 64 m - 300 <= 127, i.e. m <= 6
+    assert sn == 16 and flags.tolist() == [0] * 7 + [1] * 25
+    assert ops.gluon_narrow(cfg, az.SlidingWindow(300), 2048, 2048, 8, "cpu") == (0, None)
+    assert ops.gluon_narrow(dict(cfg, NARROW=0), sinks, 2048, 2048, 8, "cpu") == (0, None)
 
 
 def test_gluon_ws_shared_memory_rule():

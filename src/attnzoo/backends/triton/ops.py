@@ -451,6 +451,22 @@ def _gluon_module(pattern, lq, lk, tile: tuple):
     return gluon_fwd.gluon_module(lines) if gluon_fwd.plain_mask(lines) else None
 
 
+# NARROW in the Gluon kernels (block 0 as a NARROW-key sink tile) is off until it passes on the GPU: its first form (own
+# buffers and mbarriers) ran at speed (H100, sinks + window 1024: 1.184 -> 1.108 ms at 16K, 5.305 -> 4.837 at 64K) but
+# faulted (an illegal address) on mixed narrow / full work items with two Q buffers
+# (benchmarks/results/h100-2026-12-06-s18/call5); the present form loads the tile with Q, on its mbarrier, and has not
+# run yet. Until then a Gluon config's NARROW is ignored (the kernel runs block 0 as a full tile: correct, slower); the
+# GPU tests (test_gluon_narrow_sink_tile) switch it on, and benchmarks/gluon_narrow_diag.py runs its cases one by one.
+GLUON_NARROW = False
+
+def gluon_narrow(cfg: dict, pattern, lq: int, lk: int, hq: int, device: str):
+    """(NARROW keys, the int32 flag per query block) the Gluon kernel runs with, or (0, None): no cfg NARROW, no
+    query block whose block 0 holds only sinks (`_narrow_rows`), or GLUON_NARROW off."""
+    sn = int(cfg.get("NARROW") or 0) if GLUON_NARROW else 0
+    nrow = _narrow_rows(pattern, lq, lk, cfg["BLOCK_M"], cfg["BLOCK_N"], hq, device, sn) if sn else None
+    return (sn, nrow) if nrow is not None else (0, None)
+
+
 # launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback)
 GLUON_LAUNCHES = 0
 
@@ -478,10 +494,9 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         regs = int(cfg.get("REGS", 168 if bn == 64 else 232))
         maxnreg = int(cfg.get("MAXNREG", 168))
         # NARROW: block 0 as a NARROW-key tile on the query blocks _narrow_rows flags (its own descriptors)
-        sn = int(cfg.get("NARROW") or 0)
-        nrow = _narrow_rows(pattern, lq, lk, bm, bn, hq, str(q.device), sn) if sn else None
+        sn, nrow = gluon_narrow(cfg, pattern, lq, lk, hq, str(q.device))
         if nrow is None:
-            sn, kdn, vdn, nrow = 0, kd, vd, lay.kv_num_blocks
+            kdn, vdn, nrow = kd, vd, lay.kv_num_blocks
         else:
             nlay = gl.NVMMASharedLayout.get_default_for([sn, d], gdt)
             kdn = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [sn, d], nlay)
