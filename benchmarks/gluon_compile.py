@@ -60,8 +60,8 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2
                       NARROW=narrow)
         options = dict(num_warps=4, maxnreg=maxnreg or regs)
         if persistent:  # + the work-item count and the query blocks per head, and the Q buffers
-            sig = {k: v for k, v in sig.items() if k not in ("qk_scale", "D", "BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG",
-                                                             "CONSUMER_REGS", "NARROW")}
+            moved = ("qk_scale", "D", "BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG", "CONSUMER_REGS", "NARROW")
+            sig = {k: v for k, v in sig.items() if k not in moved}
             sig.update(NQB="i32", n_items="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
                        BLOCK_N="constexpr", STAGES="constexpr", PINGPONG="constexpr", CONSUMER_REGS="constexpr",
                        QBUF="constexpr", ORDER="constexpr", NARROW="constexpr")

@@ -18,8 +18,10 @@ of a GQA pair) free ring slots through count-2 mbarriers instead of a CTA barrie
 other's MMAs. Measured on the H100 (16K, 64 / 8 heads, D = 128; BENCHMARKS.md): the single-partition form
 0.76-0.94x the Triton kernel's defaults; the warp-specialised one on 64 x 128 tiles 643 TF/s on causal (1.22x the
 Triton default, 1.48x flex) and 1.53x flex on window 4096 -- the default forward of the dense class and of windows
-of >= 4096 keys on Hopper (`tuning._gluon`, run by `ops._gluon_fwd`). ``gluon_attn_fwd_wsp`` (GLUON="wsp") is its
-persistent form, opt-in and not yet run on a GPU (see there).
+of >= 4096 keys on Hopper until the eighteenth session (`tuning._gluon`, run by `ops._gluon_fwd`); now the dense
+class's. ``gluon_attn_fwd_wsp`` (GLUON="wsp") is its persistent form (see there), the default of the local and wide
+classes: window 1024 1.62x flex at 0.81 of ideal (16K), window 4096 1.59x. NARROW (block 0 as a 16-key sink tile,
+both warp-specialised forms) waits on a GPU check, see `ops.GLUON_NARROW`.
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
@@ -455,13 +457,13 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
 
 
 
-# The persistent form (cfg GLUON="wsp"; written in the seventeenth session, compiled for sm_90 but NOT yet run on a
-# GPU -- the session's device time was spent): a grid of at most one program per SM, each taking work items (query
-# block, head pair) p, p + P, ... in turn, so the producer loads the next item's Q and first K / V tiles while the
-# consumers finish the current one (its last P V and its stores) -- the per-item prologue that short windows (window
-# 1024: 9 steps of 128 keys an item) pay in full when every item is its own program. The ring's slots and phases run
-# on across items (each partition counts the steps it0 itself); QBUF Q buffers, each freed by both consumers
-# (count-2 mbarrier) once their last score MMA of the item is done.
+# The persistent form (cfg GLUON="wsp"; the default of the local and wide classes; H100, eighteenth session: window
+# 1024 1.198 -> 1.002 ms at 16K against the Triton kernel): a grid of at most one program per SM, each taking work
+# items (query block, head pair) p, p + P, ... in turn, so the producer loads the next item's Q and first K / V tiles
+# while the consumers finish the current one (its last P V and its stores) -- the per-item prologue that short
+# windows (window 1024: 9 steps of 128 keys an item) pay in full when every item is its own program. The ring's slots
+# and phases run on across items (each partition counts the steps it0 itself); QBUF Q buffers, each freed by both
+# consumers (count-2 mbarrier) once their last score MMA of the item is done.
 
 @gluon.jit
 def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
