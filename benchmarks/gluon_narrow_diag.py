@@ -1,5 +1,5 @@
 """Which narrow-tile case of the persistent Gluon forward faults (eighteenth session: an illegal memory access in
-test_gluon_narrow_sink_tile[wsp]). Each case in its own process with CUDA_LAUNCH_BLOCKING=1, so one fault does not
+test_gluon_narrow_sink_tile[wsp] with the first form of NARROW; the present form has not run yet). Each case in its own process with CUDA_LAUNCH_BLOCKING=1, so one fault does not
 hide the next: python3 benchmarks/gluon_narrow_diag.py"""
 import os
 import subprocess
@@ -13,9 +13,12 @@ CASES = {
     "cross sw200+sinks4 n16": "az.SlidingWindow(200) | az.Sinks(4), 512, 1536, 16",
     "sw300+sinks4 n16 o0": "az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 16, 0",
     "sw300+sinks4 n16 q1": "az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 16, 1, 1",
+    "sw300+sinks4 n16 ws": "az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 16, 1, 2, 'ws'",
 }
 CHILD = '''
 import sys, torch, attnzoo as az
+from attnzoo.backends.triton import ops
+ops.GLUON_NARROW = True  # off by default until these pass
 sys.path.insert(0, "tests/backends")
 from test_gluon_fwd import _inputs, _check, GCFG
 def run(pattern, lq, lk, narrow, order=1, qbuf=2, form="wsp"):

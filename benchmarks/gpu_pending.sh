@@ -98,6 +98,7 @@
 #                warp-specialised Gluon forward (GLUON="wsp"): its GPU tests, then round 14 at 16K and window 1024 at 64K
 #   gluon-order  issue 3 (eighteenth session): round 15, the persistent form's work-item order (a KV head's head pairs
 #                innermost, ORDER 1, against ORDER 0) at 16K and 64K, after its GPU tests
+#   narrow-diag  issue 3 (eighteenth session): benchmarks/gluon_narrow_diag.py, the Gluon NARROW's cases one process each
 #   gluon-narrow issue 3 (eighteenth session): the narrow sink tile in the persistent Gluon forward (NARROW, REGS 240):
 #                its GPU tests, then round 16 on sinks + window and window 1024 at 16K and 64K
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
@@ -141,9 +142,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the seventeenth session (2026-12-06): the persistent Gluon forward's first GPU run (gluon-wsp,
-# ~5 min), then the attnzoo bench table with the Gluon default at 16K and 64K (windows, ~4 min)
-SECTIONS=${*:-gluon-wsp windows}
+# still owed after the eighteenth session (2026-12-06): the Gluon NARROW's present form (its fault diagnosis case by
+# case, then its tests and round 16, ~4 min), the whole Gluon test file with the new defaults (~6 min; it outran 200 s
+# in call 3), then attnzoo bench on sinks + window (~3 min; with ops.GLUON_NARROW switched on in a commit if it passed)
+SECTIONS=${*:-narrow-diag gluon-narrow gluon-default sinks-bench}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -237,6 +239,7 @@ for s in $SECTIONS; do
               --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonorder" --quick >> "$OUT/gluon_order_log.txt" 2>&1
            timeout ${GLUON64_S:-200} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw1024,sinks+sw1024,sw4096 \
               --L 65536 --out "$OUT/gluonorder_64k" --quick >> "$OUT/gluon_order_log.txt" 2>&1 ;;
+    narrow-diag) timeout ${DIAG_S:-150} python3 benchmarks/gluon_narrow_diag.py > "$OUT/narrow_diag_log.txt" 2>&1 ;;
     gluon-narrow) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               -k "narrow or persistent or cross or falls or NARROW" > "$OUT/gluon_narrow_log.txt" 2>&1
            timeout ${PACK_S:-120} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
@@ -249,7 +252,7 @@ for s in $SECTIONS; do
                  --lengths $lens --direction $dir --backend triton --backend flex --backend sdpa-cudnn --pattern sw1024 --pattern sinks+sw1024 \
                  --max-time-s 1.0 >> "$OUT/sinks_log.txt" 2>&1
              done ;;
-    gluon-default) timeout ${GLUON_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
+    gluon-default) timeout ${GLUON_TEST_S:-400} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
               --patterns ${W8_PATTERNS:-sw1024,sinks+sw1024,causal} --out "$OUT/bwdw8" --quick > "$OUT/bwd_w8_log.txt" 2>&1 ;;
