@@ -28,44 +28,36 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
             "sinks+sw1024": lambda: P.Union(P.Sinks(4), P.SlidingWindow(1023, 0))}
 
 
-def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, pack: int = 2, stages: int = 2, warps: int = 8,
-                dtype: str = "bf16", lq: int = 16384, ws: bool = False, pingpong: bool = False, regs: int = 168,
-                maxnreg: int | None = None, persistent: bool = False, qbuf: int = 2,
-                order: int = 1, narrow: int = 0):
+def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int = 2, dtype: str = "bf16",
+                lq: int = 16384, pingpong: bool = False, regs: int = 168, maxnreg: int | None = None,
+                persistent: bool = False, qbuf: int = 2, order: int = 1, narrow: int = 0):
+    """The warp-specialised kernel (gluon_attn_fwd_ws, or gluon_attn_fwd_wsp with ``persistent``): Q by TMA, two
+    heads a program (PACK 2), one consumer warpgroup each; the narrow tile's descriptors (kdn, vdn: NARROW x D) and
+    flags (NROW)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
     mod = gluon_fwd.gluon_module(lines)
-    fn = mod.gluon_attn_fwd_wsp if persistent else mod.gluon_attn_fwd_ws if ws else mod.gluon_attn_fwd
+    fn = mod.gluon_attn_fwd_wsp if persistent else mod.gluon_attn_fwd_ws
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
-    desc = f"tensordesc<{dtype}[{bn}, {d}],{lay!r}>"
-    sig = dict(Q=f"*{dtype}", kd=desc, vd=desc, O=f"*{dtype}", LSE="*fp32", AUX="*i32", KVN="*i32", KVI="*i32",
-               FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", G="i32",
-               Lq="i32", Lk="i32", OFF="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
-               BLOCK_N="constexpr", PACK="constexpr", STAGES="constexpr", num_warps="constexpr")
-    consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=pack, STAGES=stages, num_warps=warps)
-    options = dict(num_warps=warps)
-    if ws:  # the warp-specialised kernel: Q by TMA too, PACK 2 and one warpgroup per consumer fixed; the narrow
-        # tile's descriptors (kdn, vdn: NARROW x D) and flags (NROW)
-        qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
-        sn = narrow or bn
-        ndesc = f"tensordesc<{dtype}[{sn}, {d}],{gl.NVMMASharedLayout.get_default_for([sn, d], gdt)!r}>"
-        rest = {k: v for k, v in sig.items() if k not in ("Q", "kd", "vd", "O", "LSE", "AUX")}
-        sig = dict(qd=f"tensordesc<{dtype}[{bm}, {d}],{qlay!r}>", kd=desc, vd=desc, kdn=ndesc, vdn=ndesc,
-                   O=f"*{dtype}", LSE="*fp32", AUX="*i32", NROW="*i32", **rest)
-        del sig["PACK"], sig["num_warps"]
-        sig.update(PINGPONG="constexpr", CONSUMER_REGS="constexpr", NARROW="constexpr")
-        consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs,
-                      NARROW=narrow)
-        options = dict(num_warps=4, maxnreg=maxnreg or regs)
-        if persistent:  # + the work-item count and the query blocks per head, and the Q buffers
-            moved = ("qk_scale", "D", "BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG", "CONSUMER_REGS", "NARROW")
-            sig = {k: v for k, v in sig.items() if k not in moved}
-            sig.update(NQB="i32", n_items="i32", qk_scale="fp32", D="constexpr", BLOCK_M="constexpr",
-                       BLOCK_N="constexpr", STAGES="constexpr", PINGPONG="constexpr", CONSUMER_REGS="constexpr",
-                       QBUF="constexpr", ORDER="constexpr", NARROW="constexpr")
-            consts.update(QBUF=qbuf, ORDER=order)
+    desc = f"tensordesc<{dtype}[{bn}, {d}],{gl.NVMMASharedLayout.get_default_for([bn, d], gdt)!r}>"
+    qdesc = f"tensordesc<{dtype}[{bm}, {d}],{gl.NVMMASharedLayout.get_default_for([bm, d], gdt)!r}>"
+    sn = narrow or bn
+    ndesc = f"tensordesc<{dtype}[{sn}, {d}],{gl.NVMMASharedLayout.get_default_for([sn, d], gdt)!r}>"
+    sig = dict(qd=qdesc, kd=desc, vd=desc, kdn=ndesc, vdn=ndesc, O=f"*{dtype}", LSE="*fp32", AUX="*i32",
+               NROW="*i32", KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32",
+               idx_m="i32", H="i32", G="i32", Lq="i32", Lk="i32", OFF="i32")
+    if persistent:  # + the query blocks per head and the work-item count
+        sig.update(NQB="i32", n_items="i32")
+    sig.update(qk_scale="fp32", D="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", STAGES="constexpr",
+               PINGPONG="constexpr", CONSUMER_REGS="constexpr")
+    consts = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=regs)
+    if persistent:  # the Q buffers and the work-item order
+        sig.update(QBUF="constexpr", ORDER="constexpr")
+        consts.update(QBUF=qbuf, ORDER=order)
+    sig["NARROW"] = "constexpr"
+    consts["NARROW"] = narrow
+    options = dict(num_warps=4, maxnreg=maxnreg or regs)
     names = list(sig)
     div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
@@ -88,14 +80,13 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--bn", type=int, nargs="+", default=[64])
     ap.add_argument("--d", type=int, nargs="+", default=[128])
-    ap.add_argument("--warps-pack", nargs="+", default=["8x2"], help="num_warps x PACK, e.g. 8x2 4x1 4x2")
-    ap.add_argument("--ws", action="store_true", help="the warp-specialised kernel (gluon_attn_fwd_ws)")
-    ap.add_argument("--pingpong", action="store_true", help="with --ws: the turn barriers (PINGPONG)")
-    ap.add_argument("--regs", type=int, default=168, help="with --ws: the consumer worker's registers")
-    ap.add_argument("--maxnreg", type=int, help="with --ws: the kernel's maxnreg (default --regs)")
-    ap.add_argument("--persistent", action="store_true", help="with --ws: the persistent kernel (gluon_attn_fwd_wsp)")
+    ap.add_argument("--ws", action="store_true", help="(the only kernel now: the warp-specialised one)")
+    ap.add_argument("--pingpong", action="store_true", help="the turn barriers (PINGPONG)")
+    ap.add_argument("--regs", type=int, default=168, help="the consumer worker's registers")
+    ap.add_argument("--maxnreg", type=int, help="the kernel's maxnreg (default --regs)")
+    ap.add_argument("--persistent", action="store_true", help="the persistent kernel (gluon_attn_fwd_wsp)")
     ap.add_argument("--qbuf", type=int, default=2, help="with --persistent: Q buffers (1 or 2)")
-    ap.add_argument("--narrow", type=int, default=0, help="with --ws: NARROW keys of block 0's sink tile (0: none)")
+    ap.add_argument("--narrow", type=int, default=0, help="NARROW keys of block 0's sink tile (0: none)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     a = ap.parse_args(argv)
@@ -103,13 +94,11 @@ def main(argv=None):
     for name in a.pattern or ["sw1024"]:
         for d in a.d:
             for bn in a.bn:
-                for st, wp in ((st, wp) for st in a.stages for wp in a.warps_pack):
-                    w, pk = map(int, wp.split("x"))
-                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, warps=w, pack=pk, ws=a.ws,
-                                       pingpong=a.pingpong, regs=a.regs, maxnreg=a.maxnreg,
-                                       persistent=a.persistent, qbuf=a.qbuf, order=a.order,
+                for st in a.stages:
+                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, pingpong=a.pingpong, regs=a.regs,
+                                       maxnreg=a.maxnreg, persistent=a.persistent, qbuf=a.qbuf, order=a.order,
                                        narrow=a.narrow)
-                    print(f"{name:14s} D={d} BN={bn} stages={st} w{w} p{pk}: {r['registers']} regs, "
+                    print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:
                         open(a.ptx, "w").write(k.asm["ptx"])

@@ -85,11 +85,7 @@
 #   kda-check    issue 5: the GPU checks (every KDA check variant, the opt-in ones among them) and KDA's profile,
 #                then GDN / KDA / SDPA at 2x8192, 1x16384, 4x8192, 1x32768 in a second process, with the default's
 #                ablations through the op (KDA_VARIANTS; default: each of da16 / gc="rows" / a16 off, all three off)
-#   gluon        issue 3 (seventeenth session): the Gluon forward (cfg GLUON; TMA ring, async warpgroup MMAs, the
-#                softmax overlapping the previous P V): its GPU tests, then round 10 of triton_pack_variants.py against
-#                the Triton defaults and flex at 16K (four local patterns) and 64K (window 1024, sinks + window)
-#   gluon-w4     issue 3 (seventeenth session): round 11, the Gluon forward at one warpgroup per program, and window
-#                4096 on the local default against the wide class's old 64 x 128 tiles (16K, then 64K)
+#   (gluon, gluon-w4: rounds 10 and 11, the single-partition Gluon forward, removed in the eighteenth session)
 #   gluon-ws     issue 3 (seventeenth session): the warp-specialised Gluon forward (GLUON="ws", PINGPONG): its GPU
 #                tests, then round 12 against the Triton default and flex at 16K and 64K
 #   gluon-ws128  issue 3 (seventeenth session): round 13, the warp-specialised Gluon forward on 128-key tiles (GPU
@@ -207,16 +203,6 @@ for s in $SECTIONS; do
               --shapes 8x2048 > "$OUT/gdn_sweep_log.txt" 2>&1 ;;
     fwd-lazy) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 7 \
               --patterns ${LAZY_PATTERNS:-causal,sw1024,sw4096,sinks+sw1024} --out "$OUT" --quick > "$OUT/fwd_lazy_log.txt" 2>&1 ;;
-    gluon) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
-              > "$OUT/gluon_log.txt" 2>&1
-           timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 10 \
-              --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluon16k" --quick >> "$OUT/gluon_log.txt" 2>&1
-           timeout ${GLUON64_S:-120} python3 benchmarks/triton_pack_variants.py --round 10 --patterns sw1024,sinks+sw1024 \
-              --L 65536 --out "$OUT/gluon64k" --quick >> "$OUT/gluon_log.txt" 2>&1 ;;
-    gluon-w4) timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 11 \
-              --patterns ${GLUON_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonw4" --quick > "$OUT/gluon_w4_log.txt" 2>&1
-           timeout ${GLUON64_S:-90} python3 benchmarks/triton_pack_variants.py --round 11 --patterns sw4096 \
-              --L 65536 --out "$OUT/gluonw4_64k" --quick >> "$OUT/gluon_w4_log.txt" 2>&1 ;;
     gluon-ws) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_ws_log.txt" 2>&1
            timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 12 \

@@ -195,37 +195,15 @@ BWD9 = {
     "kt w8 (both kernels)": _cfg(64, 64, 8, 2, TMA=True, KT=True),
     "kt kv w8 merge": _cfg(64, 64, 4, 2, TMA=True, KT=True, WARPS_KV=8, MERGE=True),
 }
-# round 10 (seventeenth session): the Gluon forward (backends/triton/gluon_fwd.py: TMA ring, async warpgroup MMAs,
-# the softmax of step j while P V of step j - 1 runs), 2 heads x 64 rows a program, against the Triton defaults.
-# num_stages is its ring's depth. A GLUON row whose shape the kernel does not take would time the Triton
-# fallback: the script records that as an error (ops.GLUON_LAUNCHES did not move)
-FWD10 = {
-    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
-    "wide default (64x128 p2)": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
-    "gluon 64x64 s2": _cfg(64, 64, 8, 2, 2, IDX=2, GLUON=True),
-    "gluon 64x64 s3": _cfg(64, 64, 8, 3, 2, IDX=2, GLUON=True),
-    "gluon 64x64 s4": _cfg(64, 64, 8, 4, 2, IDX=2, GLUON=True),
-    "gluon 64x128 s2": _cfg(64, 128, 8, 2, 2, IDX=2, GLUON=True),
-    "gluon 64x128 s3": _cfg(64, 128, 8, 3, 2, IDX=2, GLUON=True),
-}
-# round 11 (seventeenth session, after round 10: every 8-warp Gluon variant lost, 0.84-0.92x the Triton default; its
-# one CTA barrier per step holds the two warpgroups in lockstep): one warpgroup per program (4 warps, one head, 64
-# rows; ptxas sm_90 138 registers, no spills), so two or three programs share an SM and one's softmax can overlap
-# another's products; and the window 4096 question (the local default against the wide class's old tiles)
-FWD11 = {
-    "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
-    "wide default (64x128 p2)": _cfg(64, 128, 8, 3, 2, IDX=2, TMA=True),
-    "gluon w4 p1 s2": _cfg(64, 64, 4, 2, 1, IDX=2, GLUON=True),
-    "gluon w4 p1 s3": _cfg(64, 64, 4, 3, 1, IDX=2, GLUON=True),
-    "gluon 64x128 w4 p1 s2": _cfg(64, 128, 4, 2, 1, IDX=2, GLUON=True),
-    "gluon w4 p2 s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON=True),
-}
+# rounds 10 and 11 (seventeenth session) timed the single-partition Gluon forward (GLUON=True; 0.76-0.94x the Triton
+# default, one CTA barrier a step); it was removed in the eighteenth session. Logs:
+# benchmarks/results/h100-2026-12-06-s17/call1 and call2. A GLUON row whose shape the kernel does not take would time
+# the Triton fallback: the script records that as an error (ops.GLUON_LAUNCHES did not move)
 # round 12 (seventeenth session): the warp-specialised Gluon forward (GLUON="ws": a producer warp for the TMA loads,
 # two consumer warpgroups, one per head of the pair, slots freed by count-2 mbarriers instead of a CTA barrier;
 # PINGPONG: the two warpgroups take turns issuing their score MMAs). ptxas sm_90: 168 registers, no spills
 FWD12 = {
     "local default": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
-    "gluon w4 p1 s3": _cfg(64, 64, 4, 3, 1, IDX=2, GLUON=True),
     "gluon ws s2": _cfg(64, 64, 4, 2, 2, IDX=2, GLUON="ws"),
     "gluon ws s3": _cfg(64, 64, 4, 3, 2, IDX=2, GLUON="ws"),
     "gluon ws s4": _cfg(64, 64, 4, 4, 2, IDX=2, GLUON="ws"),
@@ -243,7 +221,7 @@ FWD13 = {
     "gluon ws 64x128 s3": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="ws"),
     "gluon ws 64x128 pingpong s2": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="ws", PINGPONG=True),
 }
-# round 14 (written in the seventeenth session, not yet run): the persistent warp-specialised Gluon forward
+# round 14 (written in the seventeenth session, run in the eighteenth): the persistent warp-specialised Gluon forward
 # (GLUON="wsp": one program per SM walking the work items, the next item's Q and K / V loaded while the current one
 # finishes) against the ws default and the Triton local default -- aimed at window 1024, whose items are 9 steps
 FWD14 = {
@@ -271,7 +249,7 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
                                             NARROW=16),
     "gluon wsp o0 r240 n16": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16),
 }
-FWD_ONLY = {8: FWD8, 10: FWD10, 11: FWD11, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
+FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -286,16 +264,15 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=range(1, 17),
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 17) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
                          "tiles and warps) after the default forward; 7: the forward's LAZY rescaling, and the "
                          "backward default, and PIPE (the next scores in flight during the softmax); 8: NARROW "
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
-                         "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; 10: the Gluon "
-                         "forward (Hopper only), forward only; 11: the Gluon forward at one warpgroup per program; "
-                         "12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
+                         "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; (10, 11: the "
+                         "removed single-partition Gluon forward); 12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
                          "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",

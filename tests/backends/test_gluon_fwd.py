@@ -12,7 +12,7 @@ from attnzoo.testing import check_close
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 gpu = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on Hopper GPUs only")
 
-GCFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, PACK=2, IDX=2, GLUON=True)
+GCFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, PACK=2, IDX=2, GLUON="ws")
 PATTERNS = {"window": az.SlidingWindow(200), "causal": az.Causal(), "sinks+window": az.SlidingWindow(100) | az.Sinks(4),
             "full": None, "chunked": az.Chunked(192), "window-both": az.SlidingWindow(100, 37),
             "dilated": az.Dilated(96, 3), "prefix-lm": az.PrefixLM(100)}
@@ -54,9 +54,7 @@ def _check(q, k, v, pattern, cfg):
 @gpu
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,bn,stages,extra", [(128, 64, 2, {}), (64, 64, 3, {}), (128, 128, 2, {}),
-                                               (128, 64, 2, dict(num_warps=4, PACK=1)),
-                                               (128, 64, 2, dict(GLUON="ws")), (64, 64, 3, dict(GLUON="ws")),
+@pytest.mark.parametrize("d,bn,stages,extra", [(128, 64, 2, dict(GLUON="ws")), (64, 64, 3, dict(GLUON="ws")),
                                                (128, 64, 3, dict(GLUON="ws", PINGPONG=True)),
                                                (128, 128, 2, dict(GLUON="ws")),
                                                (128, 128, 3, dict(GLUON="wsp", QBUF=1)),
@@ -74,7 +72,7 @@ def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch)
 def test_gluon_cross_bottom_right():
     # fewer queries than keys, bottom-right aligned (OFF = Lk - Lq), and a longer band than one ring of slots
     q, k, v = _inputs(1, 4, 2, 256, 1024, 128, torch.bfloat16, seed=1)
-    for cfg in (GCFG, dict(GCFG, GLUON="ws"), dict(GCFG, GLUON="ws", PINGPONG=True), dict(GCFG, GLUON="wsp", QBUF=2)):
+    for cfg in (GCFG, dict(GCFG, PINGPONG=True), dict(GCFG, GLUON="wsp", QBUF=2), dict(GCFG, BLOCK_N=128)):
         assert _check(q, k, v, az.SlidingWindow(300), cfg)
         assert _check(q, k, v, az.Causal(), cfg)
 
@@ -91,6 +89,14 @@ def test_gluon_falls_back_where_it_does_not_apply():
     assert not _check(q, k, v, doc, GCFG)
 
 
+def test_gluon_cfg_names_a_form():
+    # GLUON must be "ws" or "wsp" (the single-partition form, GLUON=True, was removed): a clear error, on any device
+    q = torch.zeros(1, 2, 64, 64)
+    for bad in (True, "single", 1):
+        with pytest.raises(ValueError, match="'ws'.*'wsp'"):
+            ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON=bad))
+
+
 def test_gluon_plan_says_why_not_on_cpu():
     q = torch.zeros(1, 2, 64, 64)
     ok, why = ops.gluon_plan(q, q[:, :1], q[:, :1], None, GCFG, 2, None, True)
@@ -102,7 +108,7 @@ def test_gluon_module_takes_plain_masks_only():
     # the generated Gluon module (source written and imported; compiling needs a GPU) for an arithmetic mask, and
     # None for a mask that reads a lookup table (documents)
     mod = ops._gluon_module(az.SlidingWindow(100) | az.Sinks(4), 256, 256, (64, 64))
-    assert mod is not None and hasattr(mod, "gluon_attn_fwd") and hasattr(mod, "_mask")
+    assert mod is not None and hasattr(mod, "gluon_attn_fwd_ws") and hasattr(mod, "gluon_attn_fwd_wsp")
     assert ops._gluon_module(az.SlidingWindow(100) | az.Sinks(4), 256, 256, (64, 64)) is mod
     assert ops._gluon_module(az.Document([100, 156]), 256, 256, (64, 64)) is None
 

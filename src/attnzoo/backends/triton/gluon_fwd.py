@@ -1,27 +1,23 @@
-"""A Hopper (sm_90) forward kernel written in Gluon, Triton's lower-level language, over the same `BlockLayout`.
+"""Hopper (sm_90) forward kernels written in Gluon, Triton's lower-level language, over the same `BlockLayout`.
 
-Opt-in (cfg ``GLUON``) and GPU-only: Gluon kernels do not run in Triton's interpreter. What Triton's own schedule
-does not do for the local patterns, this kernel does by hand (FlashAttention-3's intra-warpgroup overlap):
+GPU-only: Gluon kernels do not run in Triton's interpreter. What Triton's own schedule does not do, these kernels do
+by hand (FlashAttention-3's overlaps):
 
-- K and V tiles arrive by TMA into a ring of ``STAGES`` (cfg num_stages) shared-memory slots, each with its own
-  mbarrier, issued ``STAGES`` steps ahead; a slot is refilled once every warp is past it (one CTA barrier a step).
-- Step j issues the scores ``S_j = Q K_j^T`` and the previous step's ``acc += P_{j-1} V_{j-1}`` as asynchronous
-  warpgroup MMAs, waits for ``S_j`` only, and runs the mask and the softmax of step j while ``P_{j-1} V_{j-1}``
-  is still on the tensor cores; then it waits for it and rescales ``acc``.
-- One program: ``PACK`` (1 or 2) query heads of one GQA group at the same 64 positions (4 or 8 warps, at least 16
-  rows a warp), so each K / V tile is loaded once for them; Q is staged in shared memory (the left operand of
-  ``Q K^T``); P stays in registers as the left operand of ``P V``.
+- Warp specialisation: a producer warp issues every TMA load -- Q, then K and V tiles into a ring of ``STAGES`` (cfg
+  num_stages) shared-memory slots -- and two consumer warpgroups, one per query head of a GQA pair (64 rows each),
+  free ring slots through count-2 "empty" mbarriers instead of a CTA barrier, so one's softmax overlaps the other's
+  MMAs.
+- Within a consumer, step j issues the scores ``S_j = Q K_j^T`` and the previous step's ``acc += P_{j-1} V_{j-1}``
+  as asynchronous warpgroup MMAs, waits for ``S_j`` only, and runs the mask and the softmax of step j while
+  ``P_{j-1} V_{j-1}`` is still on the tensor cores. P stays in registers as the left operand of ``P V``.
 
-Two forms. ``gluon_attn_fwd`` (cfg GLUON=True) is the above in one partition of 4 or 8 warps. ``gluon_attn_fwd_ws``
-(GLUON="ws") is warp-specialised: a producer warp issues every TMA load, and two consumer warpgroups (one per head
-of a GQA pair) free ring slots through count-2 mbarriers instead of a CTA barrier, so one's softmax overlaps the
-other's MMAs. Measured on the H100 (16K, 64 / 8 heads, D = 128; BENCHMARKS.md): the single-partition form
-0.76-0.94x the Triton kernel's defaults; the warp-specialised one on 64 x 128 tiles 643 TF/s on causal (1.22x the
-Triton default, 1.48x flex) and 1.53x flex on window 4096 -- the default forward of the dense class and of windows
-of >= 4096 keys on Hopper until the eighteenth session (`tuning._gluon`, run by `ops._gluon_fwd`); now the dense
-class's. ``gluon_attn_fwd_wsp`` (GLUON="wsp") is its persistent form (see there), the default of the local and wide
-classes: window 1024 1.62x flex at 0.81 of ideal (16K), window 4096 1.59x. NARROW (block 0 as a 16-key sink tile,
-both warp-specialised forms) waits on a GPU check, see `ops.GLUON_NARROW`.
+Two forms. ``gluon_attn_fwd_ws`` (cfg GLUON="ws"): one program per work item (query block, head pair). On the H100
+(16K, 64 / 8 heads, D = 128; BENCHMARKS.md) 643 TF/s on causal on 64 x 128 tiles (1.22x the Triton default, 1.48x
+flex): the dense class's default forward on Hopper (`tuning._gluon`, run by `ops._gluon_fwd`).
+``gluon_attn_fwd_wsp`` (GLUON="wsp") is its persistent form (see there), the default of the local and wide classes:
+window 1024 1.62x flex at 0.81 of ideal (16K), window 4096 1.59x. NARROW (block 0 as a 16-key sink tile, both
+forms) waits on a GPU check, see `ops.GLUON_NARROW`. A first, single-partition form (one CTA barrier a step) ran at
+0.76-0.94x the Triton kernel and was removed in the eighteenth session.
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
@@ -75,17 +71,6 @@ def _blk(j, nf, f0, prow, n):
 
 
 @gluon.jit
-def _issue(kd, vd, k_smem, v_smem, kbar, vbar, slot, row, KV: gl.constexpr, pred):
-    # TMA loads of one step's K (KV 1), V (KV 2) or both (KV 3) tiles into ring slot `slot`
-    if KV % 2 == 1:
-        mbarrier.expect(kbar.index(slot), kd.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(kd, [row, 0], kbar.index(slot), k_smem.index(slot), pred=pred)
-    if KV >= 2:
-        mbarrier.expect(vbar.index(slot), vd.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(vd, [row, 0], vbar.index(slot), v_smem.index(slot), pred=pred)
-
-
-@gluon.jit
 def _softmax(s, m_i, l_i, qp, kpos, h, AUX, qk_scale, part, dtype: gl.constexpr, p_layout: gl.constexpr):
     # one step's raw scores s: the pattern's mask where the block is partial, then the online softmax update in
     # base 2 with the scale folded into the exponent -> the new maxima and sums, P (the left operand of P V, in
@@ -100,116 +85,11 @@ def _softmax(s, m_i, l_i, qp, kpos, h, AUX, qk_scale, part, dtype: gl.constexpr,
     return m_new, l_i, gl.convert_layout(pf.to(dtype), p_layout), alpha
 
 
-@gluon.jit
-def gluon_attn_fwd(Q, kd, vd, O, LSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
-                   H, G, Lq, Lk, OFF, qk_scale,
-                   D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PACK: gl.constexpr,
-                   STAGES: gl.constexpr, num_warps: gl.constexpr):
-    ROWS: gl.constexpr = PACK * BLOCK_M
-    dtype: gl.constexpr = kd.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
-    scol: gl.constexpr = gl.SliceLayout(0, s_layout)
-    orow: gl.constexpr = gl.SliceLayout(1, o_layout)
-    ocol: gl.constexpr = gl.SliceLayout(0, o_layout)
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [num_warps, 1], [1, 0])
-
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    HP = H // PACK
-    b = pid_bh // HP
-    h = (pid_bh % HP) * PACK
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-
-    # Q: PACK heads' BLOCK_M rows each, through registers into shared memory (the left operand of Q K^T)
-    lr = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
-    lc = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-    qrow = ((b * H + h + lr // BLOCK_M) * Lq + m0 + lr % BLOCK_M).to(gl.int64)
-    q = gl.load(Q + qrow[:, None] * D + lc[None, :])
-    q_smem = gl.allocate_shared_memory(dtype, [ROWS, D], gl.NVMMASharedLayout.get_default_for([ROWS, D], dtype))
-    q_smem.store(q)
-    fence_async_shared()
-    gl.thread_barrier()
-
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
-    kbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    vbar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kbar.index(i), count=1)
-        mbarrier.init(vbar.index(i), count=1)
-
-    nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
-    kvrow = (b * (H // G) + hk) * Lk
-    for i in gl.static_range(STAGES):
-        _issue(kd, vd, k_smem, v_smem, kbar, vbar, i, kvrow + _blk(i, nf, f0, prow, n) * BLOCK_N, 3, i < n)
-
-    rows = gl.arange(0, ROWS, layout=srow)
-    qp = gl.expand_dims(m0 + rows % BLOCK_M + OFF, 1)
-    cols = gl.arange(0, BLOCK_N, layout=scol)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=srow)
-    l_i = gl.zeros([ROWS], gl.float32, layout=srow)
-    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    p = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
-    if n > 0:
-        # step 0: its scores alone (nothing to multiply yet)
-        blk = _blk(0, nf, f0, prow, n)
-        mbarrier.wait(kbar.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h, AUX, qk_scale, 0 >= nf, dtype,
-                                      p_layout)
-        gl.thread_barrier()
-        _issue(kd, vd, k_smem, v_smem, kbar, vbar, 0, kvrow + _blk(STAGES, nf, f0, prow, n) * BLOCK_N, 1, STAGES < n)
-    for j in range(1, n):
-        slot = j % STAGES
-        blk = _blk(j, nf, f0, prow, n)
-        mbarrier.wait(kbar.index(slot), (j // STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        pslot = (j + STAGES - 1) % STAGES
-        mbarrier.wait(vbar.index(pslot), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        # the softmax of step j while P_{j-1} V_{j-1} runs
-        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h, AUX, qk_scale, j >= nf, dtype,
-                                      p_layout)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-        # both warpgroups are past step j's K tile and step j - 1's V tile: refill their slots
-        gl.thread_barrier()
-        nk = j + STAGES
-        _issue(kd, vd, k_smem, v_smem, kbar, vbar, slot, kvrow + _blk(nk, nf, f0, prow, n) * BLOCK_N, 1, nk < n)
-        nv = j - 1 + STAGES
-        _issue(kd, vd, k_smem, v_smem, kbar, vbar, pslot, kvrow + _blk(nv, nf, f0, prow, n) * BLOCK_N, 2, nv < n)
-    if n > 0:
-        lslot = (n - 1) % STAGES
-        mbarrier.wait(vbar.index(lslot), ((n - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(kbar.index(i))
-        mbarrier.invalidate(vbar.index(i))
-
-    l_o = gl.convert_layout(l_i, orow)
-    l_safe = gl.where(l_o > 0, l_o, 1.0)
-    out = acc / gl.expand_dims(l_safe, 1)
-    orows = gl.arange(0, ROWS, layout=orow)
-    ocols = gl.arange(0, D, layout=ocol)
-    orow_g = ((b * H + h + orows // BLOCK_M) * Lq + m0 + orows % BLOCK_M).to(gl.int64)
-    gl.store(O + orow_g[:, None] * D + ocols[None, :], out.to(dtype))
-    m_o = gl.convert_layout(m_i, orow)
-    lse = gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    gl.store(LSE + orow_g, lse)
-
 # The warp-specialised form (cfg GLUON="ws"): a producer warp issues the TMA loads (Q once, then K and V into the
-# ring), and two consumer warpgroups, one per query head of the program (PACK 2), each run the loop of
-# gluon_attn_fwd on their own 64 rows. No CTA barrier: a ring slot is refilled once both consumers have arrived on
+# ring), and two consumer warpgroups, one per query head of the program (PACK 2), each run the loop (_ws_item) on
+# their own 64 rows: step j issues the scores S_j = Q K_j^T and the previous step's acc += P_{j-1} V_{j-1} as
+# asynchronous warpgroup MMAs, waits for S_j only, and runs the mask and the softmax of step j while P_{j-1} V_{j-1}
+# is still on the tensor cores. No CTA barrier: a ring slot is refilled once both consumers have arrived on
 # its "empty" barrier (count 2), so each warpgroup runs at its own pace and one's softmax can overlap the other's
 # MMAs (FlashAttention-3's inter-warpgroup overlap, left to the warp schedulers; PINGPONG orders the two
 # warpgroups' score MMAs explicitly through a pair of turn barriers).

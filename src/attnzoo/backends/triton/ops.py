@@ -362,6 +362,9 @@ def _fwd_outputs(q, dv: int, poison: bool):
 def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     """The forward through the Gluon kernel with config ``gcfg`` -> (out, lse), or None where it does not apply
     (`gluon_plan`; the cheap checks first, so other devices and shapes build no layout for it)."""
+    if gcfg.get("GLUON") not in ("ws", "wsp"):
+        raise ValueError(f"cfg GLUON must be 'ws' (warp-specialised) or 'wsp' (its persistent form), got "
+                         f"{gcfg.get('GLUON')!r} (the single-partition form, GLUON=True, was removed)")
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
@@ -424,14 +427,11 @@ def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: boo
         why = "head dims 64 or 128 with Dv = D only"
     elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
         why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
-    elif cfg["GLUON"] in ("ws", "wsp") and (pack != 2 or cfg.get("PACK") != 2):
-        why = "the warp-specialised form takes PACK 2 (two consumer warpgroups)"
-    elif cfg["GLUON"] in ("ws", "wsp") and gluon_ws_smem(cfg, d, q.element_size()) > 227 * 1024:
+    elif pack != 2 or cfg.get("PACK") != 2:
+        why = ("PACK 2: two query heads of a GQA group per program, one consumer warpgroup each (a group it divides; a "
+               "head-independent mask and layout)")
+    elif gluon_ws_smem(cfg, d, q.element_size()) > 227 * 1024:
         why = "Q buffers and the K / V ring must fit in 227 KB of shared memory"
-    elif pack != cfg.get("PACK", 1) or pack not in (1, 2) or cfg["num_warps"] not in (4, 8) \
-            or cfg["num_warps"] * 16 > pack * 64:
-        why = ("PACK 1 or 2 query heads per program (a GQA group it divides; a head-independent mask and layout), "
-               "4 or 8 warps, at most one warp per 16 rows")
     elif mod.maps_q or mod.maps_k or _routed(pattern):
         why = "no row maps (tiled neighborhoods) or routed patterns"
     elif not contiguous_full:
@@ -484,40 +484,34 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     k2, v2 = k.view(-1, d), v.view(-1, d)
     kd = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], glay)
     vd = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], glay)
-    if cfg["GLUON"] in ("ws", "wsp"):  # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws)
-        q2 = q.view(-1, d)
-        qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
-        qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], qlay)
-        # registers: the launch reserves MAXNREG for each of the 12 warps (3 warpgroups, the producer's rounded up);
-        # the producer gives its own back (24) and the consumers take REGS. 64-key tiles fit in 168 (no spills at
-        # ptxas sm_90), 128-key tiles need 232 (44 spill loads / stores a step at 168)
-        regs = int(cfg.get("REGS", 168 if bn == 64 else 232))
-        maxnreg = int(cfg.get("MAXNREG", 168))
-        # NARROW: block 0 as a NARROW-key tile on the query blocks _narrow_rows flags (its own descriptors)
-        sn, nrow = gluon_narrow(cfg, pattern, lq, lk, hq, str(q.device))
-        if nrow is None:
-            kdn, vdn, nrow = kd, vd, lay.kv_num_blocks
-        else:
-            nlay = gl.NVMMASharedLayout.get_default_for([sn, d], gdt)
-            kdn = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [sn, d], nlay)
-            vdn = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [sn, d], nlay)
-        args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
-                lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
-        meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-                    CONSUMER_REGS=regs, NARROW=sn, num_warps=4, maxnreg=maxnreg)
-        if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
-            items = lay.num_q_blocks * b * hq // 2
-            grid = (min(items, _sm_count(q.device)),)
-            gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
-                                          QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
-        else:
-            gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](*args, scale * LOG2E, **meta)
-        GLUON_LAUNCHES += 1
-        return
-    gmod.gluon_attn_fwd[(lay.num_q_blocks, b * hq // pack)](
-        q, kd, vd, out, lse, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks, lay.full_kv_indices,
-        *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E,
-        D=d, BLOCK_M=bm, BLOCK_N=bn, PACK=pack, STAGES=int(cfg["num_stages"]), num_warps=cfg["num_warps"])
+    # a producer warp and two consumer warpgroups (gluon_fwd's gluon_attn_fwd_ws / _wsp)
+    q2 = q.view(-1, d)
+    qlay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
+    qd = GluonDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], qlay)
+    # registers: the launch reserves MAXNREG for each of the 12 warps (3 warpgroups, the producer's rounded up);
+    # the producer gives its own back (24) and the consumers take REGS. 64-key tiles fit in 168 (no spills at
+    # ptxas sm_90), 128-key tiles need 232 (44 spill loads / stores a step at 168)
+    regs = int(cfg.get("REGS", 168 if bn == 64 else 232))
+    maxnreg = int(cfg.get("MAXNREG", 168))
+    # NARROW: block 0 as a NARROW-key tile on the query blocks _narrow_rows flags (its own descriptors)
+    sn, nrow = gluon_narrow(cfg, pattern, lq, lk, hq, str(q.device))
+    if nrow is None:
+        kdn, vdn, nrow = kd, vd, lay.kv_num_blocks
+    else:
+        nlay = gl.NVMMASharedLayout.get_default_for([sn, d], gdt)
+        kdn = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [sn, d], nlay)
+        vdn = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [sn, d], nlay)
+    args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+            lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
+    meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
+                CONSUMER_REGS=regs, NARROW=sn, num_warps=4, maxnreg=maxnreg)
+    if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
+        items = lay.num_q_blocks * b * hq // 2
+        grid = (min(items, _sm_count(q.device)),)
+        gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
+                                      QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
+    else:
+        gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](*args, scale * LOG2E, **meta)
     GLUON_LAUNCHES += 1
 
 
