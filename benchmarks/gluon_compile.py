@@ -34,7 +34,6 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
     """The warp-specialised kernel (gluon_attn_fwd_ws, or gluon_attn_fwd_wsp with ``persistent``): Q by TMA, two
     heads a program (PACK 2), one consumer warpgroup each; the narrow tile's descriptors (kdn, vdn: NARROW x D) and
     flags (NROW)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
     mod = gluon_fwd.gluon_module(lines)
@@ -58,8 +57,16 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
     sig["NARROW"] = "constexpr"
     consts["NARROW"] = narrow
     options = dict(num_warps=4, maxnreg=maxnreg or regs)
+    return _build(fn, sig, consts, options)
+
+
+def _build(fn, sig: dict, consts: dict, options: dict):
+    """Compile ``fn`` for sm_90 -> (registers / stack / shared / SASS mix, the compiled kernel)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    import re
     names = list(sig)
-    div16 = {(names.index(k),): [["tt.divisibility", 16]] for k in ("Q", "O", "LSE", "H", "Lq", "Lk") if k in sig}
+    div16 = {(names.index(k),): [["tt.divisibility", 16]]
+             for k in ("O", "LSE", "DELTA", "DK", "DV", "H", "Lq", "Lk") if k in sig}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=div16)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -69,9 +76,26 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
         mix = sass_mix(subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout)
     finally:
         os.unlink(f.name)
-    import re
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", res.stdout)
     return dict(registers=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)), sass=mix), kernel
+
+
+def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
+                maxnreg: int = 168):
+    """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves)."""
+    from triton.experimental.gluon import language as gl
+    from attnzoo.backends.triton import gluon_bwd
+    lines, _aux = generate(pattern, lq, lq, (64, 128))
+    fn = gluon_bwd.gluon_bwd_module(lines).gluon_attn_bwd_dkdv
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    desc = f"tensordesc<{dtype}[64, {d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
+    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, LSE="*fp32", DELTA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
+               WSK="*fp32", WSV="*fp32", ITEMS="*i32", AUX="*i32", QN="*i32", QI="*i32", FQN="*i32", FQI="*i32",
+               lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", HKV="i32", G="i32", Lq="i32", Lk="i32",
+               OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr", STAGES="constexpr", BLOCK_M="constexpr",
+               HALF="constexpr", CONSUMER_REGS="constexpr")
+    consts = dict(D=d, STAGES=stages, BLOCK_M=64, HALF=64, CONSUMER_REGS=regs)
+    return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
 def main(argv=None):
@@ -89,8 +113,19 @@ def main(argv=None):
     ap.add_argument("--narrow", type=int, default=0, help="NARROW keys of block 0's sink tile (0: none)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
+    ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
+    if a.bwd:
+        for name in a.pattern or ["sw1024"]:
+            for d in a.d:
+                for st in a.stages:
+                    r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168)
+                    print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
+                          f"{r['sass']}")
+                    if a.ptx:
+                        open(a.ptx, "w").write(k.asm["ptx"])
+        return
     for name in a.pattern or ["sw1024"]:
         for d in a.d:
             for bn in a.bn:

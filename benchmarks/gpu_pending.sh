@@ -98,6 +98,8 @@
 #   gluon-narrow issue 3 (eighteenth session): the narrow sink tile in the persistent Gluon forward (NARROW, REGS 240):
 #                its GPU tests, then round 16 on sinks + window and window 1024 at 16K and 64K
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
+#   gluon-bwd    issue 3 (eighteenth session, NOT YET RUN): the Gluon dk / dv kernel (cfg GLUON_BWD): its GPU tests,
+#                then round 17 against the Triton backward at 16K (four local patterns)
 #   gluon-default issue 3 (seventeenth session): the Gluon GPU tests with the dense / wide classes' new default (the
 #                warp-specialised Gluon forward on 64 x 128 tiles); run `windows` after it for attnzoo bench
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
@@ -138,10 +140,12 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the eighteenth session (2026-12-06): the Gluon NARROW's present form (its fault diagnosis case by
-# case, then its tests and round 16, ~4 min), the whole Gluon test file with the new defaults (~6 min; it outran 200 s
-# in call 3), then attnzoo bench on sinks + window (~3 min; with ops.GLUON_NARROW switched on in a commit if it passed)
-SECTIONS=${*:-narrow-diag gluon-narrow gluon-default sinks-bench}
+# still owed after the eighteenth session (2026-12-06), in this order: the Gluon NARROW's present form (its fault
+# diagnosis case by case, then its tests and round 16, ~6 min), the Gluon dk / dv kernel's first run (gluon-bwd, ~6
+# min); then, in later calls, the whole Gluon forward test file with the new defaults (gluon-default, ~6 min; it
+# outran 200 s in call 3) and attnzoo bench (sinks-bench, or windows; with ops.GLUON_NARROW switched on in a commit if
+# it passed)
+SECTIONS=${*:-narrow-diag gluon-narrow gluon-bwd}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -238,6 +242,10 @@ for s in $SECTIONS; do
                  --lengths $lens --direction $dir --backend triton --backend flex --backend sdpa-cudnn --pattern sw1024 --pattern sinks+sw1024 \
                  --max-time-s 1.0 >> "$OUT/sinks_log.txt" 2>&1
              done ;;
+    gluon-bwd) timeout ${GLUON_TEST_S:-300} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
+              > "$OUT/gluon_bwd_log.txt" 2>&1
+           timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 17 \
+              --patterns ${BWD_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonbwd" --quick >> "$OUT/gluon_bwd_log.txt" 2>&1 ;;
     gluon-default) timeout ${GLUON_TEST_S:-400} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \

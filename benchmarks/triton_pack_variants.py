@@ -249,6 +249,17 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
                                             NARROW=16),
     "gluon wsp o0 r240 n16": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16),
 }
+# round 17 (eighteenth session, written without device time): the Gluon dk / dv kernel (cfg GLUON_BWD: a producer
+# warp for K / V once and Q / dO into a ring, two consumer warpgroups of 64 keys each; dq from the Triton dq kernel)
+# after the default forward, against the Triton backward's default
+FWD17 = {"forward default": None}
+BWD17 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),  # (the reference every variant's gradients are compared with)
+    "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True),
+    "gluon bwd s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=True),
+    "gluon bwd s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(num_stages=3)),
+    "gluon bwd s2 r232": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(REGS=232)),
+}
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
@@ -264,7 +275,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 17) if r not in (10, 11)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 18) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -273,7 +284,8 @@ def main():
                          "(block 0 as a 16- or 32-key tile where a query block sees only attention sinks in it), "
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; (10, 11: the "
                          "removed single-partition Gluon forward); 12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
-                         "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers")
+                         "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers; "
+                         "17: the Gluon dk / dv kernel")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -293,6 +305,8 @@ def main():
         ops.GLUON_NARROW = True
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
+    elif args.round == 17:
+        FWD, BWD = FWD17, BWD17
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:
@@ -380,7 +394,10 @@ def main():
         for name, cfg in BWD.items():
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg, fwd_cfg=best[1])
             try:
+                launches = ops.GLUON_BWD_LAUNCHES
                 got = ops.attention_bwd(dos, None, qs, ks, vs, outs, lses, p, scale, cfg=cfg, poison=True)
+                if cfg and cfg.get("GLUON_BWD") and ops.GLUON_BWD_LAUNCHES == launches:
+                    raise RuntimeError("the Gluon dk / dv kernel did not run here (the Triton kernel did)")
                 row["rel_rmse_vs_fp64"] = max(rel_rmse(a, r_) for a, r_ in zip(got, ref_g))
                 for gname, a, r_, bl in zip(("dq", "dk", "dv"), got, ref_g, base_g):
                     check_close(gname, a, r_, baseline=bl if dt != torch.float32 else None)

@@ -549,7 +549,11 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
                             run=lambda c: attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale, cfg=c,
                                                         split_cap=split_cap))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    cfg, bm2, bn2 = kv_tiles(cfg, pattern, q.is_cuda)
+    gbwd = _gluon_bwd_cfg(q, k, v, dout, pattern, cfg)
+    if gbwd is not None:  # the Gluon dk / dv kernel's tiles: 64 query rows a step, 128 keys a program
+        cfg, bm2, bn2 = dict(cfg, GLUON_BWD=gbwd), 64, 128
+    else:
+        cfg, bm2, bn2 = kv_tiles({key: val for key, val in cfg.items() if key != "GLUON_BWD"}, pattern, q.is_cuda)
     dev = str(q.device)
     if _routed(pattern):  # one classification for both kernels: the dq kernel's tiles
         bm2, bn2 = bm, bn
@@ -634,6 +638,22 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
             *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
             BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
             EVEN_N=lk % bn == 0, num_warps=nw, num_stages=ns, **tma_dq)
+    if cfg.get("GLUON_BWD") and _gluon_bwd(pattern, cfg["GLUON_BWD"], q, k, v, dout, lse, delta, dk, dvv, wsk, wsv,
+                                           items, aux_kv, tlay, scale):
+        pass
+    else:
+        _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
+                     lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv)
+    if red.shape[0]:
+        mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
+            wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
+            dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn2, num_warps=4)
+    if dqa is not None:
+        dq.copy_(dqa.view(b, hq, lq, bd)[..., :d].mul_(scale))
+
+
+def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
+                 lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv):
     mod_kv.attn_bwd_dkdv[(items.shape[0], b * hkv)](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
@@ -641,12 +661,95 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
         BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm2, BLOCK_N=bn2, PREC=prec, EVEN_N=lk % bn2 == 0, num_warps=nw_kv,
         num_stages=ns_kv, **tma_dkdv)
-    if red.shape[0]:
-        mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
-            wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
-            dvv.stride(2), hkv, lk, d, dv, scale, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_N=bn2, num_warps=4)
-    if dqa is not None:
-        dq.copy_(dqa.view(b, hq, lq, bd)[..., :d].mul_(scale))
+
+
+# The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS; opt-in, written in the
+# eighteenth session and not yet run on a GPU). A first launch that fails warns once and the Triton kernel runs, as
+# for the Gluon forward (_GLUON_FAILED).
+def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
+    """Whether the backward can run the Gluon dk / dv kernel here -> (ok, why not)."""
+    from . import gluon_fwd
+    b, hq, lq, d = q.shape
+    lk, dv = k.shape[2], v.shape[3]
+    g = cfg.get("GLUON_BWD")
+    why = None
+    if not g:
+        why = "not asked for (cfg GLUON_BWD)"
+    elif q.device.type != "cuda" or interpreting():
+        why = "Gluon kernels run on CUDA only (not in the interpreter)"
+    elif not _is_hopper(q.device):
+        why = "the Gluon dk / dv kernel is written for Hopper (sm_90: warpgroup MMA)"
+    elif not gluon_fwd.available():
+        why = "this Triton has no Gluon Hopper API"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        why = "float16 / bfloat16 only"
+    elif d != dv or d not in (64, 128):
+        why = "head dims 64 or 128 with Dv = D only"
+    elif lq % 64 or lk % 128:
+        why = "query lengths a multiple of 64, key lengths a multiple of 128"
+    elif cfg.get("ATOMIC_DQ"):
+        why = "dq by atomics (cfg ATOMIC_DQ) comes from the Triton dk / dv kernel"
+    elif _routed(pattern) or _module(pattern, lq, lk, str(q.device), (64, 128))[0].maps_q \
+            or _module(pattern, lq, lk, str(q.device), (64, 128))[0].maps_k:
+        why = "no routed patterns or row maps (tiled neighborhoods)"
+    elif not all(t.is_contiguous() for t in (q, k, v, dout)):
+        why = "contiguous q, k, v and dout"
+    elif _gluon_bwd_module(pattern, lq, lk) is None:
+        why = "a mask without lookup tables"
+    return why is None, why or ""
+
+
+def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
+    """The Gluon dk / dv kernel's settings (num_stages, REGS) where cfg asks for it and it applies, else None."""
+    g = cfg.get("GLUON_BWD")
+    if not g or not gluon_bwd_plan(q, k, v, dout, pattern, cfg)[0]:
+        return None
+    g = g if isinstance(g, dict) else {}
+    return dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)))
+
+
+@functools.lru_cache(maxsize=128)
+def _gluon_bwd_module(pattern, lq, lk):
+    """The Gluon dk / dv module with the pattern's mask (64 x 128 tiles), or None where the mask is not plain."""
+    from . import gluon_bwd, gluon_fwd
+    lines = generate(pattern, lq, lk, (64, 128))[0]
+    return gluon_bwd.gluon_bwd_module(lines) if gluon_fwd.plain_mask(lines) else None
+
+
+def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay, scale) -> bool:
+    """Run the Gluon dk / dv kernel -> True, or False (with a warning, once) where its first launch fails."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    gmod = _gluon_bwd_module(pattern, lq, lk)
+    key = (gmod.__name__, "bwd", repr(sorted(g.items())), q.dtype, d)
+    if key in _GLUON_FAILED:
+        return False
+    lay64 = gl.NVMMASharedLayout.get_default_for([64, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+    qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
+                       for x2 in (q.view(-1, d), dout.view(-1, d), k.view(-1, d), v.view(-1, d)))
+    try:
+        gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](
+            qd, dod, kd, vd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
+            tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
+            scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
+            num_warps=4, maxnreg=168)
+    except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
+        if key in _GLUON_RAN:
+            raise
+        _GLUON_FAILED[key] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"attnzoo: the Gluon dk / dv kernel failed to build here ({_GLUON_FAILED[key][:300]}); the "
+                      "Triton kernel runs instead", RuntimeWarning, stacklevel=3)
+        return False
+    _GLUON_RAN.add(key)
+    global GLUON_BWD_LAUNCHES
+    GLUON_BWD_LAUNCHES += 1
+    return True
+
+
+# launches of the Gluon dk / dv kernel so far (tests and benchmarks check that a GLUON_BWD config ran it)
+GLUON_BWD_LAUNCHES = 0
 
 
 # -- torch.library custom ops ----------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""A Hopper (sm_90) dk / dv kernel written in Gluon, over the same transposed `BlockLayout` and work items as the
+Triton kernel `attn_bwd_dkdv` (`kernels.py`); dq (and delta) still come from the Triton dq kernel, which runs first.
+
+Opt-in (cfg ``GLUON_BWD``) and GPU-only: Gluon kernels do not run in Triton's interpreter. Written in the eighteenth
+session after the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; **not yet run on a GPU**.
+
+One program = one work item (a block of 128 keys and a range of the query blocks that see it, `ops._bwd_plan`) of
+one (batch, KV head), looping over the G query heads of the group:
+
+- A producer warp loads the block's K and V once (TMA, two 64-key halves each), then Q and dO tiles of 64 query rows
+  into a ring of ``STAGES`` slots, each with a ready mbarrier (TMA bytes) and an empty one (count 2).
+- Two consumer warpgroups, one per 64-key half, run every step on the same Q / dO tiles (FlashAttention-3's split of
+  the key block): ``S^T = K_c Q^T`` and ``dP^T = V_c dO^T`` as asynchronous warpgroup MMAs, ``P^T = exp2(S^T * scale
+  - lse)`` (the pattern's mask on partial blocks), ``dS^T = P^T (dP^T - delta)``, then ``dV_c += P^T dO`` and
+  ``dK_c += dS^T Q`` with P^T and dS^T as register operands. lse and delta come from global memory per step.
+- The block's dk (times the softmax scale) and dv are stored by each consumer for its half, or, for a column split
+  over several items, its float32 partials go to the workspace that `attn_bwd_reduce` sums (the Triton kernel's
+  format, 128-key rows).
+
+Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
+contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
+"""
+from __future__ import annotations
+
+from .gluon_fwd import PRELUDE
+from .kernels import import_source
+
+KERNEL_BWD = '''
+
+@gluon.jit
+def _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m):
+    # kv block pid_n's visiting query blocks for head h in the transposed layout: nf full ones (list at frow),
+    # then the partial ones (list at prow); n in all
+    nf = gl.load(FQN + h * lay_h + pid_n * lay_m)
+    n = nf + gl.load(QN + h * lay_h + pid_n * lay_m)
+    return nf, FQI + h * idx_h + pid_n * idx_m, QI + h * idx_h + pid_n * idx_m, n
+
+
+@gluon.jit
+def _bwd_qblk(j, nf, frow, prow, n):
+    # the query block of step j: the full list, then the partial one
+    return gl.where(j < nf, gl.load(frow + j, mask=j < nf, other=0),
+                    gl.load(prow + (j - nf), mask=(j >= nf) & (j < n), other=0))
+
+
+@gluon.jit
+def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
+                  QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
+    kvrow = (b * HKV + hk) * Lk + pid_n * (2 * HALF)
+    mbarrier.expect(kvbar, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
+    for c in gl.static_range(2):
+        tma.async_copy_global_to_shared(kd, [kvrow + c * HALF, 0], kvbar, k_smem.index(c))
+        tma.async_copy_global_to_shared(vd, [kvrow + c * HALF, 0], kvbar, v_smem.index(c))
+    it = 0
+    for g in range(0, G):
+        h = hk * G + g
+        nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
+        for j in range(s0, gl.minimum(e0, n)):
+            row = (b * H + h) * Lq + _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
+            slot = it % STAGES
+            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), qd.block_type.nbytes + dod.block_type.nbytes)
+            tma.async_copy_global_to_shared(qd, [row, 0], ready.index(slot), q_smem.index(slot))
+            tma.async_copy_global_to_shared(dod, [row, 0], ready.index(slot), do_smem.index(slot))
+            it += 1
+
+
+@gluon.jit
+def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
+                  DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
+                  pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale,
+                  D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    scol: gl.constexpr = gl.SliceLayout(0, s_layout)
+    cols = gl.arange(0, BLOCK_M, layout=scol)
+    kk = gl.expand_dims(pid_n * (2 * HALF) + C * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout)), 1)
+    dk = gl.zeros([HALF, D], gl.float32, layout=a_layout)
+    dv = gl.zeros([HALF, D], gl.float32, layout=a_layout)
+    kc = k_smem.index(C)
+    vc = v_smem.index(C)
+    mbarrier.wait(kvbar, 0)
+    it = 0
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * H + h
+        nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
+        for j in range(s0, gl.minimum(e0, n)):
+            m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
+            lrow = bh * Lq + m0 + cols
+            lse = gl.load(LSE + lrow)
+            delta = gl.load(DELTA + lrow)
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            qs = q_smem.index(slot)
+            dos = do_smem.index(slot)
+            s_zero = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout)  # (made here: not live across steps)
+            s = warpgroup_mma(kc, qs.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
+            if j >= nf:  # a partial block: the pattern's mask (keys by queries)
+                p = gl.where(_mask(gl.expand_dims(m0 + cols + OFF, 0), kk, h, AUX), p, 0.0)
+            # dV += P^T dO and dP^T = V dO^T together on the tensor cores; P^T's registers are free after the wait
+            dv = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), dos, dv, is_async=True)
+            dp = warpgroup_mma(vc, dos.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
+            ds = p * (dp - gl.expand_dims(delta, 0))
+            dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
+            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+            mbarrier.arrive(empty.index(slot), count=1)
+            it += 1
+    rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
+    dcols = gl.arange(0, D, layout=gl.SliceLayout(0, a_layout))
+    if wslot < 0:
+        krow = ((b * HKV + hk) * Lk + pid_n * (2 * HALF) + C * HALF + rows).to(gl.int64)
+        gl.store(DK + krow[:, None] * D + dcols[None, :], (dk * sm_scale).to(dtype))
+        gl.store(DV + krow[:, None] * D + dcols[None, :], dv.to(dtype))
+    else:  # a long column split over several items: float32 partials, summed in order by attn_bwd_reduce
+        wrow = ((wslot * nbh + b * HKV + hk) * (2 * HALF) + C * HALF + rows).to(gl.int64)
+        gl.store(WSK + wrow[:, None] * D + dcols[None, :], dk)
+        gl.store(WSV + wrow[:, None] * D + dcols[None, :], dv)
+
+
+@gluon.jit
+def gluon_attn_bwd_dkdv(qd, dod, kd, vd, LSE, DELTA, DK, DV, WSK, WSV, ITEMS, AUX, QN, QI, FQN, FQI,
+                        lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
+                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr):
+    # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
+    # slot or -1), as the Triton kernel's
+    item = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    nbh = gl.num_programs(1)
+    pid_n = gl.load(ITEMS + item * 4)
+    s0 = gl.load(ITEMS + item * 4 + 1)
+    e0 = gl.load(ITEMS + item * 4 + 2)
+    wslot = gl.load(ITEMS + item * 4 + 3)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    dtype: gl.constexpr = kd.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], qd.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], dod.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], vd.layout)
+    kvbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kvbar, count=1)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    gl.warp_specialize([
+        (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
+                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
+                         wslot, nbh, qk_scale, sm_scale, D, STAGES, BLOCK_M, HALF)),
+        (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
+                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
+                         wslot, nbh, qk_scale, sm_scale, D, STAGES, BLOCK_M, HALF)),
+        (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
+                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
+                         STAGES, BLOCK_M, HALF)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+'''
+
+
+def gluon_bwd_module(body_lines: list[str]):
+    """Import (once) the Gluon dk / dv module with this ``_mask`` body (the lines `codegen.generate` gives)."""
+    src = PRELUDE.format(body="\n".join("    " + line for line in body_lines)) + KERNEL_BWD
+    return import_source(src, "attnzoo_gluon_bwd", "attnzoo_gluon_bwd")

@@ -1,0 +1,99 @@
+"""The Gluon dk / dv kernel (cfg GLUON_BWD, `backends/triton/gluon_bwd.py`): Hopper only, so the kernel tests run on
+the GPU machine; on CPU the plan's rules. dq comes from the Triton dq kernel either way. Against the float64
+reference with the protocol's rule, NaN-poisoned gradients."""
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.backends import reference_attention
+from attnzoo.backends.triton import ops, tuning
+from attnzoo.testing import check_close
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+gpu = pytest.mark.skipif(not HOPPER, reason="the Gluon dk / dv kernel runs on Hopper GPUs only")
+
+PATTERNS = {"window": az.SlidingWindow(200), "causal": az.Causal(), "sinks+window": az.SlidingWindow(300) | az.Sinks(4),
+            "full": None, "chunked": az.Chunked(192), "window-both": az.SlidingWindow(100, 37),
+            "prefix-lm": az.PrefixLM(100)}
+
+
+def _grads(q, k, v, do, pattern, cfg):
+    # (dq, dk, dv) through ops.attention_bwd with cfg, the float64 reference's and the low-precision baseline's
+    scale = q.shape[-1] ** -0.5
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    got = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=cfg, poison=True)
+    xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(reference_attention(*xr, pattern, scale)[0], xr, do.double())
+    g = q.shape[1] // k.shape[1]
+    xb = [t.detach().requires_grad_() for t in (q, k, v)]
+    qb, kb, vb = xb[0], xb[1].repeat_interleave(g, 1), xb[2].repeat_interleave(g, 1)
+    s = (qb @ kb.transpose(-1, -2)).float() * scale
+    if pattern is not None:
+        lq, lk = q.shape[2], k.shape[2]
+        qi, ki = torch.arange(lq, device=q.device)[:, None], torch.arange(lk, device=q.device)[None, :]
+        s = s.masked_fill(~pattern.mask(qi, ki, lq, lk), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    base = torch.autograd.grad(p @ vb, xb, do)
+    return got, ref, base
+
+
+def _bwd_cfg(d, **extra):
+    return dict(tuning.default("bwd", d, d, "local"), GLUON_BWD=extra or True)
+
+
+@gpu
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3))])
+def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
+    before = ops.GLUON_BWD_LAUNCHES
+    got, ref, base = _grads(q, k, v, do, PATTERNS[name], _bwd_cfg(d, **extra))
+    assert ops.GLUON_BWD_LAUNCHES > before, "the Gluon dk / dv kernel did not run"
+    for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
+        check_close(nm, x, r, baseline=bl)
+
+
+@gpu
+def test_gluon_dkdv_split_columns_cross_and_long():
+    # sinks: block 0's column is seen by every query block, so it is split over several work items (float32
+    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right); 4096 tokens
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for (lq, lk), pattern in (((2048, 2048), az.SlidingWindow(300) | az.Sinks(4)), ((512, 1536), az.SlidingWindow(300)),
+                              ((4096, 4096), az.Causal())):
+        q, do = (torch.randn(1, 8, lq, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        k, v = (torch.randn(1, 2, lk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        items, red, nslots = ops._bwd_plan(pattern, lq, lk, 64, 128, 8, str(q.device))
+        before = ops.GLUON_BWD_LAUNCHES
+        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128))
+        assert ops.GLUON_BWD_LAUNCHES > before
+        for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
+            check_close(nm, x, r, baseline=bl)
+        if lq == 2048:
+            assert red.shape[0] > 0 and nslots > 0, "the sinks' column should be split"
+
+
+def test_gluon_bwd_plan_says_why_not_on_cpu():
+    q = torch.zeros(1, 2, 128, 64)
+    cfg = _bwd_cfg(64)
+    ok, why = ops.gluon_bwd_plan(q, q[:, :1], q[:, :1], q, None, cfg)
+    assert not ok and "CUDA" in why
+    assert ops.gluon_bwd_plan(q, q[:, :1], q[:, :1], q, None, dict(cfg, GLUON_BWD=False)) == \
+        (False, "not asked for (cfg GLUON_BWD)")
+    assert ops._gluon_bwd_cfg(q, q[:, :1], q[:, :1], q, None, cfg) is None  # so the Triton kernel runs
+
+
+def test_gluon_bwd_cfg_is_ignored_where_it_does_not_apply():
+    # on CPU (the interpreter) a GLUON_BWD config runs the Triton kernels, with the same gradients as without it
+    if not ops.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, h, 64, 16, generator=g) for h in (2, 1, 1, 2))
+    scale = 0.25
+    out, lse = ops.attention_fwd(q, k, v, az.Causal(), scale)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    plain = ops.attention_bwd(do, None, q, k, v, out, lse, az.Causal(), scale, cfg=cfg)
+    asked = ops.attention_bwd(do, None, q, k, v, out, lse, az.Causal(), scale, cfg=dict(cfg, GLUON_BWD=True))
+    for a, b in zip(plain, asked):
+        assert torch.equal(a, b)
