@@ -100,6 +100,8 @@
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
 #   gluon-bwd    issue 3 (eighteenth session, NOT YET RUN): the Gluon dk / dv kernel (cfg GLUON_BWD): its GPU tests,
 #                then round 17 against the Triton backward at 16K (four local patterns)
+#   wide64       issue 3: round 15 on window 4096 at 64K without --quick (1.42x flex through attnzoo bench; ORDER 0 vs
+#                1 was 13.71 vs 16.33 ms in the quick run, noise or not)
 #   gluon-default issue 3 (seventeenth session): the Gluon GPU tests with the dense / wide classes' new default (the
 #                warp-specialised Gluon forward on 64 x 128 tiles); run `windows` after it for attnzoo bench
 #   bwd-w8       issue 3 (sixteenth session): the dk/dv kernel at 8 warps on the default 64 x 64 tiles, with KT (no
@@ -246,6 +248,8 @@ for s in $SECTIONS; do
               > "$OUT/gluon_bwd_log.txt" 2>&1
            timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 17 \
               --patterns ${BWD_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonbwd" --quick >> "$OUT/gluon_bwd_log.txt" 2>&1 ;;
+    wide64) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw4096 --L 65536 \
+              --out "$OUT/wide64" > "$OUT/wide64_log.txt" 2>&1 ;;
     gluon-default) timeout ${GLUON_TEST_S:-400} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
