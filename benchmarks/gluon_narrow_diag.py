@@ -1,6 +1,7 @@
 """Which narrow-tile case of the persistent Gluon forward faults (eighteenth session: an illegal memory access in
-test_gluon_narrow_sink_tile[wsp] with the first form of NARROW; the present form has not run yet). Each case in its own process with CUDA_LAUNCH_BLOCKING=1, so one fault does not
-hide the next: python3 benchmarks/gluon_narrow_diag.py"""
+test_gluon_narrow_sink_tile[wsp] with the first form of NARROW; the present form has not run yet). Each case in its
+own process with CUDA_LAUNCH_BLOCKING=1, so one fault does not hide the next:
+python3 benchmarks/gluon_narrow_diag.py [case name ...]"""
 import os
 import subprocess
 import sys

@@ -259,6 +259,7 @@ BWD17 = {
     "gluon bwd s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=True),
     "gluon bwd s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(num_stages=3)),
     "gluon bwd s2 r232": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(REGS=232)),
+    "gluon bwd s2 acc-init": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ACC_INIT=True)),
 }
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {

@@ -44,7 +44,7 @@ def _bwd_cfg(d, **extra):
 @gpu
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3))])
+@pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3)), (128, dict(ACC_INIT=True))])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))

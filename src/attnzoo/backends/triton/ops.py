@@ -663,9 +663,9 @@ def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk,
         num_stages=ns_kv, **tma_dkdv)
 
 
-# The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS; opt-in, written in the
-# eighteenth session and not yet run on a GPU). A first launch that fails warns once and the Triton kernel runs, as
-# for the Gluon forward (_GLUON_FAILED).
+# The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS / ACC_INIT; opt-in,
+# written in the eighteenth session and not yet run on a GPU). A first launch that fails warns once and the Triton
+# kernel runs, as for the Gluon forward (_GLUON_FAILED).
 def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
     """Whether the backward can run the Gluon dk / dv kernel here -> (ok, why not)."""
     from . import gluon_fwd
@@ -705,7 +705,8 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
     if not g or not gluon_bwd_plan(q, k, v, dout, pattern, cfg)[0]:
         return None
     g = g if isinstance(g, dict) else {}
-    return dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)))
+    return dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
+                ACC_INIT=bool(g.get("ACC_INIT", False)))
 
 
 @functools.lru_cache(maxsize=128)
@@ -734,7 +735,7 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
             qd, dod, kd, vd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
             tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
             scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-            num_warps=4, maxnreg=168)
+            ACC_INIT=g["ACC_INIT"], num_warps=4, maxnreg=168)
     except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
         if key in _GLUON_RAN:
             raise
