@@ -409,22 +409,29 @@ def gluon_ws_smem(cfg: dict, d: int, esize: int) -> int:
     return 2 * esize * d * ((cfg["BLOCK_M"] + narrow) * qbuf + cfg["num_stages"] * cfg["BLOCK_N"])
 
 
+def _gluon_why_not(q, v) -> str | None:
+    """Why no Gluon kernel (forward or dk / dv) runs on these inputs at all, or None: the device, this Triton's Gluon,
+    the dtype and the head dims."""
+    from . import gluon_fwd
+    if q.device.type != "cuda" or interpreting():
+        return "Gluon kernels run on CUDA only (not in the interpreter)"
+    if not _is_hopper(q.device):
+        return "the Gluon kernels are written for Hopper (sm_90: warpgroup MMA)"
+    if not gluon_fwd.available():
+        return "this Triton has no Gluon Hopper API"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return "float16 / bfloat16 only"
+    if q.shape[3] != v.shape[3] or q.shape[3] not in (64, 128):
+        return "head dims 64 or 128 with Dv = D only"
+    return None
+
+
 def gluon_plan(q, k, v, pattern, cfg: dict, pack: int, mod, contiguous_full: bool) -> tuple[bool, str]:
     """Whether the forward can run the Gluon kernel (`gluon_fwd`, cfg GLUON) here -> (ok, why not)."""
-    from . import gluon_fwd
-    b, hq, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[3]
-    why = None
-    if q.device.type != "cuda" or interpreting():
-        why = "Gluon kernels run on CUDA only (not in the interpreter)"
-    elif not _is_hopper(q.device):
-        why = "the Gluon kernel is written for Hopper (sm_90: warpgroup MMA)"
-    elif not gluon_fwd.available():
-        why = "this Triton has no Gluon Hopper API"
-    elif q.dtype not in (torch.float16, torch.bfloat16):
-        why = "float16 / bfloat16 only"
-    elif d != dv or d not in (64, 128):
-        why = "head dims 64 or 128 with Dv = D only"
+    lq, d, lk = q.shape[2], q.shape[3], k.shape[2]
+    why = _gluon_why_not(q, v)
+    if why:  # (the reasons common to the Gluon kernels first)
+        pass
     elif cfg["BLOCK_M"] != 64 or cfg["BLOCK_N"] not in (64, 128) or lq % 64 or lk % cfg["BLOCK_N"]:
         why = "64-row query blocks, 64- or 128-key blocks, lengths multiples of them"
     elif pack != 2 or cfg.get("PACK") != 2:
@@ -668,23 +675,10 @@ def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk,
 # kernel runs, as for the Gluon forward (_GLUON_FAILED).
 def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
     """Whether the backward can run the Gluon dk / dv kernel here -> (ok, why not)."""
-    from . import gluon_fwd
-    b, hq, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[3]
-    g = cfg.get("GLUON_BWD")
-    why = None
-    if not g:
-        why = "not asked for (cfg GLUON_BWD)"
-    elif q.device.type != "cuda" or interpreting():
-        why = "Gluon kernels run on CUDA only (not in the interpreter)"
-    elif not _is_hopper(q.device):
-        why = "the Gluon dk / dv kernel is written for Hopper (sm_90: warpgroup MMA)"
-    elif not gluon_fwd.available():
-        why = "this Triton has no Gluon Hopper API"
-    elif q.dtype not in (torch.float16, torch.bfloat16):
-        why = "float16 / bfloat16 only"
-    elif d != dv or d not in (64, 128):
-        why = "head dims 64 or 128 with Dv = D only"
+    lq, lk = q.shape[2], k.shape[2]
+    why = "not asked for (cfg GLUON_BWD)" if not cfg.get("GLUON_BWD") else _gluon_why_not(q, v)
+    if why:  # (the reasons common to the Gluon kernels first)
+        pass
     elif lq % 64 or lk % 128:
         why = "query lengths a multiple of 64, key lengths a multiple of 128"
     elif cfg.get("ATOMIC_DQ"):
