@@ -617,7 +617,9 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     even = (lq % bm == 0 and lk % bn == 0 and lq % bm2 == 0 and lk % bn2 == 0 and d == bd and dv == bdv)
     # (only over rows that are not mapped: see InPlaceTiled)
     kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") and not mod.maps_k else None
-    qd = _kv_descriptors(q, dout, bm2, even) if cfg.get("TMA") and not mod_kv.maps_q else None
+    # (none for the Gluon dk / dv kernel, which makes its own)
+    qd = _kv_descriptors(q, dout, bm2, even) if cfg.get("TMA") and not mod_kv.maps_q and not cfg.get("GLUON_BWD") \
+        else None
     tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd else {}
     tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if qd else {}
     if cfg.get("MERGE"):  # full and partial blocks in one loop in both kernels
