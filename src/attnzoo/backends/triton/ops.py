@@ -381,17 +381,8 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     if key in _GLUON_FAILED:
         return None
     out, lse = _fwd_outputs(q, dv, poison)
-    try:
-        _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, gcfg, pack)
-    except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
-        if key in _GLUON_RAN:
-            raise
-        _GLUON_FAILED[key] = f"{type(e).__name__}: {e}"
-        warnings.warn(f"attnzoo: the Gluon forward failed to build here ({_GLUON_FAILED[key][:300]}); the Triton "
-                      "kernel runs instead", RuntimeWarning, stacklevel=2)
-        return None
-    _GLUON_RAN.add(key)
-    return out, lse
+    launch = lambda: _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, gcfg, pack)  # noqa: E731
+    return (out, lse) if _gluon_launch(key, "forward", launch) else None
 
 
 # Gluon is experimental and changes between Triton releases: a Gluon kernel that fails on its first launch here (a
@@ -399,6 +390,21 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
 # then on. A kernel that has run before re-raises (that is a real error).
 _GLUON_FAILED: dict = {}
 _GLUON_RAN: set = set()
+
+
+def _gluon_launch(key, what: str, launch) -> bool:
+    """Run ``launch()`` (a Gluon kernel, cache key ``key``) -> True, or False (warning once, see _GLUON_FAILED)."""
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
+        if key in _GLUON_RAN:
+            raise
+        _GLUON_FAILED[key] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"attnzoo: the Gluon {what} failed to build here ({_GLUON_FAILED[key][:300]}); the Triton "
+                      "kernel runs instead", RuntimeWarning, stacklevel=4)
+        return False
+    _GLUON_RAN.add(key)
+    return True
 
 
 def gluon_ws_smem(cfg: dict, d: int, esize: int) -> int:
@@ -674,7 +680,7 @@ def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk,
 
 # The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS / ACC_INIT; opt-in,
 # written in the eighteenth session and not yet run on a GPU). A first launch that fails warns once and the Triton
-# kernel runs, as for the Gluon forward (_GLUON_FAILED).
+# kernel runs, as for the Gluon forward (_gluon_launch).
 def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
     """Whether the backward can run the Gluon dk / dv kernel here -> (ok, why not)."""
     lq, lk = q.shape[2], k.shape[2]
@@ -726,20 +732,13 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
     lay64 = gl.NVMMASharedLayout.get_default_for([64, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
     qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
                        for x2 in (q.view(-1, d), dout.view(-1, d), k.view(-1, d), v.view(-1, d)))
-    try:
-        gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](
-            qd, dod, kd, vd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
-            tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
-            scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-            ACC_INIT=g["ACC_INIT"], num_warps=4, maxnreg=168)
-    except Exception as e:  # noqa: BLE001 - see _GLUON_FAILED
-        if key in _GLUON_RAN:
-            raise
-        _GLUON_FAILED[key] = f"{type(e).__name__}: {e}"
-        warnings.warn(f"attnzoo: the Gluon dk / dv kernel failed to build here ({_GLUON_FAILED[key][:300]}); the "
-                      "Triton kernel runs instead", RuntimeWarning, stacklevel=3)
+    launch = lambda: gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](  # noqa: E731
+        qd, dod, kd, vd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
+        tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
+        scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
+        ACC_INIT=g["ACC_INIT"], num_warps=4, maxnreg=168)
+    if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
-    _GLUON_RAN.add(key)
     global GLUON_BWD_LAUNCHES
     GLUON_BWD_LAUNCHES += 1
     return True
