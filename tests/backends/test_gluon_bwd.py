@@ -97,3 +97,25 @@ def test_gluon_bwd_cfg_is_ignored_where_it_does_not_apply():
     asked = ops.attention_bwd(do, None, q, k, v, out, lse, az.Causal(), scale, cfg=dict(cfg, GLUON_BWD=True))
     for a, b in zip(plain, asked):
         assert torch.equal(a, b)
+
+
+def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
+    # the host path where the plan says yes (on CPU: pretended): attention_bwd hands the Gluon launch the pattern and
+    # the normalised settings, and with its launch failing (False) the Triton dk / dv kernel gives the same gradients
+    # on the Gluon kernel's tiles (64 x 128)
+    if not ops.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
+    scale, pattern = 0.25, az.SlidingWindow(40)
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    calls = []
+    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: dict(num_stages=2, REGS=240, ACC_INIT=False))
+    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: calls.append(a) or False)
+    asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
+    assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == dict(num_stages=2, REGS=240, ACC_INIT=False)
+    monkeypatch.undo()
+    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
+    for a, b in zip(plain, asked):
+        torch.testing.assert_close(a, b)

@@ -520,7 +520,8 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
                 CONSUMER_REGS=regs, NARROW=sn, num_warps=4, maxnreg=maxnreg)
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
-        grid = (min(items, _sm_count(q.device)),)
+        # (cfg PROGRAMS: fewer programs than SMs -- a diagnostic knob; 1 walks every item in turn)
+        grid = (min(items, int(cfg.get("PROGRAMS") or _sm_count(q.device))),)
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
     else:
@@ -603,7 +604,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     try:
         _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
                     common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse,
-                    kv=(mod_kv, aux_kv, bm2, bn2))
+                    kv=(mod_kv, aux_kv, bm2, bn2), pattern=pattern)
     except Exception as e:  # Triton's OutOfResources (see attention_fwd): one pipeline stage fewer, remembered
         if type(e).__name__ != "OutOfResources" or cfg["num_stages"] <= 1:
             raise
@@ -616,7 +617,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
 
 
 def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, lay, tlay, items, red, wsk, wsv,
-                common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse, kv=None):
+                common, b, hq, hkv, lq, lk, d, dv, scale, bd, bdv, prec, has_dlse, kv=None, pattern=None):
     bm, bn, nw, ns = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
     mod_kv, aux_kv, bm2, bn2 = kv if kv is not None else (mod, aux, bm, bn)
     # TMA (cfg "TMA"): K / V of the dq kernel and q / dO of the dk/dv kernel through tensor descriptors
