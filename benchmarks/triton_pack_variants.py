@@ -384,7 +384,7 @@ def main():
             continue
         out, lse = ops.attention_fwd(q, k, v, p, scale, cfg=best[1])
         outs, lses = ops.attention_fwd(qs, ks, vs, p, scale, cfg=best[1])
-        dos = do[:, :16, :cs]
+        dos = do[:, :16, :cs].contiguous()
 
         def grads(fn, *x):
             x = [t.detach().requires_grad_() for t in x]

@@ -471,6 +471,10 @@ def _gluon_module(pattern, lq, lk, tile: tuple):
 # run yet. Until then a Gluon config's NARROW is ignored (the kernel runs block 0 as a full tile: correct, slower); the
 # GPU tests (test_gluon_narrow_sink_tile) switch it on, and benchmarks/gluon_narrow_diag.py runs its cases one by one.
 GLUON_NARROW = False
+# NARROW's form (cfg NARROW_MODE, else this; environment ATTNZOO_GLUON_NARROW_MODE): 0 loads the narrow tile only for
+# the flagged items (two predicated expects) and branches around its step; 1 loads it for every item (one expect)
+# and branches; 2 loads it for every item and runs its step on every item, keeping the result where flagged
+GLUON_NARROW_MODE = int(os.environ.get("ATTNZOO_GLUON_NARROW_MODE", "2"))
 
 def gluon_narrow(cfg: dict, pattern, lq: int, lk: int, hq: int, device: str):
     """(NARROW keys, the int32 flag per query block) the Gluon kernel runs with, or (0, None): no cfg NARROW, no
@@ -517,7 +521,8 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
             lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
     meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-                CONSUMER_REGS=regs, NARROW=sn, num_warps=4, maxnreg=maxnreg)
+                CONSUMER_REGS=regs, NARROW=sn, NMODE=int(cfg.get("NARROW_MODE", GLUON_NARROW_MODE)) if sn else 0,
+                num_warps=4, maxnreg=maxnreg)
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
         # (cfg PROGRAMS: fewer programs than SMs -- a diagnostic knob; 1 walks every item in turn)
@@ -695,8 +700,6 @@ def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
     elif _routed(pattern) or _module(pattern, lq, lk, str(q.device), (64, 128))[0].maps_q \
             or _module(pattern, lq, lk, str(q.device), (64, 128))[0].maps_k:
         why = "no routed patterns or row maps (tiled neighborhoods)"
-    elif not all(t.is_contiguous() for t in (q, k, v, dout)):
-        why = "contiguous q, k, v and dout"
     elif _gluon_bwd_module(pattern, lq, lk) is None:
         why = "a mask without lookup tables"
     return why is None, why or ""
@@ -731,8 +734,9 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
     if key in _GLUON_FAILED:
         return False
     lay64 = gl.NVMMASharedLayout.get_default_for([64, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+    # (row-major (B * H * L, D) views: a strided dout -- a slice, a transpose upstream -- is copied first)
     qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
-                       for x2 in (q.view(-1, d), dout.view(-1, d), k.view(-1, d), v.view(-1, d)))
+                       for x2 in (t.contiguous().view(-1, d) for t in (q, dout, k, v)))
     launch = lambda: gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](  # noqa: E731
         qd, dod, kd, vd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
