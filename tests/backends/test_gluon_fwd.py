@@ -62,7 +62,6 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16)),
                                                (64, 128, 2, dict(GLUON="ws", NARROW=16))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
-    monkeypatch.setattr(ops, "GLUON_NARROW", True)  # the configs with NARROW run it (off by default, see ops)
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
     assert _check(q, k, v, PATTERNS[name], cfg), "the Gluon kernel did not run"
@@ -180,16 +179,21 @@ def test_gluon_narrow_sink_tile(form, monkeypatch):
     assert ops._narrow_rows(az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 64, 128, 16, str(q.device), 16) is not None
     for pattern in (az.SlidingWindow(300) | az.Sinks(4), az.SlidingWindow(129) | az.Sinks(16), az.Sinks(4)):
         assert _check(q, k, v, pattern, cfg)
+    if form == "wsp":  # one program walking every item in turn, and one Q buffer
+        for extra in (dict(PROGRAMS=1), dict(QBUF=1)):
+            assert _check(q, k, v, az.SlidingWindow(300) | az.Sinks(4), dict(cfg, **extra))
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=10)
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
 
 
-def test_gluon_narrow_is_off_until_checked_on_the_gpu(monkeypatch):
-    # NARROW in a Gluon config runs only with ops.GLUON_NARROW on (it faulted on the H100 in its first form); then on
-    # the query blocks whose block 0 holds only sinks, none on a plain window
+def test_gluon_narrow_flags(monkeypatch):
+    # NARROW in a Gluon config runs on the query blocks whose block 0 holds only sinks, none on a plain window; with
+    # ops.GLUON_NARROW off it is ignored
     cfg = dict(GCFG, BLOCK_N=128, GLUON="wsp", NARROW=16)
     sinks = az.SlidingWindow(300) | az.Sinks(4)
-    assert not ops.GLUON_NARROW and ops.gluon_narrow(cfg, sinks, 2048, 2048, 8, "cpu") == (0, None)
+    assert ops.GLUON_NARROW
+    monkeypatch.setattr(ops, "GLUON_NARROW", False)
+    assert ops.gluon_narrow(cfg, sinks, 2048, 2048, 8, "cpu") == (0, None)
     monkeypatch.setattr(ops, "GLUON_NARROW", True)
     sn, flags = ops.gluon_narrow(cfg, sinks, 2048, 2048, 8, "cpu")
     # query block m (64 rows) sees keys >= 16 of block 0 (128 keys) while 64 m - 300 <= 127, i.e. m <= 6

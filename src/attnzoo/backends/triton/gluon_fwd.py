@@ -146,26 +146,21 @@ def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr):
 
 
 @gluon.jit
-def _q_load(qd, kdn, vdn, q_smem, nbuf, bar, qb, qrow0, Lq, kvrow, nw, NARROW: gl.constexpr, NMODE: gl.constexpr):
+def _q_load(qd, kdn, vdn, q_smem, nbuf, bar, qb, qrow0, Lq, kvrow, nw, NARROW: gl.constexpr):
     # a work item's Q tiles (both heads) into Q buffer qb, and with them, where nw, its narrow K / V tile (rows
     # kvrow .. kvrow + NARROW) into the narrow buffer qb -- one mbarrier for all, so the narrow tile is ready with Q
     # and free with it (the consumers' narrow step is done before they free Q)
-    # (NMODE 0: only where nw; 1 and 2: on every item, one expect, no predicates)
+    # (the narrow tile for every item, flagged or not: one expect, no predicates -- see _ws_item)
     if NARROW > 0:
         kn_smem, vn_smem = nbuf
-        if NMODE == 0:
-            mbarrier.expect(bar, 2 * qd.block_type.nbytes + kdn.block_type.nbytes + vdn.block_type.nbytes,
-                            pred=nw != 0)
-            mbarrier.expect(bar, 2 * qd.block_type.nbytes, pred=nw == 0)
-        else:
-            mbarrier.expect(bar, 2 * qd.block_type.nbytes + kdn.block_type.nbytes + vdn.block_type.nbytes)
+        mbarrier.expect(bar, 2 * qd.block_type.nbytes + kdn.block_type.nbytes + vdn.block_type.nbytes)
     else:
         mbarrier.expect(bar, 2 * qd.block_type.nbytes)
     tma.async_copy_global_to_shared(qd, [qrow0, 0], bar, q_smem.index(2 * qb))
     tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], bar, q_smem.index(2 * qb + 1))
     if NARROW > 0:
-        tma.async_copy_global_to_shared(kdn, [kvrow, 0], bar, kn_smem.index(qb), pred=(nw != 0) | (NMODE > 0))
-        tma.async_copy_global_to_shared(vdn, [kvrow, 0], bar, vn_smem.index(qb), pred=(nw != 0) | (NMODE > 0))
+        tma.async_copy_global_to_shared(kdn, [kvrow, 0], bar, kn_smem.index(qb))
+        tma.async_copy_global_to_shared(vdn, [kvrow, 0], bar, vn_smem.index(qb))
 
 
 @gluon.jit
@@ -205,8 +200,8 @@ def _narrow_buffers(kdn, vdn, k_smem, v_smem, D: gl.constexpr, NARROW: gl.conste
 @gluon.jit
 def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
                  qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                 NARROW: gl.constexpr, NMODE: gl.constexpr):
-    _q_load(qd, kdn, vdn, q_smem, nbuf, qbar, 0, qrow0, Lq, kvrow, nw, NARROW, NMODE)
+                 NARROW: gl.constexpr):
+    _q_load(qd, kdn, vdn, q_smem, nbuf, qbar, 0, qrow0, Lq, kvrow, nw, NARROW)
     _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, STAGES, BLOCK_N)
 
 
@@ -214,7 +209,7 @@ def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kread
 def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, turn, qempty,
              O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMODE: gl.constexpr):
+             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
@@ -236,15 +231,15 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
     if NARROW > 0:
-        if NMODE == 2:  # the narrow step on every item, its result kept where nw (no branch around the MMAs)
-            m_n, l_n, acc_n = _narrow_step(qs, kn_smem, vn_smem, m0, OFF, h + C, AUX, qk_scale, srow, o_layout,
-                                           p_layout, BLOCK_M, NARROW, D)
-            m_i = gl.where(nw != 0, m_n, m_i)
-            l_i = gl.where(nw != 0, l_n, l_i)
-            acc = gl.where(nw != 0, acc_n, acc)
-        elif nw != 0:
-            m_i, l_i, acc = _narrow_step(qs, kn_smem, vn_smem, m0, OFF, h + C, AUX, qk_scale, srow, o_layout,
-                                         p_layout, BLOCK_M, NARROW, D)
+        # the narrow step on every item, its result kept where nw: a branch around its MMAs (if nw != 0) gave wrong
+        # outputs on the unflagged items of the persistent kernel with two Q buffers (H100, nineteenth session,
+        # benchmarks/gluon_narrow_map.py: with or without the tile's load predicated; the ws kernel and one Q
+        # buffer were right) -- the branch-free form is right in every case there
+        m_n, l_n, acc_n = _narrow_step(qs, kn_smem, vn_smem, m0, OFF, h + C, AUX, qk_scale, srow, o_layout,
+                                       p_layout, BLOCK_M, NARROW, D)
+        m_i = gl.where(nw != 0, m_n, m_i)
+        l_i = gl.where(nw != 0, l_n, l_i)
+        acc = gl.where(nw != 0, acc_n, acc)
     if n > 0:
         blk = _blk(0, nf, f0, prow, n)
         slot0 = it0 % STAGES
@@ -303,19 +298,19 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
 def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn,
                  O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale,
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr, NARROW: gl.constexpr, NMODE: gl.constexpr):
+                 PINGPONG: gl.constexpr, NARROW: gl.constexpr):
     mbarrier.wait(qbar, 0)
     kn_smem, vn_smem = nbuf
     _ws_item(C, q_smem.index(C), k_smem, v_smem, kn_smem.index(0), vn_smem.index(0), kready, vready, kempty, vempty,
              turn, qbar, O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, qk_scale, D, BLOCK_M, BLOCK_N,
-             STAGES, PINGPONG, False, NARROW, NMODE)
+             STAGES, PINGPONG, False, NARROW)
 
 
 @gluon.jit
 def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
                       H, G, Lq, Lk, OFF, qk_scale,
                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, NARROW: gl.constexpr, NMODE: gl.constexpr):
+                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, NARROW: gl.constexpr):
     # PACK 2 only: two query heads of one GQA group, one consumer warpgroup each (kernel num_warps = 4)
     dtype: gl.constexpr = kd.dtype
     pid_m = gl.program_id(0)
@@ -338,12 +333,12 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
     gl.warp_specialize([
         (_ws_consumer, (0, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
                         qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        NARROW, NMODE)),
+                        NARROW)),
         (_ws_consumer, (1, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
                         qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        NARROW, NMODE)),
+                        NARROW)),
         (_ws_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
-                        qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES, BLOCK_N, NARROW, NMODE)),
+                        qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES, BLOCK_N, NARROW)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -385,7 +380,7 @@ def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
 def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                   vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
-                  ORDER: gl.constexpr, NARROW: gl.constexpr, NMODE: gl.constexpr):
+                  ORDER: gl.constexpr, NARROW: gl.constexpr):
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -394,7 +389,7 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
         nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
-        _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW, NMODE)
+        _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
         _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, STAGES,
                        BLOCK_N)
         it0 += n
@@ -406,7 +401,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
                   turn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                   n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                  NARROW: gl.constexpr, NMODE: gl.constexpr):
+                  NARROW: gl.constexpr):
     it0 = 0
     i = 0
     kn_smem, vn_smem = nbuf
@@ -418,7 +413,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
         _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
                  kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
-                 qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMODE)
+                 qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW)
         it0 += n
         i += 1
 
@@ -428,7 +423,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
-                       ORDER: gl.constexpr, NARROW: gl.constexpr, NMODE: gl.constexpr):
+                       ORDER: gl.constexpr, NARROW: gl.constexpr):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -443,13 +438,13 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMODE)),
+                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW)),
         (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMODE)),
+                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW)),
         (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                          vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
-                         STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, NMODE)),
+                         STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 

@@ -464,17 +464,13 @@ def _gluon_module(pattern, lq, lk, tile: tuple):
     return gluon_fwd.gluon_module(lines) if gluon_fwd.plain_mask(lines) else None
 
 
-# NARROW in the Gluon kernels (block 0 as a NARROW-key sink tile) is off until it passes on the GPU: its first form (own
-# buffers and mbarriers) ran at speed (H100, sinks + window 1024: 1.184 -> 1.108 ms at 16K, 5.305 -> 4.837 at 64K) but
-# faulted (an illegal address) on mixed narrow / full work items with two Q buffers
-# (benchmarks/results/h100-2026-12-06-s18/call5); the present form loads the tile with Q, on its mbarrier, and has not
-# run yet. Until then a Gluon config's NARROW is ignored (the kernel runs block 0 as a full tile: correct, slower); the
-# GPU tests (test_gluon_narrow_sink_tile) switch it on, and benchmarks/gluon_narrow_diag.py runs its cases one by one.
-GLUON_NARROW = False
-# NARROW's form (cfg NARROW_MODE, else this; environment ATTNZOO_GLUON_NARROW_MODE): 0 loads the narrow tile only for
-# the flagged items (two predicated expects) and branches around its step; 1 loads it for every item (one expect)
-# and branches; 2 loads it for every item and runs its step on every item, keeping the result where flagged
-GLUON_NARROW_MODE = int(os.environ.get("ATTNZOO_GLUON_NARROW_MODE", "2"))
+# NARROW in the Gluon kernels (block 0 as a NARROW-key sink tile, loaded with Q for every work item, its step run on
+# every item and kept where flagged). Earlier forms -- the tile's own mbarriers, then its load predicated and its step
+# behind a branch -- faulted or gave wrong outputs on the unflagged items of the persistent kernel with two Q buffers
+# (H100, eighteenth / nineteenth sessions, benchmarks/gluon_narrow_map.py); this one was right there and runs sinks +
+# window 1024 at 16K in 1.146 ms against 1.188 without it (benchmarks/results/h100-2026-12-06-s19/c3). False: a Gluon
+# config's NARROW is ignored (block 0 runs as a full tile).
+GLUON_NARROW = True
 
 def gluon_narrow(cfg: dict, pattern, lq: int, lk: int, hq: int, device: str):
     """(NARROW keys, the int32 flag per query block) the Gluon kernel runs with, or (0, None): no cfg NARROW, no
@@ -521,7 +517,7 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
             lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
     meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-                CONSUMER_REGS=regs, NARROW=sn, NMODE=int(cfg.get("NARROW_MODE", GLUON_NARROW_MODE)) if sn else 0,
+                CONSUMER_REGS=regs, NARROW=sn,
                 num_warps=4, maxnreg=maxnreg)
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
