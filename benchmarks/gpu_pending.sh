@@ -142,12 +142,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the eighteenth session (2026-12-06), in this order: the Gluon NARROW's present form (its fault
-# diagnosis case by case, then its tests and round 16, ~6 min), the Gluon dk / dv kernel's first run (gluon-bwd, ~6
-# min); then, in later calls, the whole Gluon forward test file with the new defaults (gluon-default, ~6 min; it
-# outran 200 s in call 3) and attnzoo bench (sinks-bench, or windows; with ops.GLUON_NARROW switched on in a commit if
-# it passed)
-SECTIONS=${*:-narrow-diag gluon-narrow gluon-bwd}
+# still owed after the nineteenth session (2026-12-06), in this order: the whole Gluon forward test file with the new
+# defaults (gluon-default, ~6 min: NARROW on, branch-free), then attnzoo bench on every window (windows) and window
+# 4096 at 64K (wide64); the Gluon NARROW and dk / dv kernel ran and passed (benchmarks/results/h100-2026-12-06-s19)
+SECTIONS=${*:-gluon-default windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;

@@ -302,7 +302,7 @@ def main():
         ap.error("--d 64 has variants in round 3 only")
     if args.round in FWD_ONLY:
         FWD, BWD = FWD_ONLY[args.round], {}
-    if args.round == 16:  # the Gluon kernels' NARROW is off by default until it passes on the GPU (ops.GLUON_NARROW)
+    if args.round == 16:  # (the Gluon kernels' NARROW: on by default since the nineteenth session)
         ops.GLUON_NARROW = True
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
