@@ -81,20 +81,22 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-                maxnreg: int = 168, acc_init: bool = False):
-    """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves)."""
+                maxnreg: int = 168, acc_init: bool = False, fused: bool = False):
+    """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
+    ``fused``: FUSED_DQ (dq by TMA reduce-adds into a float32 accumulator, through its descriptor dqd)."""
     from triton.experimental.gluon import language as gl
     from attnzoo.backends.triton import gluon_bwd
     lines, _aux = generate(pattern, lq, lq, (64, 128))
     fn = gluon_bwd.gluon_bwd_module(lines).gluon_attn_bwd_dkdv
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     desc = f"tensordesc<{dtype}[64, {d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
-    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, LSE="*fp32", DELTA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
+    dqdesc = f"tensordesc<fp32[64, {d // 2}],{gl.NVMMASharedLayout.get_default_for([64, d // 2], gl.float32)!r}>"
+    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, dqd=dqdesc if fused else desc, LSE="*fp32", DELTA="*fp32", DK=f"*{dtype}", DV=f"*{dtype}",
                WSK="*fp32", WSV="*fp32", ITEMS="*i32", AUX="*i32", QN="*i32", QI="*i32", FQN="*i32", FQI="*i32",
                lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", HKV="i32", G="i32", Lq="i32", Lk="i32",
                OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr", STAGES="constexpr", BLOCK_M="constexpr",
-               HALF="constexpr", CONSUMER_REGS="constexpr", ACC_INIT="constexpr")
-    consts = dict(D=d, STAGES=stages, BLOCK_M=64, HALF=64, CONSUMER_REGS=regs, ACC_INIT=acc_init)
+               HALF="constexpr", CONSUMER_REGS="constexpr", ACC_INIT="constexpr", FUSED_DQ="constexpr")
+    consts = dict(D=d, STAGES=stages, BLOCK_M=64, HALF=64, CONSUMER_REGS=regs, ACC_INIT=acc_init, FUSED_DQ=fused)
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -115,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
+    ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
     if a.bwd:
@@ -122,7 +125,7 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168,
-                                       acc_init=a.acc_init)
+                                       acc_init=a.acc_init, fused=a.fused)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")
                     if a.ptx:

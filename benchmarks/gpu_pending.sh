@@ -97,6 +97,10 @@
 #   narrow-diag  issue 3 (eighteenth session): benchmarks/gluon_narrow_diag.py, the Gluon NARROW's cases one process each
 #   gluon-narrow issue 3 (eighteenth session): the narrow sink tile in the persistent Gluon forward (NARROW, REGS 240):
 #                its GPU tests, then round 16 on sinks + window and window 1024 at 16K and 64K
+#   gluon-fused  issue 3 (nineteenth session, not yet run): the Gluon dk / dv kernel with dq in it (GLUON_BWD FUSED_DQ: TMA
+#                reduce-adds into a float32 accumulator, 5 products a pair instead of 7): its GPU tests, then round 17
+#   bwd-profile  issue 3 (nineteenth session): benchmarks/attn_bwd_profile.py, the backward's device time by kernel (dq,
+#                dk / dv, Triton and Gluon) with each kernel's effective TF/s, 16K, windows and causal
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
 #   gluon-bwd    issue 3 (eighteenth session, NOT YET RUN): the Gluon dk / dv kernel (cfg GLUON_BWD): its GPU tests,
 #                then round 17 against the Triton backward at 16K (four local patterns)
@@ -142,10 +146,11 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the nineteenth session (2026-12-06), in this order: the whole Gluon forward test file with the new
-# defaults (gluon-default, ~6 min: NARROW on, branch-free), then attnzoo bench on every window (windows) and window
-# 4096 at 64K (wide64); the Gluon NARROW and dk / dv kernel ran and passed (benchmarks/results/h100-2026-12-06-s19)
-SECTIONS=${*:-gluon-default windows}
+# still owed after the nineteenth session (2026-12-06), in this order: the fused Gluon backward's first run (gluon-fused,
+# ~6 min), the backward by kernel (bwd-profile, ~3 min), the whole Gluon forward test file with the new defaults
+# (gluon-default, ~6 min: NARROW on, branch-free), then attnzoo bench on every window (windows) and window 4096 at 64K
+# (wide64); the Gluon NARROW and dk / dv kernel ran and passed (benchmarks/results/h100-2026-12-06-s19)
+SECTIONS=${*:-gluon-fused bwd-profile gluon-default windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -246,6 +251,12 @@ for s in $SECTIONS; do
               > "$OUT/gluon_bwd_log.txt" 2>&1
            timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 17 \
               --patterns ${BWD_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonbwd" --quick >> "$OUT/gluon_bwd_log.txt" 2>&1 ;;
+    gluon-fused) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
+              -k "FUSED or fused" > "$OUT/gluon_fused_log.txt" 2>&1
+           timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 17 \
+              --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonfused" --quick >> "$OUT/gluon_fused_log.txt" 2>&1 ;;
+    bwd-profile) timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} \
+              > "$OUT/bwd_profile_log.txt" 2>&1 ;;
     wide64) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw4096 --L 65536 \
               --out "$OUT/wide64" > "$OUT/wide64_log.txt" 2>&1 ;;
     gluon-default) timeout ${GLUON_TEST_S:-400} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \

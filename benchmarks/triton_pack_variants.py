@@ -260,6 +260,9 @@ BWD17 = {
     "gluon bwd s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(num_stages=3)),
     "gluon bwd s2 r232": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(REGS=232)),
     "gluon bwd s2 acc-init": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ACC_INIT=True)),
+    # (nineteenth session, not yet run) dq in the same kernel by TMA reduce-adds: 5 products a pair instead of 7
+    "gluon bwd fused dq": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True)),
+    "gluon bwd fused dq s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
 }
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {

@@ -44,7 +44,8 @@ def _bwd_cfg(d, **extra):
 @gpu
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3)), (128, dict(ACC_INIT=True))])
+@pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3)), (128, dict(ACC_INIT=True)),
+                                     (128, dict(FUSED_DQ=True)), (64, dict(FUSED_DQ=True))])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -118,4 +119,28 @@ def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
     monkeypatch.undo()
     plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
     for a, b in zip(plain, asked):
+        torch.testing.assert_close(a, b)
+
+
+def test_gluon_fused_dq_path_and_its_fallback(monkeypatch):
+    # FUSED_DQ: no dq kernel; delta first and a float32 accumulator handed to the Gluon launch; where that launch fails
+    # the Triton dk / dv kernel adds dq by atomics (its ATOMIC form) on the same 64 x 128 tiles -- same gradients
+    if not ops.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
+    scale, pattern = 0.25, az.SlidingWindow(40) | az.Sinks(4)
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    settings = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=True)
+    calls = []
+    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: settings)
+    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: calls.append(a) or False)
+    fused = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
+    dqa = calls[0][-1]
+    assert len(calls) == 1 and calls[0][1] == settings
+    assert dqa.dtype == torch.float32 and dqa.shape == (1 * 2 * 128, 16)
+    monkeypatch.undo()
+    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
+    for a, b in zip(plain, fused):
         torch.testing.assert_close(a, b)

@@ -19,6 +19,15 @@ one (batch, KV head), looping over the G query heads of the group:
   over several items, its float32 partials go to the workspace that `attn_bwd_reduce` sums (the Triton kernel's
   format, 128-key rows).
 
+FUSED_DQ (cfg ``GLUON_BWD=dict(FUSED_DQ=True)``; nineteenth session, compiled for sm_90, **not yet run**): dq in the
+same kernel, five products a pair instead of the seven of two kernels. Each consumer also writes its dS^T half to
+shared memory (double-buffered by step parity, two count-2 mbarriers between the consumers), takes dK's product from
+that copy, and computes ``dq[:, C * D/2 ..] = dS K[:, C * D/2 ..]`` over both halves (64 rows x 128 keys); the tile
+goes to shared memory and a TMA reduce-add puts it into a float32 (B * H * Lq, D) accumulator (the other key blocks
+add theirs: not bitwise deterministic). ``attention_bwd`` runs the delta kernel first and scales / casts the
+accumulator after, as for ATOMIC_DQ (the Triton kernel's ATOMIC form is the fallback). ptxas sm_90 at 240 registers:
+D = 64 no spills; D = 128 about 32 spill loads and 50 stores a step (24 / 9 without it).
+
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
 """
@@ -28,6 +37,21 @@ from .gluon_fwd import PRELUDE
 from .kernels import import_source
 
 KERNEL_BWD = '''
+
+# TMA reduce-add of a shared-memory tile into global memory (FUSED_DQ): Gluon's own where this Triton has it, else
+# the same IR op through a builtin of our own (Triton 3.6's Gluon has the op, not its Python wrapper)
+try:
+    _tma_add = tma.async_atomic_add
+except AttributeError:
+    from triton.experimental.gluon.language._core import builtin as _builtin
+    from triton._C.libtriton import ir as _ir
+
+    @_builtin
+    def _tma_add(tensor_desc, coord, src, _semantic=None):
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
 
 @gluon.jit
 def _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m):
@@ -71,15 +95,18 @@ def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready
 @gluon.jit
 def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
-                  pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale,
+                  pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, D, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    DH: gl.constexpr = D // 2  # (FUSED_DQ) the dq columns of consumer C: C * DH ..
+    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DH, 16])
     scol: gl.constexpr = gl.SliceLayout(0, s_layout)
     cols = gl.arange(0, BLOCK_M, layout=scol)
     kk = gl.expand_dims(pid_n * (2 * HALF) + C * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout)), 1)
@@ -129,10 +156,39 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                 ds = p * dp
             else:
                 ds = p * (dp - gl.expand_dims(delta, 0))
-            dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
-            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
-            mbarrier.arrive(empty.index(slot), count=1)
+            if FUSED_DQ:  # dS^T of this half to shared memory, for both consumers' dq products below
+                dsb = it % 2
+                mbarrier.wait(dsfree.index(dsb), ((it // 2) & 1) ^ 1)  # (step it - 2's dq products are done)
+                ds_smem.index(2 * dsb + C).store(ds.to(dtype))
+                fence_async_shared()
+                mbarrier.arrive(dsready.index(dsb), count=1)
+                # dK += dS^T Q from that copy (no register operand live through the MMAs below)
+                dk = warpgroup_mma(ds_smem.index(2 * dsb + C), qs, dk, is_async=True)
+            else:
+                dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
+            if FUSED_DQ:
+                # dq[:, C * DH ..] of these 64 query rows = dS (64 rows x 128 keys, both halves) K[:, C * DH ..],
+                # added to the float32 dq accumulator by a TMA reduce (the other key blocks add theirs)
+                mbarrier.wait(dsready.index(dsb), (it // 2) & 1)
+                dq = warpgroup_mma(ds_smem.index(2 * dsb).permute((1, 0)), k_smem.index(0).slice(C * DH, DH, dim=1),
+                                   gl.zeros([BLOCK_M, DH], gl.float32, layout=q_layout), use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_smem.index(2 * dsb + 1).permute((1, 0)),
+                                   k_smem.index(1).slice(C * DH, DH, dim=1), dq, is_async=True)
+                dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dq))
+                mbarrier.arrive(dsfree.index(dsb), count=1)
+                mbarrier.arrive(empty.index(slot), count=1)
+                tma.store_wait(0)  # the previous step's reduce has read dq_smem[C]
+                gl.thread_barrier()
+                dq_smem.index(C).store(dq)
+                fence_async_shared()
+                gl.thread_barrier()
+                _tma_add(dqd, [bh * Lq + m0, C * DH], dq_smem.index(C))
+            else:
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+                mbarrier.arrive(empty.index(slot), count=1)
             it += 1
+    if FUSED_DQ:
+        tma.store_wait(0)
     rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
     dcols = gl.arange(0, D, layout=gl.SliceLayout(0, a_layout))
     if wslot < 0:
@@ -146,10 +202,10 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
 
 
 @gluon.jit
-def gluon_attn_bwd_dkdv(qd, dod, kd, vd, LSE, DELTA, DK, DV, WSK, WSV, ITEMS, AUX, QN, QI, FQN, FQI,
+def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEMS, AUX, QN, QI, FQN, FQI,
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr):
+                        CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -173,13 +229,30 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, LSE, DELTA, DK, DV, WSK, WSV, ITEMS, AU
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
+    # FUSED_DQ: dS^T of both halves, double-buffered by step parity ([2 * buffer + half]: 64 keys x 64 rows), each
+    # consumer's dq tile for the TMA reduce, and the two consumers' ready / free barriers for the dS^T buffers
+    # (without FUSED_DQ: small stand-ins, unused)
+    if FUSED_DQ:
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        ds_smem = gl.allocate_shared_memory(dtype, [4, HALF, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], dqd.layout)
+    else:
+        ds_smem = k_smem
+        dq_smem = k_smem
+    dsready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dsfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(dsready.index(i), count=2)
+        mbarrier.init(dsfree.index(i), count=2)
     gl.warp_specialize([
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
-                         wslot, nbh, qk_scale, sm_scale, D, STAGES, BLOCK_M, HALF, ACC_INIT)),
+                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
+                         HALF, ACC_INIT, FUSED_DQ)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
-                         wslot, nbh, qk_scale, sm_scale, D, STAGES, BLOCK_M, HALF, ACC_INIT)),
+                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
+                         HALF, ACC_INIT, FUSED_DQ)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),

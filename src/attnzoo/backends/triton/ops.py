@@ -637,7 +637,10 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     # the dk/dv kernel's own warps and stages (WARPS_KV / STAGES_KV), else the config's
     nw_kv, ns_kv = cfg.get("WARPS_KV", nw), cfg.get("STAGES_KV", ns)
     dqa = None
-    if cfg.get("ATOMIC_DQ"):
+    # FUSED_DQ (a GLUON_BWD option): dq from the Gluon kernel by TMA reduce-adds, as ATOMIC_DQ has it from the Triton
+    # one -- delta first, a float32 accumulator, no dq kernel; the Triton kernel with ATOMIC is its fallback
+    fused = bool(cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("FUSED_DQ"))
+    if cfg.get("ATOMIC_DQ") or fused:
         # dq from the dk/dv kernel (each tile's dS K added in float32 to a row accumulator: five products per
         # tile instead of seven over the two kernels, not bitwise deterministic); delta by its own small kernel
         mod_kv.attn_bwd_delta[(-(-lq // 64), b * hq)](
@@ -656,7 +659,7 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
             BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
             EVEN_N=lk % bn == 0, num_warps=nw, num_stages=ns, **tma_dq)
     if cfg.get("GLUON_BWD") and _gluon_bwd(pattern, cfg["GLUON_BWD"], q, k, v, dout, lse, delta, dk, dvv, wsk, wsv,
-                                           items, aux_kv, tlay, scale):
+                                           items, aux_kv, tlay, scale, dqa):
         pass
     else:
         _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
@@ -708,7 +711,7 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
         return None
     g = g if isinstance(g, dict) else {}
     return dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
-                ACC_INIT=bool(g.get("ACC_INIT", False)))
+                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
 
 
 @functools.lru_cache(maxsize=128)
@@ -719,8 +722,10 @@ def _gluon_bwd_module(pattern, lq, lk):
     return gluon_bwd.gluon_bwd_module(lines) if gluon_fwd.plain_mask(lines) else None
 
 
-def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay, scale) -> bool:
-    """Run the Gluon dk / dv kernel -> True, or False (with a warning, once) where its first launch fails."""
+def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay, scale,
+               dqa=None) -> bool:
+    """Run the Gluon dk / dv kernel -> True, or False (with a warning, once) where its first launch fails.
+    ``dqa``: with g's FUSED_DQ, the float32 (B * H * Lq, D) accumulator its dq products are added to."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     b, hq, lq, d = q.shape
@@ -733,11 +738,16 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
     # (row-major (B * H * L, D) views: a strided dout -- a slice, a transpose upstream -- is copied first)
     qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
                        for x2 in (t.contiguous().view(-1, d) for t in (q, dout, k, v)))
+    if g["FUSED_DQ"]:  # the accumulator's tiles of 64 rows x D / 2 columns (one per consumer), float32
+        dqd = GluonDescriptor(dqa, list(dqa.shape), list(dqa.stride()), [64, d // 2],
+                              gl.NVMMASharedLayout.get_default_for([64, d // 2], gl.float32))
+    else:  # (unused: a stand-in of the same kind)
+        dqd = qd
     launch = lambda: gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](  # noqa: E731
-        qd, dod, kd, vd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
+        qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], num_warps=4, maxnreg=168)
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
     global GLUON_BWD_LAUNCHES

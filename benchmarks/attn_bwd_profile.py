@@ -1,0 +1,87 @@
+"""Where the attention backward's time goes, kernel by kernel (issue 3: windows' fwd+bwd is 1.15-1.29x flex against the
+1.3x target, and the backward is ~80 % of it). For each pattern at L tokens (64 / 8 heads, D 128, bf16): the forward
+default once, then the backward under torch.profiler for each backward config -- the Triton default and the Gluon
+dk / dv kernel (cfg GLUON_BWD) -- with each kernel's device time a call, its share, and its effective TF/s counted on
+the visible pairs (dq kernel 3 products a pair: S, dP, dS K; dk / dv kernel 4: S^T, dP^T, P^T dO, dS^T Q; the Gluon
+and Triton forms alike). On the GPU machine:
+    PYTHONPATH=src python3 benchmarks/attn_bwd_profile.py [--patterns sw1024,sw4096,causal] [--L 16384] [--reps 10]
+--smoke: a small float32 run on CPU under TRITON_INTERPRET=1 (the script's own check; no timings worth reading)."""
+import argparse
+import collections
+import os
+import sys
+
+import torch
+
+import attnzoo as az
+from attnzoo.backends.triton import ops, tuning
+
+PATTERNS = {"causal": az.Causal(), "sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
+            "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4)}
+# products a visible pair costs in each kernel (2 D flops each); other kernels (the split columns' reduction) get none
+PRODUCTS = {"attn_bwd_dq": 3, "attn_bwd_dkdv": 4, "gluon_attn_bwd_dkdv": 4}  # (FUSED_DQ: the Gluon kernel does 5)
+
+
+def _products(name: str, fused: bool = False) -> int:
+    n = next((n for key, n in PRODUCTS.items() if name.startswith(key)), 0)
+    return n + 1 if fused and name.startswith("gluon_attn_bwd_dkdv") else n
+
+
+def profile_bwd(q, k, v, do, out, lse, pattern, scale, cfg, reps: int):
+    """{kernel name: device µs per call} of `ops.attention_bwd` over ``reps`` calls (after one warm-up call)."""
+    run = lambda: ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=cfg)  # noqa: E731
+    run()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if q.is_cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(reps):
+            run()
+        if q.is_cuda:
+            torch.cuda.synchronize()
+    times = collections.Counter()
+    for e in prof.key_averages():
+        if q.is_cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.key] += e.self_device_time_total / reps
+    return dict(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patterns", default="sw1024,sw4096,causal")
+    ap.add_argument("--L", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="CPU, float32, 128 tokens: the script's own check")
+    args = ap.parse_args()
+    for name in args.patterns.split(","):
+        if name not in PATTERNS:
+            ap.error(f"unknown pattern {name!r}: choose from {sorted(PATTERNS)}")
+    dev = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --smoke on CPU under TRITON_INTERPRET=1)")
+    L, hq, hkv, d = (128, 4, 2, 32) if args.smoke else (args.L, 64, 8, 128)
+    dt = torch.float32 if args.smoke else torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, do = (torch.randn(1, hq, L, d, device=dev, dtype=dt, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, hkv, L, d, device=dev, dtype=dt, generator=gen) for _ in range(2))
+    scale = d ** -0.5
+    print(f"# attention backward by kernel: 1 x {hq} / {hkv} heads x {L} tokens, D {d}, {dt}, {dev}; "
+          f"µs a call over {args.reps} calls")
+    print(f"{'pattern':14s} {'config':22s} {'kernel':40s} {'µs':>9s} {'share':>6s} {'TF/s':>6s}")
+    for name in args.patterns.split(","):
+        p = PATTERNS[name]
+        pairs = hq * p.density(L, L) * L * L
+        out, lse = ops.attention_fwd(q, k, v, p, scale)
+        base = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
+            dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        for cname, cfg in (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
+                           ("gluon fused dq", dict(base, GLUON_BWD=dict(FUSED_DQ=True)))):
+            times = profile_bwd(q, k, v, do, out, lse, p, scale, cfg, args.reps)
+            total = sum(times.values()) or float("nan")
+            for kern, us in sorted(times.items(), key=lambda kv: -kv[1]):
+                n = _products(kern, "fused" in cname)
+                tf = n * 2 * d * pairs / (us * 1e-6) / 1e12 if n and us else float("nan")
+                print(f"{name:14s} {cname:22s} {kern[:40]:40s} {us:9.1f} {us / total:6.1%} {tf:6.0f}")
+            print(f"{name:14s} {cname:22s} {'(all kernels)':40s} {total:9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
