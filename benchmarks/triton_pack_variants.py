@@ -295,6 +295,8 @@ def main():
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
     ap.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim (round 3 only for 64)")
     ap.add_argument("--table", metavar="JSONL", help="print the table of an earlier run's records and exit")
+    ap.add_argument("--only", metavar="SUBSTR[,SUBSTR]",
+                    help="time only the backward variants whose names contain one of these (and the old reference)")
     args = ap.parse_args()
     if args.table:
         with open(args.table) as f:
@@ -321,6 +323,9 @@ def main():
         FWD, BWD = FWD4, BWD4
     elif args.round > 1:
         FWD, BWD = (FWD2, BWD2) if args.round == 2 else (FWD3_D64 if args.d == 64 else FWD3, BWD3)
+    if args.only:
+        keep = args.only.split(",")
+        BWD = {name: c for name, c in BWD.items() if "(old)" in name or any(x in name for x in keep)}
     dev = "cpu" if args.smoke else "cuda"
     L, hq, hkv, d = (args.L, 64, 8, args.d) if not args.smoke else (64, 8, 2, 32)
     dt = torch.float32 if args.smoke else torch.bfloat16
