@@ -73,7 +73,9 @@ def main():
         base = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
             dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         for cname, cfg in (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
-                           ("gluon fused dq", dict(base, GLUON_BWD=dict(FUSED_DQ=True)))):
+                           ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
+                           ("gluon fused dq lag s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, DQ_LAG=True,
+                                                                                num_stages=3)))):
             times = profile_bwd(q, k, v, do, out, lse, p, scale, cfg, args.reps)
             total = sum(times.values()) or float("nan")
             for kern, us in sorted(times.items(), key=lambda kv: -kv[1]):

@@ -263,6 +263,10 @@ BWD17 = {
     # (nineteenth session, not yet run) dq in the same kernel by TMA reduce-adds: 5 products a pair instead of 7
     "gluon bwd fused dq": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True)),
     "gluon bwd fused dq s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
+    # (written after the call that timed the two above level with the Triton backward: each step's dq one step later,
+    # so the two consumers need not meet every step)
+    "gluon bwd fused dq lag s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, DQ_LAG=True,
+                                                                               num_stages=3)),
 }
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {

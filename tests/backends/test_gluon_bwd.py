@@ -45,7 +45,9 @@ def _bwd_cfg(d, **extra):
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3)), (128, dict(ACC_INIT=True)),
-                                     (128, dict(FUSED_DQ=True)), (64, dict(FUSED_DQ=True))])
+                                     (128, dict(FUSED_DQ=True)), (64, dict(FUSED_DQ=True)),
+                                     (128, dict(FUSED_DQ=True, DQ_LAG=True, num_stages=3))],
+                         ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-lag"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))

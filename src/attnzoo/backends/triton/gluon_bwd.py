@@ -54,6 +54,28 @@ except AttributeError:
 
 
 @gluon.jit
+def _dq_step(C: gl.constexpr, t, qrow, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH: gl.constexpr,
+             BLOCK_M: gl.constexpr, q_layout: gl.constexpr):
+    # (FUSED_DQ) step t's dq[:, C * DH ..] for its 64 query rows (from qrow) = dS (64 rows x 128 keys: both consumers'
+    # dS^T halves in buffer t % 2) K[:, C * DH ..], added to the float32 dq accumulator by a TMA reduce (the other key
+    # blocks add theirs); then buffer t % 2 is free for step t + 2
+    tb = t % 2
+    mbarrier.wait(dsready.index(tb), (t // 2) & 1)
+    dq = warpgroup_mma(ds_smem.index(2 * tb).permute((1, 0)), k_smem.index(0).slice(C * DH, DH, dim=1),
+                       gl.zeros([BLOCK_M, DH], gl.float32, layout=q_layout), use_acc=False, is_async=True)
+    dq = warpgroup_mma(ds_smem.index(2 * tb + 1).permute((1, 0)), k_smem.index(1).slice(C * DH, DH, dim=1), dq,
+                       is_async=True)
+    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+    mbarrier.arrive(dsfree.index(tb), count=1)
+    tma.store_wait(0)  # the previous reduce has read dq_smem[C]
+    gl.thread_barrier()
+    dq_smem.index(C).store(dq)
+    fence_async_shared()
+    gl.thread_barrier()
+    _tma_add(dqd, [qrow, C * DH], dq_smem.index(C))
+
+
+@gluon.jit
 def _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m):
     # kv block pid_n's visiting query blocks for head h in the transposed layout: nf full ones (list at frow),
     # then the partial ones (list at prow); n in all
@@ -97,7 +119,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_LAG: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -117,6 +139,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
     vc = v_smem.index(C)
     mbarrier.wait(kvbar, 0)
     it = 0
+    qrow_prev = 0  # (DQ_LAG) the previous step's first query row in the (B * H * Lq, D) view
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
@@ -167,27 +190,23 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
             else:
                 dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
             if FUSED_DQ:
-                # dq[:, C * DH ..] of these 64 query rows = dS (64 rows x 128 keys, both halves) K[:, C * DH ..],
-                # added to the float32 dq accumulator by a TMA reduce (the other key blocks add theirs)
-                mbarrier.wait(dsready.index(dsb), (it // 2) & 1)
-                dq = warpgroup_mma(ds_smem.index(2 * dsb).permute((1, 0)), k_smem.index(0).slice(C * DH, DH, dim=1),
-                                   gl.zeros([BLOCK_M, DH], gl.float32, layout=q_layout), use_acc=False, is_async=True)
-                dq = warpgroup_mma(ds_smem.index(2 * dsb + 1).permute((1, 0)),
-                                   k_smem.index(1).slice(C * DH, DH, dim=1), dq, is_async=True)
-                dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dq))
-                mbarrier.arrive(dsfree.index(dsb), count=1)
-                mbarrier.arrive(empty.index(slot), count=1)
-                tma.store_wait(0)  # the previous step's reduce has read dq_smem[C]
-                gl.thread_barrier()
-                dq_smem.index(C).store(dq)
-                fence_async_shared()
-                gl.thread_barrier()
-                _tma_add(dqd, [bh * Lq + m0, C * DH], dq_smem.index(C))
-            else:
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
-                mbarrier.arrive(empty.index(slot), count=1)
+                # DQ_LAG: the previous step's dq (its dS^T, both halves, ready a step ago), so the two consumers
+                # need not meet at every step; else this step's
+                if DQ_LAG:
+                    if it > 0:
+                        _dq_step(C, it - 1, qrow_prev, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M,
+                                 q_layout)
+                    qrow_prev = bh * Lq + m0
+                else:
+                    _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M,
+                             q_layout)
+            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+            mbarrier.arrive(empty.index(slot), count=1)
             it += 1
     if FUSED_DQ:
+        if DQ_LAG:
+            if it > 0:
+                _dq_step(C, it - 1, qrow_prev, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout)
         tma.store_wait(0)
     rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
     dcols = gl.arange(0, D, layout=gl.SliceLayout(0, a_layout))
@@ -205,7 +224,8 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
 def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEMS, AUX, QN, QI, FQN, FQI,
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
+                        CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
+                        DQ_LAG: gl.constexpr):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -248,11 +268,11 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                         HALF, ACC_INIT, FUSED_DQ)),
+                         HALF, ACC_INIT, FUSED_DQ, DQ_LAG)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                         HALF, ACC_INIT, FUSED_DQ)),
+                         HALF, ACC_INIT, FUSED_DQ, DQ_LAG)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),

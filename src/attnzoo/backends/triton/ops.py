@@ -711,7 +711,8 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
         return None
     g = g if isinstance(g, dict) else {}
     return dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
-                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
+                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)),
+                DQ_LAG=bool(g.get("DQ_LAG", False)) and bool(g.get("FUSED_DQ", False)))
 
 
 @functools.lru_cache(maxsize=128)
@@ -747,7 +748,7 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], num_warps=4, maxnreg=168)
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], DQ_LAG=g.get("DQ_LAG", False), num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
     global GLUON_BWD_LAUNCHES
