@@ -94,6 +94,9 @@ def test_gluon_cfg_names_a_form():
     for bad in (True, "single", 1):
         with pytest.raises(ValueError, match="'ws'.*'wsp'"):
             ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON=bad))
+    for bad in (0, -1, 2.5, True):  # PROGRAMS: the persistent grid's size, a positive int
+        with pytest.raises(ValueError, match="PROGRAMS"):
+            ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON="wsp", PROGRAMS=bad))
 
 
 def test_gluon_plan_says_why_not_on_cpu():

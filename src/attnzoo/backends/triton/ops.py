@@ -365,6 +365,9 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     if gcfg.get("GLUON") not in ("ws", "wsp"):
         raise ValueError(f"cfg GLUON must be 'ws' (warp-specialised) or 'wsp' (its persistent form), got "
                          f"{gcfg.get('GLUON')!r} (the single-partition form, GLUON=True, was removed)")
+    programs = gcfg.get("PROGRAMS")
+    if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
+        raise ValueError(f"cfg PROGRAMS (the persistent Gluon grid's size) must be a positive int, got {programs!r}")
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
