@@ -248,6 +248,11 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
     "gluon wsp o1 r240 n16 (default)": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
                                             NARROW=16),
     "gluon wsp o0 r240 n16": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16),
+    # (nineteenth session, not yet run) the narrow tile's scores issued and softmaxed with step 0's
+    "gluon wsp o1 r240 n16 merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
+                                        NARROW_MERGE=True),
+    "gluon wsp o0 r240 n16 merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16,
+                                        NARROW_MERGE=True),
 }
 # round 17 (eighteenth session, written without device time): the Gluon dk / dv kernel (cfg GLUON_BWD: a producer
 # warp for K / V once and Q / dO into a ring, two consumer warpgroups of 64 keys each; dq from the Triton dq kernel)

@@ -185,6 +185,9 @@ def test_gluon_narrow_sink_tile(form, monkeypatch):
     if form == "wsp":  # one program walking every item in turn, and one Q buffer
         for extra in (dict(PROGRAMS=1), dict(QBUF=1)):
             assert _check(q, k, v, az.SlidingWindow(300) | az.Sinks(4), dict(cfg, **extra))
+    for pattern in (az.SlidingWindow(300) | az.Sinks(4), az.SlidingWindow(129) | az.Sinks(16), az.Sinks(4)):
+        # NARROW_MERGE: the narrow tile's scores with the first regular step's (sinks alone: not merged)
+        assert _check(q, k, v, pattern, dict(cfg, NARROW_MERGE=True))
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=10)
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
 
@@ -203,6 +206,10 @@ def test_gluon_narrow_flags(monkeypatch):
     assert sn == 16 and flags.tolist() == [0] * 7 + [1] * 25
     assert ops.gluon_narrow(cfg, az.SlidingWindow(300), 2048, 2048, 8, "cpu") == (0, None)
     assert ops.gluon_narrow(dict(cfg, NARROW=0), sinks, 2048, 2048, 8, "cpu") == (0, None)
+    # NARROW_MERGE needs a regular block besides block 0 on every flagged query block: sinks alone have none
+    assert ops._narrow_merge_ok(sinks, 2048, 2048, 64, 128, 8, "cpu", 16)
+    assert not ops._narrow_merge_ok(az.Sinks(4), 2048, 2048, 64, 128, 8, "cpu", 16)
+    assert not ops._narrow_merge_ok(az.SlidingWindow(300), 2048, 2048, 64, 128, 8, "cpu", 16)
 
 
 def test_gluon_ws_shared_memory_rule():

@@ -209,7 +209,7 @@ def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kread
 def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, turn, qempty,
              O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr):
+             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
@@ -230,7 +230,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-    if NARROW > 0:
+    if NARROW > 0 and not NMERGE:
         # the narrow step on every item, its result kept where nw: a branch around its MMAs (if nw != 0) gave wrong
         # outputs on the unflagged items of the persistent kernel with two Q buffers (H100, nineteenth session,
         # benchmarks/gluon_narrow_map.py: with or without the tile's load predicated; the ws kernel and one Q
@@ -246,14 +246,37 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         mbarrier.wait(kready.index(slot0), (it0 // STAGES) & 1)
         if PINGPONG:
             mbarrier.wait(turn.index(C), it0 & 1)
+        if NMERGE:  # (NARROW_MERGE) the narrow tile's scores issued with step 0's
+            sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                instr_shape=[16, NARROW, 16])
+            s_n = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32,
+                                                                      layout=sn_layout), use_acc=False, is_async=True)
         s = warpgroup_mma(qs, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - C), count=1)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        if NMERGE:
+            s_n, s = warpgroup_mma_wait(num_outstanding=0, deps=(s_n, s))
+        else:
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         mbarrier.arrive(kempty.index(slot0), count=1)
+        if NMERGE:
+            # one online-softmax update over both tiles: the narrow tile's row maxima (nothing where the item is not
+            # flagged) start m_i, step 0's scores raise it, and P_n V_n starts acc at the same maxima (no rescale)
+            snrow: gl.constexpr = gl.SliceLayout(1, sn_layout)
+            qp_n = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=snrow) + OFF, 1)
+            kpos_n = gl.expand_dims(gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout)), 0)
+            s_n = gl.where(_mask(qp_n, kpos_n, h + C, AUX) & (nw != 0), s_n, float("-inf"))
+            m_i = gl.convert_layout(gl.max(s_n, 1) * qk_scale, srow)
         m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, 0 >= nf, dtype,
                                       p_layout)
-        if NARROW > 0:  # acc holds the narrow step's P V
+        if NMERGE:
+            m_n = gl.convert_layout(gl.where(m_i == float("-inf"), 0.0, m_i), snrow)
+            p_n = gl.exp2(s_n * qk_scale - gl.expand_dims(m_n, 1))
+            l_i = l_i + gl.convert_layout(gl.sum(p_n, 1), srow)
+            acc = warpgroup_mma(gl.convert_layout(p_n.to(dtype), p_layout), vn_smem, acc, use_acc=False,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))  # (an async result cannot leave the branch)
+        elif NARROW > 0:  # acc holds the narrow step's P V
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
     for j in range(1, n):
         it = it0 + j
@@ -298,19 +321,20 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
 def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn,
                  O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale,
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr, NARROW: gl.constexpr):
+                 PINGPONG: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr):
     mbarrier.wait(qbar, 0)
     kn_smem, vn_smem = nbuf
     _ws_item(C, q_smem.index(C), k_smem, v_smem, kn_smem.index(0), vn_smem.index(0), kready, vready, kempty, vempty,
              turn, qbar, O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, qk_scale, D, BLOCK_M, BLOCK_N,
-             STAGES, PINGPONG, False, NARROW)
+             STAGES, PINGPONG, False, NARROW, NMERGE)
 
 
 @gluon.jit
 def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
                       H, G, Lq, Lk, OFF, qk_scale,
                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, NARROW: gl.constexpr):
+                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, NARROW: gl.constexpr,
+                      NMERGE: gl.constexpr):
     # PACK 2 only: two query heads of one GQA group, one consumer warpgroup each (kernel num_warps = 4)
     dtype: gl.constexpr = kd.dtype
     pid_m = gl.program_id(0)
@@ -333,10 +357,10 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
     gl.warp_specialize([
         (_ws_consumer, (0, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
                         qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        NARROW)),
+                        NARROW, NMERGE)),
         (_ws_consumer, (1, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
                         qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        NARROW)),
+                        NARROW, NMERGE)),
         (_ws_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
                         qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES, BLOCK_N, NARROW)),
     ], [4, 1], [CONSUMER_REGS, 24])
@@ -401,7 +425,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
                   turn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                   n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                  NARROW: gl.constexpr):
+                  NARROW: gl.constexpr, NMERGE: gl.constexpr):
     it0 = 0
     i = 0
     kn_smem, vn_smem = nbuf
@@ -413,7 +437,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
         _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
                  kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
-                 qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW)
+                 qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE)
         it0 += n
         i += 1
 
@@ -423,7 +447,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
-                       ORDER: gl.constexpr, NARROW: gl.constexpr):
+                       ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -438,10 +462,10 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW)),
+                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE)),
         (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW)),
+                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE)),
         (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                          vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                          STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW)),

@@ -483,6 +483,19 @@ def gluon_narrow(cfg: dict, pattern, lq: int, lk: int, hq: int, device: str):
     return (sn, nrow) if nrow is not None else (0, None)
 
 
+@functools.lru_cache(maxsize=128)
+def _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, device: str, sn: int) -> bool:
+    """Whether every query block flagged by `_narrow_rows` keeps at least one kv block besides block 0 (for every
+    head): the Gluon kernel's NARROW_MERGE issues the narrow tile's scores with its first regular step's, so an item
+    with the narrow tile alone (sinks without a window) has no such step (one host sync, cached)."""
+    flags = _narrow_rows(pattern, lq, lk, bm, bn, hq, device, sn)
+    if flags is None:
+        return False
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    total = (lay.kv_num_blocks + lay.full_kv_num_blocks).reshape(-1, lay.num_q_blocks)
+    return bool((total[:, flags.bool()] >= 2).all())
+
+
 # launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback)
 GLUON_LAUNCHES = 0
 
@@ -519,8 +532,12 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         vdn = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [sn, d], nlay)
     args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
             lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
+    # NARROW_MERGE (opt-in, nineteenth session, not yet run): the narrow tile's scores issued and softmaxed with the
+    # first regular step's instead of in a step of their own (where every flagged block has such a step)
+    merge = bool(cfg.get("NARROW_MERGE")) and sn > 0 and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq,
+                                                                           str(q.device), sn)
     meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
-                CONSUMER_REGS=regs, NARROW=sn,
+                CONSUMER_REGS=regs, NARROW=sn, NMERGE=merge,
                 num_warps=4, maxnreg=maxnreg)
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
