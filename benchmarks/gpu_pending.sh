@@ -147,10 +147,10 @@
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # still owed after the nineteenth session (2026-12-06), in this order: the fused Gluon backward's first run (gluon-fused,
-# ~6 min), the backward by kernel (bwd-profile, ~3 min), the whole Gluon forward test file with the new defaults
+# ~6 min: FUSED_DQ's GPU tests, DQ_LAG), NARROW_MERGE's first run (gluon-narrow, ~6 min), the backward by kernel (bwd-profile, ~3 min), the whole Gluon forward test file with the new defaults
 # (gluon-default, ~6 min: NARROW on, branch-free), then attnzoo bench on every window (windows) and window 4096 at 64K
 # (wide64); the Gluon NARROW and dk / dv kernel ran and passed (benchmarks/results/h100-2026-12-06-s19)
-SECTIONS=${*:-gluon-fused bwd-profile gluon-default windows}
+SECTIONS=${*:-gluon-fused gluon-narrow bwd-profile gluon-default windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
