@@ -328,6 +328,41 @@ def test_tma_only_from_hopper_on(monkeypatch):
     assert ops._has_tma(torch.device("cpu"))
 
 
+def _eval_mask(lines, qp, kk, hq=0):
+    # a plain generated mask body (no lookups, no tl.) run in PyTorch: the kernels' helpers on tensors
+    env = dict(_fdiv=lambda x, s: torch.div(x, s, rounding_mode="floor"),
+               _fmod=lambda x, s: x - torch.div(x, s, rounding_mode="floor") * s,
+               tl=type("tl", (), dict(where=staticmethod(lambda c, a, b: torch.where(torch.as_tensor(c), a, b)))))
+    exec("def _m(qp, kk, hq):\n" + "\n".join("    " + line for line in lines), env)
+    return env["_m"](qp, kk, hq)
+
+
+@pytest.mark.parametrize("name", ["window|sinks", "prefix", "sinks|chunked", "(window|sinks)&causal",
+                                  "dilated|sinks", "long sinks", "sinks alone", "perhead"])
+def test_mask_past_kmin_drops_terms_that_cannot_hold(name):
+    # generate(..., kmin): the mask for keys >= kmin only (for a kernel that runs block 0 apart from its main loop)
+    # equals the whole mask there, and sinks / prefixes shorter than kmin leave no compares behind
+    from attnzoo.backends.triton.codegen import generate
+    sw, sk = az.SlidingWindow(300), az.Sinks(4)
+    pat = {"window|sinks": sw | sk, "prefix": az.PrefixLM(100), "sinks|chunked": sk | az.Chunked(192),
+           "(window|sinks)&causal": (sw | sk) & az.Causal(), "dilated|sinks": az.Dilated(96, 3) | sk,
+           "long sinks": sw | az.Sinks(200), "sinks alone": sk, "perhead": az.PerHead([sw | sk, az.Causal()])}[name]
+    lq = lk = 1024
+    full, far = generate(pat, lq, lk, (64, 128))[0], generate(pat, lq, lk, (64, 128), kmin=128)[0]
+    g = torch.Generator().manual_seed(5)
+    qp = torch.randint(0, lq, (400, 1), generator=g)
+    kk = torch.randint(128, lk, (1, 300), generator=g)
+    for hq in (0, 1):
+        want = pat.mask(qp, kk, lq, lk) if name != "perhead" else pat.patterns[hq].mask(qp, kk, lq, lk)
+        assert torch.equal(_eval_mask(full, qp, kk, hq).expand_as(want), want)
+        assert torch.equal(_eval_mask(far, qp, kk, hq).expand_as(want), want)
+    # the short sinks' (4 keys) and the prefix's (100) compares are gone past key 128; 200 sinks stay
+    assert "(kk < 4)" in "\n".join(full) or name in ("prefix", "long sinks")
+    assert "(kk < 4)" not in "\n".join(far) and "(kk < 100)" not in "\n".join(far)
+    assert ("(kk < 200)" in "\n".join(far)) == (name == "long sinks")
+    assert len(far) < len(full) or name in ("long sinks", "prefix", "sinks alone")
+
+
 @pytest.mark.parametrize("lq, lk", [(64, 64), (48, 80), (80, 48), (40, 56)])
 @pytest.mark.parametrize("combine", ["alone", "&causal", "|window", "perhead"])
 def test_block_sparse_reads_one_bit_per_nested_tile(combine, lq, lk):

@@ -23,10 +23,14 @@ class Unsupported(Exception):
     """The pattern has no in-kernel mask (e.g. `Mask(fn)` with an arbitrary Python function)."""
 
 
+_FALSE = "_F"  # (kmin) a term that is false for every key the mask is asked about
+
+
 class _Gen:
-    def __init__(self, lq: int, lk: int, tile: tuple | None = None):
+    def __init__(self, lq: int, lk: int, tile: tuple | None = None, kmin: int = 0):
         self.lq, self.lk = lq, lk
         self.tile = tile  # (BLOCK_M, BLOCK_N) of the kernel that runs this mask, or None (any tile)
+        self.kmin = kmin  # every key index the mask is asked about is >= kmin (0: no such knowledge)
         self.lines: list[str] = []
         self.aux: list[torch.Tensor] = []
         self.aux_len = 0
@@ -39,6 +43,12 @@ class _Gen:
         self.n += 1
         name = f"m{self.n}"
         self.lines.append(f"{name} = {expr}")
+        return name
+
+    def real(self, name: str) -> str:
+        """``name``, or for the constant-false term a variable that is false everywhere (same shape as a mask)."""
+        if name == _FALSE:
+            return self.var(f"({self.kk} < -2147483647) & ({self.qp} >= -2147483647)")
         return name
 
     def add_aux(self, t: torch.Tensor) -> int:
@@ -68,6 +78,8 @@ def _window(g, p):
 
 
 def _sinks(g, p):
+    if g.kk == "kk" and p.n <= g.kmin:  # keys at or past kmin are never sinks
+        return _FALSE
     return g.var(f"({g.kk} < {p.n}) & ({g.kk} <= {g.qp})")
 
 
@@ -88,6 +100,8 @@ def _strided(g, p):
 
 
 def _prefix(g, p):
+    if g.kk == "kk" and p.prefix_len <= g.kmin:  # past the prefix: causal
+        return g.var(f"{g.kk} <= {g.qp}")
     return g.var(f"({g.kk} < {p.prefix_len}) | ({g.kk} <= {g.qp})")
 
 
@@ -306,16 +320,20 @@ def row_maps(pattern, tile: tuple | None = None) -> tuple | None:
 
 def _union(g, p):
     a, b = g.emit(p.a), g.emit(p.b)
+    if _FALSE in (a, b):
+        return b if a == _FALSE else a
     return g.var(f"{a} | {b}")
 
 
 def _intersection(g, p):
     a, b = g.emit(p.a), g.emit(p.b)
+    if _FALSE in (a, b):
+        return _FALSE
     return g.var(f"{a} & {b}")
 
 
 def _perhead(g, p):
-    return _by_head(g, [g.emit(x) for x in p.patterns])
+    return _by_head(g, [g.real(g.emit(x)) for x in p.patterns])
 
 
 def _by_head(g, subs: list) -> str:
@@ -333,12 +351,14 @@ _EMIT = {Full: _full, Causal: _causal, SlidingWindow: _window, Sinks: _sinks, Ch
          RoutedBlocks: _routed}
 
 
-def generate(pattern: Pattern, lq: int, lk: int, tile: tuple | None = None):
+def generate(pattern: Pattern, lq: int, lk: int, tile: tuple | None = None, kmin: int = 0):
     """-> (list of source lines of the mask body ending in ``return``, aux int32 tensor or None).
     ``tile``: (BLOCK_M, BLOCK_N) of the kernel that will run the mask, when it runs only that tile size
-    (lets block masks whose blocks hold whole tiles read one bit per tile); None for any tile."""
-    g = _Gen(lq, lk, tile)
-    m = g.emit(pattern if pattern is not None else Full())
+    (lets block masks whose blocks hold whole tiles read one bit per tile); None for any tile.
+    ``kmin``: the mask is only asked about keys >= kmin, so terms that cannot hold there drop out (sinks and
+    prefixes shorter than kmin: e.g. a window's mask past its sink block, without the sinks' compares)."""
+    g = _Gen(lq, lk, tile, kmin)
+    m = g.real(g.emit(pattern if pattern is not None else Full()))
     lines = g.lines + [f"return {m}"]
     aux = torch.cat(g.aux) if g.aux else None
     return lines, aux
