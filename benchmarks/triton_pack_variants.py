@@ -253,6 +253,11 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
                                         NARROW_MERGE=True),
     "gluon wsp o0 r240 n16 merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16,
                                         NARROW_MERGE=True),
+    # (nineteenth session, not yet run) block 0 first where partial, the mask without the sinks in the main loop
+    "gluon wsp o1 r240 n16 far": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
+                                      MASK_FAR=True),
+    "gluon wsp o1 r240 n16 far merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+                                            NARROW=16, MASK_FAR=True, NARROW_MERGE=True),
 }
 # round 17 (eighteenth session, written without device time): the Gluon dk / dv kernel (cfg GLUON_BWD: a producer
 # warp for K / V once and Q / dO into a ring, two consumer warpgroups of 64 keys each; dq from the Triton dq kernel)

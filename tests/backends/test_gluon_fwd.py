@@ -60,7 +60,10 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 128, 3, dict(GLUON="wsp", QBUF=1)),
                                                (128, 64, 2, dict(GLUON="wsp", QBUF=2, PINGPONG=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16)),
-                                               (64, 128, 2, dict(GLUON="ws", NARROW=16))])
+                                               (64, 128, 2, dict(GLUON="ws", NARROW=16)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
+                                                                  MASK_FAR=True, NARROW_MERGE=True)),
+                                               (128, 128, 3, dict(GLUON="ws", MASK_FAR=True))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
@@ -186,8 +189,10 @@ def test_gluon_narrow_sink_tile(form, monkeypatch):
         for extra in (dict(PROGRAMS=1), dict(QBUF=1)):
             assert _check(q, k, v, az.SlidingWindow(300) | az.Sinks(4), dict(cfg, **extra))
     for pattern in (az.SlidingWindow(300) | az.Sinks(4), az.SlidingWindow(129) | az.Sinks(16), az.Sinks(4)):
-        # NARROW_MERGE: the narrow tile's scores with the first regular step's (sinks alone: not merged)
-        assert _check(q, k, v, pattern, dict(cfg, NARROW_MERGE=True))
+        # NARROW_MERGE: the narrow tile's scores with the first regular step's (sinks alone: not merged); MASK_FAR:
+        # block 0 first where it is partial, the shorter mask in the main loop
+        for extra in (dict(NARROW_MERGE=True), dict(MASK_FAR=True), dict(MASK_FAR=True, NARROW=0)):
+            assert _check(q, k, v, pattern, dict(cfg, **extra))
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=10)
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
 
@@ -206,6 +211,11 @@ def test_gluon_narrow_flags(monkeypatch):
     assert sn == 16 and flags.tolist() == [0] * 7 + [1] * 25
     assert ops.gluon_narrow(cfg, az.SlidingWindow(300), 2048, 2048, 8, "cpu") == (0, None)
     assert ops.gluon_narrow(dict(cfg, NARROW=0), sinks, 2048, 2048, 8, "cpu") == (0, None)
+    # MASK_FAR applies where the mask past block 0 is shorter (sinks, not a plain window) and block 0 heads every
+    # partial list it is in
+    assert ops._mask_far_ok(sinks, 2048, 2048, 64, 128, 8, "cpu")
+    assert ops._mask_far_ok(az.PrefixLM(100), 2048, 2048, 64, 128, 8, "cpu")
+    assert not ops._mask_far_ok(az.SlidingWindow(300), 2048, 2048, 64, 128, 8, "cpu")
     # NARROW_MERGE needs a regular block besides block 0 on every flagged query block: sinks alone have none
     assert ops._narrow_merge_ok(sinks, 2048, 2048, 64, 128, 8, "cpu", 16)
     assert not ops._narrow_merge_ok(az.Sinks(4), 2048, 2048, 64, 128, 8, "cpu", 16)

@@ -282,5 +282,6 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
 
 def gluon_bwd_module(body_lines: list[str]):
     """Import (once) the Gluon dk / dv module with this ``_mask`` body (the lines `codegen.generate` gives)."""
-    src = PRELUDE.format(body="\n".join("    " + line for line in body_lines)) + KERNEL_BWD
+    body = "\n".join("    " + line for line in body_lines)
+    src = PRELUDE.format(body=body, far=body) + KERNEL_BWD
     return import_source(src, "attnzoo_gluon_bwd", "attnzoo_gluon_bwd")

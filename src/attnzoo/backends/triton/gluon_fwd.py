@@ -50,6 +50,12 @@ def _fmod(x, s):
 @gluon.jit
 def _mask(qp, kk, hq, AUX):
 {body}
+
+
+@gluon.jit
+def _mask_far(qp, kk, hq, AUX):
+    # (cfg MASK_FAR) the same mask for keys past the first kv block only: sinks / prefixes shorter than a block drop out
+{far}
 '''
 
 KERNEL = '''
@@ -65,18 +71,47 @@ def _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m):
 
 
 @gluon.jit
-def _blk(j, nf, f0, prow, n):
-    # the kv block of step j: the nf full blocks f0, f0 + 1, ... then the partial list (prow); 0 past the end
-    return gl.where(j < nf, f0 + j, gl.load(prow + (j - nf), mask=(j >= nf) & (j < n), other=0))
+def _blk(j, nf, f0, prow, n, z, FAR: gl.constexpr):
+    # the kv block of step j: the nf full blocks f0, f0 + 1, ... then the partial list (prow); 0 past the end.
+    # FAR with z = 1 (_zfirst): block 0, the partial list's first, comes first, then the full blocks, then the rest
+    if FAR:
+        jf = j - z
+        full = (jf >= 0) & (jf < nf)
+        return gl.where(full, f0 + jf, gl.load(prow + gl.where(jf < 0, 0, j - nf), mask=(~full) & (j < n), other=0))
+    else:
+        return gl.where(j < nf, f0 + j, gl.load(prow + (j - nf), mask=(j >= nf) & (j < n), other=0))
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qp, kpos, h, AUX, qk_scale, part, dtype: gl.constexpr, p_layout: gl.constexpr):
+def _part(j, nf, z, FAR: gl.constexpr):
+    # whether step j runs a partial block (masked): see _blk
+    if FAR:
+        return (j - z < 0) | (j - z >= nf)
+    else:
+        return j >= nf
+
+
+@gluon.jit
+def _zfirst(nf, prow, n, FAR: gl.constexpr):
+    # (MASK_FAR) 1 where block 0 is a partial block that would run after full ones -- it then runs first, so the main
+    # loop (steps 1 ..) never meets it and takes the shorter mask (_mask_far); else 0
+    if FAR:
+        return ((nf > 0) & (n > nf) & (gl.load(prow, mask=n > nf, other=1) == 0)).to(gl.int32)
+    else:
+        return 0
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qp, kpos, h, AUX, qk_scale, part, dtype: gl.constexpr, p_layout: gl.constexpr,
+             FARMASK: gl.constexpr = False):
     # one step's raw scores s: the pattern's mask where the block is partial, then the online softmax update in
     # base 2 with the scale folded into the exponent -> the new maxima and sums, P (the left operand of P V, in
-    # registers) and each row's factor for acc
+    # registers) and each row's factor for acc. FARMASK: the block lies past block 0, where _mask_far holds
     if part:
-        s = gl.where(_mask(qp, gl.expand_dims(kpos, 0), h, AUX), s, float("-inf"))
+        if FARMASK:
+            s = gl.where(_mask_far(qp, gl.expand_dims(kpos, 0), h, AUX), s, float("-inf"))
+        else:
+            s = gl.where(_mask(qp, gl.expand_dims(kpos, 0), h, AUX), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
     alpha = gl.exp2(m_i - m_safe)
@@ -116,15 +151,15 @@ def _ring_barriers(STAGES: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
-                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, z,
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FAR: gl.constexpr):
     # the producer's K / V loads of one work item's n steps, ring steps it0 .. it0 + n - 1 (slot and phase run on
     # across work items in the persistent kernel)
     for j in range(0, n):
         it = it0 + j
         slot = it % STAGES
         ph = (it // STAGES) & 1
-        row = kvrow + _blk(j, nf, f0, prow, n) * BLOCK_N
+        row = kvrow + _blk(j, nf, f0, prow, n, z, FAR) * BLOCK_N
         mbarrier.wait(kempty.index(slot), ph ^ 1)
         mbarrier.expect(kready.index(slot), kd.block_type.nbytes)
         tma.async_copy_global_to_shared(kd, [row, 0], kready.index(slot), k_smem.index(slot))
@@ -199,17 +234,19 @@ def _narrow_buffers(kdn, vdn, k_smem, v_smem, D: gl.constexpr, NARROW: gl.conste
 
 @gluon.jit
 def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
-                 qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                 NARROW: gl.constexpr):
+                 qrow0, Lq, kvrow, nf, f0, prow, n, nw, z, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                 NARROW: gl.constexpr, FAR: gl.constexpr):
     _q_load(qd, kdn, vdn, q_smem, nbuf, qbar, 0, qrow0, Lq, kvrow, nw, NARROW)
-    _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, STAGES, BLOCK_N)
+    _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, z, STAGES,
+                   BLOCK_N, FAR)
 
 
 @gluon.jit
 def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, turn, qempty,
-             O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, qk_scale,
+             O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, z, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr):
+             PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr,
+             FAR: gl.constexpr):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
@@ -241,7 +278,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         l_i = gl.where(nw != 0, l_n, l_i)
         acc = gl.where(nw != 0, acc_n, acc)
     if n > 0:
-        blk = _blk(0, nf, f0, prow, n)
+        blk = _blk(0, nf, f0, prow, n, z, FAR)
         slot0 = it0 % STAGES
         mbarrier.wait(kready.index(slot0), (it0 // STAGES) & 1)
         if PINGPONG:
@@ -267,8 +304,8 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
             kpos_n = gl.expand_dims(gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout)), 0)
             s_n = gl.where(_mask(qp_n, kpos_n, h + C, AUX) & (nw != 0), s_n, float("-inf"))
             m_i = gl.convert_layout(gl.max(s_n, 1) * qk_scale, srow)
-        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, 0 >= nf, dtype,
-                                      p_layout)
+        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale,
+                                      _part(0, nf, z, FAR), dtype, p_layout)
         if NMERGE:
             m_n = gl.convert_layout(gl.where(m_i == float("-inf"), 0.0, m_i), snrow)
             p_n = gl.exp2(s_n * qk_scale - gl.expand_dims(m_n, 1))
@@ -282,7 +319,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         it = it0 + j
         slot = it % STAGES
         pslot = (it + STAGES - 1) % STAGES
-        blk = _blk(j, nf, f0, prow, n)
+        blk = _blk(j, nf, f0, prow, n, z, FAR)
         mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
         if PINGPONG:
             mbarrier.wait(turn.index(C), it & 1)
@@ -293,8 +330,8 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
             mbarrier.arrive(turn.index(1 - C), count=1)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
         mbarrier.arrive(kempty.index(slot), count=1)
-        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, j >= nf, dtype,
-                                      p_layout)
+        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale,
+                                      _part(j, nf, z, FAR), dtype, p_layout, FAR)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(pslot), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
@@ -319,14 +356,14 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
 
 @gluon.jit
 def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn,
-                 O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale,
+                 O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, z, qk_scale,
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr):
+                 PINGPONG: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr):
     mbarrier.wait(qbar, 0)
     kn_smem, vn_smem = nbuf
     _ws_item(C, q_smem.index(C), k_smem, v_smem, kn_smem.index(0), vn_smem.index(0), kready, vready, kempty, vempty,
-             turn, qbar, O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, qk_scale, D, BLOCK_M, BLOCK_N,
-             STAGES, PINGPONG, False, NARROW, NMERGE)
+             turn, qbar, O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, z, qk_scale, D, BLOCK_M,
+             BLOCK_N, STAGES, PINGPONG, False, NARROW, NMERGE, FAR)
 
 
 @gluon.jit
@@ -334,7 +371,7 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
                       H, G, Lq, Lk, OFF, qk_scale,
                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, NARROW: gl.constexpr,
-                      NMERGE: gl.constexpr):
+                      NMERGE: gl.constexpr, FAR: gl.constexpr):
     # PACK 2 only: two query heads of one GQA group, one consumer warpgroup each (kernel num_warps = 4)
     dtype: gl.constexpr = kd.dtype
     pid_m = gl.program_id(0)
@@ -353,16 +390,17 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
     nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, 1)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
+    z = _zfirst(nf, prow, n, FAR)
     kvrow = (b * (H // G) + h // G) * Lk
     gl.warp_specialize([
         (_ws_consumer, (0, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
-                        qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        NARROW, NMERGE)),
+                        qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, z, qk_scale, D, BLOCK_M, BLOCK_N, STAGES,
+                        PINGPONG, NARROW, NMERGE, FAR)),
         (_ws_consumer, (1, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
-                        qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
-                        NARROW, NMERGE)),
+                        qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, z, qk_scale, D, BLOCK_M, BLOCK_N, STAGES,
+                        PINGPONG, NARROW, NMERGE, FAR)),
         (_ws_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
-                        qrow0, Lq, kvrow, nf, f0, prow, n, nw, STAGES, BLOCK_N, NARROW)),
+                        qrow0, Lq, kvrow, nf, f0, prow, n, nw, z, STAGES, BLOCK_N, NARROW, FAR)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -404,7 +442,7 @@ def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
 def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                   vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
-                  ORDER: gl.constexpr, NARROW: gl.constexpr):
+                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -414,8 +452,8 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
         _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
-        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, STAGES,
-                       BLOCK_N)
+        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
+                       _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR)
         it0 += n
         i += 1
 
@@ -425,7 +463,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
                   turn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                   n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                  NARROW: gl.constexpr, NMERGE: gl.constexpr):
+                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr):
     it0 = 0
     i = 0
     kn_smem, vn_smem = nbuf
@@ -437,7 +475,8 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
         _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
                  kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
-                 qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE)
+                 _zfirst(nf, prow, n, FAR), qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE,
+                 FAR)
         it0 += n
         i += 1
 
@@ -447,7 +486,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
-                       ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr):
+                       ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -462,13 +501,15 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE)),
+                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
+                         FAR)),
         (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE)),
+                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
+                         FAR)),
         (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                          vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
-                         STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW)),
+                         STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 
@@ -490,7 +531,9 @@ def plain_mask(body_lines: list[str]) -> bool:
     return not any("tl." in line or "AUX" in line for line in body_lines)
 
 
-def gluon_module(body_lines: list[str]):
-    """Import (once) the Gluon module with this ``_mask`` body (the lines `codegen.generate` gives)."""
-    src = PRELUDE.format(body="\n".join("    " + line for line in body_lines)) + KERNEL
+def gluon_module(body_lines: list[str], far_lines: list[str] | None = None):
+    """Import (once) the Gluon module with this ``_mask`` body (the lines `codegen.generate` gives) and this
+    ``_mask_far`` body (the mask for keys past the first kv block, `generate(..., kmin=BLOCK_N)`; default the mask)."""
+    indent = lambda lines: "\n".join("    " + line for line in lines)  # noqa: E731
+    src = PRELUDE.format(body=indent(body_lines), far=indent(far_lines or body_lines)) + KERNEL
     return import_source(src, "attnzoo_gluon", "attnzoo_gluon_fwd")

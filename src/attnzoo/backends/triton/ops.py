@@ -464,7 +464,8 @@ def _gluon_module(pattern, lq, lk, tile: tuple):
     """The Gluon forward's module with the pattern's mask, or None where that mask is not plain arithmetic."""
     from . import gluon_fwd
     lines = generate(pattern, lq, lk, tile)[0]
-    return gluon_fwd.gluon_module(lines) if gluon_fwd.plain_mask(lines) else None
+    far = generate(pattern, lq, lk, tile, kmin=tile[1])[0]  # (MASK_FAR: the kv blocks past the first)
+    return gluon_fwd.gluon_module(lines, far) if gluon_fwd.plain_mask(lines) and gluon_fwd.plain_mask(far) else None
 
 
 # NARROW in the Gluon kernels (block 0 as a NARROW-key sink tile, loaded with Q for every work item, its step run on
@@ -481,6 +482,19 @@ def gluon_narrow(cfg: dict, pattern, lq: int, lk: int, hq: int, device: str):
     sn = int(cfg.get("NARROW") or 0) if GLUON_NARROW else 0
     nrow = _narrow_rows(pattern, lq, lk, cfg["BLOCK_M"], cfg["BLOCK_N"], hq, device, sn) if sn else None
     return (sn, nrow) if nrow is not None else (0, None)
+
+
+@functools.lru_cache(maxsize=128)
+def _mask_far_ok(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
+    """Whether cfg MASK_FAR applies (the Gluon forward runs block 0 first where it is a partial block, and its main
+    loop takes the mask for keys past block 0, `generate(..., kmin=BLOCK_N)`): the mask past block 0 is shorter, and
+    wherever block 0 is in a query block's partial list it is the list's first entry (one host sync, cached)."""
+    if generate(pattern, lq, lk, (bm, bn), kmin=bn)[0] == generate(pattern, lq, lk, (bm, bn))[0]:
+        return False
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    idx, cnt = lay.kv_indices, lay.kv_num_blocks
+    j = torch.arange(idx.shape[-1], device=idx.device)
+    return not bool(((idx == 0) & (j > 0) & (j < cnt[..., None])).any())
 
 
 @functools.lru_cache(maxsize=128)
@@ -538,6 +552,7 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
                                                                            str(q.device), sn)
     meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=int(cfg["num_stages"]), PINGPONG=bool(cfg.get("PINGPONG")),
                 CONSUMER_REGS=regs, NARROW=sn, NMERGE=merge,
+                FAR=bool(cfg.get("MASK_FAR")) and _mask_far_ok(pattern, lq, lk, bm, bn, hq, str(q.device)),
                 num_warps=4, maxnreg=maxnreg)
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
