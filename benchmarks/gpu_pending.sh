@@ -94,7 +94,6 @@
 #                warp-specialised Gluon forward (GLUON="wsp"): its GPU tests, then round 14 at 16K and window 1024 at 64K
 #   gluon-order  issue 3 (eighteenth session): round 15, the persistent form's work-item order (a KV head's head pairs
 #                innermost, ORDER 1, against ORDER 0) at 16K and 64K, after its GPU tests
-#   narrow-diag  issue 3 (eighteenth session): benchmarks/gluon_narrow_diag.py, the Gluon NARROW's cases one process each
 #   gluon-narrow issue 3 (eighteenth session): the narrow sink tile in the persistent Gluon forward (NARROW, REGS 240):
 #                its GPU tests, then round 16 on sinks + window and window 1024 at 16K and 64K
 #   gluon-fused  issue 3 (nineteenth session, not yet run): the Gluon dk / dv kernel with dq in it (GLUON_BWD FUSED_DQ: TMA
@@ -234,7 +233,6 @@ for s in $SECTIONS; do
               --patterns ${GLUON_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/gluonorder" --quick >> "$OUT/gluon_order_log.txt" 2>&1
            timeout ${GLUON64_S:-200} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw1024,sinks+sw1024,sw4096 \
               --L 65536 --out "$OUT/gluonorder_64k" --quick >> "$OUT/gluon_order_log.txt" 2>&1 ;;
-    narrow-diag) timeout ${DIAG_S:-150} python3 benchmarks/gluon_narrow_diag.py > "$OUT/narrow_diag_log.txt" 2>&1 ;;
     gluon-narrow) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               -k "narrow or persistent or cross or falls or NARROW" > "$OUT/gluon_narrow_log.txt" 2>&1
            timeout ${PACK_S:-120} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
