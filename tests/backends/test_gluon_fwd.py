@@ -119,11 +119,15 @@ def test_gluon_module_takes_plain_masks_only():
 
 
 @gpu
-@pytest.mark.parametrize("pattern", [az.Causal(), az.SlidingWindow(4095), None], ids=["causal", "window4096", "full"])
+@pytest.mark.parametrize("pattern", [az.Causal(), az.SlidingWindow(4095), None, az.SlidingWindow(299) | az.Sinks(4)],
+                         ids=["causal", "window4096", "full", "sinks+window"])
 def test_default_forward_runs_gluon_and_backward_matches(pattern):
     # the dense and wide classes' default (tuning: GLUON_CFG) runs the Gluon forward; through attention() the
-    # Triton backward then works from its lse: output and every gradient against float64
+    # Triton backward then works from its lse: output and every gradient against float64. Sinks + window: the local
+    # default's NARROW and MASK_FAR both apply
     q, k, v = _inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=5)
+    if pattern == az.SlidingWindow(299) | az.Sinks(4):
+        assert ops._mask_far_ok(pattern, 1024, 1024, 64, 128, 8, str(q.device))
     do = torch.randn_like(q)
     before = ops.GLUON_LAUNCHES
     x = [t.detach().requires_grad_() for t in (q, k, v)]

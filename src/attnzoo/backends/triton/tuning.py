@@ -75,8 +75,13 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
     # spills in the main loop with sinks (at 232, 10 spill loads there in ORDER 1). Round 16 (call4), ms: sinks +
     # window 1.207 (232) -> 1.184 (240) at 16K, window 1024 1.010 -> 1.001. NARROW 16 (block 0 as a 16-key sink
     # tile where a query block sees only sinks there; nineteenth session, round 16, c3): sinks + window 1.188 ->
-    # 1.146 at 16K, window 1024 level (1.019 / 1.021; no block qualifies there, so the kernel runs without it)
-    return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16)}
+    # 1.146 at 16K, window 1024 level (1.019 / 1.021; no block qualifies there, so the kernel runs without it).
+    # MASK_FAR (block 0 first where it is partial, the main loop's mask without the sinks' terms; `ops._mask_far_ok`
+    # keeps it off where it changes nothing, e.g. a plain window). Twentieth session, round 16, sinks + window, ms
+    # (benchmarks/results/h100-2026-12-06-s20/c2, c3): 16K 1.147 -> 1.079, 1.186 -> 1.123; 64K 4.906 -> 4.400,
+    # 4.908 -> 4.437 (one 64K run of three had it slower, 4.817 -> 5.356)
+    return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
+                              MASK_FAR=True)}
 
 
 def default(kind: str, d: int, dv: int, pclass: str) -> dict:
