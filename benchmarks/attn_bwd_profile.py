@@ -74,8 +74,8 @@ def main():
             dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         for cname, cfg in (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
                            ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
-                           ("gluon fused dq lag s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, DQ_LAG=True,
-                                                                                num_stages=3)))):
+                           ("gluon rows", dict(base, GLUON_BWD=dict(ROWS=True))),
+                           ("gluon rows fused", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)))):
             times = profile_bwd(q, k, v, do, out, lse, p, scale, cfg, args.reps)
             total = sum(times.values()) or float("nan")
             for kern, us in sorted(times.items(), key=lambda kv: -kv[1]):

@@ -96,8 +96,11 @@
 #                innermost, ORDER 1, against ORDER 0) at 16K and 64K, after its GPU tests
 #   gluon-narrow issue 3 (eighteenth session): the narrow sink tile in the persistent Gluon forward (NARROW, REGS 240):
 #                its GPU tests, then round 16 on sinks + window and window 1024 at 16K and 64K
-#   gluon-fused  issue 3 (nineteenth session, not yet run): the Gluon dk / dv kernel with dq in it (GLUON_BWD FUSED_DQ: TMA
-#                reduce-adds into a float32 accumulator, 5 products a pair instead of 7): its GPU tests, then round 17
+#   gluon-fused  issue 3 (nineteenth session, run in the twentieth: right, not faster): the Gluon dk / dv kernel with dq
+#                in it (GLUON_BWD FUSED_DQ: TMA reduce-adds into a float32 accumulator, 5 products a pair instead of 7):
+#                its GPU tests, then round 17
+#   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS form (GLUON_BWD ROWS: S = Q K^T,
+#                P and dS through shared memory), alone and fused: its GPU tests, then round 18 at 16K
 #   bwd-profile  issue 3 (nineteenth session): benchmarks/attn_bwd_profile.py, the backward's device time by kernel (dq,
 #                dk / dv, Triton and Gluon) with each kernel's effective TF/s, 16K, windows and causal
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
@@ -145,11 +148,11 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the nineteenth session (2026-12-06), in this order: the fused Gluon backward's first run (gluon-fused,
-# ~6 min: FUSED_DQ's GPU tests, DQ_LAG), NARROW_MERGE's first run (gluon-narrow, ~6 min), the backward by kernel (bwd-profile, ~3 min), the whole Gluon forward test file with the new defaults
-# (gluon-default, ~6 min: NARROW on, branch-free), then attnzoo bench on every window (windows) and window 4096 at 64K
-# (wide64); the Gluon NARROW and dk / dv kernel ran and passed (benchmarks/results/h100-2026-12-06-s19)
-SECTIONS=${*:-gluon-fused gluon-narrow bwd-profile gluon-default windows}
+# still owed after the twentieth session (2026-12-06), in this order: the Gluon dk / dv kernel's ROWS form, its first
+# run (gluon-rows, ~6 min: its GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min), then attnzoo bench
+# on every window (windows) and window 4096 at 64K (wide64); FUSED_DQ / DQ_LAG, NARROW_MERGE / MASK_FAR ran and passed
+# (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
+SECTIONS=${*:-gluon-rows bwd-profile windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -253,6 +256,10 @@ for s in $SECTIONS; do
               -k "matches_reference and fused" > "$OUT/gluon_fused_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 17 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonfused" --quick >> "$OUT/gluon_fused_log.txt" 2>&1 ;;
+    gluon-rows) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
+              -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
+           timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 18 \
+              --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
     bwd-profile) timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} \
               > "$OUT/bwd_profile_log.txt" 2>&1 ;;
     wide64) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw4096 --L 65536 \

@@ -278,6 +278,17 @@ BWD17 = {
     "gluon bwd fused dq lag s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, DQ_LAG=True,
                                                                                num_stages=3)),
 }
+# round 18 (twentieth session, compiled, not yet run): the Gluon dk / dv kernel's ROWS form (S = Q K^T and dP = dO V^T
+# issued together, lse / delta per row, P and dS through shared memory as dV's / dK's operands and, fused, dq's)
+BWD18 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
+    "bwd tma (default)": _cfg(64, 64, 4, 2, TMA=True),
+    "gluon bwd s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(num_stages=3)),
+    "gluon rows s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True)),
+    "gluon rows s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, num_stages=3)),
+    "gluon fused dq s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
+    "gluon rows fused s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
+}
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
@@ -293,7 +304,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 18) if r not in (10, 11)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 19) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -303,7 +314,7 @@ def main():
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; (10, 11: the "
                          "removed single-partition Gluon forward); 12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
                          "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers; "
-                         "17: the Gluon dk / dv kernel")
+                         "17: the Gluon dk / dv kernel; 18: its ROWS form (scores with the query rows as rows)")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -325,8 +336,8 @@ def main():
         ops.GLUON_NARROW = True
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
-    elif args.round == 17:
-        FWD, BWD = FWD17, BWD17
+    elif args.round in (17, 18):
+        FWD, BWD = FWD17, (BWD17 if args.round == 17 else BWD18)
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:

@@ -55,16 +55,21 @@ except AttributeError:
 
 @gluon.jit
 def _dq_step(C: gl.constexpr, t, qrow, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH: gl.constexpr,
-             BLOCK_M: gl.constexpr, q_layout: gl.constexpr):
+             BLOCK_M: gl.constexpr, q_layout: gl.constexpr, ROWS: gl.constexpr = False):
     # (FUSED_DQ) step t's dq[:, C * DH ..] for its 64 query rows (from qrow) = dS (64 rows x 128 keys: both consumers'
-    # dS^T halves in buffer t % 2) K[:, C * DH ..], added to the float32 dq accumulator by a TMA reduce (the other key
-    # blocks add theirs); then buffer t % 2 is free for step t + 2
+    # dS^T halves in buffer t % 2, or their dS halves with ROWS) K[:, C * DH ..], added to the float32 dq accumulator
+    # by a TMA reduce (the other key blocks add theirs); then buffer t % 2 is free for step t + 2
     tb = t % 2
     mbarrier.wait(dsready.index(tb), (t // 2) & 1)
-    dq = warpgroup_mma(ds_smem.index(2 * tb).permute((1, 0)), k_smem.index(0).slice(C * DH, DH, dim=1),
+    if ROWS:
+        ds0 = ds_smem.index(2 * tb)
+        ds1 = ds_smem.index(2 * tb + 1)
+    else:
+        ds0 = ds_smem.index(2 * tb).permute((1, 0))
+        ds1 = ds_smem.index(2 * tb + 1).permute((1, 0))
+    dq = warpgroup_mma(ds0, k_smem.index(0).slice(C * DH, DH, dim=1),
                        gl.zeros([BLOCK_M, DH], gl.float32, layout=q_layout), use_acc=False, is_async=True)
-    dq = warpgroup_mma(ds_smem.index(2 * tb + 1).permute((1, 0)), k_smem.index(1).slice(C * DH, DH, dim=1), dq,
-                       is_async=True)
+    dq = warpgroup_mma(ds1, k_smem.index(1).slice(C * DH, DH, dim=1), dq, is_async=True)
     dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
     mbarrier.arrive(dsfree.index(tb), count=1)
     tma.store_wait(0)  # the previous reduce has read dq_smem[C]
@@ -117,9 +122,29 @@ def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready
 @gluon.jit
 def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
-                  pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
+                  pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_LAG: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_LAG: gl.constexpr, ROWS: gl.constexpr):
+    # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
+    if ROWS:
+        _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
+                           WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
+                           s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
+                           STAGES, BLOCK_M, HALF, FUSED_DQ)
+    else:
+        _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
+                        QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
+                        wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
+                        HALF, ACC_INIT, FUSED_DQ, DQ_LAG)
+
+
+@gluon.jit
+def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
+                    DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
+                    pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
+                    D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
+                    ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_LAG: gl.constexpr):
+    # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -208,13 +233,98 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
             if it > 0:
                 _dq_step(C, it - 1, qrow_prev, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout)
         tma.store_wait(0)
+    _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
+
+
+@gluon.jit
+def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
+                       DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
+                       pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
+                       D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
+                       FUSED_DQ: gl.constexpr):
+    # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
+    # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
+    # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
+    # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HALF, 16])
+    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    DH: gl.constexpr = D // 2
+    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DH, 16])
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    kk = gl.expand_dims(pid_n * (2 * HALF) + C * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_layout)), 0)
+    dk = gl.zeros([HALF, D], gl.float32, layout=a_layout)
+    dv = gl.zeros([HALF, D], gl.float32, layout=a_layout)
+    kt = k_smem.index(C).permute((1, 0))
+    vt = v_smem.index(C).permute((1, 0))
+    pc = p_smem.index(C)
+    mbarrier.wait(kvbar, 0)
+    it = 0
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * H + h
+        nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
+        for j in range(s0, gl.minimum(e0, n)):
+            m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
+            lrow = bh * Lq + m0 + rows
+            lse = gl.load(LSE + lrow)
+            delta = gl.load(DELTA + lrow)
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            qs = q_smem.index(slot)
+            dos = do_smem.index(slot)
+            s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                              is_async=True)
+            dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                               is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # (dP still running)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            if j >= nf:  # a partial block: the pattern's mask (queries by keys)
+                p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, h, AUX), p, 0.0)
+            pc.store(p.to(dtype))
+            fence_async_shared()
+            dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
+            dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
+            ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+            if FUSED_DQ:
+                dsb = it % 2
+                mbarrier.wait(dsfree.index(dsb), ((it // 2) & 1) ^ 1)  # (step it - 2's dq products are done)
+                dss = ds_smem.index(2 * dsb + C)
+            else:
+                dss = ds_smem.index(C)
+            dss.store(ds)
+            fence_async_shared()
+            if FUSED_DQ:
+                mbarrier.arrive(dsready.index(dsb), count=1)
+            dk = warpgroup_mma(dss.permute((1, 0)), qs, dk, is_async=True)
+            if FUSED_DQ:
+                _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout,
+                         True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            mbarrier.arrive(empty.index(slot), count=1)
+            it += 1
+    if FUSED_DQ:
+        tma.store_wait(0)
+    _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
+
+
+@gluon.jit
+def _bwd_store(C: gl.constexpr, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale,
+               D: gl.constexpr, HALF: gl.constexpr, a_layout: gl.constexpr):
+    # consumer C's half of the key block: dk (times the softmax scale) and dv, or, for a column split over several
+    # items, their float32 partials in the workspace (summed in order by attn_bwd_reduce)
+    dtype: gl.constexpr = DK.dtype.element_ty
     rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, a_layout))
     dcols = gl.arange(0, D, layout=gl.SliceLayout(0, a_layout))
     if wslot < 0:
         krow = ((b * HKV + hk) * Lk + pid_n * (2 * HALF) + C * HALF + rows).to(gl.int64)
         gl.store(DK + krow[:, None] * D + dcols[None, :], (dk * sm_scale).to(dtype))
         gl.store(DV + krow[:, None] * D + dcols[None, :], dv.to(dtype))
-    else:  # a long column split over several items: float32 partials, summed in order by attn_bwd_reduce
+    else:
         wrow = ((wslot * nbh + b * HKV + hk) * (2 * HALF) + C * HALF + rows).to(gl.int64)
         gl.store(WSK + wrow[:, None] * D + dcols[None, :], dk)
         gl.store(WSV + wrow[:, None] * D + dcols[None, :], dv)
@@ -225,7 +335,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        DQ_LAG: gl.constexpr):
+                        DQ_LAG: gl.constexpr, ROWS: gl.constexpr = False):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -252,13 +362,21 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
     # FUSED_DQ: dS^T of both halves, double-buffered by step parity ([2 * buffer + half]: 64 keys x 64 rows), each
     # consumer's dq tile for the TMA reduce, and the two consumers' ready / free barriers for the dS^T buffers
     # (without FUSED_DQ: small stand-ins, unused)
+    # ROWS: each consumer's P and dS (64 rows x 64 keys; dS double-buffered with FUSED_DQ, as above)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     if FUSED_DQ:
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         ds_smem = gl.allocate_shared_memory(dtype, [4, HALF, BLOCK_M], ds_layout)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], dqd.layout)
+    elif ROWS:
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], ds_layout)
+        dq_smem = k_smem
     else:
         ds_smem = k_smem
         dq_smem = k_smem
+    if ROWS:
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], ds_layout)
+    else:
+        p_smem = k_smem
     dsready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dsfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
@@ -267,12 +385,12 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
     gl.warp_specialize([
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
-                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                         HALF, ACC_INIT, FUSED_DQ, DQ_LAG)),
+                         wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, DQ_LAG, ROWS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
-                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                         HALF, ACC_INIT, FUSED_DQ, DQ_LAG)),
+                         wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, DQ_LAG, ROWS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),

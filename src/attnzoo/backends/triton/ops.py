@@ -718,9 +718,9 @@ def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk,
         num_stages=ns_kv, **tma_dkdv)
 
 
-# The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS / ACC_INIT; opt-in,
-# written in the eighteenth session and not yet run on a GPU). A first launch that fails warns once and the Triton
-# kernel runs, as for the Gluon forward (_gluon_launch).
+# The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS / ACC_INIT / FUSED_DQ /
+# DQ_LAG / ROWS; opt-in, written in the eighteenth session, first run in the nineteenth). A first launch that fails
+# warns once and the Triton kernel runs, as for the Gluon forward (_gluon_launch).
 def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
     """Whether the backward can run the Gluon dk / dv kernel here -> (ok, why not)."""
     lq, lk = q.shape[2], k.shape[2]
@@ -742,12 +742,49 @@ def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
 def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
     """The Gluon dk / dv kernel's settings (num_stages, REGS) where cfg asks for it and it applies, else None."""
     g = cfg.get("GLUON_BWD")
-    if not g or not gluon_bwd_plan(q, k, v, dout, pattern, cfg)[0]:
+    if not g:
         return None
+    out = gluon_bwd_settings(g, q.shape[-1])  # (a wrong setting is an error where the kernel would not run, too)
+    return out if gluon_bwd_plan(q, k, v, dout, pattern, cfg)[0] else None
+
+
+def gluon_bwd_settings(g, d: int) -> dict:
+    """cfg GLUON_BWD (True or a dict) as the launch takes it, checked: known settings, ROWS without the transposed
+    form's ACC_INIT / DQ_LAG, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
-    return dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
-                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)),
-                DQ_LAG=bool(g.get("DQ_LAG", False)) and bool(g.get("FUSED_DQ", False)))
+    unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "DQ_LAG", "ROWS"})
+    if unknown:
+        raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, DQ_LAG, "
+                         "ROWS)")
+    out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
+               ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)),
+               DQ_LAG=bool(g.get("DQ_LAG", False)) and bool(g.get("FUSED_DQ", False)))
+    if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
+        if out["ACC_INIT"] or out["DQ_LAG"]:
+            raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) takes neither ACC_INIT nor "
+                             "DQ_LAG (both belong to the transposed form)")
+        out["ROWS"] = True
+    need = gluon_bwd_smem(out, d)
+    if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
+        raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dk / dv kernel needs {need} bytes of shared memory at D = "
+                         f"{d}, more than the {GLUON_SMEM} a block has on Hopper (fewer num_stages)")
+    return out
+
+
+# dynamic shared memory a block may use on Hopper (sm_90: 227 KiB)
+GLUON_SMEM = 227 * 1024
+
+
+def gluon_bwd_smem(g: dict, d: int) -> int:
+    """Shared memory of the Gluon dk / dv kernel (settings ``g`` as `_gluon_bwd_cfg` gives them, head dim d),
+    bytes: the Q / dO ring (64 rows), the block's K and V (128 keys), with ROWS each consumer's P and dS (64 x 64),
+    with FUSED_DQ both consumers' dS twice over and their float32 dq tiles (64 x d / 2); 16-bit inputs."""
+    need = g["num_stages"] * 2 * 64 * d * 2 + 2 * 128 * d * 2
+    if g.get("ROWS"):
+        need += 2 * 64 * 64 * 2 * (1 if g["FUSED_DQ"] else 2)
+    if g["FUSED_DQ"]:
+        need += 4 * 64 * 64 * 2 + 2 * 64 * (d // 2) * 4
+    return need + 1024  # (mbarriers, alignment)
 
 
 @functools.lru_cache(maxsize=128)
@@ -783,7 +820,8 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], DQ_LAG=g.get("DQ_LAG", False), num_warps=4, maxnreg=168)
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], DQ_LAG=g.get("DQ_LAG", False), ROWS=g.get("ROWS", False),
+        num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
     global GLUON_BWD_LAUNCHES
