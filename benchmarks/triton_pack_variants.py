@@ -245,7 +245,7 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
     "local default (Triton)": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
     "gluon wsp o1 r232": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1),
     "gluon wsp o1 r240": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240),
-    "gluon wsp o1 r240 n16 (default)": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+    "gluon wsp o1 r240 n16": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
                                             NARROW=16),
     "gluon wsp o0 r240 n16": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16),
     # (nineteenth session, not yet run) the narrow tile's scores issued and softmaxed with step 0's
@@ -254,7 +254,11 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
     "gluon wsp o0 r240 n16 merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16,
                                         NARROW_MERGE=True),
     # (nineteenth session, not yet run) block 0 first where partial, the mask without the sinks in the main loop
-    "gluon wsp o1 r240 n16 far": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
+    # (the local default since the twentieth session)
+    "gluon wsp o1 r240 n16 far (default)": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+                                                NARROW=16, MASK_FAR=True),
+    # (twentieth session, not yet run: ORDER 0 was the faster order with sinks at 16K, without MASK_FAR)
+    "gluon wsp o0 r240 n16 far": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240, NARROW=16,
                                       MASK_FAR=True),
     "gluon wsp o1 r240 n16 far merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
                                             NARROW=16, MASK_FAR=True, NARROW_MERGE=True),
