@@ -5,7 +5,9 @@ dk / dv kernel (cfg GLUON_BWD) -- with each kernel's device time a call, its sha
 the visible pairs (dq kernel 3 products a pair: S, dP, dS K; dk / dv kernel 4: S^T, dP^T, P^T dO, dS^T Q; the Gluon
 and Triton forms alike). On the GPU machine:
     PYTHONPATH=src python3 benchmarks/attn_bwd_profile.py [--patterns sw1024,sw4096,causal] [--L 16384] [--reps 10]
---smoke: a small float32 run on CPU under TRITON_INTERPRET=1 (the script's own check; no timings worth reading)."""
+--smoke: a small float32 run on CPU under TRITON_INTERPRET=1 (the script's own check; no timings worth reading).
+--plain: each backward twice (compile, then the call), with no profiler of its own, for Nsight Compute to read the
+kernels' counters (`gpu_pending.sh DIR bwd-ncu`); --configs picks configs by name."""
 import argparse
 import collections
 import os
@@ -50,6 +52,9 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, 128 tokens: the script's own check")
+    ap.add_argument("--configs", help="only the configs whose names contain one of these (comma-separated)")
+    ap.add_argument("--plain", action="store_true",
+                    help="no profiler: each backward twice, for an outside profiler (ncu) to read")
     args = ap.parse_args()
     for name in args.patterns.split(","):
         if name not in PATTERNS:
@@ -72,10 +77,21 @@ def main():
         out, lse = ops.attention_fwd(q, k, v, p, scale)
         base = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
             dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-        for cname, cfg in (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
-                           ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
-                           ("gluon rows", dict(base, GLUON_BWD=dict(ROWS=True))),
-                           ("gluon rows fused", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)))):
+        configs = (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
+                   ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
+                   ("gluon rows", dict(base, GLUON_BWD=dict(ROWS=True))),
+                   ("gluon rows fused", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))))
+        keep = args.configs.split(",") if args.configs else None
+        for cname, cfg in configs:
+            if keep and not any(x in cname for x in keep):
+                continue
+            if args.plain:
+                for _ in range(2):
+                    ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg)
+                if q.is_cuda:
+                    torch.cuda.synchronize()
+                print(f"{name:14s} {cname:22s} ran twice", flush=True)
+                continue
             times = profile_bwd(q, k, v, do, out, lse, p, scale, cfg, args.reps)
             total = sum(times.values()) or float("nan")
             for kern, us in sorted(times.items(), key=lambda kv: -kv[1]):

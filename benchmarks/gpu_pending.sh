@@ -101,6 +101,9 @@
 #                its GPU tests, then round 17
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS form (GLUON_BWD ROWS: S = Q K^T,
 #                P and dS through shared memory), alone and fused: its GPU tests, then round 18 at 16K
+#   bwd-ncu      issue 3 (twentieth session, NOT YET RUN): Nsight Compute (ncu, Firecracker machines only) on the
+#                backward's kernels of the second call, per config family (NCU_CONFIGS: triton, gluon dk, fused, rows),
+#                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
 #   bwd-profile  issue 3 (nineteenth session): benchmarks/attn_bwd_profile.py, the backward's device time by kernel (dq,
 #                dk / dv, Triton and Gluon) with each kernel's effective TF/s, 16K, windows and causal
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
@@ -152,7 +155,7 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # run (gluon-rows, ~6 min: its GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min), then attnzoo bench
 # on every window (windows) and window 4096 at 64K (wide64); FUSED_DQ / DQ_LAG, NARROW_MERGE / MASK_FAR ran and passed
 # (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
-SECTIONS=${*:-gluon-rows bwd-profile windows}
+SECTIONS=${*:-gluon-rows bwd-profile bwd-ncu windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -260,6 +263,14 @@ for s in $SECTIONS; do
               -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 18 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
+    bwd-ncu) for c in ${NCU_CONFIGS:-triton,gluon dk,fused,rows}; do  # Nsight Compute on the backward's kernels, per config
+               # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)
+               timeout ${NCU_S:-150} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \
+                 --launch-skip 1 --launch-count 3 --section SpeedOfLight --section WarpStateStats \
+                 --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+                 python3 benchmarks/attn_bwd_profile.py --plain --patterns ${NCU_PATTERN:-sw4096} --configs "$c" \
+                 >> "$OUT/bwd_ncu_log.txt" 2>&1
+             done ;;
     bwd-profile) timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} \
               > "$OUT/bwd_profile_log.txt" 2>&1 ;;
     wide64) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw4096 --L 65536 \
