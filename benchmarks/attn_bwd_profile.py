@@ -79,8 +79,8 @@ def main():
             dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         configs = (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
                    ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
-                   ("gluon rows", dict(base, GLUON_BWD=dict(ROWS=True))),
-                   ("gluon rows fused", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))))
+                   ("gluon rows s2", dict(base, GLUON_BWD=dict(ROWS=True))),
+                   ("gluon rows fused s2", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):
