@@ -154,7 +154,7 @@ set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # still owed after the twentieth session (2026-12-06), in this order: the Gluon dk / dv kernel's ROWS form, its first
 # run (gluon-rows, ~6 min: its GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min), then attnzoo bench
-# on every window (windows) and window 4096 at 64K (wide64); FUSED_DQ / DQ_LAG, NARROW_MERGE / MASK_FAR ran and passed
+# on every window (windows) and window 4096 at 64K (wide64); FUSED_DQ / DQ_LAG (removed since: level), NARROW_MERGE / MASK_FAR ran and passed
 # (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
 SECTIONS=${*:-gluon-rows bwd-profile bwd-ncu windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1

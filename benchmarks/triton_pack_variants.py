@@ -277,10 +277,8 @@ BWD17 = {
     # (nineteenth session, not yet run) dq in the same kernel by TMA reduce-adds: 5 products a pair instead of 7
     "gluon bwd fused dq": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True)),
     "gluon bwd fused dq s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
-    # (written after the call that timed the two above level with the Triton backward: each step's dq one step later,
-    # so the two consumers need not meet every step)
-    "gluon bwd fused dq lag s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, DQ_LAG=True,
-                                                                               num_stages=3)),
+    # (DQ_LAG, each step's dq one step later so that the consumers need not meet every step, ran in the twentieth
+    # session: level, 4.547 / 12.169 / 26.503 ms against 4.602 / 12.117 / 26.737; removed)
 }
 # round 18 (twentieth session, compiled, not yet run): the Gluon dk / dv kernel's ROWS form (S = Q K^T and dP = dO V^T
 # issued together, lse / delta per row, P and dS through shared memory as dV's / dK's operands and, fused, dq's)

@@ -46,10 +46,10 @@ def _bwd_cfg(d, **extra):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,extra", [(128, {}), (64, {}), (128, dict(num_stages=3)), (128, dict(ACC_INIT=True)),
                                      (128, dict(FUSED_DQ=True)), (64, dict(FUSED_DQ=True)),
-                                     (128, dict(FUSED_DQ=True, DQ_LAG=True, num_stages=3)),
+                                     (128, dict(FUSED_DQ=True, num_stages=3)),
                                      (128, dict(ROWS=True)), (64, dict(ROWS=True, num_stages=3)),
                                      (128, dict(ROWS=True, FUSED_DQ=True)), (64, dict(ROWS=True, FUSED_DQ=True))],
-                         ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-lag",
+                         ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -92,15 +92,14 @@ def test_gluon_bwd_plan_says_why_not_on_cpu():
 
 def test_gluon_bwd_settings_are_checked_everywhere():
     # the settings as the launch takes them; a wrong one is an error even where the kernel would not run (CPU here)
-    base = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False, DQ_LAG=False)
+    base = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False)
     assert ops.gluon_bwd_settings(True, 128) == base
     assert ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True), 128) == dict(base, FUSED_DQ=True, ROWS=True)
-    assert ops.gluon_bwd_settings(dict(DQ_LAG=True), 128)["DQ_LAG"] is False  # (a lag needs FUSED_DQ)
-    with pytest.raises(ValueError, match="unknown settings \\['ROW'\\]"):
-        ops.gluon_bwd_settings(dict(ROW=True), 128)
-    for bad in (dict(ROWS=True, ACC_INIT=True), dict(ROWS=True, FUSED_DQ=True, DQ_LAG=True)):
-        with pytest.raises(ValueError, match="ROWS"):
+    for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True)):  # (DQ_LAG: removed)
+        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG)'\\]"):
             ops.gluon_bwd_settings(bad, 128)
+    with pytest.raises(ValueError, match="ROWS"):
+        ops.gluon_bwd_settings(dict(ROWS=True, ACC_INIT=True), 128)
     # shared memory: the fused transposed form fits a ring of 3 at D = 128 (it ran), the fused ROWS form does not
     assert ops.gluon_bwd_smem(ops.gluon_bwd_settings(dict(FUSED_DQ=True, num_stages=3), 128), 128) <= ops.GLUON_SMEM
     with pytest.raises(ValueError, match="shared memory"):

@@ -2,7 +2,8 @@
 Triton kernel `attn_bwd_dkdv` (`kernels.py`); dq (and delta) still come from the Triton dq kernel, which runs first.
 
 Opt-in (cfg ``GLUON_BWD``) and GPU-only: Gluon kernels do not run in Triton's interpreter. Written in the eighteenth
-session after the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; **not yet run on a GPU**.
+session after the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; right on the H100 since the
+nineteenth, but no faster than the Triton kernel (BENCHMARKS.md).
 
 One program = one work item (a block of 128 keys and a range of the query blocks that see it, `ops._bwd_plan`) of
 one (batch, KV head), looping over the G query heads of the group:
@@ -19,7 +20,7 @@ one (batch, KV head), looping over the G query heads of the group:
   over several items, its float32 partials go to the workspace that `attn_bwd_reduce` sums (the Triton kernel's
   format, 128-key rows).
 
-FUSED_DQ (cfg ``GLUON_BWD=dict(FUSED_DQ=True)``; nineteenth session, compiled for sm_90, **not yet run**): dq in the
+FUSED_DQ (cfg ``GLUON_BWD=dict(FUSED_DQ=True)``; nineteenth session; right, level in speed): dq in the
 same kernel, five products a pair instead of the seven of two kernels. Each consumer also writes its dS^T half to
 shared memory (double-buffered by step parity, two count-2 mbarriers between the consumers), takes dK's product from
 that copy, and computes ``dq[:, C * D/2 ..] = dS K[:, C * D/2 ..]`` over both halves (64 rows x 128 keys); the tile
@@ -27,6 +28,13 @@ goes to shared memory and a TMA reduce-add puts it into a float32 (B * H * Lq, D
 add theirs: not bitwise deterministic). ``attention_bwd`` runs the delta kernel first and scales / casts the
 accumulator after, as for ATOMIC_DQ (the Triton kernel's ATOMIC form is the fallback). ptxas sm_90 at 240 registers:
 D = 64 no spills; D = 128 about 32 spill loads and 50 stores a step (24 / 9 without it).
+
+ROWS (cfg ``GLUON_BWD=dict(ROWS=True)``, alone or with FUSED_DQ; twentieth session, compiled for sm_90, **not yet
+run**): FlashAttention-3's arrangement, `_bwd_consumer_rows`. The scores keep the query rows as rows (``S = Q K_C^T``
+and ``dP = dO V_C^T`` issued together), so lse and delta are two registers a thread instead of sixteen; P and dS go to
+shared memory (64 x 64 per consumer) as the transposed operands of ``dV += P^T dO`` and ``dK += dS^T Q`` and, fused,
+as dq's A operands without a transpose. `ops.gluon_bwd_smem` counts the shared memory (ROWS + FUSED_DQ: ring 2 at
+D = 128).
 
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
@@ -124,7 +132,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_LAG: gl.constexpr, ROWS: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
@@ -135,7 +143,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                        HALF, ACC_INIT, FUSED_DQ, DQ_LAG)
+                        HALF, ACC_INIT, FUSED_DQ)
 
 
 @gluon.jit
@@ -143,7 +151,7 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                     DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                     pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
                     D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                    ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_LAG: gl.constexpr):
+                    ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
     # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -164,7 +172,6 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
     vc = v_smem.index(C)
     mbarrier.wait(kvbar, 0)
     it = 0
-    qrow_prev = 0  # (DQ_LAG) the previous step's first query row in the (B * H * Lq, D) view
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
@@ -215,23 +222,11 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
             else:
                 dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
             if FUSED_DQ:
-                # DQ_LAG: the previous step's dq (its dS^T, both halves, ready a step ago), so the two consumers
-                # need not meet at every step; else this step's
-                if DQ_LAG:
-                    if it > 0:
-                        _dq_step(C, it - 1, qrow_prev, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M,
-                                 q_layout)
-                    qrow_prev = bh * Lq + m0
-                else:
-                    _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M,
-                             q_layout)
+                _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout)
             dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
             mbarrier.arrive(empty.index(slot), count=1)
             it += 1
     if FUSED_DQ:
-        if DQ_LAG:
-            if it > 0:
-                _dq_step(C, it - 1, qrow_prev, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout)
         tma.store_wait(0)
     _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
 
@@ -335,7 +330,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        DQ_LAG: gl.constexpr, ROWS: gl.constexpr = False):
+                        ROWS: gl.constexpr = False):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -386,11 +381,11 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, DQ_LAG, ROWS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, DQ_LAG, ROWS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),

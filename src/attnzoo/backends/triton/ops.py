@@ -719,7 +719,7 @@ def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk,
 
 
 # The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS / ACC_INIT / FUSED_DQ /
-# DQ_LAG / ROWS; opt-in, written in the eighteenth session, first run in the nineteenth). A first launch that fails
+# ROWS; opt-in, written in the eighteenth session, first run in the nineteenth). A first launch that fails
 # warns once and the Triton kernel runs, as for the Gluon forward (_gluon_launch).
 def gluon_bwd_plan(q, k, v, dout, pattern, cfg: dict) -> tuple[bool, str]:
     """Whether the backward can run the Gluon dk / dv kernel here -> (ok, why not)."""
@@ -750,19 +750,17 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
 
 def gluon_bwd_settings(g, d: int) -> dict:
     """cfg GLUON_BWD (True or a dict) as the launch takes it, checked: known settings, ROWS without the transposed
-    form's ACC_INIT / DQ_LAG, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
+    form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
-    unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "DQ_LAG", "ROWS"})
-    if unknown:
-        raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, DQ_LAG, "
-                         "ROWS)")
+    unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS"})
+    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing)
+        raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
-               ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)),
-               DQ_LAG=bool(g.get("DQ_LAG", False)) and bool(g.get("FUSED_DQ", False)))
+               ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
-        if out["ACC_INIT"] or out["DQ_LAG"]:
-            raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) takes neither ACC_INIT nor "
-                             "DQ_LAG (both belong to the transposed form)")
+        if out["ACC_INIT"]:
+            raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
+                             "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = True
     need = gluon_bwd_smem(out, d)
     if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
@@ -820,7 +818,7 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], DQ_LAG=g.get("DQ_LAG", False), ROWS=g.get("ROWS", False),
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", False),
         num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
