@@ -80,7 +80,9 @@ def main():
         configs = (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
                    ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
                    ("gluon rows s2", dict(base, GLUON_BWD=dict(ROWS=True))),
-                   ("gluon rows fused s2", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))))
+                   ("gluon rows fused s2", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))),
+                   ("gluon rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2))),
+                   ("gluon rows2 fused s2", dict(base, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

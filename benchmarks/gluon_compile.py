@@ -86,7 +86,7 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: bool = False):
+                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0):
     """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
     ``fused``: FUSED_DQ (dq by TMA reduce-adds into a float32 accumulator, through its descriptor dqd); ``rows``: ROWS
     (scores with the query rows as rows, P and dS through shared memory)."""
@@ -128,7 +128,8 @@ def main(argv=None):
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
-    ap.add_argument("--rows", action="store_true", help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory)")
+    ap.add_argument("--rows", type=int, nargs="?", const=1, default=0,
+                    help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
     if a.bwd:

@@ -103,7 +103,8 @@
 #                P and dS through shared memory), alone and fused: its GPU tests, then round 18 at 16K
 #   bwd-ncu      issue 3 (twentieth session, NOT YET RUN): Nsight Compute (ncu, Firecracker machines only) on the
 #                backward's kernels of the second call, one config a process (NCU_CONFIGS: comma-separated
-#                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused),
+#                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
+#                rows2 s2, rows2 fused),
 #                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
 #   bwd-profile  issue 3 (nineteenth session): benchmarks/attn_bwd_profile.py, the backward's device time by kernel (dq,
 #                dk / dv, Triton and Gluon) with each kernel's effective TF/s, 16K, windows and causal
@@ -264,7 +265,7 @@ for s in $SECTIONS; do
               -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 18 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
-    bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,gluon dk,fused dq,rows s2,rows fused}"
+    bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused}"
              for c in "${ncu_cfgs[@]}"; do  # Nsight Compute on the backward's kernels, one config a process
                # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)
                timeout ${NCU_S:-150} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \

@@ -290,6 +290,11 @@ BWD18 = {
     "gluon rows s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, num_stages=3)),
     "gluon fused dq s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
     "gluon rows fused s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
+    # ROWS 2: dP's MMA with dV's, after P (one score tile live: 554 loop instructions and 7 spills a step on sinks +
+    # window, against 620 / 45 for ROWS 1)
+    "gluon rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2)),
+    "gluon rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, num_stages=3)),
+    "gluon rows2 fused s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True)),
 }
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {

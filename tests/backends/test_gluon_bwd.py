@@ -48,9 +48,11 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(FUSED_DQ=True)), (64, dict(FUSED_DQ=True)),
                                      (128, dict(FUSED_DQ=True, num_stages=3)),
                                      (128, dict(ROWS=True)), (64, dict(ROWS=True, num_stages=3)),
-                                     (128, dict(ROWS=True, FUSED_DQ=True)), (64, dict(ROWS=True, FUSED_DQ=True))],
+                                     (128, dict(ROWS=True, FUSED_DQ=True)), (64, dict(ROWS=True, FUSED_DQ=True)),
+                                     (128, dict(ROWS=2)), (128, dict(ROWS=2, FUSED_DQ=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
-                              "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused"])
+                              "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
+                              "d128-rows2-fused"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -94,7 +96,10 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     # the settings as the launch takes them; a wrong one is an error even where the kernel would not run (CPU here)
     base = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False)
     assert ops.gluon_bwd_settings(True, 128) == base
-    assert ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True), 128) == dict(base, FUSED_DQ=True, ROWS=True)
+    assert ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True), 128) == dict(base, FUSED_DQ=True, ROWS=1)
+    assert ops.gluon_bwd_settings(dict(ROWS=2), 128) == dict(base, ROWS=2)
+    with pytest.raises(ValueError, match="ROWS must be"):
+        ops.gluon_bwd_settings(dict(ROWS=3), 128)
     for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True)):  # (DQ_LAG: removed)
         with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG)'\\]"):
             ops.gluon_bwd_settings(bad, 128)

@@ -34,7 +34,9 @@ run**): FlashAttention-3's arrangement, `_bwd_consumer_rows`. The scores keep th
 and ``dP = dO V_C^T`` issued together), so lse and delta are two registers a thread instead of sixteen; P and dS go to
 shared memory (64 x 64 per consumer) as the transposed operands of ``dV += P^T dO`` and ``dK += dS^T Q`` and, fused,
 as dq's A operands without a transpose. `ops.gluon_bwd_smem` counts the shared memory (ROWS + FUSED_DQ: ring 2 at
-D = 128).
+D = 128). ROWS 1 issues dP's MMA with S's (it runs during P's exponentials; two score tiles live), ROWS 2 with dV's
+after P (one at a time, as the transposed form): ptxas sm_90, sinks + window, 620 / 554 loop instructions and 45 / 7
+spill loads + stores a step (637 / 9 transposed); fused 747 / 72 and 690 / 30 (823 / 46).
 
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
@@ -138,7 +140,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS == 1)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
@@ -236,7 +238,7 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr):
+                       FUSED_DQ: gl.constexpr, DP_EARLY: gl.constexpr):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
@@ -274,16 +276,24 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             dos = do_smem.index(slot)
             s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                               is_async=True)
-            dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                               is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # (dP still running)
+            if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
+                dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                                   is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            else:
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             if j >= nf:  # a partial block: the pattern's mask (queries by keys)
                 p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, h, AUX), p, 0.0)
             pc.store(p.to(dtype))
             fence_async_shared()
             dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
-            dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
+            if DP_EARLY:
+                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
+            else:  # dP with dV, after P (one score tile live at a time, as in the transposed form)
+                dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                                   is_async=True)
+                dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
             ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
             if FUSED_DQ:
                 dsb = it % 2
@@ -330,7 +340,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = False):
+                        ROWS: gl.constexpr = 0):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
