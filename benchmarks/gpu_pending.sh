@@ -153,9 +153,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twentieth session (2026-12-06), in this order: the Gluon dk / dv kernel's ROWS form, its first
-# run (gluon-rows, ~6 min: its GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min), then attnzoo bench
-# on every window (windows) and window 4096 at 64K (wide64); FUSED_DQ / DQ_LAG (removed since: level), NARROW_MERGE / MASK_FAR ran and passed
+# still owed after the twentieth session (2026-12-06), in this order: the Gluon dk / dv kernel's ROWS forms, their first
+# run (gluon-rows, ~8 min: 84 GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min) and under Nsight
+# Compute (bwd-ncu, ~4 min), then attnzoo bench on every window (windows), window 4096 at 64K (wide64) and round 16's
+# ORDER 0 with MASK_FAR (gluon-narrow); FUSED_DQ / DQ_LAG (removed since: level), NARROW_MERGE / MASK_FAR ran and passed
 # (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
 SECTIONS=${*:-gluon-rows bwd-profile bwd-ncu windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
@@ -261,8 +262,8 @@ for s in $SECTIONS; do
               -k "matches_reference and fused" > "$OUT/gluon_fused_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 17 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonfused" --quick >> "$OUT/gluon_fused_log.txt" 2>&1 ;;
-    gluon-rows) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
-              -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
+    gluon-rows) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
+              -o addopts="" -rfE -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 18 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused}"
