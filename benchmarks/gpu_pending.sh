@@ -244,10 +244,10 @@ for s in $SECTIONS; do
               --L 65536 --out "$OUT/gluonorder_64k" --quick >> "$OUT/gluon_order_log.txt" 2>&1 ;;
     gluon-narrow) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               -k "narrow or persistent or cross or falls or NARROW" > "$OUT/gluon_narrow_log.txt" 2>&1
-           timeout ${PACK_S:-120} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
-              --out "$OUT/gluonnarrow" --quick >> "$OUT/gluon_narrow_log.txt" 2>&1
-           timeout ${GLUON64_S:-120} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
-              --L 65536 --out "$OUT/gluonnarrow_64k" --quick >> "$OUT/gluon_narrow_log.txt" 2>&1 ;;
+           timeout ${PACK_S:-150} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024,sw1024 \
+              --out "$OUT/gluonnarrow" --quick --repeat 3 >> "$OUT/gluon_narrow_log.txt" 2>&1
+           timeout ${GLUON64_S:-150} python3 benchmarks/triton_pack_variants.py --round 16 --patterns sinks+sw1024 \
+              --L 65536 --out "$OUT/gluonnarrow_64k" --quick --repeat 3 >> "$OUT/gluon_narrow_log.txt" 2>&1 ;;
     sinks-bench) for dir in both fwd; do  # attnzoo bench on sinks + window (and window 1024): 16K fwd and fwd+bwd, 64K fwd
                lens=16384; [ $dir = fwd ] && lens=65536
                timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/sinks" --no-report \
@@ -278,7 +278,7 @@ for s in $SECTIONS; do
     bwd-profile) timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} \
               > "$OUT/bwd_profile_log.txt" 2>&1 ;;
     wide64) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw4096 --L 65536 \
-              --out "$OUT/wide64" > "$OUT/wide64_log.txt" 2>&1 ;;
+              --out "$OUT/wide64" --quick --repeat 3 > "$OUT/wide64_log.txt" 2>&1 ;;
     gluon-default) timeout ${GLUON_TEST_S:-400} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_fwd.py \
               > "$OUT/gluon_default_log.txt" 2>&1 ;;
     bwd-w8) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 9 \
