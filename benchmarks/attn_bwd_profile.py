@@ -21,7 +21,7 @@ from attnzoo.backends.triton import ops, tuning
 PATTERNS = {"causal": az.Causal(), "sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
             "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4)}
 # products a visible pair costs in each kernel (2 D flops each); other kernels (the split columns' reduction) get none
-PRODUCTS = {"attn_bwd_dq": 3, "attn_bwd_dkdv": 4, "gluon_attn_bwd_dkdv": 4}  # (FUSED_DQ: the Gluon kernel does 5)
+PRODUCTS = {"attn_bwd_dq": 3, "attn_bwd_dkdv": 4, "gluon_attn_bwd_dkdv": 4, "gluon_attn_bwd_dq": 3}  # (FUSED_DQ: the Gluon kernel does 5)
 
 
 def _products(name: str, fused: bool = False) -> int:
@@ -82,7 +82,8 @@ def main():
                    ("gluon rows s2", dict(base, GLUON_BWD=dict(ROWS=True))),
                    ("gluon rows fused s2", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))),
                    ("gluon rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2))),
-                   ("gluon rows2 fused s2", dict(base, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True))))
+                   ("gluon rows2 fused s2", dict(base, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True))),
+                   ("gluon dq + rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -85,6 +85,22 @@ def _build(fn, sig: dict, consts: dict, options: dict):
     return dict(registers=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)), sass=mix), kernel
 
 
+def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
+               maxnreg: int = 168):
+    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program."""
+    from triton.experimental.gluon import language as gl
+    lines, _aux = generate(pattern, lq, lq, (64, 64))
+    fn = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (64, 64), kmin=64)[0]).gluon_attn_bwd_dq
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    desc = f"tensordesc<{dtype}[64, {d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
+    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32", AUX="*i32",
+               KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32",
+               H="i32", G="i32", Lq="i32", Lk="i32", OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr",
+               BLOCK_M="constexpr", BLOCK_N="constexpr", STAGES="constexpr", CONSUMER_REGS="constexpr")
+    consts = dict(D=d, BLOCK_M=64, BLOCK_N=64, STAGES=stages, CONSUMER_REGS=regs)
+    return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
+
+
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
                 maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0):
     """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
@@ -125,6 +141,7 @@ def main(argv=None):
     ap.add_argument("--far", action="store_true", help="MASK_FAR (block 0 first, the shorter mask past it)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
+    ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
@@ -132,6 +149,14 @@ def main(argv=None):
                     help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
+    if a.dq:
+        for name in a.pattern or ["sw1024"]:
+            for d in a.d:
+                for st in a.stages:
+                    r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168)
+                    print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
+                          f"shared {r['shared']} B, {r['sass']}")
+        return
     if a.bwd:
         for name in a.pattern or ["sw1024"]:
             for d in a.d:

@@ -266,7 +266,7 @@ for s in $SECTIONS; do
               -o addopts="" -rfE -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 18 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
-    bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused}"
+    bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused,gluon dq + rows2}"
              for c in "${ncu_cfgs[@]}"; do  # Nsight Compute on the backward's kernels, one config a process
                # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)
                timeout ${NCU_S:-150} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \

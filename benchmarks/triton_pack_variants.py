@@ -296,6 +296,10 @@ BWD18 = {
     "gluon rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2)),
     "gluon rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, num_stages=3)),
     "gluon rows2 fused s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True)),
+    # GLUON_DQ: the Gluon dq kernel (the ws forward's form on 64 x 64 tiles; no spills) instead of the Triton one
+    "gluon dq + gluon dkdv s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(GLUON_DQ=True, num_stages=3)),
+    "gluon dq + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True)),
+    "gluon dq s3 + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3)),
 }
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {

@@ -49,16 +49,20 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(FUSED_DQ=True, num_stages=3)),
                                      (128, dict(ROWS=True)), (64, dict(ROWS=True, num_stages=3)),
                                      (128, dict(ROWS=True, FUSED_DQ=True)), (64, dict(ROWS=True, FUSED_DQ=True)),
-                                     (128, dict(ROWS=2)), (128, dict(ROWS=2, FUSED_DQ=True))],
+                                     (128, dict(ROWS=2)), (128, dict(ROWS=2, FUSED_DQ=True)),
+                                     (128, dict(GLUON_DQ=True)), (64, dict(GLUON_DQ=True, DQ_STAGES=3)),
+                                     (128, dict(ROWS=2, GLUON_DQ=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
-                              "d128-rows2-fused"])
+                              "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
-    before = ops.GLUON_BWD_LAUNCHES
+    before, before_dq = ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES
     got, ref, base = _grads(q, k, v, do, PATTERNS[name], _bwd_cfg(d, **extra))
     assert ops.GLUON_BWD_LAUNCHES > before, "the Gluon dk / dv kernel did not run"
+    if extra.get("GLUON_DQ") and name in ("window", "causal", "sinks+window", "full"):  # (the ws forward's patterns)
+        assert ops.GLUON_DQ_LAUNCHES > before_dq, "the Gluon dq kernel did not run"
     for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
         check_close(nm, x, r, baseline=bl)
 
@@ -111,6 +115,13 @@ def test_gluon_bwd_settings_are_checked_everywhere():
         ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True, num_stages=3), 128)
     ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True, num_stages=3), 64)  # (half the bytes at D = 64)
     ops.gluon_bwd_settings(dict(num_stages=3), 256)  # (D = 256 runs the Triton kernel: no limit to check)
+    # the Gluon dq kernel: its ring checked, not with FUSED_DQ
+    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
+    assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)
+    for bad, msg in ((dict(GLUON_DQ=True, FUSED_DQ=True), "exclude"), (dict(GLUON_DQ=True, DQ_STAGES=0), "1 .. 4"),
+                     (dict(DQ_STAGES=True), "1 .. 4")):
+        with pytest.raises(ValueError, match=msg):
+            ops.gluon_bwd_settings(bad, 128)
     q = torch.zeros(1, 2, 128, 64)
     with pytest.raises(ValueError, match="unknown"):
         ops._gluon_bwd_cfg(q, q[:, :1], q[:, :1], q, None, dict(_bwd_cfg(64), GLUON_BWD=dict(STAGES=3)))
@@ -174,4 +185,31 @@ def test_gluon_fused_dq_path_and_its_fallback(monkeypatch):
     monkeypatch.undo()
     plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
     for a, b in zip(plain, fused):
+        torch.testing.assert_close(a, b)
+
+
+def test_gluon_dq_path_runs_delta_first_and_falls_back(monkeypatch):
+    # GLUON_DQ: delta by its own kernel, then the Gluon dq launch (handed the pattern, dq and that delta); where the
+    # launch fails the Triton dq kernel runs -- the same gradients as without it
+    if not ops.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
+    scale, pattern = 0.25, az.SlidingWindow(40) | az.Sinks(4)
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    settings = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False, GLUON_DQ=True, DQ_STAGES=2)
+    calls = []
+    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: settings)
+    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: False)
+    monkeypatch.setattr(ops, "_gluon_dq_ok", lambda *a: True)
+    monkeypatch.setattr(ops, "_gluon_dq", lambda *a: calls.append([x.clone() if torch.is_tensor(x) else x
+                                                                    for x in a]) or False)
+    asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
+    assert len(calls) == 1 and calls[0][0] == pattern and calls[0][-1] == settings
+    delta = calls[0][6]
+    torch.testing.assert_close(delta, (do.float() * out.float()).sum(-1))
+    monkeypatch.undo()
+    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
+    for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)

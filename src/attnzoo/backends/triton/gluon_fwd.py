@@ -405,6 +405,105 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
 
 
 
+# The backward's dq kernel in the same form (cfg GLUON_BWD=dict(GLUON_DQ=True); twentieth session, compiled for sm_90,
+# NOT YET RUN): it walks the forward's layout (query block, its kv blocks) with the forward's producer, so it lives
+# here. A producer warp loads both heads' Q and dO once, then K and V tiles (64 keys) into the ring; consumer C (query
+# head h + C, 64 rows) issues S = Q K^T and dP = dO V^T, takes P = exp2(S * scale - lse) (the mask on partial blocks)
+# and dS = P (dP - delta) in registers, and adds dS K to its dq accumulator with dS as the register operand (no
+# shared-memory round trip, no atomics: each program owns its rows). delta comes from attn_bwd_delta, run first.
+
+@gluon.jit
+def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, qrow0, Lq,
+                 kvrow, nf, f0, prow, n, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    mbarrier.expect(qbar, 2 * qd.block_type.nbytes + 2 * dod.block_type.nbytes)
+    for c in gl.static_range(2):
+        tma.async_copy_global_to_shared(qd, [qrow0 + c * Lq, 0], qbar, q_smem.index(c))
+        tma.async_copy_global_to_shared(dod, [qrow0 + c * Lq, 0], qbar, do_smem.index(c))
+    _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, 0, STAGES,
+                   BLOCK_N, False)
+
+
+@gluon.jit
+def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE,
+                 DELTA, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+    rows = gl.arange(0, BLOCK_M, layout=srow)
+    qp = gl.expand_dims(m0 + rows + OFF, 1)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    lrow = qrow0 + C * Lq + rows
+    lse = gl.load(LSE + lrow)
+    delta = gl.expand_dims(gl.load(DELTA + lrow), 1)
+    lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), 1)  # (p = 0)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+    qs = q_smem.index(C)
+    dos = do_smem.index(C)
+    mbarrier.wait(qbar, 0)
+    for j in range(0, n):
+        slot = j % STAGES
+        ph = (j // STAGES) & 1
+        blk = _blk(j, nf, f0, prow, n, 0, False)
+        mbarrier.wait(kready.index(slot), ph)
+        s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(vready.index(slot), ph)
+        dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # (dP still running)
+        p = gl.exp2(s * qk_scale - lse2)
+        if j >= nf:  # a partial block: the pattern's mask
+            p = gl.where(_mask(qp, gl.expand_dims(blk * BLOCK_N + cols, 0), h + C, AUX), p, 0.0)
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+        mbarrier.arrive(vempty.index(slot), count=1)
+        ds = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
+        acc = warpgroup_mma(ds, k_smem.index(slot), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(kempty.index(slot), count=1)
+    orows = gl.arange(0, BLOCK_M, layout=orow)
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
+    gl.store(DQ + orow_g[:, None] * D + ocols[None, :], (acc * sm_scale).to(dtype))
+
+
+@gluon.jit
+def gluon_attn_bwd_dq(qd, dod, kd, vd, DQ, LSE, DELTA, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
+                      H, G, Lq, Lk, OFF, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    # grid (query blocks, B * H / 2): two query heads of one GQA group a program, one consumer warpgroup each, as the
+    # ws forward; DQ, LSE, DELTA in the (B * H * Lq) row order
+    dtype: gl.constexpr = kd.dtype
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    HP = H // 2
+    b = pid_bh // HP
+    h = (pid_bh % HP) * 2
+    m0 = pid_m * BLOCK_M
+    qrow0 = (b * H + h) * Lq + m0
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], qd.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], dod.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
+    qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(qbar, count=1)
+    kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, False)
+    nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+    kvrow = (b * (H // G) + h // G) * Lk
+    gl.warp_specialize([
+        (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE, DELTA, AUX,
+                        h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES)),
+        (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE, DELTA, AUX,
+                        h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES)),
+        (_dq_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty,
+                        qrow0, Lq, kvrow, nf, f0, prow, n, STAGES, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
 # The persistent form (cfg GLUON="wsp"; the default of the local and wide classes; H100, eighteenth session: window
 # 1024 1.198 -> 1.002 ms at 16K against the Triton kernel): a grid of at most one program per SM, each taking work
 # items (query block, head pair) p, p + P, ... in turn, so the producer loads the next item's Q and first K / V tiles
