@@ -99,8 +99,9 @@
 #   gluon-fused  issue 3 (nineteenth session, run in the twentieth: right, not faster): the Gluon dk / dv kernel with dq
 #                in it (GLUON_BWD FUSED_DQ: TMA reduce-adds into a float32 accumulator, 5 products a pair instead of 7):
 #                its GPU tests, then round 17
-#   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS form (GLUON_BWD ROWS: S = Q K^T,
-#                P and dS through shared memory), alone and fused: its GPU tests, then round 18 at 16K
+#   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
+#                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
+#                GPU tests (bfloat16), then round 18 at 16K
 #   bwd-ncu      issue 3 (twentieth session, NOT YET RUN): Nsight Compute (ncu, Firecracker machines only) on the
 #                backward's kernels of the second call, one config a process (NCU_CONFIGS: comma-separated
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
@@ -154,7 +155,7 @@
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # still owed after the twentieth session (2026-12-06), in this order: the Gluon dk / dv kernel's ROWS forms, their first
-# run (gluon-rows, ~8 min: 84 GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min) and under Nsight
+# run with the Gluon dq kernel's (gluon-rows, ~8 min: 63 GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min) and under Nsight
 # Compute (bwd-ncu, ~4 min), then attnzoo bench on every window (windows), window 4096 at 64K (wide64) and round 16's
 # ORDER 0 with MASK_FAR (gluon-narrow); FUSED_DQ / DQ_LAG (removed since: level), NARROW_MERGE / MASK_FAR ran and passed
 # (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
@@ -263,9 +264,10 @@ for s in $SECTIONS; do
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 17 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonfused" --quick >> "$OUT/gluon_fused_log.txt" 2>&1 ;;
     gluon-rows) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
-              -o addopts="" -rfE -k "matches_reference and rows" > "$OUT/gluon_rows_log.txt" 2>&1
-           timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 18 \
-              --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
+              -o addopts="" -rfE -k "matches_reference and (rows or gdq) and ${ROWS_DTYPES:-dtype0}" \
+              > "$OUT/gluon_rows_log.txt" 2>&1  # (bfloat16 first: ROWS_DTYPES="(dtype0 or dtype1)" for both)
+           timeout ${PACK_S:-280} python3 benchmarks/triton_pack_variants.py --round 18 \
+              --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused,gluon dq + rows2}"
              for c in "${ncu_cfgs[@]}"; do  # Nsight Compute on the backward's kernels, one config a process
                # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)
