@@ -142,24 +142,33 @@ def test_gluon_bwd_cfg_is_ignored_where_it_does_not_apply():
         assert torch.equal(a, b)
 
 
+def _pretended(monkeypatch, seed, pattern, settings, **patches):
+    # the backward's host path where the Gluon plan says yes (pretended, on CPU): `_gluon_bwd_cfg` gives settings and
+    # the named functions of ops are patched -> (the gradients asked with GLUON_BWD, the Triton kernels' on the Gluon
+    # kernel's tiles (64 x 128) without it, (dO, out))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
+    scale = 0.25
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: settings)
+    for name, fn in patches.items():
+        monkeypatch.setattr(ops, name, fn)
+    asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
+    monkeypatch.undo()
+    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
+    return asked, plain, (do, out)
+
+
 def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
     # the host path where the plan says yes (on CPU: pretended): attention_bwd hands the Gluon launch the pattern and
     # the normalised settings, and with its launch failing (False) the Triton dk / dv kernel gives the same gradients
     # on the Gluon kernel's tiles (64 x 128)
     if not ops.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    g = torch.Generator().manual_seed(3)
-    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
-    scale, pattern = 0.25, az.SlidingWindow(40)
-    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    calls = []
-    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: dict(num_stages=2, REGS=240, ACC_INIT=False))
-    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: calls.append(a) or False)
-    asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
-    assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == dict(num_stages=2, REGS=240, ACC_INIT=False)
-    monkeypatch.undo()
-    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
+    pattern, settings, calls = az.SlidingWindow(40), dict(num_stages=2, REGS=240, ACC_INIT=False), []
+    asked, plain, _ = _pretended(monkeypatch, 3, pattern, settings, _gluon_bwd=lambda *a: calls.append(a) or False)
+    assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == settings
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)
 
@@ -169,21 +178,12 @@ def test_gluon_fused_dq_path_and_its_fallback(monkeypatch):
     # the Triton dk / dv kernel adds dq by atomics (its ATOMIC form) on the same 64 x 128 tiles -- same gradients
     if not ops.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    g = torch.Generator().manual_seed(4)
-    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
-    scale, pattern = 0.25, az.SlidingWindow(40) | az.Sinks(4)
-    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    settings = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=True)
-    calls = []
-    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: settings)
-    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: calls.append(a) or False)
-    fused = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
+    settings, calls = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=True), []
+    fused, plain, _ = _pretended(monkeypatch, 4, az.SlidingWindow(40) | az.Sinks(4), settings,
+                                 _gluon_bwd=lambda *a: calls.append(a) or False)
     dqa = calls[0][-1]
     assert len(calls) == 1 and calls[0][1] == settings
     assert dqa.dtype == torch.float32 and dqa.shape == (1 * 2 * 128, 16)
-    monkeypatch.undo()
-    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
     for a, b in zip(plain, fused):
         torch.testing.assert_close(a, b)
 
@@ -193,23 +193,13 @@ def test_gluon_dq_path_runs_delta_first_and_falls_back(monkeypatch):
     # launch fails the Triton dq kernel runs -- the same gradients as without it
     if not ops.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    g = torch.Generator().manual_seed(5)
-    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
-    scale, pattern = 0.25, az.SlidingWindow(40) | az.Sinks(4)
-    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    settings = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False, GLUON_DQ=True, DQ_STAGES=2)
-    calls = []
-    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: settings)
-    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: False)
-    monkeypatch.setattr(ops, "_gluon_dq_ok", lambda *a: True)
-    monkeypatch.setattr(ops, "_gluon_dq", lambda *a: calls.append([x.clone() if torch.is_tensor(x) else x
-                                                                    for x in a]) or False)
-    asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, GLUON_BWD=True))
+    pattern = az.SlidingWindow(40) | az.Sinks(4)
+    settings, calls = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False, GLUON_DQ=True, DQ_STAGES=2), []
+    asked, plain, (do, out) = _pretended(
+        monkeypatch, 5, pattern, settings, _gluon_bwd=lambda *a: False, _gluon_dq_ok=lambda *a: True,
+        _gluon_dq=lambda *a: calls.append([x.clone() if torch.is_tensor(x) else x for x in a]) or False)
     assert len(calls) == 1 and calls[0][0] == pattern and calls[0][-1] == settings
     delta = calls[0][6]
     torch.testing.assert_close(delta, (do.float() * out.float()).sum(-1))
-    monkeypatch.undo()
-    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=dict(cfg, BM_KV=64, BN_KV=128))
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)

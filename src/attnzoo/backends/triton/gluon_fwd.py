@@ -367,6 +367,18 @@ def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qbar, kready, vr
 
 
 @gluon.jit
+def _ws_program(H, Lq, BLOCK_M: gl.constexpr):
+    # a ws program's work item from its grid position (query block, head pair): (query block, batch, first head of
+    # the pair, first query row, that row in the (B * H * Lq, D) view)
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // (H // 2)
+    h = (pid_bh % (H // 2)) * 2
+    m0 = pid_m * BLOCK_M
+    return pid_m, b, h, m0, (b * H + h) * Lq + m0
+
+
+@gluon.jit
 def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
                       H, G, Lq, Lk, OFF, qk_scale,
                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -374,13 +386,7 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
                       NMERGE: gl.constexpr, FAR: gl.constexpr):
     # PACK 2 only: two query heads of one GQA group, one consumer warpgroup each (kernel num_warps = 4)
     dtype: gl.constexpr = kd.dtype
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    HP = H // 2
-    b = pid_bh // HP
-    h = (pid_bh % HP) * 2
-    m0 = pid_m * BLOCK_M
-    qrow0 = (b * H + h) * Lq + m0
+    pid_m, b, h, m0, qrow0 = _ws_program(H, Lq, BLOCK_M)
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
@@ -478,13 +484,7 @@ def gluon_attn_bwd_dq(qd, dod, kd, vd, DQ, LSE, DELTA, AUX, KVN, KVI, FKVN, FKVI
     # grid (query blocks, B * H / 2): two query heads of one GQA group a program, one consumer warpgroup each, as the
     # ws forward; DQ, LSE, DELTA in the (B * H * Lq) row order
     dtype: gl.constexpr = kd.dtype
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    HP = H // 2
-    b = pid_bh // HP
-    h = (pid_bh % HP) * 2
-    m0 = pid_m * BLOCK_M
-    qrow0 = (b * H + h) * Lq + m0
+    pid_m, b, h, m0, qrow0 = _ws_program(H, Lq, BLOCK_M)
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], qd.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], dod.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
