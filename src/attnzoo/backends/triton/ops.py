@@ -678,14 +678,15 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     if cfg.get("ATOMIC_DQ") or fused:
         # dq from the dk/dv kernel (each tile's dS K added in float32 to a row accumulator: five products per
         # tile instead of seven over the two kernels, not bitwise deterministic); delta by its own small kernel
-        _delta_then(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse, lambda: True)
+        _delta(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse)
         dqa = torch.zeros((b * hq * lq, bd), dtype=torch.float32, device=q.device)
         tma_dkdv.update(DQA=dqa, ATOMIC=True)
-    elif cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") and _gluon_dq_ok(pattern, q, k, v, dout) and \
-            _delta_then(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse,
-                        lambda: _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, cfg["GLUON_BWD"])):
-        pass  # (GLUON_DQ: delta first, then the Gluon dq kernel; where its first launch fails, the Triton one below)
-    else:
+    gluon_dq = False
+    if cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") and _gluon_dq_ok(pattern, q, k, v, dout):
+        # GLUON_DQ: delta first, then the Gluon dq kernel (where its first launch fails, the Triton one below)
+        _delta(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse)
+        gluon_dq = _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, cfg["GLUON_BWD"])
+    if not (cfg.get("ATOMIC_DQ") or fused or gluon_dq):
         # dq first: it also writes delta, which the dk/dv kernel reads
         pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
         mod.attn_bwd_dq[(lay.num_q_blocks, b * hq // pack)](
@@ -709,13 +710,12 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         dq.copy_(dqa.view(b, hq, lq, bd)[..., :d].mul_(scale))
 
 
-def _delta_then(mod, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse, launch) -> bool:
-    """delta (the rows' dO . O, less dlse) by its own small kernel, then ``launch()`` -> what it returns."""
-    b = out.shape[0]
-    mod.attn_bwd_delta[(-(-lq // 64), b * hq)](
+def _delta(mod, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse):
+    """delta (each row's dO . O, less dlse) by its own small kernel, where dq does not come from the Triton dq kernel
+    (which writes it as it goes)."""
+    mod.attn_bwd_delta[(-(-lq // 64), out.shape[0] * hq)](
         out, dout, lse, dl, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
         dout.stride(2), hq, lq, dv, BLOCK_M=64, BLOCK_DV=bdv, HAS_DLSE=has_dlse, num_warps=4)
-    return launch()
 
 
 def _gluon_dq_ok(pattern, q, k, v, dout) -> bool:
