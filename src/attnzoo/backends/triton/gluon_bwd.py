@@ -107,6 +107,15 @@ def _bwd_qblk(j, nf, frow, prow, n):
 
 
 @gluon.jit
+def _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, idx, LSE, DELTA, BLOCK_M: gl.constexpr):
+    # step j's query block: its first row m0, and lse and delta of its rows (idx: 0 .. BLOCK_M in the layout the
+    # consumer needs them in) -- both consumer forms
+    m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
+    lrow = bh * Lq + m0 + idx
+    return m0, gl.load(LSE + lrow), gl.load(DELTA + lrow)
+
+
+@gluon.jit
 def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                   QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
@@ -179,10 +188,7 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
         bh = b * H + h
         nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
         for j in range(s0, gl.minimum(e0, n)):
-            m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
-            lrow = bh * Lq + m0 + cols
-            lse = gl.load(LSE + lrow)
-            delta = gl.load(DELTA + lrow)
+            m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, cols, LSE, DELTA, BLOCK_M)
             if ACC_INIT:  # S^T starts from -lse in score units (lse / scale): no lse vector live through the MMA
                 s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout) + \
                     gl.expand_dims(gl.where(lse == float("-inf"), float("-inf"), -lse * lse_units), 0)
@@ -265,10 +271,7 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
         bh = b * H + h
         nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
         for j in range(s0, gl.minimum(e0, n)):
-            m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
-            lrow = bh * Lq + m0 + rows
-            lse = gl.load(LSE + lrow)
-            delta = gl.load(DELTA + lrow)
+            m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, rows, LSE, DELTA, BLOCK_M)
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
