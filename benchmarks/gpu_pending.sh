@@ -263,7 +263,7 @@ for s in $SECTIONS; do
               -k "matches_reference and fused" > "$OUT/gluon_fused_log.txt" 2>&1
            timeout ${PACK_S:-200} python3 benchmarks/triton_pack_variants.py --round 17 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} --out "$OUT/gluonfused" --quick >> "$OUT/gluon_fused_log.txt" 2>&1 ;;
-    gluon-rows) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -x -p no:cacheprovider tests/backends/test_gluon_bwd.py \
+    gluon-rows) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider tests/backends/test_gluon_bwd.py \
               -o addopts="" -rfE -k "matches_reference and (rows or gdq) and ${ROWS_DTYPES:-dtype0}" \
               > "$OUT/gluon_rows_log.txt" 2>&1  # (bfloat16 first: ROWS_DTYPES="(dtype0 or dtype1)" for both)
            timeout ${PACK_S:-280} python3 benchmarks/triton_pack_variants.py --round 18 \
