@@ -159,7 +159,7 @@ OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # Compute (bwd-ncu, ~4 min), then attnzoo bench on every window (windows), window 4096 at 64K (wide64) and round 16's
 # ORDER 0 with MASK_FAR (gluon-narrow); FUSED_DQ / DQ_LAG (removed since: level), NARROW_MERGE / MASK_FAR ran and passed
 # (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
-SECTIONS=${*:-gluon-rows bwd-profile bwd-ncu windows}
+SECTIONS=${*:-bwd-default bwd-profile bwd-ncu windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -268,6 +268,13 @@ for s in $SECTIONS; do
               > "$OUT/gluon_rows_log.txt" 2>&1  # (bfloat16 first: ROWS_DTYPES="(dtype0 or dtype1)" for both)
            timeout ${PACK_S:-280} python3 benchmarks/triton_pack_variants.py --round 18 \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/gluonrows" --quick >> "$OUT/gluon_rows_log.txt" 2>&1 ;;
+    bwd-default) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+              tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
+              -k "default_forward_runs_gluon or split_columns" > "$OUT/bwd_default_log.txt" 2>&1
+           # (the backward's default on windows: the Gluon dk / dv kernel, ROWS 2, and the Gluon dq kernel)
+           timeout ${WINDOWS_S:-220} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/bwddefault" --no-report \
+              --lengths 16384 --direction fwdbwd --backend triton --backend flex --backend sdpa-cudnn --pattern sw1024 \
+              --pattern sw4096 --pattern sinks+sw1024 --max-time-s 1.0 >> "$OUT/bwd_default_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused,gluon dq + rows2}"
              for c in "${ncu_cfgs[@]}"; do  # Nsight Compute on the backward's kernels, one config a process
                # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)

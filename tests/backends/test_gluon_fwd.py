@@ -6,7 +6,7 @@ import torch
 
 import attnzoo as az
 from attnzoo.backends import reference_attention
-from attnzoo.backends.triton import gluon_fwd, ops
+from attnzoo.backends.triton import gluon_fwd, ops, tuning
 from attnzoo.testing import check_close
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -123,17 +123,21 @@ def test_gluon_module_takes_plain_masks_only():
                          ids=["causal", "window4096", "full", "sinks+window"])
 def test_default_forward_runs_gluon_and_backward_matches(pattern):
     # the dense and wide classes' default (tuning: GLUON_CFG) runs the Gluon forward; through attention() the
-    # Triton backward then works from its lse: output and every gradient against float64. Sinks + window: the local
-    # default's NARROW and MASK_FAR both apply
+    # backward then works from its lse: output and every gradient against float64. Sinks + window: the local
+    # default's NARROW and MASK_FAR both apply. On windows (local, wide) the backward's default runs the Gluon dk / dv
+    # kernel (ROWS 2) and the Gluon dq kernel; on dense work the Triton ones
     q, k, v = _inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=5)
     if pattern == az.SlidingWindow(299) | az.Sinks(4):
         assert ops._mask_far_ok(pattern, 1024, 1024, 64, 128, 8, str(q.device))
     do = torch.randn_like(q)
-    before = ops.GLUON_LAUNCHES
+    before, before_bwd, before_dq = ops.GLUON_LAUNCHES, ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES
     x = [t.detach().requires_grad_() for t in (q, k, v)]
     out = az.attention(*x, pattern, backend="triton")
     assert ops.GLUON_LAUNCHES > before, "the default forward did not run the Gluon kernel"
     grads = torch.autograd.grad(out, x, do)
+    windows = pattern is not None and tuning.pattern_class(pattern) in ("local", "wide")
+    assert (ops.GLUON_BWD_LAUNCHES > before_bwd) == windows, "the Gluon dk / dv kernel ran where it is not the default"
+    assert (ops.GLUON_DQ_LAUNCHES > before_dq) == windows, "the Gluon dq kernel ran where it is not the default"
     scale = 128 ** -0.5
     xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ro = reference_attention(*xr, pattern, scale)[0]

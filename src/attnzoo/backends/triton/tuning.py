@@ -93,7 +93,16 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         # q / dO of the dk/dv kernel through tensor descriptors; lengths that are block multiples only),
         # H200 16K (benchmarks/triton_pack_variants.py --round 4): backward 30.66 -> 28.26 ms causal,
         # 4.02 -> 3.74 window 1024, 13.63 -> 12.61 window 4096, 4.71 -> 4.35 sinks + window.
-        return dict(_cfg(64, 64, 4, 2), TMA=True) if dmax <= 128 else _cfg(32, 32, 4, 1)
+        if dmax > 128:
+            return _cfg(32, 32, 4, 1)
+        out = dict(_cfg(64, 64, 4, 2), TMA=True)
+        if d == dv == 128 and pclass in ("local", "wide"):
+            # Hopper, windows: the Gluon dk / dv kernel with the query rows as rows (ROWS 2) and the Gluon dq kernel
+            # (3-slot K / V ring), both deterministic; each falls back to its Triton kernel where it does not apply.
+            # H100, 16K, 64/8 heads, backward ms (triton_pack_variants.py --round 18,
+            # benchmarks/results/h100-2026-12-06-s21/c1): window 1024 3.786 -> 3.661, window 4096 12.142 -> 11.500
+            out["GLUON_BWD"] = dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3)
+        return out
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
         # program at 64x64/4 warps 328 TF/s on a 1024 window vs 308 for 128x64 unpacked; causal 394 both.
@@ -143,8 +152,10 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
     if kind == "bwd":
         if dmax > 128:
             return [_cfg(32, 32, 4, 1), _cfg(32, 32, 4, 2), _cfg(64, 32, 4, 1)]
-        # the default (TMA), its neighbours, and the dk/dv kernel keys by queries (KT) on its own tiles
-        return [dict(_cfg(64, 64, 4, 2), TMA=True), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1),
+        # the default (the Gluon kernels where it names them), the Triton one (TMA), its neighbours, and the dk/dv
+        # kernel keys by queries (KT) on its own tiles
+        best = default(kind, d, dv, pclass)
+        return [best] * ("GLUON_BWD" in best) + [dict(_cfg(64, 64, 4, 2), TMA=True), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1),
                 _cfg(32, 64, 4, 2), dict(_cfg(64, 64, 4, 2), TMA=True, KT=True),
                 dict(_cfg(128, 64, 8, 2), TMA=True, KT=True, BM_KV=64, BN_KV=128)]
     if dmax > 128:
