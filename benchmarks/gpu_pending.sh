@@ -275,6 +275,8 @@ for s in $SECTIONS; do
            timeout ${WINDOWS_S:-220} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/bwddefault" --no-report \
               --lengths 16384 --direction fwdbwd --backend triton --backend flex --backend sdpa-cudnn --pattern sw1024 \
               --pattern sw4096 --pattern sinks+sw1024 --max-time-s 1.0 >> "$OUT/bwd_default_log.txt" 2>&1 ;;
+    bwd-confirm) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 19 --repeat ${REPEAT:-3} \
+              --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/bwdconfirm" --quick > "$OUT/bwd_confirm_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused,gluon dq + rows2}"
              for c in "${ncu_cfgs[@]}"; do  # Nsight Compute on the backward's kernels, one config a process
                # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)

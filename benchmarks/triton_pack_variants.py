@@ -301,6 +301,19 @@ BWD18 = {
     "gluon dq + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True)),
     "gluon dq s3 + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3)),
 }
+# round 19 (twenty-first session): round 18's fastest deterministic form, the backward's default on windows since then,
+# against the Triton kernels and its neighbours, in --repeat's round-robin passes
+BWD19 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
+    "bwd tma (triton)": _cfg(64, 64, 4, 2, TMA=True),
+    "gluon dq s3 + rows2 s2 (default)": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True,
+                                                                                    DQ_STAGES=3)),
+    "gluon dq s3 + rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3,
+                                                                          num_stages=3)),
+    "gluon dq s3 + rows s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, GLUON_DQ=True, DQ_STAGES=3)),
+    "gluon dq s2 + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True)),
+    "gluon rows fused s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
+}
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
@@ -316,7 +329,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 19) if r not in (10, 11)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 20) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -333,9 +346,9 @@ def main():
     ap.add_argument("--d", type=int, default=128, choices=(64, 128), help="head dim (round 3 only for 64)")
     ap.add_argument("--table", metavar="JSONL", help="print the table of an earlier run's records and exit")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="time flex's forward and every forward variant this many times in all, round robin after the "
-                         "first pass, and record the median (fwd_ms_runs: each time): kernels that differ by less than "
-                         "a run's drift then compare in one light")
+                    help="time flex's forward and every forward variant (then every backward variant) this many times "
+                         "in all, round robin after the first pass, and record the median (fwd_ms_runs, bwd_ms_runs: "
+                         "each time): kernels that differ by less than a run's drift then compare in one light")
     ap.add_argument("--only", metavar="SUBSTR[,SUBSTR]",
                     help="time only the backward variants whose names contain one of these (and the old reference)")
     args = ap.parse_args()
@@ -354,8 +367,8 @@ def main():
         ops.GLUON_NARROW = True
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
-    elif args.round in (17, 18):
-        FWD, BWD = FWD17, (BWD17 if args.round == 17 else BWD18)
+    elif args.round in (17, 18, 19):
+        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19}[args.round]
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:
@@ -444,6 +457,7 @@ def main():
         out, lse = ops.attention_fwd(q, k, v, p, scale, cfg=best[1])
         outs, lses = ops.attention_fwd(qs, ks, vs, p, scale, cfg=best[1])
         dos = do[:, :16, :cs].contiguous()
+        again_b = []  # (--repeat) the timed backwards
 
         def grads(fn, *x):
             x = [t.detach().requires_grad_() for t in x]
@@ -454,23 +468,33 @@ def main():
         for name, cfg in BWD.items():
             row = dict(pattern=pname, L=L, variant=name, cfg=cfg, fwd_cfg=best[1])
             try:
-                launches = ops.GLUON_BWD_LAUNCHES
+                launches, dq_launches = ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES
                 got = ops.attention_bwd(dos, None, qs, ks, vs, outs, lses, p, scale, cfg=cfg, poison=True)
-                if cfg and cfg.get("GLUON_BWD") and ops.GLUON_BWD_LAUNCHES == launches:
+                gb = (cfg or {}).get("GLUON_BWD")
+                if gb and ops.GLUON_BWD_LAUNCHES == launches:
                     raise RuntimeError("the Gluon dk / dv kernel did not run here (the Triton kernel did)")
+                if isinstance(gb, dict) and gb.get("GLUON_DQ") and ops.GLUON_DQ_LAUNCHES == dq_launches:
+                    raise RuntimeError("the Gluon dq kernel did not run here (the Triton one did)")
+                # (each gradient's error: dq's tells the dq kernels apart, dk / dv's the dk / dv kernels)
+                row.update({f"rel_rmse_{gname}": rel_rmse(a, r_) for gname, a, r_ in zip(("dq", "dk", "dv"), got, ref_g)})
                 row["rel_rmse_vs_fp64"] = max(rel_rmse(a, r_) for a, r_ in zip(got, ref_g))
                 for gname, a, r_, bl in zip(("dq", "dk", "dv"), got, ref_g, base_g):
                     check_close(gname, a, r_, baseline=bl if dt != torch.float32 else None)
                 base = ops.attention_bwd(dos, None, qs, ks, vs, outs, lses, p, scale,
                                          cfg=BWD["bwd 64x64 w4 s2 (old)"])
                 row["max_rel_rmse_vs_old"] = max(rel_rmse(a, b) for a, b in zip(got, base))
-                ms, r = timed(lambda: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg))
+                run = lambda cfg=cfg: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg)  # noqa: E731
+                ms, r = timed(run)
                 fb = best[0] + ms if ms else None
                 row.update(bwd_ms=ms, fwdbwd_ms=fb, flex_over_triton_fwdbwd=flex_fb / fb if fb and flex_fb else None,
                            message=r.get("message"))
+                if ms:
+                    again_b.append((row, run))
             except Exception as e:  # noqa: BLE001
                 row.update(status="error", message=f"{type(e).__name__}: {e}"[:300])
             emit(row)
+        if args.repeat > 1 and again_b:
+            _repeat_backwards(again_b, args.repeat, timed, best[0], flex_fb, emit)
     close()
     print_table(rows)
 
@@ -479,13 +503,7 @@ def _repeat_forwards(again, repeat: int, timed, flops: float, emit):
     """(--repeat) ``repeat - 1`` more passes over the timed forwards ([(row, fn)], flex's first), round robin; each row
     re-emitted with the median of its times (fwd_ms_runs: all of them) and its ratio to flex's median -> the fastest
     (ms, cfg) among the variants, or None."""
-    for row, _ in again:
-        row["fwd_ms_runs"] = [row["fwd_ms"]]
-    for _ in range(repeat - 1):
-        for row, fn in again:
-            ms = timed(fn)[0]
-            if ms:
-                row["fwd_ms_runs"].append(ms)
+    _round_robin(again, repeat, timed, "fwd_ms")
     flex = again[0][0] if again[0][0]["variant"] == "flex" else None
     if flex:
         flex["fwd_ms"] = statistics.median(flex["fwd_ms_runs"])
@@ -500,6 +518,28 @@ def _repeat_forwards(again, repeat: int, timed, flops: float, emit):
                 best = (row["fwd_ms"], row["cfg"])
         emit(dict(row, repeat=len(row["fwd_ms_runs"])))
     return best
+
+
+def _round_robin(again, repeat: int, timed, key: str):
+    """``repeat - 1`` more passes over [(row, fn)], round robin: each row's times in row[key + "_runs"]."""
+    for row, _ in again:
+        row[key + "_runs"] = [row[key]]
+    for _ in range(repeat - 1):
+        for row, fn in again:
+            ms = timed(fn)[0]
+            if ms:
+                row[key + "_runs"].append(ms)
+
+
+def _repeat_backwards(again, repeat: int, timed, fwd_ms: float, flex_fb, emit):
+    """(--repeat) the same for the timed backward variants: each re-emitted with the median of its backward times, the
+    forward+backward (the best forward's ms + it) and its ratio to flex's."""
+    _round_robin(again, repeat, timed, "bwd_ms")
+    for row, _ in again:
+        row["bwd_ms"] = statistics.median(row["bwd_ms_runs"])
+        row["fwdbwd_ms"] = fwd_ms + row["bwd_ms"]
+        row["flex_over_triton_fwdbwd"] = flex_fb / row["fwdbwd_ms"] if flex_fb else None
+        emit(dict(row, repeat=len(row["bwd_ms_runs"])))
 
 
 def print_table(rows):
