@@ -1,9 +1,12 @@
 """A Hopper (sm_90) dk / dv kernel written in Gluon, over the same transposed `BlockLayout` and work items as the
-Triton kernel `attn_bwd_dkdv` (`kernels.py`); dq (and delta) still come from the Triton dq kernel, which runs first.
+Triton kernel `attn_bwd_dkdv` (`kernels.py`); dq comes from the Triton dq kernel (which also writes delta, and runs
+first) or from the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`, after the delta kernel).
 
-Opt-in (cfg ``GLUON_BWD``) and GPU-only: Gluon kernels do not run in Triton's interpreter. Written in the eighteenth
-session after the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; right on the H100 since the
-nineteenth, but no faster than the Triton kernel (BENCHMARKS.md).
+cfg ``GLUON_BWD``, GPU-only: Gluon kernels do not run in Triton's interpreter. Written in the eighteenth session after
+the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; right on the H100 since the nineteenth, but
+no faster than the Triton kernel in its transposed form. Since the twenty-first, its ROWS 2 form with the Gluon dq
+kernel is the backward's default on Hopper windows at D = 128 (`tuning.default`; BENCHMARKS.md: 3.3 % / 5.3 % faster
+than the Triton kernels on window 1024 / 4096).
 
 One program = one work item (a block of 128 keys and a range of the query blocks that see it, `ops._bwd_plan`) of
 one (batch, KV head), looping over the G query heads of the group:
@@ -29,8 +32,8 @@ add theirs: not bitwise deterministic). ``attention_bwd`` runs the delta kernel 
 accumulator after, as for ATOMIC_DQ (the Triton kernel's ATOMIC form is the fallback). ptxas sm_90 at 240 registers:
 D = 64 no spills; D = 128 about 32 spill loads and 50 stores a step (24 / 9 without it).
 
-ROWS (cfg ``GLUON_BWD=dict(ROWS=True)``, alone or with FUSED_DQ; twentieth session, compiled for sm_90, **not yet
-run**): FlashAttention-3's arrangement, `_bwd_consumer_rows`. The scores keep the query rows as rows (``S = Q K_C^T``
+ROWS (cfg ``GLUON_BWD=dict(ROWS=True)``, alone or with FUSED_DQ; twentieth session, right on the H100 in the
+twenty-first): FlashAttention-3's arrangement, `_bwd_consumer_rows`. The scores keep the query rows as rows (``S = Q K_C^T``
 and ``dP = dO V_C^T`` issued together), so lse and delta are two registers a thread instead of sixteen; P and dS go to
 shared memory (64 x 64 per consumer) as the transposed operands of ``dV += P^T dO`` and ``dK += dS^T Q`` and, fused,
 as dq's A operands without a transpose. `ops.gluon_bwd_smem` counts the shared memory (ROWS + FUSED_DQ: ring 2 at
