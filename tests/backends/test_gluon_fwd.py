@@ -124,8 +124,8 @@ def test_gluon_module_takes_plain_masks_only():
 def test_default_forward_runs_gluon_and_backward_matches(pattern):
     # the dense and wide classes' default (tuning: GLUON_CFG) runs the Gluon forward; through attention() the
     # backward then works from its lse: output and every gradient against float64. Sinks + window: the local
-    # default's NARROW and MASK_FAR both apply. On windows (local, wide) the backward's default runs the Gluon dk / dv
-    # kernel (ROWS 2) and the Gluon dq kernel; on dense work the Triton ones
+    # default's NARROW and MASK_FAR both apply. Where the backward's default names them (wide windows) it runs the
+    # Gluon dk / dv kernel (ROWS 2) and the Gluon dq kernel, elsewhere the Triton ones
     q, k, v = _inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=5)
     if pattern == az.SlidingWindow(299) | az.Sinks(4):
         assert ops._mask_far_ok(pattern, 1024, 1024, 64, 128, 8, str(q.device))
@@ -135,9 +135,10 @@ def test_default_forward_runs_gluon_and_backward_matches(pattern):
     out = az.attention(*x, pattern, backend="triton")
     assert ops.GLUON_LAUNCHES > before, "the default forward did not run the Gluon kernel"
     grads = torch.autograd.grad(out, x, do)
-    windows = pattern is not None and tuning.pattern_class(pattern) in ("local", "wide")
-    assert (ops.GLUON_BWD_LAUNCHES > before_bwd) == windows, "the Gluon dk / dv kernel ran where it is not the default"
-    assert (ops.GLUON_DQ_LAUNCHES > before_dq) == windows, "the Gluon dq kernel ran where it is not the default"
+    gluon_bwd = "GLUON_BWD" in tuning.default("bwd", 128, 128, tuning.pattern_class(pattern))
+    assert gluon_bwd == (pattern == az.SlidingWindow(4095))  # (the default as measured: wide windows)
+    assert (ops.GLUON_BWD_LAUNCHES > before_bwd) == gluon_bwd, "the default backward ran the wrong dk / dv kernel"
+    assert (ops.GLUON_DQ_LAUNCHES > before_dq) == gluon_bwd, "the default backward ran the wrong dq kernel"
     scale = 128 ** -0.5
     xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ro = reference_attention(*xr, pattern, scale)[0]

@@ -96,12 +96,16 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         if dmax > 128:
             return _cfg(32, 32, 4, 1)
         out = dict(_cfg(64, 64, 4, 2), TMA=True)
-        if d == dv == 128 and pclass in ("local", "wide"):
-            # Hopper, windows: the Gluon dk / dv kernel with the query rows as rows (ROWS 2) and the Gluon dq kernel
-            # (3-slot K / V ring), both deterministic; each falls back to its Triton kernel where it does not apply.
-            # H100, 16K, 64/8 heads, backward ms (triton_pack_variants.py --round 18,
-            # benchmarks/results/h100-2026-12-06-s21/c1): window 1024 3.786 -> 3.661, window 4096 12.142 -> 11.500
-            out["GLUON_BWD"] = dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3)
+        if d == dv == 128 and pclass == "wide":
+            # Hopper, wide windows: the Gluon dk / dv kernel with the query rows as rows (ROWS 2, 3-slot Q / dO ring)
+            # and the Gluon dq kernel (3-slot K / V ring), both deterministic; each falls back to its Triton kernel
+            # where it does not apply. H100, 16K, 64/8 heads, window 4096, backward ms, three round-robin passes
+            # (triton_pack_variants.py --round 19 --repeat 3, benchmarks/results/h100-2026-12-06-s21/c2): Triton
+            # 12.02 / 12.05 / 12.40, this 11.38 / 11.25 / 11.42. On window 1024 (class local) no Gluon form beat the
+            # Triton kernels in both runs (Triton 3.61 / 3.83 / 4.36, this 3.67 / 3.83 / 3.89; ROWS 2 with a ring of 2
+            # 3.661 in one pass of round 18, 3.69 / 3.98 / 4.19 in round 19), and on sinks + window the Gluon one made
+            # attnzoo bench's forward+backward slower (5.198 -> 5.626 ms, c2), so class local keeps the Triton kernels
+            out["GLUON_BWD"] = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3)
         return out
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
