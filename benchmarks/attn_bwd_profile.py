@@ -75,15 +75,19 @@ def main():
         p = PATTERNS[name]
         pairs = hq * p.density(L, L) * L * L
         out, lse = ops.attention_fwd(q, k, v, p, scale)
-        base = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
+        best = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
             dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-        configs = (("triton (default)", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
+        base = {key: val for key, val in best.items() if key != "GLUON_BWD"}  # the Triton kernels' tiles
+        configs = (("default", best), ("triton", base), ("gluon dk / dv", dict(base, GLUON_BWD=True)),
                    ("gluon fused dq s3", dict(base, GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))),
                    ("gluon rows s2", dict(base, GLUON_BWD=dict(ROWS=True))),
                    ("gluon rows fused s2", dict(base, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True))),
                    ("gluon rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2))),
                    ("gluon rows2 fused s2", dict(base, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True))),
-                   ("gluon dq + rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True))))
+                   ("gluon dq + rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True))),
+                   # (the default on wide windows since the twenty-first session)
+                   ("gluon dq s3 + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
+                                                                        DQ_STAGES=3))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -154,11 +154,11 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twentieth session (2026-12-06), in this order: the Gluon dk / dv kernel's ROWS forms, their first
-# run with the Gluon dq kernel's (gluon-rows, ~8 min: 63 GPU tests, round 18), the backward by kernel (bwd-profile, ~3 min) and under Nsight
-# Compute (bwd-ncu, ~4 min), then attnzoo bench on every window (windows), window 4096 at 64K (wide64) and round 16's
-# ORDER 0 with MASK_FAR (gluon-narrow); FUSED_DQ / DQ_LAG (removed since: level), NARROW_MERGE / MASK_FAR ran and passed
-# (benchmarks/results/h100-2026-12-06-s20), MASK_FAR is in the local default
+# still owed after the twenty-first session (2026-12-06), in this order: the backward's new default on wide windows
+# (bwd-default, ~4 min: the default-path GPU tests, attnzoo bench fwd+bwd on the three windows at 16K), the backward by
+# kernel (bwd-profile, ~3 min) and under Nsight Compute (bwd-ncu, ~4 min: Triton against the Gluon forms), then
+# attnzoo bench on every window (windows), window 4096 at 64K (wide64) and round 16's ORDER 0 with MASK_FAR
+# (gluon-narrow). gluon-rows and bwd-confirm ran (benchmarks/results/h100-2026-12-06-s21)
 SECTIONS=${*:-bwd-default bwd-profile bwd-ncu windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -277,7 +277,7 @@ for s in $SECTIONS; do
               --pattern sw4096 --pattern sinks+sw1024 --max-time-s 1.0 >> "$OUT/bwd_default_log.txt" 2>&1 ;;
     bwd-confirm) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 19 --repeat ${REPEAT:-3} \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/bwdconfirm" --quick > "$OUT/bwd_confirm_log.txt" 2>&1 ;;
-    bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,fused dq,rows2 s2,rows2 fused,gluon dq + rows2}"
+    bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,gluon dq s3 + rows2 s3,gluon rows fused s2}"
              for c in "${ncu_cfgs[@]}"; do  # Nsight Compute on the backward's kernels, one config a process
                # (the second call's: a config launches dq, dk / dv twice, or the fused dk / dv twice; skip the first)
                timeout ${NCU_S:-150} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \
