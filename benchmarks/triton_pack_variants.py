@@ -301,8 +301,9 @@ BWD18 = {
     "gluon dq + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True)),
     "gluon dq s3 + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3)),
 }
-# round 19 (twenty-first session): round 18's fastest deterministic form, the backward's default on windows since then,
-# against the Triton kernels and its neighbours, in --repeat's round-robin passes
+# round 19 (twenty-first session): round 18's fastest deterministic form ("(default)": the backward's default on windows
+# for this round; after it, the same with a 3-slot ring, on wide windows only) against the Triton kernels and its
+# neighbours, in --repeat's round-robin passes
 BWD19 = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd tma (triton)": _cfg(64, 64, 4, 2, TMA=True),
@@ -476,8 +477,8 @@ def main():
                 if isinstance(gb, dict) and gb.get("GLUON_DQ") and ops.GLUON_DQ_LAUNCHES == dq_launches:
                     raise RuntimeError("the Gluon dq kernel did not run here (the Triton one did)")
                 # (each gradient's error: dq's tells the dq kernels apart, dk / dv's the dk / dv kernels)
-                row.update({f"rel_rmse_{gname}": rel_rmse(a, r_) for gname, a, r_ in zip(("dq", "dk", "dv"), got, ref_g)})
-                row["rel_rmse_vs_fp64"] = max(rel_rmse(a, r_) for a, r_ in zip(got, ref_g))
+                errs = {f"rel_rmse_{gname}": rel_rmse(a, r_) for gname, a, r_ in zip(("dq", "dk", "dv"), got, ref_g)}
+                row.update(errs, rel_rmse_vs_fp64=max(errs.values()))
                 for gname, a, r_, bl in zip(("dq", "dk", "dv"), got, ref_g, base_g):
                     check_close(gname, a, r_, baseline=bl if dt != torch.float32 else None)
                 base = ops.attention_bwd(dos, None, qs, ks, vs, outs, lses, p, scale,

@@ -5,8 +5,9 @@ first) or from the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`, after the del
 cfg ``GLUON_BWD``, GPU-only: Gluon kernels do not run in Triton's interpreter. Written in the eighteenth session after
 the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; right on the H100 since the nineteenth, but
 no faster than the Triton kernel in its transposed form. Since the twenty-first, its ROWS 2 form with the Gluon dq
-kernel is the backward's default on Hopper windows at D = 128 (`tuning.default`; BENCHMARKS.md: 3.3 % / 5.3 % faster
-than the Triton kernels on window 1024 / 4096).
+kernel (3-slot rings) is the backward's default on Hopper for wide windows at D = 128 (`tuning.default`;
+BENCHMARKS.md: 5.5 % faster than the Triton kernels on window 4096). Window 1024 and sinks + window keep the Triton
+kernels: no Gluon form beat them there.
 
 One program = one work item (a block of 128 keys and a range of the query blocks that see it, `ops._bwd_plan`) of
 one (batch, KV head), looping over the G query heads of the group:

@@ -159,9 +159,10 @@ def candidates(kind: str, d: int, dv: int, pclass: str) -> list[dict]:
         # the default (the Gluon kernels where it names them), the Triton one (TMA), its neighbours, and the dk/dv
         # kernel keys by queries (KT) on its own tiles
         best = default(kind, d, dv, pclass)
-        return [best] * ("GLUON_BWD" in best) + [dict(_cfg(64, 64, 4, 2), TMA=True), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1),
-                _cfg(32, 64, 4, 2), dict(_cfg(64, 64, 4, 2), TMA=True, KT=True),
-                dict(_cfg(128, 64, 8, 2), TMA=True, KT=True, BM_KV=64, BN_KV=128)]
+        return [best] * ("GLUON_BWD" in best) + [
+            dict(_cfg(64, 64, 4, 2), TMA=True), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 1),
+            _cfg(32, 64, 4, 2), dict(_cfg(64, 64, 4, 2), TMA=True, KT=True),
+            dict(_cfg(128, 64, 8, 2), TMA=True, KT=True, BM_KV=64, BN_KV=128)]
     if dmax > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 32, 8, 2)]
     # the class's measured default, then older neighbours. LAZY rescaling and PIPE (the next scores during the
