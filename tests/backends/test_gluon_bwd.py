@@ -163,12 +163,16 @@ def _pretended(monkeypatch, seed, pattern, settings, **patches):
 def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
     # the host path where the plan says yes (on CPU: pretended): attention_bwd hands the Gluon launch the pattern and
     # the normalised settings, and with its launch failing (False) the Triton dk / dv kernel gives the same gradients
-    # on the Gluon kernel's tiles (64 x 128)
+    # on the Gluon kernel's tiles (64 x 128), keys by queries (KT: the form that is right on the GPU with fewer query
+    # rows a step than keys)
     if not ops.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
-    pattern, settings, calls = az.SlidingWindow(40), dict(num_stages=2, REGS=240, ACC_INIT=False), []
-    asked, plain, _ = _pretended(monkeypatch, 3, pattern, settings, _gluon_bwd=lambda *a: calls.append(a) or False)
+    pattern, settings, calls, triton_kw = az.SlidingWindow(40), dict(num_stages=2, REGS=240, ACC_INIT=False), [], []
+    triton_dkdv = ops._triton_dkdv
+    asked, plain, _ = _pretended(monkeypatch, 3, pattern, settings, _gluon_bwd=lambda *a: calls.append(a) or False,
+                                 _triton_dkdv=lambda *a: triton_kw.append(dict(a[-1])) or triton_dkdv(*a))
     assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == settings
+    assert len(triton_kw) == 1 and triton_kw[0].get("KT"), "the fallback should run the Triton kernel keys by queries"
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)
 

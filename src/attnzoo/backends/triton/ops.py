@@ -700,6 +700,9 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
                                            items, aux_kv, tlay, scale, dqa):
         pass
     else:
+        if cfg.get("GLUON_BWD"):  # its first launch failed: the Triton kernel on its tiles (64 rows x 128 keys), keys
+            # by queries (KT), the form that is right with fewer query rows a step than keys (see kv_tiles)
+            tma_dkdv["KT"] = True
         _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
                      lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv)
     if red.shape[0]:
