@@ -85,9 +85,12 @@ def main():
                    ("gluon rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2))),
                    ("gluon rows2 fused s2", dict(base, GLUON_BWD=dict(ROWS=2, FUSED_DQ=True))),
                    ("gluon dq + rows2 s2", dict(base, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True))),
-                   # (the default on wide windows since the twenty-first session)
+                   # (the default on wide windows since the twenty-first session; delta written by the dq kernel
+                   # since the twenty-second, "sep-delta": by its own kernel first, as before)
                    ("gluon dq s3 + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
-                                                                        DQ_STAGES=3))))
+                                                                        DQ_STAGES=3))),
+                   ("gluon dq s3 + rows2 s3 sep-delta", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
+                                                                                  DQ_STAGES=3, SEP_DELTA=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

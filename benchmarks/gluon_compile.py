@@ -86,18 +86,21 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 
 def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-               maxnreg: int = 168):
-    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program."""
+               maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False):
+    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program;
+    ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient."""
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (64, 64))
     fn = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (64, 64), kmin=64)[0]).gluon_attn_bwd_dq
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     desc = f"tensordesc<{dtype}[64, {d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
-    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32", AUX="*i32",
-               KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32",
+    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32", O=f"*{dtype}",
+               DLSE="*fp32", AUX="*i32", KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32",
                H="i32", G="i32", Lq="i32", Lk="i32", OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr",
-               BLOCK_M="constexpr", BLOCK_N="constexpr", STAGES="constexpr", CONSUMER_REGS="constexpr")
-    consts = dict(D=d, BLOCK_M=64, BLOCK_N=64, STAGES=stages, CONSUMER_REGS=regs)
+               BLOCK_M="constexpr", BLOCK_N="constexpr", STAGES="constexpr", CONSUMER_REGS="constexpr",
+               FUSE_DELTA="constexpr", HAS_DLSE="constexpr")
+    consts = dict(D=d, BLOCK_M=64, BLOCK_N=64, STAGES=stages, CONSUMER_REGS=regs, FUSE_DELTA=fuse_delta,
+                  HAS_DLSE=has_dlse)
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -142,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")
+    ap.add_argument("--sep-delta", action="store_true", help="with --dq: delta read, not computed (SEP_DELTA)")
+    ap.add_argument("--dlse", action="store_true", help="with --dq: delta less the lse's gradient (HAS_DLSE)")
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
@@ -153,7 +158,8 @@ def main(argv=None):
         for name in a.pattern or ["sw1024"]:
             for d in a.d:
                 for st in a.stages:
-                    r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168)
+                    r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168,
+                                      fuse_delta=not a.sep_delta, has_dlse=a.dlse)
                     print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
         return

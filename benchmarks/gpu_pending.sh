@@ -102,7 +102,10 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   bwd-ncu      issue 3 (twentieth session, NOT YET RUN): Nsight Compute (ncu, Firecracker machines only) on the
+#   bwd-delta    issue 3 (twenty-second session, NOT YET RUN): delta written by the Gluon dq kernel (the default with
+#                GLUON_DQ; SEP_DELTA: by its own kernel first): the Gluon dq GPU tests (bfloat16, with an lse gradient,
+#                the default path's), round 20 (--repeat 3: windows, sinks + window, causal), the backward by kernel
+#   bwd-ncu      issue 3 (twentieth session, run in the twenty-second): Nsight Compute (ncu, Firecracker machines only) on the
 #                backward's kernels of the second call, one config a process (NCU_CONFIGS: comma-separated
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
 #                rows2 s2, rows2 fused),
@@ -154,12 +157,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-first session (2026-12-06), in this order: the backward's new default on wide windows
-# (bwd-default, ~4 min: the default-path GPU tests, attnzoo bench fwd+bwd on the three windows at 16K), the backward by
-# kernel (bwd-profile, ~3 min) and under Nsight Compute (bwd-ncu, ~4 min: Triton against the Gluon forms), then
-# attnzoo bench on every window (windows), window 4096 at 64K (wide64) and round 16's ORDER 0 with MASK_FAR
-# (gluon-narrow). gluon-rows and bwd-confirm ran (benchmarks/results/h100-2026-12-06-s21)
-SECTIONS=${*:-bwd-default bwd-profile bwd-ncu windows}
+# still owed in the twenty-second session (2026-12-06): delta in the Gluon dq kernel (bwd-delta, ~7 min), then
+# round 16's ORDER 0 with MASK_FAR (gluon-narrow). bwd-default, bwd-profile, bwd-ncu, windows and wide64 ran
+# (benchmarks/results/h100-2026-12-06-s22)
+SECTIONS=${*:-bwd-delta}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -275,6 +276,15 @@ for s in $SECTIONS; do
            timeout ${WINDOWS_S:-220} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/bwddefault" --no-report \
               --lengths 16384 --direction fwdbwd --backend triton --backend flex --backend sdpa-cudnn --pattern sw1024 \
               --pattern sw4096 --pattern sinks+sw1024 --max-time-s 1.0 >> "$OUT/bwd_default_log.txt" 2>&1 ;;
+    bwd-delta) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+              tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
+              -k "default_forward_runs_gluon or lse_gradient or (matches_reference and gdq and dtype0)" \
+              > "$OUT/bwd_delta_log.txt" 2>&1
+           timeout ${PACK_S:-260} python3 benchmarks/triton_pack_variants.py --round 20 --repeat ${REPEAT:-3} \
+              --patterns ${BWD_PATTERNS:-sw1024,sw4096,sinks+sw1024,causal} --out "$OUT/bwddelta" --quick \
+              >> "$OUT/bwd_delta_log.txt" 2>&1
+           timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
+              --configs "triton,gluon dq s3 + rows2 s3" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
     bwd-confirm) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 19 --repeat ${REPEAT:-3} \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/bwdconfirm" --quick > "$OUT/bwd_confirm_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,gluon dq s3 + rows2 s3,gluon rows fused s2}"

@@ -315,6 +315,19 @@ BWD19 = {
     "gluon dq s2 + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True)),
     "gluon rows fused s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
 }
+# round 20 (twenty-second session): delta (rowsum(O dO)) written by the Gluon dq kernel as it goes, as the Triton dq
+# kernel does, against its own kernel before (SEP_DELTA: 0.18 ms at 16K, 64 heads, H100 -- 5 % of window 1024's
+# backward, which left the Gluon forms level with the Triton kernels there); window 1024, sinks + window and causal
+# too, where the Triton kernels are still the default
+BWD20 = {
+    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
+    "bwd tma (triton)": _cfg(64, 64, 4, 2, TMA=True),
+    "gluon dq s3 + rows2 s3 sep-delta": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3,
+                                                                                    num_stages=3, SEP_DELTA=True)),
+    "gluon dq s3 + rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3,
+                                                                          num_stages=3)),
+    "gluon dq s3 + rows2 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3)),
+}
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
@@ -330,7 +343,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 20) if r not in (10, 11)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 21) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -340,7 +353,9 @@ def main():
                          "forward only; 9: the dk/dv kernel at 8 warps (with KT) on the 64 x 64 tiles; (10, 11: the "
                          "removed single-partition Gluon forward); 12: the warp-specialised Gluon forward; 13: its 128-key tiles; 14: its persistent form; "
                          "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers; "
-                         "17: the Gluon dk / dv kernel; 18: its ROWS form (scores with the query rows as rows)")
+                         "17: the Gluon dk / dv kernel; 18: its ROWS form (scores with the query rows as rows); 19: "
+                         "ROWS 2 with the Gluon dq kernel, rings of 2 / 3; 20: delta written by the Gluon dq kernel "
+                         "against its own kernel")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -368,8 +383,8 @@ def main():
         ops.GLUON_NARROW = True
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
-    elif args.round in (17, 18, 19):
-        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19}[args.round]
+    elif args.round in (17, 18, 19, 20):
+        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19, 20: BWD20}[args.round]
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:

@@ -51,10 +51,11 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(ROWS=True, FUSED_DQ=True)), (64, dict(ROWS=True, FUSED_DQ=True)),
                                      (128, dict(ROWS=2)), (128, dict(ROWS=2, FUSED_DQ=True)),
                                      (128, dict(GLUON_DQ=True)), (64, dict(GLUON_DQ=True, DQ_STAGES=3)),
-                                     (128, dict(ROWS=2, GLUON_DQ=True))],
+                                     (128, dict(ROWS=2, GLUON_DQ=True)),
+                                     (128, dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3, SEP_DELTA=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
-                              "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq"])
+                              "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -63,6 +64,31 @@ def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     assert ops.GLUON_BWD_LAUNCHES > before, "the Gluon dk / dv kernel did not run"
     if extra.get("GLUON_DQ") and name in ("window", "causal", "sinks+window", "full"):  # (the ws forward's patterns)
         assert ops.GLUON_DQ_LAUNCHES > before_dq, "the Gluon dq kernel did not run"
+    for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
+        check_close(nm, x, r, baseline=bl)
+
+
+@gpu
+@gpu
+@pytest.mark.parametrize("sep", [False, True], ids=["delta-in-dq", "delta-kernel"])
+@pytest.mark.parametrize("name", ["window", "sinks+window"])
+def test_gluon_dq_with_lse_gradient(name, sep):
+    # the Gluon dq kernel writes delta = rowsum(O dO) - dlse itself (or reads attn_bwd_delta's: SEP_DELTA); with a
+    # gradient on lse as well as on out, every gradient against float64 (the Triton kernels' as the baseline)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v, do = (torch.randn(2, h, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2, 8))
+    dlse = torch.randn(2, 8, 1024, device="cuda", generator=g)
+    pattern, scale = PATTERNS[name], 128 ** -0.5
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    before = ops.GLUON_DQ_LAUNCHES
+    got = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, poison=True,
+                            cfg=_bwd_cfg(128, ROWS=2, GLUON_DQ=True, DQ_STAGES=3, **(dict(SEP_DELTA=True) if sep else {})))
+    assert ops.GLUON_DQ_LAUNCHES > before, "the Gluon dq kernel did not run"
+    base = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, cfg=dict(tuning.default("bwd", 128, 128,
+                                                                                                    "local")))
+    xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = reference_attention(*xr, pattern, scale)
+    ref = torch.autograd.grad((ro, rl), xr, (do.double(), dlse.double()))
     for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
         check_close(nm, x, r, baseline=bl)
 
@@ -118,6 +144,10 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     # the Gluon dq kernel: its ring checked, not with FUSED_DQ
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)
+    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, SEP_DELTA=True), 128) == \
+        dict(base, GLUON_DQ=True, DQ_STAGES=2, SEP_DELTA=True)
+    with pytest.raises(ValueError, match="SEP_DELTA .* needs GLUON_DQ"):
+        ops.gluon_bwd_settings(dict(SEP_DELTA=True), 128)
     for bad, msg in ((dict(GLUON_DQ=True, FUSED_DQ=True), "exclude"), (dict(GLUON_DQ=True, DQ_STAGES=0), "1 .. 4"),
                      (dict(DQ_STAGES=True), "1 .. 4")):
         with pytest.raises(ValueError, match=msg):
@@ -192,18 +222,27 @@ def test_gluon_fused_dq_path_and_its_fallback(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_gluon_dq_path_runs_delta_first_and_falls_back(monkeypatch):
-    # GLUON_DQ: delta by its own kernel, then the Gluon dq launch (handed the pattern, dq and that delta); where the
-    # launch fails the Triton dq kernel runs -- the same gradients as without it
+@pytest.mark.parametrize("sep", [False, True], ids=["delta-in-dq", "delta-kernel"])
+def test_gluon_dq_path_and_its_fallback(monkeypatch, sep):
+    # GLUON_DQ: the Gluon dq launch is handed the pattern, dq, delta's buffer, out and dlse; it writes delta itself,
+    # or (SEP_DELTA) delta's own kernel has written it before; where the launch fails the Triton dq kernel runs (and
+    # writes delta) -- the same gradients as without it
     if not ops.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     pattern = az.SlidingWindow(40) | az.Sinks(4)
     settings, calls = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False, GLUON_DQ=True, DQ_STAGES=2), []
+    if sep:
+        settings["SEP_DELTA"] = True
+    delta_runs = []
+    real_delta = ops._delta
     asked, plain, (do, out) = _pretended(
         monkeypatch, 5, pattern, settings, _gluon_bwd=lambda *a: False, _gluon_dq_ok=lambda *a: True,
-        _gluon_dq=lambda *a: calls.append([x.clone() if torch.is_tensor(x) else x for x in a]) or False)
-    assert len(calls) == 1 and calls[0][0] == pattern and calls[0][-1] == settings
-    delta = calls[0][6]
-    torch.testing.assert_close(delta, (do.float() * out.float()).sum(-1))
+        _gluon_dq=lambda *a: calls.append([x.clone() if torch.is_tensor(x) else x for x in a]) or False,
+        _delta=lambda *a: delta_runs.append(1) or real_delta(*a))
+    assert len(calls) == 1 and calls[0][0] == pattern and calls[0][9] == settings
+    assert torch.equal(calls[0][10], out) and calls[0][12] is False  # (out for delta; no lse gradient)
+    assert len(delta_runs) == (1 if sep else 0), "delta's own kernel runs only with SEP_DELTA"
+    if sep:
+        torch.testing.assert_close(calls[0][6], (do.float() * out.float()).sum(-1))
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)

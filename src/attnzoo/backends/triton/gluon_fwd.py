@@ -416,7 +416,11 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
 # here. A producer warp loads both heads' Q and dO once, then K and V tiles (64 keys) into the ring; consumer C (query
 # head h + C, 64 rows) issues S = Q K^T and dP = dO V^T, takes P = exp2(S * scale - lse) (the mask on partial blocks)
 # and dS = P (dP - delta) in registers, and adds dS K to its dq accumulator with dS as the register operand (no
-# shared-memory round trip, no atomics: each program owns its rows). delta comes from attn_bwd_delta, run first.
+# shared-memory round trip, no atomics: each program owns its rows). FUSE_DELTA (the default since the twenty-second
+# session): each consumer computes its rows' delta = rowsum(O * dO) - dlse before its loop (O from global memory, dO
+# from the tile the producer loaded) and stores it for the dk / dv kernel, launched after this one -- as the Triton dq
+# kernel does; without it delta comes from attn_bwd_delta, run first (a kernel of its own: 0.18 ms at 16K, 64 heads,
+# 5 % of window 1024's backward, H100).
 
 @gluon.jit
 def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, qrow0, Lq,
@@ -431,8 +435,9 @@ def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready,
 
 @gluon.jit
 def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE,
-                 DELTA, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                 DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSE_DELTA: gl.constexpr,
+                 HAS_DLSE: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -446,13 +451,26 @@ def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready,
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     lrow = qrow0 + C * Lq + rows
     lse = gl.load(LSE + lrow)
-    delta = gl.expand_dims(gl.load(DELTA + lrow), 1)
     lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), 1)  # (p = 0)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     qs = q_smem.index(C)
     dos = do_smem.index(C)
-    mbarrier.wait(qbar, 0)
+    orows = gl.arange(0, BLOCK_M, layout=orow)
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
+    if FUSE_DELTA:  # delta = rowsum(O * dO) - dlse (dropped on rows that see nothing), stored for the dk / dv kernel
+        o = gl.load(O + orow_g[:, None] * D + ocols[None, :]).to(gl.float32)  # (issued before the wait on Q / dO)
+        mbarrier.wait(qbar, 0)
+        dsum = gl.sum(o * dos.load(o_layout).to(gl.float32), 1)
+        if HAS_DLSE:
+            olse = gl.load(LSE + qrow0 + C * Lq + orows)
+            dsum -= gl.where(olse == float("-inf"), 0.0, gl.load(DLSE + qrow0 + C * Lq + orows))
+        gl.store(DELTA + qrow0 + C * Lq + orows, dsum)
+        delta = gl.expand_dims(gl.convert_layout(dsum, srow), 1)
+    else:
+        delta = gl.expand_dims(gl.load(DELTA + lrow), 1)
+        mbarrier.wait(qbar, 0)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     for j in range(0, n):
         slot = j % STAGES
         ph = (j // STAGES) & 1
@@ -471,18 +489,16 @@ def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready,
         acc = warpgroup_mma(ds, k_smem.index(slot), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(kempty.index(slot), count=1)
-    orows = gl.arange(0, BLOCK_M, layout=orow)
-    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
     gl.store(DQ + orow_g[:, None] * D + ocols[None, :], (acc * sm_scale).to(dtype))
 
 
 @gluon.jit
-def gluon_attn_bwd_dq(qd, dod, kd, vd, DQ, LSE, DELTA, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
-                      H, G, Lq, Lk, OFF, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def gluon_attn_bwd_dq(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
+                      idx_m, H, G, Lq, Lk, OFF, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                      FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr):
     # grid (query blocks, B * H / 2): two query heads of one GQA group a program, one consumer warpgroup each, as the
-    # ws forward; DQ, LSE, DELTA in the (B * H * Lq) row order
+    # ws forward; DQ, LSE, DELTA, O, DLSE in the (B * H * Lq) row order
     dtype: gl.constexpr = kd.dtype
     pid_m, b, h, m0, qrow0 = _ws_program(H, Lq, BLOCK_M)
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], qd.layout)
@@ -495,10 +511,12 @@ def gluon_attn_bwd_dq(qd, dod, kd, vd, DQ, LSE, DELTA, AUX, KVN, KVI, FKVN, FKVI
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     kvrow = (b * (H // G) + h // G) * Lk
     gl.warp_specialize([
-        (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE, DELTA, AUX,
-                        h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES)),
-        (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE, DELTA, AUX,
-                        h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES)),
+        (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE, DELTA, O,
+                        DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N,
+                        STAGES, FUSE_DELTA, HAS_DLSE)),
+        (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE, DELTA, O,
+                        DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N,
+                        STAGES, FUSE_DELTA, HAS_DLSE)),
         (_dq_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty,
                         qrow0, Lq, kvrow, nf, f0, prow, n, STAGES, BLOCK_N)),
     ], [4, 1], [CONSUMER_REGS, 24])

@@ -682,10 +682,13 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         dqa = torch.zeros((b * hq * lq, bd), dtype=torch.float32, device=q.device)
         tma_dkdv.update(DQA=dqa, ATOMIC=True)
     gluon_dq = False
-    if cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") and _gluon_dq_ok(pattern, q, k, v, dout):
-        # GLUON_DQ: delta first, then the Gluon dq kernel (where its first launch fails, the Triton one below)
-        _delta(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse)
-        gluon_dq = _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, cfg["GLUON_BWD"])
+    if cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") and _gluon_dq_ok(pattern, q, k, v, dout, out):
+        # GLUON_DQ: the Gluon dq kernel, which writes delta as it goes (SEP_DELTA: delta by its own kernel first);
+        # where its first launch fails, the Triton dq kernel below (which writes delta too)
+        sep = bool(cfg["GLUON_BWD"].get("SEP_DELTA"))
+        if sep:
+            _delta(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse)
+        gluon_dq = _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, cfg["GLUON_BWD"], out, dl, has_dlse)
     if not (cfg.get("ATOMIC_DQ") or fused or gluon_dq):
         # dq first: it also writes delta, which the dk/dv kernel reads
         pack = _pack(cfg.get("PACK_DQ", 1), hq // hkv, lay, mod)
@@ -721,11 +724,11 @@ def _delta(mod, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse):
         dout.stride(2), hq, lq, dv, BLOCK_M=64, BLOCK_DV=bdv, HAS_DLSE=has_dlse, num_warps=4)
 
 
-def _gluon_dq_ok(pattern, q, k, v, dout) -> bool:
+def _gluon_dq_ok(pattern, q, k, v, dout, out) -> bool:
     """Whether the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`) applies: the ws forward's rules on 64 x 64 tiles
     (`gluon_plan`: Hopper, PACK 2, a plain mask, full blocks in one run per query block, contiguous tensors)."""
     lq, lk, hq, hkv = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
-    if q.device.type != "cuda" or lq % 64 or lk % 64 or not dout.is_contiguous():
+    if q.device.type != "cuda" or lq % 64 or lk % 64 or not dout.is_contiguous() or not out.is_contiguous():
         return False
     dev = str(q.device)
     gcfg = dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, PACK=2, GLUON="ws")
@@ -735,8 +738,9 @@ def _gluon_dq_ok(pattern, q, k, v, dout) -> bool:
     return gluon_plan(q, k, v, pattern, gcfg, pack, mod, _full_contiguous(pattern, lq, lk, 64, 64, hq, dev))[0]
 
 
-def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict) -> bool:
-    """The Gluon dq kernel into dq (B, Hq, Lq, D) -> True, or False (a warning, once) where its first launch fails."""
+def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, has_dlse: bool) -> bool:
+    """The Gluon dq kernel into dq (B, Hq, Lq, D) -> True, or False (a warning, once) where its first launch fails.
+    It also writes delta (rowsum(out * dout) - dlse) unless g has SEP_DELTA (delta written before, by attn_bwd_delta)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     b, hq, lq, d = q.shape
@@ -744,7 +748,8 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict) -> bool:
     dev = str(q.device)
     gmod = _gluon_module(pattern, lq, lk, (64, 64))
     stages = int(g.get("DQ_STAGES", 2))
-    key = (gmod.__name__, "dq", stages, q.dtype, d)
+    fuse = not g.get("SEP_DELTA")
+    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse)
     if key in _GLUON_FAILED:
         return False
     lay = _layout(pattern, lq, lk, 64, 64, hq, dev)
@@ -753,9 +758,10 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict) -> bool:
     qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
                        for x2 in (t.view(-1, d) for t in (q, dout, k, v)))
     launch = lambda: gmod.gluon_attn_bwd_dq[(lay.num_q_blocks, b * hq // 2)](  # noqa: E731
-        qd, dod, kd, vd, dq, lse, delta, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+        qd, dod, kd, vd, dq, lse, delta, out, dl, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
         lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E, scale, D=d,
-        STAGES=stages, BLOCK_M=64, BLOCK_N=64, CONSUMER_REGS=240, num_warps=4, maxnreg=168)
+        STAGES=stages, BLOCK_M=64, BLOCK_N=64, CONSUMER_REGS=240, FUSE_DELTA=fuse, HAS_DLSE=fuse and has_dlse,
+        num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dq kernel", launch):
         return False
     global GLUON_DQ_LAUNCHES
@@ -812,10 +818,11 @@ def gluon_bwd_settings(g, d: int) -> dict:
     """cfg GLUON_BWD (True or a dict) as the launch takes it, checked: known settings, ROWS without the transposed
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
-    unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES"})
+    unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
+                               "SEP_DELTA"})
     if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES)")
+                         "GLUON_DQ, DQ_STAGES, SEP_DELTA)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
@@ -826,6 +833,8 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
+    if g.get("SEP_DELTA") and not (g.get("GLUON_DQ") or g.get("DQ_STAGES")):
+        raise ValueError("cfg GLUON_BWD: SEP_DELTA (delta by its own kernel before the Gluon dq kernel) needs GLUON_DQ")
     if g.get("GLUON_DQ") or g.get("DQ_STAGES"):  # the Gluon dq kernel (and its ring), where dq has its own kernel
         if out["FUSED_DQ"]:
             raise ValueError("cfg GLUON_BWD: GLUON_DQ (dq by the Gluon dq kernel) and FUSED_DQ (dq in the dk / dv "
@@ -835,6 +844,8 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError(f"cfg GLUON_BWD DQ_STAGES (the Gluon dq kernel's K / V ring) must be 1 .. 4, got "
                              f"{stages!r}")
         out.update(GLUON_DQ=True, DQ_STAGES=stages)
+        if g.get("SEP_DELTA"):
+            out["SEP_DELTA"] = True
     need = gluon_bwd_smem(out, d)
     if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
         raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dk / dv kernel needs {need} bytes of shared memory at D = "
