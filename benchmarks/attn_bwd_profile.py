@@ -90,7 +90,9 @@ def main():
                    ("gluon dq s3 + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
                                                                         DQ_STAGES=3))),
                    ("gluon dq s3 + rows2 s3 sep-delta", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
-                                                                                  DQ_STAGES=3, SEP_DELTA=True))))
+                                                                                  DQ_STAGES=3, SEP_DELTA=True))),
+                   ("gluon dq s3 + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
+                                                                           TRITON_DKDV=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -104,7 +104,8 @@
 #                GPU tests (bfloat16), then round 18 at 16K
 #   bwd-delta    issue 3 (twenty-second session, NOT YET RUN): delta written by the Gluon dq kernel (the default with
 #                GLUON_DQ; SEP_DELTA: by its own kernel first): the Gluon dq GPU tests (bfloat16, with an lse gradient,
-#                the default path's), round 20 (--repeat 3: windows, sinks + window, causal), the backward by kernel
+#                the default path's; TRITON_DKDV: with the Triton dk / dv kernel), round 20 (--repeat 3: windows,
+#                sinks + window, causal), the backward by kernel
 #   bwd-ncu      issue 3 (twentieth session, run in the twenty-second): Nsight Compute (ncu, Firecracker machines only) on the
 #                backward's kernels of the second call, one config a process (NCU_CONFIGS: comma-separated
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
@@ -281,10 +282,10 @@ for s in $SECTIONS; do
               -k "default_forward_runs_gluon or lse_gradient or (matches_reference and gdq and dtype0)" \
               > "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PACK_S:-260} python3 benchmarks/triton_pack_variants.py --round 20 --repeat ${REPEAT:-3} \
-              --patterns ${BWD_PATTERNS:-sw1024,sw4096,sinks+sw1024,causal} --out "$OUT/bwddelta" --quick \
+              --patterns ${BWD_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/bwddelta" --quick \
               >> "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
-              --configs "triton,gluon dq s3 + rows2 s3" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
+              --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
     bwd-confirm) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 19 --repeat ${REPEAT:-3} \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/bwdconfirm" --quick > "$OUT/bwd_confirm_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,gluon dq s3 + rows2 s3,gluon rows fused s2}"

@@ -52,16 +52,20 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(ROWS=2)), (128, dict(ROWS=2, FUSED_DQ=True)),
                                      (128, dict(GLUON_DQ=True)), (64, dict(GLUON_DQ=True, DQ_STAGES=3)),
                                      (128, dict(ROWS=2, GLUON_DQ=True)),
-                                     (128, dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3, SEP_DELTA=True))],
+                                     (128, dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3, SEP_DELTA=True)),
+                                     (128, dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)),
+                                     (64, dict(GLUON_DQ=True, TRITON_DKDV=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
-                              "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep"])
+                              "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
+                              "d128-gdq-s3-tkv", "d64-gdq-tkv"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
     before, before_dq = ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES
     got, ref, base = _grads(q, k, v, do, PATTERNS[name], _bwd_cfg(d, **extra))
-    assert ops.GLUON_BWD_LAUNCHES > before, "the Gluon dk / dv kernel did not run"
+    # (TRITON_DKDV: the Triton dk / dv kernel with the Gluon dq kernel)
+    assert (ops.GLUON_BWD_LAUNCHES > before) != bool(extra.get("TRITON_DKDV")), "the wrong dk / dv kernel ran"
     if extra.get("GLUON_DQ") and name in ("window", "causal", "sinks+window", "full"):  # (the ws forward's patterns)
         assert ops.GLUON_DQ_LAUNCHES > before_dq, "the Gluon dq kernel did not run"
     for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
@@ -146,8 +150,11 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, SEP_DELTA=True), 128) == \
         dict(base, GLUON_DQ=True, DQ_STAGES=2, SEP_DELTA=True)
-    with pytest.raises(ValueError, match="SEP_DELTA .* needs GLUON_DQ"):
-        ops.gluon_bwd_settings(dict(SEP_DELTA=True), 128)
+    assert ops.gluon_bwd_settings(dict(DQ_STAGES=3, TRITON_DKDV=True), 128) == \
+        dict(base, GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)
+    for only_dq in ("SEP_DELTA", "TRITON_DKDV"):
+        with pytest.raises(ValueError, match=f"{only_dq} .* needs GLUON_DQ"):
+            ops.gluon_bwd_settings({only_dq: True}, 128)
     for bad, msg in ((dict(GLUON_DQ=True, FUSED_DQ=True), "exclude"), (dict(GLUON_DQ=True, DQ_STAGES=0), "1 .. 4"),
                      (dict(DQ_STAGES=True), "1 .. 4")):
         with pytest.raises(ValueError, match=msg):
@@ -244,5 +251,32 @@ def test_gluon_dq_path_and_its_fallback(monkeypatch, sep):
     assert len(delta_runs) == (1 if sep else 0), "delta's own kernel runs only with SEP_DELTA"
     if sep:
         torch.testing.assert_close(calls[0][6], (do.float() * out.float()).sum(-1))
+    for a, b in zip(plain, asked):
+        torch.testing.assert_close(a, b)
+
+
+def test_gluon_dq_with_the_triton_dkdv_kernel(monkeypatch):
+    # TRITON_DKDV: the Gluon dq launch, then the Triton dk / dv kernel on its own tiles (the dq kernel's here, 16 x 16)
+    # with no Gluon dk / dv launch; with the dq launch failing, the gradients of the Triton kernels alone
+    if not ops.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    pattern = az.SlidingWindow(40) | az.Sinks(4)
+    settings = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=False, GLUON_DQ=True, DQ_STAGES=2,
+                    TRITON_DKDV=True)
+    dq_calls, kv_calls, tiles = [], [], []
+    triton_dkdv = ops._triton_dkdv
+    g = torch.Generator().manual_seed(6)
+    q, k, v, do = (torch.randn(1, h, 128, 16, generator=g) for h in (2, 1, 1, 2))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    out, lse = ops.attention_fwd(q, k, v, pattern, 0.25)
+    monkeypatch.setattr(ops, "_gluon_bwd_cfg", lambda *a: settings)
+    monkeypatch.setattr(ops, "_gluon_dq_ok", lambda *a: True)
+    monkeypatch.setattr(ops, "_gluon_dq", lambda *a: dq_calls.append(a[9]) or False)
+    monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: kv_calls.append(1) or True)
+    monkeypatch.setattr(ops, "_triton_dkdv", lambda *a: tiles.append(a[-6:-4]) or triton_dkdv(*a))
+    asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, 0.25, cfg=dict(cfg, GLUON_BWD=True))
+    monkeypatch.undo()
+    plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, 0.25, cfg=cfg)
+    assert dq_calls == [settings] and not kv_calls and tiles == [(16, 16)]
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)

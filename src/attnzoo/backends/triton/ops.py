@@ -600,10 +600,12 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
                                                         split_cap=split_cap))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     gbwd = _gluon_bwd_cfg(q, k, v, dout, pattern, cfg)
-    if gbwd is not None:  # the Gluon dk / dv kernel's tiles: 64 query rows a step, 128 keys a program
-        cfg, bm2, bn2 = dict(cfg, GLUON_BWD=gbwd), 64, 128
+    if gbwd is not None and not gbwd.get("TRITON_DKDV"):  # the Gluon dk / dv kernel's tiles: 64 query rows a step,
+        cfg, bm2, bn2 = dict(cfg, GLUON_BWD=gbwd), 64, 128  # 128 keys a program
     else:
         cfg, bm2, bn2 = kv_tiles({key: val for key, val in cfg.items() if key != "GLUON_BWD"}, pattern, q.is_cuda)
+        if gbwd is not None:  # TRITON_DKDV: the Gluon dq kernel with the Triton dk / dv kernel on its own tiles
+            cfg = dict(cfg, GLUON_BWD=gbwd)
     dev = str(q.device)
     if _routed(pattern):  # one classification for both kernels: the dq kernel's tiles
         bm2, bn2 = bm, bn
@@ -660,9 +662,11 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     even = (lq % bm == 0 and lk % bn == 0 and lq % bm2 == 0 and lk % bn2 == 0 and d == bd and dv == bdv)
     # (only over rows that are not mapped: see InPlaceTiled)
     kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") and not mod.maps_k else None
+    # (TRITON_DKDV: the Gluon dq kernel with the Triton dk / dv kernel)
+    tri = bool(cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("TRITON_DKDV"))
+    gluon_kv = bool(cfg.get("GLUON_BWD")) and not tri
     # (none for the Gluon dk / dv kernel, which makes its own)
-    qd = _kv_descriptors(q, dout, bm2, even) if cfg.get("TMA") and not mod_kv.maps_q and not cfg.get("GLUON_BWD") \
-        else None
+    qd = _kv_descriptors(q, dout, bm2, even) if cfg.get("TMA") and not mod_kv.maps_q and not gluon_kv else None
     tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd else {}
     tma_dkdv = dict(QD=qd[0], DOD=qd[1], TMA=True) if qd else {}
     if cfg.get("MERGE"):  # full and partial blocks in one loop in both kernels
@@ -674,7 +678,7 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     dqa = None
     # FUSED_DQ (a GLUON_BWD option): dq from the Gluon kernel by TMA reduce-adds, as ATOMIC_DQ has it from the Triton
     # one -- delta first, a float32 accumulator, no dq kernel; the Triton kernel with ATOMIC is its fallback
-    fused = bool(cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("FUSED_DQ"))
+    fused = gluon_kv and bool(cfg["GLUON_BWD"].get("FUSED_DQ"))
     if cfg.get("ATOMIC_DQ") or fused:
         # dq from the dk/dv kernel (each tile's dS K added in float32 to a row accumulator: five products per
         # tile instead of seven over the two kernels, not bitwise deterministic); delta by its own small kernel
@@ -699,11 +703,11 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
             *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
             BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
             EVEN_N=lk % bn == 0, num_warps=nw, num_stages=ns, **tma_dq)
-    if cfg.get("GLUON_BWD") and _gluon_bwd(pattern, cfg["GLUON_BWD"], q, k, v, dout, lse, delta, dk, dvv, wsk, wsv,
-                                           items, aux_kv, tlay, scale, dqa):
+    if gluon_kv and _gluon_bwd(pattern, cfg["GLUON_BWD"], q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv,
+                               tlay, scale, dqa):
         pass
     else:
-        if cfg.get("GLUON_BWD"):  # its first launch failed: the Triton kernel on its tiles (64 rows x 128 keys), keys
+        if gluon_kv:  # its first launch failed: the Triton kernel on its tiles (64 rows x 128 keys), keys
             # by queries (KT), the form that is right with fewer query rows a step than keys (see kv_tiles)
             tma_dkdv["KT"] = True
         _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
@@ -819,10 +823,10 @@ def gluon_bwd_settings(g, d: int) -> dict:
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
     unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
-                               "SEP_DELTA"})
+                               "SEP_DELTA", "TRITON_DKDV"})
     if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES, SEP_DELTA)")
+                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
@@ -833,8 +837,10 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
-    if g.get("SEP_DELTA") and not (g.get("GLUON_DQ") or g.get("DQ_STAGES")):
-        raise ValueError("cfg GLUON_BWD: SEP_DELTA (delta by its own kernel before the Gluon dq kernel) needs GLUON_DQ")
+    for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
+                          ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel")):
+        if g.get(only_dq) and not (g.get("GLUON_DQ") or g.get("DQ_STAGES")):
+            raise ValueError(f"cfg GLUON_BWD: {only_dq} ({what}) needs GLUON_DQ")
     if g.get("GLUON_DQ") or g.get("DQ_STAGES"):  # the Gluon dq kernel (and its ring), where dq has its own kernel
         if out["FUSED_DQ"]:
             raise ValueError("cfg GLUON_BWD: GLUON_DQ (dq by the Gluon dq kernel) and FUSED_DQ (dq in the dk / dv "
@@ -844,8 +850,7 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError(f"cfg GLUON_BWD DQ_STAGES (the Gluon dq kernel's K / V ring) must be 1 .. 4, got "
                              f"{stages!r}")
         out.update(GLUON_DQ=True, DQ_STAGES=stages)
-        if g.get("SEP_DELTA"):
-            out["SEP_DELTA"] = True
+        out.update({key: True for key in ("SEP_DELTA", "TRITON_DKDV") if g.get(key)})
     need = gluon_bwd_smem(out, d)
     if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
         raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dk / dv kernel needs {need} bytes of shared memory at D = "
