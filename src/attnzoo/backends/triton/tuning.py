@@ -106,6 +106,16 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # 3.661 in one pass of round 18, 3.69 / 3.98 / 4.19 in round 19), and on sinks + window the Gluon one made
             # attnzoo bench's forward+backward slower (5.198 -> 5.626 ms, c2), so class local keeps the Triton kernels
             out["GLUON_BWD"] = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3)
+        elif d == dv == 128 and pclass in ("dense", "local"):
+            # Twenty-second session: the Gluon dq kernel writes delta itself (no attn_bwd_delta launch, 0.18 ms at
+            # 16K). Round 20 (triton_pack_variants.py --round 20 --repeat 3, benchmarks/results/h100-2026-12-06-s22/
+            # c4), backward ms, medians of three round-robin passes against the Triton kernels: causal 27.084 ->
+            # 25.041 with both Gluon kernels (as on wide windows; by kernel 26.77 -> 24.95); on class local the
+            # Gluon dq kernel with the Triton dk / dv kernel (TRITON_DKDV), window 1024 3.827 -> 3.754, sinks +
+            # window 4.394 -> 4.277 (both Gluon kernels: 3.713 and 4.365 -- sinks + window is where the Gluon
+            # dk / dv kernel loses, its sink column split over more work items)
+            out["GLUON_BWD"] = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3) if pclass == "dense" else \
+                dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)
         return out
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
