@@ -119,8 +119,9 @@ def test_gluon_module_takes_plain_masks_only():
 
 
 @gpu
-@pytest.mark.parametrize("pattern", [az.Causal(), az.SlidingWindow(4095), None, az.SlidingWindow(299) | az.Sinks(4)],
-                         ids=["causal", "window4096", "full", "sinks+window"])
+@pytest.mark.parametrize("pattern", [az.Causal(), az.SlidingWindow(4095), None, az.SlidingWindow(299) | az.Sinks(4),
+                                     az.SlidingWindow(511)],
+                         ids=["causal", "window4096", "full", "sinks+window", "window512"])
 def test_default_forward_runs_gluon_and_backward_matches(pattern):
     # the dense and wide classes' default (tuning: GLUON_CFG) runs the Gluon forward; through attention() the
     # backward then works from its lse: output and every gradient against float64. Sinks + window: the local
