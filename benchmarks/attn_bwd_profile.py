@@ -92,7 +92,12 @@ def main():
                    ("gluon dq s3 + rows2 s3 sep-delta", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
                                                                                   DQ_STAGES=3, SEP_DELTA=True))),
                    ("gluon dq s3 + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
-                                                                           TRITON_DKDV=True))))
+                                                                           TRITON_DKDV=True))),
+                   # (the persistent dq kernel, twenty-second session)
+                   ("gluon dqp s3 + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
+                                                                            DQ_PERSIST=True, TRITON_DKDV=True))),
+                   ("gluon dqp s3 + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
+                                                                         DQ_STAGES=3, DQ_PERSIST=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -86,12 +86,14 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 
 def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-               maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False):
+               maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False, qbuf: int = 0):
     """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program;
-    ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient."""
+    ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient;
+    ``qbuf`` > 0: the persistent form (`gluon_attn_bwd_dqp`) with that many Q / dO buffers."""
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (64, 64))
-    fn = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (64, 64), kmin=64)[0]).gluon_attn_bwd_dq
+    mod = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (64, 64), kmin=64)[0])
+    fn = mod.gluon_attn_bwd_dqp if qbuf else mod.gluon_attn_bwd_dq
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     desc = f"tensordesc<{dtype}[64, {d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
     sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32", O=f"*{dtype}",
@@ -101,6 +103,16 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
                FUSE_DELTA="constexpr", HAS_DLSE="constexpr")
     consts = dict(D=d, BLOCK_M=64, BLOCK_N=64, STAGES=stages, CONSUMER_REGS=regs, FUSE_DELTA=fuse_delta,
                   HAS_DLSE=has_dlse)
+    if qbuf:  # (the persistent form's: the item count and order, its Q / dO buffers)
+        sig = {**{key: val for key, val in sig.items() if key not in ("qk_scale", "sm_scale")}, "NQB": "i32",
+               "n_items": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+        consts.update(QBUF=qbuf, ORDER=1)
+        sig.update(QBUF="constexpr", ORDER="constexpr")
+        order = ["qd", "dod", "kd", "vd", "DQ", "LSE", "DELTA", "O", "DLSE", "AUX", "KVN", "KVI", "FKVN", "FKVI",
+                 "lay_h", "lay_m", "idx_h", "idx_m", "H", "G", "Lq", "Lk", "OFF", "NQB", "n_items", "qk_scale",
+                 "sm_scale", "D", "BLOCK_M", "BLOCK_N", "STAGES", "CONSUMER_REGS", "QBUF", "ORDER", "FUSE_DELTA",
+                 "HAS_DLSE"]
+        sig = {key: sig[key] for key in order}
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -147,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")
     ap.add_argument("--sep-delta", action="store_true", help="with --dq: delta read, not computed (SEP_DELTA)")
     ap.add_argument("--dlse", action="store_true", help="with --dq: delta less the lse's gradient (HAS_DLSE)")
+    ap.add_argument("--dq-qbuf", type=int, default=0, help="with --dq: the persistent form with these Q / dO buffers")
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
@@ -159,7 +172,7 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168,
-                                      fuse_delta=not a.sep_delta, has_dlse=a.dlse)
+                                      fuse_delta=not a.sep_delta, has_dlse=a.dlse, qbuf=a.dq_qbuf)
                     print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
         return

@@ -102,7 +102,10 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   bwd-delta    issue 3 (twenty-second session, NOT YET RUN): delta written by the Gluon dq kernel (the default with
+#   dq-persist   issue 3 (twenty-second session, NOT YET RUN): the Gluon dq kernel's persistent form (GLUON_BWD
+#                DQ_PERSIST): its GPU tests (several items a program, lse gradient), round 21 (--repeat 3: windows,
+#                sinks + window, causal) against the defaults, the backward by kernel on the short windows
+#   bwd-delta    issue 3 (twenty-second session, run in it): delta written by the Gluon dq kernel (the default with
 #                GLUON_DQ; SEP_DELTA: by its own kernel first): the Gluon dq GPU tests (bfloat16, with an lse gradient,
 #                the default path's; TRITON_DKDV: with the Triton dk / dv kernel), round 20 (--repeat 3: windows,
 #                sinks + window, causal), the backward by kernel
@@ -158,10 +161,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed in the twenty-second session (2026-12-06): delta in the Gluon dq kernel (bwd-delta, ~7 min), then
-# round 16's ORDER 0 with MASK_FAR (gluon-narrow). bwd-default, bwd-profile, bwd-ncu, windows and wide64 ran
-# (benchmarks/results/h100-2026-12-06-s22)
-SECTIONS=${*:-bwd-delta}
+# still owed after the twenty-second session (2026-12-06): the persistent Gluon dq kernel (dq-persist, ~8 min), then
+# round 16's ORDER 0 with MASK_FAR (gluon-narrow). bwd-default, bwd-profile, bwd-ncu, windows, wide64 and bwd-delta
+# ran (benchmarks/results/h100-2026-12-06-s22)
+SECTIONS=${*:-dq-persist}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -286,6 +289,15 @@ for s in $SECTIONS; do
               >> "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
+    dq-persist) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+              tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
+              -k "persistent_walks or (matches_reference and gdqp and dtype0) or default_forward_runs_gluon" \
+              > "$OUT/dq_persist_log.txt" 2>&1
+           timeout ${PACK_S:-290} python3 benchmarks/triton_pack_variants.py --round 21 --repeat ${REPEAT:-3} \
+              --patterns ${BWD_PATTERNS:-sw1024,sinks+sw1024,sw4096,causal} --out "$OUT/dqpersist" --quick \
+              >> "$OUT/dq_persist_log.txt" 2>&1
+           timeout ${PROFILE_S:-80} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024 \
+              --configs "triton,gluon dq s3 + triton,gluon dqp" >> "$OUT/dq_persist_log.txt" 2>&1 ;;
     bwd-confirm) timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 19 --repeat ${REPEAT:-3} \
               --patterns ${BWD_PATTERNS:-sw1024,sw4096} --out "$OUT/bwdconfirm" --quick > "$OUT/bwd_confirm_log.txt" 2>&1 ;;
     bwd-ncu) IFS=, read -ra ncu_cfgs <<< "${NCU_CONFIGS:-triton,gluon dq s3 + rows2 s3,gluon rows fused s2}"

@@ -54,11 +54,13 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(ROWS=2, GLUON_DQ=True)),
                                      (128, dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3, SEP_DELTA=True)),
                                      (128, dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)),
-                                     (64, dict(GLUON_DQ=True, TRITON_DKDV=True))],
+                                     (64, dict(GLUON_DQ=True, TRITON_DKDV=True)),
+                                     (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
+                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
-                              "d128-gdq-s3-tkv", "d64-gdq-tkv"])
+                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -87,6 +89,32 @@ def test_gluon_dq_with_lse_gradient(name, sep):
     before = ops.GLUON_DQ_LAUNCHES
     got = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, poison=True,
                             cfg=_bwd_cfg(128, ROWS=2, GLUON_DQ=True, DQ_STAGES=3, **(dict(SEP_DELTA=True) if sep else {})))
+    assert ops.GLUON_DQ_LAUNCHES > before, "the Gluon dq kernel did not run"
+    triton_cfg = {key: val for key, val in tuning.default("bwd", 128, 128, "local").items() if key != "GLUON_BWD"}
+    base = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, cfg=triton_cfg)
+    xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro, rl = reference_attention(*xr, pattern, scale)
+    ref = torch.autograd.grad((ro, rl), xr, (do.double(), dlse.double()))
+    for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
+        check_close(nm, x, r, baseline=bl)
+
+
+@gpu
+@pytest.mark.parametrize("extra", [dict(DQ_STAGES=3, TRITON_DKDV=True), dict(DQ_QBUF=1, TRITON_DKDV=True),
+                                   dict(ROWS=2, num_stages=3, DQ_STAGES=3)], ids=["s3-tkv", "q1-tkv", "s3-rows2"])
+@pytest.mark.parametrize("name", ["window", "sinks+window", "causal"])
+def test_gluon_dq_persistent_walks_many_items(name, extra):
+    # the persistent dq kernel (DQ_PERSIST) with several work items a program (4096 tokens, 16 heads: 512 items on
+    # at most one program per SM), so its Q / dO buffers and K / V ring run on across items; an lse gradient too
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, do = (torch.randn(1, 16, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    dlse = torch.randn(1, 16, 4096, device="cuda", generator=g)
+    pattern, scale = PATTERNS[name], 128 ** -0.5
+    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
+    before = ops.GLUON_DQ_LAUNCHES
+    got = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, poison=True,
+                            cfg=_bwd_cfg(128, GLUON_DQ=True, DQ_PERSIST=True, **extra))
     assert ops.GLUON_DQ_LAUNCHES > before, "the Gluon dq kernel did not run"
     triton_cfg = {key: val for key, val in tuning.default("bwd", 128, 128, "local").items() if key != "GLUON_BWD"}
     base = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, cfg=triton_cfg)
@@ -152,7 +180,15 @@ def test_gluon_bwd_settings_are_checked_everywhere():
         dict(base, GLUON_DQ=True, DQ_STAGES=2, SEP_DELTA=True)
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3, TRITON_DKDV=True), 128) == \
         dict(base, GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)
-    for only_dq in ("SEP_DELTA", "TRITON_DKDV"):
+    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True), 128) == \
+        dict(base, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_QBUF=2)
+    for bad, msg in ((dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=3), "1 or 2"),
+                     (dict(GLUON_DQ=True, DQ_QBUF=1), "needs GLUON_DQ and DQ_PERSIST"),
+                     (dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), "persistent dq kernel needs")):
+        with pytest.raises(ValueError, match=msg):
+            ops.gluon_bwd_settings(bad, 128)
+    ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), 64)  # (half the bytes at D = 64)
+    for only_dq in ("SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST"):
         with pytest.raises(ValueError, match=f"{only_dq} .* needs GLUON_DQ"):
             ops.gluon_bwd_settings({only_dq: True}, 128)
     for bad, msg in ((dict(GLUON_DQ=True, FUSED_DQ=True), "exclude"), (dict(GLUON_DQ=True, DQ_STAGES=0), "1 .. 4"),

@@ -434,10 +434,13 @@ def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready,
 
 
 @gluon.jit
-def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE,
-                 DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSE_DELTA: gl.constexpr,
-                 HAS_DLSE: gl.constexpr):
+def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready, vready, kempty, vempty, DQ, LSE,
+             DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, D: gl.constexpr,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, QFREE: gl.constexpr,
+             FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr):
+    # consumer C on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D)
+    # views; its Q and dO tiles qs, dos (ready when qwait completes phase qph), its n steps at ring steps it0 ..;
+    # QFREE: arrive on qfree once its last MMA reading Q / dO is done (the persistent kernel's buffer is then free)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -453,14 +456,12 @@ def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready,
     lse = gl.load(LSE + lrow)
     lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), 1)  # (p = 0)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    qs = q_smem.index(C)
-    dos = do_smem.index(C)
     orows = gl.arange(0, BLOCK_M, layout=orow)
     ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
     if FUSE_DELTA:  # delta = rowsum(O * dO) - dlse (dropped on rows that see nothing), stored for the dk / dv kernel
         o = gl.load(O + orow_g[:, None] * D + ocols[None, :]).to(gl.float32)  # (issued before the wait on Q / dO)
-        mbarrier.wait(qbar, 0)
+        mbarrier.wait(qwait, qph)
         dsum = gl.sum(o * dos.load(o_layout).to(gl.float32), 1)
         if HAS_DLSE:
             olse = gl.load(LSE + qrow0 + C * Lq + orows)
@@ -469,11 +470,11 @@ def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready,
         delta = gl.expand_dims(gl.convert_layout(dsum, srow), 1)
     else:
         delta = gl.expand_dims(gl.load(DELTA + lrow), 1)
-        mbarrier.wait(qbar, 0)
+        mbarrier.wait(qwait, qph)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     for j in range(0, n):
-        slot = j % STAGES
-        ph = (j // STAGES) & 1
+        slot = (it0 + j) % STAGES
+        ph = ((it0 + j) // STAGES) & 1
         blk = _blk(j, nf, f0, prow, n, 0, False)
         mbarrier.wait(kready.index(slot), ph)
         s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -489,7 +490,19 @@ def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready,
         acc = warpgroup_mma(ds, k_smem.index(slot), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(kempty.index(slot), count=1)
+    if QFREE:  # (the S and dP MMAs, the last readers of Q and dO, are done)
+        mbarrier.arrive(qfree, count=1)
     gl.store(DQ + orow_g[:, None] * D + ocols[None, :], (acc * sm_scale).to(dtype))
+
+
+@gluon.jit
+def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready, vready, kempty, vempty, DQ, LSE,
+                 DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, qk_scale, sm_scale, D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSE_DELTA: gl.constexpr,
+                 HAS_DLSE: gl.constexpr):
+    _dq_item(C, q_smem.index(C), do_smem.index(C), k_smem, v_smem, qbar, 0, qbar, kready, vready, kempty, vempty, DQ,
+             LSE, DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, qk_scale, sm_scale, D, BLOCK_M,
+             BLOCK_N, STAGES, False, FUSE_DELTA, HAS_DLSE)
 
 
 @gluon.jit
@@ -627,6 +640,86 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
         (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                          vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                          STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+# The dq kernel's persistent form (cfg GLUON_BWD DQ_PERSIST; twenty-second session, compiled for sm_90, NOT YET
+# RUN): the persistent forward's walk (one program per SM taking work items t, t + P, ..., ORDER 1) with the dq
+# kernel's item; QBUF buffers of both heads' Q and dO tiles, each freed by both consumers (count-2 mbarrier) once
+# their item's last S / dP MMA is done, so the producer loads the next item's Q, dO and first K / V tiles while the
+# consumers finish the current one -- the per-item prologue and epilogue that short windows pay in full otherwise.
+
+@gluon.jit
+def _dqp_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty,
+                  KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
+                  ORDER: gl.constexpr):
+    it0 = 0
+    i = 0
+    for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
+        nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        qb = i % QBUF
+        mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
+        mbarrier.expect(qready.index(qb), 2 * qd.block_type.nbytes + 2 * dod.block_type.nbytes)
+        for c in gl.static_range(2):
+            tma.async_copy_global_to_shared(qd, [qrow0 + c * Lq, 0], qready.index(qb), q_smem.index(2 * qb + c))
+            tma.async_copy_global_to_shared(dod, [qrow0 + c * Lq, 0], qready.index(qb), do_smem.index(2 * qb + c))
+        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, 0, STAGES,
+                       BLOCK_N, False)
+        it0 += n
+        i += 1
+
+
+@gluon.jit
+def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty,
+                  DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF,
+                  NQB, n_items, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr, FUSE_DELTA: gl.constexpr,
+                  HAS_DLSE: gl.constexpr):
+    it0 = 0
+    i = 0
+    for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
+        nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        qb = i % QBUF
+        _dq_item(C, q_smem.index(2 * qb + C), do_smem.index(2 * qb + C), k_smem, v_smem, qready.index(qb),
+                 (i // QBUF) & 1, qempty.index(qb), kready, vready, kempty, vempty, DQ, LSE, DELTA, O, DLSE, AUX, h,
+                 qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, True,
+                 FUSE_DELTA, HAS_DLSE)
+        it0 += n
+        i += 1
+
+
+@gluon.jit
+def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
+                       idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, sm_scale, D: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
+                       FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr):
+    dtype: gl.constexpr = kd.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], dod.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
+    qready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    qempty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(QBUF):
+        mbarrier.init(qready.index(i), count=1)
+        mbarrier.init(qempty.index(i), count=2)
+    kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, False)
+    gl.warp_specialize([
+        (_dqp_consumer, (0, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
+                         DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                         n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
+                         HAS_DLSE)),
+        (_dqp_consumer, (1, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
+                         DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                         n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
+                         HAS_DLSE)),
+        (_dqp_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty,
+                         vempty, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES,
+                         BLOCK_M, BLOCK_N, QBUF, ORDER)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 

@@ -753,7 +753,8 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     gmod = _gluon_module(pattern, lq, lk, (64, 64))
     stages = int(g.get("DQ_STAGES", 2))
     fuse = not g.get("SEP_DELTA")
-    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse)
+    qbuf = int(g.get("DQ_QBUF", 2)) if g.get("DQ_PERSIST") else 0  # (0: a program per work item)
+    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf)
     if key in _GLUON_FAILED:
         return False
     lay = _layout(pattern, lq, lk, 64, 64, hq, dev)
@@ -761,11 +762,17 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     lay64 = gl.NVMMASharedLayout.get_default_for([64, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
     qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
                        for x2 in (t.view(-1, d) for t in (q, dout, k, v)))
-    launch = lambda: gmod.gluon_attn_bwd_dq[(lay.num_q_blocks, b * hq // 2)](  # noqa: E731
-        qd, dod, kd, vd, dq, lse, delta, out, dl, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
-        lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq, scale * LOG2E, scale, D=d,
-        STAGES=stages, BLOCK_M=64, BLOCK_N=64, CONSUMER_REGS=240, FUSE_DELTA=fuse, HAS_DLSE=fuse and has_dlse,
-        num_warps=4, maxnreg=168)
+    args = (qd, dod, kd, vd, dq, lse, delta, out, dl, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+            lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
+    meta = dict(D=d, STAGES=stages, BLOCK_M=64, BLOCK_N=64, CONSUMER_REGS=240, FUSE_DELTA=fuse,
+                HAS_DLSE=fuse and has_dlse, num_warps=4, maxnreg=168)
+    if qbuf:  # the persistent form: at most one program per SM walking the (query block, head pair) items
+        items = lay.num_q_blocks * b * hq // 2
+        launch = lambda: gmod.gluon_attn_bwd_dqp[(min(items, _sm_count(q.device)),)](  # noqa: E731
+            *args, lay.num_q_blocks, items, scale * LOG2E, scale, QBUF=qbuf, ORDER=1, **meta)
+    else:
+        launch = lambda: gmod.gluon_attn_bwd_dq[(lay.num_q_blocks, b * hq // 2)](  # noqa: E731
+            *args, scale * LOG2E, scale, **meta)
     if not _gluon_launch(key, "dq kernel", launch):
         return False
     global GLUON_DQ_LAUNCHES
@@ -823,10 +830,10 @@ def gluon_bwd_settings(g, d: int) -> dict:
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
     unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
-                               "SEP_DELTA", "TRITON_DKDV"})
+                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF"})
     if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV)")
+                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
@@ -838,7 +845,8 @@ def gluon_bwd_settings(g, d: int) -> dict:
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
     for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
-                          ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel")):
+                          ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel"),
+                          ("DQ_PERSIST", "the Gluon dq kernel's persistent form")):
         if g.get(only_dq) and not (g.get("GLUON_DQ") or g.get("DQ_STAGES")):
             raise ValueError(f"cfg GLUON_BWD: {only_dq} ({what}) needs GLUON_DQ")
     if g.get("GLUON_DQ") or g.get("DQ_STAGES"):  # the Gluon dq kernel (and its ring), where dq has its own kernel
@@ -851,6 +859,19 @@ def gluon_bwd_settings(g, d: int) -> dict:
                              f"{stages!r}")
         out.update(GLUON_DQ=True, DQ_STAGES=stages)
         out.update({key: True for key in ("SEP_DELTA", "TRITON_DKDV") if g.get(key)})
+        if g.get("DQ_PERSIST"):  # one program per SM walking the items, DQ_QBUF Q / dO buffers of both heads
+            qbuf = g.get("DQ_QBUF", 2)
+            if isinstance(qbuf, bool) or qbuf not in (1, 2):
+                raise ValueError(f"cfg GLUON_BWD DQ_QBUF (the persistent dq kernel's Q / dO buffers) must be 1 or 2, "
+                                 f"got {qbuf!r}")
+            dq_need = (4 * qbuf + 2 * stages) * 64 * d * 2  # (16-bit Q, dO of both heads per buffer; the K / V ring)
+            if d in (64, 128) and dq_need > GLUON_SMEM:
+                raise ValueError(f"cfg GLUON_BWD {g}: the persistent dq kernel needs {dq_need} bytes of shared memory "
+                                 f"at D = {d}, more than the {GLUON_SMEM} a block has on Hopper (fewer DQ_STAGES or "
+                                 "DQ_QBUF)")
+            out.update(DQ_PERSIST=True, DQ_QBUF=qbuf)
+    if g.get("DQ_QBUF") and "DQ_PERSIST" not in out:
+        raise ValueError("cfg GLUON_BWD: DQ_QBUF (the persistent dq kernel's buffers) needs GLUON_DQ and DQ_PERSIST")
     need = gluon_bwd_smem(out, d)
     if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
         raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dk / dv kernel needs {need} bytes of shared memory at D = "
