@@ -1,13 +1,14 @@
 """A Hopper (sm_90) dk / dv kernel written in Gluon, over the same transposed `BlockLayout` and work items as the
 Triton kernel `attn_bwd_dkdv` (`kernels.py`); dq comes from the Triton dq kernel (which also writes delta, and runs
-first) or from the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`, after the delta kernel).
+first) or from the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`, which also writes delta, unless SEP_DELTA).
 
 cfg ``GLUON_BWD``, GPU-only: Gluon kernels do not run in Triton's interpreter. Written in the eighteenth session after
 the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; right on the H100 since the nineteenth, but
 no faster than the Triton kernel in its transposed form. Since the twenty-first, its ROWS 2 form with the Gluon dq
 kernel (3-slot rings) is the backward's default on Hopper for wide windows at D = 128 (`tuning.default`;
-BENCHMARKS.md: 5.5 % faster than the Triton kernels on window 4096). Window 1024 and sinks + window keep the Triton
-kernels: no Gluon form beat them there.
+BENCHMARKS.md: 5.5 % faster than the Triton kernels on window 4096), and since the twenty-second for causal / full
+too (7.5 % faster). Class local (window 1024, sinks + window) runs the Gluon dq kernel with the Triton dk / dv kernel
+(TRITON_DKDV): this kernel lost on sinks + window, whose sink column it splits over more work items.
 
 One program = one work item (a block of 128 keys and a range of the query blocks that see it, `ops._bwd_plan`) of
 one (batch, KV head), looping over the G query heads of the group:

@@ -411,10 +411,10 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
 
 
 
-# The backward's dq kernel in the same form (cfg GLUON_BWD=dict(GLUON_DQ=True); twentieth session, compiled for sm_90,
-# NOT YET RUN): it walks the forward's layout (query block, its kv blocks) with the forward's producer, so it lives
-# here. A producer warp loads both heads' Q and dO once, then K and V tiles (64 keys) into the ring; consumer C (query
-# head h + C, 64 rows) issues S = Q K^T and dP = dO V^T, takes P = exp2(S * scale - lse) (the mask on partial blocks)
+# The backward's dq kernel in the same form (cfg GLUON_BWD=dict(GLUON_DQ=True); twentieth session, first run in the
+# twenty-first, in the backward's defaults since then): it walks the forward's layout (query block, its kv blocks)
+# with the forward's producer, so it lives here. A producer warp loads both heads' Q and dO once, then K and V tiles
+# (64 keys) into the ring; consumer C (query head h + C, 64 rows) issues S = Q K^T and dP = dO V^T, takes P = exp2(S * scale - lse) (the mask on partial blocks)
 # and dS = P (dP - delta) in registers, and adds dS K to its dq accumulator with dS as the register operand (no
 # shared-memory round trip, no atomics: each program owns its rows). FUSE_DELTA (the default since the twenty-second
 # session): each consumer computes its rows' delta = rowsum(O * dO) - dlse before its loop (O from global memory, dO
