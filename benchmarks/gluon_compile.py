@@ -147,7 +147,8 @@ def main(argv=None):
     ap.add_argument("--d", type=int, nargs="+", default=[128])
     ap.add_argument("--ws", action="store_true", help="(the only kernel now: the warp-specialised one)")
     ap.add_argument("--pingpong", action="store_true", help="the turn barriers (PINGPONG)")
-    ap.add_argument("--regs", type=int, default=168, help="the consumer worker's registers")
+    ap.add_argument("--regs", type=int, help="the consumer worker's registers (default: the launch's, 168 for the "
+                                              "forward, 240 for the dq and dk / dv kernels)")
     ap.add_argument("--maxnreg", type=int, help="the kernel's maxnreg (default --regs)")
     ap.add_argument("--persistent", action="store_true", help="the persistent kernel (gluon_attn_fwd_wsp)")
     ap.add_argument("--qbuf", type=int, default=2, help="with --persistent: Q buffers (1 or 2)")
@@ -171,7 +172,7 @@ def main(argv=None):
         for name in a.pattern or ["sw1024"]:
             for d in a.d:
                 for st in a.stages:
-                    r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168,
+                    r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
                                       fuse_delta=not a.sep_delta, has_dlse=a.dlse, qbuf=a.dq_qbuf)
                     print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
@@ -180,7 +181,7 @@ def main(argv=None):
         for name in a.pattern or ["sw1024"]:
             for d in a.d:
                 for st in a.stages:
-                    r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs, maxnreg=a.maxnreg or 168,
+                    r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
                                        acc_init=a.acc_init, fused=a.fused, rows=a.rows)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")
@@ -191,7 +192,7 @@ def main(argv=None):
         for d in a.d:
             for bn in a.bn:
                 for st in a.stages:
-                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, pingpong=a.pingpong, regs=a.regs,
+                    r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, pingpong=a.pingpong, regs=a.regs or 168,
                                        maxnreg=a.maxnreg, persistent=a.persistent, qbuf=a.qbuf, order=a.order,
                                        narrow=a.narrow, merge=a.merge, far=a.far)
                     print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, "
