@@ -74,21 +74,17 @@ def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
         check_close(nm, x, r, baseline=bl)
 
 
-@gpu
-@gpu
-@pytest.mark.parametrize("sep", [False, True], ids=["delta-in-dq", "delta-kernel"])
-@pytest.mark.parametrize("name", ["window", "sinks+window"])
-def test_gluon_dq_with_lse_gradient(name, sep):
-    # the Gluon dq kernel writes delta = rowsum(O dO) - dlse itself (or reads attn_bwd_delta's: SEP_DELTA); with a
-    # gradient on lse as well as on out, every gradient against float64 (the Triton kernels' as the baseline)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    q, k, v, do = (torch.randn(2, h, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2, 8))
-    dlse = torch.randn(2, 8, 1024, device="cuda", generator=g)
+def _check_gluon_dq_with_lse(name, seed, b, hq, hkv, length, extra):
+    # attention_bwd with a gradient on lse as well as on out, cfg GLUON_BWD=extra: the Gluon dq kernel must run, and
+    # every gradient must match float64 (the Triton kernels' as the baseline)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(b, h, length, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for h in (hq, hkv, hkv, hq))
+    dlse = torch.randn(b, hq, length, device="cuda", generator=g)
     pattern, scale = PATTERNS[name], 128 ** -0.5
     out, lse = ops.attention_fwd(q, k, v, pattern, scale)
     before = ops.GLUON_DQ_LAUNCHES
-    got = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, poison=True,
-                            cfg=_bwd_cfg(128, ROWS=2, GLUON_DQ=True, DQ_STAGES=3, **(dict(SEP_DELTA=True) if sep else {})))
+    got = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, poison=True, cfg=_bwd_cfg(128, **extra))
     assert ops.GLUON_DQ_LAUNCHES > before, "the Gluon dq kernel did not run"
     triton_cfg = {key: val for key, val in tuning.default("bwd", 128, 128, "local").items() if key != "GLUON_BWD"}
     base = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, cfg=triton_cfg)
@@ -97,6 +93,15 @@ def test_gluon_dq_with_lse_gradient(name, sep):
     ref = torch.autograd.grad((ro, rl), xr, (do.double(), dlse.double()))
     for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
         check_close(nm, x, r, baseline=bl)
+
+
+@gpu
+@pytest.mark.parametrize("sep", [False, True], ids=["delta-in-dq", "delta-kernel"])
+@pytest.mark.parametrize("name", ["window", "sinks+window"])
+def test_gluon_dq_with_lse_gradient(name, sep):
+    # the Gluon dq kernel writes delta = rowsum(O dO) - dlse itself (or reads attn_bwd_delta's: SEP_DELTA)
+    _check_gluon_dq_with_lse(name, 2, 2, 8, 2, 1024,
+                             dict(ROWS=2, GLUON_DQ=True, DQ_STAGES=3, **(dict(SEP_DELTA=True) if sep else {})))
 
 
 @gpu
@@ -105,24 +110,8 @@ def test_gluon_dq_with_lse_gradient(name, sep):
 @pytest.mark.parametrize("name", ["window", "sinks+window", "causal"])
 def test_gluon_dq_persistent_walks_many_items(name, extra):
     # the persistent dq kernel (DQ_PERSIST) with several work items a program (4096 tokens, 16 heads: 512 items on
-    # at most one program per SM), so its Q / dO buffers and K / V ring run on across items; an lse gradient too
-    g = torch.Generator(device="cuda").manual_seed(3)
-    q, do = (torch.randn(1, 16, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    k, v = (torch.randn(1, 4, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    dlse = torch.randn(1, 16, 4096, device="cuda", generator=g)
-    pattern, scale = PATTERNS[name], 128 ** -0.5
-    out, lse = ops.attention_fwd(q, k, v, pattern, scale)
-    before = ops.GLUON_DQ_LAUNCHES
-    got = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, poison=True,
-                            cfg=_bwd_cfg(128, GLUON_DQ=True, DQ_PERSIST=True, **extra))
-    assert ops.GLUON_DQ_LAUNCHES > before, "the Gluon dq kernel did not run"
-    triton_cfg = {key: val for key, val in tuning.default("bwd", 128, 128, "local").items() if key != "GLUON_BWD"}
-    base = ops.attention_bwd(do, dlse, q, k, v, out, lse, pattern, scale, cfg=triton_cfg)
-    xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ro, rl = reference_attention(*xr, pattern, scale)
-    ref = torch.autograd.grad((ro, rl), xr, (do.double(), dlse.double()))
-    for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
-        check_close(nm, x, r, baseline=bl)
+    # at most one program per SM), so its Q / dO buffers and K / V ring run on across items
+    _check_gluon_dq_with_lse(name, 3, 1, 16, 4, 4096, dict(GLUON_DQ=True, DQ_PERSIST=True, **extra))
 
 
 @gpu

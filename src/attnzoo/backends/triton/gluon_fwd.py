@@ -151,6 +151,17 @@ def _ring_barriers(STAGES: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _q_barriers(QBUF: gl.constexpr):
+    # the persistent kernels' Q buffers' mbarriers: ready (the producer's TMA bytes) and empty (both consumers' arrivals)
+    qready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    qempty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(QBUF):
+        mbarrier.init(qready.index(i), count=1)
+        mbarrier.init(qempty.index(i), count=2)
+    return qready, qempty
+
+
+@gluon.jit
 def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, z,
                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FAR: gl.constexpr):
     # the producer's K / V loads of one work item's n steps, ring steps it0 .. it0 + n - 1 (slot and phase run on
@@ -621,11 +632,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
-    qready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
-    qempty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(QBUF):
-        mbarrier.init(qready.index(i), count=1)
-        mbarrier.init(qempty.index(i), count=2)
+    qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
     nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
     gl.warp_specialize([
@@ -702,11 +709,7 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
     do_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], dod.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
-    qready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
-    qempty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(QBUF):
-        mbarrier.init(qready.index(i), count=1)
-        mbarrier.init(qempty.index(i), count=2)
+    qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, False)
     gl.warp_specialize([
         (_dqp_consumer, (0, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
