@@ -666,9 +666,8 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     even = (lq % bm == 0 and lk % bn == 0 and lq % bm2 == 0 and lk % bn2 == 0 and d == bd and dv == bdv)
     # (only over rows that are not mapped: see InPlaceTiled)
     kvd = _kv_descriptors(k, v, bn, even) if cfg.get("TMA") and not mod.maps_k else None
-    # (TRITON_DKDV: the Gluon dq kernel with the Triton dk / dv kernel)
-    tri = bool(cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("TRITON_DKDV"))
-    gluon_kv = bool(cfg.get("GLUON_BWD")) and not tri
+    # the Gluon dk / dv kernel, where asked (TRITON_DKDV: the Gluon dq kernel with the Triton dk / dv kernel)
+    gluon_kv = bool(cfg.get("GLUON_BWD")) and not cfg["GLUON_BWD"].get("TRITON_DKDV")
     # (none for the Gluon dk / dv kernel, which makes its own)
     qd = _kv_descriptors(q, dout, bm2, even) if cfg.get("TMA") and not mod_kv.maps_q and not gluon_kv else None
     tma_dq = dict(KD=kvd[0], VD=kvd[1], TMA=True) if kvd else {}
@@ -693,8 +692,7 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     if cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") and _gluon_dq_ok(pattern, q, k, v, dout, out):
         # GLUON_DQ: the Gluon dq kernel, which writes delta as it goes (SEP_DELTA: delta by its own kernel first);
         # where its first launch fails, the Triton dq kernel below (which writes delta too)
-        sep = bool(cfg["GLUON_BWD"].get("SEP_DELTA"))
-        if sep:
+        if cfg["GLUON_BWD"].get("SEP_DELTA"):
             _delta(mod_kv, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse)
         gluon_dq = _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, cfg["GLUON_BWD"], out, dl, has_dlse)
     if not (cfg.get("ATOMIC_DQ") or fused or gluon_dq):
