@@ -131,7 +131,8 @@ def test_default_forward_runs_gluon_and_backward_matches(pattern):
     if pattern == az.SlidingWindow(299) | az.Sinks(4):
         assert ops._mask_far_ok(pattern, 1024, 1024, 64, 128, 8, str(q.device))
     do = torch.randn_like(q)
-    before, before_bwd, before_dq = ops.GLUON_LAUNCHES, ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES
+    before, before_bwd, before_dq, before_dqp = (ops.GLUON_LAUNCHES, ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES,
+                                                 ops.GLUON_DQP_LAUNCHES)
     x = [t.detach().requires_grad_() for t in (q, k, v)]
     out = az.attention(*x, pattern, backend="triton")
     assert ops.GLUON_LAUNCHES > before, "the default forward did not run the Gluon kernel"
@@ -142,6 +143,8 @@ def test_default_forward_runs_gluon_and_backward_matches(pattern):
     want_kv, want_dq = bool(g) and not g.get("TRITON_DKDV"), bool(g) and bool(g.get("GLUON_DQ"))
     assert (ops.GLUON_BWD_LAUNCHES > before_bwd) == want_kv, "the default backward ran the wrong dk / dv kernel"
     assert (ops.GLUON_DQ_LAUNCHES > before_dq) == want_dq, "the default backward ran the wrong dq kernel"
+    assert (ops.GLUON_DQP_LAUNCHES > before_dqp) == (want_dq and bool(g.get("DQ_PERSIST"))), \
+        "the default backward ran the wrong form of the Gluon dq kernel"
     scale = 128 ** -0.5
     xr = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ro = reference_attention(*xr, pattern, scale)[0]

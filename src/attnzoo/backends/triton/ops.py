@@ -777,13 +777,15 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
             *args, scale * LOG2E, scale, **meta)
     if not _gluon_launch(key, "dq kernel", launch):
         return False
-    global GLUON_DQ_LAUNCHES
+    global GLUON_DQ_LAUNCHES, GLUON_DQP_LAUNCHES
     GLUON_DQ_LAUNCHES += 1
+    GLUON_DQP_LAUNCHES += bool(qbuf)
     return True
 
 
-# launches of the Gluon dq kernel so far (tests and benchmarks check that a GLUON_DQ config ran it)
-GLUON_DQ_LAUNCHES = 0
+# launches of the Gluon dq kernel so far (tests and benchmarks check that a GLUON_DQ config ran it), and of its
+# persistent form (DQ_PERSIST) among them
+GLUON_DQ_LAUNCHES = GLUON_DQP_LAUNCHES = 0
 
 
 def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,

@@ -116,6 +116,14 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # dk / dv kernel loses, its sink column split over more work items)
             out["GLUON_BWD"] = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3) if pclass == "dense" else \
                 dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)
+        if "GLUON_BWD" in out:
+            # Twenty-third session: the persistent Gluon dq kernel (DQ_PERSIST: one program an SM walking the work
+            # items, the next item's Q / dO loaded while the last one's dq is stored). Round 21
+            # (triton_pack_variants.py --round 21 --repeat 3, benchmarks/results/h100-2026-12-06-s23/c1), backward ms,
+            # medians of three round-robin passes, non-persistent -> persistent: window 1024 3.869 -> 3.628, sinks +
+            # window 4.240 -> 4.041 (with the Triton dk / dv kernel), window 4096 11.728 -> 11.383, causal 25.563 ->
+            # 25.337 (with the Gluon one); by kernel on window 1024, dq 1399 -> 1322 us
+            out["GLUON_BWD"]["DQ_PERSIST"] = True
         return out
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
