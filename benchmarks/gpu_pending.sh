@@ -102,7 +102,10 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   dq-persist   issue 3 (twenty-second session, NOT YET RUN): the Gluon dq kernel's persistent form (GLUON_BWD
+#   dkdv-pipe    issue 3 (twenty-third session, NOT YET RUN): the Gluon dk / dv kernel's PIPE (ROWS 2's loop flat over
+#                the group's heads, lse / delta a step ahead; 2: the next scores behind dK): its GPU tests, round 22
+#                (--repeat 3: window 4096, causal, window 1024), the backward by kernel on window 4096
+#   dq-persist   issue 3 (twenty-second session, run in the twenty-third): the Gluon dq kernel's persistent form (GLUON_BWD
 #                DQ_PERSIST): its GPU tests (several items a program, lse gradient), round 21 (--repeat 3: windows,
 #                sinks + window, causal) against the defaults, the backward by kernel on the short windows
 #   bwd-delta    issue 3 (twenty-second session, run in it): delta written by the Gluon dq kernel (the default with
@@ -161,10 +164,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-second session (2026-12-06): the persistent Gluon dq kernel (dq-persist, ~8 min), then
-# round 16's ORDER 0 with MASK_FAR (gluon-narrow). bwd-default, bwd-profile, bwd-ncu, windows, wide64 and bwd-delta
-# ran (benchmarks/results/h100-2026-12-06-s22)
-SECTIONS=${*:-dq-persist}
+# still owed in the twenty-third session (2026-12-06): the dk / dv kernel's PIPE (dkdv-pipe, ~8 min), then round 16's
+# ORDER 0 with MASK_FAR (gluon-narrow). dq-persist ran (benchmarks/results/h100-2026-12-06-s23/c1)
+SECTIONS=${*:-dkdv-pipe}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -289,6 +291,13 @@ for s in $SECTIONS; do
               >> "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
+    dkdv-pipe) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+              tests/backends/test_gluon_bwd.py -k "matches_reference and pipe" > "$OUT/dkdv_pipe_log.txt" 2>&1
+           timeout ${PACK_S:-290} python3 benchmarks/triton_pack_variants.py --round 22 --repeat ${REPEAT:-3} \
+              --patterns ${BWD_PATTERNS:-sw4096,causal,sw1024} --out "$OUT/dkdvpipe" --quick \
+              >> "$OUT/dkdv_pipe_log.txt" 2>&1
+           timeout ${PROFILE_S:-80} python3 benchmarks/attn_bwd_profile.py --patterns sw4096 \
+              --configs "gluon dqp s3 + rows2 s3" >> "$OUT/dkdv_pipe_log.txt" 2>&1 ;;
     dq-persist) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
               tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
               -k "persistent_walks or (matches_reference and gdqp and dtype0) or default_forward_runs_gluon" \

@@ -56,11 +56,15 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)),
                                      (64, dict(GLUON_DQ=True, TRITON_DKDV=True)),
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
-                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True))],
+                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True)),
+                                     (128, dict(ROWS=2, num_stages=3, PIPE=2, GLUON_DQ=True, DQ_STAGES=3,
+                                                DQ_PERSIST=True)),
+                                     (64, dict(ROWS=2, PIPE=1)), (128, dict(ROWS=2, PIPE=2))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
-                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv"])
+                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
+                              "d128-rows2-pipe2-gdqp", "d64-rows2-pipe1", "d128-rows2-pipe2"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -156,6 +160,13 @@ def test_gluon_bwd_settings_are_checked_everywhere():
             ops.gluon_bwd_settings(bad, 128)
     with pytest.raises(ValueError, match="ROWS"):
         ops.gluon_bwd_settings(dict(ROWS=True, ACC_INIT=True), 128)
+    # PIPE: the rows form's flat loop, with ROWS 2 only
+    assert ops.gluon_bwd_settings(dict(ROWS=2, PIPE=2), 128) == dict(base, ROWS=2, PIPE=2)
+    for bad, msg in ((dict(ROWS=2, PIPE=3), "PIPE must be"), (dict(ROWS=2, PIPE=True), "PIPE must be"),
+                     (dict(PIPE=1), "needs ROWS 2"), (dict(ROWS=1, PIPE=1), "needs ROWS 2"),
+                     (dict(ROWS=2, PIPE=1, FUSED_DQ=True), "without FUSED_DQ")):
+        with pytest.raises(ValueError, match=msg):
+            ops.gluon_bwd_settings(bad, 128)
     # shared memory: the fused transposed form fits a ring of 3 at D = 128 (it ran), the fused ROWS form does not
     assert ops.gluon_bwd_smem(ops.gluon_bwd_settings(dict(FUSED_DQ=True, num_stages=3), 128), 128) <= ops.GLUON_SMEM
     with pytest.raises(ValueError, match="shared memory"):

@@ -15,6 +15,11 @@ from common import inputs
 pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package (extra 'gpu')")
 from attnzoo.backends.triton import ops, tuning  # noqa: E402
 
+# the searches below launch the kernels on CPU tensors: under Triton's interpreter only (conftest sets it where there
+# is no GPU; on a GPU machine CPU tensors cannot reach a compiled kernel)
+cpu_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="launches the kernels on CPU tensors (TRITON_INTERPRET=1 only)")
+
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
@@ -84,6 +89,7 @@ def test_defaults_without_search(fresh_cache):
     assert not os.path.exists(tuning._path())
 
 
+@cpu_kernels
 def test_online_search_caches_the_winner(fresh_cache, monkeypatch):
     q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 24, 24, 32, 32))
     p = az.SlidingWindow(5)
@@ -104,6 +110,7 @@ def test_online_search_caches_the_winner(fresh_cache, monkeypatch):
     assert not os.path.exists(tuning._path())
 
 
+@cpu_kernels
 def test_backward_search_and_failing_candidates(fresh_cache):
     q, k, v = (t.detach().float() for t in inputs(1, 2, 1, 20, 20, 32, 32))
     p = az.Causal()
