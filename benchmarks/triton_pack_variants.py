@@ -412,10 +412,10 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round in FWD_ONLY:
-        FWD, BWD = FWD_ONLY[args.round], {}
     if args.round == 16:  # (the Gluon kernels' NARROW: on by default since the nineteenth session)
         ops.GLUON_NARROW = True
+    if args.round in FWD_ONLY:  # (rounds 8, 12-15 fell through to round 3's tables here until the twenty-third
+        FWD, BWD = FWD_ONLY[args.round], {}  # session: the twenty-second's wide64 run timed round 3's variants)
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
     elif args.round in (17, 18, 19, 20, 21, 22):
