@@ -241,6 +241,10 @@ FWD15 = {  # the persistent form's work-item order (ORDER 0: head pair outer; 1:
     "gluon wsp 64x128 s3 q1 o0": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=0),
     "gluon wsp 64x128 s3 q1 o1": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1),
     "gluon wsp 64x128 s2 q1 o1": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1),
+    # (twenty-third session) the local / wide default since the nineteenth: its consumers at 240 registers
+    "gluon wsp 64x128 s2 q2 o1 r240 (default)": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240),
+    "gluon wsp 64x128 s2 q2 o0 r240": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=0, REGS=240),
+    "gluon wsp 64x128 s3 q1 o1 r240": _cfg(64, 128, 4, 3, 2, IDX=2, GLUON="wsp", QBUF=1, ORDER=1, REGS=240),
 }
 FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consumers at 240 registers (REGS)
     "local default (Triton)": _cfg(64, 64, 8, 3, 4, IDX=2, MERGE=True, NARROW=16),
