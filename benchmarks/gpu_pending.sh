@@ -292,7 +292,7 @@ for s in $SECTIONS; do
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
     dkdv-pipe) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-              tests/backends/test_gluon_bwd.py -k "matches_reference and pipe" > "$OUT/dkdv_pipe_log.txt" 2>&1
+              tests/backends/test_gluon_bwd.py -k "(matches_reference and pipe) or split_columns" > "$OUT/dkdv_pipe_log.txt" 2>&1
            timeout ${PACK_S:-290} python3 benchmarks/triton_pack_variants.py --round 22 --repeat ${REPEAT:-3} \
               --patterns ${BWD_PATTERNS:-sw4096,causal,sw1024} --out "$OUT/dkdvpipe" --quick \
               >> "$OUT/dkdv_pipe_log.txt" 2>&1

@@ -119,9 +119,11 @@ def test_gluon_dq_persistent_walks_many_items(name, extra):
 
 
 @gpu
-def test_gluon_dkdv_split_columns_cross_and_long():
+@pytest.mark.parametrize("extra", [{}, dict(ROWS=2, num_stages=3, PIPE=2)], ids=["transposed", "rows2-pipe2"])
+def test_gluon_dkdv_split_columns_cross_and_long(extra):
     # sinks: block 0's column is seen by every query block, so it is split over several work items (float32
-    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right); 4096 tokens
+    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right: the first key blocks
+    # have no query block, items with no steps -- PIPE's extra Q tile); 4096 tokens
     g = torch.Generator(device="cuda").manual_seed(1)
     for (lq, lk), pattern in (((2048, 2048), az.SlidingWindow(300) | az.Sinks(4)), ((512, 1536), az.SlidingWindow(300)),
                               ((4096, 4096), az.Causal())):
@@ -129,7 +131,7 @@ def test_gluon_dkdv_split_columns_cross_and_long():
         k, v = (torch.randn(1, 2, lk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         items, red, nslots = ops._bwd_plan(pattern, lq, lk, 64, 128, 8, str(q.device))
         before = ops.GLUON_BWD_LAUNCHES
-        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128))
+        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128, **extra))
         assert ops.GLUON_BWD_LAUNCHES > before
         for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
             check_close(nm, x, r, baseline=bl)
