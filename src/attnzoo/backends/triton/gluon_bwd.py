@@ -43,6 +43,15 @@ D = 128). ROWS 1 issues dP's MMA with S's (it runs during P's exponentials; two 
 after P (one at a time, as the transposed form): ptxas sm_90, sinks + window, 620 / 554 loop instructions and 45 / 7
 spill loads + stores a step (637 / 9 transposed); fused 747 / 72 and 690 / 30 (823 / 46).
 
+PIPE (cfg ``GLUON_BWD=dict(ROWS=2, PIPE=1 or 2)``; twenty-third session), `_bwd_consumer_pipe`: the ROWS 2 loop made
+one flat loop over the group's heads (the layout must be head-independent, as every head then walks the same query
+blocks; elsewhere the launch runs the nested loop), with the next step's first row, lse and delta loaded a step ahead
+instead of at the step's top. PIPE 2 also issues the next step's ``S = Q K_C^T`` right behind this step's dK, so the
+tensor cores go from one to the other without the wait, the slot release and the loads in between; the producer loads
+one Q tile more for the last step's (unused) scores. ptxas sm_90 at 240 registers, window 1024: 442 / 447 loop
+instructions and 6 / 4 spill instructions a step (the two consumers) without PIPE, 536 / 531 and 26 / 28 with PIPE 1,
+489 / 472 and 18 / 8 with PIPE 2.
+
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
 """
