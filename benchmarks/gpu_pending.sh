@@ -102,7 +102,7 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   dkdv-pipe    issue 3 (twenty-third session, NOT YET RUN): the Gluon dk / dv kernel's PIPE (ROWS 2's loop flat over
+#   dkdv-pipe    issue 3 (twenty-third session, run in it: both PIPE forms slower): the Gluon dk / dv kernel's PIPE (ROWS 2's loop flat over
 #                the group's heads, lse / delta a step ahead; 2: the next scores behind dK): its GPU tests, round 22
 #                (--repeat 3: window 4096, causal, window 1024), the backward by kernel on window 4096
 #   dq-persist   issue 3 (twenty-second session, run in the twenty-third): the Gluon dq kernel's persistent form (GLUON_BWD
@@ -164,9 +164,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed in the twenty-third session (2026-12-06): the dk / dv kernel's PIPE (dkdv-pipe, ~8 min), then round 16's
-# ORDER 0 with MASK_FAR (gluon-narrow). dq-persist ran (benchmarks/results/h100-2026-12-06-s23/c1)
-SECTIONS=${*:-dkdv-pipe}
+# still owed after the twenty-third session (2026-12-06): round 15 at 64K with the wide default's own variants
+# (wide64: its table is timed again since the fix in triton_pack_variants.py), then round 16 at 64K (gluon-narrow; its
+# 16K half ran, no change). dq-persist, dkdv-pipe ran (benchmarks/results/h100-2026-12-06-s23)
+SECTIONS=${*:-wide64 gluon-narrow}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;

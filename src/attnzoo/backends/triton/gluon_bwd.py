@@ -50,7 +50,8 @@ instead of at the step's top. PIPE 2 also issues the next step's ``S = Q K_C^T``
 tensor cores go from one to the other without the wait, the slot release and the loads in between; the producer loads
 one Q tile more for the last step's (unused) scores. ptxas sm_90 at 240 registers, window 1024: 442 / 447 loop
 instructions and 6 / 4 spill instructions a step (the two consumers) without PIPE, 536 / 531 and 26 / 28 with PIPE 1,
-489 / 472 and 18 / 8 with PIPE 2.
+489 / 472 and 18 / 8 with PIPE 2. Measured on the H100 the same session (round 22, BENCHMARKS.md): both slower than
+the nested loop (window 4096, dk / dv kernel 6864 µs; PIPE 1 9390, PIPE 2 7275), so opt-in only.
 
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
