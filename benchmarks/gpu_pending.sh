@@ -102,9 +102,7 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   dkdv-pipe    issue 3 (twenty-third session, run in it: both PIPE forms slower): the Gluon dk / dv kernel's PIPE (ROWS 2's loop flat over
-#                the group's heads, lse / delta a step ahead; 2: the next scores behind dK): its GPU tests, round 22
-#                (--repeat 3: window 4096, causal, window 1024), the backward by kernel on window 4096
+#   (dkdv-pipe: the twenty-third session's, run in it; PIPE slower, removed with its section)
 #   dq-persist   issue 3 (twenty-second session, run in the twenty-third): the Gluon dq kernel's persistent form (GLUON_BWD
 #                DQ_PERSIST): its GPU tests (several items a program, lse gradient), round 21 (--repeat 3: windows,
 #                sinks + window, causal) against the defaults, the backward by kernel on the short windows
@@ -292,13 +290,6 @@ for s in $SECTIONS; do
               >> "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
-    dkdv-pipe) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-              tests/backends/test_gluon_bwd.py -k "(matches_reference and pipe) or split_columns" > "$OUT/dkdv_pipe_log.txt" 2>&1
-           timeout ${PACK_S:-290} python3 benchmarks/triton_pack_variants.py --round 22 --repeat ${REPEAT:-3} \
-              --patterns ${BWD_PATTERNS:-sw4096,causal,sw1024} --out "$OUT/dkdvpipe" --quick \
-              >> "$OUT/dkdv_pipe_log.txt" 2>&1
-           timeout ${PROFILE_S:-80} python3 benchmarks/attn_bwd_profile.py --patterns sw4096 \
-              --configs "gluon dqp s3 + rows2 s3" >> "$OUT/dkdv_pipe_log.txt" 2>&1 ;;
     dq-persist) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
               tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
               -k "persistent_walks or (matches_reference and gdqp and dtype0) or default_forward_runs_gluon" \

@@ -56,15 +56,11 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)),
                                      (64, dict(GLUON_DQ=True, TRITON_DKDV=True)),
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
-                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True)),
-                                     (128, dict(ROWS=2, num_stages=3, PIPE=2, GLUON_DQ=True, DQ_STAGES=3,
-                                                DQ_PERSIST=True)),
-                                     (64, dict(ROWS=2, PIPE=1)), (128, dict(ROWS=2, PIPE=2))],
+                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
-                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
-                              "d128-rows2-pipe2-gdqp", "d64-rows2-pipe1", "d128-rows2-pipe2"])
+                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -119,11 +115,9 @@ def test_gluon_dq_persistent_walks_many_items(name, extra):
 
 
 @gpu
-@pytest.mark.parametrize("extra", [{}, dict(ROWS=2, num_stages=3, PIPE=2)], ids=["transposed", "rows2-pipe2"])
-def test_gluon_dkdv_split_columns_cross_and_long(extra):
+def test_gluon_dkdv_split_columns_cross_and_long():
     # sinks: block 0's column is seen by every query block, so it is split over several work items (float32
-    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right: the first key blocks
-    # have no query block, items with no steps -- PIPE's extra Q tile); 4096 tokens
+    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right); 4096 tokens
     g = torch.Generator(device="cuda").manual_seed(1)
     for (lq, lk), pattern in (((2048, 2048), az.SlidingWindow(300) | az.Sinks(4)), ((512, 1536), az.SlidingWindow(300)),
                               ((4096, 4096), az.Causal())):
@@ -131,7 +125,7 @@ def test_gluon_dkdv_split_columns_cross_and_long(extra):
         k, v = (torch.randn(1, 2, lk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         items, red, nslots = ops._bwd_plan(pattern, lq, lk, 64, 128, 8, str(q.device))
         before = ops.GLUON_BWD_LAUNCHES
-        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128, **extra))
+        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128))
         assert ops.GLUON_BWD_LAUNCHES > before
         for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
             check_close(nm, x, r, baseline=bl)
@@ -157,18 +151,11 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     assert ops.gluon_bwd_settings(dict(ROWS=2), 128) == dict(base, ROWS=2)
     with pytest.raises(ValueError, match="ROWS must be"):
         ops.gluon_bwd_settings(dict(ROWS=3), 128)
-    for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True)):  # (DQ_LAG: removed)
-        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG)'\\]"):
+    for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True), dict(ROWS=2, PIPE=2)):  # (DQ_LAG, PIPE: removed)
+        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG|PIPE)'\\]"):
             ops.gluon_bwd_settings(bad, 128)
     with pytest.raises(ValueError, match="ROWS"):
         ops.gluon_bwd_settings(dict(ROWS=True, ACC_INIT=True), 128)
-    # PIPE: the rows form's flat loop, with ROWS 2 only
-    assert ops.gluon_bwd_settings(dict(ROWS=2, PIPE=2), 128) == dict(base, ROWS=2, PIPE=2)
-    for bad, msg in ((dict(ROWS=2, PIPE=3), "PIPE must be"), (dict(ROWS=2, PIPE=True), "PIPE must be"),
-                     (dict(PIPE=1), "needs ROWS 2"), (dict(ROWS=1, PIPE=1), "needs ROWS 2"),
-                     (dict(ROWS=2, PIPE=1, FUSED_DQ=True), "without FUSED_DQ")):
-        with pytest.raises(ValueError, match=msg):
-            ops.gluon_bwd_settings(bad, 128)
     # shared memory: the fused transposed form fits a ring of 3 at D = 128 (it ran), the fused ROWS form does not
     assert ops.gluon_bwd_smem(ops.gluon_bwd_settings(dict(FUSED_DQ=True, num_stages=3), 128), 128) <= ops.GLUON_SMEM
     with pytest.raises(ValueError, match="shared memory"):

@@ -43,15 +43,9 @@ D = 128). ROWS 1 issues dP's MMA with S's (it runs during P's exponentials; two 
 after P (one at a time, as the transposed form): ptxas sm_90, sinks + window, 620 / 554 loop instructions and 45 / 7
 spill loads + stores a step (637 / 9 transposed); fused 747 / 72 and 690 / 30 (823 / 46).
 
-PIPE (cfg ``GLUON_BWD=dict(ROWS=2, PIPE=1 or 2)``; twenty-third session), `_bwd_consumer_pipe`: the ROWS 2 loop made
-one flat loop over the group's heads (the layout must be head-independent, as every head then walks the same query
-blocks; elsewhere the launch runs the nested loop), with the next step's first row, lse and delta loaded a step ahead
-instead of at the step's top. PIPE 2 also issues the next step's ``S = Q K_C^T`` right behind this step's dK, so the
-tensor cores go from one to the other without the wait, the slot release and the loads in between; the producer loads
-one Q tile more for the last step's (unused) scores. ptxas sm_90 at 240 registers, window 1024: 442 / 447 loop
-instructions and 6 / 4 spill instructions a step (the two consumers) without PIPE, 536 / 531 and 26 / 28 with PIPE 1,
-489 / 472 and 18 / 8 with PIPE 2. Measured on the H100 the same session (round 22, BENCHMARKS.md): both slower than
-the nested loop (window 4096, dk / dv kernel 6864 µs; PIPE 1 9390, PIPE 2 7275), so opt-in only.
+PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop flat over the group's heads, lse / delta
+loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
+4096, dk / dv kernel 6864 -> 9390 / 7275 µs; BENCHMARKS.md, round 22).
 
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
@@ -133,7 +127,7 @@ def _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, idx, LSE, DELTA, BLOCK_M: gl.co
 @gluon.jit
 def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                   QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr, PIPE: gl.constexpr):
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
     kvrow = (b * HKV + hk) * Lk + pid_n * (2 * HALF)
     mbarrier.expect(kvbar, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
     for c in gl.static_range(2):
@@ -151,11 +145,6 @@ def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready
             tma.async_copy_global_to_shared(qd, [row, 0], ready.index(slot), q_smem.index(slot))
             tma.async_copy_global_to_shared(dod, [row, 0], ready.index(slot), do_smem.index(slot))
             it += 1
-    if PIPE == 2:  # one Q tile more: the consumers issue the scores of the step after their last (unused)
-        slot = it % STAGES
-        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(slot), qd.block_type.nbytes)
-        tma.async_copy_global_to_shared(qd, [0, 0], ready.index(slot), q_smem.index(slot))
 
 
 @gluon.jit
@@ -163,14 +152,9 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, PIPE: gl.constexpr):
-    # consumer C (one 64-key half of the block): the rows form (ROWS; PIPE: its flat, pipelined loop) or the
-    # transposed one
-    if PIPE:
-        _bwd_consumer_pipe(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
-                           QN, QI, FQN, FQI, lay_m, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0, wslot, nbh,
-                           qk_scale, sm_scale, p_smem, ds_smem, D, STAGES, BLOCK_M, HALF, PIPE)
-    elif ROWS:
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
+    # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
+    if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
@@ -346,84 +330,6 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
 
 
 @gluon.jit
-def _bwd_consumer_pipe(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
-                       DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_m, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
-                       wslot, nbh, qk_scale, sm_scale, p_smem, ds_smem, D: gl.constexpr, STAGES: gl.constexpr,
-                       BLOCK_M: gl.constexpr, HALF: gl.constexpr, PIPE: gl.constexpr):
-    # (ROWS 2 with PIPE; a head-independent layout: every head of the group walks the same query blocks) one flat loop
-    # over the G heads' steps, the next step's first row, lse and delta loaded a step ahead (not at the step's top,
-    # where their latency met the exponentials). PIPE 2 also issues the next step's S = Q K_C^T right behind this
-    # step's dK (the producer loads one Q tile more for the last step's, unused)
-    dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF, 16])
-    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    kk = gl.expand_dims(pid_n * (2 * HALF) + C * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_layout)), 0)
-    dk = gl.zeros([HALF, D], gl.float32, layout=a_layout)
-    dv = gl.zeros([HALF, D], gl.float32, layout=a_layout)
-    kt = k_smem.index(C).permute((1, 0))
-    vt = v_smem.index(C).permute((1, 0))
-    pc = p_smem.index(C)
-    dss = ds_smem.index(C)
-    nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, 0, pid_n, 0, lay_m, 0, idx_m)
-    steps = gl.maximum(gl.minimum(e0, n) - s0, 0)
-    total = G * steps
-    hb = b * H + hk * G  # (the group's first head; head g's rows from (hb + g) * Lq)
-    m0, lse, delta = _bwd_step_rows(s0, nf, frow, prow, n, hb, Lq, rows, LSE, DELTA, BLOCK_M)
-    mbarrier.wait(kvbar, 0)
-    if PIPE == 2:  # step 0's scores (or, with no steps, the producer's extra tile's)
-        mbarrier.wait(ready.index(0), 0)
-        s = warpgroup_mma(q_smem.index(0), kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                          is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    g = 0  # (head g of the group, query-block step j: this step's; counted, not divided out of t)
-    j = s0
-    for t in range(0, total):
-        wrap = j + 1 == s0 + steps  # the next step: (g1, j1); the last one reloads its own
-        g1 = gl.where(wrap & (t + 1 < total), g + 1, g)
-        j1 = gl.where(wrap, gl.where(t + 1 < total, s0, j), j + 1)
-        m0_n, lse_n, delta_n = _bwd_step_rows(j1, nf, frow, prow, n, hb + g1, Lq, rows, LSE, DELTA, BLOCK_M)
-        slot = t % STAGES
-        qs = q_smem.index(slot)
-        dos = do_smem.index(slot)
-        if PIPE == 1:
-            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-            s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                              is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
-        p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
-        if j >= nf:  # a partial block: the pattern's mask (queries by keys)
-            p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, hk * G + g, AUX), p, 0.0)
-        pc.store(p.to(dtype))
-        fence_async_shared()
-        dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
-        dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                           is_async=True)
-        dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
-        dss.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
-        fence_async_shared()
-        dk = warpgroup_mma(dss.permute((1, 0)), qs, dk, is_async=True)
-        if PIPE == 2:  # the next step's scores behind dK
-            nslot = (t + 1) % STAGES
-            mbarrier.wait(ready.index(nslot), ((t + 1) // STAGES) & 1)
-            s = warpgroup_mma(q_smem.index(nslot), kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
-                              use_acc=False, is_async=True)
-            dk, s = warpgroup_mma_wait(num_outstanding=0, deps=(dk, s))
-        else:
-            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
-        mbarrier.arrive(empty.index(slot), count=1)
-        m0 = m0_n
-        lse = lse_n
-        delta = delta_n
-        g = g1
-        j = j1
-    _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
-
-
-@gluon.jit
 def _bwd_store(C: gl.constexpr, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale,
                D: gl.constexpr, HALF: gl.constexpr, a_layout: gl.constexpr):
     # consumer C's half of the key block: dk (times the softmax scale) and dv, or, for a column split over several
@@ -446,7 +352,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0, PIPE: gl.constexpr = 0):
+                        ROWS: gl.constexpr = 0):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -497,14 +403,14 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, PIPE)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, PIPE)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                         STAGES, BLOCK_M, HALF, PIPE)),
+                         STAGES, BLOCK_M, HALF)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 

@@ -591,7 +591,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels. ATOMIC_DQ: no dq kernel; the dk/dv
     kernel adds each tile's dS K to a float32 accumulator by atomics (not bitwise deterministic). GLUON_BWD (Hopper,
     True or a dict, checked by `gluon_bwd_settings`): the Gluon dk / dv kernel (num_stages, REGS, ACC_INIT, ROWS,
-    FUSED_DQ; PIPE with ROWS 2: its flat loop on a head-independent layout) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel first; DQ_PERSIST,
+    FUSED_DQ) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel first; DQ_PERSIST,
     DQ_QBUF: its persistent form; TRITON_DKDV: with the Triton dk / dv kernel); each falls back to its Triton kernel
     where it does not apply or its first launch fails."""
     b, hq, lq, d = q.shape
@@ -834,10 +834,10 @@ def gluon_bwd_settings(g, d: int) -> dict:
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
     unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
-                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "PIPE"})
-    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing)
+                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF"})
+    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's: slower)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF, PIPE)")
+                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
@@ -848,13 +848,6 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
-    if g.get("PIPE"):  # the rows form's flat loop: lse / delta a step ahead (1), and the next scores behind dK (2)
-        if isinstance(g["PIPE"], bool) or g["PIPE"] not in (1, 2):
-            raise ValueError(f"cfg GLUON_BWD PIPE must be 1 (lse and delta loaded a step ahead) or 2 (also the next "
-                             f"step's scores issued behind dK), got {g['PIPE']!r}")
-        if out.get("ROWS") != 2 or out["FUSED_DQ"]:
-            raise ValueError("cfg GLUON_BWD: PIPE needs ROWS 2 (dP issued with dV) without FUSED_DQ")
-        out["PIPE"] = g["PIPE"]
     for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
                           ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel"),
                           ("DQ_PERSIST", "the Gluon dq kernel's persistent form")):
@@ -940,7 +933,6 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
         ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0),
-        PIPE=g.get("PIPE", 0) if _lay_strides(tlay)[0] == 0 else 0,  # (its flat loop: one layout for every head)
         num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
