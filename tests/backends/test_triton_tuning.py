@@ -17,7 +17,7 @@ from attnzoo.backends.triton import ops, tuning  # noqa: E402
 
 # the searches below launch the kernels on CPU tensors: under Triton's interpreter only (conftest sets it where there
 # is no GPU; on a GPU machine CPU tensors cannot reach a compiled kernel)
-cpu_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+cpu_kernels = pytest.mark.skipif(not ops.interpreting(),
                                  reason="launches the kernels on CPU tensors (TRITON_INTERPRET=1 only)")
 
 

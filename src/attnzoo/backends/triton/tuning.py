@@ -96,34 +96,27 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
         if dmax > 128:
             return _cfg(32, 32, 4, 1)
         out = dict(_cfg(64, 64, 4, 2), TMA=True)
-        if d == dv == 128 and pclass == "wide":
-            # Hopper, wide windows: the Gluon dk / dv kernel with the query rows as rows (ROWS 2, 3-slot Q / dO ring)
-            # and the Gluon dq kernel (3-slot K / V ring), both deterministic; each falls back to its Triton kernel
-            # where it does not apply. H100, 16K, 64/8 heads, window 4096, backward ms, three round-robin passes
-            # (triton_pack_variants.py --round 19 --repeat 3, benchmarks/results/h100-2026-12-06-s21/c2): Triton
-            # 12.02 / 12.05 / 12.40, this 11.38 / 11.25 / 11.42. On window 1024 (class local) no Gluon form beat the
-            # Triton kernels in both runs (Triton 3.61 / 3.83 / 4.36, this 3.67 / 3.83 / 3.89; ROWS 2 with a ring of 2
-            # 3.661 in one pass of round 18, 3.69 / 3.98 / 4.19 in round 19), and on sinks + window the Gluon one made
-            # attnzoo bench's forward+backward slower (5.198 -> 5.626 ms, c2), so class local keeps the Triton kernels
-            out["GLUON_BWD"] = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3)
-        elif d == dv == 128 and pclass in ("dense", "local"):
+        if d == dv == 128 and pclass in ("wide", "dense", "local"):
+            # Hopper. Wide windows (twenty-first session): the Gluon dk / dv kernel with the query rows as rows (ROWS
+            # 2, 3-slot Q / dO ring) and the Gluon dq kernel (3-slot K / V ring), both deterministic; each falls back
+            # to its Triton kernel where it does not apply. H100, 16K, 64/8 heads, window 4096, backward ms, three
+            # round-robin passes (triton_pack_variants.py --round 19 --repeat 3, benchmarks/results/h100-2026-12-06-
+            # s21/c2): Triton 12.02 / 12.05 / 12.40, this 11.38 / 11.25 / 11.42.
             # Twenty-second session: the Gluon dq kernel writes delta itself (no attn_bwd_delta launch, 0.18 ms at
-            # 16K). Round 20 (triton_pack_variants.py --round 20 --repeat 3, benchmarks/results/h100-2026-12-06-s22/
-            # c4), backward ms, medians of three round-robin passes against the Triton kernels: causal 27.084 ->
-            # 25.041 with both Gluon kernels (as on wide windows; by kernel 26.77 -> 24.95); on class local the
-            # Gluon dq kernel with the Triton dk / dv kernel (TRITON_DKDV), window 1024 3.827 -> 3.754, sinks +
-            # window 4.394 -> 4.277 (both Gluon kernels: 3.713 and 4.365 -- sinks + window is where the Gluon
-            # dk / dv kernel loses, its sink column split over more work items)
-            out["GLUON_BWD"] = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3) if pclass == "dense" else \
-                dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)
-        if "GLUON_BWD" in out:
+            # 16K). Round 20 (--round 20 --repeat 3, benchmarks/results/h100-2026-12-06-s22/c4), backward ms, medians
+            # of three round-robin passes against the Triton kernels: causal 27.084 -> 25.041 with both Gluon kernels
+            # (as on wide windows; by kernel 26.77 -> 24.95); on class local the Gluon dq kernel with the Triton
+            # dk / dv kernel (TRITON_DKDV), window 1024 3.827 -> 3.754, sinks + window 4.394 -> 4.277 (both Gluon
+            # kernels: 3.713 and 4.365 -- sinks + window is where the Gluon dk / dv kernel loses, its sink column split
+            # over more work items).
             # Twenty-third session: the persistent Gluon dq kernel (DQ_PERSIST: one program an SM walking the work
-            # items, the next item's Q / dO loaded while the last one's dq is stored). Round 21
-            # (triton_pack_variants.py --round 21 --repeat 3, benchmarks/results/h100-2026-12-06-s23/c1), backward ms,
-            # medians of three round-robin passes, non-persistent -> persistent: window 1024 3.869 -> 3.628, sinks +
-            # window 4.240 -> 4.041 (with the Triton dk / dv kernel), window 4096 11.728 -> 11.383, causal 25.563 ->
-            # 25.337 (with the Gluon one); by kernel on window 1024, dq 1399 -> 1322 us
-            out["GLUON_BWD"]["DQ_PERSIST"] = True
+            # items, the next item's Q / dO loaded while the last one's dq is stored). Round 21 (--round 21 --repeat
+            # 3, benchmarks/results/h100-2026-12-06-s23/c1), backward ms, medians of three round-robin passes,
+            # non-persistent -> persistent: window 1024 3.869 -> 3.628, sinks + window 4.240 -> 4.041 (with the
+            # Triton dk / dv kernel), window 4096 11.728 -> 11.383, causal 25.563 -> 25.337 (with the Gluon one); by
+            # kernel on window 1024, dq 1399 -> 1322 us
+            dq = dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)
+            out["GLUON_BWD"] = dict(dq, TRITON_DKDV=True) if pclass == "local" else dict(dq, ROWS=2, num_stages=3)
         return out
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
