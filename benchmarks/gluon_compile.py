@@ -165,7 +165,8 @@ def main(argv=None):
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
     ap.add_argument("--rows", type=int, nargs="?", const=1, default=0,
-                    help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
+                    help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV, "
+                         "3: with S, P and dS stored together)")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
     if a.dq:

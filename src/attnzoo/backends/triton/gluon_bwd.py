@@ -43,6 +43,13 @@ D = 128). ROWS 1 issues dP's MMA with S's (it runs during P's exponentials; two 
 after P (one at a time, as the transposed form): ptxas sm_90, sinks + window, 620 / 554 loop instructions and 45 / 7
 spill loads + stores a step (637 / 9 transposed); fused 747 / 72 and 690 / 30 (823 / 46).
 
+ROWS 3 (twenty-third session, compiled, not yet run): dP issued with S, as ROWS 1, but dS computed right after P
+(from P rounded to 16 bits, so that 16 registers, not 32, stay live through dP's wait), both stored behind one fence,
+and dV's and dK's MMAs issued together: one fence and two MMA groups a step instead of two and three. Not with
+FUSED_DQ. ptxas sm_90 at 240 registers, window 1024: 515 / 521 loop instructions and 13 / 11 spill instructions a step
+(ROWS 1: 466 / 467 and 25 / 20; ROWS 2: 442 / 447 and 6 / 4). On window 4096 ROWS 1 was 1.6 % behind ROWS 2 with
+twice these spills (round 19), so one barrier fewer may put ROWS 3 ahead.
+
 PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop flat over the group's heads, lse / delta
 loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
 4096, dk / dv kernel 6864 -> 9390 / 7275 µs; BENCHMARKS.md, round 22).
@@ -158,7 +165,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS == 1)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
@@ -253,11 +260,15 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr, DP_EARLY: gl.constexpr):
+                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
     # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
+    # ROWS 1: dP issued with S, 2: with dV, 3: with S, and P and dS stored together (one fence a step, dV and dK
+    # issued together)
+    DP_EARLY: gl.constexpr = ROWS != 2
+    JOINT: gl.constexpr = ROWS == 3
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HALF, 16])
@@ -297,26 +308,35 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             if j >= nf:  # a partial block: the pattern's mask (queries by keys)
                 p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, h, AUX), p, 0.0)
-            pc.store(p.to(dtype))
-            fence_async_shared()
-            dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
-            if DP_EARLY:
-                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
-            else:  # dP with dV, after P (one score tile live at a time, as in the transposed form)
-                dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                                   is_async=True)
-                dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
-            ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
-            if FUSED_DQ:
-                dsb = it % 2
-                mbarrier.wait(dsfree.index(dsb), ((it // 2) & 1) ^ 1)  # (step it - 2's dq products are done)
-                dss = ds_smem.index(2 * dsb + C)
-            else:
+            if JOINT:  # dS right after P, both stores behind one fence, then dV and dK together
+                p16 = p.to(dtype)  # (dS from the rounded P: 16 registers live through dP's wait, not 32)
+                dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
                 dss = ds_smem.index(C)
-            dss.store(ds)
-            fence_async_shared()
-            if FUSED_DQ:
-                mbarrier.arrive(dsready.index(dsb), count=1)
+                dss.store((p16.to(gl.float32) * (dp - gl.expand_dims(delta, 1))).to(dtype))
+                pc.store(p16)
+                fence_async_shared()
+                dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
+            else:
+                pc.store(p.to(dtype))
+                fence_async_shared()
+                dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
+                if DP_EARLY:
+                    dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
+                else:  # dP with dV, after P (one score tile live at a time, as in the transposed form)
+                    dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                                       is_async=True)
+                    dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
+                ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+                if FUSED_DQ:
+                    dsb = it % 2
+                    mbarrier.wait(dsfree.index(dsb), ((it // 2) & 1) ^ 1)  # (step it - 2's dq products are done)
+                    dss = ds_smem.index(2 * dsb + C)
+                else:
+                    dss = ds_smem.index(C)
+                dss.store(ds)
+                fence_async_shared()
+                if FUSED_DQ:
+                    mbarrier.arrive(dsready.index(dsb), count=1)
             dk = warpgroup_mma(dss.permute((1, 0)), qs, dk, is_async=True)
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout,

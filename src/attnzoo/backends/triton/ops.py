@@ -841,12 +841,14 @@ def gluon_bwd_settings(g, d: int) -> dict:
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
-        if g["ROWS"] not in (True, 1, 2):
-            raise ValueError(f"cfg GLUON_BWD ROWS must be True / 1 (dP's MMA issued with S's) or 2 (with dV's), got "
-                             f"{g['ROWS']!r}")
+        if g["ROWS"] not in (True, 1, 2, 3):
+            raise ValueError(f"cfg GLUON_BWD ROWS must be True / 1 (dP's MMA issued with S's), 2 (with dV's) or 3 "
+                             f"(with S's, P and dS stored together), got {g['ROWS']!r}")
         if out["ACC_INIT"]:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
+        if g["ROWS"] == 3 and out["FUSED_DQ"]:
+            raise ValueError("cfg GLUON_BWD: ROWS 3 (P and dS stored together) does not take FUSED_DQ")
         out["ROWS"] = int(g["ROWS"])
     for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
                           ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel"),
