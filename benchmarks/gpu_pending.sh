@@ -104,7 +104,8 @@
 #                GPU tests (bfloat16), then round 18 at 16K
 #   rows3        issue 3 (twenty-third session, NOT YET RUN): the Gluon dk / dv kernel's ROWS 3 (dP with S, P and dS
 #                behind one fence, dV and dK together): its GPU tests, round 23 (--repeat 3: window 4096, causal, window
-#                1024), the backward by kernel on window 4096
+#                1024), the backward by kernel on window 4096; with PINGPONG (twenty-fourth session: the consumers' MMA
+#                groups in turns) on ROWS 2 and 3 in the tests, the round and the profile
 #   (dkdv-pipe: the twenty-third session's, run in it; PIPE slower, removed with its section)
 #   dq-persist   issue 3 (twenty-second session, run in the twenty-third): the Gluon dq kernel's persistent form (GLUON_BWD
 #                DQ_PERSIST): its GPU tests (several items a program, lse gradient), round 21 (--repeat 3: windows,
@@ -295,10 +296,10 @@ for s in $SECTIONS; do
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
     rows3) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-              tests/backends/test_gluon_bwd.py -k "matches_reference and rows3 and dtype0" > "$OUT/rows3_log.txt" 2>&1
+              tests/backends/test_gluon_bwd.py -k "matches_reference and (rows3 or pp) and dtype0" > "$OUT/rows3_log.txt" 2>&1
            timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 23 --repeat ${REPEAT:-3} \
               --patterns ${BWD_PATTERNS:-sw4096,causal,sw1024} --out "$OUT/rows3" --quick >> "$OUT/rows3_log.txt" 2>&1
-           timeout ${PROFILE_S:-80} python3 benchmarks/attn_bwd_profile.py --patterns sw4096 \
+           timeout ${PROFILE_S:-110} python3 benchmarks/attn_bwd_profile.py --patterns sw4096 \
               --configs "gluon dqp s3 + rows2 s3,gluon dqp s3 + rows3 s3" >> "$OUT/rows3_log.txt" 2>&1 ;;
     dq-persist) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
               tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \

@@ -365,9 +365,12 @@ BWD23 = {
     "bwd tma (triton)": _cfg(64, 64, 4, 2, TMA=True),
     "gluon dqp s3 + triton dkdv": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, TRITON_DKDV=True)),
     "gluon dqp s3 + rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=2, num_stages=3)),
-    "gluon dqp s3 + rows1 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=1, num_stages=3)),
     "gluon dqp s3 + rows3 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=3, num_stages=3)),
-    "gluon dqp s3 + rows3 s2": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=3)),
+    # (twenty-fourth session) the consumers' MMA groups in turns
+    "gluon dqp s3 + rows2 s3 pp": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=2, num_stages=3,
+                                                                             PINGPONG=True)),
+    "gluon dqp s3 + rows3 s3 pp": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=3, num_stages=3,
+                                                                             PINGPONG=True)),
 }
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {

@@ -58,12 +58,18 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
                                      (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True)),
                                      (128, dict(ROWS=3, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
-                                     (64, dict(ROWS=3))],
+                                     (64, dict(ROWS=3)),
+                                     (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
+                                                PINGPONG=True)),
+                                     (128, dict(ROWS=3, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
+                                                PINGPONG=True)),
+                                     (64, dict(ROWS=1, PINGPONG=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
                               "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
-                              "d128-rows3-gdqp", "d64-rows3"])
+                              "d128-rows3-gdqp", "d64-rows3", "d128-rows2-gdqp-pp", "d128-rows3-gdqp-pp",
+                              "d64-rows1-pp"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -157,6 +163,10 @@ def test_gluon_bwd_settings_are_checked_everywhere():
         ops.gluon_bwd_settings(dict(ROWS=4), 128)
     with pytest.raises(ValueError, match="ROWS 3 .* does not take FUSED_DQ"):
         ops.gluon_bwd_settings(dict(ROWS=3, FUSED_DQ=True), 128)
+    assert ops.gluon_bwd_settings(dict(ROWS=2, PINGPONG=1), 128) == dict(base, ROWS=2, PINGPONG=True)
+    for bad in (dict(PINGPONG=True), dict(ROWS=1, FUSED_DQ=True, PINGPONG=True)):  # (the rows form's loop only)
+        with pytest.raises(ValueError, match="PINGPONG .* needs ROWS and not FUSED_DQ"):
+            ops.gluon_bwd_settings(bad, 128)
     for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True), dict(ROWS=2, PIPE=2)):  # (DQ_LAG, PIPE: removed)
         with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG|PIPE)'\\]"):
             ops.gluon_bwd_settings(bad, 128)

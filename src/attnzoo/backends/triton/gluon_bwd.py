@@ -160,13 +160,13 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, turn, PINGPONG: gl.constexpr):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS, turn, PINGPONG)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
@@ -257,17 +257,37 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
 
 
 @gluon.jit
+def _turn(turn, C: gl.constexpr, tk, PINGPONG: gl.constexpr):
+    # (PINGPONG) wait for this consumer's turn tk to issue MMAs: consumer 0's first passes at once (the barrier's
+    # phase before the first), each later one needs the other consumer's pass (`_pass`) after its previous group;
+    # consumer 1's turn tk needs consumer 0's pass of turn tk -> tk + 1
+    if PINGPONG:
+        mbarrier.wait(turn.index(C), (tk & 1) ^ (1 - C))
+    return tk + 1
+
+
+@gluon.jit
+def _pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
+    # (PINGPONG) this consumer's MMA group is issued: the other consumer's turn
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - C), count=1)
+
+
+@gluon.jit
 def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
+                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, turn, PINGPONG: gl.constexpr):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
     # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
     # ROWS 1: dP issued with S, 2: with dV, 3: with S, and P and dS stored together (one fence a step, dV and dK
     # issued together)
+    # PINGPONG: the two consumers take turns to issue their MMA groups (S [+ dP], then dV [+ dP] / dK ...), each
+    # waiting for the other's previous group to be issued (`_turn`), so that one's exponentials run under the
+    # other's MMAs instead of both at once with the tensor cores idle (FlashAttention-3's warpgroup ping-pong)
     DP_EARLY: gl.constexpr = ROWS != 2
     JOINT: gl.constexpr = ROWS == 3
     dtype: gl.constexpr = k_smem.dtype
@@ -287,6 +307,7 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
     pc = p_smem.index(C)
     mbarrier.wait(kvbar, 0)
     it = 0
+    tk = 0  # (PINGPONG: this consumer's turns so far)
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
@@ -298,13 +319,16 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
+            tk = _turn(turn, C, tk, PINGPONG)
             s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                               is_async=True)
             if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
                 dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                                    is_async=True)
+                _pass(turn, C, PINGPONG)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
             else:
+                _pass(turn, C, PINGPONG)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             if j >= nf:  # a partial block: the pattern's mask (queries by keys)
@@ -316,16 +340,20 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                 dss.store((p16.to(gl.float32) * (dp - gl.expand_dims(delta, 1))).to(dtype))
                 pc.store(p16)
                 fence_async_shared()
+                tk = _turn(turn, C, tk, PINGPONG)
                 dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
             else:
                 pc.store(p.to(dtype))
                 fence_async_shared()
+                tk = _turn(turn, C, tk, PINGPONG)
                 dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
                 if DP_EARLY:
+                    _pass(turn, C, PINGPONG)
                     dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
                 else:  # dP with dV, after P (one score tile live at a time, as in the transposed form)
                     dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                                        is_async=True)
+                    _pass(turn, C, PINGPONG)
                     dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
                 ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
                 if FUSED_DQ:
@@ -338,7 +366,9 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                 fence_async_shared()
                 if FUSED_DQ:
                     mbarrier.arrive(dsready.index(dsb), count=1)
+                tk = _turn(turn, C, tk, PINGPONG)
             dk = warpgroup_mma(dss.permute((1, 0)), qs, dk, is_async=True)
+            _pass(turn, C, PINGPONG)
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout,
                          True)
@@ -373,7 +403,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0):
+                        ROWS: gl.constexpr = 0, PINGPONG: gl.constexpr = 0):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -417,18 +447,20 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         p_smem = k_smem
     dsready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dsfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG: consumer C's turns)
     for i in gl.static_range(2):
         mbarrier.init(dsready.index(i), count=2)
         mbarrier.init(dsfree.index(i), count=2)
+        mbarrier.init(turn.index(i), count=1)
     gl.warp_specialize([
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, turn, PINGPONG)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, turn, PINGPONG)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),
