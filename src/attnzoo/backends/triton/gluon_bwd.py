@@ -51,6 +51,14 @@ FUSED_DQ. ptxas sm_90 at 240 registers, window 1024: 515 / 521 loop instructions
 twice these spills (round 19), so one barrier fewer may put ROWS 3 ahead. The rounded P costs some accuracy: in a
 float64 emulation (causal, 1024 tokens, D = 128, bfloat16 inputs) dk's relative RMSE goes from 3.9e-3 to 4.4e-3.
 
+PINGPONG (twenty-fourth session, compiled, not yet run; with ROWS, not with FUSED_DQ): the two consumers take turns
+to issue their MMA groups (S and dP, then dV and dK with ROWS 3; S, dV with dP, dK with ROWS 2) through two count-1
+mbarriers, each consumer waiting for the other's previous group to be issued (FlashAttention-3's warpgroup ping-pong),
+so that one consumer's exponentials and shared-memory stores run under the other's MMAs instead of both at once with
+the tensor cores idle (Nsight Compute, window 4096: about 48 % of the kernel's warp stalls are at the barrier between
+the P / dS stores and the MMAs that read them). ptxas sm_90, window 1024: ROWS 2 471 / 476 loop instructions and 7 / 3
+spill instructions a step, ROWS 3 525 / 527 and 10 / 6.
+
 PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop flat over the group's heads, lse / delta
 loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
 4096, dk / dv kernel 6864 -> 9390 / 7275 µs; BENCHMARKS.md, round 22).
