@@ -166,7 +166,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-third session (2026-12-06): the dk / dv kernel's ROWS 3 (rows3, ~8 min), round 15 at 64K
+# still owed after the twenty-fourth session (2026-12-06; no machine could be started in it): the dk / dv kernel's
+# ROWS 3 and PINGPONG (rows3, ~8 min), round 15 at 64K
 # with the wide default's own variants (wide64: its table is timed again since the fix in triton_pack_variants.py),
 # then round 16 at 64K (gluon-narrow; its 16K half ran, no change). dq-persist, dkdv-pipe ran
 # (benchmarks/results/h100-2026-12-06-s23)
