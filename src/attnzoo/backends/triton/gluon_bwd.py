@@ -56,8 +56,8 @@ to issue their MMA groups (S and dP, then dV and dK with ROWS 3; S, dV with dP, 
 mbarriers, each consumer waiting for the other's previous group to be issued (FlashAttention-3's warpgroup ping-pong),
 so that one consumer's exponentials and shared-memory stores run under the other's MMAs instead of both at once with
 the tensor cores idle (Nsight Compute, window 4096: about 48 % of the kernel's warp stalls are at the barrier between
-the P / dS stores and the MMAs that read them). ptxas sm_90, window 1024: ROWS 2 471 / 476 loop instructions and 7 / 3
-spill instructions a step, ROWS 3 525 / 527 and 10 / 6.
+the P / dS stores and the MMAs that read them). ptxas sm_90, window 1024: ROWS 2 466 / 476 loop instructions and 9 / 2
+spill instructions a step, ROWS 3 522 / 527 and 8 / 3.
 
 PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop flat over the group's heads, lse / delta
 loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
@@ -266,12 +266,11 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
 
 @gluon.jit
 def _turn(turn, C: gl.constexpr, tk, PINGPONG: gl.constexpr):
-    # (PINGPONG) wait for this consumer's turn tk to issue MMAs: consumer 0's first passes at once (the barrier's
-    # phase before the first), each later one needs the other consumer's pass (`_pass`) after its previous group;
-    # consumer 1's turn tk needs consumer 0's pass of turn tk -> tk + 1
+    # (PINGPONG) wait for this consumer's turn tk (its MMA groups so far: step * groups a step + group) to issue MMAs:
+    # consumer 0's first passes at once (the barrier's phase before the first), each later one needs the other
+    # consumer's pass (`_pass`) after its previous group; consumer 1's turn tk needs consumer 0's pass of turn tk
     if PINGPONG:
         mbarrier.wait(turn.index(C), (tk & 1) ^ (1 - C))
-    return tk + 1
 
 
 @gluon.jit
@@ -298,6 +297,7 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
     # other's MMAs instead of both at once with the tensor cores idle (FlashAttention-3's warpgroup ping-pong)
     DP_EARLY: gl.constexpr = ROWS != 2
     JOINT: gl.constexpr = ROWS == 3
+    TURNS: gl.constexpr = 2 if JOINT else 3  # (PINGPONG: MMA groups a step)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HALF, 16])
@@ -315,7 +315,6 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
     pc = p_smem.index(C)
     mbarrier.wait(kvbar, 0)
     it = 0
-    tk = 0  # (PINGPONG: this consumer's turns so far)
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
@@ -327,7 +326,7 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
-            tk = _turn(turn, C, tk, PINGPONG)
+            _turn(turn, C, TURNS * it, PINGPONG)
             s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                               is_async=True)
             if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
@@ -348,12 +347,12 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                 dss.store((p16.to(gl.float32) * (dp - gl.expand_dims(delta, 1))).to(dtype))
                 pc.store(p16)
                 fence_async_shared()
-                tk = _turn(turn, C, tk, PINGPONG)
+                _turn(turn, C, TURNS * it + 1, PINGPONG)
                 dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
             else:
                 pc.store(p.to(dtype))
                 fence_async_shared()
-                tk = _turn(turn, C, tk, PINGPONG)
+                _turn(turn, C, TURNS * it + 1, PINGPONG)
                 dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
                 if DP_EARLY:
                     _pass(turn, C, PINGPONG)
@@ -374,7 +373,7 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                 fence_async_shared()
                 if FUSED_DQ:
                     mbarrier.arrive(dsready.index(dsb), count=1)
-                tk = _turn(turn, C, tk, PINGPONG)
+                _turn(turn, C, TURNS * it + 2, PINGPONG)
             dk = warpgroup_mma(dss.permute((1, 0)), qs, dk, is_async=True)
             _pass(turn, C, PINGPONG)
             if FUSED_DQ:
