@@ -97,17 +97,7 @@ def main():
                    ("gluon dqp s3 + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
                                                                             DQ_PERSIST=True, TRITON_DKDV=True))),
                    ("gluon dqp s3 + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
-                                                                         DQ_STAGES=3, DQ_PERSIST=True))),
-                   # (ROWS 3: P and dS stored together, twenty-third session)
-                   ("gluon dqp s3 + rows3 s3", dict(base, GLUON_BWD=dict(ROWS=3, num_stages=3, GLUON_DQ=True,
-                                                                         DQ_STAGES=3, DQ_PERSIST=True))),
-                   # (the consumers' MMA groups in turns, twenty-fourth session)
-                   ("gluon dqp s3 + rows2 s3 pp", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
-                                                                            DQ_STAGES=3, DQ_PERSIST=True,
-                                                                            PINGPONG=True))),
-                   ("gluon dqp s3 + rows3 s3 pp", dict(base, GLUON_BWD=dict(ROWS=3, num_stages=3, GLUON_DQ=True,
-                                                                            DQ_STAGES=3, DQ_PERSIST=True,
-                                                                            PINGPONG=True))))
+                                                                         DQ_STAGES=3, DQ_PERSIST=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

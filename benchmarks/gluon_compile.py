@@ -117,11 +117,10 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
 
 
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0, pingpong: bool = False):
+                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0):
     """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
     ``fused``: FUSED_DQ (dq by TMA reduce-adds into a float32 accumulator, through its descriptor dqd); ``rows``: ROWS
-    (scores with the query rows as rows, P and dS through shared memory); ``pingpong``: PINGPONG (the consumers' MMA
-    groups in turns)."""
+    (scores with the query rows as rows, P and dS through shared memory)."""
     from triton.experimental.gluon import language as gl
     from attnzoo.backends.triton import gluon_bwd
     lines, _aux = generate(pattern, lq, lq, (64, 128))
@@ -134,9 +133,9 @@ def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq:
                lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", HKV="i32", G="i32", Lq="i32", Lk="i32",
                OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr", STAGES="constexpr", BLOCK_M="constexpr",
                HALF="constexpr", CONSUMER_REGS="constexpr", ACC_INIT="constexpr", FUSED_DQ="constexpr",
-               ROWS="constexpr", PINGPONG="constexpr")
+               ROWS="constexpr")
     consts = dict(D=d, STAGES=stages, BLOCK_M=64, HALF=64, CONSUMER_REGS=regs, ACC_INIT=acc_init, FUSED_DQ=fused,
-                  ROWS=rows, PINGPONG=pingpong)
+                  ROWS=rows)
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -147,8 +146,7 @@ def main(argv=None):
     ap.add_argument("--bn", type=int, nargs="+", default=[64])
     ap.add_argument("--d", type=int, nargs="+", default=[128])
     ap.add_argument("--ws", action="store_true", help="(the only kernel now: the warp-specialised one)")
-    ap.add_argument("--pingpong", action="store_true", help="the turn barriers (PINGPONG; with --bwd: the dk / dv "
-                    "kernel's, with --rows)")
+    ap.add_argument("--pingpong", action="store_true", help="the turn barriers (PINGPONG)")
     ap.add_argument("--regs", type=int, help="the consumer worker's registers (default: the launch's, 168 for the "
                                               "forward, 240 for the dq and dk / dv kernels)")
     ap.add_argument("--maxnreg", type=int, help="the kernel's maxnreg (default --regs)")
@@ -167,8 +165,7 @@ def main(argv=None):
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
     ap.add_argument("--rows", type=int, nargs="?", const=1, default=0,
-                    help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV, "
-                         "3: with S, P and dS stored together)")
+                    help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
     if a.dq:
@@ -185,7 +182,7 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
-                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows, pingpong=a.pingpong)
+                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")
                     if a.ptx:

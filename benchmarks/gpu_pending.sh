@@ -102,11 +102,11 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   rows3        issue 3 (twenty-third session, NOT YET RUN): the Gluon dk / dv kernel's ROWS 3 (dP with S, P and dS
-#                behind one fence, dV and dK together): its GPU tests, round 23 (--repeat 3: window 4096, causal, window
-#                1024), the backward by kernel on window 4096; with PINGPONG (twenty-fourth session: the consumers' MMA
-#                groups in turns) on ROWS 2 and 3 in the tests, the round and the profile
-#   (dkdv-pipe: the twenty-third session's, run in it; PIPE slower, removed with its section)
+#   nbhd-bench   issue 3 (twenty-fifth session): attnzoo bench on the three N-D neighborhoods of the protocol (16K tokens,
+#                forward and forward+backward; triton, flex and the dense baseline) -- on the H100 only flex's baseline
+#                had run (2026-11-23); attnzoo's kernels were last timed there on an H200 (ninth session)
+#   (dkdv-pipe, rows3: the twenty-third and twenty-fourth sessions', run in the twenty-third and twenty-fifth; PIPE,
+#                ROWS 3 and PINGPONG no faster, removed with their sections)
 #   dq-persist   issue 3 (twenty-second session, run in the twenty-third): the Gluon dq kernel's persistent form (GLUON_BWD
 #                DQ_PERSIST): its GPU tests (several items a program, lse gradient), round 21 (--repeat 3: windows,
 #                sinks + window, causal) against the defaults, the backward by kernel on the short windows
@@ -166,12 +166,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-fourth session (2026-12-06; no machine could be started in it): the dk / dv kernel's
-# ROWS 3 and PINGPONG (rows3, ~8 min), round 15 at 64K
-# with the wide default's own variants (wide64: its table is timed again since the fix in triton_pack_variants.py),
-# then round 16 at 64K (gluon-narrow; its 16K half ran, no change). dq-persist, dkdv-pipe ran
-# (benchmarks/results/h100-2026-12-06-s23)
-SECTIONS=${*:-rows3 wide64 gluon-narrow}
+# still owed after the twenty-fifth session (2026-12-07): the neighborhoods through attnzoo bench on the H100
+# (nbhd-bench). rows3, wide64 and gluon-narrow's 64K half ran (benchmarks/results/h100-2026-12-07-s25)
+SECTIONS=${*:-nbhd-bench}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -296,12 +293,9 @@ for s in $SECTIONS; do
               >> "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
-    rows3) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-              tests/backends/test_gluon_bwd.py -k "matches_reference and (rows3 or pp) and dtype0" > "$OUT/rows3_log.txt" 2>&1
-           timeout ${PACK_S:-240} python3 benchmarks/triton_pack_variants.py --round 23 --repeat ${REPEAT:-3} \
-              --patterns ${BWD_PATTERNS:-sw4096,causal,sw1024} --out "$OUT/rows3" --quick >> "$OUT/rows3_log.txt" 2>&1
-           timeout ${PROFILE_S:-110} python3 benchmarks/attn_bwd_profile.py --patterns sw4096 \
-              --configs "gluon dqp s3 + rows2 s3,gluon dqp s3 + rows3 s3" >> "$OUT/rows3_log.txt" 2>&1 ;;
+    nbhd-bench) timeout ${NBHD_S:-420} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/nbhd" --no-report \
+              --lengths 16384 --direction both --backend triton --backend flex --pattern nbhd2d-13x13 \
+              --pattern nbhd2d-31x31 --pattern nbhd3d-5x7x7 --max-time-s 1.0 > "$OUT/nbhd_log.txt" 2>&1 ;;
     dq-persist) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
               tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
               -k "persistent_walks or (matches_reference and gdqp and dtype0) or default_forward_runs_gluon" \

@@ -357,21 +357,9 @@ BWD21 = {
 # round 22 (twenty-third session, run in it: benchmarks/results/h100-2026-12-06-s23/c3): the Gluon dk / dv kernel's PIPE
 # (ROWS 2's loop flat over the group's heads, lse / delta a step ahead; 2: the next scores behind dK) -- slower in
 # every form, removed (commit 3b4c836 has the kernel and this round's table)
-# round 23 (twenty-third session, compiled, NOT YET RUN): the Gluon dk / dv kernel's ROWS 3 (dP issued with S, P and
-# dS stored behind one fence, dV and dK issued together) with the persistent dq kernel, against the defaults
-_DQP = dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)
-BWD23 = {
-    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
-    "bwd tma (triton)": _cfg(64, 64, 4, 2, TMA=True),
-    "gluon dqp s3 + triton dkdv": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, TRITON_DKDV=True)),
-    "gluon dqp s3 + rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=2, num_stages=3)),
-    "gluon dqp s3 + rows3 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=3, num_stages=3)),
-    # (twenty-fourth session) the consumers' MMA groups in turns
-    "gluon dqp s3 + rows2 s3 pp": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=2, num_stages=3,
-                                                                             PINGPONG=True)),
-    "gluon dqp s3 + rows3 s3 pp": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=dict(_DQP, ROWS=3, num_stages=3,
-                                                                             PINGPONG=True)),
-}
+# round 23 (twenty-third / twenty-fifth sessions, run in the twenty-fifth: benchmarks/results/h100-2026-12-07-s25): the
+# Gluon dk / dv kernel's ROWS 3 (dP issued with S, P and dS stored behind one fence, dV and dK issued together) and
+# PINGPONG (the consumers' MMA groups in turns) -- no faster, removed (commit 944279a has them and this round)
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
@@ -387,7 +375,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 24) if r not in (10, 11, 22)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 22) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -399,8 +387,8 @@ def main():
                          "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers; "
                          "17: the Gluon dk / dv kernel; 18: its ROWS form (scores with the query rows as rows); 19: "
                          "ROWS 2 with the Gluon dq kernel, rings of 2 / 3; 20: delta written by the Gluon dq kernel "
-                         "against its own kernel; 21: the Gluon dq kernel's persistent form; (22: the removed PIPE); 23: the Gluon dk / dv "
-                         "kernel's ROWS 3")
+                         "against its own kernel; 21: the Gluon dq kernel's persistent form; (22, 23: the removed PIPE, ROWS 3 and "
+                         "PINGPONG)")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -428,8 +416,8 @@ def main():
         FWD, BWD = FWD_ONLY[args.round], {}  # session: the twenty-second's wide64 run timed round 3's variants)
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
-    elif args.round in (17, 18, 19, 20, 21, 23):
-        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19, 20: BWD20, 21: BWD21, 23: BWD23}[args.round]
+    elif args.round in (17, 18, 19, 20, 21):
+        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19, 20: BWD20, 21: BWD21}[args.round]
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:

@@ -56,20 +56,11 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True)),
                                      (64, dict(GLUON_DQ=True, TRITON_DKDV=True)),
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
-                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True)),
-                                     (128, dict(ROWS=3, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
-                                     (64, dict(ROWS=3)),
-                                     (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                PINGPONG=True)),
-                                     (128, dict(ROWS=3, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                PINGPONG=True)),
-                                     (64, dict(ROWS=1, PINGPONG=True))],
+                                     (64, dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1, TRITON_DKDV=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
-                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
-                              "d128-rows3-gdqp", "d64-rows3", "d128-rows2-gdqp-pp", "d128-rows3-gdqp-pp",
-                              "d64-rows1-pp"])
+                              "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -158,17 +149,11 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     assert ops.gluon_bwd_settings(True, 128) == base
     assert ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True), 128) == dict(base, FUSED_DQ=True, ROWS=1)
     assert ops.gluon_bwd_settings(dict(ROWS=2), 128) == dict(base, ROWS=2)
-    assert ops.gluon_bwd_settings(dict(ROWS=3), 128) == dict(base, ROWS=3)
     with pytest.raises(ValueError, match="ROWS must be"):
-        ops.gluon_bwd_settings(dict(ROWS=4), 128)
-    with pytest.raises(ValueError, match="ROWS 3 .* does not take FUSED_DQ"):
-        ops.gluon_bwd_settings(dict(ROWS=3, FUSED_DQ=True), 128)
-    assert ops.gluon_bwd_settings(dict(ROWS=2, PINGPONG=1), 128) == dict(base, ROWS=2, PINGPONG=True)
-    for bad in (dict(PINGPONG=True), dict(ROWS=1, FUSED_DQ=True, PINGPONG=True)):  # (the rows form's loop only)
-        with pytest.raises(ValueError, match="PINGPONG .* needs ROWS and not FUSED_DQ"):
-            ops.gluon_bwd_settings(bad, 128)
-    for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True), dict(ROWS=2, PIPE=2)):  # (DQ_LAG, PIPE: removed)
-        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG|PIPE)'\\]"):
+        ops.gluon_bwd_settings(dict(ROWS=3), 128)
+    for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True), dict(ROWS=2, PIPE=2),
+                dict(ROWS=2, PINGPONG=True)):  # (DQ_LAG, PIPE, PINGPONG: removed)
+        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG|PIPE|PINGPONG)'\\]"):
             ops.gluon_bwd_settings(bad, 128)
     with pytest.raises(ValueError, match="ROWS"):
         ops.gluon_bwd_settings(dict(ROWS=True, ACC_INIT=True), 128)

@@ -43,21 +43,11 @@ D = 128). ROWS 1 issues dP's MMA with S's (it runs during P's exponentials; two 
 after P (one at a time, as the transposed form): ptxas sm_90, sinks + window, 620 / 554 loop instructions and 45 / 7
 spill loads + stores a step (637 / 9 transposed); fused 747 / 72 and 690 / 30 (823 / 46).
 
-ROWS 3 (twenty-third session, compiled, not yet run): dP issued with S, as ROWS 1, but dS computed right after P
-(from P rounded to 16 bits, so that 16 registers, not 32, stay live through dP's wait), both stored behind one fence,
-and dV's and dK's MMAs issued together: one fence and two MMA groups a step instead of two and three. Not with
-FUSED_DQ. ptxas sm_90 at 240 registers, window 1024: 515 / 521 loop instructions and 13 / 11 spill instructions a step
-(ROWS 1: 466 / 467 and 25 / 20; ROWS 2: 442 / 447 and 6 / 4). On window 4096 ROWS 1 was 1.6 % behind ROWS 2 with
-twice these spills (round 19), so one barrier fewer may put ROWS 3 ahead. The rounded P costs some accuracy: in a
-float64 emulation (causal, 1024 tokens, D = 128, bfloat16 inputs) dk's relative RMSE goes from 3.9e-3 to 4.4e-3.
-
-PINGPONG (twenty-fourth session, compiled, not yet run; with ROWS, not with FUSED_DQ): the two consumers take turns
-to issue their MMA groups (S and dP, then dV and dK with ROWS 3; S, dV with dP, dK with ROWS 2) through two count-1
-mbarriers, each consumer waiting for the other's previous group to be issued (FlashAttention-3's warpgroup ping-pong),
-so that one consumer's exponentials and shared-memory stores run under the other's MMAs instead of both at once with
-the tensor cores idle (Nsight Compute, window 4096: about 48 % of the kernel's warp stalls are at the barrier between
-the P / dS stores and the MMAs that read them). ptxas sm_90, window 1024: ROWS 2 466 / 476 loop instructions and 9 / 2
-spill instructions a step, ROWS 3 522 / 527 and 8 / 3.
+ROWS 3 and PINGPONG (twenty-third / twenty-fourth sessions, removed; commit 944279a has them): ROWS 3 issued dP with
+S, computed dS right after P from P rounded to 16 bits, stored both behind one fence and issued dV and dK together;
+PINGPONG made the two consumers take turns to issue their MMA groups through two count-1 mbarriers (FlashAttention-3's
+warpgroup ping-pong). Right on the H100 (twenty-fifth session), not faster: window 4096, dk / dv kernel 6959 µs in
+ROWS 2, 6975 in ROWS 3, 7065 in ROWS 2 + PINGPONG, 7287 in ROWS 3 + PINGPONG (BENCHMARKS.md, round 23).
 
 PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop flat over the group's heads, lse / delta
 loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
@@ -168,13 +158,13 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, turn, PINGPONG: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS, turn, PINGPONG)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
@@ -265,39 +255,17 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
 
 
 @gluon.jit
-def _turn(turn, C: gl.constexpr, tk, PINGPONG: gl.constexpr):
-    # (PINGPONG) wait for this consumer's turn tk (its MMA groups so far: step * groups a step + group) to issue MMAs:
-    # consumer 0's first passes at once (the barrier's phase before the first), each later one needs the other
-    # consumer's pass (`_pass`) after its previous group; consumer 1's turn tk needs consumer 0's pass of turn tk
-    if PINGPONG:
-        mbarrier.wait(turn.index(C), (tk & 1) ^ (1 - C))
-
-
-@gluon.jit
-def _pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
-    # (PINGPONG) this consumer's MMA group is issued: the other consumer's turn
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - C), count=1)
-
-
-@gluon.jit
 def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX,
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, turn, PINGPONG: gl.constexpr):
+                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
     # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
-    # ROWS 1: dP issued with S, 2: with dV, 3: with S, and P and dS stored together (one fence a step, dV and dK
-    # issued together)
-    # PINGPONG: the two consumers take turns to issue their MMA groups (S [+ dP], then dV [+ dP] / dK ...), each
-    # waiting for the other's previous group to be issued (`_turn`), so that one's exponentials run under the
-    # other's MMAs instead of both at once with the tensor cores idle (FlashAttention-3's warpgroup ping-pong)
+    # ROWS 1: dP issued with S, 2: with dV
     DP_EARLY: gl.constexpr = ROWS != 2
-    JOINT: gl.constexpr = ROWS == 3
-    TURNS: gl.constexpr = 2 if JOINT else 3  # (PINGPONG: MMA groups a step)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HALF, 16])
@@ -326,56 +294,38 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
-            _turn(turn, C, TURNS * it, PINGPONG)
             s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                               is_async=True)
             if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
                 dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                                    is_async=True)
-                _pass(turn, C, PINGPONG)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
             else:
-                _pass(turn, C, PINGPONG)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             if j >= nf:  # a partial block: the pattern's mask (queries by keys)
                 p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, h, AUX), p, 0.0)
-            if JOINT:  # dS right after P, both stores behind one fence, then dV and dK together
-                p16 = p.to(dtype)  # (dS from the rounded P: 16 registers live through dP's wait, not 32)
-                dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
-                dss = ds_smem.index(C)
-                dss.store((p16.to(gl.float32) * (dp - gl.expand_dims(delta, 1))).to(dtype))
-                pc.store(p16)
-                fence_async_shared()
-                _turn(turn, C, TURNS * it + 1, PINGPONG)
-                dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
+            pc.store(p.to(dtype))
+            fence_async_shared()
+            dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
+            if DP_EARLY:
+                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
+            else:  # dP with dV, after P (one score tile live at a time, as in the transposed form)
+                dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                                   is_async=True)
+                dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
+            ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+            if FUSED_DQ:
+                dsb = it % 2
+                mbarrier.wait(dsfree.index(dsb), ((it // 2) & 1) ^ 1)  # (step it - 2's dq products are done)
+                dss = ds_smem.index(2 * dsb + C)
             else:
-                pc.store(p.to(dtype))
-                fence_async_shared()
-                _turn(turn, C, TURNS * it + 1, PINGPONG)
-                dv = warpgroup_mma(pc.permute((1, 0)), dos, dv, is_async=True)
-                if DP_EARLY:
-                    _pass(turn, C, PINGPONG)
-                    dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))  # (dV still running)
-                else:  # dP with dV, after P (one score tile live at a time, as in the transposed form)
-                    dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                                       is_async=True)
-                    _pass(turn, C, PINGPONG)
-                    dv, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp))
-                ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
-                if FUSED_DQ:
-                    dsb = it % 2
-                    mbarrier.wait(dsfree.index(dsb), ((it // 2) & 1) ^ 1)  # (step it - 2's dq products are done)
-                    dss = ds_smem.index(2 * dsb + C)
-                else:
-                    dss = ds_smem.index(C)
-                dss.store(ds)
-                fence_async_shared()
-                if FUSED_DQ:
-                    mbarrier.arrive(dsready.index(dsb), count=1)
-                _turn(turn, C, TURNS * it + 2, PINGPONG)
+                dss = ds_smem.index(C)
+            dss.store(ds)
+            fence_async_shared()
+            if FUSED_DQ:
+                mbarrier.arrive(dsready.index(dsb), count=1)
             dk = warpgroup_mma(dss.permute((1, 0)), qs, dk, is_async=True)
-            _pass(turn, C, PINGPONG)
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout,
                          True)
@@ -410,7 +360,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0, PINGPONG: gl.constexpr = 0):
+                        ROWS: gl.constexpr = 0):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -454,20 +404,18 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         p_smem = k_smem
     dsready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dsfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG: consumer C's turns)
     for i in gl.static_range(2):
         mbarrier.init(dsready.index(i), count=2)
         mbarrier.init(dsfree.index(i), count=2)
-        mbarrier.init(turn.index(i), count=1)
     gl.warp_specialize([
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, turn, PINGPONG)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, turn, PINGPONG)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),

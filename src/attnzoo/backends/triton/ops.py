@@ -834,26 +834,21 @@ def gluon_bwd_settings(g, d: int) -> dict:
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
     unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
-                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "PINGPONG"})
-    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's: slower)
+                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF"})
+    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's, and
+        # PINGPONG, the twenty-fourth's: slower, removed)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF, PINGPONG)")
+                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
-        if g["ROWS"] not in (True, 1, 2, 3):
-            raise ValueError(f"cfg GLUON_BWD ROWS must be True / 1 (dP's MMA issued with S's), 2 (with dV's) or 3 "
-                             f"(with S's, P and dS stored together), got {g['ROWS']!r}")
+        if g["ROWS"] not in (True, 1, 2):  # (ROWS 3, the twenty-third session's: no faster, removed)
+            raise ValueError(f"cfg GLUON_BWD ROWS must be True / 1 (dP's MMA issued with S's) or 2 (with dV's), got "
+                             f"{g['ROWS']!r}")
         if out["ACC_INIT"]:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
-        if g["ROWS"] == 3 and out["FUSED_DQ"]:
-            raise ValueError("cfg GLUON_BWD: ROWS 3 (P and dS stored together) does not take FUSED_DQ")
         out["ROWS"] = int(g["ROWS"])
-    if g.get("PINGPONG"):  # the consumers' MMA groups in turns (`gluon_bwd._turn`): the rows form's loop only
-        if not out.get("ROWS") or out["FUSED_DQ"]:
-            raise ValueError("cfg GLUON_BWD: PINGPONG (the consumers' MMAs in turns) needs ROWS and not FUSED_DQ")
-        out["PINGPONG"] = True
     for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
                           ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel"),
                           ("DQ_PERSIST", "the Gluon dq kernel's persistent form")):
@@ -938,7 +933,7 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0), PINGPONG=g.get("PINGPONG", False),
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0),
         num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
