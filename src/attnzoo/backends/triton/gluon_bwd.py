@@ -362,8 +362,8 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
                         ROWS: gl.constexpr = 0, ITEM_AXIS: gl.constexpr = 0):
     # grid (work items, B * HKV), or with ITEM_AXIS 1 (B * HKV, work items): the programs then start in the items'
-    # longest-first order across every (batch, KV head) (`ops.ITEM_AXIS`); a work item = (kv block, range [s0, e0)
-    # of its visiting query blocks, workspace slot or -1), as the Triton kernel's
+    # longest-first order across every (batch, KV head) (cfg ITEM_AXIS, `ops._item_grid`); a work item = (kv block,
+    # range [s0, e0) of its visiting query blocks, workspace slot or -1), as the Triton kernel's
     if ITEM_AXIS == 1:
         item = gl.program_id(1)
         pid_bh = gl.program_id(0)

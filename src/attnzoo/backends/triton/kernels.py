@@ -458,7 +458,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
     # item's full and partial query blocks of a head in one loop (the mask past the full ones). KT: each tile
     # keys by queries (_bwd_kv_tile_t). EVEN_N: Lk % BLOCK_N == 0 (no key out of range). ITEM_AXIS 1: grid
     # (B * HKV, items), so the programs start in the items' longest-first order across every (batch, KV head)
-    # (`ops.ITEM_AXIS`); 0: grid (items, B * HKV), longest first within each
+    # (cfg ITEM_AXIS, `ops._item_grid`); 0: grid (items, B * HKV), longest first within each
     if ITEM_AXIS == 1:
         item = tl.program_id(1)
         pid_bh = tl.program_id(0)
