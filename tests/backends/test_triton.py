@@ -260,8 +260,8 @@ def test_keys_by_queries_backward(pname, extra):
                          (((1, 4, 2, 48, 48, 32, 32), 11, None), ((2, 2, 1, 40, 37, 32, 16), 12, 1)))
 
 
-@pytest.mark.parametrize("extra", [{}, dict(KT=True, MERGE=True, TMA=True)])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "perhead"])
+@pytest.mark.parametrize("pname, extra", [("causal", {}), ("sinks+window", dict(KT=True, MERGE=True, TMA=True)),
+                                         ("perhead", {})])
 def test_dkdv_grid_items_second(pname, extra):
     """ITEM_AXIS: the dk/dv kernel's grid (B * HKV, items), so its programs start in the items' longest-first order
     across every (batch, KV head): gradients against float64 with batch 2 and 2 KV heads (each program must find its
