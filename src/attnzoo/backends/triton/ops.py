@@ -692,7 +692,6 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
     if cfg.get("KT"):  # the dk/dv kernel's tiles keys by queries (no transpose of P or dS)
         tma_dkdv["KT"] = True
     item_axis = int(bool(cfg.get("ITEM_AXIS")))  # the dk / dv grid's order (`_item_grid`)
-    tma_dkdv["ITEM_AXIS"] = item_axis
     # the dk/dv kernel's own warps and stages (WARPS_KV / STAGES_KV), else the config's
     nw_kv, ns_kv = cfg.get("WARPS_KV", nw), cfg.get("STAGES_KV", ns)
     dqa = None
@@ -730,7 +729,7 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
             # by queries (KT), the form that is right with fewer query rows a step than keys (see kv_tiles)
             tma_dkdv["KT"] = True
         _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
-                     lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv)
+                     lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv, item_axis)
     if red.shape[0]:
         mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
@@ -806,8 +805,8 @@ GLUON_DQ_LAUNCHES = GLUON_DQP_LAUNCHES = 0
 
 
 def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
-                 lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv):
-    grid, axis = _item_grid(items.shape[0], b * hkv, tma_dkdv.pop("ITEM_AXIS", 0))
+                 lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv, item_axis: int = 0):
+    grid, axis = _item_grid(items.shape[0], b * hkv, item_axis)
     mod_kv.attn_bwd_dkdv[grid](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
