@@ -250,7 +250,7 @@ def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
     pattern, settings, calls, triton_kw = az.SlidingWindow(40), dict(num_stages=2, REGS=240, ACC_INIT=False), [], []
     triton_dkdv = ops._triton_dkdv
     asked, plain, _ = _pretended(monkeypatch, 3, pattern, settings, _gluon_bwd=lambda *a: calls.append(a) or False,
-                                 _triton_dkdv=lambda *a: triton_kw.append(dict(a[-1])) or triton_dkdv(*a))
+                                 _triton_dkdv=lambda *a: triton_kw.append(dict(a[-2])) or triton_dkdv(*a))
     assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == settings
     assert len(triton_kw) == 1 and triton_kw[0].get("KT"), "the fallback should run the Triton kernel keys by queries"
     for a, b in zip(plain, asked):
@@ -316,7 +316,7 @@ def test_gluon_dq_with_the_triton_dkdv_kernel(monkeypatch):
     monkeypatch.setattr(ops, "_gluon_dq_ok", lambda *a: True)
     monkeypatch.setattr(ops, "_gluon_dq", lambda *a: dq_calls.append(a[9]) or False)
     monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: kv_calls.append(1) or True)
-    monkeypatch.setattr(ops, "_triton_dkdv", lambda *a: tiles.append(a[-6:-4]) or triton_dkdv(*a))
+    monkeypatch.setattr(ops, "_triton_dkdv", lambda *a: tiles.append(a[-7:-5]) or triton_dkdv(*a))
     asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, 0.25, cfg=dict(cfg, GLUON_BWD=True))
     monkeypatch.undo()
     plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, 0.25, cfg=cfg)
