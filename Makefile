@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # 2-core machine the suite ran 896 s with the default distribution, 614 s with worksteal, eighteenth session)
 TEST_WORKERS ?= auto
 
-.PHONY: bench test setup clean
+.PHONY: bench test test-full setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=20
+
+# every case, the `full`-marked further combinations of options too (tests/conftest.py; about twice the time)
+test-full: $(STAMP)
+	ATTNZOO_TESTS=full $(VPY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=20
 
 clean:
 	rm -rf $(VENV) $(OUT)

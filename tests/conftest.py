@@ -5,3 +5,24 @@ import torch
 # Triton kernels run on CPU through Triton's interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Two tiers. `make test` (CI, 2 CPU cores) runs every kernel path and option at least once; cases marked
+# `full` are further combinations of options already covered there (a second length, gate strength or tile for the
+# same code path) and run with `make test-full` (ATTNZOO_TESTS=full), and on the GPU machine, where they are cheap.
+FULL = os.environ.get("ATTNZOO_TESTS") == "full" or torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: a further combination of options covered elsewhere; "
+                                       "runs with `make test-full` (ATTNZOO_TESTS=full) or on a GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if FULL:
+        return
+    skip = pytest.mark.skip(reason="a further combination: `make test-full` (ATTNZOO_TESTS=full) runs it")
+    for item in items:
+        if item.get_closest_marker("full"):
+            item.add_marker(skip)

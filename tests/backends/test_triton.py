@@ -12,6 +12,7 @@ from attnzoo.backends import reference_attention
 from attnzoo.testing import check_close
 
 from common import dense, grads, inputs
+from tiers import crossed
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package (extra 'gpu')")
 from attnzoo.backends.triton.ops import attention_bwd, attention_fwd, triton_attention  # noqa: E402
@@ -99,8 +100,8 @@ def test_block_shapes(pname, bm, bn):
     _check(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
 
 
-@pytest.mark.parametrize("pack", [2, 4])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "document&causal", "nbhd2d", "perhead"])
+@pytest.mark.parametrize(*crossed("pname,pack", ["causal", "sinks+window", "document&causal", "nbhd2d", "perhead"],
+                                  [2, 4], second_ids=[str(x) for x in [2, 4]]))
 def test_packed_gqa_heads(pname, pack):
     """Several query heads of a GQA group in one program (PACK): the same results as one head per program
     (equal up to the summation order), and against float64; head-dependent masks fall back to PACK 1."""
@@ -145,8 +146,8 @@ def test_block_index_modes(pname, idx):
         assert _full_contiguous(PATTERNS[pname], 40, 40, 16, 16, 4, "cpu")
 
 
-@pytest.mark.parametrize("extra", [dict(IDX=2), dict(IDX=1, PACK=2), dict(IDX=2, TMA=True)])
-@pytest.mark.parametrize("pname", ["causal", "window", "sinks+window", "chunked&causal", "dilated"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["causal", "window", "sinks+window", "chunked&causal", "dilated"],
+                                  [dict(IDX=2), dict(IDX=1, PACK=2), dict(IDX=2, TMA=True)]))
 def test_merged_block_loop(pname, extra):
     """MERGE (full and partial blocks in one loop, the mask applied past the full ones): correct against
     float64 on lengths that are and are not block multiples (rows with no visible key included through
@@ -160,8 +161,8 @@ def test_merged_block_loop(pname, extra):
         torch.testing.assert_close(lse, base[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(MERGE=True, IDX=2), dict(PACK=2, FOLD=False)])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "document&causal", "dilated"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["causal", "sinks+window", "document&causal", "dilated"],
+                                  [{}, dict(MERGE=True, IDX=2), dict(PACK=2, FOLD=False)]))
 def test_lazy_rescaling(pname, extra):
     """LAZY (the running maxima move only past a threshold): correct against float64, also where a row's
     maximum jumps far beyond the threshold mid-row (scaled-up keys at the end), and equal to the eager forward
@@ -183,8 +184,8 @@ def test_lazy_rescaling(pname, extra):
     _check_bwd(PATTERNS[pname], shape, torch.float32, seed=11, fcfg=dict(cfg, LAZY=True))
 
 
-@pytest.mark.parametrize("extra", [{}, dict(IDX=2, TMA=True), dict(PACK=2, LAZY=True)])
-@pytest.mark.parametrize("pname", ["window", "sinks+window", "chunked&causal", "dilated"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["window", "sinks+window", "chunked&causal", "dilated"],
+                                  [{}, dict(IDX=2, TMA=True), dict(PACK=2, LAZY=True)]))
 def test_pipelined_scores(pname, extra):
     """PIPE (the merged loop with each step's next scores computed before its softmax): correct against float64
     on lengths that are and are not block multiples and on a cross shape whose first rows see no key (rows with
@@ -240,8 +241,8 @@ def _bwd_variant_matches(pname, cfg, variant, cases):
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(TMA=True, PACK_DQ=2)])
-@pytest.mark.parametrize("pname", ["window", "sinks+window", "chunked&causal"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["window", "sinks+window", "chunked&causal"],
+                                  [{}, dict(TMA=True, PACK_DQ=2)]))
 def test_merged_block_loop_backward(pname, extra):
     """MERGE in the backward (dq and dk/dv kernels: full and partial blocks in one loop per head): gradients
     against float64 (lengths that are and are not block multiples, split columns included through a small
@@ -250,8 +251,8 @@ def test_merged_block_loop_backward(pname, extra):
                          (((1, 4, 2, 48, 48, 32, 32), 9, None), ((1, 4, 2, 40, 40, 32, 32), 10, 1)))
 
 
-@pytest.mark.parametrize("extra", [{}, dict(MERGE=True, TMA=True), dict(WARPS_KV=2, STAGES_KV=2)])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "dilated", "full"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["causal", "sinks+window", "dilated", "full"],
+                                  [{}, dict(MERGE=True, TMA=True), dict(WARPS_KV=2, STAGES_KV=2)]))
 def test_keys_by_queries_backward(pname, extra):
     """KT (the dk/dv kernel's tiles computed keys by queries, S^T = K Q^T): gradients against float64 on
     lengths that are and are not block multiples, split columns included (small split cap), GQA; equal to
@@ -280,8 +281,8 @@ def test_dkdv_item_grid():
     assert _item_grid(70000, 8, 1) == ((70000, 8), 0)  # (past CUDA's 65535 on the second axis: items first)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(KT=True, MERGE=True), dict(BM_KV=16, BN_KV=32, KT=True)])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "full"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["causal", "sinks+window", "full"],
+                                  [{}, dict(KT=True, MERGE=True), dict(BM_KV=16, BN_KV=32, KT=True)]))
 def test_atomic_dq_backward(pname, extra):
     """ATOMIC_DQ: no dq kernel, dq summed from the dk/dv kernel's tiles by float32 atomics (delta from its own
     kernel; the lse's gradient included, rows that see nothing in the cross shape): gradients against float64,
@@ -290,9 +291,9 @@ def test_atomic_dq_backward(pname, extra):
                          dict(ATOMIC_DQ=True), (((1, 4, 2, 48, 48, 32, 32), 15, None), ((2, 2, 1, 40, 37, 32, 16), 16, 1)))
 
 
-@pytest.mark.parametrize("extra", [dict(BM_KV=16, BN_KV=32), dict(BM_KV=32, BN_KV=16, KT=True, TMA=True),
-                                   dict(BM_KV=32, BN_KV=32, KT=True, MERGE=True)])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "nbhd2d"])
+@pytest.mark.parametrize(*crossed("pname,extra", ["causal", "sinks+window", "nbhd2d"],
+                                  [dict(BM_KV=16, BN_KV=32), dict(BM_KV=32, BN_KV=16, KT=True, TMA=True),
+                                   dict(BM_KV=32, BN_KV=32, KT=True, MERGE=True)]))
 def test_dkdv_kernel_own_tiles(pname, extra):
     """BM_KV / BN_KV: the dk/dv kernel on its own tiles (its own transposed layout, plan and module), the dq
     kernel on (BLOCK_M, BLOCK_N): gradients against float64, split columns included, equal to the shared
@@ -481,8 +482,8 @@ def test_backward_block_shapes(pname, bm, bn):
     _check_bwd(PATTERNS[pname], (1, 4, 2, 40, 40, 32, 32), torch.float32, seed=bm + bn, cfg=cfg)
 
 
-@pytest.mark.parametrize("cap", [1, 2, 3])
-@pytest.mark.parametrize("pname", ["causal", "sinks+window", "perhead", "full"])
+@pytest.mark.parametrize(*crossed("pname,cap", ["causal", "sinks+window", "perhead", "full"],
+                                  [1, 2, 3], second_ids=[str(x) for x in [1, 2, 3]]))
 def test_backward_split_columns(pname, cap):
     """Long kv columns split over several work items, partials summed by the reduce kernel."""
     from attnzoo.backends.triton.ops import _bwd_plan

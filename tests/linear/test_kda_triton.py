@@ -20,6 +20,7 @@ from attnzoo.linear import triton_kda as tk  # noqa: E402
 from attnzoo.linear.naive import naive_kda  # noqa: E402
 from linear_helpers import DELTA_NAMES, DELTA_SMALL, DELTA_SUB32, DELTA_SUB64, DEV, TRITON_MARKS  # noqa: E402
 from attnzoo.testing import check_close, max_err, rel_rmse  # noqa: E402
+from tiers import tiered  # noqa: E402
 
 pytestmark = TRITON_MARKS
 
@@ -127,18 +128,28 @@ CASES = [  # t, dk, dv, init, gate, cfg
 ]
 
 
-@pytest.mark.parametrize("t,dk,dv,init,gate,cfg", CASES,
-                         ids=[f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
-                              f"{'-' + (c[5] or {}).get('intra', '') if (c[5] or {}).get('intra') else ''}"
-                              f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
-                              f"{'-ib' + (c[5] or {}).get('intra_b', '') if (c[5] or {}).get('intra_b') else ''}"
-                              f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
-                              f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
-                              f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
-                              f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}"
-                              f"{'-dot' if (c[5] or {}).get('diag_lim') else ''}"
-                              f"{'-rc' if (c[5] or {}).get('rc') else ''}"
-                              f"{'-gcrows' if (c[5] or {}).get('gc') else ''}" for c in CASES])
+CASE_IDS = [f"T{c[0]}-{c[1]}x{c[2]}-init{int(c[3])}-{c[4]}-BT{(c[5] or {}).get('BT', 16)}"
+             f"{'-' + (c[5] or {}).get('intra', '') if (c[5] or {}).get('intra') else ''}"
+             f"{'-bcast' if (c[5] or {}).get('diag') == 'bcast' else ''}"
+             f"{'-ib' + (c[5] or {}).get('intra_b', '') if (c[5] or {}).get('intra_b') else ''}"
+             f"{'-main' + (c[5] or {}).get('main', '') if (c[5] or {}).get('main') else ''}"
+             f"{'-dbl' if (c[5] or {}).get('inv') == 'dbl' else ''}"
+             f"{'-prepsplit' if (c[5] or {}).get('prep') == 'split' else ''}"
+             f"{'-unroll' if (c[5] or {}).get('unroll_ib') else ''}"
+             f"{'-dot' if (c[5] or {}).get('diag_lim') else ''}"
+             f"{'-rc' if (c[5] or {}).get('rc') else ''}"
+             f"{'-gcrows' if (c[5] or {}).get('gc') else ''}" for c in CASES]
+# the `full` tier (tests/tiers.py): T 70 / 100 twins of options that a T 40 case covers as well
+FULL_CASES = {"T100-32x16-init1-extreme-BT64", "T70-48x32-init1-strong-BT64-split-ibsplit",
+              "T70-48x32-init1-strong-BT64-ibchunk", "T70-32x48-init1-strong-BT64-mainseq",
+              "T70-48x32-init1-strong-BT64-dbl", "T70-48x32-init1-strong-BT64-chunk",
+              "T100-32x16-init1-extreme-BT64-split-ibchunk", "T70-48x32-init1-strong-BT64-split-ibsplit-unroll",
+              "T70-48x32-init1-mild-BT64-split-ibsplit-dot", "T70-48x32-init0-strong-BT64-split-ibsplit-dot",
+              "T70-48x32-init1-strong-BT64-ibsplit-rc", "T70-48x32-init1-strong-BT64-gcrows",
+              "T70-48x32-init1-strong-BT64-split"}
+
+
+@pytest.mark.parametrize("t,dk,dv,init,gate,cfg", tiered(CASES, CASE_IDS, FULL_CASES))
 def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
     x = make(t, dk, dv, gate, seed=t + dk)
     scale = dk ** -0.5
@@ -149,17 +160,25 @@ def test_float32_matches_recurrence(t, dk, dv, init, gate, cfg):
         check_close(f"T{t}/{dk}x{dv}/{gate}/init{init}/{n}", val.cpu(), want[n].float())
 
 
-@pytest.mark.parametrize("split,intra_b,main", [(True, "fused", "fused"), (False, "fused", "fused"),
-                                                (False, "chunk", "fused"), (True, "chunk", "fused"),
-                                                (False, "split", "split"), (False, "fused", "seq"),
-                                                (True, "fused", "seq"), (False, "split", "fused+dul"),
-                                                (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
-                                                (False, "split", "fused+dul+da16"), (False, "split", "split+da16"),
-                                                (False, "split", "fused+rc"), (True, "split", "fused+da16+rc"),
-                                                (False, "split", "fused+rcloop"), (False, "split", "fused+p16"),
-                                                (False, "fused", "seq+p16"), (False, "split", "split+p16"),
-                                                (False, "split", "fused+p16+da16+rc+gcrows+dul+a16"),
-                                                (False, "split", "fused+rc+gcrows")])
+F16_CASES = [(True, "fused", "fused"), (False, "fused", "fused"),
+             (False, "chunk", "fused"), (True, "chunk", "fused"),
+             (False, "split", "split"), (False, "fused", "seq"),
+             (True, "fused", "seq"), (False, "split", "fused+dul"),
+             (True, "fused", "fused+dul"), (False, "split", "fused+da16"),
+             (False, "split", "fused+dul+da16"), (False, "split", "split+da16"),
+             (False, "split", "fused+rc"), (True, "split", "fused+da16+rc"),
+             (False, "split", "fused+rcloop"), (False, "split", "fused+p16"),
+             (False, "fused", "seq+p16"), (False, "split", "split+p16"),
+             (False, "split", "fused+p16+da16+rc+gcrows+dul+a16"),
+             (False, "split", "fused+rc+gcrows")]
+F16_IDS = [f"{'split' if c[0] else 'nosplit'}-{c[1]}-{c[2]}" for c in F16_CASES]
+# the `full` tier (tests/tiers.py): combinations whose options the other cases take one at a time
+F16_FULL = {"nosplit-fused-fused", "split-chunk-fused", "split-fused-seq", "split-fused-fused+dul",
+            "nosplit-split-fused+dul+da16", "nosplit-split-split+da16", "nosplit-split-fused+rc",
+            "split-split-fused+da16+rc", "nosplit-split-split+p16"}
+
+
+@pytest.mark.parametrize("split,intra_b,main", tiered(F16_CASES, F16_IDS, F16_FULL))
 def test_float16_protocol_rule(split, intra_b, main):
     """16-bit operands, chunks of 32, strong gates; with and without the hi/lo split of the float32 dot
     operands (the GPU default is without); the intra backward in one program per sub-chunk, per sub-chunk and

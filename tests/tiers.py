@@ -1,0 +1,27 @@
+"""The `full` tier of parametrized cases (tests/conftest.py): `make test` runs every kernel path and option at least
+once; a case listed here by id is a further combination of options already covered and runs with `make test-full`
+(ATTNZOO_TESTS=full) or on a GPU."""
+import pytest
+
+
+def tiered(cases, ids, full_ids):
+    """pytest.param for each case with its id, marked `full` where its id is in full_ids (every one must be)."""
+    unknown = set(full_ids) - set(ids)
+    assert not unknown, f"full_ids not among the cases: {sorted(unknown)}"
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), id=i,
+                         marks=[pytest.mark.full] if i in full_ids else [])
+            for c, i in zip(cases, ids)]
+
+
+def crossed(names: str, firsts, seconds, first_ids=None, second_ids=None):
+    """(names, params) for pytest.mark.parametrize over firsts x seconds where only a diagonal runs in `make test`:
+    the pair (i, j) with j == i mod len(seconds) or i == j mod len(firsts), so that every first and every second
+    runs at least once; the other pairs are marked `full`."""
+    fid = first_ids or [str(f) for f in firsts]
+    sid = second_ids or [f"{names.split(',')[1].strip()}{j}" for j in range(len(seconds))]
+    params = []
+    for i, f in enumerate(firsts):
+        for j, s in enumerate(seconds):
+            core = j == i % len(seconds) or i == j % len(firsts)
+            params.append(pytest.param(f, s, id=f"{fid[i]}-{sid[j]}", marks=[] if core else [pytest.mark.full]))
+    return names, params
