@@ -211,7 +211,8 @@ def test_float16_protocol_rule(split, intra_b, main):
         assert err <= bound and rr < 5e-3, f"{n}: max err {err:.3g} (bound {bound:.3g}), rel RMSE {rr:.3g}"
 
 
-@pytest.mark.parametrize("dtype,split", [(torch.float32, False), (torch.float16, True), (torch.float16, False)])
+@pytest.mark.parametrize("dtype,split", tiered([(torch.float32, False), (torch.float16, True), (torch.float16, False)],
+                                               ["f32", "f16-split", "f16"], {"f16-split"}))
 def test_pregated_rows_match_in_kernel_gates(dtype, split):
     """cfg pre=True (the state kernels read k * exp(b_L - b) and scale * q * exp(b) from _gate_rows) gives the
     same bits as pre=False (each state kernel program computes the factors itself)."""
@@ -320,7 +321,8 @@ def test_custom_ops_opcheck_with_every_opt_in(monkeypatch):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v, g, beta))
 
 
-@pytest.mark.parametrize("split,intra", [(False, "split"), (False, "chunk"), (False, "fused"), (True, "split")])
+@pytest.mark.parametrize("split,intra", tiered([(False, "split"), (False, "chunk"), (False, "fused"), (True, "split")],
+                                               ["split", "chunk", "fused", "hilo-split"], {"fused", "hilo-split"}))
 def test_a16_gives_the_same_bits(split, intra):
     """cfg a16 (P stored in the 16-bit input dtype, split=False): every output the same bits as with P in float32,
     its readers rounding it to that dtype anyway, whichever kernel forms P; under the hi/lo split P stays float32."""
