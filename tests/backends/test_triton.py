@@ -12,7 +12,7 @@ from attnzoo.backends import reference_attention
 from attnzoo.testing import check_close
 
 from common import dense, grads, inputs
-from tiers import crossed
+from tiers import crossed, tiered
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the 'triton' package (extra 'gpu')")
 from attnzoo.backends.triton.ops import attention_bwd, attention_fwd, triton_attention  # noqa: E402
@@ -261,8 +261,8 @@ def test_keys_by_queries_backward(pname, extra):
                          (((1, 4, 2, 48, 48, 32, 32), 11, None), ((2, 2, 1, 40, 37, 32, 16), 12, 1)))
 
 
-@pytest.mark.parametrize("pname, extra", [("causal", {}), ("sinks+window", dict(KT=True, MERGE=True, TMA=True)),
-                                         ("perhead", {})])
+@pytest.mark.parametrize("pname, extra", tiered([("causal", {}), ("sinks+window", dict(KT=True, MERGE=True, TMA=True)),
+                                                 ("perhead", {})], ["causal", "sinks+window-kt", "perhead"], {"perhead"}))
 def test_dkdv_grid_items_second(pname, extra):
     """ITEM_AXIS: the dk/dv kernel's grid (B * HKV, items), so its programs start in the items' longest-first order
     across every (batch, KV head): gradients against float64 with batch 2 and 2 KV heads (each program must find its

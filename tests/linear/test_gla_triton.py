@@ -244,7 +244,8 @@ def test_broadcast_diagonal_matches_recurrence(t, gate, dk):
         torch.testing.assert_close(val, steps[n], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("t,gate,dk,dv,h0", [(19, "strong", 32, 32, True), (40, "paper", 24, 48, False)])
+@pytest.mark.parametrize("t,gate,dk,dv,h0", tiered([(19, "strong", 32, 32, True), (40, "paper", 24, 48, False)],
+                                                  ["19-strong", "40-paper"], {"40-paper"}))
 def test_split_inter_backward_matches_recurrence(t, gate, dk, dv, h0):
     """``inter="split"``: dq / dk / dg per Dk block (``_bwd_dqkg``, blocks of 16) and dv in its own kernel
     (``_bwd_dv``), against the float64 recurrence and equal to the one-kernel ``_bwd_inter`` up to float32
