@@ -169,7 +169,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-fifth session (2026-12-07): the dk / dv grid's order (item-axis), the neighborhoods
+# still owed after the twenty-sixth session (2026-12-07, no machine could be started): the dk / dv grid's order (item-axis), the neighborhoods
 # through attnzoo bench on the H100 (nbhd-bench). rows3, wide64 and gluon-narrow's 64K half ran
 # (benchmarks/results/h100-2026-12-07-s25)
 SECTIONS=${*:-item-axis nbhd-bench}

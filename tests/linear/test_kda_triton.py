@@ -463,6 +463,7 @@ def test_split_intra_equals_fused():
             tk.fwd(q, k, v, g, beta, None, 0.25, cfg=dict(SUB64, intra="split", unroll_i=u))
 
 
+@pytest.mark.full  # (a cross-check: both forms meet the float64 recurrence in test_float32_matches_recurrence)
 def test_chunk_intra_backward_equals_split():
     """intra_b="chunk" (one program per chunk and channel block) gives the gradients of intra_b="split" up to
     float32 rounding (the same sums, grouped at other reference rows), strong gates, a partial last chunk."""
