@@ -1,11 +1,12 @@
 """The `full` tier of parametrized cases (tests/conftest.py): `make test` runs every kernel path and option at least
-once; a case listed here by id is a further combination of options already covered and runs with `make test-full`
+once; a case marked `full` (here by its id) is a further combination of options already covered and runs with `make test-full`
 (ATTNZOO_TESTS=full) or on a GPU."""
 import pytest
 
 
 def tiered(cases, ids, full_ids):
     """pytest.param for each case with its id, marked `full` where its id is in full_ids (every one must be)."""
+    assert len(cases) == len(ids), "one id per case"
     unknown = set(full_ids) - set(ids)
     assert not unknown, f"full_ids not among the cases: {sorted(unknown)}"
     return [pytest.param(*(c if isinstance(c, tuple) else (c,)), id=i,
@@ -13,15 +14,15 @@ def tiered(cases, ids, full_ids):
             for c, i in zip(cases, ids)]
 
 
-def crossed(names: str, firsts, seconds, first_ids=None, second_ids=None):
+def crossed(names: str, firsts, seconds):
     """(names, params) for pytest.mark.parametrize over firsts x seconds where only a diagonal runs in `make test`:
     the pair (i, j) with j == i mod len(seconds) or i == j mod len(firsts), so that every first and every second
-    runs at least once; the other pairs are marked `full`."""
-    fid = first_ids or [str(f) for f in firsts]
-    sid = second_ids or [f"{names.split(',')[1].strip()}{j}" for j in range(len(seconds))]
+    runs at least once; the other pairs are marked `full`. Ids: "first-second", a dict second by its name and index."""
+    second = names.split(",")[1].strip()
+    sid = [f"{second}{j}" if isinstance(s, dict) else str(s) for j, s in enumerate(seconds)]
     params = []
     for i, f in enumerate(firsts):
         for j, s in enumerate(seconds):
             core = j == i % len(seconds) or i == j % len(firsts)
-            params.append(pytest.param(f, s, id=f"{fid[i]}-{sid[j]}", marks=[] if core else [pytest.mark.full]))
+            params.append(pytest.param(f, s, id=f"{f}-{sid[j]}", marks=[] if core else [pytest.mark.full]))
     return names, params
