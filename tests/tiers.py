@@ -4,8 +4,10 @@ once; a case marked `full` (here by its id) is a further combination of options 
 import pytest
 
 
-def tiered(cases, ids, full_ids):
-    """pytest.param for each case with its id, marked `full` where its id is in full_ids (every one must be)."""
+def tiered(cases, full_ids, ids=None):
+    """pytest.param for each case with its id, marked `full` where its id is in full_ids (every one must be). ids:
+    by default a case's values joined by "-"."""
+    ids = ids or ["-".join(map(str, c if isinstance(c, tuple) else (c,))) for c in cases]
     assert len(cases) == len(ids), "one id per case"
     unknown = set(full_ids) - set(ids)
     assert not unknown, f"full_ids not among the cases: {sorted(unknown)}"

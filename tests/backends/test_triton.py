@@ -262,7 +262,7 @@ def test_keys_by_queries_backward(pname, extra):
 
 
 @pytest.mark.parametrize("pname, extra", tiered([("causal", {}), ("sinks+window", dict(KT=True, MERGE=True, TMA=True)),
-                                                 ("perhead", {})], ["causal", "sinks+window-kt", "perhead"], {"perhead"}))
+                                                 ("perhead", {})], {"perhead"}, ["causal", "sinks+window-kt", "perhead"]))
 def test_dkdv_grid_items_second(pname, extra):
     """ITEM_AXIS: the dk/dv kernel's grid (B * HKV, items), so its programs start in the items' longest-first order
     across every (batch, KV head): gradients against float64 with batch 2 and 2 KV heads (each program must find its
