@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from _interp_speed import patch_language_once  # noqa: E402
+
+patch_language_once()
+
 # Two tiers. `make test` (CI, 2 CPU cores) runs every kernel path and option at least once; cases marked
 # `full` are further combinations of options already covered there (a second length, gate strength or tile for the
 # same code path) and run with `make test-full` (ATTNZOO_TESTS=full), and on the GPU machine, where they are cheap.

@@ -1,0 +1,47 @@
+"""tests/_interp_speed.py: the interpreter patches triton.language once per launch, and still restores it after."""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("only with Triton's CPU interpreter", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+import triton.runtime.interpreter as ti  # noqa: E402
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.sum(x, axis=0)
+
+
+@triton.jit
+def _kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    acc = tl.zeros([N], tl.float32) + tl.load(x_ptr + offs)
+    tl.store(out_ptr + tl.program_id(0), _row_sum(acc * 2.0))
+
+
+def test_launch_patches_once_and_restores():
+    assert getattr(ti._patch_lang, "_attnzoo_once", False), "conftest did not install patch_language_once"
+    before = {n: getattr(tl, n) for n in ("zeros", "sum", "load", "store", "arange")}
+    calls = []
+    inner = ti._patch_lang
+
+    def counting(fn):
+        calls.append(fn.__name__)
+        return inner(fn)
+
+    ti._patch_lang = counting
+    try:
+        x = torch.randn(16)
+        out = torch.empty(3)
+        for _ in range(2):
+            _kernel[(3,)](x, out, N=16)
+            torch.testing.assert_close(out, (2 * x).sum().expand(3))
+    finally:
+        ti._patch_lang = inner
+    assert {n: getattr(tl, n) for n in before} == before, "the launch left triton.language patched"
+    assert calls.count("_kernel") == 2 and "_row_sum" in calls
