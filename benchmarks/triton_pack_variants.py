@@ -360,21 +360,8 @@ BWD21 = {
 # round 23 (twenty-third / twenty-fifth sessions, run in the twenty-fifth: benchmarks/results/h100-2026-12-07-s25): the
 # Gluon dk / dv kernel's ROWS 3 (dP issued with S, P and dS stored behind one fence, dV and dK issued together) and
 # PINGPONG (the consumers' MMA groups in turns) -- no faster, removed (commit 944279a has them and this round)
-_DQP = dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)
-# round 24 (twenty-fifth session): the dk / dv kernels' grid with the (batch, KV head) axis first (cfg ITEM_AXIS: the
-# programs start in the items' longest-first order across every head, not head by head; a list-schedule model on 132
-# SMs puts window 4096's dk / dv kernel at 0.957 of the SMs' time busy in the old order, 1.000 in the new) with both
-# defaults' dk / dv kernels (the Gluon ROWS 2 one, the Triton one)
-_ROWS2 = dict(_DQP, ROWS=2, num_stages=3)
-_TKV = dict(_DQP, TRITON_DKDV=True)
-BWD24 = {
-    "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
-    "bwd 64x64 w4 s2, items 2nd": _cfg(64, 64, 4, 2, ITEM_AXIS=1),
-    "gluon dqp s3 + triton dkdv": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=_TKV),
-    "gluon dqp s3 + triton dkdv, items 2nd": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=_TKV, ITEM_AXIS=1),
-    "gluon dqp s3 + rows2 s3": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=_ROWS2),
-    "gluon dqp s3 + rows2 s3, items 2nd": _cfg(64, 64, 4, 2, TMA=True, GLUON_BWD=_ROWS2, ITEM_AXIS=1),
-}
+# round 24 (twenty-fifth session, run in the twenty-seventh: benchmarks/results/h100-2026-12-07-s27): the dk / dv
+# kernels' grid with the (batch, KV head) axis first (cfg ITEM_AXIS) -- no faster, removed (commit 516104a has it)
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
@@ -390,7 +377,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 25) if r not in (10, 11, 22, 23)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 22) if r not in (10, 11)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -402,8 +389,8 @@ def main():
                          "15: the persistent form's work-item order; 16: its narrow sink tile and 240 registers; "
                          "17: the Gluon dk / dv kernel; 18: its ROWS form (scores with the query rows as rows); 19: "
                          "ROWS 2 with the Gluon dq kernel, rings of 2 / 3; 20: delta written by the Gluon dq kernel "
-                         "against its own kernel; 21: the Gluon dq kernel's persistent form; (22, 23: the removed PIPE, ROWS 3 and "
-                         "PINGPONG); 24: the dk / dv grid's order (ITEM_AXIS)")
+                         "against its own kernel; 21: the Gluon dq kernel's persistent form; (22, 23, 24: the removed PIPE, ROWS 3, "
+                         "PINGPONG and ITEM_AXIS)")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -431,8 +418,8 @@ def main():
         FWD, BWD = FWD_ONLY[args.round], {}  # session: the twenty-second's wide64 run timed round 3's variants)
     elif args.round == 9:
         FWD, BWD = FWD9, BWD9
-    elif args.round in (17, 18, 19, 20, 21, 24):
-        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19, 20: BWD20, 21: BWD21, 24: BWD24}[args.round]
+    elif args.round in (17, 18, 19, 20, 21):
+        FWD, BWD = FWD17, {17: BWD17, 18: BWD18, 19: BWD19, 20: BWD20, 21: BWD21}[args.round]
     elif args.round == 7:
         FWD, BWD = (FWD7, BWD7) if not args.fwd_only else (FWD7, {})
     elif args.round == 6:

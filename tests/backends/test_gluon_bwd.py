@@ -74,23 +74,6 @@ def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
         check_close(nm, x, r, baseline=bl)
 
 
-@gpu
-@pytest.mark.parametrize("name", ["causal", "window", "sinks+window"])
-@pytest.mark.parametrize("extra", [dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True),
-                                   dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True)],
-                         ids=["rows2-gdqp", "gdqp-tkv"])
-def test_dkdv_grid_items_second_matches_reference(name, extra):
-    """cfg ITEM_AXIS: the dk / dv kernels (Gluon, and Triton with TRITON_DKDV) on the grid (B * HKV, items), batch 2
-    with 2 KV heads: every gradient against float64, and the kernel asked for ran."""
-    g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v, do = (torch.randn(2, h, 512, 128, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2, 8))
-    before = ops.GLUON_BWD_LAUNCHES
-    got, ref, base = _grads(q, k, v, do, PATTERNS[name], dict(_bwd_cfg(128, **extra), ITEM_AXIS=1))
-    assert (ops.GLUON_BWD_LAUNCHES > before) != bool(extra.get("TRITON_DKDV")), "the wrong dk / dv kernel ran"
-    for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
-        check_close(nm, x, r, baseline=bl)
-
-
 def _check_gluon_dq_with_lse(name, seed, b, hq, hkv, length, extra):
     # attention_bwd with a gradient on lse as well as on out, cfg GLUON_BWD=extra: the Gluon dq kernel must run, and
     # every gradient must match float64 (the Triton kernels' as the baseline)
@@ -250,7 +233,7 @@ def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
     pattern, settings, calls, triton_kw = az.SlidingWindow(40), dict(num_stages=2, REGS=240, ACC_INIT=False), [], []
     triton_dkdv = ops._triton_dkdv
     asked, plain, _ = _pretended(monkeypatch, 3, pattern, settings, _gluon_bwd=lambda *a: calls.append(a) or False,
-                                 _triton_dkdv=lambda *a: triton_kw.append(dict(a[-2])) or triton_dkdv(*a))
+                                 _triton_dkdv=lambda *a: triton_kw.append(dict(a[-1])) or triton_dkdv(*a))
     assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == settings
     assert len(triton_kw) == 1 and triton_kw[0].get("KT"), "the fallback should run the Triton kernel keys by queries"
     for a, b in zip(plain, asked):
@@ -265,7 +248,7 @@ def test_gluon_fused_dq_path_and_its_fallback(monkeypatch):
     settings, calls = dict(num_stages=2, REGS=240, ACC_INIT=False, FUSED_DQ=True), []
     fused, plain, _ = _pretended(monkeypatch, 4, az.SlidingWindow(40) | az.Sinks(4), settings,
                                  _gluon_bwd=lambda *a: calls.append(a) or False)
-    dqa = calls[0][-2]  # (the last: the grid order, ITEM_AXIS)
+    dqa = calls[0][-1]
     assert len(calls) == 1 and calls[0][1] == settings
     assert dqa.dtype == torch.float32 and dqa.shape == (1 * 2 * 128, 16)
     for a, b in zip(plain, fused):
@@ -316,7 +299,7 @@ def test_gluon_dq_with_the_triton_dkdv_kernel(monkeypatch):
     monkeypatch.setattr(ops, "_gluon_dq_ok", lambda *a: True)
     monkeypatch.setattr(ops, "_gluon_dq", lambda *a: dq_calls.append(a[9]) or False)
     monkeypatch.setattr(ops, "_gluon_bwd", lambda *a: kv_calls.append(1) or True)
-    monkeypatch.setattr(ops, "_triton_dkdv", lambda *a: tiles.append(a[-7:-5]) or triton_dkdv(*a))
+    monkeypatch.setattr(ops, "_triton_dkdv", lambda *a: tiles.append(a[-6:-4]) or triton_dkdv(*a))
     asked = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, 0.25, cfg=dict(cfg, GLUON_BWD=True))
     monkeypatch.undo()
     plain = ops.attention_bwd(do, None, q, k, v, out, lse, pattern, 0.25, cfg=cfg)

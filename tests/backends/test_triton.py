@@ -261,26 +261,6 @@ def test_keys_by_queries_backward(pname, extra):
                          (((1, 4, 2, 48, 48, 32, 32), 11, None), ((2, 2, 1, 40, 37, 32, 16), 12, 1)))
 
 
-@pytest.mark.parametrize("pname, extra", tiered([("causal", {}), ("sinks+window", dict(KT=True, MERGE=True, TMA=True)),
-                                                 ("perhead", {})], {"perhead"}, ["causal", "sinks+window-kt", "perhead"]))
-def test_dkdv_grid_items_second(pname, extra):
-    """ITEM_AXIS: the dk/dv kernel's grid (B * HKV, items), so its programs start in the items' longest-first order
-    across every (batch, KV head): gradients against float64 with batch 2 and 2 KV heads (each program must find its
-    own head and workspace rows), split columns included, equal to the (items, B * HKV) grid's up to rounding."""
-    cases = [((2, 4, 2, 48, 48, 32, 32), 17, None), ((2, 4, 2, 40, 37, 32, 16), 18, 1)]
-    if pname in SELF_ONLY:  # (its neighborhood's grid holds 40 tokens)
-        cases = [((2, 4, 2, 40, 40, 32, 32), 17, None), ((2, 4, 2, 40, 40, 32, 16), 18, 1)]
-    _bwd_variant_matches(pname, dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1, **extra), dict(ITEM_AXIS=1),
-                         cases)
-
-
-def test_dkdv_item_grid():
-    from attnzoo.backends.triton.ops import _item_grid
-    assert _item_grid(128, 8, 0) == ((128, 8), 0)
-    assert _item_grid(128, 8, 1) == ((8, 128), 1)
-    assert _item_grid(70000, 8, 1) == ((70000, 8), 0)  # (past CUDA's 65535 on the second axis: items first)
-
-
 @pytest.mark.parametrize(*crossed("pname,extra", ["causal", "sinks+window", "full"],
                                   [{}, dict(KT=True, MERGE=True), dict(BM_KV=16, BN_KV=32, KT=True)]))
 def test_atomic_dq_backward(pname, extra):

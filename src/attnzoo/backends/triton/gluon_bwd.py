@@ -360,18 +360,12 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0, ITEM_AXIS: gl.constexpr = 0):
-    # grid (work items, B * HKV), or with ITEM_AXIS 1 (B * HKV, work items): the programs then start in the items'
-    # longest-first order across every (batch, KV head) (cfg ITEM_AXIS, `ops._item_grid`); a work item = (kv block,
-    # range [s0, e0) of its visiting query blocks, workspace slot or -1), as the Triton kernel's
-    if ITEM_AXIS == 1:
-        item = gl.program_id(1)
-        pid_bh = gl.program_id(0)
-        nbh = gl.num_programs(0)
-    else:
-        item = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        nbh = gl.num_programs(1)
+                        ROWS: gl.constexpr = 0):
+    # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
+    # slot or -1), as the Triton kernel's
+    item = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    nbh = gl.num_programs(1)
     pid_n = gl.load(ITEMS + item * 4)
     s0 = gl.load(ITEMS + item * 4 + 1)
     e0 = gl.load(ITEMS + item * 4 + 2)

@@ -452,21 +452,12 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                   H, HKV, G, Lq, Lk, OFF, D, DV, qk_scale, sm_scale,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr, QD=None, DOD=None, TMA: tl.constexpr = False, MERGE: tl.constexpr = False,
-                  KT: tl.constexpr = False, DQA=None, ATOMIC: tl.constexpr = False, EVEN_N: tl.constexpr = False,
-                  ITEM_AXIS: tl.constexpr = 0):
+                  KT: tl.constexpr = False, DQA=None, ATOMIC: tl.constexpr = False, EVEN_N: tl.constexpr = False):
     # one work item = (kv block, range [s, e) of its visiting query blocks, workspace slot or -1). MERGE: the
     # item's full and partial query blocks of a head in one loop (the mask past the full ones). KT: each tile
-    # keys by queries (_bwd_kv_tile_t). EVEN_N: Lk % BLOCK_N == 0 (no key out of range). ITEM_AXIS 1: grid
-    # (B * HKV, items), so the programs start in the items' longest-first order across every (batch, KV head)
-    # (cfg ITEM_AXIS, `ops._item_grid`); 0: grid (items, B * HKV), longest first within each
-    if ITEM_AXIS == 1:
-        item = tl.program_id(1)
-        pid_bh = tl.program_id(0)
-        nbh = tl.num_programs(0)
-    else:
-        item = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        nbh = tl.num_programs(1)
+    # keys by queries (_bwd_kv_tile_t). EVEN_N: Lk % BLOCK_N == 0 (no key out of range)
+    item = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     pid_n = tl.load(ITEMS + item * 4)
     s0 = tl.load(ITEMS + item * 4 + 1)
     e0 = tl.load(ITEMS + item * 4 + 2)
@@ -529,7 +520,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKP, DVP, WSK, WSV, ITEMS, AUX, QN, Q
                  dv.to(DVP.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
     else:
         # a long column split over several items: fp32 partials, summed in order by attn_bwd_reduce
-        ws = (slot * nbh + pid_bh) * BLOCK_N
+        ws = (slot * (tl.num_programs(1)) + pid_bh) * BLOCK_N
         r = tl.arange(0, BLOCK_N)
         tl.store(WSK + (ws + r[:, None]) * BLOCK_D + offs_d[None, :], dk)
         tl.store(WSV + (ws + r[:, None]) * BLOCK_DV + offs_dv[None, :], dv)

@@ -144,20 +144,6 @@ def _bwd_plan(pattern, lq, lk, bm, bn, hq, device: str, cap: int | None = None):
 # False: as the config asks (benchmarks/nbhd_inplace_repro.py, the repro of the wrong dk with 32 x 64 tiles)
 SQUARE_KV = True
 
-# CUDA's limit on a grid's second axis: a dk / dv grid with its items there (cfg ITEM_AXIS) keeps them first beyond it
-_GRID_Y = 65535
-
-
-def _item_grid(n_items: int, nbh: int, axis: int) -> tuple[tuple[int, int], int]:
-    """The dk / dv kernels' grid and ITEM_AXIS: (items, B * HKV) with 0, where the programs start longest first
-    within each (batch, KV head) in turn; (B * HKV, items) with 1 (cfg ITEM_AXIS), where they start in the items'
-    longest-first order across all of them, so the last wave is the short items of every head, not one head's long
-    ones (a list-schedule model on 132 SMs, window 4096 at 16K: 0.957 of the SMs' time busy in order 0, 1.000 in
-    order 1)."""
-    if axis and n_items <= _GRID_Y:
-        return (nbh, n_items), 1
-    return (n_items, nbh), 0
-
 
 @functools.lru_cache(maxsize=128)
 def _module(pattern, lq, lk, device: str, tile: tuple | None = None):
@@ -600,8 +586,7 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     """Gradients (dq, dk, dv) of the loss given dout (and dlse, the lse's gradient, or None).
 
     ``cfg`` (default: `tuning.choose`): BLOCK_M / BLOCK_N / num_warps / num_stages of both kernels; optional
-    keys: TMA, MERGE, PACK_DQ, and for the dk/dv kernel alone KT (its tiles keys by queries), ITEM_AXIS (its grid's
-    order, `_item_grid`), BM_KV / BN_KV
+    keys: TMA, MERGE, PACK_DQ, and for the dk/dv kernel alone KT (its tiles keys by queries), BM_KV / BN_KV
     (its own tiles: query rows per step, keys per program; its own transposed layout, plan and module),
     WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels. ATOMIC_DQ: no dq kernel; the dk/dv
     kernel adds each tile's dS K to a float32 accumulator by atomics (not bitwise deterministic). GLUON_BWD (Hopper,
@@ -691,7 +676,6 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         tma_dq["MERGE"] = tma_dkdv["MERGE"] = True
     if cfg.get("KT"):  # the dk/dv kernel's tiles keys by queries (no transpose of P or dS)
         tma_dkdv["KT"] = True
-    item_axis = int(bool(cfg.get("ITEM_AXIS")))  # the dk / dv grid's order (`_item_grid`)
     # the dk/dv kernel's own warps and stages (WARPS_KV / STAGES_KV), else the config's
     nw_kv, ns_kv = cfg.get("WARPS_KV", nw), cfg.get("STAGES_KV", ns)
     dqa = None
@@ -722,14 +706,14 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
             BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, HAS_DLSE=has_dlse, PACK=pack,
             EVEN_N=lk % bn == 0, num_warps=nw, num_stages=ns, **tma_dq)
     if gluon_kv and _gluon_bwd(pattern, cfg["GLUON_BWD"], q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv,
-                               tlay, scale, dqa, item_axis):
+                               tlay, scale, dqa):
         pass
     else:
         if gluon_kv:  # its first launch failed: the Triton kernel on its tiles (64 rows x 128 keys), keys
             # by queries (KT), the form that is right with fewer query rows a step than keys (see kv_tiles)
             tma_dkdv["KT"] = True
         _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
-                     lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv, item_axis)
+                     lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv)
     if red.shape[0]:
         mod_kv.attn_bwd_reduce[(red.shape[0], b * hkv)](
             wsk, wsv, red, dk, dvv, dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
@@ -805,15 +789,14 @@ GLUON_DQ_LAUNCHES = GLUON_DQP_LAUNCHES = 0
 
 
 def _triton_dkdv(mod_kv, aux_kv, items, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, tlay, common, b, hq, hkv, lq,
-                 lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv, item_axis: int = 0):
-    grid, axis = _item_grid(items.shape[0], b * hkv, item_axis)
-    mod_kv.attn_bwd_dkdv[grid](
+                 lk, d, dv, scale, bd, bdv, bm2, bn2, prec, nw_kv, ns_kv, tma_dkdv):
+    mod_kv.attn_bwd_dkdv[(items.shape[0], b * hkv)](
         q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux_kv, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2),
         *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq, d, dv, scale * LOG2E, scale,
         BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm2, BLOCK_N=bn2, PREC=prec, EVEN_N=lk % bn2 == 0, num_warps=nw_kv,
-        num_stages=ns_kv, ITEM_AXIS=axis, **tma_dkdv)
+        num_stages=ns_kv, **tma_dkdv)
 
 
 # The Gluon dk / dv kernel (`gluon_bwd.py`, cfg GLUON_BWD: True or a dict of num_stages / REGS / ACC_INIT / FUSED_DQ /
@@ -926,10 +909,9 @@ def _gluon_bwd_module(pattern, lq, lk):
 
 
 def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay, scale,
-               dqa=None, item_axis: int = 0) -> bool:
+               dqa=None) -> bool:
     """Run the Gluon dk / dv kernel -> True, or False (with a warning, once) where its first launch fails.
-    ``dqa``: with g's FUSED_DQ, the float32 (B * H * Lq, D) accumulator its dq products are added to;
-    ``item_axis``: the grid's order (`_item_grid`)."""
+    ``dqa``: with g's FUSED_DQ, the float32 (B * H * Lq, D) accumulator its dq products are added to."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     b, hq, lq, d = q.shape
@@ -947,12 +929,11 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
                               gl.NVMMASharedLayout.get_default_for([64, d // 2], gl.float32))
     else:  # (unused: a stand-in of the same kind)
         dqd = qd
-    grid, axis = _item_grid(items.shape[0], b * hkv, item_axis)
-    launch = lambda: gmod.gluon_attn_bwd_dkdv[grid](  # noqa: E731
+    launch = lambda: gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](  # noqa: E731
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0), ITEM_AXIS=axis,
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0),
         num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
