@@ -102,10 +102,8 @@
 #   gluon-rows   issue 3 (twentieth session, NOT YET RUN): the Gluon dk / dv kernel's ROWS forms (GLUON_BWD ROWS 1 / 2:
 #                S = Q K^T, P and dS through shared memory), alone and fused, and the Gluon dq kernel (GLUON_DQ): their
 #                GPU tests (bfloat16), then round 18 at 16K
-#   item-axis    issue 3 (twenty-fifth session): the dk / dv kernels' grid with the (batch, KV head) axis first (cfg
-#                ITEM_AXIS: programs start in the items' longest-first order across every head): its GPU tests, round
-#                24 (--repeat 3: window 4096, causal, window 1024, sinks + window), the backward by kernel on window 4096
-#   nbhd-bench   issue 3 (twenty-fifth session): attnzoo bench on the three N-D neighborhoods of the protocol (16K tokens,
+#   (item-axis: the dk / dv grid's order, run in the twenty-seventh session: no faster, removed with its section)
+#   nbhd-bench   issue 3 (twenty-fifth session, run in the twenty-seventh: benchmarks/results/h100-2026-12-07-s27): attnzoo bench on the three N-D neighborhoods of the protocol (16K tokens,
 #                forward and forward+backward; triton, flex and the dense baseline) -- on the H100 only flex's baseline
 #                had run (2026-11-23); attnzoo's kernels were last timed there on an H200 (ninth session)
 #   (dkdv-pipe, rows3: the twenty-third and twenty-fourth sessions', run in the twenty-third and twenty-fifth; PIPE,
@@ -169,10 +167,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-sixth session (2026-12-07, no machine could be started): the dk / dv grid's order (item-axis), the neighborhoods
-# through attnzoo bench on the H100 (nbhd-bench). rows3, wide64 and gluon-narrow's 64K half ran
-# (benchmarks/results/h100-2026-12-07-s25)
-SECTIONS=${*:-item-axis nbhd-bench}
+# still owed after the twenty-seventh session (2026-12-07): the local patterns through attnzoo bench at 16K with ITEM_AXIS gone
+# (windows; its 64K half ran in the twenty-seventh, benchmarks/results/h100-2026-12-07-s27). item-axis and nbhd-bench ran there
+SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -297,11 +294,6 @@ for s in $SECTIONS; do
               >> "$OUT/bwd_delta_log.txt" 2>&1
            timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sinks+sw1024,causal \
               --configs "triton,gluon dq s3 + rows2 s3,gluon dq s3 + triton" >> "$OUT/bwd_delta_log.txt" 2>&1 ;;
-    item-axis) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-              tests/backends/test_gluon_bwd.py -k "grid_items_second" > "$OUT/item_axis_log.txt" 2>&1
-           timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 24 --repeat ${REPEAT:-3} \
-              --patterns ${BWD_PATTERNS:-sw4096,causal,sw1024,sinks+sw1024} --out "$OUT/itemaxis" --quick \
-              --only "${ONLY:-dqp}" >> "$OUT/item_axis_log.txt" 2>&1 ;;
     nbhd-bench) timeout ${NBHD_S:-420} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/nbhd" --no-report \
               --lengths 16384 --direction both --backend triton --backend flex --pattern nbhd2d-13x13 \
               --pattern nbhd2d-31x31 --pattern nbhd3d-5x7x7 --max-time-s 1.0 > "$OUT/nbhd_log.txt" 2>&1 ;;
