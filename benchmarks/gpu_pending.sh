@@ -167,8 +167,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# still owed after the twenty-seventh session (2026-12-07): the local patterns through attnzoo bench at 16K with ITEM_AXIS gone
-# (windows; its 64K half ran in the twenty-seventh, benchmarks/results/h100-2026-12-07-s27). item-axis and nbhd-bench ran there
+# after the twenty-seventh session (2026-12-07) nothing specific is owed: item-axis, nbhd-bench and windows (16K fwd+bwd,
+# 64K) ran (benchmarks/results/h100-2026-12-07-s27); windows, the default, re-measures the local patterns after a change
 SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"

@@ -24,6 +24,30 @@ def _kernel(x_ptr, out_ptr, N: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), _row_sum(acc * 2.0))
 
 
+@triton.jit
+def _plain(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs))
+
+
+def test_helpers_do_not_patch_again(monkeypatch):
+    """Attributes swapped during a launch: a kernel calling @triton.jit helpers in each of its 8 programs swaps no
+    more than one launch's worth again (triton.language.core, which tl.zeros's module sees), not once per call."""
+    swaps = [0]
+    set_attr = ti._LangPatchScope.set_attr
+
+    def counting(self, *a):
+        swaps[0] += 1
+        return set_attr(self, *a)
+
+    monkeypatch.setattr(ti._LangPatchScope, "set_attr", counting)
+    x, out = torch.randn(16), torch.empty(16)
+    _plain[(8,)](x, out, N=16)
+    plain, swaps[0] = swaps[0], 0
+    _kernel[(8,)](x, out, N=16)
+    assert plain > 0 and swaps[0] < 2 * plain, (plain, swaps[0])
+
+
 def test_launch_patches_once_and_restores():
     assert getattr(ti._patch_lang, "_attnzoo_once", False), "conftest did not install patch_language_once"
     before = {n: getattr(tl, n) for n in ("zeros", "sum", "load", "store", "arange")}
