@@ -1,19 +1,18 @@
 """The `full` tier of parametrized cases (tests/conftest.py): `make test` runs every kernel path and option at least
-once; a case marked `full` (here by its id) is a further combination of options already covered and runs with `make test-full`
-(ATTNZOO_TESTS=full) or on a GPU."""
+once; a case marked `full` (by its id in `tiered`, off the diagonal in `crossed`) is a further combination of options
+already covered and runs with `make test-full` (ATTNZOO_TESTS=full) or on a GPU."""
 import pytest
 
 
 def tiered(cases, full_ids, ids=None):
     """pytest.param for each case with its id, marked `full` where its id is in full_ids (every one must be). ids:
     by default a case's values joined by "-"."""
-    ids = ids or ["-".join(map(str, c if isinstance(c, tuple) else (c,))) for c in cases]
-    assert len(cases) == len(ids), "one id per case"
+    rows = [c if isinstance(c, tuple) else (c,) for c in cases]
+    ids = ids or ["-".join(map(str, r)) for r in rows]
+    assert len(rows) == len(ids), "one id per case"
     unknown = set(full_ids) - set(ids)
     assert not unknown, f"full_ids not among the cases: {sorted(unknown)}"
-    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), id=i,
-                         marks=[pytest.mark.full] if i in full_ids else [])
-            for c, i in zip(cases, ids)]
+    return [pytest.param(*r, id=i, marks=[pytest.mark.full] if i in full_ids else []) for r, i in zip(rows, ids)]
 
 
 def crossed(names: str, firsts, seconds):
