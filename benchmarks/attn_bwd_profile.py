@@ -31,17 +31,22 @@ def _products(name: str, fused: bool = False) -> int:
 
 def profile_bwd(q, k, v, do, out, lse, pattern, scale, cfg, reps: int):
     """{kernel name: device µs per call} of `ops.attention_bwd` over ``reps`` calls (after one warm-up call)."""
-    run = lambda: ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=cfg)  # noqa: E731
+    return profile_call(lambda: ops.attention_bwd(do, None, q, k, v, out, lse, pattern, scale, cfg=cfg), q.is_cuda,
+                        reps)
+
+
+def profile_call(run, cuda: bool, reps: int):
+    """{kernel name: device µs per call} of ``run()`` over ``reps`` calls (after one warm-up call)."""
     run()
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if q.is_cuda else [])
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(reps):
             run()
-        if q.is_cuda:
+        if cuda:
             torch.cuda.synchronize()
     times = collections.Counter()
     for e in prof.key_averages():
-        if q.is_cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
             times[e.key] += e.self_device_time_total / reps
     return dict(times)
 
@@ -53,6 +58,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="CPU, float32, 128 tokens: the script's own check")
     ap.add_argument("--configs", help="only the configs whose names contain one of these (comma-separated)")
+    ap.add_argument("--fwd", action="store_true",
+                    help="also the default forward by kernel (TF/s on the visible pairs, 2 products a pair)")
     ap.add_argument("--plain", action="store_true",
                     help="no profiler: each backward twice, for an outside profiler (ncu) to read")
     args = ap.parse_args()
@@ -75,6 +82,11 @@ def main():
         p = PATTERNS[name]
         pairs = hq * p.density(L, L) * L * L
         out, lse = ops.attention_fwd(q, k, v, p, scale)
+        if args.fwd and not args.plain:
+            times = profile_call(lambda: ops.attention_fwd(q, k, v, p, scale), q.is_cuda, args.reps)
+            for kern, us in sorted(times.items(), key=lambda kv: -kv[1]):
+                tf = 2 * 2 * d * pairs / (us * 1e-6) / 1e12 if us else float("nan")
+                print(f"{name:14s} {'forward':22s} {kern[:40]:40s} {us:9.1f} {'':6s} {tf:6.0f}", flush=True)
         best = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
             dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
         base = {key: val for key, val in best.items() if key != "GLUON_BWD"}  # the Triton kernels' tiles

@@ -120,6 +120,10 @@
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
 #                rows2 s2, rows2 fused),
 #                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
+#   len-scale    issue 3 (twenty-eighth session): the forward and backward by kernel at 16K and 64K (window 1024 /
+#                4096, sinks + window; attn_bwd_profile.py --fwd --configs default) with the SM clock and power sampled
+#                (nvidia-smi, 200 ms): window 1024's backward took 7.5 % more per visible pair at 64K than at 16K in
+#                the twenty-seventh session's attnzoo bench, and window 4096's forward 9 % more
 #   bwd-profile  issue 3 (nineteenth session): benchmarks/attn_bwd_profile.py, the backward's device time by kernel (dq,
 #                dk / dv, Triton and Gluon) with each kernel's effective TF/s, 16K, windows and causal
 #   sinks-bench  issue 3: attnzoo bench on window 1024 and sinks + window alone (16K fwd+bwd, 64K fwd; triton, flex)
@@ -317,6 +321,14 @@ for s in $SECTIONS; do
                  python3 benchmarks/attn_bwd_profile.py --plain --patterns ${NCU_PATTERN:-sw4096} --configs "$c" \
                  >> "$OUT/bwd_ncu_log.txt" 2>&1
              done ;;
+    len-scale) (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
+                 > "$OUT/smi.csv" 2>&1 &
+               smi=$!
+               for L in ${SCALE_LENS:-16384 65536}; do
+                 timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --fwd --configs default \
+                   --patterns ${SCALE_PATTERNS:-sw1024,sw4096,sinks+sw1024} --L $L >> "$OUT/len_scale_log.txt" 2>&1
+               done
+               kill $smi) ;;
     bwd-profile) timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns ${BWD_PATTERNS:-sw1024,sw4096,causal} \
               > "$OUT/bwd_profile_log.txt" 2>&1 ;;
     wide64) timeout ${PACK_S:-300} python3 benchmarks/triton_pack_variants.py --round 15 --patterns sw4096 --L 65536 \
