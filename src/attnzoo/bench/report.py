@@ -491,6 +491,31 @@ def _cell(r) -> str:
     return _STATUS_SHORT.get(r.get("status"), r.get("status") or "?")
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"
+
+
+def gpu_state_section(drecs) -> list:
+    """Markdown lines: each measured case's SM clock, board power and power-capped share over its timed calls
+    (records from `timing.time_fn` with NVML), or nothing where no record has them."""
+    recs = [r for r in drecs if r.get("status") == "ok" and r.get("sm_clock_mhz") is not None]
+    if not recs:
+        return []
+    rows = [[r["pattern"], _len_label(r["Lq"]), DIRECTION_LABELS.get(r["direction"], r["direction"]), r["backend"],
+             _ms(r.get("median_ms")), f"{r['sm_clock_mhz']:.0f}",
+             "-" if r.get("power_w") is None else f"{r['power_w']:.0f}", _pct(r.get("power_cap_share")),
+             _pct(r.get("thermal_share"))]
+            for r in sorted(recs, key=lambda r: (r["direction"], r["Lq"], r["pattern"], _backend_key(r["backend"])))]
+    clocks = [r["sm_clock_mhz"] for r in recs]
+    return ["## GPU clock and power during the timed calls", "",
+            f"Mean SM clock over each case's timed calls (NVML, sampled every 10 ms), mean board power (energy "
+            f"counter), and the share of samples with the power cap or a thermal slowdown active. Clocks here span "
+            f"{min(clocks):.0f}-{max(clocks):.0f} MHz. A case held at its power cap runs at a lower clock than the "
+            f"same calls in a short burst, and a kernel that draws more power is slowed more than a slower peer.", "",
+            _md_table(["pattern", "L", "direction", "backend", "ms", "MHz", "W", "power-capped", "thermal"], rows),
+            ""]
+
+
 def write_report(results_jsonl, out_dir, *, plots: bool = True) -> Path:
     """Write ``report.md`` (and PNG plots when matplotlib is installed) into ``out_dir``; return its path."""
     results_jsonl = Path(results_jsonl)
@@ -578,6 +603,7 @@ def write_report(results_jsonl, out_dir, *, plots: bool = True) -> Path:
                 lines += sec
                 pngs += sec_pngs
 
+        lines += gpu_state_section(drecs)
         bad = [r for r in drecs if r.get("status") != "ok"]
         if bad:
             lines += ["## Not measured", ""]

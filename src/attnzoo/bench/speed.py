@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from .peers import PEERS
+from .gpu_state import FIELDS as GPU_FIELDS, describe as describe_gpu_state
 from .timing import Unsupported, classify_exception, time_fn
 
 RESULTS_FILE = "results.jsonl"
@@ -733,7 +734,7 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
         rec["peer"] = peer.name
         rec["peer_version"] = peer.version()
     result = dict(status="unsupported", message=case.skip or "", median_ms=None, p20_ms=None, p80_ms=None,
-                  compile_ms=None, peak_mem_bytes=None, reps=0, times_ms=[])
+                  compile_ms=None, peak_mem_bytes=None, reps=0, times_ms=[], **dict.fromkeys(GPU_FIELDS))
     runner = None
     try:
         pattern = case.spec.build(case.L)
@@ -825,8 +826,9 @@ def record_line(rec: dict) -> str:
     head = case_label_of(rec)
     if rec.get("status") == "ok":
         tf = rec.get("tflops")
+        gpu = describe_gpu_state(rec)
         return (f"{head}: {rec['median_ms']:.3f} ms [{rec['p20_ms']:.3f}, {rec['p80_ms']:.3f}] x{rec['reps']}, "
-                f"{_fmt(tf, '.3g')} TFLOP/s, first call {rec['compile_ms']:.0f} ms")
+                f"{_fmt(tf, '.3g')} TFLOP/s, first call {rec['compile_ms']:.0f} ms" + (f" ({gpu})" if gpu else ""))
     msg = (rec.get("message") or "").splitlines()[0][:160] if rec.get("message") else ""
     return f"{head}: {rec.get('status')}" + (f" ({msg})" if msg else "")
 

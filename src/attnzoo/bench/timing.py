@@ -6,6 +6,8 @@
 - Then ``reps`` timed calls: CUDA events around each call, with the L2 cache flushed (a 256 MiB buffer
   written) before each one, outside the timed region; ``time.perf_counter`` on CPU.
 - The result is the median and the 20th / 80th percentiles, in milliseconds.
+- On CUDA with NVML (``pynvml``), the SM clock, board power and the share of the timed window spent power-capped or
+  thermally slowed (`gpu_state.GpuMonitor`): a long stream of calls runs at a lower clock than a short burst.
 
 Failures never escape: out-of-memory gives ``status="oom"``, a backend that declines (``ValueError`` from
 ``attnzoo.attention(..., backend=...)``, or `Unsupported`) gives ``status="unsupported"`` with its reason,
@@ -19,6 +21,8 @@ import time
 from typing import Callable, Optional
 
 import torch
+
+from .gpu_state import FIELDS as GPU_FIELDS, GpuMonitor
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 MAX_MESSAGE = 2000
@@ -66,7 +70,7 @@ def classify_exception(exc: BaseException, unsupported=(ValueError, Unsupported)
 
 def _empty(status: str, message: str = "") -> dict:
     return dict(status=status, message=message, median_ms=None, p20_ms=None, p80_ms=None, compile_ms=None,
-                peak_mem_bytes=None, reps=0, times_ms=[])
+                peak_mem_bytes=None, reps=0, times_ms=[], **dict.fromkeys(GPU_FIELDS))
 
 
 def _free(device: torch.device) -> None:
@@ -84,8 +88,9 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
     ``min_reps``), judged from the warm-up calls on CUDA and as they run on CPU; ``reps`` in the result
     is the number actually timed.
 
-    Returns ``dict(status, message, median_ms, p20_ms, p80_ms, compile_ms, peak_mem_bytes, reps, times_ms)``;
-    the times are None unless ``status == "ok"``. ``peak_mem_bytes`` is None on CPU.
+    Returns ``dict(status, message, median_ms, p20_ms, p80_ms, compile_ms, peak_mem_bytes, reps, times_ms,
+    sm_clock_mhz, power_w, power_cap_share, thermal_share)``; the times are None unless ``status == "ok"``.
+    ``peak_mem_bytes`` is None on CPU; the GPU state fields (over the timed calls) are None on CPU or without NVML.
     """
     device = torch.device(device)
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
@@ -95,6 +100,7 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     flush_buf = None
+    gpu = {}
     try:
         # 1. first call, timed alone: compilation / autotuning / metadata caches
         sync()
@@ -127,6 +133,9 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
                 flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            monitor = GpuMonitor(device)
+            torch.cuda.synchronize(device)  # (the window starts with the timed calls)
+            monitor.start()
             for i in range(reps):
                 if flush_buf is not None:
                     flush_buf.zero_()
@@ -134,6 +143,7 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
                 fn()
                 ends[i].record()
             torch.cuda.synchronize(device)
+            gpu = monitor.stop()
             times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
         else:
             wall0 = time.perf_counter()
@@ -155,4 +165,4 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
         return _empty(*failure)
     return dict(status="ok", message="", median_ms=percentile(times, 50), p20_ms=percentile(times, 20),
                 p80_ms=percentile(times, 80), compile_ms=compile_ms, peak_mem_bytes=peak, reps=len(times),
-                times_ms=[round(t, 6) for t in times])
+                times_ms=[round(t, 6) for t in times], **{f: gpu.get(f) for f in GPU_FIELDS})

@@ -1,0 +1,180 @@
+"""Why a kernel's rate per visible pair changes with the sequence length (issue 3, twenty-eighth session): window 4096's
+forward ran at 667 TF/s at 16K tokens and 601 at 64K (attn_bwd_profile.py --fwd, H100), window 1024's backward 4 %
+slower. Same total work at different lengths (B x L = 16K x 1, 16K x 4, 32K x 2, 64K x 1): if B = 4 at 16K is as slow
+as 64K, the length is not the cause (the GPU's clock under a longer load is); if it is as fast as B = 1 at 16K, it is.
+Each call timed alone by CUDA events over a steady stream of calls (``--seconds`` each), so that the first and last
+calls' times show a clock that drops under load. On the GPU machine:
+    PYTHONPATH=src python3 benchmarks/len_scale.py [--patterns sw4096] [--shapes 1x16384,4x16384,1x65536] [--bwd]
+        [--configs default,rows2 fused] [--rounds 3]
+Each row also gives the mean SM clock and board power over its timed calls (NVML, or nvidia-smi), and the energy of
+a call (mean power x median time): under a long load the H100 holds its 700 W cap by lowering the clock (first
+measured here, twenty-eighth session), so a kernel's sustained speed follows its energy per call.
+--smoke: CPU, float32, tiny shapes under TRITON_INTERPRET=1 (the script's own check)."""
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+import attnzoo as az
+from attnzoo.backends.triton import ops, tuning
+
+PATTERNS = {"sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
+            "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4), "causal": az.Causal()}
+
+
+# backward configs by name (--configs): GLUON_BWD / ATOMIC_DQ on the Triton kernels' tiles of the default
+BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=True),
+               "rows2 fused": dict(GLUON_BWD=dict(ROWS=2, FUSED_DQ=True)),
+               "rows1 fused": dict(GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
+               "t fused s3": dict(GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))}
+
+
+class Sampler:
+    """The SM clock (MHz) and board power (W) every ``period`` s in a thread, through NVML where pynvml imports, else
+    nvidia-smi; ``mean()`` -> (MHz, W) over the samples since ``start()``, or (nan, nan)."""
+
+    def __init__(self, period: float = 0.05):
+        self.period, self.samples, self._stop, self._t = period, [], threading.Event(), None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self._read = lambda: (pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),  # noqa: E731
+                                  pynvml.nvmlDeviceGetPowerUsage(h) / 1e3)
+        except Exception:  # noqa: BLE001 - no NVML binding: the command-line tool
+            self._read = self._smi
+
+    @staticmethod
+    def _smi():
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                              f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, timeout=5)
+        mhz, watts = out.stdout.strip().split(",")[:2]
+        return float(mhz), float(watts)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self._read())
+            except Exception:  # noqa: BLE001 - no clock to read: the rows print nan
+                return
+            self._stop.wait(self.period)
+
+    def start(self):
+        self.samples, self._stop = [], threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def mean(self):
+        self._stop.set()
+        self._t.join()
+        if not self.samples:
+            return float("nan"), float("nan")
+        return (statistics.mean(s[0] for s in self.samples), statistics.mean(s[1] for s in self.samples))
+
+
+def shapes(text: str):
+    out = []
+    for part in text.split(","):
+        b, _, L = part.partition("x")
+        out.append((int(b), int(L)))
+    return out
+
+
+def time_calls(fn, seconds: float, cuda: bool, sampler=None):
+    """Per-call ms over a stream of back-to-back calls lasting about ``seconds`` (the count fixed from one call);
+    ``sampler`` (a `Sampler`) runs during the timed calls."""
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    n = max(3, min(2000, int(seconds / max(1e-6, time.perf_counter() - t0))))
+    if not cuda:
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return ts
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    if sampler is not None:
+        sampler.start()
+    for s, e in ev:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in ev]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patterns", default="sw4096")
+    ap.add_argument("--shapes", default="1x16384,4x16384,2x32768,1x65536,1x16384")
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--bwd", action="store_true", help="time the backward (default config) instead of the forward")
+    ap.add_argument("--configs", default="default",
+                    help=f"backward configs (--bwd), comma-separated, from {sorted(BWD_CONFIGS)}")
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the configs (round-robin)")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    for name in args.patterns.split(","):
+        if name not in PATTERNS:
+            ap.error(f"unknown pattern {name!r}: choose from {sorted(PATTERNS)}")
+    cnames = args.configs.split(",")
+    for c in cnames:
+        if c not in BWD_CONFIGS:
+            ap.error(f"unknown config {c!r}: choose from {sorted(BWD_CONFIGS)}")
+    if len(cnames) > 1 and not args.bwd:
+        ap.error("--configs names backward configs: give --bwd")
+    dev = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --smoke on CPU under TRITON_INTERPRET=1)")
+    hq, hkv, d = (4, 2, 32) if args.smoke else (64, 8, 128)
+    dt = torch.float32 if args.smoke else torch.bfloat16
+    cuda = dev == "cuda"
+    what = "backward" if args.bwd else "forward"
+    print(f"# {what} per call, {hq} / {hkv} heads, D {d}, {dt}; TF/s on the visible pairs "
+          f"({'7' if args.bwd else '2'} products a pair)")
+    print(f"{'pattern':13s} {'B x L':>10s} {'config':14s} {'calls':>6s} {'median ms':>10s} {'first 5':>9s} "
+          f"{'last 5':>9s} {'TF/s':>6s} {'MHz':>6s} {'W':>5s} {'J/call':>7s}")
+    sampler = Sampler() if cuda else None
+    for name in args.patterns.split(","):
+        p = PATTERNS[name]
+        for b, L in shapes(args.shapes):
+            if args.smoke:
+                L = min(L // 128, 256)
+            gen = torch.Generator(device=dev).manual_seed(0)
+            q, do = (torch.randn(b, hq, L, d, device=dev, dtype=dt, generator=gen) for _ in range(2))
+            k, v = (torch.randn(b, hkv, L, d, device=dev, dtype=dt, generator=gen) for _ in range(2))
+            scale = d ** -0.5
+            out, lse = ops.attention_fwd(q, k, v, p, scale)
+            best = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
+                dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+            base = {key: val for key, val in best.items() if key != "GLUON_BWD"}
+            pairs = b * hq * p.density(L, L) * L * L
+            for _ in range(args.rounds):
+                for cname in cnames:
+                    extra = BWD_CONFIGS[cname]
+                    cfg = best if extra is None else dict(base, **extra)
+                    if args.bwd:
+                        fn = lambda: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg)  # noqa: E731
+                    else:
+                        fn = lambda: ops.attention_fwd(q, k, v, p, scale)  # noqa: E731
+                    ts = time_calls(fn, args.seconds, cuda, sampler)
+                    mhz, watts = sampler.mean() if sampler is not None else (float("nan"), float("nan"))
+                    med = statistics.median(ts)
+                    tf = (7 if args.bwd else 2) * 2 * d * pairs / (med * 1e-3) / 1e12
+                    print(f"{name:13s} {f'{b}x{L}':>10s} {cname:14s} {len(ts):6d} {med:10.3f} "
+                          f"{statistics.mean(ts[:5]):9.3f} {statistics.mean(ts[-5:]):9.3f} {tf:6.0f} {mhz:6.0f} "
+                          f"{watts:5.0f} {watts * med * 1e-3:7.3f}", flush=True)
+            del q, k, v, do, out, lse
+
+if __name__ == "__main__":
+    main()
