@@ -453,7 +453,8 @@ def cmd_bench(args, parser) -> int:
               f"{len(cases) - n_run} planned skips)", flush=True)
     try:
         records = run_suite(cases, out, suite=suite, reps=args.reps, warmup=args.warmup, max_time_s=args.max_time_s,
-                            seed=args.seed, progress=not args.quiet, flush_l2=not args.no_flush)
+                            seed=args.seed, progress=not args.quiet, flush_l2=not args.no_flush,
+                            sustain_s=args.sustain_s)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the measurements so far are in {out / RESULTS_FILE}; run the same command again "
               "to resume", file=sys.stderr)
@@ -504,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="untimed calls after the first (compilation) call (default: 0 on cpu, 2 on cuda)")
     p_bench.add_argument("--max-time-s", type=_positive_float("--max-time-s"), default=None, metavar="S",
                          help="cap the timed repetitions of one case at about S seconds (at least 3 reps)")
+    p_bench.add_argument("--sustain-s", type=_positive_float("--sustain-s"), default=None, metavar="S",
+                         help="cuda: S seconds of untimed calls before each case's timed ones, so that they run at "
+                              "the clock the GPU holds under a long load (its power cap), not a short burst's "
+                              "(recorded as a separate measurement)")
     p_bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     p_bench.add_argument("--full-grid", action="store_true",
                          help="cuda suite: every power of two from 1K to 64K instead of 4K, 16K, 64K")

@@ -29,6 +29,10 @@ POWER_BITS = SW_POWER_CAP | HW_POWER_BRAKE
 THERMAL_BITS = SW_THERMAL | HW_THERMAL
 
 FIELDS = ("sm_clock_mhz", "power_w", "power_cap_share", "thermal_share")
+POWER_INSTANT_FIELD = 186  # nvml.h NVML_FI_DEV_POWER_INSTANT (mW), drivers from 2023 on
+# the energy counter advances in steps (H100: 0 W over some 10 ms windows, nearly 1 kW over others), so power from it
+# is kept only over windows at least this long
+MIN_ENERGY_WINDOW_S = 0.25
 
 _NVML: dict = {}  # {"mod": pynvml or None, device index: handle or None}
 
@@ -73,10 +77,20 @@ def _reasons(nv, handle) -> int:
     return int(get(handle))
 
 
+def _instant_power_w(nv, handle):
+    """The board's instantaneous power in W (NVML field NVML_FI_DEV_POWER_INSTANT), or None where not supported."""
+    vals = nv.nvmlDeviceGetFieldValues(handle, [getattr(nv, "NVML_FI_DEV_POWER_INSTANT", POWER_INSTANT_FIELD)])
+    v = vals[0]
+    if getattr(v, "nvmlReturn", 1) != 0:
+        return None
+    return float(v.value.uiVal) / 1e3
+
+
 class GpuMonitor:
-    """Samples the SM clock and the clock-event reasons every ``period_s`` in a thread between `start` and `stop`,
-    and reads the board's energy counter at both ends (mean power = energy / wall time; NVML's own power reading
-    is a one-second average, too slow for a timed window of a few hundred milliseconds).
+    """Samples the SM clock, the instantaneous board power and the clock-event reasons every ``period_s`` in a
+    thread between `start` and `stop`. Mean power: of the instantaneous samples where the driver gives them, else
+    from the board's energy counter at both ends over windows of at least `MIN_ENERGY_WINDOW_S` (NVML's plain power
+    reading is a one-second average, too slow for a timed window of a few hundred milliseconds).
 
     ``stop()`` -> ``{sm_clock_mhz, power_w, power_cap_share, thermal_share}`` (the shares: fractions of the samples
     whose reasons include the power cap / a thermal slowdown), each None where it could not be read; an empty dict
@@ -104,6 +118,7 @@ class GpuMonitor:
 
     def _sample(self):
         nv = _NVML["mod"]
+        instant = True
         while True:
             try:
                 clock = float(nv.nvmlDeviceGetClockInfo(self.handle, nv.NVML_CLOCK_SM))
@@ -113,7 +128,14 @@ class GpuMonitor:
                 reasons = _reasons(nv, self.handle)
             except Exception:  # noqa: BLE001
                 reasons = None
-            self._samples.append((clock, reasons))
+            watts = None
+            if instant:
+                try:
+                    watts = _instant_power_w(nv, self.handle)
+                except Exception:  # noqa: BLE001 - an older driver or binding: the energy counter alone
+                    watts = None
+                instant = watts is not None
+            self._samples.append((clock, reasons, watts))
             if self._stop.wait(self.period_s):
                 return
 
@@ -134,14 +156,20 @@ class GpuMonitor:
         self._thread = None
         wall = time.perf_counter() - self._t0
         e1 = self._energy_mj()
-        power = (e1 - self._e0) / 1e3 / wall if e1 is not None and self._e0 is not None and wall > 0 else None
+        power = None
+        if e1 is not None and self._e0 is not None and wall >= MIN_ENERGY_WINDOW_S and e1 > self._e0:
+            power = (e1 - self._e0) / 1e3 / wall
         return summarize(self._samples, power)
 
 
-def summarize(samples, power_w: Optional[float]) -> dict:
-    """The record fields from ``(clock MHz or None, reasons bit mask or None)`` samples and a mean power."""
-    clocks = [c for c, _ in samples if c is not None]
-    reasons = [r for _, r in samples if r is not None]
+def summarize(samples, power_w: Optional[float] = None) -> dict:
+    """The record fields from ``(clock MHz, reasons bit mask, instantaneous W)`` samples (each None where not read):
+    the mean of the power samples where there are any, else ``power_w`` (from the energy counter)."""
+    clocks = [c for c, _, _ in samples if c is not None]
+    reasons = [r for _, r, _ in samples if r is not None]
+    watts = [w for _, _, w in samples if w is not None]
+    if watts:
+        power_w = statistics.mean(watts)
     share = (lambda bits: sum(1 for r in reasons if r & bits) / len(reasons)) if reasons else (lambda bits: None)
     return dict(sm_clock_mhz=round(statistics.mean(clocks), 1) if clocks else None,
                 power_w=round(power_w, 1) if power_w is not None else None,

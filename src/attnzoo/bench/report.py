@@ -234,12 +234,12 @@ def plot_frac_ideal(best: dict, path: Path, *, direction: str, device: str, shap
 # shape groups (a results file may hold several suites, or head dims, side by side)
 # --------------------------------------------------------------------------------------------------
 def _group_key(r) -> tuple:
-    return (str(r.get("dtype")), r.get("Hq"), r.get("Hkv"), r.get("D"), r.get("Dv"))
+    return (str(r.get("dtype")), r.get("Hq"), r.get("Hkv"), r.get("D"), r.get("Dv"), r.get("sustain_s"))
 
 
 def _shape_groups(recs) -> list:
-    """[(key, records)] by (dtype, Hq, Hkv, D, Dv), in order of appearance (B may vary inside a group: the
-    FlashAttention grid holds B * L constant)."""
+    """[(key, records)] by (dtype, Hq, Hkv, D, Dv, sustain_s), in order of appearance (B may vary inside a group: the
+    FlashAttention grid holds B * L constant; sustained measurements are their own group)."""
     out = {}
     for r in recs:
         out.setdefault(_group_key(r), []).append(r)
@@ -260,9 +260,11 @@ def _group_text(recs, short: bool = False) -> str:
     """The shape of a group of records: ``short`` for headings (D and heads), else every parameter."""
     r0 = recs[0]
     dv = f", Dv={r0.get('Dv')}" if r0.get("Dv") not in (None, r0.get("D")) else ""
+    sus = f", after {r0['sustain_s']:g} s of load" if r0.get("sustain_s") else ""
     if short:
-        return f"D={r0.get('D')}{dv}, Hq={r0.get('Hq')}, Hkv={r0.get('Hkv')}"
-    return f"{r0.get('dtype')}, {_batch_text(recs)}, Hq={r0.get('Hq')}, Hkv={r0.get('Hkv')}, D={r0.get('D')}{dv}"
+        return f"D={r0.get('D')}{dv}, Hq={r0.get('Hq')}, Hkv={r0.get('Hkv')}{sus}"
+    return (f"{r0.get('dtype')}, {_batch_text(recs)}, Hq={r0.get('Hq')}, Hkv={r0.get('Hkv')}, D={r0.get('D')}{dv}"
+            f"{sus}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -557,6 +557,13 @@ def pattern_signature(pattern) -> str:
     return hashlib.sha1(_describe(pattern).encode()).hexdigest()[:10]
 
 
+def case_key(case: "Case", device_name: str, sustain_s: Optional[float] = None) -> str:
+    """The record key of ``case`` (`Case.key` with the pattern's signature); a sustained measurement (``sustain_s``,
+    CUDA) is a different measurement, so it has its own key."""
+    key = case.key(device_name, _case_signature(case))
+    return key + (f"|sustain{float(sustain_s):g}" if sustain_s else "")
+
+
 def _case_signature(case: "Case") -> str:
     try:
         return pattern_signature(case.spec.build(case.L))
@@ -682,8 +689,10 @@ class _Runner:
 
 
 def _dense_key(rec: dict) -> tuple:
-    return (rec.get("device_name"), rec.get("B"), rec.get("Hq"), rec.get("Hkv"), rec.get("Lq"), rec.get("Lk"),
-            rec.get("D"), rec.get("Dv"), rec.get("dtype"), rec.get("direction"))
+    key = (rec.get("device_name"), rec.get("B"), rec.get("Hq"), rec.get("Hkv"), rec.get("Lq"), rec.get("Lk"),
+           rec.get("D"), rec.get("Dv"), rec.get("dtype"), rec.get("direction"))
+    # a sustained measurement (--sustain-s) against the dense one taken the same way
+    return key + (("sustain", rec["sustain_s"]),) if rec.get("sustain_s") else key
 
 
 def dense_baselines(records: Iterable[dict]) -> dict:
@@ -719,7 +728,7 @@ def with_derived(rec: dict, baselines: dict) -> dict:
 
 def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, warmup: int = 2,
              max_time_s: Optional[float] = None, flush_l2: bool = True, baselines: Optional[dict] = None,
-             suite: str = "") -> dict:
+             suite: str = "", sustain_s: Optional[float] = None) -> dict:
     """Measure one case and return its record (never raises for a failing backend)."""
     device = torch.device(device)
     rec = dict(schema=SCHEMA_VERSION, suite=suite, pattern=case.pattern, pattern_kind=case.spec.kind,
@@ -728,7 +737,10 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
                backend=case.backend, api_backend=API_BACKEND.get(case.backend), sdpa_kernel=SDPA_KERNELS.get(case.backend),
                impl=None, note="", seed=seed, warmup=warmup, reps_requested=reps, flush_l2=flush_l2 and device.type == "cuda",
                **env, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    rec["key"] = case.key(env["device_name"], _case_signature(case))
+    sustain_s = sustain_s if device.type == "cuda" else None  # (CPU clocks are not the question)
+    rec["key"] = case_key(case, env["device_name"], sustain_s)
+    if sustain_s:
+        rec["sustain_s"] = float(sustain_s)
     peer = PEERS.get(case.backend)
     if peer is not None:
         rec["peer"] = peer.name
@@ -746,7 +758,7 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
             if device.type == "cuda":  # inputs, a peer's copies of them, caches: all part of the peak below
                 rec["allocated_before_bytes"] = int(torch.cuda.memory_allocated(device))
             result = time_fn(runner, device=device, warmup=warmup, reps=reps, flush_l2=flush_l2,
-                             max_time_s=max_time_s)
+                             max_time_s=max_time_s, sustain_s=sustain_s)
             rec["impl"], rec["note"] = runner.impl, runner.note
         else:
             rec["planned_skip"] = True
@@ -909,11 +921,12 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
 # --------------------------------------------------------------------------------------------------
 def run_suite(cases: Sequence[Case], out_dir, *, suite: Suite, reps: Optional[int] = None,
               warmup: Optional[int] = None, max_time_s: Optional[float] = None, seed: int = 0,
-              progress: bool = True, flush_l2: bool = True, stream=None) -> list:
+              progress: bool = True, flush_l2: bool = True, stream=None, sustain_s: Optional[float] = None) -> list:
     """Run ``cases``, appending a record per measurement to ``out_dir/results.jsonl``.
 
     Cases already recorded there with status ok (same key: parameters, backend and device name) are
     skipped, and so are planned skips already recorded. Returns the latest record of every case.
+    ``sustain_s`` (CUDA): each case's timed calls follow that many seconds of untimed ones (see `timing.time_fn`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -938,7 +951,7 @@ def run_suite(cases: Sequence[Case], out_dir, *, suite: Suite, reps: Optional[in
     keys = []
     try:
         for case in cases:
-            key = case.key(env["device_name"], _case_signature(case))
+            key = case_key(case, env["device_name"], sustain_s if device.type == "cuda" else None)
             keys.append(key)
             prev = done.get(key)
             if prev is not None and (prev.get("status") == "ok" or prev.get("message") == case.skip):
@@ -946,7 +959,7 @@ def run_suite(cases: Sequence[Case], out_dir, *, suite: Suite, reps: Optional[in
                 continue
             prog.start(case)
             rec = run_case(case, device, env, seed=seed, reps=reps, warmup=warmup, max_time_s=max_time_s,
-                           flush_l2=flush_l2, baselines=baselines, suite=suite.name)
+                           flush_l2=flush_l2, baselines=baselines, suite=suite.name, sustain_s=sustain_s)
             if rec.get("status") == "ok" and rec.get("pattern_kind") == "full":
                 baselines = dense_baselines(all_records + [rec])
                 rec = with_derived(rec, baselines)

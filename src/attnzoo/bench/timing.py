@@ -80,13 +80,16 @@ def _free(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10, flush_l2: bool = True,
-            max_time_s: Optional[float] = None, min_reps: int = 3,
+            max_time_s: Optional[float] = None, min_reps: int = 3, sustain_s: Optional[float] = None,
             unsupported=(ValueError, Unsupported)) -> dict:
     """Time ``fn()`` on ``device``; see the module docstring.
 
     ``max_time_s`` caps the timed repetitions at about that many seconds (never fewer than
     ``min_reps``), judged from the warm-up calls on CUDA and as they run on CPU; ``reps`` in the result
     is the number actually timed.
+
+    ``sustain_s`` (CUDA): before the timed calls, about that many seconds of untimed calls back to back, so that
+    the timed ones run in the clock the GPU holds under a long load (its power cap) rather than a short burst's.
 
     Returns ``dict(status, message, median_ms, p20_ms, p80_ms, compile_ms, peak_mem_bytes, reps, times_ms,
     sm_clock_mhz, power_w, power_cap_share, thermal_share)``; the times are None unless ``status == "ok"``.
@@ -97,6 +100,9 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
         raise ValueError(f"reps must be a positive int, got {reps!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    if sustain_s is not None and (isinstance(sustain_s, bool) or not isinstance(sustain_s, (int, float))
+                                  or not sustain_s > 0):
+        raise ValueError(f"sustain_s must be a positive number of seconds, got {sustain_s!r}")
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     flush_buf = None
@@ -134,6 +140,11 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             monitor = GpuMonitor(device)
+            if sustain_s and per_call_s:  # the long load first, untimed (no synchronisation until its end)
+                for _ in range(max(1, int(sustain_s / per_call_s))):
+                    if flush_buf is not None:
+                        flush_buf.zero_()
+                    fn()
             torch.cuda.synchronize(device)  # (the window starts with the timed calls)
             monitor.start()
             for i in range(reps):
