@@ -30,7 +30,11 @@ PATTERNS = {"sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
 BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=True),
                "rows2 fused": dict(GLUON_BWD=dict(ROWS=2, FUSED_DQ=True)),
                "rows1 fused": dict(GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
-               "t fused s3": dict(GLUON_BWD=dict(FUSED_DQ=True, num_stages=3))}
+               "t fused s3": dict(GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
+               # the wide / dense classes' default (Gluon dk / dv ROWS 2 with the persistent Gluon dq kernel), and the
+               # local class's (the persistent Gluon dq kernel with the Triton dk / dv kernel)
+               "wide default": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
+               "local default": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True))}
 
 
 class Sampler:

@@ -30,9 +30,10 @@ THERMAL_BITS = SW_THERMAL | HW_THERMAL
 
 FIELDS = ("sm_clock_mhz", "power_w", "power_cap_share", "thermal_share")
 POWER_INSTANT_FIELD = 186  # nvml.h NVML_FI_DEV_POWER_INSTANT (mW), drivers from 2023 on
-# the energy counter advances in steps (H100: 0 W over some 10 ms windows, nearly 1 kW over others), so power from it
-# is kept only over windows at least this long
-MIN_ENERGY_WINDOW_S = 0.25
+# the board's power readings lag (H100, twenty-eighth session: the energy counter gave 0 W over some 10 ms windows and
+# nearly 1 kW over others; the instantaneous field 120-260 W over 40 ms windows of a kernel at 510 TF/s, still the
+# idle level before them), so power is kept only over timed windows at least this long
+MIN_POWER_WINDOW_S = 0.25
 
 _NVML: dict = {}  # {"mod": pynvml or None, device index: handle or None}
 
@@ -89,8 +90,8 @@ def _instant_power_w(nv, handle):
 class GpuMonitor:
     """Samples the SM clock, the instantaneous board power and the clock-event reasons every ``period_s`` in a
     thread between `start` and `stop`. Mean power: of the instantaneous samples where the driver gives them, else
-    from the board's energy counter at both ends over windows of at least `MIN_ENERGY_WINDOW_S` (NVML's plain power
-    reading is a one-second average, too slow for a timed window of a few hundred milliseconds).
+    from the board's energy counter at both ends (NVML's plain power reading is a one-second average, too slow for a
+    timed window of a few hundred milliseconds); power only over windows of at least `MIN_POWER_WINDOW_S`.
 
     ``stop()`` -> ``{sm_clock_mhz, power_w, power_cap_share, thermal_share}`` (the shares: fractions of the samples
     whose reasons include the power cap / a thermal slowdown), each None where it could not be read; an empty dict
@@ -157,9 +158,12 @@ class GpuMonitor:
         wall = time.perf_counter() - self._t0
         e1 = self._energy_mj()
         power = None
-        if e1 is not None and self._e0 is not None and wall >= MIN_ENERGY_WINDOW_S and e1 > self._e0:
+        if e1 is not None and self._e0 is not None and e1 > self._e0:
             power = (e1 - self._e0) / 1e3 / wall
-        return summarize(self._samples, power)
+        out = summarize(self._samples, power)
+        if wall < MIN_POWER_WINDOW_S:
+            out["power_w"] = None
+        return out
 
 
 def summarize(samples, power_w: Optional[float] = None) -> dict:
