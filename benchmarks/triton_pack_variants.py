@@ -267,6 +267,9 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
                                       MASK_FAR=True),
     "gluon wsp o1 r240 n16 far merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
                                             NARROW=16, MASK_FAR=True, NARROW_MERGE=True),
+    # (twenty-eighth session) the narrow tile at each item's end, its scores issued with the last block's P V
+    "gluon wsp o1 r240 n16 far last": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+                                           NARROW=16, MASK_FAR=True, NARROW_LAST=True),
 }
 # round 17 (eighteenth session, written without device time): the Gluon dk / dv kernel (cfg GLUON_BWD: a producer
 # warp for K / V once and Q / dO into a ring, two consumer warpgroups of 64 keys each; dq from the Triton dq kernel)
