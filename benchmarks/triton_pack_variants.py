@@ -267,9 +267,13 @@ FWD16 = {  # the narrow sink tile in the persistent form (NARROW), and its consu
                                       MASK_FAR=True),
     "gluon wsp o1 r240 n16 far merge": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
                                             NARROW=16, MASK_FAR=True, NARROW_MERGE=True),
-    # (twenty-eighth session: NARROW_LAST, the narrow tile at each item's end with its scores issued beside the last
-    # block's P V, ran right and no faster -- sinks + window 1.109 vs 1.095 ms at 16K, 4.811 vs 4.729 at 64K -- and
-    # was removed; commit d0be007 has it)
+    # (twenty-eighth session) NARROW_LAST 1: the narrow tile at each item's end with its scores issued beside the last
+    # block's P V -- right and no faster (sinks + window 1.109 vs 1.095 ms at 16K, 4.811 vs 4.729 at 64K); 2: the same
+    # for consumer 1 only, so that the two consumers' narrow steps fall at different times
+    "gluon wsp o1 r240 n16 far last": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+                                           NARROW=16, MASK_FAR=True, NARROW_LAST=1),
+    "gluon wsp o1 r240 n16 far last2": _cfg(64, 128, 4, 2, 2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240,
+                                            NARROW=16, MASK_FAR=True, NARROW_LAST=2),
 }
 # round 17 (eighteenth session, written without device time): the Gluon dk / dv kernel (cfg GLUON_BWD: a producer
 # warp for K / V once and Q / dO into a ring, two consumer warpgroups of 64 keys each; dq from the Triton dq kernel)

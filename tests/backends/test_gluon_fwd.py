@@ -63,6 +63,8 @@ def _check(q, k, v, pattern, cfg):
                                                (64, 128, 2, dict(GLUON="ws", NARROW=16)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
                                                                   MASK_FAR=True, NARROW_MERGE=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
+                                                                  MASK_FAR=True, NARROW_LAST=2)),
                                                (128, 128, 3, dict(GLUON="ws", MASK_FAR=True))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
@@ -208,6 +210,13 @@ def test_gluon_narrow_sink_tile(form, monkeypatch):
         # block 0 first where it is partial, the shorter mask in the main loop
         for extra in (dict(NARROW_MERGE=True), dict(MASK_FAR=True), dict(MASK_FAR=True, NARROW=0)):
             assert _check(q, k, v, pattern, dict(cfg, **extra))
+        if form == "wsp":  # NARROW_LAST: the narrow tile at the item's end (1: both consumers, 2: consumer 1 only;
+            # sinks alone: at the start, as before)
+            for extra in (dict(NARROW_LAST=1), dict(NARROW_LAST=1, MASK_FAR=True), dict(NARROW_LAST=2, MASK_FAR=True),
+                          dict(NARROW_LAST=2, QBUF=1), dict(NARROW_LAST=1, PROGRAMS=1)):
+                before = ops.GLUON_NLAST_LAUNCHES
+                assert _check(q, k, v, pattern, dict(cfg, **extra))
+                assert (ops.GLUON_NLAST_LAUNCHES > before) == (pattern != az.Sinks(4)), (pattern, extra)
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=10)
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
 

@@ -233,6 +233,36 @@ def _narrow_step(qs, kn_smem, vn_smem, m0, OFF, hc, AUX, qk_scale, srow: gl.cons
 
 
 @gluon.jit
+def _narrow_last(qs, kn_smem, vn_smem, vl_smem, vl_ready, vl_empty, vl_phase, p, acc, m_i, l_i, m0, OFF, hc, AUX, nw,
+                 qk_scale, srow: gl.constexpr, orow: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                 BLOCK_M: gl.constexpr, NARROW: gl.constexpr, D: gl.constexpr):
+    # (NLAST) a consumer's item end with the narrow tile last: its scores are issued with the last block's P V
+    # (vl_smem), so that they and their softmax run while that MMA is on the tensor cores, instead of a step of its own
+    # at the item's start with both consumers' MMAs idle; then the rescale and the narrow tile's P V. Branch-free in
+    # nw: on an unflagged item the scores are all masked (p = 0, factor 1). Needs n > 0 (ops._narrow_merge_ok)
+    dtype: gl.constexpr = kn_smem.dtype
+    sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, NARROW, 16])
+    snrow: gl.constexpr = gl.SliceLayout(1, sn_layout)
+    qp = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=snrow) + OFF, 1)
+    kpos = gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout))
+    s = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32, layout=sn_layout),
+                      use_acc=False, is_async=True)
+    mbarrier.wait(vl_ready, vl_phase)
+    acc = warpgroup_mma(p, vl_smem, acc, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    s = gl.where(nw != 0, s, float("-inf"))
+    m_n, l_n, pn, alpha = _softmax(s, gl.convert_layout(m_i, snrow), gl.convert_layout(l_i, snrow), qp, kpos, hc, AUX,
+                                   qk_scale, True, dtype, p_layout)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(vl_empty, count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+    acc = warpgroup_mma(pn, vn_smem, acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return gl.convert_layout(m_n, srow), gl.convert_layout(l_n, srow), acc
+
+
+@gluon.jit
 def _narrow_buffers(kdn, vdn, k_smem, v_smem, D: gl.constexpr, NARROW: gl.constexpr, NBUF: gl.constexpr):
     # the narrow tile's K / V buffers, one per Q buffer (the ring's, unused, without NARROW)
     if NARROW > 0:
@@ -257,11 +287,12 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
              O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, z, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr,
-             FAR: gl.constexpr):
+             FAR: gl.constexpr, NLAST: gl.constexpr = False):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
-    # narrow tile (kn_smem, vn_smem, loaded with Q), so acc, m_i and l_i start from that step
+    # narrow tile (kn_smem, vn_smem, loaded with Q), so acc, m_i and l_i start from that step -- or, NLAST, ends with
+    # it: its scores issued with the last block's P V (see _narrow_last)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -278,7 +309,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-    if NARROW > 0 and not NMERGE:
+    if NARROW > 0 and not NMERGE and not NLAST:
         # the narrow step on every item, its result kept where nw: a branch around its MMAs (if nw != 0) gave wrong
         # outputs on the unflagged items of the persistent kernel with two Q buffers (H100, nineteenth session,
         # benchmarks/gluon_narrow_map.py: with or without the tile's load predicated; the ws kernel and one Q
@@ -324,7 +355,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
             acc = warpgroup_mma(gl.convert_layout(p_n.to(dtype), p_layout), vn_smem, acc, use_acc=False,
                                 is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))  # (an async result cannot leave the branch)
-        elif NARROW > 0:  # acc holds the narrow step's P V
+        elif NARROW > 0 and not NLAST:  # acc holds the narrow step's P V
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
     for j in range(1, n):
         it = it0 + j
@@ -346,14 +377,22 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(pslot), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-    if QEMPTY:
+    if QEMPTY and not NLAST:
         mbarrier.arrive(qempty, count=1)
     if n > 0:
         lslot = (it0 + n - 1) % STAGES
-        mbarrier.wait(vready.index(lslot), ((it0 + n - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(vempty.index(lslot), count=1)
+        if NLAST:
+            m_i, l_i, acc = _narrow_last(qs, kn_smem, vn_smem, v_smem.index(lslot), vready.index(lslot),
+                                         vempty.index(lslot), ((it0 + n - 1) // STAGES) & 1, p, acc, m_i, l_i, m0,
+                                         OFF, h + C, AUX, nw, qk_scale, srow, orow, o_layout, p_layout, BLOCK_M,
+                                         NARROW, D)
+        else:
+            mbarrier.wait(vready.index(lslot), ((it0 + n - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(vempty.index(lslot), count=1)
+    if QEMPTY and NLAST:  # (after the narrow tile's P V: its buffers go with Q's)
+        mbarrier.arrive(qempty, count=1)
     l_o = gl.convert_layout(l_i, orow)
     l_safe = gl.where(l_o > 0, l_o, 1.0)
     out = acc / gl.expand_dims(l_safe, 1)
@@ -604,10 +643,13 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
                   turn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                   n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr):
+                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr, NLAST: gl.constexpr):
     it0 = 0
     i = 0
     kn_smem, vn_smem = nbuf
+    # NLAST 1: both consumers take the narrow tile at their items' ends; 2: consumer 1 only, so that the two
+    # consumers' narrow steps (whose MMA waits leave the tensor cores idle) fall at different times
+    NL: gl.constexpr = NLAST == 1 or (NLAST == 2 and C == 1)
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
         pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
@@ -617,7 +659,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
                  kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
                  _zfirst(nf, prow, n, FAR), qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE,
-                 FAR)
+                 FAR, NL)
         it0 += n
         i += 1
 
@@ -627,7 +669,8 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
-                       ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr):
+                       ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
+                       NLAST: gl.constexpr = 0):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -639,11 +682,11 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                         FAR)),
+                         FAR, NLAST)),
         (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                         FAR)),
+                         FAR, NLAST)),
         (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                          vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                          STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),

@@ -510,8 +510,9 @@ def _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, device: str, sn: int) -> bool:
     return bool((total[:, flags.bool()] >= 2).all())
 
 
-# launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback)
-GLUON_LAUNCHES = 0
+# launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback), and
+# of its persistent form with the narrow tile last (NARROW_LAST) among them
+GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = 0
 
 
 def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack):
@@ -558,6 +559,13 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         items = lay.num_q_blocks * b * hq // 2
         # (cfg PROGRAMS: fewer programs than SMs -- a diagnostic knob; 1 walks every item in turn)
         grid = (min(items, int(cfg.get("PROGRAMS") or _sm_count(q.device))),)
+        # NARROW_LAST (persistent form; twenty-eighth session): the narrow tile at the item's end, its scores issued
+        # with the last block's P V (where every flagged block has such a block, as for NARROW_MERGE)
+        # (2: consumer 1 only, consumer 0 at the start as before -- their narrow steps at different times)
+        ok = sn > 0 and not merge and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, str(q.device), sn)
+        meta["NLAST"] = int(cfg.get("NARROW_LAST") or 0) if ok else 0
+        global GLUON_NLAST_LAUNCHES
+        GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
     else:
