@@ -60,7 +60,7 @@ def test_defaults_without_search(fresh_cache):
     assert dense["GLUON_CFG"] == dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, PACK=2, IDX=2, GLUON="ws")
     assert wide["GLUON_CFG"] == local["GLUON_CFG"] == dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, PACK=2,
                                                            IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
-                                                           MASK_FAR=True)
+                                                           MASK_FAR=True, NARROW_LAST=2)
     assert "GLUON_CFG" not in tuning.default("fwd", 128, 128, "nbhd")
     assert "GLUON_CFG" not in tuning.default("fwd", 64, 64, "dense")
     nbhd = tuning.default("fwd", 128, 128, "nbhd")

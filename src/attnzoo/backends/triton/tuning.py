@@ -79,9 +79,14 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
     # MASK_FAR (block 0 first where it is partial, the main loop's mask without the sinks' terms; `ops._mask_far_ok`
     # keeps it off where it changes nothing, e.g. a plain window). Twentieth session, round 16, sinks + window, ms
     # (benchmarks/results/h100-2026-12-06-s20/c2, c3): 16K 1.147 -> 1.079, 1.186 -> 1.123; 64K 4.906 -> 4.400,
-    # 4.908 -> 4.437 (one 64K run of three had it slower, 4.817 -> 5.356)
+    # 4.908 -> 4.437 (one 64K run of three had it slower, 4.817 -> 5.356).
+    # NARROW_LAST 2 (twenty-eighth session): consumer 1 takes the narrow tile at its items' ends, its scores issued
+    # beside the last block's P V, consumer 0 at their starts as before, so the two consumers' narrow steps no longer
+    # stall the tensor cores together. Round 16, sinks + window, ms by pass (benchmarks/results/h100-2026-12-07-s28/
+    # c10-last2): 16K 1.086 / 1.141 / 1.100 -> 1.071 / 1.088 / 1.082, 64K 5.313 / 4.809 / 4.835 -> 4.621 / 5.045 /
+    # 4.604 (both consumers at the end, NARROW_LAST 1: 1.126 and 5.088, slower)
     return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
-                              MASK_FAR=True)}
+                              MASK_FAR=True, NARROW_LAST=2)}
 
 
 def default(kind: str, d: int, dv: int, pclass: str) -> dict:
