@@ -120,6 +120,9 @@
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
 #                rows2 s2, rows2 fused),
 #                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
+#   last2-check  issue 3 (twenty-eighth session): the Gluon forward's reference tests with NARROW_LAST 2 (the local /
+#                wide default since then) and the default path, then attnzoo bench on sinks + window and window 1024 at
+#                64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
 #   len-scale    issue 3 (twenty-eighth session): the forward and backward by kernel at 16K and 64K (window 1024 /
 #                4096, sinks + window; attn_bwd_profile.py --fwd --configs default) with the SM clock and power sampled
 #                (nvidia-smi, 200 ms): window 1024's backward took 7.5 % more per visible pair at 64K than at 16K in
@@ -171,9 +174,10 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the twenty-seventh session (2026-12-07) nothing specific is owed: item-axis, nbhd-bench and windows (16K fwd+bwd,
-# 64K) ran (benchmarks/results/h100-2026-12-07-s27); windows, the default, re-measures the local patterns after a change
-SECTIONS=${*:-windows}
+# after the twenty-eighth session (2026-12-07): last2-check (NARROW_LAST 2, the sinks + window default since then: the
+# reference tests not yet run with it on the GPU, and attnzoo bench at 64K), then windows, which re-measures the local
+# patterns after a change
+SECTIONS=${*:-last2-check windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -321,6 +325,12 @@ for s in $SECTIONS; do
                  python3 benchmarks/attn_bwd_profile.py --plain --patterns ${NCU_PATTERN:-sw4096} --configs "$c" \
                  >> "$OUT/bwd_ncu_log.txt" 2>&1
              done ;;
+    last2-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                   tests/backends/test_gluon_fwd.py -k "(matches_reference and sinks) or default_forward or narrow" \
+                   > "$OUT/last2_tests.txt" 2>&1
+                 timeout ${WINDOWS_S:-150} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/last2" --no-report \
+                   --lengths 65536 --direction fwd --backend triton --backend flex --pattern sinks+sw1024 \
+                   --pattern sw1024 --max-time-s 1.0 > "$OUT/last2_log.txt" 2>&1 ;;
     len-scale) (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
                  > "$OUT/smi.csv" 2>&1 &
                smi=$!
