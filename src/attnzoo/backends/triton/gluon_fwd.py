@@ -16,8 +16,10 @@ Two forms. ``gluon_attn_fwd_ws`` (cfg GLUON="ws"): one program per work item (qu
 flex): the dense class's default forward on Hopper (`tuning._gluon`, run by `ops._gluon_fwd`).
 ``gluon_attn_fwd_wsp`` (GLUON="wsp") is its persistent form (see there), the default of the local and wide classes:
 window 1024 1.62x flex at 0.81 of ideal (16K), window 4096 1.59x. NARROW (block 0 as a 16-key sink tile, both
-forms) waits on a GPU check, see `ops.GLUON_NARROW`. A first, single-partition form (one CTA barrier a step) ran at
-0.76-0.94x the Triton kernel and was removed in the eighteenth session.
+forms; on by default since the nineteenth session, `ops.GLUON_NARROW`) runs attention sinks behind a window, with
+MASK_FAR (block 0 first where it is partial) and, in the persistent form, NARROW_LAST 2 (consumer 1 takes the sink
+tile at its items' ends; twenty-eighth session, sinks + window 1.100 -> 1.082 ms at 16K). A first, single-partition
+form (one CTA barrier a step) ran at 0.76-0.94x the Triton kernel and was removed in the eighteenth session.
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
