@@ -115,7 +115,14 @@ def main():
                    ("gluon dqp s3 + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
                                                                             DQ_PERSIST=True, TRITON_DKDV=True))),
                    ("gluon dqp s3 + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
-                                                                         DQ_STAGES=3, DQ_PERSIST=True))))
+                                                                         DQ_STAGES=3, DQ_PERSIST=True))),
+                   # (twenty-eighth session, not yet run) DQ_PIPE: the dq MMA issued behind the next step's S and dP
+                   ("gluon dqp s3 pipe + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
+                                                                                 DQ_PERSIST=True, DQ_PIPE=True,
+                                                                                 TRITON_DKDV=True))),
+                   ("gluon dqp s3 pipe + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
+                                                                              DQ_STAGES=3, DQ_PERSIST=True,
+                                                                              DQ_PIPE=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -34,7 +34,12 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                # the wide / dense classes' default (Gluon dk / dv ROWS 2 with the persistent Gluon dq kernel), and the
                # local class's (the persistent Gluon dq kernel with the Triton dk / dv kernel)
                "wide default": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
-               "local default": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True))}
+               "local default": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True)),
+               # (twenty-eighth session) both with DQ_PIPE: the dq MMA issued behind the next step's S and dP
+               "wide pipe": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
+                                                DQ_PIPE=True)),
+               "local pipe": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
+                                                 DQ_PIPE=True))}
 
 
 class Sampler:

@@ -489,10 +489,13 @@ def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready,
 def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready, vready, kempty, vempty, DQ, LSE,
              DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, D: gl.constexpr,
              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, QFREE: gl.constexpr,
-             FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr):
+             FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False):
     # consumer C on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D)
     # views; its Q and dO tiles qs, dos (ready when qwait completes phase qph), its n steps at ring steps it0 ..;
-    # QFREE: arrive on qfree once its last MMA reading Q / dO is done (the persistent kernel's buffer is then free)
+    # QFREE: arrive on qfree once its last MMA reading Q / dO is done (the persistent kernel's buffer is then free).
+    # PIPE (cfg GLUON_BWD DQ_PIPE; twenty-eighth session, not yet run): step j's dq MMA is issued behind step j + 1's
+    # S and dP, so it runs during step j + 1's exponentials (as the forward issues P V behind the next scores), instead
+    # of the warpgroup waiting for it at the end of step j; step j's K tile is freed a step later (ring >= 3)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -524,24 +527,66 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
         delta = gl.expand_dims(gl.load(DELTA + lrow), 1)
         mbarrier.wait(qwait, qph)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
-    for j in range(0, n):
-        slot = (it0 + j) % STAGES
-        ph = ((it0 + j) // STAGES) & 1
-        blk = _blk(j, nf, f0, prow, n, 0, False)
-        mbarrier.wait(kready.index(slot), ph)
-        s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(vready.index(slot), ph)
-        dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # (dP still running)
-        p = gl.exp2(s * qk_scale - lse2)
-        if j >= nf:  # a partial block: the pattern's mask
-            p = gl.where(_mask(qp, gl.expand_dims(blk * BLOCK_N + cols, 0), h + C, AUX), p, 0.0)
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
-        mbarrier.arrive(vempty.index(slot), count=1)
-        ds = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
-        acc = warpgroup_mma(ds, k_smem.index(slot), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(kempty.index(slot), count=1)
+    if PIPE:
+        if n > 0:  # step 0 peeled: no dq MMA before it
+            ph = (it0 // STAGES) & 1
+            mbarrier.wait(kready.index(it0 % STAGES), ph)
+            s = warpgroup_mma(qs, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(vready.index(it0 % STAGES), ph)
+            dp = warpgroup_mma(dos, v_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            p = gl.exp2(s * qk_scale - lse2)
+            if nf == 0:
+                p = gl.where(_mask(qp, gl.expand_dims(_blk(0, nf, f0, prow, n, 0, False) * BLOCK_N + cols, 0), h + C,
+                                   AUX), p, 0.0)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+            mbarrier.arrive(vempty.index(it0 % STAGES), count=1)
+            ds = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
+            for j in range(1, n):
+                slot = (it0 + j) % STAGES
+                pslot = (it0 + j - 1) % STAGES
+                ph = ((it0 + j) // STAGES) & 1
+                blk = _blk(j, nf, f0, prow, n, 0, False)
+                mbarrier.wait(kready.index(slot), ph)
+                s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(vready.index(slot), ph)
+                dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                # step j - 1's dq MMA, issued behind S and dP: it runs during this step's exponentials
+                acc = warpgroup_mma(ds, k_smem.index(pslot), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=2, deps=(s, ))
+                p = gl.exp2(s * qk_scale - lse2)
+                if j >= nf:
+                    p = gl.where(_mask(qp, gl.expand_dims(blk * BLOCK_N + cols, 0), h + C, AUX), p, 0.0)
+                dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
+                mbarrier.arrive(vempty.index(slot), count=1)
+                ds_next = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(kempty.index(pslot), count=1)
+                ds = ds_next
+            lslot = (it0 + n - 1) % STAGES
+            acc = warpgroup_mma(ds, k_smem.index(lslot), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kempty.index(lslot), count=1)
+    else:
+        for j in range(0, n):
+            slot = (it0 + j) % STAGES
+            ph = ((it0 + j) // STAGES) & 1
+            blk = _blk(j, nf, f0, prow, n, 0, False)
+            mbarrier.wait(kready.index(slot), ph)
+            s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(vready.index(slot), ph)
+            dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # (dP still running)
+            p = gl.exp2(s * qk_scale - lse2)
+            if j >= nf:  # a partial block: the pattern's mask
+                p = gl.where(_mask(qp, gl.expand_dims(blk * BLOCK_N + cols, 0), h + C, AUX), p, 0.0)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+            mbarrier.arrive(vempty.index(slot), count=1)
+            ds = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
+            acc = warpgroup_mma(ds, k_smem.index(slot), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kempty.index(slot), count=1)
     if QFREE:  # (the S and dP MMAs, the last readers of Q and dO, are done)
         mbarrier.arrive(qfree, count=1)
     gl.store(DQ + orow_g[:, None] * D + ocols[None, :], (acc * sm_scale).to(dtype))
@@ -728,7 +773,7 @@ def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qemp
                   DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF,
                   NQB, n_items, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr, FUSE_DELTA: gl.constexpr,
-                  HAS_DLSE: gl.constexpr):
+                  HAS_DLSE: gl.constexpr, PIPE: gl.constexpr):
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -738,7 +783,7 @@ def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qemp
         _dq_item(C, q_smem.index(2 * qb + C), do_smem.index(2 * qb + C), k_smem, v_smem, qready.index(qb),
                  (i // QBUF) & 1, qempty.index(qb), kready, vready, kempty, vempty, DQ, LSE, DELTA, O, DLSE, AUX, h,
                  qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, True,
-                 FUSE_DELTA, HAS_DLSE)
+                 FUSE_DELTA, HAS_DLSE, PIPE)
         it0 += n
         i += 1
 
@@ -748,7 +793,7 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
                        idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, sm_scale, D: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                       FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr):
+                       FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], dod.layout)
@@ -760,11 +805,11 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
         (_dqp_consumer, (0, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
                          DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
-                         HAS_DLSE)),
+                         HAS_DLSE, PIPE)),
         (_dqp_consumer, (1, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
                          DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
-                         HAS_DLSE)),
+                         HAS_DLSE, PIPE)),
         (_dqp_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty,
                          vempty, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES,
                          BLOCK_M, BLOCK_N, QBUF, ORDER)),
