@@ -122,7 +122,18 @@ def main():
                                                                                  TRITON_DKDV=True))),
                    ("gluon dqp s3 pipe + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
                                                                               DQ_STAGES=3, DQ_PERSIST=True,
-                                                                              DQ_PIPE=True))))
+                                                                              DQ_PIPE=True))),
+                   # (twenty-eighth session, not yet run) DQ_PREF: each item's O and lse loaded during the item before
+                   ("gluon dqp s3 pref + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
+                                                                                 DQ_PERSIST=True, DQ_PREF=True,
+                                                                                 TRITON_DKDV=True))),
+                   ("gluon dqp s3 pipe pref + triton dkdv", dict(base, GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3,
+                                                                                      DQ_PERSIST=True, DQ_PIPE=True,
+                                                                                      DQ_PREF=True,
+                                                                                      TRITON_DKDV=True))),
+                   ("gluon dqp s3 pref + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
+                                                                              DQ_STAGES=3, DQ_PERSIST=True,
+                                                                              DQ_PREF=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

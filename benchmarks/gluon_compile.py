@@ -90,7 +90,7 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
                maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False, qbuf: int = 0,
-               pipe: bool = False):
+               pipe: bool = False, pref: bool = False):
     """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program;
     ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient;
     ``qbuf`` > 0: the persistent form (`gluon_attn_bwd_dqp`) with that many Q / dO buffers, ``pipe``: its DQ_PIPE
@@ -120,6 +120,8 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
         sig = {key: sig[key] for key in order}
         sig["PIPE"] = "constexpr"
         consts["PIPE"] = pipe
+        sig["PREF"] = "constexpr"
+        consts["PREF"] = pref
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -171,7 +173,9 @@ def main(argv=None):
     ap.add_argument("--sep-delta", action="store_true", help="with --dq: delta read, not computed (SEP_DELTA)")
     ap.add_argument("--dlse", action="store_true", help="with --dq: delta less the lse's gradient (HAS_DLSE)")
     ap.add_argument("--dq-qbuf", type=int, default=0, help="with --dq: the persistent form with these Q / dO buffers")
-    ap.add_argument("--dq-pipe", action="store_true", help="with --dq --dq-qbuf: DQ_PIPE (the dq MMA left running)")
+    ap.add_argument("--dq-pipe", action="store_true", help="with --dq --dq-qbuf: DQ_PIPE (the dq MMA a step late)")
+    ap.add_argument("--dq-pref", action="store_true",
+                    help="with --dq --dq-qbuf: DQ_PREF (each item's O and lse loaded during the item before)")
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
@@ -185,7 +189,7 @@ def main(argv=None):
                 for st in a.stages:
                     r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
                                       fuse_delta=not a.sep_delta, has_dlse=a.dlse, qbuf=a.dq_qbuf,
-                                      pipe=a.dq_pipe)
+                                      pipe=a.dq_pipe, pref=a.dq_pref)
                     print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
         return

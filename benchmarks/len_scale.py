@@ -39,7 +39,12 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                "wide pipe": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                                 DQ_PIPE=True)),
                "local pipe": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
-                                                 DQ_PIPE=True))}
+                                                 DQ_PIPE=True)),
+               # (twenty-eighth session) DQ_PREF: each item's O and lse loaded during the item before
+               "wide pref": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
+                                                DQ_PREF=True)),
+               "local pref": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
+                                                 DQ_PREF=True))}
 
 
 class Sampler:

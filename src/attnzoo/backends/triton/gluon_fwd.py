@@ -487,15 +487,19 @@ def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready,
 
 @gluon.jit
 def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready, vready, kempty, vempty, DQ, LSE,
-             DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, D: gl.constexpr,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, QFREE: gl.constexpr,
-             FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False):
+             DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, o_pre, lse_pre,
+             D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             QFREE: gl.constexpr, FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False,
+             PREF: gl.constexpr = False):
     # consumer C on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D)
     # views; its Q and dO tiles qs, dos (ready when qwait completes phase qph), its n steps at ring steps it0 ..;
     # QFREE: arrive on qfree once its last MMA reading Q / dO is done (the persistent kernel's buffer is then free).
     # PIPE (cfg GLUON_BWD DQ_PIPE; twenty-eighth session, not yet run): step j's dq MMA is issued behind step j + 1's
     # S and dP, so it runs during step j + 1's exponentials (as the forward issues P V behind the next scores), instead
     # of the warpgroup waiting for it at the end of step j; step j's K tile is freed a step later (ring >= 3)
+    # PREF (cfg GLUON_BWD DQ_PREF; twenty-eighth session, not yet run): o_pre and lse_pre are this item's O tile and
+    # lse, loaded by the persistent consumer a whole item ahead (_dq_pref), instead of loads whose latency every item
+    # start waits out in both consumers at once
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -508,14 +512,20 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
     qp = gl.expand_dims(m0 + rows + OFF, 1)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     lrow = qrow0 + C * Lq + rows
-    lse = gl.load(LSE + lrow)
+    if PREF:
+        lse = lse_pre
+    else:
+        lse = gl.load(LSE + lrow)
     lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), 1)  # (p = 0)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     orows = gl.arange(0, BLOCK_M, layout=orow)
     ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
     if FUSE_DELTA:  # delta = rowsum(O * dO) - dlse (dropped on rows that see nothing), stored for the dk / dv kernel
-        o = gl.load(O + orow_g[:, None] * D + ocols[None, :]).to(gl.float32)  # (issued before the wait on Q / dO)
+        if PREF:
+            o = o_pre.to(gl.float32)
+        else:
+            o = gl.load(O + orow_g[:, None] * D + ocols[None, :]).to(gl.float32)  # (issued before the wait on Q / dO)
         mbarrier.wait(qwait, qph)
         dsum = gl.sum(o * dos.load(o_layout).to(gl.float32), 1)
         if HAS_DLSE:
@@ -598,7 +608,7 @@ def _dq_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qbar, kready,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSE_DELTA: gl.constexpr,
                  HAS_DLSE: gl.constexpr):
     _dq_item(C, q_smem.index(C), do_smem.index(C), k_smem, v_smem, qbar, 0, qbar, kready, vready, kempty, vempty, DQ,
-             LSE, DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, qk_scale, sm_scale, D, BLOCK_M,
+             LSE, DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, qk_scale, sm_scale, 0, 0, D, BLOCK_M,
              BLOCK_N, STAGES, False, FUSE_DELTA, HAS_DLSE)
 
 
@@ -773,19 +783,47 @@ def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qemp
                   DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF,
                   NQB, n_items, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr, FUSE_DELTA: gl.constexpr,
-                  HAS_DLSE: gl.constexpr, PIPE: gl.constexpr):
+                  HAS_DLSE: gl.constexpr, PIPE: gl.constexpr, PREF: gl.constexpr):
     it0 = 0
     i = 0
+    if PREF:  # (the first item's O and lse; then each item's are loaded while the one before runs)
+        o_n, lse_n = _dq_pref(O, LSE, _wsp_item(gl.program_id(0), NQB, H, G, Lq, Lk, BLOCK_M, ORDER)[2] + C * Lq, D,
+                              BLOCK_M, BLOCK_N)
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
         pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         qb = i % QBUF
+        if PREF:
+            o_c = o_n
+            lse_c = lse_n
+            # the next item's (the last item's again after the last: a load nobody uses)
+            t2 = gl.minimum(t + gl.num_programs(0), n_items - 1)
+            o_n, lse_n = _dq_pref(O, LSE, _wsp_item(t2, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)[2] + C * Lq, D, BLOCK_M,
+                                  BLOCK_N)
+        else:
+            o_c = 0
+            lse_c = 0
         _dq_item(C, q_smem.index(2 * qb + C), do_smem.index(2 * qb + C), k_smem, v_smem, qready.index(qb),
                  (i // QBUF) & 1, qempty.index(qb), kready, vready, kempty, vempty, DQ, LSE, DELTA, O, DLSE, AUX, h,
-                 qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, True,
-                 FUSE_DELTA, HAS_DLSE, PIPE)
+                 qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, o_c, lse_c, D, BLOCK_M, BLOCK_N, STAGES,
+                 True, FUSE_DELTA, HAS_DLSE, PIPE, PREF)
         it0 += n
         i += 1
+
+
+@gluon.jit
+def _dq_pref(O, LSE, row0, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    # (PREF) a consumer's O tile (rows row0 .. row0 + BLOCK_M, 16-bit, in the dq accumulator's layout) and lse (in the
+    # scores' row layout) of one work item, as _dq_item would load them
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    orows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    og = (row0 + orows).to(gl.int64)
+    return gl.load(O + og[:, None] * D + ocols[None, :]), gl.load(LSE + row0 + rows)
 
 
 @gluon.jit
@@ -793,7 +831,8 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
                        idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, sm_scale, D: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                       FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False):
+                       FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False,
+                       PREF: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], dod.layout)
@@ -805,11 +844,11 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
         (_dqp_consumer, (0, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
                          DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
-                         HAS_DLSE, PIPE)),
+                         HAS_DLSE, PIPE, PREF)),
         (_dqp_consumer, (1, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
                          DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
-                         HAS_DLSE, PIPE)),
+                         HAS_DLSE, PIPE, PREF)),
         (_dqp_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty,
                          vempty, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES,
                          BLOCK_M, BLOCK_N, QBUF, ORDER)),

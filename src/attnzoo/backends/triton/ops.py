@@ -765,7 +765,8 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     fuse = not g.get("SEP_DELTA")
     qbuf = int(g.get("DQ_QBUF", 2)) if g.get("DQ_PERSIST") else 0  # (0: a program per work item)
     pipe = bool(qbuf) and bool(g.get("DQ_PIPE"))
-    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe)
+    pref = bool(qbuf) and bool(g.get("DQ_PREF"))
+    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe, pref)
     if key in _GLUON_FAILED:
         return False
     lay = _layout(pattern, lq, lk, 64, 64, hq, dev)
@@ -780,7 +781,8 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     if qbuf:  # the persistent form: at most one program per SM walking the (query block, head pair) items
         items = lay.num_q_blocks * b * hq // 2
         launch = lambda: gmod.gluon_attn_bwd_dqp[(min(items, _sm_count(q.device)),)](  # noqa: E731
-            *args, lay.num_q_blocks, items, scale * LOG2E, scale, QBUF=qbuf, ORDER=1, PIPE=pipe, **meta)
+            *args, lay.num_q_blocks, items, scale * LOG2E, scale, QBUF=qbuf, ORDER=1, PIPE=pipe, PREF=pref,
+            **meta)
     else:
         launch = lambda: gmod.gluon_attn_bwd_dq[(lay.num_q_blocks, b * hq // 2)](  # noqa: E731
             *args, scale * LOG2E, scale, **meta)
@@ -843,11 +845,11 @@ def gluon_bwd_settings(g, d: int) -> dict:
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
     unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
-                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE"})
+                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF"})
     if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's, and
         # PINGPONG, the twenty-fourth's: slower, removed)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF, DQ_PIPE)")
+                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF, DQ_PIPE, DQ_PREF)")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
@@ -893,6 +895,11 @@ def gluon_bwd_settings(g, d: int) -> dict:
         if out["DQ_STAGES"] < 3:  # (step j - 1's K tile stays until step j's end: two slots held, one loading)
             raise ValueError(f"cfg GLUON_BWD: DQ_PIPE needs DQ_STAGES >= 3, got {out['DQ_STAGES']}")
         out["DQ_PIPE"] = True
+    if g.get("DQ_PREF"):  # (twenty-eighth session, not yet run) the next item's O and lse loaded a whole item ahead
+        if "DQ_PERSIST" not in out:
+            raise ValueError("cfg GLUON_BWD: DQ_PREF (each item's O and lse loaded during the item before) needs "
+                             "GLUON_DQ and DQ_PERSIST")
+        out["DQ_PREF"] = True
     need = gluon_bwd_smem(out, d)
     if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
         raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dk / dv kernel needs {need} bytes of shared memory at D = "
