@@ -211,19 +211,30 @@ def _q_load(qd, kdn, vdn, q_smem, nbuf, bar, qb, qrow0, Lq, kvrow, nw, NARROW: g
         tma.async_copy_global_to_shared(vdn, [kvrow, 0], bar, vn_smem.index(qb))
 
 
+@gluon.constexpr_function
+def _narrow_layout(NARROW):
+    # the narrow tile's score layout (64 rows a warpgroup x NARROW keys)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NARROW, 16])
+
+
+@gluon.jit
+def _narrow_setup(m0, OFF, BLOCK_M: gl.constexpr, NARROW: gl.constexpr):
+    # the narrow tile's query positions (a column), key positions (0 .. NARROW) and zero scores, in its score layout
+    sn_layout: gl.constexpr = _narrow_layout(NARROW)
+    qp = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, sn_layout)) + OFF, 1)
+    kpos = gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout))
+    return qp, kpos, gl.zeros([BLOCK_M, NARROW], gl.float32, layout=sn_layout)
+
+
 @gluon.jit
 def _narrow_step(qs, kn_smem, vn_smem, m0, OFF, hc, AUX, qk_scale, srow: gl.constexpr, o_layout: gl.constexpr,
                  p_layout: gl.constexpr, BLOCK_M: gl.constexpr, NARROW: gl.constexpr, D: gl.constexpr):
     # a consumer's first step on a narrow work item (its narrow tile loaded with Q): scores against the NARROW-key
     # tile (masked), the softmax from scratch and acc = P V -> (m_i, l_i, acc)
     dtype: gl.constexpr = kn_smem.dtype
-    sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, NARROW, 16])
-    snrow: gl.constexpr = gl.SliceLayout(1, sn_layout)
-    qp = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=snrow) + OFF, 1)
-    kpos = gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout))
-    s = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32, layout=sn_layout),
-                      use_acc=False, is_async=True)
+    snrow: gl.constexpr = gl.SliceLayout(1, _narrow_layout(NARROW))
+    qp, kpos, s0 = _narrow_setup(m0, OFF, BLOCK_M, NARROW)
+    s = warpgroup_mma(qs, kn_smem.permute((1, 0)), s0, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     m_i, l_i, p, alpha = _softmax(s, gl.full([BLOCK_M], float("-inf"), gl.float32, layout=snrow),
                                   gl.zeros([BLOCK_M], gl.float32, layout=snrow), qp, kpos, hc, AUX, qk_scale, True,
@@ -243,13 +254,9 @@ def _narrow_last(qs, kn_smem, vn_smem, vl_smem, vl_ready, vl_empty, vl_phase, p,
     # at the item's start with both consumers' MMAs idle; then the rescale and the narrow tile's P V. Branch-free in
     # nw: on an unflagged item the scores are all masked (p = 0, factor 1). Needs n > 0 (ops._narrow_merge_ok)
     dtype: gl.constexpr = kn_smem.dtype
-    sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, NARROW, 16])
-    snrow: gl.constexpr = gl.SliceLayout(1, sn_layout)
-    qp = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=snrow) + OFF, 1)
-    kpos = gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout))
-    s = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32, layout=sn_layout),
-                      use_acc=False, is_async=True)
+    snrow: gl.constexpr = gl.SliceLayout(1, _narrow_layout(NARROW))
+    qp, kpos, s0 = _narrow_setup(m0, OFF, BLOCK_M, NARROW)
+    s = warpgroup_mma(qs, kn_smem.permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(vl_ready, vl_phase)
     acc = warpgroup_mma(p, vl_smem, acc, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
