@@ -40,8 +40,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from .peers import PEERS
-from .gpu_state import FIELDS as GPU_FIELDS, describe as describe_gpu_state
-from .timing import Unsupported, classify_exception, time_fn
+from .gpu_state import describe as describe_gpu_state
+from .timing import Unsupported, classify_exception, empty_result, time_fn
 
 RESULTS_FILE = "results.jsonl"
 SCHEMA_VERSION = 1
@@ -745,8 +745,7 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
     if peer is not None:
         rec["peer"] = peer.name
         rec["peer_version"] = peer.version()
-    result = dict(status="unsupported", message=case.skip or "", median_ms=None, p20_ms=None, p80_ms=None,
-                  compile_ms=None, peak_mem_bytes=None, reps=0, times_ms=[], **dict.fromkeys(GPU_FIELDS))
+    result = empty_result("unsupported", case.skip or "")
     runner = None
     try:
         pattern = case.spec.build(case.L)

@@ -68,7 +68,8 @@ def classify_exception(exc: BaseException, unsupported=(ValueError, Unsupported)
     return "error", msg
 
 
-def _empty(status: str, message: str = "") -> dict:
+def empty_result(status: str, message: str = "") -> dict:
+    """A result with no measurement (every time, the peak memory and the GPU state None)."""
     return dict(status=status, message=message, median_ms=None, p20_ms=None, p80_ms=None, compile_ms=None,
                 peak_mem_bytes=None, reps=0, times_ms=[], **dict.fromkeys(GPU_FIELDS))
 
@@ -173,7 +174,7 @@ def time_fn(fn: Callable[[], object], *, device, warmup: int = 1, reps: int = 10
     if failure is not None:
         # outside the except block, so that the traceback (and the tensors its frames hold) is gone
         _free(device)
-        return _empty(*failure)
+        return empty_result(*failure)
     return dict(status="ok", message="", median_ms=percentile(times, 50), p20_ms=percentile(times, 20),
                 p80_ms=percentile(times, 80), compile_ms=compile_ms, peak_mem_bytes=peak, reps=len(times),
                 times_ms=[round(t, 6) for t in times], **{f: gpu.get(f) for f in GPU_FIELDS})
