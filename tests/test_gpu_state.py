@@ -35,8 +35,9 @@ def test_monitor_without_nvml_records_nothing():
     m = GpuMonitor("cpu")
     assert not m.available
     assert m.start().stop() == {}
-    with pytest.raises(ValueError, match="period_s"):
-        GpuMonitor("cpu", period_s=0)
+    for bad in (0, -0.01, True, "0.01"):
+        with pytest.raises(ValueError, match="period_s"):
+            GpuMonitor("cpu", period_s=bad)
 
 
 def test_time_fn_cpu_has_empty_gpu_fields():

@@ -98,7 +98,7 @@ class GpuMonitor:
     without NVML."""
 
     def __init__(self, device, period_s: float = 0.01):
-        if not (isinstance(period_s, (int, float)) and period_s > 0):
+        if isinstance(period_s, bool) or not (isinstance(period_s, (int, float)) and period_s > 0):
             raise ValueError(f"period_s must be a positive number, got {period_s!r}")
         self.period_s = float(period_s)
         self.handle = nvml_handle(device)
