@@ -125,8 +125,9 @@
 #                64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
 #   dq-pipe      issue 3 (twenty-eighth session, NOT YET RUN): the persistent Gluon dq kernel with DQ_PIPE (each step's
 #                dq MMA issued behind the next step's S and dP; ptxas sm_90: no spills, 398 loop instructions against
-#                375) and DQ_PREF (each item's O and lse loaded during the item before, not waited out at its start):
-#                their GPU tests, then the backward by kernel at 16K (window 1024 / 4096, sinks + window) with and
+#                375) and DQ_PREF (each item's O and lse loaded during the item before, not waited out at its start),
+#                and the Gluon dk / dv kernel's ROWS_PREF (the next step's block index, lse and delta loaded during this
+#                one): their GPU tests, then the backward by kernel at 16K (window 1024 / 4096, sinks + window) with and
 #                without them, and sustained (len_scale.py, 3 rounds)
 #   len-scale    issue 3 (twenty-eighth session): the forward and backward by kernel at 16K and 64K (window 1024 /
 #                4096, sinks + window; attn_bwd_profile.py --fwd --configs default) with the SM clock and power sampled
@@ -340,9 +341,9 @@ for s in $SECTIONS; do
                tests/backends/test_gluon_bwd.py -k "pipe or pref" > "$OUT/dq_pipe_tests.txt" 2>&1
              timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sw4096,sinks+sw1024 \
                --configs "default,pipe,pref" > "$OUT/dq_pipe_profile.txt" 2>&1
-             timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw4096,sw1024 --shapes 1x16384 \
-               --configs "wide default,wide pipe,wide pref,local default,local pipe,local pref" --rounds 3 \
-               > "$OUT/dq_pipe_sustained.txt" 2>&1 ;;
+             timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,sw1024 --shapes 1x16384 \
+               --configs "wide default,wide pipe,wide pref,wide rpref,wide all,local default,local pipe,local pref" \
+               --rounds 3 > "$OUT/dq_pipe_sustained.txt" 2>&1 ;;
     len-scale) (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
                  > "$OUT/smi.csv" 2>&1 &
                smi=$!
