@@ -493,6 +493,25 @@ def _dq_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qbar, kready,
 
 
 @gluon.jit
+def _dq_scores(qs, dos, k_smem, v_smem, kready, vready, slot, ph, s_zero):
+    # (the dq kernel) a step's S = Q K^T and dP = dO V^T issued on ring slot `slot` (phase ph) as they become ready
+    mbarrier.wait(kready.index(slot), ph)
+    s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(vready.index(slot), ph)
+    dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    return s, dp
+
+
+@gluon.jit
+def _dq_p(s, lse2, qk_scale, part, qp, kpos, hc, AUX):
+    # (the dq kernel) P = exp2(S * scale - lse) of a step, with the pattern's mask where the block is partial
+    p = gl.exp2(s * qk_scale - lse2)
+    if part:
+        p = gl.where(_mask(qp, gl.expand_dims(kpos, 0), hc, AUX), p, 0.0)
+    return p
+
+
+@gluon.jit
 def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready, vready, kempty, vempty, DQ, LSE,
              DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, o_pre, lse_pre,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -546,35 +565,21 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     if PIPE:
         if n > 0:  # step 0 peeled: no dq MMA before it
-            ph = (it0 // STAGES) & 1
-            mbarrier.wait(kready.index(it0 % STAGES), ph)
-            s = warpgroup_mma(qs, k_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(vready.index(it0 % STAGES), ph)
-            dp = warpgroup_mma(dos, v_smem.index(it0 % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                               is_async=True)
+            s, dp = _dq_scores(qs, dos, k_smem, v_smem, kready, vready, it0 % STAGES, (it0 // STAGES) & 1, s_zero)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            p = gl.exp2(s * qk_scale - lse2)
-            if nf == 0:
-                p = gl.where(_mask(qp, gl.expand_dims(_blk(0, nf, f0, prow, n, 0, False) * BLOCK_N + cols, 0), h + C,
-                                   AUX), p, 0.0)
+            p = _dq_p(s, lse2, qk_scale, nf == 0, qp, _blk(0, nf, f0, prow, n, 0, False) * BLOCK_N + cols, h + C, AUX)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
             mbarrier.arrive(vempty.index(it0 % STAGES), count=1)
             ds = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
             for j in range(1, n):
                 slot = (it0 + j) % STAGES
                 pslot = (it0 + j - 1) % STAGES
-                ph = ((it0 + j) // STAGES) & 1
                 blk = _blk(j, nf, f0, prow, n, 0, False)
-                mbarrier.wait(kready.index(slot), ph)
-                s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(vready.index(slot), ph)
-                dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s, dp = _dq_scores(qs, dos, k_smem, v_smem, kready, vready, slot, ((it0 + j) // STAGES) & 1, s_zero)
                 # step j - 1's dq MMA, issued behind S and dP: it runs during this step's exponentials
                 acc = warpgroup_mma(ds, k_smem.index(pslot), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s, ))
-                p = gl.exp2(s * qk_scale - lse2)
-                if j >= nf:
-                    p = gl.where(_mask(qp, gl.expand_dims(blk * BLOCK_N + cols, 0), h + C, AUX), p, 0.0)
+                p = _dq_p(s, lse2, qk_scale, j >= nf, qp, blk * BLOCK_N + cols, h + C, AUX)
                 dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp, ))
                 mbarrier.arrive(vempty.index(slot), count=1)
                 ds_next = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
@@ -588,16 +593,10 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
     else:
         for j in range(0, n):
             slot = (it0 + j) % STAGES
-            ph = ((it0 + j) // STAGES) & 1
             blk = _blk(j, nf, f0, prow, n, 0, False)
-            mbarrier.wait(kready.index(slot), ph)
-            s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(vready.index(slot), ph)
-            dp = warpgroup_mma(dos, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s, dp = _dq_scores(qs, dos, k_smem, v_smem, kready, vready, slot, ((it0 + j) // STAGES) & 1, s_zero)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # (dP still running)
-            p = gl.exp2(s * qk_scale - lse2)
-            if j >= nf:  # a partial block: the pattern's mask
-                p = gl.where(_mask(qp, gl.expand_dims(blk * BLOCK_N + cols, 0), h + C, AUX), p, 0.0)
+            p = _dq_p(s, lse2, qk_scale, j >= nf, qp, blk * BLOCK_N + cols, h + C, AUX)  # (the mask: partial blocks)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
             mbarrier.arrive(vempty.index(slot), count=1)
             ds = gl.convert_layout((p * (dp - delta)).to(dtype), ds_layout)
