@@ -6,21 +6,20 @@ Each call timed alone by CUDA events over a steady stream of calls (``--seconds`
 calls' times show a clock that drops under load. On the GPU machine:
     PYTHONPATH=src python3 benchmarks/len_scale.py [--patterns sw4096] [--shapes 1x16384,4x16384,1x65536] [--bwd]
         [--configs default,rows2 fused] [--rounds 3]
-Each row also gives the mean SM clock and board power over its timed calls (NVML, or nvidia-smi), and the energy of
-a call (mean power x median time): under a long load the H100 holds its 700 W cap by lowering the clock (first
-measured here, twenty-eighth session), so a kernel's sustained speed follows its energy per call.
+Each row also gives the mean SM clock and board power over its timed calls (`attnzoo.bench.gpu_state`, through
+NVML; nan without it), and the energy of a call (mean power x median time): under a long load the H100 holds its
+700 W cap by lowering the clock (first measured here, twenty-eighth session), so a kernel's sustained speed follows
+its energy per call. (The session's c2, c3 and c7 runs took the power from NVML's one-second average instead.)
 --smoke: CPU, float32, tiny shapes under TRITON_INTERPRET=1 (the script's own check)."""
 import argparse
 import statistics
-import subprocess
 import sys
-import threading
-import time
 
 import torch
 
 import attnzoo as az
 from attnzoo.backends.triton import ops, tuning
+from attnzoo.bench.timing import time_fn
 
 PATTERNS = {"sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
             "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4), "causal": az.Causal()}
@@ -52,84 +51,12 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                                                ROWS_PREF=True, DQ_PIPE=True, DQ_PREF=True))}
 
 
-class Sampler:
-    """The SM clock (MHz) and board power (W) every ``period`` s in a thread, through NVML where pynvml imports, else
-    nvidia-smi; ``mean()`` -> (MHz, W) over the samples since ``start()``, or (nan, nan)."""
-
-    def __init__(self, period: float = 0.05):
-        self.period, self.samples, self._stop, self._t = period, [], threading.Event(), None
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-            self._read = lambda: (pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),  # noqa: E731
-                                  pynvml.nvmlDeviceGetPowerUsage(h) / 1e3)
-        except Exception:  # noqa: BLE001 - no NVML binding: the command-line tool
-            self._read = self._smi
-
-    @staticmethod
-    def _smi():
-        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                              f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, timeout=5)
-        mhz, watts = out.stdout.strip().split(",")[:2]
-        return float(mhz), float(watts)
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.samples.append(self._read())
-            except Exception:  # noqa: BLE001 - no clock to read: the rows print nan
-                return
-            self._stop.wait(self.period)
-
-    def start(self):
-        self.samples, self._stop = [], threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def mean(self):
-        self._stop.set()
-        self._t.join()
-        if not self.samples:
-            return float("nan"), float("nan")
-        return (statistics.mean(s[0] for s in self.samples), statistics.mean(s[1] for s in self.samples))
-
-
 def shapes(text: str):
     out = []
     for part in text.split(","):
         b, _, L = part.partition("x")
         out.append((int(b), int(L)))
     return out
-
-
-def time_calls(fn, seconds: float, cuda: bool, sampler=None):
-    """Per-call ms over a stream of back-to-back calls lasting about ``seconds`` (the count fixed from one call);
-    ``sampler`` (a `Sampler`) runs during the timed calls."""
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    n = max(3, min(2000, int(seconds / max(1e-6, time.perf_counter() - t0))))
-    if not cuda:
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return ts
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    if sampler is not None:
-        sampler.start()
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in ev]
 
 
 def main():
@@ -163,7 +90,6 @@ def main():
           f"({'7' if args.bwd else '2'} products a pair)")
     print(f"{'pattern':13s} {'B x L':>10s} {'config':14s} {'calls':>6s} {'median ms':>10s} {'first 5':>9s} "
           f"{'last 5':>9s} {'TF/s':>6s} {'MHz':>6s} {'W':>5s} {'J/call':>7s}")
-    sampler = Sampler() if cuda else None
     for name in args.patterns.split(","):
         p = PATTERNS[name]
         for b, L in shapes(args.shapes):
@@ -186,8 +112,13 @@ def main():
                         fn = lambda: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg)  # noqa: E731
                     else:
                         fn = lambda: ops.attention_fwd(q, k, v, p, scale)  # noqa: E731
-                    ts = time_calls(fn, args.seconds, cuda, sampler)
-                    mhz, watts = sampler.mean() if sampler is not None else (float("nan"), float("nan"))
+                    # (a stream of calls lasting about --seconds, each timed by CUDA events, no L2 flush between
+                    # them; the clock and power over it from `gpu_state.GpuMonitor`, None without NVML)
+                    r = time_fn(fn, device=dev, warmup=1, reps=2000, max_time_s=args.seconds, flush_l2=False)
+                    if r["status"] != "ok":
+                        sys.exit(f"{name} {b}x{L} {cname}: {r['status']}: {r['message']}")
+                    ts = r["times_ms"]
+                    mhz, watts = (float("nan") if r[f] is None else r[f] for f in ("sm_clock_mhz", "power_w"))
                     med = statistics.median(ts)
                     tf = (7 if args.bwd else 2) * 2 * d * pairs / (med * 1e-3) / 1e12
                     print(f"{name:13s} {f'{b}x{L}':>10s} {cname:14s} {len(ts):6d} {med:10.3f} "
