@@ -764,8 +764,7 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     stages = int(g.get("DQ_STAGES", 2))
     fuse = not g.get("SEP_DELTA")
     qbuf = int(g.get("DQ_QBUF", 2)) if g.get("DQ_PERSIST") else 0  # (0: a program per work item)
-    pipe = bool(qbuf) and bool(g.get("DQ_PIPE"))
-    pref = bool(qbuf) and bool(g.get("DQ_PREF"))
+    pipe, pref = bool(g.get("DQ_PIPE")), bool(g.get("DQ_PREF"))  # (both need DQ_PERSIST: gluon_bwd_settings)
     key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe, pref)
     if key in _GLUON_FAILED:
         return False
@@ -840,18 +839,19 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
     return out if gluon_bwd_plan(q, k, v, dout, pattern, cfg)[0] else None
 
 
+# the settings cfg GLUON_BWD takes (`gluon_bwd_settings`)
+GLUON_BWD_KEYS = ("num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES", "SEP_DELTA",
+                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "ROWS_PREF")
+
+
 def gluon_bwd_settings(g, d: int) -> dict:
     """cfg GLUON_BWD (True or a dict) as the launch takes it, checked: known settings, ROWS without the transposed
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
-    unknown = sorted(set(g) - {"num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES",
-                               "SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF",
-                               "ROWS_PREF"})
+    unknown = sorted(set(g) - set(GLUON_BWD_KEYS))
     if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's, and
         # PINGPONG, the twenty-fourth's: slower, removed)
-        raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} (num_stages, REGS, ACC_INIT, FUSED_DQ, ROWS, "
-                         "GLUON_DQ, DQ_STAGES, SEP_DELTA, TRITON_DKDV, DQ_PERSIST, DQ_QBUF, DQ_PIPE, DQ_PREF, "
-                         "ROWS_PREF)")
+        raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} ({', '.join(GLUON_BWD_KEYS)})")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
     if g.get("ROWS"):  # (only where asked: the settings of the other forms stay as they were)
