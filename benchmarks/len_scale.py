@@ -47,6 +47,10 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                # (twenty-eighth session) ROWS_PREF: the Gluon dk / dv kernel's next step's lse and delta loaded early
                "wide rpref": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                                  ROWS_PREF=True)),
+               "wide pp": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
+                                              DQ_PIPE=True, DQ_PREF=True)),
+               "local pp": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
+                                               DQ_PIPE=True, DQ_PREF=True)),
                "wide all": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                                ROWS_PREF=True, DQ_PIPE=True, DQ_PREF=True))}
 
