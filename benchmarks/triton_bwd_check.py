@@ -123,6 +123,7 @@ def main():
     g2 = (64, 64)
     cases = [("causal-4K", az.Causal(), 1, 16, 8, 4096, 4096, 128, 128),
              ("sinks+window-gqa", az.SlidingWindow(1023) | az.Sinks(4), 2, 8, 2, 4001, 4001, 128, 128),
+             ("window4096-gqa", az.SlidingWindow(4095), 1, 8, 2, 8192, 8192, 128, 128),  # (class wide)
              ("window-cross", az.SlidingWindow(300, 20), 1, 8, 1, 777, 2500, 64, 64),
              ("full-cross-lq>lk", None, 1, 4, 4, 3000, 1000, 128, 128),
              ("doc&causal", az.Document([1000, 37, 2000, 1059]) & az.Causal(), 1, 8, 8, 4096, 4096, 128, 128),
