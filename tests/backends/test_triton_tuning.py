@@ -69,10 +69,10 @@ def test_defaults_without_search(fresh_cache):
     assert tuning.default("bwd", 128, 128, "local")["TMA"] and "TMA" not in tuning.default("bwd", 256, 256, "local")
     # the backward's Gluon kernels as measured (H100): both on wide windows and causal / full, the Gluon dq kernel
     # with the Triton dk / dv kernel on class local, none on neighborhoods or other head dims; the dq kernel persistent
-    # (on windows with DQ_PIPE and DQ_PREF, the twenty-ninth session's measurement)
-    both = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)
-    assert tuning.default("bwd", 128, 128, "dense")["GLUON_BWD"] == both
-    assert tuning.default("bwd", 128, 128, "wide")["GLUON_BWD"] == dict(both, DQ_PIPE=True, DQ_PREF=True)
+    # (with DQ_PIPE and DQ_PREF, the twenty-ninth session's measurement)
+    both = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
+    assert tuning.default("bwd", 128, 128, "wide")["GLUON_BWD"] == tuning.default("bwd", 128, 128, "dense")[
+        "GLUON_BWD"] == both
     assert tuning.default("bwd", 128, 128, "local")["GLUON_BWD"] == dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True,
                                                                           DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
     assert all("GLUON_BWD" not in tuning.default("bwd", d, d, c) for d, c in ((128, "nbhd"), (64, "local"),
