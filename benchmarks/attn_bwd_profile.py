@@ -134,14 +134,7 @@ def main():
                    ("gluon dqp s3 pref + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
                                                                               DQ_STAGES=3, DQ_PERSIST=True,
                                                                               DQ_PREF=True))),
-                   # (twenty-eighth session, not yet run) ROWS_PREF: the dk / dv kernel's next step's lse and delta
-                   # loaded during this one
-                   ("gluon dqp s3 + rows2 s3 rpref", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
-                                                                               DQ_STAGES=3, DQ_PERSIST=True,
-                                                                               ROWS_PREF=True))),
-                   ("gluon dqp s3 pipe pref + rows2 s3 rpref", dict(base, GLUON_BWD=dict(
-                       ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, ROWS_PREF=True, DQ_PIPE=True,
-                       DQ_PREF=True))))
+                   )
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

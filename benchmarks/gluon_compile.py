@@ -126,7 +126,7 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
 
 
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0, pref: bool = False):
+                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0):
     """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
     ``fused``: FUSED_DQ (dq by TMA reduce-adds into a float32 accumulator, through its descriptor dqd); ``rows``: ROWS
     (scores with the query rows as rows, P and dS through shared memory)."""
@@ -142,9 +142,9 @@ def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq:
                lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", HKV="i32", G="i32", Lq="i32", Lk="i32",
                OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr", STAGES="constexpr", BLOCK_M="constexpr",
                HALF="constexpr", CONSUMER_REGS="constexpr", ACC_INIT="constexpr", FUSED_DQ="constexpr",
-               ROWS="constexpr", PREF="constexpr")
+               ROWS="constexpr")
     consts = dict(D=d, STAGES=stages, BLOCK_M=64, HALF=64, CONSUMER_REGS=regs, ACC_INIT=acc_init, FUSED_DQ=fused,
-                  ROWS=rows, PREF=pref)
+                  ROWS=rows)
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -179,8 +179,6 @@ def main(argv=None):
     ap.add_argument("--bwd", action="store_true", help="the dk / dv kernel (gluon_bwd) instead, at --stages, --regs")
     ap.add_argument("--acc-init", action="store_true", help="with --bwd: ACC_INIT (MMAs start from -lse, -delta)")
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
-    ap.add_argument("--rows-pref", action="store_true",
-                    help="with --bwd --rows: ROWS_PREF (the next step's lse and delta loaded during this one)")
     ap.add_argument("--rows", type=int, nargs="?", const=1, default=0,
                     help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
     a = ap.parse_args(argv)
@@ -200,7 +198,7 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
-                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows, pref=a.rows_pref)
+                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")
                     if a.ptx:

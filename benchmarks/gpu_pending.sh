@@ -120,15 +120,13 @@
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
 #                rows2 s2, rows2 fused),
 #                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
-#   last2-check  issue 3 (twenty-eighth session): the Gluon forward's reference tests with NARROW_LAST 2 (the local /
-#                wide default since then) and the default path, then attnzoo bench on sinks + window and window 1024 at
+#   last2-check  issue 3 (twenty-eighth session, run in the twenty-ninth: passed): the Gluon forward's reference
+#                tests with NARROW_LAST 2 (the local / wide default since then) and the default path, then attnzoo bench on sinks + window and window 1024 at
 #                64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
-#   dq-pipe      issue 3 (twenty-eighth session, NOT YET RUN): the persistent Gluon dq kernel with DQ_PIPE (each step's
-#                dq MMA issued behind the next step's S and dP; ptxas sm_90: no spills, 398 loop instructions against
-#                375) and DQ_PREF (each item's O and lse loaded during the item before, not waited out at its start),
-#                and the Gluon dk / dv kernel's ROWS_PREF (the next step's block index, lse and delta loaded during this
-#                one): their GPU tests, then the backward by kernel at 16K (window 1024 / 4096, sinks + window) with and
-#                without them, and sustained (len_scale.py, 3 rounds)
+#   dq-pipe      issue 3 (twenty-eighth session, run in the twenty-ninth: DQ_PIPE + DQ_PREF the default since): the
+#                persistent Gluon dq kernel with DQ_PIPE (each step's dq MMA issued behind the next step's S and dP) and
+#                DQ_PREF (each item's O and lse loaded during the item before): their GPU tests, the backward by kernel
+#                at 16K (window 1024 / 4096, sinks + window) with and without them, and sustained (len_scale.py)
 #   len-scale    issue 3 (twenty-eighth session): the forward and backward by kernel at 16K and 64K (window 1024 /
 #                4096, sinks + window; attn_bwd_profile.py --fwd --configs default) with the SM clock and power sampled
 #                (nvidia-smi, 200 ms): window 1024's backward took 7.5 % more per visible pair at 64K than at 16K in
@@ -180,10 +178,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the twenty-eighth session (2026-12-07): last2-check (NARROW_LAST 2, the sinks + window default since then: the
-# reference tests not yet run with it on the GPU, and attnzoo bench at 64K), dq-pipe (the Gluon dq kernel's DQ_PIPE,
-# compiled only), then windows, which re-measures the local patterns after a change
-SECTIONS=${*:-last2-check dq-pipe windows}
+# after the twenty-ninth session (2026-12-07): nothing is owed (last2-check and dq-pipe ran there); windows re-measures
+# the local patterns after a change
+SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -342,7 +339,7 @@ for s in $SECTIONS; do
              timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw1024,sw4096,sinks+sw1024 \
                --configs "default,pipe,pref" > "$OUT/dq_pipe_profile.txt" 2>&1
              timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,sw1024 --shapes 1x16384 \
-               --configs "wide default,wide pipe,wide pref,wide rpref,wide all,local default,local pipe,local pref" \
+               --configs "wide default,wide pipe,wide pref,wide pp,local default,local pipe,local pp" \
                --rounds 3 > "$OUT/dq_pipe_sustained.txt" 2>&1 ;;
     len-scale) (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 200 \
                  > "$OUT/smi.csv" 2>&1 &

@@ -30,8 +30,9 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                "rows2 fused": dict(GLUON_BWD=dict(ROWS=2, FUSED_DQ=True)),
                "rows1 fused": dict(GLUON_BWD=dict(ROWS=True, FUSED_DQ=True)),
                "t fused s3": dict(GLUON_BWD=dict(FUSED_DQ=True, num_stages=3)),
-               # the wide / dense classes' default (Gluon dk / dv ROWS 2 with the persistent Gluon dq kernel), and the
-               # local class's (the persistent Gluon dq kernel with the Triton dk / dv kernel)
+               # the wide / dense classes' default until the twenty-ninth session (Gluon dk / dv ROWS 2 with the
+               # persistent Gluon dq kernel), and the local class's (the persistent Gluon dq kernel with the Triton
+               # dk / dv kernel); the defaults since then are "wide pp" / "local pp" (DQ_PIPE and DQ_PREF)
                "wide default": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True)),
                "local default": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True)),
                # (twenty-eighth session) both with DQ_PIPE: the dq MMA issued behind the next step's S and dP
@@ -44,15 +45,10 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                                                 DQ_PREF=True)),
                "local pref": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
                                                  DQ_PREF=True)),
-               # (twenty-eighth session) ROWS_PREF: the Gluon dk / dv kernel's next step's lse and delta loaded early
-               "wide rpref": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                 ROWS_PREF=True)),
                "wide pp": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                               DQ_PIPE=True, DQ_PREF=True)),
                "local pp": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
-                                               DQ_PIPE=True, DQ_PREF=True)),
-               "wide all": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                               ROWS_PREF=True, DQ_PIPE=True, DQ_PREF=True))}
+                                               DQ_PIPE=True, DQ_PREF=True))}
 
 
 def shapes(text: str):

@@ -64,18 +64,13 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PREF=True,
                                                 TRITON_DKDV=True)),
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                DQ_PIPE=True, DQ_PREF=True)),
-                                     (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                ROWS_PREF=True)),
-                                     (64, dict(ROWS=2, num_stages=3, ROWS_PREF=True)),
-                                     (128, dict(ROWS=2, FUSED_DQ=True, ROWS_PREF=True))],
+                                                DQ_PIPE=True, DQ_PREF=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
                               "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
                               "d128-rows2-gdqp-pipe", "d64-gdqp-pipe-tkv", "d128-gdqp-pref-tkv",
-                              "d128-rows2-gdqp-pipe-pref", "d128-rows2-rpref-gdqp", "d64-rows2-rpref-s3",
-                              "d128-rows2-rpref-fused"])
+                              "d128-rows2-gdqp-pipe-pref"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -173,8 +168,8 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     with pytest.raises(ValueError, match="ROWS must be"):
         ops.gluon_bwd_settings(dict(ROWS=3), 128)
     for bad in (dict(ROW=True), dict(FUSED_DQ=True, DQ_LAG=True), dict(ROWS=2, PIPE=2),
-                dict(ROWS=2, PINGPONG=True)):  # (DQ_LAG, PIPE, PINGPONG: removed)
-        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG|PIPE|PINGPONG)'\\]"):
+                dict(ROWS=2, PINGPONG=True), dict(ROWS=2, ROWS_PREF=True)):  # (all four removed)
+        with pytest.raises(ValueError, match="unknown settings \\['(ROW|DQ_LAG|PIPE|PINGPONG|ROWS_PREF)'\\]"):
             ops.gluon_bwd_settings(bad, 128)
     with pytest.raises(ValueError, match="ROWS"):
         ops.gluon_bwd_settings(dict(ROWS=True, ACC_INIT=True), 128)
@@ -197,13 +192,11 @@ def test_gluon_bwd_settings_are_checked_everywhere():
         dict(base, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_QBUF=2, DQ_PIPE=True)
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_PREF=True), 128) == \
         dict(base, GLUON_DQ=True, DQ_STAGES=2, DQ_PERSIST=True, DQ_QBUF=2, DQ_PREF=True)
-    assert ops.gluon_bwd_settings(dict(ROWS=2, ROWS_PREF=True), 128) == dict(base, ROWS=2, ROWS_PREF=True)
     for bad, msg in ((dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=3), "1 or 2"),
                      (dict(GLUON_DQ=True, DQ_QBUF=1), "needs GLUON_DQ and DQ_PERSIST"),
                      (dict(GLUON_DQ=True, DQ_PIPE=True), "DQ_PIPE .* needs GLUON_DQ and DQ_PERSIST"),
                      (dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_PIPE=True), "DQ_PIPE needs DQ_STAGES >= 3"),
                      (dict(GLUON_DQ=True, DQ_PREF=True), "DQ_PREF .* needs GLUON_DQ and DQ_PERSIST"),
-                     (dict(ROWS_PREF=True), "ROWS_PREF .* needs ROWS"),
                      (dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), "persistent dq kernel needs")):
         with pytest.raises(ValueError, match=msg):
             ops.gluon_bwd_settings(bad, 128)

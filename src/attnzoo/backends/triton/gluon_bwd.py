@@ -158,13 +158,13 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, PREF: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS, PREF)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
@@ -259,15 +259,13 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, PREF: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
     # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
-    # ROWS 1: dP issued with S, 2: with dV. PREF (cfg GLUON_BWD ROWS_PREF; twenty-eighth session, not yet run): the
-    # next step's query block, lse and delta loaded while this step runs -- without it these dependent global loads
-    # (the block's index, then its rows' lse and delta) are waited out at every step's start by both consumers at
-    # once, before either issues its scores
+    # ROWS 1: dP issued with S, 2: with dV. (The next step's block index, lse and delta loaded during this step --
+    # cfg ROWS_PREF, twenty-eighth session -- was level or slower on the H100; removed in the twenty-ninth.)
     DP_EARLY: gl.constexpr = ROWS != 2
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -291,15 +289,8 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
         bh = b * H + h
         nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
         jend = gl.minimum(e0, n)
-        if PREF:  # (the first step's; a step past the range loads a harmless copy of another's)
-            m0_n, lse_n, delta_n = _bwd_step_rows(s0, nf, frow, prow, n, bh, Lq, rows, LSE, DELTA, BLOCK_M)
         for j in range(s0, jend):
-            if PREF:
-                m0 = m0_n
-                lse = lse_n
-                delta = delta_n
-            else:
-                m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, rows, LSE, DELTA, BLOCK_M)
+            m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, rows, LSE, DELTA, BLOCK_M)
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
@@ -307,9 +298,6 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             dos = do_smem.index(slot)
             s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                               is_async=True)
-            if PREF:  # the next step's (this one's again at the range's end: unused)
-                m0_n, lse_n, delta_n = _bwd_step_rows(gl.minimum(j + 1, jend - 1), nf, frow, prow, n, bh, Lq, rows,
-                                                      LSE, DELTA, BLOCK_M)
             if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
                 dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
                                    is_async=True)
@@ -374,7 +362,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0, PREF: gl.constexpr = False):
+                        ROWS: gl.constexpr = 0):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -425,11 +413,11 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, PREF)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, PREF)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
                          STAGES, BLOCK_M, HALF)),

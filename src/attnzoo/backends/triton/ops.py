@@ -841,7 +841,7 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
 
 # the settings cfg GLUON_BWD takes (`gluon_bwd_settings`)
 GLUON_BWD_KEYS = ("num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES", "SEP_DELTA",
-                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "ROWS_PREF")
+                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF")
 
 
 def gluon_bwd_settings(g, d: int) -> dict:
@@ -862,11 +862,6 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
-    if g.get("ROWS_PREF"):  # (twenty-eighth session, not yet run) the next step's block, lse and delta loaded early
-        if "ROWS" not in out:
-            raise ValueError("cfg GLUON_BWD: ROWS_PREF (the next step's lse and delta loaded during this one) needs "
-                             "ROWS")
-        out["ROWS_PREF"] = True
     for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
                           ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel"),
                           ("DQ_PERSIST", "the Gluon dq kernel's persistent form")):
@@ -963,7 +958,7 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0), PREF=bool(g.get("ROWS_PREF")),
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0),
         num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
