@@ -120,6 +120,10 @@
 #                substrings of attn_bwd_profile.py's config names: triton, gluon dk, fused dq, rows s2, rows fused,
 #                rows2 s2, rows2 fused),
 #                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
+#   rows-check   issue 3 (twenty-ninth session, NOT YET RUN on the GPU: the device could not be started again): the
+#                Gluon dk / dv kernel's GPU tests after ROWS_PREF's removal (ROWS 2, bf16 cases; split columns; the
+#                default's machine code is unchanged at ptxas sm_90), then window 4096's forward at 64K through attnzoo
+#                bench twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
 #   last2-check  issue 3 (twenty-eighth session, run in the twenty-ninth: passed): the Gluon forward's reference
 #                tests with NARROW_LAST 2 (the local / wide default since then) and the default path, then attnzoo bench on sinks + window and window 1024 at
 #                64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
@@ -178,9 +182,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the twenty-ninth session (2026-12-07): nothing is owed (last2-check and dq-pipe ran there); windows re-measures
-# the local patterns after a change
-SECTIONS=${*:-windows}
+# after the twenty-ninth session (2026-12-07): rows-check (the GPU tests after ROWS_PREF's removal, and the 64K window
+# 4096 forward again); windows re-measures the local patterns after a change
+SECTIONS=${*:-rows-check windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -328,6 +332,13 @@ for s in $SECTIONS; do
                  python3 benchmarks/attn_bwd_profile.py --plain --patterns ${NCU_PATTERN:-sw4096} --configs "$c" \
                  >> "$OUT/bwd_ncu_log.txt" 2>&1
              done ;;
+    rows-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                  tests/backends/test_gluon_bwd.py -k "(rows2 and dtype0) or split_columns" > "$OUT/rows_tests.txt" 2>&1
+                for i in 1 2; do
+                  timeout ${WINDOWS_S:-100} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/sw4096_64k_$i" \
+                    --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
+                    --pattern sw4096 --max-time-s 1.0 > "$OUT/sw4096_64k_${i}_log.txt" 2>&1
+                done ;;
     last2-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                    tests/backends/test_gluon_fwd.py -k "(matches_reference and sinks) or default_forward or narrow" \
                    > "$OUT/last2_tests.txt" 2>&1
