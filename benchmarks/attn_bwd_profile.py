@@ -133,8 +133,7 @@ def main():
                                                                                       TRITON_DKDV=True))),
                    ("gluon dqp s3 pref + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
                                                                               DQ_STAGES=3, DQ_PERSIST=True,
-                                                                              DQ_PREF=True))),
-                   )
+                                                                              DQ_PREF=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

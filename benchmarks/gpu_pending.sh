@@ -125,8 +125,8 @@
 #                default's machine code is unchanged at ptxas sm_90), then window 4096's forward at 64K through attnzoo
 #                bench twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
 #   last2-check  issue 3 (twenty-eighth session, run in the twenty-ninth: passed): the Gluon forward's reference
-#                tests with NARROW_LAST 2 (the local / wide default since then) and the default path, then attnzoo bench on sinks + window and window 1024 at
-#                64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
+#                tests with NARROW_LAST 2 (the local / wide default since then) and the default path, then attnzoo
+#                bench on sinks + window and window 1024 at 64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
 #   dq-pipe      issue 3 (twenty-eighth session, run in the twenty-ninth: DQ_PIPE + DQ_PREF the default since): the
 #                persistent Gluon dq kernel with DQ_PIPE (each step's dq MMA issued behind the next step's S and dP) and
 #                DQ_PREF (each item's O and lse loaded during the item before): their GPU tests, the backward by kernel

@@ -120,13 +120,13 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # non-persistent -> persistent: window 1024 3.869 -> 3.628, sinks + window 4.240 -> 4.041 (with the
             # Triton dk / dv kernel), window 4096 11.728 -> 11.383, causal 25.563 -> 25.337 (with the Gluon one); by
             # kernel on window 1024, dq 1399 -> 1322 us
-            # Twenty-ninth session: DQ_PIPE (each step's dq MMA issued behind the next step's S and dP)
-            # with DQ_PREF (each item's O and lse loaded during the item before). Sustained backward at 16K (len_scale.py
-            # --bwd --rounds 4: a second of calls a config, round-robin, under the 700 W cap; benchmarks/results/
+            # Twenty-ninth session: DQ_PIPE (each step's dq MMA issued behind the next step's S and dP) with DQ_PREF
+            # (each item's O and lse loaded during the item before). Sustained backward at 16K (len_scale.py --bwd
+            # --rounds 4: a second of calls a config, round-robin, under the 700 W cap; benchmarks/results/
             # h100-2026-12-07-s29/c2), medians of the four rounds' medians, ms: window 4096 11.40 -> 11.18 (faster in
             # 4 of 4 rounds; DQ_PIPE alone 11.24, DQ_PREF alone 11.44), window 1024 3.747 -> 3.732, sinks + window
-            # 4.228 -> 4.196; by kernel (c1), the dq kernel's share of window 4096's backward 36.7 -> 34.5 %. Causal
-            # (c3, three rounds): 24.68 / 25.10 / 25.42 -> 24.17 / 24.94 / 24.98
+            # 4.228 -> 4.196; by kernel (c1), dq / dk-dv time on window 4096 0.580 -> 0.529. Causal (c3, three
+            # rounds): 24.68 / 25.10 / 25.42 -> 24.17 / 24.94 / 24.98
             dq = dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
             out["GLUON_BWD"] = dict(dq, TRITON_DKDV=True) if pclass == "local" else dict(dq, ROWS=2, num_stages=3)
         return out
