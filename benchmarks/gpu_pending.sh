@@ -122,11 +122,14 @@
 #                window 4096 at 16K: speed of light, warp stall reasons, pipes, occupancy
 #   rows-check   issue 3 (twenty-ninth session, NOT YET RUN on the GPU: the device could not be started again): the
 #                Gluon dk / dv kernel's GPU tests after ROWS_PREF's removal (ROWS 2, bf16 cases; split columns; the
-#                default's machine code is unchanged at ptxas sm_90), then window 4096's forward at 64K through attnzoo
-#                bench twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
-#   last2-check  issue 3 (twenty-eighth session, run in the twenty-ninth: passed): the Gluon forward's reference
-#                tests with NARROW_LAST 2 (the local / wide default since then) and the default path, then attnzoo
-#                bench on sinks + window and window 1024 at 64K (forward, default timing; round 16 had 4.835 -> 4.621 ms)
+#                default's machine code is unchanged at ptxas sm_90), the Gluon forward's reference tests on sinks
+#                with NARROW_LAST 2 in the default (owed since the twenty-eighth session, whose GPU runs checked its
+#                narrow-tile test and the default path only), then window 4096's forward at 64K through attnzoo bench
+#                twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
+#   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
+#                rows-check): the Gluon forward's reference tests with NARROW_LAST 2 (the local / wide default since
+#                then) and the default path, then attnzoo bench on sinks + window and window 1024 at 64K (forward,
+#                default timing; round 16 had 4.835 -> 4.621 ms)
 #   dq-pipe      issue 3 (twenty-eighth session, run in the twenty-ninth: DQ_PIPE + DQ_PREF the default since): the
 #                persistent Gluon dq kernel with DQ_PIPE (each step's dq MMA issued behind the next step's S and dP) and
 #                DQ_PREF (each item's O and lse loaded during the item before): their GPU tests, the backward by kernel
@@ -334,6 +337,8 @@ for s in $SECTIONS; do
              done ;;
     rows-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                   tests/backends/test_gluon_bwd.py -k "(rows2 and dtype0) or split_columns" > "$OUT/rows_tests.txt" 2>&1
+                timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                  tests/backends/test_gluon_fwd.py -k "matches_reference and sinks" > "$OUT/last2_tests.txt" 2>&1
                 for i in 1 2; do
                   timeout ${WINDOWS_S:-100} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/sw4096_64k_$i" \
                     --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
