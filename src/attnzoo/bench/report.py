@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from .gpu_state import MIN_POWER_WINDOW_S
 from .speed import (DIRECTION_LABELS, RESULTS_FILE, dense_baselines, latest_records, load_records,
                     with_derived)
 
@@ -510,8 +511,9 @@ def gpu_state_section(drecs) -> list:
             for r in sorted(recs, key=lambda r: (r["direction"], r["Lq"], r["pattern"], _backend_key(r["backend"])))]
     clocks = [r["sm_clock_mhz"] for r in recs]
     return ["## GPU clock and power during the timed calls", "",
-            f"Mean SM clock over each case's timed calls (NVML, sampled every 10 ms), mean board power (energy "
-            f"counter), and the share of samples with the power cap or a thermal slowdown active. Clocks here span "
+            f"Mean SM clock over each case's timed calls (NVML, sampled every 10 ms), mean board power (its "
+            f"instantaneous samples, else the energy counter; only over windows of at least "
+            f"{MIN_POWER_WINDOW_S:g} s), and the share of samples with the power cap or a thermal slowdown active. Clocks here span "
             f"{min(clocks):.0f}-{max(clocks):.0f} MHz. A case held at its power cap runs at a lower clock than the "
             f"same calls in a short burst, and a kernel that draws more power is slowed more than a slower peer.", "",
             _md_table(["pattern", "L", "direction", "backend", "ms", "MHz", "W", "power-capped", "thermal"], rows),

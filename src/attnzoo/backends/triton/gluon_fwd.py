@@ -520,12 +520,13 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
     # consumer C on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D)
     # views; its Q and dO tiles qs, dos (ready when qwait completes phase qph), its n steps at ring steps it0 ..;
     # QFREE: arrive on qfree once its last MMA reading Q / dO is done (the persistent kernel's buffer is then free).
-    # PIPE (cfg GLUON_BWD DQ_PIPE; twenty-eighth session, not yet run): step j's dq MMA is issued behind step j + 1's
-    # S and dP, so it runs during step j + 1's exponentials (as the forward issues P V behind the next scores), instead
-    # of the warpgroup waiting for it at the end of step j; step j's K tile is freed a step later (ring >= 3)
-    # PREF (cfg GLUON_BWD DQ_PREF; twenty-eighth session, not yet run): o_pre and lse_pre are this item's O tile and
-    # lse, loaded by the persistent consumer a whole item ahead (_dq_pref), instead of loads whose latency every item
-    # start waits out in both consumers at once
+    # PIPE (cfg GLUON_BWD DQ_PIPE; twenty-eighth session, the default since the twenty-ninth): step j's dq MMA is
+    # issued behind step j + 1's S and dP, so it runs during step j + 1's exponentials (as the forward issues P V
+    # behind the next scores), instead of the warpgroup waiting for it at the end of step j; step j's K tile is freed
+    # a step later (ring >= 3)
+    # PREF (cfg GLUON_BWD DQ_PREF; twenty-eighth session, the default since the twenty-ninth): o_pre and lse_pre are
+    # this item's O tile and lse, loaded by the persistent consumer a whole item ahead (_dq_pref), instead of loads
+    # whose latency every item start waits out in both consumers at once
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])

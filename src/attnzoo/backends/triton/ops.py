@@ -890,14 +890,14 @@ def gluon_bwd_settings(g, d: int) -> dict:
             out.update(DQ_PERSIST=True, DQ_QBUF=qbuf)
     if g.get("DQ_QBUF") and "DQ_PERSIST" not in out:
         raise ValueError("cfg GLUON_BWD: DQ_QBUF (the persistent dq kernel's buffers) needs GLUON_DQ and DQ_PERSIST")
-    if g.get("DQ_PIPE"):  # (twenty-eighth session, not yet run) the persistent dq kernel's dq MMA issued a step late
+    if g.get("DQ_PIPE"):  # (the default since the twenty-ninth session) the dq MMA issued a step late
         if "DQ_PERSIST" not in out:
             raise ValueError("cfg GLUON_BWD: DQ_PIPE (each step's dq MMA issued behind the next step's S and dP) "
                              "needs GLUON_DQ and DQ_PERSIST")
         if out["DQ_STAGES"] < 3:  # (step j - 1's K tile stays until step j's end: two slots held, one loading)
             raise ValueError(f"cfg GLUON_BWD: DQ_PIPE needs DQ_STAGES >= 3, got {out['DQ_STAGES']}")
         out["DQ_PIPE"] = True
-    if g.get("DQ_PREF"):  # (twenty-eighth session, not yet run) the next item's O and lse loaded a whole item ahead
+    if g.get("DQ_PREF"):  # (the default since the twenty-ninth session) the next item's O and lse loaded an item ahead
         if "DQ_PERSIST" not in out:
             raise ValueError("cfg GLUON_BWD: DQ_PREF (each item's O and lse loaded during the item before) needs "
                              "GLUON_DQ and DQ_PERSIST")
