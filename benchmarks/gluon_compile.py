@@ -31,10 +31,10 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int = 2, dtype: str = "bf16",
                 lq: int = 16384, pingpong: bool = False, regs: int = 168, maxnreg: int | None = None,
                 persistent: bool = False, qbuf: int = 2, order: int = 1, narrow: int = 0, merge: bool = False,
-                far: bool = False, last: int = 0, half: bool = False):
+                far: bool = False, last: int = 0):
     """The warp-specialised kernel (gluon_attn_fwd_ws, or gluon_attn_fwd_wsp with ``persistent``): Q by TMA, two
     heads a program (PACK 2), one consumer warpgroup each; the narrow tile's descriptors (kdn, vdn: NARROW x D) and
-    flags (NROW); ``half`` (persistent): HALF, step 0 a 64-key half step where the flags (HW) say so."""
+    flags (NROW)."""
     from triton.experimental.gluon import language as gl
     lines, _aux = generate(pattern, lq, lq, (bm, bn))
     mod = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (bm, bn), kmin=bn)[0])
@@ -45,7 +45,7 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
     sn = narrow or bn
     ndesc = f"tensordesc<{dtype}[{sn}, {d}],{gl.NVMMASharedLayout.get_default_for([sn, d], gdt)!r}>"
     sig = dict(qd=qdesc, kd=desc, vd=desc, kdn=ndesc, vdn=ndesc, O=f"*{dtype}", LSE="*fp32", AUX="*i32",
-               NROW="*i32", **({"HW": "*i32"} if persistent else {}), KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32",
+               NROW="*i32", KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32",
                idx_m="i32", H="i32", G="i32", Lq="i32", Lk="i32", OFF="i32")
     if persistent:  # + the query blocks per head and the work-item count
         sig.update(NQB="i32", n_items="i32")
@@ -64,8 +64,6 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
     if persistent:  # NARROW_LAST: the narrow tile at the item's end
         sig["NLAST"] = "constexpr"
         consts["NLAST"] = last
-        sig["HALF"] = "constexpr"
-        consts["HALF"] = half
     options = dict(num_warps=4, maxnreg=maxnreg or regs)
     return _build(fn, sig, consts, options)
 
@@ -169,8 +167,6 @@ def main(argv=None):
     ap.add_argument("--last", type=int, default=0,
                     help="with --persistent --narrow: NARROW_LAST (1: the narrow tile's scores with the last P V in "
                          "both consumers, 2: in consumer 1 only)")
-    ap.add_argument("--half", action="store_true", help="with --persistent: HALF (a 64-key half step first where "
-                                                         "an item's partial block is seen in one half only)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")
@@ -214,7 +210,7 @@ def main(argv=None):
                 for st in a.stages:
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, pingpong=a.pingpong, regs=a.regs or 168,
                                        maxnreg=a.maxnreg, persistent=a.persistent, qbuf=a.qbuf, order=a.order,
-                                       narrow=a.narrow, merge=a.merge, far=a.far, last=a.last, half=a.half)
+                                       narrow=a.narrow, merge=a.merge, far=a.far, last=a.last)
                     print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

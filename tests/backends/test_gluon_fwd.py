@@ -65,8 +65,6 @@ def _check(q, k, v, pattern, cfg):
                                                                   MASK_FAR=True, NARROW_MERGE=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
                                                                   MASK_FAR=True, NARROW_LAST=2)),
-                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
-                                                                  MASK_FAR=True, NARROW_LAST=2, HALF=True)),
                                                (128, 128, 3, dict(GLUON="ws", MASK_FAR=True))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
@@ -226,34 +224,6 @@ def test_gluon_narrow_sink_tile(form, monkeypatch):
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
 
 
-@gpu
-def test_gluon_half_steps(monkeypatch):
-    # HALF: a partial block seen in one 64-key half only runs last as a half step -- windows whose edge blocks are
-    # seen in their low half (diagonal) and their high half (left edge), a two-sided window, causal, sinks + window
-    # with the narrow tile at the start (NARROW_LAST 0), at both consumers' ends (1) or consumer 1's (2) and MASK_FAR,
-    # one program walking every item, one Q buffer with a ring of 3, a cross shape and float16; the kernel ran with
-    # half steps each time
-    monkeypatch.setattr(ops, "GLUON_NARROW", True)
-    cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2, REGS=240, HALF=True)
-    sinks = az.SlidingWindow(300) | az.Sinks(4)
-    q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=11)
-    for pattern, extra in ((az.SlidingWindow(1023), {}), (az.SlidingWindow(300), {}), (az.SlidingWindow(200, 37), {}),
-                           (az.Causal(), {}), (az.Dilated(96, 3), {}), (sinks, {}), (sinks, dict(MASK_FAR=True)),
-                           (sinks, dict(NARROW=16)), (sinks, dict(NARROW=16, MASK_FAR=True, NARROW_LAST=1)),
-                           (sinks, dict(NARROW=16, MASK_FAR=True, NARROW_LAST=2)),
-                           (az.SlidingWindow(1023) | az.Sinks(16), dict(NARROW=16, MASK_FAR=True, NARROW_LAST=2)),
-                           (az.SlidingWindow(300), dict(PROGRAMS=1)), (sinks, dict(QBUF=1, num_stages=3)),
-                           (sinks, dict(NARROW=16, MASK_FAR=True, NARROW_LAST=2, PROGRAMS=3))):
-        before = ops.GLUON_HALF_LAUNCHES
-        assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
-        assert ops.GLUON_HALF_LAUNCHES > before, (pattern, extra)
-    q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=12)
-    for pattern in (az.SlidingWindow(500), sinks):
-        before = ops.GLUON_HALF_LAUNCHES
-        assert _check(q, k, v, pattern, dict(cfg, NARROW=16, MASK_FAR=True, NARROW_LAST=2))
-        assert ops.GLUON_HALF_LAUNCHES > before, pattern
-
-
 def test_gluon_narrow_flags(monkeypatch):
     # NARROW in a Gluon config runs on the query blocks whose block 0 holds only sinks, none on a plain window; with
     # ops.GLUON_NARROW off it is ignored
@@ -290,53 +260,3 @@ def test_gluon_ws_shared_memory_rule():
     # a narrow sink tile's K and V (NARROW keys) per Q buffer: ring 2 with two Q buffers keeps 19 KB to spare
     assert ops.gluon_ws_smem(dict(ws, GLUON="wsp", QBUF=2, num_stages=2, NARROW=16), 128, 2) == 208 * 1024
     assert ops.gluon_ws_smem(dict(ws, NARROW=16), 128, 2) == 232 * 1024  # the ws form's ring 3: too much
-
-
-@pytest.mark.parametrize("pattern,lq,lk,sn", [
-    (az.SlidingWindow(1023), 4096, 4096, 0), (az.SlidingWindow(4095), 8192, 8192, 0),
-    (az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 16), (az.SlidingWindow(300) | az.Sinks(4), 2048, 2048, 0),
-    (az.Causal(), 1024, 1024, 0), (az.SlidingWindow(200, 37), 1024, 1024, 0), (az.SlidingWindow(500), 512, 1536, 0),
-    (az.Dilated(96, 3), 1024, 1024, 0)],
-    ids=["window1024", "window4096", "sinks+window-narrow", "sinks+window", "causal", "window-both", "cross",
-         "dilated"])
-def test_gluon_half_rows(pattern, lq, lk, sn):
-    # HALF's plan (ops._half_rows) against the mask itself: a flagged query block's last partial block is seen in the
-    # flagged 64-key half only (by some query) and in the other by none; it is never block 0; the block keeps two
-    # steps or more (block 0 left out where the narrow tile takes it); the partial lists are the same blocks with that
-    # one moved last, the rest in their order; unflagged blocks keep their lists
-    res = ops._half_rows(pattern, lq, lk, 64, 128, 8, "cpu", sn)
-    assert res is not None
-    code, kvi = res
-    lay = ops._layout(pattern, lq, lk, 64, 128, 8, "cpu")
-    nw = ops._narrow_rows(pattern, lq, lk, 64, 128, 8, "cpu", sn) if sn else None
-    old, cnt, fcnt = lay.kv_indices[0, 0], lay.kv_num_blocks[0, 0], lay.full_kv_num_blocks[0, 0]
-    new = kvi[0, 0]
-    assert kvi.shape == lay.kv_indices.shape and kvi.stride() == lay.kv_indices.stride()
-    qi = torch.arange(lq)[:, None]
-    flagged = 0
-    for r in range(lay.num_q_blocks):
-        c, n = int(code[r]), int(cnt[r])
-        o, w = old[r, :n].tolist(), new[r, :n].tolist()
-        assert (new[r, n:] == old[r, n:]).all()
-        if c == 0:
-            assert o == w
-            continue
-        flagged += 1
-        blk = w[-1]
-        assert blk != 0 and c in (1, 2) and sorted(o) == sorted(w) and [x for x in o if x != blk] == w[:-1]
-        assert int(fcnt[r]) + n - (int(nw[r]) if nw is not None else 0) >= 2
-        seen = pattern.mask(qi[64 * r:64 * r + 64], torch.arange(128 * blk, 128 * blk + 128)[None, :], lq, lk)
-        live, dead = (seen[:, :64], seen[:, 64:]) if c == 1 else (seen[:, 64:], seen[:, :64])
-        assert live.any() and not dead.any(), (r, blk, c)
-    assert flagged > 0
-    if isinstance(pattern, az.SlidingWindow) and lq == lk == 4096:
-        # window 1024: an even query block's diagonal block is seen in its low half (from block 2 on), an odd one's
-        # left edge block in its high half (once that block is not block 0: from block 19 on)
-        assert code.tolist() == [0, 0] + [1 if r % 2 == 0 else (2 if r >= 19 else 0) for r in range(2, 64)]
-
-
-def test_gluon_half_rows_none():
-    # nothing to flag: 128-key-aligned blocks (a block-aligned window), other tiles, a head-dependent pattern
-    assert ops._half_rows(az.SlidingWindow(100), 1024, 1024, 64, 64, 8, "cpu", 0) is None
-    assert ops._half_rows(None, 1024, 1024, 64, 128, 8, "cpu", 0) is None
-    assert ops._half_rows(az.Chunked(128), 1024, 1024, 64, 128, 8, "cpu", 0) is None

@@ -19,7 +19,9 @@ window 1024 1.62x flex at 0.81 of ideal (16K), window 4096 1.59x. NARROW (block 
 forms; on by default since the nineteenth session, `ops.GLUON_NARROW`) runs attention sinks behind a window, with
 MASK_FAR (block 0 first where it is partial) and, in the persistent form, NARROW_LAST 2 (consumer 1 takes the sink
 tile at its items' ends; twenty-eighth session, sinks + window 1.100 -> 1.082 ms at 16K). A first, single-partition
-form (one CTA barrier a step) ran at 0.76-0.94x the Triton kernel and was removed in the eighteenth session.
+form (one CTA barrier a step) ran at 0.76-0.94x the Triton kernel and was removed in the eighteenth session. HALF
+(thirtieth session; commit 886714f has it) ran a window's edge block, seen in one 64-key half only, last as a 64-key
+half step: right, and slower on the H100 (window 1024 1.013 -> 1.041 ms at 16K), so removed.
 
 Supported here: block-multiple lengths, head dims 64 / 128 (D = Dv), float16 / bfloat16, contiguous (B, H, L, D)
 tensors, a mask body without lookups (the pattern's `_mask` written into the module as for the Triton kernel), a
@@ -165,18 +167,14 @@ def _q_barriers(QBUF: gl.constexpr):
 
 @gluon.jit
 def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0, z,
-                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FAR: gl.constexpr, hw=0, HALF: gl.constexpr = False):
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, FAR: gl.constexpr):
     # the producer's K / V loads of one work item's n steps, ring steps it0 .. it0 + n - 1 (slot and phase run on
-    # across work items in the persistent kernel). hw (HALF): the last step is a half step whose keys are the block's
-    # half hw (1 low, 2 high): its tile is loaded from that half on, so the half sits in the slot's first rows (the
-    # rows past it are loaded and not read; past the tensor's end TMA fills zeros)
+    # across work items in the persistent kernel)
     for j in range(0, n):
         it = it0 + j
         slot = it % STAGES
         ph = (it // STAGES) & 1
         row = kvrow + _blk(j, nf, f0, prow, n, z, FAR) * BLOCK_N
-        if HALF:
-            row += gl.where((j == n - 1) & (hw != 0), (hw - 1) * (BLOCK_N // 2), 0)
         mbarrier.wait(kempty.index(slot), ph ^ 1)
         mbarrier.expect(kready.index(slot), kd.block_type.nbytes)
         tma.async_copy_global_to_shared(kd, [row, 0], kready.index(slot), k_smem.index(slot))
@@ -296,67 +294,16 @@ def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kread
 
 
 @gluon.jit
-def _half_last(qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, qempty, p, acc, m_i, l_i, m0,
-               OFF, hc, AUX, nw, hw, blk, it, qk_scale, srow: gl.constexpr, orow: gl.constexpr,
-               o_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr, NARROW: gl.constexpr, D: gl.constexpr, FAR: gl.constexpr, NLAST: gl.constexpr,
-               QE: gl.constexpr):
-    # (HALF) a consumer's item end where its last step (ring step it, kv block blk) is a half step: the block is seen
-    # in its half hw only (1 low, 2 high keys; the producer loaded from that half on, so it fills the slot's first
-    # BLOCK_N / 2 rows). Its scores (64 keys, masked) are issued with the step before's P V, then their softmax, the
-    # rescale and their P V -- or, NLAST, the narrow tile after them (_narrow_last with the half's P and V). Half the
-    # MMAs and exponentials of a full step. QE: arrive on qempty once the half scores are done. -> (m_i, l_i, acc)
-    dtype: gl.constexpr = k_smem.dtype
-    HB: gl.constexpr = BLOCK_N // 2
-    sh_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HB, 16])
-    shrow: gl.constexpr = gl.SliceLayout(1, sh_layout)
-    slot = it % STAGES
-    pslot = (it + STAGES - 1) % STAGES
-    mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
-    sh = warpgroup_mma(qs, k_smem.index(slot).slice(0, HB).permute((1, 0)),
-                       gl.zeros([BLOCK_M, HB], gl.float32, layout=sh_layout), use_acc=False, is_async=True)
-    mbarrier.wait(vready.index(pslot), ((it - 1) // STAGES) & 1)
-    acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
-    sh = warpgroup_mma_wait(num_outstanding=1, deps=(sh, ))
-    mbarrier.arrive(kempty.index(slot), count=1)
-    if QE:  # (the item's last score MMA is done: its Q buffer is free)
-        mbarrier.arrive(qempty, count=1)
-    qph = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=shrow) + OFF, 1)
-    kph = blk * BLOCK_N + (hw - 1) * HB + gl.arange(0, HB, layout=gl.SliceLayout(0, sh_layout))
-    m_h, l_h, p_h, alpha = _softmax(sh, gl.convert_layout(m_i, shrow), gl.convert_layout(l_i, shrow), qph, kph, hc,
-                                    AUX, qk_scale, True, dtype, p_layout, FAR)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(vempty.index(pslot), count=1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-    m_i = gl.convert_layout(m_h, srow)
-    l_i = gl.convert_layout(l_h, srow)
-    vh = v_smem.index(slot).slice(0, HB)
-    ph = (it // STAGES) & 1
-    if NLAST:
-        m_i, l_i, acc = _narrow_last(qs, kn_smem, vn_smem, vh, vready.index(slot), vempty.index(slot), ph, p_h, acc,
-                                     m_i, l_i, m0, OFF, hc, AUX, nw, qk_scale, srow, orow, o_layout, p_layout,
-                                     BLOCK_M, NARROW, D)
-    else:
-        mbarrier.wait(vready.index(slot), ph)
-        acc = warpgroup_mma(p_h, vh, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(vempty.index(slot), count=1)
-    return m_i, l_i, acc
-
-
-@gluon.jit
 def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, turn, qempty,
              O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, z, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr,
-             FAR: gl.constexpr, NLAST: gl.constexpr = False, hw=0, HALF: gl.constexpr = False):
+             FAR: gl.constexpr, NLAST: gl.constexpr = False):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
     # narrow tile (kn_smem, vn_smem, loaded with Q), so acc, m_i and l_i start from that step -- or, NLAST, ends with
-    # it: its scores issued with the last block's P V (see _narrow_last). HALF: where hw != 0, the last step is a
-    # half step (_half_last)
+    # it: its scores issued with the last block's P V (see _narrow_last)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -421,10 +368,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))  # (an async result cannot leave the branch)
         elif NARROW > 0 and not NLAST:  # acc holds the narrow step's P V
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-    nl = n
-    if HALF:  # (the half step, last, is not the loop's)
-        nl = n - (hw != 0).to(gl.int32)
-    for j in range(1, nl):
+    for j in range(1, n):
         it = it0 + j
         slot = it % STAGES
         pslot = (it + STAGES - 1) % STAGES
@@ -444,29 +388,20 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(pslot), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-    QE: gl.constexpr = QEMPTY and not NLAST  # (Q free once the last score MMA is done)
-    if QE and not HALF:
+    if QEMPTY and not NLAST:
         mbarrier.arrive(qempty, count=1)
-    if HALF and hw != 0:  # (n >= 2: ops._half_rows)
-        m_i, l_i, acc = _half_last(qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, qempty, p, acc,
-                                   m_i, l_i, m0, OFF, h + C, AUX, nw, hw, _blk(n - 1, nf, f0, prow, n, z, FAR),
-                                   it0 + n - 1, qk_scale, srow, orow, o_layout, p_layout, BLOCK_M, BLOCK_N, STAGES,
-                                   NARROW, D, FAR, NLAST, QE)
-    else:
-        if QE and HALF:
-            mbarrier.arrive(qempty, count=1)
-        if n > 0:
-            lslot = (it0 + n - 1) % STAGES
-            if NLAST:
-                m_i, l_i, acc = _narrow_last(qs, kn_smem, vn_smem, v_smem.index(lslot), vready.index(lslot),
-                                             vempty.index(lslot), ((it0 + n - 1) // STAGES) & 1, p, acc, m_i, l_i, m0,
-                                             OFF, h + C, AUX, nw, qk_scale, srow, orow, o_layout, p_layout, BLOCK_M,
-                                             NARROW, D)
-            else:
-                mbarrier.wait(vready.index(lslot), ((it0 + n - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(vempty.index(lslot), count=1)
+    if n > 0:
+        lslot = (it0 + n - 1) % STAGES
+        if NLAST:
+            m_i, l_i, acc = _narrow_last(qs, kn_smem, vn_smem, v_smem.index(lslot), vready.index(lslot),
+                                         vempty.index(lslot), ((it0 + n - 1) // STAGES) & 1, p, acc, m_i, l_i, m0,
+                                         OFF, h + C, AUX, nw, qk_scale, srow, orow, o_layout, p_layout, BLOCK_M,
+                                         NARROW, D)
+        else:
+            mbarrier.wait(vready.index(lslot), ((it0 + n - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(vempty.index(lslot), count=1)
     if QEMPTY and NLAST:  # (after the narrow tile's P V: its buffers go with Q's)
         mbarrier.arrive(qempty, count=1)
     l_o = gl.convert_layout(l_i, orow)
@@ -751,41 +686,30 @@ def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
 
 @gluon.jit
 def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
-                  vempty, NROW, HW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
+                  vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
-                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr, HALF: gl.constexpr):
+                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
         pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
-        hw = _half_flag(HW, pid_m, HALF)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
         _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
         _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
-                       _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR, hw, HALF)
+                       _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR)
         it0 += n
         i += 1
 
 
 @gluon.jit
-def _half_flag(HW, pid_m, HALF: gl.constexpr):
-    # (HALF) query block pid_m's half code (ops._half_rows: 0, or the half 1 / 2 its last step runs)
-    if HALF:
-        return gl.load(HW + pid_m)
-    else:
-        return 0
-
-
-@gluon.jit
 def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty,
-                  turn, O, LSE, AUX, NROW, HW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF,
-                  NQB, n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  turn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                  n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr, NLAST: gl.constexpr,
-                  HALF: gl.constexpr):
+                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr, NLAST: gl.constexpr):
     it0 = 0
     i = 0
     kn_smem, vn_smem = nbuf
@@ -796,23 +720,23 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
         nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
-        hw = _half_flag(HW, pid_m, HALF)
         qb = i % QBUF
         mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
         _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
                  kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
-                 _zfirst(nf, prow, n, FAR), qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE, FAR, NL, hw, HALF)
+                 _zfirst(nf, prow, n, FAR), qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE,
+                 FAR, NL)
         it0 += n
         i += 1
 
 
 @gluon.jit
-def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, HW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
-                       idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
+def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
+                       H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0, HALF: gl.constexpr = False):
+                       NLAST: gl.constexpr = 0):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -822,16 +746,16 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, HW, KVN, KVI, FK
     nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
-                         LSE, AUX, NROW, HW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                         LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                         FAR, NLAST, HALF)),
+                         FAR, NLAST)),
         (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
-                         LSE, AUX, NROW, HW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                         LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                         FAR, NLAST, HALF)),
+                         FAR, NLAST)),
         (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
-                         vempty, NROW, HW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
-                         n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, HALF)),
+                         vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
+                         STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 

@@ -510,69 +510,9 @@ def _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, device: str, sn: int) -> bool:
     return bool((total[:, flags.bool()] >= 2).all())
 
 
-@functools.lru_cache(maxsize=128)
-def _half_rows(pattern, lq, lk, bm, bn, hq, device: str, sn: int):
-    """The persistent Gluon forward's HALF plan (cfg HALF) -> (an int32 code per query block, the partial lists
-    reordered like the layout's ``kv_indices``) or None where no query block qualifies.
-
-    With 64-row query blocks and 128-key blocks a sliding window's edge block is seen in one 64-key half only: the
-    other half is masked for every query of the block (window 1024: 9 blocks a query block, 8.5 of them seen). Code 1
-    (the low half) or 2 (the high half) marks a query block with such a partial block; it is moved to the end of the
-    partial list, and the kernel runs it last, as a 64-key step (half the MMAs and exponentials of a full one). 0:
-    none. Never block 0 (NARROW and MASK_FAR own it), nor a query block with fewer than two steps (without block 0
-    where the NARROW tile takes it: flags from `_narrow_rows` with ``sn`` keys). None also for other tiles,
-    head-dependent patterns and tiled neighborhoods (one host sync, cached)."""
-    pattern = pattern or Full()
-    if bn != 128 or bm != 64 or lk % bn or getattr(pattern, "head_dependent", True) \
-            or isinstance(pattern, InPlaceTiled):
-        return None
-    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
-    nq = lay.num_q_blocks
-    cnt, fcnt = lay.kv_num_blocks.reshape(-1, nq), lay.full_kv_num_blocks.reshape(-1, nq)
-    idx = lay.kv_indices.reshape(-1, nq, lay.kv_indices.shape[-1])
-    if not (bool((cnt == cnt[:1]).all()) and bool((fcnt == fcnt[:1]).all()) and bool((idx == idx[:1]).all())):
-        return None
-    cnt, fcnt = cnt[0].long(), fcnt[0].long()
-    width = int(cnt.max()) if nq else 0
-    if width == 0:
-        return None
-    idx = idx[0, :, :width].long()
-    dev = idx.device
-    e = torch.arange(width, device=dev)
-    valid = e[None, :] < cnt[:, None]
-    # which 64-key halves of each partial entry some query of the block sees (the mask on 64 x 128 tiles, by chunks)
-    half = bn // 2
-    live = torch.zeros(nq, width, 2, dtype=torch.bool, device=dev)
-    qoff, koff = torch.arange(bm, device=dev), torch.arange(bn, device=dev)
-    step = max(1, (1 << 22) // (width * bm * bn))
-    for r0 in range(0, nq, step):
-        r = torch.arange(r0, min(nq, r0 + step), device=dev)
-        qi = r[:, None, None, None] * bm + qoff[None, None, :, None]
-        ki = idx[r][:, :, None, None] * bn + koff[None, None, None, :]
-        seen = pattern.mask(qi, ki, lq, lk) & (qi < lq)
-        live[r] = seen.reshape(len(r), width, bm, 2, half).any(4).any(2)
-    nw = _narrow_rows(pattern, lq, lk, bm, bn, hq, device, sn) if sn else None
-    nw = nw.long() if nw is not None else torch.zeros(nq, dtype=torch.long, device=dev)
-    one = valid & (live.sum(-1) == 1) & (idx != 0) & (e[None, :] >= nw[:, None])
-    first = one.int().argmax(1)
-    flag = one.any(1) & (fcnt + cnt - nw >= 2)
-    if not bool(flag.any()):
-        return None
-    code = torch.where(flag, 1 + live[torch.arange(nq, device=dev), first, 1].long(), 0)
-    # the reorder: the half block after the others (their order kept), then the unused slots
-    pri = torch.where(valid, e[None, :], width + 1 + e[None, :])
-    pri = torch.where(flag[:, None] & (e[None, :] == first[:, None]), width, pri)
-    order = torch.argsort(pri, dim=1, stable=True)
-    kvi = lay.kv_indices.clone()
-    if kvi.stride() != lay.kv_indices.stride():  # (the kernel reads it with the layout's strides)
-        return None
-    kvi[..., :width] = torch.gather(idx, 1, order).to(kvi.dtype)
-    return code.to(torch.int32).contiguous(), kvi
-
-
 # launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback), and
-# of its persistent form with the narrow tile last (NARROW_LAST) and with half steps (HALF) among them
-GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = GLUON_HALF_LAUNCHES = 0
+# of its persistent form with the narrow tile last (NARROW_LAST) among them
+GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = 0
 
 
 def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack):
@@ -605,8 +545,8 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         nlay = gl.NVMMASharedLayout.get_default_for([sn, d], gdt)
         kdn = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [sn, d], nlay)
         vdn = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [sn, d], nlay)
-    tail = (lay.full_kv_num_blocks, lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
-    args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, *tail)
+    args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+            lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
     # NARROW_MERGE (opt-in, nineteenth session, not yet run): the narrow tile's scores issued and softmaxed with the
     # first regular step's instead of in a step of their own (where every flagged block has such a step)
     merge = bool(cfg.get("NARROW_MERGE")) and sn > 0 and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq,
@@ -624,17 +564,10 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         # (2: consumer 1 only, consumer 0 at the start as before -- their narrow steps at different times)
         ok = sn > 0 and not merge and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, str(q.device), sn)
         meta["NLAST"] = int(cfg.get("NARROW_LAST") or 0) if ok else 0
-        global GLUON_NLAST_LAUNCHES, GLUON_HALF_LAUNCHES
+        global GLUON_NLAST_LAUNCHES
         GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
-        # HALF (thirtieth session): a partial block seen in one 64-key half only runs last, as a half step
-        half = _half_rows(pattern, lq, lk, bm, bn, hq, str(q.device), sn) \
-            if cfg.get("HALF") and not merge and not meta["PINGPONG"] else None
-        meta["HALF"] = half is not None
-        GLUON_HALF_LAUNCHES += meta["HALF"]
-        hw, kvi = half if half is not None else (nrow, lay.kv_indices)
-        gmod.gluon_attn_fwd_wsp[grid](*args[:9], hw, lay.kv_num_blocks, kvi, *tail, lay.num_q_blocks, items,
-                                      scale * LOG2E, QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)),
-                                      **meta)
+        gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
+                                      QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
     else:
         gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](*args, scale * LOG2E, **meta)
     GLUON_LAUNCHES += 1
