@@ -186,8 +186,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the twenty-ninth session (2026-12-07): rows-check (the GPU tests after ROWS_PREF's removal, and the 64K window
-# 4096 forward again); windows re-measures the local patterns after a change
+# after the thirtieth session (2026-12-07): nothing owed (rows-check ran); windows re-measures the local patterns after
+# a change
 SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
