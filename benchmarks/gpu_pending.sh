@@ -127,6 +127,9 @@
 #                narrow-tile test and the default path only), then window 4096's forward at 64K through attnzoo bench
 #                twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
 #   (half        issue 3, thirtieth session: run, slower, removed with HALF; commit 886714f has both)
+#   xpipe        issue 3 (thirtieth session, NOT YET RUN): XPIPE in the persistent Gluon forward (each item's first
+#                scores issued with the previous item's last P V): its GPU tests, then sustained (len_scale.py, three
+#                rounds) and round 26 (--repeat 3) against the default at 16K
 #   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
 #                rows-check): the Gluon forward's reference tests with NARROW_LAST 2 (the local / wide default since
 #                then) and the default path, then attnzoo bench on sinks + window and window 1024 at 64K (forward,
@@ -188,7 +191,7 @@ set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # after the thirtieth session (2026-12-07): nothing owed (rows-check ran); windows re-measures the local patterns after
 # a change
-SECTIONS=${*:-windows}
+SECTIONS=${*:-xpipe windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -345,6 +348,12 @@ for s in $SECTIONS; do
                     --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
                     --pattern sw4096 --max-time-s 1.0 > "$OUT/sw4096_64k_${i}_log.txt" 2>&1
                 done ;;
+    xpipe) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+             tests/backends/test_gluon_fwd.py -k "xpipe" > "$OUT/xpipe_tests.txt" 2>&1
+           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw1024,sinks+sw1024,sw4096 \
+             --shapes 1x16384 --configs default,xpipe --rounds 3 > "$OUT/xpipe_sustained.txt" 2>&1
+           timeout ${WINDOWS_S:-200} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
+             --patterns sw1024,sinks+sw1024,sw4096 --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1 ;;
     last2-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                    tests/backends/test_gluon_fwd.py -k "(matches_reference and sinks) or default_forward or narrow" \
                    > "$OUT/last2_tests.txt" 2>&1

@@ -51,6 +51,13 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                                                DQ_PIPE=True, DQ_PREF=True))}
 
 
+# forward configs by name (--configs without --bwd): changes to the default's Gluon config (GLUON_CFG)
+FWD_CONFIGS = {"default": None,
+               # (thirtieth session) XPIPE: each item's first scores with the previous item's last P V (the narrow
+               # sink tile off: XPIPE does not take it)
+               "xpipe": dict(XPIPE=True, NARROW=0)}
+
+
 def shapes(text: str):
     out = []
     for part in text.split(","):
@@ -66,7 +73,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--bwd", action="store_true", help="time the backward (default config) instead of the forward")
     ap.add_argument("--configs", default="default",
-                    help=f"backward configs (--bwd), comma-separated, from {sorted(BWD_CONFIGS)}")
+                    help=f"configs, comma-separated: backward (--bwd) from {sorted(BWD_CONFIGS)}, forward from "
+                         f"{sorted(FWD_CONFIGS)}")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the configs (round-robin)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
@@ -74,11 +82,10 @@ def main():
         if name not in PATTERNS:
             ap.error(f"unknown pattern {name!r}: choose from {sorted(PATTERNS)}")
     cnames = args.configs.split(",")
+    table = BWD_CONFIGS if args.bwd else FWD_CONFIGS
     for c in cnames:
-        if c not in BWD_CONFIGS:
-            ap.error(f"unknown config {c!r}: choose from {sorted(BWD_CONFIGS)}")
-    if len(cnames) > 1 and not args.bwd:
-        ap.error("--configs names backward configs: give --bwd")
+        if c not in table:
+            ap.error(f"unknown {'backward' if args.bwd else 'forward'} config {c!r}: choose from {sorted(table)}")
     dev = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or --smoke on CPU under TRITON_INTERPRET=1)")
@@ -103,15 +110,18 @@ def main():
             best = tuning.choose("bwd", d, d, dt, p, q.device) if not args.smoke else \
                 dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
             base = {key: val for key, val in best.items() if key != "GLUON_BWD"}
+            fbest = tuning.choose("fwd", d, d, dt, p, q.device)
             pairs = b * hq * p.density(L, L) * L * L
             for _ in range(args.rounds):
                 for cname in cnames:
-                    extra = BWD_CONFIGS[cname]
-                    cfg = best if extra is None else dict(base, **extra)
+                    extra = table[cname]
                     if args.bwd:
+                        cfg = best if extra is None else dict(base, **extra)
                         fn = lambda: ops.attention_bwd(do, None, q, k, v, out, lse, p, scale, cfg=cfg)  # noqa: E731
                     else:
-                        fn = lambda: ops.attention_fwd(q, k, v, p, scale)  # noqa: E731
+                        fcfg = fbest if extra is None or "GLUON_CFG" not in fbest else \
+                            dict(fbest, GLUON_CFG=dict(fbest["GLUON_CFG"], **extra))
+                        fn = lambda: ops.attention_fwd(q, k, v, p, scale, cfg=fcfg)  # noqa: E731
                     # (a stream of calls lasting about --seconds, each timed by CUDA events, no L2 flush between
                     # them; the clock and power over it from `gpu_state.GpuMonitor`, None without NVML)
                     r = time_fn(fn, device=dev, warmup=1, reps=2000, max_time_s=args.seconds, flush_l2=False)

@@ -371,7 +371,12 @@ BWD21 = {
 # kernels' grid with the (batch, KV head) axis first (cfg ITEM_AXIS) -- no faster, removed (commit 516104a has it)
 # round 25 (thirtieth session, run: benchmarks/results/h100-2026-12-07-s30/c1-half): HALF, a window's edge block seen in
 # one 64-key half run last as a half step in the persistent Gluon forward -- slower, removed (commit 886714f has it)
-FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16}  # rounds with no backward
+# round 26 (thirtieth session): XPIPE, each item's first scores issued with the previous item's last P V, in the
+# persistent Gluon forward (without the narrow tile, which it does not take), against the local / wide default
+_WSP = dict(IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, MASK_FAR=True)
+FWD26 = {"gluon wsp default": _cfg(64, 128, 4, 2, 2, NARROW=16, NARROW_LAST=2, **_WSP),
+         "gluon wsp xpipe": _cfg(64, 128, 4, 2, 2, XPIPE=True, **_WSP)}
+FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16, 26: FWD26}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),
     "bwd 64x64 w4 s2 dq-p2": _cfg(64, 64, 4, 2, PACK_DQ=2),
@@ -386,7 +391,7 @@ def main():
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 22) if r not in (10, 11)],
+    ap.add_argument("--round", type=int, default=1, choices=[r for r in range(1, 27) if r not in (10, 11, 22, 23, 24, 25)],
                     help="1: packing and folding against the old configs; 2: around the new default, backward tiles; "
                          "3: the block-index modes (IDX); 4: TMA loads and warp specialisation; 5: one merged "
                          "loop over full and partial blocks; 6: the backward's tiles (KT, the dk/dv kernel's own "
@@ -399,7 +404,8 @@ def main():
                          "17: the Gluon dk / dv kernel; 18: its ROWS form (scores with the query rows as rows); 19: "
                          "ROWS 2 with the Gluon dq kernel, rings of 2 / 3; 20: delta written by the Gluon dq kernel "
                          "against its own kernel; 21: the Gluon dq kernel's persistent form; (22, 23, 24: the removed PIPE, ROWS 3, "
-                         "PINGPONG and ITEM_AXIS)")
+                         "PINGPONG and ITEM_AXIS); (25: the removed HALF); 26: XPIPE (each item's first scores with the "
+                         "previous item's last P V) in the persistent Gluon forward")
     ap.add_argument("--fwd-only", action="store_true", help="leave out the backward variants")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run of the script itself (TRITON_INTERPRET=1, float32, tiny shapes, 16x16 tiles)")
@@ -421,7 +427,7 @@ def main():
     global FWD, BWD
     if args.d == 64 and args.round != 3:
         ap.error("--d 64 has variants in round 3 only")
-    if args.round == 16:  # (the Gluon kernels' NARROW: on by default since the nineteenth session)
+    if args.round in (16, 26):  # (the Gluon kernels' NARROW: on by default since the nineteenth session)
         ops.GLUON_NARROW = True
     if args.round in FWD_ONLY:  # (rounds 8, 12-15 fell through to round 3's tables here until the twenty-third
         FWD, BWD = FWD_ONLY[args.round], {}  # session: the twenty-second's wide64 run timed round 3's variants)

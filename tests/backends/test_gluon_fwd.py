@@ -224,6 +224,44 @@ def test_gluon_narrow_sink_tile(form, monkeypatch):
     assert _check(q, k, v, az.SlidingWindow(200) | az.Sinks(4), cfg)
 
 
+@gpu
+def test_gluon_xpipe():
+    # XPIPE: each item's first scores with the previous item's last P V -- windows, causal, sinks + window with
+    # MASK_FAR (the narrow tile off: XPIPE does not take it), a persistent grid of one program, of three (programs with
+    # different item counts), one Q buffer with a ring of 3, ORDER 0, a GQA group of 2, a cross shape in float16; the
+    # kernel ran with XPIPE each time
+    cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2, REGS=240, XPIPE=True)
+    sinks = az.SlidingWindow(300) | az.Sinks(4)
+    q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=13)
+    for pattern, extra in ((az.SlidingWindow(1023), {}), (az.SlidingWindow(300), {}), (az.SlidingWindow(200, 37), {}),
+                           (az.Causal(), {}), (None, {}), (sinks, dict(MASK_FAR=True)), (sinks, {}),
+                           (az.SlidingWindow(300), dict(PROGRAMS=1)), (sinks, dict(PROGRAMS=3, MASK_FAR=True)),
+                           (az.SlidingWindow(300), dict(QBUF=1, num_stages=3)), (az.Causal(), dict(ORDER=0))):
+        before = ops.GLUON_XPIPE_LAUNCHES
+        assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
+        assert ops.GLUON_XPIPE_LAUNCHES > before, (pattern, extra)
+    q, k, v = _inputs(1, 8, 4, 1024, 1024, 128, torch.bfloat16, seed=14)
+    assert _check(q, k, v, az.SlidingWindow(200), cfg)
+    q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=15)
+    for pattern in (az.SlidingWindow(500), az.Causal()):
+        before = ops.GLUON_XPIPE_LAUNCHES
+        assert _check(q, k, v, pattern, cfg)
+        assert ops.GLUON_XPIPE_LAUNCHES > before, pattern
+    # where the narrow tile applies or a query block visits nothing, the kernel runs without XPIPE (still right)
+    q, k, v = _inputs(1, 4, 2, 1024, 512, 128, torch.bfloat16, seed=16)
+    before = ops.GLUON_XPIPE_LAUNCHES
+    assert _check(q, k, v, az.Causal(), cfg)
+    assert ops.GLUON_XPIPE_LAUNCHES == before
+
+
+def test_gluon_every_row_visits():
+    # XPIPE's condition: every query block visits a kv block -- not so for causal with more queries than keys
+    # (bottom-right: the first 512 queries see nothing)
+    assert ops._every_row_visits(az.SlidingWindow(300), 1024, 1024, 64, 128, 4, "cpu")
+    assert ops._every_row_visits(az.Causal(), 512, 1536, 64, 128, 4, "cpu")
+    assert not ops._every_row_visits(az.Causal(), 1024, 512, 64, 128, 4, "cpu")
+
+
 def test_gluon_narrow_flags(monkeypatch):
     # NARROW in a Gluon config runs on the query blocks whose block 0 holds only sinks, none on a plain window; with
     # ops.GLUON_NARROW off it is ignored

@@ -730,19 +730,175 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         i += 1
 
 
+# XPIPE (cfg GLUON_CFG XPIPE, persistent form, plain masks without the narrow tile; thirtieth session): each item's
+# first scores are issued with the previous item's last P V, and their softmax runs while that P V is on the tensor
+# cores -- the two waits at every item boundary (the last P V, then the next item's first scores) become one, as in
+# the main loop. The items are short on window 1024 (9 steps), where a consumer's fill and drain cost about two steps
+# an item. The producer loads one more Q tile and K / V tile after its last item (the last item's again): the
+# consumers' boundary after their last item reads them and drops the result, so the loop has no branch.
+
+@gluon.jit
+def _x_producer(qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, KVN, KVI, FKVN,
+                FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
+                FAR: gl.constexpr):
+    it0 = 0
+    i = 0
+    nprog = gl.num_programs(0)
+    last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
+    for t in range(gl.program_id(0), n_items + nprog, nprog):
+        tt = gl.minimum(t, last)  # (past the last item: the last item's Q and first step again)
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(tt, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
+        nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        if t > last:
+            n = gl.minimum(n, 1)
+        qb = i % QBUF
+        mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
+        mbarrier.expect(qready.index(qb), 2 * qd.block_type.nbytes)
+        tma.async_copy_global_to_shared(qd, [qrow0, 0], qready.index(qb), q_smem.index(2 * qb))
+        tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qready.index(qb), q_smem.index(2 * qb + 1))
+        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
+                       _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR)
+        it0 += n
+        i += 1
+
+
+@gluon.jit
+def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, kempty, qready, AUX, KVN, KVI, FKVN, FKVI, lay_h,
+            lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, qk_scale, s_zero, cols, dtype: gl.constexpr,
+            p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr):
+    # item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the scores
+    # (running) and the item's (h, nf, f0, prow, n, z, m0, its first block, whether that block is partial)
+    pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
+    nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+    z = _zfirst(nf, prow, n, FAR)
+    qb = i % QBUF
+    mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
+    slot = it % STAGES
+    mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
+    s = warpgroup_mma(q_smem.index(2 * qb + C), k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    return s, h, qrow0, nf, f0, prow, n, z, m0
+
+
+@gluon.jit
+def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
+                KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
+                D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+    rows = gl.arange(0, BLOCK_M, layout=srow)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    orows = gl.arange(0, BLOCK_M, layout=orow)
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow)
+    l_new = gl.zeros([BLOCK_M], gl.float32, layout=srow)
+    nprog = gl.num_programs(0)
+    last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
+    # the first item's first step
+    s, h, qrow0, nf, f0, prow, n, z, m0 = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, kempty, qready,
+                                                   AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq,
+                                                   Lk, OFF, NQB, qk_scale, s_zero, cols, dtype, p_layout, BLOCK_M,
+                                                   BLOCK_N, STAGES, QBUF, ORDER, FAR)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    mbarrier.arrive(kempty.index(0), count=1)
+    qp = gl.expand_dims(m0 + rows + OFF, 1)
+    m_i, l_i, p, alpha = _softmax(s, m_new, l_new, qp, _blk(0, nf, f0, prow, n, z, FAR) * BLOCK_N + cols, h + C, AUX,
+                                  qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+    it0 = 0
+    i = 0
+    for t in range(gl.program_id(0), n_items, nprog):
+        qb = i % QBUF
+        qs = q_smem.index(2 * qb + C)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+        for j in range(1, n):
+            it = it0 + j
+            slot = it % STAGES
+            pslot = (it + STAGES - 1) % STAGES
+            blk = _blk(j, nf, f0, prow, n, z, FAR)
+            mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
+            s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(vready.index(pslot), ((it - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            mbarrier.arrive(kempty.index(slot), count=1)
+            m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale,
+                                          _part(j, nf, z, FAR), dtype, p_layout, FAR)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(vempty.index(pslot), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+        mbarrier.arrive(qempty.index(qb), count=1)  # (the item's last score MMA is done)
+        # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
+        # this item's last P V, their softmax while it runs, then this item's epilogue
+        lit = it0 + n - 1
+        s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem, k_smem,
+                                                        kready, kempty, qready, AUX, KVN, KVI, FKVN, FKVI, lay_h,
+                                                        lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, qk_scale, s_zero,
+                                                        cols, dtype, p_layout, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER,
+                                                        FAR)
+        lslot = lit % STAGES
+        mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
+        qp2 = gl.expand_dims(m0 + rows + OFF, 1)
+        m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols, h2 + C,
+                                    AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(vempty.index(lslot), count=1)
+        l_o = gl.convert_layout(l_i, orow)
+        l_safe = gl.where(l_o > 0, l_o, 1.0)
+        orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
+        gl.store(O + orow_g[:, None] * D + ocols[None, :], (acc / gl.expand_dims(l_safe, 1)).to(dtype))
+        m_o = gl.convert_layout(m_i, orow)
+        gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+        m_i = m2
+        l_i = l2
+        h = h2
+        qrow0 = qrow2
+        qp = qp2
+        it0 += n
+        n = n2
+        i += 1
+    # the extra tile's V (never read): waited for, so that no copy is in flight when the program ends
+    mbarrier.wait(vready.index(it0 % STAGES), (it0 // STAGES) & 1)
+
+
 @gluon.jit
 def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m,
                        H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0):
+                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
     qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
+    if XPIPE:  # (no narrow tile, no turn barriers: ops checks)
+        gl.warp_specialize([
+            (_x_consumer, (0, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
+                           KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
+                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
+            (_x_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
+                           KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
+                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
+            (_x_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, KVN, KVI,
+                           FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES, BLOCK_M, BLOCK_N,
+                           QBUF, ORDER, FAR)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+        return
     nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,

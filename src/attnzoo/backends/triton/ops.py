@@ -510,9 +510,17 @@ def _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, device: str, sn: int) -> bool:
     return bool((total[:, flags.bool()] >= 2).all())
 
 
+@functools.lru_cache(maxsize=128)
+def _every_row_visits(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
+    """Whether every query block visits at least one kv block (for every head): the persistent Gluon forward's XPIPE
+    issues each item's first scores at the previous item's end (one host sync, cached)."""
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    return bool(((lay.kv_num_blocks + lay.full_kv_num_blocks) >= 1).all())
+
+
 # launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback), and
-# of its persistent form with the narrow tile last (NARROW_LAST) among them
-GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = 0
+# of its persistent form with the narrow tile last (NARROW_LAST) and with XPIPE among them
+GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = GLUON_XPIPE_LAUNCHES = 0
 
 
 def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack):
@@ -564,8 +572,13 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         # (2: consumer 1 only, consumer 0 at the start as before -- their narrow steps at different times)
         ok = sn > 0 and not merge and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, str(q.device), sn)
         meta["NLAST"] = int(cfg.get("NARROW_LAST") or 0) if ok else 0
-        global GLUON_NLAST_LAUNCHES
+        global GLUON_NLAST_LAUNCHES, GLUON_XPIPE_LAUNCHES
         GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
+        # XPIPE (thirtieth session): each item's first scores issued with the previous item's last P V (no narrow
+        # tile, no turn barriers, every query block with a kv block)
+        meta["XPIPE"] = bool(cfg.get("XPIPE")) and sn == 0 and not meta["PINGPONG"] \
+            and _every_row_visits(pattern, lq, lk, bm, bn, hq, str(q.device))
+        GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
     else:
