@@ -764,10 +764,9 @@ def _x_producer(qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vrea
 
 
 @gluon.jit
-def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, kempty, qready, AUX, KVN, KVI, FKVN, FKVI, lay_h,
-            lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, qk_scale, s_zero, cols, dtype: gl.constexpr,
-            p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-            QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr):
+def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
+            idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
+            ORDER: gl.constexpr, FAR: gl.constexpr):
     # item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the scores
     # (running) and the item's (h, nf, f0, prow, n, z, m0, its first block, whether that block is partial)
     pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
@@ -805,10 +804,9 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
     nprog = gl.num_programs(0)
     last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
     # the first item's first step
-    s, h, qrow0, nf, f0, prow, n, z, m0 = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, kempty, qready,
-                                                   AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq,
-                                                   Lk, OFF, NQB, qk_scale, s_zero, cols, dtype, p_layout, BLOCK_M,
-                                                   BLOCK_N, STAGES, QBUF, ORDER, FAR)
+    s, h, qrow0, nf, f0, prow, n, z, m0 = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, KVN,
+                                                   KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
+                                                   s_zero, BLOCK_M, STAGES, QBUF, ORDER, FAR)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(kempty.index(0), count=1)
     qp = gl.expand_dims(m0 + rows + OFF, 1)
@@ -841,10 +839,9 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
         # this item's last P V, their softmax while it runs, then this item's epilogue
         lit = it0 + n - 1
         s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem, k_smem,
-                                                        kready, kempty, qready, AUX, KVN, KVI, FKVN, FKVI, lay_h,
-                                                        lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, qk_scale, s_zero,
-                                                        cols, dtype, p_layout, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER,
-                                                        FAR)
+                                                        kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
+                                                        idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES, QBUF,
+                                                        ORDER, FAR)
         lslot = lit % STAGES
         mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
