@@ -782,10 +782,23 @@ def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, KVN, KVI,
 
 
 @gluon.jit
+def _x_store(acc, m_i, l_i, O, LSE, row0, orow: gl.constexpr, o_layout: gl.constexpr, D: gl.constexpr,
+             BLOCK_M: gl.constexpr):
+    # (XPIPE) an item's epilogue: out = acc / l (rows row0 .. of the (B * H * Lq, D) view) and lse
+    l_o = gl.convert_layout(l_i, orow)
+    l_safe = gl.where(l_o > 0, l_o, 1.0)
+    orow_g = (row0 + gl.arange(0, BLOCK_M, layout=orow)).to(gl.int64)
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    gl.store(O + orow_g[:, None] * D + ocols[None, :], (acc / gl.expand_dims(l_safe, 1)).to(O.dtype.element_ty))
+    m_o = gl.convert_layout(m_i, orow)
+    gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+
+
+@gluon.jit
 def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                 KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr):
+                QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr, XP: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -796,8 +809,6 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
     orow: gl.constexpr = gl.SliceLayout(1, o_layout)
     rows = gl.arange(0, BLOCK_M, layout=srow)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    orows = gl.arange(0, BLOCK_M, layout=orow)
-    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     m_new = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=srow)
     l_new = gl.zeros([BLOCK_M], gl.float32, layout=srow)
@@ -838,26 +849,38 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
         # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
         # this item's last P V, their softmax while it runs, then this item's epilogue
         lit = it0 + n - 1
-        s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem, k_smem,
-                                                        kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
-                                                        idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES, QBUF,
-                                                        ORDER, FAR)
         lslot = lit % STAGES
-        mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
-        qp2 = gl.expand_dims(m0 + rows + OFF, 1)
-        m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols, h2 + C,
-                                    AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(vempty.index(lslot), count=1)
-        l_o = gl.convert_layout(l_i, orow)
-        l_safe = gl.where(l_o > 0, l_o, 1.0)
-        orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
-        gl.store(O + orow_g[:, None] * D + ocols[None, :], (acc / gl.expand_dims(l_safe, 1)).to(dtype))
-        m_o = gl.convert_layout(m_i, orow)
-        gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+        if XP == 1:  # the next item's scores first: their softmax runs during this item's last P V
+            s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
+                                                            k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m,
+                                                            idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES,
+                                                            QBUF, ORDER, FAR)
+            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
+            qp2 = gl.expand_dims(m0 + rows + OFF, 1)
+            m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols,
+                                        h2 + C, AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(vempty.index(lslot), count=1)
+            _x_store(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
+        else:  # XP 2: this item's last P V first (no wait on the next item's K tile before it), then the next
+            # item's scores, which run during this item's epilogue
+            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+            s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
+                                                            k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m,
+                                                            idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES,
+                                                            QBUF, ORDER, FAR)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            mbarrier.arrive(vempty.index(lslot), count=1)
+            _x_store(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
+            qp2 = gl.expand_dims(m0 + rows + OFF, 1)
+            m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols,
+                                        h2 + C, AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
         m_i = m2
         l_i = l2
         h = h2
@@ -876,21 +899,21 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False):
+                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = 0):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
     qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
-    if XPIPE:  # (no narrow tile, no turn barriers: ops checks)
+    if XPIPE > 0:  # (no narrow tile, no turn barriers: ops checks)
         gl.warp_specialize([
             (_x_consumer, (0, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
                            KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
-                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
+                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR, XPIPE)),
             (_x_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
                            KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
-                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
+                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR, XPIPE)),
             (_x_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, KVN, KVI,
                            FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES, BLOCK_M, BLOCK_N,
                            QBUF, ORDER, FAR)),
