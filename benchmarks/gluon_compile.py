@@ -31,7 +31,7 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int = 2, dtype: str = "bf16",
                 lq: int = 16384, pingpong: bool = False, regs: int = 168, maxnreg: int | None = None,
                 persistent: bool = False, qbuf: int = 2, order: int = 1, narrow: int = 0, merge: bool = False,
-                far: bool = False, last: int = 0, xpipe: int = 0):
+                far: bool = False, last: int = 0, xpipe: bool = False):
     """The warp-specialised kernel (gluon_attn_fwd_ws, or gluon_attn_fwd_wsp with ``persistent``): Q by TMA, two
     heads a program (PACK 2), one consumer warpgroup each; the narrow tile's descriptors (kdn, vdn: NARROW x D) and
     flags (NROW)."""
@@ -65,7 +65,7 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
         sig["NLAST"] = "constexpr"
         consts["NLAST"] = last
         sig["XPIPE"] = "constexpr"
-        consts["XPIPE"] = int(xpipe)
+        consts["XPIPE"] = xpipe
     options = dict(num_warps=4, maxnreg=maxnreg or regs)
     return _build(fn, sig, consts, options)
 
@@ -169,8 +169,8 @@ def main(argv=None):
     ap.add_argument("--last", type=int, default=0,
                     help="with --persistent --narrow: NARROW_LAST (1: the narrow tile's scores with the last P V in "
                          "both consumers, 2: in consumer 1 only)")
-    ap.add_argument("--xpipe", type=int, default=0, help="with --persistent: XPIPE (1: each item's first scores with "
-                                                          "the previous item's last P V; 2: during its epilogue)")
+    ap.add_argument("--xpipe", action="store_true", help="with --persistent: XPIPE (each item's first scores with "
+                                                          "the previous item's last P V)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")

@@ -351,7 +351,7 @@ for s in $SECTIONS; do
     xpipe) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
              tests/backends/test_gluon_fwd.py -k "xpipe" > "$OUT/xpipe_tests.txt" 2>&1
            timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw1024,sinks+sw1024,sw4096 \
-             --shapes 1x16384 --configs default,xpipe,xpipe2 --rounds 3 > "$OUT/xpipe_sustained.txt" 2>&1
+             --shapes 1x16384 --configs default,xpipe --rounds 3 > "$OUT/xpipe_sustained.txt" 2>&1
            timeout ${WINDOWS_S:-200} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
              --patterns sw1024,sinks+sw1024,sw4096 --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1 ;;
     last2-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \

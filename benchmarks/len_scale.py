@@ -55,7 +55,7 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
 FWD_CONFIGS = {"default": None,
                # (thirtieth session) XPIPE: each item's first scores with the previous item's last P V (the narrow
                # sink tile off: XPIPE does not take it)
-               "xpipe": dict(XPIPE=1, NARROW=0), "xpipe2": dict(XPIPE=2, NARROW=0)}
+               "xpipe": dict(XPIPE=True, NARROW=0)}
 
 
 def shapes(text: str):

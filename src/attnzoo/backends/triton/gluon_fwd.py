@@ -798,7 +798,7 @@ def _x_store(acc, m_i, l_i, O, LSE, row0, orow: gl.constexpr, o_layout: gl.const
 def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                 KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr, XP: gl.constexpr):
+                QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -850,37 +850,20 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
         # this item's last P V, their softmax while it runs, then this item's epilogue
         lit = it0 + n - 1
         lslot = lit % STAGES
-        if XP == 1:  # the next item's scores first: their softmax runs during this item's last P V
-            s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
-                                                            k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m,
-                                                            idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES,
-                                                            QBUF, ORDER, FAR)
-            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
-            qp2 = gl.expand_dims(m0 + rows + OFF, 1)
-            m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols,
-                                        h2 + C, AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(vempty.index(lslot), count=1)
-            _x_store(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
-        else:  # XP 2: this item's last P V first (no wait on the next item's K tile before it), then the next
-            # item's scores, which run during this item's epilogue
-            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-            s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
-                                                            k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m,
-                                                            idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES,
-                                                            QBUF, ORDER, FAR)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-            mbarrier.arrive(vempty.index(lslot), count=1)
-            _x_store(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
-            qp2 = gl.expand_dims(m0 + rows + OFF, 1)
-            m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols,
-                                        h2 + C, AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+        s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem, k_smem,
+                                                        kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
+                                                        idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES, QBUF,
+                                                        ORDER, FAR)
+        mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
+        qp2 = gl.expand_dims(m0 + rows + OFF, 1)
+        m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols, h2 + C,
+                                    AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(vempty.index(lslot), count=1)
+        _x_store(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
         m_i = m2
         l_i = l2
         h = h2
@@ -899,21 +882,21 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = 0):
+                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
     qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
-    if XPIPE > 0:  # (no narrow tile, no turn barriers: ops checks)
+    if XPIPE:  # (no narrow tile, no turn barriers: ops checks)
         gl.warp_specialize([
             (_x_consumer, (0, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
                            KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
-                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR, XPIPE)),
+                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
             (_x_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
                            KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
-                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR, XPIPE)),
+                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
             (_x_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, KVN, KVI,
                            FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES, BLOCK_M, BLOCK_N,
                            QBUF, ORDER, FAR)),

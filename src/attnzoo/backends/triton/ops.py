@@ -368,9 +368,10 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     programs = gcfg.get("PROGRAMS")
     if programs is not None and (isinstance(programs, bool) or not isinstance(programs, int) or programs < 1):
         raise ValueError(f"cfg PROGRAMS (the persistent Gluon grid's size) must be a positive int, got {programs!r}")
-    xpipe = gcfg.get("XPIPE", 0)
-    if type(xpipe) not in (int, bool) or xpipe not in (0, 1, 2):
-        raise ValueError(f"cfg XPIPE (the persistent Gluon forward's item boundary) must be 0, 1 or 2, got {xpipe!r}")
+    xpipe = gcfg.get("XPIPE", False)
+    if type(xpipe) not in (int, bool) or xpipe not in (0, 1):
+        raise ValueError(f"cfg XPIPE (the persistent Gluon forward's item boundary) must be a bool, got {xpipe!r} (the "
+                         "thirtieth session's form 2, the last P V before the next item's scores, was slower: removed)")
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
@@ -579,12 +580,9 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
         # XPIPE (thirtieth session): each item's first scores issued with the previous item's last P V (no narrow
         # tile, no turn barriers, every query block with a kv block)
-        # (1: the next item's scores issued before the last P V, their softmax during it; 2: the last P V first, the
-        # next item's scores during the epilogue)
-        xp = int(cfg.get("XPIPE") or 0)
-        ok = sn == 0 and not meta["PINGPONG"] and _every_row_visits(pattern, lq, lk, bm, bn, hq, str(q.device))
-        meta["XPIPE"] = xp if ok else 0
-        GLUON_XPIPE_LAUNCHES += bool(meta["XPIPE"])
+        meta["XPIPE"] = bool(cfg.get("XPIPE")) and sn == 0 and not meta["PINGPONG"] \
+            and _every_row_visits(pattern, lq, lk, bm, bn, hq, str(q.device))
+        GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
     else:

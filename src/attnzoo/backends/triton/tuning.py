@@ -85,8 +85,14 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
     # stall the tensor cores together. Round 16, sinks + window, ms by pass (benchmarks/results/h100-2026-12-07-s28/
     # c10-last2): 16K 1.086 / 1.141 / 1.100 -> 1.071 / 1.088 / 1.082, 64K 5.313 / 4.809 / 4.835 -> 4.621 / 5.045 /
     # 4.604 (both consumers at the end, NARROW_LAST 1: 1.126 and 5.088, slower)
+    # XPIPE (thirtieth session; class local only): each item's first scores issued with the previous item's last P V,
+    # their softmax while it runs -- where the narrow tile does not apply (a plain window; sinks + window keeps
+    # NARROW, which gains more there). Round 26 (benchmarks/results/h100-2026-12-07-s30/c4-xpipe2, H100, 16K, three
+    # round-robin passes): window 1024 1.006 -> 0.982 ms, sustained (len_scale.py, three rounds) 1.129 / 1.159 / 1.147
+    # -> 1.118 / 1.114 / 1.124; on the H200 (c3) 1.002 -> 0.975. Window 4096 (33 steps an item) 2.908 -> 3.109: slower,
+    # so not on class wide
     return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
-                              MASK_FAR=True, NARROW_LAST=2)}
+                              MASK_FAR=True, NARROW_LAST=2, **({"XPIPE": True} if pclass == "local" else {}))}
 
 
 def default(kind: str, d: int, dv: int, pclass: str) -> dict:
