@@ -127,9 +127,9 @@
 #                narrow-tile test and the default path only), then window 4096's forward at 64K through attnzoo bench
 #                twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
 #   (half        issue 3, thirtieth session: run, slower, removed with HALF; commit 886714f has both)
-#   xpipe        issue 3 (thirtieth session, NOT YET RUN): XPIPE in the persistent Gluon forward (each item's first
-#                scores issued with the previous item's last P V): its GPU tests, then sustained (len_scale.py, three
-#                rounds) and round 26 (--repeat 3) against the default at 16K
+#   xpipe        issue 3 (thirtieth session, run: the local class's default since): XPIPE in the persistent Gluon
+#                forward (each item's first scores issued with the previous item's last P V): its GPU tests, then
+#                sustained (len_scale.py, three rounds) and round 26 (--repeat 3) against the default at 16K
 #   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
 #                rows-check): the Gluon forward's reference tests with NARROW_LAST 2 (the local / wide default since
 #                then) and the default path, then attnzoo bench on sinks + window and window 1024 at 64K (forward,
@@ -189,9 +189,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirtieth session (2026-12-07): nothing owed (rows-check ran); windows re-measures the local patterns after
-# a change
-SECTIONS=${*:-xpipe windows}
+# after the thirtieth session (2026-12-07): windows (attnzoo bench on the local patterns with XPIPE the local class's
+# default: its default path's GPU test and the bench at 16K / 64K did not run this session)
+SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
