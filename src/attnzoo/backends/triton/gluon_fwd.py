@@ -294,6 +294,20 @@ def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kread
 
 
 @gluon.jit
+def _store_out(acc, m_i, l_i, O, LSE, row0, orow: gl.constexpr, o_layout: gl.constexpr, D: gl.constexpr,
+               BLOCK_M: gl.constexpr):
+    # a consumer's item epilogue: out = acc / l into rows row0 .. row0 + BLOCK_M of the (B * H * Lq, D) view, and lse
+    # (-inf on rows that saw nothing)
+    l_o = gl.convert_layout(l_i, orow)
+    l_safe = gl.where(l_o > 0, l_o, 1.0)
+    orow_g = (row0 + gl.arange(0, BLOCK_M, layout=orow)).to(gl.int64)
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    gl.store(O + orow_g[:, None] * D + ocols[None, :], (acc / gl.expand_dims(l_safe, 1)).to(O.dtype.element_ty))
+    m_o = gl.convert_layout(m_i, orow)
+    gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+
+
+@gluon.jit
 def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vready, kempty, vempty, turn, qempty,
              O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, z, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -404,15 +418,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
             mbarrier.arrive(vempty.index(lslot), count=1)
     if QEMPTY and NLAST:  # (after the narrow tile's P V: its buffers go with Q's)
         mbarrier.arrive(qempty, count=1)
-    l_o = gl.convert_layout(l_i, orow)
-    l_safe = gl.where(l_o > 0, l_o, 1.0)
-    out = acc / gl.expand_dims(l_safe, 1)
-    orows = gl.arange(0, BLOCK_M, layout=orow)
-    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    orow_g = (qrow0 + C * Lq + orows).to(gl.int64)
-    gl.store(O + orow_g[:, None] * D + ocols[None, :], out.to(dtype))
-    m_o = gl.convert_layout(m_i, orow)
-    gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
+    _store_out(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
 
 
 @gluon.jit
@@ -688,12 +694,22 @@ def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
 def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                   vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
-                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
+                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr, XPIPE: gl.constexpr = False):
+    # XPIPE: one more Q tile and first K / V tile after the last item (the last item's again), for the consumers'
+    # boundary after their last item (_x_consumer), so that their loop has no branch
     it0 = 0
     i = 0
-    for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
+    nprog = gl.num_programs(0)
+    last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
+    for t in range(gl.program_id(0), n_items + (nprog if XPIPE else 0), nprog):
+        tt = t
+        if XPIPE:
+            tt = gl.minimum(t, last)
+        pid_m, h, qrow0, m0, kvrow = _wsp_item(tt, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        if XPIPE:
+            if t > last:
+                n = gl.minimum(n, 1)
         nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
@@ -734,41 +750,16 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
 # first scores are issued with the previous item's last P V, and their softmax runs while that P V is on the tensor
 # cores -- the two waits at every item boundary (the last P V, then the next item's first scores) become one, as in
 # the main loop. The items are short on window 1024 (9 steps), where a consumer's fill and drain cost about two steps
-# an item. The producer loads one more Q tile and K / V tile after its last item (the last item's again): the
-# consumers' boundary after their last item reads them and drops the result, so the loop has no branch.
-
-@gluon.jit
-def _x_producer(qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, KVN, KVI, FKVN,
-                FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES: gl.constexpr,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                FAR: gl.constexpr):
-    it0 = 0
-    i = 0
-    nprog = gl.num_programs(0)
-    last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
-    for t in range(gl.program_id(0), n_items + nprog, nprog):
-        tt = gl.minimum(t, last)  # (past the last item: the last item's Q and first step again)
-        pid_m, h, qrow0, m0, kvrow = _wsp_item(tt, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
-        nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
-        if t > last:
-            n = gl.minimum(n, 1)
-        qb = i % QBUF
-        mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
-        mbarrier.expect(qready.index(qb), 2 * qd.block_type.nbytes)
-        tma.async_copy_global_to_shared(qd, [qrow0, 0], qready.index(qb), q_smem.index(2 * qb))
-        tma.async_copy_global_to_shared(qd, [qrow0 + Lq, 0], qready.index(qb), q_smem.index(2 * qb + 1))
-        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
-                       _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR)
-        it0 += n
-        i += 1
-
+# an item. The producer (_wsp_producer with XPIPE) loads one more Q tile and K / V tile after its last item (the last
+# item's again): the consumers' boundary after their last item reads them and drops the result, so the loop has no
+# branch.
 
 @gluon.jit
 def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
             idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
             ORDER: gl.constexpr, FAR: gl.constexpr):
-    # item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the scores
-    # (running) and the item's (h, nf, f0, prow, n, z, m0, its first block, whether that block is partial)
+    # (XPIPE) item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the
+    # scores (running) and the item's h, first query row, nf, f0, prow, n, z and m0
     pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
     z = _zfirst(nf, prow, n, FAR)
@@ -779,19 +770,6 @@ def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, KVN, KVI,
     s = warpgroup_mma(q_smem.index(2 * qb + C), k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     return s, h, qrow0, nf, f0, prow, n, z, m0
-
-
-@gluon.jit
-def _x_store(acc, m_i, l_i, O, LSE, row0, orow: gl.constexpr, o_layout: gl.constexpr, D: gl.constexpr,
-             BLOCK_M: gl.constexpr):
-    # (XPIPE) an item's epilogue: out = acc / l (rows row0 .. of the (B * H * Lq, D) view) and lse
-    l_o = gl.convert_layout(l_i, orow)
-    l_safe = gl.where(l_o > 0, l_o, 1.0)
-    orow_g = (row0 + gl.arange(0, BLOCK_M, layout=orow)).to(gl.int64)
-    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    gl.store(O + orow_g[:, None] * D + ocols[None, :], (acc / gl.expand_dims(l_safe, 1)).to(O.dtype.element_ty))
-    m_o = gl.convert_layout(m_i, orow)
-    gl.store(LSE + orow_g, gl.where(l_o > 0, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("-inf")))
 
 
 @gluon.jit
@@ -863,7 +841,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
                                     AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(lslot), count=1)
-        _x_store(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
+        _store_out(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
         m_i = m2
         l_i = l2
         h = h2
@@ -897,9 +875,9 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
             (_x_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
                            KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
                            BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
-            (_x_producer, (qd, kd, vd, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, KVN, KVI,
-                           FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES, BLOCK_M, BLOCK_N,
-                           QBUF, ORDER, FAR)),
+            (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, (k_smem, v_smem), qready, qempty, kready,
+                             vready, kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk,
+                             NQB, n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, 0, FAR, True)),
         ], [4, 1], [CONSUMER_REGS, 24])
         return
     nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
