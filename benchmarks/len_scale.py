@@ -55,7 +55,9 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
 FWD_CONFIGS = {"default": None,
                # (thirtieth session) XPIPE: each item's first scores with the previous item's last P V (the narrow
                # sink tile off: XPIPE does not take it)
-               "xpipe": dict(XPIPE=True, NARROW=0)}
+               "xpipe": dict(XPIPE=True, NARROW=0),
+               # XPIPE with the narrow sink tile at each item's end (XPIPE_NARROW)
+               "xpipe narrow": dict(XPIPE=True, XPIPE_NARROW=True)}
 
 
 def shapes(text: str):

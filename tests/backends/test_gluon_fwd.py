@@ -250,11 +250,37 @@ def test_gluon_xpipe():
         before = ops.GLUON_XPIPE_LAUNCHES
         assert _check(q, k, v, pattern, cfg)
         assert ops.GLUON_XPIPE_LAUNCHES > before, pattern
-    # where the narrow tile applies or a query block visits nothing, the kernel runs without XPIPE (still right)
+    # where a query block visits nothing, or the narrow tile applies without XPIPE_NARROW (or on sinks alone, where an
+    # item has nothing but the narrow tile), the kernel runs without XPIPE (still right)
     q, k, v = _inputs(1, 4, 2, 1024, 512, 128, torch.bfloat16, seed=16)
     before = ops.GLUON_XPIPE_LAUNCHES
     assert _check(q, k, v, az.Causal(), cfg)
     assert ops.GLUON_XPIPE_LAUNCHES == before
+
+
+@gpu
+def test_gluon_xpipe_narrow(monkeypatch):
+    # XPIPE_NARROW: XPIPE with the narrow sink tile, run at each item's end in both consumers -- flagged and unflagged
+    # items mixed (the first query blocks see more of block 0), sinks of 4 and 16, MASK_FAR, one and three programs,
+    # one Q buffer, a cross shape in float16
+    monkeypatch.setattr(ops, "GLUON_NARROW", True)
+    cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2, REGS=240, NARROW=16, XPIPE=True,
+               XPIPE_NARROW=True)
+    q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=17)
+    sinks = az.SlidingWindow(300) | az.Sinks(4)
+    for pattern, extra in ((sinks, {}), (sinks, dict(MASK_FAR=True)), (az.SlidingWindow(129) | az.Sinks(16), {}),
+                           (az.SlidingWindow(1023) | az.Sinks(4), dict(MASK_FAR=True, NARROW_LAST=2)),
+                           (sinks, dict(PROGRAMS=1)), (sinks, dict(PROGRAMS=3, MASK_FAR=True)), (sinks, dict(QBUF=1))):
+        before, nlast = ops.GLUON_XPIPE_LAUNCHES, ops.GLUON_NLAST_LAUNCHES
+        assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
+        assert ops.GLUON_XPIPE_LAUNCHES > before and ops.GLUON_NLAST_LAUNCHES == nlast, (pattern, extra)
+    before = ops.GLUON_XPIPE_LAUNCHES
+    assert _check(q, k, v, az.Sinks(4), cfg)
+    assert ops.GLUON_XPIPE_LAUNCHES == before
+    q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=18)
+    before = ops.GLUON_XPIPE_LAUNCHES
+    assert _check(q, k, v, sinks, cfg)
+    assert ops.GLUON_XPIPE_LAUNCHES > before
 
 
 def test_gluon_every_row_visits():

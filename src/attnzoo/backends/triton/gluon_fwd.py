@@ -707,10 +707,10 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
             tt = gl.minimum(t, last)
         pid_m, h, qrow0, m0, kvrow = _wsp_item(tt, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+        nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         if XPIPE:
             if t > last:
                 n = gl.minimum(n, 1)
-        nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
         _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
@@ -755,13 +755,14 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
 # branch.
 
 @gluon.jit
-def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
-            idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
-            ORDER: gl.constexpr, FAR: gl.constexpr):
+def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m,
+            idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
+            ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
     # (XPIPE) item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the
-    # scores (running) and the item's h, first query row, nf, f0, prow, n, z and m0
+    # scores (running) and the item's h, first query row, nf, f0, prow, n, z, m0 and narrow flag nw
     pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
+    nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
     z = _zfirst(nf, prow, n, FAR)
     qb = i % QBUF
     mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
@@ -769,14 +770,16 @@ def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, KVN, KVI,
     mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
     s = warpgroup_mma(q_smem.index(2 * qb + C), k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
-    return s, h, qrow0, nf, f0, prow, n, z, m0
+    return s, h, qrow0, nf, f0, prow, n, z, m0, nw
 
 
 @gluon.jit
-def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
-                KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
+def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE,
+                AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                QBUF: gl.constexpr, ORDER: gl.constexpr, FAR: gl.constexpr):
+                QBUF: gl.constexpr, ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
+    # NARROW: the narrow sink tile at each item's end (as NARROW_LAST 1): its scores issued with the next item's first
+    # scores and the last P V, its P V after them (the Q buffer, and the narrow buffer with it, freed after that)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -792,10 +795,11 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
     l_new = gl.zeros([BLOCK_M], gl.float32, layout=srow)
     nprog = gl.num_programs(0)
     last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
+    kn_smem, vn_smem = nbuf
     # the first item's first step
-    s, h, qrow0, nf, f0, prow, n, z, m0 = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, KVN,
-                                                   KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
-                                                   s_zero, BLOCK_M, STAGES, QBUF, ORDER, FAR)
+    s, h, qrow0, nf, f0, prow, n, z, m0, _ = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, NROW,
+                                                       KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk,
+                                                       NQB, s_zero, BLOCK_M, STAGES, QBUF, ORDER, NARROW, FAR)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(kempty.index(0), count=1)
     qp = gl.expand_dims(m0 + rows + OFF, 1)
@@ -823,15 +827,16 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(vempty.index(pslot), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-        mbarrier.arrive(qempty.index(qb), count=1)  # (the item's last score MMA is done)
+        if NARROW == 0:
+            mbarrier.arrive(qempty.index(qb), count=1)  # (the item's last score MMA is done)
         # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
         # this item's last P V, their softmax while it runs, then this item's epilogue
         lit = it0 + n - 1
         lslot = lit % STAGES
-        s, h2, qrow2, nf, f0, prow, n2, z, m0 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem, k_smem,
-                                                        kready, qready, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h,
-                                                        idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M, STAGES, QBUF,
-                                                        ORDER, FAR)
+        s, h2, qrow2, nf, f0, prow, n2, z, m0, _ = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
+                                                             k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI, lay_h,
+                                                             lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M,
+                                                             STAGES, QBUF, ORDER, NARROW, FAR)
         mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
@@ -841,6 +846,23 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, qready, qempty, kready,
                                     AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(lslot), count=1)
+        if NARROW > 0:  # the narrow tile last (all masked where the item is not flagged: p = 0, factor 1), then its
+            # buffer goes with Q's; the item's query block from qrow0 and its flag reloaded (not carried in the loop)
+            m0c = qrow0 % Lq
+            nwc = gl.load(NROW + m0c // BLOCK_M)
+            snrow: gl.constexpr = gl.SliceLayout(1, _narrow_layout(NARROW))
+            qpn, kposn, sn0 = _narrow_setup(m0c, OFF, BLOCK_M, NARROW)
+            sn = warpgroup_mma(qs, kn_smem.index(qb).permute((1, 0)), sn0, use_acc=False, is_async=True)
+            sn = warpgroup_mma_wait(num_outstanding=0, deps=(sn, ))
+            sn = gl.where(nwc != 0, sn, float("-inf"))
+            m_n, l_n, pn, alpha_n = _softmax(sn, gl.convert_layout(m_i, snrow), gl.convert_layout(l_i, snrow), qpn,
+                                             kposn, h + C, AUX, qk_scale, True, dtype, p_layout)
+            m_i = gl.convert_layout(m_n, srow)
+            l_i = gl.convert_layout(l_n, srow)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha_n, orow), 1)
+            acc = warpgroup_mma(pn, vn_smem.index(qb), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(qempty.index(qb), count=1)
         _store_out(acc, m_i, l_i, O, LSE, qrow0 + C * Lq, orow, o_layout, D, BLOCK_M)
         m_i = m2
         l_i = l2
@@ -867,20 +889,20 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
     qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
-    if XPIPE:  # (no narrow tile, no turn barriers: ops checks)
+    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
+    if XPIPE:  # (no turn barriers; with NARROW, every flagged item keeps a regular step: ops checks)
         gl.warp_specialize([
-            (_x_consumer, (0, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
-                           KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
-                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
-            (_x_consumer, (1, q_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX, KVN,
-                           KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale, D,
-                           BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FAR)),
-            (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, (k_smem, v_smem), qready, qempty, kready,
-                             vready, kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk,
-                             NQB, n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, 0, FAR, True)),
+            (_x_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
+                           NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR)),
+            (_x_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
+                           NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR)),
+            (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready,
+                             kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
+                             n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, True)),
         ], [4, 1], [CONSUMER_REGS, 24])
         return
-    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
     gl.warp_specialize([
         (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                          LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,

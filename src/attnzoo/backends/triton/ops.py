@@ -577,12 +577,17 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         ok = sn > 0 and not merge and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, str(q.device), sn)
         meta["NLAST"] = int(cfg.get("NARROW_LAST") or 0) if ok else 0
         global GLUON_NLAST_LAUNCHES, GLUON_XPIPE_LAUNCHES
-        GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
-        # XPIPE (thirtieth session): each item's first scores issued with the previous item's last P V (no narrow
-        # tile, no turn barriers, every query block with a kv block)
-        meta["XPIPE"] = bool(cfg.get("XPIPE")) and sn == 0 and not meta["PINGPONG"] \
+        # XPIPE (thirtieth session): each item's first scores issued with the previous item's last P V (no turn
+        # barriers, every query block with a kv block). Where the narrow tile applies, only with XPIPE_NARROW (opt-in):
+        # the narrow tile then runs at the item's end in both consumers, and every flagged item must keep a regular
+        # step (as for NARROW_LAST)
+        narrow_ok = sn == 0 or (bool(cfg.get("XPIPE_NARROW")) and ok)
+        meta["XPIPE"] = bool(cfg.get("XPIPE")) and narrow_ok and not meta["PINGPONG"] \
             and _every_row_visits(pattern, lq, lk, bm, bn, hq, str(q.device))
         GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
+        if meta["XPIPE"]:
+            meta["NLAST"] = 0  # (XPIPE's own boundary takes the narrow tile)
+        GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
     else:
