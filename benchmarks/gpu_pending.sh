@@ -127,9 +127,10 @@
 #                narrow-tile test and the default path only), then window 4096's forward at 64K through attnzoo bench
 #                twice (1.52x flex in the twenty-ninth session, 1.42-1.46x in the four runs before)
 #   (half        issue 3, thirtieth session: run, slower, removed with HALF; commit 886714f has both)
-#   xpipe        issue 3 (thirtieth session, run: the local class's default since): XPIPE in the persistent Gluon
-#                forward (each item's first scores issued with the previous item's last P V): its GPU tests, then
-#                sustained (len_scale.py, three rounds) and round 26 (--repeat 3) against the default at 16K
+#   xpipe-narrow issue 3 (thirtieth session, NOT YET RUN: the device budget ran out): XPIPE_NARROW (XPIPE with the
+#                narrow sink tile at each item's end, opt-in) -- its GPU test with XPIPE's and the default path's, then
+#                sinks + window sustained (len_scale.py, three rounds) and round 26 (--repeat 3) at 16K. XPIPE itself
+#                (plain windows) ran in the thirtieth session and is the local class's default
 #   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
 #                rows-check): the Gluon forward's reference tests with NARROW_LAST 2 (the local / wide default since
 #                then) and the default path, then attnzoo bench on sinks + window and window 1024 at 64K (forward,
@@ -189,9 +190,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirtieth session (2026-12-07): windows (attnzoo bench on the local patterns with XPIPE the local class's
-# default: its default path's GPU test and the bench at 16K / 64K did not run this session)
-SECTIONS=${*:-windows}
+# after the thirtieth session (2026-12-07): xpipe-narrow (XPIPE_NARROW's GPU test and timing), then windows (attnzoo
+# bench on the local patterns with XPIPE the local class's default)
+SECTIONS=${*:-xpipe-narrow windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -348,12 +349,12 @@ for s in $SECTIONS; do
                     --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
                     --pattern sw4096 --max-time-s 1.0 > "$OUT/sw4096_64k_${i}_log.txt" 2>&1
                 done ;;
-    xpipe) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-             tests/backends/test_gluon_fwd.py -k "xpipe" > "$OUT/xpipe_tests.txt" 2>&1
-           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw1024,sinks+sw1024,sw4096 \
-             --shapes 1x16384 --configs default,xpipe --rounds 3 > "$OUT/xpipe_sustained.txt" 2>&1
-           timeout ${WINDOWS_S:-200} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
-             --patterns sw1024,sinks+sw1024,sw4096 --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1 ;;
+    xpipe-narrow) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                    tests/backends/test_gluon_fwd.py -k "xpipe or default_forward" > "$OUT/xpipe_tests.txt" 2>&1
+                  timeout ${PROFILE_S:-120} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384 \
+                    --configs "default,xpipe narrow" --rounds 3 > "$OUT/xpipe_narrow_sustained.txt" 2>&1
+                  timeout ${WINDOWS_S:-150} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
+                    --patterns sinks+sw1024 --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1 ;;
     last2-check) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                    tests/backends/test_gluon_fwd.py -k "(matches_reference and sinks) or default_forward or narrow" \
                    > "$OUT/last2_tests.txt" 2>&1
