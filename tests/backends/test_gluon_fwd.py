@@ -65,7 +65,10 @@ def _check(q, k, v, pattern, cfg):
                                                                   MASK_FAR=True, NARROW_MERGE=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
                                                                   MASK_FAR=True, NARROW_LAST=2)),
-                                               (128, 128, 3, dict(GLUON="ws", MASK_FAR=True))])
+                                               (128, 128, 3, dict(GLUON="ws", MASK_FAR=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, XPIPE=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
+                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW=True))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
