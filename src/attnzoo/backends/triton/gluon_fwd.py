@@ -214,15 +214,16 @@ def _q_load(qd, kdn, vdn, q_smem, nbuf, bar, qb, qrow0, Lq, kvrow, nw, NARROW: g
 
 
 @gluon.constexpr_function
-def _narrow_layout(NARROW):
-    # the narrow tile's score layout (64 rows a warpgroup x NARROW keys)
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NARROW, 16])
+def _wg_layout(N):
+    # a warpgroup MMA accumulator's layout with N columns (64 rows a warpgroup): the scores of N keys (the narrow
+    # tile's with N = NARROW), or an output tile of N = D columns
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
 
 
 @gluon.jit
 def _narrow_setup(m0, OFF, BLOCK_M: gl.constexpr, NARROW: gl.constexpr):
     # the narrow tile's query positions (a column), key positions (0 .. NARROW) and zero scores, in its score layout
-    sn_layout: gl.constexpr = _narrow_layout(NARROW)
+    sn_layout: gl.constexpr = _wg_layout(NARROW)
     qp = gl.expand_dims(m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, sn_layout)) + OFF, 1)
     kpos = gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout))
     return qp, kpos, gl.zeros([BLOCK_M, NARROW], gl.float32, layout=sn_layout)
@@ -234,7 +235,7 @@ def _narrow_step(qs, kn_smem, vn_smem, m0, OFF, hc, AUX, qk_scale, srow: gl.cons
     # a consumer's first step on a narrow work item (its narrow tile loaded with Q): scores against the NARROW-key
     # tile (masked), the softmax from scratch and acc = P V -> (m_i, l_i, acc)
     dtype: gl.constexpr = kn_smem.dtype
-    snrow: gl.constexpr = gl.SliceLayout(1, _narrow_layout(NARROW))
+    snrow: gl.constexpr = gl.SliceLayout(1, _wg_layout(NARROW))
     qp, kpos, s0 = _narrow_setup(m0, OFF, BLOCK_M, NARROW)
     s = warpgroup_mma(qs, kn_smem.permute((1, 0)), s0, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
@@ -256,7 +257,7 @@ def _narrow_last(qs, kn_smem, vn_smem, vl_smem, vl_ready, vl_empty, vl_phase, p,
     # at the item's start with both consumers' MMAs idle; then the rescale and the narrow tile's P V. Branch-free in
     # nw: on an unflagged item the scores are all masked (p = 0, factor 1). Needs n > 0 (ops._narrow_merge_ok)
     dtype: gl.constexpr = kn_smem.dtype
-    snrow: gl.constexpr = gl.SliceLayout(1, _narrow_layout(NARROW))
+    snrow: gl.constexpr = gl.SliceLayout(1, _wg_layout(NARROW))
     qp, kpos, s0 = _narrow_setup(m0, OFF, BLOCK_M, NARROW)
     s = warpgroup_mma(qs, kn_smem.permute((1, 0)), s0, use_acc=False, is_async=True)
     mbarrier.wait(vl_ready, vl_phase)
@@ -291,6 +292,34 @@ def _ws_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kread
     _q_load(qd, kdn, vdn, q_smem, nbuf, qbar, 0, qrow0, Lq, kvrow, nw, NARROW)
     _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, 0, z, STAGES,
                    BLOCK_N, FAR)
+
+
+@gluon.jit
+def _step(C: gl.constexpr, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, turn, p, acc, m_i, l_i, s_zero,
+          qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow: gl.constexpr, p_layout: gl.constexpr,
+          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FAR: gl.constexpr, PINGPONG: gl.constexpr):
+    # one step j >= 1 of a consumer's main loop (ring step it0 + j): the scores S_j issued with the previous step's
+    # P V, the mask and softmax of step j while that P V runs, then the rescale -> (m_i, l_i, P_j, acc)
+    it = it0 + j
+    slot = it % STAGES
+    pslot = (it + STAGES - 1) % STAGES
+    blk = _blk(j, nf, f0, prow, n, z, FAR)
+    mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn.index(C), it & 1)
+    s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(vready.index(pslot), ((it - 1) // STAGES) & 1)
+    acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - C), count=1)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    mbarrier.arrive(kempty.index(slot), count=1)
+    m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale, _part(j, nf, z, FAR),
+                                  k_smem.dtype, p_layout, FAR)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(vempty.index(pslot), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+    return m_i, l_i, p, acc
 
 
 @gluon.jit
@@ -383,25 +412,9 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         elif NARROW > 0 and not NLAST:  # acc holds the narrow step's P V
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
     for j in range(1, n):
-        it = it0 + j
-        slot = it % STAGES
-        pslot = (it + STAGES - 1) % STAGES
-        blk = _blk(j, nf, f0, prow, n, z, FAR)
-        mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turn.index(C), it & 1)
-        s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(vready.index(pslot), ((it - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - C), count=1)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        mbarrier.arrive(kempty.index(slot), count=1)
-        m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale,
-                                      _part(j, nf, z, FAR), dtype, p_layout, FAR)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(vempty.index(pslot), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+        m_i, l_i, p, acc = _step(C, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, turn, p, acc, m_i, l_i,
+                                 s_zero, qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow, p_layout, BLOCK_N,
+                                 STAGES, FAR, PINGPONG)
     if QEMPTY and not NLAST:
         mbarrier.arrive(qempty, count=1)
     if n > 0:
@@ -781,10 +794,8 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
     # NARROW: the narrow sink tile at each item's end (as NARROW_LAST 1): its scores issued with the next item's first
     # scores and the last P V, its P V after them (the Q buffer, and the narrow buffer with it, freed after that)
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _wg_layout(BLOCK_N)
+    o_layout: gl.constexpr = _wg_layout(D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     srow: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -812,21 +823,9 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
         qs = q_smem.index(2 * qb + C)
         acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
         for j in range(1, n):
-            it = it0 + j
-            slot = it % STAGES
-            pslot = (it + STAGES - 1) % STAGES
-            blk = _blk(j, nf, f0, prow, n, z, FAR)
-            mbarrier.wait(kready.index(slot), (it // STAGES) & 1)
-            s = warpgroup_mma(qs, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(vready.index(pslot), ((it - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(pslot), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            mbarrier.arrive(kempty.index(slot), count=1)
-            m_i, l_i, p, alpha = _softmax(s, m_i, l_i, qp, blk * BLOCK_N + cols, h + C, AUX, qk_scale,
-                                          _part(j, nf, z, FAR), dtype, p_layout, FAR)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(vempty.index(pslot), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+            m_i, l_i, p, acc = _step(C, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, kready, p, acc, m_i,
+                                     l_i, s_zero, qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow, p_layout,
+                                     BLOCK_N, STAGES, FAR, False)
         if NARROW == 0:
             mbarrier.arrive(qempty.index(qb), count=1)  # (the item's last score MMA is done)
         # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
@@ -850,7 +849,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
             # buffer goes with Q's; the item's query block from qrow0 and its flag reloaded (not carried in the loop)
             m0c = qrow0 % Lq
             nwc = gl.load(NROW + m0c // BLOCK_M)
-            snrow: gl.constexpr = gl.SliceLayout(1, _narrow_layout(NARROW))
+            snrow: gl.constexpr = gl.SliceLayout(1, _wg_layout(NARROW))
             qpn, kposn, sn0 = _narrow_setup(m0c, OFF, BLOCK_M, NARROW)
             sn = warpgroup_mma(qs, kn_smem.index(qb).permute((1, 0)), sn0, use_acc=False, is_async=True)
             sn = warpgroup_mma_wait(num_outstanding=0, deps=(sn, ))
