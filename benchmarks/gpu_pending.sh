@@ -131,6 +131,10 @@
 #                narrow sink tile at each item's end, opt-in) -- its GPU test with XPIPE's and the default path's, then
 #                sinks + window sustained (len_scale.py, three rounds) and round 26 (--repeat 3) at 16K. XPIPE itself
 #                (plain windows) ran in the thirtieth session and is the local class's default
+#                (run in the thirty-first session: faster, XPIPE_NARROW the local default since; its tests ran out of
+#                time there, so xpn-default runs them)
+#   xpn-default  issue 3 (thirty-first session): the Gluon forward's XPIPE / XPIPE_NARROW tests and the default path
+#                with XPIPE_NARROW in the local default (sinks + window through attention(), forward and backward)
 #   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
 #                rows-check): the Gluon forward's reference tests with NARROW_LAST 2 (the local / wide default since
 #                then) and the default path, then attnzoo bench on sinks + window and window 1024 at 64K (forward,
@@ -190,9 +194,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirtieth session (2026-12-07): xpipe-narrow (XPIPE_NARROW's GPU test and timing), then windows (attnzoo
-# bench on the local patterns with XPIPE the local class's default)
-SECTIONS=${*:-xpipe-narrow windows}
+# after the thirty-first session's first call (2026-12-07): xpn-default (XPIPE_NARROW's GPU tests, now in the local
+# default), then windows (attnzoo bench on the local patterns with XPIPE and XPIPE_NARROW the local class's default)
+SECTIONS=${*:-xpn-default windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -349,6 +353,9 @@ for s in $SECTIONS; do
                     --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
                     --pattern sw4096 --max-time-s 1.0 > "$OUT/sw4096_64k_${i}_log.txt" 2>&1
                 done ;;
+    xpn-default) timeout ${GLUON_TEST_S:-330} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                   tests/backends/test_gluon_fwd.py -k "xpipe or default_forward" > "$OUT/xpn_tests.txt" 2>&1
+                 tail -3 "$OUT/xpn_tests.txt" ;;
     xpipe-narrow) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                     tests/backends/test_gluon_fwd.py -k "xpipe or default_forward" > "$OUT/xpipe_tests.txt" 2>&1
                   timeout ${PROFILE_S:-120} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384 \

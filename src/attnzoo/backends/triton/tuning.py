@@ -91,8 +91,14 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
     # round-robin passes): window 1024 1.006 -> 0.982 ms, sustained (len_scale.py, three rounds) 1.129 / 1.159 / 1.147
     # -> 1.118 / 1.114 / 1.124; on the H200 (c3) 1.002 -> 0.975. Window 4096 (33 steps an item) 2.908 -> 3.109: slower,
     # so not on class wide
+    # XPIPE_NARROW (thirty-first session; class local): XPIPE with the narrow sink tile at each item's end in both
+    # consumers, so sinks + window takes XPIPE too (NARROW_LAST then does not apply). Round 26, sinks + window, 16K,
+    # H100, three passes (benchmarks/results/h100-2026-12-07-s31/c1): 1.079 (NARROW_LAST 2) -> 1.062 ms, 1.73 -> 1.76x
+    # flex (XPIPE without the narrow tile 1.100); sustained (len_scale.py, three rounds) 1.213 / 1.234 / 1.230 ->
+    # 1.190 / 1.214 / 1.203
+    xp = {"XPIPE": True, "XPIPE_NARROW": True} if pclass == "local" else {}
     return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
-                              MASK_FAR=True, NARROW_LAST=2, **({"XPIPE": True} if pclass == "local" else {}))}
+                              MASK_FAR=True, NARROW_LAST=2, **xp)}
 
 
 def default(kind: str, d: int, dv: int, pclass: str) -> dict:
