@@ -180,14 +180,11 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                     ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
     # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _wg_layout(BLOCK_M)
+    a_layout: gl.constexpr = _wg_layout(D)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
     DH: gl.constexpr = D // 2  # (FUSED_DQ) the dq columns of consumer C: C * DH ..
-    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, DH, 16])
+    q_layout: gl.constexpr = _wg_layout(DH)
     scol: gl.constexpr = gl.SliceLayout(0, s_layout)
     cols = gl.arange(0, BLOCK_M, layout=scol)
     kk = gl.expand_dims(pid_n * (2 * HALF) + C * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout)), 1)
@@ -268,13 +265,10 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
     # cfg ROWS_PREF, twenty-eighth session -- was level or slower on the H100; removed in the twenty-ninth.)
     DP_EARLY: gl.constexpr = ROWS != 2
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF, 16])
-    a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _wg_layout(HALF)
+    a_layout: gl.constexpr = _wg_layout(D)
     DH: gl.constexpr = D // 2
-    q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, DH, 16])
+    q_layout: gl.constexpr = _wg_layout(DH)
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     kk = gl.expand_dims(pid_n * (2 * HALF) + C * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_layout)), 0)
     dk = gl.zeros([HALF, D], gl.float32, layout=a_layout)

@@ -51,6 +51,13 @@ def _fmod(x, s):
     return x - _fdiv(x, s) * s
 
 
+@gluon.constexpr_function
+def _wg_layout(N):
+    # a warpgroup MMA accumulator's layout with N columns (64 rows a warpgroup): the scores of N keys (the narrow
+    # tile's with N = NARROW), an output tile of N = D columns, or a backward accumulator (dK, dV, dq columns)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+
+
 @gluon.jit
 def _mask(qp, kk, hq, AUX):
 {body}
@@ -213,13 +220,6 @@ def _q_load(qd, kdn, vdn, q_smem, nbuf, bar, qb, qrow0, Lq, kvrow, nw, NARROW: g
         tma.async_copy_global_to_shared(vdn, [kvrow, 0], bar, vn_smem.index(qb))
 
 
-@gluon.constexpr_function
-def _wg_layout(N):
-    # a warpgroup MMA accumulator's layout with N columns (64 rows a warpgroup): the scores of N keys (the narrow
-    # tile's with N = NARROW), or an output tile of N = D columns
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
-
-
 @gluon.jit
 def _narrow_setup(m0, OFF, BLOCK_M: gl.constexpr, NARROW: gl.constexpr):
     # the narrow tile's query positions (a column), key positions (0 .. NARROW) and zero scores, in its score layout
@@ -348,10 +348,8 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
     # narrow tile (kn_smem, vn_smem, loaded with Q), so acc, m_i and l_i start from that step -- or, NLAST, ends with
     # it: its scores issued with the last block's P V (see _narrow_last)
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _wg_layout(BLOCK_N)
+    o_layout: gl.constexpr = _wg_layout(D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     srow: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -380,8 +378,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         if PINGPONG:
             mbarrier.wait(turn.index(C), it0 & 1)
         if NMERGE:  # (NARROW_MERGE) the narrow tile's scores issued with step 0's
-            sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                instr_shape=[16, NARROW, 16])
+            sn_layout: gl.constexpr = _wg_layout(NARROW)
             s_n = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32,
                                                                       layout=sn_layout), use_acc=False, is_async=True)
         s = warpgroup_mma(qs, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -549,10 +546,8 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
     # this item's O tile and lse, loaded by the persistent consumer a whole item ahead (_dq_pref), instead of loads
     # whose latency every item start waits out in both consumers at once
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _wg_layout(BLOCK_N)
+    o_layout: gl.constexpr = _wg_layout(D)
     ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     srow: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -982,10 +977,8 @@ def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qemp
 def _dq_pref(O, LSE, row0, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     # (PREF) a consumer's O tile (rows row0 .. row0 + BLOCK_M, 16-bit, in the dq accumulator's layout) and lse (in the
     # scores' row layout) of one work item, as _dq_item would load them
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _wg_layout(BLOCK_N)
+    o_layout: gl.constexpr = _wg_layout(D)
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     orows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
