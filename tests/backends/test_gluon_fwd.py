@@ -276,13 +276,17 @@ def test_gluon_xpipe_narrow(monkeypatch):
     sinks = az.SlidingWindow(300) | az.Sinks(4)
     for pattern, extra in ((sinks, {}), (sinks, dict(MASK_FAR=True)), (az.SlidingWindow(129) | az.Sinks(16), {}),
                            (az.SlidingWindow(1023) | az.Sinks(4), dict(MASK_FAR=True, NARROW_LAST=2)),
-                           (sinks, dict(PROGRAMS=1)), (sinks, dict(PROGRAMS=3, MASK_FAR=True)), (sinks, dict(QBUF=1))):
+                           (sinks, dict(PROGRAMS=1)), (sinks, dict(PROGRAMS=3, MASK_FAR=True))):
         before, nlast = ops.GLUON_XPIPE_LAUNCHES, ops.GLUON_NLAST_LAUNCHES
         assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
         assert ops.GLUON_XPIPE_LAUNCHES > before and ops.GLUON_NLAST_LAUNCHES == nlast, (pattern, extra)
-    before = ops.GLUON_XPIPE_LAUNCHES
-    assert _check(q, k, v, az.Sinks(4), cfg)
-    assert ops.GLUON_XPIPE_LAUNCHES == before
+    # without XPIPE (still right): sinks alone (an item with nothing but the narrow tile), and one Q buffer (the narrow
+    # step frees the item's Q buffer after the next item's first scores, which would wait for it: a deadlock, so ops
+    # runs the kernel without XPIPE there -- thirty-first session, the first GPU run of this test hung on it)
+    for pattern, extra in ((az.Sinks(4), {}), (sinks, dict(QBUF=1))):
+        before = ops.GLUON_XPIPE_LAUNCHES
+        assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
+        assert ops.GLUON_XPIPE_LAUNCHES == before, (pattern, extra)
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=18)
     before = ops.GLUON_XPIPE_LAUNCHES
     assert _check(q, k, v, sinks, cfg)

@@ -580,8 +580,9 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         # XPIPE (thirtieth session): each item's first scores issued with the previous item's last P V (no turn
         # barriers, every query block with a kv block). Where the narrow tile applies, only with XPIPE_NARROW (opt-in):
         # the narrow tile then runs at the item's end in both consumers, and every flagged item must keep a regular
-        # step (as for NARROW_LAST)
-        narrow_ok = sn == 0 or (bool(cfg.get("XPIPE_NARROW")) and ok)
+        # step (as for NARROW_LAST). It also needs two Q buffers: its narrow step (which reads the item's Q buffer and
+        # frees it) comes after the next item's first scores, whose Q would wait for that very buffer with one
+        narrow_ok = sn == 0 or (bool(cfg.get("XPIPE_NARROW")) and ok and int(cfg.get("QBUF", 1)) >= 2)
         meta["XPIPE"] = bool(cfg.get("XPIPE")) and narrow_ok and not meta["PINGPONG"] \
             and _every_row_visits(pattern, lq, lk, bm, bn, hq, str(q.device))
         GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
