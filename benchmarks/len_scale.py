@@ -57,7 +57,9 @@ FWD_CONFIGS = {"default": None,
                # sink tile off: XPIPE does not take it)
                "xpipe": dict(XPIPE=True, NARROW=0),
                # XPIPE with the narrow sink tile at each item's end (XPIPE_NARROW)
-               "xpipe narrow": dict(XPIPE=True, XPIPE_NARROW=True)}
+               "xpipe narrow": dict(XPIPE=True, XPIPE_NARROW=True),
+               # (XPIPE_NARROW=2: consumer 0's narrow step before the item boundary, consumer 1's after it)
+               "xpipe narrow 2": dict(XPIPE=True, XPIPE_NARROW=2)}
 
 
 def shapes(text: str):

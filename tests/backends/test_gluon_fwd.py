@@ -68,7 +68,9 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 128, 3, dict(GLUON="ws", MASK_FAR=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, XPIPE=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
-                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW=True))])
+                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
+                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW=2))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
@@ -108,6 +110,10 @@ def test_gluon_cfg_names_a_form():
     for bad in (2, -1, 1.5, "1"):  # XPIPE: a bool (0 / 1)
         with pytest.raises(ValueError, match="XPIPE"):
             ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON="wsp", XPIPE=bad))
+    for bad in (3, -1, 1.5, "2"):  # XPIPE_NARROW: a bool or 2 (consumer 0's narrow step before the boundary)
+        with pytest.raises(ValueError, match="XPIPE_NARROW"):
+            ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON="wsp", XPIPE=True,
+                                                                            XPIPE_NARROW=bad))
 
 
 def test_gluon_plan_says_why_not_on_cpu():
@@ -265,13 +271,14 @@ def test_gluon_xpipe():
 
 
 @gpu
-def test_gluon_xpipe_narrow(monkeypatch):
-    # XPIPE_NARROW: XPIPE with the narrow sink tile, run at each item's end in both consumers -- flagged and unflagged
-    # items mixed (the first query blocks see more of block 0), sinks of 4 and 16, MASK_FAR, one and three programs,
-    # one Q buffer, a cross shape in float16
+@pytest.mark.parametrize("mode", [True, 2], ids=["after", "staggered"])
+def test_gluon_xpipe_narrow(mode, monkeypatch):
+    # XPIPE_NARROW: XPIPE with the narrow sink tile, run at each item's end in both consumers after the boundary (True)
+    # or, 2, in consumer 0 before it -- flagged and unflagged items mixed (the first query blocks see more of block 0),
+    # sinks of 4 and 16, MASK_FAR, one and three programs, one Q buffer, a cross shape in float16
     monkeypatch.setattr(ops, "GLUON_NARROW", True)
     cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2, REGS=240, NARROW=16, XPIPE=True,
-               XPIPE_NARROW=True)
+               XPIPE_NARROW=mode)
     q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=17)
     sinks = az.SlidingWindow(300) | az.Sinks(4)
     for pattern, extra in ((sinks, {}), (sinks, dict(MASK_FAR=True)), (az.SlidingWindow(129) | az.Sinks(16), {}),

@@ -782,12 +782,38 @@ def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, NROW, KVN
 
 
 @gluon.jit
+def _xn_scores(qs, kn, qrow0, Lq, NROW, OFF, BLOCK_M: gl.constexpr, NARROW: gl.constexpr):
+    # (XPIPE with the narrow tile) an item's narrow scores, issued -- its query block from qrow0 and its flag reloaded
+    # here rather than carried through the main loop -> (scores in flight, flag, query and key positions)
+    m0c = qrow0 % Lq
+    nwc = gl.load(NROW + m0c // BLOCK_M)
+    qpn, kposn, sn0 = _narrow_setup(m0c, OFF, BLOCK_M, NARROW)
+    sn = warpgroup_mma(qs, kn.permute((1, 0)), sn0, use_acc=False, is_async=True)
+    return sn, nwc, qpn, kposn
+
+
+@gluon.jit
+def _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, hc, AUX, qk_scale, dtype: gl.constexpr, p_layout: gl.constexpr,
+                srow: gl.constexpr, NARROW: gl.constexpr):
+    # the narrow tile's softmax step (all masked where the item is not flagged: p = 0, factor 1) -> (m_i, l_i, P,
+    # the factor for acc)
+    snrow: gl.constexpr = gl.SliceLayout(1, _wg_layout(NARROW))
+    sn = gl.where(nwc != 0, sn, float("-inf"))
+    m_n, l_n, pn, alpha_n = _softmax(sn, gl.convert_layout(m_i, snrow), gl.convert_layout(l_i, snrow), qpn, kposn, hc,
+                                     AUX, qk_scale, True, dtype, p_layout)
+    return gl.convert_layout(m_n, srow), gl.convert_layout(l_n, srow), pn, alpha_n
+
+
+@gluon.jit
 def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE,
                 AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                QBUF: gl.constexpr, ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
-    # NARROW: the narrow sink tile at each item's end (as NARROW_LAST 1): its scores issued with the next item's first
-    # scores and the last P V, its P V after them (the Q buffer, and the narrow buffer with it, freed after that)
+                QBUF: gl.constexpr, ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr,
+                XSTAG: gl.constexpr = False):
+    # NARROW: the narrow sink tile at each item's end, after the boundary's MMAs (the Q buffer, and the narrow buffer
+    # with it, freed after that). XSTAG (cfg XPIPE_NARROW=2): consumer 0 takes it before the boundary instead, its
+    # scores issued with the last P V and its P V with the next item's first scores, so the two consumers' exposed
+    # narrow softmax falls at different times (as NARROW_LAST 2 does without XPIPE)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_N)
     o_layout: gl.constexpr = _wg_layout(D)
@@ -823,36 +849,45 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
                                      BLOCK_N, STAGES, FAR, False)
         if NARROW == 0:
             mbarrier.arrive(qempty.index(qb), count=1)  # (the item's last score MMA is done)
-        # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
-        # this item's last P V, their softmax while it runs, then this item's epilogue
         lit = it0 + n - 1
         lslot = lit % STAGES
+        STAG: gl.constexpr = XSTAG and NARROW > 0 and C == 0
+        if STAG:  # (consumer 0, XSTAG) the narrow tile's scores with the last P V, its softmax while that runs
+            sn, nwc, qpn, kposn = _xn_scores(qs, kn_smem.index(qb), qrow0, Lq, NROW, OFF, BLOCK_M, NARROW)
+            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+            sn = warpgroup_mma_wait(num_outstanding=1, deps=(sn, ))
+            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h + C, AUX, qk_scale, dtype, p_layout,
+                                                srow, NARROW)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(vempty.index(lslot), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha_n, orow), 1)
+        # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
+        # this item's last P V (STAG: the narrow tile's), their softmax while it runs, then this item's epilogue
         s, h2, qrow2, nf, f0, prow, n2, z, m0, _ = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
                                                              k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI, lay_h,
                                                              lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M,
                                                              STAGES, QBUF, ORDER, NARROW, FAR)
-        mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+        if STAG:
+            acc = warpgroup_mma(pn, vn_smem.index(qb), acc, is_async=True)
+        else:
+            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
         mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
         qp2 = gl.expand_dims(m0 + rows + OFF, 1)
         m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols, h2 + C,
                                     AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(vempty.index(lslot), count=1)
-        if NARROW > 0:  # the narrow tile last (all masked where the item is not flagged: p = 0, factor 1), then its
-            # buffer goes with Q's; the item's query block from qrow0 and its flag reloaded (not carried in the loop)
-            m0c = qrow0 % Lq
-            nwc = gl.load(NROW + m0c // BLOCK_M)
-            snrow: gl.constexpr = gl.SliceLayout(1, _wg_layout(NARROW))
-            qpn, kposn, sn0 = _narrow_setup(m0c, OFF, BLOCK_M, NARROW)
-            sn = warpgroup_mma(qs, kn_smem.index(qb).permute((1, 0)), sn0, use_acc=False, is_async=True)
+        if STAG:
+            mbarrier.arrive(qempty.index(qb), count=1)
+        else:
+            mbarrier.arrive(vempty.index(lslot), count=1)
+        if NARROW > 0 and not STAG:  # the narrow tile last, then its buffer goes with Q's
+            sn, nwc, qpn, kposn = _xn_scores(qs, kn_smem.index(qb), qrow0, Lq, NROW, OFF, BLOCK_M, NARROW)
             sn = warpgroup_mma_wait(num_outstanding=0, deps=(sn, ))
-            sn = gl.where(nwc != 0, sn, float("-inf"))
-            m_n, l_n, pn, alpha_n = _softmax(sn, gl.convert_layout(m_i, snrow), gl.convert_layout(l_i, snrow), qpn,
-                                             kposn, h + C, AUX, qk_scale, True, dtype, p_layout)
-            m_i = gl.convert_layout(m_n, srow)
-            l_i = gl.convert_layout(l_n, srow)
+            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h + C, AUX, qk_scale, dtype, p_layout,
+                                                srow, NARROW)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha_n, orow), 1)
             acc = warpgroup_mma(pn, vn_smem.index(qb), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -876,7 +911,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False):
+                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False, XSTAG: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -888,10 +923,10 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
         gl.warp_specialize([
             (_x_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, XSTAG)),
             (_x_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, XSTAG)),
             (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready,
                              kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
                              n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, True)),

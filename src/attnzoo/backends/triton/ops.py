@@ -372,6 +372,10 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
     if type(xpipe) not in (int, bool) or xpipe not in (0, 1):
         raise ValueError(f"cfg XPIPE (the persistent Gluon forward's item boundary) must be a bool, got {xpipe!r} (the "
                          "thirtieth session's form 2, the last P V before the next item's scores, was slower: removed)")
+    xn = gcfg.get("XPIPE_NARROW", False)
+    if type(xn) not in (int, bool) or xn not in (0, 1, 2):
+        raise ValueError(f"cfg XPIPE_NARROW (XPIPE with the narrow sink tile) must be a bool or 2 (consumer 0's narrow "
+                         f"step before the item boundary), got {xn!r}")
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
@@ -588,6 +592,10 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
         if meta["XPIPE"]:
             meta["NLAST"] = 0  # (XPIPE's own boundary takes the narrow tile)
+            # XPIPE_NARROW=2 (thirty-first session): consumer 0 takes the narrow tile before the boundary instead (its
+            # scores with the last P V, its P V with the next item's first scores), consumer 1 after it
+            if sn > 0 and cfg.get("XPIPE_NARROW") == 2:
+                meta["XSTAG"] = True
         GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
