@@ -133,7 +133,11 @@
 #                (plain windows) ran in the thirtieth session and is the local class's default
 #                (run in the thirty-first session: faster, XPIPE_NARROW the local default since; its tests ran out of
 #                time there, so xpn-default runs them)
-#   xpn-default  issue 3 (thirty-first session): the Gluon forward's XPIPE / XPIPE_NARROW tests and the default path
+#   xstag        issue 3 (thirty-first session, NOT YET RUN: the device budget ran out): XPIPE_NARROW=2 (consumer 0's
+#                narrow step before the item boundary, consumer 1's after it; opt-in) -- its GPU tests (test_gluon_
+#                xpipe_narrow[staggered], the reference tests on 8 patterns), round 26 on sinks + window against the
+#                default (XPIPE_NARROW=True) and the old NARROW_LAST 2, and three sustained rounds
+#   xpn-default  issue 3 (thirty-first session; ran there, c2: its last test hung on QBUF=1, fixed, rerun in c3): the Gluon forward's XPIPE / XPIPE_NARROW tests and the default path
 #                with XPIPE_NARROW in the local default (sinks + window through attention(), forward and backward)
 #   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
 #                rows-check): the Gluon forward's reference tests with NARROW_LAST 2 (the local / wide default since
@@ -194,9 +198,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-first session's first call (2026-12-07): xpn-default (XPIPE_NARROW's GPU tests, now in the local
-# default), then windows (attnzoo bench on the local patterns with XPIPE and XPIPE_NARROW the local class's default)
-SECTIONS=${*:-xpn-default windows}
+# after the thirty-first session (2026-12-07): xstag (XPIPE_NARROW=2, prepared, not yet run)
+SECTIONS=${*:-xstag}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -353,6 +356,14 @@ for s in $SECTIONS; do
                     --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
                     --pattern sw4096 --max-time-s 1.0 > "$OUT/sw4096_64k_${i}_log.txt" 2>&1
                 done ;;
+    xstag) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+             tests/backends/test_gluon_fwd.py -k "(xpipe_narrow and staggered) or (matches_reference and extra13)" \
+             > "$OUT/xstag_tests.txt" 2>&1
+           tail -3 "$OUT/xstag_tests.txt"
+           timeout ${WINDOWS_S:-150} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
+             --patterns sinks+sw1024 --only "wsp default,xpipe narrow" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
+           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384 \
+             --configs "default,xpipe narrow 2" --rounds 3 > "$OUT/xstag_sustained.txt" 2>&1 ;;
     xpn-default) timeout ${GLUON_TEST_S:-330} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                    tests/backends/test_gluon_fwd.py -k "xpipe or default_forward" > "$OUT/xpn_tests.txt" 2>&1
                  tail -3 "$OUT/xpn_tests.txt" ;;
