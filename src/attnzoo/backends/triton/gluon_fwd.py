@@ -793,14 +793,14 @@ def _xn_scores(qs, kn, qrow0, Lq, NROW, OFF, BLOCK_M: gl.constexpr, NARROW: gl.c
 
 
 @gluon.jit
-def _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, hc, AUX, qk_scale, dtype: gl.constexpr, p_layout: gl.constexpr,
-                srow: gl.constexpr, NARROW: gl.constexpr):
-    # the narrow tile's softmax step (all masked where the item is not flagged: p = 0, factor 1) -> (m_i, l_i, P,
-    # the factor for acc)
+def _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h, C: gl.constexpr, AUX, qk_scale, dtype: gl.constexpr,
+                p_layout: gl.constexpr, srow: gl.constexpr, NARROW: gl.constexpr):
+    # the narrow tile's softmax step for head h + C (all masked where the item is not flagged: p = 0, factor 1) ->
+    # (m_i, l_i, P, the factor for acc)
     snrow: gl.constexpr = gl.SliceLayout(1, _wg_layout(NARROW))
     sn = gl.where(nwc != 0, sn, float("-inf"))
-    m_n, l_n, pn, alpha_n = _softmax(sn, gl.convert_layout(m_i, snrow), gl.convert_layout(l_i, snrow), qpn, kposn, hc,
-                                     AUX, qk_scale, True, dtype, p_layout)
+    m_n, l_n, pn, alpha_n = _softmax(sn, gl.convert_layout(m_i, snrow), gl.convert_layout(l_i, snrow), qpn, kposn,
+                                     h + C, AUX, qk_scale, True, dtype, p_layout)
     return gl.convert_layout(m_n, srow), gl.convert_layout(l_n, srow), pn, alpha_n
 
 
@@ -857,7 +857,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
             mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
             acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
             sn = warpgroup_mma_wait(num_outstanding=1, deps=(sn, ))
-            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h + C, AUX, qk_scale, dtype, p_layout,
+            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h, C, AUX, qk_scale, dtype, p_layout,
                                                 srow, NARROW)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(vempty.index(lslot), count=1)
@@ -886,7 +886,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
         if NARROW > 0 and not STAG:  # the narrow tile last, then its buffer goes with Q's
             sn, nwc, qpn, kposn = _xn_scores(qs, kn_smem.index(qb), qrow0, Lq, NROW, OFF, BLOCK_M, NARROW)
             sn = warpgroup_mma_wait(num_outstanding=0, deps=(sn, ))
-            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h + C, AUX, qk_scale, dtype, p_layout,
+            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h, C, AUX, qk_scale, dtype, p_layout,
                                                 srow, NARROW)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha_n, orow), 1)
             acc = warpgroup_mma(pn, vn_smem.index(qb), acc, is_async=True)
