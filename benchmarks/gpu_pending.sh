@@ -137,6 +137,9 @@
 #                narrow step before the item boundary, consumer 1's after it; opt-in) -- its GPU tests (test_gluon_
 #                xpipe_narrow[staggered], the reference tests on 8 patterns), round 26 on sinks + window against the
 #                default (XPIPE_NARROW=True) and the old NARROW_LAST 2, and three sustained rounds
+#   wide-xpipe   issue 3 (thirty-first session): window 4096 with XPIPE against the wide default, four sustained rounds at
+#                16K and 64K (round 26's passes spread 5-10 %, more than the difference; XPIPE would then be the one
+#                boundary form of the local and wide classes)
 #   xpn-default  issue 3 (thirty-first session; ran there, c2: its last test hung on QBUF=1, fixed, rerun in c3): the Gluon forward's XPIPE / XPIPE_NARROW tests and the default path
 #                with XPIPE_NARROW in the local default (sinks + window through attention(), forward and backward)
 #   last2-check  issue 3 (twenty-eighth session; in the twenty-ninth only its bench ran, the tests moved to
@@ -198,8 +201,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-first session (2026-12-07): xstag (XPIPE_NARROW=2, prepared, not yet run)
-SECTIONS=${*:-xstag}
+# after the thirty-first session (2026-12-07): xstag (XPIPE_NARROW=2, prepared, not yet run), then wide-xpipe
+SECTIONS=${*:-xstag wide-xpipe}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -364,6 +367,8 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384 \
              --configs "default,xpipe narrow 2" --rounds 3 > "$OUT/xstag_sustained.txt" 2>&1 ;;
+    wide-xpipe) timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sw4096 --shapes 1x16384,1x65536 \
+                  --configs "default,xpipe" --rounds 4 > "$OUT/wide_xpipe_sustained.txt" 2>&1 ;;
     xpn-default) timeout ${GLUON_TEST_S:-330} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
                    tests/backends/test_gluon_fwd.py -k "xpipe or default_forward" > "$OUT/xpn_tests.txt" 2>&1
                  tail -3 "$OUT/xpn_tests.txt" ;;
