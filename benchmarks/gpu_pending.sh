@@ -136,7 +136,8 @@
 #   xstag        issue 3 (thirty-first session, NOT YET RUN: the device budget ran out): XPIPE_NARROW=2 (consumer 0's
 #                narrow step before the item boundary, consumer 1's after it; opt-in) -- its GPU tests (test_gluon_
 #                xpipe_narrow[staggered], the reference tests on 8 patterns), round 26 on sinks + window against the
-#                default (XPIPE_NARROW=True) and the old NARROW_LAST 2, and three sustained rounds
+#                default (XPIPE_NARROW=True) and the old NARROW_LAST 2, and three sustained rounds at 16K and 64K
+#                (NARROW_LAST 2's staggering gained most at 64K: 4-9 %, twenty-eighth session)
 #   wide-xpipe   issue 3 (thirty-first session): window 4096 with XPIPE against the wide default, four sustained rounds at
 #                16K and 64K (round 26's passes spread 5-10 %, more than the difference; XPIPE would then be the one
 #                boundary form of the local and wide classes)
@@ -365,7 +366,7 @@ for s in $SECTIONS; do
            tail -3 "$OUT/xstag_tests.txt"
            timeout ${WINDOWS_S:-150} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
-           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384 \
+           timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe narrow 2" --rounds 3 > "$OUT/xstag_sustained.txt" 2>&1 ;;
     wide-xpipe) timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sw4096 --shapes 1x16384,1x65536 \
                   --configs "default,xpipe" --rounds 4 > "$OUT/wide_xpipe_sustained.txt" 2>&1 ;;
