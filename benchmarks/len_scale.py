@@ -116,8 +116,9 @@ def main():
             base = {key: val for key, val in best.items() if key != "GLUON_BWD"}
             fbest = tuning.choose("fwd", d, d, dt, p, q.device)
             pairs = b * hq * p.density(L, L) * L * L
-            for _ in range(args.rounds):
-                for cname in cnames:
+            for rnd in range(args.rounds):
+                # (each round starts one config later: none always runs first, on a card that is cooler or warmer)
+                for cname in cnames[rnd % len(cnames):] + cnames[:rnd % len(cnames)]:
                     extra = table[cname]
                     if args.bwd:
                         cfg = best if extra is None else dict(base, **extra)

@@ -592,11 +592,13 @@ def _repeat_forwards(again, repeat: int, timed, flops: float, emit):
 
 
 def _round_robin(again, repeat: int, timed, key: str):
-    """``repeat - 1`` more passes over [(row, fn)], round robin: each row's times in row[key + "_runs"]."""
+    """``repeat - 1`` more passes over [(row, fn)], round robin: each row's times in row[key + "_runs"]. Pass k starts
+    at row k (rotated), so that no variant is always timed first or right after flex, on a cooler or warmer card (the
+    thirty-first session's passes spread 5-10 % on window 4096, more than the variants' differences)."""
     for row, _ in again:
         row[key + "_runs"] = [row[key]]
-    for _ in range(repeat - 1):
-        for row, fn in again:
+    for k in range(1, repeat):
+        for row, fn in again[k % len(again):] + again[:k % len(again)]:
             ms = timed(fn)[0]
             if ms:
                 row[key + "_runs"].append(ms)
