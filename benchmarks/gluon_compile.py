@@ -31,7 +31,7 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "causal": lambda: P.Caus
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int = 2, dtype: str = "bf16",
                 lq: int = 16384, pingpong: bool = False, regs: int = 168, maxnreg: int | None = None,
                 persistent: bool = False, qbuf: int = 2, order: int = 1, narrow: int = 0, merge: bool = False,
-                far: bool = False, last: int = 0, xpipe: bool = False, xstag: bool = False):
+                far: bool = False, last: int = 0, xpipe: bool = False, fold: bool = False):
     """The warp-specialised kernel (gluon_attn_fwd_ws, or gluon_attn_fwd_wsp with ``persistent``): Q by TMA, two
     heads a program (PACK 2), one consumer warpgroup each; the narrow tile's descriptors (kdn, vdn: NARROW x D) and
     flags (NROW)."""
@@ -66,8 +66,8 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
         consts["NLAST"] = last
         sig["XPIPE"] = "constexpr"
         consts["XPIPE"] = xpipe
-        sig["XSTAG"] = "constexpr"  # (with XPIPE and NARROW: consumer 0's narrow tile before the boundary)
-        consts["XSTAG"] = xstag
+        sig["NFOLD"] = "constexpr"  # (with XPIPE and NARROW: the sinks folded into a partial block's tile)
+        consts["NFOLD"] = fold
     options = dict(num_warps=4, maxnreg=maxnreg or regs)
     return _build(fn, sig, consts, options)
 
@@ -173,8 +173,8 @@ def main(argv=None):
                          "both consumers, 2: in consumer 1 only)")
     ap.add_argument("--xpipe", action="store_true", help="with --persistent: XPIPE (each item's first scores with "
                                                           "the previous item's last P V)")
-    ap.add_argument("--xstag", action="store_true", help="with --xpipe --narrow: consumer 0's narrow tile before the "
-                                                          "item boundary (cfg XPIPE_NARROW=2)")
+    ap.add_argument("--fold", action="store_true", help="with --xpipe --narrow: the sinks folded into a partial "
+                                                         "block's tile (cfg XPIPE_NARROW='fold'; no narrow step)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")
@@ -219,7 +219,7 @@ def main(argv=None):
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, pingpong=a.pingpong, regs=a.regs or 168,
                                        maxnreg=a.maxnreg, persistent=a.persistent, qbuf=a.qbuf, order=a.order,
                                        narrow=a.narrow, merge=a.merge, far=a.far, last=a.last, xpipe=a.xpipe,
-                                       xstag=a.xstag)
+                                       fold=a.fold)
                     print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

@@ -133,12 +133,13 @@
 #                (plain windows) ran in the thirtieth session and is the local class's default
 #                (run in the thirty-first session: faster, XPIPE_NARROW the local default since; its tests ran out of
 #                time there, so xpn-default runs them)
-#   xstag        issue 3 (thirty-first session, NOT YET RUN: the device budget ran out): XPIPE_NARROW=2 (consumer 0's
-#                narrow step before the item boundary, consumer 1's after it; opt-in) -- its GPU tests (test_gluon_
-#                xpipe_narrow[staggered], the reference tests on 8 patterns), round 26 on sinks + window against the
-#                default (XPIPE_NARROW=True) and the old NARROW_LAST 2, and three sustained rounds at 16K and 64K
-#                (NARROW_LAST 2's staggering gained most at 64K: 4-9 %, twenty-eighth session)
-#   wide-xpipe   issue 3 (thirty-first session): window 4096 with XPIPE against the wide default, four sustained rounds at
+#   (xstag       issue 3, thirty-first session's XPIPE_NARROW=2: run in the thirty-second, 7-10 % slower, removed with
+#                its section; commit d5b09a7 has both)
+#   fold         issue 3 (thirty-second session, NOT YET RUN): XPIPE_NARROW="fold" (the sinks loaded into an unseen
+#                16-key slot of each flagged item's first partial block, no narrow tile or step; opt-in) -- its GPU
+#                tests (test_gluon_xpipe_narrow[fold], the reference tests on 8 patterns), round 26 on sinks + window
+#                against the default (XPIPE_NARROW=True), three sustained rounds at 16K and 64K
+#   wide-xpipe   issue 3 (thirty-first session; run in the thirty-second: no difference, 14.6 ms both at 64K): window 4096 with XPIPE against the wide default, four sustained rounds at
 #                16K and 64K (round 26's passes spread 5-10 %, more than the difference; XPIPE would then be the one
 #                boundary form of the local and wide classes)
 #   xpn-default  issue 3 (thirty-first session; ran there, c2: its last test hung on QBUF=1, fixed, rerun in c3): the Gluon forward's XPIPE / XPIPE_NARROW tests and the default path
@@ -202,8 +203,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-first session (2026-12-07): xstag (XPIPE_NARROW=2, prepared, not yet run), then wide-xpipe
-SECTIONS=${*:-xstag wide-xpipe}
+# after the thirty-second session (2026-12-07): fold (XPIPE_NARROW="fold", prepared, not yet run)
+SECTIONS=${*:-fold}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -360,14 +361,14 @@ for s in $SECTIONS; do
                     --no-report --no-baseline --lengths 65536 --direction fwd --backend triton --backend flex \
                     --pattern sw4096 --max-time-s 1.0 > "$OUT/sw4096_64k_${i}_log.txt" 2>&1
                 done ;;
-    xstag) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-             tests/backends/test_gluon_fwd.py -k "(xpipe_narrow and staggered) or (matches_reference and extra13)" \
-             > "$OUT/xstag_tests.txt" 2>&1
-           tail -3 "$OUT/xstag_tests.txt"
+    fold) timeout ${GLUON_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+             tests/backends/test_gluon_fwd.py -k "(xpipe_narrow and fold) or (matches_reference and extra13)" \
+             > "$OUT/fold_tests.txt" 2>&1
+           tail -3 "$OUT/fold_tests.txt"
            timeout ${WINDOWS_S:-150} python3 benchmarks/triton_pack_variants.py --round 26 --repeat 3 \
-             --patterns sinks+sw1024 --only "wsp default,xpipe narrow" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
+             --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
-             --configs "default,xpipe narrow 2" --rounds 3 > "$OUT/xstag_sustained.txt" 2>&1 ;;
+             --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
     wide-xpipe) timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sw4096 --shapes 1x16384,1x65536 \
                   --configs "default,xpipe" --rounds 4 > "$OUT/wide_xpipe_sustained.txt" 2>&1 ;;
     xpn-default) timeout ${GLUON_TEST_S:-330} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \

@@ -58,8 +58,8 @@ FWD_CONFIGS = {"default": None,
                "xpipe": dict(XPIPE=True, NARROW=0),
                # XPIPE with the narrow sink tile at each item's end (XPIPE_NARROW)
                "xpipe narrow": dict(XPIPE=True, XPIPE_NARROW=True),
-               # (XPIPE_NARROW=2: consumer 0's narrow step before the item boundary, consumer 1's after it)
-               "xpipe narrow 2": dict(XPIPE=True, XPIPE_NARROW=2)}
+               # (XPIPE_NARROW="fold": the sinks in an unseen slot of a partial block's tile, no narrow step)
+               "xpipe fold": dict(XPIPE=True, XPIPE_NARROW="fold")}
 
 
 def shapes(text: str):

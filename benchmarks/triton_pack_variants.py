@@ -378,9 +378,11 @@ FWD26 = {"gluon wsp default": _cfg(64, 128, 4, 2, 2, NARROW=16, NARROW_LAST=2, *
          "gluon wsp xpipe": _cfg(64, 128, 4, 2, 2, XPIPE=True, **_WSP),
          # XPIPE_NARROW: XPIPE with the narrow sink tile at each item's end (both consumers)
          "gluon wsp xpipe narrow": _cfg(64, 128, 4, 2, 2, NARROW=16, XPIPE=True, XPIPE_NARROW=True, **_WSP),
-         # XPIPE_NARROW=2 (thirty-first session): consumer 0's narrow step before the boundary (scores with the last
-         # P V, its P V with the next item's first scores), consumer 1's after it -- their exposed softmax staggered
-         "gluon wsp xpipe narrow 2": _cfg(64, 128, 4, 2, 2, NARROW=16, XPIPE=True, XPIPE_NARROW=2, **_WSP)}
+         # (XPIPE_NARROW=2, consumer 0's narrow step before the boundary: 7-10 % slower in the thirty-second session,
+         # benchmarks/results/h100-2026-12-07-s32/c1-xstag; removed, commit d5b09a7 has it)
+         # XPIPE_NARROW="fold" (thirty-second session): no narrow tile; the sinks loaded into an unseen 16-key slot of
+         # each flagged item's first partial block (the fold step), so an item costs what it costs without sinks
+         "gluon wsp xpipe fold": _cfg(64, 128, 4, 2, 2, NARROW=16, XPIPE=True, XPIPE_NARROW="fold", **_WSP)}
 FWD_ONLY = {8: FWD8, 12: FWD12, 13: FWD13, 14: FWD14, 15: FWD15, 16: FWD16, 26: FWD26}  # rounds with no backward
 BWD = {
     "bwd 64x64 w4 s2 (old)": _cfg(64, 64, 4, 2),

@@ -70,7 +70,7 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
                                                                   MASK_FAR=True, XPIPE=True, XPIPE_NARROW=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
-                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW=2))])
+                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW="fold"))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)
@@ -110,7 +110,7 @@ def test_gluon_cfg_names_a_form():
     for bad in (2, -1, 1.5, "1"):  # XPIPE: a bool (0 / 1)
         with pytest.raises(ValueError, match="XPIPE"):
             ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON="wsp", XPIPE=bad))
-    for bad in (3, -1, 1.5, "2"):  # XPIPE_NARROW: a bool or 2 (consumer 0's narrow step before the boundary)
+    for bad in (2, -1, 1.5, "2"):  # XPIPE_NARROW: a bool or "fold" (the sinks folded into a partial block's tile)
         with pytest.raises(ValueError, match="XPIPE_NARROW"):
             ops.attention_fwd(q, q[:, :1], q[:, :1], None, 0.125, cfg=dict(GCFG, GLUON="wsp", XPIPE=True,
                                                                             XPIPE_NARROW=bad))
@@ -271,22 +271,29 @@ def test_gluon_xpipe():
 
 
 @gpu
-@pytest.mark.parametrize("mode", [True, 2], ids=["after", "staggered"])
+@pytest.mark.parametrize("mode", [True, "fold"], ids=["after", "fold"])
 def test_gluon_xpipe_narrow(mode, monkeypatch):
     # XPIPE_NARROW: XPIPE with the narrow sink tile, run at each item's end in both consumers after the boundary (True)
-    # or, 2, in consumer 0 before it -- flagged and unflagged items mixed (the first query blocks see more of block 0),
-    # sinks of 4 and 16, MASK_FAR, one and three programs, one Q buffer, a cross shape in float16
+    # or, "fold", the sinks loaded into an unseen slot of a partial block's tile (with MASK_FAR; where a flagged block
+    # has no such slot, the narrow tile as with True) -- flagged and unflagged items mixed (the first query blocks see
+    # more of block 0), sinks of 4 and 16, MASK_FAR, one and three programs, one Q buffer, a cross shape in float16
     monkeypatch.setattr(ops, "GLUON_NARROW", True)
     cfg = dict(GCFG, BLOCK_N=128, num_stages=2, GLUON="wsp", QBUF=2, REGS=240, NARROW=16, XPIPE=True,
                XPIPE_NARROW=mode)
     q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, torch.bfloat16, seed=17)
     sinks = az.SlidingWindow(300) | az.Sinks(4)
-    for pattern, extra in ((sinks, {}), (sinks, dict(MASK_FAR=True)), (az.SlidingWindow(129) | az.Sinks(16), {}),
+    far16 = az.SlidingWindow(129) | az.Sinks(16)
+    for pattern, extra in ((sinks, {}), (sinks, dict(MASK_FAR=True)), (far16, {}), (far16, dict(MASK_FAR=True)),
                            (az.SlidingWindow(1023) | az.Sinks(4), dict(MASK_FAR=True, NARROW_LAST=2)),
+                           (az.SlidingWindow(1074) | az.Sinks(4), dict(MASK_FAR=True)),
                            (sinks, dict(PROGRAMS=1)), (sinks, dict(PROGRAMS=3, MASK_FAR=True))):
-        before, nlast = ops.GLUON_XPIPE_LAUNCHES, ops.GLUON_NLAST_LAUNCHES
+        before, nlast, folds = ops.GLUON_XPIPE_LAUNCHES, ops.GLUON_NLAST_LAUNCHES, ops.GLUON_FOLD_LAUNCHES
         assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
         assert ops.GLUON_XPIPE_LAUNCHES > before and ops.GLUON_NLAST_LAUNCHES == nlast, (pattern, extra)
+        # the fold ran where asked, with MASK_FAR, and every flagged block has a slot (window 1074 at 64-row blocks:
+        # the odd blocks' first kv block has 14 unseen keys)
+        fold = mode == "fold" and bool(extra.get("MASK_FAR")) and "1074" not in repr(pattern)
+        assert (ops.GLUON_FOLD_LAUNCHES > folds) == fold, (pattern, extra)
     # without XPIPE (still right): sinks alone (an item with nothing but the narrow tile), and one Q buffer (the narrow
     # step frees the item's Q buffer after the next item's first scores, which would wait for it: a deadlock, so ops
     # runs the kernel without XPIPE there -- thirty-first session, the first GPU run of this test hung on it)
@@ -295,9 +302,9 @@ def test_gluon_xpipe_narrow(mode, monkeypatch):
         assert _check(q, k, v, pattern, dict(cfg, **extra)), (pattern, extra)
         assert ops.GLUON_XPIPE_LAUNCHES == before, (pattern, extra)
     q, k, v = _inputs(1, 4, 2, 512, 1536, 128, torch.float16, seed=18)
-    before = ops.GLUON_XPIPE_LAUNCHES
-    assert _check(q, k, v, sinks, cfg)
-    assert ops.GLUON_XPIPE_LAUNCHES > before
+    before, folds = ops.GLUON_XPIPE_LAUNCHES, ops.GLUON_FOLD_LAUNCHES
+    assert _check(q, k, v, sinks, dict(cfg, MASK_FAR=True))
+    assert ops.GLUON_XPIPE_LAUNCHES > before and (ops.GLUON_FOLD_LAUNCHES > folds) == (mode == "fold")
 
 
 def test_gluon_every_row_visits():
@@ -331,6 +338,40 @@ def test_gluon_narrow_flags(monkeypatch):
     assert ops._narrow_merge_ok(sinks, 2048, 2048, 64, 128, 8, "cpu", 16)
     assert not ops._narrow_merge_ok(az.Sinks(4), 2048, 2048, 64, 128, 8, "cpu", 16)
     assert not ops._narrow_merge_ok(az.SlidingWindow(300), 2048, 2048, 64, 128, 8, "cpu", 16)
+
+
+@pytest.mark.parametrize("left,sinks", [(300, 4), (1023, 4), (129, 16), (1074, 4), (4095, 4)])
+def test_gluon_narrow_fold(left, sinks):
+    # XPIPE_NARROW="fold" (ops._narrow_fold): each flagged query block gets a 16-key slot of one of its partial kv
+    # blocks (not block 0) that none of its queries sees, checked here against the dense mask; that block moves to
+    # the entry after block 0 (the rest of the row a permutation of what it was), every other row unchanged. None
+    # where a flagged block has no such slot (window 1074: the odd blocks' first kv block has 14 unseen keys)
+    lq, bm, bn, sn = 8192, 64, 128, 16
+    pattern = az.SlidingWindow(left) | az.Sinks(sinks)
+    flags = ops._narrow_rows(pattern, lq, lq, bm, bn, 4, "cpu", sn)
+    lay = ops._layout(pattern, lq, lq, bm, bn, 4, "cpu")
+    seen = pattern.mask(torch.arange(lq)[:, None], torch.arange(lq)[None, :], lq, lq)
+    seen = seen.reshape(lq // bm, bm, lq // sn, sn).any(3).any(1)  # (query block, 16-key piece)
+    kvi, kvn = lay.kv_indices[0, 0], lay.kv_num_blocks[0, 0]
+    ch = bn // sn
+    slots = {m: [(e, c) for e in range(1, int(kvn[m])) for c in range(ch) if not seen[m, int(kvi[m, e]) * ch + c]]
+             for m in flags.nonzero().squeeze(1).tolist()}
+    got = ops._narrow_fold(pattern, lq, lq, bm, bn, 4, "cpu", sn)
+    assert (got is None) == (not all(slots.values())) == (left == 1074)
+    if got is None:
+        return
+    nrow, kvi2 = got
+    assert nrow.dtype == torch.int32 and kvi2.shape == lay.kv_indices.shape
+    for m in range(lq // bm):
+        n = int(kvn[m])
+        row, row2 = kvi[m, :n].tolist(), kvi2[0, 0, m, :n].tolist()
+        if m not in slots:
+            assert nrow[m] == 0 and row2 == row
+            continue
+        slot = int(nrow[m]) - 1
+        assert 0 <= slot < ch and row2[0] == row[0] == 0 and sorted(row2) == sorted(row)
+        assert not seen[m, row2[1] * ch + slot], (m, row2, slot)
+    assert bool((kvi2 == kvi2[:, :1]).all())  # (every head the same)
 
 
 def test_gluon_ws_shared_memory_rule():

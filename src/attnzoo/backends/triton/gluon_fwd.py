@@ -114,11 +114,15 @@ def _zfirst(nf, prow, n, FAR: gl.constexpr):
 
 @gluon.jit
 def _softmax(s, m_i, l_i, qp, kpos, h, AUX, qk_scale, part, dtype: gl.constexpr, p_layout: gl.constexpr,
-             FARMASK: gl.constexpr = False):
+             FARMASK: gl.constexpr = False, c0s=0, NFOLD: gl.constexpr = False, SN: gl.constexpr = 16):
     # one step's raw scores s: the pattern's mask where the block is partial, then the online softmax update in
     # base 2 with the scale folded into the exponent -> the new maxima and sums, P (the left operand of P V, in
-    # registers) and each row's factor for acc. FARMASK: the block lies past block 0, where _mask_far holds
+    # registers) and each row's factor for acc. FARMASK: the block lies past block 0, where _mask_far holds.
+    # NFOLD: the SN columns at key positions c0s .. c0s + SN hold the sinks, keys 0 .. SN (_x_head)
     if part:
+        if NFOLD:
+            dk = kpos - c0s
+            kpos = gl.where((dk >= 0) & (dk < SN), dk, kpos)
         if FARMASK:
             s = gl.where(_mask_far(qp, gl.expand_dims(kpos, 0), h, AUX), s, float("-inf"))
         else:
@@ -191,15 +195,77 @@ def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow
 
 
 @gluon.jit
-def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr):
+def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr, NFOLD: gl.constexpr = False):
     # NARROW: 1 where query block pid_m runs kv block 0 as a NARROW-key tile (ops._narrow_rows: block 0 is its first
     # partial block and it sees only keys below NARROW there -- attention sinks behind a window), else 0; the partial
     # list and the step count without block 0 then
     if NARROW > 0:
         nw = gl.load(NROW + pid_m)
+        if NFOLD:  # (NROW holds the fold key there)
+            nw = gl.minimum(nw, 1)
     else:
         nw = 0
     return nw, prow + nw, n - nw
+
+
+# NFOLD (cfg XPIPE_NARROW="fold", with XPIPE; thirty-second session): no narrow tile and no narrow step. Each
+# flagged item's sinks go into SN columns of one of its partial kv blocks that none of its queries sees (a window's
+# first block starts with such columns where the query block is odd, its diagonal block ends with them where it is
+# even; ops._narrow_fold finds them and puts that block first in the item's partial list, after block 0, which the
+# flag drops): the item runs it as its first step (_zfold), the producer loads its tile in SN-row pieces with the
+# sinks' rows in place of the unseen ones, and the consumers mask that step with the sinks' positions in those
+# columns. The main loop (steps 1 ..) is the plain one with MASK_FAR's shorter mask, and an item costs what it costs
+# without sinks. NROW holds 1 + the slot (its SN-column index in the block; 0: not flagged).
+
+@gluon.jit
+def _fold_slot(NROW, pid_m, CH: gl.constexpr, NFOLD: gl.constexpr):
+    # (NFOLD) the SN-column slot of query block pid_m's first step that holds the sinks, or CH (none) where unflagged
+    if NFOLD:
+        v = gl.load(NROW + pid_m)
+        return gl.where(v > 0, v - 1, CH)
+    else:
+        return CH
+
+
+@gluon.jit
+def _zfold(nf, prow, n, nw, FAR: gl.constexpr, NFOLD: gl.constexpr):
+    # _zfirst, and (NFOLD) 1 on a flagged item with full blocks: its fold block, its partial list's first (after the
+    # dropped block 0), then comes first too
+    z = _zfirst(nf, prow, n, FAR)
+    if NFOLD:
+        z = z | ((nw != 0) & (nf > 0) & (n > nf)).to(gl.int32)
+    return z
+
+
+@gluon.jit
+def _fold_copy(d, dn, bar, smem, row, kvrow, sc, fold, BLOCK_N: gl.constexpr, SN: gl.constexpr):
+    # (NFOLD) one K or V tile (rows row ..) into smem, or where fold in SN-row pieces with piece sc from the sinks'
+    # rows (kvrow ..) instead of the block's
+    if fold:
+        for r in gl.static_range(BLOCK_N // SN):
+            tma.async_copy_global_to_shared(dn, [gl.where(sc == r, kvrow, row + r * SN), 0], bar,
+                                            smem.slice(r * SN, SN))
+    else:
+        tma.async_copy_global_to_shared(d, [row, 0], bar, smem)
+
+
+@gluon.jit
+def _fold_load_steps(kd, vd, kdn, vdn, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
+                     z, sc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, SN: gl.constexpr, FAR: gl.constexpr):
+    # (NFOLD) the producer's K / V loads of one work item (as _ws_load_steps): where sc < BLOCK_N / SN, step 0's tile
+    # with the sinks in its piece sc (_fold_copy)
+    for j in range(0, n):
+        it = it0 + j
+        slot = it % STAGES
+        ph = (it // STAGES) & 1
+        row = kvrow + _blk(j, nf, f0, prow, n, z, FAR) * BLOCK_N
+        fold = (j == 0) & (sc < BLOCK_N // SN)
+        mbarrier.wait(kempty.index(slot), ph ^ 1)
+        mbarrier.expect(kready.index(slot), kd.block_type.nbytes)
+        _fold_copy(kd, kdn, kready.index(slot), k_smem.index(slot), row, kvrow, sc, fold, BLOCK_N, SN)
+        mbarrier.wait(vempty.index(slot), ph ^ 1)
+        mbarrier.expect(vready.index(slot), vd.block_type.nbytes)
+        _fold_copy(vd, vdn, vready.index(slot), v_smem.index(slot), row, kvrow, sc, fold, BLOCK_N, SN)
 
 
 @gluon.jit
@@ -702,9 +768,11 @@ def _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M: gl.constexpr, ORDER: gl.constexpr):
 def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                   vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                   STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, QBUF: gl.constexpr,
-                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr, XPIPE: gl.constexpr = False):
+                  ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr, XPIPE: gl.constexpr = False,
+                  NFOLD: gl.constexpr = False):
     # XPIPE: one more Q tile and first K / V tile after the last item (the last item's again), for the consumers'
-    # boundary after their last item (_x_consumer), so that their loop has no branch
+    # boundary after their last item (_x_consumer), so that their loop has no branch. NFOLD: the sinks into the fold
+    # block's tile (_fold_load_steps), no narrow tile with Q
     it0 = 0
     i = 0
     nprog = gl.num_programs(0)
@@ -715,15 +783,21 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
             tt = gl.minimum(t, last)
         pid_m, h, qrow0, m0, kvrow = _wsp_item(tt, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
-        nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
+        nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW, NFOLD)
         if XPIPE:
             if t > last:
                 n = gl.minimum(n, 1)
         qb = i % QBUF
         mbarrier.wait(qempty.index(qb), ((i // QBUF) & 1) ^ 1)
-        _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
-        _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
-                       _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR)
+        if NFOLD:
+            _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, 0)
+            _fold_load_steps(kd, vd, kdn, vdn, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n,
+                             it0, _zfold(nf, prow, n, nw, FAR, NFOLD), _fold_slot(NROW, pid_m, BLOCK_N // NARROW, NFOLD),
+                             STAGES, BLOCK_N, NARROW, FAR)
+        else:
+            _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
+            _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
+                           _zfirst(nf, prow, n, FAR), STAGES, BLOCK_N, FAR)
         it0 += n
         i += 1
 
@@ -765,13 +839,18 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
 @gluon.jit
 def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m,
             idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
-            ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr):
+            ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr, NFOLD: gl.constexpr):
     # (XPIPE) item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the
-    # scores (running) and the item's h, first query row, nf, f0, prow, n, z, m0 and narrow flag nw
+    # scores (running) and the item's h, first query row, nf, f0, prow, n, z, m0 and narrow flag nw (NFOLD: its
+    # fold key)
     pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
-    nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
-    z = _zfirst(nf, prow, n, FAR)
+    nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW, NFOLD)
+    z = _zfold(nf, prow, n, nw, FAR, NFOLD)
+    if NFOLD:  # (its step 0's first sink column: a key position, far below every key where unflagged)
+        BN: gl.constexpr = s_zero.shape[1]
+        sc = _fold_slot(NROW, pid_m, BN // NARROW, NFOLD)
+        nw = gl.where(sc < BN // NARROW, _blk(0, nf, f0, prow, n, z, FAR) * BN + sc * NARROW, -(1 << 30))
     qb = i % QBUF
     mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
     slot = it % STAGES
@@ -809,11 +888,10 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
                 AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 QBUF: gl.constexpr, ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr,
-                XSTAG: gl.constexpr = False):
+                NFOLD: gl.constexpr = False):
     # NARROW: the narrow sink tile at each item's end, after the boundary's MMAs (the Q buffer, and the narrow buffer
-    # with it, freed after that). XSTAG (cfg XPIPE_NARROW=2): consumer 0 takes it before the boundary instead, its
-    # scores issued with the last P V and its P V with the next item's first scores, so the two consumers' exposed
-    # narrow softmax falls at different times (as NARROW_LAST 2 does without XPIPE)
+    # with it, freed after that). NFOLD: the sinks folded into each flagged item's first step instead (no narrow
+    # step; _x_head returns that step's first sink column in the narrow flag's place)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_N)
     o_layout: gl.constexpr = _wg_layout(D)
@@ -829,14 +907,17 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
     last = gl.program_id(0) + ((n_items - 1 - gl.program_id(0)) // nprog) * nprog
     kn_smem, vn_smem = nbuf
     # the first item's first step
-    s, h, qrow0, nf, f0, prow, n, z, m0, _ = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, NROW,
-                                                       KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk,
-                                                       NQB, s_zero, BLOCK_M, STAGES, QBUF, ORDER, NARROW, FAR)
+    NSTEP: gl.constexpr = NARROW > 0 and not NFOLD  # (the narrow step at each item's end)
+    s, h, qrow0, nf, f0, prow, n, z, m0, fk = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, NROW,
+                                                        KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk,
+                                                        NQB, s_zero, BLOCK_M, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     mbarrier.arrive(kempty.index(0), count=1)
     qp = gl.expand_dims(m0 + rows + OFF, 1)
-    m_i, l_i, p, alpha = _softmax(s, m_new, l_new, qp, _blk(0, nf, f0, prow, n, z, FAR) * BLOCK_N + cols, h + C, AUX,
-                                  qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+    blk0 = _blk(0, nf, f0, prow, n, z, FAR)
+    m_i, l_i, p, alpha = _softmax(s, m_new, l_new, qp, blk0 * BLOCK_N + cols, h + C, AUX, qk_scale,
+                                  _part(0, nf, z, FAR), dtype, p_layout, False, fk,
+                                  NFOLD, NARROW)
     it0 = 0
     i = 0
     for t in range(gl.program_id(0), n_items, nprog):
@@ -847,43 +928,28 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
             m_i, l_i, p, acc = _step(C, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, kready, p, acc, m_i,
                                      l_i, s_zero, qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow, p_layout,
                                      BLOCK_N, STAGES, FAR, False)
-        if NARROW == 0:
+        if not NSTEP:
             mbarrier.arrive(qempty.index(qb), count=1)  # (the item's last score MMA is done)
         lit = it0 + n - 1
         lslot = lit % STAGES
-        STAG: gl.constexpr = XSTAG and NARROW > 0 and C == 0
-        if STAG:  # (consumer 0, XSTAG) the narrow tile's scores with the last P V, its softmax while that runs
-            sn, nwc, qpn, kposn = _xn_scores(qs, kn_smem.index(qb), qrow0, Lq, NROW, OFF, BLOCK_M, NARROW)
-            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
-            sn = warpgroup_mma_wait(num_outstanding=1, deps=(sn, ))
-            m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h, C, AUX, qk_scale, dtype, p_layout,
-                                                srow, NARROW)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(vempty.index(lslot), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha_n, orow), 1)
         # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
-        # this item's last P V (STAG: the narrow tile's), their softmax while it runs, then this item's epilogue
-        s, h2, qrow2, nf, f0, prow, n2, z, m0, _ = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
-                                                             k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI, lay_h,
-                                                             lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M,
-                                                             STAGES, QBUF, ORDER, NARROW, FAR)
-        if STAG:
-            acc = warpgroup_mma(pn, vn_smem.index(qb), acc, is_async=True)
-        else:
-            mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
+        # this item's last P V, their softmax while it runs, then this item's epilogue
+        s, h2, qrow2, nf, f0, prow, n2, z, m0, fk2 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
+                                                               k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI,
+                                                               lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero,
+                                                               BLOCK_M, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)
+        mbarrier.wait(vready.index(lslot), (lit // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(lslot), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
         mbarrier.arrive(kempty.index((lit + 1) % STAGES), count=1)
         qp2 = gl.expand_dims(m0 + rows + OFF, 1)
-        m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, _blk(0, nf, f0, prow, n2, z, FAR) * BLOCK_N + cols, h2 + C,
-                                    AUX, qk_scale, _part(0, nf, z, FAR), dtype, p_layout)
+        blk0 = _blk(0, nf, f0, prow, n2, z, FAR)
+        m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, blk0 * BLOCK_N + cols, h2 + C, AUX, qk_scale,
+                                    _part(0, nf, z, FAR), dtype, p_layout, False, fk2,
+                                    NFOLD, NARROW)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        if STAG:
-            mbarrier.arrive(qempty.index(qb), count=1)
-        else:
-            mbarrier.arrive(vempty.index(lslot), count=1)
-        if NARROW > 0 and not STAG:  # the narrow tile last, then its buffer goes with Q's
+        mbarrier.arrive(vempty.index(lslot), count=1)
+        if NSTEP:  # the narrow tile last, then its buffer goes with Q's
             sn, nwc, qpn, kposn = _xn_scores(qs, kn_smem.index(qb), qrow0, Lq, NROW, OFF, BLOCK_M, NARROW)
             sn = warpgroup_mma_wait(num_outstanding=0, deps=(sn, ))
             m_i, l_i, pn, alpha_n = _xn_softmax(sn, nwc, m_i, l_i, qpn, kposn, h, C, AUX, qk_scale, dtype, p_layout,
@@ -911,40 +977,43 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False, XSTAG: gl.constexpr = False):
+                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False, NFOLD: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], vd.layout)
     qready, qempty = _q_barriers(QBUF)
     kready, vready, kempty, vempty, turn = _ring_barriers(STAGES, PINGPONG)
-    nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
+    if NFOLD:  # (no narrow buffers: the sinks go into the ring)
+        nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, 0, QBUF)
+    else:
+        nbuf = _narrow_buffers(kdn, vdn, k_smem, v_smem, D, NARROW, QBUF)
     if XPIPE:  # (no turn barriers; with NARROW, every flagged item keeps a regular step: ops checks)
         gl.warp_specialize([
             (_x_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, XSTAG)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)),
             (_x_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, XSTAG)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)),
             (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready,
                              kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
-                             n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, True)),
+                             n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, True, NFOLD)),
         ], [4, 1], [CONSUMER_REGS, 24])
-        return
-    gl.warp_specialize([
-        (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
-                         LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                         FAR, NLAST)),
-        (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
-                         LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
-                         n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                         FAR, NLAST)),
-        (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
-                         vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
-                         STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    else:  # (not compiled with XPIPE: with NFOLD there are no narrow buffers for its narrow steps)
+        gl.warp_specialize([
+            (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
+                             LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                             n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
+                             FAR, NLAST)),
+            (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
+                             LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
+                             n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
+                             FAR, NLAST)),
+            (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
+                             vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
+                             STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 
 # The dq kernel's persistent form (cfg GLUON_BWD DQ_PERSIST; twenty-second session, compiled for sm_90, NOT YET

@@ -373,9 +373,10 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
         raise ValueError(f"cfg XPIPE (the persistent Gluon forward's item boundary) must be a bool, got {xpipe!r} (the "
                          "thirtieth session's form 2, the last P V before the next item's scores, was slower: removed)")
     xn = gcfg.get("XPIPE_NARROW", False)
-    if type(xn) not in (int, bool) or xn not in (0, 1, 2):
-        raise ValueError(f"cfg XPIPE_NARROW (XPIPE with the narrow sink tile) must be a bool or 2 (consumer 0's narrow "
-                         f"step before the item boundary), got {xn!r}")
+    if not (xn == "fold" or (type(xn) in (int, bool) and xn in (0, 1))):
+        raise ValueError(f"cfg XPIPE_NARROW (XPIPE with the narrow sink tile) must be a bool or 'fold' (the sinks "
+                         f"folded into a partial block's tile), got {xn!r} (2, consumer 0's narrow step before the "
+                         "item boundary, was slower in the thirty-second session: removed)")
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
@@ -519,6 +520,49 @@ def _narrow_merge_ok(pattern, lq, lk, bm, bn, hq, device: str, sn: int) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
+def _narrow_fold(pattern, lq, lk, bm, bn, hq, device: str, sn: int):
+    """The Gluon forward's NFOLD (cfg XPIPE_NARROW="fold"): for each query block flagged by `_narrow_rows`, a slot of
+    sn key columns (an sn-aligned piece of one of its partial kv blocks other than block 0) that none of its queries
+    sees -- the kernel loads the sinks there instead. -> (an int32 per query block: 0 where unflagged, else 1 + the
+    slot's index in its block; the layout's partial indices with that block moved to the entry after block 0, so
+    that the kernel runs it first), or None where a flagged block has no such slot or the layout differs by head
+    (one host sync, cached). A window's first block starts with unseen keys where its query block is odd (64-row
+    blocks, 128-key blocks, a window of a multiple of 128), its diagonal block ends with them where it is even."""
+    flags = _narrow_rows(pattern, lq, lk, bm, bn, hq, device, sn)
+    if flags is None:
+        return None
+    lay = _layout(pattern, lq, lk, bm, bn, hq, device)
+    kvi, kvn = lay.kv_indices, lay.kv_num_blocks
+    if kvi.shape[0] != 1 or bool((kvi != kvi[:, :1]).any()) or bool((kvn != kvn[:, :1]).any()):
+        return None
+    fq = flags.nonzero().squeeze(1)
+    cand = kvi[0, 0, fq, 1:].long()  # (F, m - 1): each flagged block's partial blocks past block 0
+    ncand = kvn[0, 0, fq].long() - 1
+    dev, ch = cand.device, bn // sn
+    qpos = (fq.long()[:, None] * bm + torch.arange(bm, device=dev))[:, None, :, None]  # (F, 1, bm, 1)
+    free = torch.zeros(cand.shape + (ch,), dtype=torch.bool, device=dev)
+    for c in range(cand.shape[1]):
+        kpos = (cand[:, c, None] * bn + torch.arange(bn, device=dev)).reshape(-1, ch, 1, sn)  # (F, ch, 1, sn)
+        seen = pattern.mask(qpos, kpos, lq, lk).any(-1).any(-1)
+        free[:, c] = ~seen & (c < ncand)[:, None]
+    free = free.reshape(len(fq), -1)
+    if not bool(free.any(1).all()):
+        return None
+    pick = free.to(torch.int8).argmax(1)  # the first free slot: (entry - 1) * ch + slot
+    entry, slot = pick // ch + 1, pick % ch
+    nrow = torch.zeros(lay.num_q_blocks, dtype=torch.int32, device=dev)
+    nrow[fq] = (slot + 1).to(torch.int32)
+    kvi2 = kvi.clone()
+    rows = kvi2[0, :, fq]  # (H, F, m): swap entry 1 with the fold block's entry
+    first, chosen = rows[:, torch.arange(len(fq), device=dev), 1].clone(), rows.gather(
+        2, entry[None, :, None].expand(rows.shape[0], -1, 1)).squeeze(2)
+    rows.scatter_(2, entry[None, :, None].expand(rows.shape[0], -1, 1), first[..., None])
+    rows[:, :, 1] = chosen
+    kvi2[0, :, fq] = rows
+    return nrow, kvi2
+
+
+@functools.lru_cache(maxsize=128)
 def _every_row_visits(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
     """Whether every query block visits at least one kv block (for every head): the persistent Gluon forward's XPIPE
     issues each item's first scores at the previous item's end (one host sync, cached)."""
@@ -529,6 +573,7 @@ def _every_row_visits(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
 # launches of the Gluon forward so far (benchmarks check that a GLUON config ran it, rather than the fallback), and
 # of its persistent form with the narrow tile last (NARROW_LAST) and with XPIPE among them
 GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = GLUON_XPIPE_LAUNCHES = 0
+GLUON_FOLD_LAUNCHES = 0  # (XPIPE with the sinks folded into a partial block, NFOLD)
 
 
 def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack):
@@ -592,10 +637,15 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
         if meta["XPIPE"]:
             meta["NLAST"] = 0  # (XPIPE's own boundary takes the narrow tile)
-            # XPIPE_NARROW=2 (thirty-first session): consumer 0 takes the narrow tile before the boundary instead (its
-            # scores with the last P V, its P V with the next item's first scores), consumer 1 after it
-            if sn > 0 and cfg.get("XPIPE_NARROW") == 2:
-                meta["XSTAG"] = True
+            # XPIPE_NARROW="fold" (thirty-second session): the sinks into an unseen slot of a partial block's tile
+            # instead of the narrow tile (gluon_fwd's NFOLD: that block runs first, so it needs MASK_FAR's order)
+            fold = _narrow_fold(pattern, lq, lk, bm, bn, hq, str(q.device), sn) \
+                if sn > 0 and cfg.get("XPIPE_NARROW") == "fold" and meta["FAR"] else None
+            if fold is not None:
+                global GLUON_FOLD_LAUNCHES
+                GLUON_FOLD_LAUNCHES += 1
+                meta["NFOLD"] = True
+                args = args[:8] + (fold[0], args[9], fold[1]) + args[11:]
         GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
