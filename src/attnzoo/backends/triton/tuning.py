@@ -95,7 +95,8 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
     # consumers, so sinks + window takes XPIPE too (NARROW_LAST then does not apply). Round 26, sinks + window, 16K,
     # H100, three passes (benchmarks/results/h100-2026-12-07-s31/c1): 1.079 (NARROW_LAST 2) -> 1.062 ms, 1.73 -> 1.76x
     # flex (XPIPE without the narrow tile 1.100); sustained (len_scale.py, three rounds) 1.213 / 1.234 / 1.230 ->
-    # 1.190 / 1.214 / 1.203 (XPIPE_NARROW=2, consumer 0's narrow step before the boundary: prepared, not yet timed)
+    # 1.190 / 1.214 / 1.203 (XPIPE_NARROW=2, consumer 0's narrow step before the boundary: 7-10 % slower, thirty-
+    # second session, benchmarks/results/h100-2026-12-07-s32/c1-xstag; removed)
     xp = {"XPIPE": True, "XPIPE_NARROW": True} if pclass == "local" else {}
     return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
                               MASK_FAR=True, NARROW_LAST=2, **xp)}
