@@ -139,7 +139,7 @@ def test_gluon_module_takes_plain_masks_only():
 def test_default_forward_runs_gluon_and_backward_matches(pattern):
     # the dense and wide classes' default (tuning: GLUON_CFG) runs the Gluon forward; through attention() the
     # backward then works from its lse: output and every gradient against float64. Sinks + window: the local
-    # default's NARROW, MASK_FAR and XPIPE with the narrow tile (XPIPE_NARROW) all apply. Where the backward's default names them (wide windows) it runs the
+    # default's NARROW, MASK_FAR and XPIPE with the sinks folded (XPIPE_NARROW="fold") all apply. Where the backward's default names them (wide windows) it runs the
     # Gluon dk / dv kernel (ROWS 2) and the Gluon dq kernel, elsewhere the Triton ones
     q, k, v = _inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=5)
     if pattern == az.SlidingWindow(299) | az.Sinks(4):
@@ -148,11 +148,12 @@ def test_default_forward_runs_gluon_and_backward_matches(pattern):
     before, before_bwd, before_dq, before_dqp = (ops.GLUON_LAUNCHES, ops.GLUON_BWD_LAUNCHES, ops.GLUON_DQ_LAUNCHES,
                                                  ops.GLUON_DQP_LAUNCHES)
     x = [t.detach().requires_grad_() for t in (q, k, v)]
-    nlast, xpipe = ops.GLUON_NLAST_LAUNCHES, ops.GLUON_XPIPE_LAUNCHES
+    nlast, xpipe, folds = ops.GLUON_NLAST_LAUNCHES, ops.GLUON_XPIPE_LAUNCHES, ops.GLUON_FOLD_LAUNCHES
     out = az.attention(*x, pattern, backend="triton")
     assert ops.GLUON_LAUNCHES > before, "the default forward did not run the Gluon kernel"
-    if pattern == az.SlidingWindow(299) | az.Sinks(4):  # (class local: XPIPE with the narrow tile, not NARROW_LAST)
-        assert ops.GLUON_XPIPE_LAUNCHES > xpipe, "the default forward did not run XPIPE with the narrow tile"
+    if pattern == az.SlidingWindow(299) | az.Sinks(4):  # (class local: XPIPE with the sinks folded, not NARROW_LAST)
+        assert ops.GLUON_XPIPE_LAUNCHES > xpipe, "the default forward did not run XPIPE"
+        assert ops.GLUON_FOLD_LAUNCHES > folds, "the default forward did not fold the sinks into a partial block"
         assert ops.GLUON_NLAST_LAUNCHES == nlast
     if pattern == az.SlidingWindow(511):
         assert ops.GLUON_XPIPE_LAUNCHES > xpipe, "the default forward did not run XPIPE"

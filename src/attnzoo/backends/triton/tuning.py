@@ -97,7 +97,13 @@ def _gluon(d: int, dv: int, pclass: str) -> dict:
     # flex (XPIPE without the narrow tile 1.100); sustained (len_scale.py, three rounds) 1.213 / 1.234 / 1.230 ->
     # 1.190 / 1.214 / 1.203 (XPIPE_NARROW=2, consumer 0's narrow step before the boundary: 7-10 % slower, thirty-
     # second session, benchmarks/results/h100-2026-12-07-s32/c1-xstag; removed)
-    xp = {"XPIPE": True, "XPIPE_NARROW": True} if pclass == "local" else {}
+    # XPIPE_NARROW="fold" (thirty-second session; class local): no narrow tile; the sinks go into an unseen 16-key
+    # slot of each flagged item's first partial block (gluon_fwd's NFOLD), so an item with sinks costs what it costs
+    # without. Round 26, sinks + window, 16K, H100, three passes (benchmarks/results/h100-2026-12-07-s32/c3-fold):
+    # 1.052 (XPIPE_NARROW) -> 1.022 ms, 1.83 -> 1.89x flex; sustained, three rounds: 16K 1.154 / 1.196 / 1.190 ->
+    # 1.133 / 1.166 / 1.162, 64K 4.676 / 4.637 / 4.683 -> 4.558 / 4.555 / 4.602. Where no slot exists for every
+    # flagged block (ops._narrow_fold), the narrow tile as with XPIPE_NARROW=True
+    xp = {"XPIPE": True, "XPIPE_NARROW": "fold"} if pclass == "local" else {}
     return {"GLUON_CFG": dict(_cfg(64, 128, 4, 2), PACK=2, IDX=2, GLUON="wsp", QBUF=2, ORDER=1, REGS=240, NARROW=16,
                               MASK_FAR=True, NARROW_LAST=2, **xp)}
 
