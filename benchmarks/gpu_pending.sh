@@ -135,7 +135,7 @@
 #                time there, so xpn-default runs them)
 #   (xstag       issue 3, thirty-first session's XPIPE_NARROW=2: run in the thirty-second, 7-10 % slower, removed with
 #                its section; commit d5b09a7 has both)
-#   fold         issue 3 (thirty-second session, NOT YET RUN): XPIPE_NARROW="fold" (the sinks loaded into an unseen
+#   fold         issue 3 (thirty-second session; run in it: faster, the local default since): XPIPE_NARROW="fold" (the sinks loaded into an unseen
 #                16-key slot of each flagged item's first partial block, no narrow tile or step; opt-in) -- its GPU
 #                tests (test_gluon_xpipe_narrow[fold], the reference tests on 8 patterns), round 26 on sinks + window
 #                against the default (XPIPE_NARROW=True), three sustained rounds at 16K and 64K
@@ -203,8 +203,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-second session (2026-12-07): fold (XPIPE_NARROW="fold", prepared, not yet run)
-SECTIONS=${*:-fold}
+# after the thirty-second session (2026-12-07): nothing new is prepared; windows re-measures issue 3's local patterns
+SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
