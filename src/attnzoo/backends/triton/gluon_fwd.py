@@ -18,7 +18,10 @@ flex): the dense class's default forward on Hopper (`tuning._gluon`, run by `ops
 window 1024 1.62x flex at 0.81 of ideal (16K), window 4096 1.59x. NARROW (block 0 as a 16-key sink tile, both
 forms; on by default since the nineteenth session, `ops.GLUON_NARROW`) runs attention sinks behind a window, with
 MASK_FAR (block 0 first where it is partial) and, in the persistent form, NARROW_LAST 2 (consumer 1 takes the sink
-tile at its items' ends; twenty-eighth session, sinks + window 1.100 -> 1.082 ms at 16K). A first, single-partition
+tile at its items' ends; twenty-eighth session, sinks + window 1.100 -> 1.082 ms at 16K). On the local class the
+persistent form runs XPIPE (each item's first scores with the previous item's last P V) and, instead of the sink
+tile, NFOLD: the sinks loaded into an unseen 16-key slot of one of each item's partial blocks (thirty-second session,
+sinks + window 1.052 -> 1.022 ms at 16K, 0.80 of ideal in `attnzoo bench`). A first, single-partition
 form (one CTA barrier a step) ran at 0.76-0.94x the Triton kernel and was removed in the eighteenth session. HALF
 (thirtieth session; commit 886714f has it) ran a window's edge block, seen in one 64-key half only, last as a 64-key
 half step: right, and slower on the H100 (window 1024 1.013 -> 1.041 ms at 16K), so removed.
