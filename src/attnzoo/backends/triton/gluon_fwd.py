@@ -198,14 +198,12 @@ def _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow
 
 
 @gluon.jit
-def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr, NFOLD: gl.constexpr = False):
+def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr):
     # NARROW: 1 where query block pid_m runs kv block 0 as a NARROW-key tile (ops._narrow_rows: block 0 is its first
     # partial block and it sees only keys below NARROW there -- attention sinks behind a window), else 0; the partial
     # list and the step count without block 0 then
     if NARROW > 0:
         nw = gl.load(NROW + pid_m)
-        if NFOLD:  # (NROW holds the fold key there)
-            nw = gl.minimum(nw, 1)
     else:
         nw = 0
     return nw, prow + nw, n - nw
@@ -221,23 +219,19 @@ def _narrow_flag(NROW, pid_m, prow, n, NARROW: gl.constexpr, NFOLD: gl.constexpr
 # without sinks. NROW holds 1 + the slot (its SN-column index in the block; 0: not flagged).
 
 @gluon.jit
-def _fold_slot(NROW, pid_m, CH: gl.constexpr, NFOLD: gl.constexpr):
-    # (NFOLD) the SN-column slot of query block pid_m's first step that holds the sinks, or CH (none) where unflagged
-    if NFOLD:
-        v = gl.load(NROW + pid_m)
-        return gl.where(v > 0, v - 1, CH)
-    else:
-        return CH
+def _fold_flag(NROW, pid_m, prow, n, CH: gl.constexpr):
+    # (NFOLD) _narrow_flag's (nw, prow, n), and the SN-column slot of query block pid_m's first step that holds the
+    # sinks (CH, none, where unflagged)
+    v = gl.load(NROW + pid_m)
+    nw = gl.minimum(v, 1)
+    return nw, prow + nw, n - nw, gl.where(v > 0, v - 1, CH)
 
 
 @gluon.jit
-def _zfold(nf, prow, n, nw, FAR: gl.constexpr, NFOLD: gl.constexpr):
-    # _zfirst, and (NFOLD) 1 on a flagged item with full blocks: its fold block, its partial list's first (after the
+def _zfold(nf, prow, n, nw, FAR: gl.constexpr):
+    # (NFOLD) _zfirst, and 1 on a flagged item with full blocks: its fold block, its partial list's first (after the
     # dropped block 0), then comes first too
-    z = _zfirst(nf, prow, n, FAR)
-    if NFOLD:
-        z = z | ((nw != 0) & (nf > 0) & (n > nf)).to(gl.int32)
-    return z
+    return _zfirst(nf, prow, n, FAR) | ((nw != 0) & (nf > 0) & (n > nf)).to(gl.int32)
 
 
 @gluon.jit
@@ -786,7 +780,10 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
             tt = gl.minimum(t, last)
         pid_m, h, qrow0, m0, kvrow = _wsp_item(tt, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
         nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
-        nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW, NFOLD)
+        if NFOLD:
+            nw, prow, n, sc = _fold_flag(NROW, pid_m, prow, n, BLOCK_N // NARROW)
+        else:
+            nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
         if XPIPE:
             if t > last:
                 n = gl.minimum(n, 1)
@@ -795,8 +792,7 @@ def _wsp_producer(qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qe
         if NFOLD:
             _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, 0)
             _fold_load_steps(kd, vd, kdn, vdn, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n,
-                             it0, _zfold(nf, prow, n, nw, FAR, NFOLD), _fold_slot(NROW, pid_m, BLOCK_N // NARROW, NFOLD),
-                             STAGES, BLOCK_N, NARROW, FAR)
+                             it0, _zfold(nf, prow, n, nw, FAR), sc, STAGES, BLOCK_N, NARROW, FAR)
         else:
             _q_load(qd, kdn, vdn, q_smem, nbuf, qready.index(qb), qb, qrow0, Lq, kvrow, nw, NARROW)
             _ws_load_steps(kd, vd, k_smem, v_smem, kready, vready, kempty, vempty, kvrow, nf, f0, prow, n, it0,
@@ -844,16 +840,18 @@ def _x_head(C: gl.constexpr, t, i, it, q_smem, k_smem, kready, qready, NROW, KVN
             idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
             ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr, NFOLD: gl.constexpr):
     # (XPIPE) item t's first scores (ring step it), issued once its Q (buffer i % QBUF) and K tile are in -> the
-    # scores (running) and the item's h, first query row, nf, f0, prow, n, z, m0 and narrow flag nw (NFOLD: its
-    # fold key)
+    # scores (running) and the item's h, first query row, nf, f0, prow, n, z, m0 and narrow flag nw (NFOLD: in its
+    # place the key position of step 0's first sink column, far below every key where unflagged)
     pid_m, h, qrow0, m0, kvrow = _wsp_item(t, NQB, H, G, Lq, Lk, BLOCK_M, ORDER)
     nf, f0, prow, n = _row_blocks(KVN, KVI, FKVN, FKVI, h, pid_m, lay_h, lay_m, idx_h, idx_m)
-    nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW, NFOLD)
-    z = _zfold(nf, prow, n, nw, FAR, NFOLD)
-    if NFOLD:  # (its step 0's first sink column: a key position, far below every key where unflagged)
+    if NFOLD:
         BN: gl.constexpr = s_zero.shape[1]
-        sc = _fold_slot(NROW, pid_m, BN // NARROW, NFOLD)
+        nw, prow, n, sc = _fold_flag(NROW, pid_m, prow, n, BN // NARROW)
+        z = _zfold(nf, prow, n, nw, FAR)
         nw = gl.where(sc < BN // NARROW, _blk(0, nf, f0, prow, n, z, FAR) * BN + sc * NARROW, -(1 << 30))
+    else:
+        nw, prow, n = _narrow_flag(NROW, pid_m, prow, n, NARROW)
+        z = _zfirst(nf, prow, n, FAR)
     qb = i % QBUF
     mbarrier.wait(qready.index(qb), (i // QBUF) & 1)
     slot = it % STAGES
@@ -894,7 +892,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
                 NFOLD: gl.constexpr = False):
     # NARROW: the narrow sink tile at each item's end, after the boundary's MMAs (the Q buffer, and the narrow buffer
     # with it, freed after that). NFOLD: the sinks folded into each flagged item's first step instead (no narrow
-    # step; _x_head returns that step's first sink column in the narrow flag's place)
+    # step; c0s: that step's first sink column, from _x_head)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_N)
     o_layout: gl.constexpr = _wg_layout(D)
@@ -911,7 +909,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
     kn_smem, vn_smem = nbuf
     # the first item's first step
     NSTEP: gl.constexpr = NARROW > 0 and not NFOLD  # (the narrow step at each item's end)
-    s, h, qrow0, nf, f0, prow, n, z, m0, fk = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, NROW,
+    s, h, qrow0, nf, f0, prow, n, z, m0, c0s = _x_head(C, gl.program_id(0), 0, 0, q_smem, k_smem, kready, qready, NROW,
                                                         KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk,
                                                         NQB, s_zero, BLOCK_M, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
@@ -919,7 +917,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
     qp = gl.expand_dims(m0 + rows + OFF, 1)
     blk0 = _blk(0, nf, f0, prow, n, z, FAR)
     m_i, l_i, p, alpha = _softmax(s, m_new, l_new, qp, blk0 * BLOCK_N + cols, h + C, AUX, qk_scale,
-                                  _part(0, nf, z, FAR), dtype, p_layout, False, fk,
+                                  _part(0, nf, z, FAR), dtype, p_layout, False, c0s,
                                   NFOLD, NARROW)
     it0 = 0
     i = 0
@@ -937,7 +935,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
         lslot = lit % STAGES
         # the boundary: the next item's first scores (past the last item: the producer's extra tile, dropped) with
         # this item's last P V, their softmax while it runs, then this item's epilogue
-        s, h2, qrow2, nf, f0, prow, n2, z, m0, fk2 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
+        s, h2, qrow2, nf, f0, prow, n2, z, m0, c0s2 = _x_head(C, gl.minimum(t + nprog, last), i + 1, lit + 1, q_smem,
                                                                k_smem, kready, qready, NROW, KVN, KVI, FKVN, FKVI,
                                                                lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, s_zero,
                                                                BLOCK_M, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)
@@ -948,7 +946,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
         qp2 = gl.expand_dims(m0 + rows + OFF, 1)
         blk0 = _blk(0, nf, f0, prow, n2, z, FAR)
         m2, l2, p, alpha = _softmax(s, m_new, l_new, qp2, blk0 * BLOCK_N + cols, h2 + C, AUX, qk_scale,
-                                    _part(0, nf, z, FAR), dtype, p_layout, False, fk2,
+                                    _part(0, nf, z, FAR), dtype, p_layout, False, c0s2,
                                     NFOLD, NARROW)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(vempty.index(lslot), count=1)

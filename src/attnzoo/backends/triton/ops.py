@@ -553,11 +553,10 @@ def _narrow_fold(pattern, lq, lk, bm, bn, hq, device: str, sn: int):
     nrow = torch.zeros(lay.num_q_blocks, dtype=torch.int32, device=dev)
     nrow[fq] = (slot + 1).to(torch.int32)
     kvi2 = kvi.clone()
-    rows = kvi2[0, :, fq]  # (H, F, m): swap entry 1 with the fold block's entry
-    first, chosen = rows[:, torch.arange(len(fq), device=dev), 1].clone(), rows.gather(
-        2, entry[None, :, None].expand(rows.shape[0], -1, 1)).squeeze(2)
-    rows.scatter_(2, entry[None, :, None].expand(rows.shape[0], -1, 1), first[..., None])
-    rows[:, :, 1] = chosen
+    rows, f = kvi2[0, :, fq], torch.arange(len(fq), device=dev)  # (H, F, m): swap entry 1 with the fold block's entry
+    first, chosen = rows[:, f, 1].clone(), rows[:, f, entry].clone()
+    rows[:, f, entry] = first
+    rows[:, f, 1] = chosen
     kvi2[0, :, fq] = rows
     return nrow, kvi2
 
