@@ -139,8 +139,9 @@ def test_gluon_module_takes_plain_masks_only():
 def test_default_forward_runs_gluon_and_backward_matches(pattern):
     # the dense and wide classes' default (tuning: GLUON_CFG) runs the Gluon forward; through attention() the
     # backward then works from its lse: output and every gradient against float64. Sinks + window: the local
-    # default's NARROW, MASK_FAR and XPIPE with the sinks folded (XPIPE_NARROW="fold") all apply. Where the backward's default names them (wide windows) it runs the
-    # Gluon dk / dv kernel (ROWS 2) and the Gluon dq kernel, elsewhere the Triton ones
+    # default's NARROW, MASK_FAR and XPIPE with the sinks folded (XPIPE_NARROW="fold") all apply. Where the
+    # backward's default names them (wide windows) it runs the Gluon dk / dv kernel (ROWS 2) and the Gluon dq kernel,
+    # elsewhere the Triton ones
     q, k, v = _inputs(1, 8, 2, 1024, 1024, 128, torch.bfloat16, seed=5)
     if pattern == az.SlidingWindow(299) | az.Sinks(4):
         assert ops._mask_far_ok(pattern, 1024, 1024, 64, 128, 8, str(q.device))

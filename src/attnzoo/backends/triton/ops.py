@@ -605,8 +605,11 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
         nlay = gl.NVMMASharedLayout.get_default_for([sn, d], gdt)
         kdn = GluonDescriptor(k2, list(k2.shape), list(k2.stride()), [sn, d], nlay)
         vdn = GluonDescriptor(v2, list(v2.shape), list(v2.stride()), [sn, d], nlay)
-    args = (qd, kd, vd, kdn, vdn, out, lse, aux, nrow, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
-            lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
+    def kernel_args(flags, kv_indices):  # (the flags and the partial lists: NFOLD passes its own, _narrow_fold)
+        return (qd, kd, vd, kdn, vdn, out, lse, aux, flags, lay.kv_num_blocks, kv_indices, lay.full_kv_num_blocks,
+                lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
+
+    args = kernel_args(nrow, lay.kv_indices)
     # NARROW_MERGE (opt-in, nineteenth session, not yet run): the narrow tile's scores issued and softmaxed with the
     # first regular step's instead of in a step of their own (where every flagged block has such a step)
     merge = bool(cfg.get("NARROW_MERGE")) and sn > 0 and _narrow_merge_ok(pattern, lq, lk, bm, bn, hq,
@@ -644,7 +647,7 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
                 global GLUON_FOLD_LAUNCHES
                 GLUON_FOLD_LAUNCHES += 1
                 meta["NFOLD"] = True
-                args = args[:8] + (fold[0], args[9], fold[1]) + args[11:]
+                args = kernel_args(*fold)
         GLUON_NLAST_LAUNCHES += bool(meta["NLAST"])
         gmod.gluon_attn_fwd_wsp[grid](*args, lay.num_q_blocks, items, scale * LOG2E,
                                       QBUF=int(cfg.get("QBUF", 1)), ORDER=int(cfg.get("ORDER", 1)), **meta)
