@@ -138,7 +138,7 @@
 #   qreg         issue 3 (thirty-third session): QREG (the Gluon forward's Q tile in registers, the score MMAs' left
 #                operand, so they read only K from shared memory) and DQ_QREG (the dq kernel's Q and dO likewise): their
 #                GPU tests (bfloat16), then sustained timing (len_scale.py, three rounds) against the defaults: forward
-#                window 4096 and causal at 16K / 64K, window 1024 and sinks + window at 16K without XPIPE, backward on
+#                window 4096 and causal at 16K / 64K, window 1024 and sinks + window (XPIPE) at 16K, backward on
 #                window 4096 and window 1024 at 16K
 #   fold         issue 3 (thirty-second session; run in it: faster, the local default since): XPIPE_NARROW="fold" (the sinks loaded into an unseen
 #                16-key slot of each flagged item's first partial block, no narrow tile or step; opt-in) -- its GPU
@@ -376,13 +376,13 @@ for s in $SECTIONS; do
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
     qreg) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
             tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
-            -k "((extra14 or extra15 or extra16) and dtype0) or (qreg and not dtype1) or cfg_names_a_form" \
+            -k "((extra14 or extra15 or extra16 or extra17 or extra18) and dtype0) or (qreg and not dtype1) or cfg_names_a_form" \
             > "$OUT/qreg_tests.txt" 2>&1
           tail -3 "$OUT/qreg_tests.txt"
           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw4096,causal --shapes 1x16384,1x65536 \
             --configs "default,qreg" --rounds 3 > "$OUT/qreg_fwd_sustained.txt" 2>&1
           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw1024,sinks+sw1024 --shapes 1x16384 \
-            --configs "default,noxpipe,noxpipe qreg" --rounds 3 > "$OUT/qreg_local_sustained.txt" 2>&1
+            --configs "default,qreg" --rounds 3 > "$OUT/qreg_local_sustained.txt" 2>&1
           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw4096 --shapes 1x16384 \
             --configs "wide pp,wide qreg" --rounds 3 > "$OUT/qreg_bwd_wide.txt" 2>&1
           timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw1024 --shapes 1x16384 \

@@ -65,9 +65,8 @@ FWD_CONFIGS = {"default": None,
                "xpipe narrow": dict(XPIPE=True, XPIPE_NARROW=True),
                # (XPIPE_NARROW="fold": the sinks in an unseen slot of a partial block's tile, no narrow step)
                "xpipe fold": dict(XPIPE=True, XPIPE_NARROW="fold"),
-               # (thirty-third session) QREG: Q's tile in registers for the score MMAs (not with XPIPE, so on
-               # class local it runs the persistent form without XPIPE, the narrow tile last)
-               "qreg": dict(QREG=True), "noxpipe": dict(XPIPE=False), "noxpipe qreg": dict(XPIPE=False, QREG=True)}
+               # (thirty-third session) QREG: Q's tile in registers for the score MMAs
+               "qreg": dict(QREG=True)}
 
 
 def shapes(text: str):

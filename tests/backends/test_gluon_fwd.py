@@ -72,11 +72,17 @@ def _check(q, k, v, pattern, cfg):
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
                                                                   MASK_FAR=True, XPIPE=True, XPIPE_NARROW="fold")),
                                                # QREG: Q in registers for the score MMAs (dense class's ws form, the
-                                               # persistent form with the narrow tile last, D = 64 on 64-key tiles)
+                                               # persistent form with the narrow tile last, D = 64 on 64-key tiles,
+                                               # XPIPE without and with the sinks folded)
                                                (128, 128, 3, dict(GLUON="ws", MASK_FAR=True, QREG=True)),
                                                (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
                                                                   MASK_FAR=True, NARROW_LAST=2, QREG=True)),
-                                               (64, 64, 3, dict(GLUON="ws", QREG=True))])
+                                               (64, 64, 3, dict(GLUON="ws", QREG=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, XPIPE=True,
+                                                                  QREG=True)),
+                                               (128, 128, 2, dict(GLUON="wsp", QBUF=2, REGS=240, NARROW=16,
+                                                                  MASK_FAR=True, XPIPE=True, XPIPE_NARROW="fold",
+                                                                  QREG=True))])
 def test_gluon_matches_reference(name, dtype, d, bn, stages, extra, monkeypatch):
     q, k, v = _inputs(2, 8, 2, 512, 512, d, dtype)
     cfg = dict(GCFG, BLOCK_N=bn, num_stages=stages, **extra)

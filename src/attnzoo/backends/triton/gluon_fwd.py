@@ -899,7 +899,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
                 AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 QBUF: gl.constexpr, ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr,
-                NFOLD: gl.constexpr = False):
+                NFOLD: gl.constexpr = False, QREG: gl.constexpr = False):
     # NARROW: the narrow sink tile at each item's end, after the boundary's MMAs (the Q buffer, and the narrow buffer
     # with it, freed after that). NFOLD: the sinks folded into each flagged item's first step instead (no narrow
     # step; c0s: that step's first sink column, from _x_head)
@@ -934,9 +934,13 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
     for t in range(gl.program_id(0), n_items, nprog):
         qb = i % QBUF
         qs = q_smem.index(2 * qb + C)
+        if QREG:  # Q in registers for the item's steps 1 .. n - 1 (step 0's scores were issued from shared memory)
+            qa = qs.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        else:
+            qa = qs
         acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
         for j in range(1, n):
-            m_i, l_i, p, acc = _step(C, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, kready, p, acc, m_i,
+            m_i, l_i, p, acc = _step(C, j, it0, qa, k_smem, v_smem, kready, vready, kempty, vempty, kready, p, acc, m_i,
                                      l_i, s_zero, qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow, p_layout,
                                      BLOCK_N, STAGES, FAR, False)
         if not NSTEP:
@@ -1004,10 +1008,10 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
         gl.warp_specialize([
             (_x_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD, QREG)),
             (_x_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD, QREG)),
             (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready,
                              kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
                              n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, True, NFOLD)),

@@ -624,7 +624,7 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
                 FAR=bool(cfg.get("MASK_FAR")) and _mask_far_ok(pattern, lq, lk, bm, bn, hq, str(q.device)),
                 num_warps=4, maxnreg=maxnreg)
     # QREG (thirty-third session): Q's tile loaded into registers once an item, the left operand of its score MMAs,
-    # which then read only K from shared memory (not on XPIPE's path: its first scores come from _x_head)
+    # which then read only K from shared memory (with XPIPE: of steps 1 .., step 0's come from _x_head)
     meta["QREG"] = bool(cfg.get("QREG"))
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
@@ -646,7 +646,6 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
             and _every_row_visits(pattern, lq, lk, bm, bn, hq, str(q.device))
         GLUON_XPIPE_LAUNCHES += meta["XPIPE"]
         if meta["XPIPE"]:
-            meta["QREG"] = False
             meta["NLAST"] = 0  # (XPIPE's own boundary takes the narrow tile)
             # XPIPE_NARROW="fold" (thirty-second session): the sinks into an unseen slot of a partial block's tile
             # instead of the narrow tile (gluon_fwd's NFOLD: that block runs first, so it needs MASK_FAR's order)
