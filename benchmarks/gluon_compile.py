@@ -32,8 +32,7 @@ PATTERNS = {"sw1024": lambda: P.SlidingWindow(1023, 0), "sw4096": lambda: P.Slid
 def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int = 2, dtype: str = "bf16",
                 lq: int = 16384, pingpong: bool = False, regs: int = 168, maxnreg: int | None = None,
                 persistent: bool = False, qbuf: int = 2, order: int = 1, narrow: int = 0, merge: bool = False,
-                far: bool = False, last: int = 0, xpipe: bool = False, fold: bool = False,
-                qreg: bool = False):
+                far: bool = False, last: int = 0, xpipe: bool = False, fold: bool = False):
     """The warp-specialised kernel (gluon_attn_fwd_ws, or gluon_attn_fwd_wsp with ``persistent``): Q by TMA, two
     heads a program (PACK 2), one consumer warpgroup each; the narrow tile's descriptors (kdn, vdn: NARROW x D) and
     flags (NROW)."""
@@ -70,8 +69,6 @@ def compile_fwd(pattern, d: int = 128, bm: int = 64, bn: int = 64, stages: int =
         consts["XPIPE"] = xpipe
         sig["NFOLD"] = "constexpr"  # (with XPIPE and NARROW: the sinks folded into a partial block's tile)
         consts["NFOLD"] = fold
-    sig["QREG"] = "constexpr"  # (Q's tile in registers for the score MMAs; not with XPIPE)
-    consts["QREG"] = qreg
     options = dict(num_warps=4, maxnreg=maxnreg or regs)
     return _build(fn, sig, consts, options)
 
@@ -98,7 +95,7 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
                maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False, qbuf: int = 0,
-               pipe: bool = False, pref: bool = False, qreg: bool = False):
+               pipe: bool = False, pref: bool = False):
     """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program;
     ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient;
     ``qbuf`` > 0: the persistent form (`gluon_attn_bwd_dqp`) with that many Q / dO buffers, ``pipe``: its DQ_PIPE
@@ -130,8 +127,6 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
         consts["PIPE"] = pipe
         sig["PREF"] = "constexpr"
         consts["PREF"] = pref
-        sig["QREG"] = "constexpr"
-        consts["QREG"] = qreg
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -181,8 +176,6 @@ def main(argv=None):
                                                           "the previous item's last P V)")
     ap.add_argument("--fold", action="store_true", help="with --xpipe --narrow: the sinks folded into a partial "
                                                          "block's tile (cfg XPIPE_NARROW='fold'; no narrow step)")
-    ap.add_argument("--qreg", action="store_true", help="QREG: Q's tile in registers (the score MMAs' left operand; "
-                                                        "without --xpipe)")
     ap.add_argument("--order", type=int, default=1, help="with --persistent: work-item order (0 or 1, see _wsp_item)")
     ap.add_argument("--ptx", help="write the last kernel's PTX here")
     ap.add_argument("--dq", action="store_true", help="the Gluon dq kernel (gluon_attn_bwd_dq) at --stages, --regs")
@@ -205,7 +198,7 @@ def main(argv=None):
                 for st in a.stages:
                     r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
                                       fuse_delta=not a.sep_delta, has_dlse=a.dlse, qbuf=a.dq_qbuf,
-                                      pipe=a.dq_pipe, pref=a.dq_pref, qreg=a.qreg)
+                                      pipe=a.dq_pipe, pref=a.dq_pref)
                     print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
         return
@@ -227,7 +220,7 @@ def main(argv=None):
                     r, k = compile_fwd(PATTERNS[name](), d=d, bn=bn, stages=st, pingpong=a.pingpong, regs=a.regs or 168,
                                        maxnreg=a.maxnreg, persistent=a.persistent, qbuf=a.qbuf, order=a.order,
                                        narrow=a.narrow, merge=a.merge, far=a.far, last=a.last, xpipe=a.xpipe,
-                                       fold=a.fold, qreg=a.qreg)
+                                       fold=a.fold)
                     print(f"{name:14s} D={d} BN={bn} stages={st}: {r['registers']} regs, "
                           f"stack {r['stack']} B, shared {r['shared']} B, {r['sass']}")
                     if a.ptx:

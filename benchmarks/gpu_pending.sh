@@ -135,11 +135,8 @@
 #                time there, so xpn-default runs them)
 #   (xstag       issue 3, thirty-first session's XPIPE_NARROW=2: run in the thirty-second, 7-10 % slower, removed with
 #                its section; commit d5b09a7 has both)
-#   qreg         issue 3 (thirty-third session): QREG (the Gluon forward's Q tile in registers, the score MMAs' left
-#                operand, so they read only K from shared memory) and DQ_QREG (the dq kernel's Q and dO likewise): their
-#                GPU tests (bfloat16), then sustained timing (len_scale.py, three rounds) against the defaults: forward
-#                window 4096 and causal at 16K / 64K, window 1024 and sinks + window (XPIPE) at 16K, backward on
-#                window 4096 and window 1024 at 16K
+#   (qreg        issue 3, thirty-third session: run in it, slower on window 4096 and in the dq kernel, removed with
+#                QREG and DQ_QREG; commit 0ff9600 has both)
 #   fold         issue 3 (thirty-second session; run in it: faster, the local default since): XPIPE_NARROW="fold" (the sinks loaded into an unseen
 #                16-key slot of each flagged item's first partial block, no narrow tile or step; opt-in) -- its GPU
 #                tests (test_gluon_xpipe_narrow[fold], the reference tests on 8 patterns), round 26 on sinks + window
@@ -209,7 +206,7 @@
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # after the thirty-second session (2026-12-07): nothing new is prepared; windows re-measures issue 3's local patterns
-SECTIONS=${*:-qreg}
+SECTIONS=${*:-windows}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -374,19 +371,6 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
-    qreg) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-            tests/backends/test_gluon_fwd.py tests/backends/test_gluon_bwd.py \
-            -k "((extra14 or extra15 or extra16 or extra17 or extra18) and dtype0) or (qreg and not dtype1) or cfg_names_a_form" \
-            > "$OUT/qreg_tests.txt" 2>&1
-          tail -3 "$OUT/qreg_tests.txt"
-          timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw4096,causal --shapes 1x16384,1x65536 \
-            --configs "default,qreg" --rounds 3 > "$OUT/qreg_fwd_sustained.txt" 2>&1
-          timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --patterns sw1024,sinks+sw1024 --shapes 1x16384 \
-            --configs "default,qreg" --rounds 3 > "$OUT/qreg_local_sustained.txt" 2>&1
-          timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw4096 --shapes 1x16384 \
-            --configs "wide pp,wide qreg" --rounds 3 > "$OUT/qreg_bwd_wide.txt" 2>&1
-          timeout ${PROFILE_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw1024 --shapes 1x16384 \
-            --configs "local pp,local qreg" --rounds 3 > "$OUT/qreg_bwd_local.txt" 2>&1 ;;
     wide-xpipe) timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sw4096 --shapes 1x16384,1x65536 \
                   --configs "default,xpipe" --rounds 4 > "$OUT/wide_xpipe_sustained.txt" 2>&1 ;;
     xpn-default) timeout ${GLUON_TEST_S:-330} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \

@@ -48,12 +48,7 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                "wide pp": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                               DQ_PIPE=True, DQ_PREF=True)),
                "local pp": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
-                                               DQ_PIPE=True, DQ_PREF=True)),
-               # (thirty-third session) DQ_QREG: the dq kernel's Q and dO in registers for its S and dP MMAs
-               "wide qreg": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                DQ_PIPE=True, DQ_PREF=True, DQ_QREG=True)),
-               "local qreg": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
-                                                 DQ_PIPE=True, DQ_PREF=True, DQ_QREG=True))}
+                                               DQ_PIPE=True, DQ_PREF=True))}
 
 
 # forward configs by name (--configs without --bwd): changes to the default's Gluon config (GLUON_CFG)
@@ -64,9 +59,7 @@ FWD_CONFIGS = {"default": None,
                # XPIPE with the narrow sink tile at each item's end (XPIPE_NARROW)
                "xpipe narrow": dict(XPIPE=True, XPIPE_NARROW=True),
                # (XPIPE_NARROW="fold": the sinks in an unseen slot of a partial block's tile, no narrow step)
-               "xpipe fold": dict(XPIPE=True, XPIPE_NARROW="fold"),
-               # (thirty-third session) QREG: Q's tile in registers for the score MMAs
-               "qreg": dict(QREG=True)}
+               "xpipe fold": dict(XPIPE=True, XPIPE_NARROW="fold")}
 
 
 def shapes(text: str):

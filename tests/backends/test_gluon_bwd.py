@@ -64,17 +64,13 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PREF=True,
                                                 TRITON_DKDV=True)),
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                DQ_PIPE=True, DQ_PREF=True)),
-                                     (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
-                                                DQ_PIPE=True, DQ_PREF=True, DQ_QREG=True)),
-                                     (64, dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_QREG=True,
-                                               TRITON_DKDV=True))],
+                                                DQ_PIPE=True, DQ_PREF=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
                               "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
                               "d128-rows2-gdqp-pipe", "d64-gdqp-pipe-tkv", "d128-gdqp-pref-tkv",
-                              "d128-rows2-gdqp-pipe-pref", "d128-rows2-gdqp-pipe-pref-qreg", "d64-gdqp-qreg-tkv"])
+                              "d128-rows2-gdqp-pipe-pref"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -124,11 +120,9 @@ def test_gluon_dq_with_lse_gradient(name, sep):
                                    dict(DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True),
                                    dict(DQ_QBUF=1, DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True),
                                    dict(DQ_STAGES=3, TRITON_DKDV=True, DQ_PREF=True),
-                                   dict(DQ_QBUF=1, DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True, DQ_PREF=True),
-                                   dict(DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True, DQ_PREF=True, DQ_QREG=True),
-                                   dict(DQ_QBUF=1, DQ_STAGES=3, TRITON_DKDV=True, DQ_QREG=True)],
+                                   dict(DQ_QBUF=1, DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True, DQ_PREF=True)],
                          ids=["s3-tkv", "q1-tkv", "s3-rows2", "s3-tkv-pipe", "q1-s3-tkv-pipe", "s3-tkv-pref",
-                              "q1-s3-tkv-pipe-pref", "s3-tkv-pipe-pref-qreg", "q1-s3-tkv-qreg"])
+                              "q1-s3-tkv-pipe-pref"])
 @pytest.mark.parametrize("name", ["window", "sinks+window", "causal"])
 def test_gluon_dq_persistent_walks_many_items(name, extra):
     # the persistent dq kernel (DQ_PERSIST) with several work items a program (4096 tokens, 16 heads: 512 items on
@@ -198,14 +192,11 @@ def test_gluon_bwd_settings_are_checked_everywhere():
         dict(base, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_QBUF=2, DQ_PIPE=True)
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_PREF=True), 128) == \
         dict(base, GLUON_DQ=True, DQ_STAGES=2, DQ_PERSIST=True, DQ_QBUF=2, DQ_PREF=True)
-    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QREG=True), 128) == \
-        dict(base, GLUON_DQ=True, DQ_STAGES=2, DQ_PERSIST=True, DQ_QBUF=2, DQ_QREG=True)
     for bad, msg in ((dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=3), "1 or 2"),
                      (dict(GLUON_DQ=True, DQ_QBUF=1), "needs GLUON_DQ and DQ_PERSIST"),
                      (dict(GLUON_DQ=True, DQ_PIPE=True), "DQ_PIPE .* needs GLUON_DQ and DQ_PERSIST"),
                      (dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_PIPE=True), "DQ_PIPE needs DQ_STAGES >= 3"),
                      (dict(GLUON_DQ=True, DQ_PREF=True), "DQ_PREF .* needs GLUON_DQ and DQ_PERSIST"),
-                     (dict(GLUON_DQ=True, DQ_QREG=True), "DQ_QREG .* needs GLUON_DQ and DQ_PERSIST"),
                      (dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), "persistent dq kernel needs")):
         with pytest.raises(ValueError, match=msg):
             ops.gluon_bwd_settings(bad, 128)

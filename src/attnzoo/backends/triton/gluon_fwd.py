@@ -404,7 +404,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
              O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw, z, qk_scale,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              PINGPONG: gl.constexpr, QEMPTY: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr,
-             FAR: gl.constexpr, NLAST: gl.constexpr = False, QREG: gl.constexpr = False):
+             FAR: gl.constexpr, NLAST: gl.constexpr = False):
     # consumer C (0 or 1) on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the
     # (B * H * Lq, D) views, its Q in qs (loaded), its n steps at ring steps it0 ..; QEMPTY: arrive on qempty once
     # its last score MMA is done (the persistent kernel's Q buffer is then free). nw: the item starts with the
@@ -424,10 +424,6 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-    if QREG:  # Q's tile in registers, the left operand of every score MMA (which then reads only K from shared memory)
-        qa = qs.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        qa = qs
     if NARROW > 0 and not NMERGE and not NLAST:
         # the narrow step on every item, its result kept where nw: a branch around its MMAs (if nw != 0) gave wrong
         # outputs on the unflagged items of the persistent kernel with two Q buffers (H100, nineteenth session,
@@ -448,7 +444,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
             sn_layout: gl.constexpr = _wg_layout(NARROW)
             s_n = warpgroup_mma(qs, kn_smem.permute((1, 0)), gl.zeros([BLOCK_M, NARROW], gl.float32,
                                                                       layout=sn_layout), use_acc=False, is_async=True)
-        s = warpgroup_mma(qa, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma(qs, k_smem.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - C), count=1)
         if NMERGE:
@@ -476,7 +472,7 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
         elif NARROW > 0 and not NLAST:  # acc holds the narrow step's P V
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
     for j in range(1, n):
-        m_i, l_i, p, acc = _step(C, j, it0, qa, k_smem, v_smem, kready, vready, kempty, vempty, turn, p, acc, m_i, l_i,
+        m_i, l_i, p, acc = _step(C, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, turn, p, acc, m_i, l_i,
                                  s_zero, qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow, p_layout, BLOCK_N,
                                  STAGES, FAR, PINGPONG)
     if QEMPTY and not NLAST:
@@ -502,13 +498,12 @@ def _ws_item(C: gl.constexpr, qs, k_smem, v_smem, kn_smem, vn_smem, kready, vrea
 def _ws_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn,
                  O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, z, qk_scale,
                  D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                 QREG: gl.constexpr):
+                 PINGPONG: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr):
     mbarrier.wait(qbar, 0)
     kn_smem, vn_smem = nbuf
     _ws_item(C, q_smem.index(C), k_smem, v_smem, kn_smem.index(0), vn_smem.index(0), kready, vready, kempty, vempty,
              turn, qbar, O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, 0, nw, z, qk_scale, D, BLOCK_M,
-             BLOCK_N, STAGES, PINGPONG, False, NARROW, NMERGE, FAR, False, QREG)
+             BLOCK_N, STAGES, PINGPONG, False, NARROW, NMERGE, FAR)
 
 
 @gluon.jit
@@ -528,7 +523,7 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
                       H, G, Lq, Lk, OFF, qk_scale,
                       D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, NARROW: gl.constexpr,
-                      NMERGE: gl.constexpr, FAR: gl.constexpr, QREG: gl.constexpr = False):
+                      NMERGE: gl.constexpr, FAR: gl.constexpr):
     # PACK 2 only: two query heads of one GQA group, one consumer warpgroup each (kernel num_warps = 4)
     dtype: gl.constexpr = kd.dtype
     pid_m, b, h, m0, qrow0 = _ws_program(H, Lq, BLOCK_M)
@@ -546,10 +541,10 @@ def gluon_attn_fwd_ws(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, F
     gl.warp_specialize([
         (_ws_consumer, (0, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
                         qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, z, qk_scale, D, BLOCK_M, BLOCK_N, STAGES,
-                        PINGPONG, NARROW, NMERGE, FAR, QREG)),
+                        PINGPONG, NARROW, NMERGE, FAR)),
         (_ws_consumer, (1, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty, turn, O, LSE, AUX, h,
                         qrow0, Lq, m0, OFF, nf, f0, prow, n, nw, z, qk_scale, D, BLOCK_M, BLOCK_N, STAGES,
-                        PINGPONG, NARROW, NMERGE, FAR, QREG)),
+                        PINGPONG, NARROW, NMERGE, FAR)),
         (_ws_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qbar, kready, vready, kempty, vempty,
                         qrow0, Lq, kvrow, nf, f0, prow, n, nw, z, STAGES, BLOCK_N, NARROW, FAR)),
     ], [4, 1], [CONSUMER_REGS, 24])
@@ -602,7 +597,7 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
              DELTA, O, DLSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, o_pre, lse_pre,
              D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
              QFREE: gl.constexpr, FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False,
-             PREF: gl.constexpr = False, QREG: gl.constexpr = False):
+             PREF: gl.constexpr = False):
     # consumer C on one work item: query head h + C, rows qrow0 + C * Lq + (0 .. BLOCK_M) of the (B * H * Lq, D)
     # views; its Q and dO tiles qs, dos (ready when qwait completes phase qph), its n steps at ring steps it0 ..;
     # QFREE: arrive on qfree once its last MMA reading Q / dO is done (the persistent kernel's buffer is then free).
@@ -648,10 +643,6 @@ def _dq_item(C: gl.constexpr, qs, dos, k_smem, v_smem, qwait, qph, qfree, kready
         delta = gl.expand_dims(gl.load(DELTA + lrow), 1)
         mbarrier.wait(qwait, qph)
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
-    if QREG:  # (cfg GLUON_BWD DQ_QREG) Q and dO in registers: the S and dP MMAs read only K and V from shared memory
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-        qs = qs.load(a_layout)
-        dos = dos.load(a_layout)
     if PIPE:
         if n > 0:  # step 0 peeled: no dq MMA before it
             s, dp = _dq_scores(qs, dos, k_smem, v_smem, kready, vready, it0 % STAGES, (it0 // STAGES) & 1, s_zero)
@@ -815,8 +806,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
                   turn, O, LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                   n_items, qk_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
-                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr, NLAST: gl.constexpr,
-                  QREG: gl.constexpr):
+                  NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr, NLAST: gl.constexpr):
     it0 = 0
     i = 0
     kn_smem, vn_smem = nbuf
@@ -832,7 +822,7 @@ def _wsp_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty,
         _ws_item(C, q_smem.index(2 * qb + C), k_smem, v_smem, kn_smem.index(qb), vn_smem.index(qb), kready, vready,
                  kempty, vempty, turn, qempty.index(qb), O, LSE, AUX, h, qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, nw,
                  _zfirst(nf, prow, n, FAR), qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, True, NARROW, NMERGE,
-                 FAR, NL, QREG)
+                 FAR, NL)
         it0 += n
         i += 1
 
@@ -899,7 +889,7 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
                 AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items, qk_scale,
                 D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 QBUF: gl.constexpr, ORDER: gl.constexpr, NARROW: gl.constexpr, FAR: gl.constexpr,
-                NFOLD: gl.constexpr = False, QREG: gl.constexpr = False):
+                NFOLD: gl.constexpr = False):
     # NARROW: the narrow sink tile at each item's end, after the boundary's MMAs (the Q buffer, and the narrow buffer
     # with it, freed after that). NFOLD: the sinks folded into each flagged item's first step instead (no narrow
     # step; c0s: that step's first sink column, from _x_head)
@@ -934,13 +924,9 @@ def _x_consumer(C: gl.constexpr, q_smem, k_smem, v_smem, nbuf, qready, qempty, k
     for t in range(gl.program_id(0), n_items, nprog):
         qb = i % QBUF
         qs = q_smem.index(2 * qb + C)
-        if QREG:  # Q in registers for the item's steps 1 .. n - 1 (step 0's scores were issued from shared memory)
-            qa = qs.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        else:
-            qa = qs
         acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
         for j in range(1, n):
-            m_i, l_i, p, acc = _step(C, j, it0, qa, k_smem, v_smem, kready, vready, kempty, vempty, kready, p, acc, m_i,
+            m_i, l_i, p, acc = _step(C, j, it0, qs, k_smem, v_smem, kready, vready, kempty, vempty, kready, p, acc, m_i,
                                      l_i, s_zero, qp, cols, nf, f0, prow, n, z, h, AUX, qk_scale, orow, p_layout,
                                      BLOCK_N, STAGES, FAR, False)
         if not NSTEP:
@@ -992,8 +978,7 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr,
                        ORDER: gl.constexpr, NARROW: gl.constexpr, NMERGE: gl.constexpr, FAR: gl.constexpr,
-                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False, NFOLD: gl.constexpr = False,
-                       QREG: gl.constexpr = False):
+                       NLAST: gl.constexpr = 0, XPIPE: gl.constexpr = False, NFOLD: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], kd.layout)
@@ -1008,10 +993,10 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
         gl.warp_specialize([
             (_x_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD, QREG)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)),
             (_x_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, O, LSE, AUX,
                            NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB, n_items,
-                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD, QREG)),
+                           qk_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, NARROW, FAR, NFOLD)),
             (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready,
                              kempty, vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB,
                              n_items, STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR, True, NFOLD)),
@@ -1021,11 +1006,11 @@ def gluon_attn_fwd_wsp(qd, kd, vd, kdn, vdn, O, LSE, AUX, NROW, KVN, KVI, FKVN, 
             (_wsp_consumer, (0, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                              LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                              n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                             FAR, NLAST, QREG)),
+                             FAR, NLAST)),
             (_wsp_consumer, (1, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty, vempty, turn, O,
                              LSE, AUX, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                              n_items, qk_scale, D, BLOCK_M, BLOCK_N, STAGES, PINGPONG, QBUF, ORDER, NARROW, NMERGE,
-                             FAR, NLAST, QREG)),
+                             FAR, NLAST)),
             (_wsp_producer, (qd, kd, vd, kdn, vdn, q_smem, k_smem, v_smem, nbuf, qready, qempty, kready, vready, kempty,
                              vempty, NROW, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items,
                              STAGES, BLOCK_M, BLOCK_N, QBUF, ORDER, NARROW, FAR)),
@@ -1065,7 +1050,7 @@ def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qemp
                   DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF,
                   NQB, n_items, qk_scale, sm_scale, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr, FUSE_DELTA: gl.constexpr,
-                  HAS_DLSE: gl.constexpr, PIPE: gl.constexpr, PREF: gl.constexpr, QREG: gl.constexpr):
+                  HAS_DLSE: gl.constexpr, PIPE: gl.constexpr, PREF: gl.constexpr):
     it0 = 0
     i = 0
     if PREF:  # (the first item's O and lse; then each item's are loaded while the one before runs)
@@ -1088,7 +1073,7 @@ def _dqp_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qready, qemp
         _dq_item(C, q_smem.index(2 * qb + C), do_smem.index(2 * qb + C), k_smem, v_smem, qready.index(qb),
                  (i // QBUF) & 1, qempty.index(qb), kready, vready, kempty, vempty, DQ, LSE, DELTA, O, DLSE, AUX, h,
                  qrow0, Lq, m0, OFF, nf, f0, prow, n, it0, qk_scale, sm_scale, o_c, lse_c, D, BLOCK_M, BLOCK_N, STAGES,
-                 True, FUSE_DELTA, HAS_DLSE, PIPE, PREF, QREG)
+                 True, FUSE_DELTA, HAS_DLSE, PIPE, PREF)
         it0 += n
         i += 1
 
@@ -1112,7 +1097,7 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, ORDER: gl.constexpr,
                        FUSE_DELTA: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr = False,
-                       PREF: gl.constexpr = False, QREG: gl.constexpr = False):
+                       PREF: gl.constexpr = False):
     dtype: gl.constexpr = kd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], qd.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2 * QBUF, BLOCK_M, D], dod.layout)
@@ -1124,11 +1109,11 @@ def gluon_attn_bwd_dqp(qd, dod, kd, vd, DQ, LSE, DELTA, O, DLSE, AUX, KVN, KVI, 
         (_dqp_consumer, (0, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
                          DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
-                         HAS_DLSE, PIPE, PREF, QREG)),
+                         HAS_DLSE, PIPE, PREF)),
         (_dqp_consumer, (1, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty, vempty, DQ, LSE,
                          DELTA, O, DLSE, AUX, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, OFF, NQB,
                          n_items, qk_scale, sm_scale, D, BLOCK_M, BLOCK_N, STAGES, QBUF, ORDER, FUSE_DELTA,
-                         HAS_DLSE, PIPE, PREF, QREG)),
+                         HAS_DLSE, PIPE, PREF)),
         (_dqp_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, qready, qempty, kready, vready, kempty,
                          vempty, KVN, KVI, FKVN, FKVI, lay_h, lay_m, idx_h, idx_m, H, G, Lq, Lk, NQB, n_items, STAGES,
                          BLOCK_M, BLOCK_N, QBUF, ORDER)),

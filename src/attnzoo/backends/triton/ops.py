@@ -377,10 +377,6 @@ def _gluon_fwd(q, k, v, pattern, scale: float, poison: bool, gcfg: dict):
         raise ValueError(f"cfg XPIPE_NARROW (XPIPE with the narrow sink tile) must be a bool or 'fold' (the sinks "
                          f"folded into a partial block's tile), got {xn!r} (2, consumer 0's narrow step before the "
                          "item boundary, was slower in the thirty-second session: removed)")
-    qreg = gcfg.get("QREG", False)
-    if type(qreg) not in (int, bool) or qreg not in (0, 1):
-        raise ValueError(f"cfg QREG (the Gluon forward's Q tile in registers for the score MMAs) must be a bool, got "
-                         f"{qreg!r}")
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     bm, bn = gcfg["BLOCK_M"], gcfg["BLOCK_N"]
@@ -577,7 +573,6 @@ def _every_row_visits(pattern, lq, lk, bm, bn, hq, device: str) -> bool:
 # of its persistent form with the narrow tile last (NARROW_LAST) and with XPIPE among them
 GLUON_LAUNCHES = GLUON_NLAST_LAUNCHES = GLUON_XPIPE_LAUNCHES = 0
 GLUON_FOLD_LAUNCHES = 0  # (XPIPE with the sinks folded into a partial block, NFOLD)
-GLUON_QREG_LAUNCHES = 0  # (Q's tile in registers for the score MMAs, QREG)
 
 
 def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack):
@@ -623,9 +618,6 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
                 CONSUMER_REGS=regs, NARROW=sn, NMERGE=merge,
                 FAR=bool(cfg.get("MASK_FAR")) and _mask_far_ok(pattern, lq, lk, bm, bn, hq, str(q.device)),
                 num_warps=4, maxnreg=maxnreg)
-    # QREG (thirty-third session): Q's tile loaded into registers once an item, the left operand of its score MMAs,
-    # which then read only K from shared memory (with XPIPE: of steps 1 .., step 0's come from _x_head)
-    meta["QREG"] = bool(cfg.get("QREG"))
     if cfg["GLUON"] == "wsp":  # persistent: at most one program per SM, walking the work items
         items = lay.num_q_blocks * b * hq // 2
         # (cfg PROGRAMS: fewer programs than SMs -- a diagnostic knob; 1 walks every item in turn)
@@ -662,8 +654,6 @@ def _launch_gluon(pattern, lq, lk, q, k, v, out, lse, aux, lay, scale, cfg, pack
     else:
         gmod.gluon_attn_fwd_ws[(lay.num_q_blocks, b * hq // 2)](*args, scale * LOG2E, **meta)
     GLUON_LAUNCHES += 1
-    global GLUON_QREG_LAUNCHES
-    GLUON_QREG_LAUNCHES += meta["QREG"]
 
 
 def kv_tiles(cfg: dict, pattern, gpu: bool) -> tuple:
@@ -858,8 +848,7 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     fuse = not g.get("SEP_DELTA")
     qbuf = int(g.get("DQ_QBUF", 2)) if g.get("DQ_PERSIST") else 0  # (0: a program per work item)
     pipe, pref = bool(g.get("DQ_PIPE")), bool(g.get("DQ_PREF"))  # (both need DQ_PERSIST: gluon_bwd_settings)
-    qreg = bool(g.get("DQ_QREG"))  # (likewise)
-    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe, pref, qreg)
+    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe, pref)
     if key in _GLUON_FAILED:
         return False
     lay = _layout(pattern, lq, lk, 64, 64, hq, dev)
@@ -875,7 +864,7 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
         items = lay.num_q_blocks * b * hq // 2
         launch = lambda: gmod.gluon_attn_bwd_dqp[(min(items, _sm_count(q.device)),)](  # noqa: E731
             *args, lay.num_q_blocks, items, scale * LOG2E, scale, QBUF=qbuf, ORDER=1, PIPE=pipe, PREF=pref,
-            QREG=qreg, **meta)
+            **meta)
     else:
         launch = lambda: gmod.gluon_attn_bwd_dq[(lay.num_q_blocks, b * hq // 2)](  # noqa: E731
             *args, scale * LOG2E, scale, **meta)
@@ -935,7 +924,7 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
 
 # the settings cfg GLUON_BWD takes (`gluon_bwd_settings`)
 GLUON_BWD_KEYS = ("num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES", "SEP_DELTA",
-                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "DQ_QREG")
+                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF")
 
 
 def gluon_bwd_settings(g, d: int) -> dict:
@@ -996,11 +985,6 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError("cfg GLUON_BWD: DQ_PREF (each item's O and lse loaded during the item before) needs "
                              "GLUON_DQ and DQ_PERSIST")
         out["DQ_PREF"] = True
-    if g.get("DQ_QREG"):  # (thirty-third session) Q and dO in registers for the S and dP MMAs
-        if "DQ_PERSIST" not in out:
-            raise ValueError("cfg GLUON_BWD: DQ_QREG (Q and dO in registers as the score MMAs' left operands) needs "
-                             "GLUON_DQ and DQ_PERSIST")
-        out["DQ_QREG"] = True
     need = gluon_bwd_smem(out, d)
     if d in (64, 128) and need > GLUON_SMEM:  # (other head dims: the Triton kernel runs, `gluon_bwd_plan`)
         raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dk / dv kernel needs {need} bytes of shared memory at D = "
