@@ -137,6 +137,9 @@
 #                its section; commit d5b09a7 has both)
 #   (qreg        issue 3, thirty-third session: run in it, slower on window 4096 and in the dq kernel, removed with
 #                QREG and DQ_QREG; commit 0ff9600 has both)
+#   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
+#                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
+#                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
 #   fold         issue 3 (thirty-second session; run in it: faster, the local default since): XPIPE_NARROW="fold" (the sinks loaded into an unseen
 #                16-key slot of each flagged item's first partial block, no narrow tile or step; opt-in) -- its GPU
 #                tests (test_gluon_xpipe_narrow[fold], the reference tests on 8 patterns), round 26 on sinks + window
@@ -206,7 +209,7 @@
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # after the thirty-second session (2026-12-07): nothing new is prepared; windows re-measures issue 3's local patterns
-SECTIONS=${*:-windows}
+SECTIONS=${*:-mem-ncu}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -371,6 +374,14 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
+    mem-ncu) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
+             S="$S --section ComputeWorkloadAnalysis --section WarpStateStats"
+             timeout ${NCU_S:-200} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \
+               --launch-skip 1 --launch-count 2 $S python3 benchmarks/attn_bwd_profile.py --plain --patterns sw4096 \
+               --configs default > "$OUT/bwd_mem_ncu.txt" 2>&1
+             timeout ${NCU_S:-150} ncu --clock-control none --kernel-name regex:gluon_attn_fwd --launch-skip 1 \
+               --launch-count 1 $S python3 benchmarks/attn_bwd_profile.py --plain --fwd --configs none --patterns sw4096 \
+               > "$OUT/fwd_mem_ncu.txt" 2>&1 ;;
     wide-xpipe) timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sw4096 --shapes 1x16384,1x65536 \
                   --configs "default,xpipe" --rounds 4 > "$OUT/wide_xpipe_sustained.txt" 2>&1 ;;
     xpn-default) timeout ${GLUON_TEST_S:-330} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
