@@ -208,7 +208,7 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-second session (2026-12-07): nothing new is prepared; windows re-measures issue 3's local patterns
+# after the thirty-third session (2026-12-07): mem-ncu (prepared, not yet run: no device came for it)
 SECTIONS=${*:-mem-ncu}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
