@@ -48,7 +48,17 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                "wide pp": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                               DQ_PIPE=True, DQ_PREF=True)),
                "local pp": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
-                                               DQ_PIPE=True, DQ_PREF=True))}
+                                               DQ_PIPE=True, DQ_PREF=True)),
+               # (thirty-fourth session) DQ_BN 128: the persistent dq kernel on 128 keys a step, one Q buffer, a ring
+               # of 2, no DQ_PIPE (shared memory), under the wide default's dk / dv kernel
+               "wide bn128": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=2, DQ_PERSIST=True,
+                                                 DQ_QBUF=1, DQ_BN=128, DQ_PREF=True)),
+               # (thirty-fourth session) S_AHEAD: the wide default's dk / dv kernel issuing each step's scores behind
+               # the step before's dK; and with DQ_BN 128
+               "wide ahead": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, S_AHEAD=True, GLUON_DQ=True, DQ_STAGES=3,
+                                                 DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
+               "wide ahead bn128": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, S_AHEAD=True, GLUON_DQ=True, DQ_STAGES=2,
+                                                       DQ_PERSIST=True, DQ_QBUF=1, DQ_BN=128, DQ_PREF=True))}
 
 
 # forward configs by name (--configs without --bwd): changes to the default's Gluon config (GLUON_CFG)

@@ -133,7 +133,7 @@ def _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, idx, LSE, DELTA, BLOCK_M: gl.co
 @gluon.jit
 def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                   QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr):
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr, AHEAD: gl.constexpr = False):
     kvrow = (b * HKV + hk) * Lk + pid_n * (2 * HALF)
     mbarrier.expect(kvbar, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
     for c in gl.static_range(2):
@@ -151,6 +151,11 @@ def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready
             tma.async_copy_global_to_shared(qd, [row, 0], ready.index(slot), q_smem.index(slot))
             tma.async_copy_global_to_shared(dod, [row, 0], ready.index(slot), do_smem.index(slot))
             it += 1
+    if AHEAD:  # one Q tile more (the group's first rows): the consumers issue scores for a step after their last
+        slot = it % STAGES
+        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), qd.block_type.nbytes)
+        tma.async_copy_global_to_shared(qd, [(b * H + hk * G) * Lq, 0], ready.index(slot), q_smem.index(slot))
 
 
 @gluon.jit
@@ -158,13 +163,13 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS, AHEAD)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
@@ -256,13 +261,17 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
+                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr = False):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
     # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
     # ROWS 1: dP issued with S, 2: with dV. (The next step's block index, lse and delta loaded during this step --
     # cfg ROWS_PREF, twenty-eighth session -- was level or slower on the H100; removed in the twenty-ninth.)
+    # AHEAD (cfg GLUON_BWD S_AHEAD, ROWS 2 without FUSED_DQ; thirty-fourth session, not yet run): the next step's
+    # S = Q K_C^T issued right behind this step's dK and left running into the next step, whose top waits for it --
+    # the tensor cores take it straight after dK instead of after the warpgroup's wait, arrive and loop overhead
+    # (PIPE 2 of the twenty-third session issued it there too but waited for it with dK, in a flat loop over heads)
     DP_EARLY: gl.constexpr = ROWS != 2
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(HALF)
@@ -277,6 +286,11 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
     vt = v_smem.index(C).permute((1, 0))
     pc = p_smem.index(C)
     mbarrier.wait(kvbar, 0)
+    if AHEAD:  # the item's first scores (sa: the scores in flight, carried from step to step, heads included: every
+        # head of the group uses the same K_C; after the item's last step, those of the producer's extra Q tile)
+        mbarrier.wait(ready.index(0), 0)
+        sa = warpgroup_mma(q_smem.index(0), kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
+                           use_acc=False, is_async=True)
     it = 0
     for g in range(0, G):
         h = hk * G + g
@@ -287,17 +301,20 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, rows, LSE, DELTA, BLOCK_M)
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
             slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
-            s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                              is_async=True)
-            if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
-                dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                                   is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            if AHEAD:  # (issued a step ahead, after the wait for its slot's ready barrier)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
             else:
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                                  is_async=True)
+                if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
+                    dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
+                                       use_acc=False, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                else:
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             if j >= nf:  # a partial block: the pattern's mask (queries by keys)
                 p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, h, AUX), p, 0.0)
@@ -325,11 +342,20 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout,
                          True)
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            if AHEAD:  # the next step's scores behind dK, running into the next step
+                nslot = (it + 1) % STAGES
+                mbarrier.wait(ready.index(nslot), ((it + 1) // STAGES) & 1)
+                sa = warpgroup_mma(q_smem.index(nslot), kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
+                                   use_acc=False, is_async=True)
+                dv, dk = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dk))
+            else:
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             mbarrier.arrive(empty.index(slot), count=1)
             it += 1
     if FUSED_DQ:
         tma.store_wait(0)
+    if AHEAD:  # (the extra tile's scores, unused)
+        sa = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
     _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
 
 
@@ -356,7 +382,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0):
+                        ROWS: gl.constexpr = 0, AHEAD: gl.constexpr = False):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -407,14 +433,14 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                         STAGES, BLOCK_M, HALF)),
+                         STAGES, BLOCK_M, HALF, AHEAD)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 
