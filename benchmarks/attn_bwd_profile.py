@@ -135,10 +135,11 @@ def main():
                                                                               DQ_STAGES=3, DQ_PERSIST=True,
                                                                               DQ_PREF=True))))
         gb = best.get("GLUON_BWD")
+        nopipe = {key: val for key, val in gb.items() if key not in ("DQ_PIPE", "DQ_STAGES", "DQ_QBUF")} \
+            if isinstance(gb, dict) else {}
         if isinstance(gb, dict) and gb.get("GLUON_DQ"):  # (thirty-fourth session, not yet run) DQ_BN 128: the dq
             # kernel on 128 keys a step (N = 128 score MMAs), the default's dk / dv kernel; one Q buffer, a ring of 2
             # at D = 128, so no DQ_PIPE -- and the default with one Q buffer, the control for that
-            nopipe = {key: val for key, val in gb.items() if key not in ("DQ_PIPE", "DQ_STAGES", "DQ_QBUF")}
             configs += (("dq bn128 q1 pref", dict(base, GLUON_BWD=dict(nopipe, DQ_BN=128, DQ_QBUF=1, DQ_STAGES=2))),
                         ("dq bn128 one-item", dict(base, GLUON_BWD={**{key: val for key, val in nopipe.items()
                                                                        if key not in ("DQ_PERSIST", "DQ_PREF")},
@@ -146,7 +147,11 @@ def main():
                         ("dq q1 (control)", dict(base, GLUON_BWD=dict(gb, DQ_QBUF=1))))
         if isinstance(gb, dict) and gb.get("ROWS") == 2:  # (thirty-fourth session, not yet run) S_AHEAD: the dk / dv
             # kernel issues each step's scores behind the step before's dK; alone and with DQ_BN 128
+            trans = {key: val for key, val in gb.items() if key != "ROWS"}  # (the transposed form, same dq kernel)
             configs += (("dkdv ahead", dict(base, GLUON_BWD=dict(gb, S_AHEAD=True))),
+                        # T_STATS: the transposed form with lse / delta by TMA; the transposed form without (control)
+                        ("dkdv t stats", dict(base, GLUON_BWD=dict(trans, T_STATS=True))),
+                        ("dkdv t (control)", dict(base, GLUON_BWD=trans)),
                         ("dkdv ahead + dq bn128", dict(base, GLUON_BWD=dict(nopipe, S_AHEAD=True, DQ_BN=128, DQ_QBUF=1,
                                                                             DQ_STAGES=2))))
         keep = args.configs.split(",") if args.configs else None

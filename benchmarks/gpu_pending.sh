@@ -137,15 +137,19 @@
 #                its section; commit d5b09a7 has both)
 #   (qreg        issue 3, thirty-third session: run in it, slower on window 4096 and in the dq kernel, removed with
 #                QREG and DQ_QREG; commit 0ff9600 has both)
-#   ahead-bn128  issue 3 (thirty-fourth session, not yet run): two backward candidates for window 4096's missing 6 %.
+#   ahead-bn128  issue 3 (thirty-fourth session, not yet run): three backward candidates for window 4096's missing 6 %.
 #                S_AHEAD: the Gluon dk / dv kernel (ROWS 2) issues each step's S = Q K_C^T behind the step before's dK
 #                and leaves it running into the step (ptxas sm_90: 474 / 459 loop instructions, 17 / 6 spill
 #                instructions against 442 / 447 and 6 / 4; no wgmma serialisation). DQ_BN 128: the persistent Gluon dq
 #                kernel on 128 keys a step (N = 128 score MMAs: 96 instead of 128 shared-memory bytes a tensor cycle;
 #                640 loop instructions per 128 keys against 2 x 390, no loop spills), one Q buffer and a ring of 2 (shared
 #                memory), so without DQ_PIPE. Their GPU tests (bf16 and the many-item tests), the backward by kernel at
-#                16K (window 4096 / 1024, causal) against the default and the default with one Q buffer (the control
-#                for DQ_BN's), then sustained (len_scale.py --bwd, 3 rounds, window 4096 16K)
+#                16K (window 4096 / 1024) against the default and the default with one Q buffer (the control
+#                for DQ_BN's), then sustained (len_scale.py --bwd, 3 rounds, window 4096 16K). T_STATS: the transposed
+#                dk / dv form (P^T and dS^T as register operands: no P / dS stores, fences or barriers in a step) with
+#                each step's lse (log2 units) and delta rows loaded by TMA with its Q / dO tiles, read from shared
+#                memory (424 / 417 loop instructions, 6 / 4 spill instructions, against ROWS 2's 442 / 447 and the
+#                transposed form's 537 / 544 with 9 / 16)
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -384,14 +388,14 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
-    ahead-bn128) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-                   tests/backends/test_gluon_bwd.py -k "(bn128 or ahead) and (dtype0 or walks)" \
+    ahead-bn128) timeout ${GLUON_TEST_S:-220} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                   tests/backends/test_gluon_bwd.py -k "(bn128 or ahead or tstats) and (dtype0 or walks)" \
                    > "$OUT/ahead_bn128_tests.txt" 2>&1
                  tail -3 "$OUT/ahead_bn128_tests.txt"
-                 timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,sw1024,causal \
-                   --configs "default,bn128,q1 (control),ahead" > "$OUT/ahead_bn128_profile.txt" 2>&1
+                 timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,sw1024 \
+                   --configs "default,bn128,q1 (control),ahead,dkdv t" > "$OUT/ahead_bn128_profile.txt" 2>&1
                  timeout ${SUSTAIN_S:-180} python3 benchmarks/len_scale.py --bwd --patterns sw4096 --shapes 1x16384 \
-                   --configs "default,wide ahead,wide bn128,wide ahead bn128" --rounds 3 \
+                   --configs "default,wide ahead,wide tstats,wide bn128" --rounds 3 \
                    > "$OUT/ahead_bn128_sustained.txt" 2>&1 ;;
     mem-ncu) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
              S="$S --section ComputeWorkloadAnalysis --section WarpStateStats"

@@ -133,7 +133,8 @@ def _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, idx, LSE, DELTA, BLOCK_M: gl.co
 @gluon.jit
 def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                   QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr, AHEAD: gl.constexpr = False):
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr, AHEAD: gl.constexpr = False,
+                  ld=None, dd=None, lse_smem=None, del_smem=None, TSTATS: gl.constexpr = False):
     kvrow = (b * HKV + hk) * Lk + pid_n * (2 * HALF)
     mbarrier.expect(kvbar, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
     for c in gl.static_range(2):
@@ -147,7 +148,14 @@ def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready
             row = (b * H + h) * Lq + _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
             slot = it % STAGES
             mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(slot), qd.block_type.nbytes + dod.block_type.nbytes)
+            if TSTATS:  # (with the step's lse (log2 units) and delta rows: one 64-float row of their (rows / 64, 64)
+                # views)
+                mbarrier.expect(ready.index(slot), qd.block_type.nbytes + dod.block_type.nbytes +
+                                ld.block_type.nbytes + dd.block_type.nbytes)
+                tma.async_copy_global_to_shared(ld, [row // BLOCK_M, 0], ready.index(slot), lse_smem.index(slot))
+                tma.async_copy_global_to_shared(dd, [row // BLOCK_M, 0], ready.index(slot), del_smem.index(slot))
+            else:
+                mbarrier.expect(ready.index(slot), qd.block_type.nbytes + dod.block_type.nbytes)
             tma.async_copy_global_to_shared(qd, [row, 0], ready.index(slot), q_smem.index(slot))
             tma.async_copy_global_to_shared(dod, [row, 0], ready.index(slot), do_smem.index(slot))
             it += 1
@@ -163,7 +171,8 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr):
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr,
+                  lse_smem=None, del_smem=None, TSTATS: gl.constexpr = False):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
@@ -174,7 +183,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                        HALF, ACC_INIT, FUSED_DQ)
+                        HALF, ACC_INIT, FUSED_DQ, lse_smem, del_smem, TSTATS)
 
 
 @gluon.jit
@@ -182,8 +191,13 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                     DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                     pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
                     D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                    ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr):
+                    ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, lse_smem=None, del_smem=None,
+                    TSTATS: gl.constexpr = False):
     # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
+    # TSTATS (cfg GLUON_BWD T_STATS; thirty-fourth session, not yet run): each step's lse (already in log2 units,
+    # +inf on rows that see nothing) and delta come with its Q / dO tiles, by TMA into the ring slot, and are read from
+    # shared memory in the columns' layout -- not 16 + 16 global loads a thread with their addresses, the lse's
+    # scaling and -inf test every step (ptxas sm_90: the loop's 544 instructions, 16 spill instructions, before)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_M)
     a_layout: gl.constexpr = _wg_layout(D)
@@ -205,8 +219,13 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
         bh = b * H + h
         nf, frow, prow, n = _bwd_col(QN, QI, FQN, FQI, h, pid_n, lay_h, lay_m, idx_h, idx_m)
         for j in range(s0, gl.minimum(e0, n)):
-            m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, cols, LSE, DELTA, BLOCK_M)
-            if ACC_INIT:  # S^T starts from -lse in score units (lse / scale): no lse vector live through the MMA
+            if TSTATS:
+                m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
+            else:
+                m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, cols, LSE, DELTA, BLOCK_M)
+            if TSTATS:
+                s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout)
+            elif ACC_INIT:  # S^T starts from -lse in score units (lse / scale): no lse vector live through the MMA
                 s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout) + \
                     gl.expand_dims(gl.where(lse == float("-inf"), float("-inf"), -lse * lse_units), 0)
             else:
@@ -217,6 +236,9 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
             s = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
+            if TSTATS:  # (read while the scores' MMA runs)
+                lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
+                delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             if ACC_INIT:
                 p = gl.exp2(s * qk_scale)
@@ -382,7 +404,8 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0, AHEAD: gl.constexpr = False):
+                        ROWS: gl.constexpr = 0, AHEAD: gl.constexpr = False, ld=None, dd=None,
+                        TSTATS: gl.constexpr = False):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
     item = gl.program_id(0)
@@ -424,6 +447,12 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], ds_layout)
     else:
         p_smem = k_smem
+    if TSTATS:  # (the transposed form) each ring slot's lse (log2 units) and delta rows, 64 floats each
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], ld.layout)
+        del_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], dd.layout)
+    else:
+        lse_smem = k_smem
+        del_smem = k_smem
     dsready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dsfree = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
@@ -433,14 +462,14 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD, lse_smem, del_smem, TSTATS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD, lse_smem, del_smem, TSTATS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                         STAGES, BLOCK_M, HALF, AHEAD)),
+                         STAGES, BLOCK_M, HALF, AHEAD, ld, dd, lse_smem, del_smem, TSTATS)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 

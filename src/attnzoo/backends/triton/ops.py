@@ -928,7 +928,7 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
 # the settings cfg GLUON_BWD takes (`gluon_bwd_settings`)
 GLUON_BWD_KEYS = ("num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES", "SEP_DELTA",
                   "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "DQ_BN",
-                  "S_AHEAD")
+                  "S_AHEAD", "T_STATS")
 
 
 def gluon_bwd_settings(g, d: int) -> dict:
@@ -954,6 +954,11 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError(f"cfg GLUON_BWD: S_AHEAD (each step's scores issued a step ahead) needs ROWS 2, no "
                              f"FUSED_DQ and num_stages >= 2 (the next Q tile lands while a step runs), got {g}")
         out["S_AHEAD"] = True
+    if g.get("T_STATS"):  # (thirty-fourth session) the transposed form's lse / delta rows by TMA with Q / dO
+        if out.get("ROWS") or out["FUSED_DQ"] or out["ACC_INIT"]:
+            raise ValueError(f"cfg GLUON_BWD: T_STATS (lse / delta through shared memory) is for the transposed form "
+                             f"alone: no ROWS, FUSED_DQ or ACC_INIT, got {g}")
+        out["T_STATS"] = True
     for only_dq, what in (("SEP_DELTA", "delta by its own kernel before the Gluon dq kernel"),
                           ("TRITON_DKDV", "the Gluon dq kernel with the Triton dk / dv kernel"),
                           ("DQ_PERSIST", "the Gluon dq kernel's persistent form")):
@@ -1054,12 +1059,20 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
                               gl.NVMMASharedLayout.get_default_for([64, d // 2], gl.float32))
     else:  # (unused: a stand-in of the same kind)
         dqd = qd
+    if g.get("T_STATS"):  # lse in log2 units (+inf where a row sees nothing: p = 0) and delta, as (rows / 64, 64)
+        # float32 views whose 64-float rows the producer loads with each step's Q / dO tiles
+        lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E).contiguous()
+        stat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        ld, dd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [1, 64], stat)
+                  for x2 in (t.view(-1, 64) for t in (lse2, delta)))
+    else:
+        ld = dd = qd
     launch = lambda: gmod.gluon_attn_bwd_dkdv[(items.shape[0], b * hkv)](  # noqa: E731
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
         ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0), AHEAD=g.get("S_AHEAD", False),
-        num_warps=4, maxnreg=168)
+        ld=ld, dd=dd, TSTATS=g.get("T_STATS", False), num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
     global GLUON_BWD_LAUNCHES
