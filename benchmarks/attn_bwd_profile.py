@@ -151,6 +151,7 @@ def main():
             configs += (("dkdv ahead", dict(base, GLUON_BWD=dict(gb, S_AHEAD=True))),
                         # T_STATS: the transposed form with lse / delta by TMA; the transposed form without (control)
                         ("dkdv t stats", dict(base, GLUON_BWD=dict(trans, T_STATS=True))),
+                        ("dkdv t stats ahead", dict(base, GLUON_BWD=dict(trans, T_STATS=True, S_AHEAD=True))),
                         ("dkdv t (control)", dict(base, GLUON_BWD=trans)),
                         ("dkdv ahead + dq bn128", dict(base, GLUON_BWD=dict(nopipe, S_AHEAD=True, DQ_BN=128, DQ_QBUF=1,
                                                                             DQ_STAGES=2))))

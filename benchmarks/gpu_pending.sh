@@ -137,19 +137,20 @@
 #                its section; commit d5b09a7 has both)
 #   (qreg        issue 3, thirty-third session: run in it, slower on window 4096 and in the dq kernel, removed with
 #                QREG and DQ_QREG; commit 0ff9600 has both)
-#   ahead-bn128  issue 3 (thirty-fourth session, not yet run): three backward candidates for window 4096's missing 6 %.
-#                S_AHEAD: the Gluon dk / dv kernel (ROWS 2) issues each step's S = Q K_C^T behind the step before's dK
-#                and leaves it running into the step (ptxas sm_90: 474 / 459 loop instructions, 17 / 6 spill
-#                instructions against 442 / 447 and 6 / 4; no wgmma serialisation). DQ_BN 128: the persistent Gluon dq
-#                kernel on 128 keys a step (N = 128 score MMAs: 96 instead of 128 shared-memory bytes a tensor cycle;
-#                640 loop instructions per 128 keys against 2 x 390, no loop spills), one Q buffer and a ring of 2 (shared
-#                memory), so without DQ_PIPE. Their GPU tests (bf16 and the many-item tests), the backward by kernel at
-#                16K (window 4096 / 1024) against the default and the default with one Q buffer (the control
-#                for DQ_BN's), then sustained (len_scale.py --bwd, 3 rounds, window 4096 16K). T_STATS: the transposed
-#                dk / dv form (P^T and dS^T as register operands: no P / dS stores, fences or barriers in a step) with
-#                each step's lse (log2 units) and delta rows loaded by TMA with its Q / dO tiles, read from shared
-#                memory (424 / 417 loop instructions, 6 / 4 spill instructions, against ROWS 2's 442 / 447 and the
-#                transposed form's 537 / 544 with 9 / 16)
+#   bwd-cands    issue 3 (thirty-fourth session, not yet run): backward candidates for window 4096's missing 6 %,
+#                their GPU tests (bf16 and the many-item tests), then the backward by kernel at 16K (window 4096 / 1024)
+#                against the default (attn_bwd_profile.py). S_AHEAD: the Gluon dk / dv kernel issues each step's scores
+#                behind the step before's dK and leaves them running into the step (ROWS 2, ptxas sm_90: 474 / 459 loop
+#                instructions, 17 / 6 spill instructions against 442 / 447 and 6 / 4; no wgmma serialisation).
+#                T_STATS: the transposed dk / dv form (P^T and dS^T as register operands: no P / dS stores, fences
+#                or barriers inside a step) with each step's lse (log2 units) and delta rows loaded by TMA with its
+#                Q / dO tiles and read from shared memory (424 / 417 loop instructions, 6 / 4 spill, against the
+#                transposed form's 537 / 544 with 9 / 16); with S_AHEAD 437 / 441, 2 / 7. DQ_BN 128: the persistent
+#                Gluon dq kernel on 128 keys a step (N = 128 score MMAs: 96 instead of 128 shared-memory bytes a
+#                tensor cycle; 640 loop instructions per 128 keys against 2 x 390, no loop spills), one Q buffer and
+#                a ring of 2 (shared memory), so without DQ_PIPE; "dq q1 (control)" is the default with one Q buffer
+#   bwd-cands-sustained  issue 3 (thirty-fourth session, not yet run): the candidates above against the default under
+#                a sustained load (len_scale.py --bwd, 3 rounds, window 4096 at 16K), where the 1.3x is decided
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -221,9 +222,9 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-fourth session (2026-12-07): ahead-bn128, then mem-ncu (both prepared, not yet run: no device
-# came for them; about 530 s and 350 s)
-SECTIONS=${*:-ahead-bn128 mem-ncu}
+# after the thirty-fourth session (2026-12-07): bwd-cands, then bwd-cands-sustained and mem-ncu (prepared, not yet
+# run: no device came for them; about 440 s, 300 s and 350 s: one device call each)
+SECTIONS=${*:-bwd-cands}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -388,15 +389,15 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
-    ahead-bn128) timeout ${GLUON_TEST_S:-220} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-                   tests/backends/test_gluon_bwd.py -k "(bn128 or ahead or tstats) and (dtype0 or walks)" \
-                   > "$OUT/ahead_bn128_tests.txt" 2>&1
-                 tail -3 "$OUT/ahead_bn128_tests.txt"
-                 timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,sw1024 \
-                   --configs "default,bn128,q1 (control),ahead,dkdv t" > "$OUT/ahead_bn128_profile.txt" 2>&1
-                 timeout ${SUSTAIN_S:-180} python3 benchmarks/len_scale.py --bwd --patterns sw4096 --shapes 1x16384 \
-                   --configs "default,wide ahead,wide tstats,wide bn128" --rounds 3 \
-                   > "$OUT/ahead_bn128_sustained.txt" 2>&1 ;;
+    bwd-cands) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                 tests/backends/test_gluon_bwd.py -k "(bn128 or ahead or tstats) and (dtype0 or walks)" \
+                 > "$OUT/bwd_cands_tests.txt" 2>&1
+               tail -3 "$OUT/bwd_cands_tests.txt"
+               timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,sw1024 \
+                 --configs "default,bn128,q1 (control),ahead,dkdv t" > "$OUT/bwd_cands_profile.txt" 2>&1 ;;
+    bwd-cands-sustained) timeout ${SUSTAIN_S:-300} python3 benchmarks/len_scale.py --bwd --patterns sw4096 \
+                 --shapes 1x16384 --configs "default,wide ahead,wide tstats,wide tstats ahead,wide bn128" --rounds 3 \
+                 > "$OUT/bwd_cands_sustained.txt" 2>&1 ;;
     mem-ncu) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
              S="$S --section ComputeWorkloadAnalysis --section WarpStateStats"
              timeout ${NCU_S:-200} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \

@@ -60,6 +60,8 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                # (thirty-fourth session) T_STATS: the transposed dk / dv form, lse / delta by TMA with Q / dO
                "wide tstats": dict(GLUON_BWD=dict(num_stages=3, T_STATS=True, GLUON_DQ=True, DQ_STAGES=3,
                                                   DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
+               "wide tstats ahead": dict(GLUON_BWD=dict(num_stages=3, T_STATS=True, S_AHEAD=True, GLUON_DQ=True,
+                                                        DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
                "wide ahead bn128": dict(GLUON_BWD=dict(ROWS=2, num_stages=3, S_AHEAD=True, GLUON_DQ=True, DQ_STAGES=2,
                                                        DQ_PERSIST=True, DQ_QBUF=1, DQ_BN=128, DQ_PREF=True))}
 

@@ -75,7 +75,9 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(ROWS=2, S_AHEAD=True)), (64, dict(ROWS=2, S_AHEAD=True)),
                                      (128, dict(T_STATS=True)), (64, dict(T_STATS=True, num_stages=3)),
                                      (128, dict(T_STATS=True, num_stages=3, GLUON_DQ=True, DQ_STAGES=3,
-                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True))],
+                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
+                                     (128, dict(T_STATS=True, S_AHEAD=True, num_stages=3)),
+                                     (64, dict(T_STATS=True, S_AHEAD=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
@@ -83,7 +85,8 @@ def _bwd_cfg(d, **extra):
                               "d128-rows2-gdqp-pipe", "d64-gdqp-pipe-tkv", "d128-gdqp-pref-tkv",
                               "d128-rows2-gdqp-pipe-pref", "d128-rows2-gdqp-bn128-pref", "d128-gdq-bn128-tkv",
                               "d64-gdqp-pipe-bn128-tkv", "d128-rows2-s3-ahead-gdqp", "d128-rows2-ahead",
-                              "d64-rows2-ahead", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp"])
+                              "d64-rows2-ahead", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp",
+                              "d128-tstats-ahead-s3", "d64-tstats-ahead"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -199,8 +202,9 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     ops.gluon_bwd_settings(dict(num_stages=3), 256)  # (D = 256 runs the Triton kernel: no limit to check)
     # S_AHEAD: ROWS 2 only, not fused, a ring of at least 2
     assert ops.gluon_bwd_settings(dict(ROWS=2, S_AHEAD=True), 128) == dict(base, ROWS=2, S_AHEAD=True)
-    for bad in (dict(S_AHEAD=True), dict(ROWS=1, S_AHEAD=True), dict(ROWS=2, FUSED_DQ=True, S_AHEAD=True),
-                dict(ROWS=2, num_stages=1, S_AHEAD=True)):
+    assert ops.gluon_bwd_settings(dict(S_AHEAD=True, T_STATS=True), 128) == dict(base, S_AHEAD=True, T_STATS=True)
+    for bad in (dict(ROWS=1, S_AHEAD=True), dict(ROWS=2, FUSED_DQ=True, S_AHEAD=True), dict(ACC_INIT=True, S_AHEAD=True),
+                dict(ROWS=2, num_stages=1, S_AHEAD=True), dict(num_stages=1, S_AHEAD=True)):
         with pytest.raises(ValueError, match="S_AHEAD .* needs ROWS 2"):
             ops.gluon_bwd_settings(bad, 128)
     # T_STATS: the transposed form only

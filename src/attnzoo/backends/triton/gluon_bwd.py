@@ -183,7 +183,7 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                        HALF, ACC_INIT, FUSED_DQ, lse_smem, del_smem, TSTATS)
+                        HALF, ACC_INIT, FUSED_DQ, lse_smem, del_smem, TSTATS, AHEAD)
 
 
 @gluon.jit
@@ -192,12 +192,14 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                     pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
                     D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                     ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, lse_smem=None, del_smem=None,
-                    TSTATS: gl.constexpr = False):
+                    TSTATS: gl.constexpr = False, AHEAD: gl.constexpr = False):
     # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
     # TSTATS (cfg GLUON_BWD T_STATS; thirty-fourth session, not yet run): each step's lse (already in log2 units,
     # +inf on rows that see nothing) and delta come with its Q / dO tiles, by TMA into the ring slot, and are read from
     # shared memory in the columns' layout -- not 16 + 16 global loads a thread with their addresses, the lse's
     # scaling and -inf test every step (ptxas sm_90: the loop's 544 instructions, 16 spill instructions, before)
+    # AHEAD (cfg GLUON_BWD S_AHEAD without ROWS; thirty-fourth session, not yet run): as in the rows form, the next
+    # step's S^T issued right behind this step's dK and left running into the next step
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_M)
     a_layout: gl.constexpr = _wg_layout(D)
@@ -213,6 +215,10 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
     kc = k_smem.index(C)
     vc = v_smem.index(C)
     mbarrier.wait(kvbar, 0)
+    if AHEAD:  # the item's first scores (carried from step to step, as in the rows form)
+        mbarrier.wait(ready.index(0), 0)
+        sa = warpgroup_mma(kc, q_smem.index(0).permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32,
+                                                                          layout=s_layout), use_acc=False, is_async=True)
     it = 0
     for g in range(0, G):
         h = hk * G + g
@@ -232,14 +238,20 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                 lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
                 s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout)  # (made here: not live across steps)
             slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
-            s = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
-            if TSTATS:  # (read while the scores' MMA runs)
-                lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
-                delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            if AHEAD:  # (issued a step ahead, after the wait for its slot's ready barrier)
+                if TSTATS:
+                    lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
+                    delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
+            else:
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                s = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
+                if TSTATS:  # (read while the scores' MMA runs)
+                    lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
+                    delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             if ACC_INIT:
                 p = gl.exp2(s * qk_scale)
             else:
@@ -270,11 +282,21 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                 dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout)
-            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+            if AHEAD:  # the next step's scores behind dK, running into the next step
+                nslot = (it + 1) % STAGES
+                mbarrier.wait(ready.index(nslot), ((it + 1) // STAGES) & 1)
+                sa = warpgroup_mma(kc, q_smem.index(nslot).permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32,
+                                                                                      layout=s_layout),
+                                   use_acc=False, is_async=True)
+                dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk, ))
+            else:
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
             mbarrier.arrive(empty.index(slot), count=1)
             it += 1
     if FUSED_DQ:
         tma.store_wait(0)
+    if AHEAD:  # (the extra tile's scores, unused)
+        sa = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
     _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
 
 

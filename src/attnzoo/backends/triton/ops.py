@@ -950,9 +950,10 @@ def gluon_bwd_settings(g, d: int) -> dict:
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
     if g.get("S_AHEAD"):  # (thirty-fourth session) the next step's scores issued behind dK, left running
-        if out.get("ROWS") != 2 or out["FUSED_DQ"] or out["num_stages"] < 2:
-            raise ValueError(f"cfg GLUON_BWD: S_AHEAD (each step's scores issued a step ahead) needs ROWS 2, no "
-                             f"FUSED_DQ and num_stages >= 2 (the next Q tile lands while a step runs), got {g}")
+        if out.get("ROWS", 2) != 2 or out["FUSED_DQ"] or out["ACC_INIT"] or out["num_stages"] < 2:
+            raise ValueError(f"cfg GLUON_BWD: S_AHEAD (each step's scores issued a step ahead) needs ROWS 2 or the "
+                             f"transposed form, no FUSED_DQ or ACC_INIT, and num_stages >= 2 (the next Q tile lands "
+                             f"while a step runs), got {g}")
         out["S_AHEAD"] = True
     if g.get("T_STATS"):  # (thirty-fourth session) the transposed form's lse / delta rows by TMA with Q / dO
         if out.get("ROWS") or out["FUSED_DQ"] or out["ACC_INIT"]:
