@@ -53,6 +53,15 @@ PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop fla
 loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
 4096, dk / dv kernel 6864 -> 9390 / 7275 µs; BENCHMARKS.md, round 22).
 
+S_AHEAD and T_STATS (thirty-fourth session; compiled for sm_90, not yet run on a GPU: no device came that session).
+S_AHEAD (ROWS 2 or the transposed form): each step's scores are issued right behind the step before's dK and left
+running into the step (the producer loads one Q tile more, whose scores nobody uses), so the tensor cores take them
+straight after dK instead of after the warpgroup's wait, arrive and loop overhead. T_STATS (the transposed form):
+each step's lse (in log2 units, +inf where a row sees nothing) and delta rows come by TMA with its Q / dO tiles and are
+read from shared memory in the columns' layout, instead of 16 + 16 global loads a thread; with it the transposed form,
+which has no P / dS stores, fences or barriers inside a step, has a shorter loop than ROWS 2 (424 / 417 instructions
+against 442 / 447, ptxas sm_90, window 4096).
+
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
 """

@@ -682,9 +682,9 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels. ATOMIC_DQ: no dq kernel; the dk/dv
     kernel adds each tile's dS K to a float32 accumulator by atomics (not bitwise deterministic). GLUON_BWD (Hopper,
     True or a dict, checked by `gluon_bwd_settings`): the Gluon dk / dv kernel (num_stages, REGS, ACC_INIT, ROWS,
-    FUSED_DQ) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel first; DQ_PERSIST,
-    DQ_QBUF: its persistent form; TRITON_DKDV: with the Triton dk / dv kernel); each falls back to its Triton kernel
-    where it does not apply or its first launch fails."""
+    FUSED_DQ, S_AHEAD, T_STATS) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel
+    first; DQ_PERSIST, DQ_QBUF, DQ_PIPE, DQ_PREF: its persistent form; DQ_BN: keys a step; TRITON_DKDV: with the
+    Triton dk / dv kernel); each falls back to its Triton kernel where it does not apply or its first launch fails."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
