@@ -390,8 +390,8 @@ for s in $SECTIONS; do
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
     bwd-cands) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-                 tests/backends/test_gluon_bwd.py -k "(bn128 or ahead or tstats) and (dtype0 or walks)" \
-                 > "$OUT/bwd_cands_tests.txt" 2>&1
+                 tests/backends/test_gluon_bwd.py -k "(bn128 or ahead or tstats) and (walks or (dtype0 and (causal \
+                 or sinks or chunked)))" > "$OUT/bwd_cands_tests.txt" 2>&1
                tail -3 "$OUT/bwd_cands_tests.txt"
                timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,sw1024 \
                  --configs "default,bn128,q1 (control),ahead,dkdv t" > "$OUT/bwd_cands_profile.txt" 2>&1 ;;
