@@ -238,29 +238,25 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                 m0 = _bwd_qblk(j, nf, frow, prow, n) * BLOCK_M
             else:
                 m0, lse, delta = _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, cols, LSE, DELTA, BLOCK_M)
-            if TSTATS:
-                s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout)
-            elif ACC_INIT:  # S^T starts from -lse in score units (lse / scale): no lse vector live through the MMA
+            if ACC_INIT:  # S^T starts from -lse in score units (lse / scale): no lse vector live through the MMA
                 s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout) + \
                     gl.expand_dims(gl.where(lse == float("-inf"), float("-inf"), -lse * lse_units), 0)
             else:
-                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
+                if not TSTATS:
+                    lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # empty rows: p = 0
                 s = gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_layout)  # (made here: not live across steps)
             slot = it % STAGES
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
             if AHEAD:  # (issued a step ahead, after the wait for its slot's ready barrier)
-                if TSTATS:
-                    lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
-                    delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
+                sa_now = sa
             else:
                 mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                s = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
-                if TSTATS:  # (read while the scores' MMA runs)
-                    lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
-                    delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                sa_now = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
+            if TSTATS:  # (read while the scores' MMA runs)
+                lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
+                delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(sa_now, ))
             if ACC_INIT:
                 p = gl.exp2(s * qk_scale)
             else:

@@ -41,7 +41,7 @@ PRELUDE = '''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, fence_async_shared, warpgroup_mma, \\
-    warpgroup_mma_wait, warpgroup_mma_init
+    warpgroup_mma_wait
 
 
 @gluon.jit
