@@ -212,6 +212,9 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     for bad in (dict(ROWS=2, T_STATS=True), dict(FUSED_DQ=True, T_STATS=True), dict(ACC_INIT=True, T_STATS=True)):
         with pytest.raises(ValueError, match="T_STATS .* transposed form"):
             ops.gluon_bwd_settings(bad, 128)
+    for name in ("S_AHEAD", "T_STATS"):  # (both act on the Gluon dk / dv kernel)
+        with pytest.raises(ValueError, match=f"{name} changes the Gluon dk / dv kernel"):
+            ops.gluon_bwd_settings({name: True, "GLUON_DQ": True, "TRITON_DKDV": True}, 128)
     # the Gluon dq kernel: its ring checked, not with FUSED_DQ
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)

@@ -992,6 +992,10 @@ def gluon_bwd_settings(g, d: int) -> dict:
                              "DQ_BN 64)")
         if g.get("DQ_PERSIST"):  # one program per SM walking the items, DQ_QBUF Q / dO buffers of both heads
             out.update(DQ_PERSIST=True, DQ_QBUF=qbuf)
+    for dkdv_only in ("S_AHEAD", "T_STATS"):
+        if out.get(dkdv_only) and out.get("TRITON_DKDV"):
+            raise ValueError(f"cfg GLUON_BWD: {dkdv_only} changes the Gluon dk / dv kernel, which TRITON_DKDV "
+                             "replaces by the Triton one")
     if g.get("DQ_BN") and "GLUON_DQ" not in out:
         raise ValueError("cfg GLUON_BWD: DQ_BN (the Gluon dq kernel's keys a step) needs GLUON_DQ")
     if g.get("DQ_QBUF") and "DQ_PERSIST" not in out:
