@@ -134,10 +134,9 @@ def main():
                    ("gluon dqp s3 pref + rows2 s3", dict(base, GLUON_BWD=dict(ROWS=2, num_stages=3, GLUON_DQ=True,
                                                                               DQ_STAGES=3, DQ_PERSIST=True,
                                                                               DQ_PREF=True))))
-        gb = best.get("GLUON_BWD")
-        nopipe = {key: val for key, val in gb.items() if key not in ("DQ_PIPE", "DQ_STAGES", "DQ_QBUF")} \
-            if isinstance(gb, dict) else {}
-        if isinstance(gb, dict) and gb.get("GLUON_DQ"):  # (thirty-fourth session, not yet run) DQ_BN 128: the dq
+        gb = best.get("GLUON_BWD") if isinstance(best.get("GLUON_BWD"), dict) else {}
+        nopipe = {key: val for key, val in gb.items() if key not in ("DQ_PIPE", "DQ_STAGES", "DQ_QBUF")}
+        if gb.get("GLUON_DQ"):  # (thirty-fourth session, not yet run) DQ_BN 128: the dq
             # kernel on 128 keys a step (N = 128 score MMAs), the default's dk / dv kernel; one Q buffer, a ring of 2
             # at D = 128, so no DQ_PIPE -- and the default with one Q buffer, the control for that
             configs += (("dq bn128 q1 pref", dict(base, GLUON_BWD=dict(nopipe, DQ_BN=128, DQ_QBUF=1, DQ_STAGES=2))),
@@ -145,7 +144,7 @@ def main():
                                                                        if key not in ("DQ_PERSIST", "DQ_PREF")},
                                                                     "DQ_BN": 128, "DQ_STAGES": 2})),
                         ("dq q1 (control)", dict(base, GLUON_BWD=dict(gb, DQ_QBUF=1))))
-        if isinstance(gb, dict) and gb.get("ROWS") == 2:  # (thirty-fourth session, not yet run) S_AHEAD: the dk / dv
+        if gb.get("ROWS") == 2:  # (thirty-fourth session, not yet run) S_AHEAD: the dk / dv
             # kernel issues each step's scores behind the step before's dK; alone and with DQ_BN 128
             trans = {key: val for key, val in gb.items() if key != "ROWS"}  # (the transposed form, same dq kernel)
             configs += (("dkdv ahead", dict(base, GLUON_BWD=dict(gb, S_AHEAD=True))),

@@ -96,7 +96,7 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
                maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False, qbuf: int = 0,
                pipe: bool = False, pref: bool = False, bn: int = 64):
-    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program;
+    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, ``bn``-key steps, two heads a program;
     ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient;
     ``qbuf`` > 0: the persistent form (`gluon_attn_bwd_dqp`) with that many Q / dO buffers, ``pipe``: its DQ_PIPE
     (each step's dq MMA left running into the next step)."""
@@ -197,7 +197,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, nargs="?", const=1, default=0,
                     help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
     ap.add_argument("--ahead", action="store_true",
-                    help="with --bwd --rows 2: S_AHEAD (the next step's scores issued behind dK, left running)")
+                    help="with --bwd (--rows 2 or the transposed form): S_AHEAD (the next step's scores issued "
+                         "behind dK, left running)")
     ap.add_argument("--tstats", action="store_true",
                     help="with --bwd (transposed form): T_STATS (lse / delta rows by TMA with the Q / dO tiles)")
     a = ap.parse_args(argv)
