@@ -135,25 +135,12 @@ def main():
                                                                               DQ_STAGES=3, DQ_PERSIST=True,
                                                                               DQ_PREF=True))))
         gb = best.get("GLUON_BWD") if isinstance(best.get("GLUON_BWD"), dict) else {}
-        nopipe = {key: val for key, val in gb.items() if key not in ("DQ_PIPE", "DQ_STAGES", "DQ_QBUF")}
-        if gb.get("GLUON_DQ"):  # (thirty-fourth session, not yet run) DQ_BN 128: the dq
-            # kernel on 128 keys a step (N = 128 score MMAs), the default's dk / dv kernel; one Q buffer, a ring of 2
-            # at D = 128, so no DQ_PIPE -- and the default with one Q buffer, the control for that
-            configs += (("dq bn128 q1 pref", dict(base, GLUON_BWD=dict(nopipe, DQ_BN=128, DQ_QBUF=1, DQ_STAGES=2))),
-                        ("dq bn128 one-item", dict(base, GLUON_BWD={**{key: val for key, val in nopipe.items()
-                                                                       if key not in ("DQ_PERSIST", "DQ_PREF")},
-                                                                    "DQ_BN": 128, "DQ_STAGES": 2})),
-                        ("dq q1 (control)", dict(base, GLUON_BWD=dict(gb, DQ_QBUF=1))))
-        if gb.get("ROWS") == 2:  # (thirty-fourth session, not yet run) S_AHEAD: the dk / dv
-            # kernel issues each step's scores behind the step before's dK; alone and with DQ_BN 128
-            trans = {key: val for key, val in gb.items() if key != "ROWS"}  # (the transposed form, same dq kernel)
-            configs += (("dkdv ahead", dict(base, GLUON_BWD=dict(gb, S_AHEAD=True))),
-                        # T_STATS: the transposed form with lse / delta by TMA; the transposed form without (control)
-                        ("dkdv t stats", dict(base, GLUON_BWD=dict(trans, T_STATS=True))),
-                        ("dkdv t stats ahead", dict(base, GLUON_BWD=dict(trans, T_STATS=True, S_AHEAD=True))),
-                        ("dkdv t (control)", dict(base, GLUON_BWD=trans)),
-                        ("dkdv ahead + dq bn128", dict(base, GLUON_BWD=dict(nopipe, S_AHEAD=True, DQ_BN=128, DQ_QBUF=1,
-                                                                            DQ_STAGES=2))))
+        if gb.get("T_STATS"):  # (thirty-fifth session) the default's ring of Q / dO tiles: 2 and 4 slots instead of 3,
+            # and the default before it (ROWS 2: the query rows as rows, P and dS through shared memory)
+            configs += (("t stats s2", dict(base, GLUON_BWD=dict(gb, num_stages=2))),
+                        ("t stats s4", dict(base, GLUON_BWD=dict(gb, num_stages=4))),
+                        ("rows2 (before)", dict(base, GLUON_BWD={**{key: val for key, val in gb.items()
+                                                                   if key != "T_STATS"}, "ROWS": 2})))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -398,6 +398,19 @@ for s in $SECTIONS; do
     bwd-cands-sustained) timeout ${SUSTAIN_S:-300} python3 benchmarks/len_scale.py --bwd --patterns sw4096 \
                  --shapes 1x16384 --configs "default,wide ahead,wide tstats,wide tstats ahead,wide bn128" --rounds 3 \
                  > "$OUT/bwd_cands_sustained.txt" 2>&1 ;;
+    tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
+                 --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
+               timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \
+                 --lengths 16384 --direction both --backend triton --backend flex --backend sdpa-cudnn --pattern sw4096 \
+                 --pattern sw1024 --max-time-s 1.0 > "$OUT/windows_log.txt" 2>&1 ;;
+    tstats-default) timeout ${CHECK_S:-200} python3 benchmarks/triton_bwd_check.py --out "$OUT" --lengths "" \
+                 > "$OUT/check_log.txt" 2>&1
+               tail -14 "$OUT/check_log.txt"
+               timeout ${PROFILE_S:-100} python3 benchmarks/attn_bwd_profile.py --patterns sw4096 \
+                 --configs "default,t stats s,rows2" > "$OUT/tstats_profile.txt" 2>&1
+               timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \
+                 --lengths 16384 --direction fwd+bwd --backend triton --backend flex --pattern sw4096 --pattern sw1024 \
+                 --pattern sinks+sw1024 --pattern causal --max-time-s 1.0 > "$OUT/windows_log.txt" 2>&1 ;;
     mem-ncu) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
              S="$S --section ComputeWorkloadAnalysis --section WarpStateStats"
              timeout ${NCU_S:-200} ncu --clock-control none --kernel-name regex:"attn_bwd_dkdv|attn_bwd_dq" \

@@ -146,8 +146,14 @@ def default(kind: str, d: int, dv: int, pclass: str) -> dict:
             # 4 of 4 rounds; DQ_PIPE alone 11.24, DQ_PREF alone 11.44), window 1024 3.747 -> 3.732, sinks + window
             # 4.228 -> 4.196; by kernel (c1), dq / dk-dv time on window 4096 0.580 -> 0.529. Causal (c3, three
             # rounds): 24.68 / 25.10 / 25.42 -> 24.17 / 24.94 / 24.98
+            # Thirty-fifth session: T_STATS on every class (the transposed Gluon dk / dv form, P^T and dS^T as register
+            # operands, each step's lse (log2 units) and delta rows loaded by TMA with its Q / dO; on class local it
+            # replaces the Triton dk / dv kernel). H100, 16K (benchmarks/results/h100-2026-12-07-s35): window 4096 by
+            # kernel dk / dv 6.97 -> 5.79 ms, backward 10.78 -> 9.61; sustained (len_scale.py --bwd, medians of each
+            # round, ms) window 4096 11.00 / 11.30 / 11.35 -> 10.25 / 10.39 / 10.43, causal 24.09 / 24.79 -> 22.53 /
+            # 22.88, window 1024 3.708 / 3.778 -> 3.445 / 3.446, sinks + window 4.170 / 4.272 -> 3.857 / 3.865
             dq = dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
-            out["GLUON_BWD"] = dict(dq, TRITON_DKDV=True) if pclass == "local" else dict(dq, ROWS=2, num_stages=3)
+            out["GLUON_BWD"] = dict(dq, T_STATS=True, num_stages=3)
         return out
     if dmax <= 64:
         # H200, 16K, 64/8 heads, D=64 (benchmarks/triton_pack_variants.py --round 3 --d 64): two heads per
