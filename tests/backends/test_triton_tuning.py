@@ -72,14 +72,11 @@ def test_defaults_without_search(fresh_cache):
     assert (nbhd["BLOCK_M"], nbhd["BLOCK_N"], nbhd["PACK"]) == (32, 32, 4) and nbhd["UNPACKED"]["BLOCK_M"] == 64
     assert (nbhd["IDX"], nbhd["MERGE"]) == (1, True) and not nbhd["UNPACKED"].get("MERGE")
     assert tuning.default("bwd", 128, 128, "local")["TMA"] and "TMA" not in tuning.default("bwd", 256, 256, "local")
-    # the backward's Gluon kernels as measured (H100): both on wide windows and causal / full, the Gluon dq kernel
-    # with the Triton dk / dv kernel on class local, none on neighborhoods or other head dims; the dq kernel persistent
-    # (with DQ_PIPE and DQ_PREF, the twenty-ninth session's measurement)
-    both = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
-    assert tuning.default("bwd", 128, 128, "wide")["GLUON_BWD"] == tuning.default("bwd", 128, 128, "dense")[
-        "GLUON_BWD"] == both
-    assert tuning.default("bwd", 128, 128, "local")["GLUON_BWD"] == dict(GLUON_DQ=True, DQ_STAGES=3, TRITON_DKDV=True,
-                                                                          DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
+    # the backward's Gluon kernels as measured (H100): both on every class of D = Dv = 128 but the neighborhoods, the
+    # dk / dv kernel's transposed form with lse / delta by TMA (T_STATS, thirty-fifth session), the dq kernel
+    # persistent (with DQ_PIPE and DQ_PREF, the twenty-ninth session's measurement); none on other head dims
+    both = dict(T_STATS=True, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
+    assert all(tuning.default("bwd", 128, 128, c)["GLUON_BWD"] == both for c in ("wide", "dense", "local"))
     assert all("GLUON_BWD" not in tuning.default("bwd", d, d, c) for d, c in ((128, "nbhd"), (64, "local"),
                                                                                (256, "dense")))
     # float32 calls keep the pointer loads (TMA was measured on 16-bit inputs)
