@@ -132,7 +132,7 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
 
 
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
-                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0, ahead: bool = False,
+                maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0,
                 tstats: bool = False):
     """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
     ``fused``: FUSED_DQ (dq by TMA reduce-adds into a float32 accumulator, through its descriptor dqd); ``rows``: ROWS
@@ -149,9 +149,9 @@ def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq:
                lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32", H="i32", HKV="i32", G="i32", Lq="i32", Lk="i32",
                OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr", STAGES="constexpr", BLOCK_M="constexpr",
                HALF="constexpr", CONSUMER_REGS="constexpr", ACC_INIT="constexpr", FUSED_DQ="constexpr",
-               ROWS="constexpr", AHEAD="constexpr")
+               ROWS="constexpr")
     consts = dict(D=d, STAGES=stages, BLOCK_M=64, HALF=64, CONSUMER_REGS=regs, ACC_INIT=acc_init, FUSED_DQ=fused,
-                  ROWS=rows, AHEAD=ahead)
+                  ROWS=rows)
     # (T_STATS: lse / delta rows by TMA, (rows / 64, 64) float32 views; else stand-ins)
     sdesc = f"tensordesc<fp32[1, 64],{gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)!r}>"
     sig.update(ld=sdesc if tstats else desc, dd=sdesc if tstats else desc, TSTATS="constexpr")
@@ -196,9 +196,6 @@ def main(argv=None):
     ap.add_argument("--fused", action="store_true", help="with --bwd: FUSED_DQ (dq by TMA reduce-adds)")
     ap.add_argument("--rows", type=int, nargs="?", const=1, default=0,
                     help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
-    ap.add_argument("--ahead", action="store_true",
-                    help="with --bwd (--rows 2 or the transposed form): S_AHEAD (the next step's scores issued "
-                         "behind dK, left running)")
     ap.add_argument("--tstats", action="store_true",
                     help="with --bwd (transposed form): T_STATS (lse / delta rows by TMA with the Q / dO tiles)")
     a = ap.parse_args(argv)
@@ -218,7 +215,7 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
-                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows, ahead=a.ahead,
+                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows,
                                        tstats=a.tstats)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")

@@ -137,20 +137,15 @@
 #                its section; commit d5b09a7 has both)
 #   (qreg        issue 3, thirty-third session: run in it, slower on window 4096 and in the dq kernel, removed with
 #                QREG and DQ_QREG; commit 0ff9600 has both)
-#   bwd-cands    issue 3 (thirty-fourth session, not yet run): backward candidates for window 4096's missing 6 %,
-#                their GPU tests (bf16 and the many-item tests), then the backward by kernel at 16K (window 4096 / 1024)
-#                against the default (attn_bwd_profile.py). S_AHEAD: the Gluon dk / dv kernel issues each step's scores
-#                behind the step before's dK and leaves them running into the step (ROWS 2, ptxas sm_90: 474 / 459 loop
-#                instructions, 17 / 6 spill instructions against 442 / 447 and 6 / 4; no wgmma serialisation).
-#                T_STATS: the transposed dk / dv form (P^T and dS^T as register operands: no P / dS stores, fences
-#                or barriers inside a step) with each step's lse (log2 units) and delta rows loaded by TMA with its
-#                Q / dO tiles and read from shared memory (424 / 417 loop instructions, 6 / 4 spill, against the
-#                transposed form's 537 / 544 with 9 / 16); with S_AHEAD 437 / 441, 2 / 7. DQ_BN 128: the persistent
-#                Gluon dq kernel on 128 keys a step (N = 128 score MMAs: 96 instead of 128 shared-memory bytes a
-#                tensor cycle; 640 loop instructions per 128 keys against 2 x 390, no loop spills), one Q buffer and
-#                a ring of 2 (shared memory), so without DQ_PIPE; "dq q1 (control)" is the default with one Q buffer
-#   bwd-cands-sustained  issue 3 (thirty-fourth session, not yet run): the candidates above against the default under
-#                a sustained load (len_scale.py --bwd, 3 rounds, window 4096 at 16K), where the 1.3x is decided
+#   (bwd-cands, bwd-cands-sustained  issue 3, thirty-fourth session's backward candidates: run in the thirty-fifth
+#                (benchmarks/results/h100-2026-12-07-s35/c1, c2). T_STATS won (window 4096 dk / dv 6.97 -> 5.79 ms,
+#                sustained backward 11.0-11.35 -> 10.25-10.43 ms) and is the default on every class; S_AHEAD and
+#                DQ_BN 128 lost and were removed with their sections; commit caacfda has them)
+#   tstats-classes issue 3 (thirty-fifth session, run in it, c3): the sustained backward with T_STATS on causal, window
+#                1024 and sinks + window against the defaults of then and "wide pp", then attnzoo bench at 16K
+#   tstats-default issue 3 (thirty-fifth session, run in it, c4): triton_bwd_check.py's correctness cases at real sizes
+#                with T_STATS the default everywhere, the backward by kernel on window 4096 (T_STATS with a ring of 2 /
+#                3 / 4, ROWS 2 as before), attnzoo bench fwd+bwd at 16K (windows, sinks + window, causal)
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -222,9 +217,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-fourth session (2026-12-07): bwd-cands, then bwd-cands-sustained and mem-ncu (prepared, not yet
-# run: no device came for them; about 440 s, 300 s and 350 s: one device call each)
-SECTIONS=${*:-bwd-cands}
+# after the thirty-fifth session (2026-12-07): mem-ncu on the new backward default (T_STATS), about 350 s
+SECTIONS=${*:-mem-ncu}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -389,15 +383,6 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
-    bwd-cands) timeout ${GLUON_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-                 tests/backends/test_gluon_bwd.py -k "(bn128 or ahead or tstats) and (walks or (dtype0 and (causal \
-                 or sinks or chunked)))" > "$OUT/bwd_cands_tests.txt" 2>&1
-               tail -3 "$OUT/bwd_cands_tests.txt"
-               timeout ${PROFILE_S:-200} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,sw1024 \
-                 --configs "default,bn128,q1 (control),ahead,dkdv t" > "$OUT/bwd_cands_profile.txt" 2>&1 ;;
-    bwd-cands-sustained) timeout ${SUSTAIN_S:-300} python3 benchmarks/len_scale.py --bwd --patterns sw4096 \
-                 --shapes 1x16384 --configs "default,wide ahead,wide tstats,wide tstats ahead,wide bn128" --rounds 3 \
-                 > "$OUT/bwd_cands_sustained.txt" 2>&1 ;;
     tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
                  --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
                timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

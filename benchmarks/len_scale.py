@@ -25,11 +25,10 @@ PATTERNS = {"sw1024": az.SlidingWindow(1023), "sw4096": az.SlidingWindow(4095),
             "sinks+sw1024": az.SlidingWindow(1023) | az.Sinks(4), "causal": az.Causal()}
 
 
-# the wide / dense classes' backward default since the twenty-ninth session ("wide pp"), its transposed dk / dv form,
-# and its dq kernel on 128 keys a step (DQ_BN 128: one Q buffer, a ring of 2, so no DQ_PIPE)
+# the wide / dense classes' backward default from the twenty-ninth to the thirty-fifth session ("wide pp"), and its
+# transposed dk / dv form
 _WIDE_PP = dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)
 _WIDE_T = {key: val for key, val in _WIDE_PP.items() if key != "ROWS"}
-_WIDE_BN128 = dict({key: val for key, val in _WIDE_PP.items() if key != "DQ_PIPE"}, DQ_STAGES=2, DQ_QBUF=1, DQ_BN=128)
 
 # backward configs by name (--configs): GLUON_BWD / ATOMIC_DQ on the Triton kernels' tiles of the default
 BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=True),
@@ -54,15 +53,9 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                "wide pp": dict(GLUON_BWD=_WIDE_PP),
                "local pp": dict(GLUON_BWD=dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, TRITON_DKDV=True,
                                                DQ_PIPE=True, DQ_PREF=True)),
-               # (thirty-fourth session) DQ_BN 128: the persistent dq kernel on 128 keys a step, one Q buffer, a ring
-               # of 2, no DQ_PIPE (shared memory), under the wide default's dk / dv kernel
-               "wide bn128": dict(GLUON_BWD=dict(_WIDE_BN128)),
-               # (thirty-fourth session) S_AHEAD: the wide default's dk / dv kernel issuing each step's scores behind
-               # the step before's dK; T_STATS: the transposed dk / dv form, lse / delta by TMA with Q / dO
-               "wide ahead": dict(GLUON_BWD=dict(_WIDE_PP, S_AHEAD=True)),
-               "wide tstats": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True)),
-               "wide tstats ahead": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True, S_AHEAD=True)),
-               "wide ahead bn128": dict(GLUON_BWD=dict(_WIDE_BN128, S_AHEAD=True))}
+               # (thirty-fourth session) T_STATS: the transposed dk / dv form, lse / delta by TMA with Q / dO (the
+               # default on every class since the thirty-fifth; S_AHEAD and DQ_BN 128, measured with it, removed)
+               "wide tstats": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True))}
 
 
 # forward configs by name (--configs without --bwd): changes to the default's Gluon config (GLUON_CFG)

@@ -65,28 +65,15 @@ def _bwd_cfg(d, **extra):
                                                 TRITON_DKDV=True)),
                                      (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True,
                                                 DQ_PIPE=True, DQ_PREF=True)),
-                                     (128, dict(ROWS=2, num_stages=3, GLUON_DQ=True, DQ_PERSIST=True, DQ_QBUF=1,
-                                                DQ_BN=128, DQ_PREF=True)),
-                                     (128, dict(GLUON_DQ=True, DQ_BN=128, TRITON_DKDV=True)),
-                                     (64, dict(GLUON_DQ=True, DQ_STAGES=3, DQ_PERSIST=True, DQ_PIPE=True, DQ_BN=128,
-                                               TRITON_DKDV=True)),
-                                     (128, dict(ROWS=2, num_stages=3, S_AHEAD=True, GLUON_DQ=True, DQ_STAGES=3,
-                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
-                                     (128, dict(ROWS=2, S_AHEAD=True)), (64, dict(ROWS=2, S_AHEAD=True)),
                                      (128, dict(T_STATS=True)), (64, dict(T_STATS=True, num_stages=3)),
                                      (128, dict(T_STATS=True, num_stages=3, GLUON_DQ=True, DQ_STAGES=3,
-                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
-                                     (128, dict(T_STATS=True, S_AHEAD=True, num_stages=3)),
-                                     (64, dict(T_STATS=True, S_AHEAD=True))],
+                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
                               "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
                               "d128-rows2-gdqp-pipe", "d64-gdqp-pipe-tkv", "d128-gdqp-pref-tkv",
-                              "d128-rows2-gdqp-pipe-pref", "d128-rows2-gdqp-bn128-pref", "d128-gdq-bn128-tkv",
-                              "d64-gdqp-pipe-bn128-tkv", "d128-rows2-s3-ahead-gdqp", "d128-rows2-ahead",
-                              "d64-rows2-ahead", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp",
-                              "d128-tstats-ahead-s3", "d64-tstats-ahead"])
+                              "d128-rows2-gdqp-pipe-pref", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -137,13 +124,9 @@ def test_gluon_dq_with_lse_gradient(name, sep):
                                    dict(DQ_QBUF=1, DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True),
                                    dict(DQ_STAGES=3, TRITON_DKDV=True, DQ_PREF=True),
                                    dict(DQ_QBUF=1, DQ_STAGES=3, TRITON_DKDV=True, DQ_PIPE=True, DQ_PREF=True),
-                                   dict(DQ_QBUF=1, DQ_BN=128, TRITON_DKDV=True, DQ_PREF=True),
-                                   dict(DQ_QBUF=1, DQ_BN=128, ROWS=2, num_stages=3),
-                                   dict(DQ_STAGES=3, ROWS=2, num_stages=3, S_AHEAD=True, DQ_PIPE=True, DQ_PREF=True),
                                    dict(DQ_STAGES=3, num_stages=3, T_STATS=True, DQ_PIPE=True, DQ_PREF=True)],
                          ids=["s3-tkv", "q1-tkv", "s3-rows2", "s3-tkv-pipe", "q1-s3-tkv-pipe", "s3-tkv-pref",
-                              "q1-s3-tkv-pipe-pref", "q1-bn128-tkv-pref", "q1-bn128-rows2", "s3-rows2-ahead",
-                              "s3-tstats"])
+                              "q1-s3-tkv-pipe-pref", "s3-tstats"])
 @pytest.mark.parametrize("name", ["window", "sinks+window", "causal"])
 def test_gluon_dq_persistent_walks_many_items(name, extra):
     # the persistent dq kernel (DQ_PERSIST) with several work items a program (4096 tokens, 16 heads: 512 items on
@@ -200,21 +183,17 @@ def test_gluon_bwd_settings_are_checked_everywhere():
         ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True, num_stages=3), 128)
     ops.gluon_bwd_settings(dict(ROWS=True, FUSED_DQ=True, num_stages=3), 64)  # (half the bytes at D = 64)
     ops.gluon_bwd_settings(dict(num_stages=3), 256)  # (D = 256 runs the Triton kernel: no limit to check)
-    # S_AHEAD: ROWS 2 only, not fused, a ring of at least 2
-    assert ops.gluon_bwd_settings(dict(ROWS=2, S_AHEAD=True), 128) == dict(base, ROWS=2, S_AHEAD=True)
-    assert ops.gluon_bwd_settings(dict(S_AHEAD=True, T_STATS=True), 128) == dict(base, S_AHEAD=True, T_STATS=True)
-    for bad in (dict(ROWS=1, S_AHEAD=True), dict(ROWS=2, FUSED_DQ=True, S_AHEAD=True), dict(ACC_INIT=True, S_AHEAD=True),
-                dict(ROWS=2, num_stages=1, S_AHEAD=True), dict(num_stages=1, S_AHEAD=True)):
-        with pytest.raises(ValueError, match="S_AHEAD .* needs ROWS 2"):
-            ops.gluon_bwd_settings(bad, 128)
+    # S_AHEAD and DQ_BN (thirty-fourth session: slower on the H100, removed in the thirty-fifth) are unknown now
+    for gone in (dict(ROWS=2, S_AHEAD=True), dict(GLUON_DQ=True, DQ_BN=128)):
+        with pytest.raises(ValueError, match="unknown settings"):
+            ops.gluon_bwd_settings(gone, 128)
     # T_STATS: the transposed form only
     assert ops.gluon_bwd_settings(dict(T_STATS=True, num_stages=3), 128) == dict(base, num_stages=3, T_STATS=True)
     for bad in (dict(ROWS=2, T_STATS=True), dict(FUSED_DQ=True, T_STATS=True), dict(ACC_INIT=True, T_STATS=True)):
         with pytest.raises(ValueError, match="T_STATS .* transposed form"):
             ops.gluon_bwd_settings(bad, 128)
-    for name in ("S_AHEAD", "T_STATS"):  # (both act on the Gluon dk / dv kernel)
-        with pytest.raises(ValueError, match=f"{name} changes the Gluon dk / dv kernel"):
-            ops.gluon_bwd_settings({name: True, "GLUON_DQ": True, "TRITON_DKDV": True}, 128)
+    with pytest.raises(ValueError, match="T_STATS changes the Gluon dk / dv kernel"):
+        ops.gluon_bwd_settings(dict(T_STATS=True, GLUON_DQ=True, TRITON_DKDV=True), 128)
     # the Gluon dq kernel: its ring checked, not with FUSED_DQ
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)
@@ -233,22 +212,10 @@ def test_gluon_bwd_settings_are_checked_everywhere():
                      (dict(GLUON_DQ=True, DQ_PIPE=True), "DQ_PIPE .* needs GLUON_DQ and DQ_PERSIST"),
                      (dict(GLUON_DQ=True, DQ_PERSIST=True, DQ_PIPE=True), "DQ_PIPE needs DQ_STAGES >= 3"),
                      (dict(GLUON_DQ=True, DQ_PREF=True), "DQ_PREF .* needs GLUON_DQ and DQ_PERSIST"),
-                     (dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), "Gluon dq kernel needs"),
-                     (dict(GLUON_DQ=True, DQ_BN=96), "64 or 128"), (dict(GLUON_DQ=True, DQ_BN=True), "64 or 128"),
-                     (dict(DQ_BN=128), "DQ_BN .* needs GLUON_DQ"),
-                     (dict(GLUON_DQ=True, DQ_BN=128, DQ_STAGES=3), "Gluon dq kernel needs"),
-                     (dict(GLUON_DQ=True, DQ_BN=128, DQ_PERSIST=True), "Gluon dq kernel needs"),
-                     (dict(GLUON_DQ=True, DQ_BN=128, DQ_PERSIST=True, DQ_QBUF=1, DQ_STAGES=3, DQ_PIPE=True),
-                      "Gluon dq kernel needs")):
+                     (dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), "Gluon dq kernel needs")):
         with pytest.raises(ValueError, match=msg):
             ops.gluon_bwd_settings(bad, 128)
     ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_STAGES=4, DQ_PERSIST=True), 64)  # (half the bytes at D = 64)
-    # DQ_BN 128 (128 keys a step): K / V tiles twice as large, so one Q buffer and a ring of 2 at D = 128
-    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_BN=128, DQ_PERSIST=True, DQ_QBUF=1), 128) == \
-        dict(base, GLUON_DQ=True, DQ_STAGES=2, DQ_PERSIST=True, DQ_QBUF=1, DQ_BN=128)
-    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_BN=64), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
-    assert ops.gluon_bwd_settings(dict(GLUON_DQ=True, DQ_BN=128, DQ_PERSIST=True, DQ_STAGES=3, DQ_PIPE=True),
-                                  64)["DQ_BN"] == 128
     for only_dq in ("SEP_DELTA", "TRITON_DKDV", "DQ_PERSIST"):
         with pytest.raises(ValueError, match=f"{only_dq} .* needs GLUON_DQ"):
             ops.gluon_bwd_settings({only_dq: True}, 128)

@@ -53,14 +53,14 @@ PIPE (twenty-third session, removed; commit 3b4c836 has it): the ROWS 2 loop fla
 loaded a step ahead, and (PIPE 2) the next step's scores issued behind dK. Slower on the H100 in every form (window
 4096, dk / dv kernel 6864 -> 9390 / 7275 µs; BENCHMARKS.md, round 22).
 
-S_AHEAD and T_STATS (thirty-fourth session; compiled for sm_90, not yet run on a GPU: no device came that session).
-S_AHEAD (ROWS 2 or the transposed form): each step's scores are issued right behind the step before's dK and left
-running into the step (the producer loads one Q tile more, whose scores nobody uses), so the tensor cores take them
-straight after dK instead of after the warpgroup's wait, arrive and loop overhead. T_STATS (the transposed form):
-each step's lse (in log2 units, +inf where a row sees nothing) and delta rows come by TMA with its Q / dO tiles and are
+T_STATS (thirty-fourth session; the default on every class since the thirty-fifth): in the transposed form, each
+step's lse (in log2 units, +inf where a row sees nothing) and delta rows come by TMA with its Q / dO tiles and are
 read from shared memory in the columns' layout, instead of 16 + 16 global loads a thread; with it the transposed form,
 which has no P / dS stores, fences or barriers inside a step, has a shorter loop than ROWS 2 (424 / 417 instructions
-against 442 / 447, ptxas sm_90, window 4096).
+against 442 / 447, ptxas sm_90, window 4096) and runs faster (H100, 16K, window 4096: 6.97 -> 5.79 ms).
+S_AHEAD (thirty-fourth session, removed in the thirty-fifth; commit caacfda has it): each step's scores issued right
+behind the step before's dK and left running into the step (the producer loading one Q tile more). H100, 16K, window
+4096, dk / dv kernel: ROWS 2 6974 -> 7038 µs, T_STATS 5793 -> 5785 (sustained 1 % slower).
 
 Supported: 64-row query blocks, 128-key blocks, lengths multiples of them, D = Dv in {64, 128}, float16 / bfloat16,
 contiguous tensors, a plain mask (no lookups), a head-independent layout (`ops.gluon_bwd_plan` says why not).
@@ -142,7 +142,7 @@ def _bwd_step_rows(j, nf, frow, prow, n, bh, Lq, idx, LSE, DELTA, BLOCK_M: gl.co
 @gluon.jit
 def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                   QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr, AHEAD: gl.constexpr = False,
+                  STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                   ld=None, dd=None, lse_smem=None, del_smem=None, TSTATS: gl.constexpr = False):
     kvrow = (b * HKV + hk) * Lk + pid_n * (2 * HALF)
     mbarrier.expect(kvbar, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
@@ -168,11 +168,6 @@ def _bwd_producer(qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready
             tma.async_copy_global_to_shared(qd, [row, 0], ready.index(slot), q_smem.index(slot))
             tma.async_copy_global_to_shared(dod, [row, 0], ready.index(slot), do_smem.index(slot))
             it += 1
-    if AHEAD:  # one Q tile more (the group's first rows): the consumers issue scores for a step after their last
-        slot = it % STAGES
-        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(slot), qd.block_type.nbytes)
-        tma.async_copy_global_to_shared(qd, [(b * H + hk * G) * Lq, 0], ready.index(slot), q_smem.index(slot))
 
 
 @gluon.jit
@@ -180,19 +175,19 @@ def _bwd_consumer(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, ready
                   DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                   pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                   D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr,
+                  ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, ROWS: gl.constexpr,
                   lse_smem=None, del_smem=None, TSTATS: gl.constexpr = False):
     # consumer C (one 64-key half of the block): the rows form (ROWS) or the transposed one
     if ROWS:
         _bwd_consumer_rows(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK,
                            WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n,
                            s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D,
-                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS, AHEAD)
+                           STAGES, BLOCK_M, HALF, FUSED_DQ, ROWS)
     else:
         _bwd_consumer_t(C, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                         QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                         wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree, D, STAGES, BLOCK_M,
-                        HALF, ACC_INIT, FUSED_DQ, lse_smem, del_smem, TSTATS, AHEAD)
+                        HALF, ACC_INIT, FUSED_DQ, lse_smem, del_smem, TSTATS)
 
 
 @gluon.jit
@@ -201,14 +196,12 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                     pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, ds_smem, dq_smem, dsready, dsfree,
                     D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                     ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, lse_smem=None, del_smem=None,
-                    TSTATS: gl.constexpr = False, AHEAD: gl.constexpr = False):
+                    TSTATS: gl.constexpr = False):
     # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
-    # TSTATS (cfg GLUON_BWD T_STATS; thirty-fourth session, not yet run): each step's lse (already in log2 units,
+    # TSTATS (cfg GLUON_BWD T_STATS; thirty-fourth session, the default since the thirty-fifth): each step's lse (already in log2 units,
     # +inf on rows that see nothing) and delta come with its Q / dO tiles, by TMA into the ring slot, and are read from
     # shared memory in the columns' layout -- not 16 + 16 global loads a thread with their addresses, the lse's
     # scaling and -inf test every step (ptxas sm_90: the loop's 544 instructions, 16 spill instructions, before)
-    # AHEAD (cfg GLUON_BWD S_AHEAD without ROWS; thirty-fourth session, not yet run): as in the rows form, the next
-    # step's S^T issued right behind this step's dK and left running into the next step
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_M)
     a_layout: gl.constexpr = _wg_layout(D)
@@ -224,10 +217,6 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
     kc = k_smem.index(C)
     vc = v_smem.index(C)
     mbarrier.wait(kvbar, 0)
-    if AHEAD:  # the item's first scores (carried from step to step, as in the rows form)
-        mbarrier.wait(ready.index(0), 0)
-        sa = warpgroup_mma(kc, q_smem.index(0).permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32,
-                                                                          layout=s_layout), use_acc=False, is_async=True)
     it = 0
     for g in range(0, G):
         h = hk * G + g
@@ -248,11 +237,8 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
             slot = it % STAGES
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
-            if AHEAD:  # (issued a step ahead, after the wait for its slot's ready barrier)
-                sa_now = sa
-            else:
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                sa_now = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            sa_now = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
             if TSTATS:  # (read while the scores' MMA runs)
                 lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
                 delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
@@ -287,21 +273,11 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                 dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), qs, dk, is_async=True)
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout)
-            if AHEAD:  # the next step's scores behind dK, running into the next step
-                nslot = (it + 1) % STAGES
-                mbarrier.wait(ready.index(nslot), ((it + 1) // STAGES) & 1)
-                sa = warpgroup_mma(kc, q_smem.index(nslot).permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32,
-                                                                                      layout=s_layout),
-                                   use_acc=False, is_async=True)
-                dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk, ))
-            else:
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
             mbarrier.arrive(empty.index(slot), count=1)
             it += 1
     if FUSED_DQ:
         tma.store_wait(0)
-    if AHEAD:  # (the extra tile's scores, unused)
-        sa = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
     _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
 
 
@@ -310,17 +286,13 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
                        DK, DV, WSK, WSV, QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF,
                        pid_n, s0, e0, wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree,
                        D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
-                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr, ROWS: gl.constexpr):
     # (ROWS) the query rows as rows: S = Q K_C^T and dP = dO V_C^T (64 rows x 64 keys, both issued at once), so lse
     # and delta are per row (two registers each, not sixteen); P and dS go through shared memory (this consumer's
     # p_smem, ds_smem) as the transposed operands of dV += P^T dO and dK += dS^T Q -- and, with FUSED_DQ, as the
     # dS of both consumers' dq products (double-buffered by step parity, as in the transposed form)
     # ROWS 1: dP issued with S, 2: with dV. (The next step's block index, lse and delta loaded during this step --
     # cfg ROWS_PREF, twenty-eighth session -- was level or slower on the H100; removed in the twenty-ninth.)
-    # AHEAD (cfg GLUON_BWD S_AHEAD, ROWS 2 without FUSED_DQ; thirty-fourth session, not yet run): the next step's
-    # S = Q K_C^T issued right behind this step's dK and left running into the next step, whose top waits for it --
-    # the tensor cores take it straight after dK instead of after the warpgroup's wait, arrive and loop overhead
-    # (PIPE 2 of the twenty-third session issued it there too but waited for it with dK, in a flat loop over heads)
     DP_EARLY: gl.constexpr = ROWS != 2
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(HALF)
@@ -335,11 +307,6 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
     vt = v_smem.index(C).permute((1, 0))
     pc = p_smem.index(C)
     mbarrier.wait(kvbar, 0)
-    if AHEAD:  # the item's first scores (sa: the scores in flight, carried from step to step, heads included: every
-        # head of the group uses the same K_C; after the item's last step, those of the producer's extra Q tile)
-        mbarrier.wait(ready.index(0), 0)
-        sa = warpgroup_mma(q_smem.index(0), kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
-                           use_acc=False, is_async=True)
     it = 0
     for g in range(0, G):
         h = hk * G + g
@@ -352,18 +319,15 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             slot = it % STAGES
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
-            if AHEAD:  # (issued a step ahead, after the wait for its slot's ready barrier)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
+                              is_async=True)
+            if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
+                dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
+                                   use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
             else:
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                s = warpgroup_mma(qs, kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout), use_acc=False,
-                                  is_async=True)
-                if DP_EARLY:  # dP with S: its MMA runs during P's exponentials (two score tiles live)
-                    dp = warpgroup_mma(dos, vt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
-                                       use_acc=False, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-                else:
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             if j >= nf:  # a partial block: the pattern's mask (queries by keys)
                 p = gl.where(_mask(gl.expand_dims(m0 + rows + OFF, 1), kk, h, AUX), p, 0.0)
@@ -391,20 +355,11 @@ def _bwd_consumer_rows(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, 
             if FUSED_DQ:
                 _dq_step(C, it, bh * Lq + m0, ds_smem, k_smem, dq_smem, dsready, dsfree, dqd, DH, BLOCK_M, q_layout,
                          True)
-            if AHEAD:  # the next step's scores behind dK, running into the next step
-                nslot = (it + 1) % STAGES
-                mbarrier.wait(ready.index(nslot), ((it + 1) // STAGES) & 1)
-                sa = warpgroup_mma(q_smem.index(nslot), kt, gl.zeros([BLOCK_M, HALF], gl.float32, layout=s_layout),
-                                   use_acc=False, is_async=True)
-                dv, dk = warpgroup_mma_wait(num_outstanding=1, deps=(dv, dk))
-            else:
-                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             mbarrier.arrive(empty.index(slot), count=1)
             it += 1
     if FUSED_DQ:
         tma.store_wait(0)
-    if AHEAD:  # (the extra tile's scores, unused)
-        sa = warpgroup_mma_wait(num_outstanding=0, deps=(sa, ))
     _bwd_store(C, dk, dv, DK, DV, WSK, WSV, b, hk, HKV, Lk, pid_n, wslot, nbh, sm_scale, D, HALF, a_layout)
 
 
@@ -431,7 +386,7 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         lay_h, lay_m, idx_h, idx_m, H, HKV, G, Lq, Lk, OFF, qk_scale, sm_scale,
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
-                        ROWS: gl.constexpr = 0, AHEAD: gl.constexpr = False, ld=None, dd=None,
+                        ROWS: gl.constexpr = 0, ld=None, dd=None,
                         TSTATS: gl.constexpr = False):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
@@ -489,14 +444,14 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
         (_bwd_consumer, (0, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD, lse_smem, del_smem, TSTATS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, lse_smem, del_smem, TSTATS)),
         (_bwd_consumer, (1, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty, LSE, DELTA, AUX, DK, DV, WSK, WSV,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, OFF, pid_n, s0, e0,
                          wslot, nbh, qk_scale, sm_scale, dqd, p_smem, ds_smem, dq_smem, dsready, dsfree, D, STAGES,
-                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, AHEAD, lse_smem, del_smem, TSTATS)),
+                         BLOCK_M, HALF, ACC_INIT, FUSED_DQ, ROWS, lse_smem, del_smem, TSTATS)),
         (_bwd_producer, (qd, dod, kd, vd, q_smem, do_smem, k_smem, v_smem, kvbar, ready, empty,
                          QN, QI, FQN, FQI, lay_h, lay_m, idx_h, idx_m, b, hk, H, HKV, G, Lq, Lk, pid_n, s0, e0,
-                         STAGES, BLOCK_M, HALF, AHEAD, ld, dd, lse_smem, del_smem, TSTATS)),
+                         STAGES, BLOCK_M, HALF, ld, dd, lse_smem, del_smem, TSTATS)),
     ], [4, 1], [CONSUMER_REGS, 24])
 '''
 

@@ -682,8 +682,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels. ATOMIC_DQ: no dq kernel; the dk/dv
     kernel adds each tile's dS K to a float32 accumulator by atomics (not bitwise deterministic). GLUON_BWD (Hopper,
     True or a dict, checked by `gluon_bwd_settings`): the Gluon dk / dv kernel (num_stages, REGS, ACC_INIT, ROWS,
-    FUSED_DQ, S_AHEAD, T_STATS) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel
-    first; DQ_PERSIST, DQ_QBUF, DQ_PIPE, DQ_PREF: its persistent form; DQ_BN: keys a step; TRITON_DKDV: with the
+    FUSED_DQ, T_STATS) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel
+    first; DQ_PERSIST, DQ_QBUF, DQ_PIPE, DQ_PREF: its persistent form; TRITON_DKDV: with the
     Triton dk / dv kernel); each falls back to its Triton kernel where it does not apply or its first launch fails."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -780,8 +780,7 @@ def _launch_bwd(mod, cfg, q, k, v, dout, lse, delta, dq, dk, dvv, out, dl, aux, 
         dqa = torch.zeros((b * hq * lq, bd), dtype=torch.float32, device=q.device)
         tma_dkdv.update(DQA=dqa, ATOMIC=True)
     gluon_dq = False
-    if cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") \
-            and _gluon_dq_ok(pattern, q, k, v, dout, out, cfg["GLUON_BWD"].get("DQ_BN", 64)):
+    if cfg.get("GLUON_BWD") and cfg["GLUON_BWD"].get("GLUON_DQ") and _gluon_dq_ok(pattern, q, k, v, dout, out):
         # GLUON_DQ: the Gluon dq kernel, which writes delta as it goes (SEP_DELTA: delta by its own kernel first);
         # where its first launch fails, the Triton dq kernel below (which writes delta too)
         if cfg["GLUON_BWD"].get("SEP_DELTA"):
@@ -822,18 +821,18 @@ def _delta(mod, out, dout, lse, dl, delta, hq, lq, dv, bdv, has_dlse):
         dout.stride(2), hq, lq, dv, BLOCK_M=64, BLOCK_DV=bdv, HAS_DLSE=has_dlse, num_warps=4)
 
 
-def _gluon_dq_ok(pattern, q, k, v, dout, out, bn: int = 64) -> bool:
-    """Whether the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`) applies: the ws forward's rules on 64 x bn tiles
+def _gluon_dq_ok(pattern, q, k, v, dout, out) -> bool:
+    """Whether the Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`) applies: the ws forward's rules on 64 x 64 tiles
     (`gluon_plan`: Hopper, PACK 2, a plain mask, full blocks in one run per query block, contiguous tensors)."""
     lq, lk, hq, hkv = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
-    if q.device.type != "cuda" or lq % 64 or lk % bn or not dout.is_contiguous() or not out.is_contiguous():
+    if q.device.type != "cuda" or lq % 64 or lk % 64 or not dout.is_contiguous() or not out.is_contiguous():
         return False
     dev = str(q.device)
-    gcfg = dict(BLOCK_M=64, BLOCK_N=bn, num_stages=2, PACK=2, GLUON="ws")
-    lay = _layout(pattern, lq, lk, 64, bn, hq, dev)
-    mod = _module(pattern, lq, lk, dev, (64, bn))[0]
+    gcfg = dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, PACK=2, GLUON="ws")
+    lay = _layout(pattern, lq, lk, 64, 64, hq, dev)
+    mod = _module(pattern, lq, lk, dev, (64, 64))[0]
     pack = _pack(2, hq // hkv, lay, mod)
-    return gluon_plan(q, k, v, pattern, gcfg, pack, mod, _full_contiguous(pattern, lq, lk, 64, bn, hq, dev))[0]
+    return gluon_plan(q, k, v, pattern, gcfg, pack, mod, _full_contiguous(pattern, lq, lk, 64, 64, hq, dev))[0]
 
 
 def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, has_dlse: bool) -> bool:
@@ -844,24 +843,22 @@ def _gluon_dq(pattern, q, k, v, dout, lse, delta, dq, scale, g: dict, out, dl, h
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dev = str(q.device)
-    bn = int(g.get("DQ_BN", 64))  # keys a step (DQ_BN)
-    gmod = _gluon_module(pattern, lq, lk, (64, bn))
+    gmod = _gluon_module(pattern, lq, lk, (64, 64))
     stages = int(g.get("DQ_STAGES", 2))
     fuse = not g.get("SEP_DELTA")
     qbuf = int(g.get("DQ_QBUF", 2)) if g.get("DQ_PERSIST") else 0  # (0: a program per work item)
     pipe, pref = bool(g.get("DQ_PIPE")), bool(g.get("DQ_PREF"))  # (both need DQ_PERSIST: gluon_bwd_settings)
-    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe, pref, bn)
+    key = (gmod.__name__, "dq", stages, q.dtype, d, fuse, has_dlse, qbuf, pipe, pref)
     if key in _GLUON_FAILED:
         return False
-    lay = _layout(pattern, lq, lk, 64, bn, hq, dev)
-    aux = _module(pattern, lq, lk, dev, (64, bn))[1]
-    gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, d],
-                                       gl.NVMMASharedLayout.get_default_for([rows, d], gdt))
-                       for x2, rows in ((t.view(-1, d), r) for t, r in ((q, 64), (dout, 64), (k, bn), (v, bn))))
+    lay = _layout(pattern, lq, lk, 64, 64, hq, dev)
+    aux = _module(pattern, lq, lk, dev, (64, 64))[1]
+    lay64 = gl.NVMMASharedLayout.get_default_for([64, d], gl.float16 if q.dtype == torch.float16 else gl.bfloat16)
+    qd, dod, kd, vd = (GluonDescriptor(x2, list(x2.shape), list(x2.stride()), [64, d], lay64)
+                       for x2 in (t.view(-1, d) for t in (q, dout, k, v)))
     args = (qd, dod, kd, vd, dq, lse, delta, out, dl, aux, lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
             lay.full_kv_indices, *_lay_strides(lay), hq, hq // hkv, lq, lk, lk - lq)
-    meta = dict(D=d, STAGES=stages, BLOCK_M=64, BLOCK_N=bn, CONSUMER_REGS=240, FUSE_DELTA=fuse,
+    meta = dict(D=d, STAGES=stages, BLOCK_M=64, BLOCK_N=64, CONSUMER_REGS=240, FUSE_DELTA=fuse,
                 HAS_DLSE=fuse and has_dlse, num_warps=4, maxnreg=168)
     if qbuf:  # the persistent form: at most one program per SM walking the (query block, head pair) items
         items = lay.num_q_blocks * b * hq // 2
@@ -927,8 +924,7 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
 
 # the settings cfg GLUON_BWD takes (`gluon_bwd_settings`)
 GLUON_BWD_KEYS = ("num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES", "SEP_DELTA",
-                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "DQ_BN",
-                  "S_AHEAD", "T_STATS")
+                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "T_STATS")
 
 
 def gluon_bwd_settings(g, d: int) -> dict:
@@ -936,8 +932,8 @@ def gluon_bwd_settings(g, d: int) -> dict:
     form's ACC_INIT, shared memory within Hopper's (`gluon_bwd_smem`) at a head dim d it takes."""
     g = g if isinstance(g, dict) else {}
     unknown = sorted(set(g) - set(GLUON_BWD_KEYS))
-    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's, and
-        # PINGPONG, the twenty-fourth's: slower, removed)
+    if unknown:  # (DQ_LAG, the twentieth session's: removed, it changed nothing; PIPE, the twenty-third's,
+        # PINGPONG, the twenty-fourth's, and S_AHEAD and DQ_BN, the thirty-fourth's: slower, removed)
         raise ValueError(f"cfg GLUON_BWD: unknown settings {unknown} ({', '.join(GLUON_BWD_KEYS)})")
     out = dict(num_stages=int(g.get("num_stages", 2)), REGS=int(g.get("REGS", 240)),
                ACC_INIT=bool(g.get("ACC_INIT", False)), FUSED_DQ=bool(g.get("FUSED_DQ", False)))
@@ -949,12 +945,6 @@ def gluon_bwd_settings(g, d: int) -> dict:
             raise ValueError("cfg GLUON_BWD: ROWS (scores with the query rows as rows) does not take ACC_INIT (the "
                              "transposed form's: its lse and delta are per row already)")
         out["ROWS"] = int(g["ROWS"])
-    if g.get("S_AHEAD"):  # (thirty-fourth session) the next step's scores issued behind dK, left running
-        if out.get("ROWS", 2) != 2 or out["FUSED_DQ"] or out["ACC_INIT"] or out["num_stages"] < 2:
-            raise ValueError(f"cfg GLUON_BWD: S_AHEAD (each step's scores issued a step ahead) needs ROWS 2 or the "
-                             f"transposed form, no FUSED_DQ or ACC_INIT, and num_stages >= 2 (the next Q tile lands "
-                             f"while a step runs), got {g}")
-        out["S_AHEAD"] = True
     if g.get("T_STATS"):  # (thirty-fourth session) the transposed form's lse / delta rows by TMA with Q / dO
         if out.get("ROWS") or out["FUSED_DQ"] or out["ACC_INIT"]:
             raise ValueError(f"cfg GLUON_BWD: T_STATS (lse / delta through shared memory) is for the transposed form "
@@ -975,29 +965,20 @@ def gluon_bwd_settings(g, d: int) -> dict:
                              f"{stages!r}")
         out.update(GLUON_DQ=True, DQ_STAGES=stages)
         out.update({key: True for key in ("SEP_DELTA", "TRITON_DKDV") if g.get(key)})
-        bn = g.get("DQ_BN", 64)  # keys a step of the dq kernel (thirty-fourth session: 128, N = 128 score MMAs)
-        if isinstance(bn, bool) or bn not in (64, 128):
-            raise ValueError(f"cfg GLUON_BWD DQ_BN (the Gluon dq kernel's keys a step) must be 64 or 128, got {bn!r}")
-        if bn != 64:
-            out["DQ_BN"] = bn
         qbuf = g.get("DQ_QBUF", 2) if g.get("DQ_PERSIST") else 1
         if isinstance(qbuf, bool) or qbuf not in (1, 2):
             raise ValueError(f"cfg GLUON_BWD DQ_QBUF (the persistent dq kernel's Q / dO buffers) must be 1 or 2, "
                              f"got {qbuf!r}")
         # (16-bit Q and dO of both heads per buffer -- one buffer in the one-item form --, the K / V ring)
-        dq_need = (4 * 64 * qbuf + 2 * stages * bn) * d * 2 + 1024
+        dq_need = (4 * qbuf + 2 * stages) * 64 * d * 2 + 1024
         if d in (64, 128) and dq_need > GLUON_SMEM:
             raise ValueError(f"cfg GLUON_BWD {g}: the Gluon dq kernel needs {dq_need} bytes of shared memory at D = "
-                             f"{d}, more than the {GLUON_SMEM} a block has on Hopper (fewer DQ_STAGES or DQ_QBUF, or "
-                             "DQ_BN 64)")
+                             f"{d}, more than the {GLUON_SMEM} a block has on Hopper (fewer DQ_STAGES or DQ_QBUF)")
         if g.get("DQ_PERSIST"):  # one program per SM walking the items, DQ_QBUF Q / dO buffers of both heads
             out.update(DQ_PERSIST=True, DQ_QBUF=qbuf)
-    for dkdv_only in ("S_AHEAD", "T_STATS"):
-        if out.get(dkdv_only) and out.get("TRITON_DKDV"):
-            raise ValueError(f"cfg GLUON_BWD: {dkdv_only} changes the Gluon dk / dv kernel, which TRITON_DKDV "
-                             "replaces by the Triton one")
-    if g.get("DQ_BN") and "GLUON_DQ" not in out:
-        raise ValueError("cfg GLUON_BWD: DQ_BN (the Gluon dq kernel's keys a step) needs GLUON_DQ")
+    if out.get("T_STATS") and out.get("TRITON_DKDV"):
+        raise ValueError("cfg GLUON_BWD: T_STATS changes the Gluon dk / dv kernel, which TRITON_DKDV replaces by the "
+                         "Triton one")
     if g.get("DQ_QBUF") and "DQ_PERSIST" not in out:
         raise ValueError("cfg GLUON_BWD: DQ_QBUF (the persistent dq kernel's buffers) needs GLUON_DQ and DQ_PERSIST")
     if g.get("DQ_PIPE"):  # (the default since the twenty-ninth session) the dq MMA issued a step late
@@ -1076,7 +1057,7 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
         tlay.full_kv_num_blocks, tlay.full_kv_indices, *_lay_strides(tlay), hq, hkv, hq // hkv, lq, lk, lk - lq,
         scale * LOG2E, scale, D=d, STAGES=g["num_stages"], BLOCK_M=64, HALF=64, CONSUMER_REGS=g["REGS"],
-        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0), AHEAD=g.get("S_AHEAD", False),
+        ACC_INIT=g["ACC_INIT"], FUSED_DQ=g["FUSED_DQ"], ROWS=g.get("ROWS", 0),
         ld=ld, dd=dd, TSTATS=g.get("T_STATS", False), num_warps=4, maxnreg=168)
     if not _gluon_launch(key, "dk / dv kernel", launch):
         return False
