@@ -7,8 +7,11 @@ the warp-specialised forward (`gluon_fwd.py`) reached cuDNN's dense rate; right 
 no faster than the Triton kernel in its transposed form. Since the twenty-first, its ROWS 2 form with the Gluon dq
 kernel (3-slot rings) is the backward's default on Hopper for wide windows at D = 128 (`tuning.default`;
 BENCHMARKS.md: 5.5 % faster than the Triton kernels on window 4096), and since the twenty-second for causal / full
-too (7.5 % faster). Class local (window 1024, sinks + window) runs the Gluon dq kernel with the Triton dk / dv kernel
-(TRITON_DKDV): this kernel lost on sinks + window, whose sink column it splits over more work items.
+too (7.5 % faster). Class local (window 1024, sinks + window) ran the Gluon dq kernel with the Triton dk / dv kernel
+(TRITON_DKDV): ROWS 2 lost on sinks + window, whose sink column it splits over more work items. Since the
+thirty-fifth session the transposed form with T_STATS (below) is the default on every class at D = 128, local
+included (H100, 16K: window 4096's dk / dv kernel 6.97 -> 5.79 ms; sustained backward 7-9 % faster on causal, window
+1024 / 4096 and sinks + window).
 
 One program = one work item (a block of 128 keys and a range of the query blocks that see it, `ops._bwd_plan`) of
 one (batch, KV head), looping over the G query heads of the group:
