@@ -95,24 +95,23 @@ def _build(fn, sig: dict, consts: dict, options: dict):
 
 def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
                maxnreg: int = 168, fuse_delta: bool = True, has_dlse: bool = False, qbuf: int = 0,
-               pipe: bool = False, pref: bool = False, bn: int = 64):
-    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, ``bn``-key steps, two heads a program;
+               pipe: bool = False, pref: bool = False):
+    """The Gluon dq kernel (`gluon_fwd.gluon_attn_bwd_dq`): 64-row query tiles, 64-key steps, two heads a program;
     ``fuse_delta``: it computes delta itself (FUSE_DELTA, the default), ``has_dlse``: less the lse's gradient;
     ``qbuf`` > 0: the persistent form (`gluon_attn_bwd_dqp`) with that many Q / dO buffers, ``pipe``: its DQ_PIPE
     (each step's dq MMA left running into the next step)."""
     from triton.experimental.gluon import language as gl
-    lines, _aux = generate(pattern, lq, lq, (64, bn))
-    mod = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (64, bn), kmin=bn)[0])
+    lines, _aux = generate(pattern, lq, lq, (64, 64))
+    mod = gluon_fwd.gluon_module(lines, generate(pattern, lq, lq, (64, 64), kmin=64)[0])
     fn = mod.gluon_attn_bwd_dqp if qbuf else mod.gluon_attn_bwd_dq
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     desc = f"tensordesc<{dtype}[64, {d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
-    kvdesc = f"tensordesc<{dtype}[{bn}, {d}],{gl.NVMMASharedLayout.get_default_for([bn, d], gdt)!r}>"
-    sig = dict(qd=desc, dod=desc, kd=kvdesc, vd=kvdesc, DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32", O=f"*{dtype}",
+    sig = dict(qd=desc, dod=desc, kd=desc, vd=desc, DQ=f"*{dtype}", LSE="*fp32", DELTA="*fp32", O=f"*{dtype}",
                DLSE="*fp32", AUX="*i32", KVN="*i32", KVI="*i32", FKVN="*i32", FKVI="*i32", lay_h="i32", lay_m="i32", idx_h="i32", idx_m="i32",
                H="i32", G="i32", Lq="i32", Lk="i32", OFF="i32", qk_scale="fp32", sm_scale="fp32", D="constexpr",
                BLOCK_M="constexpr", BLOCK_N="constexpr", STAGES="constexpr", CONSUMER_REGS="constexpr",
                FUSE_DELTA="constexpr", HAS_DLSE="constexpr")
-    consts = dict(D=d, BLOCK_M=64, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, FUSE_DELTA=fuse_delta,
+    consts = dict(D=d, BLOCK_M=64, BLOCK_N=64, STAGES=stages, CONSUMER_REGS=regs, FUSE_DELTA=fuse_delta,
                   HAS_DLSE=has_dlse)
     if qbuf:  # (the persistent form's: the item count and order, its Q / dO buffers)
         sig = {**{key: val for key, val in sig.items() if key not in ("qk_scale", "sm_scale")}, "NQB": "i32",
@@ -206,8 +205,8 @@ def main(argv=None):
                 for st in a.stages:
                     r, k = compile_dq(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
                                       fuse_delta=not a.sep_delta, has_dlse=a.dlse, qbuf=a.dq_qbuf,
-                                      pipe=a.dq_pipe, pref=a.dq_pref, bn=a.bn[0])
-                    print(f"dq {name:14s} D={d} BN={a.bn[0]} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
+                                      pipe=a.dq_pipe, pref=a.dq_pref)
+                    print(f"dq {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"shared {r['shared']} B, {r['sass']}")
         return
     if a.bwd:
@@ -215,8 +214,7 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
-                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows,
-                                       tstats=a.tstats)
+                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows, tstats=a.tstats)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")
                     if a.ptx:

@@ -201,10 +201,11 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
                     ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr, lse_smem=None, del_smem=None,
                     TSTATS: gl.constexpr = False):
     # the transposed form: S^T = K_C Q^T (keys as rows), P^T and dS^T as register operands
-    # TSTATS (cfg GLUON_BWD T_STATS; thirty-fourth session, the default since the thirty-fifth): each step's lse (already in log2 units,
-    # +inf on rows that see nothing) and delta come with its Q / dO tiles, by TMA into the ring slot, and are read from
-    # shared memory in the columns' layout -- not 16 + 16 global loads a thread with their addresses, the lse's
-    # scaling and -inf test every step (ptxas sm_90: the loop's 544 instructions, 16 spill instructions, before)
+    # TSTATS (cfg GLUON_BWD T_STATS; thirty-fourth session, the default since the thirty-fifth): each step's lse
+    # (already in log2 units, +inf on rows that see nothing) and delta come with its Q / dO tiles, by TMA into the ring
+    # slot, and are read from shared memory in the columns' layout -- not 16 + 16 global loads a thread with their
+    # addresses, the lse's scaling and -inf test every step (ptxas sm_90: the loop's 544 instructions, 16 spill
+    # instructions, before)
     dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = _wg_layout(BLOCK_M)
     a_layout: gl.constexpr = _wg_layout(D)
@@ -241,11 +242,11 @@ def _bwd_consumer_t(C: gl.constexpr, q_smem, do_smem, k_smem, v_smem, kvbar, rea
             qs = q_smem.index(slot)
             dos = do_smem.index(slot)
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            sa_now = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
+            s = warpgroup_mma(kc, qs.permute((1, 0)), s, use_acc=ACC_INIT, is_async=True)
             if TSTATS:  # (read while the scores' MMA runs)
                 lse2 = lse_smem.index(slot).reshape([BLOCK_M]).load(scol)
                 delta = del_smem.index(slot).reshape([BLOCK_M]).load(scol)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(sa_now, ))
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             if ACC_INIT:
                 p = gl.exp2(s * qk_scale)
             else:
