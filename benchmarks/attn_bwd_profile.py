@@ -140,7 +140,9 @@ def main():
             configs += (("t stats s2", dict(base, GLUON_BWD=dict(gb, num_stages=2))),
                         ("t stats s4", dict(base, GLUON_BWD=dict(gb, num_stages=4))),
                         ("rows2 (before)", dict(base, GLUON_BWD={**{key: val for key, val in gb.items()
-                                                                   if key != "T_STATS"}, "ROWS": 2})))
+                                                                   if key != "T_STATS"}, "ROWS": 2})),
+                        # (not yet run) TAIL_ORDER: the dk / dv kernel's 1-D grid, the short items' heads fastest
+                        ("t stats tail", dict(base, GLUON_BWD=dict(gb, TAIL_ORDER=True))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

@@ -132,7 +132,7 @@ def compile_dq(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: 
 
 def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq: int = 16384, regs: int = 240,
                 maxnreg: int = 168, acc_init: bool = False, fused: bool = False, rows: int = 0,
-                tstats: bool = False):
+                tstats: bool = False, tail: bool = False):
     """The Gluon dk / dv kernel (`gluon_bwd.gluon_attn_bwd_dkdv`): 64-row query tiles, 128-key blocks (two halves);
     ``fused``: FUSED_DQ (dq by TMA reduce-adds into a float32 accumulator, through its descriptor dqd); ``rows``: ROWS
     (scores with the query rows as rows, P and dS through shared memory)."""
@@ -155,6 +155,9 @@ def compile_bwd(pattern, d: int = 128, stages: int = 2, dtype: str = "bf16", lq:
     sdesc = f"tensordesc<fp32[1, 64],{gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)!r}>"
     sig.update(ld=sdesc if tstats else desc, dd=sdesc if tstats else desc, TSTATS="constexpr")
     consts["TSTATS"] = tstats
+    if tail:  # (TAIL_ORDER: the 1-D grid's map, two more i32 arguments)
+        sig.update(TAIL_ORDER="constexpr", n_head="i32", n_bh="i32")
+        consts["TAIL_ORDER"] = True
     return _build(fn, sig, consts, dict(num_warps=4, maxnreg=maxnreg))
 
 
@@ -197,6 +200,8 @@ def main(argv=None):
                     help="with --bwd: ROWS (S = Q K^T, P and dS through shared memory; 1: dP issued with S, 2: with dV)")
     ap.add_argument("--tstats", action="store_true",
                     help="with --bwd (transposed form): T_STATS (lse / delta rows by TMA with the Q / dO tiles)")
+    ap.add_argument("--tail", action="store_true",
+                    help="with --bwd: TAIL_ORDER (a 1-D grid, the tail's (batch, KV head)s fastest)")
     a = ap.parse_args(argv)
     print(f"triton {triton.__version__}")
     if a.dq:
@@ -214,7 +219,8 @@ def main(argv=None):
             for d in a.d:
                 for st in a.stages:
                     r, k = compile_bwd(PATTERNS[name](), d=d, stages=st, regs=a.regs or 240, maxnreg=a.maxnreg or 168,
-                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows, tstats=a.tstats)
+                                       acc_init=a.acc_init, fused=a.fused, rows=a.rows, tstats=a.tstats,
+                                       tail=a.tail)
                     print(f"bwd {name:14s} D={d} stages={st}: {r['registers']} regs, stack {r['stack']} B, "
                           f"{r['sass']}")
                     if a.ptx:

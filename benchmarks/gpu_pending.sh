@@ -146,6 +146,12 @@
 #   tstats-default issue 3 (thirty-fifth session, run in it, c4): triton_bwd_check.py's correctness cases at real sizes
 #                with T_STATS the default everywhere, the backward by kernel on window 4096 (T_STATS with a ring of 2 /
 #                3 / 4, ROWS 2 as before), attnzoo bench fwd+bwd at 16K (windows, sinks + window, causal)
+#   tail         issue 3 (thirty-fifth session, not yet run): TAIL_ORDER, the Gluon dk / dv kernel on a 1-D grid whose
+#                last (shortest) items run with the (batch, KV head)s fastest. The 2-D grid (items, B * HKV) runs each KV
+#                head's items longest first, so window 4096's 32 shorter columns of the last KV heads fill the last wave
+#                alone: a greedy schedule over 132 SMs ends 4.4 % after the mean SM's work at 16K, 56 % at 4K (causal:
+#                0.8 % / 56 %); with the tail's heads fastest 0.1 % / 0.2 % (ops.tail_items). Its GPU tests, the
+#                backward by kernel at 16K and 4K (window 4096, causal, window 1024), sustained at 16K
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -217,8 +223,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-fifth session (2026-12-07): mem-ncu on the new backward default (T_STATS), about 350 s
-SECTIONS=${*:-mem-ncu}
+# after the thirty-fifth session (2026-12-07): tail (about 450 s), then mem-ncu on the new backward default (T_STATS)
+SECTIONS=${*:-tail}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
@@ -383,6 +389,15 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
+    tail) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+            tests/backends/test_gluon_bwd.py -k "tail and (split or dtype0)" > "$OUT/tail_tests.txt" 2>&1
+          tail -3 "$OUT/tail_tests.txt"
+          for L in 16384 4096; do
+            timeout ${PROFILE_S:-120} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024 --L $L \
+              --configs "default,t stats tail" >> "$OUT/tail_profile.txt" 2>&1
+          done
+          timeout ${SUSTAIN_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal --shapes 1x16384 \
+            --configs "default,tstats tail" --rounds 3 > "$OUT/tail_sustained.txt" 2>&1 ;;
     tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
                  --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
                timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

@@ -55,7 +55,10 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                                                DQ_PIPE=True, DQ_PREF=True)),
                # (thirty-fourth session) T_STATS: the transposed dk / dv form, lse / delta by TMA with Q / dO (the
                # default on every class since the thirty-fifth; S_AHEAD and DQ_BN 128, measured with it, removed)
-               "wide tstats": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True))}
+               "wide tstats": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True)),
+               # (thirty-fifth session, not yet run) TAIL_ORDER: the dk / dv kernel's 1-D grid, whose last items (the
+               # shortest) run with the (batch, KV head)s fastest, so the last wave is not one KV head's short items
+               "tstats tail": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True, TAIL_ORDER=True))}
 
 
 # forward configs by name (--configs without --bwd): changes to the default's Gluon config (GLUON_CFG)

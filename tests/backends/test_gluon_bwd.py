@@ -67,13 +67,16 @@ def _bwd_cfg(d, **extra):
                                                 DQ_PIPE=True, DQ_PREF=True)),
                                      (128, dict(T_STATS=True)), (64, dict(T_STATS=True, num_stages=3)),
                                      (128, dict(T_STATS=True, num_stages=3, GLUON_DQ=True, DQ_STAGES=3,
-                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True))],
+                                                DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
+                                     (128, dict(T_STATS=True, num_stages=3, TAIL_ORDER=2)),
+                                     (64, dict(T_STATS=True, TAIL_ORDER=True)), (128, dict(ROWS=2, TAIL_ORDER=1))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
                               "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
                               "d128-rows2-gdqp-pipe", "d64-gdqp-pipe-tkv", "d128-gdqp-pref-tkv",
-                              "d128-rows2-gdqp-pipe-pref", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp"])
+                              "d128-rows2-gdqp-pipe-pref", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp",
+                              "d128-tstats-s3-tail2", "d64-tstats-tail", "d128-rows2-tail1"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -135,9 +138,12 @@ def test_gluon_dq_persistent_walks_many_items(name, extra):
 
 
 @gpu
-def test_gluon_dkdv_split_columns_cross_and_long():
+@pytest.mark.parametrize("extra", [{}, dict(T_STATS=True, num_stages=3, TAIL_ORDER=True), dict(TAIL_ORDER=5)],
+                         ids=["default", "tstats-tail", "tail5"])
+def test_gluon_dkdv_split_columns_cross_and_long(extra):
     # sinks: block 0's column is seen by every query block, so it is split over several work items (float32
-    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right); 4096 tokens
+    # partials summed by attn_bwd_reduce); a cross shape (fewer queries than keys, bottom-right); 4096 tokens.
+    # TAIL_ORDER: the 1-D grid (its workspace rows indexed by its own count of (batch, KV head)s)
     g = torch.Generator(device="cuda").manual_seed(1)
     for (lq, lk), pattern in (((2048, 2048), az.SlidingWindow(300) | az.Sinks(4)), ((512, 1536), az.SlidingWindow(300)),
                               ((4096, 4096), az.Causal())):
@@ -145,7 +151,7 @@ def test_gluon_dkdv_split_columns_cross_and_long():
         k, v = (torch.randn(1, 2, lk, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         items, red, nslots = ops._bwd_plan(pattern, lq, lk, 64, 128, 8, str(q.device))
         before = ops.GLUON_BWD_LAUNCHES
-        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128))
+        got, ref, base = _grads(q, k, v, do, pattern, _bwd_cfg(128, **extra))
         assert ops.GLUON_BWD_LAUNCHES > before
         for nm, x, r, bl in zip(("dq", "dk", "dv"), got, ref, base):
             check_close(nm, x, r, baseline=bl)
@@ -192,8 +198,16 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     for bad in (dict(ROWS=2, T_STATS=True), dict(FUSED_DQ=True, T_STATS=True), dict(ACC_INIT=True, T_STATS=True)):
         with pytest.raises(ValueError, match="T_STATS .* transposed form"):
             ops.gluon_bwd_settings(bad, 128)
-    with pytest.raises(ValueError, match="T_STATS changes the Gluon dk / dv kernel"):
-        ops.gluon_bwd_settings(dict(T_STATS=True, GLUON_DQ=True, TRITON_DKDV=True), 128)
+    # TAIL_ORDER: True (the tail chosen per call) or a number of items; the Gluon dk / dv kernel's, like T_STATS
+    assert ops.gluon_bwd_settings(dict(TAIL_ORDER=True), 128) == dict(base, TAIL_ORDER=True)
+    assert ops.gluon_bwd_settings(dict(TAIL_ORDER=0), 128) == dict(base, TAIL_ORDER=0)
+    assert ops.gluon_bwd_settings(dict(TAIL_ORDER=False), 128) == base
+    for bad in (-1, 2.5, "all"):
+        with pytest.raises(ValueError, match="TAIL_ORDER must be"):
+            ops.gluon_bwd_settings(dict(TAIL_ORDER=bad), 128)
+    for name in ("T_STATS", "TAIL_ORDER"):
+        with pytest.raises(ValueError, match=f"{name} changes the Gluon dk / dv kernel"):
+            ops.gluon_bwd_settings({name: True, "GLUON_DQ": True, "TRITON_DKDV": True}, 128)
     # the Gluon dq kernel: its ring checked, not with FUSED_DQ
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)
@@ -344,3 +358,26 @@ def test_gluon_dq_with_the_triton_dkdv_kernel(monkeypatch):
     assert dq_calls == [settings] and not kv_calls and tiles == [(16, 16)]
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)
+
+
+def test_dkdv_tail_order_map_and_choice():
+    # the TAIL_ORDER grid's map (the kernel's, on the host): every (item, batch * KV head) once; the head part in the
+    # 2-D grid's order, the tail with the (batch, KV head)s fastest
+    for n, tail, nbh in ((4, 2, 4), (5, 0, 3), (5, 5, 3), (7, 9, 2), (1, 1, 1)):
+        order = ops.dkdv_order(n, tail, nbh)
+        assert sorted(order) == [(i, bh) for i in range(n) for bh in range(nbh)]
+        head = n - min(tail, n)
+        assert order[:head * nbh] == [(i, bh) for bh in range(nbh) for i in range(head)]
+        assert order[head * nbh:] == [(i, bh) for i in range(head, n) for bh in range(nbh)]
+    # the greedy schedule: three programs of costs 3, 2, 2 on two SMs end at 4; one SM, at the sum
+    assert ops.schedule_span([3, 2, 2], 2) == 4 and ops.schedule_span([3, 2, 2], 1) == 7
+    # 16K tokens, 64 / 8 heads, 132 SMs: window 4096's 32 shorter columns go to the tail (the 2-D order leaves them to
+    # each KV head's last wave); window 1024's columns are all alike (no tail helps); many programs: no search
+    for pattern, want in ((az.SlidingWindow(4095), 32), (az.SlidingWindow(1023), 0)):
+        items = ops._bwd_plan(pattern, 16384, 16384, 64, 128, 64, "cpu")[0]
+        steps = tuple((items[:, 2] - items[:, 1]).tolist())
+        assert ops.tail_items(steps, 8, 8, 132) == want
+        span = {t: ops.schedule_span([steps[i] * 8 + 2 for i, _ in ops.dkdv_order(len(steps), t, 8)], 132)
+                for t in (0, want)}
+        assert span[want] <= span[0]
+    assert ops.tail_items((5,) * 3000, 8, 8, 132) == 0

@@ -391,12 +391,26 @@ def gluon_attn_bwd_dkdv(qd, dod, kd, vd, dqd, LSE, DELTA, DK, DV, WSK, WSV, ITEM
                         D: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, HALF: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, ACC_INIT: gl.constexpr, FUSED_DQ: gl.constexpr,
                         ROWS: gl.constexpr = 0, ld=None, dd=None,
-                        TSTATS: gl.constexpr = False):
+                        TSTATS: gl.constexpr = False, TAIL_ORDER: gl.constexpr = False, n_head=1, n_bh=1):
     # grid (work items, B * HKV); a work item = (kv block, range [s0, e0) of its visiting query blocks, workspace
     # slot or -1), as the Triton kernel's
-    item = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    nbh = gl.num_programs(1)
+    if TAIL_ORDER:  # (cfg GLUON_BWD TAIL_ORDER; thirty-fifth session, not yet run) a 1-D grid of items x B * HKV
+        # programs: the first n_head items of each (batch, KV head) in turn, as the 2-D grid has them, then the other
+        # (shorter) items with the (batch, KV head)s fastest -- longest first over the whole tail, so the last wave
+        # is not one (batch, KV head)'s short items alone (`ops.dkdv_order` is this map on the host)
+        pid = gl.program_id(0)
+        nbh = n_bh
+        if pid < n_head * n_bh:
+            pid_bh = pid // gl.maximum(n_head, 1)
+            item = pid % gl.maximum(n_head, 1)
+        else:
+            rest = pid - n_head * n_bh
+            item = n_head + rest // n_bh
+            pid_bh = rest % n_bh
+    else:
+        item = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        nbh = gl.num_programs(1)
     pid_n = gl.load(ITEMS + item * 4)
     s0 = gl.load(ITEMS + item * 4 + 1)
     e0 = gl.load(ITEMS + item * 4 + 2)
