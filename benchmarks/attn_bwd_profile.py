@@ -142,7 +142,10 @@ def main():
                         ("rows2 (before)", dict(base, GLUON_BWD={**{key: val for key, val in gb.items()
                                                                    if key != "T_STATS"}, "ROWS": 2})),
                         # (not yet run) TAIL_ORDER: the dk / dv kernel's 1-D grid, the short items' heads fastest
-                        ("t stats tail", dict(base, GLUON_BWD=dict(gb, TAIL_ORDER=True))))
+                        ("t stats tail", dict(base, GLUON_BWD=dict(gb, TAIL_ORDER=True))),
+                        # (not yet run) and work items of at most 9 query blocks (window 1024's 17-18-block columns
+                        # in two: twice the items, so less of a last wave; float32 partials summed after)
+                        ("t stats tail cap9", dict(base, GLUON_BWD=dict(gb, TAIL_ORDER=True, SPLIT_CAP=9))))
         keep = args.configs.split(",") if args.configs else None
         for cname, cfg in configs:
             if keep and not any(x in cname for x in keep):

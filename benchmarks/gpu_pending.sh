@@ -150,8 +150,11 @@
 #                last (shortest) items run with the (batch, KV head)s fastest. The 2-D grid (items, B * HKV) runs each KV
 #                head's items longest first, so window 4096's 32 shorter columns of the last KV heads fill the last wave
 #                alone: a greedy schedule over 132 SMs ends 4.4 % after the mean SM's work at 16K, 56 % at 4K (causal:
-#                0.8 % / 56 %); with the tail's heads fastest 0.1 % / 0.2 % (ops.tail_items). Its GPU tests, the
-#                backward by kernel at 16K and 4K (window 4096, causal, window 1024), sustained at 16K
+#                0.8 % / 56 %); with the tail's heads fastest 0.1 % / 0.2 % (ops.tail_items). With SPLIT_CAP 9 too
+#                (window 1024's 17-18-block columns in two work items, float32 partials summed after): window 1024
+#                6.4 % -> 2.1 %, sinks + window 8.7 % -> 2.2 % in that model, which leaves out the partials' cost. Its GPU
+#                tests, the backward by kernel at 16K and 4K (window 4096, causal, window 1024, sinks + window),
+#                sustained at 16K (2 rounds)
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -393,11 +396,11 @@ for s in $SECTIONS; do
             tests/backends/test_gluon_bwd.py -k "tail and (split or dtype0)" > "$OUT/tail_tests.txt" 2>&1
           tail -3 "$OUT/tail_tests.txt"
           for L in 16384 4096; do
-            timeout ${PROFILE_S:-120} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024 --L $L \
+            timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024,sinks+sw1024 --L $L \
               --configs "default,t stats tail" >> "$OUT/tail_profile.txt" 2>&1
           done
-          timeout ${SUSTAIN_S:-150} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal --shapes 1x16384 \
-            --configs "default,tstats tail" --rounds 3 > "$OUT/tail_sustained.txt" 2>&1 ;;
+          timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal,sw1024,sinks+sw1024 \
+            --shapes 1x16384 --configs "default,tstats tail,tstats tail cap9" --rounds 2 > "$OUT/tail_sustained.txt" 2>&1 ;;
     tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
                  --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
                timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

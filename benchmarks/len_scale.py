@@ -58,7 +58,9 @@ BWD_CONFIGS = {"default": None, "triton": {}, "triton atomic": dict(ATOMIC_DQ=Tr
                "wide tstats": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True)),
                # (thirty-fifth session, not yet run) TAIL_ORDER: the dk / dv kernel's 1-D grid, whose last items (the
                # shortest) run with the (batch, KV head)s fastest, so the last wave is not one KV head's short items
-               "tstats tail": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True, TAIL_ORDER=True))}
+               "tstats tail": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True, TAIL_ORDER=True)),
+               # (not yet run) and SPLIT_CAP 9: window 1024's columns split in two (more, shorter work items)
+               "tstats tail cap9": dict(GLUON_BWD=dict(_WIDE_T, T_STATS=True, TAIL_ORDER=True, SPLIT_CAP=9))}
 
 
 # forward configs by name (--configs without --bwd): changes to the default's Gluon config (GLUON_CFG)

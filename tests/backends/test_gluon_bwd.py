@@ -69,14 +69,15 @@ def _bwd_cfg(d, **extra):
                                      (128, dict(T_STATS=True, num_stages=3, GLUON_DQ=True, DQ_STAGES=3,
                                                 DQ_PERSIST=True, DQ_PIPE=True, DQ_PREF=True)),
                                      (128, dict(T_STATS=True, num_stages=3, TAIL_ORDER=2)),
-                                     (64, dict(T_STATS=True, TAIL_ORDER=True)), (128, dict(ROWS=2, TAIL_ORDER=1))],
+                                     (64, dict(T_STATS=True, TAIL_ORDER=True)), (128, dict(ROWS=2, TAIL_ORDER=1)),
+                                     (128, dict(T_STATS=True, num_stages=3, TAIL_ORDER=True, SPLIT_CAP=2))],
                          ids=["d128", "d64", "d128-s3", "d128-accinit", "d128-fused", "d64-fused", "d128-fused-s3",
                               "d128-rows", "d64-rows-s3", "d128-rows-fused", "d64-rows-fused", "d128-rows2",
                               "d128-rows2-fused", "d128-gdq", "d64-gdq-s3", "d128-rows2-gdq", "d128-rows2-gdq-sep",
                               "d128-gdq-s3-tkv", "d64-gdq-tkv", "d128-rows2-gdqp", "d64-gdqp-q1-tkv",
                               "d128-rows2-gdqp-pipe", "d64-gdqp-pipe-tkv", "d128-gdqp-pref-tkv",
                               "d128-rows2-gdqp-pipe-pref", "d128-tstats", "d64-tstats-s3", "d128-tstats-s3-gdqp",
-                              "d128-tstats-s3-tail2", "d64-tstats-tail", "d128-rows2-tail1"])
+                              "d128-tstats-s3-tail2", "d64-tstats-tail", "d128-rows2-tail1", "d128-tstats-tail-cap2"])
 def test_gluon_dkdv_matches_reference(name, dtype, d, extra):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(2, h, 512, d, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2, 8))
@@ -205,9 +206,14 @@ def test_gluon_bwd_settings_are_checked_everywhere():
     for bad in (-1, 2.5, "all"):
         with pytest.raises(ValueError, match="TAIL_ORDER must be"):
             ops.gluon_bwd_settings(dict(TAIL_ORDER=bad), 128)
-    for name in ("T_STATS", "TAIL_ORDER"):
+    # SPLIT_CAP: the dk / dv kernel's longest work item, in query blocks
+    assert ops.gluon_bwd_settings(dict(SPLIT_CAP=9), 128) == dict(base, SPLIT_CAP=9)
+    for bad in (0, True, 4.0, "9"):
+        with pytest.raises(ValueError, match="SPLIT_CAP .* must be an int >= 1"):
+            ops.gluon_bwd_settings(dict(SPLIT_CAP=bad), 128)
+    for name in ("T_STATS", "TAIL_ORDER", "SPLIT_CAP"):
         with pytest.raises(ValueError, match=f"{name} changes the Gluon dk / dv kernel"):
-            ops.gluon_bwd_settings({name: True, "GLUON_DQ": True, "TRITON_DKDV": True}, 128)
+            ops.gluon_bwd_settings({name: 1, "GLUON_DQ": True, "TRITON_DKDV": True}, 128)
     # the Gluon dq kernel: its ring checked, not with FUSED_DQ
     assert ops.gluon_bwd_settings(dict(GLUON_DQ=True), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=2)
     assert ops.gluon_bwd_settings(dict(DQ_STAGES=3), 128) == dict(base, GLUON_DQ=True, DQ_STAGES=3)
@@ -288,6 +294,18 @@ def test_gluon_bwd_path_reaches_its_launch_with_the_pattern(monkeypatch):
                                  _triton_dkdv=lambda *a: triton_kw.append(dict(a[-1])) or triton_dkdv(*a))
     assert len(calls) == 1 and calls[0][0] == pattern and calls[0][1] == settings
     assert len(triton_kw) == 1 and triton_kw[0].get("KT"), "the fallback should run the Triton kernel keys by queries"
+    for a, b in zip(plain, asked):
+        torch.testing.assert_close(a, b)
+
+
+def test_gluon_bwd_split_cap_reaches_the_plan(monkeypatch):
+    # SPLIT_CAP 1: causal at 128 tokens has one key column seen by two query blocks of 64 -> two work items whose
+    # float32 partials are summed after (the Gluon launch gets that plan; its Triton fallback gives the same gradients)
+    if not ops.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    settings, items = dict(num_stages=2, REGS=240, ACC_INIT=False, SPLIT_CAP=1), []
+    asked, plain, _ = _pretended(monkeypatch, 4, az.Causal(), settings, _gluon_bwd=lambda *a: items.append(a[12]) or False)
+    assert len(items) == 1 and items[0].tolist() == [[0, 0, 1, 0], [0, 1, 2, 1]]
     for a, b in zip(plain, asked):
         torch.testing.assert_close(a, b)
 

@@ -683,9 +683,10 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     WARPS_KV / STAGES_KV. Routed patterns keep one tile for both kernels. ATOMIC_DQ: no dq kernel; the dk/dv
     kernel adds each tile's dS K to a float32 accumulator by atomics (not bitwise deterministic). GLUON_BWD (Hopper,
     True or a dict, checked by `gluon_bwd_settings`): the Gluon dk / dv kernel (num_stages, REGS, ACC_INIT, ROWS,
-    FUSED_DQ, T_STATS) and the Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel
-    first; DQ_PERSIST, DQ_QBUF, DQ_PIPE, DQ_PREF: its persistent form; TRITON_DKDV: with the
-    Triton dk / dv kernel); each falls back to its Triton kernel where it does not apply or its first launch fails."""
+    FUSED_DQ, T_STATS, TAIL_ORDER; SPLIT_CAP: its work items' most query blocks, where ``split_cap`` is None) and the
+    Gluon dq kernel (GLUON_DQ, DQ_STAGES; SEP_DELTA: delta by its own kernel first; DQ_PERSIST, DQ_QBUF, DQ_PIPE,
+    DQ_PREF: its persistent form; TRITON_DKDV: with the Triton dk / dv kernel); each falls back to its Triton kernel
+    where it does not apply or its first launch fails."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
@@ -729,6 +730,8 @@ def attention_bwd(dout, dlse, q, k, v, out, lse, pattern, scale: float, cfg: dic
     if _routed(pattern):
         items, red, nslots = _routed_items(tlay.num_q_blocks, dev)
     else:
+        if split_cap is None and gbwd is not None and not gbwd.get("TRITON_DKDV"):  # (GLUON_BWD SPLIT_CAP)
+            split_cap = gbwd.get("SPLIT_CAP")
         items, red, nslots = _bwd_plan(pattern, lq, lk, bm2, bn2, hq, dev, split_cap)
     if nslots:  # fp32 workspaces of the split columns' partials
         wsk = torch.empty((nslots, b * hkv, bn2, bd), dtype=torch.float32, device=q.device)
@@ -925,7 +928,8 @@ def _gluon_bwd_cfg(q, k, v, dout, pattern, cfg: dict):
 
 # the settings cfg GLUON_BWD takes (`gluon_bwd_settings`)
 GLUON_BWD_KEYS = ("num_stages", "REGS", "ACC_INIT", "FUSED_DQ", "ROWS", "GLUON_DQ", "DQ_STAGES", "SEP_DELTA",
-                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "T_STATS", "TAIL_ORDER")
+                  "TRITON_DKDV", "DQ_PERSIST", "DQ_QBUF", "DQ_PIPE", "DQ_PREF", "T_STATS", "TAIL_ORDER",
+                  "SPLIT_CAP")
 
 
 def gluon_bwd_settings(g, d: int) -> dict:
@@ -983,7 +987,14 @@ def gluon_bwd_settings(g, d: int) -> dict:
                          f"number of items >= 0, got {tail!r}")
     if tail is not False:
         out["TAIL_ORDER"] = tail
-    for dkdv_only in ("T_STATS", "TAIL_ORDER"):
+    cap = g.get("SPLIT_CAP")  # (thirty-fifth session) the dk / dv kernel's longest work item, in query blocks
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"cfg GLUON_BWD SPLIT_CAP (the most query blocks a dk / dv work item takes; longer key "
+                             f"columns are split, their float32 partials summed after) must be an int >= 1, got "
+                             f"{cap!r}")
+        out["SPLIT_CAP"] = cap
+    for dkdv_only in ("T_STATS", "TAIL_ORDER", "SPLIT_CAP"):
         if dkdv_only in out and out.get("TRITON_DKDV"):
             raise ValueError(f"cfg GLUON_BWD: {dkdv_only} changes the Gluon dk / dv kernel, which TRITON_DKDV "
                              "replaces by the Triton one")
