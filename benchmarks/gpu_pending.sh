@@ -149,8 +149,8 @@
 #   tail         issue 3 (thirty-fifth session, not yet run): TAIL_ORDER, the Gluon dk / dv kernel on a 1-D grid whose
 #                last (shortest) items run with the (batch, KV head)s fastest. The 2-D grid (items, B * HKV) runs each KV
 #                head's items longest first, so window 4096's 32 shorter columns of the last KV heads fill the last wave
-#                alone: a greedy schedule over 132 SMs ends 4.4 % after the mean SM's work at 16K, 56 % at 4K (causal:
-#                0.8 % / 56 %); with the tail's heads fastest 0.1 % / 0.2 % (ops.tail_items). With SPLIT_CAP 9 too
+#                alone: a greedy schedule over 132 SMs ends 4.5 % after the mean SM's work at 16K, 59 % at 4K (causal:
+#                1.3 % / 59 %); with the tail's heads fastest 0.0 % / 0.0 % (benchmarks/dkdv_waves.py). With SPLIT_CAP 9 too
 #                (window 1024's 17-18-block columns in two work items, float32 partials summed after): window 1024
 #                6.4 % -> 2.1 %, sinks + window 8.7 % -> 2.2 % in that model, which leaves out the partials' cost. Its GPU
 #                tests, the backward by kernel at 16K and 4K (window 4096, causal, window 1024, sinks + window),

@@ -1122,7 +1122,8 @@ def tail_items(steps: tuple, nbh: int, group: int, sms: int) -> int:
     greedy schedule over ``sms`` SMs ends first (a program's cost: its steps times the group's heads, plus two steps
     for its K / V loads and stores), the smallest within 0.2 %; 0 beyond 20000 programs (many waves: little tail).
     The 2-D grid's order (0) leaves window 4096's 32 shorter items of each KV head to the last wave at 16K tokens:
-    4.4 % longer than the mean SM's work in this model, 0.1 % with those items' heads fastest."""
+    4.5 % longer than the mean SM's work in this model, 0.0 % with those items' heads fastest
+    (benchmarks/dkdv_waves.py)."""
     n = len(steps)
     if n * nbh > 20000:
         return 0
