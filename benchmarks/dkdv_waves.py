@@ -16,7 +16,8 @@ PATTERNS = {"sw4096": az.SlidingWindow(4095), "causal": az.Causal(), "sw1024": a
 def loss(pattern, L: int, hq: int, hkv: int, sms: int, tail, cap=None):
     """(last SM's end / mean SM's work - 1, the tail's items, the steps over the uncapped plan's - 1)."""
     group = hq // hkv
-    steps = tuple(int(x) for x in ops._bwd_plan(pattern, L, L, 64, 128, hq, "cpu", cap)[0][:, 1:3].diff(dim=1)[:, 0])
+    items = ops._bwd_plan(pattern, L, L, 64, 128, hq, "cpu", cap)[0]
+    steps = tuple((items[:, 2] - items[:, 1]).tolist())
     if tail is True:
         tail = ops.tail_items(steps, hkv, group, sms)
     costs = [steps[i] * group + 2 for i, _ in ops.dkdv_order(len(steps), tail, hkv)]
