@@ -397,7 +397,7 @@ for s in $SECTIONS; do
           tail -3 "$OUT/tail_tests.txt"
           for L in 16384 4096; do
             timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024,sinks+sw1024 --L $L \
-              --configs "default,t stats tail" >> "$OUT/tail_profile.txt" 2>&1
+              --configs "default,t stats tail,t stats tail cap9" >> "$OUT/tail_profile.txt" 2>&1
           done
           timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal,sw1024,sinks+sw1024 \
             --shapes 1x16384 --configs "default,tstats tail,tstats tail cap9" --rounds 2 > "$OUT/tail_sustained.txt" 2>&1 ;;
