@@ -395,7 +395,7 @@ for s in $SECTIONS; do
     tail) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
             tests/backends/test_gluon_bwd.py -k "tail and (split or dtype0)" > "$OUT/tail_tests.txt" 2>&1
           tail -3 "$OUT/tail_tests.txt"
-          for L in 16384 4096; do
+          for L in ${TAIL_LENS:-16384 4096}; do
             timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024,sinks+sw1024 --L $L \
               --configs "default,t stats tail,t stats tail cap9" >> "$OUT/tail_profile.txt" 2>&1
           done
