@@ -155,6 +155,9 @@
 #                6.4 % -> 2.1 %, sinks + window 8.7 % -> 2.2 % in that model, which leaves out the partials' cost. Its GPU
 #                tests, the backward by kernel at 16K and 4K (window 4096, causal, window 1024, sinks + window),
 #                sustained at 16K (2 rounds)
+#   tail-all     issue 3 (thirty-sixth session): tail's GPU tests and the backward by kernel at 16K, then attnzoo bench
+#                fwd+bwd at 16K vs flex (default timing) twice in one call: as the default stands, then with
+#                TAIL_ORDER=True patched into tuning.default (restored after)
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -401,6 +404,22 @@ for s in $SECTIONS; do
           done
           timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal,sw1024,sinks+sw1024 \
             --shapes 1x16384 --configs "default,tstats tail,tstats tail cap9" --rounds 2 > "$OUT/tail_sustained.txt" 2>&1 ;;
+    tail-all) timeout ${GLUON_TEST_S:-130} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+                tests/backends/test_gluon_bwd.py -k "tail and (split or dtype0)" > "$OUT/tail_tests.txt" 2>&1
+              tail -3 "$OUT/tail_tests.txt"
+              timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024,sinks+sw1024 \
+                --configs "default,t stats tail,t stats tail cap9" > "$OUT/tail_profile.txt" 2>&1
+              # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True patched into
+              # tuning.default (the file is restored after)
+              cp src/attnzoo/backends/triton/tuning.py /tmp/tuning.py.orig
+              for v in default tail; do
+                [ $v = tail ] && sed -i 's/dict(dq, T_STATS=True, num_stages=3)/dict(dq, T_STATS=True, TAIL_ORDER=True, num_stages=3)/' \
+                  src/attnzoo/backends/triton/tuning.py && grep -c "TAIL_ORDER=True, num_stages" src/attnzoo/backends/triton/tuning.py
+                timeout ${WINDOWS_S:-110} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/bench_$v" --no-report \
+                  --no-baseline --lengths 16384 --direction fwd+bwd --backend triton --backend flex --pattern sw4096 \
+                  --pattern sw1024 --pattern sinks+sw1024 --max-time-s 1.0 > "$OUT/bench_${v}_log.txt" 2>&1
+              done
+              cp /tmp/tuning.py.orig src/attnzoo/backends/triton/tuning.py ;;
     tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
                  --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
                timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \
