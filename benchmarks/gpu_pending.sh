@@ -405,9 +405,9 @@ for s in $SECTIONS; do
           timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal,sw1024,sinks+sw1024 \
             --shapes 1x16384 --configs "default,tstats tail,tstats tail cap9" --rounds 2 > "$OUT/tail_sustained.txt" 2>&1 ;;
     tail-all) timeout ${GLUON_TEST_S:-130} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-                tests/backends/test_gluon_bwd.py -k "tail and (split or dtype0)" > "$OUT/tail_tests.txt" 2>&1
+                tests/backends/test_gluon_bwd.py -k "${TAIL_K:-tail and (split or dtype0)}" > "$OUT/tail_tests.txt" 2>&1
               tail -3 "$OUT/tail_tests.txt"
-              timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024,sinks+sw1024 \
+              timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns ${TAIL_PATTERNS:-sw4096,causal,sw1024,sinks+sw1024} \
                 --configs "default,t stats tail,t stats tail cap9" > "$OUT/tail_profile.txt" 2>&1
               # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True patched into
               # tuning.default (the file is restored after)
