@@ -157,7 +157,7 @@
 #                sustained at 16K (2 rounds)
 #   tail-all     issue 3 (thirty-sixth session): tail's GPU tests and the backward by kernel at 16K, then attnzoo bench
 #                fwd+bwd at 16K vs flex (default timing) twice in one call: as the default stands, then with
-#                TAIL_ORDER=True patched into tuning.default (restored after)
+#                ATTNZOO_TRITON_OVERRIDE='{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}' 
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -409,17 +409,15 @@ for s in $SECTIONS; do
               tail -3 "$OUT/tail_tests.txt"
               timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns ${TAIL_PATTERNS:-sw4096,causal,sw1024,sinks+sw1024} \
                 --configs "default,t stats tail,t stats tail cap9" > "$OUT/tail_profile.txt" 2>&1
-              # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True patched into
-              # tuning.default (the file is restored after)
-              cp src/attnzoo/backends/triton/tuning.py /tmp/tuning.py.orig
+              # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True merged over every
+              # class's backward config (ATTNZOO_TRITON_OVERRIDE)
               for v in default tail; do
-                [ $v = tail ] && sed -i 's/dict(dq, T_STATS=True, num_stages=3)/dict(dq, T_STATS=True, TAIL_ORDER=True, num_stages=3)/' \
-                  src/attnzoo/backends/triton/tuning.py && grep -c "TAIL_ORDER=True, num_stages" src/attnzoo/backends/triton/tuning.py
-                timeout ${WINDOWS_S:-110} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/bench_$v" --no-report \
-                  --no-baseline --lengths 16384 --direction fwd+bwd --backend triton --backend flex --pattern sw4096 \
-                  --pattern sw1024 --pattern sinks+sw1024 --max-time-s 1.0 > "$OUT/bench_${v}_log.txt" 2>&1
-              done
-              cp /tmp/tuning.py.orig src/attnzoo/backends/triton/tuning.py ;;
+                ov=""; [ $v = tail ] && ov='{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
+                ATTNZOO_TRITON_OVERRIDE="$ov" timeout ${WINDOWS_S:-110} python3 -m attnzoo.cli bench run --suite cuda \
+                  --out "$OUT/bench_$v" --no-report --no-baseline --lengths 16384 --direction fwd+bwd --backend triton \
+                  --backend flex --pattern sw4096 --pattern sw1024 --pattern sinks+sw1024 --max-time-s 1.0 \
+                  > "$OUT/bench_${v}_log.txt" 2>&1
+              done ;;
     tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
                  --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
                timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \

@@ -128,3 +128,76 @@ def test_backward_search_and_failing_candidates(fresh_cache):
     assert entry["tried"][0]["ms"] is None and "error" in entry["tried"][0]
     with pytest.raises(RuntimeError, match="no bwd config ran"):
         tuning.search("bwd", 32, 32, torch.float32, p, torch.device("cpu"), run, cands=[bad])
+
+
+def test_overrides_merge_over_the_config(monkeypatch):
+    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    wide = tuning.default("bwd", 128, 128, "wide")
+    tail = {"GLUON_BWD": {"TAIL_ORDER": True}}
+    merged = tuning._overridden("bwd", "wide", wide)
+    assert merged == wide  # nothing in force
+    with tuning.overriding("bwd", tail):
+        merged = tuning._overridden("bwd", "wide", wide)
+        # the nested kernel settings are merged key by key, the rest of the config kept
+        assert merged["GLUON_BWD"] == dict(wide["GLUON_BWD"], TAIL_ORDER=True)
+        assert {k: v for k, v in merged.items() if k != "GLUON_BWD"} == {k: v for k, v in wide.items()
+                                                                        if k != "GLUON_BWD"}
+        assert ops.gluon_bwd_settings(merged["GLUON_BWD"], 128)["TAIL_ORDER"] is True
+        # the forward and a class whose config runs no Gluon backward are left alone
+        assert tuning._overridden("fwd", "wide", tuning.default("fwd", 128, 128, "wide")) == \
+            tuning.default("fwd", 128, 128, "wide")
+        nbhd = tuning.default("bwd", 128, 128, "nbhd")
+        assert "GLUON_BWD" not in nbhd and tuning._overridden("bwd", "nbhd", nbhd) == nbhd
+        with tuning.overriding("bwd", {"GLUON_BWD": None, "BLOCK_N": 32}, pclass="local"):  # inner block, one class
+            local = tuning._overridden("bwd", "local", tuning.default("bwd", 128, 128, "local"))
+            assert "GLUON_BWD" not in local and local["BLOCK_N"] == 32
+            assert tuning._overridden("bwd", "wide", wide)["GLUON_BWD"]["TAIL_ORDER"] is True
+    assert tuning._overridden("bwd", "wide", wide) == wide and not tuning._overrides  # restored on exit
+    with pytest.raises(RuntimeError), tuning.overriding("bwd", tail):  # ... also when the block raises
+        raise RuntimeError
+    assert not tuning._overrides
+    assert wide == tuning.default("bwd", 128, 128, "wide")  # the table itself is untouched
+
+
+def test_override_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_TRITON_OVERRIDE", json.dumps({"bwd@wide": {"GLUON_BWD": {"SPLIT_CAP": 9}},
+                                                              "fwd": {"BLOCK_M": 32}}))
+    wide = tuning.default("bwd", 128, 128, "wide")
+    assert tuning._overridden("bwd", "wide", wide)["GLUON_BWD"]["SPLIT_CAP"] == 9
+    assert tuning._overridden("bwd", "dense", tuning.default("bwd", 128, 128, "dense")) == \
+        tuning.default("bwd", 128, 128, "dense")
+    # choose applies it to every answer, the interpreter's config included; a block's override comes after it
+    assert tuning.choose("fwd", 32, 32, torch.float32, az.Causal(), torch.device("cpu"))["BLOCK_M"] == 32
+    with tuning.overriding("fwd", {"BLOCK_M": 64}):
+        assert ops.config(32, 32, torch.device("cpu"), az.Causal())["BLOCK_M"] == 64
+    for bad, match in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+                       ('{"bwdx": {}}', "kind must be"), ('{"bwd@huge": {}}', "pattern class"),
+                       ('{"bwd": 3}', "settings must be")):
+        monkeypatch.setenv("ATTNZOO_TRITON_OVERRIDE", bad)
+        with pytest.raises(ValueError, match=match):
+            tuning.choose("bwd", 32, 32, torch.float32, az.Causal(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="kind must be"), tuning.overriding("decode", {}):
+        pass
+    assert not tuning._overrides
+
+
+@cpu_kernels
+def test_override_reaches_the_kernels(fresh_cache, monkeypatch):
+    # an override of the block sizes runs the interpreted kernels on those tiles, and they still match float64
+    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 2, 40, 40, 32, 32, seed=3))
+    seen = []
+    real = tuning._overridden
+    monkeypatch.setattr(tuning, "_overridden", lambda *a: seen.append(real(*a)) or seen[-1])
+    with tuning.overriding("fwd", {"BLOCK_M": 32, "BLOCK_N": 32}):
+        out = az.attention(q, k, v, pattern=az.SlidingWindow(7), backend="triton")
+    assert seen and all(c["BLOCK_M"] == 32 and c["BLOCK_N"] == 32 for c in seen)
+    check_close("out", out, reference_attention(q.double(), k.double(), v.double(), az.SlidingWindow(7))[0])
+
+
+def test_bench_records_the_override(monkeypatch):
+    from attnzoo.bench import speed
+    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    assert "attnzoo_triton_override" not in speed.environment("cpu")
+    monkeypatch.setenv("ATTNZOO_TRITON_OVERRIDE", '{"bwd": {"BLOCK_N": 32}}')
+    assert speed.environment("cpu")["attnzoo_triton_override"] == '{"bwd": {"BLOCK_N": 32}}'

@@ -495,6 +495,9 @@ def environment(device) -> dict:
     env = dict(device=device.type, torch_version=torch.__version__, triton_version=_version("triton"),
                attnzoo_version=getattr(attnzoo, "__version__", None), python_version=platform.python_version(),
                platform=platform.platform(), cpu_threads=torch.get_num_threads())
+    for var in ("ATTNZOO_TRITON_OVERRIDE", "ATTNZOO_AUTOTUNE"):  # settings that change which kernels run
+        if os.environ.get(var):
+            env[var.lower()] = os.environ[var]
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         env.update(device_name=torch.cuda.get_device_name(idx), cuda_version=torch.version.cuda,

@@ -10,6 +10,10 @@ benchmarks/triton_tune.py and benchmarks/triton_bwd_check.py).
 
 The cache is a JSON file, ``$ATTNZOO_CACHE/tuning.json`` (by default under the temp directory), read
 once and rewritten atomically after each new winner. `clear()` forgets everything.
+
+Overrides (``ATTNZOO_TRITON_OVERRIDE``, a JSON object such as '{"bwd@wide": {"GLUON_BWD": {"TAIL_ORDER": true}}}',
+then any `overriding` blocks in force) are merged over whatever config that order gives: a way to run a candidate
+through the whole library (a model, `attnzoo bench`) without editing the table.
 """
 from __future__ import annotations
 
@@ -340,11 +344,16 @@ def search(kind, d, dv, dtype, pattern, device, run, cands=None) -> dict:
 
 
 def choose(kind, d, dv, dtype, pattern, device: torch.device, run=None) -> dict:
-    """The config for one launch (see the module docstring). ``run(cfg)`` launches the kernel; it is
-    needed only when a search may happen."""
+    """The config for one launch (see the module docstring), with any override in force merged over it
+    (`overriding`, ``ATTNZOO_TRITON_OVERRIDE``). ``run(cfg)`` launches the kernel; it is needed only when a
+    search may happen."""
+    pclass = pattern_class(pattern)
+    return _overridden(kind, pclass, _choose(kind, d, dv, dtype, pattern, pclass, device, run))
+
+
+def _choose(kind, d, dv, dtype, pattern, pclass, device, run) -> dict:
     if device.type != "cuda" and not enabled():
         return dict(_INTERP)
-    pclass = pattern_class(pattern)
     hit = cached(kind, d, dv, dtype, pclass, device)
     if hit is not None:
         return hit
@@ -355,6 +364,84 @@ def choose(kind, d, dv, dtype, pattern, device: torch.device, run=None) -> dict:
         return dict(_INTERP)
     out = default(kind, d, dv, pclass)
     return out if dtype in (torch.float16, torch.bfloat16) else without_tma(out)
+
+
+# -- overrides: a config's keys replaced for a while, to compare a candidate with the default through the whole
+# library (`attnzoo bench`, a model) without editing the table
+KINDS = ("fwd", "bwd")
+CLASSES = ("dense", "wide", "local", "nbhd")
+_overrides: list = []  # (kind, pclass or None, settings) of the `overriding` blocks in force, innermost last
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys: a value of None removes the key; a dict is merged into the dict ``base`` holds
+    under that key and is skipped where it holds none (an override of one kernel's settings applies only where the
+    config runs that kernel)."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict):
+            if isinstance(out.get(k), dict):
+                out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_override(kind, pclass, settings) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"triton config override: kind must be one of {KINDS}, got {kind!r}")
+    if pclass is not None and pclass not in CLASSES:
+        raise ValueError(f"triton config override: pattern class must be one of {CLASSES} (or None: every class), "
+                         f"got {pclass!r}")
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        raise ValueError(f"triton config override: settings must be a dict of config keys, got {settings!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _env_overrides(text: str) -> tuple:
+    """``ATTNZOO_TRITON_OVERRIDE``: a JSON object whose keys are a kind ("fwd", "bwd") or kind@class ("bwd@wide")
+    and whose values are the settings merged over that config, e.g. '{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"ATTNZOO_TRITON_OVERRIDE is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"ATTNZOO_TRITON_OVERRIDE must be a JSON object such as "
+                         f"'{{\"bwd@wide\": {{\"GLUON_BWD\": {{\"TAIL_ORDER\": true}}}}}}', got {text!r}")
+    out = []
+    for name, settings in spec.items():
+        kind, _, pclass = name.partition("@")
+        _check_override(kind, pclass or None, settings)
+        out.append((kind, pclass or None, settings))
+    return tuple(out)
+
+
+def _overridden(kind: str, pclass: str, cfg: dict) -> dict:
+    text = os.environ.get("ATTNZOO_TRITON_OVERRIDE")
+    for k, c, settings in (_env_overrides(text) if text else ()) + tuple(_overrides):
+        if k == kind and c in (None, pclass):
+            cfg = _merge(cfg, settings)
+    return cfg
+
+
+@contextlib.contextmanager
+def overriding(kind: str, settings: dict, pclass: str | None = None):
+    """Inside the block, every config `choose` gives for ``kind`` ("fwd" or "bwd") on pattern class ``pclass``
+    (None: every class) has ``settings`` merged over it (after ``ATTNZOO_TRITON_OVERRIDE``, inner blocks last): a key's
+    value replaces the config's, None removes the key, and a dict is merged into the dict the config holds under
+    that key (a kernel's settings, such as GLUON_BWD) and skipped where it holds none. The merged settings are
+    checked where they are used, as the table's are."""
+    _check_override(kind, pclass, settings)
+    entry = (kind, pclass, dict(settings))
+    with _lock:
+        _overrides.append(entry)
+    try:
+        yield
+    finally:
+        with _lock:
+            _overrides.remove(entry)
 
 
 def without_tma(cfg: dict) -> dict:
