@@ -230,7 +230,7 @@
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
 # after the thirty-fifth session (2026-12-07): tail (about 450 s), then mem-ncu on the new backward default (T_STATS)
-SECTIONS=${*:-tail}
+SECTIONS=${*:-tail-all}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # Triton's cache in the repo: fla autotunes with cache_results=True, so its choices land here as *.autotune.json;
