@@ -410,10 +410,10 @@ for s in $SECTIONS; do
               timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns ${TAIL_PATTERNS:-sw4096,causal,sw1024,sinks+sw1024} \
                 --configs "default,t stats tail,t stats tail cap9" > "$OUT/tail_profile.txt" 2>&1
               # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True merged over every
-              # class's backward config (ATTNZOO_TRITON_OVERRIDE)
+              # class's backward config (--triton-override)
               for v in default tail; do
-                ov=""; [ $v = tail ] && ov='{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
-                ATTNZOO_TRITON_OVERRIDE="$ov" timeout ${WINDOWS_S:-110} python3 -m attnzoo.cli bench run --suite cuda \
+                ov='{}'; [ $v = tail ] && ov='{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
+                timeout ${WINDOWS_S:-110} python3 -m attnzoo.cli bench run --suite cuda --triton-override "$ov" \
                   --out "$OUT/bench_$v" --no-report --no-baseline --lengths 16384 --direction fwd+bwd --backend triton \
                   --backend flex --pattern sw4096 --pattern sw1024 --pattern sinks+sw1024 --max-time-s 1.0 \
                   > "$OUT/bench_${v}_log.txt" 2>&1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -262,3 +263,25 @@ def test_console_entry_point_exit_code():
     assert p.returncode == 2
     assert "--pattern 'nope'" in p.stderr and "choose from" in p.stderr
     assert math.isfinite(p.returncode)
+
+
+@pytest.mark.parametrize("value, message", [("{oops", "not valid JSON"), ('{"back": {}}', "kind must be"),
+                                            ('{"bwd@huge": {}}', "pattern class")])
+def test_bad_triton_override_exits_nonzero(value, message, capsys, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--suite", "cpu", "--pattern", "sw256", "--dry-run", "--triton-override", value])
+    assert e.value.code not in (0, None)
+    assert message in capsys.readouterr().err and "ATTNZOO_TRITON_OVERRIDE" not in os.environ
+    with pytest.raises(SystemExit):
+        main(["bench", "recall", "--triton-override", '{"bwd": {}}'])
+    assert "speed benchmark" in capsys.readouterr().err
+
+
+def test_triton_override_is_set_for_the_run(capsys, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    value = '{"bwd@wide": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
+    assert main(["bench", "--suite", "cpu", "--pattern", "sw256", "--dry-run", "--triton-override", value]) == 0
+    assert os.environ["ATTNZOO_TRITON_OVERRIDE"] == value

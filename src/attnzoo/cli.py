@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -405,6 +406,8 @@ def cmd_niah(args, parser) -> int:
 def cmd_bench(args, parser) -> int:
     from pathlib import Path
 
+    if args.action in ("recall", "niah", "report") and getattr(args, "triton_override", None) is not None:
+        parser.error("--triton-override applies to the speed benchmark (`attnzoo bench run`) only")
     if args.action == "recall":
         given = [f"--{n.replace('_', '-')}" for n in _NIAH_ONLY if getattr(args, n, None) not in (None, False)]
         if given:
@@ -430,6 +433,15 @@ def cmd_bench(args, parser) -> int:
         print(f"report: {path}")
         return 0
 
+    if args.triton_override is not None:
+        try:
+            from .backends.triton import tuning
+            tuning._env_overrides(args.triton_override)
+        except ImportError as e:
+            parser.error(f"--triton-override needs attnzoo's Triton backend: {e}")
+        except ValueError as e:
+            parser.error(f"--triton-override: {e}")
+        os.environ["ATTNZOO_TRITON_OVERRIDE"] = args.triton_override
     try:
         suite = get_suite(args.suite, full_grid=args.full_grid, require_device=not args.dry_run)
         directions = _DIRECTION_CHOICES[args.direction] if args.direction else None
@@ -509,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cuda: S seconds of untimed calls before each case's timed ones, so that they run at "
                               "the clock the GPU holds under a long load (its power cap), not a short burst's "
                               "(recorded as a separate measurement)")
+    p_bench.add_argument("--triton-override", default=None, metavar="JSON",
+                         help="settings merged over attnzoo's Triton kernel configs for this run, e.g. "
+                              "'{\"bwd@wide\": {\"GLUON_BWD\": {\"TAIL_ORDER\": true}}}' (keys: fwd / bwd, "
+                              "optionally @dense / @wide / @local / @nbhd; sets ATTNZOO_TRITON_OVERRIDE, which each "
+                              "record's environment keeps). Use a fresh --out: recorded cases are not run again")
     p_bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     p_bench.add_argument("--full-grid", action="store_true",
                          help="cuda suite: every power of two from 1K to 64K instead of 4K, 16K, 64K")
