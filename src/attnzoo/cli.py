@@ -436,7 +436,7 @@ def cmd_bench(args, parser) -> int:
     if args.triton_override is not None:
         try:
             from .backends.triton import tuning
-            tuning._env_overrides(args.triton_override)
+            tuning.parse_overrides(args.triton_override)
         except ImportError as e:
             parser.error(f"--triton-override needs attnzoo's Triton backend: {e}")
         except ValueError as e:

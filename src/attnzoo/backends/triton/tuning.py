@@ -400,7 +400,7 @@ def _check_override(kind, pclass, settings) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _env_overrides(text: str) -> tuple:
+def parse_overrides(text: str) -> tuple:
     """``ATTNZOO_TRITON_OVERRIDE``: a JSON object whose keys are a kind ("fwd", "bwd") or kind@class ("bwd@wide")
     and whose values are the settings merged over that config, e.g. '{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'."""
     try:
@@ -420,7 +420,7 @@ def _env_overrides(text: str) -> tuple:
 
 def _overridden(kind: str, pclass: str, cfg: dict) -> dict:
     text = os.environ.get("ATTNZOO_TRITON_OVERRIDE")
-    for k, c, settings in (_env_overrides(text) if text else ()) + tuple(_overrides):
+    for k, c, settings in (parse_overrides(text) if text else ()) + tuple(_overrides):
         if k == kind and c in (None, pclass):
             cfg = _merge(cfg, settings)
     return cfg
