@@ -269,11 +269,11 @@ def test_console_entry_point_exit_code():
                                             ('{"bwd@huge": {}}', "pattern class")])
 def test_bad_triton_override_exits_nonzero(value, message, capsys, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    monkeypatch.setenv("ATTNZOO_TRITON_OVERRIDE", "")  # (set, so that monkeypatch restores it after the test)
     with pytest.raises(SystemExit) as e:
         main(["bench", "--suite", "cpu", "--pattern", "sw256", "--dry-run", "--triton-override", value])
     assert e.value.code not in (0, None)
-    assert message in capsys.readouterr().err and "ATTNZOO_TRITON_OVERRIDE" not in os.environ
+    assert message in capsys.readouterr().err and os.environ["ATTNZOO_TRITON_OVERRIDE"] == ""  # not set
     with pytest.raises(SystemExit):
         main(["bench", "recall", "--triton-override", '{"bwd": {}}'])
     assert "speed benchmark" in capsys.readouterr().err
@@ -281,7 +281,7 @@ def test_bad_triton_override_exits_nonzero(value, message, capsys, monkeypatch):
 
 def test_triton_override_is_set_for_the_run(capsys, monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    monkeypatch.setenv("ATTNZOO_TRITON_OVERRIDE", "")  # (the CLI sets it: monkeypatch restores it after the test)
     value = '{"bwd@wide": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
     assert main(["bench", "--suite", "cpu", "--pattern", "sw256", "--dry-run", "--triton-override", value]) == 0
     assert os.environ["ATTNZOO_TRITON_OVERRIDE"] == value
