@@ -157,7 +157,8 @@
 #                sustained at 16K (2 rounds)
 #   tail-all     issue 3 (thirty-sixth session): tail's GPU tests and the backward by kernel at 16K, then attnzoo bench
 #                fwd+bwd at 16K vs flex (default timing) twice in one call: as the default stands, then with
-#                ATTNZOO_TRITON_OVERRIDE='{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}' 
+#                --triton-override '{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'. TAIL_K (the tests' -k), TAIL_PATTERNS
+#                and TAIL_LENS (the profile's; also section tail's) narrow it
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
 #                forward: what bounds the dk / dv kernel at 63 % of the tensor pipe
@@ -229,7 +230,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-fifth session (2026-12-07): tail (about 450 s), then mem-ncu on the new backward default (T_STATS)
+# after the thirty-sixth session (2026-12-08, no device machine): tail-all (about 450 s), then tail's sustained rounds
+# for the winner, then mem-ncu on the backward default (T_STATS)
 SECTIONS=${*:-tail-all}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -244,6 +246,18 @@ mkdir -p "$TRITON_CACHE_DIR"
 if [ -n "${AUTOTUNE_TGZ:-}" ]; then
   tar xzf "$AUTOTUNE_TGZ" -C "$TRITON_CACHE_DIR" && echo "autotune choices unpacked from $AUTOTUNE_TGZ"
 fi
+# tail / tail-all: TAIL_ORDER's and SPLIT_CAP's GPU tests, then the backward by kernel at each of the lengths given
+# (args: the tests' default timeout, the default lengths)
+tail_tests_profile() {
+  timeout ${GLUON_TEST_S:-$1} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+    tests/backends/test_gluon_bwd.py -k "${TAIL_K:-tail and (split or dtype0)}" > "$OUT/tail_tests.txt" 2>&1
+  tail -3 "$OUT/tail_tests.txt"
+  for L in ${TAIL_LENS:-$2}; do
+    timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --L $L \
+      --patterns ${TAIL_PATTERNS:-sw4096,causal,sw1024,sinks+sw1024} \
+      --configs "default,t stats tail,t stats tail cap9" >> "$OUT/tail_profile.txt" 2>&1
+  done
+}
 for s in $SECTIONS; do
   echo "== $s"
   case $s in
@@ -395,20 +409,10 @@ for s in $SECTIONS; do
              --patterns sinks+sw1024 --only "wsp default,xpipe narrow,xpipe fold" --out "$OUT/r26" > "$OUT/r26_16384.txt" 2>&1
            timeout ${PROFILE_S:-200} python3 benchmarks/len_scale.py --patterns sinks+sw1024 --shapes 1x16384,1x65536 \
              --configs "default,xpipe fold" --rounds 3 > "$OUT/fold_sustained.txt" 2>&1 ;;
-    tail) timeout ${GLUON_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-            tests/backends/test_gluon_bwd.py -k "tail and (split or dtype0)" > "$OUT/tail_tests.txt" 2>&1
-          tail -3 "$OUT/tail_tests.txt"
-          for L in ${TAIL_LENS:-16384 4096}; do
-            timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns sw4096,causal,sw1024,sinks+sw1024 --L $L \
-              --configs "default,t stats tail,t stats tail cap9" >> "$OUT/tail_profile.txt" 2>&1
-          done
+    tail) tail_tests_profile 200 "16384 4096"
           timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal,sw1024,sinks+sw1024 \
             --shapes 1x16384 --configs "default,tstats tail,tstats tail cap9" --rounds 2 > "$OUT/tail_sustained.txt" 2>&1 ;;
-    tail-all) timeout ${GLUON_TEST_S:-130} python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-                tests/backends/test_gluon_bwd.py -k "${TAIL_K:-tail and (split or dtype0)}" > "$OUT/tail_tests.txt" 2>&1
-              tail -3 "$OUT/tail_tests.txt"
-              timeout ${PROFILE_S:-150} python3 benchmarks/attn_bwd_profile.py --patterns ${TAIL_PATTERNS:-sw4096,causal,sw1024,sinks+sw1024} \
-                --configs "default,t stats tail,t stats tail cap9" > "$OUT/tail_profile.txt" 2>&1
+    tail-all) tail_tests_profile 130 16384
               # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True merged over every
               # class's backward config (--triton-override)
               for v in default tail; do
