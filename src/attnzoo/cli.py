@@ -406,7 +406,7 @@ def cmd_niah(args, parser) -> int:
 def cmd_bench(args, parser) -> int:
     from pathlib import Path
 
-    if args.action in ("recall", "niah", "report") and getattr(args, "triton_override", None) is not None:
+    if args.action in ("recall", "niah", "report") and args.triton_override is not None:
         parser.error("--triton-override applies to the speed benchmark (`attnzoo bench run`) only")
     if args.action == "recall":
         given = [f"--{n.replace('_', '-')}" for n in _NIAH_ONLY if getattr(args, n, None) not in (None, False)]
