@@ -285,3 +285,21 @@ def test_triton_override_is_set_for_the_run(capsys, monkeypatch):
     value = '{"bwd@wide": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
     assert main(["bench", "--suite", "cpu", "--pattern", "sw256", "--dry-run", "--triton-override", value]) == 0
     assert os.environ["ATTNZOO_TRITON_OVERRIDE"] == value
+
+
+def test_variants_on_the_command_line(capsys):
+    pytest.importorskip("triton")
+    tail = 'tail={"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
+    args = ["bench", "--suite", "cuda", "--dry-run", "--pattern", "sw4096", "--lengths", "16384", "--direction",
+            "fwd+bwd", "--backend", "triton", "--backend", "flex", "--no-baseline"]
+    assert main(args + ["--variant", tail, "--variant", 'b64={"bwd@wide": {"BLOCK_N": 64}}']) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("sw4096 ")]
+    assert [r[4] for r in rows] == ["flex", "triton", "triton[tail]", "triton[b64]"]
+    for bad, message in ((["--variant", "tail"], "NAME=JSON"), (["--variant", 't={"fwd": 3}'], "settings must be"),
+                         (["--variant", tail, "--variant", tail], "names must differ")):
+        with pytest.raises(SystemExit) as e:
+            main(args + bad)
+        assert e.value.code not in (0, None) and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "niah", "--variant", tail])
+    assert "speed benchmark" in capsys.readouterr().err

@@ -366,3 +366,75 @@ def test_cli_dry_run_plans_gpu_suites_without_a_gpu(capsys):
     assert "B·L = 16K tokens" in out and "D=64/128" in out and "causal" in out
     assert main(["bench", "--suite", "cuda", "--dry-run", "--pattern", "blocksparse-0.1", "--lengths", "4096"]) == 0
     assert "blocksparse-0.1" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# triton variants (--variant NAME=JSON): candidate configs timed in the same run
+# ------------------------------------------------------------------------------------------------
+def test_variants_are_planned_after_each_triton_case():
+    pytest.importorskip("triton")
+    from attnzoo.bench.speed import parse_variant
+    suite = _tiny_suite(("sdpa", "triton", "reference"), full=("sdpa", "triton"))
+    suite = Suite(**{**suite.__dict__, "pattern_backends": ("triton", "reference")})
+    tail = parse_variant('tail = {"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}')
+    assert tail == ("tail", '{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}')
+    cases = plan(suite, directions=["fwd"], variants=[tail, ("b32", '{"fwd": {"BLOCK_M": 32}}')])
+    labels = [(c.pattern, c.backend) for c in cases]
+    for p in ("full", "causal", "sw16", "nbhd"):
+        i = labels.index((p, "triton"))
+        assert labels[i + 1:i + 3] == [(p, "triton[tail]"), (p, "triton[b32]")]
+    assert [c.override for c in cases if c.backend == "triton[b32]"] == ['{"fwd": {"BLOCK_M": 32}}'] * 4
+    # a variant is its own measurement: a different key from triton's, and from the same name with other settings
+    c, v = cases[labels.index(("sw16", "triton"))], cases[labels.index(("sw16", "triton[tail]"))]
+    other = plan(suite, patterns=["sw16"], directions=["fwd"], variants=[("tail", '{"bwd": {}}')])
+    keys = {c.key("gpu"), v.key("gpu"), next(x for x in other if x.override).key("gpu")}
+    assert len(keys) == 3
+    assert "triton[tail]" in describe_plan(cases)
+    for bad, match in (("tail", "NAME=JSON"), ("t=", "NAME=JSON"), ("={}", "variant name"), ("a b={}", "variant name"),
+                       ('t={"bwdx": {}}', "kind must be"), ("t={oops", "not valid JSON")):
+        with pytest.raises(ValueError, match=match):
+            parse_variant(bad)
+    with pytest.raises(ValueError, match="names must differ"):
+        plan(suite, variants=[tail, tail])
+    with pytest.raises(ValueError, match="leave none"):
+        plan(suite, backends=["reference"], variants=[tail])
+    with pytest.raises(ValueError, match="does not time"):
+        plan(_tiny_suite(("sdpa", "reference")), variants=[tail])
+
+
+def test_a_variant_runs_with_its_settings(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from attnzoo.backends.triton import ops, tuning
+    if not ops.interpreting():
+        pytest.skip("launches the kernels on CPU tensors (TRITON_INTERPRET=1 only)")
+    monkeypatch.delenv("ATTNZOO_TRITON_OVERRIDE", raising=False)
+    seen = []  # (a variant's settings active?, the config the kernels got)
+    real = tuning._overridden
+    monkeypatch.setattr(tuning, "_overridden", lambda *a: seen.append((bool(tuning._overrides), real(*a))) or
+                        seen[-1][1])
+    spec = PatternSpec("sw16", "window", lambda L: az.SlidingWindow(15), family="window")
+    suite = Suite("tiny", "cpu", "float32", B=1, Hq=2, Hkv=1, D=16, lengths=(64,), backends=("triton",),
+                  full_backends=(), pattern_backends=("triton",), specs=(spec,), reps=2, warmup=0, max_time_s=0.5)
+    over = '{"fwd": {"BLOCK_M": 32, "BLOCK_N": 32}, "bwd@local": {"BLOCK_N": 32}}'
+    cases = plan(suite, directions=["fwdbwd"], variants=[("b32", over)])
+    recs = run_suite(cases, tmp_path, suite=suite, progress=False)
+    assert [(r["backend"], r["status"]) for r in recs] == [("triton", "ok"), ("triton[b32]", "ok")], recs
+    assert "variant" not in recs[0] and (recs[1]["variant"], recs[1]["variant_override"]) == ("b32", over)
+    assert recs[1]["api_backend"] == "triton" and recs[0]["key"] != recs[1]["key"]
+    plain = [cfg for active, cfg in seen if not active]
+    varied = [cfg for active, cfg in seen if active]
+    assert plain and varied and not tuning._overrides  # both ran; the settings are gone after the case
+    assert all(cfg["BLOCK_M"] == 16 and cfg["BLOCK_N"] == 16 for cfg in plain)
+    assert all(cfg["BLOCK_N"] == 32 for cfg in varied) and any(cfg["BLOCK_M"] == 32 for cfg in varied)
+    # the run resumes: both cases are recorded (the variant under its own key) and not measured again
+    n = len(seen)
+    assert len(run_suite(cases, tmp_path, suite=suite, progress=False)) == 2 and len(seen) == n
+
+
+def test_report_compares_each_variant_with_flex(tmp_path):
+    recs = [_rec(i, "sw4096", 16384, b, ms, 2**30) for i, (b, ms) in
+            enumerate((("flex", 3.0), ("triton", 2.0), ("triton[tail]", 1.5)))]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = report_mod.write_report(tmp_path / "results.jsonl", tmp_path, plots=False).read_text()
+    sec = text.split("### attnzoo triton vs compiled FlexAttention")[1]
+    assert "| sw4096 | 1.50× |" in sec and "| sw4096 (triton[tail]) | 2.00× |" in sec and "--variant" in sec

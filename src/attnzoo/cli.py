@@ -408,6 +408,8 @@ def cmd_bench(args, parser) -> int:
 
     if args.action in ("recall", "niah", "report") and args.triton_override is not None:
         parser.error("--triton-override applies to the speed benchmark (`attnzoo bench run`) only")
+    if args.action in ("recall", "niah", "report") and args.variant:
+        parser.error("--variant applies to the speed benchmark (`attnzoo bench run`) only")
     if args.action == "recall":
         given = [f"--{n.replace('_', '-')}" for n in _NIAH_ONLY if getattr(args, n, None) not in (None, False)]
         if given:
@@ -420,8 +422,8 @@ def cmd_bench(args, parser) -> int:
         parser.error(f"{', '.join(given)} only apply to `attnzoo bench recall` or `attnzoo bench niah`")
 
     from .bench.report import write_report
-    from .bench.speed import (RESULTS_FILE, SUMMARY_COLUMNS, describe_plan, get_suite, plan, print_table,
-                              run_suite, summary_rows)
+    from .bench.speed import (RESULTS_FILE, SUMMARY_COLUMNS, describe_plan, get_suite, parse_variant, plan,
+                              print_table, run_suite, summary_rows)
 
     out = Path(args.out)
     if args.action == "report":
@@ -442,11 +444,20 @@ def cmd_bench(args, parser) -> int:
         except ValueError as e:
             parser.error(f"--triton-override: {e}")
         os.environ["ATTNZOO_TRITON_OVERRIDE"] = args.triton_override
+    variants = []
+    for text in args.variant or ():
+        try:
+            variants.append(parse_variant(text))
+        except ImportError as e:
+            parser.error(f"--variant needs attnzoo's Triton backend: {e}")
+        except ValueError as e:
+            parser.error(f"--variant: {e}")
     try:
         suite = get_suite(args.suite, full_grid=args.full_grid, require_device=not args.dry_run)
         directions = _DIRECTION_CHOICES[args.direction] if args.direction else None
         cases = plan(suite, patterns=args.pattern, backends=args.backend, lengths=args.lengths,
-                     directions=directions, no_skip=args.no_skip, baseline=not args.no_baseline)
+                     directions=directions, no_skip=args.no_skip, baseline=not args.no_baseline,
+                     variants=variants)
     except ValueError as e:
         parser.error(str(e))
     if not cases:
@@ -526,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "'{\"bwd@wide\": {\"GLUON_BWD\": {\"TAIL_ORDER\": true}}}' (keys: fwd / bwd, "
                               "optionally @dense / @wide / @local / @nbhd; sets ATTNZOO_TRITON_OVERRIDE, which each "
                               "record's environment keeps). Use a fresh --out: recorded cases are not run again")
+    p_bench.add_argument("--variant", action="append", metavar="NAME=JSON",
+                         help="also time attnzoo's triton backend with JSON's settings (the --triton-override format) "
+                              "merged over its kernel configs, as the backend triton[NAME], right after each triton "
+                              "case of the same run (repeatable), e.g. "
+                              "'tail={\"bwd\": {\"GLUON_BWD\": {\"TAIL_ORDER\": true}}}'")
     p_bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     p_bench.add_argument("--full-grid", action="store_true",
                          help="cuda suite: every power of two from 1K to 64K instead of 4K, 16K, 64K")

@@ -33,7 +33,12 @@ def _slug(s: str) -> str:
 
 
 def _backend_key(b: str):
-    return (_BACKEND_ORDER.index(b) if b in _BACKEND_ORDER else len(_BACKEND_ORDER), b)
+    base = "triton" if _is_triton(b) else b  # a variant (triton[NAME]) right after triton
+    return (_BACKEND_ORDER.index(base) if base in _BACKEND_ORDER else len(_BACKEND_ORDER), b)
+
+
+def _is_triton(b: str) -> bool:
+    return b == "triton" or (b.startswith("triton[") and b.endswith("]"))
 
 
 def _len_label(n: int) -> str:
@@ -427,22 +432,25 @@ def _direction_section(xrecs, out_dir: Path, *, direction: str, dev: str, device
             except Exception as e:  # noqa: BLE001 - a broken plot must not lose the tables
                 lines += [f"(plot failed: {type(e).__name__}: {e})", ""]
 
-    # attnzoo's own kernel against FlexAttention on the same pattern
+    # attnzoo's own kernel (and its variants, triton[NAME]) against FlexAttention on the same pattern
     vs = {}
     for r in xrecs:
-        if r.get("status") == "ok" and r["backend"] in ("triton", "flex"):
+        if r.get("status") == "ok" and (r["backend"] == "flex" or _is_triton(r["backend"])):
             vs.setdefault((r["pattern"], r["Lq"]), {})[r["backend"]] = r["median_ms"]
-    pairs = {k: v for k, v in vs.items() if len(v) == 2}
-    if pairs:
-        lens_v = sorted({L for _, L in pairs})
+    labels = sorted({b for v in vs.values() if "flex" in v for b in v if b != "flex"}, key=_backend_key)
+    if labels:
+        lens_v = sorted({L for (_, L), v in vs.items() if "flex" in v and len(v) > 1})
         rows = []
         for p in _pattern_order(xrecs):
-            if any((p, L) in pairs for L in lens_v):
-                rows.append([p] + [f"{pairs[(p, L)]['flex'] / pairs[(p, L)]['triton']:.2f}×"
-                                   if (p, L) in pairs else "-" for L in lens_v])
+            for b in labels:
+                cells = [f"{vs[(p, L)]['flex'] / vs[(p, L)][b]:.2f}×" if b in vs.get((p, L), {}) and
+                         "flex" in vs[(p, L)] else "-" for L in lens_v]
+                if any(c != "-" for c in cells):
+                    rows.append([p if b == "triton" else f"{p} ({b})"] + cells)
         lines += [f"### attnzoo triton vs compiled FlexAttention ({dlabel})", "",
                   "Speedup = FlexAttention time / triton time on the same pattern and shape (>1: triton "
-                  "is faster).", "", _md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_v], rows), ""]
+                  "is faster)" + ("; triton[NAME] rows are the run's --variant configs." if len(labels) > 1 else "."),
+                  "", _md_table(["pattern"] + [f"L={_len_label(L)}" for L in lens_v], rows), ""]
 
     # best fraction of ideal per pattern
     lens_all = sorted({L for p in best_frac for L in best_frac[p]})

@@ -23,14 +23,17 @@ recorded there with status ``ok`` (resumable).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fnmatch
 import functools
 import gc
+import hashlib
 import json
 import os
 import platform
 import random
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -229,6 +232,50 @@ SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"
 # bench backend label -> attnzoo backend name
 API_BACKEND = {"reference": "reference", "flex": "flex", "flex-eager": "flex", "sdpa": "sdpa", "triton": "triton",
                **{k: "sdpa" for k in SDPA_KERNELS}}
+
+
+def api_backend(label: str) -> Optional[str]:
+    """The attnzoo backend a bench label runs: ``API_BACKEND``'s, and "triton" for a variant label such as
+    ``triton[tail]`` (triton with settings merged over its kernel configs, see `plan`'s ``variants``)."""
+    base, bracket, _ = label.partition("[")
+    return API_BACKEND.get(base if bracket and base == "triton" else label)
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,40}")
+
+
+def parse_variant(text: str) -> tuple:
+    """``NAME=JSON`` (``attnzoo bench run --variant``) -> (NAME, JSON): a triton variant, timed as the backend
+    ``triton[NAME]`` beside ``triton`` with JSON's settings merged over its kernel configs (the format of
+    ``ATTNZOO_TRITON_OVERRIDE``). Raises ValueError with the reason."""
+    name, eq, spec = str(text).partition("=")
+    name, spec = name.strip(), spec.strip()
+    if not eq or not spec:
+        raise ValueError(f"a variant is NAME=JSON, e.g. 'tail={{\"bwd\": {{\"GLUON_BWD\": {{\"TAIL_ORDER\": true}}}}}}', "
+                         f"got {text!r}")
+    if not VARIANT_NAME.fullmatch(name):
+        raise ValueError(f"variant name {name!r}: use 1-40 letters, digits or _ . + -")
+    from ..backends.triton import tuning  # ImportError when the Triton backend cannot load
+    try:
+        tuning.parse_overrides(spec)
+    except ValueError as e:
+        raise ValueError(f"variant {name!r}: {e}") from None
+    return name, spec
+
+
+@contextlib.contextmanager
+def _variant_settings(case: "Case"):
+    """A variant case's settings merged over the Triton configs for the duration of the block."""
+    if case.override is None:
+        yield
+        return
+    from ..backends.triton import tuning
+    with contextlib.ExitStack() as stack:
+        for kind, pclass, settings in tuning.parse_overrides(case.override):
+            stack.enter_context(tuning.overriding(kind, settings, pclass))
+        yield
+
+
 # other libraries' kernels (attnzoo.bench.peers), measured on the pattern families each supports
 CUDA_PEERS = ("flash-attn", "xformers", "natten")
 
@@ -362,6 +409,7 @@ class Case:
     direction: str
     backend: str
     skip: Optional[str] = None
+    override: Optional[str] = None  # a variant's settings (JSON, the ATTNZOO_TRITON_OVERRIDE format); see plan()
 
     @property
     def pattern(self) -> str:
@@ -371,7 +419,8 @@ class Case:
         """Identity of a measurement for resuming: parameters, backend, device and the pattern's signature
         (so that a suite pattern redefined later is measured again)."""
         return (f"{self.spec.name}|{signature}|B{self.B}|Hq{self.Hq}|Hkv{self.Hkv}|Lq{self.L}|Lk{self.L}|D{self.D}|"
-                f"Dv{self.D}|{self.dtype}|{self.direction}|{self.backend}|{device_name}")
+                f"Dv{self.D}|{self.dtype}|{self.direction}|{self.backend}|{device_name}"
+                + (f"|override{hashlib.sha1(self.override.encode()).hexdigest()[:10]}" if self.override else ""))
 
     def label(self) -> str:
         return f"{self.spec.name} L={self.L} B={self.B} D={self.D} {DIRECTION_LABELS[self.direction]} {self.backend}"
@@ -394,7 +443,7 @@ def _match_name(name: str, wanted: Sequence[str]) -> bool:
 
 
 def plan(suite: Suite, *, patterns=None, backends=None, lengths=None, directions=None, no_skip: bool = False,
-         baseline: bool = True) -> list:
+         baseline: bool = True, variants=()) -> list:
     """The cases of ``suite`` after the command-line filters, dense baselines first in each shape: lengths x
     head dims (``suite.dims()``) x directions x patterns x their backends (peers on the pattern families
     they run), with B = ``suite.batch(L)`` (B * L constant in the FlashAttention grid).
@@ -402,9 +451,17 @@ def plan(suite: Suite, *, patterns=None, backends=None, lengths=None, directions
     ``lengths`` replaces the suite's lengths (fixed-size patterns run at their own length when it is
     among them). With ``baseline`` the dense full-attention baseline of each (length, direction) is kept
     whatever the pattern / backend filters, so that fractions of ideal can be computed.
+    ``variants``: (NAME, JSON) pairs (`parse_variant`); each triton case is followed by one case per variant,
+    backend ``triton[NAME]``, run with JSON's settings merged over the Triton kernel configs, so that candidate
+    configs are timed in one process beside the default and the peers.
     Raises ValueError naming the valid choices when a filter matches nothing.
     """
     patterns, backends = _split(patterns), _split(backends)
+    variants = list(variants or ())
+    if len({n for n, _ in variants}) != len(variants):
+        raise ValueError("variant names must differ: " + ", ".join(n for n, _ in variants))
+    if variants and "triton" not in suite.backends:
+        raise ValueError(f"variants run attnzoo's triton backend, which the {suite.name} suite does not time")
     names = [s.name for s in suite.specs]
     for p in patterns:
         if not _match_name_any(p, names):
@@ -448,6 +505,11 @@ def plan(suite: Suite, *, patterns=None, backends=None, lengths=None, directions
                                 continue
                         skip = None if no_skip or suite.skip_rule is None else suite.skip_rule(spec, L, direction, b)
                         cases.append(Case(spec, B, suite.Hq, suite.Hkv, L, D, suite.dtype, direction, b, skip))
+                        if b == "triton":
+                            cases += [Case(spec, B, suite.Hq, suite.Hkv, L, D, suite.dtype, direction,
+                                           f"triton[{name}]", skip, text) for name, text in variants]
+    if variants and not any(c.override for c in cases):
+        raise ValueError("variants are timed beside the triton cases, and the filters leave none (add --backend triton)")
     return cases
 
 
@@ -556,7 +618,6 @@ def _describe(obj) -> str:
 @functools.lru_cache(maxsize=256)
 def pattern_signature(pattern) -> str:
     """Short stable hash of a pattern's full definition."""
-    import hashlib
     return hashlib.sha1(_describe(pattern).encode()).hexdigest()[:10]
 
 
@@ -594,7 +655,7 @@ class _Runner:
                      else None)  # a peer's is made on its first call, shaped like its output
         for t in (self.q, self.k, self.v):
             t.requires_grad_(self.grad)
-        self.api_backend = API_BACKEND.get(case.backend)
+        self.api_backend = api_backend(case.backend)
         self.kernel = SDPA_KERNELS.get(case.backend)
         self.impl = "attnzoo.attention(backend=%r)" % self.api_backend
         self.note = ""
@@ -737,13 +798,15 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
     rec = dict(schema=SCHEMA_VERSION, suite=suite, pattern=case.pattern, pattern_kind=case.spec.kind,
                pattern_repr=None, pattern_description=case.spec.description, density=None, B=case.B, Hq=case.Hq,
                Hkv=case.Hkv, Lq=case.L, Lk=case.L, D=case.D, Dv=case.D, dtype=case.dtype, direction=case.direction,
-               backend=case.backend, api_backend=API_BACKEND.get(case.backend), sdpa_kernel=SDPA_KERNELS.get(case.backend),
+               backend=case.backend, api_backend=api_backend(case.backend), sdpa_kernel=SDPA_KERNELS.get(case.backend),
                impl=None, note="", seed=seed, warmup=warmup, reps_requested=reps, flush_l2=flush_l2 and device.type == "cuda",
                **env, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     sustain_s = sustain_s if device.type == "cuda" else None  # (CPU clocks are not the question)
     rec["key"] = case_key(case, env["device_name"], sustain_s)
     if sustain_s:
         rec["sustain_s"] = float(sustain_s)
+    if case.override is not None:
+        rec["variant"], rec["variant_override"] = case.backend.partition("[")[2].rstrip("]"), case.override
     peer = PEERS.get(case.backend)
     if peer is not None:
         rec["peer"] = peer.name
@@ -755,12 +818,13 @@ def run_case(case: Case, device, env: dict, *, seed: int = 0, reps: int = 10, wa
         rec["pattern_repr"] = repr(pattern)
         rec["density"] = _density(case.pattern, pattern, case.L, case.Hq)
         if case.skip is None:
-            runner = _Runner(case, pattern, device, seed)
-            rec["impl"] = runner.impl
-            if device.type == "cuda":  # inputs, a peer's copies of them, caches: all part of the peak below
-                rec["allocated_before_bytes"] = int(torch.cuda.memory_allocated(device))
-            result = time_fn(runner, device=device, warmup=warmup, reps=reps, flush_l2=flush_l2,
-                             max_time_s=max_time_s, sustain_s=sustain_s)
+            with _variant_settings(case):
+                runner = _Runner(case, pattern, device, seed)
+                rec["impl"] = runner.impl
+                if device.type == "cuda":  # inputs, a peer's copies of them, caches: all part of the peak below
+                    rec["allocated_before_bytes"] = int(torch.cuda.memory_allocated(device))
+                result = time_fn(runner, device=device, warmup=warmup, reps=reps, flush_l2=flush_l2,
+                                 max_time_s=max_time_s, sustain_s=sustain_s)
             rec["impl"], rec["note"] = runner.impl, runner.note
         else:
             rec["planned_skip"] = True
