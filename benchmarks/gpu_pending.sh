@@ -156,8 +156,9 @@
 #                tests, the backward by kernel at 16K and 4K (window 4096, causal, window 1024, sinks + window),
 #                sustained at 16K (2 rounds)
 #   tail-all     issue 3 (thirty-sixth session): tail's GPU tests and the backward by kernel at 16K, then attnzoo bench
-#                fwd+bwd at 16K vs flex (default timing) twice in one call: as the default stands, then with
-#                --triton-override '{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'. TAIL_K (the tests' -k), TAIL_PATTERNS
+#                fwd+bwd at 16K vs flex (default timing) in one process: the default, and as --variant triton[tail]
+#                ({"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}) and triton[tailcap9] (SPLIT_CAP 9 too), each timed right
+#                after the default on the same pattern (thirty-seventh session). TAIL_K (the tests' -k), TAIL_PATTERNS
 #                and TAIL_LENS (the profile's; also section tail's) narrow it
 #   mem-ncu      issue 3 (thirty-third session): Nsight Compute's memory sections (shared-memory wavefronts, L1 and L2
 #                throughput) and the tensor pipe on window 4096's default backward kernels (dk / dv and dq, 16K) and its
@@ -413,15 +414,16 @@ for s in $SECTIONS; do
           timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns sw4096,causal,sw1024,sinks+sw1024 \
             --shapes 1x16384 --configs "default,tstats tail,tstats tail cap9" --rounds 2 > "$OUT/tail_sustained.txt" 2>&1 ;;
     tail-all) tail_tests_profile 130 16384
-              # fwd+bwd vs flex (default timing), as the default stands, then with TAIL_ORDER=True merged over every
-              # class's backward config (--triton-override)
-              for v in default tail; do
-                ov='{}'; [ $v = tail ] && ov='{"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}'
-                timeout ${WINDOWS_S:-110} python3 -m attnzoo.cli bench run --suite cuda --triton-override "$ov" \
-                  --out "$OUT/bench_$v" --no-report --no-baseline --lengths 16384 --direction fwd+bwd --backend triton \
-                  --backend flex --pattern sw4096 --pattern sw1024 --pattern sinks+sw1024 --max-time-s 1.0 \
-                  > "$OUT/bench_${v}_log.txt" 2>&1
-              done ;;
+              # fwd+bwd vs flex (default timing) in one process: the default, then TAIL_ORDER, then TAIL_ORDER with
+              # SPLIT_CAP 9, merged over every class's backward config, each right after the default (--variant)
+              timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/bench_tail" \
+                --no-report --no-baseline --lengths 16384 --direction fwd+bwd --backend triton --backend flex \
+                --pattern sw4096 --pattern sw1024 --pattern sinks+sw1024 --max-time-s 1.0 \
+                --variant 'tail={"bwd": {"GLUON_BWD": {"TAIL_ORDER": true}}}' \
+                --variant 'tailcap9={"bwd": {"GLUON_BWD": {"TAIL_ORDER": true, "SPLIT_CAP": 9}}}' \
+                > "$OUT/bench_tail_log.txt" 2>&1
+              python3 -m attnzoo.cli bench report --out "$OUT/bench_tail" > /dev/null 2>&1
+              grep -A8 "vs compiled FlexAttention" "$OUT/bench_tail/report.md" ;;
     tstats-classes) timeout ${SUSTAIN_S:-200} python3 benchmarks/len_scale.py --bwd --patterns causal,sw1024,sinks+sw1024 \
                  --shapes 1x16384 --configs "default,wide tstats,wide pp" --rounds 2 > "$OUT/tstats_classes.txt" 2>&1
                timeout ${WINDOWS_S:-200} python3 -m attnzoo.cli bench run --suite cuda --out "$OUT/windows" --no-report \
