@@ -473,6 +473,7 @@ def test_backward_split_columns(pname, cap):
     assert nslots >= 2 * red.shape[0]
     lens = (items[:, 2] - items[:, 1]).tolist()
     assert max(lens) <= cap and lens == sorted(lens, reverse=True)
+    assert items.host_steps == tuple(lens)  # (what TAIL_ORDER's schedule reads instead of syncing on the items)
 
 
 def test_backward_is_deterministic():

@@ -137,6 +137,7 @@ def _bwd_plan(pattern, lq, lk, bm, bn, hq, device: str, cap: int | None = None):
         slot += pieces
     items.sort(key=lambda it: it[1] - it[2])  # longest first (stable: kv order among equals)
     it = torch.tensor(items, dtype=torch.int32).reshape(-1, 4).to(device)
+    it.host_steps = tuple(e - s for _, s, e, _ in items)  # each item's query blocks, for TAIL_ORDER without a sync
     rd = torch.tensor(red, dtype=torch.int32).reshape(-1, 3).to(device)
     return it, rd, slot
 
@@ -1077,9 +1078,9 @@ def _gluon_bwd(pattern, g: dict, q, k, v, dout, lse, delta, dk, dvv, wsk, wsv, i
         # (batch, KV head) first, then the rest with the (batch, KV head)s fastest (`dkdv_order`)
         n = items.shape[0]
         tail = g["TAIL_ORDER"]
-        if tail is True:
-            steps = (items[:, 2] - items[:, 1]).tolist()
-            tail = tail_items(tuple(steps), b * hkv, hq // hkv, _sm_count(q.device))
+        if tail is True:  # (the plan's steps kept on the host: no device sync per call; else read back)
+            steps = getattr(items, "host_steps", None) or tuple((items[:, 2] - items[:, 1]).tolist())
+            tail = tail_items(steps, b * hkv, hq // hkv, _sm_count(q.device))
         grid, order = (n * b * hkv,), dict(TAIL_ORDER=True, n_head=n - min(int(tail), n), n_bh=b * hkv)
     launch = lambda: gmod.gluon_attn_bwd_dkdv[grid](  # noqa: E731
         qd, dod, kd, vd, dqd, lse, delta, dk, dvv, wsk, wsv, items, aux, tlay.kv_num_blocks, tlay.kv_indices,
