@@ -231,7 +231,8 @@
 # importable, the speed table times fla's version of each op too, and its autotuner takes minutes per op).
 set -u
 OUT=${1:?usage: gpu_pending.sh OUT_DIR [SECTION ...]}; shift
-# after the thirty-sixth session (2026-12-08, no device machine): tail-all (about 450 s), then tail's sustained rounds
+# after the thirty-sixth and thirty-seventh sessions (2026-12-08, no device machine): tail-all (about 450 s; its bench
+# part in one process with --variant), then tail's sustained rounds
 # for the winner, then mem-ncu on the backward default (T_STATS)
 SECTIONS=${*:-tail-all}
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
