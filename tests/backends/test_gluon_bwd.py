@@ -378,7 +378,7 @@ def test_gluon_dq_with_the_triton_dkdv_kernel(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_dkdv_tail_order_map_and_choice():
+def test_dkdv_tail_order_map_and_choice(torch_layouts):
     # the TAIL_ORDER grid's map (the kernel's, on the host): every (item, batch * KV head) once; the head part in the
     # 2-D grid's order, the tail with the (batch, KV head)s fastest
     for n, tail, nbh in ((4, 2, 4), (5, 0, 3), (5, 5, 3), (7, 9, 2), (1, 1, 1)):

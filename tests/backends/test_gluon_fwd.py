@@ -343,7 +343,7 @@ def test_gluon_narrow_flags(monkeypatch):
 
 
 @pytest.mark.parametrize("left,sinks", [(300, 4), (1023, 4), (129, 16), (1074, 4), (4095, 4)])
-def test_gluon_narrow_fold(left, sinks):
+def test_gluon_narrow_fold(left, sinks, torch_layouts):
     # XPIPE_NARROW="fold" (ops._narrow_fold): each flagged query block gets a 16-key slot of one of its partial kv
     # blocks (not block 0) that none of its queries sees, checked here against the dense mask; that block moves to
     # the entry after block 0 (the rest of the row a permutation of what it was), every other row unchanged. None

@@ -251,8 +251,8 @@ def parse_variant(text: str) -> tuple:
     name, eq, spec = str(text).partition("=")
     name, spec = name.strip(), spec.strip()
     if not eq or not spec:
-        raise ValueError(f"a variant is NAME=JSON, e.g. 'tail={{\"bwd\": {{\"GLUON_BWD\": {{\"TAIL_ORDER\": true}}}}}}', "
-                         f"got {text!r}")
+        raise ValueError("a variant is NAME=JSON, e.g. "
+                         f"'tail={{\"bwd\": {{\"GLUON_BWD\": {{\"TAIL_ORDER\": true}}}}}}', got {text!r}")
     if not VARIANT_NAME.fullmatch(name):
         raise ValueError(f"variant name {name!r}: use 1-40 letters, digits or _ . + -")
     from ..backends.triton import tuning  # ImportError when the Triton backend cannot load
