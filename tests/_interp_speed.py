@@ -79,7 +79,7 @@ def _builder():
         return None
 
 
-def overflow_checks(on: bool) -> bool:
+def overflow_checks(on: bool):
     """Turn the interpreter's int32 overflow sanitizer on or off (kept on where debug is on, which reads it); returns
     what it was (None without the interpreter)."""
     builder = _builder()

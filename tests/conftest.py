@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def torch_layouts(monkeypatch):
     """For tests of host-side planning at long lengths (8K-16K tokens): block layouts from the PyTorch ops instead of
-    the fused layout kernel, which Triton's interpreter runs about 20x slower. The two give the same lists
+    the fused layout kernel under Triton's interpreter (test_gluon_narrow_fold at 8K: 7.5 s -> 1.2 s a case;
+    2026-12-08, 2-core machine). The two give the same lists
     (tests/backends/test_triton_band_layout.py); the kernel's own runs are tested there and in every interpreted
     attention call. The Triton backend's cached plans are dropped before and after, so no other test sees them."""
     pytest.importorskip("triton")
