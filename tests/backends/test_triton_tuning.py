@@ -201,3 +201,16 @@ def test_bench_records_the_override(monkeypatch):
     assert "attnzoo_triton_override" not in speed.environment("cpu")
     monkeypatch.setenv("ATTNZOO_TRITON_OVERRIDE", '{"bwd": {"BLOCK_N": 32}}')
     assert speed.environment("cpu")["attnzoo_triton_override"] == '{"bwd": {"BLOCK_N": 32}}'
+
+
+def test_overriding_json_applies_each_entry_for_the_block():
+    text = json.dumps({"bwd@wide": {"GLUON_BWD": {"TAIL_ORDER": True}}, "fwd": {"BLOCK_M": 32}})
+    wide = tuning.default("bwd", 128, 128, "wide")
+    with tuning.overriding_json(text):
+        assert tuning._overridden("bwd", "wide", wide)["GLUON_BWD"]["TAIL_ORDER"] is True
+        assert tuning._overridden("fwd", "local", {"BLOCK_M": 64})["BLOCK_M"] == 32
+        assert tuning._overridden("bwd", "dense", {"BLOCK_M": 64}) == {"BLOCK_M": 64}
+    assert not tuning._overrides
+    with pytest.raises(ValueError, match="kind must be"), tuning.overriding_json('{"decode": {}}'):
+        pass
+    assert not tuning._overrides

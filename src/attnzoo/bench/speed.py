@@ -270,9 +270,7 @@ def _variant_settings(case: "Case"):
         yield
         return
     from ..backends.triton import tuning
-    with contextlib.ExitStack() as stack:
-        for kind, pclass, settings in tuning.parse_overrides(case.override):
-            stack.enter_context(tuning.overriding(kind, settings, pclass))
+    with tuning.overriding_json(case.override):
         yield
 
 

@@ -444,6 +444,16 @@ def overriding(kind: str, settings: dict, pclass: str | None = None):
             _overrides.remove(entry)
 
 
+@contextlib.contextmanager
+def overriding_json(text: str):
+    """`overriding` for each entry of ``text``, a JSON object in the ``ATTNZOO_TRITON_OVERRIDE`` format (as
+    `attnzoo bench run --variant` gives it), for the duration of the block. Raises ValueError as `parse_overrides`."""
+    with contextlib.ExitStack() as stack:
+        for kind, pclass, settings in parse_overrides(text):
+            stack.enter_context(overriding(kind, settings, pclass))
+        yield
+
+
 def without_tma(cfg: dict) -> dict:
     """``cfg`` without TMA loads (also in its unpacked alternative): the table's TMA entries were measured on
     16-bit inputs only, so float32 calls keep the pointer loads."""
